@@ -1,0 +1,184 @@
+"""Benchmark: our sessions vs stock transformers, side by side in one run; prints JSON.
+
+    python -m afnext.bench [--size mid] [--device cpu] [--durations 30,600,1800] [--out FILE]
+
+For each recording length it measures, on a random-weight AF-Next-shaped model (speed does not
+depend on weight values):
+- features: decode + resample + log-mel of a 44.1 kHz stereo WAV; ours vs the stock processor
+  (which has no decoder: it gets our decoded 16 kHz audio and adds its own features and prompt);
+- encode: audio encoder + projector, ours;
+- first-turn TTFT: from the request (file path) to the first token, ours;
+- follow-up TTFT: a text question after the first answer: cached (ours), full recompute (ours with
+  use_cache=False), and stock `generate` on the whole conversation (it re-reads the recording);
+- decode tokens/s on that follow-up: ours vs stock `generate` (fixed length, end of turn ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import SAMPLE_RATE, load_audio
+from .engine import Engine, GenerationOptions, prepare_clip
+from .events import TurnDone
+from .session import Session
+
+FILE_RATE_HZ = 44_100  # the benchmark recording: CD-rate stereo, as people's files usually are
+QUESTION = "What happens in this recording?"
+FOLLOW_UP = "And what happens after that?"
+
+
+def synth_recording(path: Path, seconds: float, seed: int = 0) -> Path:
+    """A 16-bit 44.1 kHz stereo WAV of tones and noise: any audio times the same."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    n = int(seconds * FILE_RATE_HZ)
+    with sf.SoundFile(path, "w", FILE_RATE_HZ, 2, "PCM_16") as f:
+        for start in range(0, n, FILE_RATE_HZ * 60):  # a minute at a time: 30 min would be 600 MB of float64
+            t = np.arange(start, min(n, start + FILE_RATE_HZ * 60)) / FILE_RATE_HZ
+            tone = 0.2 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(len(t))
+            f.write(np.stack([tone, tone[::-1]], axis=1).astype(np.float32))
+    return path
+
+
+def run_turn(session: Session, text: str, audio=None, options: GenerationOptions = GenerationOptions()):
+    reply = None
+    for event in session.ask(text, audio, options=options):
+        if isinstance(event, TurnDone):
+            reply = event.reply
+    return reply
+
+
+def bench_features(path: Path, loaded, processor) -> dict:
+    t0 = time.perf_counter()
+    clip = prepare_clip(str(path), loaded.mel_filters)
+    ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    samples = load_audio(str(path))
+    decode = time.perf_counter() - t0
+    prompt = _stock_prompt(processor, [QUESTION])
+    t0 = time.perf_counter()
+    inputs = processor(text=[prompt], audio=[samples])
+    stock = decode + time.perf_counter() - t0
+    assert inputs["input_features"].shape[0] == len(clip.frames)
+    return {"ours_s": ours, "stock_s": stock, "decode_resample_s": decode, "speedup": stock / ours,
+            "audio_tokens": clip.tokens}
+
+
+def bench_stock_follow_up(loaded, processor, samples: np.ndarray, first_answer: str, n_tokens: int) -> dict:
+    """Stock `generate` on the whole conversation, with a streamer clocking each token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    clock = Clock()
+    t0 = time.perf_counter()
+    inputs = processor(text=[_stock_prompt(processor, [QUESTION, first_answer, FOLLOW_UP])], audio=[samples])
+    inputs["input_features"] = inputs["input_features"].to(loaded.dtype)
+    inputs = inputs.to(loaded.device)
+    with torch.inference_mode():
+        loaded.model.generate(**inputs, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                              repetition_penalty=1.2, streamer=clock)
+    first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt being handed over
+    return {"ttft_s": first - t0, "decode_tok_s": (len(clock.times) - 2) / (last - first)}
+
+
+def _stock_prompt(processor, turns: list[str]) -> str:
+    messages = []
+    for i, text in enumerate(turns):
+        role = "user" if i % 2 == 0 else "assistant"
+        content = [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": ([{"type": "audio"}] if i == 0 else []) + content})
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def bench_duration(engine: Engine, processor, seconds: float, workdir: Path, n_tokens: int) -> dict:
+    loaded = engine.loaded
+    path = synth_recording(workdir / f"rec_{int(seconds)}s.wav", seconds)
+    row: dict = {"audio_s": seconds, "features": bench_features(path, loaded, processor)}
+    first = GenerationOptions(max_new_tokens=8)
+    fixed = GenerationOptions(max_new_tokens=n_tokens, min_new_tokens=n_tokens)
+
+    cached = Session(engine)
+    reply = run_turn(cached, QUESTION, str(path), first)
+    row["encode_s"] = reply.timings.encode_s
+    row["first_turn"] = {"ttft_s": reply.timings.ttft_s, "audio_s": reply.timings.audio_s,
+                         "prefill_s": reply.timings.prefill_s, "prompt_tokens": reply.prompt_tokens}
+    follow = run_turn(cached, FOLLOW_UP, options=fixed)
+
+    recompute = Session(engine, use_cache=False)
+    run_turn(recompute, QUESTION, str(path), first)
+    full = run_turn(recompute, FOLLOW_UP, options=GenerationOptions(max_new_tokens=1))
+
+    stock = bench_stock_follow_up(loaded, processor, load_audio(str(path)), reply.answer, n_tokens)
+    ttft = follow.timings.ttft_s
+    row["follow_up_ttft_s"] = {"cached": ttft, "full_recompute": full.timings.ttft_s, "stock_generate": stock["ttft_s"],
+                               "speedup_vs_recompute": full.timings.ttft_s / ttft, "speedup_vs_stock": stock["ttft_s"] / ttft}
+    row["decode_tok_s"] = {"ours": follow.timings.decode_tok_s, "stock_generate": stock["decode_tok_s"],
+                           "ratio": follow.timings.decode_tok_s / stock["decode_tok_s"], "tokens": n_tokens,
+                           "context_tokens": follow.prompt_tokens}
+    path.unlink()
+    return row
+
+
+def machine(device: torch.device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m afnext.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=["tiny", "mid", "full"], default="mid")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--durations", default="30,600,1800", help="recording lengths in seconds, comma-separated")
+    p.add_argument("--tokens", type=int, default=32, help="tokens per decode-speed measurement")
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    from .tiny import build_in_memory
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    loaded, processor = build_in_memory(args.size, args.device, dtype)
+    engine = Engine(loaded)
+    result = {"command": "python -m afnext.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "date": datetime.date.today().isoformat(), "machine": machine(device),
+              "model": {"size": args.size, "parameters": sum(t.numel() for t in loaded.model.parameters()),
+                        "dtype": str(dtype).removeprefix("torch."), "attention": loaded.attn, "weights": "random"},
+              "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seconds in (float(s) for s in args.durations.split(",")):
+            result["runs"].append(bench_duration(engine, processor, seconds, Path(tmp), args.tokens))
+            print(f"done: {seconds:.0f} s of audio", file=sys.stderr, flush=True)
+    engine.close()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

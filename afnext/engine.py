@@ -1,0 +1,246 @@
+"""The engine: owns the model and its device, runs one job at a time on one worker thread.
+
+A job is a function run on the worker; what it emits streams back to the caller through a queue.
+Closing the caller's generator (or setting the job's cancel event) stops the job within one
+decoding step. The building blocks jobs use live here too: encoding a clip (encoder → rotary time
+embedding → projector, window-batched), chunked prefill of embeddings into a KV cache, and picking
+the next token (repetition penalty, temperature, top-p) exactly as transformers' `generate` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import audio
+from .model import LoadedModel
+
+log = logging.getLogger(__name__)
+
+ENCODE_BATCH_WINDOWS = 16  # 30 s windows per encoder call: 8 min of audio, bounds activation memory
+PREFILL_CHUNK_TOKENS = 8192  # tokens per prefill forward: bounds MLP activations on 45k-token prompts
+JOIN_TIMEOUT_S = 30.0  # how long a closed stream waits for the worker to notice the cancel
+AUDIO_STEP_S = 0.04  # one audio token = 4 mel frames of 10 ms (conv stride 2, pooling stride 2)
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """How a reply is generated. Defaults follow the AF-Next model cards."""
+
+    max_new_tokens: int = 1024  # upper bound on reply tokens (Instruct card: 1024; Think: 4096)
+    min_new_tokens: int = 0  # end of turn is forbidden before this many (benchmarks: fixed-length replies)
+    temperature: float = 0.0  # 0 = greedy; > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling mass (used only when temperature > 0)
+    repetition_penalty: float = 1.2  # as the model cards use; 1.0 switches it off
+    seed: int | None = None  # sampling seed, for reproducible sampled replies
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One audio clip, featurized and ready to encode."""
+
+    features: torch.Tensor = field(repr=False)  # [windows, n_mels, 3000] float32 log-mel, CPU
+    frames: tuple[int, ...]  # valid mel frames per window (10 ms each)
+    duration_s: float  # seconds of audio the model hears
+    load_s: float  # seconds spent decoding, resampling and featurizing
+
+    @property
+    def tokens(self) -> int:
+        """Audio tokens the clip occupies in the sequence (25 per second)."""
+        return sum(audio.audio_tokens(f) for f in self.frames)
+
+
+def prepare_clip(source, mel_filters: np.ndarray, *, max_seconds: float = audio.MAX_AUDIO_S) -> Clip:
+    """Path, bytes, (sample_rate, array) or 16 kHz float32 array → `Clip`. Raises `AudioError`.
+
+    A last window of 1-320 samples would give zero audio tokens (stock transformers crashes on it),
+    so that ≤ 20 ms tail is dropped; a clip with no audio token at all is refused as too short.
+    """
+    t0 = time.perf_counter()
+    if isinstance(source, tuple):
+        samples = audio.to_mono_16k(source[1], source[0])
+    elif isinstance(source, np.ndarray):
+        samples = audio.to_mono_16k(source, audio.SAMPLE_RATE)
+    else:
+        samples = audio.load_audio(source, max_seconds=max_seconds)
+    if len(samples) > max_seconds * audio.SAMPLE_RATE:
+        raise audio.AudioError(f"The recording is {audio._duration_text(len(samples) / audio.SAMPLE_RATE)} "
+                               f"long; the limit is {audio._duration_text(max_seconds)}.")
+    features, frames = audio.log_mel_windows(samples, mel_filters)
+    keep = [i for i, f in enumerate(frames) if audio.audio_tokens(f) > 0]
+    if not keep:
+        raise audio.AudioError(f"The clip is too short ({len(samples) / audio.SAMPLE_RATE * 1000:.0f} ms); "
+                               "the model needs at least 25 ms of audio.")
+    features, frames = features[keep], [frames[i] for i in keep]
+    duration = min(len(samples), sum(frames) * audio.HOP_LENGTH) / audio.SAMPLE_RATE
+    return Clip(features, tuple(frames), duration, time.perf_counter() - t0)
+
+
+class Engine:
+    """Owns a `LoadedModel`; runs jobs one at a time on its worker thread."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.loaded = loaded
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._serve, name="afnext-engine", daemon=True)
+        self._worker.start()
+
+    def stream(self, fn: Callable[[Cancel, Callable[[object], None]], None],
+               cancel: threading.Event | None = None) -> Iterator[object]:
+        """Run `fn(cancel, emit)` on the worker; yield what it emits. Closing this cancels it."""
+        job = _Job(fn, cancel)
+        self._jobs.put(job)
+        try:
+            while (item := job.out.get()) is not _END:
+                if isinstance(item, _Failure):
+                    raise item.exc
+                yield item
+        finally:
+            job.cancel.closed.set()
+            if not job.done.wait(JOIN_TIMEOUT_S):
+                log.error("engine job did not stop within %.0f s of its cancel", JOIN_TIMEOUT_S)
+
+    def close(self) -> None:
+        """Stop the worker after the jobs already queued."""
+        self._jobs.put(None)
+        self._worker.join(JOIN_TIMEOUT_S)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                with torch.inference_mode():
+                    job.fn(job.cancel, job.out.put)
+            except Exception as exc:  # the caller gets it; the worker keeps serving
+                log.debug("engine job failed", exc_info=True)
+                job.out.put(_Failure(exc))
+            finally:
+                job.out.put(_END)
+                job.done.set()
+
+    # ---- building blocks for jobs (worker thread only) ----
+
+    def encode(self, clip: Clip) -> torch.Tensor:
+        """Clip → audio embeddings `[clip.tokens, text_hidden]` in the model dtype on its device.
+
+        Windows are encoded in batches; each window's tokens are rotated by their absolute time in
+        the clip (window index × 30 s + 40 ms × position), as the checkpoint was trained.
+        """
+        net, dev, dt = self.loaded.model.model, self.loaded.device, self.loaded.dtype
+        out = []
+        for first in range(0, len(clip.frames), ENCODE_BATCH_WINDOWS):
+            feats = clip.features[first:first + ENCODE_BATCH_WINDOWS].to(dev, dt)
+            frames = torch.tensor(clip.frames[first:first + ENCODE_BATCH_WINDOWS], device=dev)
+            mask = torch.arange(feats.shape[-1], device=dev)[None, :] < frames[:, None]
+            hidden = net.audio_tower(feats, input_features_mask=mask, return_dict=True).last_hidden_state
+            hidden = self._rotate_by_time(hidden, first)
+            embeds = net.multi_modal_projector(hidden)
+            for row, f in enumerate(frames.tolist()):
+                out.append(embeds[row, :audio.audio_tokens(f)])
+        return torch.cat(out)
+
+    def _rotate_by_time(self, hidden: torch.Tensor, first_window: int) -> torch.Tensor:
+        from transformers.models.musicflamingo.modeling_musicflamingo import apply_rotary_time_emb
+
+        net = self.loaded.model.model
+        per_window = hidden.shape[-2]  # 750 tokens per 30 s window
+        windows = torch.arange(first_window, first_window + hidden.shape[0], device=hidden.device)
+        offsets = torch.arange(per_window, device=hidden.device, dtype=torch.float32) * AUDIO_STEP_S
+        stamps = windows.unsqueeze(1) * per_window * AUDIO_STEP_S + offsets  # seconds, as the stock code does
+        cos, sin = net.pos_emb(stamps, seq_len=per_window)
+        return apply_rotary_time_emb(hidden, cos, sin)
+
+    def prefill(self, ids: list[int], audio_embeds: torch.Tensor | None, cache, cancel: Cancel) -> torch.Tensor | None:
+        """Run `ids` (their `<sound>` slots filled from `audio_embeds`) into `cache`; last logits [vocab].
+
+        Returns None if cancelled between chunks (the cache then holds a prefix of `ids`).
+        """
+        lm = self.loaded.model
+        ids_t = torch.tensor(ids, device=self.loaded.device)
+        embeds = lm.get_input_embeddings()(ids_t)
+        slots = ids_t == self.loaded.ids.sound
+        n_slots = int(slots.sum())
+        n_audio = 0 if audio_embeds is None else audio_embeds.shape[0]
+        assert n_slots == n_audio, f"{n_slots} <sound> slots but {n_audio} audio embeddings"
+        if n_audio:
+            embeds[slots] = audio_embeds.to(embeds.dtype)
+        logits = None
+        for start in range(0, len(ids), PREFILL_CHUNK_TOKENS):
+            if start and cancel.is_set():
+                return None
+            chunk = embeds[None, start:start + PREFILL_CHUNK_TOKENS]
+            logits = lm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
+        return logits[0, -1]
+
+    def step(self, token: int, cache) -> torch.Tensor:
+        """Feed one token; logits for the next [vocab]."""
+        ids = torch.tensor([[token]], device=self.loaded.device)
+        return self.loaded.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+
+
+class TokenPicker:
+    """Chooses each next token like `generate`: repetition penalty over every token of the
+    conversation so far, then temperature and top-p (or argmax when temperature is 0)."""
+
+    def __init__(self, options: GenerationOptions, vocab: int, seen: list[int], device: torch.device,
+                 eos: int) -> None:
+        self.options, self.eos, self.picked = options, eos, 0
+        self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+        self.seen[torch.tensor(seen, dtype=torch.long, device=device)] = True
+        self.generator = None
+        if options.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        scores = logits.float().clone()
+        if self.picked < self.options.min_new_tokens:
+            scores[self.eos] = -float("inf")
+        self.picked += 1
+        penalty = self.options.repetition_penalty
+        if penalty != 1.0:
+            hit = scores[self.seen]
+            scores[self.seen] = torch.where(hit < 0, hit * penalty, hit / penalty)
+        token = int(scores.argmax()) if self.generator is None else self._sample(scores)
+        self.seen[token] = True
+        return token
+
+    def _sample(self, scores: torch.Tensor) -> int:
+        probs = torch.softmax(scores / self.options.temperature, dim=-1)
+        if self.options.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs > self.options.top_p  # keep the top one always
+            probs[order[outside]] = 0.0
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class Cancel:
+    """Set when the caller closed the stream or set its own cancel event; checked every step."""
+
+    def __init__(self, external: threading.Event | None) -> None:
+        self.closed = threading.Event()
+        self.external = external
+
+    def is_set(self) -> bool:
+        return self.closed.is_set() or (self.external is not None and self.external.is_set())
+
+
+class _Job:
+    def __init__(self, fn: Callable, external: threading.Event | None) -> None:
+        self.fn, self.cancel = fn, Cancel(external)
+        self.out: queue.Queue = queue.Queue()
+        self.done = threading.Event()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    exc: BaseException
+
+
+_END = object()

@@ -1,0 +1,89 @@
+"""Events that flow from the model towards the shells.
+
+Every producer in afnext is a generator of these small frozen dataclasses. Reasoning and
+answer text are different types on purpose: only `TextDelta` may ever reach a synthesizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer: text meant for the user, safe to speak."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (Think mode): shown, never spoken."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class ThinkStep:
+    """One timestamped step of reasoning, located on the clip it talks about."""
+
+    start: float  # seconds from the start of the clip, clamped to the clip
+    end: float | None  # seconds, or None when the text names a single moment
+    text: str  # the sentence of reasoning that mentions the time
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """Synthesized speech, ready to play."""
+
+    sample_rate: int  # Hz
+    samples: np.ndarray = field(repr=False)  # float32 mono in [-1, 1]
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The turn was cancelled (barge-in, closed stream, or a cancel event)."""
+
+    reason: str = "cancelled"
+
+
+@dataclass(frozen=True)
+class Error:
+    """A failure the user caused or must know about, in one sentence."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where one turn's time went, in seconds unless the name says otherwise."""
+
+    audio_s: float = 0.0  # decoding, resampling and featurizing this turn's clip (0 without one)
+    encode_s: float = 0.0  # audio encoder + rotary time embedding + projector
+    prefill_s: float = 0.0  # running this turn's new tokens into the KV cache
+    ttft_s: float = 0.0  # from the request to the first generated token
+    decode_tok_s: float = 0.0  # tokens per second after the first
+    new_tokens: int = 0  # tokens generated
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One finished assistant turn."""
+
+    text: str  # everything the model wrote, reasoning included
+    reasoning: str  # the part inside <think>…</think> (Think mode), else ""
+    answer: str  # the part meant for the user
+    steps: tuple[ThinkStep, ...]  # timestamped steps found in the reasoning
+    token_ids: tuple[int, ...]  # generated ids, without the closing <|im_end|>
+    prompt_tokens: int  # conversation tokens the reply was generated after
+    timings: Timings
+    interrupted: bool = False  # cancelled before the model finished
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    """The turn is over; `reply` holds all of it."""
+
+    reply: Reply

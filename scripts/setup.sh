@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Debian/Ubuntu machine with Python >= 3.11:
+# the Debian packages the project needs, a virtualenv in .venv, and the Python packages.
+# Usage: scripts/setup.sh [requirements file]   (default: requirements.txt)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+reqs="${1:-requirements.txt}"
+py="${PYTHON:-python3}"
+
+"$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
+  echo "Python >= 3.11 is needed; $($py --version 2>&1) was found." >&2; exit 1; }
+
+apt_install() {  # install Debian packages if missing, as root or through sudo
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ -n "$sudo" ] && ! command -v sudo >/dev/null; then
+    echo "Please install these Debian packages first: ${missing[*]}" >&2; exit 1
+  fi
+  $sudo apt-get update -qq && $sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+}
+
+if [ ! -x .venv/bin/python ]; then
+  "$py" -c 'import ensurepip, venv' 2>/dev/null || apt_install "python$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv"
+  "$py" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+
+# torch first: without an NVIDIA GPU take the CPU build (PyPI's default build brings GBs of CUDA).
+if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" torch==2.13.0
+  else
+    "${pip[@]}" --timeout 20 --retries 1 --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
+      || "${pip[@]}" torch==2.13.0
+  fi
+fi
+
+# The rest, only when the requirements changed since the last successful install.
+stamp=".venv/.installed-$(basename "$reqs")"
+sum=$(cat requirements*.txt | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
+  "${pip[@]}" -r "$reqs"
+  echo "$sum" > "$stamp"
+fi

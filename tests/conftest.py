@@ -1,0 +1,40 @@
+"""Shared fixtures: everything offline, on CPU, with random-weight checkpoints built in seconds."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere: never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A freshly written random-weight AF-Next-shaped checkpoint (≈0.3 M parameters)."""
+    from afnext.tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_dir):
+    from afnext.model import load
+
+    return load(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def engine(loaded):
+    from afnext.engine import Engine
+
+    eng = Engine(loaded)
+    yield eng
+    eng.close()
+
+
+def noise(seconds: float, seed: int = 0) -> np.ndarray:
+    """Quiet white noise at 16 kHz: any audio will do for a random-weight model."""
+    return (np.random.default_rng(seed).standard_normal(round(seconds * 16000)) * 0.1).astype(np.float32)

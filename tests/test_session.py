@@ -1,0 +1,214 @@
+"""Sessions: the cached path equals full recomputation and stock transformers; cancel; rollback."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from afnext.audio import AudioError
+from afnext.engine import GenerationOptions
+from afnext.events import Interrupted, TextDelta, TurnDone
+from afnext.session import THINK_PREFILL, ContextFullError, Session
+from tests.conftest import noise
+
+OPTS = GenerationOptions(max_new_tokens=12)
+# Clips whose tails hit the stock bugs: 30.013 s leaves 208 samples past the first window.
+TURNS = [("What is this?", 5.0), ("And this one?", 30.013), ("Answer in text only.", None), ("Last one.", 65.0)]
+
+
+def run(session: Session, text: str, audio=None, **kw):
+    """One turn; returns (reply, events)."""
+    events = list(session.ask(text, audio, **{"options": OPTS, **kw}))
+    done = [e for e in events if isinstance(e, TurnDone)]
+    return (done[0].reply if done else None), events
+
+
+def conversation(engine, use_cache: bool):
+    session = Session(engine, use_cache=use_cache)
+    replies = [run(session, text, None if s is None else noise(s, seed=i))[0] for i, (text, s) in enumerate(TURNS)]
+    return session, replies
+
+
+def test_cached_turns_equal_full_recompute(engine):
+    cached_session, cached = conversation(engine, use_cache=True)
+    _, fresh = conversation(engine, use_cache=False)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in fresh]
+    assert [r.prompt_tokens for r in cached] == [r.prompt_tokens for r in fresh]
+    assert all(len(r.token_ids) > 0 for r in cached), "replies were empty: the comparison would prove nothing"
+    assert cached_session._cache.get_seq_length() < len(cached_session.tokens), "the last reply is not all cached"
+
+
+def test_first_turn_equals_stock_generate(engine, tiny_dir):
+    from transformers import AutoProcessor
+
+    clip = noise(5.0, seed=7)
+    reply, _ = run(Session(engine), "What is this?", clip)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[prompt], audio=[clip])
+    with torch.inference_mode():
+        out = engine.loaded.model.generate(**inputs, max_new_tokens=12, do_sample=False, repetition_penalty=1.2)
+    stock = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert list(reply.token_ids) == [t for t in stock if t != engine.loaded.ids.im_end]
+    assert reply.prompt_tokens == inputs["input_ids"].shape[1]
+
+
+def test_stock_processor_crashes_where_we_do_not(engine, tiny_dir):
+    """Why prepare_clip drops ≤ 20 ms tails: stock transformers raises on them (FACTS 3)."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Hi"}]}]
+    inputs = processor(text=[processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)],
+                       audio=[noise(30.013)])
+    with pytest.raises(IndexError), torch.inference_mode():
+        engine.loaded.model.generate(**inputs, max_new_tokens=2)
+    assert run(Session(engine), "Hi", noise(30.013))[0] is not None
+
+
+def test_token_layout_matches_template_and_processor(engine):
+    """Decoding the conversation, each clip's span folded back to <sound>, gives the rendered template."""
+    session, replies = conversation(engine, use_cache=True)
+    ids, tok = engine.loaded.ids, engine.loaded.tokenizer
+    folded, spans, i = [], [], 0
+    while i < len(session.tokens):
+        if session.tokens[i] == ids.sound_bos:
+            end = session.tokens.index(ids.sound_eos, i)
+            assert set(session.tokens[i + 1:end]) == {ids.sound}
+            spans.append(end - i - 1)
+            folded.append(ids.sound)
+            i = end + 1
+        else:
+            folded.append(session.tokens[i])
+            i += 1
+    assert spans == [125, 750, 1625]  # 25 tokens per second; 30.013 s keeps one full window
+    rendered = tok.apply_chat_template(session.messages, chat_template=engine.loaded.chat_template, tokenize=False)
+    assert tok.decode(folded) == rendered
+
+
+def test_closing_the_stream_cancels_and_keeps_the_partial_reply(engine):
+    session = Session(engine)
+    stream = session.ask("Tell me a long story.", options=GenerationOptions(max_new_tokens=200, repetition_penalty=1.0))
+    first = next(e for e in stream if isinstance(e, TextDelta))
+    stream.close()
+    assert first.text
+    assert session.tokens[-1 - len(engine.loaded.ids.newline)] == engine.loaded.ids.im_end
+    partial = session.messages[-1]["content"][0]["text"]
+    assert len(session.tokens) < 400 and partial, "the partial reply must stay in the conversation"
+    reply, _ = run(session, "Go on.")
+    assert reply.token_ids and not reply.interrupted
+
+
+def test_cancel_event_stops_within_one_step(engine, monkeypatch):
+    session, cancel, steps = Session(engine), threading.Event(), []
+    real_step = engine.step
+
+    def counting_step(token, cache):
+        steps.append(token)
+        if len(steps) == 3:
+            cancel.set()  # another thread would do this: the check happens before the next step
+        return real_step(token, cache)
+
+    monkeypatch.setattr(engine, "step", counting_step)
+    reply, events = run(session, "Count.", options=GenerationOptions(max_new_tokens=50, repetition_penalty=1.0), cancel=cancel)
+    assert reply.interrupted and any(isinstance(e, Interrupted) for e in events)
+    assert len(steps) == 3 and len(reply.token_ids) == 4  # the token picked after the 3rd step, then stop
+
+
+def test_bad_audio_leaves_the_session_answering(engine, tmp_path):
+    session = Session(engine)
+    first, _ = run(session, "Hello", noise(2.0))
+    before = list(session.tokens)
+    junk = tmp_path / "notes.wav"
+    junk.write_text("this is not audio")
+    for bad in (junk, tmp_path / "missing.wav", noise(0.01)):
+        with pytest.raises(AudioError):
+            run(session, "What about this?", bad)
+    assert session.tokens == before
+    reply, _ = run(session, "Still there?")
+    assert reply.token_ids
+
+
+def test_failed_turn_rolls_back_cache_and_tokens(engine, monkeypatch):
+    reference = Session(engine)
+    run(reference, "One", noise(3.0, seed=1))
+    expected, _ = run(reference, "Two")
+
+    session = Session(engine)
+    run(session, "One", noise(3.0, seed=1))
+    real_step, calls = engine.step, []
+
+    def failing_step(token, cache):
+        calls.append(token)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_step(token, cache)
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="simulated"):
+        run(session, "Broken turn")
+    monkeypatch.setattr(engine, "step", real_step)
+    again, _ = run(session, "Two")
+    assert again.token_ids == expected.token_ids
+
+
+def test_full_context_is_a_clear_error(engine, monkeypatch):
+    session = Session(engine)
+    run(session, "Hi")
+    before = list(session.tokens)
+    monkeypatch.setattr(type(engine.loaded), "context_tokens", property(lambda self: len(before) + 20))
+    with pytest.raises(ContextFullError, match="new conversation"):
+        run(session, "Please listen", noise(2.0))
+    assert session.tokens == before
+    reply, _ = run(session, "ok", options=GenerationOptions(max_new_tokens=500))
+    assert len(before) + 20 >= reply.prompt_tokens + len(reply.token_ids)
+
+
+def test_think_turn_is_prefilled_on_the_think_checkpoint(engine, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setattr(engine, "loaded", replace(engine.loaded, is_think=True))
+    session = Session(engine)
+    reply, _ = run(session, "When does it change?", noise(4.0), think=True)
+    prefill = engine.loaded.tokenizer.encode("assistant\n" + THINK_PREFILL, add_special_tokens=False)
+    start = reply.prompt_tokens - len(prefill)
+    assert session.tokens[start:reply.prompt_tokens] == prefill
+    assert reply.text.startswith(THINK_PREFILL)
+    assert "timestamps" in session.messages[-2]["content"][-1]["text"]
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    opts = GenerationOptions(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=3)
+    a, _ = run(Session(engine), "Hi", options=opts)
+    b, _ = run(Session(engine), "Hi", options=opts)
+    assert a.token_ids == b.token_ids
+
+
+def test_empty_turn_is_refused(engine):
+    with pytest.raises(ValueError, match="question, an audio clip"):
+        run(Session(engine), "   ")
+
+
+@pytest.mark.parametrize("batch_windows", [1, 2, 16])
+def test_encoding_equals_stock_audio_features(engine, tiny_dir, monkeypatch, batch_windows):
+    """Window-batched encoding with our own time stamps equals the stock path on a 3-window clip."""
+    from transformers import AutoProcessor
+
+    import afnext.engine as engine_module
+    from afnext.engine import prepare_clip
+
+    monkeypatch.setattr(engine_module, "ENCODE_BATCH_WINDOWS", batch_windows)
+    clip_audio = noise(65.0, seed=5)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Hi"}]}]
+    inputs = processor(text=[processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)],
+                       audio=[clip_audio])
+    with torch.inference_mode():
+        stock = engine.loaded.model.get_audio_features(
+            inputs["input_features"], inputs["input_features_mask"], inputs["input_ids"]).pooler_output
+        ours = engine.encode(prepare_clip(clip_audio, engine.loaded.mel_filters))
+    assert ours.shape == stock.shape == (1625, engine.loaded.model.config.text_config.hidden_size)
+    torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,183 @@
+"""Tests for afnext.think: reasoning/answer split, time mentions, and streamed equals whole."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from afnext.events import ReasoningDelta, TextDelta, ThinkStep
+from afnext.think import ThinkParser, find_times, split_think
+
+# Realistic outputs: (text, parser options). Together they cover an opening tag, a pre-filled
+# one, no tags, CRLF, unicode, segment ASR, lyric ranges and a stray closing tag.
+OUTPUTS: list[tuple[str, dict]] = [
+    (
+        "<think>\nThe speaker greets at roughly 0.5s to 1.2s. Around the 30-second mark a dog "
+        "barks! From 1:00 to 1:30 music plays; the tempo is 120 bpm.\nSo the dog is option B."
+        "\n</think>\n\nThe answer is B: a dog barks.",
+        {},
+    ),
+    (
+        "\n  <think>Lyrics: [11.0 - 14.0] «je t’aime» 🎵 then [14.0 - 17.5] a chorus.\n"
+        "No stamps here, 3 speakers in 2024.</think>  Two lines of lyrics.",
+        {"clip_duration_s": 16.0},
+    ),
+    (
+        "The speaker greets at roughly 10.7s to 16.9s. Between 4 and 6 seconds?\n"
+        "</think>Then silence.",
+        {"started": True},
+    ),
+    (
+        "<t>0.574-1.034</t> Speaker 1: Hello there.\n<t>1.034-1.402</t> Speaker 2: Hi, 75.0 "
+        "percent sure.",
+        {"steps_from_answer": True},
+    ),
+    (
+        "<think>\r\nAt 0:12 a door slams.\r\nAt 1:02:03 it ends\r\n</think>\r\nAt 2:05 the "
+        "café closes.",
+        {"steps_from_answer": True, "clip_duration_s": 600.0},
+    ),
+    ("Plain answer with no tags, 12 sec long.", {}),
+    ("<think>Unclosed reasoning from 3.2 s - 5 s and then 1 min 30 s", {}),
+    ("  <thinking about it> is not a tag </thi", {}),
+]
+
+
+def _stream(pieces: list[str], **options) -> tuple[str, str, list[ThinkStep], list]:
+    """Feed pieces one by one; returns (reasoning, answer, steps, events)."""
+    parser = ThinkParser(**options)
+    events = []
+    for piece in pieces:
+        events += parser.feed(piece)
+    events += parser.close()
+    return parser.reasoning, parser.answer, parser.steps, events
+
+
+def _split_at(text: str, cuts: list[int]) -> list[str]:
+    bounds = [0, *sorted(cuts), len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+@pytest.mark.parametrize(("text", "options"), OUTPUTS)
+def test_streamed_equals_whole(text: str, options: dict) -> None:
+    whole = _stream([text], **options)[:3]
+    assert split_think(text, **options) == whole
+    for cut in range(len(text) + 1):
+        assert _stream(_split_at(text, [cut]), **options)[:3] == whole, cut
+    assert _stream(list(text), **options)[:3] == whole
+    rng = random.Random(0)
+    for _ in range(20):
+        cuts = rng.sample(range(len(text) + 1), k=min(len(text), 6))
+        assert _stream(_split_at(text, cuts), **options)[:3] == whole
+
+
+@pytest.mark.parametrize(("text", "options"), OUTPUTS)
+def test_events_add_up_to_the_result(text: str, options: dict) -> None:
+    reasoning, answer, steps, events = _stream(list(text), **options)
+    assert "".join(e.text for e in events if isinstance(e, ReasoningDelta)) == reasoning
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == answer
+    assert [e for e in events if isinstance(e, ThinkStep)] == steps
+    assert "<think>" not in reasoning + answer and "</think>" not in reasoning + answer
+    assert reasoning == reasoning.strip() and answer == answer.lstrip()
+
+
+def test_answer_never_holds_reasoning() -> None:
+    for text, options in OUTPUTS:
+        reasoning, answer, _ = split_think(text, **options)
+        for sentence in filter(None, (s.strip() for s in reasoning.splitlines())):
+            assert sentence not in answer
+
+
+def test_split_with_opening_tag() -> None:
+    reasoning, answer, steps = split_think(OUTPUTS[0][0])
+    assert reasoning.startswith("The speaker greets") and reasoning.endswith("option B.")
+    assert answer == "The answer is B: a dog barks."
+    assert [(s.start, s.end) for s in steps] == [(0.5, 1.2), (30.0, None), (60.0, 90.0)]
+    assert steps[1].text == "Around the 30-second mark a dog barks!"
+
+
+def test_prefilled_tag_and_no_tag() -> None:
+    text = "I hear a bell at 2 s.\n</think>\nA bell."
+    assert split_think(text, started=True)[:2] == ("I hear a bell at 2 s.", "A bell.")
+    assert split_think(text) == ("", "I hear a bell at 2 s.\n\nA bell.", [])
+    # The engine pre-filled the tag and the model wrote it again: still reasoning.
+    assert split_think("<think>x</think>y", started=True)[:2] == ("x", "y")
+    assert split_think("Intro <think>x</think>y")[:2] == ("", "Intro <think>xy")
+
+
+def test_unclosed_reasoning_and_lookalike_tags() -> None:
+    reasoning, answer, steps = split_think(OUTPUTS[6][0])
+    assert answer == "" and reasoning.startswith("Unclosed")
+    assert [(s.start, s.end) for s in steps] == [(3.2, 5.0)]
+    assert split_think(OUTPUTS[7][0])[:2] == ("", "<thinking about it> is not a tag </thi")
+
+
+def test_emits_early_holding_only_a_possible_tag() -> None:
+    parser = ThinkParser()
+    assert parser.feed("<thi") == []
+    assert parser.feed("nk>Dog at 3 s. Then") == [
+        ReasoningDelta("Dog at 3 s. Then"),
+        ThinkStep(3.0, None, "Dog at 3 s."),
+    ]
+    assert parser.feed(" cat</th") == [ReasoningDelta(" cat")]
+    assert parser.feed("ink>\n Yes") == [TextDelta("Yes")]
+    assert parser.close() == []
+    assert parser.reasoning == "Dog at 3 s. Then cat"
+
+
+def test_segment_asr_steps_from_answer() -> None:
+    _, answer, steps = split_think(OUTPUTS[3][0], steps_from_answer=True)
+    assert answer.startswith("<t>0.574-1.034</t> Speaker 1")
+    assert [(s.start, s.end) for s in steps] == [(57.4, 63.4), (63.4, 100.2)]
+    assert steps[0].text == "<t>0.574-1.034</t> Speaker 1: Hello there."
+    assert split_think(OUTPUTS[3][0])[2] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("roughly 10.7s to 16.9s", [(10.7, 16.9)]),
+        ("from 3.2 s - 5 s", [(3.2, 5.0)]),
+        ("between 4 and 6 seconds", [(4.0, 6.0)]),
+        ("4-6 s and 7 – 9 seconds", [(4.0, 6.0), (7.0, 9.0)]),
+        ("[11.0 - 14.0] la la", [(11.0, 14.0)]),
+        ("Around the 30-second mark", [(30.0, None)]),
+        ("From 1:00 to 1:30", [(60.0, 90.0)]),
+        ("at 2:05 and 1:02:03.", [(125.0, None), (3723.0, None)]),
+        (
+            "12.5 seconds, 12 sec, 45s, at 3 s",
+            [(12.5, None), (12.0, None), (45.0, None), (3.0, None)],
+        ),
+        ("1 minute 30 seconds", [(90.0, None)]),
+        ("1 min 30 s, 1m30s", [(90.0, None), (90.0, None)]),
+        ("2 minutes in, between 1 and 2 minutes", [(120.0, None), (60.0, 120.0)]),
+        ("<t>0.574-1.034</t> Speaker 1: hi", [(57.4, 63.4)]),
+        ("<t>0.754-0.9</t>", [(0.754, 0.9)]),  # 75.4 cannot be seconds: plain seconds
+        ("from 9 s to 2 s", [(9.0, None)]),
+        ("at 1:30. Then 10.7s", [(90.0, None), (10.7, None)]),
+    ],
+)
+def test_time_styles(text: str, expected: list) -> None:
+    found = find_times(text)
+    assert len(found) == len(expected)
+    for (start, end), (want_start, want_end) in zip(found, expected):
+        assert start == pytest.approx(want_start)
+        assert end == (None if want_end is None else pytest.approx(want_end))
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["3 speakers talk", "recorded in 2024", "75.0 percent", "MMAU 74.2", "music of the 1990s",
+     "3 stars, 5 m away, 16:9, version 1.2.3", "at 3 and 5"],
+)
+def test_non_times_are_ignored(text: str) -> None:
+    assert find_times(text) == []
+
+
+def test_clamping_to_the_clip() -> None:
+    assert find_times("5 s to 80 s, at 50 s, at 70 s, 1:30 - 2:00", 60) == [
+        (5.0, 60.0), (50.0, None), (60.0, None), (60.0, None),
+    ]
+    _, _, steps = split_think(OUTPUTS[1][0], clip_duration_s=16.0)
+    assert [(s.start, s.end) for s in steps] == [(11.0, 14.0)]
