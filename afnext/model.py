@@ -123,14 +123,17 @@ def load(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dt
     source = resolve(model)
     dev = pick_device(device)
     attn = pick_attention(dev)
+    local = Path(source).is_dir() or _in_hub_cache(source)
+    if not local and not _hub_reachable():
+        raise ModelLoadError(_load_failure(model, source, OSError("hub unreachable")))
     try:
-        processor = AutoProcessor.from_pretrained(source)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=local)
         net = MusicFlamingoForConditionalGeneration.from_pretrained(
-            source, dtype=pick_dtype(dtype, dev), attn_implementation=attn)
+            source, dtype=pick_dtype(dtype, dev), attn_implementation=attn, local_files_only=local)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_load_failure(model, source, exc)) from exc
     return assemble(model, net.to(dev).eval(), processor, attn=attn, think=think,
-                    random_weights=(Path(source) / "RANDOM_WEIGHTS.md").exists())
+                    random_weights=_has_file(source, "RANDOM_WEIGHTS.md"))
 
 
 def assemble(name: str, net: torch.nn.Module, processor, *, attn: str, think: bool | None = None,
@@ -147,6 +150,40 @@ def assemble(name: str, net: torch.nn.Module, processor, *, attn: str, think: bo
     log.info("loaded %s on %s (%s, %s attention)%s", name, loaded.device, str(loaded.dtype).removeprefix("torch."),
              attn, " — RANDOM WEIGHTS: outputs are noise" if random_weights else "")
     return loaded
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the checkpoint is already downloaded: then it loads without touching the network."""
+    return _has_file(repo_id, "config.json")
+
+
+def _has_file(source: str, name: str) -> bool:
+    """Whether a checkpoint folder, or the cached snapshot of a hub id, holds `name`."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if Path(source).is_dir():
+        return (Path(source) / name).exists()
+    try:
+        return isinstance(try_to_load_from_cache(source, name), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick connection to the hub: without it, huggingface_hub's retries take minutes to give up."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def _special_ids(tokenizer) -> SpecialIds:
@@ -166,7 +203,9 @@ def _load_failure(model: str, source: str, exc: Exception) -> str:
         return f"The folder {source} is not a loadable AF-Next checkpoint ({type(exc).__name__}: {exc})."
     if Path(source).suffix or source.startswith((".", "/")):
         return f"No checkpoint folder at {source}."
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
     return (f"Could not load {source}: it is not in the local Hugging Face cache and the hub "
             f"{'is switched off (HF_HUB_OFFLINE=1)' if offline else 'cannot be reached'}; download it once with "
             f"`hf download {source}` where there is network, or use --model tiny for the offline demo model "

@@ -59,7 +59,7 @@ class Session:
         `ReasoningDelta`/`TextDelta`/`ThinkStep` as the reply is generated, then `Interrupted` if it was
         cancelled, then `TurnDone`. Raises `AudioError`, `ContextFullError` or `ValueError` for bad input
         before anything changes. Closing the generator, or setting `cancel` (a threading.Event), stops
-        the reply within one decoding step.
+        the reply within one decoding step. Nothing runs on the model until the stream is iterated.
         """
         t0 = time.perf_counter()
         if not text.strip() and audio is None:
@@ -72,7 +72,7 @@ class Session:
         plan = _Plan(plan.ids, clip, message, options, t0, self._budget(len(plan.ids), options))
         clip_s = clip.duration_s if clip else self._last_clip_s
         parser = ThinkParser(started=bool(prefill), clip_duration_s=clip_s, steps_from_answer=think)
-        yield from self._stream(plan, parser, prefill, cancel)
+        return self._stream(plan, parser, prefill, cancel)
 
     def _stream(self, plan: _Plan, parser: ThinkParser, prefill: str, cancel) -> Iterator[TurnEvent]:
         detok = Detokenizer(self.engine.loaded.tokenizer)

@@ -61,3 +61,22 @@ def test_mid_size_is_about_20m_parameters():
         n = sum(p.numel() for p in MusicFlamingoForConditionalGeneration(cfg).parameters())
     assert 15e6 < n < 25e6
     assert SIZES["full"]["text"]["hidden_size"] == 3584
+
+
+def test_cached_hub_checkpoint_loads_offline_by_short_name(tiny_dir, tmp_path):
+    """A hub id whose files are in the Hugging Face cache loads with no network, like a real download."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = tmp_path / "hub" / "models--nvidia--audio-flamingo-next-think-hf"
+    shutil.copytree(tiny_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    code = "from afnext import load; m = load('think', device='cpu'); print(m.name, m.is_think, m.random_weights)"
+    env = {**__import__("os").environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["think", "True", "True"]

@@ -212,3 +212,8 @@ def test_encoding_equals_stock_audio_features(engine, tiny_dir, monkeypatch, bat
         ours = engine.encode(prepare_clip(clip_audio, engine.loaded.mel_filters))
     assert ours.shape == stock.shape == (1625, engine.loaded.model.config.text_config.hidden_size)
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_raises_at_the_call_not_at_the_first_event(engine, tmp_path):
+    with pytest.raises(AudioError):
+        Session(engine).ask("What?", tmp_path / "missing.wav")

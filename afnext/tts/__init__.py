@@ -1,0 +1,1 @@
+"""Speech out: synthesizers that turn answer text (never reasoning) into audio."""
