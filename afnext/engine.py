@@ -64,20 +64,14 @@ def prepare_clip(source, mel_filters: np.ndarray, *, max_seconds: float = audio.
     so that ≤ 20 ms tail is dropped; a clip with no audio token at all is refused as too short.
     """
     t0 = time.perf_counter()
-    if isinstance(source, tuple):
-        samples = audio.to_mono_16k(source[1], source[0])
-    elif isinstance(source, np.ndarray):
-        samples = audio.to_mono_16k(source, audio.SAMPLE_RATE)
-    else:
-        samples = audio.load_audio(source, max_seconds=max_seconds)
-    if len(samples) > max_seconds * audio.SAMPLE_RATE:
-        raise audio.AudioError(f"The recording is {audio._duration_text(len(samples) / audio.SAMPLE_RATE)} "
-                               f"long; the limit is {audio._duration_text(max_seconds)}.")
+    if isinstance(source, np.ndarray):
+        source = (audio.SAMPLE_RATE, source)
+    samples = audio.load_audio(source, max_seconds=max_seconds)
     features, frames = audio.log_mel_windows(samples, mel_filters)
     keep = [i for i, f in enumerate(frames) if audio.audio_tokens(f) > 0]
     if not keep:
         raise audio.AudioError(f"The clip is too short ({len(samples) / audio.SAMPLE_RATE * 1000:.0f} ms); "
-                               "the model needs at least 25 ms of audio.")
+                               "the model needs more than 20 ms of audio.")
     features, frames = features[keep], [frames[i] for i in keep]
     duration = min(len(samples), sum(frames) * audio.HOP_LENGTH) / audio.SAMPLE_RATE
     return Clip(features, tuple(frames), duration, time.perf_counter() - t0)

@@ -24,7 +24,9 @@ _BUFFER_MS = 100  # ms of audio per callback; only sets how often the callback r
 _INT16_SCALE = 1.0 / 32768.0
 
 # int callback(short *wav, int numsamples, espeak_EVENT *events); returning 1 aborts synthesis.
-_SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_SynthCallback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 # espeak-ng keeps one global engine per process, so every call holds this lock, and the
 # callback (which has no user pointer in synchronous mode) appends to `_chunks` under it.
