@@ -25,7 +25,10 @@ from .model import LoadedModel
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH_WINDOWS = 16  # 30 s windows per encoder call: 8 min of audio, bounds activation memory
-PREFILL_CHUNK_TOKENS = 8192  # tokens per prefill forward: bounds MLP activations on 45k-token prompts
+# Tokens per prefill forward on a GPU: bounds activations on 45k-token prompts (and lets a cancel in).
+# On CPU the prompt goes in at once: memory is plentiful there, and a chunk after the first needs an
+# explicit offset mask that takes sdpa off its fused causal kernel (measured 15% slower, 10 min of audio).
+PREFILL_CHUNK_TOKENS = 8192
 JOIN_TIMEOUT_S = 30.0  # how long a closed stream waits for the worker to notice the cancel
 AUDIO_STEP_S = 0.04  # one audio token = 4 mel frames of 10 ms (conv stride 2, pooling stride 2)
 
@@ -165,10 +168,11 @@ class Engine:
         if n_audio:
             embeds[slots] = audio_embeds.to(embeds.dtype)
         logits = None
-        for start in range(0, len(ids), PREFILL_CHUNK_TOKENS):
+        step = PREFILL_CHUNK_TOKENS if self.loaded.device.type == "cuda" else len(ids)
+        for start in range(0, len(ids), step):
             if start and cancel.is_set():
                 return None
-            chunk = embeds[None, start:start + PREFILL_CHUNK_TOKENS]
+            chunk = embeds[None, start:start + step]
             logits = lm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
         return logits[0, -1]
 
