@@ -10,21 +10,26 @@ py="${PYTHON:-python3}"
 "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || {
   echo "Python >= 3.11 is needed; $($py --version 2>&1) was found." >&2; exit 1; }
 
-apt_install() {  # install Debian packages if missing, as root or through sudo
+apt_install() {  # install Debian packages if missing, as root or through sudo; 1 if it could not
+  command -v dpkg >/dev/null || return 1
   local missing=()
   for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   if [ -n "$sudo" ] && ! command -v sudo >/dev/null; then
-    echo "Please install these Debian packages first: ${missing[*]}" >&2; exit 1
+    echo "Please install these Debian packages: ${missing[*]}" >&2; return 1
   fi
-  $sudo apt-get update -qq && $sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 }
 
 if [ ! -x .venv/bin/python ]; then
-  "$py" -c 'import ensurepip, venv' 2>/dev/null || apt_install "python$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv"
+  "$py" -c 'import ensurepip, venv' 2>/dev/null \
+    || apt_install "python$("$py" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')-venv" \
+    || exit 1
   "$py" -m venv .venv
 fi
+# PortAudio for the desktop microphone loop (sounddevice); everything else runs without it.
+apt_install libportaudio2 || echo "Without libportaudio2 the desktop loop (python -m app.desktop) cannot open audio devices." >&2
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 
 # torch first: without an NVIDIA GPU take the CPU build (PyPI's default build brings GBs of CUDA).

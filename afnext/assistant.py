@@ -1,0 +1,252 @@
+"""The voice loop's brain: microphone PCM in; turns, streamed text and speech out.
+
+mic PCM → endpointer → a session turn whose audio is the utterance → streamed answer → chunker →
+synthesizer → events. No UI here: shells push microphone audio in and read events out.
+
+One clock: the microphone timeline (seconds of audio pushed), carried on by wall time since the
+last push. Replayed files and live microphones thus share timestamps, and "is the assistant still
+speaking" is known without the shell reporting its playback: speech plays in real time from its
+first chunk, so it ends `audio emitted` seconds later.
+
+Barge-in: speech confirmed by the endpointer (≥ its min_speech_ms, 250 ms) while the assistant is
+thinking or speaking cancels the turn at once — generation stops within one decoding step, no reply
+audio is emitted after `Interrupted` — and that speech becomes the next turn. Half-duplex ignores
+the microphone while the assistant speaks (loudspeakers without echo cancellation).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import GenerationOptions
+from .events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta, TurnDone
+from .session import Session
+from .tts import Synthesizer
+from .tts.chunker import SpeechChunker
+from .vad import Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded
+
+log = logging.getLogger(__name__)
+TURN_JOIN_TIMEOUT_S = 30.0  # a cancelled turn stops within one decoding step; this is the safety net
+
+
+@dataclass(frozen=True)
+class AssistantOptions:
+    """How the voice loop behaves."""
+
+    half_duplex: bool = False  # ignore the microphone while speaking (no echo cancellation at hand)
+    think: bool = False  # reason before answering; the reasoning is shown, never spoken
+    generation: GenerationOptions = GenerationOptions(max_new_tokens=256)  # spoken replies stay short
+    endpointer: EndpointerOptions = EndpointerOptions()  # its min_speech_ms is also the barge-in threshold
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """The user finished speaking; their utterance becomes the next turn."""
+
+    t: float  # seconds on the microphone timeline when the end of turn was decided
+    start: float  # speech onset, seconds
+    end: float  # end of speech, seconds
+    audio: np.ndarray = field(repr=False)  # float32 mono 16 kHz, with pre-roll
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """listening → thinking → speaking → listening."""
+
+    t: float
+    state: str  # "listening" | "thinking" | "speaking"
+
+
+@dataclass(frozen=True)
+class VoiceTimings:
+    endpoint_s: float  # end of speech → end-of-turn decision (mostly the endpointer's hangover)
+    ttft_s: float | None  # decision → first reply text
+    first_audio_s: float | None  # decision → first reply audio
+
+
+@dataclass(frozen=True)
+class VoiceTurnDone:
+    t: float
+    timings: VoiceTimings
+    reply: object | None  # the session's Reply (None if the turn never started)
+
+
+@dataclass(frozen=True)
+class Stamped:
+    """An event from the turn (TextDelta, AudioChunk, …) with its time on the microphone timeline."""
+
+    t: float
+    event: object
+
+
+class Assistant:
+    """Push microphone audio with `push`; read events with `events()`. Thread-safe between one
+    feeding thread and one reading thread."""
+
+    def __init__(self, session: Session, synthesizer: Synthesizer, options: AssistantOptions = AssistantOptions()) -> None:
+        self.session, self.synthesizer, self.options = session, synthesizer, options
+        self.endpointer = Endpointer(options.endpointer)
+        self._out: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # orders barge-in against reply audio
+        self._mic_s = 0.0  # seconds of microphone audio pushed
+        self._mic_wall = time.perf_counter()  # when the last push arrived
+        self._turn: _Turn | None = None
+        self._speaking_until = 0.0  # microphone-clock time the emitted speech finishes playing
+        self.state = "listening"
+
+    def now(self) -> float:
+        """The microphone clock: audio pushed so far, carried on by wall time since the last push."""
+        return self._mic_s + (time.perf_counter() - self._mic_wall)
+
+    @property
+    def busy(self) -> bool:
+        """A turn is being generated."""
+        return self._turn is not None and self._turn.thread.is_alive()
+
+    @property
+    def speaking(self) -> bool:
+        return self.busy or self.now() < self._speaking_until
+
+    def push(self, pcm: np.ndarray, sample_rate: int) -> None:
+        """Feed microphone audio (any size, rate, int16 or float). Never blocks on the model."""
+        if self.options.half_duplex and self.speaking:
+            pcm = np.zeros(len(pcm), np.float32)  # keep the endpointer's timeline, hear nothing
+        events = self.endpointer.push(pcm, sample_rate)
+        self._mic_s += len(pcm) / sample_rate
+        self._mic_wall = time.perf_counter()
+        for event in events:
+            self._on_endpointer(event)
+
+    def flush(self) -> None:
+        """End of microphone input: an utterance in progress becomes a turn."""
+        for event in self.endpointer.flush():
+            self._on_endpointer(event)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the current turn (if any) has finished generating; False on timeout."""
+        turn = self._turn
+        if turn is not None:
+            turn.thread.join(timeout)
+            return not turn.thread.is_alive()
+        return True
+
+    def events(self, timeout: float | None = None) -> Iterator[object]:
+        """Events as they happen; ends at `close()` or after `timeout` seconds without one (None: never)."""
+        while True:
+            try:
+                event = self._out.get(timeout=timeout)
+            except queue.Empty:
+                return
+            if event is _CLOSED:
+                return
+            yield event
+
+    def close(self) -> None:
+        """Cancel any turn, wait for it, and end `events()`."""
+        self._interrupt(self.now(), emit=False)
+        self._out.put(_CLOSED)
+
+    # ---- endpointer events (feeding thread) ----
+
+    def _on_endpointer(self, event) -> None:
+        if isinstance(event, SpeechStarted):
+            self._emit(event)
+            if self.speaking:
+                self._interrupt(self.now())
+        elif isinstance(event, UtteranceEnded):
+            self._start_turn(event)
+
+    def _interrupt(self, t: float, emit: bool = True) -> None:
+        with self._lock:
+            turn, was_speaking = self._turn, self.speaking
+            if turn is not None:
+                turn.cancel.set()
+            self._speaking_until = 0.0
+            if emit and was_speaking:
+                self._emit(Interrupted("the user spoke"), t)
+        if turn is not None:
+            turn.thread.join(TURN_JOIN_TIMEOUT_S)
+        self._set_state("listening", t)
+
+    def _start_turn(self, ended: UtteranceEnded) -> None:
+        if self._turn is not None:
+            self._turn.thread.join(TURN_JOIN_TIMEOUT_S)  # a session takes one turn at a time
+        self._emit(UserTurn(ended.t, ended.start, ended.end, ended.audio))
+        turn = _Turn(ended, time.perf_counter())
+        turn.thread = threading.Thread(target=self._run_turn, args=(turn,), name="afnext-voice-turn", daemon=True)
+        self._turn = turn
+        self._set_state("thinking", ended.t)
+        turn.thread.start()
+
+    # ---- the turn (its own thread) ----
+
+    def _run_turn(self, turn: _Turn) -> None:
+        reply = None
+        try:
+            reply = self._converse(turn)
+        except Exception as exc:  # one sentence to the user, the traceback to the log, keep listening
+            log.exception("voice turn failed")
+            self._emit(Error(f"The assistant could not answer that turn ({type(exc).__name__}: {exc})."))
+        timings = VoiceTimings(turn.ended.t - turn.ended.end, turn.first_text, turn.first_audio)
+        self._emit(VoiceTurnDone(self.now(), timings, reply))
+        if not turn.cancel.is_set() and self.now() >= self._speaking_until:
+            self._set_state("listening", self.now())
+
+    def _converse(self, turn: _Turn):
+        chunker, reply = SpeechChunker(), None
+        stream = self.session.ask(audio=turn.ended.audio, think=self.options.think,
+                                  options=self.options.generation, cancel=turn.cancel)
+        for event in stream:
+            if isinstance(event, (TextDelta, ReasoningDelta)):
+                turn.first_text = turn.first_text or time.perf_counter() - turn.decided
+                self._emit(event)
+            if isinstance(event, TextDelta):
+                for piece in chunker.feed(event):
+                    self._speak(turn, piece)
+            elif isinstance(event, TurnDone):
+                reply = event.reply
+        for piece in chunker.flush():
+            self._speak(turn, piece)
+        return reply
+
+    def _speak(self, turn: _Turn, text: str) -> None:
+        for chunk in self.synthesizer.stream(text, cancel=turn.cancel):
+            with self._lock:  # after Interrupted, not one more sample
+                if turn.cancel.is_set():
+                    return
+                now = self.now()
+                if turn.first_audio is None:
+                    turn.first_audio = time.perf_counter() - turn.decided
+                    self._set_state("speaking", now)
+                self._speaking_until = max(self._speaking_until, now) + len(chunk.samples) / chunk.sample_rate
+                self._emit(chunk, now)
+
+    def _set_state(self, state: str, t: float) -> None:
+        if state != self.state:
+            self.state = state
+            self._emit(StateChanged(t, state))
+
+    def _emit(self, event, t: float | None = None) -> None:
+        if isinstance(event, (TextDelta, ReasoningDelta, AudioChunk, Interrupted, Error)):
+            event = Stamped(self.now() if t is None else t, event)
+        self._out.put(event)
+
+
+_CLOSED = object()
+
+
+@dataclass
+class _Turn:
+    ended: UtteranceEnded
+    decided: float  # perf_counter at the end-of-turn decision
+    cancel: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+    first_text: float | None = None  # seconds after the decision
+    first_audio: float | None = None
