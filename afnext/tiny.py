@@ -197,7 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--size", choices=["tiny", "mid"], default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tts", action="store_true", help="write a random-weight Pocket TTS checkpoint instead")
     args = parser.parse_args(argv)
+    if args.tts:
+        from .tts.pocket import write_tiny_checkpoint
+
+        path = write_tiny_checkpoint(args.out_dir, seed=args.seed)
+        print(f"wrote a random-weight Pocket TTS checkpoint ({param_count(path) / 1e6:.2f} M parameters) to {path}")
+        return
     path = write_checkpoint(args.out_dir, args.size, seed=args.seed)
     print(f"wrote a random-weight {args.size} AF-Next checkpoint ({param_count(path) / 1e6:.2f} M parameters) to {path}")
 

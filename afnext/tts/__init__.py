@@ -1,1 +1,76 @@
-"""Speech out: synthesizers that turn answer text (never reasoning) into audio."""
+"""Speech out: synthesizers that turn answer text (never reasoning) into streamed audio chunks.
+
+    synth = load_synthesizer("espeak")                  # no weights, GPL-3.0 wheel, 22,050 Hz
+    synth = load_synthesizer("pocket", device="auto")   # Kyutai Pocket TTS via transformers, 24 kHz
+    chunker = SpeechChunker()
+    for piece in chunker.feed(TextDelta("Hello there, how are you today?")):
+        for chunk in synth.stream(piece, cancel=event):  # AudioChunk(sample_rate, float32 samples)
+            play(chunk)
+
+Engines are imported on first use, so importing this package costs nothing and needs neither
+espeak-ng nor torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+from ..events import AudioChunk
+from .chunker import ChunkerOptions, SpeechChunker
+
+ENGINES = ("espeak", "pocket")
+
+
+class TTSError(RuntimeError):
+    """A synthesizer cannot be loaded or run; the message says why and what to do instead."""
+
+
+@runtime_checkable
+class Synthesizer(Protocol):
+    """Text in, float32 mono audio chunks out, as soon as they are made."""
+
+    sample_rate: int  # Hz of every chunk this synthesizer yields
+
+    def stream(self, text: str, cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
+        """Speak `text`; stops promptly when `cancel` is set or the generator is closed."""
+        ...
+
+
+def load_synthesizer(engine: str = "espeak", *, model: str | None = None, device: str = "auto") -> Synthesizer:
+    """A ready synthesizer (loaded and warmed up once).
+
+    engine "espeak": `model` is an espeak-ng voice name (default "en-us"); `device` is ignored (CPU).
+    engine "pocket": `model` is a Pocket TTS checkpoint, hub id or folder (default
+    `eustlb/pocket-tts`), or "tiny" for an offline random-weight one (noise); `device` is
+    "auto" (CUDA when there is one), "cpu" or "cuda[:n]". Raises TTSError when a dependency or the
+    checkpoint is missing, ValueError for an unknown engine or voice.
+    """
+    if engine == "espeak":
+        _require("espeakng_loader", "espeakng-loader", "The espeak engine (espeak-ng, GPL-3.0)")
+        from .espeak import EspeakSynthesizer
+
+        return EspeakSynthesizer(voice=model or "en-us")
+    if engine == "pocket":
+        _require("torch", "torch", "The pocket engine")
+        _require("transformers", "'transformers>=5.24'", "The pocket engine")
+        import transformers
+
+        if not hasattr(transformers, "PocketTTSForConditionalGeneration"):
+            raise TTSError(f"Pocket TTS needs transformers >= 5.24 (found {transformers.__version__}); "
+                           "run `pip install -U 'transformers>=5.24'`.")
+        from .pocket import load_pocket
+
+        return load_pocket(model, device=device)
+    raise ValueError(f"Unknown TTS engine {engine!r}; choose one of {', '.join(ENGINES)}.")
+
+
+def _require(module: str, package: str, what: str) -> None:
+    """One clear error, naming the pip package, when an engine's dependency is not installed."""
+    if importlib.util.find_spec(module) is None:
+        raise TTSError(f"{what} needs the `{module}` module, which is not installed; run `pip install {package}`.")
+
+
+__all__ = ["ENGINES", "ChunkerOptions", "SpeechChunker", "Synthesizer", "TTSError", "load_synthesizer"]

@@ -1,0 +1,162 @@
+"""Streamed answer text → speakable pieces, each released the moment its clause or sentence is complete.
+
+The first piece of a turn may end at the first clause break (`,` `;` `:` or a spaced dash) once it
+has a few words, so speech starts early; later pieces are whole sentences, or clauses only when a
+sentence runs long, so the synthesizer gets enough text for natural prosody. Line breaks always end
+a piece (markdown lists, headings). Markdown symbols are stripped from what will be spoken.
+
+Every decision depends only on the text, never on how it was split into deltas: where a decision
+needs text that has not arrived yet (the character after a period, say), the chunker waits. So any
+split of the same answer gives the same pieces (tests feed every split position).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..events import TextDelta
+
+SENTENCE_ENDS = ".!?…"
+CLAUSE_ENDS = ",;:"
+DASHES = "—–-"
+CLOSERS = "\"'”’)]*_"  # may follow a sentence end and belong to it: quotes, brackets, markdown emphasis
+# Words whose trailing period does not end a sentence even before a capital ("Dr. Smith", "e.g. Paris").
+ABBREVIATIONS = frozenset("mr mrs ms dr prof st sr jr mt vs cf al approx fig vol ca".split())
+
+_WAIT, _NONE = -1, 0  # _decide's answers besides "the piece ends here" (a position > 0)
+_FENCE = re.compile(r"```[^\s`]*")  # code fence with its language tag
+_LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # [text](url) and ![alt](url) → text
+_LINE_MARK = re.compile(r"^\s*(?:[-*+•]|#{1,6}|>)\s+")  # bullet, heading or quote marker opening a line
+_SYMBOLS = re.compile(r"[*`|~]|(?<!\w)_+|_+(?!\w)")  # emphasis, code, tables; underscores at word edges only
+_INITIALS = re.compile(r"(?:[A-Za-z]\.)*[A-Za-z]")  # "J", "U.S", "e.g" (the last period already cut)
+
+
+@dataclass(frozen=True)
+class ChunkerOptions:
+    """Where pieces may end."""
+
+    first_min_words: int = 3  # the first piece may end at a clause break once it has this many words
+    clause_min_chars: int = 100  # later pieces end at a clause break only when at least this long
+    max_chars: int = 250  # a piece with no break at all is cut at the next space past this length
+
+
+class SpeechChunker:
+    """Feed it the answer's `TextDelta`s; it returns the pieces that became complete, ready to speak.
+
+    One chunker per turn: `flush()` at the end of the answer returns the rest and resets it.
+    """
+
+    def __init__(self, options: ChunkerOptions = ChunkerOptions()) -> None:
+        self.options = options
+        self._text = ""  # text not yet released; the current piece starts at 0
+        self._scan = 0  # positions before this are decided: no piece ends there
+        self._emitted = 0  # non-empty pieces released this turn
+
+    def feed(self, delta: TextDelta) -> list[str]:
+        """Add answer text; return the pieces completed by it (often none).
+
+        Raises TypeError for anything but a `TextDelta`: reasoning is never spoken.
+        """
+        if not isinstance(delta, TextDelta):
+            raise TypeError(f"SpeechChunker speaks answer text only (TextDelta), not {type(delta).__name__}")
+        self._text += delta.text
+        return self._pieces(final=False)
+
+    def flush(self) -> list[str]:
+        """The answer is over: return every remaining piece and start afresh."""
+        pieces = self._pieces(final=True)
+        last = speakable(self._text)
+        if last:
+            pieces.append(last)
+        self._text, self._scan, self._emitted = "", 0, 0
+        return pieces
+
+    def _pieces(self, final: bool) -> list[str]:
+        pieces = []
+        i = self._scan
+        while i < len(self._text):
+            end = self._decide(i, final)
+            if end == _WAIT:
+                break
+            if end == _NONE:
+                i += 1
+                continue
+            piece = speakable(self._text[:end])
+            if piece:
+                pieces.append(piece)
+                self._emitted += 1
+            self._text, i = self._text[end:], 0
+        self._scan = i
+        return pieces
+
+    def _decide(self, i: int, final: bool) -> int:
+        """Does the current piece end at or just after `self._text[i]`? Its end, _NONE or _WAIT."""
+        text, char = self._text, self._text[i]
+        if char == "\n":
+            return i + 1
+        if char in SENTENCE_ENDS:
+            return self._sentence_end(i, final)
+        if char in CLAUSE_ENDS or (char in DASHES and i > 0 and text[i - 1] == " "):
+            if not self._clause_allowed(text[:i]):
+                return _NONE
+            if i + 1 == len(text):
+                return i + 1 if final else _WAIT
+            return i + 1 if text[i + 1].isspace() else _NONE
+        if char.isspace() and len(text[:i].strip()) >= self.options.max_chars:
+            return i
+        return _NONE
+
+    def _sentence_end(self, i: int, final: bool) -> int:
+        """At a `.!?…`: the piece ends after its run of ends and closers, if what follows says so."""
+        text = self._text
+        end = i
+        while end < len(text) and (text[end] in SENTENCE_ENDS or text[end] in CLOSERS):
+            end += 1
+        if end == len(text):
+            return end if final else _WAIT
+        if not text[end].isspace():  # "3.5", "e.g", "example.com", "?q=1": inside a token
+            return _NONE
+        run = text[i:end]
+        if "!" in run or "?" in run:
+            return end
+        after = end
+        while after < len(text) and text[after].isspace() and text[after] != "\n":
+            after += 1
+        if after == len(text):
+            return end if final else _WAIT
+        if text[after] == "\n":
+            return end
+        if text[after].islower() or self._is_abbreviation(text[:i]):
+            return _NONE  # "e.g. the", "Wait... so", "Dr. Smith", "1. Preheat"
+        return end
+
+    def _is_abbreviation(self, before: str) -> bool:
+        """Whether the period after `before` (the piece so far) belongs to a word, not a sentence."""
+        words = before.split()
+        if not words:
+            return True
+        word = words[-1].strip("\"'“‘(*_[").rstrip(".")
+        if len(words) == 1 and word.isdigit():
+            return True  # a numbered-list marker: "1."
+        if word.lower() in ABBREVIATIONS:
+            return True
+        return bool(_INITIALS.fullmatch(word)) and (len(word) == 1 or "." in word)  # "J.", "U.S.", "e.g."
+
+    def _clause_allowed(self, before: str) -> bool:
+        """May the current piece end at a clause break, given what it holds so far?"""
+        if self._emitted == 0:
+            words = [w for w in before.split() if any(c.isalnum() for c in w)]
+            return len(words) >= self.options.first_min_words
+        return len(before.strip()) >= self.options.clause_min_chars
+
+
+def speakable(text: str) -> str:
+    """`text` without markdown symbols, on one line; "" when nothing in it can be spoken."""
+    text = _LINK.sub(r"\1", _FENCE.sub(" ", text))
+    text = _SYMBOLS.sub("", _LINE_MARK.sub("", text, count=1))
+    text = " ".join(text.split())
+    return text if any(c.isalnum() for c in text) else ""
+
+
+__all__ = ["ChunkerOptions", "SpeechChunker", "speakable"]

@@ -1,0 +1,266 @@
+"""`python -m app.desktop`: talk with the assistant through this computer's microphone and speaker.
+
+    python -m app.desktop [--model M] [--tts espeak|pocket] [--input-device D] [--output-device D]
+                          [--half-duplex] [--think] [--device auto|cpu|cuda]
+    python -m app.desktop --list-devices
+
+Speak; the end of your turn is heard by itself, the answer is printed as it streams and spoken as
+soon as its first sentence is ready; speak over it and it stops. Ctrl-C quits.
+
+Threads: PortAudio calls the microphone and speaker callbacks on its own thread (they only move
+arrays); a feeder thread pushes microphone blocks into the assistant; the main thread reads the
+assistant's events, prints them and routes reply audio to the speaker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Protocol, TextIO
+
+import numpy as np
+
+from afnext.assistant import Stamped, StateChanged, UserTurn, VoiceTurnDone
+from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
+from afnext.model import DEFAULT_MODEL, ModelLoadError
+
+from .audio_io import (MIC_BLOCK_S, MIC_QUEUE_S, AudioPorts, MicTap, NoAudioError, Playback, Stream, list_devices,
+                       load_sounddevice, sounddevice_ports)
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1  # seconds between looks at the stop flag (Ctrl-C) while waiting for events or audio
+JOIN_TIMEOUT_S = 5.0  # the feeder waits at most one push; a push waits at most one decoding step
+# C0/C1 control characters (bar the newline) shown as U+FFFD: a random-weight model writes ESC and
+# friends, which must not drive the terminal.
+_CONTROLS = {c: "\ufffd" for c in (*range(32), *range(127, 160)) if c != 10}
+
+
+class VoiceBrain(Protocol):
+    """What the loop drives: afnext's `Assistant` (model on this machine). SEAM for `--server URL`:
+    a client of a remote GPU backend with these three methods would slot in unchanged."""
+
+    def push(self, pcm: np.ndarray, sample_rate: int) -> None: ...
+
+    def events(self, timeout: float | None = None) -> Iterator[object]: ...
+
+    def close(self) -> None: ...
+
+
+class Console:
+    """The conversation as text: state changes, user turns, the streamed answer, reasoning set
+    apart, interruptions, errors and per-turn latencies."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._open: str | None = None  # "answer" | "reasoning": a streamed line not yet ended
+        self._held: list[str] = []  # state changes that came mid-stream, written when it ends
+
+    def show(self, event: object) -> None:
+        inner = event.event if isinstance(event, Stamped) else event
+        if isinstance(inner, StateChanged):
+            self._state(f"[{inner.state}]")
+        elif isinstance(inner, UserTurn):
+            self._line(f"you: ({inner.end - inner.start:.1f} s of speech)")
+        elif isinstance(inner, TextDelta):
+            self._stream("answer", "assistant: ", inner.text)
+        elif isinstance(inner, ReasoningDelta):
+            self._stream("reasoning", "  (reasoning) ", inner.text)
+        elif isinstance(inner, Interrupted):
+            self._line(f"-- interrupted ({inner.reason}) --")
+        elif isinstance(inner, Error):
+            self._line(f"error: {inner.message}")
+        elif isinstance(inner, VoiceTurnDone):
+            t = inner.timings
+            self._line(f"  latency: endpoint {_seconds(t.endpoint_s)}, first token {_seconds(t.ttft_s)}, "
+                       f"first audio {_seconds(t.first_audio_s)}")
+
+    def note(self, text: str) -> None:
+        self._line(text)
+
+    def _state(self, text: str) -> None:
+        if self._open:
+            self._held.append(text)
+        else:
+            self._write(text + "\n")
+
+    def _stream(self, kind: str, prefix: str, text: str) -> None:
+        if self._open != kind:
+            self._end()
+            self._write(prefix)
+            self._open = kind
+        self._write(text.translate(_CONTROLS))
+
+    def _line(self, text: str) -> None:
+        self._end()
+        self._write(text + "\n")
+
+    def _end(self) -> None:
+        if self._open:
+            self._write("\n")
+            self._open = None
+        held, self._held = self._held, []
+        for text in held:
+            self._write(text + "\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def converse(brain: VoiceBrain, ports: AudioPorts, stop: threading.Event, console: Console) -> Playback:
+    """Run the voice loop until `stop` is set; returns the playback buffer (for its counters).
+
+    Opens the speaker, then the microphone; on the way out closes both, joins the feeder and
+    closes `brain`. Raises NoAudioError when a device cannot be opened.
+    """
+    tap = MicTap(max_blocks=round(MIC_QUEUE_S / MIC_BLOCK_S))
+    playback = Playback(ports.speaker_rate)
+    feeder = threading.Thread(target=_feed, args=(brain, tap, ports.mic_rate, stop), name="afnext-mic", daemon=True)
+    streams: list[Stream] = []
+    try:
+        streams.append(ports.open_speaker(lambda outdata, frames, time, status: playback.fill(outdata)))
+        streams.append(ports.open_mic(tap.callback))
+        feeder.start()
+        reported = 0
+        while not stop.is_set():
+            for event in brain.events(timeout=POLL_S):
+                _route(event, playback, console)
+                if stop.is_set():
+                    break
+            if tap.dropped > reported:
+                console.note(f"warning: {tap.dropped - reported} microphone blocks dropped (the assistant fell "
+                             f"{MIC_QUEUE_S:.0f} s behind)")
+                reported = tap.dropped
+    finally:
+        stop.set()
+        for stream in reversed(streams):
+            stream.close()
+        if feeder.is_alive():
+            feeder.join(JOIN_TIMEOUT_S)
+        brain.close()
+    return playback
+
+
+def _route(event: object, playback: Playback, console: Console) -> None:
+    """Reply audio to the speaker, everything else to the console; barge-in empties the speaker."""
+    inner = event.event if isinstance(event, Stamped) else event
+    if isinstance(inner, AudioChunk):
+        playback.add(inner)
+        return
+    if isinstance(inner, Interrupted):
+        playback.flush()
+    elif isinstance(inner, VoiceTurnDone):
+        playback.end_reply()
+    console.show(event)
+
+
+def _feed(brain: VoiceBrain, tap: MicTap, sample_rate: int, stop: threading.Event) -> None:
+    """Feeder thread: microphone blocks from the tap into the brain, until `stop`."""
+    while not stop.is_set():
+        try:
+            block = tap.blocks.get(timeout=POLL_S)
+        except queue.Empty:
+            continue
+        mono = block[:, 0] if block.shape[1] == 1 else block.mean(axis=1)
+        try:
+            brain.push(mono, sample_rate)
+        except Exception:  # keep listening: the next block may well work
+            log.exception("the assistant failed on a microphone block")
+
+
+def build_assistant(args: argparse.Namespace, console: Console):
+    """Load the synthesizer and the model (the real one, or the demo one when it cannot be had);
+    returns (assistant, engine)."""
+    from afnext.assistant import Assistant, AssistantOptions
+    from afnext.engine import Engine
+    from afnext.model import LICENCE_NOTE, load_or_demo
+    from afnext.session import Session
+    from afnext.tts import load_synthesizer
+
+    synthesizer = load_synthesizer(args.tts, model=args.tts_model, device=args.device)
+    logging.getLogger("afnext.model").setLevel(logging.ERROR)  # its fallback notice is printed here, once
+    loaded, notice = load_or_demo(args.model, device=args.device)
+    console.note(notice or LICENCE_NOTE)
+    if loaded.random_weights:
+        console.note("The model in use has RANDOM weights: its answers are noise (the voice loop works as usual).")
+    engine = Engine(loaded)
+    options = AssistantOptions(half_duplex=args.half_duplex, think=args.think)
+    return Assistant(Session(engine), synthesizer, options), engine
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.server is not None:
+        print("--server is not available yet: for now the model runs on this machine (drop --server).",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?"
+    console = Console(sys.stdout)
+    try:
+        sd = load_sounddevice()
+        if args.list_devices:
+            print(list_devices(sd))
+            return 0
+        ports = sounddevice_ports(sd, args.input_device, args.output_device)
+        return _talk(args, ports, console)
+    except NoAudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C while loading
+        print("bye")
+        return 0
+
+
+def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
+    from afnext.tts import TTSError
+
+    try:
+        assistant, engine = build_assistant(args, console)
+    except (ModelLoadError, TTSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    duplex = ("half duplex: the microphone is muted while the assistant speaks" if args.half_duplex else
+              "full duplex: speak over the assistant to interrupt it (use --half-duplex on loudspeakers)")
+    console.note(f"Microphone: {ports.mic_name} ({ports.mic_rate} Hz). Speaker: {ports.speaker_name} "
+                 f"({ports.speaker_rate} Hz). {duplex}. Ctrl-C quits.")
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    try:
+        converse(assistant, ports, stop, console)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        engine.close()
+    print("bye")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app.desktop", description=__doc__.splitlines()[0])
+    p.add_argument("--list-devices", action="store_true", help="list the sound devices PortAudio sees and exit")
+    p.add_argument("--input-device", help="microphone: index or part of the name (default: the system's)")
+    p.add_argument("--output-device", help="speaker: index or part of the name (default: the system's)")
+    p.add_argument("--half-duplex", action="store_true",
+                   help="mute the microphone while the assistant speaks (loudspeakers without echo cancellation)")
+    p.add_argument("--tts", default="espeak", choices=("espeak", "pocket"), help="speech engine (default espeak)")
+    p.add_argument("--tts-model", help="espeak voice, or Pocket TTS checkpoint (hub id or folder)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or instruct|think|captioner|tiny")
+    p.add_argument("--think", action="store_true", help="reason before answering (shown, never spoken)")
+    p.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, cuda:1 ...")
+    # SEAM: a remote GPU backend. A client implementing VoiceBrain replaces build_assistant here.
+    p.add_argument("--server", metavar="URL", help="use a remote GPU backend (not available yet)")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

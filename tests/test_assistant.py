@@ -1,0 +1,207 @@
+"""The voice loop: an utterance becomes a turn that is answered in text and speech; barge-in."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from afnext.assistant import Assistant, AssistantOptions, Stamped, StateChanged, UserTurn, VoiceTurnDone
+from afnext.audio import SAMPLE_RATE, to_mono_16k
+from afnext.engine import GenerationOptions
+from afnext.events import AudioChunk, Interrupted, ReasoningDelta, TextDelta
+from afnext.session import Session
+from afnext.vad import SpeechStarted
+
+CHUNK = 320  # 20 ms microphone blocks
+
+
+def speech(text: str) -> np.ndarray:
+    from afnext.tts.espeak import synthesize
+
+    rate, samples = synthesize(text)
+    return to_mono_16k(samples, rate)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), np.float32)
+
+
+class Collector:
+    """Reads the assistant's events on a thread, as a shell would."""
+
+    def __init__(self, assistant: Assistant) -> None:
+        self.events: list = []
+        self.thread = threading.Thread(target=lambda: self.events.extend(assistant.events()), daemon=True)
+        self.thread.start()
+
+    def wait_for(self, kind, timeout: float = 60.0, count: int = 1) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(self.matches(kind)) < count:
+            assert time.monotonic() < deadline, f"no {kind} within {timeout} s: {self.events}"
+            time.sleep(0.01)
+
+    def matches(self, kind):
+        return [isinstance(e.event if isinstance(e, Stamped) else e, kind) for e in list(self.events)]
+
+
+def push(assistant: Assistant, audio: np.ndarray) -> None:
+    for i in range(0, len(audio), CHUNK):
+        assistant.push(audio[i:i + CHUNK], SAMPLE_RATE)
+
+
+@pytest.fixture
+def espeak():
+    from afnext.tts import load_synthesizer
+
+    return load_synthesizer("espeak")
+
+
+def test_an_utterance_is_answered_in_text_and_speech(engine, espeak):
+    options = AssistantOptions(generation=GenerationOptions(max_new_tokens=16, min_new_tokens=16))
+    assistant = Assistant(Session(engine), espeak, options)
+    seen = Collector(assistant)
+    push(assistant, np.concatenate([silence(0.5), speech("What time is it in Paris?"), silence(1.0)]))
+    assistant.wait()
+    seen.wait_for(VoiceTurnDone)
+    assistant.close()
+    seen.thread.join(5)
+    kinds = [type(e.event if isinstance(e, Stamped) else e).__name__ for e in seen.events]
+    assert kinds.index("SpeechStarted") < kinds.index("UserTurn") < kinds.index("TextDelta") < kinds.index("VoiceTurnDone")
+    assert "AudioChunk" in kinds
+    done = next(e for e in seen.events if isinstance(e, VoiceTurnDone))
+    assert 0.56 <= done.timings.endpoint_s <= 0.64
+    assert done.timings.ttft_s is not None and done.timings.first_audio_s >= done.timings.ttft_s
+    assert len(done.reply.token_ids) == 16 and not done.reply.interrupted
+    turn = next(e for e in seen.events if isinstance(e, UserTurn))
+    assert abs(len(turn.audio) / SAMPLE_RATE - (turn.end - turn.start + 0.3)) < 0.15  # pre-roll included
+    states = [e.state for e in seen.events if isinstance(e, StateChanged)]
+    assert states[:2] == ["thinking", "speaking"]
+
+
+def slow_steps(engine, monkeypatch, delay_s: float = 0.03) -> list[float]:
+    """Make each decoding step take `delay_s`, so a reply is still being generated when the user
+    barges in; returns the list of step times."""
+    times: list[float] = []
+    real_step = engine.step
+
+    def step(token, cache):
+        times.append(time.perf_counter())
+        time.sleep(delay_s)
+        return real_step(token, cache)
+
+    monkeypatch.setattr(engine, "step", step)
+    return times
+
+
+def test_barge_in_cancels_generation_and_speech(engine, espeak, monkeypatch):
+    slow_steps(engine, monkeypatch)
+    options = AssistantOptions(generation=GenerationOptions(max_new_tokens=200, min_new_tokens=200))
+    assistant = Assistant(Session(engine), espeak, options)
+    seen = Collector(assistant)
+    push(assistant, np.concatenate([speech("Tell me a long story about the sea."), silence(0.8)]))
+    seen.wait_for(AudioChunk)  # the reply is being spoken
+    push(assistant, np.concatenate([speech("Stop, wait a moment."), silence(1.0)]))
+    assistant.wait()
+    seen.wait_for(VoiceTurnDone, count=2)
+    assistant.close()
+    seen.thread.join(5)
+
+    assert seen.matches(Interrupted).count(True) == 1
+    events = [e.event if isinstance(e, Stamped) else e for e in seen.events]
+    cut = next(i for i, e in enumerate(events) if isinstance(e, Interrupted))
+    second_turn = next(i for i, e in enumerate(events) if isinstance(e, UserTurn) and i > cut)
+    assert not any(isinstance(e, AudioChunk) for e in events[cut:second_turn]), "reply audio after the interruption"
+    first, second = [e for e in events if isinstance(e, VoiceTurnDone)]
+    assert first.reply.interrupted and len(first.reply.token_ids) < 200
+    assert not second.reply.interrupted and len(second.reply.token_ids) == 200
+    users = [m for m in assistant.session.messages if m["role"] == "user"]
+    assert len(users) == 2 and all(m["content"][0]["type"] == "audio" for m in users)
+
+
+def test_turn_one_stops_within_one_step_of_the_barge_in(engine, espeak, monkeypatch):
+    steps = slow_steps(engine, monkeypatch)
+    options = AssistantOptions(generation=GenerationOptions(max_new_tokens=200, min_new_tokens=200))
+    assistant = Assistant(Session(engine), espeak, options)
+    seen = Collector(assistant)
+    push(assistant, np.concatenate([speech("Tell me a long story."), silence(0.8)]))
+    seen.wait_for(AudioChunk)
+    barge_in = time.perf_counter()
+    push(assistant, speech("Stop."))  # confirmed after 250 ms of speech: cancel, join the turn
+    after = [t for t in steps if t > barge_in]
+    assistant.close()
+    seen.thread.join(5)
+    assert seen.matches(Interrupted).count(True) == 1
+    assert len(after) <= 1 + 1  # the step in flight when the speech was confirmed, and at most one more
+
+
+def test_half_duplex_ignores_speech_while_speaking(engine, espeak, monkeypatch):
+    slow_steps(engine, monkeypatch, delay_s=0.01)
+    options = AssistantOptions(half_duplex=True, generation=GenerationOptions(max_new_tokens=40, min_new_tokens=40))
+    assistant = Assistant(Session(engine), espeak, options)
+    seen = Collector(assistant)
+    push(assistant, np.concatenate([speech("Tell me a story."), silence(0.8)]))
+    seen.wait_for(AudioChunk)
+    push(assistant, np.concatenate([speech("Stop, wait a moment."), silence(1.0)]))
+    assistant.wait()
+    assistant.close()
+    seen.thread.join(5)
+    assert not any(seen.matches(Interrupted))
+    assert seen.matches(SpeechStarted).count(True) == 1
+    done = [e for e in seen.events if isinstance(e, VoiceTurnDone)]
+    assert len(done) == 1 and not done[0].reply.interrupted
+
+
+def test_reasoning_is_shown_but_never_spoken(engine, monkeypatch):
+    """A synthesizer that records its text: only answer text reaches it."""
+    from afnext.tts.chunker import SpeechChunker
+
+    spoken: list[str] = []
+
+    class Recorder:
+        sample_rate = 16000
+
+        def stream(self, text, cancel=None):
+            spoken.append(text)
+            yield AudioChunk(16000, np.zeros(160, np.float32))
+
+    def scripted(self, text="", audio=None, **kw):
+        yield ReasoningDelta("At 1.5s the user asks about the weather. ")
+        yield TextDelta("It is sunny today, with a light breeze.")
+
+    monkeypatch.setattr(Session, "ask", scripted)
+    assistant = Assistant(Session(engine), Recorder())
+    seen = Collector(assistant)
+    push(assistant, np.concatenate([speech("How is the weather?"), silence(0.8)]))
+    assistant.wait()
+    assistant.close()
+    seen.thread.join(5)
+    assert "".join(spoken).replace(" ", "") == "It is sunny today, with a light breeze.".replace(" ", "")
+    assert any(isinstance(e, Stamped) and isinstance(e.event, ReasoningDelta) for e in seen.events)
+    with pytest.raises(TypeError):
+        SpeechChunker().feed(ReasoningDelta("never spoken"))
+
+
+def test_no_reply_audio_after_interruption_even_from_a_synthesizer_that_ignores_cancel(engine):
+    class Stubborn:  # a third-party engine that keeps yielding after cancel
+        sample_rate = 16000
+
+        def stream(self, text, cancel=None):
+            for _ in range(50):
+                time.sleep(0.02)
+                yield AudioChunk(16000, np.full(320, 0.1, np.float32))
+
+    options = AssistantOptions(generation=GenerationOptions(max_new_tokens=8, min_new_tokens=8))
+    assistant = Assistant(Session(engine), Stubborn(), options)
+    seen = Collector(assistant)
+    push(assistant, np.concatenate([speech("Tell me a story."), silence(0.8)]))
+    seen.wait_for(AudioChunk)
+    push(assistant, speech("Stop."))
+    time.sleep(0.3)  # the stubborn stream goes on yielding; none of it may get out
+    assistant.close()
+    seen.thread.join(5)
+    events = [e.event if isinstance(e, Stamped) else e for e in seen.events]
+    cut = next(i for i, e in enumerate(events) if isinstance(e, Interrupted))
+    assert not any(isinstance(e, AudioChunk) for e in events[cut:])

@@ -1,0 +1,284 @@
+"""Speech out: the chunker (split-invariant, never reasoning), espeak streaming, Pocket TTS streaming, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from afnext.events import AudioChunk, ReasoningDelta, TextDelta
+from afnext.tts import Synthesizer, TTSError, load_synthesizer
+from afnext.tts.chunker import ChunkerOptions, SpeechChunker, speakable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------- chunker
+
+TEXTS = {
+    "abbreviations": "Sure thing, Dr. Smith will see you at 1:30 p.m. tomorrow. The dose is 3.5 mg, e.g. half "
+                     "a tablet... Visit https://example.com/a.b?c=1 for more. **Bold** and `code`!\n- first item\n"
+                     "- second",
+    "ellipses": "Well... I think so. Really?! Yes… The U.S. Army is big. It costs $1,000.50, roughly, which is "
+                "a lot.",
+    "markdown": "## Summary\n\n1. Preheat the oven.\n2. Mix the flour, sugar and eggs; then bake.\n\n```python\n"
+                "print('hi')\n```\nThat's it — enjoy! See [the docs](https://x.org/a_b) (Fig. 3) for more.",
+    "clauses": "The capital of France, as you probably know, is Paris; it has been the capital for a very long time, "
+               "and it is also, by a wide margin, the largest city in the whole country, with millions of people. Ok.",
+}
+
+
+def chunk_once(text: str, splits: list[int], options: ChunkerOptions = ChunkerOptions()) -> list[str]:
+    chunker, pieces, last = SpeechChunker(options), [], 0
+    for cut in [*splits, len(text)]:
+        pieces += chunker.feed(TextDelta(text[last:cut]))
+        last = cut
+    return pieces + chunker.flush()
+
+
+@pytest.mark.parametrize("name", sorted(TEXTS))
+def test_chunker_pieces_do_not_depend_on_the_split(name):
+    text = TEXTS[name]
+    whole = chunk_once(text, [])
+    assert len(whole) >= 3
+    for cut in range(len(text) + 1):
+        assert chunk_once(text, [cut]) == whole, f"split at {cut}: {text[:cut]!r} | {text[cut:]!r}"
+    assert chunk_once(text, list(range(1, len(text)))) == whole  # one character at a time
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cuts = sorted(rng.choice(len(text), size=6, replace=False).tolist())
+        assert chunk_once(text, cuts) == whole
+
+
+def test_chunker_pieces():
+    assert chunk_once(TEXTS["abbreviations"], []) == [
+        "Sure thing, Dr. Smith will see you at 1:30 p.m. tomorrow.",  # "Sure thing," is too short to go alone
+        "The dose is 3.5 mg, e.g. half a tablet...",
+        "Visit https://example.com/a.b?c=1 for more.",
+        "Bold and code!",
+        "first item",
+        "second",
+    ]
+    assert chunk_once(TEXTS["ellipses"], []) == [
+        "Well...", "I think so.", "Really?!", "Yes…", "The U.S. Army is big.",
+        "It costs $1,000.50, roughly, which is a lot."]
+    assert chunk_once(TEXTS["markdown"], []) == [
+        "Summary", "1. Preheat the oven.", "2. Mix the flour, sugar and eggs; then bake.", "print('hi')",
+        "That's it — enjoy!", "See the docs (Fig. 3) for more."]
+    first, *rest = chunk_once(TEXTS["clauses"], [])
+    assert first == "The capital of France,"  # early: the first clause break after three words
+    assert rest[0].startswith("as you probably know, is Paris; it has been")  # later: long clauses only
+    assert rest[-1] == "Ok." and all(len(piece) >= 50 for piece in rest[:-1])
+
+
+def test_chunker_releases_each_sentence_as_soon_as_it_is_decidable():
+    chunker = SpeechChunker()
+    assert chunker.feed(TextDelta("It is sunny today")) == []
+    assert chunker.feed(TextDelta(", with")) == ["It is sunny today,"]
+    assert chunker.feed(TextDelta(" a breeze.")) == []  # "." could still be "e.g." or "3.5"
+    assert chunker.feed(TextDelta(" Next")) == ["with a breeze."]
+    assert chunker.flush() == ["Next"] and chunker.flush() == []
+
+
+def test_reasoning_never_reaches_the_chunker():
+    chunker = SpeechChunker()
+    with pytest.raises(TypeError, match="ReasoningDelta"):
+        chunker.feed(ReasoningDelta("At 1.5 s the speaker laughs."))
+    with pytest.raises(TypeError):
+        chunker.feed("plain text")
+    assert speakable("# **Title**") == "Title" and speakable("---") == ""
+    assert speakable("> `x_y` __init__ | [docs](http://a.b)") == "x_y init docs"
+
+
+# ---------------------------------------------------------------------------- espeak
+
+
+@pytest.fixture(scope="module")
+def espeak():
+    pytest.importorskip("espeakng_loader")
+    return load_synthesizer("espeak")
+
+
+def test_espeak_streams_chunks_of_the_whole_sentence(espeak):
+    from afnext.tts.espeak import synthesize
+
+    text = "Hello there, this is a streaming test of the voice assistant, spoken in several chunks."
+    chunks = list(espeak.stream(text))
+    assert isinstance(espeak, Synthesizer) and espeak.sample_rate == 22050
+    assert len(chunks) >= 5 and all(isinstance(c, AudioChunk) and c.samples.dtype == np.float32 for c in chunks)
+    audio = np.concatenate([c.samples for c in chunks])
+    assert 3.0 < len(audio) / 22050 < 9.0 and 0.1 < np.abs(audio).max() <= 1.0  # ~14 words at 170 wpm
+    # streamed ≈ whole: espeak-ng itself varies a clip's length by a few hundred samples from call to call
+    assert abs(len(audio) - len(synthesize(text)[1])) < 0.02 * len(audio)
+    assert list(espeak.stream("   ")) == []
+
+
+def test_espeak_stops_on_cancel_and_on_close(espeak):
+    text = "This sentence is long enough to be spoken in many chunks, " * 6
+    whole = len(list(espeak.stream(text)))
+    cancel = threading.Event()
+    got = []
+    for chunk in espeak.stream(text, cancel=cancel):
+        got.append(chunk)
+        cancel.set()
+    assert len(got) == 1 < whole
+    stream = espeak.stream(text)
+    next(stream)
+    stream.close()  # aborts espeak and joins its worker: the engine is free again at once
+    assert len(list(espeak.stream("Again."))) >= 1
+
+
+def test_missing_dependency_names_the_package(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "espeak" in name else real(name, *a))
+    with pytest.raises(TTSError, match="pip install espeakng-loader"):
+        load_synthesizer("espeak")
+
+
+def test_unknown_engine_and_voice():
+    with pytest.raises(ValueError, match="Unknown TTS engine"):
+        load_synthesizer("festival")
+    pytest.importorskip("espeakng_loader")
+    with pytest.raises(ValueError, match="no voice"):
+        load_synthesizer("espeak", model="no-such-voice")
+
+
+# ---------------------------------------------------------------------------- Pocket TTS
+
+
+@pytest.fixture(scope="module")
+def pocket_dir(tmp_path_factory):
+    from afnext.tts.pocket import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("pocket") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pocket(pocket_dir):
+    return load_synthesizer("pocket", model=str(pocket_dir), device="cpu")
+
+
+def test_pocket_first_chunk_leaves_before_generation_is_done(pocket):
+    stream = pocket.stream("Hello there, this is a test.")
+    first = next(stream)
+    frames_at_first = pocket.frames_generated
+    rest = list(stream)
+    assert pocket.sample_rate == 24000 and first.sample_rate == 24000 and first.samples.dtype == np.float32
+    assert frames_at_first == 1 and len(first.samples) == 1920  # one 80 ms frame, out before the second exists
+    assert pocket.frames_generated > 20 and len(rest) >= 10
+    assert sum(len(c.samples) for c in rest) == (pocket.frames_generated - 1) * 1920
+    assert all(np.abs(c.samples).max() <= 1.0 for c in rest)
+
+
+def test_pocket_stream_equals_generate_then_decode(pocket):
+    """With zero flow noise the streamed audio is exactly transformers' generate() + processor.decode()."""
+    from afnext.tts.pocket import PocketOptions, PocketSynthesizer
+
+    text = "It is sunny today."
+    synth = PocketSynthesizer(pocket.model, pocket.processor, PocketOptions(temperature=0.0, chunk_frames=3))
+    streamed = np.concatenate([c.samples for c in synth.stream(text)])
+    processor = pocket.processor
+    conversation = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(conversation, tokenize=False)
+    latents = pocket.model.generate(**processor(text=prompt, return_tensors="pt"), do_sample=False)[0]
+    whole = np.clip(processor.decode(latents).numpy(), -1, 1)
+    assert streamed.shape == whole.shape
+    np.testing.assert_allclose(streamed, whole, atol=1e-4)
+
+
+def test_streaming_decoder_equals_one_shot_decode(pocket):
+    import torch
+
+    from afnext.tts.pocket import StreamingDecoder
+
+    codec = pocket.codec
+    latents = torch.randn(1, 23, codec.config.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = codec.decode(latents).audio_values[:, 0]
+    for sizes in ([1] * 23, [2, 5, 1, 15], [23]):  # > sliding window: its cache trimming is exercised
+        decoder, parts, start = StreamingDecoder(codec), [], 0
+        for size in sizes:
+            parts.append(decoder(latents[:, start:start + size]))
+            start += size
+        torch.testing.assert_close(torch.cat(parts, dim=-1), whole, atol=1e-5, rtol=1e-4)
+
+
+def test_pocket_end_of_speech_and_cancel(pocket):
+    from afnext.tts.pocket import PocketOptions, PocketSynthesizer
+
+    ends_early = PocketSynthesizer(pocket.model, pocket.processor, PocketOptions(eos_threshold=-1e9))
+    list(ends_early.stream("Hello there, this is a test."))
+    # the end-of-speech logit is over the threshold from the first frame it may count (frame 6): the
+    # processor asks for 2 frames after it for a text of more than four words
+    assert ends_early.frames_generated == 6 + 1 + 2
+    cancel = threading.Event()
+    for _ in pocket.stream("Hello there, this is a test.", cancel=cancel):
+        cancel.set()
+    assert pocket.frames_generated == 1
+
+
+def test_pocket_clones_a_voice_and_splits_long_text(pocket, tmp_path):
+    import soundfile as sf
+
+    from afnext.tts.pocket import PocketOptions, PocketSynthesizer
+
+    sf.write(tmp_path / "voice.wav", np.random.default_rng(0).uniform(-0.1, 0.1, 16000).astype(np.float32), 16000)
+    cloned = PocketSynthesizer(pocket.model, pocket.processor, PocketOptions(voice=str(tmp_path / "voice.wav")))
+    inputs = cloned._inputs("Hello there.")
+    assert inputs["audio_prompt_latents"].shape[1] == 14  # 1 s at 24 kHz + the 80 ms pause, in 80 ms frames
+    assert next(cloned.stream("Hello there.")).samples.size == 1920
+    text = "Hello there, this is a test of the voice assistant. What is said in this recording?"
+    assert len(pocket._segments(text)) == 2  # over 50 tokens (the tiny vocabulary is small): one per sentence
+    chunks = list(pocket.stream(text))
+    assert sum(c.samples.size for c in chunks) == pocket.frames_generated * 1920
+
+
+def test_pocket_missing_checkpoint_is_one_clear_error(tmp_path):
+    with pytest.raises(TTSError, match="No Pocket TTS checkpoint folder"):
+        load_synthesizer("pocket", model=str(tmp_path / "missing"), device="cpu")
+    with pytest.raises(TTSError, match="not a loadable Pocket TTS checkpoint"):
+        load_synthesizer("pocket", model=str(tmp_path), device="cpu")
+    with pytest.raises(TTSError, match=r"not in the local Hugging Face cache.*HF_HUB_OFFLINE=1.*--model tiny"):
+        load_synthesizer("pocket", model="afnext-tests/no-such-pocket-tts", device="cpu")  # offline: conftest
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_cli_espeak_json(tmp_path):
+    pytest.importorskip("espeakng_loader")
+    import soundfile as sf
+
+    out = tmp_path / "hi.wav"
+    proc = run("afnext.tts", "Hello there, **this** is a test.", "--engine", "espeak", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert set(figures) == {"first_chunk_s", "audio_s", "rtf", "sample_rate"} and figures["sample_rate"] == 22050
+    assert 0 < figures["first_chunk_s"] < 1.0 and 0.8 < figures["audio_s"] < 4.0 and figures["rtf"] < 1.0
+    samples, rate = sf.read(out)
+    assert rate == 22050 and abs(len(samples) / rate - figures["audio_s"]) < 0.01
+
+
+def test_cli_tiny_tts_checkpoint_then_pocket_json(tmp_path, capsys):
+    from afnext.tiny import main as tiny_main
+
+    tiny_main(["--tts", str(tmp_path / "pocket")])  # python -m afnext.tiny --tts DIR, in process
+    assert "Pocket TTS" in capsys.readouterr().out
+    assert (tmp_path / "pocket" / "audio_tokenizer" / "config.json").exists()
+    proc = run("afnext.tts", "Hello there.", "--engine", "pocket", "--model", str(tmp_path / "pocket"),
+               "--device", "cpu", "--out", str(tmp_path / "p.wav"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(proc.stdout)
+    assert figures["sample_rate"] == 24000 and figures["audio_s"] > 0.5 and 0 < figures["first_chunk_s"] < 5
