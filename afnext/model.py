@@ -123,8 +123,8 @@ def load(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dt
     source = resolve(model)
     dev = pick_device(device)
     attn = pick_attention(dev)
-    local = Path(source).is_dir() or _in_hub_cache(source)
-    if not local and not _hub_reachable():
+    local = is_local(source)
+    if not local and not hub_reachable():
         raise ModelLoadError(_load_failure(model, source, OSError("hub unreachable")))
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local)
@@ -133,7 +133,7 @@ def load(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dt
     except (OSError, ValueError) as exc:
         raise ModelLoadError(_load_failure(model, source, exc)) from exc
     return assemble(model, net.to(dev).eval(), processor, attn=attn, think=think,
-                    random_weights=_has_file(source, "RANDOM_WEIGHTS.md"))
+                    random_weights=has_file(source, "RANDOM_WEIGHTS.md"))
 
 
 def assemble(name: str, net: torch.nn.Module, processor, *, attn: str, think: bool | None = None,
@@ -152,12 +152,12 @@ def assemble(name: str, net: torch.nn.Module, processor, *, attn: str, think: bo
     return loaded
 
 
-def _in_hub_cache(repo_id: str) -> bool:
-    """Whether the checkpoint is already downloaded: then it loads without touching the network."""
-    return _has_file(repo_id, "config.json")
+def is_local(source: str) -> bool:
+    """A folder, or a hub id already downloaded: then it loads without touching the network."""
+    return Path(source).is_dir() or has_file(source, "config.json")
 
 
-def _has_file(source: str, name: str) -> bool:
+def has_file(source: str, name: str) -> bool:
     """Whether a checkpoint folder, or the cached snapshot of a hub id, holds `name`."""
     from huggingface_hub import try_to_load_from_cache
 
@@ -169,7 +169,7 @@ def _has_file(source: str, name: str) -> bool:
         return False
 
 
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
+def hub_reachable(timeout_s: float = 3.0) -> bool:
     """One quick connection to the hub: without it, huggingface_hub's retries take minutes to give up."""
     import socket
     from urllib.parse import urlparse

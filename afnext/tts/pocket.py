@@ -232,15 +232,15 @@ def load_pocket(model: str | None = None, *, device: str = "auto",
     """Load a Pocket TTS checkpoint (hub id, its cache, a folder, or "tiny"), warmed up, on `device`."""
     from transformers import PocketTTSForConditionalGeneration, PocketTTSProcessor
 
-    from ..model import ModelLoadError, _has_file, _hub_reachable, pick_device
+    from ..model import ModelLoadError, has_file, hub_reachable, is_local, pick_device
 
     source = ensure_tiny() if model == "tiny" else str(model or DEFAULT_MODEL)
     try:
         dev = pick_device(device)
     except ModelLoadError as exc:
         raise TTSError(str(exc)) from exc
-    local = Path(source).is_dir() or _has_file(source, "config.json")
-    if not local and not _hub_reachable():
+    local = is_local(source)
+    if not local and not hub_reachable():
         raise TTSError(_load_failure(source, "hub unreachable"))
     try:
         processor = PocketTTSProcessor.from_pretrained(source, local_files_only=local)
@@ -249,7 +249,7 @@ def load_pocket(model: str | None = None, *, device: str = "auto",
         raise TTSError(_load_failure(source, f"{type(exc).__name__}: {exc}")) from exc
     if getattr(processor, "audio_tokenizer", None) is None or processor.audio_tokenizer.decoder is None:
         raise TTSError(f"The Pocket TTS processor of {source} has no audio tokenizer with a decoder: no audio.")
-    random_weights = _has_file(source, "RANDOM_WEIGHTS.md")
+    random_weights = has_file(source, "RANDOM_WEIGHTS.md")
     if random_weights:
         log.warning("Pocket TTS checkpoint %s has RANDOM WEIGHTS: its speech is noise", source)
     synth = PocketSynthesizer(net.to(dev).eval(), processor, options, random_weights=random_weights)
