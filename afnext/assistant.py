@@ -94,7 +94,7 @@ class Assistant:
         self.session, self.synthesizer, self.options = session, synthesizer, options
         self.endpointer = Endpointer(options.endpointer)
         self._out: queue.Queue = queue.Queue()
-        self._lock = threading.Lock()  # orders barge-in against reply audio
+        self._lock = threading.RLock()  # orders barge-in against reply audio, and state changes
         self._mic_s = 0.0  # seconds of microphone audio pushed
         self._mic_wall = time.perf_counter()  # when the last push arrived
         self._turn: _Turn | None = None
@@ -121,6 +121,8 @@ class Assistant:
         events = self.endpointer.push(pcm, sample_rate)
         self._mic_s += len(pcm) / sample_rate
         self._mic_wall = time.perf_counter()
+        if self.state == "speaking" and not self.speaking:  # the reply has finished playing
+            self._set_state("listening", self._speaking_until)
         for event in events:
             self._on_endpointer(event)
 
@@ -229,9 +231,10 @@ class Assistant:
                 self._emit(chunk, now)
 
     def _set_state(self, state: str, t: float) -> None:
-        if state != self.state:
-            self.state = state
-            self._emit(StateChanged(t, state))
+        with self._lock:  # the feeding and the turn threads both move the state
+            if state != self.state:
+                self.state = state
+                self._emit(StateChanged(t, state))
 
     def _emit(self, event, t: float | None = None) -> None:
         if isinstance(event, (TextDelta, ReasoningDelta, AudioChunk, Interrupted, Error)):

@@ -103,8 +103,9 @@ def sounddevice_ports(sd, input_device: str | None = None, output_device: str | 
                       blocksize=round(MIC_BLOCK_S * mic_rate))
 
     def open_speaker(callback: SpeakerCallback) -> Stream:
+        # PortAudio's default (high) latency: the callback shares the GIL with a model on the CPU
         return _start(sd, sd.OutputStream, speaker, "output", callback, samplerate=speaker_rate,
-                      channels=speaker_channels, latency="low")
+                      channels=speaker_channels)
 
     return AudioPorts(mic["name"], mic_rate, speaker["name"], speaker_rate, open_mic, open_speaker)
 
@@ -128,8 +129,10 @@ def pick_device(sd, spec: str | None, kind: str) -> dict:
     if len(found) == 1:
         return found[0]
     names = ", ".join(f"{d['index']}: {d['name']}" for d in (found or usable))
-    problem = "matches several" if found else "matches no"
-    raise NoAudioError(f"{flag} {spec!r} {problem} {kind} device; the {kind} devices are {names}.")
+    if found:
+        raise NoAudioError(f"{flag} {spec!r} matches several {kind} devices ({names}); "
+                           "give more of the name, or the index.")
+    raise NoAudioError(f"{flag} {spec!r} matches no {kind} device; the {kind} devices are {names}.")
 
 
 _WHAT = {"input": "microphone", "output": "speaker or headphones"}
@@ -158,10 +161,13 @@ def _settings(sd, device: dict, kind: str, preferred_rate: int | None = None) ->
 
 
 def _start(sd, stream_class, device: dict, kind: str, callback, **settings) -> Stream:
+    stream = None
     try:
         stream = stream_class(device=device["index"], dtype="float32", callback=callback, **settings)
         stream.start()
     except (sd.PortAudioError, ValueError) as exc:
+        if stream is not None:
+            stream.close(ignore_errors=True)
         raise NoAudioError(f"The {kind} device {device['name']!r} could not be opened ({exc}); "
                            f"pick another with --{kind}-device (see --list-devices).") from exc
     return stream
@@ -202,7 +208,6 @@ class Playback:
         self._resampler: soxr.ResampleStream | None = None
         self._source_rate = 0  # Hz of the reply being resampled
         self._in_reply = False  # a reply is being added: silence while it is short is an underrun
-        self.played_s = 0.0  # seconds of reply audio handed to the device
         self.underruns = 0  # callbacks that ran dry in the middle of a reply (synthesis too slow)
 
     @property
@@ -250,7 +255,6 @@ class Playback:
                     self._offset = 0
             if done < len(out) and self._in_reply:
                 self.underruns += 1
-            self.played_s += done / self.sample_rate
         out[done:] = 0
 
     def _push(self, samples: np.ndarray) -> None:

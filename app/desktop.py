@@ -25,9 +25,12 @@ from typing import Protocol, TextIO
 
 import numpy as np
 
-from afnext.assistant import Stamped, StateChanged, UserTurn, VoiceTurnDone
+from afnext.assistant import Assistant, AssistantOptions, Stamped, StateChanged, UserTurn, VoiceTurnDone
+from afnext.engine import Engine
 from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
-from afnext.model import DEFAULT_MODEL, ModelLoadError
+from afnext.model import DEFAULT_MODEL, LICENCE_NOTE, ModelLoadError, load_or_demo
+from afnext.session import Session
+from afnext.tts import TTSError, load_synthesizer
 
 from .audio_io import (MIC_BLOCK_S, MIC_QUEUE_S, AudioPorts, MicTap, NoAudioError, Playback, Stream, list_devices,
                        load_sounddevice, sounddevice_ports)
@@ -178,15 +181,9 @@ def _feed(brain: VoiceBrain, tap: MicTap, sample_rate: int, stop: threading.Even
             log.exception("the assistant failed on a microphone block")
 
 
-def build_assistant(args: argparse.Namespace, console: Console):
+def build_assistant(args: argparse.Namespace, console: Console) -> tuple[Assistant, Engine]:
     """Load the synthesizer and the model (the real one, or the demo one when it cannot be had);
     returns (assistant, engine)."""
-    from afnext.assistant import Assistant, AssistantOptions
-    from afnext.engine import Engine
-    from afnext.model import LICENCE_NOTE, load_or_demo
-    from afnext.session import Session
-    from afnext.tts import load_synthesizer
-
     synthesizer = load_synthesizer(args.tts, model=args.tts_model, device=args.device)
     logging.getLogger("afnext.model").setLevel(logging.ERROR)  # its fallback notice is printed here, once
     loaded, notice = load_or_demo(args.model, device=args.device)
@@ -223,21 +220,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
-    from afnext.tts import TTSError
-
     try:
         assistant, engine = build_assistant(args, console)
     except (ModelLoadError, TTSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    duplex = ("half duplex: the microphone is muted while the assistant speaks" if args.half_duplex else
-              "full duplex: speak over the assistant to interrupt it (use --half-duplex on loudspeakers)")
+    duplex = ("Half duplex: the microphone is muted while the assistant speaks" if args.half_duplex else
+              "Full duplex: speak over the assistant to interrupt it (use --half-duplex on loudspeakers)")
     console.note(f"Microphone: {ports.mic_name} ({ports.mic_rate} Hz). Speaker: {ports.speaker_name} "
                  f"({ports.speaker_rate} Hz). {duplex}. Ctrl-C quits.")
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
-        converse(assistant, ports, stop, console)
+        playback = converse(assistant, ports, stop, console)
+        if playback.underruns:
+            console.note(f"(the speaker ran dry {playback.underruns} times in the middle of a reply: speech was "
+                         "made slower than it played)")
     finally:
         signal.signal(signal.SIGINT, previous)
         engine.close()

@@ -205,3 +205,16 @@ def test_no_reply_audio_after_interruption_even_from_a_synthesizer_that_ignores_
     events = [e.event if isinstance(e, Stamped) else e for e in seen.events]
     cut = next(i for i, e in enumerate(events) if isinstance(e, Interrupted))
     assert not any(isinstance(e, AudioChunk) for e in events[cut:])
+
+
+def test_state_returns_to_listening_once_the_reply_has_played(engine, espeak):
+    options = AssistantOptions(generation=GenerationOptions(max_new_tokens=4, min_new_tokens=4))
+    assistant = Assistant(Session(engine), espeak, options)
+    seen = Collector(assistant)
+    push(assistant, np.concatenate([speech("Hello there."), silence(0.8)]))
+    assistant.wait()
+    push(assistant, silence(12.0))  # long enough for any 4-token reply to have been heard
+    assistant.close()
+    seen.thread.join(5)
+    states = [e.state for e in seen.events if isinstance(e, StateChanged)]
+    assert states == ["thinking", "speaking", "listening"]

@@ -322,7 +322,7 @@ def test_devices_are_picked_by_index_or_name():
     assert pick(sd, None, "input")["index"] == 0
     assert pick(sd, "3", "input")["index"] == 3 and pick(sd, "headset", "output")["index"] == 3
     assert pick(sd, "webcam", "input")["index"] == 4
-    with pytest.raises(NoAudioError, match="matches several input device"):
+    with pytest.raises(NoAudioError, match="matches several input devices"):
         pick(sd, "usb", "input")
     with pytest.raises(NoAudioError, match="matches no output device"):
         pick(sd, "webcam", "output")

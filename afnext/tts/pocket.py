@@ -267,7 +267,7 @@ def _load_failure(source: str, why: str) -> str:
     where = "is switched off (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else "cannot be reached"
     return (f"Could not load the Pocket TTS checkpoint {source} ({why}): it is not in the local Hugging Face cache "
             f"and the hub {where}. Download it once where there is network (`hf download {source}`, and the audio "
-            "tokenizer repository its processor_config.json names), or use the espeak engine, or --model tiny "
+            "tokenizer repository its processor_config.json names), or use the espeak engine, or the model name 'tiny' "
             "for an offline random-weight Pocket TTS (its speech is noise).")
 
 
