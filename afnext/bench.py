@@ -140,6 +140,14 @@ def bench_duration(engine: Engine, processor, seconds: float, workdir: Path, n_t
     return row
 
 
+def warm_up(engine: Engine, processor, workdir: Path) -> None:
+    """One short pass through both pipelines, so first-call costs land in no measured figure."""
+    path = synth_recording(workdir / "warm.wav", 2.0)
+    bench_features(path, engine.loaded, processor)
+    run_turn(Session(engine), QUESTION, str(path), GenerationOptions(max_new_tokens=2))
+    path.unlink()
+
+
 def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "platform": platform.platform()}
@@ -168,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                         "dtype": str(dtype).removeprefix("torch."), "attention": loaded.attn, "weights": "random"},
               "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
+        warm_up(engine, processor, Path(tmp))
         for seconds in (float(s) for s in args.durations.split(",")):
             result["runs"].append(bench_duration(engine, processor, seconds, Path(tmp), args.tokens))
             print(f"done: {seconds:.0f} s of audio", file=sys.stderr, flush=True)

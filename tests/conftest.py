@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere: never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `--model tiny` writes its random-weight checkpoints here, not into the user's ~/.cache.
+os.environ.setdefault("AFNEXT_TINY_DIR", tempfile.mkdtemp(prefix="afnext-tiny-"))
 
 import numpy as np
 import pytest
