@@ -68,8 +68,8 @@ class Session:
         clip = None if audio is None else prepare_clip(audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         prefill = THINK_PREFILL if think and loaded.is_think else ""
         message = self._user_message(text, clip, think)
-        plan = _Plan(self._turn_ids(message, clip, prefill), clip, message, options, t0)
-        plan = _Plan(plan.ids, clip, message, options, t0, self._budget(len(plan.ids), options))
+        ids = self._turn_ids(message, clip, prefill)
+        plan = _Plan(ids, clip, message, options, t0, self._budget(len(ids), options))
         clip_s = clip.duration_s if clip else self._last_clip_s
         parser = ThinkParser(started=bool(prefill), clip_duration_s=clip_s, steps_from_answer=think)
         return self._stream(plan, parser, prefill, cancel)
@@ -243,7 +243,7 @@ class _Plan:
     message: dict  # the user message as the chat template sees it
     options: GenerationOptions
     t0: float  # perf_counter at the request
-    budget: int = 0  # reply tokens allowed
+    budget: int  # reply tokens allowed
 
 
 @dataclass(frozen=True)
