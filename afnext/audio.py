@@ -99,13 +99,17 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 class MonoResampler:
-    """Streaming `to_mono_16k` for one source: soxr keeps its filter state between chunks."""
+    """Streaming `to_mono_16k` for one source: soxr keeps its filter state between chunks.
 
-    def __init__(self, sample_rate: int) -> None:
+    `out_rate` defaults to the model's 16 kHz; the playback side uses it for the speaker's rate.
+    """
+
+    def __init__(self, sample_rate: int, out_rate: int = SAMPLE_RATE) -> None:
         self.sample_rate = sample_rate  # Hz of the input
+        self.out_rate = out_rate  # Hz of the output
         self._stream = None
-        if sample_rate != SAMPLE_RATE:
-            self._stream = soxr.ResampleStream(sample_rate, SAMPLE_RATE, 1, dtype="float32")
+        if sample_rate != out_rate:
+            self._stream = soxr.ResampleStream(sample_rate, out_rate, 1, dtype="float32")
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Convert the next chunk ([n] or [n, channels]); output lags input by the filter delay."""

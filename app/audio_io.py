@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-import soxr
 
+from afnext.audio import MonoResampler
 from afnext.events import AudioChunk
 
 MIC_RATE_HZ = 16000  # preferred microphone rate: the endpointer's own (any other rate is resampled there)
@@ -205,8 +205,7 @@ class Playback:
         self._pending: deque[np.ndarray] = deque()  # float32 mono at sample_rate, oldest first
         self._offset = 0  # samples of _pending[0] already played
         self._lock = threading.Lock()
-        self._resampler: soxr.ResampleStream | None = None
-        self._source_rate = 0  # Hz of the reply being resampled
+        self._resampler: MonoResampler | None = None  # one per reply: chunk edges leave no clicks
         self._in_reply = False  # a reply is being added: silence while it is short is an underrun
         self.underruns = 0  # callbacks that ran dry in the middle of a reply (synthesis too slow)
 
@@ -218,19 +217,15 @@ class Playback:
 
     def add(self, chunk: AudioChunk) -> None:
         """Queue a reply chunk (any rate, float32 mono)."""
-        samples = np.asarray(chunk.samples, np.float32).reshape(-1)
-        if chunk.sample_rate != self.sample_rate:
-            if self._resampler is None or chunk.sample_rate != self._source_rate:
-                self._resampler = soxr.ResampleStream(chunk.sample_rate, self.sample_rate, 1, dtype="float32")
-                self._source_rate = chunk.sample_rate
-            samples = self._resampler.resample_chunk(samples)
+        if self._resampler is None or chunk.sample_rate != self._resampler.sample_rate:
+            self._resampler = MonoResampler(chunk.sample_rate, self.sample_rate)
         self._in_reply = True
-        self._push(samples)
+        self._push(self._resampler.push(np.asarray(chunk.samples, np.float32).reshape(-1)))
 
     def end_reply(self) -> None:
         """The reply is complete: queue the resampler's last samples."""
         if self._resampler is not None:
-            self._push(self._resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+            self._push(self._resampler.flush())
         self._resampler, self._in_reply = None, False
 
     def flush(self) -> None:
