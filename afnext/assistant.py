@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .audio import SAMPLE_RATE
 from .engine import GenerationOptions
 from .events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta, TurnDone
 from .session import Session
@@ -149,6 +150,18 @@ class Assistant:
             if event is _CLOSED:
                 return
             yield event
+
+    def interrupt(self) -> None:
+        """Barge in from the shell (a push-to-talk press): cancel the turn and silence the reply."""
+        self._interrupt(self.now())
+
+    def say(self, audio: np.ndarray) -> None:
+        """A whole utterance (float32 mono 16 kHz) that ended just now becomes the next turn, without
+        the endpointer: push-to-talk, where the button, not the silence, marks the end of the turn."""
+        if self.speaking:
+            self._interrupt(self.now())
+        now = self.now()
+        self._start_turn(UtteranceEnded(now, max(0.0, now - len(audio) / SAMPLE_RATE), now, audio))
 
     def close(self) -> None:
         """Cancel any turn, wait for it, and end `events()`."""

@@ -104,6 +104,11 @@ class Engine:
             if not job.done.wait(JOIN_TIMEOUT_S):
                 log.error("engine job did not stop within %.0f s of its cancel", JOIN_TIMEOUT_S)
 
+    @property
+    def waiting(self) -> int:
+        """Jobs queued behind the one running (approximate: read without a lock)."""
+        return self._jobs.qsize()
+
     def close(self) -> None:
         """Stop the worker after the jobs already queued."""
         self._jobs.put(None)

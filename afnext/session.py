@@ -55,7 +55,8 @@ class Session:
             options: GenerationOptions = GenerationOptions(), cancel=None) -> Iterator[TurnEvent]:
         """Add a user turn (text and/or audio) and stream the reply.
 
-        `audio` is a path, bytes, `(sample_rate, array)` or a 16 kHz float32 array. Yields
+        `audio` is a path, bytes, `(sample_rate, array)`, a 16 kHz float32 array, or a `Clip` made
+        earlier by `prepare_clip` (a recording decoded once, asked about in several sessions). Yields
         `ReasoningDelta`/`TextDelta`/`ThinkStep` as the reply is generated, then `Interrupted` if it was
         cancelled, then `TurnDone`. Raises `AudioError`, `ContextFullError` or `ValueError` for bad input
         before anything changes. Closing the generator, or setting `cancel` (a threading.Event), stops
@@ -65,7 +66,8 @@ class Session:
         if not text.strip() and audio is None:
             raise ValueError("A turn needs a question, an audio clip, or both.")
         loaded = self.engine.loaded
-        clip = None if audio is None else prepare_clip(audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
+        clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
+            audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         prefill = THINK_PREFILL if think and loaded.is_think else ""
         message = self._user_message(text, clip, think)
         ids = self._turn_ids(message, clip, prefill)

@@ -1,55 +1,56 @@
-"""`python -m app`: the assistant's front door.
+"""`python -m app`: the web app — talk with the assistant, or ask it about a long recording.
 
-The web app is not built yet; until it is, this answers one question about a recording (by default
-the speech sample in assets/) and shows what a turn costs. If the configured model cannot be loaded
-(no network, not cached), it says so and uses the offline demo model, whose weights are random.
+    python -m app [--model M] [--think-model M] [--host H] [--port P] [--share]
+                  [--device auto|cpu|cuda] [--tts espeak|pocket] [--tts-model V]
+
+If a model cannot be loaded (no network and not cached), the app still starts, with the offline demo
+model (random weights) and the espeak voice, and the page says so at the top.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from afnext import AudioError, Engine, GenerationOptions, Session, load_or_demo
-from afnext.events import ReasoningDelta, TextDelta, TurnDone
-from afnext.model import DEFAULT_MODEL, LICENCE_NOTE
+if __package__ in (None, ""):  # run as a file (Hugging Face Spaces runs `python app/__main__.py`)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+from afnext.model import ModelLoadError  # noqa: E402
+from afnext.tts import ENGINES, TTSError  # noqa: E402
+from app.backend import BackendOptions, start_backend  # noqa: E402
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="instruct", help="hub id, local folder, or instruct|think|captioner|tiny")
+    p.add_argument("--think-model", default=None,
+                   help="a second checkpoint for Think mode (e.g. think); by default Think mode uses --model")
+    # Spaces and Docker set GRADIO_SERVER_NAME/PORT; by default the app is reachable from this computer only.
+    p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    p.add_argument("--share", action="store_true", help="also serve through a public gradio.live https link")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, or cuda[:n]")
+    p.add_argument("--tts", default="espeak", choices=ENGINES, help="the voice engine")
+    p.add_argument("--tts-model", default=None, help="espeak voice name, or Pocket TTS checkpoint")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or instruct|think|captioner|tiny")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--audio", default=str(ASSETS / "speech.wav"), help="the recording to ask about")
-    p.add_argument("--question", default="What is said in this recording?")
-    p.add_argument("--think", action="store_true", help="reason step by step with timestamps")
-    args = p.parse_args(argv)
+    args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-    loaded, notice = load_or_demo(args.model, device=args.device)
-    print(f"\n{notice}\n" if notice else f"\n{LICENCE_NOTE}\n")
-    if loaded.random_weights:
-        print("The model in use has RANDOM weights: expect noise as the answer.\n")
-    engine = Engine(loaded)
-    print(f"Q: {args.question}  [{Path(args.audio).name}]\nA: ", end="", flush=True)
+    options = BackendOptions(args.model, args.think_model, args.device, args.tts, args.tts_model)
     try:
-        for event in Session(engine).ask(args.question, args.audio, think=args.think,
-                                         options=GenerationOptions(max_new_tokens=64)):
-            if isinstance(event, (TextDelta, ReasoningDelta)):
-                print(event.text, end="", flush=True)
-            elif isinstance(event, TurnDone):
-                t = event.reply.timings
-                print(f"\n\n({t.new_tokens} tokens; audio {t.audio_s * 1000:.0f} ms, encode {t.encode_s * 1000:.0f} ms, "
-                      f"prefill {t.prefill_s * 1000:.0f} ms, first token after {t.ttft_s * 1000:.0f} ms, "
-                      f"{t.decode_tok_s:.0f} tokens/s on {loaded.device.type})")
-    except AudioError as exc:
-        print(f"\nerror: {exc}", file=sys.stderr)
+        backend = start_backend(options)
+    except (ModelLoadError, TTSError, ValueError) as exc:  # the demo model itself failed, or a bad flag
+        print(f"error: {exc}", file=sys.stderr)
         return 1
-    finally:
-        engine.close()
+    from app.web import launch  # gradio is imported only once the models are ready
+
+    print(backend.describe(), flush=True)
+    launch(backend, host=args.host, port=args.port, share=args.share)
     return 0
 
 

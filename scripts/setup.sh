@@ -30,6 +30,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # PortAudio for the desktop microphone loop (sounddevice); everything else runs without it.
 apt_install libportaudio2 || echo "Without libportaudio2 the desktop loop (python -m app.desktop) cannot open audio devices." >&2
+# Headless Chromium for the browser tests (tests/test_browser.py), only when setting up for tests.
+if [ "$(basename "$reqs")" = requirements-dev.txt ]; then
+  apt_install chromium || echo "Without chromium the browser tests are skipped." >&2
+fi
 pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 
 # torch first: without an NVIDIA GPU take the CPU build (PyPI's default build brings GBs of CUDA).

@@ -85,6 +85,14 @@ def test_chunker_releases_each_sentence_as_soon_as_it_is_decidable():
     assert chunker.flush() == ["Next"] and chunker.flush() == []
 
 
+def test_text_without_breaks_is_cut_early_for_the_first_piece_only():
+    words = " ".join(f"word{i}" for i in range(100))  # no punctuation at all, as from a random model
+    first, second, *rest = chunk_once(words, [])
+    assert 80 <= len(first) < 90 and 250 <= len(second) < 260
+    assert " ".join([first, second, *rest]) == words
+    assert len(chunk_once(words, [], ChunkerOptions(first_max_chars=250))[0]) >= 250
+
+
 def test_reasoning_never_reaches_the_chunker():
     chunker = SpeechChunker()
     with pytest.raises(TypeError, match="ReasoningDelta"):

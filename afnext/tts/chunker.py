@@ -39,6 +39,7 @@ class ChunkerOptions:
     first_min_words: int = 3  # the first piece may end at a clause break once it has this many words
     clause_min_chars: int = 100  # later pieces end at a clause break only when at least this long
     max_chars: int = 250  # a piece with no break at all is cut at the next space past this length
+    first_max_chars: int = 80  # the same for the first piece, so the voice starts soon whatever the text
 
 
 class SpeechChunker:
@@ -103,7 +104,8 @@ class SpeechChunker:
             if i + 1 == len(text):
                 return i + 1 if final else _WAIT
             return i + 1 if text[i + 1].isspace() else _NONE
-        if char.isspace() and len(text[:i].strip()) >= self.options.max_chars:
+        limit = self.options.max_chars if self._emitted else self.options.first_max_chars
+        if char.isspace() and len(text[:i].strip()) >= limit:
             return i
         return _NONE
 

@@ -1,0 +1,102 @@
+"""What the web app serves with: the loaded models, their engines, the voice, and what fell back.
+
+Loaded once at start. Every fallback (model not reachable → tiny demo model, no GPU → CPU, Pocket TTS
+unavailable → espeak) becomes a plain-words notice, logged and shown in the page's banner.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from afnext.engine import Engine
+from afnext.model import LICENCE_NOTE, LoadedModel, load_or_demo
+from afnext.tts import Synthesizer, TTSError, load_synthesizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What to load; the CLI maps its flags onto these fields."""
+
+    model: str = "instruct"  # hub id, folder, or instruct|think|captioner|tiny
+    think_model: str | None = None  # a second checkpoint for Think mode; None: Think uses `model`
+    device: str = "auto"  # auto | cpu | cuda[:n]
+    tts: str = "espeak"  # espeak | pocket
+    tts_model: str | None = None  # the engine's voice or checkpoint (its default when None)
+
+
+@dataclass
+class Backend:
+    """The engines and the voice, shared by every browser session (each has its own sessions)."""
+
+    main: Engine  # the Instruct model: Talk, and Recordings without Think
+    think: Engine  # Think mode's model: `main` itself unless a Think checkpoint was loaded
+    synthesizer: Synthesizer
+    notices: list[str] = field(default_factory=list)  # fallbacks, in plain words, for the banner
+
+    @property
+    def random_weights(self) -> bool:
+        return self.main.loaded.random_weights or self.think.loaded.random_weights
+
+    def describe(self) -> str:
+        """One line: which models run where."""
+        def one(loaded: LoadedModel) -> str:
+            return f"{loaded.name} ({loaded.device.type}, {str(loaded.dtype).removeprefix('torch.')}, {loaded.attn})"
+        think = "" if self.think is self.main else f"; Think: {one(self.think.loaded)}"
+        return f"Model: {one(self.main.loaded)}{think}; voice: {type(self.synthesizer).__name__}"
+
+    def close(self) -> None:
+        for engine in {id(e): e for e in (self.main, self.think)}.values():
+            engine.close()
+
+
+def start_backend(options: BackendOptions, engine_factory: Callable[[LoadedModel], Engine] = Engine) -> Backend:
+    """Load the models and the voice; never fails for want of network (see the module docstring).
+
+    `engine_factory` builds an engine around a loaded model (tests swap in a scripted one).
+    """
+    notices: list[str] = []
+    if options.device == "auto" and not torch.cuda.is_available():
+        notices.append("No GPU was found, so the model runs on the CPU: replies from a real-size model will be slow.")
+    main_loaded, notice = load_or_demo(options.model, device=options.device)
+    notices += [notice] if notice else []
+    main = engine_factory(main_loaded)
+    think = main
+    if options.think_model:
+        think_loaded, notice = load_or_demo(options.think_model, device=options.device)
+        notices += [notice] if notice else []
+        think = engine_factory(think_loaded)
+    synthesizer = _voice(options, notices)
+    for text in notices:
+        log.warning(text)
+    return Backend(main, think, synthesizer, notices)
+
+
+def _voice(options: BackendOptions, notices: list[str]) -> Synthesizer:
+    try:
+        return load_synthesizer(options.tts, model=options.tts_model, device=options.device)
+    except (TTSError, ValueError) as exc:
+        if options.tts == "espeak":
+            raise
+        notices.append(f"The {options.tts} voice could not be loaded ({exc}); replies are spoken with espeak-ng instead.")
+        return load_synthesizer("espeak")
+
+
+def banner(backend: Backend) -> str:
+    """Markdown for the top of the page: fallbacks first, then the licence."""
+    lines = [f"⚠️ {text}" for text in backend.notices]
+    if backend.random_weights:
+        lines.append("⚠️ The model in use has **random weights** (the offline demo model): its answers are noise.")
+    lines.append(f"{LICENCE_NOTE} {backend.describe()}.")
+    return "\n\n".join(lines)
+
+
+def int16(samples: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] → int16 PCM (what the page and Gradio's audio player take)."""
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)

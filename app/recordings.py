@@ -1,0 +1,169 @@
+"""The Recordings tab's logic: a recording decoded once, questions and follow-ups about it, Think
+steps for the waveform. Gradio-free apart from the message dicts its chatbot takes, so tests call it
+directly.
+
+A `Recording` lives in one browser session's `gr.State`: its audio, the waveform's peaks, its
+features (`Clip`, made once per feature extractor) and one `Session` per engine, so the recording is
+encoded by the first question and only the new tokens are prefilled by every follow-up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile
+
+from afnext.audio import SAMPLE_RATE, AudioError, load_audio
+from afnext.engine import Clip, Engine, GenerationOptions, prepare_clip
+from afnext.events import ReasoningDelta, TextDelta, ThinkStep, TurnDone
+from afnext.session import ContextFullError, Session
+
+from .backend import Backend
+
+log = logging.getLogger(__name__)
+
+PEAK_COLUMNS = 1600  # min/max pairs sent for the waveform: finer than any page is wide
+# Containers Chromium, Firefox and Safari play (mostly); anything else is served as a 16 kHz WAV.
+PLAYABLE = frozenset(".wav .mp3 .flac .ogg .oga .opus .webm .m4a .aac .mp4".split())
+ANSWER_OPTIONS = GenerationOptions(max_new_tokens=1024)  # the Instruct card's setting
+THINK_OPTIONS = GenerationOptions(max_new_tokens=4096)  # the Think card's setting
+REASONING_TITLE = "Reasoning"
+
+
+@dataclass
+class Recording:
+    """One uploaded recording and the conversation about it."""
+
+    name: str  # file name shown to the user
+    url: str  # where the page plays it from
+    audio: np.ndarray = field(repr=False)  # float32 mono 16 kHz
+    peaks: list[float] = field(repr=False)  # PEAK_COLUMNS × (min, max), flattened
+    chat: list[dict] = field(default_factory=list)  # the chatbot's messages
+    steps: list[ThinkStep] = field(default_factory=list)  # the latest Think reply's steps
+    answer: str = ""  # the latest answer (what "Speak" says)
+    _clips: list[tuple[np.ndarray, Clip]] = field(default_factory=list, repr=False)  # (mel filters, features)
+    _sessions: dict[int, Session] = field(default_factory=dict, repr=False)  # by engine
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.audio) / SAMPLE_RATE
+
+    def session(self, engine: Engine) -> tuple[Session, Clip | None]:
+        """The conversation on `engine`, and the clip while that conversation has not heard it (a
+        first turn that failed or was cancelled is rolled back, so the next one brings the clip)."""
+        session = self._sessions.setdefault(id(engine), Session(engine))
+        if session.tokens:
+            return session, None
+        filters = engine.loaded.mel_filters  # checkpoints of one family share them: featurize once
+        clip = next((c for f, c in self._clips if np.array_equal(f, filters)), None)
+        if clip is None:
+            clip = prepare_clip(self.audio, filters, max_seconds=engine.loaded.max_audio_s)
+            self._clips.append((filters, clip))
+        return session, clip
+
+    def waveform(self) -> str:
+        """The waveform component's value (JSON)."""
+        return json.dumps({
+            "name": self.name, "url": self.url, "duration": round(self.duration_s, 3), "peaks": self.peaks,
+            "steps": [{"start": s.start, "end": s.end, "text": s.text} for s in self.steps]})
+
+
+def open_recording(path: str, cache_dir: Path, name: str | None = None) -> Recording:
+    """Decode `path` (any format, ≤ 30 min) for questions; raises AudioError with one sentence."""
+    audio = load_audio(path)
+    name = name or Path(path).name
+    url = path
+    if Path(path).suffix.lower() not in PLAYABLE:  # the page could not play it: serve what we decoded
+        url = str(cache_dir / f"{Path(path).stem}-{time.monotonic_ns()}.wav")
+        soundfile.write(url, audio, SAMPLE_RATE, subtype="PCM_16")
+    return Recording(name, "gradio_api/file=" + url, audio, peaks(audio))
+
+
+def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
+    """min and max of each of `columns` equal slices of `audio`, flattened: [min0, max0, min1, …]."""
+    n = len(audio)
+    if n < columns:
+        audio = np.pad(audio, (0, columns - n))
+        n = columns
+    edges = np.linspace(0, n, columns + 1).astype(np.int64)
+    lows, highs = np.minimum.reduceat(audio, edges[:-1]), np.maximum.reduceat(audio, edges[:-1])
+    return np.round(np.stack([lows, highs], axis=1).ravel(), 3).tolist()
+
+
+def ask(recording: Recording, question: str, think: bool, backend: Backend) -> Iterator[str]:
+    """Ask about the recording; streams status lines while `recording.chat`, `.steps` and `.answer`
+    fill in. Raises ValueError (ContextFullError, AudioError included) with one sentence."""
+    question = question.strip()
+    if not question:
+        raise ValueError("Type a question about the recording first.")
+    engine = backend.think if think else backend.main
+    session, clip = recording.session(engine)
+    stream = session.ask(question, clip, think=think, options=THINK_OPTIONS if think else ANSWER_OPTIONS)
+    recording.chat.append({"role": "user", "content": question})
+    recording.steps = [] if think else recording.steps
+    reasoning = answer = None
+    yield (f"Listening to the recording ({_clock(recording.duration_s)}) and reading the question…"
+           if clip else "Reading the question…")
+    for event in stream:
+        if isinstance(event, ReasoningDelta):
+            reasoning = reasoning or _message(recording, "", {"title": REASONING_TITLE, "status": "pending"})
+            reasoning["content"] += event.text
+            yield "Reasoning…"
+        elif isinstance(event, TextDelta):
+            if reasoning is not None:
+                reasoning["metadata"]["status"] = "done"
+            answer = answer or _message(recording, "")
+            answer["content"] += event.text
+            yield "Answering…"
+        elif isinstance(event, ThinkStep):
+            recording.steps.append(event)
+            yield "Reasoning…"
+        elif isinstance(event, TurnDone):
+            if reasoning is not None:
+                reasoning["metadata"]["status"] = "done"
+            recording.answer = event.reply.answer
+            if not event.reply.answer.strip():
+                _message(recording, "(The model gave no answer after its reasoning.)")
+            yield _timings(event.reply.timings, clip is not None)
+
+
+def _message(recording: Recording, content: str, metadata: dict | None = None) -> dict:
+    message = {"role": "assistant", "content": content}
+    if metadata:
+        message["metadata"] = metadata
+    recording.chat.append(message)
+    return message
+
+
+def _timings(t, first: bool) -> str:
+    read = f"audio {t.audio_s:.2f} s + encoder {t.encode_s:.2f} s, " if first else ""
+    return (f"Done: {read}prefill {t.prefill_s:.2f} s, first token after {t.ttft_s:.2f} s, "
+            f"{t.new_tokens} tokens at {t.decode_tok_s:.0f} tokens/s.")
+
+
+def _clock(seconds: float) -> str:
+    minutes, rest = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{rest:02d}"
+
+
+def answer_once(backend: Backend, path: str, question: str, think: bool) -> str:
+    """The `ask_recording` API: a fresh session, one question, the answer's text."""
+    if not path:
+        raise ValueError("Send an audio file with the question.")
+    if not question.strip():
+        raise ValueError("Send a question with the audio file.")
+    engine = backend.think if think else backend.main
+    options = THINK_OPTIONS if think else ANSWER_OPTIONS
+    for event in Session(engine).ask(question, path, think=think, options=options):
+        if isinstance(event, TurnDone):
+            return event.reply.answer
+    raise RuntimeError("The turn ended without a reply.")
+
+
+USER_ERRORS = (AudioError, ContextFullError, ValueError)

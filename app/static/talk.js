@@ -1,0 +1,272 @@
+// The Talk tab: runs as a gr.HTML js_on_load body (`element`). Streams the microphone to the
+// server's voice channel (app/talk.py, which documents the protocol), plays the reply gaplessly with
+// Web Audio, and keeps the transcript. Lives in a shadow root, out of Gradio's re-rendering.
+
+const host = element.querySelector(".afn-talk");
+const root = host.attachShadow({ mode: "open" });
+root.innerHTML = `
+<style>
+  :host { display: block; font: inherit; color: var(--body-text-color, #222); }
+  .bar { display: flex; flex-wrap: wrap; gap: .75em; align-items: center; }
+  button { font: inherit; cursor: pointer; border-radius: 8px; border: 1px solid #8888; background: none; color: inherit; padding: .4em 1em; }
+  button.primary { background: #f97316; color: white; border-color: #f97316; }
+  button[hidden] { display: none; }
+  button.held { background: #e4572e; color: white; }
+  meter { width: 8em; }
+  .state { font-weight: 600; text-transform: capitalize; min-width: 7em; }
+  .state[data-state=listening] { color: #16a34a; } .state[data-state=thinking] { color: #ca8a04; }
+  .state[data-state=speaking] { color: #2563eb; }
+  .notice { background: #fde68a55; border-left: 4px solid #f59e0b; padding: .5em .8em; margin: .6em 0; }
+  .latency { opacity: .75; font-size: .9em; margin: .4em 0; min-height: 1.2em; font-variant-numeric: tabular-nums; }
+  ol { list-style: none; padding: 0; margin: .5em 0; max-height: 28em; overflow-y: auto; }
+  li { padding: .45em .7em; margin: .3em 0; border-radius: 8px; }
+  li.user { background: #8881; } li.assistant { background: #3b82f614; }
+  li .who { font-weight: 600; margin-right: .5em; }
+  li.interrupted .answer::after { content: " — interrupted"; opacity: .6; font-style: italic; }
+  details { opacity: .75; font-size: .92em; }
+</style>
+<div class="bar">
+  <button class="start primary">Start talking</button>
+  <label><input type="checkbox" class="ptt-mode"> Push-to-talk</label>
+  <button class="ptt" hidden>Hold to talk (or hold Space)</button>
+  <button class="new">New conversation</button>
+  <meter class="level" min="0" max="1" value="0" title="Microphone level"></meter>
+  <span class="state" data-state="idle">idle</span>
+</div>
+<div class="notice" role="alert" hidden></div>
+<div class="latency"></div>
+<ol class="transcript" aria-live="polite"></ol>`;
+
+const $ = (sel) => root.querySelector(sel);
+const BLOCK_S = 0.02;  // microphone audio per message
+const HEADER_BYTES = 12, REPLY_AUDIO = 1, USER_AUDIO = 2;
+const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+
+let client = randomId();  // names this page's conversation on the server
+let ctx = null, stream = null, ws = null, worklet = null;
+let sent = 0;  // microphone samples sent
+let sentLog = [];  // [seconds of microphone audio sent, performance.now()] to time "end of speech"
+let nextPlay = 0, playing = [];  // gapless reply playback
+const turns = new Map();  // id → {user, assistant, endWall, firstAudioMs, userAudio}
+let replySamples = 0;
+
+const WORKLET = `registerProcessor("afn-capture", class extends AudioWorkletProcessor {
+  constructor(o) { super(); this.n = o.processorOptions.block; this.buf = new Float32Array(this.n); this.i = 0; }
+  process(inputs) {
+    const ch = inputs[0] && inputs[0][0];
+    if (ch) for (let k = 0; k < ch.length; k++) { this.buf[this.i++] = ch[k];
+      if (this.i === this.n) { this.port.postMessage(this.buf); this.buf = new Float32Array(this.n); this.i = 0; } }
+    return true;
+  } });`;
+
+function notice(text) { const n = $(".notice"); n.textContent = text || ""; n.hidden = !text; }
+function setState(state, waiting) {
+  const el = $(".state");
+  el.dataset.state = state;
+  el.textContent = state === "thinking" && waiting ? `waiting for the GPU (${waiting} ahead)` : state;
+}
+
+function micError(err) {
+  if (!window.isSecureContext || !navigator.mediaDevices)
+    return "Browsers give the microphone only to pages on https or on localhost. Open this page as " +
+      "http://localhost:PORT on the machine running it, or serve it over https (for example with --share).";
+  if (err && (err.name === "NotAllowedError" || err.name === "SecurityError"))
+    return "The browser blocked the microphone. Allow it for this site (the icon at the left of the address bar) and press Start again.";
+  if (err && (err.name === "NotFoundError" || err.name === "OverconstrainedError"))
+    return "No microphone was found. Plug one in (or pick one in the system settings) and press Start again.";
+  if (err && err.name === "NotReadableError")
+    return "The microphone is in use by another program or could not be opened. Close that program and press Start again.";
+  return `The microphone could not be started (${err && err.message}).`;
+}
+
+async function start() {
+  notice("");
+  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) { notice(micError(null)); return; }
+  try {
+    stream = await navigator.mediaDevices.getUserMedia({
+      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 } });
+  } catch (err) { notice(micError(err)); return; }
+  ctx = ctx || new AudioContext({ latencyHint: "interactive" });
+  await ctx.resume();
+  const url = URL.createObjectURL(new Blob([WORKLET], { type: "text/javascript" }));
+  await ctx.audioWorklet.addModule(url);
+  const source = ctx.createMediaStreamSource(stream);
+  worklet = new AudioWorkletNode(ctx, "afn-capture", { processorOptions: { block: Math.round(ctx.sampleRate * BLOCK_S) } });
+  const mute = ctx.createGain(); mute.gain.value = 0;
+  source.connect(worklet); worklet.connect(mute); mute.connect(ctx.destination);  // pulled, not heard
+  worklet.port.onmessage = (e) => onMic(e.data);
+  connect();
+  $(".start").textContent = "Stop"; $(".start").classList.remove("primary");
+}
+
+function connect() {
+  const url = new URL("afnext/talk", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  url.search = `?client=${client}`;
+  ws = new WebSocket(url);
+  ws.binaryType = "arraybuffer";
+  sent = 0; sentLog = [];
+  ws.onopen = () => {
+    ws.send(JSON.stringify({ type: "hello", sample_rate: ctx.sampleRate }));
+    ws.send(JSON.stringify({ type: "mode", ptt: $(".ptt-mode").checked }));
+  };
+  ws.onmessage = (e) => (typeof e.data === "string" ? onEvent(JSON.parse(e.data)) : onAudio(e.data));
+  ws.onclose = (e) => {
+    if (stream) { notice(`The connection to the server closed${e.reason ? ` (${e.reason})` : ""}; press Start to reconnect.`); stop(); }
+  };
+}
+
+function stop() {
+  const socket = ws; ws = null;
+  if (socket && socket.readyState <= 1) socket.close();
+  if (stream) stream.getTracks().forEach((t) => t.stop());
+  stream = null;
+  if (worklet) { worklet.port.onmessage = null; worklet.disconnect(); worklet = null; }
+  flushPlayback();
+  setState("idle");
+  $(".level").value = 0;
+  $(".start").textContent = "Start talking"; $(".start").classList.add("primary");
+}
+
+function onMic(block) {
+  let energy = 0;
+  for (let i = 0; i < block.length; i++) energy += block[i] * block[i];
+  $(".level").value = Math.min(1, Math.sqrt(energy / block.length) * 4);
+  if (!ws || ws.readyState !== 1) return;
+  const pcm = new Int16Array(block.length);
+  for (let i = 0; i < block.length; i++) pcm[i] = Math.max(-1, Math.min(1, block[i])) * 32767;
+  ws.send(pcm.buffer);
+  sent += block.length;
+  sentLog.push([sent / ctx.sampleRate, performance.now()]);
+  if (sentLog.length > 3000) sentLog.splice(0, 1000);  // the last minute is plenty
+}
+
+function wallAt(seconds) {  // when the microphone audio at `seconds` was captured (≈ sent)
+  const hit = sentLog.find(([s]) => s >= seconds);
+  return hit ? hit[1] : performance.now();
+}
+
+function turn(id) {
+  if (!turns.has(id)) turns.set(id, { user: null, assistant: null, endWall: null, firstAudioMs: null, userAudio: null });
+  return turns.get(id);
+}
+
+function row(kind, who) {
+  const li = document.createElement("li");
+  li.className = kind;
+  li.innerHTML = `<span class="who"></span>`;
+  li.querySelector(".who").textContent = who;
+  $(".transcript").append(li);
+  li.scrollIntoView({ block: "nearest" });
+  return li;
+}
+
+function assistantRow(id) {
+  const t = turn(id);
+  if (!t.assistant) {
+    t.assistant = row("assistant", "Assistant:");
+    t.assistant.insertAdjacentHTML("beforeend", `<details hidden><summary>Reasoning</summary><span class="reasoning"></span></details><span class="answer"></span>`);
+  }
+  return t.assistant;
+}
+
+function onEvent(m) {
+  if (m.type === "ready") setState("listening");
+  else if (m.type === "state") setState(m.state, m.waiting);
+  else if (m.type === "user_turn") {
+    const t = turn(m.id);
+    t.endWall = wallAt(m.end);
+    t.user = row("user", "You:");
+    t.user.dataset.turn = m.id;
+    t.user.insertAdjacentHTML("beforeend", `<span class="said"></span> <button class="replay" disabled>▶ replay</button>`);
+    t.user.querySelector(".said").textContent = `(${(m.end - m.start).toFixed(1)} s of speech)`;
+    t.user.querySelector(".replay").addEventListener("click", () => replay(m.id));
+  } else if (m.type === "text" || m.type === "reasoning") {
+    const li = assistantRow(m.id);
+    if (m.type === "text") li.querySelector(".answer").textContent += m.text;
+    else { li.querySelector("details").hidden = false; li.querySelector(".reasoning").textContent += m.text; }
+  } else if (m.type === "interrupted") {
+    flushPlayback();
+    if (turns.get(m.id)?.assistant) turns.get(m.id).assistant.classList.add("interrupted");
+  } else if (m.type === "turn_done") {
+    const t = turn(m.id);
+    const s = (v) => (v == null ? "–" : `${v.toFixed(2)} s`);
+    const page = t.firstAudioMs == null ? "–" : `${(t.firstAudioMs / 1000).toFixed(2)} s`;
+    $(".latency").textContent = `Last turn: end of speech → turn taken ${s(m.endpoint_s)}; then first text ${s(m.ttft_s)}, ` +
+      `first audio ${s(m.first_audio_s)}; end of speech → first audio in this page ${page}.`;
+  } else if (m.type === "error") notice(m.message);
+}
+
+function onAudio(buffer) {
+  const view = new DataView(buffer);
+  const kind = view.getUint8(0), id = view.getUint32(4, true), rate = view.getUint32(8, true);
+  const pcm = new Int16Array(buffer, HEADER_BYTES);
+  const samples = Float32Array.from(pcm, (v) => v / 32768);
+  if (kind === USER_AUDIO) {
+    const t = turn(id);
+    t.userAudio = { rate, samples };
+    t.user?.querySelector(".replay")?.removeAttribute("disabled");
+    return;
+  }
+  const t = turn(id);
+  if (t.firstAudioMs == null && t.endWall != null) {
+    t.firstAudioMs = performance.now() - t.endWall;
+    root.host.dataset.firstAudioMs = t.firstAudioMs.toFixed(0);
+  }
+  replySamples += samples.length;
+  root.host.dataset.replySamples = String(replySamples);
+  play(samples, rate);
+}
+
+function play(samples, rate) {
+  if (!ctx || !samples.length) return;
+  const buf = ctx.createBuffer(1, samples.length, rate);
+  buf.copyToChannel(samples, 0);
+  const src = ctx.createBufferSource();
+  src.buffer = buf;
+  src.connect(ctx.destination);
+  nextPlay = Math.max(nextPlay, ctx.currentTime + 0.03);  // a small cushion, then back to back
+  src.start(nextPlay);
+  nextPlay += buf.duration;
+  playing.push(src);
+  src.onended = () => { playing = playing.filter((s) => s !== src); };
+}
+
+function flushPlayback() {  // barge-in: silence at once
+  playing.forEach((s) => { try { s.stop(); } catch (e) {} });
+  playing = []; nextPlay = 0;
+}
+
+async function replay(id) {
+  const audio = turns.get(id)?.userAudio;
+  if (!audio) return;
+  ctx = ctx || new AudioContext();
+  await ctx.resume();
+  flushPlayback();
+  play(audio.samples, audio.rate);
+}
+
+function ptt(down) {
+  if (!ws || ws.readyState !== 1 || !$(".ptt-mode").checked) return;
+  if (down) flushPlayback();
+  $(".ptt").classList.toggle("held", down);
+  ws.send(JSON.stringify({ type: "ptt", down }));
+}
+
+$(".start").addEventListener("click", () => (stream ? stop() : start()));
+$(".new").addEventListener("click", () => {
+  const wasOn = !!stream;
+  stop(); client = randomId(); turns.clear(); $(".transcript").replaceChildren(); $(".latency").textContent = "";
+  if (wasOn) start();
+});
+$(".ptt-mode").addEventListener("change", (e) => {
+  $(".ptt").hidden = !e.target.checked;
+  if (ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "mode", ptt: e.target.checked }));
+});
+const pttButton = $(".ptt");
+pttButton.addEventListener("pointerdown", () => ptt(true));
+["pointerup", "pointerleave"].forEach((ev) => pttButton.addEventListener(ev, () => pttButton.classList.contains("held") && ptt(false)));
+document.addEventListener("keydown", (e) => { if (e.code === "Space" && !e.repeat && $(".ptt-mode").checked && stream && !/INPUT|TEXTAREA/.test(document.activeElement?.tagName)) { e.preventDefault(); ptt(true); } });
+document.addEventListener("keyup", (e) => { if (e.code === "Space" && pttButton.classList.contains("held")) ptt(false); });
+if (!window.isSecureContext) notice(micError(null));
+root.host.dataset.ready = "1";

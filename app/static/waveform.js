@@ -1,0 +1,144 @@
+// The Recordings tab's waveform: runs as a gr.HTML js_on_load body (`element`, `props`, `watch`).
+// props.value is JSON from app/recordings.py: {name, url, duration, peaks: [min0, max0, ...], steps:
+// [{start, end, text}]}. The widget lives in a shadow root so Gradio's re-render of the template
+// (on every value change) leaves it, and the audio element playing, alone.
+
+const host = element.querySelector(".afn-wave");
+const root = host.attachShadow({ mode: "open" });
+root.innerHTML = `
+<style>
+  :host { display: block; font: inherit; color: var(--body-text-color, #222); }
+  .empty { padding: 2.5em 1em; text-align: center; opacity: .65; border: 1px dashed currentColor; border-radius: 8px; }
+  .controls { display: flex; gap: .75em; align-items: center; margin-bottom: .4em; }
+  button { font: inherit; cursor: pointer; border-radius: 6px; border: 1px solid #8888; background: none; color: inherit; padding: .15em .7em; }
+  .time { font-variant-numeric: tabular-nums; }
+  .name { opacity: .7; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+  .track { position: relative; height: 96px; cursor: pointer; background: #8881; border-radius: 6px; overflow: hidden; }
+  canvas { width: 100%; height: 100%; display: block; }
+  .playhead { position: absolute; top: 0; bottom: 0; width: 2px; background: #e4572e; pointer-events: none; }
+  .marker { position: absolute; top: 0; bottom: 0; min-width: 4px; background: #f3a71240; border-left: 2px solid #f3a712; }
+  .marker.active { background: #f3a71290; }
+  ol { margin: .6em 0 0; padding: 0; list-style: none; max-height: 16em; overflow-y: auto; }
+  li { display: flex; gap: .75em; padding: .3em .5em; border-radius: 6px; cursor: pointer; }
+  li:hover { background: #8882; }
+  li.active { background: #f3a71240; }
+  li .at { font-variant-numeric: tabular-nums; white-space: nowrap; color: #c77c00; }
+</style>
+<div class="empty">Upload a recording, or pick an example, to see its waveform here.</div>
+<div class="wave" hidden>
+  <div class="controls">
+    <button class="play">Play</button>
+    <span class="time">0:00 / 0:00</span>
+    <span class="name"></span>
+  </div>
+  <div class="track" title="Click to seek"><canvas></canvas><div class="markers"></div><div class="playhead"></div></div>
+  <ol class="steps" aria-label="Timestamped reasoning steps"></ol>
+  <audio preload="auto"></audio>
+</div>`;
+
+const $ = (sel) => root.querySelector(sel);
+const audio = $("audio"), canvas = $("canvas"), track = $(".track"), playhead = $(".playhead");
+let data = null;  // the parsed value
+let active = -1;  // index of the step under the playhead
+
+const clock = (s) => {
+  s = Math.max(0, s || 0);
+  const m = Math.floor(s / 60), r = Math.floor(s % 60);
+  return `${m}:${String(r).padStart(2, "0")}`;
+};
+const duration = () => (data && data.duration) || audio.duration || 1;
+
+function draw() {
+  if (!data) return;
+  const t0 = performance.now();
+  const ratio = window.devicePixelRatio || 1;
+  const width = Math.max(1, Math.round(track.clientWidth * ratio)), height = Math.round(96 * ratio);
+  if (!track.clientWidth) return;  // in a hidden tab: drawn when it is shown (ResizeObserver)
+  canvas.width = width; canvas.height = height;
+  const g = canvas.getContext("2d"), peaks = data.peaks, columns = peaks.length / 2, mid = height / 2;
+  g.clearRect(0, 0, width, height);
+  g.fillStyle = "#3b82f6";
+  for (let x = 0; x < width; x++) {  // each pixel column takes the extremes of the peaks under it
+    const a = Math.floor((x * columns) / width), b = Math.max(a + 1, Math.floor(((x + 1) * columns) / width));
+    let lo = 0, hi = 0;
+    for (let i = a; i < b; i++) { lo = Math.min(lo, peaks[2 * i]); hi = Math.max(hi, peaks[2 * i + 1]); }
+    const top = mid - hi * mid, bottom = mid - lo * mid;
+    g.fillRect(x, top, 1, Math.max(1, bottom - top));
+  }
+  root.host.dataset.drawnMs = (performance.now() - t0).toFixed(1);
+  root.host.dataset.duration = String(data.duration);
+}
+
+function steps() {
+  const markers = $(".markers"), list = $(".steps");
+  markers.replaceChildren(); list.replaceChildren();
+  (data.steps || []).forEach((step, i) => {
+    const end = step.end ?? step.start;
+    const marker = document.createElement("div");
+    marker.className = "marker";
+    marker.style.left = `${(100 * step.start) / duration()}%`;
+    marker.style.width = `${(100 * (end - step.start)) / duration()}%`;
+    marker.title = `${clock(step.start)}: ${step.text}`;
+    marker.dataset.step = i;
+    marker.addEventListener("click", (e) => { e.stopPropagation(); seek(step.start, true); });
+    markers.append(marker);
+    const row = document.createElement("li");
+    row.dataset.step = i;
+    row.innerHTML = `<span class="at"></span><span class="text"></span>`;
+    row.querySelector(".at").textContent = step.end == null ? clock(step.start) : `${clock(step.start)}–${clock(step.end)}`;
+    row.querySelector(".text").textContent = step.text;
+    row.addEventListener("click", () => seek(step.start, true));
+    list.append(row);
+  });
+  active = -1;
+  follow();
+}
+
+function seek(t, play) {
+  audio.currentTime = Math.min(Math.max(0, t), duration());
+  follow();
+  if (play) audio.play().catch(() => {});
+}
+
+function follow() {  // playhead, clock, and the highlighted step
+  const t = audio.currentTime || 0;
+  playhead.style.left = `${(100 * t) / duration()}%`;
+  $(".time").textContent = `${clock(t)} / ${clock(duration())}`;
+  const list = (data && data.steps) || [];
+  let now = -1;
+  list.forEach((s, i) => { if (t >= s.start - 0.05 && t <= Math.max(s.end ?? s.start + 2, s.start + 0.5)) now = i; });
+  if (now !== active) {
+    active = now;
+    root.querySelectorAll(".active").forEach((el) => el.classList.remove("active"));
+    root.querySelectorAll(`[data-step="${now}"]`).forEach((el) => el.classList.add("active"));
+    if (now >= 0) root.querySelector(`li[data-step="${now}"]`)?.scrollIntoView({ block: "nearest" });
+    root.host.dataset.activeStep = String(now);
+  }
+}
+
+function render() {
+  let next = null;
+  try { next = props.value ? JSON.parse(props.value) : null; } catch (e) { next = null; }
+  data = next;
+  $(".empty").hidden = !!data;
+  $(".wave").hidden = !data;
+  if (!data) { audio.removeAttribute("src"); return; }
+  if (audio.getAttribute("src") !== data.url) { audio.src = data.url; }
+  $(".name").textContent = data.name;
+  draw();
+  steps();
+}
+
+$(".play").addEventListener("click", () => (audio.paused ? audio.play().catch(() => {}) : audio.pause()));
+audio.addEventListener("play", () => { $(".play").textContent = "Pause"; tick(); });
+audio.addEventListener("pause", () => ($(".play").textContent = "Play"));
+audio.addEventListener("timeupdate", follow);
+audio.addEventListener("seeked", follow);
+track.addEventListener("click", (e) => {
+  const box = track.getBoundingClientRect();
+  seek(((e.clientX - box.left) / box.width) * duration(), !audio.paused);
+});
+function tick() { follow(); if (!audio.paused) requestAnimationFrame(tick); }
+new ResizeObserver(draw).observe(track);
+watch("value", render);
+render();

@@ -1,0 +1,195 @@
+"""The web app as a person uses it: Debian's Chromium, headless, driven by Playwright against a
+running app (`python -m tests.web.server`: the tiny model; Think mode answers from a script).
+
+Chromium's fake microphone plays a speech file on a loop. Measurements (page interactive, end of
+speech → first reply audio in the page, the 30-minute waveform) are printed and written to the JSON
+file named by AFNEXT_WEB_REPORT, if set; screenshots go to AFNEXT_SCREENSHOTS (default: a temp dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from tests.web.scripted import SCRIPT
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+REPORT: dict[str, float] = {}
+SHOTS = Path(os.environ.get("AFNEXT_SCREENSHOTS") or tempfile.mkdtemp(prefix="afnext-shots-"))
+SCRIPTED_ANSWER = SCRIPT.split("</think>\n")[1]
+WAVE = "#afn-wave .afn-wave"  # the waveform's shadow host (Playwright's CSS pierces open shadow roots)
+TALK = "#afn-talk .afn-talk"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.web.server", "--port", str(port)], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        while True:
+            if proc.poll() is not None or time.perf_counter() - started > 120:
+                pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        REPORT["process_start_to_http_s"] = round(time.perf_counter() - started, 2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        print(f"\nweb measurements: {json.dumps(REPORT)}\nscreenshots: {SHOTS}")
+        if os.environ.get("AFNEXT_WEB_REPORT"):
+            Path(os.environ["AFNEXT_WEB_REPORT"]).write_text(json.dumps(REPORT, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    # The fake microphone: the speech sample, then 6 s of silence for the reply to play in, looped.
+    mic = tmp_path_factory.mktemp("mic") / "mic.wav"
+    speech, rate = soundfile.read(ASSETS / "speech.wav", dtype="int16")
+    soundfile.write(mic, np.concatenate([speech, np.zeros(6 * rate, np.int16)]), rate, subtype="PCM_16")
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={mic}", "--autoplay-policy=no-user-gesture-required"]
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        yield b
+        b.close()
+
+
+def _page(browser, server):
+    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    t0 = time.perf_counter()
+    page.goto(server)
+    page.locator(f"{TALK} .start").wait_for()
+    return page, time.perf_counter() - t0, errors
+
+
+def _open_example(page, label: str) -> None:
+    page.get_by_role("tab", name="Recordings").click()
+    page.get_by_role("button", name=f"Example: {label}").click()
+    page.wait_for_function(f"() => document.querySelector('{WAVE}')?.dataset.duration")
+
+
+def _ask(page, question: str, think: bool, answers: int) -> None:
+    box = page.locator("#afn-think input")
+    box.check() if think else box.uncheck()
+    page.locator("#afn-question textarea").fill(question)
+    page.locator("#afn-ask").click()
+    page.locator("#afn-status", has_text="Done").wait_for(timeout=60_000)
+    page.wait_for_function(
+        f"() => document.querySelectorAll('#afn-chat [data-testid=\"user\"]').length >= {answers}")
+
+
+def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, server):
+    page, interactive_s, errors = _page(browser, server)
+    REPORT["page_load_to_interactive_s"] = round(interactive_s, 2)
+    page.get_by_role("tab", name="Recordings").click()
+    t0 = time.perf_counter()
+    page.locator("#afn-upload input[type=file]").set_input_files(str(ASSETS / "speech.wav"))
+    page.wait_for_function(f"() => document.querySelector('{WAVE}')?.dataset.duration")
+    REPORT["upload_10s_to_waveform_s"] = round(time.perf_counter() - t0, 2)
+    _ask(page, "What is this recording?", True, 1)
+    rows = page.locator(f"{WAVE} li[data-step]")
+    rows.nth(2).wait_for()
+    assert rows.count() == 3 and page.locator(f"{WAVE} .marker").count() == 3
+    assert SCRIPTED_ANSWER in page.locator("#afn-chat").inner_text()
+
+    rows.nth(1).click()  # "… from 4.0s to 6.9s": the recording plays from 4.0 s
+    page.wait_for_function(f"() => document.querySelector('{WAVE}').dataset.activeStep === '1'")
+    current = page.evaluate(f"document.querySelector('{WAVE}').shadowRoot.querySelector('audio').currentTime")
+    assert 4.0 <= current < 6.9
+    assert "active" in page.locator(f"{WAVE} .marker[data-step='1']").get_attribute("class")
+    assert "active" in rows.nth(1).get_attribute("class")
+
+    page.locator(f"{WAVE} .marker[data-step='2']").click()  # the markers seek too
+    page.wait_for_function(f"() => document.querySelector('{WAVE}').dataset.activeStep === '2'")
+
+    _ask(page, "When does the request come?", True, 2)  # the follow-up: no second listen
+    assert "encoder" not in page.locator("#afn-status").inner_text()
+    page.screenshot(path=SHOTS / "recordings.png", full_page=True)
+    assert not errors, errors
+
+
+def test_talk_hears_the_microphone_and_the_reply_reaches_the_page(browser, server):
+    page, _, errors = _page(browser, server)
+    page.locator(f"{TALK} .start").click()
+    page.wait_for_function(f"() => Number(document.querySelector('{TALK}').dataset.replySamples || 0) > 0",
+                           timeout=60_000)
+    assert page.locator(f"{TALK} li.user").count() >= 1
+    assert page.locator(f"{TALK} li.assistant .answer").first.inner_text().strip()
+    first_audio_ms = float(page.evaluate(f"document.querySelector('{TALK}').dataset.firstAudioMs"))
+    REPORT["talk_end_of_speech_to_first_audio_in_page_s"] = round(first_audio_ms / 1000, 3)
+    page.locator(f"{TALK} .latency", has_text="first audio in this page").wait_for(timeout=30_000)
+    assert page.locator(f"{TALK} .state").get_attribute("data-state") in {"listening", "thinking", "speaking"}
+    page.screenshot(path=SHOTS / "talk.png", full_page=True)
+    page.locator(f"{TALK} .start").click()  # stop
+    assert page.locator(f"{TALK} .state").get_attribute("data-state") == "idle"
+    assert not errors, errors
+
+
+def test_two_browsers_see_only_their_own_conversations(browser, server):
+    (a, _, _), (b, _, _) = _page(browser, server), _page(browser, server)
+    _open_example(a, "Speech (10 s)")
+    _open_example(b, "Sounds (13 s)")
+    _ask(a, "Question from the first browser?", False, 1)
+    _ask(b, "Question from the second browser?", False, 1)
+    chat_a, chat_b = a.locator("#afn-chat").inner_text(), b.locator("#afn-chat").inner_text()
+    assert "first browser" in chat_a and "second browser" not in chat_a
+    assert "second browser" in chat_b and "first browser" not in chat_b
+    assert "speech.wav" in a.locator(f"{WAVE} .name").inner_text()
+    assert "sounds.flac" in b.locator(f"{WAVE} .name").inner_text()
+
+
+def test_gradio_client_asks_about_a_recording(server):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    answer = client.predict(handle_file(str(ASSETS / "speech.wav")), "What should I buy?", True,
+                            api_name="/ask_recording")
+    assert answer == SCRIPTED_ANSWER
+    with pytest.raises(Exception, match="not audio in a known format"):
+        client.predict(handle_file(str(ROOT / "README.md")), "What is this?", False, api_name="/ask_recording")
+
+
+def test_a_30_minute_recording_is_drawn(browser, server, tmp_path):
+    long = tmp_path / "thirty-minutes.wav"
+    t = np.arange(1800 * 16000, dtype=np.float32) / 16000
+    soundfile.write(long, (0.5 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * t / 60)).astype(np.float32), 16000,
+                    subtype="PCM_16")
+    page, _, errors = _page(browser, server)
+    page.get_by_role("tab", name="Recordings").click()
+    t0 = time.perf_counter()
+    page.locator("#afn-upload input[type=file]").set_input_files(str(long))
+    page.wait_for_function(f"() => document.querySelector('{WAVE}')?.dataset.duration === '1800'", timeout=60_000)
+    REPORT["upload_30min_to_waveform_s"] = round(time.perf_counter() - t0, 2)
+    REPORT["draw_30min_waveform_ms"] = float(page.evaluate(f"document.querySelector('{WAVE}').dataset.drawnMs"))
+    assert not errors, errors

@@ -1,0 +1,33 @@
+"""`python -m tests.web.server --port P`: the web app as the browser tests see it.
+
+The tiny random-weight model answers Talk and plain questions; Think mode goes to a
+`ScriptedEngine` over the same model, so its replies carry timestamped steps. The banner says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from afnext.engine import Engine
+from afnext.model import load
+from afnext.tts import load_synthesizer
+from app.backend import Backend
+from app.web import launch
+
+from .scripted import ScriptedEngine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    loaded = load("tiny", device="cpu")
+    notice = "Browser-test server: Think mode answers from a fixed script (tests/web/scripted.py)."
+    backend = Backend(Engine(loaded), ScriptedEngine(loaded), load_synthesizer("espeak"), [notice])
+    launch(backend, host="127.0.0.1", port=args.port)
+
+
+if __name__ == "__main__":
+    main()
