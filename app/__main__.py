@@ -13,14 +13,14 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file (Hugging Face Spaces runs `python app/__main__.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from afnext.model import ModelLoadError  # noqa: E402
-from afnext.tts import ENGINES, TTSError  # noqa: E402
-from app.backend import BackendOptions, start_backend  # noqa: E402
+from afnext.tts import ENGINES  # noqa: E402
+from app.backend import BackendLoader, BackendOptions, start_backend  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,16 +41,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # The model loads on its own thread while the page is served: a real checkpoint takes minutes.
     options = BackendOptions(args.model, args.think_model, args.device, args.tts, args.tts_model)
-    try:
-        backend = start_backend(options)
-    except (ModelLoadError, TTSError, ValueError) as exc:  # the demo model itself failed, or a bad flag
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    from app.web import launch  # gradio is imported only once the models are ready
+    loader = BackendLoader(partial(start_backend, options), args.model)
+    from app.web import launch
 
-    print(backend.describe(), flush=True)
-    launch(backend, host=args.host, port=args.port, share=args.share)
+    launch(loader, host=args.host, port=args.port, share=args.share)
     return 0
 
 

@@ -7,6 +7,7 @@ unavailable → espeak) becomes a plain-words notice, logged and shown in the pa
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +87,55 @@ def _voice(options: BackendOptions, notices: list[str]) -> Synthesizer:
             raise
         notices.append(f"The {options.tts} voice could not be loaded ({exc}); replies are spoken with espeak-ng instead.")
         return load_synthesizer("espeak")
+
+
+class BackendLoader:
+    """Loads the backend on its own thread, so the page is served while a 16 GB model loads.
+
+    `wait()` gives the backend once it is ready; the page's banner says what is happening meanwhile.
+    """
+
+    def __init__(self, load: Callable[[], Backend], name: str) -> None:
+        self.name = name  # what is loading, for the banner
+        self._backend: Backend | None = None
+        self._error: str | None = None
+        self._ready = threading.Event()
+        threading.Thread(target=self._load, args=(load,), name="afnext-load", daemon=True).start()
+
+    @classmethod
+    def ready_made(cls, backend: Backend) -> BackendLoader:
+        loader = cls(lambda: backend, backend.main.loaded.name)
+        loader._ready.wait()
+        return loader
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def wait(self, timeout: float | None = None) -> Backend:
+        """The backend; raises RuntimeError (one sentence) if loading failed or `timeout` passed."""
+        if not self._ready.wait(timeout):
+            raise RuntimeError("The model is still loading; try again in a moment.")
+        if self._backend is None:
+            raise RuntimeError(f"The model could not be loaded: {self._error}")
+        return self._backend
+
+    def banner(self) -> str:
+        if not self.ready:
+            return f"⏳ Loading {self.name}… The page works already; answers start once the model is ready."
+        if self._backend is None:
+            return f"⚠️ The model could not be loaded: {self._error} Restart the app with another --model."
+        return banner(self._backend)
+
+    def _load(self, load: Callable[[], Backend]) -> None:
+        try:
+            self._backend = load()
+            log.info(self._backend.describe())
+        except Exception as exc:  # even the offline fallback failed: said on the page and in the log
+            log.exception("the backend could not be loaded")
+            self._error = str(exc)
+        finally:
+            self._ready.set()
 
 
 def banner(backend: Backend) -> str:

@@ -38,7 +38,7 @@ from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDe
 from afnext.session import Session
 from afnext.vad import SpeechStarted
 
-from .backend import Backend, int16
+from .backend import BackendLoader, int16
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,8 @@ class TalkRegistry:
     """The Talk conversations, one per page: the page names its own random client id, so a page
     that stops and starts the microphone keeps its conversation and never sees another page's."""
 
-    def __init__(self, backend: Backend, options: AssistantOptions = AssistantOptions()) -> None:
-        self.backend, self.options = backend, options
+    def __init__(self, loader: BackendLoader, options: AssistantOptions = AssistantOptions()) -> None:
+        self.loader, self.options = loader, options
         self._conversations: dict[str, _Conversation] = {}
         self._lock = threading.Lock()
 
@@ -71,7 +71,7 @@ class TalkRegistry:
             self._expire()
             conv = self._conversations.get(client)
             if conv is None:
-                conv = self._conversations[client] = _Conversation(Session(self.backend.main), time.monotonic())
+                conv = self._conversations[client] = _Conversation(Session(self.loader.wait().main), time.monotonic())
             conv.connected += 1
             return conv.session
 
@@ -104,9 +104,17 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
         return
     except WebSocketDisconnect:
         return
+    if not registry.loader.ready:
+        await ws.send_text(json.dumps({"type": "state", "state": "loading", "waiting": 0}))
+    try:
+        backend = await asyncio.to_thread(registry.loader.wait)
+    except RuntimeError as exc:
+        await ws.send_text(json.dumps({"type": "error", "message": str(exc)}))
+        await ws.close(code=1011)
+        return
     loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
     session = registry.open(client)
-    link = _Link(Assistant(session, registry.backend.synthesizer, registry.options), rate,
+    link = _Link(Assistant(session, backend.synthesizer, registry.options), rate,
                  lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message))
     sender = asyncio.create_task(_send_all(ws, outbox))
     try:

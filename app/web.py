@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from afnext.audio import MAX_FILE_BYTES
 from afnext.events import AudioChunk
 
 from . import recordings, talk
-from .backend import Backend, banner, int16
+from .backend import BackendLoader, int16
 from .recordings import USER_ERRORS, Recording
 
 log = logging.getLogger(__name__)
@@ -50,23 +51,27 @@ def _gpu(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
-def build(backend: Backend, cache_dir: Path) -> gr.Blocks:
+def build(loader: BackendLoader, cache_dir: Path) -> gr.Blocks:
     """The page. `cache_dir` holds WAV copies of recordings the browser could not play as uploaded."""
     with gr.Blocks(title="AF-Next voice assistant") as demo:
         gr.Markdown("## AF-Next voice assistant\nTalk with Audio Flamingo Next, or ask it about a recording.")
-        gr.Markdown(banner(backend), elem_id="afn-banner")
+        notice = gr.Markdown(loader.banner(), elem_id="afn-banner")
+        poll = gr.Timer(1.0, active=not loader.ready)  # until the model is loaded
+        poll.tick(lambda: (loader.banner(), gr.Timer(active=not loader.ready)), None, [notice, poll],
+                  show_progress="hidden", queue=False)
+        demo.load(loader.banner, None, notice, queue=False)
         with gr.Tabs():
             with gr.Tab("Talk", id="talk"):
                 gr.Markdown("Press **Start**, speak, and pause: the assistant hears the end of your turn, answers "
                             "in text and voice, and stops when you speak over it.")
                 gr.HTML(html_template='<div class="afn-talk"></div>', js_on_load=_js("talk.js"), elem_id="afn-talk")
             with gr.Tab("Recordings", id="recordings"):
-                _recordings_tab(backend, cache_dir)
-        _api(backend)
+                _recordings_tab(loader, cache_dir)
+        _api(loader)
     return demo
 
 
-def _recordings_tab(backend: Backend, cache_dir: Path) -> None:
+def _recordings_tab(loader: BackendLoader, cache_dir: Path) -> None:
     state = gr.State(None)
     with gr.Row():
         with gr.Column(scale=1, min_width=260):
@@ -91,11 +96,11 @@ def _recordings_tab(backend: Backend, cache_dir: Path) -> None:
     upload.upload(partial(_open, cache_dir=cache_dir), [upload], opened, concurrency_limit=4)
     for button, path in zip(examples, EXAMPLES.values()):
         button.click(partial(_open, str(path), cache_dir=cache_dir), None, opened, concurrency_limit=4)
-    asked = dict(fn=partial(_ask, backend=backend), inputs=[question, think, state],
+    asked = dict(fn=partial(_ask, loader=loader), inputs=[question, think, state],
                  outputs=[chat, wave, status, question], concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY)
     question.submit(**asked)
     ask_button.click(**asked)
-    speak_button.click(partial(_speak, backend=backend), [state], [spoken])
+    speak_button.click(partial(_speak, loader=loader), [state], [spoken])
 
 
 def _open(path: str | None, cache_dir: Path):
@@ -115,18 +120,21 @@ def _open(path: str | None, cache_dir: Path):
 
 
 @_gpu
-def _ask(question: str, think: bool, recording: Recording | None, backend: Backend):
+def _ask(question: str, think: bool, recording: Recording | None, loader: BackendLoader):
     if recording is None:
         yield [], gr.skip(), "⚠️ Upload a recording, or pick an example, first.", gr.skip()
         return
     sent = question
     try:
+        if not loader.ready:
+            yield recording.chat, gr.skip(), "Waiting for the model to finish loading…", gr.skip()
+        backend = loader.wait()
         steps = len(recording.steps)
         for line in recordings.ask(recording, question, think, backend):
             changed = len(recording.steps) != steps or (think and steps and not recording.steps)
             steps = len(recording.steps)
             yield recording.chat, recording.waveform() if changed else gr.skip(), line, ""
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, RuntimeError) as exc:
         gr.Warning(str(exc))
         yield recording.chat, gr.skip(), f"⚠️ {exc}", sent
     except Exception as exc:  # the traceback to the log, one sentence to the user, the page keeps working
@@ -135,30 +143,31 @@ def _ask(question: str, think: bool, recording: Recording | None, backend: Backe
                                          "the conversation is kept, so try again.", sent
 
 
-def _speak(recording: Recording | None, backend: Backend):
+def _speak(recording: Recording | None, loader: BackendLoader):
     text = recording.answer.strip() if recording else ""
     if not text:
         gr.Warning("There is no answer to speak yet.")
         return None
+    backend = loader.wait()
     chunks = [c for c in backend.synthesizer.stream(text) if isinstance(c, AudioChunk)]
     return chunks[0].sample_rate, int16(np.concatenate([c.samples for c in chunks]))
 
 
-def _api(backend: Backend) -> None:
+def _api(loader: BackendLoader) -> None:
     """`ask_recording(audio, question, think) → answer`: one question about one file, no session kept."""
     with gr.Row(visible=False):
         audio = gr.File(type="filepath", label="audio")
         question, think = gr.Textbox(label="question"), gr.Checkbox(label="think")
         answer = gr.Textbox(label="answer")
         button = gr.Button("ask_recording")
-    button.click(_gpu(partial(_answer_api, backend=backend)), [audio, question, think], answer,
+    button.click(_gpu(partial(_answer_api, loader=loader)), [audio, question, think], answer,
                  api_name="ask_recording", concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY)
 
 
-def _answer_api(audio: str | None, question: str, think: bool, backend: Backend) -> str:
+def _answer_api(audio: str | None, question: str, think: bool, loader: BackendLoader) -> str:
     try:
-        return recordings.answer_once(backend, audio, question or "", bool(think))
-    except USER_ERRORS as exc:
+        return recordings.answer_once(loader.wait(), audio, question or "", bool(think))
+    except (*USER_ERRORS, RuntimeError) as exc:
         raise gr.Error(str(exc)) from exc
 
 
@@ -166,17 +175,20 @@ def _js(name: str) -> str:
     return (STATIC / name).read_text(encoding="utf-8")
 
 
-def launch(backend: Backend, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            block: bool = True) -> gr.Blocks:
     """Serve the page and the voice channel; blocks until Ctrl-C unless `block` is False."""
+    started = time.perf_counter()
     cache_dir = Path(tempfile.mkdtemp(prefix="afnext-web-"))
-    demo = build(backend, cache_dir)
+    demo = build(loader, cache_dir)
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS,
                 max_file_size=MAX_FILE_BYTES, allowed_paths=[str(ASSETS), str(cache_dir)], ssr_mode=False,
                 footer_links=["api", "gradio"], quiet=False)
-    registry = talk.TalkRegistry(backend)
+    registry = talk.TalkRegistry(loader)
     demo.app.router.routes.append(WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry)))
+    log.info("serving %s, %.2f s after launch (the model %s)", demo.local_url, time.perf_counter() - started,
+             "is ready" if loader.ready else "is still loading")
     if block:
         demo.block_thread()
     return demo

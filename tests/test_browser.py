@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -59,6 +60,9 @@ def server(tmp_path_factory):
             except OSError:
                 time.sleep(0.05)
         REPORT["process_start_to_http_s"] = round(time.perf_counter() - started, 2)
+        while not (served := re.search(r"([\d.]+) s after launch", log.read_text())):
+            time.sleep(0.05)
+        REPORT["launch_to_serving_s"] = float(served.group(1))
         yield url
     finally:
         proc.terminate()
@@ -141,6 +145,7 @@ def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, serv
 
 def test_talk_hears_the_microphone_and_the_reply_reaches_the_page(browser, server):
     page, _, errors = _page(browser, server)
+    page.locator("#afn-banner", has_text="Think mode answers from a fixed script").wait_for()
     page.locator(f"{TALK} .start").click()
     page.wait_for_function(f"() => Number(document.querySelector('{TALK}').dataset.replySamples || 0) > 0",
                            timeout=60_000)
@@ -187,9 +192,20 @@ def test_a_30_minute_recording_is_drawn(browser, server, tmp_path):
                     subtype="PCM_16")
     page, _, errors = _page(browser, server)
     page.get_by_role("tab", name="Recordings").click()
+    page.evaluate(f"""() => {{  // when the server starts decoding, and when the waveform is drawn
+        window.afnTimes = {{}};
+        new MutationObserver(() => {{
+            const status = document.querySelector('#afn-status')?.innerText || '';
+            if (!afnTimes.decoding && status.includes('Decoding')) afnTimes.decoding = performance.now();
+            if (!afnTimes.drawn && document.querySelector('{WAVE}')?.dataset.duration === '1800')
+                afnTimes.drawn = performance.now();
+        }}).observe(document.body, {{subtree: true, childList: true, attributes: true, characterData: true}});
+    }}""")
     t0 = time.perf_counter()
     page.locator("#afn-upload input[type=file]").set_input_files(str(long))
     page.wait_for_function(f"() => document.querySelector('{WAVE}')?.dataset.duration === '1800'", timeout=60_000)
     REPORT["upload_30min_to_waveform_s"] = round(time.perf_counter() - t0, 2)
+    times = page.evaluate("window.afnTimes")
+    REPORT["decoding_30min_to_waveform_drawn_s"] = round((times["drawn"] - times["decoding"]) / 1000, 3)
     REPORT["draw_30min_waveform_ms"] = float(page.evaluate(f"document.querySelector('{WAVE}').dataset.drawnMs"))
     assert not errors, errors

@@ -4,7 +4,13 @@
 from __future__ import annotations
 
 import json
+import socket
 import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 from functools import partial
 from pathlib import Path
 
@@ -20,9 +26,10 @@ from afnext.engine import Engine
 from afnext.events import ThinkStep
 from afnext.tts import load_synthesizer
 from app import recordings, talk
-from app.backend import Backend, BackendOptions, banner, start_backend
+from app.backend import Backend, BackendLoader, BackendOptions, banner, start_backend
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +122,7 @@ def test_backend_falls_back_to_the_demo_model_and_says_so(monkeypatch):
 
 def _channel(backend, registry=None) -> TestClient:
     """The voice channel alone, served by Starlette's test client."""
-    registry = talk.TalkRegistry(backend) if registry is None else registry
+    registry = talk.TalkRegistry(BackendLoader.ready_made(backend)) if registry is None else registry
     return TestClient(Starlette(routes=[WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry))]))
 
 
@@ -140,6 +147,46 @@ def test_voice_channel_hears_a_turn_and_answers_with_text_and_audio(backend):
     assert audio > 0
 
 
+def test_the_page_is_served_while_the_model_loads_and_says_so(backend):
+    gate = threading.Event()
+    loader = BackendLoader(lambda: gate.wait() and backend, "instruct")
+    assert not loader.ready and loader.banner().startswith("⏳ Loading instruct")
+    with pytest.raises(RuntimeError, match="still loading"):
+        loader.wait(0.01)
+    gate.set()
+    assert loader.wait(5) is backend and "non-commercial" in loader.banner()
+
+    def broken() -> Backend:
+        raise OSError("No space left on device")
+
+    failed = BackendLoader(broken, "instruct")
+    with pytest.raises(RuntimeError, match="could not be loaded: No space left on device"):
+        failed.wait(5)
+    assert "No space left on device" in failed.banner()
+
+
+def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "app.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--model", str(tmp_path / "missing"), "--port", str(port)],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "Model: tiny" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as response:
+            config = json.load(response)
+        assert config["title"] == "AF-Next voice assistant"
+        assert f"No checkpoint folder at {tmp_path / 'missing'}" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def test_voice_channel_refuses_a_bad_hello(backend):
     api = _channel(backend)
     with api.websocket_connect(f"{talk.ROUTE}?client=x") as ws:
@@ -151,7 +198,7 @@ def test_voice_channel_refuses_a_bad_hello(backend):
 
 
 def test_push_to_talk_makes_the_held_audio_one_turn(backend):
-    registry = talk.TalkRegistry(backend)
+    registry = talk.TalkRegistry(BackendLoader.ready_made(backend))
     with _channel(backend, registry).websocket_connect(f"{talk.ROUTE}?client=ptt-client-01") as ws:
         ws.send_text(json.dumps({"type": "hello", "sample_rate": SAMPLE_RATE}))
         ws.receive_json()

@@ -63,7 +63,8 @@ function notice(text) { const n = $(".notice"); n.textContent = text || ""; n.hi
 function setState(state, waiting) {
   const el = $(".state");
   el.dataset.state = state;
-  el.textContent = state === "thinking" && waiting ? `waiting for the GPU (${waiting} ahead)` : state;
+  el.textContent = state === "thinking" && waiting ? `waiting for the GPU (${waiting} ahead)`
+    : state === "loading" ? "loading the model…" : state;
 }
 
 function micError(err) {

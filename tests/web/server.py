@@ -12,7 +12,7 @@ import logging
 from afnext.engine import Engine
 from afnext.model import load
 from afnext.tts import load_synthesizer
-from app.backend import Backend
+from app.backend import Backend, BackendLoader
 from app.web import launch
 
 from .scripted import ScriptedEngine
@@ -23,10 +23,13 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    launch(BackendLoader(backend, "tiny"), host="127.0.0.1", port=args.port)
+
+
+def backend() -> Backend:
     loaded = load("tiny", device="cpu")
     notice = "Browser-test server: Think mode answers from a fixed script (tests/web/scripted.py)."
-    backend = Backend(Engine(loaded), ScriptedEngine(loaded), load_synthesizer("espeak"), [notice])
-    launch(backend, host="127.0.0.1", port=args.port)
+    return Backend(Engine(loaded), ScriptedEngine(loaded), load_synthesizer("espeak"), [notice])
 
 
 if __name__ == "__main__":
