@@ -57,7 +57,9 @@ class Recording:
     def session(self, engine: Engine) -> tuple[Session, Clip | None]:
         """The conversation on `engine`, and the clip while that conversation has not heard it (a
         first turn that failed or was cancelled is rolled back, so the next one brings the clip)."""
-        session = self._sessions.setdefault(id(engine), Session(engine))
+        if id(engine) not in self._sessions:
+            self._sessions[id(engine)] = Session(engine)
+        session = self._sessions[id(engine)]
         if session.tokens:
             return session, None
         filters = engine.loaded.mel_filters  # checkpoints of one family share them: featurize once

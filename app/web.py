@@ -131,8 +131,7 @@ def _ask(question: str, think: bool, recording: Recording | None, loader: Backen
         backend = loader.wait()
         steps = len(recording.steps)
         for line in recordings.ask(recording, question, think, backend):
-            changed = len(recording.steps) != steps or (think and steps and not recording.steps)
-            steps = len(recording.steps)
+            changed, steps = len(recording.steps) != steps, len(recording.steps)  # a Think turn starts afresh
             yield recording.chat, recording.waveform() if changed else gr.skip(), line, ""
     except (*USER_ERRORS, RuntimeError) as exc:
         gr.Warning(str(exc))

@@ -69,7 +69,10 @@ def server(tmp_path_factory):
         proc.wait(10)
         print(f"\nweb measurements: {json.dumps(REPORT)}\nscreenshots: {SHOTS}")
         if os.environ.get("AFNEXT_WEB_REPORT"):
-            Path(os.environ["AFNEXT_WEB_REPORT"]).write_text(json.dumps(REPORT, indent=2) + "\n")
+            meta = {"command": "AFNEXT_WEB_REPORT=FILE python -m pytest tests/test_browser.py",
+                    "date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "model": "tiny (random weights)",
+                    "voice": "espeak-ng", "browser": "Debian chromium, headless"}
+            Path(os.environ["AFNEXT_WEB_REPORT"]).write_text(json.dumps({**meta, **REPORT}, indent=2) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +159,16 @@ def test_talk_hears_the_microphone_and_the_reply_reaches_the_page(browser, serve
     page.locator(f"{TALK} .latency", has_text="first audio in this page").wait_for(timeout=30_000)
     assert page.locator(f"{TALK} .state").get_attribute("data-state") in {"listening", "thinking", "speaking"}
     page.screenshot(path=SHOTS / "talk.png", full_page=True)
+
+    turns = page.locator(f"{TALK} li.user").count()  # push-to-talk: the held stretch is one turn
+    page.locator(f"{TALK} .ptt-mode").check()
+    page.locator(f"{TALK} .ptt").hover()
+    page.mouse.down()
+    page.wait_for_timeout(1200)
+    page.mouse.up()
+    page.wait_for_function(f"() => document.querySelector('{TALK}').shadowRoot.querySelectorAll('li.user').length > {turns}")
+    held = page.locator(f"{TALK} li.user .said").last.inner_text()
+    assert 1.0 <= float(held.strip("()").split()[0]) <= 1.6, held
     page.locator(f"{TALK} .start").click()  # stop
     assert page.locator(f"{TALK} .state").get_attribute("data-state") == "idle"
     assert not errors, errors
