@@ -22,6 +22,7 @@ import torch
 
 from .engine import Cancel, Clip, Engine, GenerationOptions, TokenPicker, prepare_clip
 from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
+from .kvcache import new_cache
 from .think import ThinkParser
 
 TurnEvent = TextDelta | ReasoningDelta | ThinkStep | Interrupted | TurnDone
@@ -153,7 +154,7 @@ class Session:
         engine, loaded = self.engine, self.engine.loaded
         clips = ([] if self.use_cache else self._clips) + ([plan.clip] if plan.clip else [])
         ids = (self.tokens[self._cached:] if self.use_cache else self.tokens) + plan.ids
-        cache = self._cache if self.use_cache and self._cache is not None else _new_cache()
+        cache = self._cache if self.use_cache and self._cache is not None else new_cache()
         t_enc = time.perf_counter()
         embeds = torch.cat([engine.encode(c) for c in clips]) if clips else None
         t_pre = _sync(loaded.device)
@@ -258,12 +259,6 @@ class _Finished:
 
 class _CancelledInPrefill(Exception):
     """Raised on the worker to roll a turn back that was cancelled before its reply began."""
-
-
-def _new_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()
 
 
 def _sync(device: torch.device) -> float:

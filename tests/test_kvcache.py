@@ -1,0 +1,62 @@
+"""The session's growing KV cache behaves exactly like transformers' DynamicCache, without copying
+the whole cache on every token."""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+from afnext.kvcache import MIN_CAPACITY, GrowingLayer, new_cache
+
+
+def _kv(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, n, 8, generator=g), torch.randn(1, 2, n, 8, generator=g)
+
+
+def test_growing_layer_equals_dynamic_layer_through_appends_and_crops():
+    ours, stock = new_cache(), DynamicCache()
+    steps = [300, 1, 1, -5, 40, 1, -100, 700, 1]  # prefill, decode, a rollback, a new turn, …
+    for i, n in enumerate(steps):
+        if n < 0:
+            ours.crop(n)
+            stock.crop(n)
+        else:
+            k, v = _kv(n, i)
+            for layer in (0, 1):
+                got, want = ours.update(k, v, layer), stock.update(k, v, layer)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert ours.get_seq_length() == stock.get_seq_length()
+    layer = ours.layers[0]
+    assert isinstance(layer, GrowingLayer) and layer.capacity % MIN_CAPACITY == 0
+    assert layer.get_seq_length() <= layer.capacity <= 1.5 * 1500
+
+
+def test_appending_a_token_writes_in_place():
+    cache = new_cache()
+    cache.update(*_kv(10, 0), 0)
+    buffer = cache.layers[0]._k
+    keys, _ = cache.update(*_kv(1, 1), 0)
+    assert cache.layers[0]._k is buffer and keys.data_ptr() == buffer.data_ptr()
+
+
+def test_offload_and_prefetch_keep_the_contents():
+    cache = new_cache()
+    k, v = _kv(20, 0)
+    cache.update(k, v, 0)
+    layer = cache.layers[0]
+    layer.offload()
+    layer.prefetch()
+    assert torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+
+
+def test_a_model_decodes_the_same_with_either_cache(loaded):
+    model, ids = loaded.model, torch.tensor([[5, 9, 77, 3, 41, 8]])
+    logits = []
+    for cache in (new_cache(), DynamicCache()):
+        with torch.inference_mode():
+            out = [model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]]
+            for token in (12, 99, 7):
+                out.append(model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1])
+        logits.append(torch.stack(out))
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
