@@ -10,7 +10,11 @@ depend on weight values):
 - first-turn TTFT: from the request (file path) to the first token, ours;
 - follow-up TTFT: a text question after the first answer: cached (ours), full recompute (ours with
   use_cache=False), and stock `generate` on the whole conversation (it re-reads the recording);
-- decode tokens/s on that follow-up: ours vs stock `generate` (fixed length, end of turn ignored).
+- decode tokens/s on that follow-up: ours vs stock `generate` (fixed length, end of turn ignored);
+- encoder seconds per 30 s window, and on CUDA the peak GPU memory of ours and of stock;
+and once per run the voice-turn TTFT: a 5 s clip asked on a session already 10 voice turns long
+(stock transformers cannot hold a second clip; its figure is a lone 5 s clip's first turn).
+On CUDA each figure is also set against the machine's limits (see `limits`).
 """
 
 from __future__ import annotations
@@ -102,6 +106,65 @@ def bench_stock_follow_up(loaded, processor, samples: np.ndarray, first_answer: 
     return {"ttft_s": first - t0, "decode_tok_s": (len(clock.times) - 2) / (last - first)}
 
 
+def bench_stock_first(loaded, processor, samples: np.ndarray) -> dict:
+    """Stock `generate` on one question about `samples`: its time to the first token."""
+    t0 = time.perf_counter()
+    first = []
+
+    class Clock:
+        def put(self, value):
+            first.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    inputs = processor(text=[_stock_prompt(processor, [QUESTION])], audio=[samples])
+    inputs["input_features"] = inputs["input_features"].to(loaded.dtype)
+    with torch.inference_mode():
+        loaded.model.generate(**inputs.to(loaded.device), max_new_tokens=2, min_new_tokens=2, do_sample=False,
+                              streamer=Clock())
+    return {"ttft_s": first[1] - t0}
+
+
+def bench_voice_turn(engine: Engine, processor, workdir: Path, turns: int = 10) -> dict:
+    """TTFT of a 5 s voice turn on a session that already holds `turns` voice turns."""
+    session, short = Session(engine), GenerationOptions(max_new_tokens=8)
+    clips = [load_audio(str(synth_recording(workdir / f"voice{i}.wav", 5.0, seed=i))) for i in range(turns + 1)]
+    for clip in clips[:-1]:
+        run_turn(session, "", clip, short)
+    reply = run_turn(session, "", clips[-1], short)
+    stock = bench_stock_first(engine.loaded, processor, clips[-1])
+    return {"ours_ttft_s": reply.timings.ttft_s, "prompt_tokens": reply.prompt_tokens, "turns_before": turns,
+            "stock_single_clip_ttft_s": stock["ttft_s"],
+            "note": "stock transformers cannot hold a second clip: its figure is a lone 5 s clip's first turn"}
+
+
+def limits(loaded, device: torch.device) -> dict:
+    """What the hardware allows at batch 1: decode is bound by reading every weight once per token."""
+    if device.type != "cuda":
+        return {}
+    n = 1 << 28  # 512 MiB of bf16: measured device-to-device copy bandwidth (read + write)
+    a, b = torch.empty(n, dtype=torch.bfloat16, device=device), torch.empty(n, dtype=torch.bfloat16, device=device)
+    b.copy_(a)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    torch.cuda.synchronize(device)
+    bandwidth = 10 * 2 * a.numel() * a.element_size() / (time.perf_counter() - t0)
+    weight_bytes = sum(t.numel() * t.element_size() for t in loaded.model.parameters())
+    return {"copy_bandwidth_gb_s": bandwidth / 1e9, "weight_gb": weight_bytes / 1e9,
+            "decode_tok_s_limit": bandwidth / weight_bytes}
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
 def _stock_prompt(processor, turns: list[str]) -> str:
     messages = []
     for i, text in enumerate(turns):
@@ -118,18 +181,30 @@ def bench_duration(engine: Engine, processor, seconds: float, workdir: Path, n_t
     first = GenerationOptions(max_new_tokens=8)
     fixed = GenerationOptions(max_new_tokens=n_tokens, min_new_tokens=n_tokens)
 
+    device = loaded.device
+    _peak_gib(device)
     cached = Session(engine)
     reply = run_turn(cached, QUESTION, str(path), first)
     row["encode_s"] = reply.timings.encode_s
+    row["encode_per_window_s"] = reply.timings.encode_s / -(-seconds // 30)
     row["first_turn"] = {"ttft_s": reply.timings.ttft_s, "audio_s": reply.timings.audio_s,
                          "prefill_s": reply.timings.prefill_s, "prompt_tokens": reply.prompt_tokens}
     follow = run_turn(cached, FOLLOW_UP, options=fixed)
+    row["peak_gpu_gib"] = {"ours": _peak_gib(device)}
+    del cached
 
     recompute = Session(engine, use_cache=False)
     run_turn(recompute, QUESTION, str(path), first)
     full = run_turn(recompute, FOLLOW_UP, options=GenerationOptions(max_new_tokens=1))
 
-    stock = bench_stock_follow_up(loaded, processor, load_audio(str(path)), reply.answer, n_tokens)
+    del recompute
+    _peak_gib(device)
+    t0 = time.perf_counter()
+    samples = load_audio(str(path))
+    decode_s = time.perf_counter() - t0  # stock has no decoder: it is charged ours, as ours is
+    stock = bench_stock_follow_up(loaded, processor, samples, reply.answer, n_tokens)
+    row["peak_gpu_gib"]["stock_generate"] = _peak_gib(device)
+    row["first_turn"]["stock_ttft_s"] = decode_s + bench_stock_first(loaded, processor, samples)["ttft_s"]
     ttft = follow.timings.ttft_s
     row["follow_up_ttft_s"] = {"cached": ttft, "full_recompute": full.timings.ttft_s, "stock_generate": stock["ttft_s"],
                                "speedup_vs_recompute": full.timings.ttft_s / ttft, "speedup_vs_stock": stock["ttft_s"] / ttft}
@@ -160,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m afnext.bench", description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["tiny", "mid", "full"], default="mid")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--durations", default="30,600,1800", help="recording lengths in seconds, comma-separated")
+    p.add_argument("--durations", default="5,600,1800", help="recording lengths in seconds, comma-separated")
     p.add_argument("--tokens", type=int, default=32, help="tokens per decode-speed measurement")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -174,13 +249,18 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.date.today().isoformat(), "machine": machine(device),
               "model": {"size": args.size, "parameters": sum(t.numel() for t in loaded.model.parameters()),
                         "dtype": str(dtype).removeprefix("torch."), "attention": loaded.attn, "weights": "random"},
-              "runs": []}
+              "limits": limits(loaded, device), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         warm_up(engine, processor, Path(tmp))
+        result["voice_turn"] = bench_voice_turn(engine, processor, Path(tmp))
         for seconds in (float(s) for s in args.durations.split(",")):
             result["runs"].append(bench_duration(engine, processor, seconds, Path(tmp), args.tokens))
             print(f"done: {seconds:.0f} s of audio", file=sys.stderr, flush=True)
     engine.close()
+    if result["limits"]:
+        top = result["limits"]["decode_tok_s_limit"]
+        for run in result["runs"]:
+            run["decode_tok_s"]["fraction_of_limit"] = run["decode_tok_s"]["ours"] / top
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
