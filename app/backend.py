@@ -89,6 +89,10 @@ def _voice(options: BackendOptions, notices: list[str]) -> Synthesizer:
         return load_synthesizer("espeak")
 
 
+class BackendUnavailable(RuntimeError):
+    """The model is still loading, or failed to load; the message says which in one sentence."""
+
+
 class BackendLoader:
     """Loads the backend on its own thread, so the page is served while a 16 GB model loads.
 
@@ -113,11 +117,11 @@ class BackendLoader:
         return self._ready.is_set()
 
     def wait(self, timeout: float | None = None) -> Backend:
-        """The backend; raises RuntimeError (one sentence) if loading failed or `timeout` passed."""
+        """The backend; raises BackendUnavailable if loading failed or `timeout` passed."""
         if not self._ready.wait(timeout):
-            raise RuntimeError("The model is still loading; try again in a moment.")
+            raise BackendUnavailable("The model is still loading; try again in a moment.")
         if self._backend is None:
-            raise RuntimeError(f"The model could not be loaded: {self._error}")
+            raise BackendUnavailable(f"The model could not be loaded: {self._error}")
         return self._backend
 
     def banner(self) -> str:

@@ -2,9 +2,9 @@
 steps for the waveform. Gradio-free apart from the message dicts its chatbot takes, so tests call it
 directly.
 
-A `Recording` lives in one browser session's `gr.State`: its audio, the waveform's peaks, its
-features (`Clip`, made once per feature extractor) and one `Session` per engine, so the recording is
-encoded by the first question and only the new tokens are prefilled by every follow-up.
+A `Recording` belongs to one browser session (app/web.py keeps it until the tab closes): its audio,
+the waveform's peaks and one `Session` per engine, so the recording is encoded by the first question
+on that engine and every follow-up prefills only its own tokens.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from afnext.engine import Clip, Engine, GenerationOptions, prepare_clip
 from afnext.events import ReasoningDelta, TextDelta, ThinkStep, TurnDone
 from afnext.session import ContextFullError, Session
 
-from .backend import Backend
+from .backend import Backend, BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,6 @@ class Recording:
     chat: list[dict] = field(default_factory=list)  # the chatbot's messages
     steps: list[ThinkStep] = field(default_factory=list)  # the latest Think reply's steps
     answer: str = ""  # the latest answer (what "Speak" says)
-    _clips: list[tuple[np.ndarray, Clip]] = field(default_factory=list, repr=False)  # (mel filters, features)
     _sessions: dict[int, Session] = field(default_factory=dict, repr=False)  # by engine
 
     @property
@@ -62,12 +61,8 @@ class Recording:
         session = self._sessions[id(engine)]
         if session.tokens:
             return session, None
-        filters = engine.loaded.mel_filters  # checkpoints of one family share them: featurize once
-        clip = next((c for f, c in self._clips if np.array_equal(f, filters)), None)
-        if clip is None:
-            clip = prepare_clip(self.audio, filters, max_seconds=engine.loaded.max_audio_s)
-            self._clips.append((filters, clip))
-        return session, clip
+        # Features are made when needed, not kept: 30 minutes of them are 90 MB.
+        return session, prepare_clip(self.audio, engine.loaded.mel_filters, max_seconds=engine.loaded.max_audio_s)
 
     def waveform(self) -> str:
         """The waveform component's value (JSON)."""
@@ -100,10 +95,10 @@ def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
 
 def ask(recording: Recording, question: str, think: bool, backend: Backend) -> Iterator[str]:
     """Ask about the recording; streams status lines while `recording.chat`, `.steps` and `.answer`
-    fill in. Raises ValueError (ContextFullError, AudioError included) with one sentence."""
+    fill in. Raises one of USER_ERRORS, with one sentence, for what the user can fix."""
     question = question.strip()
     if not question:
-        raise ValueError("Type a question about the recording first.")
+        raise QuestionError("Type a question about the recording first.")
     engine = backend.think if think else backend.main
     session, clip = recording.session(engine)
     stream = session.ask(question, clip, think=think, options=THINK_OPTIONS if think else ANSWER_OPTIONS)
@@ -157,9 +152,9 @@ def _clock(seconds: float) -> str:
 def answer_once(backend: Backend, path: str, question: str, think: bool) -> str:
     """The `ask_recording` API: a fresh session, one question, the answer's text."""
     if not path:
-        raise ValueError("Send an audio file with the question.")
+        raise QuestionError("Send an audio file with the question.")
     if not question.strip():
-        raise ValueError("Send a question with the audio file.")
+        raise QuestionError("Send a question with the audio file.")
     engine = backend.think if think else backend.main
     options = THINK_OPTIONS if think else ANSWER_OPTIONS
     for event in Session(engine).ask(question, path, think=think, options=options):
@@ -168,4 +163,9 @@ def answer_once(backend: Backend, path: str, question: str, think: bool) -> str:
     raise RuntimeError("The turn ended without a reply.")
 
 
-USER_ERRORS = (AudioError, ContextFullError, ValueError)
+class QuestionError(ValueError):
+    """A question the app cannot take as sent; the message says what to do."""
+
+
+# What a user can cause, each with its one sentence; anything else is a server fault (logged).
+USER_ERRORS = (AudioError, ContextFullError, QuestionError, BackendUnavailable)

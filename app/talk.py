@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -38,49 +39,75 @@ from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDe
 from afnext.session import Session
 from afnext.vad import SpeechStarted
 
-from .backend import BackendLoader, int16
+from .backend import BackendLoader, BackendUnavailable, int16
 
 log = logging.getLogger(__name__)
 
 ROUTE = "/afnext/talk"
 HEADER = struct.Struct("<BxxxII")  # kind, turn id, sample rate: 12 bytes, so the PCM after it is 2-byte aligned
 REPLY_AUDIO, USER_AUDIO = 1, 2
-IDLE_S = 3600.0  # a conversation nobody has connected to for an hour is dropped (its KV cache freed)
-MIC_QUEUE_BLOCKS = 500  # ~10 s of 20 ms blocks: the feeder is never that far behind unless the server is stuck
+IDLE_S = 600.0  # a conversation nobody has been connected to for 10 minutes is dropped (its KV cache freed)
+MAX_CONVERSATIONS = 64  # held at once; a new page beyond that is told to come back later
+MIC_BACKLOG_BLOCKS = 500  # ~10 s of 20 ms blocks: the feeder is never that far behind unless the server is stuck
+MIN_PTT_S = 0.25  # a push-to-talk press shorter than this is a slip, not a turn (the endpointer's min speech)
 _CLIENT_ID = re.compile(r"[A-Za-z0-9-]{8,64}")
 
 
 @dataclass
 class _Conversation:
     session: Session
-    last_seen: float
-    connected: int = 0
+    last_seen: float  # time.monotonic() of the last disconnection (or the creation)
+    turns: int = 0  # user turns so far: turn ids go on across reconnections
+    link: _Link | None = None  # the one live connection
+
+
+class TalkBusy(RuntimeError):
+    """Too many conversations are held; the message says so in one sentence."""
 
 
 class TalkRegistry:
     """The Talk conversations, one per page: the page names its own random client id, so a page
-    that stops and starts the microphone keeps its conversation and never sees another page's."""
+    that stops and starts the microphone keeps its conversation and never sees another page's.
 
-    def __init__(self, loader: BackendLoader, options: AssistantOptions = AssistantOptions()) -> None:
+    A conversation has at most one live connection (a new one closes the old); one nobody has been
+    connected to for `idle_s` is dropped, and with it its KV cache.
+    """
+
+    def __init__(self, loader: BackendLoader, options: AssistantOptions = AssistantOptions(), *,
+                 idle_s: float = IDLE_S, max_conversations: int = MAX_CONVERSATIONS) -> None:
         self.loader, self.options = loader, options
+        self.idle_s, self.max_conversations = idle_s, max_conversations
         self._conversations: dict[str, _Conversation] = {}
         self._lock = threading.Lock()
 
-    def open(self, client: str) -> Session:
+    def attach(self, client: str, rate: int, send) -> _Link:
+        """A live link into `client`'s conversation (kept or new). Blocks while an older link of the
+        same conversation shuts down (at most one decoding step). Raises TalkBusy."""
+        backend = self.loader.wait()
         with self._lock:
             self._expire()
             conv = self._conversations.get(client)
             if conv is None:
-                conv = self._conversations[client] = _Conversation(Session(self.loader.wait().main), time.monotonic())
-            conv.connected += 1
-            return conv.session
+                if len(self._conversations) >= self.max_conversations:
+                    raise TalkBusy("The server is holding as many voice conversations as it can; try again in a few "
+                                   "minutes.")
+                conv = self._conversations[client] = _Conversation(Session(backend.main), time.monotonic())
+            old, conv.link = conv.link, None
+        if old is not None:
+            old.close()
+        link = _Link(conv, Assistant(conv.session, backend.synthesizer, self.options), rate, send)
+        with self._lock:
+            conv.link = link
+        return link
 
-    def close(self, client: str) -> None:
+    def detach(self, client: str, link: _Link) -> None:
+        """`link`'s connection ended: close it; the conversation waits `idle_s` for the page to come back."""
+        link.close()
         with self._lock:
             conv = self._conversations.get(client)
-            if conv is not None:
-                conv.connected -= 1
-                conv.last_seen = time.monotonic()
+            if conv is not None and conv.link is link:
+                conv.link, conv.last_seen = None, time.monotonic()
+            self._expire()
 
     def __len__(self) -> int:
         return len(self._conversations)
@@ -88,7 +115,7 @@ class TalkRegistry:
     def _expire(self) -> None:
         now = time.monotonic()
         for client, conv in list(self._conversations.items()):
-            if not conv.connected and now - conv.last_seen > IDLE_S:
+            if conv.link is None and now - conv.last_seen > self.idle_s:
                 del self._conversations[client]
 
 
@@ -99,27 +126,25 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
     try:
         rate = _hello(await ws.receive_text(), client)
     except (ValueError, KeyError, TypeError) as exc:
-        await ws.send_text(json.dumps({"type": "error", "message": str(exc)}))
-        await ws.close(code=1008)
+        await _refuse(ws, str(exc), 1008)
         return
     except WebSocketDisconnect:
         return
     if not registry.loader.ready:
         await ws.send_text(json.dumps({"type": "state", "state": "loading", "waiting": 0}))
-    try:
-        backend = await asyncio.to_thread(registry.loader.wait)
-    except RuntimeError as exc:
-        await ws.send_text(json.dumps({"type": "error", "message": str(exc)}))
-        await ws.close(code=1011)
-        return
     loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
-    session = registry.open(client)
-    link = _Link(Assistant(session, backend.synthesizer, registry.options), rate,
-                 lambda message: loop.call_soon_threadsafe(outbox.put_nowait, message))
+    try:
+        link = await asyncio.to_thread(registry.attach, client, rate, partial(loop.call_soon_threadsafe, outbox.put_nowait))
+    except (BackendUnavailable, TalkBusy) as exc:
+        await _refuse(ws, str(exc), 1013)
+        return
     sender = asyncio.create_task(_send_all(ws, outbox))
     try:
-        await ws.send_text(json.dumps({"type": "ready", "turns": len(session.messages) // 2}))
+        await ws.send_text(json.dumps({"type": "ready", "turns": link.conversation.turns}))
         while (message := await ws.receive())["type"] != "websocket.disconnect":
+            if link.closed:  # the same page connected again: this older connection is over
+                await _refuse(ws, "This conversation went on in a newer connection.", 1000)
+                break
             if message.get("bytes"):
                 link.audio(message["bytes"])
             elif message.get("text"):
@@ -127,9 +152,16 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
     except (WebSocketDisconnect, RuntimeError, ValueError) as exc:
         log.info("talk channel %s… ended: %s", client[:8], exc)
     finally:
-        await asyncio.to_thread(link.close)
         sender.cancel()
-        registry.close(client)
+        # On a thread of its own: closing waits for the turn (one decoding step), and must happen even
+        # when this coroutine is being cancelled (server shutdown).
+        threading.Thread(target=registry.detach, args=(client, link), name="afnext-talk-close", daemon=True).start()
+
+
+async def _refuse(ws: WebSocket, message: str, code: int) -> None:
+    """One sentence to the page, then close (the close reason repeats it, cut to the protocol's limit)."""
+    await ws.send_text(json.dumps({"type": "error", "message": message}))
+    await ws.close(code=code, reason=message.encode()[:120].decode(errors="ignore"))
 
 
 def _hello(text: str, client: str) -> int:
@@ -159,31 +191,40 @@ async def _send_all(ws: WebSocket, outbox: asyncio.Queue) -> None:
 class _Link:
     """Moves one connection's audio into the assistant and its events out as messages."""
 
-    def __init__(self, assistant: Assistant, rate: int, send) -> None:
-        self.assistant, self.rate, self.send = assistant, rate, send
-        self._inbox: queue.Queue = queue.Queue(MIC_QUEUE_BLOCKS)
+    def __init__(self, conversation: _Conversation, assistant: Assistant, rate: int, send) -> None:
+        self.conversation, self.assistant, self.rate, self.send = conversation, assistant, rate, send
+        # Unbounded, so the event loop never blocks on it; audio() keeps the backlog bounded instead.
+        self._inbox: queue.Queue = queue.Queue()
         self._ptt = False  # push-to-talk mode: the endpointer hears silence, the button makes turns
         self._held: list[np.ndarray] | None = None  # audio while the button is down
-        self._turn = 0
+        self._closed = threading.Event()
+        self._orphaned = False  # the connection's event loop is gone (server shutting down)
         self._threads = [threading.Thread(target=self._feed, name="afnext-talk-feed", daemon=True),
                          threading.Thread(target=self._read, name="afnext-talk-read", daemon=True)]
         for thread in self._threads:
             thread.start()
 
     def audio(self, data: bytes) -> None:
-        pcm = np.frombuffer(data[: len(data) // 2 * 2], np.int16)
-        try:
-            self._inbox.put_nowait(pcm)
-        except queue.Full:  # keep the newest audio: the user's latest words matter most
-            log.warning("talk channel: the feeder is behind; dropping old microphone audio")
-            self._inbox.get_nowait()
-            self._inbox.put_nowait(pcm)
+        """Microphone PCM from the page (event loop: never blocks)."""
+        if self._inbox.qsize() > MIC_BACKLOG_BLOCKS:
+            log.warning("talk channel: the feeder is %d blocks behind; dropping microphone audio", MIC_BACKLOG_BLOCKS)
+            return
+        self._inbox.put_nowait(np.frombuffer(data[: len(data) // 2 * 2], np.int16))
 
     def control(self, message: dict) -> None:
-        self._inbox.put(message)  # in order with the audio around it
+        """A control message from the page, kept in order with the audio around it (never blocks)."""
+        self._inbox.put_nowait(message)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     def close(self) -> None:
-        self._inbox.put(None)
+        """Stop feeding, cancel any turn, end the event stream; joins both threads. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._inbox.put_nowait(None)
         self._threads[0].join(5.0)
         self.assistant.close()
         self._threads[1].join(5.0)
@@ -212,40 +253,49 @@ class _Link:
                 self.assistant.interrupt()
             elif self._held is not None:
                 held, self._held = self._held, None
-                if held:
-                    self.assistant.say(to_mono_16k(np.concatenate(held), self.rate))
+                audio = to_mono_16k(np.concatenate(held), self.rate) if held else np.zeros(0, np.float32)
+                if len(audio) < MIN_PTT_S * SAMPLE_RATE:
+                    self.send({"type": "notice", "message": "Hold the button down while you speak; that press "
+                                                            "was too short to hear."})
+                    return
+                self.assistant.say(audio)
 
     def _read(self) -> None:
         for event in self.assistant.events():
+            if self.closed or self._orphaned:  # what a closing assistant says is for nobody
+                continue
             try:
                 for message in self._messages(event):
                     self.send(message)
+            except RuntimeError:  # the connection's event loop is gone: nobody is listening
+                self._orphaned = True
             except Exception:
                 log.exception("talk channel: could not send %s", type(event).__name__)
 
     def _messages(self, event) -> list:
         t = event.t if isinstance(event, Stamped) else None
         inner = event.event if isinstance(event, Stamped) else event
+        turn = self.conversation.turns
         if isinstance(inner, AudioChunk):
-            return [HEADER.pack(REPLY_AUDIO, self._turn, inner.sample_rate) + int16(inner.samples).tobytes()]
+            return [HEADER.pack(REPLY_AUDIO, turn, inner.sample_rate) + int16(inner.samples).tobytes()]
         if isinstance(inner, UserTurn):
-            self._turn += 1
-            return [{"type": "user_turn", "id": self._turn, "start": inner.start, "end": inner.end, "t": inner.t},
-                    HEADER.pack(USER_AUDIO, self._turn, SAMPLE_RATE) + int16(inner.audio).tobytes()]
+            turn = self.conversation.turns = turn + 1  # only this link's reader thread counts
+            return [{"type": "user_turn", "id": turn, "start": inner.start, "end": inner.end, "t": inner.t},
+                    HEADER.pack(USER_AUDIO, turn, SAMPLE_RATE) + int16(inner.audio).tobytes()]
         if isinstance(inner, (TextDelta, ReasoningDelta)):
             kind = "text" if isinstance(inner, TextDelta) else "reasoning"
-            return [{"type": kind, "id": self._turn, "text": inner.text}]
+            return [{"type": kind, "id": turn, "text": inner.text}]
         if isinstance(inner, StateChanged):
             return [{"type": "state", "state": inner.state, "t": inner.t,
                      "waiting": self.assistant.session.engine.waiting}]
         if isinstance(inner, SpeechStarted):
             return [{"type": "speech_started", "t": inner.t}]
         if isinstance(inner, Interrupted):
-            return [{"type": "interrupted", "id": self._turn, "reason": inner.reason, "t": t}]
+            return [{"type": "interrupted", "id": turn, "reason": inner.reason, "t": t}]
         if isinstance(inner, Error):
             return [{"type": "error", "message": inner.message}]
         if isinstance(inner, VoiceTurnDone):
             timings = inner.timings
-            return [{"type": "turn_done", "id": self._turn, "endpoint_s": timings.endpoint_s,
+            return [{"type": "turn_done", "id": turn, "endpoint_s": timings.endpoint_s,
                      "ttft_s": timings.ttft_s, "first_audio_s": timings.first_audio_s}]
         return []

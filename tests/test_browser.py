@@ -90,8 +90,11 @@ def browser(tmp_path_factory):
         b.close()
 
 
-def _page(browser, server):
-    page = browser.new_context(viewport={"width": 1280, "height": 1000}).new_page()
+def _page(browser, server, init_script: str | None = None):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    if init_script:
+        context.add_init_script(init_script)
+    page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     t0 = time.perf_counter()
@@ -143,7 +146,12 @@ def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, serv
     _ask(page, "When does the request come?", True, 2)  # the follow-up: no second listen
     assert "encoder" not in page.locator("#afn-status").inner_text()
     page.screenshot(path=SHOTS / "recordings.png", full_page=True)
+
+    page.locator("#afn-speak").click()  # the answer, spoken
+    page.locator("#afn-spoken [data-testid='download-link']").wait_for()
+    assert page.locator("#afn-spoken [data-testid='download-link']").get_attribute("href").endswith(".wav")
     assert not errors, errors
+    page.context.close()
 
 
 def test_talk_hears_the_microphone_and_the_reply_reaches_the_page(browser, server):
@@ -166,12 +174,36 @@ def test_talk_hears_the_microphone_and_the_reply_reaches_the_page(browser, serve
     page.mouse.down()
     page.wait_for_timeout(1200)
     page.mouse.up()
-    page.wait_for_function(f"() => document.querySelector('{TALK}').shadowRoot.querySelectorAll('li.user').length > {turns}")
+    page.wait_for_function(f"() => {_count(TALK, 'li.user')} > {turns}")
     held = page.locator(f"{TALK} li.user .said").last.inner_text()
     assert 1.0 <= float(held.strip("()").split()[0]) <= 1.6, held
+    page.locator(f"{TALK} .ptt-mode").uncheck()
+
     page.locator(f"{TALK} .start").click()  # stop
     assert page.locator(f"{TALK} .state").get_attribute("data-state") == "idle"
+    users, replies = (page.locator(f"{TALK} {row}").count() for row in ("li.user", "li.assistant"))
+    page.locator(f"{TALK} .start").click()  # and on again: the same conversation, new rows for new turns
+    page.wait_for_function(f"() => {_count(TALK, 'li.assistant')} > {replies}", timeout=60_000)
+    assert page.locator(f"{TALK} li.user").count() > users
     assert not errors, errors
+    page.context.close()
+
+
+def test_a_blocked_microphone_gets_a_sentence_saying_how_to_fix_it(browser, server):
+    deny = ("navigator.mediaDevices.getUserMedia = () => "
+            "Promise.reject(new DOMException('Permission denied', 'NotAllowedError'));")
+    page, _, errors = _page(browser, server, init_script=deny)
+    page.locator(f"{TALK} .start").click()
+    page.locator(f"{TALK} .notice", has_text="The browser blocked the microphone").wait_for()
+    assert page.locator(f"{TALK} .state").get_attribute("data-state") == "idle"
+    assert page.locator(f"{TALK} .start").inner_text() == "Start talking"
+    assert not errors, errors
+    page.context.close()
+
+
+def _count(host: str, selector: str) -> str:
+    """JS for the number of `selector` matches inside `host`'s shadow root (document queries stop at it)."""
+    return f"document.querySelector('{host}').shadowRoot.querySelectorAll('{selector}').length"
 
 
 def test_two_browsers_see_only_their_own_conversations(browser, server):
@@ -185,6 +217,8 @@ def test_two_browsers_see_only_their_own_conversations(browser, server):
     assert "second browser" in chat_b and "first browser" not in chat_b
     assert "speech.wav" in a.locator(f"{WAVE} .name").inner_text()
     assert "sounds.flac" in b.locator(f"{WAVE} .name").inner_text()
+    a.context.close()
+    b.context.close()
 
 
 def test_gradio_client_asks_about_a_recording(server):
@@ -222,3 +256,4 @@ def test_a_30_minute_recording_is_drawn(browser, server, tmp_path):
     REPORT["decoding_30min_to_waveform_drawn_s"] = round((times["drawn"] - times["decoding"]) / 1000, 3)
     REPORT["draw_30min_waveform_ms"] = float(page.evaluate(f"document.querySelector('{WAVE}').dataset.drawnMs"))
     assert not errors, errors
+    page.context.close()

@@ -197,18 +197,57 @@ def test_voice_channel_refuses_a_bad_hello(backend):
         assert "1000 Hz" in ws.receive_json()["message"]
 
 
-def test_push_to_talk_makes_the_held_audio_one_turn(backend):
+def _ptt_turn(ws, seconds: float = 1.0) -> dict:
+    """Hold push-to-talk for `seconds` of noise; the user_turn message that follows."""
+    ws.send_text(json.dumps({"type": "mode", "ptt": True}))
+    ws.send_text(json.dumps({"type": "ptt", "down": True}))
+    block = (np.random.default_rng(0).standard_normal(320) * 3000).astype(np.int16)
+    for _ in range(round(seconds * 50)):
+        ws.send_bytes(block.tobytes())
+    ws.send_text(json.dumps({"type": "ptt", "down": False}))
+    while (message := ws.receive_json())["type"] not in ("user_turn", "notice"):
+        pass
+    return message
+
+
+def _hello(ws) -> dict:
+    ws.send_text(json.dumps({"type": "hello", "sample_rate": SAMPLE_RATE}))
+    return ws.receive_json()
+
+
+def test_a_page_that_reconnects_keeps_its_conversation_and_turn_ids(backend):
     registry = talk.TalkRegistry(BackendLoader.ready_made(backend))
-    with _channel(backend, registry).websocket_connect(f"{talk.ROUTE}?client=ptt-client-01") as ws:
-        ws.send_text(json.dumps({"type": "hello", "sample_rate": SAMPLE_RATE}))
-        ws.receive_json()
-        ws.send_text(json.dumps({"type": "mode", "ptt": True}))
-        ws.send_text(json.dumps({"type": "ptt", "down": True}))
-        block = (np.random.default_rng(0).standard_normal(320) * 3000).astype(np.int16)
-        for _ in range(50):  # 1 s
-            ws.send_bytes(block.tobytes())
-        ws.send_text(json.dumps({"type": "ptt", "down": False}))
-        while (message := ws.receive_json())["type"] != "user_turn":
-            pass
-        assert message["end"] - message["start"] == pytest.approx(1.0, abs=0.03)
-    assert len(registry) == 1
+    client = _channel(backend, registry)
+    with client.websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
+        assert _hello(ws) == {"type": "ready", "turns": 0}
+        assert _ptt_turn(ws)["id"] == 1
+    with client.websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
+        assert _hello(ws) == {"type": "ready", "turns": 1}
+        assert _ptt_turn(ws)["id"] == 2
+    with client.websocket_connect(f"{talk.ROUTE}?client=page-two-0002") as ws:
+        assert _hello(ws)["turns"] == 0  # another page: another conversation
+    assert len(registry) == 2
+
+
+def test_idle_conversations_are_dropped_and_the_count_is_capped(backend):
+    registry = talk.TalkRegistry(BackendLoader.ready_made(backend), idle_s=0.0, max_conversations=1)
+    client = _channel(backend, registry)
+    with client.websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
+        _hello(ws)
+        with client.websocket_connect(f"{talk.ROUTE}?client=page-two-0002") as other:
+            other.send_text(json.dumps({"type": "hello", "sample_rate": SAMPLE_RATE}))
+            assert "as many voice conversations" in other.receive_json()["message"]
+    assert len(registry) == 0  # its page left: nobody was connected for idle_s
+
+
+def test_a_short_push_to_talk_press_is_not_a_turn(backend):
+    with _channel(backend).websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
+        _hello(ws)
+        assert "too short" in _ptt_turn(ws, seconds=0.1)["message"]
+
+
+def test_push_to_talk_makes_the_held_audio_one_turn(backend):
+    with _channel(backend).websocket_connect(f"{talk.ROUTE}?client=ptt-client-01") as ws:
+        _hello(ws)
+        message = _ptt_turn(ws)
+        assert message["type"] == "user_turn" and message["end"] - message["start"] == pytest.approx(1.0, abs=0.03)

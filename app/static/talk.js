@@ -31,19 +31,22 @@ root.innerHTML = `
   <button class="ptt" hidden>Hold to talk (or hold Space)</button>
   <button class="new">New conversation</button>
   <meter class="level" min="0" max="1" value="0" title="Microphone level"></meter>
-  <span class="state" data-state="idle">idle</span>
+  <span class="state" data-state="idle" aria-live="polite">idle</span>
 </div>
 <div class="notice" role="alert" hidden></div>
 <div class="latency"></div>
-<ol class="transcript" aria-live="polite"></ol>`;
+<ol class="transcript"></ol>`;
 
 const $ = (sel) => root.querySelector(sel);
+const pttButton = $(".ptt");
 const BLOCK_S = 0.02;  // microphone audio per message
 const HEADER_BYTES = 12, REPLY_AUDIO = 1, USER_AUDIO = 2;
 const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 
 let client = randomId();  // names this page's conversation on the server
-let ctx = null, stream = null, ws = null, worklet = null;
+let ctx = null, stream = null, ws = null, worklet = null, workletLoaded = false;
+let starting = false;  // between the Start click and the microphone being on
+let live = false;  // the server said "ready" on the current socket
 let sent = 0;  // microphone samples sent
 let sentLog = [];  // [seconds of microphone audio sent, performance.now()] to time "end of speech"
 let nextPlay = 0, playing = [];  // gapless reply playback
@@ -59,7 +62,11 @@ const WORKLET = `registerProcessor("afn-capture", class extends AudioWorkletProc
     return true;
   } });`;
 
-function notice(text) { const n = $(".notice"); n.textContent = text || ""; n.hidden = !text; }
+function notice(text, fromServer) {
+  const n = $(".notice");
+  n.textContent = text || ""; n.hidden = !text;
+  if (fromServer) n.dataset.server = "1"; else delete n.dataset.server;
+}
 function setState(state, waiting) {
   const el = $(".state");
   el.dataset.state = state;
@@ -81,48 +88,71 @@ function micError(err) {
 }
 
 async function start() {
+  if (starting || stream) return;  // a second click while the first is still asking for the microphone
+  starting = true;
   notice("");
-  if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) { notice(micError(null)); return; }
   try {
-    stream = await navigator.mediaDevices.getUserMedia({
-      audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 } });
-  } catch (err) { notice(micError(err)); return; }
-  ctx = ctx || new AudioContext({ latencyHint: "interactive" });
-  await ctx.resume();
-  const url = URL.createObjectURL(new Blob([WORKLET], { type: "text/javascript" }));
-  await ctx.audioWorklet.addModule(url);
-  const source = ctx.createMediaStreamSource(stream);
-  worklet = new AudioWorkletNode(ctx, "afn-capture", { processorOptions: { block: Math.round(ctx.sampleRate * BLOCK_S) } });
-  const mute = ctx.createGain(); mute.gain.value = 0;
-  source.connect(worklet); worklet.connect(mute); mute.connect(ctx.destination);  // pulled, not heard
-  worklet.port.onmessage = (e) => onMic(e.data);
-  connect();
-  $(".start").textContent = "Stop"; $(".start").classList.remove("primary");
+    if (!navigator.mediaDevices || !navigator.mediaDevices.getUserMedia) { notice(micError(null)); return; }
+    ctx = ctx || new AudioContext({ latencyHint: "interactive" });  // in the click, before any await (Safari)
+    const resumed = ctx.resume();
+    let mic;
+    try {
+      mic = await navigator.mediaDevices.getUserMedia({
+        audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true, channelCount: 1 } });
+    } catch (err) { notice(micError(err)); return; }
+    await resumed;
+    if (!workletLoaded) {
+      const url = URL.createObjectURL(new Blob([WORKLET], { type: "text/javascript" }));
+      await ctx.audioWorklet.addModule(url);
+      workletLoaded = true;
+    }
+    stream = mic;
+    const source = ctx.createMediaStreamSource(stream);
+    worklet = new AudioWorkletNode(ctx, "afn-capture", { processorOptions: { block: Math.round(ctx.sampleRate * BLOCK_S) } });
+    const mute = ctx.createGain(); mute.gain.value = 0;
+    source.connect(worklet); worklet.connect(mute); mute.connect(ctx.destination);  // pulled, not heard
+    worklet.port.onmessage = (e) => onMic(e.data);
+    connect();
+    $(".start").textContent = "Stop"; $(".start").classList.remove("primary");
+  } catch (err) {
+    notice(`The audio could not be started (${err && err.message}).`);
+    stop();
+  } finally {
+    starting = false;
+  }
 }
 
 function connect() {
   const url = new URL("afnext/talk", location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   url.search = `?client=${client}`;
-  ws = new WebSocket(url);
-  ws.binaryType = "arraybuffer";
+  const socket = new WebSocket(url);  // every handler checks it is still the current one
+  ws = socket; live = false;
+  socket.binaryType = "arraybuffer";
   sent = 0; sentLog = [];
-  ws.onopen = () => {
-    ws.send(JSON.stringify({ type: "hello", sample_rate: ctx.sampleRate }));
-    ws.send(JSON.stringify({ type: "mode", ptt: $(".ptt-mode").checked }));
+  socket.onopen = () => {
+    socket.send(JSON.stringify({ type: "hello", sample_rate: ctx.sampleRate }));
+    socket.send(JSON.stringify({ type: "mode", ptt: $(".ptt-mode").checked }));
   };
-  ws.onmessage = (e) => (typeof e.data === "string" ? onEvent(JSON.parse(e.data)) : onAudio(e.data));
-  ws.onclose = (e) => {
-    if (stream) { notice(`The connection to the server closed${e.reason ? ` (${e.reason})` : ""}; press Start to reconnect.`); stop(); }
+  socket.onmessage = (e) => {
+    if (socket !== ws) return;
+    if (typeof e.data === "string") onEvent(JSON.parse(e.data)); else onAudio(e.data);
+  };
+  socket.onclose = (e) => {
+    if (socket !== ws) return;
+    if (!$(".notice").dataset.server)  // a server's own sentence stays; otherwise say what happened
+      notice(`The connection to the server closed${e.reason ? ` (${e.reason})` : ""}; press Start to reconnect.`);
+    stop();
   };
 }
 
 function stop() {
-  const socket = ws; ws = null;
+  const socket = ws; ws = null; live = false;
   if (socket && socket.readyState <= 1) socket.close();
   if (stream) stream.getTracks().forEach((t) => t.stop());
   stream = null;
   if (worklet) { worklet.port.onmessage = null; worklet.disconnect(); worklet = null; }
+  if (pttButton.classList.contains("held")) pttButton.classList.remove("held");
   flushPlayback();
   setState("idle");
   $(".level").value = 0;
@@ -133,7 +163,7 @@ function onMic(block) {
   let energy = 0;
   for (let i = 0; i < block.length; i++) energy += block[i] * block[i];
   $(".level").value = Math.min(1, Math.sqrt(energy / block.length) * 4);
-  if (!ws || ws.readyState !== 1) return;
+  if (!ws || ws.readyState !== 1 || !live) return;  // nothing is sent before the server is ready for it
   const pcm = new Int16Array(block.length);
   for (let i = 0; i < block.length; i++) pcm[i] = Math.max(-1, Math.min(1, block[i])) * 32767;
   ws.send(pcm.buffer);
@@ -172,7 +202,15 @@ function assistantRow(id) {
 }
 
 function onEvent(m) {
-  if (m.type === "ready") setState("listening");
+  if (m.type === "ready") {
+    live = true;
+    setState("listening");
+    const seen = Math.max(0, ...turns.keys());
+    if (m.turns < seen) {  // the server let this conversation go (idle too long): a new one starts
+      turns.clear();
+      notice("The earlier conversation had expired on the server; the assistant starts afresh.");
+    }
+  }
   else if (m.type === "state") setState(m.state, m.waiting);
   else if (m.type === "user_turn") {
     const t = turn(m.id);
@@ -195,7 +233,8 @@ function onEvent(m) {
     const page = t.firstAudioMs == null ? "–" : `${(t.firstAudioMs / 1000).toFixed(2)} s`;
     $(".latency").textContent = `Last turn: end of speech → turn taken ${s(m.endpoint_s)}; then first text ${s(m.ttft_s)}, ` +
       `first audio ${s(m.first_audio_s)}; end of speech → first audio in this page ${page}.`;
-  } else if (m.type === "error") notice(m.message);
+  } else if (m.type === "error") notice(m.message, true);
+  else if (m.type === "notice") notice(m.message);
 }
 
 function onAudio(buffer) {
@@ -248,7 +287,7 @@ async function replay(id) {
 }
 
 function ptt(down) {
-  if (!ws || ws.readyState !== 1 || !$(".ptt-mode").checked) return;
+  if (!ws || !live || !$(".ptt-mode").checked) return;
   if (down) flushPlayback();
   $(".ptt").classList.toggle("held", down);
   ws.send(JSON.stringify({ type: "ptt", down }));
@@ -264,10 +303,16 @@ $(".ptt-mode").addEventListener("change", (e) => {
   $(".ptt").hidden = !e.target.checked;
   if (ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "mode", ptt: e.target.checked }));
 });
-const pttButton = $(".ptt");
-pttButton.addEventListener("pointerdown", () => ptt(true));
-["pointerup", "pointerleave"].forEach((ev) => pttButton.addEventListener(ev, () => pttButton.classList.contains("held") && ptt(false)));
-document.addEventListener("keydown", (e) => { if (e.code === "Space" && !e.repeat && $(".ptt-mode").checked && stream && !/INPUT|TEXTAREA/.test(document.activeElement?.tagName)) { e.preventDefault(); ptt(true); } });
+pttButton.addEventListener("pointerdown", (e) => { pttButton.setPointerCapture(e.pointerId); ptt(true); });
+["pointerup", "pointercancel", "lostpointercapture"].forEach((ev) =>
+  pttButton.addEventListener(ev, () => pttButton.classList.contains("held") && ptt(false)));
+const typing = () => {  // Space belongs to whatever has the focus, unless that is the page or this panel
+  const el = document.activeElement;
+  return el && el !== document.body && el !== root.host;
+};
+document.addEventListener("keydown", (e) => {
+  if (e.code === "Space" && !e.repeat && $(".ptt-mode").checked && stream && !typing()) { e.preventDefault(); ptt(true); }
+});
 document.addEventListener("keyup", (e) => { if (e.code === "Space" && pttButton.classList.contains("held")) ptt(false); });
 if (!window.isSecureContext) notice(micError(null));
 root.host.dataset.ready = "1";
