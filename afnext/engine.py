@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import audio
+from .kvcache import CacheKeeper, kv_bytes_per_token
 from .model import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
+        self.keeper = CacheKeeper(loaded.device)  # the sessions' KV caches under memory pressure
+        self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker = threading.Thread(target=self._serve, name="afnext-engine", daemon=True)
         self._worker.start()

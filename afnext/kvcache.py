@@ -5,12 +5,21 @@ decoded token: at 45,000 tokens of context (a 30-minute recording) that is 2.4 G
 on AF-Next, the decode step's largest cost after the weights. `GrowingLayer` writes the new keys and
 values in place and grows its buffer geometrically, so appending is O(new tokens), and the
 attention reads a view of the filled part.
+
+`CacheKeeper` moves idle sessions' caches to CPU memory when the device runs short, and back when
+they are needed: sessions are never dropped for want of memory.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+import weakref
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+log = logging.getLogger(__name__)
 
 GROW_FACTOR = 1.5  # capacity multiplier when full: amortized O(1) per token, ≤ 50% spare memory
 MIN_CAPACITY = 256  # tokens; capacities are rounded up to a multiple of this
@@ -91,3 +100,65 @@ class GrowingLayer(DynamicLayer):
 def new_cache() -> Cache:
     """An empty session cache: one `GrowingLayer` per decoder layer, made on first use."""
     return Cache(layer_class_to_replicate=GrowingLayer)
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """Bytes one token adds to the KV cache (AF-Next in bf16: 56 KiB)."""
+    text = config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes a cache's buffers take, spare room included."""
+    return sum(2 * layer._k.numel() * layer._k.element_size()
+               for layer in cache.layers if isinstance(layer, GrowingLayer) and layer.is_initialized and layer._k is not None)
+
+
+class CacheKeeper:
+    """Keeps the sessions' caches on the device while they fit. Under memory pressure it moves the
+    least recently used idle ones to CPU memory, and brings each back when its session speaks again:
+    a conversation is never silently dropped. Used by the engine's worker thread only.
+
+    Pressure: over `budget_bytes` of resident caches when a budget is set; otherwise, on CUDA, less
+    than `reserve_bytes` of free device memory left after the coming turn. Without either, never.
+    """
+
+    def __init__(self, device: torch.device, *, budget_bytes: int | None = None, reserve_bytes: int = 2 << 30) -> None:
+        self.device, self.budget_bytes, self.reserve_bytes = device, budget_bytes, reserve_bytes
+        self._last_use: weakref.WeakKeyDictionary[Cache, float] = weakref.WeakKeyDictionary()
+        self._offloaded: weakref.WeakSet[Cache] = weakref.WeakSet()
+
+    def claim(self, cache: Cache, extra_bytes: int = 0) -> None:
+        """`cache`'s session is about to run a turn that adds about `extra_bytes`: bring the cache back
+        if it was moved out, then make room for the turn by moving others out."""
+        self._last_use[cache] = time.monotonic()
+        if cache in self._offloaded:
+            for layer in cache.layers:
+                layer.prefetch()
+            self._offloaded.discard(cache)
+            log.info("KV cache of %.1f MiB brought back to %s", cache_bytes(cache) / 2**20, self.device)
+        while self._pressure(extra_bytes):
+            idle = [(t, id(c), c) for c, t in self._last_use.items() if c is not cache and c not in self._offloaded]
+            if not idle:
+                log.warning("memory is short but no idle KV cache is left to move out")
+                return
+            victim = min(idle)[2]
+            for layer in victim.layers:
+                layer.offload()
+            self._offloaded.add(victim)
+            log.info("memory pressure: moved an idle KV cache of %.1f MiB to CPU memory", cache_bytes(victim) / 2**20)
+
+    def offloaded(self, cache: Cache) -> bool:
+        return cache in self._offloaded
+
+    def resident_bytes(self) -> int:
+        return sum(cache_bytes(c) for c in list(self._last_use) if c not in self._offloaded)
+
+    def _pressure(self, extra_bytes: int) -> bool:
+        if self.budget_bytes is not None:
+            return self.resident_bytes() + extra_bytes > self.budget_bytes
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return free - extra_bytes < self.reserve_bytes
+        return False

@@ -155,6 +155,8 @@ class Session:
         clips = ([] if self.use_cache else self._clips) + ([plan.clip] if plan.clip else [])
         ids = (self.tokens[self._cached:] if self.use_cache else self.tokens) + plan.ids
         cache = self._cache if self.use_cache and self._cache is not None else new_cache()
+        if self.use_cache:  # the reference path's cache lives for one turn: nothing to keep
+            engine.keeper.claim(cache, (len(ids) + plan.budget) * engine.kv_bytes_per_token)
         t_enc = time.perf_counter()
         embeds = torch.cat([engine.encode(c) for c in clips]) if clips else None
         t_pre = _sync(loaded.device)

@@ -60,3 +60,26 @@ def test_a_model_decodes_the_same_with_either_cache(loaded):
                 out.append(model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1])
         logits.append(torch.stack(out))
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
+def test_idle_caches_move_out_under_pressure_and_come_back_intact(loaded):
+    from afnext.engine import Engine, GenerationOptions
+    from afnext.kvcache import cache_bytes
+    from afnext.session import Session
+    from tests.conftest import noise
+
+    engine = Engine(loaded)
+    try:
+        short = GenerationOptions(max_new_tokens=6)
+        a, b, reference = Session(engine), Session(engine), Session(engine, use_cache=False)
+        for session in (a, reference):
+            list(session.ask("What is this?", noise(4.0, seed=1), options=short))
+        engine.keeper.budget_bytes = int(1.5 * cache_bytes(a._cache))  # room for one conversation only
+        list(b.ask("And this?", noise(4.0, seed=2), options=short))
+        assert engine.keeper.offloaded(a._cache) and not engine.keeper.offloaded(b._cache)
+
+        replies = [[e for e in s.ask("Go on.", options=short)][-1].reply for s in (a, reference)]
+        assert replies[0].token_ids == replies[1].token_ids  # a's conversation came back whole
+        assert not engine.keeper.offloaded(a._cache) and engine.keeper.offloaded(b._cache)
+    finally:
+        engine.close()
