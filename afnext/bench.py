@@ -237,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--durations", default="5,600,1800", help="recording lengths in seconds, comma-separated")
     p.add_argument("--tokens", type=int, default=32, help="tokens per decode-speed measurement")
+    p.add_argument("--decode", default="eager", choices=["eager", "static", "graphs"],
+                   help="how our decoding steps run (graphs: CUDA graphs, CUDA only)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     from .tiny import build_in_memory
@@ -244,11 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded, processor = build_in_memory(args.size, args.device, dtype)
-    engine = Engine(loaded)
+    engine = Engine(loaded, decode=args.decode)
     result = {"command": "python -m afnext.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": machine(device),
               "model": {"size": args.size, "parameters": sum(t.numel() for t in loaded.model.parameters()),
-                        "dtype": str(dtype).removeprefix("torch."), "attention": loaded.attn, "weights": "random"},
+                        "dtype": str(dtype).removeprefix("torch."), "attention": loaded.attn, "weights": "random",
+                        "decode": args.decode},
               "limits": limits(loaded, device), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         warm_up(engine, processor, Path(tmp))

@@ -15,11 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
 
 from . import audio
+from . import decode as decoding
 from .kvcache import CacheKeeper, kv_bytes_per_token
 from .model import LoadedModel
 
@@ -84,8 +86,13 @@ def prepare_clip(source, mel_filters: np.ndarray, *, max_seconds: float = audio.
 class Engine:
     """Owns a `LoadedModel`; runs jobs one at a time on its worker thread."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, decode: str = "eager") -> None:
+        if decode not in decoding.MODES:
+            raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
+        if decode == "graphs" and loaded.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device.")
         self.loaded = loaded
+        self.decode = decode  # eager | static | graphs: how decoding steps run (afnext/decode.py)
         self.keeper = CacheKeeper(loaded.device)  # the sessions' KV caches under memory pressure
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
@@ -183,6 +190,15 @@ class Engine:
             chunk = embeds[None, start:start + step]
             logits = lm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
         return logits[0, -1]
+
+    def decoder(self, cache, capacity: int) -> decoding.Step:
+        """The step function for one turn's decoding on `cache` (at most `capacity` tokens by its end)."""
+        if self.decode == "eager":
+            return partial(self.step, cache=cache)
+        return decoding.begin(self.loaded.model, cache, self.decode, capacity)
+
+    def end_decoding(self, cache) -> None:
+        decoding.end(cache)
 
     def step(self, token: int, cache) -> torch.Tensor:
         """Feed one token; logits for the next [vocab]."""

@@ -26,7 +26,15 @@ MIN_CAPACITY = 256  # tokens; capacities are rounded up to a multiple of this
 
 
 class GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` whose `keys`/`values` are views of larger buffers ([batch, heads, capacity, dim])."""
+    """A `DynamicLayer` whose `keys`/`values` are views of larger buffers ([batch, heads, capacity, dim]).
+
+    Static mode (`start_static` … `end_static`, for CUDA-graph decoding) gives every step the same
+    shapes and addresses: `keys`/`values` are the whole buffers, positions past the filled part are
+    masked as the future, and the length is a device tensor advanced in place, as transformers'
+    `StaticLayer` does it.
+    """
+
+    is_compileable = False  # True on an instance while it is in static mode
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -34,6 +42,8 @@ class GrowingLayer(DynamicLayer):
         self._k = self._v = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.is_compileable:
+            return self._static_update(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self._length + key_states.shape[-2]
@@ -44,8 +54,31 @@ class GrowingLayer(DynamicLayer):
         self._set_length(end)
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self) -> int | torch.Tensor:
+        if self.is_compileable:
+            return self.cumulative_length  # a device tensor: positions are computed without a host sync
         return self._length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.is_compileable:
+            return self.capacity, 0
+        return super().get_mask_sizes(query_length)
+
+    def start_static(self, capacity: int) -> None:
+        """Enter static mode with room for `capacity` tokens in all (grows the buffers at most once)."""
+        assert self.is_initialized and not self.is_compileable
+        if capacity > self.capacity:
+            self._grow(capacity, self._k, self._v)
+        # One length tensor for the layer's life on a device: a captured graph keeps reading its address.
+        if getattr(self, "cumulative_length", None) is None or self.cumulative_length.device != self._k.device:
+            self.cumulative_length = torch.zeros((), dtype=torch.long, device=self._k.device)
+        self.cumulative_length.fill_(self._length)
+        self.keys, self.values, self.is_compileable = self._k, self._v, True
+
+    def end_static(self) -> None:
+        """Back to views of the filled part (reads the length: one host sync per turn)."""
+        self.is_compileable = False
+        self._set_length(int(self.cumulative_length))
 
     @property
     def capacity(self) -> int:
@@ -81,6 +114,14 @@ class GrowingLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("sessions decode one sequence at a time")
 
+    def _static_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        n = key_states.shape[-2]
+        positions = torch.arange(n, device=self._k.device) + self.cumulative_length
+        self.cumulative_length.add_(n)
+        self._k.index_copy_(2, positions, key_states)
+        self._v.index_copy_(2, positions, value_states)
+        return self._k, self._v
+
     def _grow(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         old = self.capacity
         capacity = max(need, int(old * GROW_FACTOR), MIN_CAPACITY)
@@ -95,6 +136,18 @@ class GrowingLayer(DynamicLayer):
     def _set_length(self, length: int) -> None:
         self._length = length
         self.keys, self.values = self._k[..., :length, :], self._v[..., :length, :]
+
+
+def start_static(cache: Cache, capacity: int) -> None:
+    """Put every layer of a session cache in static mode (see `GrowingLayer`)."""
+    for layer in cache.layers:
+        layer.start_static(capacity)
+
+
+def end_static(cache: Cache) -> None:
+    for layer in cache.layers:
+        if layer.is_compileable:
+            layer.end_static()
 
 
 def new_cache() -> Cache:

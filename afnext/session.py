@@ -167,17 +167,21 @@ class Session:
         self._commit_user(plan, cache)
         picker = TokenPicker(plan.options, logits.shape[-1], self.tokens, loaded.device, loaded.ids.im_end)
         generated, fed, t_first = [], 0, None
-        while len(generated) < plan.budget:
-            token = picker(logits)
-            if token == loaded.ids.im_end:
-                break
-            generated.append(token)
-            t_first = t_first or time.perf_counter()
-            emit(token)
-            if cancel.is_set() or len(generated) == plan.budget:
-                break
-            logits = engine.step(token, cache)
-            fed += 1
+        step = engine.decoder(cache, cache.get_seq_length() + plan.budget)
+        try:
+            while len(generated) < plan.budget:
+                token = picker(logits)
+                if token == loaded.ids.im_end:
+                    break
+                generated.append(token)
+                t_first = t_first or time.perf_counter()
+                emit(token)
+                if cancel.is_set() or len(generated) == plan.budget:
+                    break
+                logits = step(token)
+                fed += 1
+        finally:
+            engine.end_decoding(cache)
         t_end = time.perf_counter()
         interrupted = cancel.is_set() and len(generated) < plan.budget
         prompt_tokens = len(self.tokens)

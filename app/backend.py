@@ -65,6 +65,7 @@ def start_backend(options: BackendOptions, engine_factory: Callable[[LoadedModel
     notices: list[str] = []
     if options.device == "auto" and not torch.cuda.is_available():
         notices.append("No GPU was found, so the model runs on the CPU: replies from a real-size model will be slow.")
+        log.warning(notices[-1])
     main_loaded, notice = load_or_demo(options.model, device=options.device)
     notices += [notice] if notice else []
     main = engine_factory(main_loaded)
@@ -73,9 +74,7 @@ def start_backend(options: BackendOptions, engine_factory: Callable[[LoadedModel
         think_loaded, notice = load_or_demo(options.think_model, device=options.device)
         notices += [notice] if notice else []
         think = engine_factory(think_loaded)
-    synthesizer = _voice(options, notices)
-    for text in notices:
-        log.warning(text)
+    synthesizer = _voice(options, notices)  # load_or_demo and _voice log their own notices
     return Backend(main, think, synthesizer, notices)
 
 
@@ -86,6 +85,7 @@ def _voice(options: BackendOptions, notices: list[str]) -> Synthesizer:
         if options.tts == "espeak":
             raise
         notices.append(f"The {options.tts} voice could not be loaded ({exc}); replies are spoken with espeak-ng instead.")
+        log.warning(notices[-1])
         return load_synthesizer("espeak")
 
 

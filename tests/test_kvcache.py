@@ -83,3 +83,36 @@ def test_idle_caches_move_out_under_pressure_and_come_back_intact(loaded):
         assert not engine.keeper.offloaded(a._cache) and engine.keeper.offloaded(b._cache)
     finally:
         engine.close()
+
+
+def test_static_mode_decodes_the_same_tokens_as_eager(loaded):
+    """The CUDA-graph path's cache layout, run eagerly: whole buffers, a device-side length, the
+    unfilled part masked. Over turns with clips and a rollback it must pick the same greedy tokens."""
+    from afnext.engine import Engine, GenerationOptions
+    from afnext.session import Session
+    from tests.conftest import noise
+
+    turns = [("What is this?", noise(3.0, seed=1)), ("And then?", None), ("Now this one?", noise(1.5, seed=2))]
+    options = GenerationOptions(max_new_tokens=12)
+    replies = {}
+    for mode in ("eager", "static"):
+        engine = Engine(loaded, decode=mode)
+        try:
+            session = Session(engine)
+            replies[mode] = [[e for e in session.ask(text, audio, options=options)][-1].reply.token_ids
+                             for text, audio in turns]
+            assert session._cache.get_seq_length() == session._cached  # back to a plain length after each turn
+        finally:
+            engine.close()
+    assert replies["static"] == replies["eager"] and all(replies["eager"])
+
+
+def test_graphs_need_cuda(loaded):
+    import pytest
+
+    from afnext.engine import Engine
+
+    with pytest.raises(ValueError, match="CUDA"):
+        Engine(loaded, decode="graphs")
+    with pytest.raises(ValueError, match="Unknown decode mode"):
+        Engine(loaded, decode="fast")
