@@ -226,9 +226,9 @@ class TokenPicker:
             scores[self.eos] = -float("inf")
         self.picked += 1
         penalty = self.options.repetition_penalty
-        if penalty != 1.0:
-            hit = scores[self.seen]
-            scores[self.seen] = torch.where(hit < 0, hit * penalty, hit / penalty)
+        if penalty != 1.0:  # over the whole vocabulary: a boolean-mask gather would sync the GPU every token
+            scores = torch.where(self.seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+        # The one host sync per token: the streamer needs the id.
         token = int(scores.argmax()) if self.generator is None else self._sample(scores)
         self.seen[token] = True
         return token
@@ -238,7 +238,7 @@ class TokenPicker:
         if self.options.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             outside = sorted_probs.cumsum(0) - sorted_probs > self.options.top_p  # keep the top one always
-            probs[order[outside]] = 0.0
+            probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

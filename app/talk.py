@@ -10,7 +10,8 @@ page → server   text  {"type": "hello", "sample_rate": 48000}   first message;
 server → page   text  {"type": "ready"|"state"|"speech_started"|"user_turn"|"text"|"reasoning"|
                        "interrupted"|"turn_done"|"error", ...}
                 binary HEADER + int16 PCM, HEADER = <u8 kind, 3 pad bytes, u32 turn id, u32 sample rate>,
-                       kind 1: reply speech, kind 2: the user's turn as the server heard it (for replay)
+                       kind 1: reply speech, at the hello's rate (the page's own: gapless, sample-exact),
+                       kind 2: the user's turn as the server heard it, 16 kHz (for replay)
 
 Threads per connection: the event loop only moves messages; a feeder thread pushes microphone audio
 into the `Assistant` (a push may wait up to one decoding step on a barge-in), and a reader thread
@@ -34,7 +35,7 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from afnext.assistant import Assistant, AssistantOptions, Stamped, StateChanged, UserTurn, VoiceTurnDone
-from afnext.audio import SAMPLE_RATE, to_mono_16k
+from afnext.audio import SAMPLE_RATE, MonoResampler, to_mono_16k
 from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
 from afnext.session import Session
 from afnext.vad import SpeechStarted
@@ -199,6 +200,7 @@ class _Link:
         self._held: list[np.ndarray] | None = None  # audio while the button is down
         self._closed = threading.Event()
         self._orphaned = False  # the connection's event loop is gone (server shutting down)
+        self._voice: MonoResampler | None = None  # the reply's speech → the page's rate, per turn
         self._threads = [threading.Thread(target=self._feed, name="afnext-talk-feed", daemon=True),
                          threading.Thread(target=self._read, name="afnext-talk-read", daemon=True)]
         for thread in self._threads:
@@ -272,12 +274,23 @@ class _Link:
             except Exception:
                 log.exception("talk channel: could not send %s", type(event).__name__)
 
+    def _speech(self, turn: int, chunk: AudioChunk) -> list:
+        """Reply audio at the page's own rate, resampled as one stream per turn: the page then plays
+        the chunks back to back, sample-exact, with no resampling of its own at chunk edges."""
+        if self._voice is None or self._voice.sample_rate != chunk.sample_rate:
+            self._voice = MonoResampler(chunk.sample_rate, out_rate=self.rate)
+        samples = self._voice.push(chunk.samples)
+        return [self._pcm(REPLY_AUDIO, turn, samples)] if len(samples) else []
+
+    def _pcm(self, kind: int, turn: int, samples: np.ndarray) -> bytes:
+        return HEADER.pack(kind, turn, self.rate) + int16(samples).tobytes()
+
     def _messages(self, event) -> list:
         t = event.t if isinstance(event, Stamped) else None
         inner = event.event if isinstance(event, Stamped) else event
         turn = self.conversation.turns
         if isinstance(inner, AudioChunk):
-            return [HEADER.pack(REPLY_AUDIO, turn, inner.sample_rate) + int16(inner.samples).tobytes()]
+            return self._speech(turn, inner)
         if isinstance(inner, UserTurn):
             turn = self.conversation.turns = turn + 1  # only this link's reader thread counts
             return [{"type": "user_turn", "id": turn, "start": inner.start, "end": inner.end, "t": inner.t},
@@ -291,11 +304,14 @@ class _Link:
         if isinstance(inner, SpeechStarted):
             return [{"type": "speech_started", "t": inner.t}]
         if isinstance(inner, Interrupted):
+            self._voice = None  # what the filter still holds is not to be heard
             return [{"type": "interrupted", "id": turn, "reason": inner.reason, "t": t}]
         if isinstance(inner, Error):
             return [{"type": "error", "message": inner.message}]
         if isinstance(inner, VoiceTurnDone):
+            tail, self._voice = (self._voice.flush() if self._voice else np.zeros(0, np.float32)), None
             timings = inner.timings
-            return [{"type": "turn_done", "id": turn, "endpoint_s": timings.endpoint_s,
-                     "ttft_s": timings.ttft_s, "first_audio_s": timings.first_audio_s}]
+            done = {"type": "turn_done", "id": turn, "endpoint_s": timings.endpoint_s,
+                    "ttft_s": timings.ttft_s, "first_audio_s": timings.first_audio_s}
+            return ([self._pcm(REPLY_AUDIO, turn, tail)] if len(tail) else []) + [done]
         return []

@@ -140,6 +140,7 @@ def test_voice_channel_hears_a_turn_and_answers_with_text_and_audio(backend):
             if message.get("bytes"):
                 kind, turn, sr = struct.unpack_from("<BxxxII", message["bytes"])
                 audio += (kind == talk.REPLY_AUDIO) * (len(message["bytes"]) - 12) // 2
+                assert sr == (rate if kind == talk.REPLY_AUDIO else SAMPLE_RATE)  # speech at the page's rate
                 seen.append(f"audio{kind}")
             else:
                 seen.append(json.loads(message["text"])["type"])
