@@ -8,7 +8,7 @@ page → server   text  {"type": "hello", "sample_rate": 48000}   first message;
                       {"type": "mode", "ptt": true|false}        push-to-talk on (no voice detection) or off
                 binary int16 mono PCM at the hello's rate, ~20 ms per message
 server → page   text  {"type": "ready"|"state"|"speech_started"|"user_turn"|"text"|"reasoning"|
-                       "interrupted"|"turn_done"|"error", ...}
+                       "interrupted"|"turn_done"|"notice"|"error", ...}
                 binary HEADER + int16 PCM, HEADER = <u8 kind, 3 pad bytes, u32 turn id, u32 sample rate>,
                        kind 1: reply speech, at the hello's rate (the page's own: gapless, sample-exact),
                        kind 2: the user's turn as the server heard it, 16 kHz (for replay)
@@ -126,8 +126,11 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
     client = ws.query_params.get("client", "")
     try:
         rate = _hello(await ws.receive_text(), client)
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:  # our own sentences
         await _refuse(ws, str(exc), 1008)
+        return
+    except (KeyError, TypeError, AttributeError):
+        await _refuse(ws, "The voice channel could not read the page's hello message; reload the page.", 1008)
         return
     except WebSocketDisconnect:
         return
