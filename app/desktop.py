@@ -2,6 +2,7 @@
 
     python -m app.desktop [--model M] [--tts espeak|pocket] [--input-device D] [--output-device D]
                           [--half-duplex] [--think] [--device auto|cpu|cuda]
+    python -m app.desktop --server http://gpu-box:7860/    (the model on the web app's machine)
     python -m app.desktop --list-devices
 
 Speak; the end of your turn is heard by itself, the answer is printed as it streams and spoken as
@@ -34,6 +35,7 @@ from afnext.tts import TTSError, load_synthesizer
 
 from .audio_io import (MIC_BLOCK_S, MIC_QUEUE_S, AudioPorts, MicTap, NoAudioError, Playback, Stream, list_devices,
                        load_sounddevice, sounddevice_ports)
+from .remote import RemoteBrain, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +47,8 @@ _CONTROLS = {c: "\ufffd" for c in (*range(32), *range(127, 160)) if c != 10}
 
 
 class VoiceBrain(Protocol):
-    """What the loop drives: afnext's `Assistant` (model on this machine). SEAM for `--server URL`:
-    a client of a remote GPU backend with these three methods would slot in unchanged."""
+    """What the loop drives: afnext's `Assistant` (the model on this machine), or `RemoteBrain`
+    (`--server URL`: the model on a web app's machine, through its voice channel)."""
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> None: ...
 
@@ -197,10 +199,6 @@ def build_assistant(args: argparse.Namespace, console: Console) -> tuple[Assista
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.server is not None:
-        print("--server is not available yet: for now the model runs on this machine (drop --server).",
-              file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.stdout.reconfigure(errors="replace")  # a terminal that cannot show a character gets "?"
     console = Console(sys.stdout)
@@ -221,8 +219,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
     try:
-        assistant, engine = build_assistant(args, console)
-    except (ModelLoadError, TTSError, ValueError) as exc:
+        if args.server:
+            brain, engine = RemoteBrain(args.server, ports.mic_rate, half_duplex=args.half_duplex, think=args.think), None
+            console.note(f"Talking to the assistant at {args.server}.")
+        else:
+            brain, engine = build_assistant(args, console)
+    except (ModelLoadError, TTSError, ValueError, RemoteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     duplex = ("Half duplex: the microphone is muted while the assistant speaks" if args.half_duplex else
@@ -232,13 +234,14 @@ def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
     try:
-        playback = converse(assistant, ports, stop, console)
+        playback = converse(brain, ports, stop, console)
         if playback.underruns:
             console.note(f"(the speaker ran dry {playback.underruns} times in the middle of a reply: speech was "
                          "made slower than it played)")
     finally:
         signal.signal(signal.SIGINT, previous)
-        engine.close()
+        if engine is not None:
+            engine.close()
     print("bye")
     return 0
 
@@ -255,8 +258,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or instruct|think|captioner|tiny")
     p.add_argument("--think", action="store_true", help="reason before answering (shown, never spoken)")
     p.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, cuda:1 ...")
-    # SEAM: a remote GPU backend. A client implementing VoiceBrain replaces build_assistant here.
-    p.add_argument("--server", metavar="URL", help="use a remote GPU backend (not available yet)")
+    p.add_argument("--server", metavar="URL",
+                   help="the web app (python -m app) on a GPU machine, e.g. http://gpu-box:7860/: its model answers; "
+                        "--model, --tts and --device are then the server's business")
     return p
 
 

@@ -3,7 +3,8 @@
 Gradio's own streamed audio is served as HLS and adds seconds before the first sound, so the page
 talks to the assistant over one WebSocket instead:
 
-page → server   text  {"type": "hello", "sample_rate": 48000}   first message; then any of
+page → server   text  {"type": "hello", "sample_rate": 48000}   first message (optional "half_duplex",
+                      "think": bool, for this connection); then any of
                       {"type": "ptt", "down": true|false}        push-to-talk pressed / released
                       {"type": "mode", "ptt": true|false}        push-to-talk on (no voice detection) or off
                 binary int16 mono PCM at the hello's rate, ~20 ms per message
@@ -28,7 +29,7 @@ import re
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -81,7 +82,7 @@ class TalkRegistry:
         self._conversations: dict[str, _Conversation] = {}
         self._lock = threading.Lock()
 
-    def attach(self, client: str, rate: int, send) -> _Link:
+    def attach(self, client: str, rate: int, send, options: AssistantOptions | None = None) -> _Link:
         """A live link into `client`'s conversation (kept or new). Blocks while an older link of the
         same conversation shuts down (at most one decoding step). Raises TalkBusy."""
         backend = self.loader.wait()
@@ -96,7 +97,7 @@ class TalkRegistry:
             old, conv.link = conv.link, None
         if old is not None:
             old.close()
-        link = _Link(conv, Assistant(conv.session, backend.synthesizer, self.options), rate, send)
+        link = _Link(conv, Assistant(conv.session, backend.synthesizer, options or self.options), rate, send)
         with self._lock:
             conv.link = link
         return link
@@ -125,7 +126,7 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
     await ws.accept()
     client = ws.query_params.get("client", "")
     try:
-        rate = _hello(await ws.receive_text(), client)
+        rate, hello = _hello(await ws.receive_text(), client)
     except ValueError as exc:  # our own sentences
         await _refuse(ws, str(exc), 1008)
         return
@@ -138,7 +139,9 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
         await ws.send_text(json.dumps({"type": "state", "state": "loading", "waiting": 0}))
     loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
     try:
-        link = await asyncio.to_thread(registry.attach, client, rate, partial(loop.call_soon_threadsafe, outbox.put_nowait))
+        options = replace(registry.options, half_duplex=bool(hello.get("half_duplex")), think=bool(hello.get("think")))
+        link = await asyncio.to_thread(registry.attach, client, rate, partial(loop.call_soon_threadsafe, outbox.put_nowait),
+                                       options)
     except (BackendUnavailable, TalkBusy) as exc:
         await _refuse(ws, str(exc), 1013)
         return
@@ -168,7 +171,7 @@ async def _refuse(ws: WebSocket, message: str, code: int) -> None:
     await ws.close(code=code, reason=message.encode()[:120].decode(errors="ignore"))
 
 
-def _hello(text: str, client: str) -> int:
+def _hello(text: str, client: str) -> tuple[int, dict]:
     if not _CLIENT_ID.fullmatch(client):
         raise ValueError("The page did not name a valid client id; reload the page.")
     hello = json.loads(text)
@@ -177,7 +180,7 @@ def _hello(text: str, client: str) -> int:
     rate = int(hello["sample_rate"])
     if not 8000 <= rate <= 192000:
         raise ValueError(f"A microphone rate of {rate} Hz is not supported (8-192 kHz).")
-    return rate
+    return rate, hello
 
 
 async def _send_all(ws: WebSocket, outbox: asyncio.Queue) -> None:

@@ -9,10 +9,12 @@ import os
 import queue
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,6 +27,7 @@ from afnext.audio import SAMPLE_RATE, to_mono_16k
 from afnext.events import AudioChunk, Interrupted, ReasoningDelta, TextDelta
 from app import audio_io, desktop
 from app.audio_io import AudioPorts, NoAudioError, Playback
+from app.remote import RemoteBrain, RemoteError, channel_url
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEAKER_RATE = 48000  # Hz of the fake speaker: reply chunks (espeak: 22,050 Hz) are resampled to it
@@ -328,9 +331,55 @@ def test_devices_are_picked_by_index_or_name():
         pick(sd, "webcam", "output")
 
 
-def test_server_is_a_marked_seam(capsys):
-    assert desktop.main(["--server", "http://gpu:8000"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+@pytest.fixture
+def voice_server(engine):
+    """The web app's voice channel alone, served by uvicorn on a free port (the tiny model, espeak)."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+
+    from afnext.tts import load_synthesizer
+    from app import talk
+    from app.backend import Backend, BackendLoader
+
+    registry = talk.TalkRegistry(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak"))))
+    app = Starlette(routes=[WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry))])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, what="the server to start")
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_loop_with_a_remote_brain_on_the_web_apps_voice_channel(voice_server):
+    brain = RemoteBrain(voice_server, SAMPLE_RATE)
+    devices = FakeDevices(np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), speech()]))
+    stop, thread, out, result = run_loop(brain, devices)
+    wait_until(lambda: "latency:" in out.getvalue(), timeout=60, what="a whole turn over the network")
+    wait_until(lambda: np.abs(devices.speaker_audio()).max(initial=0) > 0.05, what="reply audio")
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    text = out.getvalue()
+    assert "you: (" in text and "assistant: " in text and "[thinking]" in text, text
+
+
+def test_an_unreachable_server_is_one_clear_error(capsys, monkeypatch):
+    monkeypatch.setattr(desktop, "load_sounddevice", lambda: fake_sounddevice([device(0, "mic", 1, 1)], default=(0, 0)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    assert desktop.main(["--server", f"http://127.0.0.1:{port}/"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Could not open the voice channel at ws://127.0.0.1:") and err.count("\n") == 1
+    assert channel_url("https://box.example/app/", "c1") == "wss://box.example/app/afnext/talk?client=c1"
+    with pytest.raises(RemoteError, match="not an http"):
+        channel_url("ftp://box", "c1")
 
 
 # ---- the program through real PortAudio: ALSA `file` devices on named pipes ----
