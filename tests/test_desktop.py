@@ -234,9 +234,13 @@ def test_loop_with_the_real_assistant_and_fake_devices(engine):
     from afnext.tts import load_synthesizer
 
     options = AssistantOptions(generation=GenerationOptions(max_new_tokens=24))
-    assistant = Assistant(Session(engine), load_synthesizer("espeak"), options)
+    one_spoken_turn(Assistant(Session(engine), load_synthesizer("espeak"), options))
+
+
+def one_spoken_turn(brain) -> None:
+    """Speak one question into the loop: a whole turn must be printed and its reply heard."""
     devices = FakeDevices(np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), speech()]))
-    stop, thread, out, result = run_loop(assistant, devices)
+    stop, thread, out, result = run_loop(brain, devices)
     wait_until(lambda: "latency:" in out.getvalue(), timeout=60, what="a whole turn")
     wait_until(lambda: np.abs(devices.speaker_audio()).max(initial=0) > 0.05, what="reply audio")
     stop.set()
@@ -357,16 +361,7 @@ def voice_server(engine):
 
 
 def test_loop_with_a_remote_brain_on_the_web_apps_voice_channel(voice_server):
-    brain = RemoteBrain(voice_server, SAMPLE_RATE)
-    devices = FakeDevices(np.concatenate([np.zeros(SAMPLE_RATE // 2, np.float32), speech()]))
-    stop, thread, out, result = run_loop(brain, devices)
-    wait_until(lambda: "latency:" in out.getvalue(), timeout=60, what="a whole turn over the network")
-    wait_until(lambda: np.abs(devices.speaker_audio()).max(initial=0) > 0.05, what="reply audio")
-    stop.set()
-    thread.join(10)
-    assert not thread.is_alive()
-    text = out.getvalue()
-    assert "you: (" in text and "assistant: " in text and "[thinking]" in text, text
+    one_spoken_turn(RemoteBrain(voice_server, SAMPLE_RATE))
 
 
 def test_an_unreachable_server_is_one_clear_error(capsys, monkeypatch):
