@@ -21,7 +21,8 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 log = logging.getLogger(__name__)
 
-GROW_FACTOR = 1.5  # capacity multiplier when full: amortized O(1) per token, ≤ 50% spare memory
+GROW_FACTOR = 1.5  # capacity multiplier when full: amortized O(1) per token, ≤ 50% spare memory…
+GROW_MAX_TOKENS = 8192  # …but never more than this at once (0.45 GiB on AF-Next: a 30-minute cache grows in steps)
 MIN_CAPACITY = 256  # tokens; capacities are rounded up to a multiple of this
 
 
@@ -35,6 +36,10 @@ class GrowingLayer(DynamicLayer):
     """
 
     is_compileable = False  # True on an instance while it is in static mode
+
+    def __init__(self, owner: SessionCache | None = None) -> None:
+        super().__init__()
+        self._owner = owner  # whose `reserved` sizes the first buffers
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -122,9 +127,15 @@ class GrowingLayer(DynamicLayer):
         self._v.index_copy_(2, positions, value_states)
         return self._k, self._v
 
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` in all now, so the turn's prefill and decoding never reallocate."""
+        if self.is_initialized and self._k is not None and tokens > self.capacity:
+            self._grow(tokens, self._k, self._v)
+
     def _grow(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         old = self.capacity
-        capacity = max(need, int(old * GROW_FACTOR), MIN_CAPACITY)
+        reserved = self._owner.reserved if self._owner is not None else 0
+        capacity = max(need, reserved, min(int(old * GROW_FACTOR), old + GROW_MAX_TOKENS), MIN_CAPACITY)
         capacity = -(-capacity // MIN_CAPACITY) * MIN_CAPACITY
         k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
         v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
@@ -150,9 +161,24 @@ def end_static(cache: Cache) -> None:
             layer.end_static()
 
 
-def new_cache() -> Cache:
-    """An empty session cache: one `GrowingLayer` per decoder layer, made on first use."""
-    return Cache(layer_class_to_replicate=GrowingLayer)
+class SessionCache(Cache):
+    """A session's cache: one `GrowingLayer` per decoder layer, made on first use and sized by
+    `reserve`, so a known turn (a 30-minute recording: 45,000 tokens) is one allocation, not a
+    series of growths that each briefly hold the old and the new buffers."""
+
+    def __init__(self) -> None:
+        self.reserved = 0  # tokens the next buffers must hold
+        super().__init__(layer_class_to_replicate=lambda: GrowingLayer(self))
+
+    def reserve(self, tokens: int) -> None:
+        self.reserved = tokens
+        for layer in self.layers:
+            layer.reserve(tokens)
+
+
+def new_cache() -> SessionCache:
+    """An empty session cache."""
+    return SessionCache()
 
 
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:

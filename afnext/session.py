@@ -157,6 +157,7 @@ class Session:
         cache = self._cache if self.use_cache and self._cache is not None else new_cache()
         if self.use_cache:  # the reference path's cache lives for one turn: nothing to keep
             engine.keeper.claim(cache, (len(ids) + plan.budget) * engine.kv_bytes_per_token)
+        cache.reserve(cache.get_seq_length() + len(ids) + plan.budget)  # one allocation for the whole turn
         t_enc = time.perf_counter()
         embeds = torch.cat([engine.encode(c) for c in clips]) if clips else None
         t_pre = _sync(loaded.device)

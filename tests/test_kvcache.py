@@ -32,6 +32,25 @@ def test_growing_layer_equals_dynamic_layer_through_appends_and_crops():
     assert layer.get_seq_length() <= layer.capacity <= 1.5 * 1500
 
 
+def test_a_reserved_turn_is_one_allocation_and_growth_is_bounded():
+    from afnext.kvcache import GROW_MAX_TOKENS
+
+    cache = new_cache()
+    cache.reserve(1000)
+    cache.update(*_kv(700, 0), 0)
+    layer = cache.layers[0]
+    buffer = layer._k
+    for i in range(324):
+        cache.update(*_kv(1, i), 0)
+    assert layer._k is buffer and layer.capacity == 1024  # 1000 rounded up to 256s: filled, never reallocated
+    cache.update(*_kv(1, 0), 0)
+    assert layer.capacity == 1536  # full: 1.5×
+    big = new_cache()
+    big.update(*_kv(40_000, 0), 0)  # 40,192 after rounding
+    big.update(*_kv(193, 0), 0)  # one past full
+    assert big.layers[0].capacity == 40_192 + GROW_MAX_TOKENS  # a large cache grows by a bounded step
+
+
 def test_appending_a_token_writes_in_place():
     cache = new_cache()
     cache.update(*_kv(10, 0), 0)
