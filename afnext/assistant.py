@@ -155,6 +155,11 @@ class Assistant:
         """Barge in from the shell (a push-to-talk press): cancel the turn and silence the reply."""
         self._interrupt(self.now())
 
+    def forget_speech(self) -> None:
+        """Drop what the endpointer has heard of an utterance in progress (push-to-talk takes over).
+        Call from the feeding thread."""
+        self.endpointer.discard()
+
     def say(self, audio: np.ndarray) -> None:
         """A whole utterance (float32 mono 16 kHz) that ended just now becomes the next turn, without
         the endpointer: push-to-talk, where the button, not the silence, marks the end of the turn."""

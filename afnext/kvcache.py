@@ -137,8 +137,9 @@ class GrowingLayer(DynamicLayer):
         reserved = self._owner.reserved if self._owner is not None else 0
         capacity = max(need, reserved, min(int(old * GROW_FACTOR), old + GROW_MAX_TOKENS), MIN_CAPACITY)
         capacity = -(-capacity // MIN_CAPACITY) * MIN_CAPACITY
-        k = key_states.new_empty((*key_states.shape[:-2], capacity, key_states.shape[-1]))
-        v = value_states.new_empty((*value_states.shape[:-2], capacity, value_states.shape[-1]))
+        # Zeros, not empty: static mode attends over the unfilled part with weight 0, and 0 × NaN-garbage is NaN.
+        k = key_states.new_zeros((*key_states.shape[:-2], capacity, key_states.shape[-1]))
+        v = value_states.new_zeros((*value_states.shape[:-2], capacity, value_states.shape[-1]))
         if self._k is not None:
             k[..., :self._length, :] = self._k[..., :self._length, :]
             v[..., :self._length, :] = self._v[..., :self._length, :]

@@ -133,6 +133,12 @@ class Endpointer:
         self._voice_end = 0  # sample: where the voice stopped, refined from `_last_voice`
         self._handed_out = 0  # sample: audio before this went out in an UtteranceEnded already
 
+    def discard(self) -> None:
+        """Forget speech in progress without ending a turn (push-to-talk took over); the timeline
+        goes on, and audio already pushed will not reach a later utterance."""
+        self._phase, self._voiced = "silence", 0
+        self._handed_out = max(self._handed_out, self._next)
+
     def push(self, pcm: np.ndarray, sample_rate: int) -> list[Event]:
         """Feed the next chunk: int16 or float PCM, [n] or [n, channels], at any rate.
 

@@ -80,6 +80,7 @@ class TalkRegistry:
         self.loader, self.options = loader, options
         self.idle_s, self.max_conversations = idle_s, max_conversations
         self._conversations: dict[str, _Conversation] = {}
+        self._closing: set[threading.Thread] = set()  # links of ended connections, still closing
         self._lock = threading.Lock()
 
     def attach(self, client: str, rate: int, send, options: AssistantOptions | None = None) -> _Link:
@@ -101,6 +102,30 @@ class TalkRegistry:
         with self._lock:
             conv.link = link
         return link
+
+    def retire(self, client: str, link: _Link) -> None:
+        """`detach` on a thread of its own: closing waits for the turn (one decoding step), and must
+        happen even when the connection's coroutine is being cancelled (server shutdown)."""
+        thread = threading.Thread(target=self.detach, args=(client, link), name="afnext-talk-close", daemon=True)
+        with self._lock:
+            self._closing = {t for t in self._closing if t.is_alive()} | {thread}
+        thread.start()
+
+    def wait_closed(self, timeout: float = 30.0) -> bool:
+        """Wait for connections that ended to finish closing (their turns cancelled); False on timeout."""
+        with self._lock:
+            closing = list(self._closing)
+        for thread in closing:
+            thread.join(timeout)
+        return not any(t.is_alive() for t in closing)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Close every live connection's link (the server is stopping)."""
+        with self._lock:
+            links = [(client, conv.link) for client, conv in self._conversations.items() if conv.link is not None]
+        for client, link in links:
+            self.retire(client, link)
+        self.wait_closed(timeout)
 
     def detach(self, client: str, link: _Link) -> None:
         """`link`'s connection ended: close it; the conversation waits `idle_s` for the page to come back."""
@@ -160,9 +185,7 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
         log.info("talk channel %s… ended: %s", client[:8], exc)
     finally:
         sender.cancel()
-        # On a thread of its own: closing waits for the turn (one decoding step), and must happen even
-        # when this coroutine is being cancelled (server shutdown).
-        threading.Thread(target=registry.detach, args=(client, link), name="afnext-talk-close", daemon=True).start()
+        registry.retire(client, link)
 
 
 async def _refuse(ws: WebSocket, message: str, code: int) -> None:
@@ -255,6 +278,8 @@ class _Link:
         kind = message.get("type")
         if kind == "mode":
             self._ptt, self._held = bool(message.get("ptt")), None
+            if self._ptt:  # speech the endpointer was in the middle of is not a turn any more
+                self.assistant.forget_speech()
         elif kind == "ptt" and self._ptt:
             if message.get("down"):
                 self._held = []

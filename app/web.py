@@ -239,5 +239,8 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     log.info("serving %s, %.2f s after launch (the model %s)", demo.local_url, time.perf_counter() - started,
              "is ready" if loader.ready else "is still loading")
     if block:
-        demo.block_thread()
+        try:
+            demo.block_thread()
+        finally:
+            registry.shutdown()  # cancel the voice turns still running before the process ends
     return demo

@@ -358,6 +358,7 @@ def voice_server(engine):
     yield f"http://127.0.0.1:{port}/"
     server.should_exit = True
     thread.join(10)
+    registry.shutdown()  # no voice turn may outlive the test: one running at interpreter exit aborts it
 
 
 def test_loop_with_a_remote_brain_on_the_web_apps_voice_channel(voice_server):

@@ -121,6 +121,8 @@ def test_static_mode_decodes_the_same_tokens_as_eager(loaded):
             replies[mode] = [[e for e in session.ask(text, audio, options=options)][-1].reply.token_ids
                              for text, audio in turns]
             assert session._cache.get_seq_length() == session._cached  # back to a plain length after each turn
+            # The unfilled part is attended with weight 0: it must hold no NaN (0 × NaN is NaN).
+            assert all(torch.isfinite(layer._k).all() and torch.isfinite(layer._v).all() for layer in session._cache.layers)
         finally:
             engine.close()
     assert replies["static"] == replies["eager"] and all(replies["eager"])

@@ -215,6 +215,21 @@ def test_flush_ends_the_utterance_in_progress():
     assert endpointer.flush() == []  # a flushed endpointer starts over
 
 
+def test_discard_forgets_the_utterance_in_progress_and_keeps_the_timeline():
+    half = speech(FIRST)[: 3 * SAMPLE_RATE // 2]
+    audio, (_, (start, _)) = sequence(0.5, half, 1.0, speech(SECOND), 1.0)
+    endpointer = Endpointer()
+    cut = round(0.5 * SAMPLE_RATE) + half.size + SAMPLE_RATE // 5  # the first speech, 0.2 s into its hangover
+    assert [type(e) for e in endpointer.push(audio[:cut], SAMPLE_RATE)] == [SpeechStarted]
+    endpointer.discard()
+    assert not endpointer.speaking
+    events = endpointer.push(audio[cut:], SAMPLE_RATE)
+    (ended,) = [e for e in events if isinstance(e, UtteranceEnded)]  # only the second speech is a turn
+    assert abs(ended.start - start) <= BOUNDS_TOLERANCE_S  # on the same timeline as before
+    first = round(ended.start * SAMPLE_RATE) - 300 * SAMPLE_RATE // 1000
+    assert np.array_equal(ended.audio, audio[first : first + ended.audio.size])
+
+
 def test_speaking_follows_the_turn():
     audio, _ = two_turns()
     endpointer, states = Endpointer(), []

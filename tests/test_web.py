@@ -120,16 +120,29 @@ def test_backend_falls_back_to_the_demo_model_and_says_so(monkeypatch):
         b.close()
 
 
-def _channel(backend, registry=None) -> TestClient:
-    """The voice channel alone, served by Starlette's test client."""
-    registry = talk.TalkRegistry(BackendLoader.ready_made(backend)) if registry is None else registry
-    return TestClient(Starlette(routes=[WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry))]))
+@pytest.fixture
+def registries():
+    """Every registry a test opens; afterwards their ended connections must finish closing (a turn
+    still running when the interpreter exits aborts it)."""
+    made: list[talk.TalkRegistry] = []
+    yield made
+    assert all(r.wait_closed(30) for r in made)
 
 
-def test_voice_channel_hears_a_turn_and_answers_with_text_and_audio(backend):
+@pytest.fixture
+def channel(backend, registries):
+    """The voice channel alone, served by Starlette's test client: channel(registry=None) → client."""
+    def make(registry: talk.TalkRegistry | None = None) -> TestClient:
+        registry = talk.TalkRegistry(BackendLoader.ready_made(backend)) if registry is None else registry
+        registries.append(registry)
+        return TestClient(Starlette(routes=[WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry))]))
+    return make
+
+
+def test_voice_channel_hears_a_turn_and_answers_with_text_and_audio(backend, channel):
     speech, rate = soundfile.read(ASSETS / "speech.wav", dtype="int16")
     pcm = np.concatenate([speech, np.zeros(rate * 2, np.int16)])
-    with _channel(backend).websocket_connect(f"{talk.ROUTE}?client=test-client-0001") as ws:
+    with channel().websocket_connect(f"{talk.ROUTE}?client=test-client-0001") as ws:
         ws.send_text(json.dumps({"type": "hello", "sample_rate": rate}))
         assert ws.receive_json()["type"] == "ready"
         for i in range(0, len(pcm), rate // 50):
@@ -188,8 +201,8 @@ def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_
         proc.wait(10)
 
 
-def test_voice_channel_refuses_a_bad_hello(backend):
-    api = _channel(backend)
+def test_voice_channel_refuses_a_bad_hello(backend, channel):
+    api = channel()
     with api.websocket_connect(f"{talk.ROUTE}?client=x") as ws:
         ws.send_text(json.dumps({"type": "hello", "sample_rate": 16000}))
         assert "client id" in ws.receive_json()["message"]
@@ -216,9 +229,9 @@ def _hello(ws) -> dict:
     return ws.receive_json()
 
 
-def test_a_page_that_reconnects_keeps_its_conversation_and_turn_ids(backend):
+def test_a_page_that_reconnects_keeps_its_conversation_and_turn_ids(backend, channel):
     registry = talk.TalkRegistry(BackendLoader.ready_made(backend))
-    client = _channel(backend, registry)
+    client = channel(registry)
     with client.websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
         assert _hello(ws) == {"type": "ready", "turns": 0}
         assert _ptt_turn(ws)["id"] == 1
@@ -230,9 +243,9 @@ def test_a_page_that_reconnects_keeps_its_conversation_and_turn_ids(backend):
     assert len(registry) == 2
 
 
-def test_idle_conversations_are_dropped_and_the_count_is_capped(backend):
+def test_idle_conversations_are_dropped_and_the_count_is_capped(backend, channel):
     registry = talk.TalkRegistry(BackendLoader.ready_made(backend), idle_s=0.0, max_conversations=1)
-    client = _channel(backend, registry)
+    client = channel(registry)
     with client.websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
         _hello(ws)
         with client.websocket_connect(f"{talk.ROUTE}?client=page-two-0002") as other:
@@ -241,14 +254,25 @@ def test_idle_conversations_are_dropped_and_the_count_is_capped(backend):
     assert len(registry) == 0  # its page left: nobody was connected for idle_s
 
 
-def test_a_short_push_to_talk_press_is_not_a_turn(backend):
-    with _channel(backend).websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
+def test_switching_to_push_to_talk_mid_sentence_makes_no_turn_of_it(backend, channel):
+    speech, rate = soundfile.read(ASSETS / "speech.wav", dtype="int16")
+    with channel().websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
+        ws.send_text(json.dumps({"type": "hello", "sample_rate": rate}))
+        ws.receive_json()
+        for i in range(0, 2 * rate, rate // 50):  # two seconds into the first sentence…
+            ws.send_bytes(speech[i:i + rate // 50].tobytes())
+        message = _ptt_turn(ws)  # …then push-to-talk: its 1 s hold is the only turn
+        assert message["type"] == "user_turn" and message["end"] - message["start"] == pytest.approx(1.0, abs=0.03)
+
+
+def test_a_short_push_to_talk_press_is_not_a_turn(backend, channel):
+    with channel().websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
         _hello(ws)
         assert "too short" in _ptt_turn(ws, seconds=0.1)["message"]
 
 
-def test_push_to_talk_makes_the_held_audio_one_turn(backend):
-    with _channel(backend).websocket_connect(f"{talk.ROUTE}?client=ptt-client-01") as ws:
+def test_push_to_talk_makes_the_held_audio_one_turn(backend, channel):
+    with channel().websocket_connect(f"{talk.ROUTE}?client=ptt-client-01") as ws:
         _hello(ws)
         message = _ptt_turn(ws)
         assert message["type"] == "user_turn" and message["end"] - message["start"] == pytest.approx(1.0, abs=0.03)
