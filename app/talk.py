@@ -3,15 +3,16 @@
 Gradio's own streamed audio is served as HLS and adds seconds before the first sound, so the page
 talks to the assistant over one WebSocket instead:
 
-page → server   text  {"type": "hello", "sample_rate": 48000}   first message (optional "half_duplex",
-                      "think": bool, for this connection); then any of
+page → server   text  {"type": "hello", "sample_rate": 16000}   first message: the microphone's rate;
+                      optional: "play_rate" (Hz the page plays at; default sample_rate), "half_duplex",
+                      "think" (bool, for this connection); then any of
                       {"type": "ptt", "down": true|false}        push-to-talk pressed / released
                       {"type": "mode", "ptt": true|false}        push-to-talk on (no voice detection) or off
                 binary int16 mono PCM at the hello's rate, ~20 ms per message
 server → page   text  {"type": "ready"|"state"|"speech_started"|"user_turn"|"text"|"reasoning"|
                        "interrupted"|"turn_done"|"notice"|"error", ...}
                 binary HEADER + int16 PCM, HEADER = <u8 kind, 3 pad bytes, u32 turn id, u32 sample rate>,
-                       kind 1: reply speech, at the hello's rate (the page's own: gapless, sample-exact),
+                       kind 1: reply speech, at the hello's play_rate (the page's own: gapless, sample-exact),
                        kind 2: the user's turn as the server heard it, 16 kHz (for replay)
 
 Threads per connection: the event loop only moves messages; a feeder thread pushes microphone audio
@@ -83,7 +84,8 @@ class TalkRegistry:
         self._closing: set[threading.Thread] = set()  # links of ended connections, still closing
         self._lock = threading.Lock()
 
-    def attach(self, client: str, rate: int, send, options: AssistantOptions | None = None) -> _Link:
+    def attach(self, client: str, rate: int, send, options: AssistantOptions | None = None,
+               play_rate: int | None = None) -> _Link:
         """A live link into `client`'s conversation (kept or new). Blocks while an older link of the
         same conversation shuts down (at most one decoding step). Raises TalkBusy."""
         backend = self.loader.wait()
@@ -98,7 +100,8 @@ class TalkRegistry:
             old, conv.link = conv.link, None
         if old is not None:
             old.close()
-        link = _Link(conv, Assistant(conv.session, backend.synthesizer, options or self.options), rate, send)
+        link = _Link(conv, Assistant(conv.session, backend.synthesizer, options or self.options), rate, send,
+                     play_rate or rate)
         with self._lock:
             conv.link = link
         return link
@@ -152,6 +155,7 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
     client = ws.query_params.get("client", "")
     try:
         rate, hello = _hello(await ws.receive_text(), client)
+        play_rate = _rate(hello.get("play_rate", rate))
     except ValueError as exc:  # our own sentences
         await _refuse(ws, str(exc), 1008)
         return
@@ -166,7 +170,7 @@ async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
     try:
         options = replace(registry.options, half_duplex=bool(hello.get("half_duplex")), think=bool(hello.get("think")))
         link = await asyncio.to_thread(registry.attach, client, rate, partial(loop.call_soon_threadsafe, outbox.put_nowait),
-                                       options)
+                                       options, play_rate)
     except (BackendUnavailable, TalkBusy) as exc:
         await _refuse(ws, str(exc), 1013)
         return
@@ -200,10 +204,17 @@ def _hello(text: str, client: str) -> tuple[int, dict]:
     hello = json.loads(text)
     if hello.get("type") != "hello":
         raise ValueError("The voice channel expected a hello message first; reload the page.")
-    rate = int(hello["sample_rate"])
+    return _rate(hello["sample_rate"]), hello
+
+
+def _rate(value) -> int:
+    try:
+        rate = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"The voice channel could not read the sample rate {value!r}; reload the page.") from None
     if not 8000 <= rate <= 192000:
-        raise ValueError(f"A microphone rate of {rate} Hz is not supported (8-192 kHz).")
-    return rate, hello
+        raise ValueError(f"A sample rate of {rate} Hz is not supported (8-192 kHz).")
+    return rate
 
 
 async def _send_all(ws: WebSocket, outbox: asyncio.Queue) -> None:
@@ -221,8 +232,9 @@ async def _send_all(ws: WebSocket, outbox: asyncio.Queue) -> None:
 class _Link:
     """Moves one connection's audio into the assistant and its events out as messages."""
 
-    def __init__(self, conversation: _Conversation, assistant: Assistant, rate: int, send) -> None:
-        self.conversation, self.assistant, self.rate, self.send = conversation, assistant, rate, send
+    def __init__(self, conversation: _Conversation, assistant: Assistant, rate: int, send, play_rate: int) -> None:
+        self.conversation, self.assistant, self.send = conversation, assistant, send
+        self.rate, self.play_rate = rate, play_rate  # Hz of the microphone; Hz the page plays reply speech at
         # Unbounded, so the event loop never blocks on it; audio() keeps the backlog bounded instead.
         self._inbox: queue.Queue = queue.Queue()
         self._ptt = False  # push-to-talk mode: the endpointer hears silence, the button makes turns
@@ -309,12 +321,12 @@ class _Link:
         """Reply audio at the page's own rate, resampled as one stream per turn: the page then plays
         the chunks back to back, sample-exact, with no resampling of its own at chunk edges."""
         if self._voice is None or self._voice.sample_rate != chunk.sample_rate:
-            self._voice = MonoResampler(chunk.sample_rate, out_rate=self.rate)
+            self._voice = MonoResampler(chunk.sample_rate, out_rate=self.play_rate)
         samples = self._voice.push(chunk.samples)
         return [self._pcm(REPLY_AUDIO, turn, samples)] if len(samples) else []
 
     def _pcm(self, kind: int, turn: int, samples: np.ndarray) -> bytes:
-        return HEADER.pack(kind, turn, self.rate) + int16(samples).tobytes()
+        return HEADER.pack(kind, turn, self.play_rate) + int16(samples).tobytes()
 
     def _messages(self, event) -> list:
         t = event.t if isinstance(event, Stamped) else None

@@ -143,7 +143,7 @@ def test_voice_channel_hears_a_turn_and_answers_with_text_and_audio(backend, cha
     speech, rate = soundfile.read(ASSETS / "speech.wav", dtype="int16")
     pcm = np.concatenate([speech, np.zeros(rate * 2, np.int16)])
     with channel().websocket_connect(f"{talk.ROUTE}?client=test-client-0001") as ws:
-        ws.send_text(json.dumps({"type": "hello", "sample_rate": rate}))
+        ws.send_text(json.dumps({"type": "hello", "sample_rate": rate, "play_rate": 48000}))
         assert ws.receive_json()["type"] == "ready"
         for i in range(0, len(pcm), rate // 50):
             ws.send_bytes(pcm[i:i + rate // 50].tobytes())
@@ -153,7 +153,7 @@ def test_voice_channel_hears_a_turn_and_answers_with_text_and_audio(backend, cha
             if message.get("bytes"):
                 kind, turn, sr = struct.unpack_from("<BxxxII", message["bytes"])
                 audio += (kind == talk.REPLY_AUDIO) * (len(message["bytes"]) - 12) // 2
-                assert sr == (rate if kind == talk.REPLY_AUDIO else SAMPLE_RATE)  # speech at the page's rate
+                assert sr == (48000 if kind == talk.REPLY_AUDIO else SAMPLE_RATE)  # speech at the page's rate
                 seen.append(f"audio{kind}")
             else:
                 seen.append(json.loads(message["text"])["type"])
@@ -209,6 +209,9 @@ def test_voice_channel_refuses_a_bad_hello(backend, channel):
     with api.websocket_connect(f"{talk.ROUTE}?client=abcdef123456") as ws:
         ws.send_text(json.dumps({"type": "hello", "sample_rate": 1000}))
         assert "1000 Hz" in ws.receive_json()["message"]
+    with api.websocket_connect(f"{talk.ROUTE}?client=abcdef123456") as ws:
+        ws.send_text(json.dumps({"type": "hello", "sample_rate": 16000, "play_rate": "fast"}))
+        assert "could not read" in ws.receive_json()["message"]
 
 
 def _ptt_turn(ws, seconds: float = 1.0) -> dict:

@@ -40,6 +40,8 @@ root.innerHTML = `
 const $ = (sel) => root.querySelector(sel);
 const pttButton = $(".ptt");
 const BLOCK_S = 0.02;  // microphone audio per message
+const SEND_RATE = 16000;  // Hz sent upstream: the model's rate, a third of 48 kHz's bandwidth
+const ANTI_ALIAS_HZ = 7000;  // two low-pass biquads before the worklet's resampler (speech ends well below 8 kHz)
 const HEADER_BYTES = 12, REPLY_AUDIO = 1, USER_AUDIO = 2;
 const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 
@@ -53,12 +55,21 @@ let nextPlay = 0, playing = [];  // gapless reply playback
 const turns = new Map();  // id → {user, assistant, endWall, firstAudioMs, userAudio}
 let replySamples = 0;
 
+// Resamples the (low-passed) microphone to SEND_RATE by linear interpolation and posts blocks of
+// BLOCK_S; t is where the next output sample falls between the previous input sample (0) and this one (1).
 const WORKLET = `registerProcessor("afn-capture", class extends AudioWorkletProcessor {
-  constructor(o) { super(); this.n = o.processorOptions.block; this.buf = new Float32Array(this.n); this.i = 0; }
+  constructor(o) { super(); this.step = sampleRate / o.processorOptions.rate; this.n = o.processorOptions.block;
+    this.buf = new Float32Array(this.n); this.i = 0; this.t = 0; this.prev = 0; }
   process(inputs) {
     const ch = inputs[0] && inputs[0][0];
-    if (ch) for (let k = 0; k < ch.length; k++) { this.buf[this.i++] = ch[k];
-      if (this.i === this.n) { this.port.postMessage(this.buf); this.buf = new Float32Array(this.n); this.i = 0; } }
+    if (ch) for (let k = 0; k < ch.length; k++) {
+      const x = ch[k];
+      for (; this.t <= 1; this.t += this.step) {
+        this.buf[this.i++] = this.prev + (x - this.prev) * this.t;
+        if (this.i === this.n) { this.port.postMessage(this.buf, [this.buf.buffer]); this.buf = new Float32Array(this.n); this.i = 0; }
+      }
+      this.t -= 1; this.prev = x;
+    }
     return true;
   } });`;
 
@@ -108,9 +119,14 @@ async function start() {
     }
     stream = mic;
     const source = ctx.createMediaStreamSource(stream);
-    worklet = new AudioWorkletNode(ctx, "afn-capture", { processorOptions: { block: Math.round(ctx.sampleRate * BLOCK_S) } });
+    worklet = new AudioWorkletNode(ctx, "afn-capture", { processorOptions: { rate: SEND_RATE, block: SEND_RATE * BLOCK_S } });
+    let chain = source;
+    for (let i = 0; i < 2 && ctx.sampleRate > SEND_RATE; i++) {
+      const lowpass = new BiquadFilterNode(ctx, { type: "lowpass", frequency: ANTI_ALIAS_HZ, Q: Math.SQRT1_2 });
+      chain.connect(lowpass); chain = lowpass;
+    }
     const mute = ctx.createGain(); mute.gain.value = 0;
-    source.connect(worklet); worklet.connect(mute); mute.connect(ctx.destination);  // pulled, not heard
+    chain.connect(worklet); worklet.connect(mute); mute.connect(ctx.destination);  // pulled, not heard
     worklet.port.onmessage = (e) => onMic(e.data);
     connect();
     $(".start").textContent = "Stop"; $(".start").classList.remove("primary");
@@ -131,7 +147,7 @@ function connect() {
   socket.binaryType = "arraybuffer";
   sent = 0; sentLog = [];
   socket.onopen = () => {
-    socket.send(JSON.stringify({ type: "hello", sample_rate: ctx.sampleRate }));
+    socket.send(JSON.stringify({ type: "hello", sample_rate: SEND_RATE, play_rate: ctx.sampleRate }));
     socket.send(JSON.stringify({ type: "mode", ptt: $(".ptt-mode").checked }));
   };
   socket.onmessage = (e) => {
@@ -168,7 +184,7 @@ function onMic(block) {
   for (let i = 0; i < block.length; i++) pcm[i] = Math.max(-1, Math.min(1, block[i])) * 32767;
   ws.send(pcm.buffer);
   sent += block.length;
-  sentLog.push([sent / ctx.sampleRate, performance.now()]);
+  sentLog.push([sent / SEND_RATE, performance.now()]);
   if (sentLog.length > 3000) sentLog.splice(0, 1000);  // the last minute is plenty
 }
 
