@@ -18,7 +18,7 @@ import sys
 
 from .audio import AudioError
 from .engine import Engine, GenerationOptions
-from .events import ReasoningDelta, TextDelta, ThinkStep, TurnDone
+from .events import ReasoningDelta, TextDelta, TurnDone
 from .model import DEFAULT_MODEL, LICENCE_NOTE, ModelLoadError, load
 from .session import ContextFullError, Session
 

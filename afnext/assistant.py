@@ -27,7 +27,7 @@ import numpy as np
 
 from .audio import SAMPLE_RATE
 from .engine import GenerationOptions
-from .events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta, TurnDone
+from .events import END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta, drain, TurnDone
 from .session import Session
 from .tts import Synthesizer
 from .tts.chunker import SpeechChunker
@@ -142,14 +142,7 @@ class Assistant:
 
     def events(self, timeout: float | None = None) -> Iterator[object]:
         """Events as they happen; ends at `close()` or after `timeout` seconds without one (None: never)."""
-        while True:
-            try:
-                event = self._out.get(timeout=timeout)
-            except queue.Empty:
-                return
-            if event is _CLOSED:
-                return
-            yield event
+        return drain(self._out, timeout)
 
     def interrupt(self) -> None:
         """Barge in from the shell (a push-to-talk press): cancel the turn and silence the reply."""
@@ -171,7 +164,7 @@ class Assistant:
     def close(self) -> None:
         """Cancel any turn, wait for it, and end `events()`."""
         self._interrupt(self.now(), emit=False)
-        self._out.put(_CLOSED)
+        self._out.put(END_OF_EVENTS)
 
     # ---- endpointer events (feeding thread) ----
 
@@ -260,7 +253,6 @@ class Assistant:
         self._out.put(event)
 
 
-_CLOSED = object()
 
 
 @dataclass

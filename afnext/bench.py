@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import SAMPLE_RATE, load_audio
+from .audio import load_audio
 from .engine import Engine, GenerationOptions, prepare_clip
 from .events import TurnDone
 from .session import Session

@@ -6,6 +6,8 @@ answer text are different types on purpose: only `TextDelta` may ever reach a sy
 
 from __future__ import annotations
 
+import queue
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,3 +89,20 @@ class TurnDone:
     """The turn is over; `reply` holds all of it."""
 
     reply: Reply
+
+
+END_OF_EVENTS = object()  # put on an event queue by its producer when it is done
+
+
+def drain(events: queue.Queue, timeout: float | None = None) -> Iterator[object]:
+    """A producer's queued events as they come; ends at END_OF_EVENTS (left in place, so later
+    readers end too) or after `timeout` seconds without one (None: wait for ever)."""
+    while True:
+        try:
+            event = events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if event is END_OF_EVENTS:
+            events.put(END_OF_EVENTS)
+            return
+        yield event

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import numpy as np
 
 from afnext.assistant import Stamped, StateChanged, UserTurn, VoiceTimings, VoiceTurnDone
-from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
+from afnext.events import END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta, drain
 
 from .talk import HEADER, REPLY_AUDIO, ROUTE
 
@@ -68,15 +68,7 @@ class RemoteBrain:
 
     def events(self, timeout: float | None = None) -> Iterator[object]:
         """Events as they arrive; ends when the connection closes or after `timeout` s without one."""
-        while True:
-            try:
-                event = self._out.get(timeout=timeout)
-            except queue.Empty:
-                return
-            if event is None:
-                self._out.put(None)  # stays closed for the next caller
-                return
-            yield event
+        return drain(self._out, timeout)
 
     def close(self) -> None:
         self._ws.close()
@@ -93,7 +85,7 @@ class RemoteBrain:
             if exc.rcvd is None or exc.rcvd.code not in (1000, 1001):
                 self._out.put(Stamped(0.0, Error(f"The connection to the server was lost ({exc}).")))
         finally:
-            self._out.put(None)
+            self._out.put(END_OF_EVENTS)
 
 
 def channel_url(server: str, client: str) -> str:
