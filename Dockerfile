@@ -15,10 +15,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1
 COPY requirements.txt /tmp/requirements.txt
-# PyPI's torch wheel is the CUDA build; onnxruntime-gpu replaces onnxruntime (same module name, so
-# the CPU one must go first).
-RUN pip install torch==2.13.0 && pip install -r /tmp/requirements.txt \
-    && pip uninstall -y onnxruntime && pip install onnxruntime-gpu
+# PyPI's torch wheel (pinned in requirements.txt) is the CUDA build. onnxruntime-gpu stands in for
+# onnxruntime: they install the same module, so the CPU one is left out rather than overwritten.
+RUN grep -v '^onnxruntime' /tmp/requirements.txt > /tmp/requirements-gpu.txt \
+    && pip install -r /tmp/requirements-gpu.txt onnxruntime-gpu
 # Ampere (8.0) and Hopper (9.0); add "89" for L4/L40S-only images to skip the PTX JIT.
 ARG FLASH_ATTN_CUDA_ARCHS="80;90"
 RUN pip install ninja packaging wheel \

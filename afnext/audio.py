@@ -88,10 +88,7 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     Integers are scaled to [-1, 1), channels averaged. For one whole clip; a stream cut into
     chunks should go through one `MonoResampler` so chunk edges leave no clicks.
     """
-    if sample_rate <= 0:
-        raise AudioError(f"The sample rate {sample_rate} Hz is not a valid rate.")
-    if np.ndim(samples) not in (1, 2):
-        raise AudioError(f"The audio has shape {np.shape(samples)}; expected [n] or [n, channels].")
+    _check_rate(sample_rate)
     mono = _mono_float32(samples)
     if sample_rate == SAMPLE_RATE or mono.size == 0:
         return mono
@@ -105,8 +102,8 @@ class MonoResampler:
     """
 
     def __init__(self, sample_rate: int, out_rate: int = SAMPLE_RATE) -> None:
+        _check_rate(sample_rate)
         self.sample_rate = sample_rate  # Hz of the input
-        self.out_rate = out_rate  # Hz of the output
         self._stream = None
         if sample_rate != out_rate:
             self._stream = soxr.ResampleStream(sample_rate, out_rate, 1, dtype="float32")
@@ -387,10 +384,16 @@ def _frames_samples(frames: list[av.AudioFrame]) -> np.ndarray:
     return np.frombuffer(data, dtype).reshape(-1, channels)
 
 
+def _check_rate(sample_rate: int) -> None:
+    if sample_rate <= 0:
+        raise AudioError(f"The sample rate {sample_rate} Hz is not a valid rate.")
+
+
 def _mono_float32(samples: np.ndarray) -> np.ndarray:
     """[n] or [n, channels] of any PCM type to float32 [n] in [-1, 1], channels averaged."""
     samples = np.asarray(samples)
-    assert samples.ndim in (1, 2), f"expected [n] or [n, channels], got shape {samples.shape}"
+    if samples.ndim not in (1, 2):
+        raise AudioError(f"The audio has shape {samples.shape}; expected [n] or [n, channels].")
     columns = [samples] if samples.ndim == 1 else [samples[:, c] for c in range(samples.shape[1])]
     # Summing columns beats .mean(axis=1), which strides across every interleaved frame.
     mono = columns[0].astype(np.float32)  # always a copy, so the in-place steps below are safe

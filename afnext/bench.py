@@ -82,48 +82,42 @@ def bench_features(path: Path, loaded, processor) -> dict:
 
 def bench_stock_follow_up(loaded, processor, samples: np.ndarray, first_answer: str, n_tokens: int) -> dict:
     """Stock `generate` on the whole conversation, with a streamer clocking each token."""
-    from transformers.generation.streamers import BaseStreamer
-
-    class Clock(BaseStreamer):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def put(self, value):
-            self.times.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    clock = Clock()
-    t0 = time.perf_counter()
-    inputs = processor(text=[_stock_prompt(processor, [QUESTION, first_answer, FOLLOW_UP])], audio=[samples])
-    inputs["input_features"] = inputs["input_features"].to(loaded.dtype)
-    inputs = inputs.to(loaded.device)
-    with torch.inference_mode():
-        loaded.model.generate(**inputs, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
-                              repetition_penalty=1.2, streamer=clock)
-    first, last = clock.times[1], clock.times[-1]  # times[0] is the prompt being handed over
-    return {"ttft_s": first - t0, "decode_tok_s": (len(clock.times) - 2) / (last - first)}
+    t0, times = _stock_generate(loaded, processor, [QUESTION, first_answer, FOLLOW_UP], samples, n_tokens,
+                                repetition_penalty=1.2)
+    first, last = times[1], times[-1]  # times[0] is the prompt being handed over
+    return {"ttft_s": first - t0, "decode_tok_s": (len(times) - 2) / (last - first)}
 
 
 def bench_stock_first(loaded, processor, samples: np.ndarray) -> dict:
     """Stock `generate` on one question about `samples`: its time to the first token."""
-    t0 = time.perf_counter()
-    first = []
+    t0, times = _stock_generate(loaded, processor, [QUESTION], samples, 2)
+    return {"ttft_s": times[1] - t0}
 
-    class Clock:
-        def put(self, value):
-            first.append(time.perf_counter())
 
-        def end(self):
-            pass
+class _TokenClock:
+    """A `generate` streamer noting when each piece arrives (the first piece is the prompt)."""
 
-    inputs = processor(text=[_stock_prompt(processor, [QUESTION])], audio=[samples])
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _stock_generate(loaded, processor, turns: list[str], samples: np.ndarray, n_tokens: int,
+                    **options) -> tuple[float, list[float]]:
+    """The stock processor and `generate` (exactly `n_tokens`, greedy) on a conversation about
+    `samples`; returns the start time and each piece's arrival time."""
+    clock, t0 = _TokenClock(), time.perf_counter()
+    inputs = processor(text=[_stock_prompt(processor, turns)], audio=[samples])
     inputs["input_features"] = inputs["input_features"].to(loaded.dtype)
     with torch.inference_mode():
-        loaded.model.generate(**inputs.to(loaded.device), max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                              streamer=Clock())
-    return {"ttft_s": first[1] - t0}
+        loaded.model.generate(**inputs.to(loaded.device), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                              do_sample=False, streamer=clock, **options)
+    return t0, clock.times
 
 
 def bench_voice_turn(engine: Engine, processor, workdir: Path, turns: int = 10) -> dict:

@@ -7,8 +7,9 @@ put in static mode for the turn (`kvcache.GrowingLayer.start_static`: whole buff
 length, the unfilled part masked as the future) and the graph is kept on the cache and captured again
 only when its buffers change (grown, or moved by the `CacheKeeper`).
 
-`mode` "eager" is the plain path (the engine's own `step`); "static" runs the static-mode step without a graph (any device:
-the CPU tests check it against eager); "graphs" captures it (CUDA only).
+`mode` "eager" is the plain path (the engine's own `step`); "static" runs that same step over the
+cache in static mode (any device: the CPU tests check it against eager); "graphs" captures it
+(CUDA only).
 NOT YET RUN ON A GPU: the "graphs" mode is written to transformers 5.24's static-cache contract but
 no GPU was at hand to capture it; it is opt-in (`Engine(decode="graphs")`) until it has been measured.
 """
@@ -22,16 +23,20 @@ from transformers.cache_utils import Cache
 
 from .kvcache import end_static, start_static
 
-MODES = ("eager", "static", "graphs")  # eager is the engine's own step; begin() serves the other two
+MODES = ("eager", "static", "graphs")
 WARMUP_STEPS = 2  # runs on a side stream before capture, as torch.cuda.graph requires
 Step = Callable[[int], torch.Tensor]  # token → logits for the next one [vocab]
 
 
-def begin(model: torch.nn.Module, cache: Cache, mode: str, capacity: int) -> Step:
-    """The step function for one turn's decoding on `cache`, which will hold at most `capacity` tokens."""
+def begin(cache: Cache, mode: str, capacity: int) -> None:
+    """Lay `cache` out for one turn's decoding in `mode` ("static" or "graphs"), for at most
+    `capacity` tokens by the turn's end."""
     start_static(cache, capacity)
-    if mode == "static":
-        return lambda token: _forward(model, cache, token)
+
+
+def graphed(model: torch.nn.Module, cache: Cache) -> Step:
+    """The decoding step over `cache` (in static mode) as a CUDA graph: the one kept on the cache,
+    or a new capture when its buffers changed."""
     key = tuple((layer._k.data_ptr(), layer.capacity) for layer in cache.layers)
     graphed = getattr(cache, "_afnext_graph", None)
     if graphed is None or graphed.key != key:
@@ -42,11 +47,6 @@ def begin(model: torch.nn.Module, cache: Cache, mode: str, capacity: int) -> Ste
 def end(cache: Cache) -> None:
     """The turn's decoding is over: the cache goes back to its growing views."""
     end_static(cache)
-
-
-def _forward(model: torch.nn.Module, cache: Cache, token: int) -> torch.Tensor:
-    ids = torch.tensor([[token]], device=model.device)
-    return model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
 
 
 class _GraphedStep:

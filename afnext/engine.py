@@ -193,9 +193,11 @@ class Engine:
 
     def decoder(self, cache, capacity: int) -> decoding.Step:
         """The step function for one turn's decoding on `cache` (at most `capacity` tokens by its end)."""
-        if self.decode == "eager":
-            return partial(self.step, cache=cache)
-        return decoding.begin(self.loaded.model, cache, self.decode, capacity)
+        if self.decode != "eager":
+            decoding.begin(cache, self.decode, capacity)
+        if self.decode == "graphs":
+            return decoding.graphed(self.loaded.model, cache)
+        return partial(self.step, cache=cache)
 
     def end_decoding(self, cache) -> None:
         decoding.end(cache)

@@ -75,12 +75,16 @@ def resolve(model: str) -> str:
     return model
 
 
+def tiny_root() -> Path:
+    """Where offline random-weight checkpoints are kept: $AFNEXT_TINY_DIR, else ~/.cache/afnext."""
+    return Path(os.environ.get(TINY_DIR_ENV) or Path.home() / ".cache" / "afnext")
+
+
 def ensure_tiny(size: str = "tiny") -> Path:
     """The offline random-weight demo checkpoint, written once into a cache folder."""
     from .tiny import write_checkpoint
 
-    root = Path(os.environ.get(TINY_DIR_ENV) or Path.home() / ".cache" / "afnext")
-    path = root / f"{size}-random"
+    path = tiny_root() / f"{size}-random"
     if not (path / "config.json").exists():
         write_checkpoint(path, size)
     return path
@@ -215,12 +219,12 @@ def _load_failure(model: str, source: str, exc: Exception) -> str:
 def load_or_demo(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto") -> tuple[LoadedModel, str | None]:
     """Load `model`; if it cannot be loaded, fall back to the offline tiny demo model.
 
-    Returns the model and, after a fallback, a plain-words notice for the user (also logged).
+    Returns the model and, after a fallback, a plain-words notice: the caller shows it to the user
+    (and logs it, if it logs).
     """
     try:
         return load(model, device=device, dtype=dtype), None
     except ModelLoadError as exc:
         notice = (f"{exc} Running the offline demo model instead: its weights are random, so its answers are "
                   "noise; everything else works as with the real model.")
-        log.warning(notice)
         return load("tiny", device=device, dtype=dtype), notice

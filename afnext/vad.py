@@ -146,14 +146,11 @@ class Endpointer:
         (30 ms for webrtc), so a chunk shorter than a frame may return nothing until the next one.
         Raises AudioError for a rate <= 0 or a shape other than [n] / [n, channels].
         """
-        if np.ndim(pcm) not in (1, 2):
-            raise AudioError(f"The audio has shape {np.shape(pcm)}; expected [n] or [n, channels].")
         if self._resampler is None or self._resampler.sample_rate != sample_rate:
-            if sample_rate <= 0:
-                raise AudioError(f"The sample rate {sample_rate} Hz is not a valid rate.")
+            resampler = MonoResampler(sample_rate)  # refuses a rate <= 0; push refuses a bad shape
             if self._resampler is not None:  # the source changed rate: drain the old filter
                 self._samples.append(self._resampler.flush())
-            self._resampler = MonoResampler(sample_rate)
+            self._resampler = resampler
         self._samples.append(self._resampler.push(pcm))
         return self._advance()
 

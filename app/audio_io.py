@@ -20,10 +20,10 @@ from typing import Protocol
 
 import numpy as np
 
-from afnext.audio import MonoResampler
+from afnext.audio import SAMPLE_RATE
 from afnext.events import AudioChunk
+from afnext.tts import SpeechResampler
 
-MIC_RATE_HZ = 16000  # preferred microphone rate: the endpointer's own (any other rate is resampled there)
 MIC_BLOCK_S = 0.02  # seconds of audio per microphone callback
 MIC_QUEUE_S = 30.0  # seconds of microphone audio held while the feeder is busy (a barge-in waits
 #                     for the turn to stop); beyond that new blocks are dropped, never memory grown
@@ -95,7 +95,7 @@ def sounddevice_ports(sd, input_device: str | None = None, output_device: str | 
     """
     mic = pick_device(sd, input_device, "input")
     speaker = pick_device(sd, output_device, "output")
-    mic_rate, mic_channels = _settings(sd, mic, "input", preferred_rate=MIC_RATE_HZ)
+    mic_rate, mic_channels = _settings(sd, mic, "input", preferred_rate=SAMPLE_RATE)  # the endpointer's own; any other is resampled there
     speaker_rate, speaker_channels = _settings(sd, speaker, "output")
 
     def open_mic(callback: MicCallback) -> Stream:
@@ -205,8 +205,7 @@ class Playback:
         self._pending: deque[np.ndarray] = deque()  # float32 mono at sample_rate, oldest first
         self._offset = 0  # samples of _pending[0] already played
         self._lock = threading.Lock()
-        self._resampler: MonoResampler | None = None  # one per reply: chunk edges leave no clicks
-        self._in_reply = False  # a reply is being added: silence while it is short is an underrun
+        self._reply = SpeechResampler(sample_rate)  # while in a reply, silence is an underrun
         self.underruns = 0  # callbacks that ran dry in the middle of a reply (synthesis too slow)
 
     @property
@@ -217,23 +216,18 @@ class Playback:
 
     def add(self, chunk: AudioChunk) -> None:
         """Queue a reply chunk (any rate, float32 mono)."""
-        if self._resampler is None or chunk.sample_rate != self._resampler.sample_rate:
-            self._resampler = MonoResampler(chunk.sample_rate, self.sample_rate)
-        self._in_reply = True
-        self._push(self._resampler.push(np.asarray(chunk.samples, np.float32).reshape(-1)))
+        self._push(self._reply.push(chunk))
 
     def end_reply(self) -> None:
         """The reply is complete: queue the resampler's last samples."""
-        if self._resampler is not None:
-            self._push(self._resampler.flush())
-        self._resampler, self._in_reply = None, False
+        self._push(self._reply.end())
 
     def flush(self) -> None:
         """Drop all audio not yet played, at once (the user spoke over the reply)."""
         with self._lock:
             self._pending.clear()
             self._offset = 0
-        self._resampler, self._in_reply = None, False
+        self._reply.drop()
 
     def fill(self, out: np.ndarray) -> None:
         """Output callback body: fill `out` [frames, channels] with queued audio, then zeros."""
@@ -248,7 +242,7 @@ class Playback:
                 if self._offset == len(head):
                     self._pending.popleft()
                     self._offset = 0
-            if done < len(out) and self._in_reply:
+            if done < len(out) and self._reply.in_reply:
                 self.underruns += 1
         out[done:] = 0
 

@@ -66,16 +66,17 @@ def start_backend(options: BackendOptions, engine_factory: Callable[[LoadedModel
     if options.device == "auto" and not torch.cuda.is_available():
         notices.append("No GPU was found, so the model runs on the CPU: replies from a real-size model will be slow.")
         log.warning(notices[-1])
-    main_loaded, notice = load_or_demo(options.model, device=options.device)
-    notices += [notice] if notice else []
-    main = engine_factory(main_loaded)
-    think = main
-    if options.think_model:
-        think_loaded, notice = load_or_demo(options.think_model, device=options.device)
-        notices += [notice] if notice else []
-        think = engine_factory(think_loaded)
-    synthesizer = _voice(options, notices)  # load_or_demo and _voice log their own notices
-    return Backend(main, think, synthesizer, notices)
+    main = engine_factory(_model(options.model, options.device, notices))
+    think = engine_factory(_model(options.think_model, options.device, notices)) if options.think_model else main
+    return Backend(main, think, _voice(options, notices), notices)
+
+
+def _model(model: str, device: str, notices: list[str]) -> LoadedModel:
+    loaded, notice = load_or_demo(model, device=device)
+    if notice:
+        notices.append(notice)
+        log.warning(notice)
+    return loaded
 
 
 def _voice(options: BackendOptions, notices: list[str]) -> Synthesizer:

@@ -183,18 +183,16 @@ def _feed(brain: VoiceBrain, tap: MicTap, sample_rate: int, stop: threading.Even
             log.exception("the assistant failed on a microphone block")
 
 
-def build_assistant(args: argparse.Namespace, console: Console) -> tuple[Assistant, Engine]:
-    """Load the synthesizer and the model (the real one, or the demo one when it cannot be had);
-    returns (assistant, engine)."""
+def build_assistant(args: argparse.Namespace, console: Console) -> Assistant:
+    """Load the synthesizer and the model (the real one, or the demo one when it cannot be had)."""
     synthesizer = load_synthesizer(args.tts, model=args.tts_model, device=args.device)
-    logging.getLogger("afnext.model").setLevel(logging.ERROR)  # its fallback notice is printed here, once
     loaded, notice = load_or_demo(args.model, device=args.device)
     console.note(notice or LICENCE_NOTE)
     if loaded.random_weights:
         console.note("The model in use has RANDOM weights: its answers are noise (the voice loop works as usual).")
     engine = Engine(loaded)
     options = AssistantOptions(half_duplex=args.half_duplex, think=args.think)
-    return Assistant(Session(engine), synthesizer, options), engine
+    return Assistant(Session(engine), synthesizer, options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,10 +218,10 @@ def main(argv: list[str] | None = None) -> int:
 def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
     try:
         if args.server:
-            brain, engine = RemoteBrain(args.server, ports.mic_rate, half_duplex=args.half_duplex, think=args.think), None
+            brain = RemoteBrain(args.server, ports.mic_rate, half_duplex=args.half_duplex, think=args.think)
             console.note(f"Talking to the assistant at {args.server}.")
         else:
-            brain, engine = build_assistant(args, console)
+            brain = build_assistant(args, console)
     except (ModelLoadError, TTSError, ValueError, RemoteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -240,8 +238,8 @@ def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
                          "made slower than it played)")
     finally:
         signal.signal(signal.SIGINT, previous)
-        if engine is not None:
-            engine.close()
+        if isinstance(brain, Assistant):
+            brain.session.engine.close()
     print("bye")
     return 0
 

@@ -71,15 +71,14 @@ class Recording:
             "steps": [{"start": s.start, "end": s.end, "text": s.text} for s in self.steps]})
 
 
-def open_recording(path: str, cache_dir: Path, name: str | None = None) -> Recording:
+def open_recording(path: str, cache_dir: Path) -> Recording:
     """Decode `path` (any format, ≤ 30 min) for questions; raises AudioError with one sentence."""
     audio = load_audio(path)
-    name = name or Path(path).name
     url = path
     if Path(path).suffix.lower() not in PLAYABLE:  # the page could not play it: serve what we decoded
         url = str(cache_dir / f"{Path(path).stem}-{time.monotonic_ns()}.wav")
         soundfile.write(url, audio, SAMPLE_RATE, subtype="PCM_16")
-    return Recording(name, "gradio_api/file=" + url, audio, peaks(audio))
+    return Recording(Path(path).name, "gradio_api/file=" + url, audio, peaks(audio))
 
 
 def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
@@ -99,9 +98,9 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend) -> I
     question = question.strip()
     if not question:
         raise QuestionError("Type a question about the recording first.")
-    engine = backend.think if think else backend.main
+    engine, options = _model_for(backend, think)
     session, clip = recording.session(engine)
-    stream = session.ask(question, clip, think=think, options=THINK_OPTIONS if think else ANSWER_OPTIONS)
+    stream = session.ask(question, clip, think=think, options=options)
     recording.chat.append({"role": "user", "content": question})
     recording.steps = [] if think else recording.steps
     reasoning = answer = None
@@ -130,6 +129,11 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend) -> I
             yield _timings(event.reply.timings, clip is not None)
 
 
+def _model_for(backend: Backend, think: bool) -> tuple[Engine, GenerationOptions]:
+    """The engine and the reply length a question goes to, by mode."""
+    return (backend.think, THINK_OPTIONS) if think else (backend.main, ANSWER_OPTIONS)
+
+
 def _message(recording: Recording, content: str, metadata: dict | None = None) -> dict:
     message = {"role": "assistant", "content": content}
     if metadata:
@@ -155,8 +159,7 @@ def answer_once(backend: Backend, path: str, question: str, think: bool) -> str:
         raise QuestionError("Send an audio file with the question.")
     if not question.strip():
         raise QuestionError("Send a question with the audio file.")
-    engine = backend.think if think else backend.main
-    options = THINK_OPTIONS if think else ANSWER_OPTIONS
+    engine, options = _model_for(backend, think)
     for event in Session(engine).ask(question, path, think=think, options=options):
         if isinstance(event, TurnDone):
             return event.reply.answer

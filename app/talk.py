@@ -37,9 +37,10 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from afnext.assistant import Assistant, AssistantOptions, Stamped, StateChanged, UserTurn, VoiceTurnDone
-from afnext.audio import SAMPLE_RATE, MonoResampler, to_mono_16k
+from afnext.audio import SAMPLE_RATE, to_mono_16k
 from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
 from afnext.session import Session
+from afnext.tts import SpeechResampler
 from afnext.vad import SpeechStarted
 
 from .backend import BackendLoader, BackendUnavailable, int16
@@ -241,7 +242,7 @@ class _Link:
         self._held: list[np.ndarray] | None = None  # audio while the button is down
         self._closed = threading.Event()
         self._orphaned = False  # the connection's event loop is gone (server shutting down)
-        self._voice: MonoResampler | None = None  # the reply's speech → the page's rate, per turn
+        self._voice = SpeechResampler(play_rate)  # the reply's speech → the page's rate, one stream per turn
         self._threads = [threading.Thread(target=self._feed, name="afnext-talk-feed", daemon=True),
                          threading.Thread(target=self._read, name="afnext-talk-read", daemon=True)]
         for thread in self._threads:
@@ -320,9 +321,7 @@ class _Link:
     def _speech(self, turn: int, chunk: AudioChunk) -> list:
         """Reply audio at the page's own rate, resampled as one stream per turn: the page then plays
         the chunks back to back, sample-exact, with no resampling of its own at chunk edges."""
-        if self._voice is None or self._voice.sample_rate != chunk.sample_rate:
-            self._voice = MonoResampler(chunk.sample_rate, out_rate=self.play_rate)
-        samples = self._voice.push(chunk.samples)
+        samples = self._voice.push(chunk)
         return [self._pcm(REPLY_AUDIO, turn, samples)] if len(samples) else []
 
     def _pcm(self, kind: int, turn: int, samples: np.ndarray) -> bytes:
@@ -347,12 +346,12 @@ class _Link:
         if isinstance(inner, SpeechStarted):
             return [{"type": "speech_started", "t": inner.t}]
         if isinstance(inner, Interrupted):
-            self._voice = None  # what the filter still holds is not to be heard
+            self._voice.drop()  # what the filter still holds is not to be heard
             return [{"type": "interrupted", "id": turn, "reason": inner.reason, "t": t}]
         if isinstance(inner, Error):
             return [{"type": "error", "message": inner.message}]
         if isinstance(inner, VoiceTurnDone):
-            tail, self._voice = (self._voice.flush() if self._voice else np.zeros(0, np.float32)), None
+            tail = self._voice.end()
             timings = inner.timings
             done = {"type": "turn_done", "id": turn, "endpoint_s": timings.endpoint_s,
                     "ttft_s": timings.ttft_s, "first_audio_s": timings.first_audio_s}

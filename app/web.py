@@ -100,9 +100,6 @@ class _Desk:
         if recording is not None:
             log.info("tab closed: freed %s and its conversation", recording.name)
 
-    def __len__(self) -> int:
-        return len(self._open)
-
 
 class _RecordingsTab:
     """The Recordings tab: its components, and handlers that find each browser session's recording."""

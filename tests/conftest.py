@@ -15,11 +15,12 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
-    """A freshly written random-weight AF-Next-shaped checkpoint (≈0.3 M parameters)."""
-    from afnext.tiny import write_checkpoint
+def tiny_dir():
+    """A freshly written random-weight AF-Next-shaped checkpoint (≈0.3 M parameters): the one
+    `--model tiny` uses too, in this run's AFNEXT_TINY_DIR, so it is written once."""
+    from afnext.model import ensure_tiny
 
-    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny")
+    return ensure_tiny()
 
 
 @pytest.fixture(scope="session")

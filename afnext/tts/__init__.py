@@ -18,6 +18,9 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+import numpy as np
+
+from ..audio import MonoResampler
 from ..events import AudioChunk
 from .chunker import ChunkerOptions, SpeechChunker
 
@@ -67,10 +70,39 @@ def load_synthesizer(engine: str = "espeak", *, model: str | None = None, device
     raise ValueError(f"Unknown TTS engine {engine!r}; choose one of {', '.join(ENGINES)}.")
 
 
+class SpeechResampler:
+    """One reply's speech chunks (any rate) → `out_rate`, through one soxr stream per reply, so
+    chunk edges leave no clicks. `push` each chunk; `end` when the reply is complete (the filter's
+    last samples); `drop` when it is cut off (barge-in)."""
+
+    def __init__(self, out_rate: int) -> None:
+        self.out_rate = out_rate  # Hz the speech is played at
+        self._stream: MonoResampler | None = None
+
+    @property
+    def in_reply(self) -> bool:
+        """A reply has started and is neither complete nor cut off."""
+        return self._stream is not None
+
+    def push(self, chunk: AudioChunk) -> np.ndarray:
+        if self._stream is None or chunk.sample_rate != self._stream.sample_rate:
+            self._stream = MonoResampler(chunk.sample_rate, self.out_rate)
+        return self._stream.push(chunk.samples)
+
+    def end(self) -> np.ndarray:
+        tail = self._stream.flush() if self._stream is not None else np.zeros(0, np.float32)
+        self._stream = None
+        return tail
+
+    def drop(self) -> None:
+        self._stream = None
+
+
 def _require(module: str, package: str, what: str) -> None:
     """One clear error, naming the pip package, when an engine's dependency is not installed."""
     if importlib.util.find_spec(module) is None:
         raise TTSError(f"{what} needs the `{module}` module, which is not installed; run `pip install {package}`.")
 
 
-__all__ = ["ENGINES", "ChunkerOptions", "SpeechChunker", "Synthesizer", "TTSError", "load_synthesizer"]
+__all__ = ["ENGINES", "ChunkerOptions", "SpeechChunker", "SpeechResampler", "Synthesizer", "TTSError",
+           "load_synthesizer"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,11 +49,10 @@ class PocketOptions:
 class PocketSynthesizer:
     """A `Synthesizer` over a loaded Pocket TTS model and its processor (which holds the codec)."""
 
-    def __init__(self, model, processor, options: PocketOptions = PocketOptions(), *, random_weights: bool = False):
+    def __init__(self, model, processor, options: PocketOptions = PocketOptions()):
         self.model, self.processor, self.options = model, processor, options
         self.codec = processor.audio_tokenizer.to(model.device).eval()
         self.sample_rate = int(processor.feature_extractor.sampling_rate)
-        self.random_weights = random_weights  # a checkpoint from write_tiny_checkpoint: its speech is noise
         self.frames_generated = 0  # frames made by the current (or last) stream so far
         self._voice = _load_voice(options.voice, self.sample_rate) if options.voice else None
         config = model.generation_config
@@ -249,10 +247,9 @@ def load_pocket(model: str | None = None, *, device: str = "auto",
         raise TTSError(_load_failure(source, f"{type(exc).__name__}: {exc}")) from exc
     if getattr(processor, "audio_tokenizer", None) is None or processor.audio_tokenizer.decoder is None:
         raise TTSError(f"The Pocket TTS processor of {source} has no audio tokenizer with a decoder: no audio.")
-    random_weights = has_file(source, "RANDOM_WEIGHTS.md")
-    if random_weights:
+    if has_file(source, "RANDOM_WEIGHTS.md"):
         log.warning("Pocket TTS checkpoint %s has RANDOM WEIGHTS: its speech is noise", source)
-    synth = PocketSynthesizer(net.to(dev).eval(), processor, options, random_weights=random_weights)
+    synth = PocketSynthesizer(net.to(dev).eval(), processor, options)
     synth.warm_up()
     return synth
 
@@ -293,9 +290,9 @@ def _load_voice(voice: str, sample_rate: int) -> np.ndarray | torch.Tensor:
 
 def ensure_tiny() -> str:
     """The offline random-weight Pocket TTS, written once into afnext's cache folder."""
-    from ..model import TINY_DIR_ENV
+    from ..model import tiny_root
 
-    path = Path(os.environ.get(TINY_DIR_ENV) or Path.home() / ".cache" / "afnext") / "pocket-tts-random"
+    path = tiny_root() / "pocket-tts-random"
     if not (path / "config.json").exists():
         write_tiny_checkpoint(path)
     return str(path)

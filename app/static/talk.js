@@ -42,7 +42,7 @@ const pttButton = $(".ptt");
 const BLOCK_S = 0.02;  // microphone audio per message
 const SEND_RATE = 16000;  // Hz sent upstream: the model's rate, a third of 48 kHz's bandwidth
 const ANTI_ALIAS_HZ = 7000;  // two low-pass biquads before the worklet's resampler (speech ends well below 8 kHz)
-const HEADER_BYTES = 12, REPLY_AUDIO = 1, USER_AUDIO = 2;
+const HEADER_BYTES = 12, USER_AUDIO = 2;  // app/talk.py: kind 1 is reply speech, kind 2 the user's own turn
 const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
 
 let client = randomId();  // names this page's conversation on the server
