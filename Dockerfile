@@ -41,5 +41,5 @@ VOLUME /home/afnext/.cache/huggingface
 EXPOSE 7860
 # The first start downloads the model: give it time before failed checks count.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20m --retries=3 \
-    CMD curl -fsS http://127.0.0.1:7860/ >/dev/null || exit 1
+    CMD curl -fsS http://127.0.0.1:7860/health >/dev/null || exit 1
 ENTRYPOINT ["python", "-m", "app", "--host", "0.0.0.0", "--port", "7860"]

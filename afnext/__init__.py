@@ -3,6 +3,16 @@
 Data flows audio → engine/session → think; see DESIGN.md in the project notes.
 """
 
+try:  # the one import that needs the set-up: say how to get it instead of a bare ModuleNotFoundError
+    import numpy  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+except ModuleNotFoundError as missing:
+    raise ModuleNotFoundError(
+        f"{missing.name} is not installed in this Python ({__import__('sys').executable}); run "
+        "`bash scripts/setup.sh`, then `source .venv/bin/activate` (or call .venv/bin/python).",
+        name=missing.name) from None
+
 from .audio import SAMPLE_RATE, AudioError, load_audio
 from .engine import Engine, GenerationOptions
 from .events import AudioChunk, Error, Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone

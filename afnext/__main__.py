@@ -4,8 +4,8 @@
     echo '{"text": "Hi", "audio": "assets/speech.wav"}' | python -m afnext chat --model tiny --jsonl
 
 chat reads one JSON turn per line, {"text", "audio", "think", "max_new_tokens", "temperature",
-"repetition_penalty"} (all but text optional), and writes one JSON line per turn: the reply, or
-{"error": "…"} after which the session goes on.
+"repetition_penalty"} (all optional; a turn needs text or audio), and writes one JSON line per turn:
+the reply, or {"error": "…"} (one sentence) after which the session goes on.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from .audio import AudioError
 from .engine import Engine, GenerationOptions
@@ -23,7 +25,23 @@ from .model import DEFAULT_MODEL, LICENCE_NOTE, ModelLoadError, load
 from .session import ContextFullError, Session
 
 log = logging.getLogger("afnext")
-TURN_FIELDS = {"text", "audio", "think", "max_new_tokens", "temperature", "repetition_penalty"}
+OPTION_FIELDS = ("max_new_tokens", "temperature", "repetition_penalty")  # GenerationOptions a line may set
+TURN_FIELDS = {"text", "audio", "think", *OPTION_FIELDS}
+# bytes of one JSON line: a question at the session's limit with every character \u-escaped (6
+# bytes each) fits five times over; a longer line is skipped in pieces, never held in memory whole.
+MAX_LINE_BYTES = 1 << 20
+MAX_NUMBER_DIGITS = 20  # digits of a JSON integer: 2**64 has 20, and Python refuses 4,300+ in a long message
+MAX_KEY_CHARS = 40  # characters of an unknown field's name quoted back in an error
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One `chat --jsonl` line, parsed and checked."""
+
+    text: str = ""  # the question; may be empty when there is audio
+    audio: str | None = None  # path of the turn's audio file
+    think: bool = False  # reason step by step before answering
+    options: GenerationOptions = GenerationOptions()  # max_new_tokens, temperature, repetition_penalty
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,10 +62,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def ask(engine: Engine, args: argparse.Namespace) -> int:
     """Stream one answer to stdout: reasoning first (set apart), then the answer, then the steps."""
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     session = Session(engine)
     in_reasoning = False
     try:
+        options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         for event in session.ask(args.question, args.audio, think=args.think, options=options):
             if isinstance(event, ReasoningDelta):
                 if not in_reasoning:
@@ -84,46 +102,97 @@ def _clock(seconds: float) -> str:
 def chat(engine: Engine, args: argparse.Namespace) -> int:
     """One JSON turn per stdin line → one JSON result per stdout line; errors don't end the session."""
     session = Session(engine, use_cache=not args.no_cache)
-    for line in sys.stdin:
-        if line.strip():
-            print(json.dumps(_chat_turn(session, line), ensure_ascii=False), flush=True)
+    # Bytes, decoded per line: one line that is not UTF-8 is refused, it does not end the session.
+    for line in _lines(getattr(sys.stdin, "buffer", sys.stdin)):
+        if line is None:
+            result = {"error": f"The line is over the {MAX_LINE_BYTES:,}-byte limit and was skipped."}
+        elif line.strip():
+            result = _chat_turn(session, line)
+        else:
+            continue
+        print(json.dumps(result, ensure_ascii=False), flush=True)
     return 0
 
 
-def _chat_turn(session: Session, line: str) -> dict:
+def _lines(stream) -> Iterator[str | bytes | None]:
+    """The lines of `stream` (bytes, or str from a text stream), with None in place of each one over
+    MAX_LINE_BYTES: that one is read in pieces and dropped, so a line without an end cannot fill
+    the memory."""
+    while line := stream.readline(MAX_LINE_BYTES + 1):
+        if len(line) <= MAX_LINE_BYTES or line[-1:] in (b"\n", "\n"):
+            yield line
+            continue
+        while (rest := stream.readline(MAX_LINE_BYTES)) and rest[-1:] not in (b"\n", "\n"):
+            pass
+        yield None
+
+
+def _chat_turn(session: Session, line: str | bytes) -> dict:
     try:
         turn = _read_turn(line)
-        options = GenerationOptions(**{k: turn[k] for k in ("max_new_tokens", "temperature", "repetition_penalty") if k in turn})
         reply = None
-        for event in session.ask(turn.get("text", ""), turn.get("audio"), think=bool(turn.get("think")), options=options):
+        for event in session.ask(turn.text, turn.audio, think=turn.think, options=turn.options):
             if isinstance(event, TurnDone):
                 reply = event.reply
     except (AudioError, ContextFullError, ValueError) as exc:
-        return {"error": str(exc)}
+        return {"error": _one_line(str(exc))}
     except Exception as exc:  # a model failure: log it fully, tell the client in one line, keep serving
         log.exception("turn failed")
-        return {"error": f"The model failed on this turn ({type(exc).__name__}: {exc})."}
+        return {"error": _one_line(f"The model failed on this turn ({type(exc).__name__}: {exc}).")}
     return {"text": reply.text, "reasoning": reply.reasoning, "answer": reply.answer,
             "steps": [dataclasses.asdict(s) for s in reply.steps], "token_ids": list(reply.token_ids),
             "prompt_tokens": reply.prompt_tokens, "timings": dataclasses.asdict(reply.timings)}
 
 
-def _read_turn(line: str) -> dict:
+def _read_turn(line: str | bytes) -> Turn:
+    """One JSON line → `Turn`. Raises ValueError with one sentence for anything else; the option
+    values are checked by GenerationOptions itself, so its messages are the ones the client sees."""
+    fields = _json_object(line)
+    unknown = sorted(set(fields) - TURN_FIELDS)
+    if unknown:
+        names = ", ".join(json.dumps(key)[:MAX_KEY_CHARS] for key in unknown[:5])
+        raise ValueError(f"Unknown field(s) {names}; expected some of {', '.join(sorted(TURN_FIELDS))}.")
+    text, audio, think = fields.get("text", ""), fields.get("audio"), fields.get("think", False)
+    if not isinstance(text, str):
+        raise ValueError("\"text\" must be a string.")
+    if audio is not None and not isinstance(audio, str):
+        raise ValueError("\"audio\" must be a file path or null.")
+    if not isinstance(think, bool):  # "no" would be truthy
+        raise ValueError("\"think\" must be true or false.")
+    options = GenerationOptions(**{key: fields[key] for key in OPTION_FIELDS if key in fields})
+    return Turn(text, audio, think, options)
+
+
+def _json_object(line: str | bytes) -> dict:
+    """Strict JSON: no NaN/Infinity literals, no integers longer than MAX_NUMBER_DIGITS."""
     try:
-        turn = json.loads(line)
+        value = json.loads(line, parse_constant=_no_constant, parse_int=_json_int)
     except json.JSONDecodeError as exc:
         raise ValueError(f"The line is not valid JSON ({exc.msg} at column {exc.colno}).") from None
-    if not isinstance(turn, dict):
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start]
+        raise ValueError(f"The line is not valid UTF-8 (byte {byte:#04x} at offset {exc.start}).") from None
+    except RecursionError:
+        raise ValueError("The line nests JSON too deeply; send one flat object.") from None
+    if not isinstance(value, dict):
         raise ValueError("Each line must be a JSON object such as {\"text\": \"Hello\"}.")
-    unknown = set(turn) - TURN_FIELDS
-    if unknown:
-        raise ValueError(f"Unknown field(s) {', '.join(sorted(unknown))}; expected some of {', '.join(sorted(TURN_FIELDS))}.")
-    if not isinstance(turn.get("text", ""), str) or not isinstance(turn.get("audio") or "", str):
-        raise ValueError("\"text\" must be a string and \"audio\" a file path or null.")
-    for key, kind in (("max_new_tokens", int), ("temperature", (int, float)), ("repetition_penalty", (int, float))):
-        if key in turn and (not isinstance(turn[key], kind) or isinstance(turn[key], bool) or turn[key] < 0):
-            raise ValueError(f"\"{key}\" must be a non-negative number.")
-    return turn
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"The line contains {name}, which JSON does not allow; send a finite number.")
+
+
+def _json_int(digits: str) -> int:
+    length = len(digits.lstrip("-"))
+    if length > MAX_NUMBER_DIGITS:
+        raise ValueError(f"The line has a number with {length:,} digits; the limit is {MAX_NUMBER_DIGITS}.")
+    return int(digits)
+
+
+def _one_line(message: str) -> str:
+    """A message as one line: a model error's text can hold newlines."""
+    return " ".join(message.split())
 
 
 def _notice(loaded) -> None:

@@ -9,8 +9,10 @@ check audio again.
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import queue
+import stat
 import threading
 
 import av
@@ -35,10 +37,17 @@ WINDOW_FRAMES = 3000  # mel frames in one 30 s window
 FRAMES_PER_BLOCK = 64  # decoded frames converted per numpy/soxr call (an MP3 frame is 1152
 #                        samples); converting frame by frame cost more than decoding 30 min of MP3
 WINDOWS_PER_BATCH = 2  # windows per STFT call: 10 MB of spectrum; bigger batches measured slower
+MAX_SAMPLE_RATE = 768_000  # Hz: the highest rate audio interfaces record at; a larger rate in a
+#                            header only makes soxr chew through a gigabyte for a fraction of a second
+MAX_CHANNELS = 64  # channels: more than any recording has; a [channels, n] array passed as
+#                    [n, channels] shows up as thousands of "channels" of a few samples each
+MAX_NAME_CHARS = 80  # characters of a file name quoted back in an error message
 
-# Demuxers we let FFmpeg use on untrusted uploads. Playlist-style demuxers (hls, concat) can make
-# FFmpeg open other files or URLs, and "tty" would accept any .txt file as a video.
-_DEMUXERS = "wav,w64,aiff,flac,mp3,ogg,matroska,mov,aac,caf,amr"
+# Demuxers we let FFmpeg use on untrusted uploads: audio files, and the common video containers
+# whose sound track a user may hand us (avi, asf for wma/wmv, flv, mpegts, mpeg for mpg/vob). None of
+# them opens anything but the one input. Playlist-style demuxers (hls, concat, the image-sequence
+# ones) can make FFmpeg open other files or URLs, and "tty" would accept any .txt file as a video.
+_DEMUXERS = "wav,w64,aiff,flac,mp3,ogg,matroska,mov,aac,caf,amr,avi,asf,flv,mpegts,mpeg,au,voc"
 _CONTAINER_OPTIONS = {
     "format_whitelist": _DEMUXERS,
     "protocol_whitelist": "file",
@@ -49,7 +58,7 @@ _CONTAINER_OPTIONS = {
 # FFmpeg sample formats (without the planar "p") and their native-endian numpy types.
 _SAMPLE_TYPES = {"u8": np.uint8, "s16": np.int16, "s32": np.int32, "s64": np.int64,
                  "flt": np.float32, "dbl": np.float64}
-_KNOWN_FORMATS = "wav, flac, mp3, ogg, webm or m4a"
+_KNOWN_FORMATS = "wav, flac, mp3, ogg, webm or m4a audio, or an mp4, mkv, mov, avi, wmv, flv or ts video with sound"
 # Raw ADTS AAC and AMR state no length, and neither does an MP3 without a Xing/Info/VBRI tag:
 # FFmpeg's guess from the first frames' bitrate can be far off for variable-bitrate files.
 _GUESSED_LENGTH_FORMATS = {"aac", "amr"}
@@ -69,9 +78,7 @@ def load_audio(
     `max_seconds` long. Raises AudioError for anything unusable.
     """
     if isinstance(source, tuple):
-        sample_rate, samples = source
-        audio = to_mono_16k(np.asarray(samples), int(sample_rate))
-        return _checked(audio, max_seconds, declared_s=None)
+        return _load_pair(source, max_seconds)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         _check_size(len(data))
@@ -186,23 +193,63 @@ def _check_size(size: int) -> None:
 
 
 def _check_path(path: str) -> None:
-    name = os.path.basename(path) or path
+    """Refuse what FFmpeg must not open: missing, unreadable, and anything but a regular file.
+
+    A FIFO (or /dev/stdin on a pipe) would block a plain open() until a writer came, and a device
+    such as /dev/zero never ends, so the path is opened non-blocking and checked with fstat.
+    """
+    if not path:
+        raise AudioError("The audio path is empty; give an audio file.")
+    name = _name_text(path)
     try:
-        with open(path, "rb") as file:
-            size = os.fstat(file.fileno()).st_size
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise AudioError(f"The file {name} was not found; check the path.") from None
     except IsADirectoryError:
         raise AudioError(f"The path {name} is a folder, not an audio file.") from None
     except OSError as error:
         raise AudioError(f"The file {name} could not be read ({error.strerror}).") from error
-    _check_size(size)
+    except ValueError:  # a NUL, or a lone surrogate the file system cannot encode
+        raise AudioError(f"The path {name} has characters no file name can have; check the path.") from None
+    try:
+        info = os.fstat(descriptor)
+    finally:
+        os.close(descriptor)
+    if stat.S_ISDIR(info.st_mode):
+        raise AudioError(f"The path {name} is a folder, not an audio file.")
+    if not stat.S_ISREG(info.st_mode):
+        raise AudioError(f"The path {name} is not a regular file; give an audio file.")
+    _check_size(info.st_size)
+
+
+def _name_text(path: str) -> str:
+    """A file name as an error message quotes it: one printable line, not too long."""
+    name = os.path.basename(path) or path
+    if not name.isprintable():
+        name = ascii(name)
+    return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
+
+
+def _load_pair(source: tuple, max_seconds: float) -> np.ndarray:
+    """(sample_rate, samples) → float32 mono 16 kHz; the length is checked before resampling, so a
+    tiny rate cannot make soxr build gigabytes."""
+    if len(source) != 2:
+        raise AudioError(f"Audio given as a tuple must be (sample_rate, samples), not {len(source)} items.")
+    sample_rate, samples = source
+    _check_rate(sample_rate)
+    samples = _pcm_array(samples)
+    seconds = len(samples) / sample_rate
+    if seconds > max_seconds + LIMIT_GRACE_S:
+        raise AudioError(_too_long_text(seconds, max_seconds))
+    return _checked(to_mono_16k(samples, sample_rate), max_seconds, declared_s=None)
 
 
 def _load(target: str | io.BytesIO, origin: str | bytes, max_seconds: float) -> np.ndarray:
     """Open, check the declared length, decode; `origin` is where header bytes can be re-read."""
     try:
-        container = av.open(target, container_options=dict(_CONTAINER_OPTIONS))
+        # Tags are never read here, but PyAV decodes them strictly: one bad byte in a title raised
+        # UnicodeDecodeError past every check.
+        container = av.open(target, container_options=dict(_CONTAINER_OPTIONS), metadata_errors="replace")
     except av.error.FFmpegError as error:
         raise AudioError(f"The file is not audio in a known format; use {_KNOWN_FORMATS}.") from error
     with container:
@@ -258,6 +305,7 @@ def _decode_frames(container, stream, max_seconds: float, batches: queue.SimpleQ
             if batch and (len(batch) == FRAMES_PER_BLOCK or _format(frame) != _format(batch[0])):
                 batches.put((batch[0].sample_rate, _frames_samples(batch)))
                 batch = []
+            _check_rate(frame.sample_rate)  # a damaged header can say 0 Hz or 2 GHz
             decoded_s += frame.samples / frame.sample_rate
             if decoded_s > max_seconds + LIMIT_GRACE_S:
                 raise AudioError(_too_long_text(decoded_s, max_seconds, found_all=False))
@@ -384,21 +432,38 @@ def _frames_samples(frames: list[av.AudioFrame]) -> np.ndarray:
     return np.frombuffer(data, dtype).reshape(-1, channels)
 
 
-def _check_rate(sample_rate: int) -> None:
-    if sample_rate <= 0:
-        raise AudioError(f"The sample rate {sample_rate} Hz is not a valid rate.")
+def _check_rate(sample_rate: float) -> None:
+    real = isinstance(sample_rate, numbers.Real) and not isinstance(sample_rate, bool)
+    if not (real and 1 <= sample_rate <= MAX_SAMPLE_RATE):  # NaN fails the comparison too
+        shown = ascii(sample_rate)[:MAX_NAME_CHARS]
+        raise AudioError(f"The sample rate {shown} Hz is not a valid rate; use 1 to {MAX_SAMPLE_RATE:,} Hz.")
+
+
+def _pcm_array(samples) -> np.ndarray:
+    """`samples` as a numeric array shaped [n] or [n, channels], or AudioError."""
+    try:
+        samples = np.asarray(samples)
+    except (TypeError, ValueError):  # ragged lists, objects numpy cannot hold
+        raise AudioError("The audio samples are not a numeric array; pass [n] or [n, channels] PCM.") from None
+    if samples.dtype.kind not in "iuf":
+        raise AudioError(f"The audio samples are of type {samples.dtype}; pass integer or float PCM.")
+    if samples.ndim not in (1, 2):
+        raise AudioError(f"The audio has shape {samples.shape}; expected [n] or [n, channels].")
+    if samples.ndim == 2 and not 1 <= samples.shape[1] <= MAX_CHANNELS:
+        raise AudioError(f"The audio has {samples.shape[1]} channels; expected 1 to {MAX_CHANNELS}, as [n, channels].")
+    return samples
 
 
 def _mono_float32(samples: np.ndarray) -> np.ndarray:
     """[n] or [n, channels] of any PCM type to float32 [n] in [-1, 1], channels averaged."""
-    samples = np.asarray(samples)
-    if samples.ndim not in (1, 2):
-        raise AudioError(f"The audio has shape {samples.shape}; expected [n] or [n, channels].")
+    samples = _pcm_array(samples)
     columns = [samples] if samples.ndim == 1 else [samples[:, c] for c in range(samples.shape[1])]
     # Summing columns beats .mean(axis=1), which strides across every interleaved frame.
-    mono = columns[0].astype(np.float32)  # always a copy, so the in-place steps below are safe
-    for column in columns[1:]:
-        mono += column
+    # float64 beyond float32's range becomes inf, which `_checked` refuses: no warning needed.
+    with np.errstate(over="ignore"):
+        mono = columns[0].astype(np.float32)  # always a copy, so the in-place steps below are safe
+        for column in columns[1:]:
+            mono += column
     kind, bits = samples.dtype.kind, samples.dtype.itemsize * 8
     if kind == "u":
         mono -= len(columns) * 2.0 ** (bits - 1)  # unsigned PCM (8-bit WAV) is centred on 128

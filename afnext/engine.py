@@ -10,6 +10,7 @@ the next token (repetition penalty, temperature, top-p) exactly as transformers'
 from __future__ import annotations
 
 import logging
+import numbers
 import queue
 import threading
 import time
@@ -34,6 +35,17 @@ ENCODE_BATCH_WINDOWS = 16  # 30 s windows per encoder call: 8 min of audio, boun
 PREFILL_CHUNK_TOKENS = 8192
 JOIN_TIMEOUT_S = 30.0  # how long a closed stream waits for the worker to notice the cancel
 AUDIO_STEP_S = 0.04  # one audio token = 4 mel frames of 10 ms (conv stride 2, pooling stride 2)
+MAX_NEW_TOKENS = 131_072  # tokens: AF-Next's whole context, so no reply can be longer
+# Logits span about ±30; divided by 100 they give a softmax that is nearly uniform over the
+# vocabulary, so a larger temperature is noise either way and more likely a typo (700 for 0.7).
+MAX_TEMPERATURE = 100.0
+# Below this, sampling is greedy in all but name, and logits / 1e-300 overflow float32 to inf,
+# which softmax turns into NaN (a crash in torch.multinomial).
+MIN_TEMPERATURE = 1e-4
+# A penalty of 100 already rules a seen token out (or, as 1/100, all but forces it); beyond that
+# range the scaled scores, over MIN_TEMPERATURE, could overflow float32 the same way.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,40 @@ class GenerationOptions:
     top_p: float = 1.0  # nucleus sampling mass (used only when temperature > 0)
     repetition_penalty: float = 1.2  # as the model cards use; 1.0 switches it off
     seed: int | None = None  # sampling seed, for reproducible sampled replies
+
+    def __post_init__(self) -> None:
+        """Refuse values the sampler cannot use (a NaN penalty repeats one token forever)."""
+        _check_whole("max_new_tokens", self.max_new_tokens, 1, MAX_NEW_TOKENS)
+        _check_whole("min_new_tokens", self.min_new_tokens, 0, MAX_NEW_TOKENS)
+        _check_number("temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE, or_zero=True)
+        _check_number("top_p", self.top_p, 0.0, 1.0, above_low=True)
+        _check_number("repetition_penalty", self.repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY)
+        if self.seed is not None:
+            _check_whole("seed", self.seed, 0, MAX_SEED)
+
+
+def _check_whole(name: str, value, low: int, high: int) -> None:
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not (whole and low <= value <= high):
+        raise ValueError(f"{name} must be a whole number from {low:,} to {high:,}; got {_shown(value)}.")
+
+
+def _check_number(name: str, value, low: float, high: float, *, above_low: bool = False,
+                  or_zero: bool = False) -> None:
+    allowed = f"above {low:g} and at most {high:g}" if above_low else f"from {low:g} to {high:g}"
+    error = ValueError(f"{name} must be {'0 or ' if or_zero else ''}a number {allowed}; got {_shown(value)}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise error
+    # NaN fails every comparison and ±inf the bounds: no finiteness test, which would overflow on a huge int.
+    in_range = (low < value if above_low else low <= value) and value <= high
+    if not (in_range or or_zero and value == 0):
+        raise error
+
+
+def _shown(value) -> str:
+    """A value as an error message quotes it: one line (ascii escapes), at most 40 characters."""
+    text = ascii(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 @dataclass(frozen=True)

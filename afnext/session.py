@@ -33,6 +33,10 @@ THINK_PROMPT = "Reason step by step with timestamps, then give the final answer.
 THINK_PROMPT_INSTRUCT = ("Reason step by step inside <think> and </think>, citing the times in the audio "
                          "(for example 12.5s to 14.0s), then give the final answer after </think>.")
 THINK_PREFILL = "<think>\n"
+# characters of one turn's text: about 8,000 tokens, far beyond any typed or spoken question. Longer
+# text is refused before the tokenizer spends seconds on it, and with the right advice: a 1 MB paste
+# would otherwise be told the conversation is full and to start a new one, which does not help.
+MAX_TEXT_CHARS = 32_000
 
 
 class ContextFullError(ValueError):
@@ -64,6 +68,7 @@ class Session:
         the reply within one decoding step. Nothing runs on the model until the stream is iterated.
         """
         t0 = time.perf_counter()
+        _check_text(text)
         if not text.strip() and audio is None:
             raise ValueError("A turn needs a question, an audio clip, or both.")
         loaded = self.engine.loaded
@@ -266,6 +271,19 @@ class _Finished:
 
 class _CancelledInPrefill(Exception):
     """Raised on the worker to roll a turn back that was cancelled before its reply began."""
+
+
+def _check_text(text: str) -> None:
+    """One sentence for question text the tokenizer must not see."""
+    if not isinstance(text, str):
+        raise TypeError(f"The question must be text, not {type(text).__name__}.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"The question is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate such as JSON's "\ud800"; the tokenizer raises TypeError
+        raise ValueError(f"The question is not valid Unicode (a lone surrogate at character {exc.start});"
+                         " send UTF-8 text.") from None
 
 
 def _sync(device: torch.device) -> float:

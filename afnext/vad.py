@@ -17,6 +17,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import numbers
 import os
 import sys
 import threading
@@ -96,8 +97,7 @@ class Endpointer:
     """
 
     def __init__(self, options: EndpointerOptions = EndpointerOptions(), *, backend: str = "auto") -> None:
-        if not 0 <= options.leave <= options.enter <= 1:
-            raise ValueError(f"need 0 <= leave <= enter <= 1, got leave={options.leave}, enter={options.enter}")
+        _check_options(options)
         self.options = options
         self.backend = _choose_backend(backend)  # "silero" or "webrtc": the one in use
         self._model = _silero_model() if self.backend == "silero" else None
@@ -377,6 +377,22 @@ def _silero_model() -> _SileroModel:
         if _model is None:
             _model = _SileroModel(_silero_path())
         return _model
+
+
+def _check_options(options: EndpointerOptions) -> None:
+    """ValueError naming the field for options the state machine cannot run with (the CLI takes
+    any number, "inf" and "nan" included)."""
+    for name in ("pre_roll_ms", "min_speech_ms", "hangover_ms"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be a whole number of ms, 0 or more; got {value!r}.")
+    seconds = options.max_utterance_s
+    if not 0 < seconds < float("inf"):  # NaN fails the comparison too
+        raise ValueError(f"max_utterance_s must be a finite number of seconds above 0; got {seconds!r}.")
+    if options.webrtc_mode not in (0, 1, 2, 3):
+        raise ValueError(f"webrtc_mode must be 0, 1, 2 or 3; got {options.webrtc_mode!r}.")
+    if not 0 <= options.leave <= options.enter <= 1:
+        raise ValueError(f"need 0 <= leave <= enter <= 1, got leave={options.leave}, enter={options.enter}")
 
 
 def _silero_path(names: tuple[str, ...] = (_SEQUENCE_MODEL, _FRAME_MODEL)) -> str | None:

@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", required=True, help="JSON lines (the only format)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from .tts import load_synthesizer
+    from .tts import check_wav_path, load_synthesizer
 
     try:
+        if args.out:
+            check_wav_path(args.out)
         samples = load_audio(args.input)
         synthesizer = load_synthesizer(args.tts, model=args.tts_model, device=args.device)
         engine = Engine(load(args.model, device=args.device))
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out and speech:
         import soundfile as sf
 
-        sf.write(args.out, np.concatenate([c.samples for c in speech]), speech[0].sample_rate)
+        sf.write(args.out, np.concatenate([c.samples for c in speech]), speech[0].sample_rate, format="WAV")
     return 0
 
 

@@ -35,6 +35,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, or cuda[:n]")
     p.add_argument("--tts", default="espeak", choices=ENGINES, help="the voice engine")
     p.add_argument("--tts-model", default=None, help="espeak voice name, or Pocket TTS checkpoint")
+    p.add_argument("--upload-quota-gb", type=float, default=4.0,
+                   help="disk space uploads may take at once (GB); more are refused until some are freed")
     return p
 
 
@@ -44,9 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     # The model loads on its own thread while the page is served: a real checkpoint takes minutes.
     options = BackendOptions(args.model, args.think_model, args.device, args.tts, args.tts_model)
     loader = BackendLoader(partial(start_backend, options), args.model)
-    from app.web import launch
+    from app.web import PortBusy, launch
 
-    launch(loader, host=args.host, port=args.port, share=args.share)
+    try:
+        launch(loader, host=args.host, port=args.port, share=args.share,
+               upload_quota_bytes=int(args.upload_quota_gb * (1 << 30)))
+    except PortBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

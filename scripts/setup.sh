@@ -19,7 +19,10 @@ apt_install() {  # install Debian packages if missing, as root or through sudo; 
   if [ -n "$sudo" ] && ! command -v sudo >/dev/null; then
     echo "Please install these Debian packages: ${missing[*]}" >&2; return 1
   fi
-  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+  # Wait for another apt or dpkg run (a machine's own start-up updates) instead of failing at once.
+  local wait=(-o DPkg::Lock::Timeout=300)
+  $sudo apt-get "${wait[@]}" update -qq \
+    && $sudo env DEBIAN_FRONTEND=noninteractive apt-get "${wait[@]}" install -y -qq "${missing[@]}"
 }
 
 if [ ! -x .venv/bin/python ]; then

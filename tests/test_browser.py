@@ -12,18 +12,16 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
+import signal
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
 
+from tests.web.running import free_port, running
 from tests.web.scripted import SCRIPT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,32 +39,15 @@ TALK = "#afn-talk .afn-talk"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("server") / "server.log"
     started = time.perf_counter()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.web.server", "--port", str(port)], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
     try:
-        while True:
-            if proc.poll() is not None or time.perf_counter() - started > 120:
-                pytest.fail(f"the app did not start:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        REPORT["process_start_to_http_s"] = round(time.perf_counter() - started, 2)
-        while not (served := re.search(r"([\d.]+) s after launch", log.read_text())):
-            time.sleep(0.05)
-        REPORT["launch_to_serving_s"] = float(served.group(1))
-        yield url
+        with running(["-m", "tests.web.server", "--port", str(free_port())], log) as (_proc, url):
+            REPORT["process_start_to_healthy_s"] = round(time.perf_counter() - started, 2)
+            if served := re.search(r"([\d.]+) s after launch", log.read_text()):  # a figure, not a signal
+                REPORT["launch_to_serving_s"] = float(served.group(1))
+            yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
         print(f"\nweb measurements: {json.dumps(REPORT)}\nscreenshots: {SHOTS}")
         if os.environ.get("AFNEXT_WEB_REPORT"):
             meta = {"command": "AFNEXT_WEB_REPORT=FILE python -m pytest tests/test_browser.py",
@@ -150,6 +131,25 @@ def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, serv
     page.locator("#afn-speak").click()  # the answer, spoken
     page.locator("#afn-spoken [data-testid='download-link']").wait_for()
     assert page.locator("#afn-spoken [data-testid='download-link']").get_attribute("href").endswith(".wav")
+    assert not errors, errors
+    page.context.close()
+
+
+def test_after_a_restart_the_recordings_tab_says_what_was_lost_and_keeps_the_chat(browser, tmp_path):
+    args = ["-m", "tests.web.server", "--port", str(free_port())]
+    with running(args, tmp_path / "first.log") as (proc, url):
+        page, _, errors = _page(browser, url)
+        _open_example(page, "Speech (10 s)")
+        _ask(page, "What is this recording?", False, 1)
+        proc.send_signal(signal.SIGKILL)  # a crash: nothing is saved on the way out
+        proc.wait(10)
+    with running(args, tmp_path / "second.log"):
+        page.locator("#afn-question textarea").fill("And who speaks?")
+        page.locator("#afn-ask").click()
+        page.locator("#afn-status", has_text="no longer holds speech.wav").wait_for(timeout=60_000)
+        assert "upload it again" in page.locator("#afn-status").inner_text()
+        assert page.locator('#afn-chat [data-testid="user"]').count() == 1  # the earlier question stays
+        assert page.locator("#afn-question textarea").input_value() == "And who speaks?"  # and the new one too
     assert not errors, errors
     page.context.close()
 

@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import json
-import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -27,6 +24,7 @@ from afnext.events import ThinkStep
 from afnext.tts import load_synthesizer
 from app import recordings, talk
 from app.backend import Backend, BackendLoader, BackendOptions, banner, start_backend
+from tests.web.running import free_port, health, running
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -180,25 +178,17 @@ def test_the_page_is_served_while_the_model_loads_and_says_so(backend):
 
 
 def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path / "app.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "--model", str(tmp_path / "missing"), "--port", str(port)],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    args = ["-m", "app", "--model", str(tmp_path / "missing"), "--port", str(free_port())]
+    with running(args, log, ready=False) as (proc, url):  # /health answers 503 while the model loads
+        with urllib.request.urlopen(url + "config", timeout=10) as response:
+            assert json.load(response)["title"] == "AF-Next voice assistant"
         deadline = time.monotonic() + 120
-        while "Model: tiny" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        while (answer := health(url))[0] != 200:
+            assert answer[0] == 503 and answer[1]["reason"] and time.monotonic() < deadline, answer
             time.sleep(0.1)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as response:
-            config = json.load(response)
-        assert config["title"] == "AF-Next voice assistant"
+        assert "Model: tiny" in answer[1]["model"]
         assert f"No checkpoint folder at {tmp_path / 'missing'}" in log.read_text()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_voice_channel_refuses_a_bad_hello(backend, channel):
@@ -243,7 +233,7 @@ def test_a_page_that_reconnects_keeps_its_conversation_and_turn_ids(backend, cha
         assert _ptt_turn(ws)["id"] == 2
     with client.websocket_connect(f"{talk.ROUTE}?client=page-two-0002") as ws:
         assert _hello(ws)["turns"] == 0  # another page: another conversation
-    assert len(registry) == 2
+    assert registry.wait_closed(30) and len(registry) == 1  # page two never spoke: nothing is kept for it
 
 
 def test_idle_conversations_are_dropped_and_the_count_is_capped(backend, channel):

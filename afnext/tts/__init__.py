@@ -14,6 +14,7 @@ espeak-ng nor torch.
 from __future__ import annotations
 
 import importlib.util
+import os
 import threading
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
@@ -70,6 +71,18 @@ def load_synthesizer(engine: str = "espeak", *, model: str | None = None, device
     raise ValueError(f"Unknown TTS engine {engine!r}; choose one of {', '.join(ENGINES)}.")
 
 
+def check_wav_path(path: str) -> None:
+    """Raise ValueError (one sentence) when a wav file cannot be written at `path`; the command
+    lines call this before any work, so a typo in --out does not cost the run."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"The output path {path} is a folder; give a .wav file name.")
+    if not os.path.isdir(folder):
+        raise ValueError(f"The output folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"The output folder {folder} is not writable.")
+
+
 class SpeechResampler:
     """One reply's speech chunks (any rate) → `out_rate`, through one soxr stream per reply, so
     chunk edges leave no clicks. `push` each chunk; `end` when the reply is complete (the filter's
@@ -105,4 +118,4 @@ def _require(module: str, package: str, what: str) -> None:
 
 
 __all__ = ["ENGINES", "ChunkerOptions", "SpeechChunker", "SpeechResampler", "Synthesizer", "TTSError",
-           "load_synthesizer"]
+           "check_wav_path", "load_synthesizer"]

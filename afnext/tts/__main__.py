@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ..events import TextDelta
-from . import ENGINES, TTSError, load_synthesizer
+from . import ENGINES, TTSError, check_wav_path, load_synthesizer
 from .chunker import SpeechChunker
 
 
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_wav_path(args.out)
         synth = load_synthesizer(args.engine, model=args.model, device=args.device)
     except (TTSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -67,7 +68,7 @@ def speak(synth, pieces: list[str]) -> tuple[np.ndarray, float, float]:
 def _write(path: str, samples: np.ndarray, sample_rate: int) -> None:
     import soundfile as sf
 
-    sf.write(path, samples, sample_rate, subtype="PCM_16")
+    sf.write(path, samples, sample_rate, format="WAV", subtype="PCM_16")  # whatever the name's extension
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -30,6 +30,9 @@ _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # [text](url) and ![alt](url) â†
 _LINE_MARK = re.compile(r"^\s*(?:[-*+â€¢]|#{1,6}|>)\s+")  # bullet, heading or quote marker opening a line
 _SYMBOLS = re.compile(r"[*`|~]|(?<!\w)_+|_+(?!\w)")  # emphasis, code, tables; underscores at word edges only
 _INITIALS = re.compile(r"(?:[A-Za-z]\.)*[A-Za-z]")  # "J", "U.S", "e.g" (the last period already cut)
+# Lone surrogates (undecodable command-line bytes, a JSON "\ud800") have no sound and no UTF-8 form;
+# espeak-ng's encoding and the Pocket tokenizer would both fail on them.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def speakable(text: str) -> str:
     """`text` without markdown symbols, on one line; "" when nothing in it can be spoken."""
     text = _LINK.sub(r"\1", _FENCE.sub(" ", text))
     text = _SYMBOLS.sub("", _LINE_MARK.sub("", text, count=1))
-    text = " ".join(text.split())
+    text = " ".join(_SURROGATES.sub("", text).split())
     return text if any(c.isalnum() for c in text) else ""
 
 

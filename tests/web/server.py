@@ -13,6 +13,7 @@ from afnext.engine import Engine
 from afnext.model import load
 from afnext.tts import load_synthesizer
 from app.backend import Backend, BackendLoader
+from app.guard import UPLOAD_QUOTA_BYTES
 from app.web import launch
 
 from .scripted import ScriptedEngine
@@ -21,9 +22,10 @@ from .scripted import ScriptedEngine
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--upload-quota-bytes", type=int, default=UPLOAD_QUOTA_BYTES)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    launch(BackendLoader(backend, "tiny"), host="127.0.0.1", port=args.port)
+    launch(BackendLoader(backend, "tiny"), host="127.0.0.1", port=args.port, upload_quota_bytes=args.upload_quota_bytes)
 
 
 def backend() -> Backend:

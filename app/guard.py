@@ -1,0 +1,248 @@
+"""The HTTP gate in front of the Gradio app: what a public server must refuse before Gradio sees it.
+
+Gradio lets any HTTP client call any event of a page by name, uploads files into a cache without
+limit, and takes request bodies of any size. In front of it, this ASGI middleware:
+
+- answers calls by name (`/gradio_api/call/NAME`, `/run/NAME`, `/api/NAME`) only for the endpoints
+  we document; the page's own events are called by their index, as the page itself calls them;
+- refuses any file in a request that is not an upload of this server (a server path such as
+  `{"path": "/home/me/private.wav"}` never reaches a handler), whatever Gradio would do with it;
+- caps request bodies in bytes, and uploads by size and by the disk quota of the upload folder;
+- limits each client address to a fair share: a burst of requests, then a steady rate, and a few
+  uploads at a time.
+
+Every refusal is one sentence (JSON `{"error": …}`) and one log line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/gradio_api"
+NAMED_CALLS = ("/call/v2/", "/call/", "/run/", "/api/")  # Gradio's routes that pick an event by name
+QUEUED_CALLS = ("/queue/join",) + NAMED_CALLS
+MAX_BODY_BYTES = 1 << 20  # bytes of JSON in one call: a question is at most 32,000 characters (afnext.session)
+UPLOAD_QUOTA_BYTES = 4 << 30  # bytes the upload folder may hold: a dozen 30-minute WAVs at once
+# Per client address. Behind a reverse proxy every client has the proxy's address unless uvicorn is
+# told to trust its X-Forwarded-For (FORWARDED_ALLOW_IPS=<proxy address>), so the budget is generous.
+REQUEST_BURST = 120  # calls and uploads one client address may make at once…
+REQUESTS_PER_S = 5.0  # …then this many a second (the page makes two or three per question)
+UPLOADS_AT_ONCE = 2  # uploads in flight per client address
+
+
+@dataclass(frozen=True)
+class GuardOptions:
+    """What the gate lets through; `launch()` fills it in."""
+
+    upload_dir: Path  # Gradio's upload folder (GRADIO_TEMP_DIR): the only place request files may be
+    public_api: frozenset[str]  # api_names callable by name: the documented endpoints
+    max_file_bytes: int  # bytes in one upload
+    quota_bytes: int = UPLOAD_QUOTA_BYTES  # bytes the upload folder may hold
+    burst: int = REQUEST_BURST
+    rate_per_s: float = REQUESTS_PER_S
+    uploads_at_once: int = UPLOADS_AT_ONCE
+
+
+class Refused(Exception):
+    """A request the gate turns away: an HTTP status and one sentence."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Client:
+    tokens: float
+    stamp: float
+    uploads: int = 0
+
+
+@dataclass
+class _Ledger:
+    """Per-address request budgets (token buckets) and uploads in flight."""
+
+    options: GuardOptions
+    clients: dict[str, _Client] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def spend(self, address: str) -> None:
+        now = time.monotonic()
+        with self.lock:
+            client = self.clients.setdefault(address, _Client(float(self.options.burst), now))
+            client.tokens = min(self.options.burst, client.tokens + (now - client.stamp) * self.options.rate_per_s)
+            client.stamp = now
+            if client.tokens < 1:
+                raise Refused(429, "Too many requests from your address; wait a few seconds and try again.")
+            client.tokens -= 1
+            if len(self.clients) > 10_000:  # forget addresses that have been quiet long enough to be full again
+                full = self.options.burst / self.options.rate_per_s
+                self.clients = {a: c for a, c in self.clients.items() if now - c.stamp < full or c.uploads}
+
+    def upload_started(self, address: str) -> None:
+        with self.lock:
+            client = self.clients[address]
+            if client.uploads >= self.options.uploads_at_once:
+                raise Refused(429, "Your address is already sending files; wait for those uploads to finish.")
+            client.uploads += 1
+
+    def upload_ended(self, address: str) -> None:
+        with self.lock:
+            self.clients[address].uploads -= 1
+
+
+class Guard:
+    """ASGI middleware; see the module docstring. Gradio builds it from `launch(app_kwargs=…)`."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], options: GuardOptions) -> None:
+        self.app, self.options, self.ledger = app, options, _Ledger(options)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        path, address = scope["path"][len(API_PREFIX):], (scope.get("client") or ("?",))[0]
+        try:
+            self.ledger.spend(address)
+            if path.rstrip("/") == "/upload":
+                await self._upload(scope, receive, send, address)
+                return
+            if path.startswith(QUEUED_CALLS):
+                body = await _body(receive, MAX_BODY_BYTES)
+                self._check_call(path, body)
+                receive = _replay(body, receive)
+        except Refused as refusal:
+            log.info("refused %s %s from %s: %s", scope["method"], scope["path"], address, refusal)
+            await _answer(send, refusal.status, str(refusal))
+            return
+        await self.app(scope, receive, send)
+
+    def _check_call(self, path: str, body: bytes) -> None:
+        try:
+            payload = json.loads(body or b"{}")
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(400, "The request body is not valid JSON.") from None
+        by_index = isinstance(payload, dict) and payload.get("fn_index") is not None  # as the page calls
+        for prefix in NAMED_CALLS:
+            if path.startswith(prefix) and not by_index:
+                name = path[len(prefix):].split("/")[0]
+                if name not in self.options.public_api:
+                    raise Refused(404, f"There is no API endpoint named {name!r}; see the page's 'Use via API' list.")
+        for file_path in _file_paths(payload):
+            if not _inside(file_path, self.options.upload_dir):
+                raise Refused(403, "Files must be uploaded to this server first (POST /gradio_api/upload); "
+                                   "paths on the server are not accepted.")
+
+    async def _upload(self, scope, receive, send, address: str) -> None:
+        size = _content_length(scope)
+        if size is None:
+            raise Refused(411, "Send the upload with a Content-Length header.")
+        if size > self.options.max_file_bytes + (1 << 16):  # multipart framing around the file
+            raise Refused(413, f"The file is over the {self.options.max_file_bytes >> 20} MiB upload limit.")
+        if folder_bytes(self.options.upload_dir) + size > self.options.quota_bytes:
+            raise Refused(507, "The server has no room for more uploads right now; try again in a few minutes.")
+        self.ledger.upload_started(address)
+        try:
+            await self.app(scope, _capped(receive, size), send)
+        finally:
+            self.ledger.upload_ended(address)
+
+
+def _file_paths(value) -> Iterator[str]:
+    """Every `path` of a Gradio FileData (or anything shaped like one) inside a JSON payload."""
+    if isinstance(value, dict):
+        if "path" in value and (isinstance(value.get("meta"), dict) or "orig_name" in value or "url" in value):
+            yield str(value["path"])
+        for item in value.values():
+            yield from _file_paths(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _file_paths(item)
+
+
+def _inside(path: str, folder: Path) -> bool:
+    """Whether `path` resolves (links and `..` followed) to a file inside `folder`."""
+    try:
+        return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+    except (OSError, ValueError):
+        return False
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (what its uploads occupy on disk)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # deleted meanwhile
+    return total
+
+
+def _content_length(scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            try:
+                return max(0, int(value))
+            except ValueError:
+                return None
+    return None
+
+
+async def _body(receive, limit: int) -> bytes:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Refused(400, "The request ended before its body did.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"The request body is over {limit >> 10} KiB.")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    """`receive` that gives the body already read, then waits on the connection as before."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replayed
+
+
+def _capped(receive, declared: int):
+    """`receive` that ends the upload when it carries more bytes than its Content-Length said."""
+    seen = 0
+
+    async def capped():
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > declared:
+            return {"type": "http.disconnect"}
+        return message
+    return capped
+
+
+async def _answer(send, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

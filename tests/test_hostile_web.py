@@ -1,0 +1,282 @@
+"""The web app as an attacker (and a careless newcomer) meets it: a real server process on loopback,
+awaited on /health, probed over HTTP; plus the Recordings desk's limits, without a server.
+
+Each test here failed on the app before its hardening (issue 9)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app import recordings
+from app.guard import folder_bytes
+from tests.web.running import ROOT, free_port, health, running
+
+ASSETS = ROOT / "assets"
+FILE_DATA = {"_type": "gradio.FileData"}
+
+
+@pytest.fixture(scope="module")
+def private_wav(tmp_path_factory) -> Path:
+    """A recording on the server's disk that no user uploaded: in the temp dir, where Gradio allows
+    files an app created, and beside the app's own folders."""
+    path = tmp_path_factory.mktemp("private") / "private-meeting.wav"
+    soundfile.write(path, np.random.default_rng(7).uniform(-0.2, 0.2, 16000).astype(np.float32), 16000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def app_server(tmp_path_factory):
+    """The browser-test server (tiny model), with a 3.5 MiB upload quota so the quota is cheap to reach."""
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    port = str(free_port())
+    with running(["-m", "tests.web.server", "--port", port, "--upload-quota-bytes", str(7 << 19)], log) as (proc, url):
+        yield proc, url, log
+
+
+def _uploads(proc) -> Path:
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"afnext-app-{proc.pid}" / "uploads"
+
+
+def _upload(url: str, path: Path, name: str | None = None) -> httpx.Response:
+    with open(path, "rb") as f:
+        return httpx.post(url + "gradio_api/upload", files={"files": (name or path.name, f)}, timeout=30)
+
+
+def _call(url: str, name: str, data: list) -> tuple[int, str]:
+    """A named call through Gradio's two-step API: (status of the POST, the event stream's text)."""
+    r = httpx.post(f"{url}gradio_api/call/{name}", json={"data": data}, timeout=30)
+    if r.status_code != 200:
+        return r.status_code, r.text
+    stream = httpx.get(f"{url}gradio_api/call/{name}/{r.json()['event_id']}", timeout=120)
+    return r.status_code, stream.text
+
+
+def test_only_the_documented_endpoint_is_listed(app_server):
+    _, url, _ = app_server
+    info = httpx.get(url + "gradio_api/info").json()
+    assert sorted(info["named_endpoints"]) == ["/ask_recording"]
+    from gradio_client import Client
+
+    assert "ask_recording" in Client(url, verbose=False).view_api(print_info=False, return_format="str")
+
+
+def test_ui_events_cannot_be_called_by_name(app_server):
+    _, url, _ = app_server
+    config = httpx.get(url + "config").json()
+    names = [d["api_name"] for d in config["dependencies"] if d.get("api_name") and d["api_name"] != "ask_recording"]
+    assert names  # open, ask, speak, …: the page's own events
+    for name in names:
+        status, text = _call(url, name, [])
+        assert status == 404 and "no API endpoint named" in text, (name, status, text)
+
+
+def test_a_server_path_in_a_file_payload_is_refused_at_every_endpoint(app_server, private_wav):
+    proc, url, _ = app_server
+    payload = {"path": str(private_wav), "meta": FILE_DATA}
+    status, text = _call(url, "ask_recording", [payload, "What is said?", False])
+    assert status == 403 and "uploaded to this server first" in text
+    config = httpx.get(url + "config").json()
+    for index, dep in enumerate(config["dependencies"]):  # the page's way in: the queue, by index
+        data = [payload] * max(1, len(dep["inputs"]))
+        r = httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": index,
+                                                             "session_hash": f"attacker{index:04d}"}, timeout=30)
+        assert r.status_code == 403 and "uploaded to this server first" in r.text, (index, r.status_code, r.text)
+    for variant in (f"{_uploads(proc)}/../../{private_wav}", str(private_wav.parent / "." / private_wav.name)):
+        r = httpx.post(url + "gradio_api/queue/join", json={"data": [{"path": variant, "meta": FILE_DATA}],
+                                                             "fn_index": 0, "session_hash": "attacker"})
+        assert r.status_code == 403, variant
+    assert httpx.get(f"{url}gradio_api/file={private_wav}").status_code == 403
+    copies = [p for p in _uploads(proc).parent.rglob("*") if p.is_file() and p.read_bytes() == private_wav.read_bytes()]
+    assert copies == []
+
+
+def test_ask_recording_answers_an_upload_then_deletes_it(app_server):
+    from gradio_client import Client, handle_file
+
+    proc, url, log = app_server
+    client = Client(url, verbose=False)
+    answer = client.predict(handle_file(str(ASSETS / "speech.wav")), "Summarize.", True, api_name="/ask_recording")
+    assert "milk and eggs" in answer
+    with pytest.raises(Exception, match="Send a question with the audio file"):
+        client.predict(handle_file(str(ASSETS / "speech.wav")), " ", False, api_name="/ask_recording")
+    assert folder_bytes(_uploads(proc)) == 0  # both uploads deleted once answered (or refused)
+    assert "Traceback" not in log.read_text()  # user errors are one log line each
+
+
+def _page_event(url: str, api_name: str, data: list, session: str) -> dict:
+    """Call one of the page's events as the page does (queue, by index); its last message."""
+    config = httpx.get(url + "config").json()
+    index = next(i for i, d in enumerate(config["dependencies"]) if d.get("api_name") == api_name)
+    r = httpx.post(url + "gradio_api/queue/join", json={"data": data, "fn_index": index, "session_hash": session})
+    assert r.status_code == 200, r.text
+    with httpx.stream("GET", f"{url}gradio_api/queue/data?session_hash={session}", timeout=60) as stream:
+        for line in stream.iter_lines():
+            if '"process_completed"' in line:
+                return json.loads(line.removeprefix("data: "))
+    raise AssertionError("the event never completed")
+
+
+def test_a_file_that_is_not_audio_gets_a_sentence_and_is_deleted(app_server):
+    proc, url, log = app_server
+    path = _upload(url, Path(__file__), "notes.md").json()[0]
+    done = _page_event(url, "open", [{"path": path, "meta": FILE_DATA, "orig_name": "notes.md"}], "page-session-01")
+    assert "not audio in a known format" in done["output"]["data"][0]
+    assert not Path(path).exists()
+    assert "Traceback" not in log.read_text()
+
+
+def test_uploads_past_the_quota_or_size_are_refused_and_the_server_keeps_serving(app_server, tmp_path):
+    proc, url, _ = app_server
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(os.urandom(1 << 20))
+    codes = [_upload(url, blob, f"b{i}.bin").status_code for i in range(5)]  # 5 MiB into a 3.5 MiB quota
+    assert codes[:3] == [200] * 3 and codes[3:] == [507, 507], codes
+    assert folder_bytes(_uploads(proc)) <= 7 << 19
+    assert "413" in _raw_upload_head(url, 2 << 30)  # refused on its header, before a byte is stored
+    assert health(url)[0] == 200
+
+
+def _raw_upload_head(url: str, declared: int) -> str:
+    """Send an upload's headers claiming `declared` bytes (and only a few of them); the status line."""
+    import socket
+
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+                  f"boundary=x\r\nContent-Length: {declared}\r\n\r\n--x\r\n".encode())
+        return s.recv(4096).decode(errors="replace").splitlines()[0]
+
+
+def test_a_huge_request_body_gets_a_sentence(app_server):
+    _, url, _ = app_server
+    body = json.dumps({"data": ["x" * (2 << 20), False, None, None], "fn_index": 2, "session_hash": "big"})
+    r = httpx.post(url + "gradio_api/queue/join", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"].endswith("KiB.")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(st.binary(max_size=300), st.recursive(
+    st.none() | st.booleans() | st.floats() | st.text(max_size=20) | st.integers(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["data", "fn_index", "session_hash", "path", "meta", "_type", "url", "orig_name"]),
+        inner, max_size=5), max_leaves=12).map(lambda v: json.dumps(v).encode())))
+def test_fuzzed_call_bodies_never_break_the_server(app_server, body):
+    _, url, _ = app_server
+    for route in ("gradio_api/queue/join", "gradio_api/call/ask_recording"):
+        r = httpx.post(url + route, content=body, headers={"content-type": "application/json"}, timeout=30)
+        assert r.status_code < 500, (route, body, r.status_code, r.text[:300])
+
+
+def test_a_flood_from_one_address_is_slowed_and_others_are_unaffected():
+    from app.guard import GuardOptions, Refused, _Ledger
+
+    ledger = _Ledger(GuardOptions(Path("/nonexistent"), frozenset(), 1, burst=5, rate_per_s=100.0))
+    for _ in range(5):
+        ledger.spend("10.0.0.1")
+    with pytest.raises(Refused, match="Too many requests"):
+        ledger.spend("10.0.0.1")
+    ledger.spend("10.0.0.2")  # another address has its own budget
+    time.sleep(0.02)
+    ledger.spend("10.0.0.1")  # and the budget refills
+    ledger.upload_started("10.0.0.2")
+    ledger.upload_started("10.0.0.2")
+    with pytest.raises(Refused, match="already sending files"):
+        ledger.upload_started("10.0.0.2")
+
+
+def test_uploads_left_by_a_killed_server_are_removed_by_the_next_start(tmp_path):
+    first_log, second_log = tmp_path / "first.log", tmp_path / "second.log"
+    with running(["-m", "tests.web.server", "--port", str(free_port())], first_log) as (proc, url):
+        assert _upload(url, ASSETS / "speech.wav").status_code == 200
+        left = _uploads(proc)
+        assert folder_bytes(left) > 0
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    with running(["-m", "tests.web.server", "--port", str(free_port())], second_log):
+        assert not left.parent.exists()
+
+
+def test_a_busy_port_gets_a_sentence_naming_the_flag(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "app", "--model", "tiny", "--port", str(port)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=180, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"Port {port}" in proc.stderr and "--port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# The Recordings desk, without a server.
+
+def _recording(tmp_path: Path, name: str, owned: bool = True) -> recordings.Recording:
+    path = tmp_path / name
+    soundfile.write(path, np.zeros(1600, np.float32), 16000)
+    return recordings.open_recording(str(path), tmp_path, owned=owned)
+
+
+def test_a_refused_upload_is_deleted(tmp_path):
+    junk = tmp_path / "junk.mp3"
+    junk.write_bytes(b"not audio" * 100)
+    with pytest.raises(recordings.AudioError):
+        recordings.open_recording(str(junk), tmp_path, owned=True)
+    assert not junk.exists()
+
+
+def test_the_desk_caps_each_address_and_everyone_and_deletes_what_it_drops(tmp_path):
+    desk = recordings.Desk(per_address=2, most=3)
+    held = {s: _recording(tmp_path, f"{s}.aiff") for s in "abcde"}  # aiff: a WAV copy is made too
+    files = {s: r.files for s, r in held.items()}
+    assert all(len(f) == 2 for f in files.values())
+    for s in "abc":
+        desk.put(s, "10.0.0.1", held[s])
+    assert desk.get("a") is None and desk.get("b") and desk.get("c")  # one address: its oldest went
+    assert not any(p.exists() for p in files["a"])
+    desk.put("d", "10.0.0.2", held["d"])
+    desk.put("e", "10.0.0.3", held["e"])  # four held in all: the least recently used (b) goes
+    assert len(desk) == 3 and desk.get("b") is None and desk.get("c") is not None
+    desk.drop("c")
+    assert not any(p.exists() for p in files["c"]) and all(p.exists() for p in files["d"])
+
+
+def test_an_idle_recording_is_closed(tmp_path):
+    desk = recordings.Desk(idle_s=0.05)
+    desk.put("a", "10.0.0.1", _recording(tmp_path, "a.wav"))
+    time.sleep(0.1)
+    assert desk.get("a") is None and len(desk) == 0
+
+
+def test_a_file_two_recordings_share_is_kept_while_either_is_open(tmp_path):
+    path = tmp_path / "same.wav"
+    soundfile.write(path, np.zeros(1600, np.float32), 16000)
+    desk = recordings.Desk()
+    desk.put("a", "10.0.0.1", recordings.open_recording(str(path), tmp_path, owned=True))
+    desk.put("b", "10.0.0.2", recordings.open_recording(str(path), tmp_path, owned=True))
+    desk.drop("a")
+    assert path.exists() and desk.holds(path)
+    desk.drop("b")
+    assert not path.exists()
+
+
+def test_a_page_whose_recording_the_server_lost_is_told_so_and_keeps_its_chat():
+    from app.web import _nothing_held
+
+    shown = json.dumps({"name": "meeting.m4a", "peaks": []})
+    assert "no longer holds meeting.m4a" in _nothing_held(shown) and "upload it again" in _nothing_held(shown)
+    assert _nothing_held("") == "Upload a recording, or pick an example, first."
+    assert _nothing_held("{not json") == "Upload a recording, or pick an example, first."
