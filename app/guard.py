@@ -11,7 +11,8 @@ limit, and takes request bodies of any size. In front of it, this ASGI middlewar
 - limits each client address to a fair share: a burst of requests, then a steady rate, and a few
   uploads at a time.
 
-Every refusal is one sentence (JSON `{"error": …}`) and one log line, never a traceback.
+Every refusal is one sentence (JSON `{"error": …}`, plain text for uploads, which the page shows as
+it is) and one log line, never a traceback.
 """
 
 from __future__ import annotations
@@ -122,16 +123,19 @@ class Guard:
                 receive = _replay(body, receive)
         except Refused as refusal:
             log.info("refused %s %s from %s: %s", scope["method"], scope["path"], address, refusal)
-            await _answer(send, refusal.status, str(refusal))
+            # The page shows an upload's refusal as "HTTP <status>: <body>": plain text reads best there.
+            await _answer(send, refusal.status, str(refusal), plain=path.rstrip("/") == "/upload")
             return
         await self.app(scope, receive, send)
 
     def _check_call(self, path: str, body: bytes) -> None:
         try:
-            payload = json.loads(body or b"{}")
-        except (ValueError, UnicodeDecodeError):
+            payload = json.loads(body or b"{}", parse_constant=_not_json)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise Refused(400, "The request body is not valid JSON.") from None
-        by_index = isinstance(payload, dict) and payload.get("fn_index") is not None  # as the page calls
+        if not isinstance(payload, dict):
+            raise Refused(400, "The request body must be a JSON object such as {\"data\": [...]}.")
+        by_index = payload.get("fn_index") is not None  # as the page calls
         for prefix in NAMED_CALLS:
             if path.startswith(prefix) and not by_index:
                 name = path[len(prefix):].split("/")[0]
@@ -155,6 +159,10 @@ class Guard:
             await self.app(scope, _capped(receive, size), send)
         finally:
             self.ledger.upload_ended(address)
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")  # Python's parser takes NaN and Infinity; Gradio then fails
 
 
 def _file_paths(value) -> Iterator[str]:
@@ -241,8 +249,9 @@ def _capped(receive, declared: int):
     return capped
 
 
-async def _answer(send, status: int, message: str) -> None:
-    body = json.dumps({"error": message}).encode()
+async def _answer(send, status: int, message: str, plain: bool = False) -> None:
+    body = message.encode() if plain else json.dumps({"error": message}).encode()
+    kind = b"text/plain; charset=utf-8" if plain else b"application/json"
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

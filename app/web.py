@@ -49,6 +49,9 @@ GPU_CONCURRENCY = 1  # one generation at a time: the engine runs one job at a ti
 PUBLIC_API = frozenset({"ask_recording"})  # the endpoints the README documents; every other event is private
 QUEUE_MAX = 64  # questions waiting at once; more get Gradio's "queue is full" at once, not after hours
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 600, 3600  # every 10 min, uploads no recording holds that are 1 h old go
+# Uvicorn lets each WebSocket buffer 32 messages of 16 MiB before a handler reads one (measured: 4 clients
+# sending 16 MiB frames took the server up by 2 GB); ours are 20 ms of audio or a line of JSON.
+WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE = 1 << 20, 8
 CSS = """
 #afn-banner { font-size: .92em; }
 #afn-status { min-height: 1.6em; }
@@ -227,6 +230,7 @@ def _answer_api(audio: str | None, question: str, think: bool, loader: BackendLo
     finally:
         if audio:
             _delete_upload(audio, desk)  # an upload serves one call: delete it now
+        recordings.release_memory()  # its audio and KV cache: up to hundreds of MB for 30 minutes
 
 
 def _browser_side_file_types(upload: gr.File) -> None:
@@ -314,6 +318,8 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
         shutil.rmtree(workdir, ignore_errors=True)
         raise PortBusy(f"Port {port} on {host} is in use by another program; start with another one, "
                        f"e.g. --port {port + 1}.") from exc
+    # Read by each new connection's protocol: in force before a page can connect.
+    demo.server.config.ws_max_size, demo.server.config.ws_max_queue = WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE
     log.info("serving %s, %.2f s after launch (the model %s)", demo.local_url, time.perf_counter() - started,
              "is ready" if loader.ready else "is still loading")
     if block:

@@ -150,6 +150,7 @@ def test_after_a_restart_the_recordings_tab_says_what_was_lost_and_keeps_the_cha
         assert "upload it again" in page.locator("#afn-status").inner_text()
         assert page.locator('#afn-chat [data-testid="user"]').count() == 1  # the earlier question stays
         assert page.locator("#afn-question textarea").input_value() == "And who speaks?"  # and the new one too
+        page.screenshot(path=SHOTS / "recordings-after-restart.png", full_page=True)
     assert not errors, errors
     page.context.close()
 
