@@ -52,9 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         launch(loader, host=args.host, port=args.port, share=args.share,
                upload_quota_bytes=int(args.upload_quota_gb * (1 << 30)))
     except PortBusy as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        _fail(str(exc))
+    except OSError as exc:  # an address this machine does not have, a port it may not use
+        _fail(f"The app could not serve on {args.host}:{args.port} ({exc.strerror or exc}); check --host and --port.")
     return 0
+
+
+def _fail(message: str) -> None:
+    """Say why the app cannot start and exit at once: the model may be loading on its thread, and an
+    interpreter shutting down under a running torch thread aborts ("terminate called…", exit -6)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(2)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 Gradio lets any HTTP client call any event of a page by name, uploads files into a cache without
 limit, and takes request bodies of any size. In front of it, this ASGI middleware:
 
+- lets through only the POST routes the page and the API client use (upload, queue, calls, cancel,
+  reset; every other one, such as Gradio's recording and streaming uploads, is answered 404), and
+  no method but GET, HEAD, OPTIONS and POST;
 - answers calls by name (`/gradio_api/call/NAME`, `/run/NAME`, `/api/NAME`) only for the endpoints
   we document; the page's own events are called by their index, as the page itself calls them;
 - refuses any file in a request that is not an upload of this server (a server path such as
   `{"path": "/home/me/private.wav"}` never reaches a handler), whatever Gradio would do with it;
-- caps request bodies in bytes, and uploads by size and by the disk quota of the upload folder;
+- caps every request body in bytes, and uploads by size and by the disk quota (bytes and files) of
+  the upload folder, counting the uploads in flight;
 - limits each client address to a fair share: a burst of requests, then a steady rate, and a few
   uploads at a time.
 
@@ -17,6 +21,7 @@ it is) and one log line, never a traceback.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -30,9 +35,12 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/gradio_api"
 NAMED_CALLS = ("/call/v2/", "/call/", "/run/", "/api/")  # Gradio's routes that pick an event by name
-QUEUED_CALLS = ("/queue/join",) + NAMED_CALLS
+POST_ROUTES = ("/upload", "/queue/join", "/cancel", "/reset")  # and NAMED_CALLS: what the page and the client send
+OPEN_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # passed through as they are (no handler reads their body)
 MAX_BODY_BYTES = 1 << 20  # bytes of JSON in one call: a question is at most 32,000 characters (afnext.session)
 UPLOAD_QUOTA_BYTES = 4 << 30  # bytes the upload folder may hold: a dozen 30-minute WAVs at once
+MAX_UPLOAD_FILES = 2000  # files it may hold (one upload request may carry many): bounds its scans too
+FOLDER_REFRESH_S = 1.0  # the folder is measured (off the event loop) at most this often
 # Per client address. Behind a reverse proxy every client has the proxy's address unless uvicorn is
 # told to trust its X-Forwarded-For (FORWARDED_ALLOW_IPS=<proxy address>), so the budget is generous.
 REQUEST_BURST = 120  # calls and uploads one client address may make at once…
@@ -101,32 +109,70 @@ class _Ledger:
             self.clients[address].uploads -= 1
 
 
+class _Folder:
+    """What the upload folder holds: measured on a worker thread at most every FOLDER_REFRESH_S, plus
+    the bytes of uploads in flight, reserved when they start (so concurrent uploads cannot overshoot)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.bytes = self.files = self.reserved = 0
+        self._measured_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def reserve(self, size: int, options: GuardOptions) -> None:
+        async with self._lock:
+            if time.monotonic() - self._measured_at > FOLDER_REFRESH_S:
+                self.bytes, self.files = await asyncio.to_thread(measure_folder, self.path)
+                self._measured_at = time.monotonic()
+            if self.files >= MAX_UPLOAD_FILES or self.bytes + self.reserved + size > options.quota_bytes:
+                raise Refused(507, "The server has no room for more uploads right now; try again in a few minutes.")
+            self.reserved += size
+
+    def settle(self, size: int) -> None:
+        """An upload ended: its bytes are on disk now (or were refused); measure again next time."""
+        self.reserved -= size
+        self._measured_at = float("-inf")
+
+
 class Guard:
     """ASGI middleware; see the module docstring. Gradio builds it from `launch(app_kwargs=…)`."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], options: GuardOptions) -> None:
         self.app, self.options, self.ledger = app, options, _Ledger(options)
+        self.folder = _Folder(options.upload_dir)
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].startswith(API_PREFIX):
+        if scope["type"] != "http" or scope["method"] in OPEN_METHODS:
             await self.app(scope, receive, send)
             return
-        path, address = scope["path"][len(API_PREFIX):], (scope.get("client") or ("?",))[0]
+        full, address = scope["path"], (scope.get("client") or ("?",))[0]
+        path = full[len(API_PREFIX):] if full.startswith(API_PREFIX + "/") else None
+        upload = path is not None and path.rstrip("/") == "/upload"
         try:
+            self._check_route(scope["method"], path)
             self.ledger.spend(address)
-            if path.rstrip("/") == "/upload":
+            if _header(scope, b"transfer-encoding") is not None and _header(scope, b"content-length") is not None:
+                raise Refused(400, "Send Content-Length or chunked transfer encoding, not both.")
+            if upload:
                 await self._upload(scope, receive, send, address)
                 return
-            if path.startswith(QUEUED_CALLS):
-                body = await _body(receive, MAX_BODY_BYTES)
+            body = await _body(receive, MAX_BODY_BYTES)
+            if path.startswith(("/queue/join",) + NAMED_CALLS):
                 self._check_call(path, body)
-                receive = _replay(body, receive)
+            receive = _replay(body, receive)
         except Refused as refusal:
-            log.info("refused %s %s from %s: %s", scope["method"], scope["path"], address, refusal)
+            log.info("refused %s %s from %s: %s", scope["method"], full, address, refusal)
             # The page shows an upload's refusal as "HTTP <status>: <body>": plain text reads best there.
-            await _answer(send, refusal.status, str(refusal), plain=path.rstrip("/") == "/upload")
+            await _answer(send, refusal.status, str(refusal), plain=upload)
             return
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _check_route(method: str, path: str | None) -> None:
+        if method != "POST":
+            raise Refused(405, f"This server takes no {method[:16]} requests.")
+        if path is None or not (path.rstrip("/") in POST_ROUTES or path.startswith(NAMED_CALLS)):
+            raise Refused(404, "There is no such endpoint; see the page's 'Use via API' list.")
 
     def _check_call(self, path: str, body: bytes) -> None:
         try:
@@ -152,11 +198,13 @@ class Guard:
             raise Refused(411, "Send the upload with a Content-Length header.")
         if size > self.options.max_file_bytes + (1 << 16):  # multipart framing around the file
             raise Refused(413, f"The file is over the {self.options.max_file_bytes >> 20} MiB upload limit.")
-        if folder_bytes(self.options.upload_dir) + size > self.options.quota_bytes:
-            raise Refused(507, "The server has no room for more uploads right now; try again in a few minutes.")
         self.ledger.upload_started(address)
         try:
-            await self.app(scope, _capped(receive, size), send)
+            await self.folder.reserve(size, self.options)
+            try:
+                await self.app(scope, _capped(receive, size), send)
+            finally:
+                self.folder.settle(size)
         finally:
             self.ledger.upload_ended(address)
 
@@ -166,9 +214,10 @@ def _not_json(constant: str):
 
 
 def _file_paths(value) -> Iterator[str]:
-    """Every `path` of a Gradio FileData (or anything shaped like one) inside a JSON payload."""
+    """Every `path` inside a JSON payload: Gradio takes any object with one as a file (a FileData, or a
+    component value nested in a chat message), so every one must name an upload."""
     if isinstance(value, dict):
-        if "path" in value and (isinstance(value.get("meta"), dict) or "orig_name" in value or "url" in value):
+        if "path" in value:
             yield str(value["path"])
         for item in value.values():
             yield from _file_paths(item)
@@ -187,24 +236,44 @@ def _inside(path: str, folder: Path) -> bool:
 
 def folder_bytes(folder: Path) -> int:
     """Bytes of the regular files under `folder` (what its uploads occupy on disk)."""
-    total = 0
-    for root, _dirs, files in os.walk(folder):
+    return measure_folder(folder)[0]
+
+
+def measure_folder(folder: Path, *, empty_dir_age_s: float = 60.0) -> tuple[int, int]:
+    """(bytes, files) of the regular files under `folder`. Removes the folders Gradio made for uploads
+    that have since been deleted, once empty for `empty_dir_age_s` (a younger one may be about to
+    receive its file)."""
+    total = count = 0
+    now = time.time()
+    for root, dirs, files in os.walk(folder, topdown=False):
         for name in files:
             try:
                 total += os.lstat(os.path.join(root, name)).st_size
+                count += 1
             except OSError:
                 pass  # deleted meanwhile
-    return total
+        if not files and not dirs and root != str(folder):
+            try:
+                if now - os.stat(root).st_mtime > empty_dir_age_s:
+                    os.rmdir(root)
+            except OSError:
+                pass  # filled or removed meanwhile
+    return total, count
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value
+    return None
 
 
 def _content_length(scope) -> int | None:
-    for key, value in scope.get("headers", []):
-        if key == b"content-length":
-            try:
-                return max(0, int(value))
-            except ValueError:
-                return None
-    return None
+    value = _header(scope, b"content-length")
+    try:
+        return None if value is None else max(0, int(value))
+    except ValueError:
+        return None
 
 
 async def _body(receive, limit: int) -> bytes:

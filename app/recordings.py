@@ -2,25 +2,17 @@
 steps for the waveform. Gradio-free apart from the message dicts its chatbot takes, so tests call it
 directly.
 
-A `Recording` belongs to one browser session, held by the `Desk` until the tab closes, the recording
-sits unasked for `RECORDING_IDLE_S`, or room is needed for others: its audio, the waveform's peaks
-and one `Session` per engine, so the recording is encoded by the first question on that engine and
-every follow-up prefills only its own tokens. Dropping a recording deletes the files it brought
-(its upload, its WAV copy) and hands the freed memory back to the system.
+A `Recording` belongs to one browser session, held by the `Desk` (app/desk.py): its audio, the
+waveform's peaks and one `Session` per engine, so the recording is encoded by the first question on
+that engine and every follow-up prefills only its own tokens.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import gc
 import json
 import logging
-import os
 import secrets
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,9 +34,6 @@ PLAYABLE = frozenset(".wav .mp3 .flac .ogg .oga .opus .webm .m4a .aac .mp4".spli
 ANSWER_OPTIONS = GenerationOptions(max_new_tokens=1024)  # the Instruct card's setting
 THINK_OPTIONS = GenerationOptions(max_new_tokens=4096)  # the Think card's setting
 REASONING_TITLE = "Reasoning"
-RECORDINGS_PER_ADDRESS = 3  # held at once for one client address (a few tabs); its oldest goes first
-MAX_RECORDINGS = 32  # held at once in all: up to 32 × 115 MB of 30-minute audio, plus KV caches
-RECORDING_IDLE_S = 1800.0  # a recording nobody has asked about for 30 minutes is closed
 
 
 @dataclass
@@ -83,25 +72,19 @@ class Recording:
             "steps": [{"start": s.start, "end": s.end, "text": s.text} for s in self.steps]})
 
 
-def open_recording(path: str, cache_dir: Path, *, name: str | None = None, owned: bool = False) -> Recording:
+def open_recording(path: str, cache_dir: Path, *, owned: bool = False) -> Recording:
     """Decode `path` (any format, ≤ 30 min) for questions; raises AudioError with one sentence.
 
-    `name` is what the user called the file (default: the path's last part); `owned` says the file
-    is an upload of ours, deleted with the recording (and at once if it is refused).
+    `owned` says the file is an upload of ours, one of the recording's `files` (deleted with it).
     """
-    try:
-        audio = load_audio(path)
-    except AudioError:
-        if owned:
-            delete_file(Path(path))
-        raise
+    audio = load_audio(path)
     url, files = path, [Path(path)] if owned else []
     if Path(path).suffix.lower() not in PLAYABLE:  # the page could not play it: serve what we decoded
         # An unguessable name: the folder is served to every page, and this is one user's recording.
         url = str(cache_dir / f"{secrets.token_urlsafe(16)}.wav")
         soundfile.write(url, audio, SAMPLE_RATE, subtype="PCM_16")
         files.append(Path(url))
-    return Recording(name or Path(path).name, "gradio_api/file=" + url, audio, peaks(audio), files=tuple(files))
+    return Recording(Path(path).name, "gradio_api/file=" + url, audio, peaks(audio), files=tuple(files))
 
 
 def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
@@ -195,117 +178,6 @@ def answer_once(backend: Backend, path: str, question: str, think: bool) -> str:
         if isinstance(event, TurnDone):
             return event.reply.answer
     raise RuntimeError("The turn ended without a reply.")
-
-
-@dataclass
-class _Held:
-    recording: Recording
-    address: str  # the client address that opened it
-    used: float  # time.monotonic() of its opening or latest question
-
-
-class Desk:
-    """Every browser session's open recording, by session id, with fair limits: one client address
-    holds at most `per_address` (its least recently used goes first), all of them at most `most`
-    (the least recently used goes first), and one unasked for `idle_s` is closed. Gradio-free."""
-
-    def __init__(self, *, per_address: int = RECORDINGS_PER_ADDRESS, most: int = MAX_RECORDINGS,
-                 idle_s: float = RECORDING_IDLE_S, on_drop: Callable[[Recording], None] | None = None) -> None:
-        self.per_address, self.most, self.idle_s = per_address, most, idle_s
-        self.on_drop = on_drop  # called for each recording dropped (after its files are deleted)
-        self._held: dict[str, _Held] = {}
-        self._lock = threading.Lock()
-
-    def get(self, session: str) -> Recording | None:
-        """The session's recording, now counted as used; None if it has none (or it was closed)."""
-        self._sweep()
-        with self._lock:
-            held = self._held.get(session)
-            if held is None:
-                return None
-            held.used = time.monotonic()
-            return held.recording
-
-    def put(self, session: str, address: str, recording: Recording) -> None:
-        """Hold `recording` for `session`, in place of the one it had; makes room as said above."""
-        with self._lock:
-            dropped = [self._held.pop(session, None)]
-            mine = sorted((h.used, s) for s, h in self._held.items() if h.address == address)
-            dropped += [self._held.pop(s) for _, s in mine[: max(0, len(mine) - self.per_address + 1)]]
-            everyone = sorted((h.used, s) for s, h in self._held.items())
-            dropped += [self._held.pop(s) for _, s in everyone[: max(0, len(everyone) - self.most + 1)]]
-            self._held[session] = _Held(recording, address, time.monotonic())
-            released = [h.recording for h in dropped if h is not None]
-            dropped.clear()
-        self._release(released)
-
-    def drop(self, session: str) -> None:
-        """The session ended (its tab closed) or opens something else: free its recording."""
-        with self._lock:
-            held = self._held.pop(session, None)
-        if held is not None:
-            released, held = [held.recording], None
-            self._release(released)
-
-    def __len__(self) -> int:
-        return len(self._held)
-
-    def holds(self, path: str | Path) -> bool:
-        """Whether an open recording uses the file `path` (identical uploads share one path)."""
-        with self._lock:
-            return any(Path(path) in h.recording.files for h in self._held.values())
-
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            idle = [s for s, h in self._held.items() if now - h.used > self.idle_s]
-            dropped = [self._held.pop(s).recording for s in idle]
-        self._release(dropped)
-
-    def _release(self, dropped: list[Recording]) -> None:
-        """Delete the dropped recordings' files, then free their memory; empties `dropped`, which
-        must hold the last references to them."""
-        for recording in dropped:
-            for path in recording.files:
-                if not self.holds(path):
-                    delete_file(path)
-            if self.on_drop is not None:
-                self.on_drop(recording)
-            log.info("closed %s and its conversation", recording.name)
-        if dropped:
-            recording = None  # noqa: F841 (the loop variable's reference)
-            dropped.clear()
-            release_memory()
-
-
-def release_memory() -> None:
-    """Collect garbage, then ask glibc to return freed heap pages to the system: after a 30-minute
-    recording is dropped, its buffers are free but glibc keeps them (measured: 0.7-0.9 GB held
-    after 30 recordings were closed) unless trimmed."""
-    gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _find_libc():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None  # glibc only (not musl, macOS)
-
-
-_LIBC = _find_libc()
-
-
-def delete_file(path: Path) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("could not delete %s: %s", path, exc)
 
 
 class QuestionError(ValueError):

@@ -40,6 +40,7 @@ import logging
 import os
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -62,6 +63,9 @@ MAX_CONVERSATIONS = 64  # held at once; when full, the least recently seen idle 
 # Live and kept conversations per client address (ws.client.host: behind a reverse proxy, every page has
 # the proxy's address, so raise it there). Over it, the address's own oldest idle conversation goes.
 MAX_CONVERSATIONS_PER_IP = 8
+# Open sockets per address, said hello or not: each may hold a WebSocket frame in uvicorn's buffers and
+# waits HELLO_TIMEOUT_S, so sockets that never speak are capped too (a page uses one).
+MAX_SOCKETS_PER_IP = 16
 HELLO_TIMEOUT_S = 10.0  # a socket that has not said hello by then is closed
 LOAD_POLL_S = 0.25  # how often a socket waiting for the model to load checks on it
 
@@ -100,7 +104,7 @@ class TalkRegistry:
     def __init__(self, loader: BackendLoader, options: AssistantOptions = AssistantOptions(), *,
                  idle_s: float = IDLE_S, max_conversations: int = MAX_CONVERSATIONS,
                  max_per_ip: int = MAX_CONVERSATIONS_PER_IP, hello_timeout_s: float = HELLO_TIMEOUT_S,
-                 allowed_origins: Iterable[str] = ()) -> None:
+                 allowed_origins: Iterable[str] = (), max_sockets_per_ip: int = MAX_SOCKETS_PER_IP) -> None:
         self.loader, self.options = loader, options
         self.idle_s, self.max_conversations, self.max_per_ip = idle_s, max_conversations, max_per_ip
         self.hello_timeout_s = hello_timeout_s
@@ -108,7 +112,23 @@ class TalkRegistry:
         self.allowed_origins = allowed_sites([*allowed_origins, *os.environ.get(ORIGINS_ENV, "").split(",")])
         self._conversations: dict[str, _Conversation] = {}
         self._closing: set[threading.Thread] = set()  # links of ended connections, still closing
+        self.max_sockets_per_ip = max_sockets_per_ip
+        self._sockets: Counter[str] = Counter()  # open sockets by address
         self._lock = threading.Lock()
+
+    def socket_opened(self, ip: str) -> bool:
+        """Count a new socket from `ip`; False (not counted) if the address is at its cap."""
+        with self._lock:
+            if self._sockets[ip] >= self.max_sockets_per_ip:
+                return False
+            self._sockets[ip] += 1
+            return True
+
+    def socket_closed(self, ip: str) -> None:
+        with self._lock:
+            self._sockets[ip] -= 1
+            if self._sockets[ip] <= 0:
+                del self._sockets[ip]
 
     def origin_allowed(self, headers: Mapping[str, str]) -> bool:
         """Whether a socket with these request headers may talk (see `talk_wire.origin_allowed`)."""
@@ -223,6 +243,18 @@ class TalkRegistry:
 async def serve(ws: WebSocket, registry: TalkRegistry) -> None:
     """One page's voice channel, until the page goes away."""
     await ws.accept()
+    ip = ws.client.host if ws.client else "unknown"
+    if not registry.socket_opened(ip):
+        await _refuse(ws, f"This address already has {registry.max_sockets_per_ip} voice connections open; "
+                          "close some of its pages first.", 1013)
+        return
+    try:
+        await _serve(ws, registry)
+    finally:
+        registry.socket_closed(ip)
+
+
+async def _serve(ws: WebSocket, registry: TalkRegistry) -> None:
     client = ws.query_params.get("client", "")
     outbox: asyncio.Queue = asyncio.Queue()
     send = partial(asyncio.get_running_loop().call_soon_threadsafe, outbox.put_nowait)

@@ -13,6 +13,7 @@ emptied as recordings close and swept of stale uploads, and `/health` says wheth
 # No `from __future__ import annotations`: Gradio finds `gr.Request` parameters by their type hints, which
 # must stay objects to survive wrappers such as spaces.GPU.
 
+import errno
 import json
 import logging
 import os
@@ -35,10 +36,11 @@ from afnext.audio import MAX_FILE_BYTES
 from afnext.events import AudioChunk
 from afnext.session import MAX_TEXT_CHARS
 
-from . import recordings, talk
+from . import recordings, talk, talk_wire
 from .backend import BackendLoader, BackendUnavailable, int16
 from .guard import UPLOAD_QUOTA_BYTES, Guard, GuardOptions
-from .recordings import USER_ERRORS, Desk
+from .desk import Desk, Files, release_memory
+from .recordings import USER_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ QUEUE_MAX = 64  # questions waiting at once; more get Gradio's "queue is full" a
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 600, 3600  # every 10 min, uploads no recording holds that are 1 h old go
 # Uvicorn lets each WebSocket buffer 32 messages of 16 MiB before a handler reads one (measured: 4 clients
 # sending 16 MiB frames took the server up by 2 GB); ours are 20 ms of audio or a line of JSON.
-WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE = 1 << 20, 8
+WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE = talk_wire.MAX_AUDIO_MESSAGE_BYTES, 8
 CSS = """
 #afn-banner { font-size: .92em; }
 #afn-status { min-height: 1.6em; }
@@ -71,8 +73,9 @@ def _gpu(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
-def build(loader: BackendLoader, cache_dir: Path) -> gr.Blocks:
-    """The page. `cache_dir` holds WAV copies of recordings the browser could not play as uploaded."""
+def build(loader: BackendLoader, cache_dir: Path) -> tuple[gr.Blocks, Desk]:
+    """The page, and the desk of its open recordings. `cache_dir` holds WAV copies of recordings the
+    browser could not play as uploaded."""
     with gr.Blocks(title="AF-Next voice assistant", delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)) as demo:
         gr.Markdown("## AF-Next voice assistant\nTalk with Audio Flamingo Next, or ask it about a recording.")
         notice = gr.Markdown(loader.banner(), elem_id="afn-banner")
@@ -90,7 +93,7 @@ def build(loader: BackendLoader, cache_dir: Path) -> gr.Blocks:
                 tab.build()
         _api(loader, tab.desk)
         demo.unload(tab.closed)
-    return demo
+    return demo, tab.desk
 
 
 class _RecordingsTab:
@@ -98,15 +101,15 @@ class _RecordingsTab:
 
     def __init__(self, loader: BackendLoader, cache_dir: Path) -> None:
         self.loader, self.cache_dir = loader, cache_dir
-        self.desk = Desk(on_drop=self._forget)
-        self.upload: gr.File | None = None
+        self.desk = Desk(Files())
 
     def build(self) -> None:
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                upload = self.upload = gr.File(label="Drop a recording (audio or video, up to 30 minutes)", type="filepath",
+                upload = gr.File(label="Drop a recording (audio or video, up to 30 minutes)", type="filepath",
                                  file_types=["audio", "video"], elem_id="afn-upload", height=140)
                 _browser_side_file_types(upload)
+                self.desk.files.keep = upload.keep_in_cache  # Gradio's cache sweep leaves claimed files alone
                 with gr.Row():
                     examples = [gr.Button(f"Example: {label}", size="sm") for label in EXAMPLES]
                 status = gr.Markdown("", elem_id="afn-status")
@@ -122,7 +125,7 @@ class _RecordingsTab:
             speak_button = gr.Button("Speak the answer", scale=1, elem_id="afn-speak")
         spoken = gr.Audio(label="Spoken answer", autoplay=True, interactive=False, elem_id="afn-spoken")
 
-        asked = dict(fn=_gpu(self.ask), inputs=[question, think, wave, chat], outputs=[chat, wave, status, question],
+        asked = dict(fn=_gpu(self.ask), inputs=[question, think, wave], outputs=[chat, wave, status, question],
                      concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY, api_visibility="private")
         asking = [question.submit(**asked), ask_button.click(**asked)]
         opened = dict(outputs=[status, wave, chat], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
@@ -142,36 +145,37 @@ class _RecordingsTab:
         yield from self._open(path, request, owned=True)
 
     def _open(self, path: str | None, request: gr.Request, owned: bool):
-        self.desk.drop(request.session_hash)
         if not path:
+            self.desk.drop(request.session_hash)
             yield "", "", []
             return
-        yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip()
+        claim = [path] if owned else []  # held while it is read: an identical upload elsewhere may end meanwhile
+        self.desk.files.claim(claim)
         try:
-            recording = recordings.open_recording(path, self.cache_dir, owned=owned)
-        except USER_ERRORS as exc:
-            log.info("recording refused: %s", exc)
-            gr.Warning(str(exc))
-            yield f"⚠️ {exc}", "", []
-            return
-        if owned and self.upload is not None:
-            self.upload.keep_in_cache.add(path)  # Gradio's cache sweep leaves it while it is open
-        self.desk.put(request.session_hash, _address(request), recording)
-        yield (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. Ask a question; the first one makes the "
-               "model listen to the whole recording, follow-ups reuse what it heard."), recording.waveform(), []
+            yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip()
+            try:
+                recording = recordings.open_recording(path, self.cache_dir, owned=owned)
+            except USER_ERRORS as exc:
+                log.info("recording refused: %s", exc)
+                self.desk.drop(request.session_hash)  # the page shows no recording now: hold none
+                gr.Warning(str(exc))
+                yield f"⚠️ {exc}", "", []
+                return
+            self.desk.put(request.session_hash, _address(request), recording)
+        finally:
+            self.desk.files.release(claim)
+        yield (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. Ask a question; the "
+               "first one makes the model listen to the whole recording, follow-ups reuse what it heard."), \
+            recording.waveform(), []
 
     def closed(self, request: gr.Request) -> None:
         """The tab closed: free its recording."""
         self.desk.drop(request.session_hash)
 
-    def _forget(self, recording: recordings.Recording) -> None:
-        if self.upload is not None:
-            self.upload.keep_in_cache.difference_update(str(p) for p in recording.files)
-
-    def ask(self, question: str, think: bool, shown: str | None, chat: list | None, request: gr.Request):
+    def ask(self, question: str, think: bool, shown: str | None, request: gr.Request):
         recording = self.desk.get(request.session_hash)
-        if recording is None:
-            yield chat or [], gr.skip(), f"⚠️ {_nothing_held(shown)}", gr.skip()
+        if recording is None:  # the page's chat stays as it is (gr.skip): nothing of it is lost
+            yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, self.desk.why_gone(request.session_hash))}", gr.skip()
             return
         sent, box = question, ""  # the box empties once; what the user types meanwhile is theirs
         try:
@@ -222,15 +226,21 @@ def _api(loader: BackendLoader, desk: Desk) -> None:
 
 
 def _answer_api(audio: str | None, question: str, think: bool, loader: BackendLoader, desk: Desk) -> str:
+    # An upload serves one call: deleted after it, unless an open recording uses the same file.
+    claim = [audio] if audio and _is_upload(audio) else []
+    desk.files.claim(claim)
     try:
         return recordings.answer_once(loader.wait(), audio, question or "", bool(think))
     except USER_ERRORS as exc:
         log.info("ask_recording refused: %s", exc)
         raise gr.Error(str(exc), print_exception=False) from None
     finally:
-        if audio:
-            _delete_upload(audio, desk)  # an upload serves one call: delete it now
-        recordings.release_memory()  # its audio and KV cache: up to hundreds of MB for 30 minutes
+        desk.files.release(claim)
+        release_memory()  # its audio and KV cache: up to hundreds of MB for 30 minutes
+
+
+def _is_upload(path: str) -> bool:
+    return Path(path).resolve().is_relative_to(Path(gr.utils.get_upload_folder()).resolve())
 
 
 def _browser_side_file_types(upload: gr.File) -> None:
@@ -252,16 +262,17 @@ def _browser_side_file_types(upload: gr.File) -> None:
 _FILE_TYPES_OFF = threading.Lock()  # preprocess runs on worker threads; the swap above is not atomic
 
 
-def _nothing_held(shown: str | None) -> str:
-    """Why a question found no recording: none was opened, or the page shows one the server lost."""
+def _nothing_held(shown: str | None, why: str | None = None) -> str:
+    """Why a question found no recording: none was opened, or the page shows one the server closed
+    (`why`, if it said) or lost in a restart."""
     try:
         name = json.loads(shown)["name"] if shown else None
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError):
         name = None
-    if not name:
+    if not isinstance(name, str) or not name:
         return "Upload a recording, or pick an example, first."
-    return (f"The server no longer holds {name} (it restarted, or closed the recording after "
-            f"{recordings.RECORDING_IDLE_S / 60:.0f} minutes without questions); upload it again to go on. "
+    reason = why or "the server restarted since it was opened"
+    return (f"The server no longer holds {name} ({reason}); upload it again to go on. "
             "The questions above stay on this page.")
 
 
@@ -269,12 +280,6 @@ def _markdown_text(text: str) -> str:
     """`text` with Markdown's marks escaped, so a status line shows a file's name letter for letter.
     (The name is the upload's: Gradio keeps only the last part of a name with "/" in it.)"""
     return "".join("\\" + c if c in "\\`*_{}[]<>()#+-.!|~" else c for c in text)
-
-
-def _delete_upload(path: str, desk: Desk) -> None:
-    """Delete an upload of ours that no open recording uses (identical uploads share one path)."""
-    if Path(path).resolve().is_relative_to(Path(gr.utils.get_upload_folder()).resolve()) and not desk.holds(path):
-        recordings.delete_file(Path(path))
 
 
 def _address(request: gr.Request) -> str:
@@ -301,11 +306,12 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     # Gradio reads its upload folder from here when it builds components and routes: ours alone,
     # so no other Gradio app's uploads on this machine count as uploads to this one.
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
-    demo = build(loader, cache_dir)
+    demo, desk = build(loader, cache_dir)
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY, max_size=QUEUE_MAX)
     gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
                         quota_bytes=upload_quota_bytes)
     registry = talk.TalkRegistry(loader)
+    threading.Thread(target=desk.sweep_every, name="afnext-desk-sweep", daemon=True).start()
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.
     app_kwargs = {"middleware": [Middleware(Guard, options=gate)],
                   "routes": [Route("/health", _health(loader)),
@@ -316,8 +322,10 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
                     footer_links=["api", "gradio"], quiet=False, app_kwargs=app_kwargs)
     except OSError as exc:
         shutil.rmtree(workdir, ignore_errors=True)
-        raise PortBusy(f"Port {port} on {host} is in use by another program; start with another one, "
-                       f"e.g. --port {port + 1}.") from exc
+        if exc.errno == errno.EADDRINUSE or "Cannot find empty port" in str(exc):  # Gradio's words for it
+            raise PortBusy(f"Port {port} on {host} is in use by another program; start with another one, "
+                           f"e.g. --port {port + 1}.") from exc
+        raise
     # Read by each new connection's protocol: in force before a page can connect.
     demo.server.config.ws_max_size, demo.server.config.ws_max_queue = WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE
     log.info("serving %s, %.2f s after launch (the model %s)", demo.local_url, time.perf_counter() - started,

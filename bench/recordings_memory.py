@@ -19,6 +19,7 @@ import soundfile
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from app import recordings
+from app import desk as desk_module
 from app.backend import Backend
 from afnext.engine import Engine
 from afnext.model import load
@@ -31,16 +32,16 @@ def rss_mb():
 
 mode = sys.argv[1] if len(sys.argv) > 1 else "trim"
 if mode == "notrim":
-    recordings._LIBC = None
+    desk_module._LIBC = None
 tmp = Path(tempfile.mkdtemp())
 src = tmp / "talk.wav"
 soundfile.write(src, (np.random.default_rng(0).standard_normal(16000 * 300) * 0.1).astype(np.float32), 16000)
 backend = Backend(Engine(load("tiny", device="cpu")), None, load_synthesizer("espeak"))
 backend.think = backend.main
-desk = recordings.Desk(per_address=100, most=100)
+desk = desk_module.Desk(per_address=100, most=100)
 rec = recordings.open_recording(str(src), tmp)  # warm-up: imports, first encode
 list(recordings.ask(rec, "What?", False, backend)); del rec
-recordings.release_memory()
+desk_module.release_memory()
 base = rss_mb()
 for i in range(30):
     rec = recordings.open_recording(str(src), tmp)

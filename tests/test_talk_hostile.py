@@ -453,3 +453,17 @@ def test_random_first_messages_are_answered_and_the_server_keeps_serving(registr
     with api.websocket_connect(url("normal-page-0001")) as ws:
         assert hello(ws, play_rate=48000, half_duplex=False, think=True)["type"] == "ready"
     assert reg.wait_closed(30) and len(reg) == 0
+
+
+def test_sockets_that_never_say_hello_are_capped_per_address(registry):
+    made = registry(max_sockets_per_ip=2, hello_timeout_s=30.0)
+    client, other = serve(made), serve(made, ip="10.0.0.9")
+    with client.websocket_connect(url("page-one-0001")), client.websocket_connect(url("page-two-0002")):
+        with client.websocket_connect(url("page-three-03")) as third:
+            assert "already has 2 voice connections open" in next_json(third)["message"]
+        with other.websocket_connect(url("page-four-004")) as fourth:  # another address is not affected
+            fourth.send_text(json.dumps({"type": "hello", "sample_rate": 16000}))
+            assert next_json(fourth)["type"] == "ready"
+    with client.websocket_connect(url("page-five-005")) as fifth:  # the silent ones left: room again
+        fifth.send_text(json.dumps({"type": "hello", "sample_rate": 16000}))
+        assert next_json(fifth)["type"] == "ready"
