@@ -239,22 +239,28 @@ def folder_bytes(folder: Path) -> int:
     return measure_folder(folder)[0]
 
 
-def measure_folder(folder: Path, *, empty_dir_age_s: float = 60.0) -> tuple[int, int]:
-    """(bytes, files) of the regular files under `folder`. Removes the folders Gradio made for uploads
-    that have since been deleted, once empty for `empty_dir_age_s` (a younger one may be about to
-    receive its file)."""
+def measure_folder(folder: Path, *, stale_s: float = 60.0) -> tuple[int, int]:
+    """(bytes, files) of the regular files under `folder`, tidying what Gradio leaves there: the folders
+    it made for uploads since deleted, and the empty temporary file its File component makes in the
+    top folder on every call (never removed), once they are `stale_s` old (younger ones may be in use)."""
     total = count = 0
     now = time.time()
     for root, dirs, files in os.walk(folder, topdown=False):
+        top = root == str(folder)
         for name in files:
+            path = os.path.join(root, name)
             try:
-                total += os.lstat(os.path.join(root, name)).st_size
+                info = os.lstat(path)
+                if top and info.st_size == 0 and now - info.st_mtime > stale_s:
+                    os.remove(path)
+                    continue
+                total += info.st_size
                 count += 1
             except OSError:
                 pass  # deleted meanwhile
-        if not files and not dirs and root != str(folder):
+        if not files and not dirs and not top:
             try:
-                if now - os.stat(root).st_mtime > empty_dir_age_s:
+                if now - os.stat(root).st_mtime > stale_s:
                     os.rmdir(root)
             except OSError:
                 pass  # filled or removed meanwhile

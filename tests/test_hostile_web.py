@@ -339,3 +339,18 @@ def test_a_page_whose_recording_the_server_lost_is_told_why():
     assert "(nobody had asked" in _nothing_held(shown, "nobody had asked about it for 30 minutes")
     for junk in ("", "{not json", "[" * 100_000, json.dumps({"name": ["x"]}), "[]"):
         assert _nothing_held(junk) == "Upload a recording, or pick an example, first."
+
+
+def test_measuring_the_upload_folder_tidies_what_gradio_leaves(tmp_path):
+    from app.guard import measure_folder
+
+    (tmp_path / "abc123").mkdir()
+    (tmp_path / "abc123" / "kept.wav").write_bytes(b"x" * 10)
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "tmpleftover").write_bytes(b"")  # what gr.File leaves on every call
+    (tmp_path / "tmpfresh").write_bytes(b"")
+    old = time.time() - 120
+    for stale in (tmp_path / "empty-dir", tmp_path / "tmpleftover"):
+        os.utime(stale, (old, old))
+    assert measure_folder(tmp_path) == (10, 2)  # the fresh empty file still counts: it may be in use
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abc123", "tmpfresh"]
