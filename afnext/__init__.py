@@ -14,9 +14,10 @@ except ModuleNotFoundError as missing:
         name=missing.name) from None
 
 from .audio import SAMPLE_RATE, AudioError, load_audio
-from .engine import Engine, GenerationOptions
+from .engine import Engine
 from .events import AudioChunk, Error, Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
 from .model import LoadedModel, ModelLoadError, load, load_or_demo
+from .sampling import GenerationOptions
 from .session import ContextFullError, Session
 from .think import ThinkParser, split_think
 

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .audio import AudioError
-from .engine import Engine, GenerationOptions
+from .engine import Engine
 from .events import ReasoningDelta, TextDelta, TurnDone
 from .model import DEFAULT_MODEL, LICENCE_NOTE, ModelLoadError, load
+from .sampling import GenerationOptions
 from .session import ContextFullError, Session
 
 log = logging.getLogger("afnext")

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .engine import GenerationOptions
 from .events import END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta, drain, TurnDone
+from .sampling import GenerationOptions
 from .session import Session
 from .tts import Synthesizer
 from .tts.chunker import SpeechChunker

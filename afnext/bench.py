@@ -33,8 +33,10 @@ import numpy as np
 import torch
 
 from .audio import load_audio
-from .engine import Engine, GenerationOptions, prepare_clip
+from .clip import prepare_clip
+from .engine import Engine
 from .events import TurnDone
+from .sampling import GenerationOptions
 from .session import Session
 
 FILE_RATE_HZ = 44_100  # the benchmark recording: CD-rate stereo, as people's files usually are

@@ -20,9 +20,11 @@ from functools import partial
 
 import torch
 
-from .engine import Cancel, Clip, Engine, GenerationOptions, TokenPicker, prepare_clip
+from .clip import Clip, prepare_clip
+from .engine import Cancel, Engine
 from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
 from .kvcache import new_cache
+from .sampling import GenerationOptions, TokenPicker
 from .think import ThinkParser
 
 TurnEvent = TextDelta | ReasoningDelta | ThinkStep | Interrupted | TurnDone

@@ -20,8 +20,10 @@ import numpy as np
 import soundfile
 
 from afnext.audio import SAMPLE_RATE, AudioError, load_audio
-from afnext.engine import Clip, Engine, GenerationOptions, prepare_clip
+from afnext.clip import Clip, prepare_clip
+from afnext.engine import Engine
 from afnext.events import ReasoningDelta, TextDelta, ThinkStep, TurnDone
+from afnext.sampling import GenerationOptions
 from afnext.session import MAX_TEXT_CHARS, ContextFullError, Session
 
 from .backend import Backend, BackendUnavailable

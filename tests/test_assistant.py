@@ -10,7 +10,7 @@ import pytest
 
 from afnext.assistant import Assistant, AssistantOptions, Stamped, StateChanged, UserTurn, VoiceTurnDone
 from afnext.audio import SAMPLE_RATE, to_mono_16k
-from afnext.engine import GenerationOptions
+from afnext.sampling import GenerationOptions
 from afnext.events import AudioChunk, Interrupted, ReasoningDelta, TextDelta
 from afnext.session import Session
 from afnext.vad import SpeechStarted

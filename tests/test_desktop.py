@@ -229,7 +229,7 @@ def test_interrupted_flushes_pending_playback():
 
 def test_loop_with_the_real_assistant_and_fake_devices(engine):
     from afnext.assistant import Assistant, AssistantOptions
-    from afnext.engine import GenerationOptions
+    from afnext.sampling import GenerationOptions
     from afnext.session import Session
     from afnext.tts import load_synthesizer
 

@@ -20,7 +20,8 @@ def mid_bf16():
 @pytest.mark.parametrize("mode", ["static", "graphs"])
 def test_fast_decoding_picks_the_eager_tokens(mid_bf16, mode):
     """bf16 rounding differs between kernels, so only the first 32 greedy tokens must agree."""
-    from afnext.engine import Engine, GenerationOptions
+    from afnext.engine import Engine
+    from afnext.sampling import GenerationOptions
     from afnext.session import Session
     from tests.conftest import noise
 
@@ -40,7 +41,8 @@ def test_fast_decoding_picks_the_eager_tokens(mid_bf16, mode):
 
 def test_a_30_minute_recording_fits_a_24_gb_card():
     """The real-size model in bf16 with a 30-minute recording, the process capped at 24 GB."""
-    from afnext.engine import Engine, GenerationOptions
+    from afnext.engine import Engine
+    from afnext.sampling import GenerationOptions
     from afnext.session import Session
     from afnext.tiny import build_in_memory
     from tests.conftest import noise

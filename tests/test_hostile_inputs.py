@@ -28,7 +28,7 @@ from hypothesis.extra import numpy as hnp
 from afnext import __main__ as cli
 from afnext import audio
 from afnext.audio import AudioError, load_audio
-from afnext.engine import GenerationOptions
+from afnext.sampling import GenerationOptions
 from afnext.session import MAX_TEXT_CHARS, ContextFullError, Session
 
 from .test_audio import _frame, encoder, tone

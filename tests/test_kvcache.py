@@ -82,7 +82,8 @@ def test_a_model_decodes_the_same_with_either_cache(loaded):
 
 
 def test_idle_caches_move_out_under_pressure_and_come_back_intact(loaded):
-    from afnext.engine import Engine, GenerationOptions
+    from afnext.engine import Engine
+    from afnext.sampling import GenerationOptions
     from afnext.kvcache import cache_bytes
     from afnext.session import Session
     from tests.conftest import noise
@@ -107,7 +108,8 @@ def test_idle_caches_move_out_under_pressure_and_come_back_intact(loaded):
 def test_static_mode_decodes_the_same_tokens_as_eager(loaded):
     """The CUDA-graph path's cache layout, run eagerly: whole buffers, a device-side length, the
     unfilled part masked. Over turns with clips and a rollback it must pick the same greedy tokens."""
-    from afnext.engine import Engine, GenerationOptions
+    from afnext.engine import Engine
+    from afnext.sampling import GenerationOptions
     from afnext.session import Session
     from tests.conftest import noise
 

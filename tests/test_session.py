@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from afnext.audio import AudioError
-from afnext.engine import GenerationOptions
+from afnext.sampling import GenerationOptions
 from afnext.events import Interrupted, TextDelta, TurnDone
 from afnext.session import THINK_PREFILL, ContextFullError, Session
 from tests.conftest import noise
@@ -198,7 +198,7 @@ def test_encoding_equals_stock_audio_features(engine, tiny_dir, monkeypatch, bat
     from transformers import AutoProcessor
 
     import afnext.engine as engine_module
-    from afnext.engine import prepare_clip
+    from afnext.clip import prepare_clip
 
     monkeypatch.setattr(engine_module, "ENCODE_BATCH_WINDOWS", batch_windows)
     clip_audio = noise(65.0, seed=5)
