@@ -1,6 +1,7 @@
 """AF-Next voice assistant library: audio in → sessions on the model → streamed, spoken replies.
 
-Data flows audio → engine/session → think; see DESIGN.md in the project notes.
+Data flows audio → clip → prompt → session → engine (scheduler, batched steps) → think; see DESIGN.md
+in the project notes.
 """
 
 try:  # the one import that needs the set-up: say how to get it instead of a bare ModuleNotFoundError

@@ -9,8 +9,9 @@ speaking" is known without the shell reporting its playback: speech plays in rea
 first chunk, so it ends `audio emitted` seconds later.
 
 Barge-in: speech confirmed by the endpointer (≥ its min_speech_ms, 250 ms) while the assistant is
-thinking or speaking cancels the turn at once — generation stops within one decoding step, no reply
-audio is emitted after `Interrupted` — and that speech becomes the next turn. Half-duplex ignores
+thinking or speaking cancels the turn at once — generation stops before the engine's next step, no
+reply audio or text is emitted after `Interrupted` — and that speech becomes the next turn. Nothing
+waits for the cancelled turn's thread: its late output is recognised as stale and dropped. Half-duplex ignores
 the microphone while the assistant speaks (loudspeakers without echo cancellation).
 """
 
@@ -34,7 +35,6 @@ from .tts.chunker import SpeechChunker
 from .vad import Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded
 
 log = logging.getLogger(__name__)
-TURN_JOIN_TIMEOUT_S = 30.0  # a cancelled turn stops within one decoding step; this is the safety net
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,9 @@ class Assistant:
 
     @property
     def busy(self) -> bool:
-        """A turn is being generated."""
-        return self._turn is not None and self._turn.thread.is_alive()
+        """A turn is being generated (a cancelled one winding down does not count)."""
+        turn = self._turn
+        return turn is not None and not turn.cancel.is_set() and turn.thread.is_alive()
 
     @property
     def speaking(self) -> bool:
@@ -184,13 +185,11 @@ class Assistant:
             self._speaking_until = 0.0
             if emit and was_speaking:
                 self._emit(Interrupted("the user spoke"), t)
-        if turn is not None:
-            turn.thread.join(TURN_JOIN_TIMEOUT_S)
-        self._set_state("listening", t)
+        self._set_state("listening", t)  # the cancelled turn's thread winds down alone; its output is dropped
 
     def _start_turn(self, ended: UtteranceEnded) -> None:
-        if self._turn is not None:
-            self._turn.thread.join(TURN_JOIN_TIMEOUT_S)  # a session takes one turn at a time
+        # No join: the session starts this turn once the engine has settled the last one (one step
+        # after its cancel), and anything the old turn's thread still produces is stale and dropped.
         self._emit(UserTurn(ended.t, ended.start, ended.end, ended.audio))
         turn = _Turn(ended, time.perf_counter())
         turn.thread = threading.Thread(target=self._run_turn, args=(turn,), name="afnext-voice-turn", daemon=True)
@@ -217,22 +216,28 @@ class Assistant:
         stream = self.session.ask(audio=turn.ended.audio, think=self.options.think,
                                   options=self.options.generation, cancel=turn.cancel)
         for event in stream:
+            if isinstance(event, TurnDone):
+                reply = event.reply
+            if self._stale(turn):
+                continue  # read on to the end: the reply as far as it got is the turn's record
             if isinstance(event, (TextDelta, ReasoningDelta)):
                 turn.first_text = turn.first_text or time.perf_counter() - turn.decided
                 self._emit(event)
             if isinstance(event, TextDelta):
                 for piece in chunker.feed(event):
                     self._speak(turn, piece)
-            elif isinstance(event, TurnDone):
-                reply = event.reply
         for piece in chunker.flush():
             self._speak(turn, piece)
         return reply
 
+    def _stale(self, turn: _Turn) -> bool:
+        """A cancelled or superseded turn: nothing of it may reach the user any more."""
+        return turn.cancel.is_set() or turn is not self._turn
+
     def _speak(self, turn: _Turn, text: str) -> None:
         for chunk in self.synthesizer.stream(text, cancel=turn.cancel):
             with self._lock:  # after Interrupted, not one more sample
-                if turn.cancel.is_set():
+                if self._stale(turn):
                     return
                 now = self.now()
                 if turn.first_audio is None:

@@ -3,13 +3,13 @@
 At batch 1 a decoding step of AF-Next's 28-layer decoder is some 400 small kernels; launched one by
 one from Python they cost about as much as reading the 16.5 GB of weights they need. A CUDA graph
 launches them all at once. A graph replays fixed shapes at fixed addresses, so the session cache is
-put in static mode for the turn (`kvcache.GrowingLayer.start_static`: whole buffers, a device-side
+put in static mode for the step (`kvcache.GrowingLayer.start_static`: whole buffers, a device-side
 length, the unfilled part masked as the future) and the graph is kept on the cache and captured again
 only when its buffers change (grown, or moved by the `CacheKeeper`).
 
-`mode` "eager" is the plain path (the engine's own `step`); "static" runs that same step over the
-cache in static mode (any device: the CPU tests check it against eager); "graphs" captures it
-(CUDA only).
+`mode` "eager" is the engine's packed batched step (attention.py); "static" runs a step in which one
+request decodes alone over its cache in static mode (any device: the CPU tests check it against
+eager); "graphs" captures that step (CUDA only). Batched steps run eagerly in every mode.
 NOT YET RUN ON A GPU: the "graphs" mode is written to transformers 5.24's static-cache contract but
 no GPU was at hand to capture it; it is opt-in (`Engine(decode="graphs")`) until it has been measured.
 """

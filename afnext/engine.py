@@ -1,107 +1,280 @@
-"""The engine: owns the model and its device, runs one job at a time on one worker thread.
+"""The engine: owns the model and its device, and runs every session's turns in batched steps.
 
-A job is a function run on the worker; what it emits streams back to the caller through a queue.
-Closing the caller's generator (or setting the job's cancel event) stops the job within one
-decoding step. The building blocks jobs use live here too: encoding a clip (encoder → rotary time
-embedding → projector, window-batched) and chunked prefill of embeddings into a KV cache. Clips are
-prepared in clip.py, next tokens picked in sampling.py.
+One worker thread runs the loop, vLLM-style: schedule → execute → update, one step at a time.
+- schedule (scheduler.py): every decoding request, plus at most one request's next unit of prefill
+  work — interactive turns first; a waiting one is admitted when its KV cache fits (`CacheKeeper`
+  moves idle sessions' caches to CPU memory to make room; none is ever dropped).
+- execute: the audio encoder on a batch of the prefill request's windows, or one forward pass over
+  the packed step — one token per decoding request and a chunk of the prefill (attention.py).
+- update: every row that needs a token gets it in one batched pick (sampling.py); tokens stream to
+  their callers; finished, cancelled and failed requests are settled with their sessions.
+
+Cancels are applied between steps; a caller never waits for the worker. A failure in a step fails
+the requests in it with the error, rolls their sessions back, and the loop goes on serving.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from collections.abc import Callable, Iterator
+import time
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
 from . import audio
 from . import decode as decoding
+from .attention import NO_MASKS, Segment, StepCache, install
 from .clip import Clip
 from .kvcache import CacheKeeper, kv_bytes_per_token
 from .model import LoadedModel
+from .sampling import TokenPicker, pick
+from .scheduler import MAX_BATCH, WAITING, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
 ENCODE_BATCH_WINDOWS = 16  # 30 s windows per encoder call: 8 min of audio, bounds activation memory
-# Tokens per prefill forward on a GPU: bounds activations on 45k-token prompts (and lets a cancel in).
-# On CPU the prompt goes in at once: memory is plentiful there, and a chunk after the first needs an
-# explicit offset mask that takes sdpa off its fused causal kernel (measured 15% slower, 10 min of audio).
-PREFILL_CHUNK_TOKENS = 8192
-JOIN_TIMEOUT_S = 30.0  # how long a closed stream waits for the worker to notice the cancel
+# Prefill tokens per step: what a long ingest may delay every other request by. On a GPU 2,048 tokens
+# of AF-Next take tens of ms; on CPU a chunk of the 20 M `mid` model about as long as a voice turn's own
+# prefill, the most the benchmark's "short turn during an ingest" target allows.
+PREFILL_CHUNK_TOKENS = {"cuda": 2048, "cpu": 512}
+ENCODE_WINDOWS_PER_STEP = {"cuda": ENCODE_BATCH_WINDOWS, "cpu": 1}  # windows encoded per step, likewise
+IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop flag
 AUDIO_STEP_S = 0.04  # one audio token = 4 mel frames of 10 ms (conv stride 2, pooling stride 2)
 
 
+PREFILLED = "prefilled"  # emitted when a request's prompt is in the cache and its reply begins
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A request's outcome, emitted after its last token."""
+
+    request: Request
+    interrupted: bool  # cancelled while decoding
+    error: BaseException | None = None  # the step failed; the session has been rolled back
+    started: bool = True  # False: cancelled or failed before its reply began (nothing was kept)
+
 
 class Engine:
-    """Owns a `LoadedModel`; runs jobs one at a time on its worker thread."""
+    """Owns a `LoadedModel`; runs requests in batched steps on its worker thread."""
 
-    def __init__(self, loaded: LoadedModel, *, decode: str = "eager") -> None:
+    def __init__(self, loaded: LoadedModel, *, decode: str = "eager", max_batch: int = MAX_BATCH,
+                 prefill_chunk_tokens: int | None = None, encode_windows_per_step: int | None = None) -> None:
         if decode not in decoding.MODES:
             raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
         if decode == "graphs" and loaded.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device.")
+        install(loaded.model)
+        kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         self.loaded = loaded
-        self.decode = decode  # eager | static | graphs: how decoding steps run (afnext/decode.py)
+        self.decode = decode  # eager | static | graphs: how a step with one decoding request alone runs (decode.py)
+        self.prefill_chunk_tokens = prefill_chunk_tokens or PREFILL_CHUNK_TOKENS[kind]
+        self.encode_windows_per_step = encode_windows_per_step or ENCODE_WINDOWS_PER_STEP[kind]
         self.keeper = CacheKeeper(loaded.device)  # the sessions' KV caches under memory pressure
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.scheduler = Scheduler(max_batch)
+        self.steps = 0  # steps run so far (tests and benchmarks read it)
+        self._closed = threading.Event()
         self._worker = threading.Thread(target=self._serve, name="afnext-engine", daemon=True)
         self._worker.start()
 
-    def stream(self, fn: Callable[[Cancel, Callable[[object], None]], None],
-               cancel: threading.Event | None = None) -> Iterator[object]:
-        """Run `fn(cancel, emit)` on the worker; yield what it emits. Closing this cancels it."""
-        job = _Job(fn, cancel)
-        self._jobs.put(job)
-        try:
-            while (item := job.out.get()) is not _END:
-                if isinstance(item, _Failure):
-                    raise item.exc
-                yield item
-        finally:
-            job.cancel.closed.set()
-            if not job.done.wait(JOIN_TIMEOUT_S):
-                log.error("engine job did not stop within %.0f s of its cancel", JOIN_TIMEOUT_S)
+    # ---- the callers' side (any thread) ----
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; its tokens and `Finished` come through `request.emit` (worker thread)."""
+        if self._closed.is_set():
+            raise RuntimeError("The engine has been closed.")
+        self.scheduler.add(request)
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request without waiting: a waiting one is dropped now (and emits `Finished` here),
+        a running one stops before the next step."""
+        request.cancel.set()
+        if self.scheduler.cancel(request):
+            request.emit(Finished(request, interrupted=False, started=False))
+
+    def ahead(self, request: Request) -> int | None:
+        """How many requests start before this one; None once it has started."""
+        return self.scheduler.ahead(request)
 
     @property
     def waiting(self) -> int:
-        """Jobs queued behind the one running (approximate: read without a lock)."""
-        return self._jobs.qsize()
+        """Requests not started yet."""
+        return self.scheduler.n_waiting
 
     def close(self) -> None:
-        """Stop the worker after the jobs already queued."""
-        self._jobs.put(None)
-        self._worker.join(JOIN_TIMEOUT_S)
+        """Stop the worker (requests still in flight are cancelled)."""
+        self._closed.set()
+        self._worker.join(30)
+
+    # ---- the loop (worker thread) ----
 
     def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                with torch.inference_mode():
-                    job.fn(job.cancel, job.out.put)
-            except Exception as exc:  # the caller gets it; the worker keeps serving
-                log.debug("engine job failed", exc_info=True)
-                job.out.put(_Failure(exc))
-            finally:
-                job.out.put(_END)
-                job.done.set()
+        with torch.inference_mode():
+            while not self._closed.is_set():
+                try:
+                    self._reap()
+                    prefill = self._admit()
+                    decodes = list(self.scheduler.decoding)
+                    if not decodes and prefill is None:
+                        self.scheduler.wait_for_work(IDLE_WAIT_S)
+                        continue
+                    self._step(decodes, prefill)
+                except Exception:  # a bug of ours, not a request's: log it and keep serving
+                    log.exception("engine step failed outside any request")
+            for request in self.scheduler.running() + list(self.scheduler.waiting):
+                request.cancel.set()
+            self._reap()
 
-    # ---- building blocks for jobs (worker thread only) ----
+    def _reap(self) -> None:
+        """Settle requests cancelled since the last step."""
+        for request in [r for r in self.scheduler.running() if r.cancel.is_set()]:
+            self._finish(request, interrupted=bool(request.generated) or request.picker is not None)
 
-    def encode(self, clip: Clip) -> torch.Tensor:
-        """Clip → audio embeddings `[clip.tokens, text_hidden]` in the model dtype on its device.
+    def _admit(self) -> Request | None:
+        """The request that gets this step's prefill slot, started if it was waiting and fits."""
+        request = self.scheduler.next_prefill()
+        if request is None or request.state != WAITING:
+            return request
+        if request.cancel.is_set():
+            self.cancel(request)
+            return None
+        extra = (len(request.ids) + request.budget) * self.kv_bytes_per_token
+        busy = {id(r.cache) for r in self.scheduler.running()}
+        fits = self.keeper.claim(request.cache, extra, busy=busy) if request.kept else True
+        if not fits and self.scheduler.running():
+            return None  # no room until a running request finishes; it waits (never an OOM)
+        request.start_len = request.cache.get_seq_length()
+        request.cache.reserve(request.start_len + len(request.ids) + request.budget)  # one allocation per turn
+        self.scheduler.started(request)
+        return request
+
+    def _step(self, decodes: list[Request], prefill: Request | None) -> None:
+        self.steps += 1
+        try:
+            if prefill is not None and not prefill.encoded:
+                self._encode_some(prefill)
+                prefill = None
+            rows = self._forward(decodes, prefill)
+        except Exception as exc:
+            log.exception("engine step failed; its requests are told and rolled back")
+            for request in decodes + ([prefill] if prefill is not None else []):
+                self._finish(request, error=exc)
+            return
+        self._update(rows)
+
+    def _encode_some(self, request: Request) -> None:
+        t0 = time.perf_counter()
+        windows = [(c, w) for c in request.clips for w in range(len(c.frames))]
+        batch = windows[request.windows_done:request.windows_done + self.encode_windows_per_step]
+        clip = batch[0][0]
+        same = [w for c, w in batch if c is clip]
+        request.audio.append(self.encode(clip, windows=range(same[0], same[-1] + 1)))
+        request.windows_done += len(same)
+        request.encode_s += _sync(self.loaded.device) - t0
+
+    def _forward(self, decodes: list[Request], prefill: Request | None) -> list[tuple[Request, torch.Tensor]]:
+        """One forward pass; (request, next-token logits) for every request that needs a token now."""
+        if self.decode != "eager" and len(decodes) == 1 and prefill is None:
+            return [(decodes[0], self._static_step(decodes[0]))]
+        segments, pieces, wanting = [], [], []
+        if decodes:
+            tokens = torch.tensor([r.generated[-1] for r in decodes], device=self.loaded.device)
+            pieces.append(self.loaded.model.get_input_embeddings()(tokens))
+            for r in decodes:
+                segments.append(Segment(r.cache, r.cache.get_seq_length(), 1))
+                wanting.append(r)
+        t0 = time.perf_counter()
+        if prefill is not None:
+            if prefill.embeds is None:  # every clip is encoded: lay the turn's embeddings out once
+                prefill.embeds = self.embed(prefill.ids, torch.cat(prefill.audio) if prefill.audio else None)
+                prefill.audio = []
+            n = min(self.prefill_chunk_tokens, len(prefill.ids) - prefill.fed)
+            pieces.append(prefill.embeds[prefill.fed:prefill.fed + n])
+            segments.append(Segment(prefill.cache, prefill.cache.get_seq_length(), n))
+        if not segments:
+            return []
+        logits = self.run_segments(segments, torch.cat(pieces))
+        rows = list(zip(wanting, logits))
+        if prefill is not None:
+            prefill.fed += segments[-1].length
+            prefill.prefill_s += _sync(self.loaded.device) - t0
+            if prefill.fed == len(prefill.ids):
+                prefill.embeds = None
+                self._prefilled(prefill)
+                rows.append((prefill, logits[-1]))
+        return rows
+
+    def run_segments(self, segments: list[Segment], embeds: torch.Tensor) -> torch.Tensor:
+        """The model over packed segments (`embeds` [tokens, hidden]); last-position logits per segment
+        [segments, vocab]. Each segment's keys and values go into its own cache."""
+        positions = torch.cat([torch.arange(s.past, s.past + s.length) for s in segments])
+        ends = torch.tensor([s.length for s in segments]).cumsum(0) - 1
+        dev = self.loaded.device
+        out = self.loaded.model(inputs_embeds=embeds[None], position_ids=positions[None].to(dev),
+                                attention_mask=dict(NO_MASKS), cache=StepCache(segments), use_cache=True,
+                                logits_to_keep=ends.to(dev))
+        return out.logits[0]
+
+    def _static_step(self, request: Request) -> torch.Tensor:
+        """A step of one decoding request alone in static mode: the cache's whole buffers with a
+        device-side length, replayed from a CUDA graph in "graphs" mode (decode.py). Graphs per batch
+        size need every batch's buffers at fixed addresses: a paged pool, the GPU step still to come."""
+        cache, token = request.cache, request.generated[-1]
+        decoding.begin(cache, self.decode, cache.reserved)  # reserved at admission for the whole turn
+        try:
+            if self.decode == "graphs":
+                return decoding.graphed(self.loaded.model, cache)(token).clone()
+            ids = torch.tensor([[token]], device=self.loaded.device)
+            return self.loaded.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+        finally:
+            decoding.end(cache)
+
+    def _prefilled(self, request: Request) -> None:
+        self.scheduler.prefilled(request)
+        request.emit(PREFILLED)
+        loaded = self.loaded
+        request.picker = TokenPicker(request.options, loaded.model.config.get_text_config().vocab_size,
+                                     request.seen, loaded.device, loaded.ids.im_end)
+
+    def _update(self, rows: list[tuple[Request, torch.Tensor]]) -> None:
+        if not rows:
+            return
+        requests = [r for r, _ in rows]
+        tokens = pick([r.picker for r in requests], torch.stack([logits for _, logits in rows]))
+        for request, token in zip(requests, tokens):
+            if token == self.loaded.ids.im_end:
+                self._finish(request, interrupted=False)
+                continue
+            request.generated.append(token)
+            request.t_first = request.t_first or time.perf_counter()
+            request.emit(token)
+            if len(request.generated) >= request.budget or request.cancel.is_set():
+                self._finish(request, interrupted=len(request.generated) < request.budget)
+
+    def _finish(self, request: Request, *, interrupted: bool = False, error: BaseException | None = None) -> None:
+        self.scheduler.finish(request)
+        started = request.picker is not None and error is None
+        if not started and request.start_len < request.cache.get_seq_length():
+            request.cache.crop(request.start_len - request.cache.get_seq_length())  # a partial prefill
+        request.emit(Finished(request, interrupted=interrupted and started, error=error, started=started))
+
+    # ---- building blocks ----
+
+    def encode(self, clip: Clip, windows: range | None = None) -> torch.Tensor:
+        """Clip (or some of its windows) → audio embeddings `[tokens, text_hidden]` in the model dtype.
 
         Windows are encoded in batches; each window's tokens are rotated by their absolute time in
         the clip (window index × 30 s + 40 ms × position), as the checkpoint was trained.
         """
         net, dev, dt = self.loaded.model.model, self.loaded.device, self.loaded.dtype
+        windows = windows if windows is not None else range(len(clip.frames))
         out = []
-        for first in range(0, len(clip.frames), ENCODE_BATCH_WINDOWS):
-            feats = clip.features[first:first + ENCODE_BATCH_WINDOWS].to(dev, dt)
-            frames = torch.tensor(clip.frames[first:first + ENCODE_BATCH_WINDOWS], device=dev)
+        for first in range(windows.start, windows.stop, ENCODE_BATCH_WINDOWS):
+            last = min(first + ENCODE_BATCH_WINDOWS, windows.stop)
+            feats = clip.features[first:last].to(dev, dt)
+            frames = torch.tensor(clip.frames[first:last], device=dev)
             mask = torch.arange(feats.shape[-1], device=dev)[None, :] < frames[:, None]
             hidden = net.audio_tower(feats, input_features_mask=mask, return_dict=True).last_hidden_state
             hidden = self._rotate_by_time(hidden, first)
@@ -121,67 +294,19 @@ class Engine:
         cos, sin = net.pos_emb(stamps, seq_len=per_window)
         return apply_rotary_time_emb(hidden, cos, sin)
 
-    def prefill(self, ids: list[int], audio_embeds: torch.Tensor | None, cache, cancel: Cancel) -> torch.Tensor | None:
-        """Run `ids` (their `<sound>` slots filled from `audio_embeds`) into `cache`; last logits [vocab].
-
-        Returns None if cancelled between chunks (the cache then holds a prefix of `ids`).
-        """
-        lm = self.loaded.model
-        ids_t = torch.tensor(ids, device=self.loaded.device)
-        embeds = lm.get_input_embeddings()(ids_t)
+    def embed(self, ids: list[int], audio_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings of `ids` [len, hidden], their `<sound>` slots filled from `audio_embeds`."""
+        ids_t = torch.tensor(ids, device=self.loaded.device, dtype=torch.long)
+        embeds = self.loaded.model.get_input_embeddings()(ids_t)
         slots = ids_t == self.loaded.ids.sound
-        n_slots = int(slots.sum())
-        n_audio = 0 if audio_embeds is None else audio_embeds.shape[0]
+        n_slots, n_audio = int(slots.sum()), 0 if audio_embeds is None else audio_embeds.shape[0]
         assert n_slots == n_audio, f"{n_slots} <sound> slots but {n_audio} audio embeddings"
         if n_audio:
             embeds[slots] = audio_embeds.to(embeds.dtype)
-        logits = None
-        step = PREFILL_CHUNK_TOKENS if self.loaded.device.type == "cuda" else len(ids)
-        for start in range(0, len(ids), step):
-            if start and cancel.is_set():
-                return None
-            chunk = embeds[None, start:start + step]
-            logits = lm(inputs_embeds=chunk, cache=cache, use_cache=True, logits_to_keep=1).logits
-        return logits[0, -1]
-
-    def decoder(self, cache, capacity: int) -> decoding.Step:
-        """The step function for one turn's decoding on `cache` (at most `capacity` tokens by its end)."""
-        if self.decode != "eager":
-            decoding.begin(cache, self.decode, capacity)
-        if self.decode == "graphs":
-            return decoding.graphed(self.loaded.model, cache)
-        return partial(self.step, cache=cache)
-
-    def end_decoding(self, cache) -> None:
-        decoding.end(cache)
-
-    def step(self, token: int, cache) -> torch.Tensor:
-        """Feed one token; logits for the next [vocab]."""
-        ids = torch.tensor([[token]], device=self.loaded.device)
-        return self.loaded.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+        return embeds
 
 
-class Cancel:
-    """Set when the caller closed the stream or set its own cancel event; checked every step."""
-
-    def __init__(self, external: threading.Event | None) -> None:
-        self.closed = threading.Event()
-        self.external = external
-
-    def is_set(self) -> bool:
-        return self.closed.is_set() or (self.external is not None and self.external.is_set())
-
-
-class _Job:
-    def __init__(self, fn: Callable, external: threading.Event | None) -> None:
-        self.fn, self.cancel = fn, Cancel(external)
-        self.out: queue.Queue = queue.Queue()
-        self.done = threading.Event()
-
-
-@dataclass(frozen=True)
-class _Failure:
-    exc: BaseException
-
-
-_END = object()
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()

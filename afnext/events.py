@@ -18,6 +18,7 @@ class TextDelta:
     """A piece of the answer: text meant for the user, safe to speak."""
 
     text: str
+    turn: int = 0  # the turn it belongs to (0: not from a session turn); stale turns' events are dropped
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ReasoningDelta:
     """A piece of the model's reasoning (Think mode): shown, never spoken."""
 
     text: str
+    turn: int = 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ThinkStep:
     start: float  # seconds from the start of the clip, clamped to the clip
     end: float | None  # seconds, or None when the text names a single moment
     text: str  # the sentence of reasoning that mentions the time
+    turn: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Interrupted:
     """The turn was cancelled (barge-in, closed stream, or a cancel event)."""
 
     reason: str = "cancelled"
+    turn: int = 0
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class TurnDone:
     """The turn is over; `reply` holds all of it."""
 
     reply: Reply
+    turn: int = 0
 
 
 END_OF_EVENTS = object()  # put on an event queue by its producer when it is done

@@ -209,9 +209,10 @@ class CacheKeeper:
         self._last_use: weakref.WeakKeyDictionary[Cache, float] = weakref.WeakKeyDictionary()
         self._offloaded: weakref.WeakSet[Cache] = weakref.WeakSet()
 
-    def claim(self, cache: Cache, extra_bytes: int = 0) -> None:
+    def claim(self, cache: Cache, extra_bytes: int = 0, busy: set[int] = frozenset()) -> bool:
         """`cache`'s session is about to run a turn that adds about `extra_bytes`: bring the cache back
-        if it was moved out, then make room for the turn by moving others out."""
+        if it was moved out, then make room for the turn by moving idle ones out (never one whose
+        `id` is in `busy`: those are in the running batch). False if the room could not be made."""
         self._last_use[cache] = time.monotonic()
         if cache in self._offloaded:
             for layer in cache.layers:
@@ -219,15 +220,17 @@ class CacheKeeper:
             self._offloaded.discard(cache)
             log.info("KV cache of %.1f MiB brought back to %s", cache_bytes(cache) / 2**20, self.device)
         while self._pressure(extra_bytes):
-            idle = [(t, id(c), c) for c, t in self._last_use.items() if c is not cache and c not in self._offloaded]
+            idle = [(t, id(c), c) for c, t in self._last_use.items()
+                    if c is not cache and c not in self._offloaded and id(c) not in busy]
             if not idle:
-                log.warning("memory is short but no idle KV cache is left to move out")
-                return
+                log.warning("KV memory is short and no idle cache is left to move out")
+                return False
             victim = min(idle)[2]
             for layer in victim.layers:
                 layer.offload()
             self._offloaded.add(victim)
             log.info("memory pressure: moved an idle KV cache of %.1f MiB to CPU memory", cache_bytes(victim) / 2**20)
+        return True
 
     def offloaded(self, cache: Cache) -> bool:
         return cache in self._offloaded

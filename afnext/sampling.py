@@ -69,8 +69,9 @@ def _shown(value) -> str:
 
 
 class TokenPicker:
-    """Chooses each next token like `generate`: repetition penalty over every token of the
-    conversation so far, then temperature and top-p (or argmax when temperature is 0)."""
+    """One reply's token choice, as `generate` makes it: repetition penalty over every token of the
+    conversation so far, then temperature and top-p (or argmax when the temperature is 0). Many
+    pickers choose together in one batched call (`pick`)."""
 
     def __init__(self, options: GenerationOptions, vocab: int, seen: list[int], device: torch.device,
                  eos: int) -> None:
@@ -83,17 +84,8 @@ class TokenPicker:
             self.generator.manual_seed(options.seed if options.seed is not None else torch.seed())
 
     def __call__(self, logits: torch.Tensor) -> int:
-        scores = logits.float().clone()
-        if self.picked < self.options.min_new_tokens:
-            scores[self.eos] = -float("inf")
-        self.picked += 1
-        penalty = self.options.repetition_penalty
-        if penalty != 1.0:  # over the whole vocabulary: a boolean-mask gather would sync the GPU every token
-            scores = torch.where(self.seen, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
-        # The one host sync per token: the streamer needs the id.
-        token = int(scores.argmax()) if self.generator is None else self._sample(scores)
-        self.seen[token] = True
-        return token
+        """The next token from `logits` [vocab]."""
+        return pick([self], logits[None])[0]
 
     def _sample(self, scores: torch.Tensor) -> int:
         probs = torch.softmax(scores / self.options.temperature, dim=-1)
@@ -102,3 +94,27 @@ class TokenPicker:
             outside = sorted_probs.cumsum(0) - sorted_probs > self.options.top_p  # keep the top one always
             probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def pick(pickers: list[TokenPicker], logits: torch.Tensor) -> list[int]:
+    """Next tokens for a batch: row i of `logits` [batch, vocab] chosen by `pickers[i]`, each exactly
+    as it would be alone (the same elementwise scores; a sampled row draws from its own generator).
+
+    One host sync for the batch's greedy rows, one per sampled row.
+    """
+    scores = logits.float().clone()
+    early = [i for i, p in enumerate(pickers) if p.picked < p.options.min_new_tokens]
+    if early:  # end of turn is forbidden before min_new_tokens
+        scores[early, pickers[0].eos] = -float("inf")
+    penalised = [i for i, p in enumerate(pickers) if p.options.repetition_penalty != 1.0]
+    if penalised:  # over the whole vocabulary: a boolean-mask gather would sync the GPU every token
+        rows, seen = scores[penalised], torch.stack([pickers[i].seen for i in penalised])
+        penalty = rows.new_tensor([pickers[i].options.repetition_penalty for i in penalised])[:, None]
+        scores[penalised] = torch.where(seen, torch.where(rows < 0, rows * penalty, rows / penalty), rows)
+    tokens = scores.argmax(dim=-1).tolist()
+    for i, picker in enumerate(pickers):
+        if picker.generator is not None:
+            tokens[i] = picker._sample(scores[i])
+        picker.seen[tokens[i]] = True
+        picker.picked += 1
+    return tokens

@@ -47,7 +47,9 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 EXAMPLES = {"Speech (10 s)": ASSETS / "speech.wav", "Sounds (13 s)": ASSETS / "sounds.flac"}
-GPU_CONCURRENCY = 1  # one generation at a time: the engine runs one job at a time anyway
+# Questions handed to the engine at once: its scheduler batches their decoding and interleaves their
+# prefills (short questions first); beyond this many, Gradio's queue shows each waiting user their place.
+GPU_CONCURRENCY = 8
 PUBLIC_API = frozenset({"ask_recording"})  # the endpoints the README documents; every other event is private
 QUEUE_MAX = 64  # questions waiting at once; more get Gradio's "queue is full" at once, not after hours
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 600, 3600  # every 10 min, uploads no recording holds that are 1 h old go

@@ -85,14 +85,14 @@ def slow_steps(engine, monkeypatch, delay_s: float = 0.03) -> list[float]:
     """Make each decoding step take `delay_s`, so a reply is still being generated when the user
     barges in; returns the list of step times."""
     times: list[float] = []
-    real_step = engine.step
+    real_step = engine.run_segments
 
-    def step(token, cache):
+    def step(segments, embeds):
         times.append(time.perf_counter())
         time.sleep(delay_s)
-        return real_step(token, cache)
+        return real_step(segments, embeds)
 
-    monkeypatch.setattr(engine, "step", step)
+    monkeypatch.setattr(engine, "run_segments", step)
     return times
 
 

@@ -94,6 +94,7 @@ def test_closing_the_stream_cancels_and_keeps_the_partial_reply(engine):
     stream = session.ask("Tell me a long story.", options=GenerationOptions(max_new_tokens=200, repetition_penalty=1.0))
     first = next(e for e in stream if isinstance(e, TextDelta))
     stream.close()
+    assert session.wait(5), "the engine settles a closed turn within a step"
     assert first.text
     assert session.tokens[-1 - len(engine.loaded.ids.newline)] == engine.loaded.ids.im_end
     partial = session.messages[-1]["content"][0]["text"]
@@ -104,15 +105,16 @@ def test_closing_the_stream_cancels_and_keeps_the_partial_reply(engine):
 
 def test_cancel_event_stops_within_one_step(engine, monkeypatch):
     session, cancel, steps = Session(engine), threading.Event(), []
-    real_step = engine.step
+    real_step = engine.run_segments
 
-    def counting_step(token, cache):
-        steps.append(token)
-        if len(steps) == 3:
-            cancel.set()  # another thread would do this: the check happens before the next step
-        return real_step(token, cache)
+    def counting_step(segments, embeds):
+        if all(s.length == 1 for s in segments):  # a decoding step
+            steps.append(segments)
+            if len(steps) == 3:
+                cancel.set()  # another thread would do this: the check happens before the next step
+        return real_step(segments, embeds)
 
-    monkeypatch.setattr(engine, "step", counting_step)
+    monkeypatch.setattr(engine, "run_segments", counting_step)
     reply, events = run(session, "Count.", options=GenerationOptions(max_new_tokens=50, repetition_penalty=1.0), cancel=cancel)
     assert reply.interrupted and any(isinstance(e, Interrupted) for e in events)
     assert len(steps) == 3 and len(reply.token_ids) == 4  # the token picked after the 3rd step, then stop
@@ -139,18 +141,18 @@ def test_failed_turn_rolls_back_cache_and_tokens(engine, monkeypatch):
 
     session = Session(engine)
     run(session, "One", noise(3.0, seed=1))
-    real_step, calls = engine.step, []
+    real_step, calls = engine.run_segments, []
 
-    def failing_step(token, cache):
-        calls.append(token)
+    def failing_step(segments, embeds):
+        calls.append(segments)
         if len(calls) == 2:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real_step(token, cache)
+        return real_step(segments, embeds)
 
-    monkeypatch.setattr(engine, "step", failing_step)
+    monkeypatch.setattr(engine, "run_segments", failing_step)
     with pytest.raises(RuntimeError, match="simulated"):
         run(session, "Broken turn")
-    monkeypatch.setattr(engine, "step", real_step)
+    monkeypatch.setattr(engine, "run_segments", real_step)
     again, _ = run(session, "Two")
     assert again.token_ids == expected.token_ids
 

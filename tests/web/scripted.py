@@ -1,7 +1,7 @@
 """A scripted-output stand-in at the engine boundary, for the browser test of Think steps only.
 
 It runs the real model (prefill and every decoding step, so sessions, caches and timings are real),
-then replaces the logits so the reply is a fixed text: a random-weight model would never write the
+then replaces each request's logits so the reply is a fixed text: a random-weight model would never write the
 timestamped reasoning the Recordings tab has to draw.
 """
 
@@ -25,18 +25,11 @@ class ScriptedEngine(Engine):
     def __init__(self, loaded: LoadedModel, script: str = SCRIPT) -> None:
         super().__init__(loaded)
         self.script = loaded.tokenizer.encode(script, add_special_tokens=False) + [loaded.ids.im_end]
-        self._at = 0
 
-    def prefill(self, ids, audio_embeds, cache, cancel):
-        logits = super().prefill(ids, audio_embeds, cache, cancel)
-        self._at = 0
-        return None if logits is None else self._forced(logits)
+    def _update(self, rows) -> None:
+        super()._update([(request, self._forced(logits, len(request.generated))) for request, logits in rows])
 
-    def step(self, token: int, cache) -> torch.Tensor:
-        return self._forced(super().step(token, cache))
-
-    def _forced(self, logits: torch.Tensor) -> torch.Tensor:
+    def _forced(self, logits: torch.Tensor, at: int) -> torch.Tensor:
         forced = torch.full_like(logits, -1e4)
-        forced[self.script[min(self._at, len(self.script) - 1)]] = 1e4
-        self._at += 1
+        forced[self.script[min(at, len(self.script) - 1)]] = 1e4
         return forced

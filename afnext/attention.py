@@ -1,0 +1,114 @@
+"""One forward pass over many conversations: the seam between the scheduler and transformers' model.
+
+A step packs its segments — one token for each decoding request, at most one chunk of a pending
+prefill — into one sequence of embeddings [1, T], each token with its own position. transformers'
+decoder runs it unchanged: the projections, MLPs and lm_head read the weights once for all segments,
+which is what batching buys (a decode step is bound by reading 16.5 GB of weights). At each layer's
+attention, `StepCache.update` splits the packed keys and values back into their segments and writes
+each into its own session cache; `segment_attention` then attends each segment's queries over that
+cache alone.
+
+Why per-session buffers and not a paged pool. A session's cache stays one growing buffer per layer
+(kvcache.py), read as a view: no gather, no copy per step, so a 45,000-token recording and 500-token
+voice chats decode side by side while each pays only for its own length, and the `CacheKeeper`
+moves whole sessions to CPU memory and back as before. transformers' paged cache, on sdpa, gathers
+every request's keys into one tensor each step (`index_select` over the pool) and masks a [T, all
+keys] grid — 2.4 GiB copied per step beside a 30-minute recording. The cost of our layout is one
+attention call per segment and layer; on CPU that is noise beside the matmuls. On a GPU it is
+B × 28 small launches per step, which is where flash-attn's `flash_attn_with_kvcache` over a block
+table (one call for the whole batch, and CUDA graphs per batch size) is the next step; it needs a GPU
+to build and measure, and none was at hand when this was written.
+
+The model keeps its own attention for everything else (stock `generate`, the audio tower): our
+function, registered under ATTENTION, hands any call that is not a step of ours to the
+implementation the model was loaded with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+ATTENTION = "afnext_segments"
+NO_MASKS = {"full_attention": None, "sliding_attention": None}  # the decoder skips its mask building
+
+
+@dataclass
+class Segment:
+    """A run of consecutive tokens of one session in a step."""
+
+    cache: object  # the session's SessionCache: receives the segment's keys and values
+    past: int  # tokens already in the cache before this segment
+    length: int  # tokens in this segment (1 for a decoding request)
+
+
+class _SegmentKV(list):
+    """Per-segment (keys, values) views handed from `StepCache.update` to `segment_attention`,
+    with each segment's query length."""
+
+    def __init__(self, lengths: list[int]) -> None:
+        super().__init__()
+        self.lengths = lengths
+
+
+class StepCache:
+    """The `cache` a step passes to the model: routes each segment's keys and values to its own
+    session cache. Only what the decoder calls is here (update)."""
+
+    def __init__(self, segments: list[Segment]) -> None:
+        self.segments = segments
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """keys/values: [1, kv_heads, T, head_dim], segments in order → views of each session's cache."""
+        out, start = _SegmentKV([seg.length for seg in self.segments]), 0
+        for seg in self.segments:
+            end = start + seg.length
+            out.append(seg.cache.update(keys[:, :, start:end], values[:, :, start:end], layer_idx))
+            start = end
+        return out, out
+
+
+def segment_attention(module: torch.nn.Module, query: torch.Tensor, key, value, attention_mask, dropout: float = 0.0,
+                      scaling: float | None = None, **kwargs):
+    """Attention for a packed step: each segment's queries [1, heads, n, dim] over its own cache.
+
+    A decoding token sees its whole cache; a prefill chunk is causal within itself and sees all of
+    its session's earlier tokens (a mask is needed only when there are some: sdpa's own causal flag
+    aligns the chunk to the first keys, not the last).
+    """
+    if not isinstance(key, _SegmentKV):
+        return ALL_ATTENTION_FUNCTIONS[module.config._afnext_base_attention](
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    outs, start = [], 0
+    for (k, v), n in zip(key, key.lengths):
+        outs.append(_one(module, query[:, :, start:start + n], k, v, scaling))
+        start += n
+    return torch.cat(outs, dim=1), None
+
+
+def _one(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) -> torch.Tensor:
+    n, total = q.shape[-2], k.shape[-2]
+    mask = None
+    if 1 < n < total:  # a chunk after earlier tokens: row i sees the past and the chunk up to i
+        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
+    if module.config._afnext_base_attention.startswith("flash"):  # flash aligns causal to the last keys
+        fn = ALL_ATTENTION_FUNCTIONS[module.config._afnext_base_attention]
+        return fn(module, q, k, v, None, scaling=scaling, is_causal=n > 1)[0]
+    return sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=n > 1 and mask is None)[0]
+
+
+def install(model: torch.nn.Module) -> None:
+    """Route the model's decoder attention through `segment_attention` (idempotent)."""
+    text = model.config.get_text_config(decoder=True)
+    if text._attn_implementation == ATTENTION:
+        return
+    base = text._attn_implementation
+    AttentionInterface.register(ATTENTION, segment_attention)
+    AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS[base])  # stock calls keep their masks
+    text._afnext_base_attention = base
+    text._attn_implementation = ATTENTION

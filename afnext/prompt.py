@@ -1,0 +1,87 @@
+"""Prompt building: a conversation's messages → the token ids the model sees.
+
+The ids are exactly what the checkpoint's chat template and processor produce: the template renders
+the messages as text with one `<sound>` per clip, and each `<sound>` is expanded to
+`<|sound_bos|> <sound>×N <|sound_eos|>` (N = the clip's audio tokens). A turn's ids are the text the
+template adds for its message (with the generation prompt), so a conversation's ids are the turns'
+ids laid end to end. Think mode is a question suffix, and on the Think checkpoint a pre-filled
+`<think>` tag. Public: the Session and the OpenAI API build their prompts here.
+"""
+
+from __future__ import annotations
+
+from .model import LoadedModel
+
+# Appended to the question in Think mode. The Think checkpoint also gets its turn pre-filled with
+# "<think>\n"; the Instruct one is asked for the tags so its reasoning can be told from its answer.
+THINK_PROMPT = "Reason step by step with timestamps, then give the final answer."
+THINK_PROMPT_INSTRUCT = ("Reason step by step inside <think> and </think>, citing the times in the audio "
+                         "(for example 12.5s to 14.0s), then give the final answer after </think>.")
+THINK_PREFILL = "<think>\n"
+# characters of one turn's text: about 8,000 tokens, far beyond any typed or spoken question. Longer
+# text is refused before the tokenizer spends seconds on it, and with the right advice: a 1 MB paste
+# would otherwise be told the conversation is full and to start a new one, which does not help.
+MAX_TEXT_CHARS = 32_000
+
+
+def check_text(text: str) -> None:
+    """Raise one sentence (TypeError/ValueError) for question text the tokenizer must not see."""
+    if not isinstance(text, str):
+        raise TypeError(f"The question must be text, not {type(text).__name__}.")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ValueError(f"The question is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,}.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate such as JSON's "\ud800"; the tokenizer raises TypeError
+        raise ValueError(f"The question is not valid Unicode (a lone surrogate at character {exc.start});"
+                         " send UTF-8 text.") from None
+
+
+def user_message(text: str, *, has_clip: bool, think: bool, is_think: bool) -> dict:
+    """The user message as the chat template sees it: audio first, then the text (with the Think
+    instruction appended in Think mode; `is_think` says which instruction the checkpoint wants)."""
+    if think:
+        hint = THINK_PROMPT if is_think else THINK_PROMPT_INSTRUCT
+        text = f"{text.strip()}\n{hint}" if text.strip() else hint
+    parts = [{"type": "audio"}] if has_clip else []
+    return {"role": "user", "content": parts + ([{"type": "text", "text": text}] if text else [])}
+
+
+def assistant_message(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def render(loaded: LoadedModel, messages: list[dict], generation_prompt: bool) -> str:
+    """The chat template's text for `messages` (its default system prompt included)."""
+    if not messages:
+        return ""
+    return loaded.tokenizer.apply_chat_template(messages, chat_template=loaded.chat_template, tokenize=False,
+                                                add_generation_prompt=generation_prompt)
+
+
+def turn_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_tokens: int | None,
+             prefill: str = "") -> list[int]:
+    """Token ids a user turn adds after `history`: its template text, the generation prompt and
+    `prefill` (e.g. THINK_PREFILL), its `<sound>` expanded to `clip_tokens` audio tokens."""
+    before = render(loaded, history, False)
+    after = render(loaded, history + [message], True)
+    assert after.startswith(before), "the chat template must render a conversation as a prefix of its extension"
+    ids = loaded.tokenizer.encode(after[len(before):] + prefill, add_special_tokens=False)
+    return expand_sound(loaded, ids, clip_tokens)
+
+
+def expand_sound(loaded: LoadedModel, ids: list[int], clip_tokens: int | None) -> list[int]:
+    """Replace the one `<sound>` placeholder in `ids` with the clip's span, as the processor does."""
+    special, out = loaded.ids, []
+    for i in ids:
+        if i == special.sound:
+            assert clip_tokens, "a <sound> placeholder without a clip"
+            out += [special.sound_bos] + [special.sound] * clip_tokens + [special.sound_eos]
+        else:
+            out.append(i)
+    return out
+
+
+def reply_tail(loaded: LoadedModel) -> list[int]:
+    """What closes an assistant turn after its generated ids: `<|im_end|>` and a newline."""
+    return [loaded.ids.im_end, *loaded.ids.newline]

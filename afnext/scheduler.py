@@ -1,0 +1,156 @@
+"""The scheduler: which requests the next engine step advances.
+
+A request is one turn of one session: encode its clips, prefill its new tokens into the session's
+KV cache, then decode its reply. Every step advances every decoding request by one token (batched in
+one forward pass) and at most one other request by one unit of work: a batch of its clip's windows
+through the audio encoder, or one chunk of its prefill. So a 30-minute ingest (45,000 tokens) delays
+everyone else's next token by one chunk, never by the whole ingest.
+
+Which request gets the prefill slot: interactive turns first (a voice turn or a short question adds
+at most INTERACTIVE_TOKENS), then the rest, each class first come first served. A long prefill that
+is overtaken keeps what it has prefilled and goes on when the slot is free again. The queue is
+observable (`ahead`), cancels of waiting requests take effect at once, and the policy here touches
+no tensor: the engine executes what it picks and reports back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+INTERACTIVE_TOKENS = 2048  # new tokens of an interactive turn: 80 s of audio, or a long typed question
+MAX_BATCH = 64  # decoding requests per step; more wait their turn to start
+
+WAITING, PREFILLING, DECODING, DONE = "waiting", "prefilling", "decoding", "done"
+_arrivals = itertools.count()
+
+
+class Cancel:
+    """A request's stop flag: set by `set()` (the stream was closed) or by the caller's own event."""
+
+    def __init__(self, external: threading.Event | None = None) -> None:
+        self._own, self.external = threading.Event(), external
+
+    def set(self) -> None:
+        self._own.set()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self.external is not None and self.external.is_set())
+
+
+@dataclass(eq=False)
+class Request:
+    """One turn to run: what the session built, and how far the engine has got with it."""
+
+    turn: int  # the session's turn id, carried by every event of the turn
+    cache: object  # the session's SessionCache; the prefill appends to it
+    ids: list[int]  # tokens to run into the cache before the reply
+    clips: list  # Clips whose audio fills the `<sound>` slots of `ids`, in order
+    options: object  # GenerationOptions
+    budget: int  # reply tokens allowed
+    seen: list[int]  # the conversation's tokens before the reply (repetition penalty)
+    cancel: Cancel  # set by the caller; honoured before the next step
+    emit: Callable[[object], None]  # hands a generated id or the outcome to the caller
+    kept: bool = True  # the cache outlives the turn (False: the no-cache reference path's throwaway cache)
+    t0: float = field(default_factory=time.perf_counter)  # when the turn was asked for
+    arrival: int = field(default_factory=lambda: next(_arrivals))
+    state: str = WAITING
+    # progress, kept by the engine
+    audio: list = field(default_factory=list)  # encoded windows' embeddings so far
+    windows_done: int = 0
+    embeds: object = None  # [len(ids), hidden] once every clip is encoded
+    fed: int = 0  # of `ids`, how many are in the cache
+    generated: list[int] = field(default_factory=list)
+    picker: object = None
+    start_len: int = 0  # cache length when the request started: a rollback crops back to it
+    encode_s: float = 0.0
+    prefill_s: float = 0.0
+    t_first: float | None = None
+
+    @property
+    def interactive(self) -> bool:
+        return len(self.ids) <= INTERACTIVE_TOKENS
+
+    @property
+    def encoded(self) -> bool:
+        return self.windows_done == sum(len(c.frames) for c in self.clips)
+
+
+class Scheduler:
+    """Holds the requests in flight. `add`, `cancel` and `ahead` may be called from any thread;
+    `schedule`, `started` and `finish` from the engine's worker only."""
+
+    def __init__(self, max_batch: int = MAX_BATCH) -> None:
+        self.max_batch = max_batch
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self.waiting: list[Request] = []  # not started, in the order they will start
+        self.prefilling: list[Request] = []  # started, prefill not finished (one is overtaken at most)
+        self.decoding: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        with self._lock:
+            self.waiting.append(request)
+            self.waiting.sort(key=_priority)
+            self._work.notify()
+
+    def cancel(self, request: Request) -> bool:
+        """Take a request out if it has not started: True if so (it will never run)."""
+        with self._lock:
+            if request.state == WAITING and request in self.waiting:
+                self.waiting.remove(request)
+                request.state = DONE
+                return True
+            self._work.notify()  # a running one is stopped by the worker before its next step
+            return False
+
+    def ahead(self, request: Request) -> int | None:
+        """Requests that will start before this one; None once it has started."""
+        with self._lock:
+            return self.waiting.index(request) if request in self.waiting else None
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting)
+
+    def running(self) -> list[Request]:
+        return self.prefilling + self.decoding
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self._lock:
+            if not (self.waiting or self.prefilling or self.decoding):
+                self._work.wait(timeout)
+
+    def next_prefill(self) -> Request | None:
+        """The request that should get the prefill slot: the most urgent started or waiting one."""
+        with self._lock:
+            if len(self.decoding) >= self.max_batch:
+                return min(self.prefilling, key=_priority, default=None)
+            return min(self.prefilling + self.waiting[:1], key=_priority, default=None)
+
+    def started(self, request: Request) -> None:
+        """A waiting request was admitted (the engine found room for its KV cache)."""
+        with self._lock:
+            self.waiting.remove(request)
+            request.state = PREFILLING
+            self.prefilling.append(request)
+
+    def prefilled(self, request: Request) -> None:
+        with self._lock:
+            self.prefilling.remove(request)
+            request.state = DECODING
+            self.decoding.append(request)
+
+    def finish(self, request: Request) -> None:
+        with self._lock:
+            for queue in (self.waiting, self.prefilling, self.decoding):
+                if request in queue:
+                    queue.remove(request)
+            request.state = DONE
+
+
+def _priority(request: Request) -> tuple[int, int]:
+    return (0 if request.interactive else 1, request.arrival)

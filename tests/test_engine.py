@@ -1,0 +1,179 @@
+"""The engine's scheduler: batching changes no token, cancels never wait, short turns overtake ingests."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from afnext.clip import prepare_clip
+from afnext.engine import Engine
+from afnext.events import Interrupted, TextDelta, TurnDone
+from afnext.sampling import GenerationOptions
+from afnext.session import Session
+from tests.conftest import noise
+
+LONG = GenerationOptions(max_new_tokens=40, min_new_tokens=40)  # fixed length: the replies overlap in time
+SAMPLED = GenerationOptions(max_new_tokens=40, min_new_tokens=40, temperature=0.8, top_p=0.9, seed=5)
+CONVERSATIONS = {  # name → (question, clip seconds, options)
+    "long clip": ("What happens here?", 65.0, LONG),
+    "voice": ("", 5.0, LONG),
+    "text only": ("Tell me about the sea.", None, LONG),
+    "sampled": ("Say something.", 2.0, SAMPLED),
+    "joins mid-decode": ("And this?", 3.0, LONG),
+    "cancelled": ("Count to a hundred.", 1.0, LONG),
+}
+
+
+@pytest.fixture
+def fresh_engine(loaded):
+    engine = Engine(loaded)
+    yield engine
+    engine.close()
+
+
+def ask(session: Session, name: str, **kw):
+    text, seconds, options = CONVERSATIONS[name]
+    return session.ask(text, None if seconds is None else noise(seconds, seed=len(name)), options=options, **kw)
+
+
+def solo(engine: Engine, name: str):
+    """The conversation's reply when it is the only one in the engine."""
+    session = Session(engine)
+    if name == "joins mid-decode":
+        _reply(ask(session, "voice"))
+    return _reply(ask(session, name))
+
+
+def _reply(stream):
+    return [e for e in stream if isinstance(e, TurnDone)][0].reply
+
+
+def _ids(stream) -> tuple[int, ...]:
+    return _reply(stream).token_ids
+
+
+def batch_sizes(engine: Engine, monkeypatch) -> list[int]:
+    """Record how many requests each forward pass advanced."""
+    sizes, real = [], engine.run_segments
+
+    def counting(segments, embeds):
+        sizes.append(len(segments))
+        return real(segments, embeds)
+
+    monkeypatch.setattr(engine, "run_segments", counting)
+    return sizes
+
+
+def test_batching_changes_no_token(fresh_engine, monkeypatch):
+    """Greedy (and seeded sampled) ids of conversations decoded together — a 65 s clip, a 5 s clip,
+    text only, one joining mid-decode, one cancelled mid-decode — equal each one's solo run (fp32)."""
+    alone = {name: solo(fresh_engine, name) for name in CONVERSATIONS}
+    sizes = batch_sizes(fresh_engine, monkeypatch)
+    together: dict[str, tuple[int, ...]] = {}
+    sessions = {name: Session(fresh_engine) for name in CONVERSATIONS}
+    list(ask(sessions["joins mid-decode"], "voice"))  # it has a turn behind it, as in its solo run
+    joiner = threading.Thread(target=lambda: together.update(
+        {"joins mid-decode": _ids(ask(sessions["joins mid-decode"], "joins mid-decode"))}))
+
+    def run(name: str) -> None:
+        stream, deltas = ask(sessions[name], name), 0
+        for event in stream:
+            deltas += isinstance(event, TextDelta)
+            if name == "long clip" and deltas == 5 and not joiner.is_alive():
+                joiner.start()  # a request arrives while the others are decoding
+            if name == "cancelled" and deltas == 5:
+                stream.close()
+                break
+            if isinstance(event, TurnDone):
+                together[name] = event.reply.token_ids
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in CONVERSATIONS if name != "joins mid-decode"]
+    for t in threads:
+        t.start()
+    for t in threads + [joiner]:
+        t.join(120)
+    for name, ids in together.items():
+        assert ids == alone[name].token_ids, f"{name}: batched ids differ from its solo run"
+    assert set(together) == set(CONVERSATIONS) - {"cancelled"}
+    assert sessions["cancelled"].wait(5)
+    tail = len(fresh_engine.loaded.ids.newline) + 1  # <|im_end|> "\n" close the cut reply
+    partial = sessions["cancelled"].tokens[alone["cancelled"].prompt_tokens:-tail]
+    assert 5 <= len(partial) < 40, "the cancelled reply stays in the conversation as far as it got"
+    assert tuple(partial) == alone["cancelled"].token_ids[:len(partial)]
+    assert max(sizes) >= 4, f"no step advanced several requests at once: {sorted(set(sizes))}"
+
+
+def slow_steps(engine: Engine, monkeypatch, delay_s: float) -> list[tuple[float, int]]:
+    """Every forward pass takes `delay_s` longer; returns (time, segments) per pass."""
+    log, real = [], engine.run_segments
+
+    def slow(segments, embeds):
+        time.sleep(delay_s)
+        log.append((time.perf_counter(), len(segments)))
+        return real(segments, embeds)
+
+    monkeypatch.setattr(engine, "run_segments", slow)
+    return log
+
+
+def test_cancelling_a_queued_turn_returns_at_once(fresh_engine, monkeypatch):
+    slow_steps(fresh_engine, monkeypatch, 0.3)
+    fresh_engine.scheduler.max_batch = 1  # one decoding request at a time: the second one queues
+    busy, queued, cancel = Session(fresh_engine), Session(fresh_engine), threading.Event()
+    first = ask(busy, "text only")
+    next(e for e in first if isinstance(e, TextDelta))  # it is decoding, each step 0.3 s
+    events: list = []
+    waiter = threading.Thread(target=lambda: events.extend(queued.ask("Hello?", cancel=cancel, options=LONG)))
+    waiter.start()
+    deadline = time.monotonic() + 5
+    while fresh_engine.waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert queued.ahead == 0, "its place in the queue is observable"
+    t0 = time.perf_counter()
+    cancel.set()
+    waiter.join(5)
+    took = time.perf_counter() - t0
+    assert took <= 0.05, f"a queued turn's cancel took {took * 1000:.0f} ms"
+    assert isinstance(events[-1], Interrupted) and not any(isinstance(e, TurnDone) for e in events)
+    assert queued.wait(0) and queued.tokens == [], "nothing of the cancelled turn was kept"
+    first.close()
+    fresh_engine.scheduler.max_batch = 64
+    assert _ids(queued.ask("Still there?", options=GenerationOptions(max_new_tokens=3)))
+
+
+def test_a_short_turn_overtakes_a_long_prefill(fresh_engine, monkeypatch):
+    """A 5 s voice turn asked while a 10-minute recording is being prefilled gets its first token
+    after at most one of the long prefill's chunks (the one in flight) plus its own work."""
+    recording = prepare_clip(noise(600.0), fresh_engine.loaded.mel_filters)
+    work, real_forward, real_encode = [], fresh_engine.run_segments, fresh_engine._encode_some
+
+    def forward(segments, embeds):  # which session each prefill chunk belongs to
+        work.extend(("prefill", id(s.cache)) for s in segments if s.length > 1)
+        return real_forward(segments, embeds)
+
+    def encode(request):
+        work.append(("encode", id(request.cache)))
+        return real_encode(request)
+
+    monkeypatch.setattr(fresh_engine, "run_segments", forward)
+    monkeypatch.setattr(fresh_engine, "_encode_some", encode)
+    long_session, voice = Session(fresh_engine), Session(fresh_engine)
+    long_turn = threading.Thread(target=lambda: list(long_session.ask(
+        "Summarise it.", recording, options=GenerationOptions(max_new_tokens=2))))
+    long_turn.start()
+    deadline = time.monotonic() + 60
+    while not any(kind == "prefill" for kind, _ in work) and time.monotonic() < deadline:
+        time.sleep(0.001)  # the recording is encoded and its prefill has begun
+    asked, long_cache = len(work), work[-1][1]
+    first = next(e for e in voice.ask(audio=noise(5.0, seed=3), options=GenerationOptions(max_new_tokens=2))
+                 if isinstance(e, TextDelta))
+    after = work[asked:]
+    long_turn.join(120)
+    assert first.text is not None
+    ours = [i for i, (_, cache) in enumerate(after) if cache != long_cache]
+    overtaken = [w for w in after[:ours[-1]] if w[1] == long_cache] if ours else []
+    assert len(overtaken) <= 1, f"the long prefill ran {len(overtaken)} units before the voice turn's first token"
+    chunks = sum(1 for kind, cache in work if kind == "prefill" and cache == long_cache)
+    assert chunks >= 10, "the recording must be prefilled in chunks for this to mean anything"
