@@ -219,6 +219,15 @@ def warm_up(engine: Engine, processor, workdir: Path) -> None:
     path.unlink()
 
 
+def write_json(result: dict, out: str | None) -> None:
+    """Print a benchmark's figures, and keep them in `out` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+
+
 def machine(device: torch.device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
             "cpus": os.cpu_count(), "platform": platform.platform()}
@@ -260,11 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         top = result["limits"]["decode_tok_s_limit"]
         for run in result["runs"]:
             run["decode_tok_s"]["fraction_of_limit"] = run["decode_tok_s"]["ours"] / top
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    write_json(result, args.out)
     return 0
 
 

@@ -29,11 +29,11 @@ from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Ti
 from .kvcache import new_cache
 from .prompt import MAX_TEXT_CHARS, THINK_PREFILL, THINK_PROMPT, THINK_PROMPT_INSTRUCT  # noqa: F401 (public here too)
 from .sampling import GenerationOptions
-from .scheduler import Cancel, Request
+from .scheduler import WAITING, Cancel, Request
 from .think import ThinkParser
 
 TurnEvent = TextDelta | ReasoningDelta | ThinkStep | Interrupted | TurnDone
-CANCEL_POLL_S = 0.01  # how often a stream waiting for its next token looks at the caller's cancel event
+CANCEL_POLL_S = 0.01  # how often a queued turn's stream looks at the caller's cancel event
 _turn_ids = itertools.count(1)  # turn ids, unique in the process: events carry them
 
 
@@ -134,10 +134,12 @@ class Session:
         yield TurnDone(self._reply(plan, request, prefill + detok.text, parser, finished), turn=plan.turn)
 
     def _next(self, out: queue.Queue, request: Request):
-        """The engine's next item for this turn; a set cancel event takes a waiting turn out at once."""
+        """The engine's next item for this turn. While the turn waits in the queue, a set cancel
+        event takes it out at once; once it runs, the engine itself checks the event every step
+        (so a running turn's reader sleeps until its next token instead of polling)."""
         while True:
             try:
-                return out.get(timeout=CANCEL_POLL_S)
+                return out.get(timeout=CANCEL_POLL_S if request.state == WAITING else None)
             except queue.Empty:
                 if request.cancel.is_set():
                     self.engine.cancel(request)

@@ -1,0 +1,53 @@
+"""The concurrency benchmark runs end to end on the tiny model and reports every figure its targets name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from afnext import bench_concurrent
+
+
+def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
+    out = tmp_path / "concurrent.json"
+    argv = ["--size", "tiny", "--conversations", "3", "--tokens", "8", "--repeats", "2", "--long-seconds", "40", "--out", str(out)]
+    assert bench_concurrent.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("python -m afnext.bench_concurrent --size tiny")
+    assert result["model"]["size"] == "tiny" and result["machine"]["cpus"] > 0
+
+    assert len(result["batching"]["rounds"]) == 2
+    batching = result["batching"]["rounds"][0]
+    assert result["batching"]["median_run_speedup"] == pytest.approx(
+        (batching["run_speedup"] + result["batching"]["rounds"][1]["run_speedup"]) / 2)
+    assert batching["conversations"] == 3 and batching["tokens"] == 8
+    for mode in ("sequential", "concurrent"):
+        figures = batching[mode]
+        assert figures["new_tokens"] == 3 * 8 and figures["decode_tokens"] == 3 * 7  # fixed-length replies
+        assert 0 < figures["ttft_p50_s"] <= figures["ttft_p95_s"] < figures["run_s"]
+        assert 0 < figures["decode_s"] <= figures["run_s"] and figures["steps"] > 0
+        assert figures["decode_tok_s"] == pytest.approx(figures["decode_tokens"] / figures["decode_s"])
+        assert figures["run_tok_s"] == pytest.approx(figures["new_tokens"] / figures["run_s"])
+        assert figures["tokens_per_step"] == pytest.approx(figures["new_tokens"] / figures["steps"])
+    one, together = batching["sequential"], batching["concurrent"]
+    assert one["steady_decode_tok_s"] == one["decode_tok_s"]  # one reply per step: all of decoding is steady
+    assert together["steady_steps"] >= 2 and together["step_ms"] > 0  # 8 tokens: the 3 replies overlap
+    assert together["steady_decode_tok_s"] == pytest.approx(3 * 1e3 / together["step_ms"])
+    assert batching["steady_decode_speedup"] == pytest.approx(together["steady_decode_tok_s"] / one["decode_tok_s"])
+    assert batching["decode_speedup"] == pytest.approx(together["decode_tok_s"] / one["decode_tok_s"])
+    assert batching["run_speedup"] == pytest.approx(together["run_tok_s"] / one["run_tok_s"])
+    assert together["steps"] < one["steps"]  # batched: the replies shared steps
+
+    ingest = result["ingest"]
+    assert ingest["long_audio_s"] == 40 and ingest["long_audio_tokens"] == 1000
+    assert ingest["prefill_chunk_tokens"] == 512 and ingest["encode_windows_per_step"] == 1  # the CPU defaults
+    assert len(ingest["short_idle_all_s"]) == 3 and 1 <= len(ingest["short_during_all_s"]) <= 3
+    assert ingest["short_idle_ttft_s"] > 0 and ingest["short_during_ingest_ttft_s"] > 0
+    assert ingest["ttft_ratio"] == pytest.approx(ingest["short_during_ingest_ttft_s"] / ingest["short_idle_ttft_s"])
+    assert ingest["long_ttft_s"] >= ingest["long_encode_s"] + ingest["long_prefill_s"] > 0
+
+
+def test_busy_time_counts_overlaps_once():
+    assert bench_concurrent.busy_time([(0, 2), (1, 3), (5, 6)]) == 4
+    assert bench_concurrent.busy_time([(0, 10), (2, 3)]) == 10
