@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .audio import AudioError
+from .cli import add_model_flags
 from .engine import Engine
 from .events import ReasoningDelta, TextDelta, TurnDone
-from .model import DEFAULT_MODEL, LICENCE_NOTE, ModelLoadError, load
+from .model import LICENCE_NOTE, ModelLoadError, load
 from .sampling import GenerationOptions
 from .session import ContextFullError, Session
 
@@ -210,8 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (("ask", "ask one question about one audio file"), ("chat", "a multi-turn session over JSON lines")):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or instruct|think|captioner|tiny")
-        s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 …")
+        add_model_flags(s)
         s.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
         s.add_argument("-v", "--verbose", action="store_true")
     ask_p = sub.choices["ask"]

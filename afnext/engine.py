@@ -83,16 +83,14 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request; its tokens and `Finished` come through `request.emit` (worker thread)."""
-        if self._closed.is_set():
-            raise RuntimeError("The engine has been closed.")
-        self.scheduler.add(request)
+        self.scheduler.add(request)  # raises RuntimeError once the engine is closed
 
     def cancel(self, request: Request) -> None:
         """Stop a request without waiting: a waiting one is dropped now (and emits `Finished` here),
         a running one stops before the next step."""
         request.cancel.set()
         if self.scheduler.cancel(request):
-            request.emit(Finished(request, interrupted=False, started=False))
+            self._tell(request, Finished(request, interrupted=False, started=False))
 
     def ahead(self, request: Request) -> int | None:
         """How many requests start before this one; None once it has started."""
@@ -123,9 +121,11 @@ class Engine:
                     self._step(decodes, prefill)
                 except Exception:  # a bug of ours, not a request's: log it and keep serving
                     log.exception("engine step failed outside any request")
-            for request in self.scheduler.running() + list(self.scheduler.waiting):
+            for request in self.scheduler.running():
                 request.cancel.set()
             self._reap()
+            for request in self.scheduler.close():  # waiting ones never started: dropped, their callers told
+                self._tell(request, Finished(request, interrupted=False, started=False))
 
     def _reap(self) -> None:
         """Settle requests cancelled since the last step."""
@@ -133,36 +133,52 @@ class Engine:
             self._finish(request, interrupted=bool(request.generated) or request.picker is not None)
 
     def _admit(self) -> Request | None:
-        """The request that gets this step's prefill slot, started if it was waiting and fits."""
+        """The request that gets this step's prefill slot: the most urgent one, started if it was
+        waiting and its KV cache fits; else the most urgent one already started, if any."""
         request = self.scheduler.next_prefill()
         if request is None or request.state != WAITING:
             return request
         if request.cancel.is_set():
             self.cancel(request)
             return None
-        extra = (len(request.ids) + request.budget) * self.kv_bytes_per_token
-        busy = {id(r.cache) for r in self.scheduler.running()}
-        fits = self.keeper.claim(request.cache, extra, busy=busy) if request.kept else True
-        if not fits and self.scheduler.running():
-            return None  # no room until a running request finishes; it waits (never an OOM)
-        request.start_len = request.cache.get_seq_length()
-        request.cache.reserve(request.start_len + len(request.ids) + request.budget)  # one allocation per turn
-        self.scheduler.started(request)
+        started = self.scheduler.started_prefills()
+        try:
+            extra = (len(request.ids) + request.budget) * self.kv_bytes_per_token
+            busy = {id(r.cache) for r in self.scheduler.running()}
+            fits = self.keeper.claim(request.cache, extra, busy=busy) if request.kept else True
+            if not fits and self.scheduler.running():
+                if not request.waited_for_memory:
+                    log.info("KV memory is full: a turn waits until a running one finishes")
+                    request.waited_for_memory = True
+                return started  # no room until a running request finishes: it waits, the others go on
+            if not self.scheduler.start(request):
+                return started  # cancelled meanwhile
+            request.start_len = request.cache.get_seq_length()
+            request.cache.reserve(request.start_len + len(request.ids) + request.budget)  # one allocation per turn
+        except Exception as exc:  # e.g. out of memory bringing its cache back: this request fails, not the engine
+            log.exception("a turn could not be admitted")
+            self._finish(request, error=exc)
+            return started
         return request
 
     def _step(self, decodes: list[Request], prefill: Request | None) -> None:
         self.steps += 1
-        try:
-            if prefill is not None and not prefill.encoded:
+        if prefill is not None and not prefill.encoded:
+            try:
                 self._encode_some(prefill)
-                prefill = None
+            except Exception as exc:  # its own failure: the decoding requests did not take part
+                log.exception("encoding a clip failed; its turn is told and rolled back")
+                self._finish(prefill, error=exc)
+            prefill = None
+        try:
             rows = self._forward(decodes, prefill)
+            tokens = pick([r.picker for r, _ in rows], torch.stack([logits for _, logits in rows])) if rows else []
         except Exception as exc:
             log.exception("engine step failed; its requests are told and rolled back")
             for request in decodes + ([prefill] if prefill is not None else []):
                 self._finish(request, error=exc)
             return
-        self._update(rows)
+        self._update([r for r, _ in rows], tokens)
 
     def _encode_some(self, request: Request) -> None:
         t0 = time.perf_counter()
@@ -233,32 +249,37 @@ class Engine:
 
     def _prefilled(self, request: Request) -> None:
         self.scheduler.prefilled(request)
-        request.emit(PREFILLED)
+        self._tell(request, PREFILLED)
         loaded = self.loaded
         request.picker = TokenPicker(request.options, loaded.model.config.get_text_config().vocab_size,
                                      request.seen, loaded.device, loaded.ids.im_end)
 
-    def _update(self, rows: list[tuple[Request, torch.Tensor]]) -> None:
-        if not rows:
-            return
-        requests = [r for r, _ in rows]
-        tokens = pick([r.picker for r in requests], torch.stack([logits for _, logits in rows]))
+    def _update(self, requests: list[Request], tokens: list[int]) -> None:
         for request, token in zip(requests, tokens):
             if token == self.loaded.ids.im_end:
                 self._finish(request, interrupted=False)
                 continue
             request.generated.append(token)
             request.t_first = request.t_first or time.perf_counter()
-            request.emit(token)
+            self._tell(request, token)
             if len(request.generated) >= request.budget or request.cancel.is_set():
                 self._finish(request, interrupted=len(request.generated) < request.budget)
 
     def _finish(self, request: Request, *, interrupted: bool = False, error: BaseException | None = None) -> None:
+        request.t_end = time.perf_counter()
         self.scheduler.finish(request)
         started = request.picker is not None and error is None
-        if not started and request.start_len < request.cache.get_seq_length():
+        if not started and request.start_len is not None and request.start_len < request.cache.get_seq_length():
             request.cache.crop(request.start_len - request.cache.get_seq_length())  # a partial prefill
-        request.emit(Finished(request, interrupted=interrupted and started, error=error, started=started))
+        self._tell(request, Finished(request, interrupted=interrupted and started, error=error, started=started))
+
+    @staticmethod
+    def _tell(request: Request, item: object) -> None:
+        """Hand an item to the request's caller; a failing callback is logged, not the engine's end."""
+        try:
+            request.emit(item)
+        except Exception:
+            log.exception("a turn's callback failed")
 
     # ---- building blocks ----
 

@@ -223,7 +223,7 @@ class CacheKeeper:
             idle = [(t, id(c), c) for c, t in self._last_use.items()
                     if c is not cache and c not in self._offloaded and id(c) not in busy]
             if not idle:
-                log.warning("KV memory is short and no idle cache is left to move out")
+                log.debug("KV memory is short and no idle cache is left to move out")
                 return False
             victim = min(idle)[2]
             for layer in victim.layers:

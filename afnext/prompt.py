@@ -70,6 +70,15 @@ def turn_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_token
     return expand_sound(loaded, ids, clip_tokens)
 
 
+def message_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_tokens: int | None) -> list[int]:
+    """Token ids an earlier message adds after `history` (no generation prompt): what a conversation
+    resent by a client holds, a user turn or an assistant reply as text."""
+    before = render(loaded, history, False)
+    after = render(loaded, history + [message], False)
+    assert after.startswith(before), "the chat template must render a conversation as a prefix of its extension"
+    return expand_sound(loaded, loaded.tokenizer.encode(after[len(before):], add_special_tokens=False), clip_tokens)
+
+
 def expand_sound(loaded: LoadedModel, ids: list[int], clip_tokens: int | None) -> list[int]:
     """Replace the one `<sound>` placeholder in `ids` with the clip's span, as the processor does."""
     special, out = loaded.ids, []
@@ -80,6 +89,12 @@ def expand_sound(loaded: LoadedModel, ids: list[int], clip_tokens: int | None) -
         else:
             out.append(i)
     return out
+
+
+def reply_head(loaded: LoadedModel, prefill: str = "") -> list[int]:
+    """What opens an assistant turn: the generation prompt (`<|im_start|>assistant` and a newline),
+    then `prefill`."""
+    return loaded.tokenizer.encode(f"<|im_start|>assistant\n{prefill}", add_special_tokens=False)
 
 
 def reply_tail(loaded: LoadedModel) -> list[int]:

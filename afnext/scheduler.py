@@ -65,7 +65,9 @@ class Request:
     fed: int = 0  # of `ids`, how many are in the cache
     generated: list[int] = field(default_factory=list)
     picker: object = None
-    start_len: int = 0  # cache length when the request started: a rollback crops back to it
+    start_len: int | None = None  # cache length when the request started: a rollback crops back to it
+    t_end: float | None = None  # when the engine finished it
+    waited_for_memory: bool = False  # its admission was put off for want of KV memory (logged once)
     encode_s: float = 0.0
     prefill_s: float = 0.0
     t_first: float | None = None
@@ -90,9 +92,12 @@ class Scheduler:
         self.waiting: list[Request] = []  # not started, in the order they will start
         self.prefilling: list[Request] = []  # started, prefill not finished (one is overtaken at most)
         self.decoding: list[Request] = []
+        self.closed = False
 
     def add(self, request: Request) -> None:
         with self._lock:
+            if self.closed:
+                raise RuntimeError("The engine has been closed.")
             self.waiting.append(request)
             self.waiting.sort(key=_priority)
             self._work.notify()
@@ -131,12 +136,29 @@ class Scheduler:
                 return min(self.prefilling, key=_priority, default=None)
             return min(self.prefilling + self.waiting[:1], key=_priority, default=None)
 
-    def started(self, request: Request) -> None:
-        """A waiting request was admitted (the engine found room for its KV cache)."""
+    def started_prefills(self) -> Request | None:
+        """The most urgent request whose prefill has begun."""
         with self._lock:
+            return min(self.prefilling, key=_priority, default=None)
+
+    def start(self, request: Request) -> bool:
+        """Admit a waiting request (the engine found room for its KV cache); False if it was
+        cancelled meanwhile."""
+        with self._lock:
+            if request.state != WAITING or request not in self.waiting:
+                return False
             self.waiting.remove(request)
             request.state = PREFILLING
             self.prefilling.append(request)
+            return True
+
+    def close(self) -> list[Request]:
+        """Refuse new requests; the waiting ones, taken out (they will never run)."""
+        with self._lock:
+            self.closed, waiting, self.waiting = True, self.waiting, []
+            for request in waiting:
+                request.state = DONE
+            return waiting
 
     def prefilled(self, request: Request) -> None:
         with self._lock:

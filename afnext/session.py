@@ -53,6 +53,8 @@ class Session:
         self._cache = None  # KV cache holding tokens[:self._cached]
         self._cached = 0
         self._clips: list[Clip] = []  # every clip so far, kept for the no-cache path only
+        self._pending: list[Clip] = []  # clips of tokens[_cached:], added by `extend`: encoded with the next turn
+        self._reply_at: int | None = None  # where the last generated reply's "<|im_start|>assistant" begins
         self._last_clip_s: float | None = None  # duration of the latest clip: what Think steps point into
         self._settled = threading.Event()  # no turn of this session is in the engine
         self._settled.set()
@@ -70,6 +72,46 @@ class Session:
         """Wait until the engine has settled this session's last turn (committed or rolled back);
         False on timeout. A closed or cancelled stream returns at once; this is how to see its result."""
         return self._settled.wait(timeout)
+
+    def extend(self, role: str, text: str = "", audio=None) -> None:
+        """Append an earlier message without generating: a user turn (text and/or a clip) or an
+        assistant reply (text), as a client resending a conversation's history holds it. Its tokens
+        are prefilled, and its clip encoded, with the next turn. Raises as `ask` does for bad input."""
+        prompt.check_text(text)
+        if role not in ("user", "assistant") or (role == "assistant" and audio is not None):
+            raise ValueError("Only user turns (text and/or audio) and assistant replies (text) can be added.")
+        loaded = self.engine.loaded
+        clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
+            audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
+        self._settled.wait()
+        message = (prompt.user_message(text, has_clip=clip is not None, think=False, is_think=loaded.is_think)
+                   if role == "user" else prompt.assistant_message(text))
+        ids = prompt.message_ids(loaded, self.messages, message, clip.tokens if clip else None)
+        self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
+        self.tokens += ids
+        self.messages.append(message)
+        if clip is not None:
+            self._last_clip_s = clip.duration_s
+            (self._pending if self.use_cache else self._clips).append(clip)
+
+    def rewrite_reply(self, text: str) -> None:
+        """Replace the last reply with `text` — what the user heard of it before speaking over it — so
+        the model remembers only that. The cache keeps everything before the reply."""
+        self._settled.wait()
+        if not self.messages or self.messages[-1]["role"] != "assistant" or self._reply_at is None:
+            raise ValueError("There is no reply to rewrite: the conversation does not end with one.")
+        del self.tokens[self._reply_at:]
+        self.messages.pop()
+        if self._cache is not None and self._cached > self._reply_at:
+            self._cache.crop(self._reply_at - self._cache.get_seq_length())
+            self._cached = self._reply_at
+        self.extend("assistant", text)
+        self._reply_at = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens of the conversation already in the KV cache: what the next turn need not prefill."""
+        return self._cached if self.use_cache else 0
 
     def ask(self, text: str = "", audio=None, *, think: bool = False,
             options: GenerationOptions = GenerationOptions(), cancel=None) -> Iterator[TurnEvent]:
@@ -158,16 +200,22 @@ class Session:
             return self._submit(plan, cancel, out), plan
 
     def _submit(self, plan: _Plan, cancel: Cancel, out: queue.Queue) -> Request:
-        clips = ([] if self.use_cache else self._clips) + ([plan.clip] if plan.clip else [])
+        clips = (self._pending if self.use_cache else self._clips) + ([plan.clip] if plan.clip else [])
         ids = (self.tokens[self._cached:] if self.use_cache else self.tokens) + plan.ids
         cache = self._cache if self.use_cache and self._cache is not None else new_cache()
-        saved = (len(self.tokens), len(self.messages), len(self._clips), self._cached, self._cache, self._last_clip_s)
+        saved = (len(self.tokens), len(self.messages), len(self._clips), self._cached, self._cache, self._last_clip_s,
+                 list(self._pending))
         request = Request(plan.turn, cache, ids, clips, plan.options, plan.budget, self.tokens + plan.ids, cancel,
                           emit=None, kept=self.use_cache, t0=plan.t0)
         request.emit = partial(self._on_engine, plan, saved, out)
         self._settled.clear()
         self._request = request
-        self.engine.submit(request)
+        try:
+            self.engine.submit(request)
+        except BaseException:  # a closed engine: the turn never began, the session is as it was
+            self._request = None
+            self._settled.set()
+            raise
         return request
 
     # ---- the engine's reports (engine thread) ----
@@ -177,12 +225,16 @@ class Session:
             self._commit_user(plan, self._request.cache)
             return
         if isinstance(item, Finished):
-            if item.started:
-                self._commit_reply(item.request.generated, item.request.cache)
-            else:
-                self._restore(saved)
-            self._request = None
-            self._settled.set()
+            try:
+                if item.started:
+                    self._commit_reply(item.request.generated, item.request.cache)
+                else:
+                    self._restore(saved)
+            finally:  # the reader and the next turn must never wait for ever
+                self._request = None
+                self._settled.set()
+                out.put(item)
+            return
         out.put(item)
 
     def _budget(self, new: int, options: GenerationOptions) -> int:
@@ -195,7 +247,9 @@ class Session:
         return max(1, min(options.max_new_tokens, limit - used))
 
     def _commit_user(self, plan: _Plan, cache) -> None:
+        self._pending = []  # encoded and prefilled with this turn
         self.tokens += plan.ids
+        self._reply_at = len(self.tokens) - len(prompt.reply_head(self.engine.loaded, plan.prefill))
         self.messages.append(plan.message)
         if plan.clip:
             self._last_clip_s = plan.clip.duration_s
@@ -213,14 +267,14 @@ class Session:
             self._cache, self._cached = None, 0
 
     def _restore(self, saved: tuple) -> None:
-        n_tokens, n_messages, n_clips, cached, cache, last_clip_s = saved
+        n_tokens, n_messages, n_clips, cached, cache, last_clip_s, self._pending = saved
         del self.tokens[n_tokens:], self.messages[n_messages:], self._clips[n_clips:]
         if cache is not None and cache.get_seq_length() > cached:
             cache.crop(cached - cache.get_seq_length())
         self._cache, self._cached, self._last_clip_s = cache, cached, last_clip_s
 
     def _reply(self, plan: _Plan, request: Request, text: str, parser: ThinkParser, finished: Finished) -> Reply:
-        generated, t_end = request.generated, time.perf_counter()
+        generated, t_end = request.generated, request.t_end or time.perf_counter()
         t_first = request.t_first
         decoding = (len(generated) - 1) / (t_end - t_first) if len(generated) > 1 else 0.0
         timings = Timings(audio_s=plan.clip.load_s if plan.clip else 0.0, encode_s=request.encode_s,

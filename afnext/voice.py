@@ -25,9 +25,10 @@ import numpy as np
 
 from .assistant import Assistant, AssistantOptions, Stamped, UserTurn, VoiceTurnDone
 from .audio import SAMPLE_RATE, AudioError, load_audio
+from .cli import add_model_flags, add_tts_flags
 from .engine import Engine
 from .events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
-from .model import DEFAULT_MODEL, ModelLoadError, load
+from .model import ModelLoadError, load
 from .session import Session
 from .vad import SpeechStarted
 
@@ -77,13 +78,11 @@ def describe(event, seen: dict) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m afnext.voice", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", default="auto")
+    add_model_flags(p)
     p.add_argument("--input", required=True, help="the recording to play as the microphone")
     p.add_argument("--realtime", action="store_true", help="push audio at the pace of a live microphone")
     p.add_argument("--out", help="write the assistant's speech to this wav file")
-    p.add_argument("--tts", default="espeak", help="espeak (default, no weights) or pocket")
-    p.add_argument("--tts-model", help="Pocket TTS checkpoint (hub id or folder)")
+    add_tts_flags(p)
     p.add_argument("--half-duplex", action="store_true", help="ignore the input while the assistant speaks")
     p.add_argument("--think", action="store_true")
     p.add_argument("--json", action="store_true", required=True, help="JSON lines (the only format)")

@@ -1,7 +1,10 @@
 """`python -m app`: the web app — talk with the assistant, or ask it about a long recording.
 
-    python -m app [--model M] [--think-model M] [--host H] [--port P] [--share]
+    python -m app [--model M] [--think-model M] [--host H] [--port P] [--share] [--api-key K]
                   [--device auto|cpu|cuda] [--tts espeak|pocket] [--tts-model V]
+
+Besides the page it serves an OpenAI-compatible API on the same port: GET /v1/models,
+POST /v1/chat/completions (audio in with input_audio; streamed or whole), and GET /health.
 
 If a model cannot be loaded (no network and not cached), the app still starts, with the offline demo
 model (random weights) and the espeak voice, and the page says so at the top.
@@ -19,22 +22,22 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (Hugging Face Spaces runs `python app/__main__.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from afnext.tts import ENGINES  # noqa: E402
+from afnext.cli import add_model_flags, add_tts_flags  # noqa: E402
 from app.backend import BackendLoader, BackendOptions, start_backend  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="instruct", help="hub id, local folder, or instruct|think|captioner|tiny")
+    add_model_flags(p, model_default="instruct")
     p.add_argument("--think-model", default=None,
                    help="a second checkpoint for Think mode (e.g. think); by default Think mode uses --model")
     # Spaces and Docker set GRADIO_SERVER_NAME/PORT; by default the app is reachable from this computer only.
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live https link")
-    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, or cuda[:n]")
-    p.add_argument("--tts", default="espeak", choices=ENGINES, help="the voice engine")
-    p.add_argument("--tts-model", default=None, help="espeak voice name, or Pocket TTS checkpoint")
+    add_tts_flags(p)
+    p.add_argument("--api-key", default=os.environ.get("AFNEXT_API_KEY"),
+                   help="require this key (Authorization: Bearer KEY) on the /v1 API; default $AFNEXT_API_KEY")
     p.add_argument("--upload-quota-gb", type=float, default=4.0,
                    help="disk space uploads may take at once (GB); more are refused until some are freed")
     return p
@@ -46,11 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     # The model loads on its own thread while the page is served: a real checkpoint takes minutes.
     options = BackendOptions(args.model, args.think_model, args.device, args.tts, args.tts_model)
     loader = BackendLoader(partial(start_backend, options), args.model)
+    if args.api_key is None and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
+        logging.getLogger("app").warning("The /v1 API listens beyond this computer without a key: anyone who can "
+                                         "reach %s can use it. Start with --api-key KEY to require one.", args.host)
     from app.web import PortBusy, launch
 
     try:
         launch(loader, host=args.host, port=args.port, share=args.share,
-               upload_quota_bytes=int(args.upload_quota_gb * (1 << 30)))
+               upload_quota_bytes=int(args.upload_quota_gb * (1 << 30)), api_key=args.api_key)
     except PortBusy as exc:
         _fail(str(exc))
     except OSError as exc:  # an address this machine does not have, a port it may not use

@@ -27,9 +27,10 @@ from typing import Protocol, TextIO
 import numpy as np
 
 from afnext.assistant import Assistant, AssistantOptions, Stamped, StateChanged, UserTurn, VoiceTurnDone
+from afnext.cli import add_model_flags, add_tts_flags
 from afnext.engine import Engine
 from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
-from afnext.model import DEFAULT_MODEL, LICENCE_NOTE, ModelLoadError, load_or_demo
+from afnext.model import LICENCE_NOTE, ModelLoadError, load_or_demo
 from afnext.session import Session
 from afnext.tts import TTSError, load_synthesizer
 
@@ -251,11 +252,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-device", help="speaker: index or part of the name (default: the system's)")
     p.add_argument("--half-duplex", action="store_true",
                    help="mute the microphone while the assistant speaks (loudspeakers without echo cancellation)")
-    p.add_argument("--tts", default="espeak", choices=("espeak", "pocket"), help="speech engine (default espeak)")
-    p.add_argument("--tts-model", help="espeak voice, or Pocket TTS checkpoint (hub id or folder)")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, local folder, or instruct|think|captioner|tiny")
+    add_tts_flags(p)
+    add_model_flags(p)
     p.add_argument("--think", action="store_true", help="reason before answering (shown, never spoken)")
-    p.add_argument("--device", default="auto", help="where the model runs: auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--server", metavar="URL",
                    help="the web app (python -m app) on a GPU machine, e.g. http://gpu-box:7860/: its model answers; "
                         "--model, --tts and --device are then the server's business")

@@ -34,6 +34,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/gradio_api"
+OPENAI_PREFIX = "/v1/"  # app/api.py: rate-limited here, everything else checked there
 NAMED_CALLS = ("/call/v2/", "/call/", "/run/", "/api/")  # Gradio's routes that pick an event by name
 POST_ROUTES = ("/upload", "/queue/join", "/cancel", "/reset")  # and NAMED_CALLS: what the page and the client send
 OPEN_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # passed through as they are (no handler reads their body)
@@ -146,6 +147,14 @@ class Guard:
             await self.app(scope, receive, send)
             return
         full, address = scope["path"], (scope.get("client") or ("?",))[0]
+        if full.startswith(OPENAI_PREFIX):  # the OpenAI API (app/api.py) checks its own bodies and answers in its shape
+            try:
+                self.ledger.spend(address)
+            except Refused as refusal:
+                await _answer(send, refusal.status, str(refusal), openai=True)
+                return
+            await self.app(scope, receive, send)
+            return
         path = full[len(API_PREFIX):] if full.startswith(API_PREFIX + "/") else None
         upload = path is not None and path.rstrip("/") == "/upload"
         try:
@@ -324,8 +333,9 @@ def _capped(receive, declared: int):
     return capped
 
 
-async def _answer(send, status: int, message: str, plain: bool = False) -> None:
-    body = message.encode() if plain else json.dumps({"error": message}).encode()
+async def _answer(send, status: int, message: str, plain: bool = False, openai: bool = False) -> None:
+    error = {"message": message, "type": "rate_limit_exceeded", "param": None, "code": None} if openai else message
+    body = message.encode() if plain else json.dumps({"error": error}).encode()
     kind = b"text/plain; charset=utf-8" if plain else b"application/json"
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})

@@ -36,7 +36,9 @@ from afnext.audio import MAX_FILE_BYTES
 from afnext.events import AudioChunk
 from afnext.session import MAX_TEXT_CHARS
 
-from . import recordings, talk, talk_wire
+from . import realtime, recordings, talk, talk_wire
+from .api import Api
+from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
 from .guard import UPLOAD_QUOTA_BYTES, Guard, GuardOptions
 from .desk import Desk, Files, release_memory
@@ -298,8 +300,9 @@ class PortBusy(OSError):
 
 
 def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           block: bool = True, upload_quota_bytes: int = UPLOAD_QUOTA_BYTES) -> gr.Blocks:
-    """Serve the page, the voice channel and /health; blocks until Ctrl-C unless `block` is False.
+           block: bool = True, upload_quota_bytes: int = UPLOAD_QUOTA_BYTES, api_key: str | None = None) -> gr.Blocks:
+    """Serve the page, the voice channel, the OpenAI API (/v1, with `api_key` if given) and /health;
+    blocks until Ctrl-C unless `block` is False.
     Raises PortBusy when `port` is taken."""
     started = time.perf_counter()
     workdir = _workdir()
@@ -317,7 +320,9 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.
     app_kwargs = {"middleware": [Middleware(Guard, options=gate)],
                   "routes": [Route("/health", _health(loader)),
-                             WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry))]}
+                             WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry)),
+                             WebSocketRoute(realtime.ROUTE, RealtimeServer(loader, api_key).__call__),
+                             *Api(loader, api_key).routes()]}
     try:
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS,
                     max_file_size=MAX_FILE_BYTES, allowed_paths=[str(ASSETS), str(cache_dir)], ssr_mode=False,

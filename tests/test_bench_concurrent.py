@@ -11,7 +11,7 @@ from afnext import bench_concurrent
 
 def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
     out = tmp_path / "concurrent.json"
-    argv = ["--size", "tiny", "--conversations", "3", "--tokens", "8", "--repeats", "2", "--long-seconds", "40", "--out", str(out)]
+    argv = ["--size", "tiny", "--conversations", "3", "--tokens", "8", "--repeats", "2", "--long-seconds", "300", "--out", str(out)]
     assert bench_concurrent.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["command"].startswith("python -m afnext.bench_concurrent --size tiny")
@@ -40,8 +40,9 @@ def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
     assert together["steps"] < one["steps"]  # batched: the replies shared steps
 
     ingest = result["ingest"]
-    assert ingest["long_audio_s"] == 40 and ingest["long_audio_tokens"] == 1000
+    assert ingest["long_audio_s"] == 300 and ingest["long_audio_tokens"] == 7500
     assert ingest["prefill_chunk_tokens"] == 512 and ingest["encode_windows_per_step"] == 1  # the CPU defaults
+    assert any(ingest["ingest_outlasted_short"]), "no short turn ran while the recording was still being read"
     assert len(ingest["short_idle_all_s"]) == 3 and 1 <= len(ingest["short_during_all_s"]) <= 3
     assert ingest["short_idle_ttft_s"] > 0 and ingest["short_during_ingest_ttft_s"] > 0
     assert ingest["ttft_ratio"] == pytest.approx(ingest["short_during_ingest_ttft_s"] / ingest["short_idle_ttft_s"])

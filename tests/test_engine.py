@@ -177,3 +177,52 @@ def test_a_short_turn_overtakes_a_long_prefill(fresh_engine, monkeypatch):
     assert len(overtaken) <= 1, f"the long prefill ran {len(overtaken)} units before the voice turn's first token"
     chunks = sum(1 for kind, cache in work if kind == "prefill" and cache == long_cache)
     assert chunks >= 10, "the recording must be prefilled in chunks for this to mean anything"
+
+
+def test_a_turn_waiting_for_kv_memory_lets_the_started_ingest_go_on(loaded):
+    """When the KV budget holds only the running ingest, a newcomer waits and the ingest is not
+    stalled by it (found in review: the prefill slot was given to the one that could not start)."""
+    from afnext.kvcache import CacheKeeper
+
+    engine = Engine(loaded, prefill_chunk_tokens=128)
+    try:
+        text = " ".join(["word"] * 1500)
+        size = len(loaded.tokenizer.encode(text)) + 300
+        engine.keeper = CacheKeeper(loaded.device, budget_bytes=size * engine.kv_bytes_per_token)
+        fixed = GenerationOptions(max_new_tokens=2, min_new_tokens=2)
+        long, short, done = Session(engine), Session(engine), {}
+        ingest = threading.Thread(target=lambda: done.update(long=_ids(long.ask(text, options=fixed))))
+        ingest.start()
+        while not engine.scheduler.prefilling:
+            time.sleep(0.001)
+        done["short"] = _ids(short.ask("hi", options=fixed))
+        ingest.join(60)
+        assert set(done) == {"long", "short"} and all(len(ids) == 2 for ids in done.values())
+    finally:
+        engine.close()
+
+
+def test_a_failing_encoder_fails_only_its_own_turn(fresh_engine, monkeypatch):
+    def broken(clip, windows=None):
+        raise RuntimeError("CUDA out of memory (simulated) while encoding")
+
+    chat, audio, got = Session(fresh_engine), Session(fresh_engine), {}
+    reader = threading.Thread(target=lambda: got.update(reply=_reply(chat.ask("Tell me about the sea.", options=LONG))))
+    reader.start()
+    while not fresh_engine.scheduler.decoding:
+        time.sleep(0.001)
+    monkeypatch.setattr(fresh_engine, "encode", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        list(audio.ask("What is this?", noise(2.0), options=LONG))
+    reader.join(60)
+    assert len(got["reply"].token_ids) == 40, "the decoding turn of another session went on"
+    assert audio.wait(1) and audio.tokens == [], "the failed turn left nothing behind"
+
+
+def test_a_closed_engine_refuses_new_turns_and_the_session_stays_usable(loaded):
+    engine = Engine(loaded)
+    session = Session(engine)
+    engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        list(session.ask("Hello?"))
+    assert session.wait(1), "a turn that never began does not hold the session"

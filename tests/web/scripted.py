@@ -7,6 +7,8 @@ timestamped reasoning the Recordings tab has to draw.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from afnext.engine import Engine
@@ -22,12 +24,15 @@ SCRIPT = ("<think>\nThe speaker introduces the recording from 0.3s to 3.6s. "
 class ScriptedEngine(Engine):
     """An `Engine` whose every reply is `script` (then end of turn), whatever the model would say."""
 
-    def __init__(self, loaded: LoadedModel, script: str = SCRIPT) -> None:
+    def __init__(self, loaded: LoadedModel, script: str = SCRIPT, step_delay_s: float = 0.0) -> None:
         super().__init__(loaded)
         self.script = loaded.tokenizer.encode(script, add_special_tokens=False) + [loaded.ids.im_end]
+        self.step_delay_s = step_delay_s  # > 0: generation as slow as a big model's, so a reply can be cut in on
 
-    def _update(self, rows) -> None:
-        super()._update([(request, self._forced(logits, len(request.generated))) for request, logits in rows])
+    def _forward(self, decodes, prefill):
+        time.sleep(self.step_delay_s)
+        return [(request, self._forced(logits, len(request.generated)))
+                for request, logits in super()._forward(decodes, prefill)]
 
     def _forced(self, logits: torch.Tensor, at: int) -> torch.Tensor:
         forced = torch.full_like(logits, -1e4)

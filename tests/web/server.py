@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from functools import partial
 
 from afnext.engine import Engine
 from afnext.model import load
@@ -23,15 +24,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upload-quota-bytes", type=int, default=UPLOAD_QUOTA_BYTES)
+    p.add_argument("--step-delay-s", type=float, default=0.0, help="slow the scripted engine's steps down")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    launch(BackendLoader(backend, "tiny"), host="127.0.0.1", port=args.port, upload_quota_bytes=args.upload_quota_bytes)
+    launch(BackendLoader(partial(backend, args.step_delay_s), "tiny"), host="127.0.0.1", port=args.port, upload_quota_bytes=args.upload_quota_bytes)
 
 
-def backend() -> Backend:
+def backend(step_delay_s: float = 0.0) -> Backend:
     loaded = load("tiny", device="cpu")
     notice = "Browser-test server: Think mode answers from a fixed script (tests/web/scripted.py)."
-    return Backend(Engine(loaded), ScriptedEngine(loaded), load_synthesizer("espeak"), [notice])
+    return Backend(Engine(loaded), ScriptedEngine(loaded, step_delay_s=step_delay_s), load_synthesizer("espeak"), [notice])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,89 @@
+"""The `afnext` command (installed by `pip install -e .`): one console script, one subcommand per
+entry point, and the flags those entry points share.
+
+    afnext serve --model instruct      ≡ python -m app
+    afnext ask --model tiny assets/speech.wav "What is said?"   ≡ python -m afnext ask …
+    afnext tiny /tmp/tiny              ≡ python -m afnext.tiny /tmp/tiny
+
+Each subcommand hands the rest of the command line, untouched, to the `main(argv)` the matching
+`python -m …` runs, so both spellings take the same flags and behave the same; neither is a copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from dataclasses import dataclass
+
+from .model import DEFAULT_MODEL
+from .tts import ENGINES
+
+MODEL_HELP = "hub id, local folder, or instruct|think|captioner|tiny"
+DEVICE_HELP = "where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:1 …"
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, model_default: str = DEFAULT_MODEL) -> None:
+    """--model and --device: which AF-Next checkpoint to load, and where. The web app keeps its own
+    default, the short name "instruct"; the others default to that checkpoint's hub id."""
+    parser.add_argument("--model", default=model_default, help=MODEL_HELP)
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def add_tts_flags(parser: argparse.ArgumentParser) -> None:
+    """--tts and --tts-model: the voice that speaks the answers."""
+    parser.add_argument("--tts", default="espeak", choices=ENGINES,
+                        help="speech engine: espeak (default, no weights) or pocket")
+    parser.add_argument("--tts-model", default=None,
+                        help="espeak voice name, or Pocket TTS checkpoint (hub id or folder)")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: the module whose main(argv) runs it, and what it does."""
+
+    module: str  # imported only when the command runs: app/ is not the library's to import
+    summary: str
+    prefix: tuple[str, ...] = ()  # words that module's main expects before the user's (ask, chat)
+
+
+COMMANDS = {
+    "serve": Command("app.__main__", "the web app and its OpenAI-compatible API (python -m app)"),
+    "ask": Command("afnext.__main__", "ask one question about one audio file (python -m afnext ask)", ("ask",)),
+    "chat": Command("afnext.__main__", "a multi-turn session over JSON lines (python -m afnext chat)", ("chat",)),
+    "voice": Command("afnext.voice", "replay a recording as a microphone through the voice loop (python -m afnext.voice)"),
+    "vad": Command("afnext.vad", "print the speech turns of a recording (python -m afnext.vad)"),
+    "tts": Command("afnext.tts.__main__", "speak a text to a wav file and time it (python -m afnext.tts)"),
+    "tiny": Command("afnext.tiny", "write a random-weight checkpoint, offline, in seconds (python -m afnext.tiny)"),
+    "bench": Command("afnext.bench", "benchmark our sessions against stock transformers (python -m afnext.bench)"),
+    "desktop": Command("app.desktop", "talk through this computer's microphone and speaker (python -m app.desktop)"),
+}
+
+
+def usage() -> str:
+    """The top-level help: every subcommand, one line each."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()]
+    return "\n".join(["usage: afnext COMMAND [ARGS …]", "",
+                      "AF-Next voice assistant. Each command has its own flags: afnext COMMAND --help.", "",
+                      "commands:", *lines])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `afnext COMMAND ARGS…`; the exit status is the command's own."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Parsed by hand, not by argparse: `afnext tiny --help` must reach tiny's own parser, and a
+    # subparser's argparse.REMAINDER that starts with an option is refused ("unrecognized arguments").
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"afnext: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    entry = importlib.import_module(command.module).main
+    return entry([*command.prefix, *argv[1:]]) or 0  # afnext.tiny's main returns None on success
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Kept sessions for stateless clients: a request that resends a conversation continues the session
+that already holds it.
+
+OpenAI-style clients send the whole conversation with every request. Prefilling it all again would
+cost a 30-minute recording's 45,000 tokens on every follow-up; instead each finished turn leaves its
+session here, keyed by what it holds — each message's role, text and clip (by a hash of its audio) —
+and the next request takes the session whose key is the longest prefix of its own history, adds the
+messages it lacks without generating (`Session.extend`) and asks only the new turn. A reply keeps
+the token ids the model generated as long as the client sends back the same text, so a greedy reply
+equals the one the same turns get in one live session (the CLI's).
+
+A session is lent to one request at a time; a second request on the same history meanwhile gets a
+fresh session. The least recently used sessions beyond `max_sessions` are dropped; KV memory itself
+is the engine's `CacheKeeper`'s to manage (idle caches move to CPU memory, none is lost).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .clip import Clip
+from .engine import Engine
+from .session import Session
+
+MAX_SESSIONS = 256  # kept conversations per engine: a few dozen voice chats and recordings, with room
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message of a conversation as a client sends it."""
+
+    role: str  # "system" | "user" | "assistant"
+    text: str = ""
+    clip: Clip | None = None  # a user message's audio
+    audio_key: str = ""  # a hash of the clip's source bytes: equal audio, equal key
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.role, self.text, self.audio_key)
+
+
+def audio_key(data: bytes) -> str:
+    """The key a clip's encoded bytes give it (a client resends the same bytes with each request)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass
+class Lease:
+    """A session lent to one request: it holds `history` and had `cached_tokens` in its KV cache
+    before the request's own tokens."""
+
+    session: Session
+    history: tuple[tuple[str, str, str], ...]
+    cached_tokens: int
+
+
+class SessionPool:
+    """Sessions of one engine keyed by the conversations they hold. Thread-safe."""
+
+    def __init__(self, engine: Engine, max_sessions: int = MAX_SESSIONS) -> None:
+        self.engine, self.max_sessions = engine, max_sessions
+        self._kept: OrderedDict[tuple, Session] = OrderedDict()  # history key → session, least recent first
+        self._lock = threading.Lock()
+
+    def lease(self, history: list[Message]) -> Lease:
+        """A session holding `history` (every message before the new user turn): the kept one with
+        the longest matching prefix, extended by the rest, or a new one. Raises as `Session.extend`."""
+        keys = tuple(m.key for m in history)
+        system = history[0].text if history and history[0].role == "system" else None
+        with self._lock:
+            match = max((k for k in self._kept if keys[:len(k)] == k), key=len, default=None)
+            session = self._kept.pop(match) if match is not None else None
+        if session is None:
+            session, match = Session(self.engine, system=system), keys[:1] if system is not None else ()
+        cached = session.cached_tokens
+        for message in history[len(match):]:
+            session.extend(message.role, message.text, message.clip)
+        return Lease(session, keys, cached)
+
+    def keep(self, lease: Lease, asked: Message, reply_text: str) -> None:
+        """Give the session back after a completed turn: it now holds the lease's history, the asked
+        message and the reply as the client received it."""
+        self._put(lease.history + (asked.key, ("assistant", reply_text, "")), lease.session)
+
+    def give_back(self, lease: Lease) -> None:
+        """Give the session back unchanged: its turn failed before it began (the session rolled back)."""
+        self._put(lease.history, lease.session)
+
+    def _put(self, key: tuple, session: Session) -> None:
+        with self._lock:
+            self._kept[key] = session
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.max_sessions:
+                self._kept.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._kept)

@@ -1,0 +1,365 @@
+"""The OpenAI-compatible API on the app's port: `GET /v1/models`, `POST /v1/chat/completions`.
+
+Each request is translated once (app/openai_wire.py) into afnext terms: the messages before the last
+user turn are the history, which the engine's `SessionPool` finds in a kept session (only the new
+turn is prefilled; `usage.prompt_tokens_details.cached_tokens` says how much was not), and the last
+user turn is asked on it. Replies stream as server-sent events or come whole. Think mode puts the
+reasoning in `reasoning_content` and the timestamped steps in `think_steps`.
+
+Every refusal is OpenAI's error shape with one sentence and the right status (400 bad request, 401
+key, 404 model, 413 body, 429 busy, 503 loading), and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from afnext.audio import AudioError
+from afnext.clip import prepare_clip
+from afnext.engine import Engine
+from afnext.events import ReasoningDelta, TextDelta, TurnDone
+from afnext.pool import Lease, Message, SessionPool, audio_key
+from afnext.sampling import GenerationOptions
+from afnext.session import ContextFullError
+from afnext.tts import SpeechResampler
+from afnext.tts.chunker import SpeechChunker
+from app import openai_wire as wire
+from app.backend import BackendLoader, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 96 << 20  # a 30-minute 16 kHz WAV is 58 MB, 77 MB in base64; compressed audio far less
+MAX_WAITING = 64  # turns waiting for the engine; beyond, 429 at once rather than a wait of minutes
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a model id names: an engine, its kept sessions, whether it reasons by default."""
+
+    name: str
+    engine: Engine
+    pool: SessionPool
+    think: bool
+    synthesizer: object  # the voice, for replies asked for with audio
+
+
+@dataclass
+class Turn:
+    """A request in afnext terms."""
+
+    history: list[Message]
+    asked: Message
+    options: GenerationOptions
+    think: bool
+    stops: list[str]
+    audio: wire.AudioOut | None  # speak the reply too, in this format
+
+
+class Api:
+    """The /v1 routes around the backend the page uses."""
+
+    def __init__(self, loader: BackendLoader, api_key: str | None = None) -> None:
+        self.loader, self.api_key = loader, api_key
+        self._pools: dict[int, SessionPool] = {}
+        self._lock = threading.Lock()
+
+    def routes(self) -> list[Route]:
+        return [Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/chat/completions", self.chat, methods=["POST"])]
+
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self._authorize(request)
+            backend = self.loader.wait(0)
+        except wire.WireError as exc:
+            return _error(exc)
+        except BackendUnavailable as exc:
+            return _error(wire.WireError(503, str(exc), kind="service_unavailable"))
+        roots = {"instruct": backend.main.loaded.name, "think": backend.think.loaded.name}
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
+                                                         "owned_by": "nvidia", "root": root}
+                                                        for name, root in roots.items()]})
+
+    async def chat(self, request: Request):
+        try:
+            self._authorize(request)
+            body = wire.parse_chat(await _json_body(request))
+            target = self._target(body.model)
+            turn = await run_in_threadpool(_turn, body, target)
+            if target.engine.waiting >= MAX_WAITING:
+                raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded")
+            lease = await run_in_threadpool(target.pool.lease, turn.history)
+        except wire.WireError as exc:
+            return _error(exc)
+        except (AudioError, ContextFullError, ValueError, TypeError) as exc:
+            return _error(wire.WireError(400, str(exc)))
+        reply = Reply(target, lease, turn, wire.new_id())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(reply.sse(include_usage), media_type="text/event-stream")
+        try:
+            return JSONResponse(await run_in_threadpool(reply.whole))
+        except Exception as exc:  # the engine failed this turn; it goes on serving others
+            log.exception("chat completion failed")
+            return _error(wire.WireError(500, f"The model failed on this request ({type(exc).__name__}).",
+                                         kind="server_error"))
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise wire.WireError(401, "Incorrect or missing API key; send it as 'Authorization: Bearer KEY'.",
+                                 code="invalid_api_key")
+
+    def _target(self, model: str) -> Target:
+        try:
+            backend = self.loader.wait(0)
+        except BackendUnavailable as exc:
+            raise wire.WireError(503, str(exc), kind="service_unavailable") from None
+        if model in ("instruct", backend.main.loaded.name):
+            return Target("instruct", backend.main, self._pool(backend.main), False, backend.synthesizer)
+        if model in ("think", backend.think.loaded.name):
+            return Target("think", backend.think, self._pool(backend.think), True, backend.synthesizer)
+        raise wire.WireError(404, f"The model {model[:80]!r} does not exist here; GET /v1/models lists them "
+                                  "(instruct, think).", code="model_not_found", param="model")
+
+    def _pool(self, engine: Engine) -> SessionPool:
+        with self._lock:
+            return self._pools.setdefault(id(engine), SessionPool(engine))
+
+
+class Reply:
+    """One request's reply: streamed as chunks or gathered whole; keeps the session afterwards."""
+
+    def __init__(self, target: Target, lease: Lease, turn: Turn, cid: str) -> None:
+        self.target, self.lease, self.turn, self.cid = target, lease, turn, cid
+        self.cancel = threading.Event()
+        self.audio_id = wire.new_id("audio")
+        self._voice = Voice(target.synthesizer, self.cancel) if turn.audio is not None else None
+
+    def whole(self) -> dict:
+        content, reasoning, speech, done = [], [], [], None
+        for kind, value in self.events():
+            if kind == "content":
+                content.append(value)
+            elif kind == "reasoning":
+                reasoning.append(value)
+            elif kind == "audio":
+                speech.append(value)
+            else:
+                done = value
+        if done is None:
+            raise RuntimeError("the turn was cancelled before its reply began")
+        finish, reply = done
+        message = {"content": "".join(content)}
+        if self.turn.audio is not None:  # OpenAI's shape: the text is the audio's transcript
+            data = wire.encode_audio(np.concatenate(speech) if speech else np.zeros(0, np.float32),
+                                     self.turn.audio.format)
+            message = {"content": None, "audio": {"id": self.audio_id, "data": base64.b64encode(data).decode(),
+                                                  "expires_at": int(time.time()) + wire.AUDIO_KEPT_S,
+                                                  "transcript": message["content"]}}
+        if self.turn.think:
+            message.update(reasoning_content="".join(reasoning), think_steps=_steps(reply))
+        return wire.completion(self.cid, self.target.name, message, finish, self._usage(reply))
+
+    async def sse(self, include_usage: bool):
+        name = self.target.name
+        yield _event(wire.chunk(self.cid, name, {"role": "assistant", "content": ""}))
+        try:
+            async for kind, value in iterate_in_threadpool(self.events()):
+                if kind == "content" and self.turn.audio is not None:
+                    yield _event(wire.chunk(self.cid, name, {"audio": {"id": self.audio_id, "transcript": value}}))
+                elif kind == "audio":
+                    yield _event(wire.chunk(self.cid, name, {"audio": {
+                        "id": self.audio_id, "data": wire.pcm16_b64(value),
+                        "expires_at": int(time.time()) + wire.AUDIO_KEPT_S}}))
+                elif kind == "content":
+                    yield _event(wire.chunk(self.cid, name, {"content": value}))
+                elif kind == "reasoning":
+                    yield _event(wire.chunk(self.cid, name, {"reasoning_content": value}))
+                else:
+                    finish, reply = value
+                    extra = {"think_steps": _steps(reply)} if self.turn.think else {}
+                    yield _event(wire.chunk(self.cid, name, extra, finish))
+                    if include_usage:
+                        yield _event(wire.chunk(self.cid, name, None, use=self._usage(reply)))
+        except Exception as exc:  # the headers are gone: say it in the stream, as vLLM does
+            log.exception("streamed chat completion failed")
+            yield _event(wire.WireError(500, f"The model failed on this request ({type(exc).__name__}).",
+                                        kind="server_error").body())
+        finally:
+            self.cancel.set()  # a client that hung up stops the turn before the engine's next step
+        yield "data: [DONE]\n\n"
+
+    def events(self) -> Iterator[tuple[str, object]]:
+        """("reasoning" | "content", text) as generated, then ("done", (finish_reason, Reply))."""
+        turn, stop = self.turn, _StopScan(self.turn.stops)
+        stream = self.lease.session.ask(turn.asked.text, turn.asked.clip, think=turn.think,
+                                        options=turn.options, cancel=self.cancel)
+        reply = None
+        for event in stream:
+            if isinstance(event, ReasoningDelta):
+                yield "reasoning", event.text
+            elif isinstance(event, TextDelta) and not stop.hit:
+                if text := stop.feed(event.text):
+                    yield "content", text
+                    yield from self._speak(text)
+                if stop.hit:
+                    self.cancel.set()
+            elif isinstance(event, TurnDone):
+                reply = event.reply
+        if reply is None:  # cancelled before the reply began: the session is as it was
+            self.target.pool.give_back(self.lease)
+            return
+        if tail := stop.flush():
+            yield "content", tail
+            yield from self._speak(tail)
+        yield from self._speak(None)
+        finish = "stop" if stop.hit or len(reply.token_ids) < turn.options.max_new_tokens else "length"
+        if not reply.interrupted:  # the session holds exactly what the client was sent: keep it
+            self.target.pool.keep(self.lease, turn.asked, reply.answer)
+        yield "done", (finish, reply)
+
+    def _speak(self, text: str | None) -> Iterator[tuple[str, object]]:
+        """Speech for the answer's text as its sentences complete (None: the answer is over)."""
+        if self._voice is not None:
+            for samples in self._voice.say(text):
+                yield "audio", samples
+
+    def _usage(self, reply) -> dict:
+        return wire.usage(reply.prompt_tokens, len(reply.token_ids), self.lease.cached_tokens)
+
+
+class Voice:
+    """An answer's text → 24 kHz speech, a sentence at a time (espeak takes ~12 ms for 4 s of speech,
+    so synthesis inline with the text stream holds the text back by no more than that)."""
+
+    def __init__(self, synthesizer, cancel: threading.Event) -> None:
+        self.synthesizer, self.cancel = synthesizer, cancel
+        self.chunker, self.resampler = SpeechChunker(), SpeechResampler(wire.AUDIO_OUT_RATE)
+
+    def say(self, text: str | None) -> Iterator[np.ndarray]:
+        pieces = self.chunker.flush() if text is None else self.chunker.feed(TextDelta(text))
+        for piece in pieces:
+            for chunk in self.synthesizer.stream(piece, cancel=self.cancel):
+                if len(samples := self.resampler.push(chunk)):
+                    yield samples
+        if text is None and len(tail := self.resampler.end()):
+            yield tail
+
+
+class _StopScan:
+    """Cuts the answer at the first stop sequence, holding back text that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops, self.held, self.hit = stops, "", False
+
+    def feed(self, text: str) -> str:
+        self.held += text
+        found = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self.held, self.hit = self.held[:min(found)], "", True
+            return out
+        keep = max((n for s in self.stops for n in range(len(s) - 1, 0, -1) if self.held.endswith(s[:n])), default=0)
+        out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return out
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.hit else self.held), ""
+        return out
+
+
+def _turn(body: wire.ChatRequest, target: Target) -> Turn:
+    """The request's messages and options in afnext terms (decodes the audio: run off the event loop)."""
+    if body.n != 1:
+        raise wire.WireError(400, "n must be 1: one reply per request.", param="n")
+    audio = _audio_out(body)
+    messages = [_message(m, i, target.engine) for i, m in enumerate(body.messages)]
+    if messages[-1].role != "user":
+        raise wire.WireError(400, "The last message must be the user's.", param="messages")
+    if any(m.role == "system" for m in messages[1:]):
+        raise wire.WireError(400, "A system (or developer) message may only come first.", param="messages")
+    limit = body.max_completion_tokens or body.max_tokens or GenerationOptions().max_new_tokens
+    options = GenerationOptions(
+        max_new_tokens=limit, min_new_tokens=limit if body.ignore_eos else min(body.min_tokens, limit),
+        temperature=0.0 if body.temperature is None else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
+        repetition_penalty=body.repetition_penalty, seed=body.seed)
+    think = target.think if body.think is None else body.think
+    return Turn(messages[:-1], messages[-1], options, think, body.stops(), audio)
+
+
+def _audio_out(body: wire.ChatRequest) -> wire.AudioOut | None:
+    """How the reply is to be spoken, if at all; streamed speech is pcm16, as OpenAI streams it."""
+    if "audio" not in (body.modalities or []):
+        return None
+    audio = body.audio or wire.AudioOut(format="pcm16" if body.stream else "wav")
+    if body.stream and audio.format != "pcm16":
+        raise wire.WireError(400, "Streamed audio output is pcm16 (24 kHz); set audio.format to pcm16, or do not "
+                                  "stream.", param="audio.format")
+    return audio
+
+
+def _message(message: wire.ChatMessage, index: int, engine: Engine) -> Message:
+    role = "system" if message.role == "developer" else message.role
+    parts = [wire.TextPart(type="text", text=message.content)] if isinstance(message.content, str) else (message.content or [])
+    text = "\n".join(p.text for p in parts if isinstance(p, wire.TextPart))
+    audio = [p for p in parts if not isinstance(p, wire.TextPart)]
+    if len(audio) > 1:
+        raise wire.WireError(400, f"messages.{index}: one audio clip per message; send the next one in another "
+                                  "user message.", param=f"messages.{index}.content")
+    if audio and role != "user":
+        raise wire.WireError(400, f"messages.{index}: only user messages may hold audio.",
+                             param=f"messages.{index}.content")
+    if not audio:
+        return Message(role, text)
+    data = wire.decode_audio(audio[0])
+    loaded = engine.loaded
+    clip = prepare_clip(data, loaded.mel_filters, max_seconds=loaded.max_audio_s)
+    return Message(role, text, clip, audio_key(data))
+
+
+def _steps(reply) -> list[dict]:
+    return [{"start": s.start, "end": s.end, "text": s.text} for s in reply.steps]
+
+
+async def _json_body(request: Request) -> object:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB; send shorter or "
+                                  "compressed audio (mp3, ogg, flac).")
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > MAX_BODY_BYTES:
+            raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB.")
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise wire.WireError(400, "The request body is not valid JSON.") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _error(exc: wire.WireError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"

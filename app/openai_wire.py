@@ -1,0 +1,216 @@
+"""OpenAI's Chat Completions on the wire: typed requests parsed once at the edge, and the response,
+chunk and error shapes, built the same way for every reply.
+
+Requests follow the openai SDK (3.x): content as a string or parts — `text`, `input_audio`
+`{data: base64, format}`, `audio_url` (a `data:` URI only) — the usual sampling fields, vLLM's
+extensions (`repetition_penalty`, `min_tokens`, `ignore_eos`) and our `think` flag. Unknown fields
+are ignored, as OpenAI's own server does with fields it has retired.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from afnext.sampling import MAX_NEW_TOKENS
+
+AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "webm", "m4a", "mp4", "opus", "aac", "pcm16")
+MAX_MESSAGES = 256  # messages in one request: a long voice conversation, not a flood
+MAX_STOP_SEQUENCES = 4  # as OpenAI allows
+MAX_STOP_CHARS = 256
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Wire):
+    type: Literal["text"]
+    text: str
+
+
+class InputAudio(_Wire):
+    data: str  # base64, without a data: prefix
+    format: str = "wav"
+
+
+class InputAudioPart(_Wire):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class AudioUrl(_Wire):
+    url: str
+
+
+class AudioUrlPart(_Wire):
+    type: Literal["audio_url"]
+    audio_url: AudioUrl
+
+
+Part = Annotated[TextPart | InputAudioPart | AudioUrlPart, Field(discriminator="type")]
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[Part] | None = None
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class AudioOut(_Wire):
+    voice: str = "alloy"  # OpenAI's voice names we do not have map to the server's voice
+    format: Literal["pcm16", "wav", "mp3", "opus", "flac"] = "wav"
+
+
+class ChatRequest(_Wire):
+    """A `POST /v1/chat/completions` body."""
+
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None  # None: the model card's greedy decoding, not OpenAI's 1.0
+    top_p: float | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    modalities: list[Literal["text", "audio"]] | None = None
+    audio: AudioOut | None = None  # with modalities ["text", "audio"]: the reply spoken too
+    repetition_penalty: float = 1.2  # vLLM's extension; the AF-Next cards use 1.2
+    min_tokens: int = Field(default=0, ge=0, le=MAX_NEW_TOKENS)
+    ignore_eos: bool = False
+    think: bool | None = None  # reason before answering (default: true on the "think" model)
+
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings of at most "
+                             f"{MAX_STOP_CHARS} characters.")
+        return stops
+
+
+class WireError(Exception):
+    """A request the API refuses: an HTTP status, one sentence, and OpenAI's error type and code."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.code, self.param = status, kind, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def parse_chat(payload: object) -> ChatRequest:
+    """The request, or a WireError naming the first field that is wrong."""
+    try:
+        return ChatRequest.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise WireError(400, f"{where}: {first['msg']}.", param=where) from None
+
+
+def decode_audio(part: InputAudioPart | AudioUrlPart) -> bytes:
+    """A part's audio bytes; data: URIs only, never a fetch or a path."""
+    if isinstance(part, AudioUrlPart):
+        url = part.audio_url.url
+        if not url.startswith("data:") or ";base64," not in url[:128]:
+            raise WireError(400, "audio_url must be a data: URI with base64 audio; this server fetches no URLs.",
+                            param="audio_url")
+        data = url.split(",", 1)[1]
+    else:
+        if part.input_audio.format.lower() not in AUDIO_FORMATS:
+            raise WireError(400, f"input_audio.format {part.input_audio.format[:20]!r} is not one of "
+                                 f"{', '.join(AUDIO_FORMATS)}.", param="input_audio.format")
+        data = part.input_audio.data
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise WireError(400, "The audio is not valid base64.", param="input_audio.data") from None
+
+
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+AUDIO_OUT_RATE = 24_000  # Hz of reply audio, as OpenAI sends it
+AUDIO_KEPT_S = 3600  # `expires_at`: an audio id is only an id here (nothing is stored), an hour as OpenAI's
+
+
+def pcm16_b64(samples) -> str:
+    """float32 [-1, 1] → base64 little-endian pcm16."""
+    import numpy as np
+
+    return base64.b64encode((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+
+
+def encode_audio(samples, fmt: str) -> bytes:
+    """A whole reply's 24 kHz float32 speech as a file in `fmt` (pcm16: raw samples)."""
+    import io
+
+    import numpy as np
+
+    if fmt == "pcm16":
+        return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    if fmt in ("wav", "flac"):
+        import soundfile as sf
+
+        out = io.BytesIO()
+        sf.write(out, samples, AUDIO_OUT_RATE, format=fmt.upper(), subtype="PCM_16")
+        return out.getvalue()
+    return _encode_av(samples, {"mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus")}[fmt])
+
+
+def _encode_av(samples, container_codec: tuple[str, str]) -> bytes:
+    import io
+
+    import av
+    import numpy as np
+
+    container_format, codec = container_codec
+    out = io.BytesIO()
+    rate = 48_000 if codec == "libopus" else AUDIO_OUT_RATE  # opus runs at 48 kHz
+    with av.open(out, "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(np.asarray(samples, np.float32)[None, :], format="flt", layout="mono")
+        frame.sample_rate = AUDIO_OUT_RATE
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+        for piece in [*resampler.resample(frame), *resampler.resample(None)]:
+            for packet in stream.encode(piece):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out.getvalue()
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def completion(cid: str, model: str, message: dict, finish: str, use: dict) -> dict:
+    return {"id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", **message}, "finish_reason": finish,
+                         "logprobs": None}], "usage": use}
+
+
+def chunk(cid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None) -> dict:
+    """One streamed chunk: a delta, the finish reason, or (with no choices) the usage."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": choices}
+    if use is not None:
+        body["usage"] = use
+    return body

@@ -1,0 +1,393 @@
+"""The Realtime voice WebSocket, `/v1/realtime?model=…`: OpenAI's Realtime protocol around afnext's
+`Assistant` (endpointer → session → speech, with barge-in).
+
+One socket is one conversation. Client events go, in order, to a feeder thread that drives the
+assistant; a reader thread turns the assistant's events into server events. With server VAD (the
+default) microphone audio streams in and turns end on silence; with `turn_detection: null` the
+client commits its audio (or creates a text or audio item) and asks for a response. Speech over a
+reply cancels it at once (`response.done` with status `cancelled`); `conversation.item.truncate`
+then makes the model remember only the part of the reply that was heard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from afnext.assistant import Assistant, AssistantOptions, Stamped, UserTurn, VoiceTurnDone
+from afnext.audio import to_mono_16k
+from afnext.events import AudioChunk, Error, Interrupted, TextDelta
+from afnext.sampling import GenerationOptions
+from afnext.session import Session
+from afnext.tts import SpeechResampler
+from afnext.vad import EndpointerOptions, SpeechStarted
+
+from . import realtime_wire as wire
+from .backend import BackendLoader, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+ROUTE = "/v1/realtime"
+MAX_SESSIONS = 64  # sockets at once; more are refused with 1013 (try again later)
+MAX_PER_ADDRESS = 8  # sockets from one client address: a fair share of MAX_SESSIONS
+MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
+KEY_PROTOCOL = "openai-insecure-api-key."  # how OpenAI's browser clients send the key
+
+
+class _Mute:
+    """A synthesizer that says nothing: text-only sessions."""
+
+    sample_rate = wire.AUDIO_RATE
+
+    def stream(self, text: str, cancel=None):
+        return iter(())
+
+
+class RealtimeLink:
+    """One socket's conversation: client events in (any thread, kept in order), server events out."""
+
+    def __init__(self, engine, synthesizer, model: str, send: Callable[[dict], None]) -> None:
+        self.engine, self.synthesizer, self.model, self.send = engine, synthesizer, model, send
+        self.config = wire.Config()
+        self.session: Session | None = None  # made at the first turn, with the instructions then in force
+        self.assistant: Assistant | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._buffer: list[np.ndarray] = []  # appended audio (24 kHz int16) awaiting a commit, manual mode
+        self._items: list[tuple[str, str, np.ndarray | None]] = []  # committed user items awaiting a response
+        self._last_item: str | None = None
+        self._out = _Responses(self)
+        self._feeder = threading.Thread(target=self._feed, name="afnext-realtime-feed", daemon=True)
+        self._feeder.start()
+        send(wire.event("session.created", session=self.config.describe(model)))
+
+    def receive(self, event: dict) -> None:
+        self._inbox.put(event)
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._feeder.join(5)
+        if self.assistant is not None:
+            self.assistant.close()
+            self._out.join()
+
+    # ---- client events (feeder thread) ----
+
+    def _feed(self) -> None:
+        while (event := self._inbox.get()) is not None:
+            try:
+                getattr(self, "_on_" + event["type"].replace(".", "_"))(event)
+            except wire.ProtocolError as exc:
+                exc.event_id = exc.event_id or (event.get("event_id") if isinstance(event.get("event_id"), str) else None)
+                self.send(wire.error(exc))
+            except Exception:  # ours, not the client's: say so and go on
+                log.exception("realtime: could not handle %s", event.get("type"))
+                self.send(wire.error(wire.ProtocolError("The server could not handle that event.", "server_error")))
+
+    def _on_session_update(self, event: dict) -> None:
+        config = wire.updated(self.config, event.get("session"))
+        if config.instructions != self.config.instructions and self.session is not None:
+            raise wire.ProtocolError("instructions can only be set before the first turn.")
+        if self.assistant is not None and _voice_changed(self.config, config):
+            self.assistant.close()  # the next turn starts on an assistant with the new settings
+            self._out.join()
+            self.assistant = None
+        self.config = config
+        self.send(wire.event("session.updated", session=config.describe(self.model)))
+
+    def _on_input_audio_buffer_append(self, event: dict) -> None:
+        pcm = wire.pcm16(event.get("audio"))
+        if self.config.server_vad:
+            self._assistant().push(pcm, wire.AUDIO_RATE)
+        elif sum(map(len, self._buffer)) + len(pcm) > MAX_BUFFER_S * wire.AUDIO_RATE:
+            raise wire.ProtocolError(f"The audio buffer holds {MAX_BUFFER_S:g} s at most; commit it first.",
+                                     "buffer_too_large")
+        else:
+            self._buffer.append(pcm)
+
+    def _on_input_audio_buffer_commit(self, event: dict) -> None:
+        if self.config.server_vad:
+            raise wire.ProtocolError("With server VAD the server commits turns; set turn_detection to null first.")
+        if not self._buffer:
+            raise wire.ProtocolError("The audio buffer is empty.", "input_audio_buffer_commit_empty")
+        audio, self._buffer = np.concatenate(self._buffer), []
+        item = self._add_user("", audio)
+        self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=None))
+
+    def _on_input_audio_buffer_clear(self, event: dict) -> None:
+        self._buffer = []
+        self.send(wire.event("input_audio_buffer.cleared"))
+
+    def _on_conversation_item_create(self, event: dict) -> None:
+        text, audio = wire.user_item(event.get("item"))
+        self._add_user(text, audio)
+
+    def _on_response_create(self, event: dict) -> None:
+        if not self._items:
+            raise wire.ProtocolError("There is no user item to respond to; append and commit audio, or create an item.")
+        items, self._items = self._items, []
+        text = "\n".join(t for _, t, _ in items if t)
+        clips = [a for _, _, a in items if a is not None]
+        audio = to_mono_16k(np.concatenate(clips), wire.AUDIO_RATE) if clips else None
+        self._out.said(items[-1][0])
+        self._assistant().say(audio, text)
+
+    def _on_response_cancel(self, event: dict) -> None:
+        if self.assistant is not None:
+            self.assistant.interrupt()
+
+    def _on_conversation_item_truncate(self, event: dict) -> None:
+        item, ms = event.get("item_id"), event.get("audio_end_ms")
+        if not isinstance(ms, int) or isinstance(ms, bool) or ms < 0:
+            raise wire.ProtocolError("audio_end_ms must be a whole number of milliseconds.")
+        heard = self._out.heard(item, ms)
+        if heard is None:
+            raise wire.ProtocolError("Only the latest reply can be truncated.", "item_truncate_invalid_item_id")
+        text, messages = heard
+        self.session.wait()
+        if len(self.session.messages) == messages:  # no turn has begun since: the reply is still the last
+            self.session.rewrite_reply(text)
+        self.send(wire.event("conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=ms))
+
+    def _add_user(self, text: str, audio: np.ndarray | None) -> str:
+        item = wire.new_id("item")
+        content = ([{"type": "input_audio", "transcript": None}] if audio is not None else []) + \
+                  ([{"type": "input_text", "text": text}] if text else [])
+        shown = wire.Item(item, "user", content).shown()
+        self.send(wire.event("conversation.item.added", previous_item_id=self._last_item, item=shown))
+        self.send(wire.event("conversation.item.done", previous_item_id=self._last_item, item=shown))
+        self._items.append((item, text, audio))
+        self._last_item = item
+        return item
+
+    def _assistant(self) -> Assistant:
+        if self.assistant is None:
+            if self.session is None:
+                self.session = Session(self.engine, system=self.config.instructions or None)
+            options = AssistantOptions(half_duplex=not self.config.interrupt,
+                                       generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
+                                       endpointer=replace(EndpointerOptions(), hangover_ms=self.config.silence_ms))
+            voice = self.synthesizer if self.config.audio_out else _Mute()
+            self.assistant = Assistant(self.session, voice, options)
+            self._out.follow(self.assistant)
+        return self.assistant
+
+
+def _voice_changed(old: wire.Config, new: wire.Config) -> bool:
+    keys = ("server_vad", "silence_ms", "interrupt", "audio_out", "max_output_tokens")
+    return any(getattr(old, k) != getattr(new, k) for k in keys)
+
+
+class _Responses:
+    """The reader side: the assistant's events → user items and responses on the wire."""
+
+    def __init__(self, link: RealtimeLink) -> None:
+        self.link, self.send = link, link.send
+        self._thread: threading.Thread | None = None
+        self._said: str | None = None  # the item a client-asked response answers (already announced)
+        self._speech_item: str | None = None
+        self._voice = SpeechResampler(wire.AUDIO_RATE)
+        self._replies: deque[dict] = deque()  # responses begun and not done, oldest first: a cancelled one
+        # is done only once its turn has wound down, which may be after the next turn began
+        self._latest: dict | None = None  # the last finished response, for truncate
+
+    def follow(self, assistant: Assistant) -> None:
+        self._thread = threading.Thread(target=self._read, args=(assistant,), name="afnext-realtime-read", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def said(self, item: str) -> None:
+        self._said = item
+
+    def heard(self, item: object, ms: int) -> tuple[str, int] | None:
+        """What the user heard of the latest reply by `ms` into its audio, and how many messages the
+        conversation held when it was done (None: not that reply).
+        Speech is paced evenly enough over its transcript to cut at a word: the share of the audio
+        played is the share of the transcript kept."""
+        reply = next((r for r in [*self._replies, self._latest] if r is not None and r["item"] == item), None)
+        if reply is None or not reply["done"].wait(30):  # a reply cut off just now winds down within a step
+            return None
+        if reply is not self._latest:
+            return None
+        latest = reply
+        text, total = latest["transcript"], latest["audio_ms"]
+        cut = len(text) if total <= 0 or ms >= total else round(len(text) * ms / total)
+        return (text[:cut].rsplit(" ", 1)[0] if cut < len(text) else text), latest["messages"]
+
+    def _read(self, assistant: Assistant) -> None:
+        for event in assistant.events():
+            inner = event.event if isinstance(event, Stamped) else event
+            try:
+                self._on(inner, event.t if isinstance(event, Stamped) else getattr(inner, "t", 0.0))
+            except Exception:
+                log.exception("realtime: could not send %s", type(inner).__name__)
+
+    def _on(self, inner, t: float) -> None:
+        if isinstance(inner, SpeechStarted):
+            self._speech_item = wire.new_id("item")
+            self.send(wire.event("input_audio_buffer.speech_started", audio_start_ms=round(t * 1000),
+                                 item_id=self._speech_item))
+        elif isinstance(inner, UserTurn):
+            self._begin(inner)
+        elif not self._replies:
+            return
+        elif isinstance(inner, TextDelta):
+            reply = self._replies[-1]
+            reply["transcript"] += inner.text
+            kind = "response.output_audio_transcript.delta" if self.link.config.audio_out else "response.output_text.delta"
+            self.send(wire.event(kind, **_where(reply), delta=inner.text))
+        elif isinstance(inner, AudioChunk):
+            self._audio(self._replies[-1], self._voice.push(inner))
+        elif isinstance(inner, Interrupted):
+            self._replies[-1]["status"] = "cancelled"
+            self._voice.drop()
+        elif isinstance(inner, Error):
+            self.send(wire.error(wire.ProtocolError(inner.message, "server_error")))
+        elif isinstance(inner, VoiceTurnDone):
+            self._finish(inner)
+
+    def _begin(self, turn: UserTurn) -> None:
+        item, self._said = self._said, None
+        if item is None:  # a turn the endpointer heard: announce its item
+            item = self._speech_item or wire.new_id("item")
+            self.send(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=round(turn.end * 1000), item_id=item))
+            self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=self.link._last_item))
+            shown = wire.Item(item, "user", [{"type": "input_audio", "transcript": None}]).shown()
+            self.send(wire.event("conversation.item.added", previous_item_id=self.link._last_item, item=shown))
+            self.send(wire.event("conversation.item.done", previous_item_id=self.link._last_item, item=shown))
+        reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "audio_ms": 0.0,
+                 "status": "completed", "done": threading.Event()}
+        self._replies.append(reply)
+        self.link._last_item = reply["item"]
+        self.send(wire.event("response.created", response=_shown(reply, "in_progress")))
+        self.send(wire.event("response.output_item.added", response_id=reply["id"], output_index=0,
+                             item=self._item(reply, "in_progress").shown()))
+        self.send(wire.event("conversation.item.added", previous_item_id=item,
+                             item=self._item(reply, "in_progress").shown()))
+
+    def _audio(self, reply: dict, samples: np.ndarray) -> None:
+        if len(samples) and reply["status"] != "cancelled":
+            reply["audio_ms"] += 1000 * len(samples) / wire.AUDIO_RATE
+            self.send(wire.event("response.output_audio.delta", **_where(reply), delta=wire.b64_pcm16(samples)))
+
+    def _finish(self, done: VoiceTurnDone) -> None:
+        reply = self._replies.popleft()
+        if reply["status"] != "cancelled" and done.reply is not None and done.reply.interrupted:
+            reply["status"] = "cancelled"
+        if reply["status"] != "cancelled":
+            self._audio(reply, self._voice.end())
+        where, text = _where(reply), reply["transcript"]
+        if self.link.config.audio_out:
+            self.send(wire.event("response.output_audio.done", **where))
+            self.send(wire.event("response.output_audio_transcript.done", **where, transcript=text))
+        else:
+            self.send(wire.event("response.output_text.done", **where, text=text))
+        item = self._item(reply, "completed" if reply["status"] == "completed" else "incomplete").shown()
+        self.send(wire.event("response.output_item.done", response_id=reply["id"], output_index=0, item=item))
+        self.send(wire.event("conversation.item.done", item=item))
+        usage = None
+        if done.reply is not None:
+            prompt, out = done.reply.prompt_tokens, len(done.reply.token_ids)
+            usage = {"total_tokens": prompt + out, "input_tokens": prompt, "output_tokens": out}
+        self.send(wire.event("response.done", response={**_shown(reply, reply["status"]), "output": [item],
+                                                         "usage": usage}))
+        reply["messages"] = len(self.link.session.messages)  # the reply is committed by now
+        self._latest = reply
+        reply["done"].set()
+
+    def _item(self, reply: dict, status: str) -> wire.Item:
+        kind = "output_audio" if self.link.config.audio_out else "output_text"
+        key = "transcript" if kind == "output_audio" else "text"
+        return wire.Item(reply["item"], "assistant", [{"type": kind, key: reply["transcript"]}], status)
+
+
+def _where(reply: dict) -> dict:
+    return {"response_id": reply["id"], "item_id": reply["item"], "output_index": 0, "content_index": 0}
+
+
+def _shown(reply: dict, status: str) -> dict:
+    return {"id": reply["id"], "object": "realtime.response", "status": status, "output": []}
+
+
+class RealtimeServer:
+    """The route: authenticates, caps the sockets, runs one link per socket."""
+
+    def __init__(self, loader: BackendLoader, api_key: str | None = None) -> None:
+        self.loader, self.api_key = loader, api_key
+        self._open: dict[str, int] = {}  # client address → open sockets (touched on the event loop only)
+
+    async def __call__(self, ws: WebSocket) -> None:
+        offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
+        if not self._authorized(ws, offered):
+            await ws.close(code=1008, reason="Incorrect or missing API key.")
+            return
+        try:
+            backend = self.loader.wait(0)
+        except BackendUnavailable as exc:
+            await ws.close(code=1013, reason=str(exc)[:120])
+            return
+        model = ws.query_params.get("model", "instruct")
+        engine = {"instruct": backend.main, "think": backend.think}.get(model)
+        address = ws.client.host if ws.client else "?"
+        if engine is None:
+            await ws.close(code=1008, reason=f"Unknown model {model[:40]!r}; use instruct or think.")
+            return
+        if sum(self._open.values()) >= MAX_SESSIONS or self._open.get(address, 0) >= MAX_PER_ADDRESS:
+            await ws.close(code=1013, reason="Too many voice sessions are open; try again later.")
+            return
+        await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+        self._open[address] = self._open.get(address, 0) + 1
+        try:
+            await self._serve(ws, engine, backend.synthesizer, model)
+        finally:
+            self._open[address] -= 1
+            if not self._open[address]:
+                del self._open[address]
+
+    async def _serve(self, ws: WebSocket, engine, synthesizer, model: str) -> None:
+        loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
+        link = await asyncio.to_thread(RealtimeLink, engine, synthesizer, model,
+                                       lambda e: loop.call_soon_threadsafe(outbox.put_nowait, e))
+        sender = asyncio.create_task(_send_all(ws, outbox))
+        try:
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                try:
+                    link.receive(wire.parse(message.get("text") if message.get("text") is not None else message.get("bytes")))
+                except wire.ProtocolError as exc:
+                    outbox.put_nowait(wire.error(exc))
+        except WebSocketDisconnect:
+            pass
+        finally:
+            sender.cancel()
+            await asyncio.to_thread(link.close)
+
+    def _authorized(self, ws: WebSocket, offered: list[str]) -> bool:
+        if self.api_key is None:
+            return True
+        given = ws.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = given or next((p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)), "")
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+
+async def _send_all(ws: WebSocket, outbox: asyncio.Queue) -> None:
+    while True:
+        event = await outbox.get()
+        try:
+            await ws.send_text(json.dumps(event))
+        except (WebSocketDisconnect, RuntimeError):
+            return

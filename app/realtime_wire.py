@@ -1,0 +1,195 @@
+"""OpenAI's Realtime protocol on the wire: the client events we take, parsed strictly, and the server
+events we send, built in one place.
+
+The subset voice clients use (the openai SDK, Pipecat, LiveKit): GA event names, with the beta
+session shape accepted too (`modalities`, `input_audio_format`, `turn_detection` at the top level,
+`max_response_output_tokens`). Audio is pcm16 mono at 24 kHz both ways, base64 in JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+AUDIO_RATE = 24_000  # Hz of pcm16 in and out, as OpenAI's Realtime API speaks
+CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
+                 "input_audio_buffer.clear", "conversation.item.create", "conversation.item.truncate",
+                 "response.create", "response.cancel")
+MAX_OUTPUT_TOKENS = 4096  # a spoken reply; the Think card's limit
+DEFAULT_OUTPUT_TOKENS = 256  # spoken replies stay short (the voice loop's default)
+
+
+class ProtocolError(ValueError):
+    """A client event we cannot take: answered with an `error` event, the session goes on."""
+
+    def __init__(self, message: str, code: str = "invalid_request_error", event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.event_id = code, event_id
+
+
+@dataclass(frozen=True)
+class Config:
+    """The session as the client configured it."""
+
+    instructions: str | None = None  # the system prompt (before the first turn only)
+    server_vad: bool = True  # turns end on silence (our endpointer); False: the client commits them
+    silence_ms: int = 600  # silence that ends a turn (the endpointer's hangover)
+    interrupt: bool = True  # speech while the reply plays cancels it (barge-in)
+    audio_out: bool = True  # speak replies (with their transcript); False: text only
+    max_output_tokens: int = DEFAULT_OUTPUT_TOKENS
+
+    def describe(self, model: str) -> dict:
+        """The GA `session` object for session.created/updated."""
+        detection = ({"type": "server_vad", "silence_duration_ms": self.silence_ms, "create_response": True,
+                      "interrupt_response": self.interrupt} if self.server_vad else None)
+        pcm = {"type": "audio/pcm", "rate": AUDIO_RATE}
+        return {"type": "realtime", "object": "realtime.session", "model": model,
+                "output_modalities": ["audio"] if self.audio_out else ["text"],
+                "instructions": self.instructions or "", "max_output_tokens": self.max_output_tokens,
+                "audio": {"input": {"format": pcm, "turn_detection": detection},
+                          "output": {"format": pcm, "voice": "default"}}}
+
+
+def parse(text: str | bytes) -> dict:
+    """A client event: a JSON object with a known `type`, or ProtocolError."""
+    if isinstance(text, bytes):
+        raise ProtocolError("Send Realtime events as JSON text messages.")
+    try:
+        event = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise ProtocolError("The message is not valid JSON.") from None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise ProtocolError("A client event must be a JSON object with a \"type\".")
+    if event["type"] not in CLIENT_EVENTS:
+        raise ProtocolError(f"Unknown or unsupported client event type {event['type'][:60]!r}.",
+                            event_id=_event_id(event))
+    return event
+
+
+def updated(config: Config, session: object) -> Config:
+    """`config` changed by a session.update's `session` (GA or beta shape); ProtocolError for what we
+    cannot do, naming it."""
+    if not isinstance(session, dict):
+        raise ProtocolError("session.update needs a \"session\" object.")
+    changes: dict = {}
+    if "instructions" in session:
+        changes["instructions"] = _text(session["instructions"], "instructions")
+    modalities = session.get("output_modalities", session.get("modalities"))
+    if modalities is not None:
+        if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"} or not modalities:
+            raise ProtocolError("output_modalities must be [\"text\"] or [\"audio\"].")
+        changes["audio_out"] = "audio" in modalities
+    audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
+    given = audio.get("input", {}) if isinstance(audio.get("input"), dict) else {}
+    _check_format(given.get("format", session.get("input_audio_format")))
+    _check_format((audio.get("output") or {}).get("format", session.get("output_audio_format")))
+    if "turn_detection" in given or "turn_detection" in session:
+        changes.update(_detection(given["turn_detection"] if "turn_detection" in given else session["turn_detection"]))
+    tokens = session.get("max_output_tokens", session.get("max_response_output_tokens"))
+    if tokens is not None:
+        changes["max_output_tokens"] = MAX_OUTPUT_TOKENS if tokens == "inf" else _whole(tokens, "max_output_tokens")
+    return replace(config, **changes)
+
+
+def _detection(value: object) -> dict:
+    if value is None:
+        return {"server_vad": False}
+    if not isinstance(value, dict) or value.get("type") not in ("server_vad", "semantic_vad"):
+        raise ProtocolError("turn_detection must be null, server_vad or semantic_vad.")
+    if value.get("create_response", True) is not True:
+        raise ProtocolError("create_response false is not supported yet: every turn the server detects is answered.")
+    silence = value.get("silence_duration_ms", 600)
+    return {"server_vad": True, "interrupt": value.get("interrupt_response", True) is not False,
+            "silence_ms": _whole(silence, "silence_duration_ms", low=100, high=5000)}
+
+
+def _check_format(value: object) -> None:
+    if value is None or value == "pcm16":
+        return
+    if isinstance(value, dict) and value.get("type") == "audio/pcm" and value.get("rate", AUDIO_RATE) == AUDIO_RATE:
+        return
+    raise ProtocolError(f"Only pcm16 at {AUDIO_RATE} Hz ({{\"type\": \"audio/pcm\", \"rate\": {AUDIO_RATE}}}) "
+                        "is supported.", code="unsupported_format")
+
+
+def _text(value: object, name: str, limit: int = 32_000) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        raise ProtocolError(f"{name} must be text of at most {limit:,} characters.")
+    return value
+
+
+def _whole(value: object, name: str, low: int = 1, high: int = MAX_OUTPUT_TOKENS) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ProtocolError(f"{name} must be a whole number from {low} to {high}.")
+    return value
+
+
+def pcm16(b64: object) -> np.ndarray:
+    """Base64 pcm16 → int16 samples; ProtocolError for anything else."""
+    if not isinstance(b64, str):
+        raise ProtocolError("audio must be a base64 string of pcm16 samples.")
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise ProtocolError("audio is not valid base64.") from None
+    return np.frombuffer(data[: len(data) // 2 * 2], np.int16)
+
+
+def b64_pcm16(samples: np.ndarray) -> str:
+    """float32 in [-1, 1] → base64 pcm16."""
+    return base64.b64encode((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+def event(kind: str, **fields) -> dict:
+    """A server event with its own id."""
+    return {"type": kind, "event_id": new_id("event"), **fields}
+
+
+def error(exc: ProtocolError) -> dict:
+    return event("error", error={"type": "invalid_request_error", "code": exc.code, "message": str(exc),
+                                 "param": None, "event_id": exc.event_id})
+
+
+@dataclass(frozen=True)
+class Item:
+    """A conversation item as the protocol shows it."""
+
+    id: str
+    role: str  # "user" | "assistant"
+    content: list  # [{"type": "input_audio" | "input_text" | "output_audio" | "output_text", ...}]
+    status: str = "completed"
+
+    def shown(self) -> dict:
+        return {"type": "message", "object": "realtime.item", **asdict(self)}
+
+
+def user_item(item: dict) -> tuple[str, np.ndarray | None]:
+    """A conversation.item.create's user message → (text, 24 kHz pcm16 or None)."""
+    if not isinstance(item, dict) or item.get("type") != "message" or item.get("role") != "user":
+        raise ProtocolError("conversation.item.create takes user messages only.")
+    parts = item.get("content")
+    if not isinstance(parts, list) or not parts:
+        raise ProtocolError("A user message needs content: input_text and/or input_audio parts.")
+    texts = [_text(p.get("text"), "input_text") for p in parts if isinstance(p, dict) and p.get("type") == "input_text"]
+    audio = [pcm16(p.get("audio")) for p in parts if isinstance(p, dict) and p.get("type") == "input_audio"]
+    if len(texts) + len(audio) != len(parts) or len(audio) > 1:
+        raise ProtocolError("A user message holds input_text parts and at most one input_audio part.")
+    return "\n".join(texts), (audio[0] if audio else None)
+
+
+def _event_id(event: dict) -> str | None:
+    value = event.get("event_id")
+    return value[:80] if isinstance(value, str) else None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")

@@ -1,0 +1,251 @@
+"""The OpenAI-compatible API against the library it wraps, in one run; prints JSON.
+
+    python bench/api.py [--size mid] [--overhead-size tiny] [--recording-seconds 600] [--requests 15]
+                        [--tokens 32] [--out FILE]
+
+Two measurements, each through a real server (`python -m app --model FOLDER`, a child process awaited
+on its /health) and the `openai` SDK, streamed, timed on the client:
+
+1. Recording follow-up (`--size`, default mid: the size whose prefill of a long recording costs
+   what a real CPU deployment's would). The first question sends a WAV of `--recording-seconds` as
+   input_audio; the follow-up resends the whole history (that audio, the reply, a new question).
+   TTFT = request sent → first chunk with content. Target: the follow-up >= 50x faster.
+2. Overhead over the library (`--overhead-size`, default tiny: its model time is a few ms, so the
+   API's own milliseconds are not lost in the model's noise). The same short question, greedy,
+   exactly `--tokens` tokens, is asked of an in-process Engine (Session.ask) on the same checkpoint
+   and through the API, alternately (the server and this process share the CPUs: each side runs
+   while the other idles). Per request: median of (API wall - library wall) over the pairs; per
+   chunk: median of (API first-to-last-chunk - library first-to-last-TextDelta) / chunks.
+   Targets: <= 5 ms per request, <= 1 ms per chunk. The API side includes the client SDK's own work
+   (JSON, pydantic models per chunk), as a user of the API pays it.
+
+Random weights: what the model says is noise; only the timings mean something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: never reach a hub
+
+import openai  # noqa: E402
+import soundfile  # noqa: E402
+import torch  # noqa: E402
+
+from afnext.bench import machine, write_json  # noqa: E402
+from afnext.engine import Engine  # noqa: E402
+from afnext.clip import prepare_clip  # noqa: E402
+from afnext.events import TextDelta  # noqa: E402
+from afnext.model import load  # noqa: E402
+from afnext.pool import audio_key  # noqa: E402
+from afnext.sampling import GenerationOptions  # noqa: E402
+from afnext.session import Session  # noqa: E402
+from afnext.tiny import param_count, write_checkpoint  # noqa: E402
+from tests.web.running import free_port, running  # noqa: E402
+
+QUESTION, FOLLOW_UP = "What happens in this recording?", "And what happens after that?"
+SHORT = "What is the quick brown fox?"
+RECORDING_TOKENS = 8  # reply length of both recording turns: only their first chunk is timed
+TARGET_SPEEDUP, TARGET_REQUEST_MS, TARGET_CHUNK_MS = 50.0, 5.0, 1.0
+SETTLE_S = 0.05  # pause between sides, so one side's spinning threads do not slow the other's turn
+RATE = 16_000
+WARM_UP = 5  # overhead pairs run before the measured ones: the first few API requests are slower
+
+
+def write_recording(path: Path, seconds: float, seed: int = 0) -> Path:
+    """A 16 kHz mono 16-bit WAV of a tone and noise: any audio times the same."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * RATE)
+    with soundfile.SoundFile(path, "w", RATE, 1, "PCM_16") as f:
+        for start in range(0, n, RATE * 60):  # a minute at a time: no 600 s float64 array
+            t = np.arange(start, min(n, start + RATE * 60)) / RATE
+            f.write((0.2 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(len(t))).astype(np.float32))
+    return path
+
+
+@contextmanager
+def serve(folder: Path, workdir: Path):
+    """`python -m app --model FOLDER` on a free port; yields an openai client once /health is 200."""
+    port = str(free_port())
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    args = ["-m", "app", "--model", str(folder), "--device", "cpu", "--port", port]
+    with running(args, workdir / f"app-{port}.log", env=env) as (_, url):
+        with urllib.request.urlopen(url + "v1/models", timeout=30) as response:
+            roots = {m["root"] for m in json.load(response)["data"]}
+        # The app falls back to its demo model when a checkpoint fails to load: that would time the wrong model.
+        assert roots == {str(folder)}, f"the server runs {roots}, not {folder}"
+        yield openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=900)
+
+
+def api_turn(client: openai.OpenAI, messages: list[dict], tokens: int) -> dict:
+    """One streamed request of exactly `tokens` greedy tokens; client-side times of its content chunks."""
+    t0 = time.perf_counter()
+    stream = client.chat.completions.create(
+        model="instruct", messages=messages, max_tokens=tokens, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True, "repetition_penalty": 1.0})  # the library side's options, on the wire
+    times, text, usage = [], [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            times.append(time.perf_counter())
+            text.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    return _figures(t0, times, time.perf_counter(), "".join(text)) | {"usage": usage}
+
+
+def library_turn(engine: Engine, text: str, tokens: int) -> dict:
+    """The same turn on a fresh in-process Session: times of its TextDeltas."""
+    options = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, repetition_penalty=1.0)
+    t0 = time.perf_counter()
+    times, pieces = [], []
+    for event in Session(engine).ask(text, options=options):
+        if isinstance(event, TextDelta) and event.text:
+            times.append(time.perf_counter())
+            pieces.append(event.text)
+    return _figures(t0, times, time.perf_counter(), "".join(pieces))
+
+
+def _figures(t0: float, times: list[float], end: float, text: str) -> dict:
+    assert times, "the reply had no content: nothing to time"
+    return {"ttft_s": times[0] - t0, "first_to_last_s": times[-1] - times[0], "wall_s": end - t0,
+            "chunks": len(times), "text": text}
+
+
+def user_with_audio(path: Path, text: str) -> dict:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                                        {"type": "text", "text": text}]}
+
+
+def bench_recording(client: openai.OpenAI, path: Path, folder: Path, seconds: float) -> dict:
+    """First question on the recording, then the follow-up resending the whole history."""
+    warm = write_recording(path.with_name("warm.wav"), 2.0)  # first-call costs (lazy imports, allocator) timed nowhere
+    api_turn(client, [user_with_audio(warm, QUESTION)], RECORDING_TOKENS)
+    history = [user_with_audio(path, QUESTION)]  # encoded before the clock starts: a client's file, read once
+    first = api_turn(client, history, RECORDING_TOKENS)
+    history += [{"role": "assistant", "content": first["text"]}, {"role": "user", "content": FOLLOW_UP}]
+    follow = api_turn(client, history, RECORDING_TOKENS)
+    cached = follow["usage"].prompt_tokens_details.cached_tokens
+    speedup = first["ttft_s"] / follow["ttft_s"]
+    costs = resent_audio_costs(path, folder, history)
+    return {"audio_s": seconds, "wav_mb": round(path.stat().st_size / 1e6, 1),
+            "request_mb": round(len(json.dumps(history)) / 1e6, 1),
+            "first_ttft_s": first["ttft_s"], "first_prompt_tokens": first["usage"].prompt_tokens,
+            "first_cached_tokens": first["usage"].prompt_tokens_details.cached_tokens,
+            "follow_up_ttft_s": follow["ttft_s"], "follow_up_prompt_tokens": follow["usage"].prompt_tokens,
+            "cached_tokens": cached, "new_tokens_prefilled": follow["usage"].prompt_tokens - cached,
+            "follow_up_resent_audio_s": costs, "follow_up_resent_audio_total_s": sum(costs.values()),
+            "speedup": speedup, "target_speedup": TARGET_SPEEDUP, "met": speedup >= TARGET_SPEEDUP}
+
+
+def resent_audio_costs(path: Path, folder: Path, history: list[dict]) -> dict:
+    """Work redone for the resent recording on every follow-up, timed in-process with the functions
+    the client and server use, while the server idles: app/api.py decodes, hashes and featurizes
+    every history clip before the pool finds that session already holds it. A floor under the TTFT."""
+    from transformers import AutoFeatureExtractor
+
+    filters = np.asarray(AutoFeatureExtractor.from_pretrained(folder).mel_filters, dtype=np.float32)
+    marks = [time.perf_counter()]
+    body = json.dumps({"model": "instruct", "messages": history})  # the client's encoding (the SDK's is similar)
+    marks.append(time.perf_counter())
+    json.loads(body)
+    marks.append(time.perf_counter())
+    raw = base64.b64decode(history[0]["content"][0]["input_audio"]["data"], validate=True)
+    marks.append(time.perf_counter())
+    audio_key(raw)
+    marks.append(time.perf_counter())
+    prepare_clip(raw, filters)
+    marks.append(time.perf_counter())
+    names = ("client_json_encode_s", "server_json_parse_s", "base64_decode_s", "hash_s", "featurize_s")
+    return dict(zip(names, np.diff(marks).tolist()))
+
+
+def bench_overhead(client: openai.OpenAI, engine: Engine, requests: int, tokens: int) -> dict:
+    """Library and API turns, alternated; medians of the paired differences."""
+    question = [{"role": "user", "content": SHORT}]
+    for _ in range(WARM_UP):  # warm-up: first-call costs (imports, allocator, connection) in no figure
+        library_turn(engine, SHORT, tokens), api_turn(client, question, tokens)
+    pairs = []
+    for _ in range(requests):
+        time.sleep(SETTLE_S)
+        lib = library_turn(engine, SHORT, tokens)
+        time.sleep(SETTLE_S)
+        pairs.append((lib, api_turn(client, question, tokens)))
+    per_request = [api["wall_s"] - lib["wall_s"] for lib, api in pairs]
+    per_chunk = [(api["first_to_last_s"] - lib["first_to_last_s"]) / api["chunks"] for lib, api in pairs]
+    request_ms, chunk_ms = statistics.median(per_request) * 1e3, statistics.median(per_chunk) * 1e3
+
+    def side(runs: list[dict]) -> dict:
+        return {key: [r[key] for r in runs] for key in ("wall_s", "first_to_last_s", "ttft_s", "chunks")}
+
+    return {"requests": requests, "tokens": tokens, "library": side([lib for lib, _ in pairs]),
+            "api": side([api for _, api in pairs]),
+            "same_text": all(lib["text"] == api["text"] for lib, api in pairs),  # the same turn on both sides
+            "per_request_s": per_request, "per_chunk_s": per_chunk,
+            "per_request_ms": request_ms, "per_chunk_ms": chunk_ms,
+            "target_request_ms": TARGET_REQUEST_MS, "target_chunk_ms": TARGET_CHUNK_MS,
+            "met": request_ms <= TARGET_REQUEST_MS and chunk_ms <= TARGET_CHUNK_MS}
+
+
+def overhead(client: openai.OpenAI, folder: Path, args: argparse.Namespace) -> dict:
+    """The overhead part with an in-process engine on the server's checkpoint, loaded only for it."""
+    engine = Engine(load(str(folder), device="cpu"))
+    try:
+        return bench_overhead(client, engine, args.requests, args.tokens)
+    finally:
+        engine.close()
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python bench/api.py", description=__doc__.splitlines()[0])
+    p.add_argument("--size", choices=["tiny", "mid"], default="mid", help="model for the recording follow-up")
+    p.add_argument("--overhead-size", choices=["tiny", "mid"], default="tiny", help="model for the overhead")
+    p.add_argument("--recording-seconds", type=float, default=600.0)
+    p.add_argument("--requests", type=int, default=15, help="library/API pairs for the overhead medians")
+    p.add_argument("--tokens", type=int, default=32, help="reply tokens per overhead turn")
+    p.add_argument("--out", help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, started = parse(argv), time.perf_counter()
+    result = {"command": "python bench/api.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "date": datetime.date.today().isoformat(), "machine": machine(torch.device("cpu")), "models": {},
+              "load_average_at_start": os.getloadavg()[0]}  # other work on the CPUs skews every figure
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folders = {size: write_checkpoint(work / size, size) for size in {args.size, args.overhead_size}}
+        for part, size in (("recording", args.size), ("overhead", args.overhead_size)):
+            result["models"][part] = {"size": size, "parameters": param_count(folders[size]), "dtype": "float32",
+                                      "weights": "random"}
+        path = write_recording(work / "recording.wav", args.recording_seconds)
+        with serve(folders[args.size], work) as client:
+            result["recording"] = bench_recording(client, path, folders[args.size], args.recording_seconds)
+            print("done: recording", file=sys.stderr, flush=True)
+            if args.overhead_size == args.size:  # one server start fewer (the test's tiny run)
+                result["overhead"] = overhead(client, folders[args.size], args)
+        if "overhead" not in result:  # the recording's server is gone: it takes no CPU from this part
+            with serve(folders[args.overhead_size], work) as client:
+                result["overhead"] = overhead(client, folders[args.overhead_size], args)
+    result["targets_met"] = {"follow_up_speedup": result["recording"]["met"], "overhead": result["overhead"]["met"]}
+    result["run_s"], result["load_average_at_end"] = time.perf_counter() - started, os.getloadavg()[0]
+    write_json(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The OpenAI-compatible API as its users call it: the official openai SDK against the running app."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import openai
+import pytest
+import soundfile as sf
+
+from tests.test_cli import cli, wav
+from tests.web.running import free_port, running
+
+KEY = "test-key-123"
+TURNS = [("What is this?", 5.0), ("And what comes after it?", None), ("Compare it with this one.", 2.0)]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    """`python -m app --model TINY --api-key KEY`, up once its /health answers."""
+    port = str(free_port())
+    log = tmp_path_factory.mktemp("api") / "app.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    with running(["-m", "app", "--model", str(tiny_dir), "--port", port, "--api-key", KEY], log, env=env) as (_, url):
+        yield url
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def clips(folder: Path) -> list[str | None]:
+    return [None if s is None else wav(folder / f"clip{i}.wav", s, seed=i) for i, (_, s) in enumerate(TURNS)]
+
+
+def user(text: str, path: str | None) -> dict:
+    if path is None:
+        return {"role": "user", "content": text}
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                                        {"type": "text", "text": text}]}
+
+
+def converse(client: openai.OpenAI, paths: list[str | None], stream: bool) -> list[tuple[str, object]]:
+    """Three turns, each request resending the whole conversation; (answer, usage) per turn."""
+    messages, out = [], []
+    for (text, _), path in zip(TURNS, paths):
+        messages.append(user(text, path))
+        if stream:
+            chunks = list(client.chat.completions.create(model="instruct", messages=messages, max_tokens=MAX_TOKENS,
+                                                          stream=True, stream_options={"include_usage": True}))
+            answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            assert chunks[-1].usage is not None and [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            usage = chunks[-1].usage
+        else:
+            done = client.chat.completions.create(model="instruct", messages=messages, max_tokens=MAX_TOKENS)
+            answer, usage = done.choices[0].message.content, done.usage
+        out.append((answer, usage))
+        messages.append({"role": "assistant", "content": answer})
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_three_turns_two_clips_equal_the_cli_and_reuse_the_cache(client, tiny_dir, tmp_path, stream):
+    paths = clips(tmp_path)
+    got = converse(client, paths, stream)
+    lines = "".join(json.dumps({"text": text, "audio": path, "max_new_tokens": MAX_TOKENS}) + "\n"
+                    for (text, _), path in zip(TURNS, paths))
+    proc = cli("chat", "--model", str(tiny_dir), "--jsonl", stdin=lines)
+    assert proc.returncode == 0, proc.stderr
+    reference = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [answer for answer, _ in got] == [r["answer"] for r in reference]
+    assert all(answer for answer, _ in got), "empty replies would prove nothing"
+    assert [u.prompt_tokens for _, u in got] == [r["prompt_tokens"] for r in reference]
+    cached = [u.prompt_tokens_details.cached_tokens for _, u in got]
+    assert cached[0] == 0 and all(c > 0 for c in cached[1:]), cached
+    assert cached[2] > cached[1], "each follow-up continues the kept session"
+
+
+def test_models_and_think(client):
+    assert {m.id for m in client.models.list()} == {"instruct", "think"}
+    done = client.chat.completions.create(model="think", messages=[{"role": "user", "content": "Why?"}], max_tokens=8)
+    message = done.choices[0].message
+    assert message.model_extra is not None and "reasoning_content" in message.model_extra
+    assert isinstance(message.model_extra["think_steps"], list)
+
+
+def bad(client: openai.OpenAI, **body) -> openai.APIStatusError:
+    body = {"model": "instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, **body}
+    with pytest.raises(openai.APIStatusError) as caught:
+        client.chat.completions.create(**body)
+    return caught.value
+
+
+def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
+    noise = tmp_path / "not-audio.wav"
+    noise.write_text("this is not audio")
+    cases = [
+        (dict(model="gpt-4o"), 404, "does not exist"),
+        (dict(temperature=-1), 400, "temperature"),
+        (dict(messages=[]), 400, "messages"),
+        (dict(messages=[{"role": "assistant", "content": "Hi"}]), 400, "last message"),
+        (dict(messages=[user("Hi", str(noise))]), 400, "audio"),
+        (dict(messages=[{"role": "user", "content": [{"type": "input_audio",
+                                                      "input_audio": {"data": "!!notbase64", "format": "wav"}}]}]),
+         400, "base64"),
+        (dict(messages=[{"role": "user", "content": [{"type": "audio_url",
+                                                      "audio_url": {"url": "http://example.com/a.wav"}}]}]),
+         400, "fetches no URLs"),
+        (dict(n=2), 400, "n must be 1"),
+        (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "mp3"}, stream=True), 400, "pcm16"),
+        (dict(modalities=["text", "video"]), 400, "modalities"),
+        (dict(stop=["a"] * 5), 400, "stop"),
+    ]
+    for body, status, words in cases:
+        error = bad(client, **body)
+        assert error.status_code == status, (body, error)
+        assert words in error.body["message"], (body, error.body)
+    no_key = openai.OpenAI(base_url=server + "v1", api_key="wrong", max_retries=0)
+    assert bad(no_key).status_code == 401
+    host, port = server.removeprefix("http://").strip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=b"{", headers={"Authorization": f"Bearer {KEY}",
+                                                                     "Content-Length": str(200 << 20)})
+    answer = conn.getresponse()
+    assert answer.status == 413 and "MiB" in json.loads(answer.read())["error"]["message"]
+    ok = client.chat.completions.create(model="instruct", messages=[{"role": "user", "content": "Still there?"}],
+                                        max_tokens=3)
+    assert ok.choices[0].message.content is not None, "the server answers the next request"
+
+
+def test_stop_sequences_cut_the_answer(client):
+    whole = client.chat.completions.create(model="instruct", messages=[{"role": "user", "content": "Go"}],
+                                           max_tokens=16, extra_body={"repetition_penalty": 1.0})
+    text = whole.choices[0].message.content
+    assert len(text) > 4
+    stop = text[3:5]
+    cut = client.chat.completions.create(model="instruct", messages=[{"role": "user", "content": "Go"}],
+                                         max_tokens=16, stop=[stop], extra_body={"repetition_penalty": 1.0})
+    assert cut.choices[0].message.content == text[:text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_audio_url_data_uri_is_audio(client, tmp_path):
+    path = tmp_path / "a.flac"
+    sf.write(path, np.random.default_rng(3).uniform(-0.1, 0.1, 16000), 16000)
+    url = "data:audio/flac;base64," + base64.b64encode(path.read_bytes()).decode()
+    done = client.chat.completions.create(model="instruct", max_tokens=4, messages=[{"role": "user", "content": [
+        {"type": "audio_url", "audio_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}])
+    assert done.usage.prompt_tokens > 25, "a 1 s clip adds 25 audio tokens"

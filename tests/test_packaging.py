@@ -1,0 +1,115 @@
+"""Packaging: pyproject.toml agrees with the requirements files, and the `afnext` console script
+(afnext/cli.py) reaches every entry point with that entry point's own flags."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from afnext import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Flags only that subcommand's own parser has: seeing them in its --help proves the dispatch.
+OWN_FLAGS = {
+    "serve": ["--think-model", "--upload-quota-gb", "--tts-model"],
+    "ask": ["--think", "--max-new-tokens", "--dtype"],
+    "chat": ["--jsonl", "--no-cache", "--dtype"],
+    "voice": ["--input", "--realtime", "--tts-model"],
+    "vad": ["--backend", "--hangover-ms"],
+    "tts": ["--engine", "--out"],
+    "tiny": ["--size", "--seed", "--tts"],
+    "bench": ["--durations", "--decode"],
+    "desktop": ["--list-devices", "--server", "--input-device"],
+}
+
+
+def _help(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_subcommand_is_tested():
+    assert set(OWN_FLAGS) == set(cli.COMMANDS)
+
+
+@pytest.mark.parametrize("name", list(OWN_FLAGS))
+def test_subcommand_help_is_its_entry_points(name, capsys):
+    text = _help([name, "--help"], capsys)
+    for flag in OWN_FLAGS[name]:
+        assert flag in text, f"afnext {name} --help lacks {flag}"
+
+
+def test_top_level_help_names_every_subcommand(capsys):
+    assert cli.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"  {name} " in text for name in cli.COMMANDS)
+
+
+def test_no_command_and_unknown_command_are_usage_errors(capsys):
+    assert cli.main([]) == 2
+    assert "usage: afnext" in capsys.readouterr().err
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command 'nonsense'" in capsys.readouterr().err
+
+
+def test_tiny_writes_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    assert cli.main(["tiny", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert "random-weight tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["serve", "ask", "chat", "voice", "desktop"])
+def test_shared_flags_read_the_same_everywhere(name, capsys):
+    """--model/--device (and --tts/--tts-model where there is a voice) come from one helper."""
+    text = " ".join(_help([name, "--help"], capsys).split())  # argparse wraps to the terminal's width
+    assert cli.MODEL_HELP in text and cli.DEVICE_HELP in text
+    assert ("--tts {espeak,pocket}" in text) == (name in ("serve", "voice", "desktop"))
+
+
+def test_shared_flags_keep_their_defaults():
+    import app.__main__ as serve
+    from app import desktop
+
+    served = serve.parser().parse_args([])
+    assert (served.model, served.device, served.tts, served.tts_model) == ("instruct", "auto", "espeak", None)
+    local = desktop._parser().parse_args([])
+    assert (local.model, local.device, local.tts, local.tts_model) == (cli.DEFAULT_MODEL, "auto", "espeak", None)
+
+
+def test_the_library_does_not_import_app():
+    code = "import sys, afnext.cli; sys.exit(any(m == 'app' or m.startswith('app.') for m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+def _requirements(path: Path) -> dict[str, str]:
+    """{canonical name: requirement} of a requirements file: comments dropped, `-r` includes skipped."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            req = Requirement(line)
+            found[canonicalize_name(req.name)] = str(req)
+    return found
+
+
+def _by_name(specs: list[str]) -> dict[str, str]:
+    return {canonicalize_name(Requirement(s).name): str(Requirement(s)) for s in specs}
+
+
+def test_pyproject_dependencies_are_the_requirements_files():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dependencies = _by_name(project["dependencies"])
+    assert dependencies == _requirements(ROOT / "requirements.txt")
+    assert dependencies["torch"] == "torch==2.13.0" and dependencies["transformers"] == "transformers==5.24.0"
+    assert _by_name(project["optional-dependencies"]["dev"]) == _requirements(ROOT / "requirements-dev.txt")
+    assert project["scripts"] == {"afnext": "afnext.cli:main"}

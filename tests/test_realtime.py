@@ -1,0 +1,182 @@
+"""The Realtime voice WebSocket as its users drive it: the official openai SDK against the running app."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import numpy as np
+import openai
+import pytest
+
+from tests.test_assistant import silence, speech
+from tests.web.running import free_port, running
+
+RATE = 24_000
+CHUNK_S = 0.1  # seconds of audio per append, as voice clients send it
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The browser tests' server: its "think" model answers with a long fixed script (tests/web/scripted.py),
+    generated at 10 tokens a second, so a reply is still being made when the user cuts in."""
+    port = str(free_port())
+    log = tmp_path_factory.mktemp("realtime") / "app.log"
+    with running(["-m", "tests.web.server", "--port", port, "--step-delay-s", "0.1"], log) as (_, url):
+        yield url
+
+
+def pcm24(audio16k: np.ndarray) -> list[str]:
+    """16 kHz float audio → base64 pcm16 24 kHz pieces of CHUNK_S."""
+    audio = _resample(audio16k)
+    step = round(CHUNK_S * RATE)
+    return [base64.b64encode((np.clip(audio[i:i + step], -1, 1) * 32767).astype("<i2").tobytes()).decode()
+            for i in range(0, len(audio), step)]
+
+
+def _resample(audio16k: np.ndarray) -> np.ndarray:
+    import soxr
+
+    return soxr.resample(audio16k, 16_000, RATE).astype(np.float32)
+
+
+class Conversation:
+    """Events from a realtime connection, read on a thread so the test can wait with a deadline."""
+
+    def __init__(self, connection) -> None:
+        self.connection, self.events, self.lock = connection, [], threading.Lock()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            for event in self.connection:
+                with self.lock:
+                    self.events.append(event)
+        except Exception:  # the socket closed at the end of the test
+            pass
+
+    def wait_for(self, kind: str, count: int = 1, timeout: float = 120.0, **fields) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                found = [e for e in self.events if e.type == kind
+                         and all(_field(e, k) == v for k, v in fields.items())]
+            if len(found) >= count:
+                return found
+            time.sleep(0.02)
+        raise AssertionError(f"no {count} × {kind} {fields} within {timeout} s; got {[e.type for e in self.events]}")
+
+    def types(self) -> list[str]:
+        with self.lock:
+            return [e.type for e in self.events]
+
+
+def _field(event, path: str):
+    value = event
+    for key in path.split("."):
+        value = getattr(value, key, None) if not isinstance(value, dict) else value.get(key)
+    return value
+
+
+def say(connection, audio16k: np.ndarray) -> None:
+    for piece in pcm24(audio16k):
+        connection.input_audio_buffer.append(audio=piece)
+
+
+def test_server_vad_turn_barge_in_and_truncate(server):
+    client = openai.OpenAI(base_url=server + "v1", api_key="unused", max_retries=0)
+    with client.realtime.connect(model="think") as connection:
+        talk = Conversation(connection)
+        talk.wait_for("session.created")
+        connection.session.update(session={"type": "realtime", "output_modalities": ["audio"], "audio": {
+            "input": {"format": {"type": "audio/pcm", "rate": RATE},
+                      "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+        talk.wait_for("session.updated")
+        say(connection, np.concatenate([speech("What is on my shopping list today?"), silence(1.0)]))
+        first = talk.wait_for("response.created")[0].response.id
+        time.sleep(1.0)  # the reply is being made (its reasoning comes first, unspoken)
+        say(connection, np.concatenate([speech("Stop, wait a moment."), silence(1.0)]))  # over it
+        cancelled = talk.wait_for("response.done")[0]
+        assert cancelled.response.id == first and cancelled.response.status == "cancelled"
+        done = talk.wait_for("response.done", count=2)[1]
+        assert done.response.status == "completed"
+        item = done.response.output[0].id  # its audio plays on the client; the user cuts in after 0.8 s
+        connection.send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
+                         "audio_end_ms": 800})
+        truncated = talk.wait_for("conversation.item.truncated")[0]
+        assert truncated.item_id == item and truncated.audio_end_ms == 800
+
+    types = talk.types()
+    order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
+             "conversation.item.added", "response.created", "response.done"]
+    positions = [types.index(kind) for kind in order]
+    assert positions == sorted(positions), types[:40]
+    answer = [i for i, e in enumerate(talk.events) if getattr(e, "response_id", None) == done.response.id]
+    kinds = [talk.events[i].type for i in answer]
+    assert kinds.index("response.output_audio_transcript.delta") < kinds.index("response.output_audio.delta")
+    assert not any(getattr(e, "response_id", None) == first and e.type.endswith(".delta") for e in talk.events), \
+        "nothing of the cancelled reply was sent"
+    assert types.count("input_audio_buffer.speech_started") == 2, "the barge-in was heard as speech"
+    audio = b"".join(base64.b64decode(e.delta) for e in talk.events
+                     if e.type == "response.output_audio.delta" and e.response_id == done.response.id)
+    samples = np.frombuffer(audio, "<i2").astype(np.float32) / 32768
+    assert len(samples) > RATE and np.abs(samples).max() > 0.05, "the reply is audible speech"
+    transcript = [e for e in talk.events if e.type == "response.output_audio_transcript.done"][-1].transcript
+    assert "milk" in transcript, transcript
+
+
+def test_text_items_manual_turns_and_errors(server):
+    client = openai.OpenAI(base_url=server + "v1", api_key="unused", max_retries=0)
+    with client.realtime.connect(model="instruct") as connection:
+        talk = Conversation(connection)
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                           "audio": {"input": {"turn_detection": None}}})
+        talk.wait_for("session.updated")
+        connection.send({"type": "response.create"})
+        assert "no user item" in talk.wait_for("error")[0].error.message
+        connection.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}})
+        connection.send({"type": "response.create"})
+        done = talk.wait_for("response.done")[0]
+        assert done.response.status == "completed"
+        text = talk.wait_for("response.output_text.done")[0].text
+        assert text == "".join(e.delta for e in talk.events if e.type == "response.output_text.delta")
+        say(connection, speech("And this?"))
+        connection.send({"type": "input_audio_buffer.commit"})
+        talk.wait_for("input_audio_buffer.committed")
+        connection.send({"type": "response.create"})
+        talk.wait_for("response.done", count=2)
+        connection.send({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm",
+                                                                                              "rate": 8000}}}}})
+        connection.send({"type": "no.such.event"})
+        errors = talk.wait_for("error", count=3)
+        assert "pcm16" in errors[1].error.message and "Unknown" in errors[2].error.message
+        connection.send({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Still there?"}]}})
+        connection.send({"type": "response.create"})
+        talk.wait_for("response.done", count=3)
+    assert json.dumps([e.type for e in talk.events])  # every event parsed as an SDK event object
+
+
+def test_chat_completions_speak_the_answer(server):
+    """Audio out over Chat Completions, whole (a WAV file) and streamed (pcm16 deltas with the transcript)."""
+    from afnext.audio import load_audio
+
+    client = openai.OpenAI(base_url=server + "v1", api_key="unused", max_retries=0, timeout=120)
+    question = [{"role": "user", "content": "What is it?"}]
+    whole = client.chat.completions.create(model="think", messages=question, modalities=["text", "audio"],
+                                           audio={"voice": "alloy", "format": "wav"})
+    audio = whole.choices[0].message.audio
+    assert whole.choices[0].message.content is None and "milk and eggs" in audio.transcript
+    speech_16k = load_audio(base64.b64decode(audio.data))
+    assert len(speech_16k) > 16_000 and np.abs(speech_16k).max() > 0.05, "a second or more of audible speech"
+    chunks = list(client.chat.completions.create(model="think", messages=question, modalities=["text", "audio"],
+                                                 audio={"voice": "alloy", "format": "pcm16"}, stream=True))
+    parts = [c.choices[0].delta.audio for c in chunks if c.choices and c.choices[0].delta.audio]
+    transcript = "".join(p.transcript or "" for p in parts)
+    pcm = b"".join(base64.b64decode(p.data) for p in parts if p.data)
+    assert transcript == audio.transcript
+    assert len(pcm) // 2 > RATE and len({p.id for p in parts}) == 1
