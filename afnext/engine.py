@@ -170,6 +170,14 @@ class Engine:
                 log.exception("encoding a clip failed; its turn is told and rolled back")
                 self._finish(prefill, error=exc)
             prefill = None
+        if prefill is not None and prefill.embeds is None:
+            try:  # every clip is encoded: lay the turn's embeddings out once
+                prefill.embeds = self.embed(prefill.ids, torch.cat(prefill.audio) if prefill.audio else None)
+                prefill.audio = []
+            except Exception as exc:  # its own failure: the decoding requests go on
+                log.exception("a turn's embeddings could not be laid out")
+                self._finish(prefill, error=exc)
+                prefill = None
         try:
             rows = self._forward(decodes, prefill)
             tokens = pick([r.picker for r, _ in rows], torch.stack([logits for _, logits in rows])) if rows else []
@@ -203,9 +211,6 @@ class Engine:
                 wanting.append(r)
         t0 = time.perf_counter()
         if prefill is not None:
-            if prefill.embeds is None:  # every clip is encoded: lay the turn's embeddings out once
-                prefill.embeds = self.embed(prefill.ids, torch.cat(prefill.audio) if prefill.audio else None)
-                prefill.audio = []
             n = min(self.prefill_chunk_tokens, len(prefill.ids) - prefill.fed)
             pieces.append(prefill.embeds[prefill.fed:prefill.fed + n])
             segments.append(Segment(prefill.cache, prefill.cache.get_seq_length(), n))
@@ -271,6 +276,8 @@ class Engine:
         started = request.picker is not None and error is None
         if not started and request.start_len is not None and request.start_len < request.cache.get_seq_length():
             request.cache.crop(request.start_len - request.cache.get_seq_length())  # a partial prefill
+        if request.start_len is not None:
+            request.cache.release_spare()
         self._tell(request, Finished(request, interrupted=interrupted and started, error=error, started=started))
 
     @staticmethod

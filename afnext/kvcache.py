@@ -132,6 +132,15 @@ class GrowingLayer(DynamicLayer):
         if self.is_initialized and self._k is not None and tokens > self.capacity:
             self._grow(tokens, self._k, self._v)
 
+    def release_spare(self) -> None:
+        """Give back room reserved for a reply that came out shorter (a 5-token answer asked with
+        max_tokens 100,000), when the spare room outweighs the filled part and a growth step."""
+        if self.is_initialized and self._k is not None and not self.is_compileable:
+            keep = -(-max(self._length, MIN_CAPACITY) // MIN_CAPACITY) * MIN_CAPACITY
+            if self.capacity - self._length > self._length + GROW_MAX_TOKENS:
+                self._k, self._v = self._k[..., :keep, :].clone(), self._v[..., :keep, :].clone()
+                self._set_length(self._length)
+
     def _grow(self, need: int, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         old = self.capacity
         reserved = self._owner.reserved if self._owner is not None else 0
@@ -175,6 +184,12 @@ class SessionCache(Cache):
         self.reserved = tokens
         for layer in self.layers:
             layer.reserve(tokens)
+
+    def release_spare(self) -> None:
+        """The turn is over: room reserved beyond what it used goes back (see GrowingLayer)."""
+        self.reserved = 0
+        for layer in self.layers:
+            layer.release_spare()
 
 
 def new_cache() -> SessionCache:

@@ -10,8 +10,8 @@ the token ids the model generated as long as the client sends back the same text
 equals the one the same turns get in one live session (the CLI's).
 
 A session is lent to one request at a time; a second request on the same history meanwhile gets a
-fresh session. The least recently used sessions beyond `max_sessions` are dropped; KV memory itself
-is the engine's `CacheKeeper`'s to manage (idle caches move to CPU memory, none is lost).
+fresh session. The least recently used sessions are dropped beyond `max_sessions` or `max_bytes` of
+KV cache; the engine's `CacheKeeper` decides which kept caches stay on the GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from .engine import Engine
 from .session import Session
 
 MAX_SESSIONS = 256  # kept conversations per engine: a few dozen voice chats and recordings, with room
+# bytes of KV cache the kept sessions may hold in all, wherever the CacheKeeper has put them (an idle
+# cache moved off the GPU still takes CPU memory): three 30-minute recordings on AF-Next in bf16,
+# or some 150 voice chats of a thousand tokens
+MAX_KEPT_BYTES = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,8 @@ class Lease:
 class SessionPool:
     """Sessions of one engine keyed by the conversations they hold. Thread-safe."""
 
-    def __init__(self, engine: Engine, max_sessions: int = MAX_SESSIONS) -> None:
-        self.engine, self.max_sessions = engine, max_sessions
+    def __init__(self, engine: Engine, max_sessions: int = MAX_SESSIONS, max_bytes: int = MAX_KEPT_BYTES) -> None:
+        self.engine, self.max_sessions, self.max_bytes = engine, max_sessions, max_bytes
         self._kept: OrderedDict[tuple, Session] = OrderedDict()  # history key → session, least recent first
         self._lock = threading.Lock()
 
@@ -93,8 +97,12 @@ class SessionPool:
         with self._lock:
             self._kept[key] = session
             self._kept.move_to_end(key)
-            while len(self._kept) > self.max_sessions:
+            while len(self._kept) > self.max_sessions or (len(self._kept) > 1 and self.kept_bytes() > self.max_bytes):
                 self._kept.popitem(last=False)
+
+    def kept_bytes(self) -> int:
+        """KV cache bytes the kept sessions hold (buffers with their spare room)."""
+        return sum(s.cache_bytes for s in self._kept.values())
 
     def __len__(self) -> int:
         return len(self._kept)

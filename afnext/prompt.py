@@ -37,6 +37,22 @@ def check_text(text: str) -> None:
                          " send UTF-8 text.") from None
 
 
+def check_control_tokens(loaded: LoadedModel, text: str) -> None:
+    """Refuse text that spells one of the checkpoint's control tokens (`<sound>`, `<|im_start|>` …): the
+    tokenizer would read it as the token itself — an audio slot with no audio, or a forged turn."""
+    for token in _control_tokens(loaded):
+        if token in text:
+            raise ValueError(f"The text contains {token!r}, one of the model's control tokens; remove it.")
+
+
+def _control_tokens(loaded: LoadedModel) -> tuple[str, ...]:
+    found = getattr(loaded.tokenizer, "_afnext_control", None)
+    if found is None:
+        found = tuple(t for t in loaded.tokenizer.get_added_vocab() if t.startswith("<") and t.endswith(">"))
+        loaded.tokenizer._afnext_control = found
+    return found
+
+
 def user_message(text: str, *, has_clip: bool, think: bool, is_think: bool) -> dict:
     """The user message as the chat template sees it: audio first, then the text (with the Think
     instruction appended in Think mode; `is_think` says which instruction the checkpoint wants)."""

@@ -26,7 +26,7 @@ from . import prompt
 from .clip import Clip, prepare_clip
 from .engine import PREFILLED, Engine, Finished
 from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
-from .kvcache import new_cache
+from .kvcache import cache_bytes, new_cache
 from .prompt import MAX_TEXT_CHARS, THINK_PREFILL, THINK_PROMPT, THINK_PROMPT_INSTRUCT  # noqa: F401 (public here too)
 from .sampling import GenerationOptions
 from .scheduler import WAITING, Cancel, Request
@@ -81,6 +81,7 @@ class Session:
         if role not in ("user", "assistant") or (role == "assistant" and audio is not None):
             raise ValueError("Only user turns (text and/or audio) and assistant replies (text) can be added.")
         loaded = self.engine.loaded
+        prompt.check_control_tokens(loaded, text)
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         self._settled.wait()
@@ -109,6 +110,11 @@ class Session:
         self._reply_at = None
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes the session's KV cache takes, wherever it is (device or CPU memory)."""
+        return 0 if self._cache is None else cache_bytes(self._cache)
+
+    @property
     def cached_tokens(self) -> int:
         """Tokens of the conversation already in the KV cache: what the next turn need not prefill."""
         return self._cached if self.use_cache else 0
@@ -130,6 +136,7 @@ class Session:
         if not text.strip() and audio is None:
             raise ValueError("A turn needs a question, an audio clip, or both.")
         loaded = self.engine.loaded
+        prompt.check_control_tokens(loaded, text)
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         self._settled.wait()  # the previous turn's reply is in `messages` before this one is built

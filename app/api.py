@@ -12,6 +12,7 @@ key, 404 model, 413 body, 429 busy, 503 loading), and the server goes on serving
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 96 << 20  # a 30-minute 16 kHz WAV is 58 MB, 77 MB in base64; compressed audio far less
 MAX_WAITING = 64  # turns waiting for the engine; beyond, 429 at once rather than a wait of minutes
+# Requests being answered at once through the API, each on a thread of its own (a generation would
+# otherwise hold one of the 40 threads Starlette shares with the page for its whole length).
+MAX_TURNS = 128
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Api:
         self.loader, self.api_key = loader, api_key
         self._pools: dict[int, SessionPool] = {}
         self._lock = threading.Lock()
+        self._turns = 0  # requests being answered (touched on the event loop only)
 
     def routes(self) -> list[Route]:
         return [Route("/v1/models", self.models, methods=["GET"]),
@@ -95,28 +99,44 @@ class Api:
                                                         for name, root in roots.items()]})
 
     async def chat(self, request: Request):
+        if self._turns >= MAX_TURNS:
+            return _error(wire.WireError(429, "The server is answering as many requests as it can; try again in a "
+                                              "few seconds.", kind="rate_limit_exceeded"))
+        self._turns += 1
+        streaming = False
         try:
             self._authorize(request)
-            body = wire.parse_chat(await _json_body(request))
+            body = await _off_loop(wire.parse_chat, await _json_body(request))
             target = self._target(body.model)
-            turn = await run_in_threadpool(_turn, body, target)
+            turn = await _off_loop(_turn, body, target)
             if target.engine.waiting >= MAX_WAITING:
                 raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded")
-            lease = await run_in_threadpool(target.pool.lease, turn.history)
+            lease = await _off_loop(target.pool.lease, turn.history)
+            reply = Reply(target, lease, turn, wire.new_id())
+            if body.stream:
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                streaming = True
+                return StreamingResponse(self._counted(reply.sse(include_usage)), media_type="text/event-stream")
+            return JSONResponse(await _off_loop(reply.whole))
         except wire.WireError as exc:
             return _error(exc)
         except (AudioError, ContextFullError, ValueError, TypeError) as exc:
             return _error(wire.WireError(400, str(exc)))
-        reply = Reply(target, lease, turn, wire.new_id())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(reply.sse(include_usage), media_type="text/event-stream")
-        try:
-            return JSONResponse(await run_in_threadpool(reply.whole))
         except Exception as exc:  # the engine failed this turn; it goes on serving others
             log.exception("chat completion failed")
             return _error(wire.WireError(500, f"The model failed on this request ({type(exc).__name__}).",
                                          kind="server_error"))
+        finally:
+            if not streaming:
+                self._turns -= 1
+
+    async def _counted(self, chunks):
+        """A streamed reply's chunks, counted among the requests being answered until it ends."""
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self._turns -= 1
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -181,7 +201,7 @@ class Reply:
         name = self.target.name
         yield _event(wire.chunk(self.cid, name, {"role": "assistant", "content": ""}))
         try:
-            async for kind, value in iterate_in_threadpool(self.events()):
+            async for kind, value in _iterate_off_loop(self.events()):
                 if kind == "content" and self.turn.audio is not None:
                     yield _event(wire.chunk(self.cid, name, {"audio": {"id": self.audio_id, "transcript": value}}))
                 elif kind == "audio":
@@ -337,6 +357,52 @@ def _steps(reply) -> list[dict]:
     return [{"start": s.start, "end": s.end, "text": s.text} for s in reply.steps]
 
 
+async def _off_loop(fn, *args):
+    """`fn(*args)` on a thread of its own, awaited: decoding audio or waiting on the model never
+    holds the event loop, nor a thread of the pool Starlette shares with the page."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result, error) -> None:
+        if not future.done():
+            future.set_exception(error) if error is not None else future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="afnext-api", daemon=True).start()
+    return await future
+
+
+async def _iterate_off_loop(items: Iterator):
+    """A blocking iterator's items, produced on a thread of its own. If the consumer stops early the
+    thread runs on until the iterator ends (a reply stops within a step once its cancel is set)."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    end = object()
+
+    def run() -> None:
+        try:
+            for item in items:
+                loop.call_soon_threadsafe(queue.put_nowait, (item, None))
+            loop.call_soon_threadsafe(queue.put_nowait, (end, None))
+        except BaseException as exc:
+            loop.call_soon_threadsafe(queue.put_nowait, (end, exc))
+
+    threading.Thread(target=run, name="afnext-api-stream", daemon=True).start()
+    while True:
+        item, error = await queue.get()
+        if error is not None:
+            raise error
+        if item is end:
+            return
+        yield item
+
+
 async def _json_body(request: Request) -> object:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
@@ -347,6 +413,10 @@ async def _json_body(request: Request) -> object:
         body += piece
         if len(body) > MAX_BODY_BYTES:
             raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB.")
+    return await _off_loop(_parse_json, bytes(body))  # 90 MB of JSON take a second to parse: not on the loop
+
+
+def _parse_json(body: bytes) -> object:
     try:
         return json.loads(body, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError):

@@ -41,6 +41,8 @@ ROUTE = "/v1/realtime"
 MAX_SESSIONS = 64  # sockets at once; more are refused with 1013 (try again later)
 MAX_PER_ADDRESS = 8  # sockets from one client address: a fair share of MAX_SESSIONS
 MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
+MAX_PENDING_EVENTS = 512  # client events waiting for the feeder (~50 s of 100 ms appends); more: the socket ends
+TRUNCATE_WAIT_S = 5.0  # a reply cut off by truncate winds down within a step; this is the safety net
 KEY_PROTOCOL = "openai-insecure-api-key."  # how OpenAI's browser clients send the key
 
 
@@ -61,7 +63,7 @@ class RealtimeLink:
         self.config = wire.Config()
         self.session: Session | None = None  # made at the first turn, with the instructions then in force
         self.assistant: Assistant | None = None
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue = queue.Queue(MAX_PENDING_EVENTS)
         self._buffer: list[np.ndarray] = []  # appended audio (24 kHz int16) awaiting a commit, manual mode
         self._items: list[tuple[str, str, np.ndarray | None]] = []  # committed user items awaiting a response
         self._last_item: str | None = None
@@ -71,10 +73,19 @@ class RealtimeLink:
         send(wire.event("session.created", session=self.config.describe(model)))
 
     def receive(self, event: dict) -> None:
-        self._inbox.put(event)
+        """Queue a client event (never blocks). OverflowError when MAX_PENDING_EVENTS already wait."""
+        try:
+            self._inbox.put_nowait(event)
+        except queue.Full:
+            raise OverflowError("The client sent events faster than the server could act on them.") from None
 
     def close(self) -> None:
-        self._inbox.put(None)
+        while True:  # make room for the end mark: what still waits is not acted on
+            try:
+                self._inbox.put_nowait(None)
+                break
+            except queue.Full:
+                self._inbox.get_nowait()
         self._feeder.join(5)
         if self.assistant is not None:
             self.assistant.close()
@@ -149,9 +160,12 @@ class RealtimeLink:
         item, ms = event.get("item_id"), event.get("audio_end_ms")
         if not isinstance(ms, int) or isinstance(ms, bool) or ms < 0:
             raise wire.ProtocolError("audio_end_ms must be a whole number of milliseconds.")
+        if self._out.running(item) and self.assistant is not None:
+            self.assistant.interrupt()  # truncating a reply still being made: the user stopped listening
         heard = self._out.heard(item, ms)
         if heard is None:
-            raise wire.ProtocolError("Only the latest reply can be truncated.", "item_truncate_invalid_item_id")
+            raise wire.ProtocolError("Only the latest reply can be truncated, once it is done or cancelled.",
+                                     "item_truncate_invalid_item_id")
         text, messages = heard
         self.session.wait()
         if len(self.session.messages) == messages:  # no turn has begun since: the reply is still the last
@@ -208,6 +222,10 @@ class _Responses:
         if self._thread is not None:
             self._thread.join(10)
 
+    def running(self, item: object) -> bool:
+        """The reply with this item id is still being made."""
+        return any(r["item"] == item for r in list(self._replies))
+
     def said(self, item: str) -> None:
         self._said = item
 
@@ -217,7 +235,7 @@ class _Responses:
         Speech is paced evenly enough over its transcript to cut at a word: the share of the audio
         played is the share of the transcript kept."""
         reply = next((r for r in [*self._replies, self._latest] if r is not None and r["item"] == item), None)
-        if reply is None or not reply["done"].wait(30):  # a reply cut off just now winds down within a step
+        if reply is None or not reply["done"].wait(TRUNCATE_WAIT_S):  # a cut-off reply winds down within a step
             return None
         if reply is not self._latest:
             return None
@@ -370,6 +388,8 @@ class RealtimeServer:
                     link.receive(wire.parse(message.get("text") if message.get("text") is not None else message.get("bytes")))
                 except wire.ProtocolError as exc:
                     outbox.put_nowait(wire.error(exc))
+        except OverflowError as exc:
+            await ws.close(code=1008, reason=str(exc)[:120])
         except WebSocketDisconnect:
             pass
         finally:

@@ -115,6 +115,7 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
                                                       "audio_url": {"url": "http://example.com/a.wav"}}]}]),
          400, "fetches no URLs"),
         (dict(n=2), 400, "n must be 1"),
+        (dict(messages=[{"role": "user", "content": "Play this <sound> for me"}]), 400, "control tokens"),
         (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "mp3"}, stream=True), 400, "pcm16"),
         (dict(modalities=["text", "video"]), 400, "modalities"),
         (dict(stop=["a"] * 5), 400, "stop"),
@@ -155,3 +156,24 @@ def test_audio_url_data_uri_is_audio(client, tmp_path):
     done = client.chat.completions.create(model="instruct", max_tokens=4, messages=[{"role": "user", "content": [
         {"type": "audio_url", "audio_url": {"url": url}}, {"type": "text", "text": "What is it?"}]}])
     assert done.usage.prompt_tokens > 25, "a 1 s clip adds 25 audio tokens"
+
+
+def test_the_pool_keeps_sessions_within_its_memory_bound(loaded):
+    """Kept conversations are dropped, least recently used first, past the pool's bytes of KV cache."""
+    from afnext.engine import Engine
+    from afnext.events import TurnDone
+    from afnext.pool import Message, SessionPool
+    from afnext.sampling import GenerationOptions
+
+    engine = Engine(loaded)
+    try:
+        pool = SessionPool(engine, max_bytes=1)  # room for one at most
+        for text in ("first", "second", "third"):
+            lease = pool.lease([])
+            reply = [e for e in lease.session.ask(text, options=GenerationOptions(max_new_tokens=2))
+                     if isinstance(e, TurnDone)][0].reply
+            pool.keep(lease, Message("user", text), reply.answer)
+        assert len(pool) == 1 and pool.kept_bytes() > 0
+        assert pool.lease([Message("user", "third"), Message("assistant", reply.answer)]).cached_tokens > 0
+    finally:
+        engine.close()
