@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from .clip import Clip
 from .engine import Engine
@@ -40,6 +41,9 @@ class Message:
     text: str = ""
     clip: Clip | None = None  # a user message's audio
     audio_key: str = ""  # a hash of the clip's source bytes: equal audio, equal key
+    # Makes the clip when the message is not held by a kept session already (decoding is skipped
+    # for history a session holds): a zero-argument callable, or None.
+    make_clip: Callable[[], Clip] | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -81,7 +85,8 @@ class SessionPool:
             session, match = Session(self.engine, system=system), keys[:1] if system is not None else ()
         cached = session.cached_tokens
         for message in history[len(match):]:
-            session.extend(message.role, message.text, message.clip)
+            clip = message.clip if message.clip is not None or message.make_clip is None else message.make_clip()
+            session.extend(message.role, message.text, clip)
         return Lease(session, keys, cached)
 
     def keep(self, lease: Lease, asked: Message, reply_text: str) -> None:

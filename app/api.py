@@ -309,7 +309,8 @@ def _turn(body: wire.ChatRequest, target: Target) -> Turn:
     if body.n != 1:
         raise wire.WireError(400, "n must be 1: one reply per request.", param="n")
     audio = _audio_out(body)
-    messages = [_message(m, i, target.engine) for i, m in enumerate(body.messages)]
+    last = len(body.messages) - 1
+    messages = [_message(m, i, target.engine, now=i == last) for i, m in enumerate(body.messages)]
     if messages[-1].role != "user":
         raise wire.WireError(400, "The last message must be the user's.", param="messages")
     if any(m.role == "system" for m in messages[1:]):
@@ -334,7 +335,10 @@ def _audio_out(body: wire.ChatRequest) -> wire.AudioOut | None:
     return audio
 
 
-def _message(message: wire.ChatMessage, index: int, engine: Engine) -> Message:
+def _message(message: wire.ChatMessage, index: int, engine: Engine, now: bool) -> Message:
+    """A request's message in afnext terms. A clip is keyed by its base64 text and decoded `now` (the
+    new turn) or only if no kept session holds it already: a follow-up resending a 30-minute
+    recording would otherwise pay its decoding and features again (measured 1.5 s of a 1.65 s TTFT)."""
     role = "system" if message.role == "developer" else message.role
     parts = [wire.TextPart(type="text", text=message.content)] if isinstance(message.content, str) else (message.content or [])
     text = "\n".join(p.text for p in parts if isinstance(p, wire.TextPart))
@@ -347,10 +351,13 @@ def _message(message: wire.ChatMessage, index: int, engine: Engine) -> Message:
                              param=f"messages.{index}.content")
     if not audio:
         return Message(role, text)
-    data = wire.decode_audio(audio[0])
+    data = wire.audio_base64(audio[0])
     loaded = engine.loaded
-    clip = prepare_clip(data, loaded.mel_filters, max_seconds=loaded.max_audio_s)
-    return Message(role, text, clip, audio_key(data))
+
+    def clip():
+        return prepare_clip(wire.decode_base64(data), loaded.mel_filters, max_seconds=loaded.max_audio_s)
+
+    return Message(role, text, clip() if now else None, audio_key(data.encode("ascii", "replace")), clip)
 
 
 def _steps(reply) -> list[dict]:

@@ -121,19 +121,21 @@ def parse_chat(payload: object) -> ChatRequest:
         raise WireError(400, f"{where}: {first['msg']}.", param=where) from None
 
 
-def decode_audio(part: InputAudioPart | AudioUrlPart) -> bytes:
-    """A part's audio bytes; data: URIs only, never a fetch or a path."""
+def audio_base64(part: InputAudioPart | AudioUrlPart) -> str:
+    """A part's audio as the base64 text it came in; data: URIs only, never a fetch or a path."""
     if isinstance(part, AudioUrlPart):
         url = part.audio_url.url
         if not url.startswith("data:") or ";base64," not in url[:128]:
             raise WireError(400, "audio_url must be a data: URI with base64 audio; this server fetches no URLs.",
                             param="audio_url")
-        data = url.split(",", 1)[1]
-    else:
-        if part.input_audio.format.lower() not in AUDIO_FORMATS:
-            raise WireError(400, f"input_audio.format {part.input_audio.format[:20]!r} is not one of "
-                                 f"{', '.join(AUDIO_FORMATS)}.", param="input_audio.format")
-        data = part.input_audio.data
+        return url.split(",", 1)[1]
+    if part.input_audio.format.lower() not in AUDIO_FORMATS:
+        raise WireError(400, f"input_audio.format {part.input_audio.format[:20]!r} is not one of "
+                             f"{', '.join(AUDIO_FORMATS)}.", param="input_audio.format")
+    return part.input_audio.data
+
+
+def decode_base64(data: str) -> bytes:
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

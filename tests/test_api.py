@@ -177,3 +177,33 @@ def test_the_pool_keeps_sessions_within_its_memory_bound(loaded):
         assert pool.lease([Message("user", "third"), Message("assistant", reply.answer)]).cached_tokens > 0
     finally:
         engine.close()
+
+
+def test_history_clips_are_decoded_only_when_no_kept_session_holds_them(loaded):
+    from afnext.clip import prepare_clip
+    from afnext.engine import Engine
+    from afnext.events import TurnDone
+    from afnext.pool import Message, SessionPool
+    from afnext.sampling import GenerationOptions
+    from tests.conftest import noise
+
+    made = []
+
+    def make():
+        made.append(1)
+        return prepare_clip(noise(2.0), loaded.mel_filters)
+
+    engine = Engine(loaded)
+    try:
+        pool, options = SessionPool(engine), GenerationOptions(max_new_tokens=3)
+        asked = Message("user", "What is it?", make(), "clip-a", make)
+        lease = pool.lease([])
+        answer = [e for e in lease.session.ask(asked.text, asked.clip, options=options)
+                  if isinstance(e, TurnDone)][0].reply.answer
+        pool.keep(lease, asked, answer)
+        history = [Message("user", "What is it?", None, "clip-a", make), Message("assistant", answer)]
+        assert pool.lease(history).cached_tokens > 0 and len(made) == 1, "a kept session holds it: not decoded"
+        fresh = SessionPool(engine).lease(history)
+        assert len(made) == 2 and fresh.session.tokens.count(loaded.ids.sound) == 50, "rebuilt: decoded once"
+    finally:
+        engine.close()
