@@ -47,6 +47,8 @@ MAX_WAITING = 64  # turns waiting for the engine; beyond, 429 at once rather tha
 # Requests being answered at once through the API, each on a thread of its own (a generation would
 # otherwise hold one of the 40 threads Starlette shares with the page for its whole length).
 MAX_TURNS = 128
+DISCONNECT_POLL_S = 0.5  # how often a whole (unstreamed) reply checks that its client is still there
+MAX_CLIPS = 32  # audio clips in one request: 131,072 tokens of context hold about 87 minutes of audio anyway
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class Target:
 
     name: str
     engine: Engine
-    pool: SessionPool
+    pools: tuple[SessionPool, SessionPool]  # kept sessions of plain turns, and of Think turns
     think: bool
     synthesizer: object  # the voice, for replies asked for with audio
 
@@ -77,7 +79,7 @@ class Api:
 
     def __init__(self, loader: BackendLoader, api_key: str | None = None) -> None:
         self.loader, self.api_key = loader, api_key
-        self._pools: dict[int, SessionPool] = {}
+        self._pools: dict[int, tuple[SessionPool, SessionPool]] = {}
         self._lock = threading.Lock()
         self._turns = 0  # requests being answered (touched on the event loop only)
 
@@ -111,13 +113,15 @@ class Api:
             turn = await _off_loop(_turn, body, target)
             if target.engine.waiting >= MAX_WAITING:
                 raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded")
-            lease = await _off_loop(target.pool.lease, turn.history)
-            reply = Reply(target, lease, turn, wire.new_id())
+            pool = target.pools[turn.think]
+            lease = await _off_loop(pool.lease, turn.history)
+            reply = Reply(target, pool, lease, turn, wire.new_id())
+            await _off_loop(reply.start)  # the new turn's own mistakes are a 400 here, before any reply
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 streaming = True
                 return StreamingResponse(self._counted(reply.sse(include_usage)), media_type="text/event-stream")
-            return JSONResponse(await _off_loop(reply.whole))
+            return JSONResponse(await _answered(request, reply))
         except wire.WireError as exc:
             return _error(exc)
         except (AudioError, ContextFullError, ValueError, TypeError) as exc:
@@ -152,22 +156,27 @@ class Api:
         except BackendUnavailable as exc:
             raise wire.WireError(503, str(exc), kind="service_unavailable") from None
         if model in ("instruct", backend.main.loaded.name):
-            return Target("instruct", backend.main, self._pool(backend.main), False, backend.synthesizer)
+            return Target("instruct", backend.main, self._pools_of(backend.main), False, backend.synthesizer)
         if model in ("think", backend.think.loaded.name):
-            return Target("think", backend.think, self._pool(backend.think), True, backend.synthesizer)
+            return Target("think", backend.think, self._pools_of(backend.think), True, backend.synthesizer)
         raise wire.WireError(404, f"The model {model[:80]!r} does not exist here; GET /v1/models lists them "
                                   "(instruct, think).", code="model_not_found", param="model")
 
-    def _pool(self, engine: Engine) -> SessionPool:
+    def _pools_of(self, engine: Engine) -> tuple[SessionPool, SessionPool]:
+        """An engine's kept sessions, apart for Think turns: their replies hold reasoning the client
+        never sees, so the same visible history is a different conversation."""
         with self._lock:
-            return self._pools.setdefault(id(engine), SessionPool(engine))
+            if id(engine) not in self._pools:
+                self._pools[id(engine)] = (SessionPool(engine), SessionPool(engine))
+            return self._pools[id(engine)]
 
 
 class Reply:
     """One request's reply: streamed as chunks or gathered whole; keeps the session afterwards."""
 
-    def __init__(self, target: Target, lease: Lease, turn: Turn, cid: str) -> None:
-        self.target, self.lease, self.turn, self.cid = target, lease, turn, cid
+    def __init__(self, target: Target, pool: SessionPool, lease: Lease, turn: Turn, cid: str) -> None:
+        self.target, self.pool, self.lease, self.turn, self.cid = target, pool, lease, turn, cid
+        self.stream = None
         self.cancel = threading.Event()
         self.audio_id = wire.new_id("audio")
         self._voice = Voice(target.synthesizer, self.cancel) if turn.audio is not None else None
@@ -226,13 +235,17 @@ class Reply:
             self.cancel.set()  # a client that hung up stops the turn before the engine's next step
         yield "data: [DONE]\n\n"
 
+    def start(self) -> None:
+        """Ask the new turn: raises for its own bad input; nothing runs until `events()` is read."""
+        turn = self.turn
+        self.stream = self.lease.session.ask(turn.asked.text, turn.asked.clip, think=turn.think,
+                                             options=turn.options, cancel=self.cancel)
+
     def events(self) -> Iterator[tuple[str, object]]:
         """("reasoning" | "content", text) as generated, then ("done", (finish_reason, Reply))."""
         turn, stop = self.turn, _StopScan(self.turn.stops)
-        stream = self.lease.session.ask(turn.asked.text, turn.asked.clip, think=turn.think,
-                                        options=turn.options, cancel=self.cancel)
         reply = None
-        for event in stream:
+        for event in self.stream:
             if isinstance(event, ReasoningDelta):
                 yield "reasoning", event.text
             elif isinstance(event, TextDelta) and not stop.hit:
@@ -244,15 +257,16 @@ class Reply:
             elif isinstance(event, TurnDone):
                 reply = event.reply
         if reply is None:  # cancelled before the reply began: the session is as it was
-            self.target.pool.give_back(self.lease)
+            self.pool.give_back(self.lease)
             return
         if tail := stop.flush():
             yield "content", tail
             yield from self._speak(tail)
         yield from self._speak(None)
-        finish = "stop" if stop.hit or len(reply.token_ids) < turn.options.max_new_tokens else "length"
+        full = reply.prompt_tokens + len(reply.token_ids) >= self.target.engine.loaded.context_tokens
+        finish = "length" if not stop.hit and (len(reply.token_ids) >= turn.options.max_new_tokens or full) else "stop"
         if not reply.interrupted:  # the session holds exactly what the client was sent: keep it
-            self.target.pool.keep(self.lease, turn.asked, reply.answer)
+            self.pool.keep(self.lease, turn.asked, reply.answer)
         yield "done", (finish, reply)
 
     def _speak(self, text: str | None) -> Iterator[tuple[str, object]]:
@@ -309,6 +323,11 @@ def _turn(body: wire.ChatRequest, target: Target) -> Turn:
     if body.n != 1:
         raise wire.WireError(400, "n must be 1: one reply per request.", param="n")
     audio = _audio_out(body)
+    clips = sum(1 for m in body.messages if isinstance(m.content, list)
+                for p in m.content if not isinstance(p, wire.TextPart))
+    if clips > MAX_CLIPS:
+        raise wire.WireError(400, f"The request holds {clips} audio clips; the limit is {MAX_CLIPS}.",
+                             param="messages")
     last = len(body.messages) - 1
     messages = [_message(m, i, target.engine, now=i == last) for i, m in enumerate(body.messages)]
     if messages[-1].role != "user":
@@ -362,6 +381,16 @@ def _message(message: wire.ChatMessage, index: int, engine: Engine, now: bool) -
 
 def _steps(reply) -> list[dict]:
     return [{"start": s.start, "end": s.end, "text": s.text} for s in reply.steps]
+
+
+async def _answered(request: Request, reply: Reply) -> dict:
+    """A whole reply; a client that hangs up meanwhile stops it (the engine frees its slot)."""
+    task = asyncio.ensure_future(_off_loop(reply.whole))
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            reply.cancel.set()
+    return task.result()
 
 
 async def _off_loop(fn, *args):

@@ -163,6 +163,8 @@ def encode_audio(samples, fmt: str) -> bytes:
 
     import numpy as np
 
+    if len(samples) == 0:  # an empty answer is a valid, silent file of 10 ms (encoders refuse nothing at all)
+        samples = np.zeros(AUDIO_OUT_RATE // 100, np.float32)
     if fmt == "pcm16":
         return (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
     if fmt in ("wav", "flac"):

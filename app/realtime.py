@@ -42,6 +42,7 @@ MAX_SESSIONS = 64  # sockets at once; more are refused with 1013 (try again late
 MAX_PER_ADDRESS = 8  # sockets from one client address: a fair share of MAX_SESSIONS
 MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
 MAX_PENDING_EVENTS = 512  # client events waiting for the feeder (~50 s of 100 ms appends); more: the socket ends
+MAX_ITEMS = 16  # user items created and not yet answered
 TRUNCATE_WAIT_S = 5.0  # a reply cut off by truncate winds down within a step; this is the safety net
 KEY_PROTOCOL = "openai-insecure-api-key."  # how OpenAI's browser clients send the key
 
@@ -111,6 +112,7 @@ class RealtimeLink:
         if self.assistant is not None and _voice_changed(self.config, config):
             self.assistant.close()  # the next turn starts on an assistant with the new settings
             self._out.join()
+            self._out.abandon()  # a reply cut off by the swap is done, as cancelled
             self.assistant = None
         self.config = config
         self.send(wire.event("session.updated", session=config.describe(self.model)))
@@ -153,8 +155,9 @@ class RealtimeLink:
         self._assistant().say(audio, text)
 
     def _on_response_cancel(self, event: dict) -> None:
-        if self.assistant is not None:
-            self.assistant.interrupt()
+        if self.assistant is None or not self._out.running_any():
+            raise wire.ProtocolError("There is no response to cancel.", "response_cancel_not_active")
+        self.assistant.interrupt()
 
     def _on_conversation_item_truncate(self, event: dict) -> None:
         item, ms = event.get("item_id"), event.get("audio_end_ms")
@@ -179,6 +182,8 @@ class RealtimeLink:
         shown = wire.Item(item, "user", content).shown()
         self.send(wire.event("conversation.item.added", previous_item_id=self._last_item, item=shown))
         self.send(wire.event("conversation.item.done", previous_item_id=self._last_item, item=shown))
+        if len(self._items) >= MAX_ITEMS:
+            raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
         self._items.append((item, text, audio))
         self._last_item = item
         return item
@@ -221,6 +226,15 @@ class _Responses:
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join(10)
+
+    def running_any(self) -> bool:
+        return bool(self._replies)
+
+    def abandon(self) -> None:
+        """The assistant was replaced mid-reply: its open replies end as cancelled."""
+        while self._replies:
+            self._replies[0]["status"] = "cancelled"
+            self._finish(VoiceTurnDone(0.0, None, None))
 
     def running(self, item: object) -> bool:
         """The reply with this item id is still being made."""
@@ -272,6 +286,7 @@ class _Responses:
             self._replies[-1]["status"] = "cancelled"
             self._voice.drop()
         elif isinstance(inner, Error):
+            self._replies[-1]["status"] = "failed"
             self.send(wire.error(wire.ProtocolError(inner.message, "server_error")))
         elif isinstance(inner, VoiceTurnDone):
             self._finish(inner)
@@ -365,7 +380,8 @@ class RealtimeServer:
         if sum(self._open.values()) >= MAX_SESSIONS or self._open.get(address, 0) >= MAX_PER_ADDRESS:
             await ws.close(code=1013, reason="Too many voice sessions are open; try again later.")
             return
-        await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+        # A browser that offered subprotocols (its key among them) needs one of them chosen back.
+        await ws.accept(subprotocol="realtime" if "realtime" in offered else (offered[0] if offered else None))
         self._open[address] = self._open.get(address, 0) + 1
         try:
             await self._serve(ws, engine, backend.synthesizer, model)

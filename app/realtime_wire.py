@@ -81,13 +81,15 @@ def updated(config: Config, session: object) -> Config:
         changes["instructions"] = _text(session["instructions"], "instructions")
     modalities = session.get("output_modalities", session.get("modalities"))
     if modalities is not None:
-        if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"} or not modalities:
+        if (not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities)
+                or not set(modalities) <= {"text", "audio"}):
             raise ProtocolError("output_modalities must be [\"text\"] or [\"audio\"].")
         changes["audio_out"] = "audio" in modalities
     audio = session.get("audio") if isinstance(session.get("audio"), dict) else {}
     given = audio.get("input", {}) if isinstance(audio.get("input"), dict) else {}
     _check_format(given.get("format", session.get("input_audio_format")))
-    _check_format((audio.get("output") or {}).get("format", session.get("output_audio_format")))
+    output = audio.get("output") if isinstance(audio.get("output"), dict) else {}
+    _check_format(output.get("format", session.get("output_audio_format")))
     if "turn_detection" in given or "turn_detection" in session:
         changes.update(_detection(given["turn_detection"] if "turn_detection" in given else session["turn_detection"]))
     tokens = session.get("max_output_tokens", session.get("max_response_output_tokens"))

@@ -115,6 +115,8 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
                                                       "audio_url": {"url": "http://example.com/a.wav"}}]}]),
          400, "fetches no URLs"),
         (dict(n=2), 400, "n must be 1"),
+        (dict(messages=[{"role": "user", "content": "   "}]), 400, "question"),
+        (dict(messages=[{"role": "user", "content": "x" * 40_000}]), 400, "characters long"),
         (dict(messages=[{"role": "user", "content": "Play this <sound> for me"}]), 400, "control tokens"),
         (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "mp3"}, stream=True), 400, "pcm16"),
         (dict(modalities=["text", "video"]), 400, "modalities"),
