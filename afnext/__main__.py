@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from . import strict_json
 from .audio import AudioError
 from .cli import add_model_flags
 from .engine import Engine
@@ -168,7 +169,7 @@ def _read_turn(line: str | bytes) -> Turn:
 def _json_object(line: str | bytes) -> dict:
     """Strict JSON: no NaN/Infinity literals, no integers longer than MAX_NUMBER_DIGITS."""
     try:
-        value = json.loads(line, parse_constant=_no_constant, parse_int=_json_int)
+        value = strict_json.loads(line, max_digits=MAX_NUMBER_DIGITS)
     except json.JSONDecodeError as exc:
         raise ValueError(f"The line is not valid JSON ({exc.msg} at column {exc.colno}).") from None
     except UnicodeDecodeError as exc:
@@ -179,17 +180,6 @@ def _json_object(line: str | bytes) -> dict:
     if not isinstance(value, dict):
         raise ValueError("Each line must be a JSON object such as {\"text\": \"Hello\"}.")
     return value
-
-
-def _no_constant(name: str):
-    raise ValueError(f"The line contains {name}, which JSON does not allow; send a finite number.")
-
-
-def _json_int(digits: str) -> int:
-    length = len(digits.lstrip("-"))
-    if length > MAX_NUMBER_DIGITS:
-        raise ValueError(f"The line has a number with {length:,} digits; the limit is {MAX_NUMBER_DIGITS}.")
-    return int(digits)
 
 
 def _one_line(message: str) -> str:

@@ -28,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from afnext import strict_json
 from afnext.audio import AudioError
 from afnext.clip import prepare_clip
 from afnext.engine import Engine
@@ -454,13 +455,9 @@ async def _json_body(request: Request) -> object:
 
 def _parse_json(body: bytes) -> object:
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        return strict_json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise wire.WireError(400, "The request body is not valid JSON.") from None
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
 
 
 def _error(exc: wire.WireError) -> JSONResponse:

@@ -31,6 +31,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from afnext import strict_json
+
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/gradio_api"
@@ -185,7 +187,7 @@ class Guard:
 
     def _check_call(self, path: str, body: bytes) -> None:
         try:
-            payload = json.loads(body or b"{}", parse_constant=_not_json)
+            payload = strict_json.loads(body or b"{}")
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise Refused(400, "The request body is not valid JSON.") from None
         if not isinstance(payload, dict):
@@ -216,10 +218,6 @@ class Guard:
                 self.folder.settle(size)
         finally:
             self.ledger.upload_ended(address)
-
-
-def _not_json(constant: str):
-    raise ValueError(f"{constant} is not JSON")  # Python's parser takes NaN and Infinity; Gradio then fails
 
 
 def _file_paths(value) -> Iterator[str]:

@@ -43,6 +43,7 @@ MAX_PER_ADDRESS = 8  # sockets from one client address: a fair share of MAX_SESS
 MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
 MAX_PENDING_EVENTS = 512  # client events waiting for the feeder (~50 s of 100 ms appends); more: the socket ends
 MAX_ITEMS = 16  # user items created and not yet answered
+IDLE_TIMEOUT_S = 600.0  # a socket whose client sends nothing this long is closed: it holds a session slot
 TRUNCATE_WAIT_S = 5.0  # a reply cut off by truncate winds down within a step; this is the safety net
 KEY_PROTOCOL = "openai-insecure-api-key."  # how OpenAI's browser clients send the key
 
@@ -397,7 +398,11 @@ class RealtimeServer:
         sender = asyncio.create_task(_send_all(ws, outbox))
         try:
             while True:
-                message = await ws.receive()
+                try:
+                    message = await asyncio.wait_for(ws.receive(), IDLE_TIMEOUT_S)
+                except TimeoutError:
+                    await ws.close(code=1000, reason="Closed after 10 minutes without a message.")
+                    break
                 if message["type"] == "websocket.disconnect":
                     break
                 try:

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import uuid
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+
+from afnext import strict_json
 
 AUDIO_RATE = 24_000  # Hz of pcm16 in and out, as OpenAI's Realtime API speaks
 CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
@@ -60,7 +61,7 @@ def parse(text: str | bytes) -> dict:
     if isinstance(text, bytes):
         raise ProtocolError("Send Realtime events as JSON text messages.")
     try:
-        event = json.loads(text, parse_constant=_no_constant)
+        event = strict_json.loads(text)
     except (ValueError, RecursionError):
         raise ProtocolError("The message is not valid JSON.") from None
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
@@ -192,6 +193,3 @@ def _event_id(event: dict) -> str | None:
     value = event.get("event_id")
     return value[:80] if isinstance(value, str) else None
 
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")

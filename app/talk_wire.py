@@ -8,7 +8,6 @@ than its Host (and than AFNEXT_ALLOWED_ORIGINS) is refused, so other web sites' 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from afnext import strict_json
 
 MAX_AUDIO_MESSAGE_BYTES = 64 << 10  # one microphone message: a 20 ms block at 192 kHz is 7.7 kB
 MAX_TEXT_BYTES = 4 << 10  # one text message: the page's largest is under 100 bytes
@@ -78,16 +79,12 @@ def parse_control(text: str) -> Ptt | Mode | None:
 
 def _object(text: str) -> dict:
     try:  # NaN and Infinity are not JSON, though Python's parser takes them
-        value = json.loads(text, parse_constant=_not_a_number)
+        value = strict_json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
         raise ValueError("The voice channel could not read a message from the page as JSON; reload the page.") from None
     if not isinstance(value, dict):
         raise ValueError("A message from the page was not a JSON object; reload the page.")
     return value
-
-
-def _not_a_number(constant: str):
-    raise ValueError(f"{constant} is not a JSON number")
 
 
 def _rate(message: dict, key: str, default: int | None = None) -> int:

@@ -134,6 +134,11 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
                                                                      "Content-Length": str(200 << 20)})
     answer = conn.getresponse()
     assert answer.status == 413 and "MiB" in json.loads(answer.read())["error"]["message"]
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                 body=b'{"model": "instruct", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}')
+    answer = conn.getresponse()
+    assert answer.status == 400 and "not valid JSON" in json.loads(answer.read())["error"]["message"]
     ok = client.chat.completions.create(model="instruct", messages=[{"role": "user", "content": "Still there?"}],
                                         max_tokens=3)
     assert ok.choices[0].message.content is not None, "the server answers the next request"
