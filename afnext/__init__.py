@@ -2,31 +2,39 @@
 
 Data flows audio → clip → prompt → session → engine (scheduler, batched steps) → think; see DESIGN.md
 in the project notes.
+
+The names below load on first use: a client of a remote server (`python -m app.desktop --server`)
+imports `afnext.events` and `afnext.audio` without pulling in torch or transformers.
 """
 
-try:  # the one import that needs the set-up: say how to get it instead of a bare ModuleNotFoundError
-    import numpy  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-except ModuleNotFoundError as missing:
-    raise ModuleNotFoundError(
-        f"{missing.name} is not installed in this Python ({__import__('sys').executable}); run "
-        "`bash scripts/setup.sh`, then `source .venv/bin/activate` (or call .venv/bin/python).",
-        name=missing.name) from None
+import importlib
+import sys
 
-from .audio import SAMPLE_RATE, AudioError, load_audio
-from .engine import Engine
-from .events import AudioChunk, Error, Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
-from .model import LoadedModel, ModelLoadError, load, load_or_demo
-from .sampling import GenerationOptions
-from .session import ContextFullError, Session
-from .think import ThinkParser, split_think
+_EXPORTS = {
+    "audio": ("SAMPLE_RATE", "AudioError", "load_audio"),
+    "engine": ("Engine",),
+    "events": ("AudioChunk", "Error", "Interrupted", "ReasoningDelta", "Reply", "TextDelta", "ThinkStep", "Timings",
+               "TurnDone"),
+    "model": ("LoadedModel", "ModelLoadError", "load", "load_or_demo"),
+    "sampling": ("GenerationOptions",),
+    "session": ("ContextFullError", "Session"),
+    "think": ("ThinkParser", "split_think"),
+}
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_HOME)
 
-__all__ = [
-    "SAMPLE_RATE", "AudioError", "load_audio",
-    "Engine", "GenerationOptions",
-    "AudioChunk", "Error", "Interrupted", "ReasoningDelta", "Reply", "TextDelta", "ThinkStep", "Timings", "TurnDone",
-    "LoadedModel", "ModelLoadError", "load", "load_or_demo",
-    "ContextFullError", "Session",
-    "ThinkParser", "split_think",
-]
+
+def __getattr__(name: str):
+    module = _HOME.get(name)
+    if module is None:
+        raise AttributeError(f"module 'afnext' has no attribute {name!r}")
+    try:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    except ModuleNotFoundError as missing:  # the set-up was skipped: say how to get it
+        if missing.name not in ("numpy", "torch", "transformers"):
+            raise
+        raise ModuleNotFoundError(
+            f"{missing.name} is not installed in this Python ({sys.executable}); run `bash scripts/setup.sh`, "
+            "then `source .venv/bin/activate` (or call .venv/bin/python).", name=missing.name) from None
+    globals()[name] = value
+    return value

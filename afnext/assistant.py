@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .events import END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta, drain, TurnDone
+from .events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, StateChanged, TextDelta,
+                     TurnDone, UserTurn, VoiceTimings, VoiceTurnDone, drain)
 from .sampling import GenerationOptions
 from .session import Session
 from .tts import Synthesizer
@@ -45,46 +46,6 @@ class AssistantOptions:
     think: bool = False  # reason before answering; the reasoning is shown, never spoken
     generation: GenerationOptions = GenerationOptions(max_new_tokens=256)  # spoken replies stay short
     endpointer: EndpointerOptions = EndpointerOptions()  # its min_speech_ms is also the barge-in threshold
-
-
-@dataclass(frozen=True)
-class UserTurn:
-    """The user finished speaking; their utterance becomes the next turn."""
-
-    t: float  # seconds on the microphone timeline when the end of turn was decided
-    start: float  # speech onset, seconds
-    end: float  # end of speech, seconds
-    audio: np.ndarray = field(repr=False)  # float32 mono 16 kHz, with pre-roll
-
-
-@dataclass(frozen=True)
-class StateChanged:
-    """listening → thinking → speaking → listening."""
-
-    t: float
-    state: str  # "listening" | "thinking" | "speaking"
-
-
-@dataclass(frozen=True)
-class VoiceTimings:
-    endpoint_s: float  # end of speech → end-of-turn decision (mostly the endpointer's hangover)
-    ttft_s: float | None  # decision → first reply text
-    first_audio_s: float | None  # decision → first reply audio
-
-
-@dataclass(frozen=True)
-class VoiceTurnDone:
-    t: float
-    timings: VoiceTimings
-    reply: object | None  # the session's Reply (None if the turn never started)
-
-
-@dataclass(frozen=True)
-class Stamped:
-    """An event from the turn (TextDelta, AudioChunk, …) with its time on the microphone timeline."""
-
-    t: float
-    event: object
 
 
 class Assistant:

@@ -14,11 +14,14 @@ import os
 import queue
 import stat
 import threading
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
 import soxr
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_RATE = 16000  # Hz: the only rate the AF-Whisper encoder understands
 MAX_AUDIO_S = 1800.0  # seconds: AF-Next's 30-minute limit (60 windows, 45,000 audio tokens)
@@ -134,6 +137,8 @@ def log_mel_windows(audio: np.ndarray, mel_filters: np.ndarray) -> tuple[torch.T
     zero-padded to 30 s, as the stock processor does) and the valid mel frames per window, which
     is what the stock `input_features_mask` sums to per window.
     """
+    import torch  # here, not at the top: the desktop client resamples with this module and has no torch
+
     assert audio.ndim == 1 and audio.size > 0, "expects non-empty 1-D audio"
     batches = _window_batches(torch.from_numpy(np.require(audio, np.float32, ["C", "W"])))
     filters = torch.from_numpy(np.ascontiguousarray(mel_filters.T, dtype=np.float32))
@@ -159,6 +164,8 @@ def audio_tokens(frames: int) -> int:
 def _window_batches(audio: torch.Tensor) -> list[torch.Tensor]:
     """[b, WINDOW_SAMPLES] batches: views of `audio` for full windows; the last, shorter one is
     copied and zero-padded, so 30 min of audio is never copied whole."""
+    import torch
+
     full, rest = divmod(audio.numel(), WINDOW_SAMPLES)
     whole = audio[: full * WINDOW_SAMPLES].view(full, WINDOW_SAMPLES)
     batches = list(whole.split(WINDOWS_PER_BATCH)) if full else []
@@ -171,6 +178,8 @@ def _window_batches(audio: torch.Tensor) -> list[torch.Tensor]:
 
 def _log_mel(windows: torch.Tensor, filters: torch.Tensor, hann: torch.Tensor) -> torch.Tensor:
     """The stock Whisper recipe on a batch of padded windows [b, WINDOW_SAMPLES]."""
+    import torch
+
     spectrum = torch.view_as_real(torch.stft(windows, N_FFT, HOP_LENGTH, window=hann, return_complex=True))
     # |X|^2 as re*re + im*im, dropping the last frame as stock does; in place, because these
     # elementwise passes cost more than the FFT itself.

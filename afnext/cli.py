@@ -16,7 +16,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from .model import DEFAULT_MODEL
+from .checkpoints import DEFAULT_MODEL
 from .tts import ENGINES
 
 MODEL_HELP = "hub id, local folder, or instruct|think|captioner|tiny"

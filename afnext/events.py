@@ -96,6 +96,49 @@ class TurnDone:
     turn: int = 0
 
 
+# ---- the voice loop's events (afnext.assistant emits them; a remote client rebuilds them) ----
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """The user finished speaking; their utterance becomes the next turn."""
+
+    t: float  # seconds on the microphone timeline when the end of turn was decided
+    start: float  # speech onset, seconds
+    end: float  # end of speech, seconds
+    audio: np.ndarray = field(repr=False)  # float32 mono 16 kHz, with pre-roll
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """listening → thinking → speaking → listening."""
+
+    t: float
+    state: str  # "listening" | "thinking" | "speaking"
+
+
+@dataclass(frozen=True)
+class VoiceTimings:
+    endpoint_s: float | None  # end of speech → end-of-turn decision (mostly the endpointer's hangover)
+    ttft_s: float | None  # decision → first reply text
+    first_audio_s: float | None  # decision → first reply audio
+
+
+@dataclass(frozen=True)
+class VoiceTurnDone:
+    t: float
+    timings: VoiceTimings
+    reply: object | None  # the session's Reply (None if the turn never started)
+
+
+@dataclass(frozen=True)
+class Stamped:
+    """An event from the turn (TextDelta, AudioChunk, …) with its time on the microphone timeline."""
+
+    t: float
+    event: object
+
+
 END_OF_EVENTS = object()  # put on an event queue by its producer when it is done
 
 

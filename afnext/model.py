@@ -15,14 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoints import CHECKPOINTS, DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = {
-    "instruct": "nvidia/audio-flamingo-next-hf",  # chat, QA, ASR, multi-turn: the default
-    "think": "nvidia/audio-flamingo-next-think-hf",  # timestamp-grounded reasoning in <think>…</think>
-    "captioner": "nvidia/audio-flamingo-next-captioner-hf",  # long dense captions
-}
-DEFAULT_MODEL = CHECKPOINTS["instruct"]
 LICENCE_NOTE = "AF-Next weights are released by NVIDIA under a non-commercial licence (see the model card)."
 TINY_DIR_ENV = "AFNEXT_TINY_DIR"  # where `--model tiny` keeps its offline random-weight checkpoint
 

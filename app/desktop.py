@@ -2,7 +2,8 @@
 
     python -m app.desktop [--model M] [--tts espeak|pocket] [--input-device D] [--output-device D]
                           [--half-duplex] [--think] [--device auto|cpu|cuda]
-    python -m app.desktop --server http://gpu-box:7860/    (the model on the web app's machine)
+    python -m app.desktop --server http://gpu-box:7860/ [--api-key K] [--think] [--half-duplex]
+                          (the model on the web app's machine, over its /v1/realtime; no torch here)
     python -m app.desktop --list-devices
 
 Speak; the end of your turn is heard by itself, the answer is printed as it streams and spoken as
@@ -17,30 +18,32 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
 import signal
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 import numpy as np
 
-from afnext.assistant import Assistant, AssistantOptions, Stamped, StateChanged, UserTurn, VoiceTurnDone
 from afnext.cli import add_model_flags, add_tts_flags
-from afnext.engine import Engine
-from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
-from afnext.model import LICENCE_NOTE, ModelLoadError, load_or_demo
-from afnext.session import Session
+from afnext.events import (AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, StateChanged, TextDelta, UserTurn,
+                           VoiceTurnDone)
 from afnext.tts import TTSError, load_synthesizer
 
 from .audio_io import (MIC_BLOCK_S, MIC_QUEUE_S, AudioPorts, MicTap, NoAudioError, Playback, Stream, list_devices,
                        load_sounddevice, sounddevice_ports)
 from .remote import RemoteBrain, RemoteError
 
+if TYPE_CHECKING:
+    from afnext.assistant import Assistant
+
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # seconds between looks at the stop flag (Ctrl-C) while waiting for events or audio
+API_KEY_ENV = "AFNEXT_API_KEY"
 JOIN_TIMEOUT_S = 5.0  # the feeder waits at most one push; a push waits at most one decoding step
 # C0/C1 control characters (bar the newline) shown as U+FFFD: a random-weight model writes ESC and
 # friends, which must not drive the terminal.
@@ -49,7 +52,7 @@ _CONTROLS = {c: "\ufffd" for c in (*range(32), *range(127, 160)) if c != 10}
 
 class VoiceBrain(Protocol):
     """What the loop drives: afnext's `Assistant` (the model on this machine), or `RemoteBrain`
-    (`--server URL`: the model on a web app's machine, through its voice channel)."""
+    (`--server URL`: the model on a web app's machine, through its /v1/realtime)."""
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> None: ...
 
@@ -185,7 +188,13 @@ def _feed(brain: VoiceBrain, tap: MicTap, sample_rate: int, stop: threading.Even
 
 
 def build_assistant(args: argparse.Namespace, console: Console) -> Assistant:
-    """Load the synthesizer and the model (the real one, or the demo one when it cannot be had)."""
+    """Load the synthesizer and the model (the real one, or the demo one when it cannot be had).
+    Imported here: with --server, this machine needs neither torch nor transformers."""
+    from afnext.assistant import Assistant, AssistantOptions
+    from afnext.engine import Engine
+    from afnext.model import LICENCE_NOTE, load_or_demo
+    from afnext.session import Session
+
     synthesizer = load_synthesizer(args.tts, model=args.tts_model, device=args.device)
     loaded, notice = load_or_demo(args.model, device=args.device)
     console.note(notice or LICENCE_NOTE)
@@ -219,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
 def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
     try:
         if args.server:
-            brain = RemoteBrain(args.server, ports.mic_rate, half_duplex=args.half_duplex, think=args.think)
+            brain = RemoteBrain(args.server, ports.mic_rate, half_duplex=args.half_duplex, think=args.think,
+                                api_key=args.api_key or os.environ.get(API_KEY_ENV))
             console.note(f"Talking to the assistant at {args.server}.")
         else:
             brain = build_assistant(args, console)
-    except (ModelLoadError, TTSError, ValueError, RemoteError) as exc:
+    except (TTSError, ValueError, RemoteError, *_model_errors(args)) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     duplex = ("Half duplex: the microphone is muted while the assistant speaks" if args.half_duplex else
@@ -239,10 +249,19 @@ def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
                          "made slower than it played)")
     finally:
         signal.signal(signal.SIGINT, previous)
-        if isinstance(brain, Assistant):
+        if not isinstance(brain, RemoteBrain):
             brain.session.engine.close()
     print("bye")
     return 0
+
+
+def _model_errors(args: argparse.Namespace) -> tuple[type[Exception], ...]:
+    """ModelLoadError when this machine loads the model (imported only then: --server needs no torch)."""
+    if args.server:
+        return ()
+    from afnext.model import ModelLoadError
+
+    return (ModelLoadError,)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -258,6 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--server", metavar="URL",
                    help="the web app (python -m app) on a GPU machine, e.g. http://gpu-box:7860/: its model answers; "
                         "--model, --tts and --device are then the server's business")
+    p.add_argument("--api-key", help=f"the server's --api-key, with --server (default: ${API_KEY_ENV})")
     return p
 
 

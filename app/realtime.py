@@ -12,7 +12,6 @@ then makes the model remember only the part of the reply that was heard.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import queue
@@ -26,18 +25,19 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from afnext.assistant import Assistant, AssistantOptions, Stamped, UserTurn, VoiceTurnDone
 from afnext.audio import to_mono_16k
-from afnext.events import AudioChunk, Error, Interrupted, TextDelta
+from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
 from afnext.tts import SpeechResampler
 from afnext.vad import EndpointerOptions, SpeechStarted
 
 from . import realtime_wire as wire
+from .access import Access
 from .backend import BackendLoader, BackendUnavailable
 
 log = logging.getLogger(__name__)
 
-ROUTE = "/v1/realtime"
+ROUTE = wire.ROUTE
 MAX_SESSIONS = 64  # sockets at once; more are refused with 1013 (try again later)
 MAX_PER_ADDRESS = 8  # sockets from one client address: a fair share of MAX_SESSIONS
 MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
@@ -45,7 +45,11 @@ MAX_PENDING_EVENTS = 512  # client events waiting for the feeder (~50 s of 100 m
 MAX_ITEMS = 16  # user items created and not yet answered
 IDLE_TIMEOUT_S = 600.0  # a socket whose client sends nothing this long is closed: it holds a session slot
 TRUNCATE_WAIT_S = 5.0  # a reply cut off by truncate winds down within a step; this is the safety net
-KEY_PROTOCOL = "openai-insecure-api-key."  # how OpenAI's browser clients send the key
+# One client event: a 30 s clip in one conversation.item.create or append is 1.9 MB of base64. Uvicorn
+# buffers up to WS_MAX_QUEUE of them per socket before the handler reads one, so the worst case is
+# MAX_SESSIONS × (WS_MAX_QUEUE + 1) × MAX_MESSAGE_BYTES (800 MiB), and 1/8 of it per address.
+MAX_MESSAGE_BYTES = 5 << 19  # 2.5 MiB
+WS_MAX_QUEUE = 4
 
 
 class _Mute:
@@ -62,7 +66,8 @@ class RealtimeLink:
 
     def __init__(self, engine, synthesizer, model: str, send: Callable[[dict], None]) -> None:
         self.engine, self.synthesizer, self.model, self.send = engine, synthesizer, model, send
-        self.config = wire.Config()
+        self.think = model == "think"  # the Think model reasons first: shown as reasoning_text, never spoken
+        self.config = wire.Config.for_model(model)
         self.session: Session | None = None  # made at the first turn, with the instructions then in force
         self.assistant: Assistant | None = None
         self._inbox: queue.Queue = queue.Queue(MAX_PENDING_EVENTS)
@@ -70,6 +75,7 @@ class RealtimeLink:
         self._items: list[tuple[str, str, np.ndarray | None]] = []  # committed user items awaiting a response
         self._last_item: str | None = None
         self._out = _Responses(self)
+        self._closing, self._closed = threading.Lock(), False
         self._feeder = threading.Thread(target=self._feed, name="afnext-realtime-feed", daemon=True)
         self._feeder.start()
         send(wire.event("session.created", session=self.config.describe(model)))
@@ -82,16 +88,21 @@ class RealtimeLink:
             raise OverflowError("The client sent events faster than the server could act on them.") from None
 
     def close(self) -> None:
-        while True:  # make room for the end mark: what still waits is not acted on
-            try:
-                self._inbox.put_nowait(None)
-                break
-            except queue.Full:
-                self._inbox.get_nowait()
-        self._feeder.join(5)
-        if self.assistant is not None:
-            self.assistant.close()
-            self._out.join()
+        """End the conversation: its turn is cancelled. Idempotent; a second call waits for the first."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            while True:  # make room for the end mark: what still waits is not acted on
+                try:
+                    self._inbox.put_nowait(None)
+                    break
+                except queue.Full:
+                    self._inbox.get_nowait()
+            self._feeder.join(5)
+            if self.assistant is not None:
+                self.assistant.close()
+                self._out.join()
 
     # ---- client events (feeder thread) ----
 
@@ -193,7 +204,7 @@ class RealtimeLink:
         if self.assistant is None:
             if self.session is None:
                 self.session = Session(self.engine, system=self.config.instructions or None)
-            options = AssistantOptions(half_duplex=not self.config.interrupt,
+            options = AssistantOptions(half_duplex=not self.config.interrupt, think=self.think,
                                        generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
                                        endpointer=replace(EndpointerOptions(), hangover_ms=self.config.silence_ms))
             voice = self.synthesizer if self.config.audio_out else _Mute()
@@ -276,6 +287,10 @@ class _Responses:
             self._begin(inner)
         elif not self._replies:
             return
+        elif isinstance(inner, ReasoningDelta):
+            reply = self._replies[-1]
+            reply["reasoning"] += inner.text
+            self.send(wire.event("response.reasoning_text.delta", **_where(reply), delta=inner.text))
         elif isinstance(inner, TextDelta):
             reply = self._replies[-1]
             reply["transcript"] += inner.text
@@ -301,7 +316,7 @@ class _Responses:
             shown = wire.Item(item, "user", [{"type": "input_audio", "transcript": None}]).shown()
             self.send(wire.event("conversation.item.added", previous_item_id=self.link._last_item, item=shown))
             self.send(wire.event("conversation.item.done", previous_item_id=self.link._last_item, item=shown))
-        reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "audio_ms": 0.0,
+        reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "reasoning": "", "audio_ms": 0.0,
                  "status": "completed", "done": threading.Event()}
         self._replies.append(reply)
         self.link._last_item = reply["item"]
@@ -323,6 +338,8 @@ class _Responses:
         if reply["status"] != "cancelled":
             self._audio(reply, self._voice.end())
         where, text = _where(reply), reply["transcript"]
+        if reply["reasoning"]:
+            self.send(wire.event("response.reasoning_text.done", **where, text=reply["reasoning"]))
         if self.link.config.audio_out:
             self.send(wire.event("response.output_audio.done", **where))
             self.send(wire.event("response.output_audio_transcript.done", **where, transcript=text))
@@ -335,8 +352,10 @@ class _Responses:
         if done.reply is not None:
             prompt, out = done.reply.prompt_tokens, len(done.reply.token_ids)
             usage = {"total_tokens": prompt + out, "input_tokens": prompt, "output_tokens": out}
+        timings = None if done.timings is None else {  # an extension: where the turn's time went
+            "endpoint_s": done.timings.endpoint_s, "ttft_s": done.timings.ttft_s, "first_audio_s": done.timings.first_audio_s}
         self.send(wire.event("response.done", response={**_shown(reply, reply["status"]), "output": [item],
-                                                         "usage": usage}))
+                                                         "usage": usage}, timings=timings))
         reply["messages"] = len(self.link.session.messages)  # the reply is committed by now
         self._latest = reply
         reply["done"].set()
@@ -356,36 +375,46 @@ def _shown(reply: dict, status: str) -> dict:
 
 
 class RealtimeServer:
-    """The route: authenticates, caps the sockets, runs one link per socket."""
+    """The route: checks access, caps the sockets, runs one link per socket."""
 
-    def __init__(self, loader: BackendLoader, api_key: str | None = None) -> None:
-        self.loader, self.api_key = loader, api_key
+    def __init__(self, loader: BackendLoader, access: Access | None = None) -> None:
+        self.loader, self.access = loader, access or Access()
         self._open: dict[str, int] = {}  # client address → open sockets (touched on the event loop only)
+        self._links: set[RealtimeLink] = set()
+        self._lock = threading.Lock()  # _links: the server's thread shuts them down
+
+    def shutdown(self) -> None:
+        """Close every live conversation (the server is stopping): their turns are cancelled."""
+        with self._lock:
+            links, self._links = list(self._links), set()
+        for link in links:
+            link.close()
 
     async def __call__(self, ws: WebSocket) -> None:
         offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
-        if not self._authorized(ws, offered):
-            await ws.close(code=1008, reason="Incorrect or missing API key.")
-            return
-        try:
-            backend = self.loader.wait(0)
-        except BackendUnavailable as exc:
-            await ws.close(code=1013, reason=str(exc)[:120])
-            return
         model = ws.query_params.get("model", "instruct")
-        engine = {"instruct": backend.main, "think": backend.think}.get(model)
         address = ws.client.host if ws.client else "?"
-        if engine is None:
-            await ws.close(code=1008, reason=f"Unknown model {model[:40]!r}; use instruct or think.")
-            return
-        if sum(self._open.values()) >= MAX_SESSIONS or self._open.get(address, 0) >= MAX_PER_ADDRESS:
-            await ws.close(code=1013, reason="Too many voice sessions are open; try again later.")
-            return
-        # A browser that offered subprotocols (its key among them) needs one of them chosen back.
+        refusal = self.access.socket(ws.headers, offered)
+        code = 1008
+        if refusal is None and model not in ("instruct", "think"):
+            refusal = f"Unknown model {model[:40]!r}; use instruct or think."
+        if refusal is None and (sum(self._open.values()) >= MAX_SESSIONS or self._open.get(address, 0) >= MAX_PER_ADDRESS):
+            refusal, code = "Too many voice sessions are open; try again later.", 1013
+        if refusal is None:
+            try:
+                backend = self.loader.wait(0)
+            except BackendUnavailable as exc:
+                refusal, code = str(exc), 1013
+        # Accepted even to refuse: a browser sees neither an HTTP status nor a reason given before the
+        # handshake, and the page must be able to say why. A browser that offered subprotocols (its
+        # key or token among them) needs one of them chosen back.
         await ws.accept(subprotocol="realtime" if "realtime" in offered else (offered[0] if offered else None))
+        if refusal is not None:
+            await _refuse(ws, refusal, code)
+            return
         self._open[address] = self._open.get(address, 0) + 1
         try:
-            await self._serve(ws, engine, backend.synthesizer, model)
+            await self._serve(ws, backend.think if model == "think" else backend.main, backend.synthesizer, model)
         finally:
             self._open[address] -= 1
             if not self._open[address]:
@@ -393,36 +422,56 @@ class RealtimeServer:
 
     async def _serve(self, ws: WebSocket, engine, synthesizer, model: str) -> None:
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
-        link = await asyncio.to_thread(RealtimeLink, engine, synthesizer, model,
-                                       lambda e: loop.call_soon_threadsafe(outbox.put_nowait, e))
+        def send(event: dict) -> None:  # from the link's threads
+            try:
+                loop.call_soon_threadsafe(outbox.put_nowait, event)
+            except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
+                pass
+
+        link = await asyncio.to_thread(RealtimeLink, engine, synthesizer, model, send)
         sender = asyncio.create_task(_send_all(ws, outbox))
+        with self._lock:
+            self._links.add(link)
+        refusal = None
         try:
             while True:
                 try:
                     message = await asyncio.wait_for(ws.receive(), IDLE_TIMEOUT_S)
                 except TimeoutError:
-                    await ws.close(code=1000, reason="Closed after 10 minutes without a message.")
+                    refusal = (f"The session closed after {IDLE_TIMEOUT_S / 60:g} minutes without a message.", 1000)
                     break
                 if message["type"] == "websocket.disconnect":
                     break
+                data = message.get("text") if message.get("text") is not None else message.get("bytes")
+                if len(data or "") > MAX_MESSAGE_BYTES:  # uvicorn refuses these first; other servers may not
+                    refusal = (f"A client event was over the {MAX_MESSAGE_BYTES / (1 << 20):g} MiB limit; send audio "
+                               "in smaller appends.", 1009)
+                    break
                 try:
-                    link.receive(wire.parse(message.get("text") if message.get("text") is not None else message.get("bytes")))
+                    link.receive(wire.parse(data))
                 except wire.ProtocolError as exc:
                     outbox.put_nowait(wire.error(exc))
         except OverflowError as exc:
-            await ws.close(code=1008, reason=str(exc)[:120])
+            refusal = (str(exc), 1008)
         except WebSocketDisconnect:
             pass
         finally:
             sender.cancel()
+            with self._lock:
+                self._links.discard(link)
             await asyncio.to_thread(link.close)
+        if refusal is not None:
+            await asyncio.wait({sender})  # one writer at a time on the socket
+            await _refuse(ws, *refusal)
 
-    def _authorized(self, ws: WebSocket, offered: list[str]) -> bool:
-        if self.api_key is None:
-            return True
-        given = ws.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        given = given or next((p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)), "")
-        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+async def _refuse(ws: WebSocket, message: str, code: int) -> None:
+    """An `error` event with the sentence, then the close (its reason repeats it, cut to the protocol's limit)."""
+    try:
+        await ws.send_text(json.dumps(wire.error(wire.ProtocolError(message, "session_refused"))))
+        await ws.close(code=code, reason=message.encode()[:120].decode(errors="ignore"))
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass  # the client has gone already
 
 
 async def _send_all(ws: WebSocket, outbox: asyncio.Queue) -> None:

@@ -17,12 +17,14 @@ import numpy as np
 
 from afnext import strict_json
 
+ROUTE = "/v1/realtime"
 AUDIO_RATE = 24_000  # Hz of pcm16 in and out, as OpenAI's Realtime API speaks
 CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
                  "input_audio_buffer.clear", "conversation.item.create", "conversation.item.truncate",
                  "response.create", "response.cancel")
 MAX_OUTPUT_TOKENS = 4096  # a spoken reply; the Think card's limit
 DEFAULT_OUTPUT_TOKENS = 256  # spoken replies stay short (the voice loop's default)
+THINK_OUTPUT_TOKENS = 1024  # the Think model reasons before it answers: a longer default reply
 
 
 class ProtocolError(ValueError):
@@ -44,14 +46,24 @@ class Config:
     audio_out: bool = True  # speak replies (with their transcript); False: text only
     max_output_tokens: int = DEFAULT_OUTPUT_TOKENS
 
+    @classmethod
+    def for_model(cls, model: str) -> Config:
+        """A new session's config on `model` (instruct or think)."""
+        return cls(max_output_tokens=THINK_OUTPUT_TOKENS if model == "think" else DEFAULT_OUTPUT_TOKENS)
+
     def describe(self, model: str) -> dict:
         """The GA `session` object for session.created/updated."""
+        return {"type": "realtime", "object": "realtime.session", "model": model, **self.settings(),
+                "instructions": self.instructions or ""}
+
+    def settings(self) -> dict:
+        """The `session` of a session.update that asks for this config (instructions only when set)."""
         detection = ({"type": "server_vad", "silence_duration_ms": self.silence_ms, "create_response": True,
                       "interrupt_response": self.interrupt} if self.server_vad else None)
         pcm = {"type": "audio/pcm", "rate": AUDIO_RATE}
-        return {"type": "realtime", "object": "realtime.session", "model": model,
-                "output_modalities": ["audio"] if self.audio_out else ["text"],
-                "instructions": self.instructions or "", "max_output_tokens": self.max_output_tokens,
+        return {"type": "realtime", "output_modalities": ["audio"] if self.audio_out else ["text"],
+                **({"instructions": self.instructions} if self.instructions is not None else {}),
+                "max_output_tokens": self.max_output_tokens,
                 "audio": {"input": {"format": pcm, "turn_detection": detection},
                           "output": {"format": pcm, "voice": "default"}}}
 
@@ -144,8 +156,35 @@ def pcm16(b64: object) -> np.ndarray:
 
 
 def b64_pcm16(samples: np.ndarray) -> str:
-    """float32 in [-1, 1] → base64 pcm16."""
-    return base64.b64encode((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()).decode()
+    """float32 in [-1, 1] (or int16 as it is) → base64 pcm16."""
+    pcm = samples if samples.dtype == np.int16 else (np.clip(samples, -1, 1) * 32767)
+    return base64.b64encode(pcm.astype("<i2").tobytes()).decode()
+
+
+# ---- what a client sends (app/remote.py; the page's talk.js speaks the same in JavaScript) ----
+
+def session_update(config: Config) -> dict:
+    return event("session.update", session=config.settings())
+
+
+def append(samples: np.ndarray) -> dict:
+    """input_audio_buffer.append of 24 kHz samples (float in [-1, 1] or int16)."""
+    return event("input_audio_buffer.append", audio=b64_pcm16(samples))
+
+
+def truncate(item_id: str, audio_end_ms: int) -> dict:
+    return event("conversation.item.truncate", item_id=item_id, content_index=0, audio_end_ms=audio_end_ms)
+
+
+def server_event(text: str | bytes) -> dict:
+    """A server event as a client reads it: a JSON object with a string `type`, or ProtocolError."""
+    try:
+        value = strict_json.loads(text)
+    except (ValueError, RecursionError):
+        raise ProtocolError("The server sent a message that is not JSON.") from None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise ProtocolError("The server sent a message that is not a Realtime event.")
+    return value
 
 
 def new_id(prefix: str) -> str:

@@ -1,10 +1,12 @@
-"""A `VoiceBrain` on another machine: the desktop loop talks to a web app's voice channel.
+"""A `VoiceBrain` on another machine: the desktop loop as a client of a server's `/v1/realtime`.
 
-    python -m app.desktop --server http://gpu-box:7860/
+    python -m app.desktop --server http://gpu-box:7860/ [--api-key KEY]
 
-The microphone's PCM goes up the same WebSocket the browser's Talk tab uses (app/talk.py documents
-the protocol); the server's messages come back as the same events a local `Assistant` gives, so
-the desktop loop cannot tell the difference.
+The microphone goes up as OpenAI Realtime `input_audio_buffer.append` events (pcm16 at 24 kHz, the
+server's VAD ends the turns); the server's events come back as the events a local `Assistant`
+gives, so the desktop loop cannot tell the difference. Speech over a reply stops its playback at
+once and tells the server how much of it was heard (`conversation.item.truncate`). Imports neither
+torch nor transformers: a laptop without them can be the microphone of a GPU box.
 """
 
 from __future__ import annotations
@@ -12,21 +14,24 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import secrets
 import threading
+import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit, urlunsplit
+from dataclasses import replace
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from afnext.assistant import Stamped, StateChanged, UserTurn, VoiceTimings, VoiceTurnDone
-from afnext.events import END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta, drain
+from afnext.audio import MonoResampler
+from afnext.events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, StateChanged,
+                           TextDelta, UserTurn, VoiceTimings, VoiceTurnDone, drain)
 
-from .talk import HEADER, REPLY_AUDIO, ROUTE
+from . import realtime_wire as wire
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+MAX_SERVER_MESSAGE_BYTES = 16 << 20  # a server event: audio deltas are a few hundred ms each
 
 
 class RemoteError(RuntimeError):
@@ -36,35 +41,41 @@ class RemoteError(RuntimeError):
 class RemoteBrain:
     """Push microphone audio with `push`; read events with `events()`, as from a local `Assistant`."""
 
-    def __init__(self, server: str, sample_rate: int, *, half_duplex: bool = False, think: bool = False) -> None:
+    def __init__(self, server: str, sample_rate: int, *, half_duplex: bool = False, think: bool = False,
+                 api_key: str | None = None) -> None:
         from websockets.exceptions import WebSocketException
         from websockets.sync.client import connect
 
-        self.sample_rate = sample_rate
-        self.url = channel_url(server, secrets.token_hex(16))
+        self.sample_rate, self.interrupts = sample_rate, not half_duplex
+        self.url = realtime_url(server, "think" if think else "instruct")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         try:
-            self._ws = connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=None, legacy=True)  # held, not a with-block
-            self._ws.send(json.dumps({"type": "hello", "sample_rate": sample_rate, "half_duplex": half_duplex,
-                                      "think": think}))
-            while (first := json.loads(self._ws.recv(timeout=None)))["type"] == "state":
-                log.info("the server is loading its model")
-        except (OSError, WebSocketException, TimeoutError) as exc:
-            raise RemoteError(f"Could not open the voice channel at {self.url} ({exc}); is `python -m app` "
+            self._ws = connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=MAX_SERVER_MESSAGE_BYTES,
+                               additional_headers=headers, legacy=True)  # held, not a with-block
+            first = wire.server_event(self._ws.recv(timeout=CONNECT_TIMEOUT_S))
+        except (OSError, WebSocketException, TimeoutError, wire.ProtocolError) as exc:
+            raise RemoteError(f"Could not open a Realtime session at {self.url} ({_why(exc)}); is `python -m app` "
                               "running there, and reachable from here?") from exc
-        if first["type"] != "ready":
+        if first["type"] != "session.created":
             self._ws.close()
-            raise RemoteError(first.get("message", f"The server answered {first!r} instead of ready."))
+            message = first.get("error", {}).get("message") if isinstance(first.get("error"), dict) else None
+            raise RemoteError(message or f"The server answered {first['type']!r} instead of session.created.")
+        self._send_lock = threading.Lock()  # the feeder appends while the reader truncates
+        config = replace(wire.Config.for_model("think" if think else "instruct"), interrupt=self.interrupts)
+        self._send(wire.session_update(config))
+        self._mic = MonoResampler(sample_rate, wire.AUDIO_RATE)
         self._out: queue.Queue = queue.Queue()
+        self._turns = _Turns(self.interrupts, self._out.put, self._send)
         self._reader = threading.Thread(target=self._read, name="afnext-remote", daemon=True)
         self._reader.start()
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> None:
         """Microphone audio at the rate given when connecting (float in [-1, 1] or int16)."""
         if sample_rate != self.sample_rate:
-            raise ValueError(f"The channel was opened at {self.sample_rate} Hz, not {sample_rate} Hz.")
-        if pcm.dtype != np.int16:
-            pcm = (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16)
-        self._ws.send(pcm.tobytes())
+            raise ValueError(f"The session was opened for {self.sample_rate} Hz, not {sample_rate} Hz.")
+        samples = self._mic.push(pcm)
+        if len(samples):
+            self._send(wire.append(samples))
 
     def events(self, timeout: float | None = None) -> Iterator[object]:
         """Events as they arrive; ends when the connection closes or after `timeout` s without one."""
@@ -74,50 +85,111 @@ class RemoteBrain:
         self._ws.close()
         self._reader.join(5.0)
 
+    def _send(self, event: dict) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            with self._send_lock:
+                self._ws.send(json.dumps(event))
+        except ConnectionClosed:
+            pass  # the reader reports the lost connection
+
     def _read(self) -> None:
         from websockets.exceptions import ConnectionClosed
 
         try:
             for message in self._ws:
-                for event in _events(message):
-                    self._out.put(event)
+                try:
+                    self._turns.on(wire.server_event(message))
+                except (wire.ProtocolError, KeyError, TypeError, ValueError) as exc:
+                    log.warning("could not read a server event: %s", exc)
         except ConnectionClosed as exc:
             if exc.rcvd is None or exc.rcvd.code not in (1000, 1001):
-                self._out.put(Stamped(0.0, Error(f"The connection to the server was lost ({exc}).")))
+                self._out.put(Stamped(0.0, Error(f"The connection to the server was lost ({_why(exc)}).")))
         finally:
             self._out.put(END_OF_EVENTS)
 
 
-def channel_url(server: str, client: str) -> str:
-    """http(s)://host:port/… → ws(s)://host:port/…/afnext/talk?client=…"""
+class _Turns:
+    """Server events → the local loop's events, keeping what a turn needs across them."""
+
+    def __init__(self, interrupts: bool, emit, send) -> None:
+        self.interrupts, self.emit, self.send = interrupts, emit, send
+        self._speech_ms = (0, 0)  # the user's turn being heard: audio_start_ms, audio_end_ms
+        self._reply: dict | None = None  # the response being made: id, item, audio received
+        self._heard: dict | None = None  # the last reply whose audio reached us (may still be playing)
+
+    def on(self, event: dict) -> None:
+        kind = event["type"]
+        t = self._speech_ms[1] / 1000
+        if kind == "input_audio_buffer.speech_started":
+            self._speech_ms = (event.get("audio_start_ms", 0), 0)
+            self._barge_in()
+        elif kind == "input_audio_buffer.speech_stopped":
+            self._speech_ms = (self._speech_ms[0], event.get("audio_end_ms", 0))
+        elif kind == "input_audio_buffer.committed":
+            start, end = self._speech_ms
+            self.emit(UserTurn(end / 1000, start / 1000, end / 1000, np.zeros(0, np.float32)))
+            self.emit(StateChanged(end / 1000, "thinking"))
+        elif kind == "response.created":
+            self._reply = {"id": event["response"]["id"], "item": None, "ms": 0.0, "first": None}
+        elif kind == "response.output_item.added" and self._reply is not None:
+            self._reply["item"] = event["item"]["id"]
+        elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
+            self.emit(Stamped(t, TextDelta(event["delta"])))
+        elif kind == "response.reasoning_text.delta":
+            self.emit(Stamped(t, ReasoningDelta(event["delta"])))
+        elif kind == "response.output_audio.delta" and self._reply is not None:
+            self._audio(wire.pcm16(event["delta"]), t)
+        elif kind == "response.done":
+            self._done(event, t)
+        elif kind == "error":
+            error = event.get("error") if isinstance(event.get("error"), dict) else {}
+            self.emit(Stamped(t, Error(str(error.get("message") or "The server reported an error."))))
+
+    def _audio(self, pcm: np.ndarray, t: float) -> None:
+        reply = self._reply
+        if reply["first"] is None:
+            reply["first"] = time.monotonic()
+            self._heard = reply
+            self.emit(StateChanged(t, "speaking"))
+        reply["ms"] += 1000 * len(pcm) / wire.AUDIO_RATE
+        self.emit(Stamped(t, AudioChunk(wire.AUDIO_RATE, pcm.astype(np.float32) / 32768.0)))
+
+    def _barge_in(self) -> None:
+        """Speech began: with interrupting on, a reply being made or still playing stops here at once
+        (the server cancels the making), and the server learns how much of it was heard."""
+        heard = self._heard
+        playing = heard is not None and time.monotonic() < heard["first"] + heard["ms"] / 1000
+        if not self.interrupts or not (playing or self._reply is not None):
+            return
+        self.emit(Stamped(self._speech_ms[0] / 1000, Interrupted("barge-in")))
+        if playing and heard["item"] is not None:
+            self.send(wire.truncate(heard["item"], int(min(heard["ms"], 1000 * (time.monotonic() - heard["first"])))))
+        self._heard = None
+
+    def _done(self, event: dict, t: float) -> None:
+        response = event.get("response") or {}
+        if response.get("status") == "cancelled" and self._heard is not None and self._heard is self._reply:
+            self.emit(Stamped(t, Interrupted("cancelled")))
+        timings = event.get("timings") or {}
+        self.emit(VoiceTurnDone(t, VoiceTimings(timings.get("endpoint_s"), timings.get("ttft_s"),
+                                                timings.get("first_audio_s")), None))
+        self.emit(StateChanged(t, "listening"))
+        self._reply = None
+
+
+def realtime_url(server: str, model: str) -> str:
+    """http(s)://host:port/… → ws(s)://host:port/…/v1/realtime?model=…"""
     parts = urlsplit(server if "://" in server else f"http://{server}")
     scheme = {"http": "ws", "https": "wss", "ws": "ws", "wss": "wss"}.get(parts.scheme)
     if scheme is None:
         raise RemoteError(f"{server} is not an http(s) address of the web app.")
-    path = parts.path.rstrip("/") + ROUTE
-    return urlunsplit((scheme, parts.netloc, path, f"client={client}", ""))
+    path = parts.path.rstrip("/").removesuffix("/v1/realtime").removesuffix("/v1") + wire.ROUTE
+    return urlunsplit((scheme, parts.netloc, path, urlencode({"model": model}), ""))
 
 
-def _events(message: str | bytes) -> list:
-    """One server message → the events a local Assistant would have emitted."""
-    if isinstance(message, bytes):
-        kind, _, rate = HEADER.unpack_from(message)
-        if kind != REPLY_AUDIO:
-            return []  # the user's own turn, for the page's replay button
-        samples = np.frombuffer(message, np.int16, offset=HEADER.size).astype(np.float32) / 32768.0
-        return [Stamped(0.0, AudioChunk(rate, samples))]
-    m = json.loads(message)
-    kind, t = m.get("type"), m.get("t") or 0.0
-    if kind == "state":
-        return [StateChanged(t, m["state"])]
-    if kind == "user_turn":
-        return [UserTurn(t, m["start"], m["end"], np.zeros(0, np.float32))]
-    if kind in ("text", "reasoning"):
-        return [Stamped(t, (TextDelta if kind == "text" else ReasoningDelta)(m["text"]))]
-    if kind == "interrupted":
-        return [Stamped(t, Interrupted(m.get("reason", "cancelled")))]
-    if kind in ("error", "notice"):
-        return [Stamped(t, Error(m["message"]))]
-    if kind == "turn_done":
-        return [VoiceTurnDone(t, VoiceTimings(m["endpoint_s"], m["ttft_s"], m["first_audio_s"]), None)]
-    return []
+def _why(exc: BaseException) -> str:
+    """A closed connection's own reason (the server's sentence), else the exception's words."""
+    rcvd = getattr(exc, "rcvd", None)
+    return rcvd.reason if rcvd is not None and rcvd.reason else str(exc) or type(exc).__name__

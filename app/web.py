@@ -1,8 +1,8 @@
-"""The Gradio 6 page: a Talk tab (our WebSocket voice channel) and a Recordings tab (questions about
-long recordings, Think steps on our waveform), plus the `ask_recording` API.
+"""The Gradio 6 page: a Talk tab (OpenAI Realtime over the server's own `/v1/realtime`) and a Recordings
+tab (questions about long recordings, Think steps on our waveform), plus the `ask_recording` API.
 
 Each browser session has its own conversations: the Recordings tab's on the `Desk` by Gradio session,
-the Talk tab's under the page's own random id (app/talk.py). GPU work from the page's events goes
+the Talk tab's on its own Realtime socket (app/realtime.py). GPU work from the page's events goes
 through Gradio's queue with a concurrency limit, so a waiting user sees their place in the queue.
 
 Public-server rules (app/guard.py holds the HTTP side): only `ask_recording` is an API endpoint (the
@@ -36,7 +36,8 @@ from afnext.audio import MAX_FILE_BYTES
 from afnext.events import AudioChunk
 from afnext.session import MAX_TEXT_CHARS
 
-from . import realtime, recordings, talk, talk_wire
+from . import realtime, recordings
+from .access import TOKEN_ROUTE, Access
 from .api import Api
 from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
@@ -56,8 +57,8 @@ PUBLIC_API = frozenset({"ask_recording"})  # the endpoints the README documents;
 QUEUE_MAX = 64  # questions waiting at once; more get Gradio's "queue is full" at once, not after hours
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 600, 3600  # every 10 min, uploads no recording holds that are 1 h old go
 # Uvicorn lets each WebSocket buffer 32 messages of 16 MiB before a handler reads one (measured: 4 clients
-# sending 16 MiB frames took the server up by 2 GB); ours are 20 ms of audio or a line of JSON.
-WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE = talk_wire.MAX_AUDIO_MESSAGE_BYTES, 8
+# sending 16 MiB frames took the server up by 2 GB); a Realtime event is at most a 30 s clip.
+WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE = realtime.MAX_MESSAGE_BYTES, realtime.WS_MAX_QUEUE
 CSS = """
 #afn-banner { font-size: .92em; }
 #afn-status { min-height: 1.6em; }
@@ -301,7 +302,7 @@ class PortBusy(OSError):
 
 def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            block: bool = True, upload_quota_bytes: int = UPLOAD_QUOTA_BYTES, api_key: str | None = None) -> gr.Blocks:
-    """Serve the page, the voice channel, the OpenAI API (/v1, with `api_key` if given) and /health;
+    """Serve the page, the OpenAI API and Realtime voice socket (/v1, with `api_key` if given) and /health;
     blocks until Ctrl-C unless `block` is False.
     Raises PortBusy when `port` is taken."""
     started = time.perf_counter()
@@ -315,13 +316,13 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY, max_size=QUEUE_MAX)
     gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
                         quota_bytes=upload_quota_bytes)
-    registry = talk.TalkRegistry(loader)
+    access = Access(api_key)
+    voice = RealtimeServer(loader, access)
     threading.Thread(target=desk.sweep_every, name="afnext-desk-sweep", daemon=True).start()
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.
     app_kwargs = {"middleware": [Middleware(Guard, options=gate)],
-                  "routes": [Route("/health", _health(loader)),
-                             WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry)),
-                             WebSocketRoute(realtime.ROUTE, RealtimeServer(loader, api_key).__call__),
+                  "routes": [Route("/health", _health(loader)), Route(TOKEN_ROUTE, _page_token(access)),
+                             WebSocketRoute(realtime.ROUTE, voice.__call__),
                              *Api(loader, api_key).routes()]}
     try:
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS,
@@ -341,7 +342,7 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
         try:
             demo.block_thread()
         finally:
-            registry.shutdown()  # cancel the voice turns still running before the process ends
+            voice.shutdown()  # cancel the voice turns still running before the process ends
             shutil.rmtree(workdir, ignore_errors=True)
     return demo
 
@@ -357,6 +358,15 @@ def _health(loader: BackendLoader):
             return JSONResponse({"status": "failed", "reason": str(exc)}, 503)
         return JSONResponse({"status": "ready", "model": backend.describe()})
     return health
+
+
+def _page_token(access: Access):
+    """GET /afnext/token: a short-lived token that opens the page's Realtime socket without the API key.
+    Other sites' pages cannot read it (no CORS headers), and their sockets fail the Origin check."""
+    async def token(_request: Request) -> JSONResponse:
+        value, expires = access.page_token()
+        return JSONResponse({"token": value, "expires_at": expires}, headers={"Cache-Control": "no-store"})
+    return token
 
 
 def _workdir() -> Path:

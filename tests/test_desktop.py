@@ -3,6 +3,7 @@ devices, and the whole program through real PortAudio on ALSA devices backed by 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import os
@@ -14,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import soxr
 
-from afnext.assistant import Stamped, StateChanged, UserTurn, VoiceTimings, VoiceTurnDone
+from afnext.events import Stamped, StateChanged, UserTurn, VoiceTimings, VoiceTurnDone
 from afnext.audio import SAMPLE_RATE, to_mono_16k
 from afnext.events import AudioChunk, Interrupted, ReasoningDelta, TextDelta
 from app import audio_io, desktop
 from app.audio_io import AudioPorts, NoAudioError, Playback
-from app.remote import RemoteBrain, RemoteError, channel_url
+from app.remote import RemoteBrain, RemoteError, realtime_url
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEAKER_RATE = 48000  # Hz of the fake speaker: reply chunks (espeak: 22,050 Hz) are resampled to it
@@ -335,34 +335,87 @@ def test_devices_are_picked_by_index_or_name():
         pick(sd, "webcam", "output")
 
 
-@pytest.fixture
-def voice_server(engine):
-    """The web app's voice channel alone, served by uvicorn on a free port (the tiny model, espeak)."""
+@contextlib.contextmanager
+def realtime_server(engine, access=None):
+    """The web app's /v1/realtime alone, served by uvicorn on a free port (the tiny model, espeak)."""
     import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
 
     from afnext.tts import load_synthesizer
-    from app import talk
+    from app import realtime
     from app.backend import Backend, BackendLoader
 
-    registry = talk.TalkRegistry(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak"))))
-    app = Starlette(routes=[WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry))])
+    voice = realtime.RealtimeServer(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak"))), access)
+    app = Starlette(routes=[WebSocketRoute(realtime.ROUTE, voice.__call__)])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_until(lambda: server.started, what="the server to start")
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(10)
-    registry.shutdown()  # no voice turn may outlive the test: one running at interpreter exit aborts it
+    try:
+        wait_until(lambda: server.started, what="the server to start")
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        voice.shutdown()  # no voice turn may outlive the test: one running at interpreter exit aborts it
 
 
-def test_loop_with_a_remote_brain_on_the_web_apps_voice_channel(voice_server):
+@pytest.fixture
+def voice_server(engine):
+    with realtime_server(engine) as url:
+        yield url
+
+
+def test_loop_with_a_remote_brain_on_the_servers_realtime_socket(voice_server):
     one_spoken_turn(RemoteBrain(voice_server, SAMPLE_RATE))
+
+
+def test_the_remote_client_imports_neither_torch_nor_transformers(voice_server):
+    """`--server` on a laptop without them: the whole client path, a session opened and a second of
+    audio sent, in a Python where importing torch or transformers fails."""
+    code = ("import sys\n"
+            "sys.modules.update(torch=None, transformers=None)  # importing either now raises ImportError\n"
+            "import numpy as np\n"
+            "from app import desktop\n"
+            "from app.remote import RemoteBrain\n"
+            f"brain = RemoteBrain({voice_server!r}, 16000)\n"
+            "brain.push(np.zeros(16000, np.float32), 16000)\n"
+            "brain.close()\n"
+            "print('client ok', [m for m in ('torch', 'transformers') if sys.modules.get(m)])\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "client ok []" in result.stdout, result.stderr[-2000:]
+
+
+def test_speech_over_a_playing_reply_stops_it_and_tells_the_server_what_was_heard():
+    from app import realtime_wire as wire
+    from app.remote import _Turns
+
+    out, sent = [], []
+    turns = _Turns(True, out.append, sent.append)
+    for event in ({"type": "input_audio_buffer.speech_started", "audio_start_ms": 100},
+                  {"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 1600},
+                  {"type": "input_audio_buffer.committed", "item_id": "item_u"},
+                  {"type": "response.created", "response": {"id": "resp_1"}},
+                  {"type": "response.output_item.added", "item": {"id": "item_a"}},
+                  {"type": "response.output_audio_transcript.delta", "delta": "Hello"},
+                  {"type": "response.output_audio.delta", "delta": wire.b64_pcm16(np.zeros(wire.AUDIO_RATE * 5, np.float32))},
+                  {"type": "response.done", "response": {"status": "completed"},
+                   "timings": {"endpoint_s": 0.5, "ttft_s": 0.1, "first_audio_s": 0.3}}):
+        turns.on(event)
+    time.sleep(0.2)  # 5 s of reply audio arrived: it is still playing
+    turns.on({"type": "input_audio_buffer.speech_started", "audio_start_ms": 4000})
+    inner = [e.event if isinstance(e, Stamped) else e for e in out]
+    kinds = [type(e).__name__ for e in inner]
+    assert kinds == ["UserTurn", "StateChanged", "TextDelta", "StateChanged", "AudioChunk", "VoiceTurnDone",
+                     "StateChanged", "Interrupted"], kinds
+    assert inner[0].start == 0.1 and inner[0].end == 1.6 and inner[5].timings == VoiceTimings(0.5, 0.1, 0.3)
+    assert sent[0]["type"] == "conversation.item.truncate" and sent[0]["item_id"] == "item_a"
+    assert 150 <= sent[0]["audio_end_ms"] < 2000, sent  # what had played when the user cut in
+    turns.on({"type": "input_audio_buffer.speech_started", "audio_start_ms": 9000})  # nothing plays now
+    assert len(out) == 8 and len(sent) == 1
 
 
 def test_an_unreachable_server_is_one_clear_error(capsys, monkeypatch):
@@ -372,12 +425,24 @@ def test_an_unreachable_server_is_one_clear_error(capsys, monkeypatch):
         port = s.getsockname()[1]  # nothing listens here once the socket is closed
     assert desktop.main(["--server", f"http://127.0.0.1:{port}/"]) == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: Could not open the voice channel at ws://127.0.0.1:") and err.count("\n") == 1
-    assert channel_url("https://box.example/app/", "c1") == "wss://box.example/app/afnext/talk?client=c1"
+    assert err.startswith("error: Could not open a Realtime session at ws://127.0.0.1:") and err.count("\n") == 1
+    assert realtime_url("https://box.example/app/", "think") == "wss://box.example/app/v1/realtime?model=think"
+    assert realtime_url("http://box:7860/v1", "instruct") == "ws://box:7860/v1/realtime?model=instruct"
     with pytest.raises(RemoteError, match="not an http"):
-        channel_url("ftp://box", "c1")
+        realtime_url("ftp://box", "instruct")
 
 
+def test_a_server_that_refuses_the_session_is_one_clear_error(engine, capsys, monkeypatch):
+    from app.access import Access
+
+    monkeypatch.setattr(desktop, "load_sounddevice", lambda: fake_sounddevice([device(0, "mic", 1, 1)], default=(0, 0)))
+    monkeypatch.delenv(desktop.API_KEY_ENV, raising=False)
+    with realtime_server(engine, Access("sesame")) as url:
+        assert desktop.main(["--server", url]) == 1
+        assert capsys.readouterr().err == "error: Missing API key: send it as a Bearer token.\n"
+        assert desktop.main(["--server", url, "--api-key", "wrong"]) == 1
+        assert capsys.readouterr().err == "error: Incorrect API key.\n"
+        RemoteBrain(url, SAMPLE_RATE, api_key="sesame").close()  # the right key opens a session
 # ---- the program through real PortAudio: ALSA `file` devices on named pipes ----
 #
 # ALSA's `file` plugin over a `null` slave is not paced: reading a regular file it runs as fast
@@ -515,10 +580,20 @@ def test_list_devices_shows_the_alsa_devices(alsa):
 
 
 def test_talk_through_portaudio_on_alsa(alsa, tiny_dir):
-    proc = subprocess.Popen(
-        desktop_cmd("--model", str(tiny_dir), "--tts", "espeak", "--device", "cpu",
-                    "--input-device", "afnext_mic", "--output-device", "afnext_speaker"),
-        cwd=ROOT, env=alsa.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    talk_through_alsa(alsa, desktop_cmd("--model", str(tiny_dir), "--tts", "espeak", "--device", "cpu",
+                                        "--input-device", "afnext_mic", "--output-device", "afnext_speaker"))
+
+
+def test_talk_to_a_server_through_portaudio_on_alsa_without_torch(alsa, engine):
+    """`--server`: the program on real PortAudio, in a Python that cannot import torch or transformers."""
+    blocked = "import sys; sys.modules.update(torch=None, transformers=None); from app.desktop import main; sys.exit(main())"
+    with realtime_server(engine) as url:
+        talk_through_alsa(alsa, [sys.executable, "-c", blocked, "--server", url,
+                                 "--input-device", "afnext_mic", "--output-device", "afnext_speaker"])
+
+
+def talk_through_alsa(alsa, command: list[str]) -> None:
+    proc = subprocess.Popen(command, cwd=ROOT, env=alsa.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()

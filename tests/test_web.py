@@ -1,19 +1,18 @@
-"""The web app's server side without a browser: the Recordings logic, the voice channel's protocol
-(over Starlette's test client), the backend's fallbacks and the page's wiring."""
+"""The web app's server side without a browser: the Recordings logic, the page's voice socket
+(/v1/realtime over Starlette's test client), the backend's fallbacks and the page's wiring."""
 
 from __future__ import annotations
 
 import json
-import struct
 import threading
 import time
 import urllib.request
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile
+import soxr
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
@@ -22,7 +21,9 @@ from afnext.audio import SAMPLE_RATE, AudioError
 from afnext.engine import Engine
 from afnext.events import ThinkStep
 from afnext.tts import load_synthesizer
-from app import recordings, talk
+from app import realtime, recordings
+from app import realtime_wire as wire
+from app.access import KEY_PROTOCOL, PAGE_PROTOCOL, TOKEN_TTL_S, Access
 from app.backend import Backend, BackendLoader, BackendOptions, banner, start_backend
 from tests.web.running import free_port, health, running
 
@@ -119,44 +120,129 @@ def test_backend_falls_back_to_the_demo_model_and_says_so(monkeypatch):
 
 
 @pytest.fixture
-def registries():
-    """Every registry a test opens; afterwards their ended connections must finish closing (a turn
-    still running when the interpreter exits aborts it)."""
-    made: list[talk.TalkRegistry] = []
-    yield made
-    assert all(r.wait_closed(30) for r in made)
+def voice(backend):
+    """/v1/realtime alone, served by Starlette's test client: voice(access=None) → client. Every
+    conversation is closed after the test (a turn still running when the interpreter exits aborts it)."""
+    servers: list[realtime.RealtimeServer] = []
+
+    def make(access: Access | None = None, ip: str = "testclient") -> TestClient:
+        servers.append(realtime.RealtimeServer(BackendLoader.ready_made(backend), access))
+        return TestClient(Starlette(routes=[WebSocketRoute(realtime.ROUTE, servers[-1].__call__)]), client=(ip, 50000))
+    yield make
+    for server in servers:
+        server.shutdown()
 
 
-@pytest.fixture
-def channel(backend, registries):
-    """The voice channel alone, served by Starlette's test client: channel(registry=None) → client."""
-    def make(registry: talk.TalkRegistry | None = None) -> TestClient:
-        registry = talk.TalkRegistry(BackendLoader.ready_made(backend)) if registry is None else registry
-        registries.append(registry)
-        return TestClient(Starlette(routes=[WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry))]))
-    return make
+def appends(pcm16k: np.ndarray, chunk_s: float = 0.1) -> list[str]:
+    """int16 16 kHz → input_audio_buffer.append events of 24 kHz pcm16, `chunk_s` each."""
+    audio = soxr.resample(pcm16k.astype(np.float32) / 32768, SAMPLE_RATE, 24_000)
+    step = round(chunk_s * 24_000)
+    return [json.dumps(wire.append(audio[i:i + step])) for i in range(0, len(audio), step)]
 
 
-def test_voice_channel_hears_a_turn_and_answers_with_text_and_audio(backend, channel):
+def events_until(ws, kind: str, count: int = 1) -> list[dict]:
+    """Server events up to the `count`-th of `kind`, in order."""
+    seen: list[dict] = []
+    while sum(e["type"] == kind for e in seen) < count:
+        seen.append(ws.receive_json())
+    return seen
+
+
+def speech_16k() -> np.ndarray:
     speech, rate = soundfile.read(ASSETS / "speech.wav", dtype="int16")
-    pcm = np.concatenate([speech, np.zeros(rate * 2, np.int16)])
-    with channel().websocket_connect(f"{talk.ROUTE}?client=test-client-0001") as ws:
-        ws.send_text(json.dumps({"type": "hello", "sample_rate": rate, "play_rate": 48000}))
-        assert ws.receive_json()["type"] == "ready"
-        for i in range(0, len(pcm), rate // 50):
-            ws.send_bytes(pcm[i:i + rate // 50].tobytes())
-        seen, audio = [], 0
-        while "turn_done" not in seen:
-            message = ws.receive()
-            if message.get("bytes"):
-                kind, turn, sr = struct.unpack_from("<BxxxII", message["bytes"])
-                audio += (kind == talk.REPLY_AUDIO) * (len(message["bytes"]) - 12) // 2
-                assert sr == (48000 if kind == talk.REPLY_AUDIO else SAMPLE_RATE)  # speech at the page's rate
-                seen.append(f"audio{kind}")
-            else:
-                seen.append(json.loads(message["text"])["type"])
-    assert seen.index("user_turn") < seen.index("audio2") < seen.index("text") < seen.index("audio1")
+    assert rate == SAMPLE_RATE
+    return speech
+
+
+def test_realtime_hears_a_turn_and_answers_with_text_and_audio(voice):
+    pcm = np.concatenate([speech_16k(), np.zeros(SAMPLE_RATE * 2, np.int16)])
+    with voice().websocket_connect(f"{realtime.ROUTE}?model=instruct") as ws:
+        assert ws.receive_json()["type"] == "session.created"
+        for event in appends(pcm):
+            ws.send_text(event)
+        seen = events_until(ws, "response.done")
+    kinds = [e["type"] for e in seen]
+    assert kinds.index("input_audio_buffer.speech_started") < kinds.index("input_audio_buffer.committed") \
+        < kinds.index("response.created") < kinds.index("response.output_audio_transcript.delta") \
+        < kinds.index("response.output_audio.delta")
+    audio = sum(len(wire.pcm16(e["delta"])) for e in seen if e["type"] == "response.output_audio.delta")
     assert audio > 0
+    done = seen[-1]
+    assert done["response"]["status"] == "completed" and done["timings"]["endpoint_s"] > 0
+    assert done["timings"]["first_audio_s"] >= done["timings"]["ttft_s"] > 0
+
+
+def test_the_think_model_shows_its_reasoning_and_speaks_only_the_answer(voice):
+    from tests.web.scripted import SCRIPT
+
+    reasoning, answer = SCRIPT.removeprefix("<think>\n").split("\n</think>\n")
+    with voice().websocket_connect(f"{realtime.ROUTE}?model=think") as ws:
+        assert ws.receive_json()["session"]["max_output_tokens"] == wire.THINK_OUTPUT_TOKENS
+        ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
+        ws.send_json({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "What is it?"}]}})
+        ws.send_json({"type": "response.create"})
+        seen = events_until(ws, "response.done")
+    said = "".join(e["delta"] for e in seen if e["type"] == "response.output_audio_transcript.delta")
+    thought = "".join(e["delta"] for e in seen if e["type"] == "response.reasoning_text.delta")
+    assert said.strip() == answer and thought.strip() == reasoning.strip()
+    assert [e["text"] for e in seen if e["type"] == "response.reasoning_text.done"] == [thought]
+
+
+def test_switching_to_manual_turns_mid_sentence_makes_no_turn_of_it(voice):
+    speech = speech_16k()
+    noise = (np.random.default_rng(0).standard_normal(SAMPLE_RATE) * 3000).astype(np.int16)
+    with voice().websocket_connect(f"{realtime.ROUTE}?model=instruct") as ws:
+        ws.receive_json()
+        for event in appends(speech[: 2 * SAMPLE_RATE]):  # two seconds into the first sentence…
+            ws.send_text(event)
+        ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
+        for event in appends(noise):  # …then a held push-to-talk second: the only turn
+            ws.send_text(event)
+        ws.send_json({"type": "input_audio_buffer.commit"})
+        ws.send_json({"type": "response.create"})
+        seen = events_until(ws, "response.done")
+    kinds = [e["type"] for e in seen]
+    assert kinds.count("input_audio_buffer.committed") == 1 and "input_audio_buffer.speech_stopped" not in kinds
+    assert kinds.index("session.updated") < kinds.index("input_audio_buffer.committed")
+
+
+def test_an_unknown_model_and_a_wrong_key_get_a_sentence_and_a_close(voice):
+    client = voice(Access("sesame"))
+    for url, headers, words in [
+            (f"{realtime.ROUTE}?model=gpt-4o", {"authorization": "Bearer sesame"}, "Unknown model 'gpt-4o'"),
+            (f"{realtime.ROUTE}?model=instruct", {"authorization": "Bearer wrong"}, "Incorrect API key"),
+            (f"{realtime.ROUTE}?model=instruct", {}, "Missing API key")]:
+        with client.websocket_connect(url, headers=headers) as ws:
+            error = ws.receive_json()
+            assert error["type"] == "error" and words in error["error"]["message"], error
+            assert ws.receive()["type"] == "websocket.close"
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers={"authorization": "Bearer sesame"}) as ws:
+        assert ws.receive_json()["type"] == "session.created"
+
+
+def test_the_page_opens_its_socket_with_a_token_not_the_key(voice):
+    access = Access("sesame")
+    client = voice(access)
+    token, expires = access.page_token()
+    assert expires > time.time() + 60
+    same_site = {"origin": "http://testserver"}  # copied per call: the test client writes its subprotocols into it
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers=dict(same_site),
+                                  subprotocols=["realtime", f"{PAGE_PROTOCOL}{token}"]) as ws:
+        assert ws.receive_json()["type"] == "session.created"
+    stale, _ = access.page_token(now=time.time() - 2 * TOKEN_TTL_S)
+    forged = token[:-1] + ("0" if token[-1] != "0" else "1")
+    for bad, words in ((stale, "expired"), (forged, "expired"), ("12-ab", "expired")):
+        with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers=dict(same_site),
+                                      subprotocols=["realtime", f"{PAGE_PROTOCOL}{bad}"]) as ws:
+            got = ws.receive_json()
+            assert words in got.get("error", {}).get("message", ""), (bad, got)
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers={"origin": "https://evil.example"},
+                                  subprotocols=["realtime", f"{PAGE_PROTOCOL}{token}"]) as ws:
+        assert "own site" in ws.receive_json()["error"]["message"]  # another site's page, even with a token
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers={"origin": "https://evil.example"},
+                                  subprotocols=["realtime", f"{KEY_PROTOCOL}sesame"]) as ws:
+        assert ws.receive_json()["type"] == "session.created"  # a browser client of another site with the key
 
 
 def test_the_page_is_served_while_the_model_loads_and_says_so(backend):
@@ -191,81 +277,3 @@ def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_
         assert f"No checkpoint folder at {tmp_path / 'missing'}" in log.read_text()
 
 
-def test_voice_channel_refuses_a_bad_hello(backend, channel):
-    api = channel()
-    with api.websocket_connect(f"{talk.ROUTE}?client=x") as ws:
-        ws.send_text(json.dumps({"type": "hello", "sample_rate": 16000}))
-        assert "client id" in ws.receive_json()["message"]
-    with api.websocket_connect(f"{talk.ROUTE}?client=abcdef123456") as ws:
-        ws.send_text(json.dumps({"type": "hello", "sample_rate": 1000}))
-        assert "1000 Hz" in ws.receive_json()["message"]
-    with api.websocket_connect(f"{talk.ROUTE}?client=abcdef123456") as ws:
-        ws.send_text(json.dumps({"type": "hello", "sample_rate": 16000, "play_rate": "fast"}))
-        assert "could not read" in ws.receive_json()["message"]
-
-
-def _ptt_turn(ws, seconds: float = 1.0) -> dict:
-    """Hold push-to-talk for `seconds` of noise; the user_turn message that follows."""
-    ws.send_text(json.dumps({"type": "mode", "ptt": True}))
-    ws.send_text(json.dumps({"type": "ptt", "down": True}))
-    block = (np.random.default_rng(0).standard_normal(320) * 3000).astype(np.int16)
-    for _ in range(round(seconds * 50)):
-        ws.send_bytes(block.tobytes())
-    ws.send_text(json.dumps({"type": "ptt", "down": False}))
-    while (message := ws.receive_json())["type"] not in ("user_turn", "notice"):
-        pass
-    return message
-
-
-def _hello(ws) -> dict:
-    ws.send_text(json.dumps({"type": "hello", "sample_rate": SAMPLE_RATE}))
-    return ws.receive_json()
-
-
-def test_a_page_that_reconnects_keeps_its_conversation_and_turn_ids(backend, channel):
-    registry = talk.TalkRegistry(BackendLoader.ready_made(backend))
-    client = channel(registry)
-    with client.websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
-        assert _hello(ws) == {"type": "ready", "turns": 0}
-        assert _ptt_turn(ws)["id"] == 1
-    with client.websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
-        assert _hello(ws) == {"type": "ready", "turns": 1}
-        assert _ptt_turn(ws)["id"] == 2
-    with client.websocket_connect(f"{talk.ROUTE}?client=page-two-0002") as ws:
-        assert _hello(ws)["turns"] == 0  # another page: another conversation
-    assert registry.wait_closed(30) and len(registry) == 1  # page two never spoke: nothing is kept for it
-
-
-def test_idle_conversations_are_dropped_and_the_count_is_capped(backend, channel):
-    registry = talk.TalkRegistry(BackendLoader.ready_made(backend), idle_s=0.0, max_conversations=1)
-    client = channel(registry)
-    with client.websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
-        _hello(ws)
-        with client.websocket_connect(f"{talk.ROUTE}?client=page-two-0002") as other:
-            other.send_text(json.dumps({"type": "hello", "sample_rate": SAMPLE_RATE}))
-            assert "as many voice conversations" in other.receive_json()["message"]
-    assert len(registry) == 0  # its page left: nobody was connected for idle_s
-
-
-def test_switching_to_push_to_talk_mid_sentence_makes_no_turn_of_it(backend, channel):
-    speech, rate = soundfile.read(ASSETS / "speech.wav", dtype="int16")
-    with channel().websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
-        ws.send_text(json.dumps({"type": "hello", "sample_rate": rate}))
-        ws.receive_json()
-        for i in range(0, 2 * rate, rate // 50):  # two seconds into the first sentence…
-            ws.send_bytes(speech[i:i + rate // 50].tobytes())
-        message = _ptt_turn(ws)  # …then push-to-talk: its 1 s hold is the only turn
-        assert message["type"] == "user_turn" and message["end"] - message["start"] == pytest.approx(1.0, abs=0.03)
-
-
-def test_a_short_push_to_talk_press_is_not_a_turn(backend, channel):
-    with channel().websocket_connect(f"{talk.ROUTE}?client=page-one-0001") as ws:
-        _hello(ws)
-        assert "too short" in _ptt_turn(ws, seconds=0.1)["message"]
-
-
-def test_push_to_talk_makes_the_held_audio_one_turn(backend, channel):
-    with channel().websocket_connect(f"{talk.ROUTE}?client=ptt-client-01") as ws:
-        _hello(ws)
-        message = _ptt_turn(ws)
-        assert message["type"] == "user_turn" and message["end"] - message["start"] == pytest.approx(1.0, abs=0.03)

@@ -1,6 +1,9 @@
-// The Talk tab: runs as a gr.HTML js_on_load body (`element`). Streams the microphone to the
-// server's voice channel (app/talk.py, which documents the protocol), plays the reply gaplessly with
-// Web Audio, and keeps the transcript. Lives in a shadow root, out of Gradio's re-rendering.
+// The Talk tab: runs as a gr.HTML js_on_load body (`element`). Speaks OpenAI's Realtime protocol
+// to the server's own /v1/realtime (app/realtime.py; README, "Realtime"): the microphone goes up as
+// pcm16 24 kHz appends, the server's VAD ends turns (or push-to-talk commits them), the reply's
+// audio deltas play gaplessly with Web Audio, and speaking over a reply stops it and tells the
+// server how much was heard (conversation.item.truncate). Lives in a shadow root, out of Gradio's
+// re-rendering. One socket is one conversation: Stop mutes the microphone and keeps it.
 
 const host = element.querySelector(".afn-talk");
 const root = host.attachShadow({ mode: "open" });
@@ -39,24 +42,30 @@ root.innerHTML = `
 
 const $ = (sel) => root.querySelector(sel);
 const pttButton = $(".ptt");
-const BLOCK_S = 0.02;  // microphone audio per message
-const SEND_RATE = 16000;  // Hz sent upstream: the model's rate, a third of 48 kHz's bandwidth
+const RATE = 24000;  // Hz both ways: pcm16 as the Realtime protocol speaks it
+const BLOCK_S = 0.04;  // microphone audio per append
 const ANTI_ALIAS_HZ = 7000;  // two low-pass biquads before the worklet's resampler (speech ends well below 8 kHz)
-const HEADER_BYTES = 12, USER_AUDIO = 2;  // app/talk.py: kind 1 is reply speech, kind 2 the user's own turn
-const randomId = () => Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+const KEEP_S = 90;  // seconds of sent microphone audio kept for the replay buttons
+const MAX_PTT_S = 30, MIN_PTT_S = 0.25;  // a push-to-talk press: what the server hears at most; a slip
+const LOAD_POLL_MS = 2000;  // how often the page asks whether the model has loaded
 
-let client = randomId();  // names this page's conversation on the server
 let ctx = null, stream = null, ws = null, worklet = null, workletLoaded = false;
 let starting = false;  // between the Start click and the microphone being on
-let live = false;  // the server said "ready" on the current socket
-let sent = 0;  // microphone samples sent
-let sentLog = [];  // [seconds of microphone audio sent, performance.now()] to time "end of speech"
+let live = false;  // the current socket's session was created and configured
+let hadConversation = false;  // a socket was live before: a new one starts afresh, and the page says so
+let sent = 0;  // samples sent on the server's current audio timeline (reset with each turn_detection change)
+let sentLog = [];  // [seconds on that timeline, performance.now()] to time "end of speech"
+let kept = [];  // [{start, pcm}] the sent audio, for replaying the user's turns
 let nextPlay = 0, playing = [];  // gapless reply playback
-const turns = new Map();  // id → {user, assistant, endWall, firstAudioMs, userAudio}
-let replySamples = 0;
+let speech = { start: 0, end: 0 };  // the turn the server's VAD is hearing, ms on the timeline
+let press = null;  // push-to-talk: {chunks, samples, full} while the button is held
+let presses = [];  // finished presses waiting for the server's commit: {audio, wall}
+let reply = null;  // the response being made: {id, item, row, endWall, firstAudioMs, played: {start, ms}}
+let heard = null;  // the last reply whose audio reached the page (it may still be playing)
+let replySamples = 0, idleTimer = null;
 
-// Resamples the (low-passed) microphone to SEND_RATE by linear interpolation and posts blocks of
-// BLOCK_S; t is where the next output sample falls between the previous input sample (0) and this one (1).
+// Resamples the (low-passed) microphone to RATE by linear interpolation and posts blocks of BLOCK_S;
+// t is where the next output sample falls between the previous input sample (0) and this one (1).
 const WORKLET = `registerProcessor("afn-capture", class extends AudioWorkletProcessor {
   constructor(o) { super(); this.step = sampleRate / o.processorOptions.rate; this.n = o.processorOptions.block;
     this.buf = new Float32Array(this.n); this.i = 0; this.t = 0; this.prev = 0; }
@@ -78,11 +87,10 @@ function notice(text, fromServer) {
   n.textContent = text || ""; n.hidden = !text;
   if (fromServer) n.dataset.server = "1"; else delete n.dataset.server;
 }
-function setState(state, waiting) {
+function setState(state) {
   const el = $(".state");
   el.dataset.state = state;
-  el.textContent = state === "thinking" && waiting ? `waiting for the GPU (${waiting} ahead)`
-    : state === "loading" ? "loading the model…" : state;
+  el.textContent = state === "loading" ? "loading the model…" : state;
 }
 
 function micError(err) {
@@ -119,83 +127,204 @@ async function start() {
     }
     stream = mic;
     const source = ctx.createMediaStreamSource(stream);
-    worklet = new AudioWorkletNode(ctx, "afn-capture", { processorOptions: { rate: SEND_RATE, block: SEND_RATE * BLOCK_S } });
+    worklet = new AudioWorkletNode(ctx, "afn-capture", { processorOptions: { rate: RATE, block: RATE * BLOCK_S } });
     let chain = source;
-    for (let i = 0; i < 2 && ctx.sampleRate > SEND_RATE; i++) {
+    for (let i = 0; i < 2 && ctx.sampleRate > 2 * ANTI_ALIAS_HZ; i++) {
       const lowpass = new BiquadFilterNode(ctx, { type: "lowpass", frequency: ANTI_ALIAS_HZ, Q: Math.SQRT1_2 });
       chain.connect(lowpass); chain = lowpass;
     }
     const mute = ctx.createGain(); mute.gain.value = 0;
     chain.connect(worklet); worklet.connect(mute); mute.connect(ctx.destination);  // pulled, not heard
     worklet.port.onmessage = (e) => onMic(e.data);
-    connect();
     $(".start").textContent = "Stop"; $(".start").classList.remove("primary");
+    if (ws && live) setState("listening"); else if (!ws) connect();
   } catch (err) {
     notice(`The audio could not be started (${err && err.message}).`);
-    stop();
+    stopMic();
   } finally {
     starting = false;
   }
 }
 
-function connect() {
-  const url = new URL("afnext/talk", location.href);
-  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-  url.search = `?client=${client}`;
-  const socket = new WebSocket(url);  // every handler checks it is still the current one
+// ---- the socket ----
+
+async function connect() {
+  const wanted = () => stream && !ws;  // Stop or New conversation while this waited: give up
+  setState("connecting");
+  try {
+    for (;;) {  // the model may still be loading: say so and wait for it
+      const health = await fetch(new URL("health", location.href), { cache: "no-store" });
+      if (health.ok) break;
+      const body = await health.json().catch(() => ({}));
+      if (body.status !== "loading") { notice(body.reason || `The server is not ready (HTTP ${health.status}).`, true); stopMic(); return; }
+      setState("loading");
+      await new Promise((r) => setTimeout(r, LOAD_POLL_MS));
+      if (!wanted()) return;
+    }
+    const answer = await fetch(new URL("afnext/token", location.href), { cache: "no-store" });
+    if (!answer.ok) throw new Error(`HTTP ${answer.status}`);
+    const { token } = await answer.json();
+    if (!wanted()) return;
+    const url = new URL("v1/realtime", location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    url.search = "?model=instruct";
+    attach(new WebSocket(url, ["realtime", `afnext-page-token.${token}`]));
+  } catch (err) {
+    notice(`The server could not be reached (${err && err.message}); press Start to try again.`);
+    stopMic();
+  }
+}
+
+function attach(socket) {  // every handler checks it is still the current socket
   ws = socket; live = false;
-  socket.binaryType = "arraybuffer";
-  sent = 0; sentLog = [];
-  socket.onopen = () => {
-    socket.send(JSON.stringify({ type: "hello", sample_rate: SEND_RATE, play_rate: ctx.sampleRate }));
-    socket.send(JSON.stringify({ type: "mode", ptt: $(".ptt-mode").checked }));
-  };
-  socket.onmessage = (e) => {
-    if (socket !== ws) return;
-    if (typeof e.data === "string") onEvent(JSON.parse(e.data)); else onAudio(e.data);
-  };
+  socket.onmessage = (e) => { if (socket === ws) onEvent(JSON.parse(e.data)); };
   socket.onclose = (e) => {
     if (socket !== ws) return;
+    ws = null; live = false;
     if (!$(".notice").dataset.server)  // a server's own sentence stays; otherwise say what happened
       notice(`The connection to the server closed${e.reason ? ` (${e.reason})` : ""}; press Start to reconnect.`);
-    stop();
+    stopMic();
   };
 }
 
-function stop() {
-  const socket = ws; ws = null; live = false;
-  if (socket && socket.readyState <= 1) socket.close();
-  if (stream) stream.getTracks().forEach((t) => t.stop());
-  stream = null;
-  if (worklet) { worklet.port.onmessage = null; worklet.disconnect(); worklet = null; }
-  if (pttButton.classList.contains("held")) pttButton.classList.remove("held");
-  flushPlayback();
-  setState("idle");
-  $(".level").value = 0;
-  $(".start").textContent = "Start talking"; $(".start").classList.add("primary");
+function send(event) {
+  if (ws && ws.readyState === 1) ws.send(JSON.stringify(event));
 }
+
+function configure() {  // the turn detection the page's mode asks for; a new audio timeline on the server
+  const detection = $(".ptt-mode").checked ? null
+    : { type: "server_vad", create_response: true, interrupt_response: true };
+  send({ type: "session.update", session: { type: "realtime", output_modalities: ["audio"],
+    audio: { input: { format: { type: "audio/pcm", rate: RATE }, turn_detection: detection },
+             output: { format: { type: "audio/pcm", rate: RATE } } } } });
+  sent = 0; sentLog = []; kept = []; presses = [];
+}
+
+// ---- the microphone ----
 
 function onMic(block) {
   let energy = 0;
   for (let i = 0; i < block.length; i++) energy += block[i] * block[i];
   $(".level").value = Math.min(1, Math.sqrt(energy / block.length) * 4);
-  if (!ws || ws.readyState !== 1 || !live) return;  // nothing is sent before the server is ready for it
-  const pcm = new Int16Array(block.length);
-  for (let i = 0; i < block.length; i++) pcm[i] = Math.max(-1, Math.min(1, block[i])) * 32767;
-  ws.send(pcm.buffer);
+  if (!live || !stream) return;  // nothing is sent before the session is ready for it
+  const ptt = $(".ptt-mode").checked;
+  if (ptt && !press) return;  // push-to-talk: only what is said while the button is held
+  if (ptt && press.samples >= MAX_PTT_S * RATE) {
+    if (!press.full) notice(`Only the first ${MAX_PTT_S} s of a press are heard.`);
+    press.full = true;
+    return;
+  }
+  send({ type: "input_audio_buffer.append", audio: toBase64(block) });
+  if (ptt) { press.chunks.push(block); press.samples += block.length; }
+  kept.push({ start: sent, pcm: block });
+  while (kept.length && kept[0].start < sent - KEEP_S * RATE) kept.shift();
   sent += block.length;
-  sentLog.push([sent / SEND_RATE, performance.now()]);
-  if (sentLog.length > 3000) sentLog.splice(0, 1000);  // the last minute is plenty
+  sentLog.push([sent / RATE, performance.now()]);
+  if (sentLog.length > 3000) sentLog.splice(0, 1000);  // the last two minutes are plenty
 }
 
-function wallAt(seconds) {  // when the microphone audio at `seconds` was captured (≈ sent)
+function toBase64(block) {
+  const pcm = new Int16Array(block.length);
+  for (let i = 0; i < block.length; i++) pcm[i] = Math.max(-1, Math.min(1, block[i])) * 32767;
+  const bytes = new Uint8Array(pcm.buffer);
+  let text = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000));
+  return btoa(text);
+}
+
+function fromBase64(text) {
+  const bytes = Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+  const pcm = new Int16Array(bytes.buffer, 0, bytes.length >> 1);
+  return Float32Array.from(pcm, (v) => v / 32768);
+}
+
+function wallAt(seconds) {  // when the microphone audio at `seconds` on the timeline was sent
   const hit = sentLog.find(([s]) => s >= seconds);
   return hit ? hit[1] : performance.now();
 }
 
-function turn(id) {
-  if (!turns.has(id)) turns.set(id, { user: null, assistant: null, endWall: null, firstAudioMs: null, userAudio: null });
-  return turns.get(id);
+function keptBetween(startMs, endMs) {  // the sent audio between two points of the timeline
+  const a = Math.round(startMs * RATE / 1000), b = Math.round(endMs * RATE / 1000);
+  const out = new Float32Array(Math.max(0, b - a));
+  for (const { start, pcm } of kept) {
+    const from = Math.max(a, start), to = Math.min(b, start + pcm.length);
+    if (from < to) out.set(pcm.subarray(from - start, to - start), from - a);
+  }
+  return out;
+}
+
+// ---- the server's events ----
+
+function onEvent(m) {
+  switch (m.type) {
+    case "session.created":
+      configure();
+      live = true;
+      if (hadConversation) notice("A new conversation began on the server; the assistant does not remember the earlier one.");
+      hadConversation = true;
+      setState(stream ? "listening" : "idle");
+      break;
+    case "input_audio_buffer.speech_started":
+      speech = { start: m.audio_start_ms, end: 0 };
+      if (reply || isPlaying()) bargeIn();
+      break;
+    case "input_audio_buffer.speech_stopped":
+      speech.end = m.audio_end_ms;
+      break;
+    case "input_audio_buffer.committed":
+      userRow();
+      break;
+    case "response.created":
+      reply = { id: m.response.id, item: null, row: null, endWall: lastEndWall, firstAudioMs: null };
+      setState("thinking");
+      break;
+    case "response.output_item.added":
+      if (reply) reply.item = m.item.id;
+      break;
+    case "response.output_audio_transcript.delta": case "response.output_text.delta":
+      if (reply) answerRow().querySelector(".answer").textContent += m.delta;
+      break;
+    case "response.reasoning_text.delta":
+      if (reply) {
+        const li = answerRow();
+        li.querySelector("details").hidden = false;
+        li.querySelector(".reasoning").textContent += m.delta;
+      }
+      break;
+    case "response.output_audio.delta":
+      if (reply && reply.id === m.response_id) onAudio(fromBase64(m.delta));
+      break;
+    case "response.done":
+      onDone(m);
+      break;
+    case "error":
+      if (m.error && m.error.code !== "response_cancel_not_active") notice(m.error.message, true);
+      break;
+  }
+}
+
+let lastEndWall = null;  // when the user's latest turn ended (performance.now())
+
+function userRow() {
+  let seconds, audio;
+  const pressed = presses.shift();
+  if (pressed) {  // push-to-talk: the page's own press
+    audio = pressed.audio; seconds = audio.length / RATE; lastEndWall = pressed.wall;
+  } else {
+    audio = keptBetween(speech.start, speech.end); seconds = (speech.end - speech.start) / 1000;
+    lastEndWall = wallAt(speech.end / 1000);
+  }
+  const li = row("user", "You:");
+  li.insertAdjacentHTML("beforeend", `<span class="said"></span> <button class="replay">▶ replay</button>`);
+  li.querySelector(".said").textContent = `(${seconds.toFixed(1)} s of speech)`;
+  li.querySelector(".replay").addEventListener("click", () => replay(audio));
+}
+
+function concat(chunks) {
+  const out = new Float32Array(chunks.reduce((n, c) => n + c.length, 0));
+  let at = 0;
+  for (const c of chunks) { out.set(c, at); at += c.length; }
+  return out;
 }
 
 function row(kind, who) {
@@ -208,116 +337,145 @@ function row(kind, who) {
   return li;
 }
 
-function assistantRow(id) {
-  const t = turn(id);
-  if (!t.assistant) {
-    t.assistant = row("assistant", "Assistant:");
-    t.assistant.insertAdjacentHTML("beforeend", `<details hidden><summary>Reasoning</summary><span class="reasoning"></span></details><span class="answer"></span>`);
+function answerRow() {
+  if (!reply.row) {
+    reply.row = row("assistant", "Assistant:");
+    reply.row.insertAdjacentHTML("beforeend", `<details hidden><summary>Reasoning</summary><span class="reasoning"></span></details><span class="answer"></span>`);
   }
-  return t.assistant;
+  return reply.row;
 }
 
-function onEvent(m) {
-  if (m.type === "ready") {
-    live = true;
-    setState("listening");
-    const seen = Math.max(0, ...turns.keys());
-    if (m.turns < seen) {  // the server let this conversation go (idle too long): a new one starts
-      turns.clear();
-      notice("The earlier conversation had expired on the server; the assistant starts afresh.");
+function onAudio(samples) {
+  if (reply.firstAudioMs == null) {
+    if (reply.endWall != null) {
+      reply.firstAudioMs = performance.now() - reply.endWall;
+      root.host.dataset.firstAudioMs = reply.firstAudioMs.toFixed(0);
     }
-  }
-  else if (m.type === "state") setState(m.state, m.waiting);
-  else if (m.type === "user_turn") {
-    const t = turn(m.id);
-    t.endWall = wallAt(m.end);
-    t.user = row("user", "You:");
-    t.user.dataset.turn = m.id;
-    t.user.insertAdjacentHTML("beforeend", `<span class="said"></span> <button class="replay" disabled>▶ replay</button>`);
-    t.user.querySelector(".said").textContent = `(${(m.end - m.start).toFixed(1)} s of speech)`;
-    t.user.querySelector(".replay").addEventListener("click", () => replay(m.id));
-  } else if (m.type === "text" || m.type === "reasoning") {
-    const li = assistantRow(m.id);
-    if (m.type === "text") li.querySelector(".answer").textContent += m.text;
-    else { li.querySelector("details").hidden = false; li.querySelector(".reasoning").textContent += m.text; }
-  } else if (m.type === "interrupted") {
-    flushPlayback();
-    if (turns.get(m.id)?.assistant) turns.get(m.id).assistant.classList.add("interrupted");
-  } else if (m.type === "turn_done") {
-    const t = turn(m.id);
-    const s = (v) => (v == null ? "–" : `${v.toFixed(2)} s`);
-    const page = t.firstAudioMs == null ? "–" : `${(t.firstAudioMs / 1000).toFixed(2)} s`;
-    $(".latency").textContent = `Last turn: end of speech → turn taken ${s(m.endpoint_s)}; then first text ${s(m.ttft_s)}, ` +
-      `first audio ${s(m.first_audio_s)}; end of speech → first audio in this page ${page}.`;
-  } else if (m.type === "error") notice(m.message, true);
-  else if (m.type === "notice") notice(m.message);
-}
-
-function onAudio(buffer) {
-  const view = new DataView(buffer);
-  const kind = view.getUint8(0), id = view.getUint32(4, true), rate = view.getUint32(8, true);
-  const pcm = new Int16Array(buffer, HEADER_BYTES);
-  const samples = Float32Array.from(pcm, (v) => v / 32768);
-  if (kind === USER_AUDIO) {
-    const t = turn(id);
-    t.userAudio = { rate, samples };
-    t.user?.querySelector(".replay")?.removeAttribute("disabled");
-    return;
-  }
-  const t = turn(id);
-  if (t.firstAudioMs == null && t.endWall != null) {
-    t.firstAudioMs = performance.now() - t.endWall;
-    root.host.dataset.firstAudioMs = t.firstAudioMs.toFixed(0);
+    heard = { item: reply.item, start: null, ms: 0 };
+    setState("speaking");
   }
   replySamples += samples.length;
   root.host.dataset.replySamples = String(replySamples);
-  play(samples, rate);
+  const at = play(samples, RATE);
+  if (at != null && heard.start == null) heard.start = at;
+  heard.ms += 1000 * samples.length / RATE;
 }
 
-function play(samples, rate) {
-  if (!ctx || !samples.length) return;
+function onDone(m) {
+  if (!reply || reply.id !== m.response.id) return;
+  const done = reply; reply = null;
+  if (m.response.status === "cancelled" && done.row) done.row.classList.add("interrupted");
+  const t = m.timings || {};
+  const s = (v) => (v == null ? "–" : `${v.toFixed(2)} s`);
+  const page = done.firstAudioMs == null ? "–" : `${(done.firstAudioMs / 1000).toFixed(2)} s`;
+  $(".latency").textContent = `Last turn: end of speech → turn taken ${s(t.endpoint_s)}; then first text ${s(t.ttft_s)}, ` +
+    `first audio ${s(t.first_audio_s)}; end of speech → first audio in this page ${page}.`;
+  clearTimeout(idleTimer);  // back to listening once the reply has played
+  const left = ctx ? Math.max(0, nextPlay - ctx.currentTime) : 0;
+  idleTimer = setTimeout(() => { if (!reply && ws) setState(stream ? "listening" : "idle"); }, left * 1000);
+}
+
+function isPlaying() {
+  return !!(ctx && heard && heard.start != null && ctx.currentTime < heard.start + heard.ms / 1000);
+}
+
+function bargeIn() {  // the user spoke over the reply: silence it, and tell the server what was heard
+  const was = heard;
+  if (was && was.item && was.start != null && ctx) {
+    const ms = Math.max(0, Math.min(was.ms, Math.round(1000 * (ctx.currentTime - was.start))));
+    send({ type: "conversation.item.truncate", item_id: was.item, content_index: 0, audio_end_ms: ms });
+  }
+  heard = null;
+  flushPlayback();
+  if (reply && reply.row) reply.row.classList.add("interrupted");
+}
+
+// ---- playback ----
+
+function play(samples, rate) {  // when the samples start playing (AudioContext time), or null
+  if (!ctx || !samples.length) return null;
   const buf = ctx.createBuffer(1, samples.length, rate);
   buf.copyToChannel(samples, 0);
   const src = ctx.createBufferSource();
   src.buffer = buf;
   src.connect(ctx.destination);
   nextPlay = Math.max(nextPlay, ctx.currentTime + 0.03);  // a small cushion, then back to back
-  src.start(nextPlay);
+  const at = nextPlay;
+  src.start(at);
   nextPlay += buf.duration;
   playing.push(src);
-  src.onended = () => { playing = playing.filter((s) => s !== src); };
+  src.onended = () => { playing = playing.filter((p) => p !== src); };
+  return at;
 }
 
 function flushPlayback() {  // barge-in: silence at once
-  playing.forEach((s) => { try { s.stop(); } catch (e) {} });
+  playing.forEach((p) => { try { p.stop(); } catch (e) {} });
   playing = []; nextPlay = 0;
 }
 
-async function replay(id) {
-  const audio = turns.get(id)?.userAudio;
-  if (!audio) return;
+async function replay(samples) {
   ctx = ctx || new AudioContext();
   await ctx.resume();
   flushPlayback();
-  play(audio.samples, audio.rate);
+  play(samples, RATE);
+}
+
+// ---- controls ----
+
+function stopMic() {
+  if (stream) stream.getTracks().forEach((t) => t.stop());
+  stream = null;
+  if (worklet) { worklet.port.onmessage = null; worklet.disconnect(); worklet = null; }
+  press = null;
+  pttButton.classList.remove("held");
+  $(".level").value = 0;
+  $(".start").textContent = "Start talking"; $(".start").classList.add("primary");
+  if (!reply) setState("idle");
+}
+
+function stop() {  // the microphone goes quiet; the conversation (its socket) stays
+  if (press) ptt(false);
+  stopMic();
+  setState("idle");
 }
 
 function ptt(down) {
-  if (!ws || !live || !$(".ptt-mode").checked) return;
-  if (down) flushPlayback();
-  $(".ptt").classList.toggle("held", down);
-  ws.send(JSON.stringify({ type: "ptt", down }));
+  if (!ws || !live || !stream || !$(".ptt-mode").checked) return;
+  pttButton.classList.toggle("held", down);
+  if (down) {
+    if (reply || isPlaying()) {
+      bargeIn();
+      if (reply) send({ type: "response.cancel" });
+    }
+    send({ type: "input_audio_buffer.clear" });
+    press = { chunks: [], samples: 0, full: false };
+    return;
+  }
+  if (!press) return;
+  const held = press; press = null;
+  if (held.samples < MIN_PTT_S * RATE) {
+    notice("Hold the button down while you speak; that press was too short to hear.");
+    send({ type: "input_audio_buffer.clear" });
+    return;
+  }
+  presses.push({ audio: concat(held.chunks), wall: performance.now() });
+  send({ type: "input_audio_buffer.commit" });
+  send({ type: "response.create" });
 }
 
 $(".start").addEventListener("click", () => (stream ? stop() : start()));
 $(".new").addEventListener("click", () => {
   const wasOn = !!stream;
-  stop(); client = randomId(); turns.clear(); $(".transcript").replaceChildren(); $(".latency").textContent = "";
+  const socket = ws; ws = null; live = false; hadConversation = false;
+  if (socket) socket.close();
+  stop(); flushPlayback(); reply = null; heard = null; presses = [];
+  $(".transcript").replaceChildren(); $(".latency").textContent = ""; notice("");
   if (wasOn) start();
 });
 $(".ptt-mode").addEventListener("change", (e) => {
   $(".ptt").hidden = !e.target.checked;
-  if (ws && ws.readyState === 1) ws.send(JSON.stringify({ type: "mode", ptt: e.target.checked }));
+  press = null;
+  if (live) configure();
 });
 pttButton.addEventListener("pointerdown", (e) => { pttButton.setPointerCapture(e.pointerId); ptt(true); });
 ["pointerup", "pointercancel", "lostpointercapture"].forEach((ev) =>

@@ -1,11 +1,11 @@
-"""RSS of the voice channel's server under oversized microphone messages (a measurement, not a test).
+"""RSS of the Realtime server under oversized client messages (a measurement, not a test).
 
-    python bench/talk_flood_memory.py            # uvicorn capped as `python -m app` caps it
-    python bench/talk_flood_memory.py uncapped   # uvicorn's defaults (16 MiB frames, 32 queued)
+    python bench/realtime_flood_memory.py            # uvicorn capped as `python -m app` caps it
+    python bench/realtime_flood_memory.py uncapped   # uvicorn's defaults (16 MiB frames, 32 queued)
 
-Starts uvicorn on 127.0.0.1 with the channel alone (tiny random model, espeak) in a child process,
-warms it with one normal connection, then CLIENTS clients each send MESSAGES binary messages of
-MESSAGE_BYTES after their hello; prints the server's RSS before, its peak (VmHWM), and after.
+Starts uvicorn on 127.0.0.1 with /v1/realtime alone (tiny random model, espeak) in a child process,
+warms it with one normal session, then CLIENTS clients each send MESSAGES text messages of
+MESSAGE_BYTES after session.created; prints the server's RSS before, its peak (VmHWM), and after.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ CLIENTS, MESSAGES, MESSAGE_BYTES = 4, 50, 16 << 20  # 16 MiB: uvicorn's default 
 
 def serve(port: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from functools import partial
-
     import uvicorn
     from starlette.applications import Starlette
     from starlette.routing import WebSocketRoute
@@ -34,12 +32,12 @@ def serve(port: int) -> None:
     from afnext.engine import Engine
     from afnext.model import ensure_tiny, load
     from afnext.tts import load_synthesizer
-    from app import talk
+    from app import realtime
     from app.backend import Backend, BackendLoader
 
     engine = Engine(load(str(ensure_tiny()), device="cpu"))
-    registry = talk.TalkRegistry(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak"))))
-    app = Starlette(routes=[WebSocketRoute(talk.ROUTE, partial(talk.serve, registry=registry))])
+    server = realtime.RealtimeServer(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak"))))
+    app = Starlette(routes=[WebSocketRoute(realtime.ROUTE, server.__call__)])
     from app.web import WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE
 
     caps = {} if os.environ.get("UNCAPPED") else dict(ws_max_size=WS_MAX_MESSAGE_BYTES, ws_max_queue=WS_MAX_QUEUE)
@@ -59,10 +57,9 @@ def flood(url: str, results: list) -> None:
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
-    payload = bytes(MESSAGE_BYTES)
+    payload = "x" * MESSAGE_BYTES
     with connect(url, max_size=None) as ws:
-        ws.send(json.dumps({"type": "hello", "sample_rate": 16000}))
-        assert json.loads(ws.recv())["type"] == "ready"
+        assert json.loads(ws.recv())["type"] == "session.created"
         sent, answer = 0, None
         try:
             for _ in range(MESSAGES):
@@ -88,19 +85,18 @@ def main() -> None:
     try:
         from websockets.sync.client import connect
 
-        base = f"ws://127.0.0.1:{port}/afnext/talk?client="
+        url = f"ws://127.0.0.1:{port}/v1/realtime?model=instruct"
         for _ in range(600):
             try:
-                with connect(base + "warm-up-0001") as ws:
-                    ws.send(json.dumps({"type": "hello", "sample_rate": 16000}))
-                    assert json.loads(ws.recv())["type"] == "ready"
+                with connect(url) as ws:
+                    assert json.loads(ws.recv())["type"] == "session.created"
                 break
             except OSError:
                 time.sleep(0.1)
         time.sleep(1.0)
         before = rss(server.pid)
         results: list = []
-        threads = [threading.Thread(target=flood, args=(f"{base}flood-page-{i:04d}", results)) for i in range(CLIENTS)]
+        threads = [threading.Thread(target=flood, args=(url, results)) for _ in range(CLIENTS)]
         started = time.monotonic()
         for t in threads:
             t.start()
