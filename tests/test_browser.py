@@ -35,6 +35,7 @@ SHOTS = Path(os.environ.get("AFNEXT_SCREENSHOTS") or tempfile.mkdtemp(prefix="af
 SCRIPTED_ANSWER = SCRIPT.split("</think>\n")[1]
 WAVE = "#afn-wave .afn-wave"  # the waveform's shadow host (Playwright's CSS pierces open shadow roots)
 TALK = "#afn-talk .afn-talk"
+API_KEY = "browser-test-key"  # the browser tests' server protects /v1 with it; the page never has it
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def server(tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     started = time.perf_counter()
     try:
-        with running(["-m", "tests.web.server", "--port", str(free_port())], log) as (_proc, url):
+        # With an API key: the page must talk over /v1/realtime without it (its own short-lived token).
+        with running(["-m", "tests.web.server", "--port", str(free_port()), "--api-key", API_KEY], log) as (_proc, url):
             REPORT["process_start_to_healthy_s"] = round(time.perf_counter() - started, 2)
             if served := re.search(r"([\d.]+) s after launch", log.read_text()):  # a figure, not a signal
                 REPORT["launch_to_serving_s"] = float(served.group(1))
@@ -187,6 +189,8 @@ def test_talk_hears_the_microphone_and_the_reply_reaches_the_page(browser, serve
     page.wait_for_function(f"() => {_count(TALK, 'li.assistant')} > {replies}", timeout=60_000)
     assert page.locator(f"{TALK} li.user").count() > users
     assert not errors, errors
+    html = page.content() + "".join(page.evaluate("[...document.scripts].map(s => s.textContent)"))
+    assert API_KEY not in html, "the page must never hold the API key"
     page.context.close()
 
 

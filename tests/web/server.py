@@ -25,9 +25,11 @@ def main() -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--upload-quota-bytes", type=int, default=UPLOAD_QUOTA_BYTES)
     p.add_argument("--step-delay-s", type=float, default=0.0, help="slow the scripted engine's steps down")
+    p.add_argument("--api-key", default=None, help="protect /v1 with this key (the page must do without it)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    launch(BackendLoader(partial(backend, args.step_delay_s), "tiny"), host="127.0.0.1", port=args.port, upload_quota_bytes=args.upload_quota_bytes)
+    launch(BackendLoader(partial(backend, args.step_delay_s), "tiny"), host="127.0.0.1", port=args.port,
+           upload_quota_bytes=args.upload_quota_bytes, api_key=args.api_key)
 
 
 def backend(step_delay_s: float = 0.0) -> Backend:
