@@ -197,6 +197,22 @@ def new_cache() -> SessionCache:
     return SessionCache()
 
 
+def copy_cache(cache: SessionCache, length: int) -> SessionCache:
+    """A new session cache holding the first `length` tokens of `cache` (on the same device, or in
+    CPU memory if `cache` is offloaded there: its next turn brings it back). `cache` is not changed."""
+    twin = SessionCache()
+    for layer in cache.layers:
+        copy = GrowingLayer(twin)
+        if layer.is_initialized and layer._k is not None:
+            n = min(length, layer._length)
+            keys, values = layer._k[..., :n, :], layer._v[..., :n, :]
+            copy.lazy_initialization(keys, values)
+            copy.update(keys, values)  # into buffers of its own
+            copy.device = layer.device  # where prefetch brings it back to
+        twin.layers.append(copy)
+    return twin
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     """Bytes one token adds to the KV cache (AF-Next in bf16: 56 KiB)."""
     text = config.get_text_config(decoder=True)

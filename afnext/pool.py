@@ -4,8 +4,11 @@ that already holds it.
 OpenAI-style clients send the whole conversation with every request. Prefilling it all again would
 cost a 30-minute recording's 45,000 tokens on every follow-up; instead each finished turn leaves its
 session here, keyed by what it holds — each message's role, text and clip (by a hash of its audio) —
-and the next request takes the session whose key is the longest prefix of its own history, adds the
-messages it lacks without generating (`Session.extend`) and asks only the new turn. A reply keeps
+and the next request takes the session that shares the most leading messages with its own history,
+adds the messages it lacks without generating (`Session.extend`) and asks only the new turn. A kept
+session that went on past where the request branches off (a regenerated answer, another question
+after the same turns) is forked: the request gets a copy of its KV cache up to there, and the kept
+branch stays as it was. A reply keeps
 the token ids the model generated as long as the client sends back the same text, so a greedy reply
 equals the one the same turns get in one live session (the CLI's).
 
@@ -65,6 +68,16 @@ class Lease:
     cached_tokens: int
 
 
+def _shared(a: tuple, b: tuple) -> int:
+    """How many leading messages two histories share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class SessionPool:
     """Sessions of one engine keyed by the conversations they hold. Thread-safe."""
 
@@ -78,11 +91,20 @@ class SessionPool:
         the longest matching prefix, extended by the rest, or a new one. Raises as `Session.extend`."""
         keys = tuple(m.key for m in history)
         system = history[0].text if history and history[0].role == "system" else None
-        with self._lock:
-            match = max((k for k in self._kept if keys[:len(k)] == k), key=len, default=None)
-            session = self._kept.pop(match) if match is not None else None
+        with self._lock:  # the kept session sharing the most messages with `history`; whole ones first
+            shared, kept = max(((_shared(keys, k), -len(k), k) for k in self._kept), default=(0, 0, None))[::2]
+            session = self._kept.pop(kept) if shared else None
+        if session is not None and shared < len(kept):  # it went on past where `history` branches off
+            try:
+                twin = session.fork(shared)
+            except ValueError:  # it holds clips not encoded yet: start afresh instead
+                twin = None
+            finally:
+                self._put(kept, session)  # the other branch stays kept, unchanged
+            session = twin
         if session is None:
-            session, match = Session(self.engine, system=system), keys[:1] if system is not None else ()
+            session, shared = Session(self.engine, system=system), 1 if system is not None else 0
+        match = keys[:shared]
         cached = session.cached_tokens
         for message in history[len(match):]:
             clip = message.clip if message.clip is not None or message.make_clip is None else message.make_clip()

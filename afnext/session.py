@@ -26,7 +26,7 @@ from . import prompt
 from .clip import Clip, prepare_clip
 from .engine import PREFILLED, Engine, Finished
 from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
-from .kvcache import cache_bytes, new_cache
+from .kvcache import cache_bytes, copy_cache, new_cache
 from .prompt import MAX_TEXT_CHARS, THINK_PREFILL, THINK_PROMPT, THINK_PROMPT_INSTRUCT  # noqa: F401 (public here too)
 from .sampling import GenerationOptions
 from .scheduler import WAITING, Cancel, Request
@@ -56,6 +56,8 @@ class Session:
         self._pending: list[Clip] = []  # clips of tokens[_cached:], added by `extend`: encoded with the next turn
         self._reply_at: int | None = None  # where the last generated reply's "<|im_start|>assistant" begins
         self._last_clip_s: float | None = None  # duration of the latest clip: what Think steps point into
+        # Per message: (tokens up to its end, _last_clip_s after it), so `fork` can cut at any message.
+        self._marks: list[tuple[int, float | None]] = [(0, None)] * len(self.messages)
         self._settled = threading.Event()  # no turn of this session is in the engine
         self._settled.set()
         self._request: Request | None = None
@@ -94,6 +96,7 @@ class Session:
         if clip is not None:
             self._last_clip_s = clip.duration_s
             (self._pending if self.use_cache else self._clips).append(clip)
+        self._marks.append((len(self.tokens), self._last_clip_s))
 
     def rewrite_reply(self, text: str) -> None:
         """Replace the last reply with `text` — what the user heard of it before speaking over it — so
@@ -103,11 +106,29 @@ class Session:
             raise ValueError("There is no reply to rewrite: the conversation does not end with one.")
         del self.tokens[self._reply_at:]
         self.messages.pop()
+        self._marks.pop()
         if self._cache is not None and self._cached > self._reply_at:
             self._cache.crop(self._reply_at - self._cache.get_seq_length())
             self._cached = self._reply_at
         self.extend("assistant", text)
         self._reply_at = None
+
+    def fork(self, n_messages: int) -> Session:
+        """A new session holding this one's first `n_messages`, its KV cache copied up to there (a
+        copy costs far less than computing it again): a client that branches off a kept conversation
+        — a regenerated answer, another question after the same turns — reuses what they share. This
+        session is left as it was. ValueError when a clip added by `extend` is not encoded yet."""
+        self._settled.wait()
+        if self._pending or not self.use_cache or not 0 <= n_messages <= len(self.messages):
+            raise ValueError("Only a settled, cached session with every clip encoded can be forked.")
+        cut, clip_s = self._marks[n_messages - 1] if n_messages else (0, None)
+        twin = Session(self.engine)
+        twin.messages, twin.tokens = list(self.messages[:n_messages]), self.tokens[:cut]
+        twin._marks, twin._last_clip_s = self._marks[:n_messages], clip_s
+        kept = min(self._cached, cut)
+        if self._cache is not None and kept:
+            twin._cache, twin._cached = copy_cache(self._cache, kept), kept
+        return twin
 
     @property
     def cache_bytes(self) -> int:
@@ -262,6 +283,7 @@ class Session:
             self._last_clip_s = plan.clip.duration_s
             if not self.use_cache:
                 self._clips.append(plan.clip)
+        self._marks.append((len(self.tokens), self._last_clip_s))
         self._cache, self._cached = cache, len(self.tokens)
 
     def _commit_reply(self, generated: list[int], cache) -> None:
@@ -270,12 +292,13 @@ class Session:
         self.messages.append(prompt.assistant_message(text))
         self._cached = cache.get_seq_length()  # the prompt and every reply token fed back (not the last)
         self.tokens += generated + prompt.reply_tail(loaded)
+        self._marks.append((len(self.tokens), self._last_clip_s))
         if not self.use_cache:
             self._cache, self._cached = None, 0
 
     def _restore(self, saved: tuple) -> None:
         n_tokens, n_messages, n_clips, cached, cache, last_clip_s, self._pending = saved
-        del self.tokens[n_tokens:], self.messages[n_messages:], self._clips[n_clips:]
+        del self.tokens[n_tokens:], self.messages[n_messages:], self._clips[n_clips:], self._marks[n_messages:]
         if cache is not None and cache.get_seq_length() > cached:
             cache.crop(cached - cache.get_seq_length())
         self._cache, self._cached, self._last_clip_s = cache, cached, last_clip_s

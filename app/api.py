@@ -20,7 +20,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -49,6 +51,9 @@ MAX_WAITING = 64  # turns waiting for the engine; beyond, 429 at once rather tha
 # otherwise hold one of the 40 threads Starlette shares with the page for its whole length).
 MAX_TURNS = 128
 DISCONNECT_POLL_S = 0.5  # how often a whole (unstreamed) reply checks that its client is still there
+# Kept threads, not one new thread per call: each request takes one to prepare and one for its reply
+# (a streamed reply whose client left runs on for at most a decoding step); the rest is headroom.
+_WORKERS = ThreadPoolExecutor(max_workers=2 * MAX_TURNS + 16, thread_name_prefix="afnext-api")
 MAX_CLIPS = 32  # audio clips in one request: 131,072 tokens of context hold about 87 minutes of audio anyway
 
 
@@ -109,15 +114,7 @@ class Api:
         streaming = False
         try:
             self._authorize(request)
-            body = await _off_loop(wire.parse_chat, await _json_body(request))
-            target = self._target(body.model)
-            turn = await _off_loop(_turn, body, target)
-            if target.engine.waiting >= MAX_WAITING:
-                raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded")
-            pool = target.pools[turn.think]
-            lease = await _off_loop(pool.lease, turn.history)
-            reply = Reply(target, pool, lease, turn, wire.new_id())
-            await _off_loop(reply.start)  # the new turn's own mistakes are a 400 here, before any reply
+            body, reply = await _off_loop(self._prepare, await _read_body(request))
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 streaming = True
@@ -134,6 +131,20 @@ class Api:
         finally:
             if not streaming:
                 self._turns -= 1
+
+    def _prepare(self, raw: bytes) -> tuple[wire.ChatRequest, Reply]:
+        """Parse the body, plan the turn, lease a session and start the turn, in one go on a worker
+        thread: 90 MB of JSON take a second to parse, and a hop between threads costs about a
+        millisecond on a busy CPU. The new turn's own mistakes raise here, before any reply."""
+        body = wire.parse_chat(_parse_json(raw))
+        target = self._target(body.model)
+        turn = _turn(body, target)
+        if target.engine.waiting >= MAX_WAITING:
+            raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded")
+        pool = target.pools[turn.think]
+        reply = Reply(target, pool, pool.lease(turn.history), turn, wire.new_id())
+        reply.start()
+        return body, reply
 
     async def _counted(self, chunks):
         """A streamed reply's chunks, counted among the requests being answered until it ends."""
@@ -395,25 +406,9 @@ async def _answered(request: Request, reply: Reply) -> dict:
 
 
 async def _off_loop(fn, *args):
-    """`fn(*args)` on a thread of its own, awaited: decoding audio or waiting on the model never
-    holds the event loop, nor a thread of the pool Starlette shares with the page."""
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-
-    def settle(result, error) -> None:
-        if not future.done():
-            future.set_exception(error) if error is not None else future.set_result(result)
-
-    def run() -> None:
-        try:
-            result = fn(*args)
-        except BaseException as exc:
-            loop.call_soon_threadsafe(settle, None, exc)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    threading.Thread(target=run, name="afnext-api", daemon=True).start()
-    return await future
+    """`fn(*args)` on one of the API's own threads, awaited: decoding audio or waiting on the model
+    never holds the event loop, nor a thread of the pool Starlette shares with the page."""
+    return await asyncio.get_running_loop().run_in_executor(_WORKERS, partial(fn, *args))
 
 
 async def _iterate_off_loop(items: Iterator):
@@ -430,7 +425,7 @@ async def _iterate_off_loop(items: Iterator):
         except BaseException as exc:
             loop.call_soon_threadsafe(queue.put_nowait, (end, exc))
 
-    threading.Thread(target=run, name="afnext-api-stream", daemon=True).start()
+    _WORKERS.submit(run)
     while True:
         item, error = await queue.get()
         if error is not None:
@@ -440,7 +435,7 @@ async def _iterate_off_loop(items: Iterator):
         yield item
 
 
-async def _json_body(request: Request) -> object:
+async def _read_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB; send shorter or "
@@ -450,7 +445,7 @@ async def _json_body(request: Request) -> object:
         body += piece
         if len(body) > MAX_BODY_BYTES:
             raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB.")
-    return await _off_loop(_parse_json, bytes(body))  # 90 MB of JSON take a second to parse: not on the loop
+    return bytes(body)
 
 
 def _parse_json(body: bytes) -> object:

@@ -214,3 +214,37 @@ def test_history_clips_are_decoded_only_when_no_kept_session_holds_them(loaded):
         assert len(made) == 2 and fresh.session.tokens.count(loaded.ids.sound) == 50, "rebuilt: decoded once"
     finally:
         engine.close()
+
+
+def test_a_regenerated_answer_reuses_the_kept_conversation_up_to_where_it_branches(loaded):
+    """A client asking the same follow-up again (regenerate) or another one after the same turns gets
+    a fork of the kept session: the recording is not computed again, and the kept branch survives."""
+    from afnext.clip import prepare_clip
+    from afnext.engine import Engine
+    from afnext.events import TurnDone
+    from afnext.pool import Message, SessionPool
+    from afnext.sampling import GenerationOptions
+    from tests.conftest import noise
+
+    engine = Engine(loaded)
+    try:
+        pool, options = SessionPool(engine), GenerationOptions(max_new_tokens=3)
+        clip = prepare_clip(noise(4.0), loaded.mel_filters)
+
+        def turn(history, text, clip=None):
+            lease = pool.lease(history)
+            reply = [e for e in lease.session.ask(text, clip, options=options) if isinstance(e, TurnDone)][0].reply
+            pool.keep(lease, Message("user", text, clip, "clip-a" if clip else ""), reply.answer)
+            return lease, reply
+
+        _, first = turn([], "What is it?", clip)
+        history = [Message("user", "What is it?", None, "clip-a"), Message("assistant", first.answer)]
+        lease, follow = turn(history, "And then?")
+        again, regenerated = turn(history, "And then?")  # the kept session went on past `history`: forked
+        # The fork's cache even holds the end of the first answer, which the first follow-up computed.
+        assert again.cached_tokens >= lease.cached_tokens > 100, "the clip came from the kept session's cache"
+        assert regenerated.token_ids == follow.token_ids, "greedy: the same answer again"
+        longer = history + [Message("user", "And then?"), Message("assistant", follow.answer)]
+        assert pool.lease(longer).cached_tokens > lease.cached_tokens, "the first branch is still kept whole"
+    finally:
+        engine.close()

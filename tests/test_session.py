@@ -219,3 +219,25 @@ def test_encoding_equals_stock_audio_features(engine, tiny_dir, monkeypatch, bat
 def test_bad_input_raises_at_the_call_not_at_the_first_event(engine, tmp_path):
     with pytest.raises(AudioError):
         Session(engine).ask("What?", tmp_path / "missing.wav")
+
+
+def test_a_fork_branches_off_with_the_shared_cache_and_leaves_the_original_as_it_was(engine):
+    """Regenerating an answer, or asking something else after the same turns: the fork's replies
+    equal a session that took that branch from the start, and the original goes on unchanged."""
+    clip = noise(6.0, seed=11)
+    original = Session(engine)
+    first, _ = run(original, "What is this?", clip)
+    run(original, "And then?")
+    fork = original.fork(2)  # the clip's turn and its answer
+    assert fork.messages == original.messages[:2] and fork.cached_tokens > 6 * 25, "the clip's tokens come cached"
+    assert original.fork(0).tokens == [] and original.fork(0).cached_tokens == 0
+    branched, _ = run(fork, "Something else?")
+    reference = Session(engine, use_cache=False)  # the same two turns, computed from scratch
+    run(reference, "What is this?", clip)
+    expected, _ = run(reference, "Something else?")
+    assert branched.token_ids == expected.token_ids and branched.prompt_tokens == expected.prompt_tokens
+    went_on, _ = run(original, "Last one.")  # the original's own cache was not touched
+    run(reference := Session(engine, use_cache=False), "What is this?", clip)
+    run(reference, "And then?")
+    assert went_on.token_ids == run(reference, "Last one.")[0].token_ids
+    assert first.token_ids  # replies were not empty: the comparisons prove something
