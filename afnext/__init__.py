@@ -24,6 +24,25 @@ _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_HOME)
 
 
+def check_setup() -> None:
+    """Say how to get numpy, torch and transformers if one is missing (entry points that run the model
+    call this before importing it), instead of a bare ModuleNotFoundError."""
+    import importlib.util
+
+    for name in ("numpy", "torch", "transformers"):
+        try:
+            found = name in sys.modules and sys.modules[name] is not None or importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise ModuleNotFoundError(_missing(name), name=name)
+
+
+def _missing(name: str) -> str:
+    return (f"{name} is not installed in this Python ({sys.executable}); run `bash scripts/setup.sh`, then "
+            "`source .venv/bin/activate` (or call .venv/bin/python).")
+
+
 def __getattr__(name: str):
     module = _HOME.get(name)
     if module is None:
@@ -33,8 +52,6 @@ def __getattr__(name: str):
     except ModuleNotFoundError as missing:  # the set-up was skipped: say how to get it
         if missing.name not in ("numpy", "torch", "transformers"):
             raise
-        raise ModuleNotFoundError(
-            f"{missing.name} is not installed in this Python ({sys.executable}); run `bash scripts/setup.sh`, "
-            "then `source .venv/bin/activate` (or call .venv/bin/python).", name=missing.name) from None
+        raise ModuleNotFoundError(_missing(missing.name), name=missing.name) from None
     globals()[name] = value
     return value

@@ -18,7 +18,10 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import strict_json
+from . import check_setup, strict_json
+
+check_setup()  # before anything imports torch: a missing one is a sentence saying how to get it
+
 from .audio import AudioError
 from .cli import add_model_flags
 from .engine import Engine

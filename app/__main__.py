@@ -22,6 +22,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (Hugging Face Spaces runs `python app/__main__.py`)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from afnext import check_setup  # noqa: E402
+
+check_setup()  # before anything imports torch: a missing one is a sentence saying how to get it
+
 from afnext.cli import add_model_flags, add_tts_flags  # noqa: E402
 from app.backend import BackendLoader, BackendOptions, start_backend  # noqa: E402
 

@@ -5,9 +5,15 @@ which sites' pages may open a socket.
   WebSocket, offer it as the subprotocol `openai-insecure-api-key.KEY`, as OpenAI's browser clients do.
 - The app's own page never sees the key. It asks `GET /afnext/token` (same origin: other sites'
   pages cannot read the answer) for a token that opens Realtime sockets for `TOKEN_TTL_S`, and offers
-  it as the subprotocol `afnext-page-token.TOKEN`, like OpenAI's ephemeral client secrets.
+  it as the subprotocol `afnext-page-token.TOKEN`, like OpenAI's ephemeral client secrets. The page
+  is open to anyone who can load it, so a token grants what the page does and no more: a `page`
+  session (the instruct model, microphone audio in, speech out; see app/realtime.py), from a socket
+  that names its page's Origin. The key alone opens everything else.
 - A socket whose Origin names another site than its Host (and than `AFNEXT_ALLOWED_ORIGINS`) is
   refused unless it holds the key, so other web sites' pages cannot drive a visitor's local server.
+- A server bound to this computer only (127.0.0.1) answers the token route and sockets only for a
+  Host that names this computer (or a gradio.live share link, or an allowed site): a web site that
+  points its own name at 127.0.0.1 (DNS rebinding) is same-origin with itself, not with us.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 # More sites whose pages may connect, comma-separated: "a.example", "https://b.example:8443", "*.hf.space".
@@ -29,13 +36,34 @@ TOKEN_TTL_S = 600  # a page token opens sockets for this long (the page fetches 
 _DEFAULT_PORTS = {"http": (80,), "ws": (80,), "https": (443,), "wss": (443,), "": (80, 443)}
 
 
-class Access:
-    """The server's rules: `key` (None: open to anyone who can reach it) and the allowed sites."""
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "*.gradio.live")  # what a loopback-bound server answers to
 
-    def __init__(self, key: str | None = None, allowed_origins: Iterable[str] = ()) -> None:
-        self.key = key
+
+@dataclass(frozen=True)
+class Grant:
+    """Whether a socket may open: `refusal` (one sentence) or None, and whether it is a `page` session."""
+
+    refusal: str | None = None
+    page: bool = False
+
+
+class Access:
+    """The server's rules: `key` (None: open to anyone who can reach it), the allowed sites, and
+    whether the server is bound to this computer only (`local`: the Host check)."""
+
+    def __init__(self, key: str | None = None, allowed_origins: Iterable[str] = (), *, local: bool = False) -> None:
+        self.key, self.local = key, local
         self.allowed = allowed_sites([*allowed_origins, *os.environ.get(ORIGINS_ENV, "").split(",")])
+        self._hosts = (*LOCAL_HOSTS, *(a if a.startswith("*") else _hostname(a) or a for a in self.allowed))
         self._secret = secrets.token_bytes(32)  # tokens die with the process
+
+    def host_ok(self, headers: Mapping[str, str]) -> bool:
+        """The request names this computer (or an allowed site), or the server is not bound to it only."""
+        if not self.local:
+            return True
+        name = _hostname(headers.get("host", ""))
+        return bool(name) and any(h == "*" or h == name or (h.startswith("*.") and name.endswith(h[1:]))
+                                  for h in self._hosts)
 
     def key_ok(self, given: str) -> bool:
         """`given` is the API key (constant time), or no key is needed."""
@@ -48,30 +76,42 @@ class Access:
 
     def token_ok(self, token: str, now: float | None = None) -> bool:
         expires, _, signature = token.partition("-")
-        if not expires.isdigit() or len(expires) > 12:
+        if not (expires.isascii() and expires.isdigit()) or len(expires) > 12:  # "²".isdigit() is True
             return False
         return (int(expires) >= (now if now is not None else time.time())
                 and hmac.compare_digest(signature.encode(), self._sign(int(expires)).encode()))
 
-    def socket(self, headers: Mapping[str, str], offered: list[str]) -> str | None:
-        """Why a WebSocket with these handshake headers and offered subprotocols may not open (one
-        sentence), or None when it may."""
+    def socket(self, headers: Mapping[str, str], offered: list[str]) -> Grant:
+        """Whether a WebSocket with these handshake headers and offered subprotocols may open."""
         bearer = headers.get("authorization", "").removeprefix("Bearer ").strip()
         key = bearer or next((p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)), "")
         has_key = self.key is not None and bool(key) and self.key_ok(key)
         if key and not has_key and self.key is not None:
-            return "Incorrect API key."
+            return Grant("Incorrect API key.")
+        if not has_key and not self.host_ok(headers):
+            return Grant("This server answers only to its own address; open it as http://localhost:PORT.")
         if not has_key and not origin_allowed(headers, self.allowed):
-            return "This socket serves only the pages of its own site; open the app's own page, or send the API key."
+            return Grant("This socket serves only the pages of its own site; open the app's own page, or send "
+                         "the API key.")
         if self.key is None or has_key:
-            return None
+            return Grant()
         token = next((p[len(PAGE_PROTOCOL):] for p in offered if p.startswith(PAGE_PROTOCOL)), None)
-        if token is not None:
-            return None if self.token_ok(token) else "The page's token has expired; reload the page."
-        return "Missing API key: send it as a Bearer token."
+        if token is None:
+            return Grant("Missing API key: send it as a Bearer token.")
+        if headers.get("origin") is None:
+            return Grant("A page token opens sockets for the app's own page only; other clients send the API key.")
+        return Grant(page=True) if self.token_ok(token) else Grant("The page's token has expired; reload the page.")
 
     def _sign(self, expires: int) -> str:
         return hmac.new(self._secret, str(expires).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _hostname(value: str) -> str | None:
+    """'host[:port]' or a URL → its host name, lower case (an IPv6 address without brackets)."""
+    try:
+        return urlsplit(value if "://" in value else f"//{value}").hostname
+    except ValueError:
+        return None
 
 
 def _site(url: str) -> str | None:

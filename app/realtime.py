@@ -32,7 +32,7 @@ from afnext.tts import SpeechResampler
 from afnext.vad import EndpointerOptions, SpeechStarted
 
 from . import realtime_wire as wire
-from .access import Access
+from .access import KEY_PROTOCOL, PAGE_PROTOCOL, Access
 from .backend import BackendLoader, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ class _Mute:
 class RealtimeLink:
     """One socket's conversation: client events in (any thread, kept in order), server events out."""
 
-    def __init__(self, engine, synthesizer, model: str, send: Callable[[dict], None]) -> None:
+    def __init__(self, engine, synthesizer, model: str, send: Callable[[dict], None], page: bool = False) -> None:
         self.engine, self.synthesizer, self.model, self.send = engine, synthesizer, model, send
+        self.page = page  # opened with the page's token: only what the page does (app/access.py)
         self.think = model == "think"  # the Think model reasons first: shown as reasoning_text, never spoken
         self.config = wire.Config.for_model(model)
         self.session: Session | None = None  # made at the first turn, with the instructions then in force
@@ -119,6 +120,10 @@ class RealtimeLink:
 
     def _on_session_update(self, event: dict) -> None:
         config = wire.updated(self.config, event.get("session"))
+        if self.page and (config.instructions != self.config.instructions or not config.audio_out
+                          or config.max_output_tokens != self.config.max_output_tokens):
+            raise wire.ProtocolError("The page's session takes turn detection settings only; other clients send "
+                                     "the API key.", "page_session")
         if config.instructions != self.config.instructions and self.session is not None:
             raise wire.ProtocolError("instructions can only be set before the first turn.")
         if self.assistant is not None and _voice_changed(self.config, config):
@@ -153,6 +158,9 @@ class RealtimeLink:
         self.send(wire.event("input_audio_buffer.cleared"))
 
     def _on_conversation_item_create(self, event: dict) -> None:
+        if self.page:
+            raise wire.ProtocolError("The page's session takes microphone audio only; other clients send the API key.",
+                                     "page_session")
         text, audio = wire.user_item(event.get("item"))
         self._add_user(text, audio)
 
@@ -394,10 +402,12 @@ class RealtimeServer:
         offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         model = ws.query_params.get("model", "instruct")
         address = ws.client.host if ws.client else "?"
-        refusal = self.access.socket(ws.headers, offered)
-        code = 1008
+        grant = self.access.socket(ws.headers, offered)
+        refusal, code = grant.refusal, 1008
         if refusal is None and model not in ("instruct", "think"):
             refusal = f"Unknown model {model[:40]!r}; use instruct or think."
+        if refusal is None and grant.page and model != "instruct":
+            refusal = "The page's token opens the instruct model only; other clients send the API key."
         if refusal is None and (sum(self._open.values()) >= MAX_SESSIONS or self._open.get(address, 0) >= MAX_PER_ADDRESS):
             refusal, code = "Too many voice sessions are open; try again later.", 1013
         if refusal is None:
@@ -406,21 +416,24 @@ class RealtimeServer:
             except BackendUnavailable as exc:
                 refusal, code = str(exc), 1013
         # Accepted even to refuse: a browser sees neither an HTTP status nor a reason given before the
-        # handshake, and the page must be able to say why. A browser that offered subprotocols (its
-        # key or token among them) needs one of them chosen back.
-        await ws.accept(subprotocol="realtime" if "realtime" in offered else (offered[0] if offered else None))
+        # handshake, and the page must be able to say why. A browser that offered subprotocols needs
+        # one of them chosen back: "realtime" as OpenAI's clients offer it, a key or token only if
+        # nothing else was offered (the response header would carry it).
+        plain = [p for p in offered if not p.startswith((KEY_PROTOCOL, PAGE_PROTOCOL))]
+        await ws.accept(subprotocol="realtime" if "realtime" in offered else (plain or offered or [None])[0])
         if refusal is not None:
             await _refuse(ws, refusal, code)
             return
         self._open[address] = self._open.get(address, 0) + 1
         try:
-            await self._serve(ws, backend.think if model == "think" else backend.main, backend.synthesizer, model)
+            await self._serve(ws, backend.think if model == "think" else backend.main, backend.synthesizer, model,
+                              grant.page)
         finally:
             self._open[address] -= 1
             if not self._open[address]:
                 del self._open[address]
 
-    async def _serve(self, ws: WebSocket, engine, synthesizer, model: str) -> None:
+    async def _serve(self, ws: WebSocket, engine, synthesizer, model: str, page: bool) -> None:
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
         def send(event: dict) -> None:  # from the link's threads
             try:
@@ -428,7 +441,7 @@ class RealtimeServer:
             except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
                 pass
 
-        link = await asyncio.to_thread(RealtimeLink, engine, synthesizer, model, send)
+        link = await asyncio.to_thread(RealtimeLink, engine, synthesizer, model, send, page)
         sender = asyncio.create_task(_send_all(ws, outbox))
         with self._lock:
             self._links.add(link)

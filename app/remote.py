@@ -116,8 +116,10 @@ class _Turns:
     def __init__(self, interrupts: bool, emit, send) -> None:
         self.interrupts, self.emit, self.send = interrupts, emit, send
         self._speech_ms = (0, 0)  # the user's turn being heard: audio_start_ms, audio_end_ms
-        self._reply: dict | None = None  # the response being made: id, item, audio received
-        self._heard: dict | None = None  # the last reply whose audio reached us (may still be playing)
+        self._reply: dict | None = None  # the response being made: id, item, whether it was cut off
+        # The last reply whose audio reached us: its item and pieces (start, seconds) on the monotonic
+        # clock, each playing from its arrival or the end of the one before, whichever is later.
+        self._heard: dict | None = None
 
     def on(self, event: dict) -> None:
         kind = event["type"]
@@ -132,14 +134,14 @@ class _Turns:
             self.emit(UserTurn(end / 1000, start / 1000, end / 1000, np.zeros(0, np.float32)))
             self.emit(StateChanged(end / 1000, "thinking"))
         elif kind == "response.created":
-            self._reply = {"id": event["response"]["id"], "item": None, "ms": 0.0, "first": None}
+            self._reply = {"id": event["response"]["id"], "item": None, "cut": False}
         elif kind == "response.output_item.added" and self._reply is not None:
             self._reply["item"] = event["item"]["id"]
         elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
             self.emit(Stamped(t, TextDelta(event["delta"])))
         elif kind == "response.reasoning_text.delta":
             self.emit(Stamped(t, ReasoningDelta(event["delta"])))
-        elif kind == "response.output_audio.delta" and self._reply is not None:
+        elif kind == "response.output_audio.delta" and self._reply is not None and not self._reply["cut"]:
             self._audio(wire.pcm16(event["delta"]), t)
         elif kind == "response.done":
             self._done(event, t)
@@ -148,30 +150,36 @@ class _Turns:
             self.emit(Stamped(t, Error(str(error.get("message") or "The server reported an error."))))
 
     def _audio(self, pcm: np.ndarray, t: float) -> None:
-        reply = self._reply
-        if reply["first"] is None:
-            reply["first"] = time.monotonic()
-            self._heard = reply
+        reply, now = self._reply, time.monotonic()
+        if self._heard is None or self._heard["id"] != reply["id"]:
+            self._heard = {"id": reply["id"], "item": reply["item"], "pieces": []}
             self.emit(StateChanged(t, "speaking"))
-        reply["ms"] += 1000 * len(pcm) / wire.AUDIO_RATE
+        pieces = self._heard["pieces"]
+        start = max(now, pieces[-1][0] + pieces[-1][1]) if pieces else now
+        pieces.append((start, len(pcm) / wire.AUDIO_RATE))
         self.emit(Stamped(t, AudioChunk(wire.AUDIO_RATE, pcm.astype(np.float32) / 32768.0)))
 
     def _barge_in(self) -> None:
         """Speech began: with interrupting on, a reply being made or still playing stops here at once
-        (the server cancels the making), and the server learns how much of it was heard."""
-        heard = self._heard
-        playing = heard is not None and time.monotonic() < heard["first"] + heard["ms"] / 1000
+        (the server cancels the making; what it still sends of it is dropped), and the server learns
+        how much of it was heard."""
+        heard, now = self._heard, time.monotonic()
+        playing = heard is not None and now < heard["pieces"][-1][0] + heard["pieces"][-1][1]
         if not self.interrupts or not (playing or self._reply is not None):
             return
         self.emit(Stamped(self._speech_ms[0] / 1000, Interrupted("barge-in")))
         if playing and heard["item"] is not None:
-            self.send(wire.truncate(heard["item"], int(min(heard["ms"], 1000 * (time.monotonic() - heard["first"])))))
+            played = sum(max(0.0, min(seconds, now - start)) for start, seconds in heard["pieces"])
+            self.send(wire.truncate(heard["item"], int(1000 * played)))
+        if self._reply is not None:
+            self._reply["cut"] = True
         self._heard = None
 
     def _done(self, event: dict, t: float) -> None:
         response = event.get("response") or {}
-        if response.get("status") == "cancelled" and self._heard is not None and self._heard is self._reply:
-            self.emit(Stamped(t, Interrupted("cancelled")))
+        reply = self._reply
+        if response.get("status") == "cancelled" and reply is not None and not reply["cut"]:
+            self.emit(Stamped(t, Interrupted("cancelled")))  # cut off by the server, not by our barge-in
         timings = event.get("timings") or {}
         self.emit(VoiceTurnDone(t, VoiceTimings(timings.get("endpoint_s"), timings.get("ttft_s"),
                                                 timings.get("first_audio_s")), None))

@@ -316,7 +316,7 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY, max_size=QUEUE_MAX)
     gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
                         quota_bytes=upload_quota_bytes)
-    access = Access(api_key)
+    access = Access(api_key, local=host in ("127.0.0.1", "localhost", "::1"))
     voice = RealtimeServer(loader, access)
     threading.Thread(target=desk.sweep_every, name="afnext-desk-sweep", daemon=True).start()
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.
@@ -363,7 +363,10 @@ def _health(loader: BackendLoader):
 def _page_token(access: Access):
     """GET /afnext/token: a short-lived token that opens the page's Realtime socket without the API key.
     Other sites' pages cannot read it (no CORS headers), and their sockets fail the Origin check."""
-    async def token(_request: Request) -> JSONResponse:
+    async def token(request: Request) -> JSONResponse:
+        if not access.host_ok(request.headers):
+            return JSONResponse({"error": "This server answers only to its own address; open it as "
+                                          "http://localhost:PORT."}, 403)
         value, expires = access.page_token()
         return JSONResponse({"token": value, "expires_at": expires}, headers={"Cache-Control": "no-store"})
     return token

@@ -113,3 +113,11 @@ def test_pyproject_dependencies_are_the_requirements_files():
     assert dependencies["torch"] == "torch==2.13.0" and dependencies["transformers"] == "transformers==5.24.0"
     assert _by_name(project["optional-dependencies"]["dev"]) == _requirements(ROOT / "requirements-dev.txt")
     assert project["scripts"] == {"afnext": "afnext.cli:main"}
+
+
+@pytest.mark.parametrize("module", ["app", "afnext"])
+def test_a_missing_torch_says_how_to_set_up(module):
+    code = f"import runpy, sys; sys.modules['torch'] = None; runpy.run_module({module!r}, run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "torch is not installed in this Python" in result.stderr, result.stderr[-800:]
+    assert "bash scripts/setup.sh" in result.stderr

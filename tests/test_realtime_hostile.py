@@ -124,7 +124,7 @@ def test_same_site_pages_allow_listed_sites_and_non_browser_clients_are_served(s
     ("null", "box.example", False),
 ])
 def test_origin_must_match_host(origin, host, allowed):
-    assert (Access().socket({"origin": origin, "host": host}, []) is None) is allowed
+    assert (Access().socket({"origin": origin, "host": host}, []).refusal is None) is allowed
 
 
 # ---- capacity ----

@@ -243,6 +243,41 @@ def test_the_page_opens_its_socket_with_a_token_not_the_key(voice):
     with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers={"origin": "https://evil.example"},
                                   subprotocols=["realtime", f"{KEY_PROTOCOL}sesame"]) as ws:
         assert ws.receive_json()["type"] == "session.created"  # a browser client of another site with the key
+        assert ws.accepted_subprotocol == "realtime", "the key is never echoed in the handshake"
+
+
+def test_a_page_token_opens_only_what_the_page_does(voice):
+    """The page is open to all, so its token is no key: the instruct model, microphone audio in,
+    speech out, and turn detection settings, from a socket that names the page's Origin."""
+    access = Access("sesame")
+    client = voice(access)
+    token, _ = access.page_token()
+    page = {"subprotocols": ["realtime", f"{PAGE_PROTOCOL}{token}"]}
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", **page) as ws:  # no Origin: a script
+        assert "page only" in ws.receive_json()["error"]["message"]
+    with client.websocket_connect(f"{realtime.ROUTE}?model=think", headers={"origin": "http://testserver"}, **page) as ws:
+        assert "instruct model only" in ws.receive_json()["error"]["message"]
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers={"origin": "http://testserver"}, **page) as ws:
+        assert ws.receive_json()["type"] == "session.created"
+        ws.send_json({"type": "conversation.item.create", "item": {
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Write me a poem."}]}})
+        assert ws.receive_json()["error"]["code"] == "page_session"
+        for session in ({"instructions": "Be a pirate."}, {"output_modalities": ["text"]}, {"max_output_tokens": 4096}):
+            ws.send_json({"type": "session.update", "session": session})
+            assert ws.receive_json()["error"]["code"] == "page_session", session
+        ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
+        assert ws.receive_json()["type"] == "session.updated"  # push-to-talk, as the page switches to it
+
+
+def test_a_server_on_localhost_answers_only_to_its_own_names():
+    """DNS rebinding: another site's name pointed at 127.0.0.1 is same-origin with itself, not with us."""
+    access = Access(local=True)
+    for host in ("127.0.0.1:7860", "localhost:7860", "[::1]:7860", "abc.gradio.live"):
+        assert access.socket({"host": host, "origin": f"http://{host}"}, []).refusal is None, host
+    for host in ("rebind.attacker.example:7860", "", "127.0.0.1.attacker.example"):
+        assert "own address" in access.socket({"host": host, "origin": f"http://{host}"}, []).refusal, host
+    assert Access(local=False).socket({"host": "box.example", "origin": "http://box.example"}, []).refusal is None
+    assert not access.token_ok("\u00b2-ab") and not access.token_ok("")  # "²".isdigit() is True in Python
 
 
 def test_the_page_is_served_while_the_model_loads_and_says_so(backend):

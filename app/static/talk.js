@@ -61,7 +61,7 @@ let speech = { start: 0, end: 0 };  // the turn the server's VAD is hearing, ms 
 let press = null;  // push-to-talk: {chunks, samples, full} while the button is held
 let presses = [];  // finished presses waiting for the server's commit: {audio, wall}
 let reply = null;  // the response being made: {id, item, row, endWall, firstAudioMs, played: {start, ms}}
-let heard = null;  // the last reply whose audio reached the page (it may still be playing)
+let heard = null;  // the last reply whose audio reached the page: {item, pieces: [[start, seconds]]} (AudioContext time)
 let replySamples = 0, idleTimer = null;
 
 // Resamples the (low-passed) microphone to RATE by linear interpolation and posts blocks of BLOCK_S;
@@ -183,6 +183,7 @@ function attach(socket) {  // every handler checks it is still the current socke
     ws = null; live = false;
     if (!$(".notice").dataset.server)  // a server's own sentence stays; otherwise say what happened
       notice(`The connection to the server closed${e.reason ? ` (${e.reason})` : ""}; press Start to reconnect.`);
+    flushPlayback(); reply = null; heard = null; presses = [];  // that conversation is over
     stopMic();
   };
 }
@@ -292,7 +293,7 @@ function onEvent(m) {
       }
       break;
     case "response.output_audio.delta":
-      if (reply && reply.id === m.response_id) onAudio(fromBase64(m.delta));
+      if (reply && !reply.cancelled && reply.id === m.response_id) onAudio(fromBase64(m.delta));
       break;
     case "response.done":
       onDone(m);
@@ -351,14 +352,13 @@ function onAudio(samples) {
       reply.firstAudioMs = performance.now() - reply.endWall;
       root.host.dataset.firstAudioMs = reply.firstAudioMs.toFixed(0);
     }
-    heard = { item: reply.item, start: null, ms: 0 };
+    heard = { item: reply.item, pieces: [] };
     setState("speaking");
   }
   replySamples += samples.length;
   root.host.dataset.replySamples = String(replySamples);
   const at = play(samples, RATE);
-  if (at != null && heard.start == null) heard.start = at;
-  heard.ms += 1000 * samples.length / RATE;
+  if (at != null && heard) heard.pieces.push([at, samples.length / RATE]);
 }
 
 function onDone(m) {
@@ -376,18 +376,26 @@ function onDone(m) {
 }
 
 function isPlaying() {
-  return !!(ctx && heard && heard.start != null && ctx.currentTime < heard.start + heard.ms / 1000);
+  if (!ctx || !heard || !heard.pieces.length) return false;
+  const [at, seconds] = heard.pieces[heard.pieces.length - 1];
+  return ctx.currentTime < at + seconds;
+}
+
+function playedMs(pieces) {  // what has been heard of the pieces by now: gaps between them do not count
+  let s = 0;
+  for (const [at, seconds] of pieces) s += Math.max(0, Math.min(seconds, ctx.currentTime - at));
+  return Math.round(1000 * s);
 }
 
 function bargeIn() {  // the user spoke over the reply: silence it, and tell the server what was heard
-  const was = heard;
-  if (was && was.item && was.start != null && ctx) {
-    const ms = Math.max(0, Math.min(was.ms, Math.round(1000 * (ctx.currentTime - was.start))));
-    send({ type: "conversation.item.truncate", item_id: was.item, content_index: 0, audio_end_ms: ms });
-  }
+  if (isPlaying() && heard.item)
+    send({ type: "conversation.item.truncate", item_id: heard.item, content_index: 0, audio_end_ms: playedMs(heard.pieces) });
   heard = null;
   flushPlayback();
-  if (reply && reply.row) reply.row.classList.add("interrupted");
+  if (reply) {  // its audio still on the way is not played
+    reply.cancelled = true;
+    if (reply.row) reply.row.classList.add("interrupted");
+  }
 }
 
 // ---- playback ----

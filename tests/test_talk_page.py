@@ -1,0 +1,157 @@
+"""The Talk tab's Realtime client (app/static/talk.js) in Debian's Chromium against a scripted
+server: the page is served from a stub origin, its WebSocket is a fake the test delivers events
+through, so the timing cases of barge-in can be played exactly (the browser tests cover the real
+server)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in requirements-dev.txt")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
+ORIGIN = "http://localhost:9999"
+TALK = ".afn-talk"
+# A WebSocket stand-in: records what the page sends; the test delivers server events and closes it.
+FAKE_SOCKET = """
+window.sent = []; window.sockets = [];
+window.WebSocket = class { constructor(url, protocols) { Object.assign(this, {url, protocols, readyState: 1});
+  window.sockets.push(this); } send(text) { window.sent.push(JSON.parse(text)); } close() { this.readyState = 3; } };
+window.deliver = (event) => window.sockets.at(-1).onmessage({data: JSON.stringify(event)});
+window.drop = () => { const s = window.sockets.at(-1); s.readyState = 3; s.onclose({code: 1006, reason: ""}); };
+"""
+
+
+def speech_b64(seconds: float) -> str:
+    pcm = (np.sin(np.arange(round(24_000 * seconds)) / 10) * 8000).astype("<i2")
+    return base64.b64encode(pcm.tobytes()).decode()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            "--autoplay-policy=no-user-gesture-required"]
+    with playwright.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        yield b
+        b.close()
+
+
+class Page:
+    """talk.js on a stub page, started, its socket's session created and one user turn committed."""
+
+    def __init__(self, browser) -> None:
+        script = (ROOT / "app/static/talk.js").read_text()
+        html = (f'<!doctype html><div id="host"><div class="afn-talk"></div></div>'
+                f'<script>(function (element) {{ {script} }})(document.getElementById("host"));</script>')
+        self.context = browser.new_context()
+        self.page = page = self.context.new_page()
+        self.errors: list[str] = []
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.route(f"{ORIGIN}/", lambda r: r.fulfill(body=html, content_type="text/html"))
+        page.route(f"{ORIGIN}/health", lambda r: r.fulfill(body='{"status": "ready"}', content_type="application/json"))
+        page.route(f"{ORIGIN}/afnext/token", lambda r: r.fulfill(body='{"token": "1-ab"}', content_type="application/json"))
+        page.add_init_script(FAKE_SOCKET)
+        page.goto(f"{ORIGIN}/")
+        page.locator(f"{TALK} .start").click()
+        page.wait_for_function("window.sockets.length > 0")
+        assert page.evaluate("window.sockets[0].protocols") == ["realtime", "afnext-page-token.1-ab"]
+        self.deliver({"type": "session.created", "session": {}})
+        page.wait_for_function("window.sent.some(e => e.type === 'input_audio_buffer.append')")
+        self.user_turn()
+
+    def deliver(self, event: dict) -> None:
+        self.page.evaluate("event => window.deliver(event)", event)
+
+    def user_turn(self) -> None:
+        self.deliver({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "u"})
+        self.deliver({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 300, "item_id": "u"})
+        self.deliver({"type": "input_audio_buffer.committed", "item_id": "u"})
+
+    def reply(self, rid: str, item: str, seconds: float) -> None:
+        self.deliver({"type": "response.created", "response": {"id": rid}})
+        self.deliver({"type": "response.output_item.added", "item": {"id": item}})
+        self.audio(rid, seconds)
+
+    def audio(self, rid: str, seconds: float) -> None:
+        self.deliver({"type": "response.output_audio.delta", "response_id": rid, "delta": speech_b64(seconds)})
+
+    def sent(self, kind: str) -> list[dict]:
+        return [e for e in self.page.evaluate("window.sent") if e["type"] == kind]
+
+    def samples(self) -> int:
+        return int(self.page.evaluate(f"document.querySelector('{TALK}').dataset.replySamples || 0"))
+
+    def state(self) -> str:
+        return self.page.locator(f"{TALK} .state").get_attribute("data-state")
+
+    def close(self) -> None:
+        assert not self.errors, self.errors
+        self.context.close()
+
+
+def test_a_truncate_counts_only_what_played_not_the_gaps_between_sentences(browser):
+    talk = Page(browser)
+    talk.reply("r1", "i1", 1.0)
+    talk.page.wait_for_timeout(2000)  # 1 s played, then 1 s of silence: the next sentence was being made
+    talk.audio("r1", 1.0)
+    talk.page.wait_for_timeout(500)  # half of it played: 1.5 s heard in all
+    talk.deliver({"type": "input_audio_buffer.speech_started", "audio_start_ms": 4000, "item_id": "u2"})
+    truncate = talk.sent("conversation.item.truncate")
+    assert len(truncate) == 1 and truncate[0]["item_id"] == "i1", truncate
+    assert 1300 <= truncate[0]["audio_end_ms"] <= 1750, truncate
+    talk.close()
+
+
+def test_a_cut_off_reply_plays_nothing_more_of_what_was_still_on_its_way(browser):
+    talk = Page(browser)
+    talk.page.locator(f"{TALK} .ptt-mode").check()
+    talk.reply("r1", "i1", 3.0)
+    talk.page.wait_for_timeout(500)
+    talk.page.locator(f"{TALK} .ptt").hover()
+    talk.page.mouse.down()  # push-to-talk over the reply
+    talk.page.wait_for_timeout(100)
+    assert [e["type"] for e in talk.sent("response.cancel")] == ["response.cancel"]
+    before = talk.samples()
+    talk.audio("r1", 1.0)  # sent before the server took the cancel
+    talk.page.wait_for_timeout(200)
+    assert talk.samples() == before, "audio of the cancelled reply was played"
+    talk.page.mouse.up()
+    talk.close()
+
+
+def test_speech_while_the_reply_is_thinking_truncates_nothing(browser):
+    talk = Page(browser)
+    talk.reply("r1", "i1", 0.3)
+    talk.deliver({"type": "response.done", "response": {"id": "r1", "status": "completed"}})
+    talk.page.wait_for_timeout(700)  # the first reply has played out
+    talk.user_turn()  # the next turn: its reply has no audio yet when the user speaks again
+    talk.deliver({"type": "response.created", "response": {"id": "r2"}})
+    talk.deliver({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5000, "item_id": "u3"})
+    assert talk.sent("conversation.item.truncate") == [], "nothing was playing: nothing to truncate"
+    talk.close()
+
+
+def test_after_the_socket_drops_the_page_is_idle_and_the_next_conversation_starts_clean(browser):
+    talk = Page(browser)
+    talk.reply("r1", "i1", 4.0)
+    talk.page.evaluate("window.drop()")
+    assert talk.state() == "idle"
+    assert "connection to the server closed" in talk.page.locator(f"{TALK} .notice").inner_text()
+    talk.page.locator(f"{TALK} .start").click()  # a new socket, a new conversation
+    talk.page.wait_for_function("window.sockets.length > 1")
+    talk.deliver({"type": "session.created", "session": {}})
+    talk.deliver({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": "u"})
+    assert talk.sent("conversation.item.truncate") == [], "no truncate of the dead conversation's reply"
+    assert "new conversation" in talk.page.locator(f"{TALK} .notice").inner_text()
+    assert json.dumps(talk.sent("session.update"))  # each socket configured its session
+    talk.close()
