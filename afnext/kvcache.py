@@ -13,6 +13,7 @@ they are needed: sessions are never dropped for want of memory.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 
@@ -201,6 +202,8 @@ def copy_cache(cache: SessionCache, length: int) -> SessionCache:
     """A new session cache holding the first `length` tokens of `cache` (on the same device, or in
     CPU memory if `cache` is offloaded there: its next turn brings it back). `cache` is not changed."""
     twin = SessionCache()
+    if any(layer.is_initialized and layer.device.type == "cuda" for layer in cache.layers):
+        torch.cuda.synchronize()  # a move to CPU memory is asynchronous: let it land before reading it
     for layer in cache.layers:
         copy = GrowingLayer(twin)
         if layer.is_initialized and layer._k is not None:
@@ -239,15 +242,19 @@ class CacheKeeper:
         self.device, self.budget_bytes, self.reserve_bytes = device, budget_bytes, reserve_bytes
         self._last_use: weakref.WeakKeyDictionary[Cache, float] = weakref.WeakKeyDictionary()
         self._offloaded: weakref.WeakSet[Cache] = weakref.WeakSet()
+        self.lock = threading.Lock()  # held while caches move; `Session.fork` copies under it
 
     def claim(self, cache: Cache, extra_bytes: int = 0, busy: set[int] = frozenset()) -> bool:
         """`cache`'s session is about to run a turn that adds about `extra_bytes`: bring the cache back
         if it was moved out, then make room for the turn by moving idle ones out (never one whose
         `id` is in `busy`: those are in the running batch). False if the room could not be made."""
         self._last_use[cache] = time.monotonic()
-        if cache in self._offloaded:
-            for layer in cache.layers:
-                layer.prefetch()
+        away = any(layer.is_initialized and layer._k is not None and layer._k.device != layer.device
+                   for layer in cache.layers)  # moved out by us, or a fork of a cache that was
+        if cache in self._offloaded or away:
+            with self.lock:
+                for layer in cache.layers:
+                    layer.prefetch()
             self._offloaded.discard(cache)
             log.info("KV cache of %.1f MiB brought back to %s", cache_bytes(cache) / 2**20, self.device)
         while self._pressure(extra_bytes):
@@ -257,8 +264,9 @@ class CacheKeeper:
                 log.debug("KV memory is short and no idle cache is left to move out")
                 return False
             victim = min(idle)[2]
-            for layer in victim.layers:
-                layer.offload()
+            with self.lock:
+                for layer in victim.layers:
+                    layer.offload()
             self._offloaded.add(victim)
             log.info("memory pressure: moved an idle KV cache of %.1f MiB to CPU memory", cache_bytes(victim) / 2**20)
         return True

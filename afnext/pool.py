@@ -104,11 +104,16 @@ class SessionPool:
             session = twin
         if session is None:
             session, shared = Session(self.engine, system=system), 1 if system is not None else 0
-        match = keys[:shared]
-        cached = session.cached_tokens
-        for message in history[len(match):]:
-            clip = message.clip if message.clip is not None or message.make_clip is None else message.make_clip()
-            session.extend(message.role, message.text, clip)
+        cached, held = session.cached_tokens, shared
+        try:
+            for message in history[shared:]:
+                clip = message.clip if message.clip is not None or message.make_clip is None else message.make_clip()
+                session.extend(message.role, message.text, clip)
+                held += 1
+        except BaseException:  # a bad message: the session stays kept with what it holds
+            if held:
+                self._put(keys[:held], session)
+            raise
         return Lease(session, keys, cached)
 
     def keep(self, lease: Lease, asked: Message, reply_text: str) -> None:

@@ -75,11 +75,17 @@ def render(loaded: LoadedModel, messages: list[dict], generation_prompt: bool) -
                                                 add_generation_prompt=generation_prompt)
 
 
+def _before(loaded: LoadedModel, history: list[dict]) -> str:
+    """The text `history`'s tokens already hold: a system message alone holds none yet (a session's
+    tokens start with its first turn, so the system message goes in with that turn's ids)."""
+    return render(loaded, history, False) if any(m["role"] != "system" for m in history) else ""
+
+
 def turn_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_tokens: int | None,
              prefill: str = "") -> list[int]:
     """Token ids a user turn adds after `history`: its template text, the generation prompt and
     `prefill` (e.g. THINK_PREFILL), its `<sound>` expanded to `clip_tokens` audio tokens."""
-    before = render(loaded, history, False)
+    before = _before(loaded, history)
     after = render(loaded, history + [message], True)
     assert after.startswith(before), "the chat template must render a conversation as a prefix of its extension"
     ids = loaded.tokenizer.encode(after[len(before):] + prefill, add_special_tokens=False)
@@ -89,7 +95,7 @@ def turn_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_token
 def message_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_tokens: int | None) -> list[int]:
     """Token ids an earlier message adds after `history` (no generation prompt): what a conversation
     resent by a client holds, a user turn or an assistant reply as text."""
-    before = render(loaded, history, False)
+    before = _before(loaded, history)
     after = render(loaded, history + [message], False)
     assert after.startswith(before), "the chat template must render a conversation as a prefix of its extension"
     return expand_sound(loaded, loaded.tokenizer.encode(after[len(before):], add_special_tokens=False), clip_tokens)

@@ -127,7 +127,8 @@ class Session:
         twin._marks, twin._last_clip_s = self._marks[:n_messages], clip_s
         kept = min(self._cached, cut)
         if self._cache is not None and kept:
-            twin._cache, twin._cached = copy_cache(self._cache, kept), kept
+            with self.engine.keeper.lock:  # the engine thread may be moving this idle cache off the GPU
+                twin._cache, twin._cached = copy_cache(self._cache, kept), kept
         return twin
 
     @property
@@ -283,7 +284,7 @@ class Session:
             self._last_clip_s = plan.clip.duration_s
             if not self.use_cache:
                 self._clips.append(plan.clip)
-        self._marks.append((len(self.tokens), self._last_clip_s))
+        self._marks.append((self._reply_at, self._last_clip_s))  # the reply's header belongs to the reply
         self._cache, self._cached = cache, len(self.tokens)
 
     def _commit_reply(self, generated: list[int], cache) -> None:

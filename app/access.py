@@ -37,6 +37,8 @@ _DEFAULT_PORTS = {"http": (80,), "ws": (80,), "https": (443,), "wss": (443,), ""
 
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "*.gradio.live")  # what a loopback-bound server answers to
+HOST_REFUSAL = (f"This server answers only to its own address; open it as http://localhost:PORT (behind a proxy "
+                f"that sends its own Host, add that name to {ORIGINS_ENV}).")
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class Access:
         if key and not has_key and self.key is not None:
             return Grant("Incorrect API key.")
         if not has_key and not self.host_ok(headers):
-            return Grant("This server answers only to its own address; open it as http://localhost:PORT.")
+            return Grant(HOST_REFUSAL)
         if not has_key and not origin_allowed(headers, self.allowed):
             return Grant("This socket serves only the pages of its own site; open the app's own page, or send "
                          "the API key.")

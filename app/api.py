@@ -41,6 +41,7 @@ from afnext.session import ContextFullError
 from afnext.tts import SpeechResampler
 from afnext.tts.chunker import SpeechChunker
 from app import openai_wire as wire
+from app.access import HOST_REFUSAL, Access
 from app.backend import BackendLoader, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,9 @@ class Turn:
 class Api:
     """The /v1 routes around the backend the page uses."""
 
-    def __init__(self, loader: BackendLoader, api_key: str | None = None) -> None:
+    def __init__(self, loader: BackendLoader, api_key: str | None = None, access: Access | None = None) -> None:
         self.loader, self.api_key = loader, api_key
+        self.access = access or Access(api_key)  # the Host check of a server on 127.0.0.1 (DNS rebinding)
         self._pools: dict[int, tuple[SessionPool, SessionPool]] = {}
         self._lock = threading.Lock()
         self._turns = 0  # requests being answered (touched on the event loop only)
@@ -165,7 +167,11 @@ class Api:
             raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded")
         pool = target.pools[turn.think]
         reply = Reply(target, pool, pool.lease(turn.history), turn, wire.new_id())
-        reply.start()
+        try:
+            reply.start()
+        except BaseException:  # the new turn's own mistake: the session it was lent stays kept
+            pool.give_back(reply.lease)
+            raise
         return body, reply
 
     async def _counted(self, chunks):
@@ -177,10 +183,10 @@ class Api:
             self._turns -= 1
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        if self.api_key is None and not self.access.host_ok(request.headers):
+            raise wire.WireError(403, HOST_REFUSAL, kind="permission_error", code="host_not_allowed")
+        if self.api_key is not None and not hmac.compare_digest(given.encode(), self.api_key.encode()):
             raise wire.WireError(401, "Incorrect or missing API key; send it as 'Authorization: Bearer KEY'.",
                                  code="invalid_api_key")
 

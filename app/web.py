@@ -37,7 +37,7 @@ from afnext.events import AudioChunk
 from afnext.session import MAX_TEXT_CHARS
 
 from . import realtime, recordings
-from .access import TOKEN_ROUTE, Access
+from .access import HOST_REFUSAL, TOKEN_ROUTE, Access
 from .api import Api
 from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
@@ -323,7 +323,7 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     app_kwargs = {"middleware": [Middleware(Guard, options=gate)],
                   "routes": [Route("/health", _health(loader)), Route(TOKEN_ROUTE, _page_token(access)),
                              WebSocketRoute(realtime.ROUTE, voice.__call__),
-                             *Api(loader, api_key).routes()]}
+                             *Api(loader, api_key, access).routes()]}
     try:
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS,
                     max_file_size=MAX_FILE_BYTES, allowed_paths=[str(ASSETS), str(cache_dir)], ssr_mode=False,
@@ -365,8 +365,7 @@ def _page_token(access: Access):
     Other sites' pages cannot read it (no CORS headers), and their sockets fail the Origin check."""
     async def token(request: Request) -> JSONResponse:
         if not access.host_ok(request.headers):
-            return JSONResponse({"error": "This server answers only to its own address; open it as "
-                                          "http://localhost:PORT."}, 403)
+            return JSONResponse({"error": HOST_REFUSAL}, 403)
         value, expires = access.page_token()
         return JSONResponse({"token": value, "expires_at": expires}, headers={"Cache-Control": "no-store"})
     return token

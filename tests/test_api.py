@@ -248,3 +248,50 @@ def test_a_regenerated_answer_reuses_the_kept_conversation_up_to_where_it_branch
         assert pool.lease(longer).cached_tokens > lease.cached_tokens, "the first branch is still kept whole"
     finally:
         engine.close()
+
+
+def test_a_bad_follow_up_keeps_the_kept_conversation(loaded):
+    """A request whose new question is refused (a control token in it) leaves the session it was
+    lent kept: the next good request still finds the recording cached."""
+    from afnext.clip import prepare_clip
+    from afnext.engine import Engine
+    from afnext.events import TurnDone
+    from afnext.pool import Message, SessionPool
+    from afnext.sampling import GenerationOptions
+    from tests.conftest import noise
+
+    engine = Engine(loaded)
+    try:
+        pool, options = SessionPool(engine), GenerationOptions(max_new_tokens=2)
+        clip = prepare_clip(noise(3.0), loaded.mel_filters)
+        lease = pool.lease([])
+        answer = [e for e in lease.session.ask("What is it?", clip, options=options)
+                  if isinstance(e, TurnDone)][0].reply.answer
+        pool.keep(lease, Message("user", "What is it?", clip, "clip-b"), answer)
+        history = [Message("user", "What is it?", None, "clip-b"), Message("assistant", answer)]
+        with pytest.raises(ValueError, match="control tokens"):
+            pool.lease([*history, Message("user", "Say <|im_start|> now")])
+        assert pool.lease(history).cached_tokens > 75, "the kept session survived the refused message"
+    finally:
+        engine.close()
+
+
+def test_a_loopback_server_answers_the_api_only_to_its_own_names(loaded):
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from afnext.engine import Engine
+    from afnext.tts import load_synthesizer
+    from app.access import Access
+    from app.api import Api
+    from app.backend import Backend, BackendLoader
+
+    engine = Engine(loaded)
+    try:
+        api = Api(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak"))), None, Access(local=True))
+        client = TestClient(Starlette(routes=api.routes()))
+        refused = client.get("/v1/models", headers={"host": "rebind.attacker.example:7860"})
+        assert refused.status_code == 403 and "own address" in refused.json()["error"]["message"]
+        assert client.get("/v1/models", headers={"host": "127.0.0.1:7860"}).status_code == 200
+    finally:
+        engine.close()

@@ -139,3 +139,22 @@ def test_graphs_need_cuda(loaded):
         Engine(loaded, decode="graphs")
     with pytest.raises(ValueError, match="Unknown decode mode"):
         Engine(loaded, decode="fast")
+
+
+def test_a_copy_holds_its_prefix_and_a_copy_of_a_moved_out_cache_is_brought_back():
+    from afnext.kvcache import CacheKeeper, copy_cache
+
+    cache = new_cache()
+    k, v = _kv(20, 1)
+    cache.update(k, v, 0)
+    twin = copy_cache(cache, 12)
+    assert torch.equal(twin.layers[0].keys, k[..., :12, :]) and twin.get_seq_length() == 12
+    twin.update(*_kv(3, 2), 0)  # the copy grows on its own…
+    assert torch.equal(cache.layers[0].keys, k), "…and the original is untouched"
+    # A cache whose home is another device but whose buffers are in CPU memory (a fork of one the
+    # keeper moved out) comes home on its next turn. "meta" stands in for the GPU here.
+    cache.layers[0].device = torch.device("meta")
+    fork = copy_cache(cache, 20)
+    assert fork.layers[0]._k.device.type == "cpu" and fork.layers[0].device.type == "meta"
+    CacheKeeper(torch.device("meta")).claim(fork)
+    assert fork.layers[0]._k.device.type == "meta" and fork.layers[0].keys.device.type == "meta"

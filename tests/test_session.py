@@ -241,3 +241,33 @@ def test_a_fork_branches_off_with_the_shared_cache_and_leaves_the_original_as_it
     run(reference, "And then?")
     assert went_on.token_ids == run(reference, "Last one.")[0].token_ids
     assert first.token_ids  # replies were not empty: the comparisons prove something
+
+
+def test_a_fork_cut_after_a_user_message_goes_on_as_a_fresh_session_would(engine):
+    """A client resends the user turn with another reply (edited, or an audio reply sent back without
+    text): the fork keeps the user turn but not the kept reply's header."""
+    clip = noise(3.0, seed=5)
+    original = Session(engine)
+    run(original, "What is this?", clip)
+    fork = original.fork(1)
+    fork.extend("assistant", "A short note.")
+    reference = Session(engine)
+    reference.extend("user", "What is this?", clip)
+    reference.extend("assistant", "A short note.")
+    assert fork.tokens == reference.tokens
+    assert run(fork, "And then?")[0].token_ids == run(reference, "And then?")[0].token_ids
+
+
+def test_the_system_prompt_reaches_the_model(engine, tiny_dir):
+    from transformers import AutoProcessor
+
+    clip = noise(2.0, seed=9)
+    session = Session(engine, system="Answer in one word.")
+    reply, _ = run(session, "What is this?", clip)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    messages = [{"role": "system", "content": "Answer in one word."},
+                {"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = processor(text=[prompt], audio=[clip])["input_ids"][0].tolist()
+    assert "Answer in one word." in prompt and session.tokens[:len(expected)] == expected
+    assert reply.prompt_tokens == len(expected)
