@@ -6,6 +6,11 @@
 chat reads one JSON turn per line, {"text", "audio", "think", "max_new_tokens", "temperature",
 "repetition_penalty"} (all optional; a turn needs text or audio), and writes one JSON line per turn:
 the reply, or {"error": "…"} (one sentence) after which the session goes on.
+
+    python -m afnext chat --model tiny --jsonl --conversation notes [--store PATH]
+
+keeps the conversation on disk (afnext/store.py): the first line out is {"conversation": ID,
+"turns": N}, N completed turns kept already, and the conversation goes on where it was.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import sqlite3
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,16 +29,17 @@ from . import check_setup, strict_json
 
 check_setup()  # before anything imports torch: a missing one is a sentence saying how to get it
 
-from .audio import AudioError
+from .audio import AudioError, load_file
 from .cli import add_model_flags
 from .engine import Engine
 from .events import ReasoningDelta, TextDelta, TurnDone
 from .model import LICENCE_NOTE, ModelLoadError, load
 from .sampling import GenerationOptions
 from .session import ContextFullError, Session
+from .store import Store, StoreError, StoredTurn, restore
 
 log = logging.getLogger("afnext")
-OPTION_FIELDS = ("max_new_tokens", "temperature", "repetition_penalty")  # GenerationOptions a line may set
+OPTION_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "repetition_penalty")  # GenerationOptions a line may set
 TURN_FIELDS = {"text", "audio", "think", *OPTION_FIELDS}
 # bytes of one JSON line: a question at the session's limit with every character \u-escaped (6
 # bytes each) fits five times over; a longer line is skipped in pieces, never held in memory whole.
@@ -106,18 +114,53 @@ def _clock(seconds: float) -> str:
 
 
 def chat(engine: Engine, args: argparse.Namespace) -> int:
-    """One JSON turn per stdin line → one JSON result per stdout line; errors don't end the session."""
+    """One JSON turn per stdin line → one JSON result per stdout line; errors don't end the session.
+    With --conversation, the conversation is kept in the store and resumed where it was: each
+    completed turn is committed there before its result line is printed."""
     session = Session(engine, use_cache=not args.no_cache)
+    kept = None
+    if args.conversation is not None:
+        try:
+            kept = Kept(Store(args.store), args.conversation, session)
+        except (StoreError, AudioError, ContextFullError, ValueError, OSError, sqlite3.Error) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(json.dumps({"conversation": kept.cid, "turns": kept.turns}), flush=True)
     # Bytes, decoded per line: one line that is not UTF-8 is refused, it does not end the session.
     for line in _lines(getattr(sys.stdin, "buffer", sys.stdin)):
         if line is None:
             result = {"error": f"The line is over the {MAX_LINE_BYTES:,}-byte limit and was skipped."}
         elif line.strip():
-            result = _chat_turn(session, line)
+            result = _chat_turn(session, line, kept)
         else:
             continue
         print(json.dumps(result, ensure_ascii=False), flush=True)
     return 0
+
+
+class Kept:
+    """The CLI's conversation in the store: resumed at the start, each completed turn committed."""
+
+    def __init__(self, store: Store, cid: str, session: Session) -> None:
+        self.store, self.cid = store, cid
+        if store.get(cid) is None:
+            store.create("cli", id=cid)
+            self.turns = 0
+        else:
+            self.turns = restore(session, store, cid)
+
+    def audio(self, path: str) -> tuple[bytes, str]:
+        """A turn's audio file: its bytes (what the session hears, and what is kept) and its key."""
+        data = load_file(path)
+        return data, self.store.put_audio(data, os.path.splitext(path)[1])
+
+    def commit(self, turn: Turn, audio_key: str | None, reply) -> None:
+        self.store.add_exchange(
+            self.cid, StoredTurn("user", turn.text, turn.think, audio_key),
+            StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
+                       steps=[dataclasses.asdict(s) for s in reply.steps], timings=dataclasses.asdict(reply.timings),
+                       interrupted=reply.interrupted))
+        self.turns += 1
 
 
 def _lines(stream) -> Iterator[str | bytes | None]:
@@ -133,13 +176,18 @@ def _lines(stream) -> Iterator[str | bytes | None]:
         yield None
 
 
-def _chat_turn(session: Session, line: str | bytes) -> dict:
+def _chat_turn(session: Session, line: str | bytes, kept: Kept | None = None) -> dict:
     try:
         turn = _read_turn(line)
+        audio, key = turn.audio, None
+        if kept is not None and audio is not None:
+            audio, key = kept.audio(audio)
         reply = None
-        for event in session.ask(turn.text, turn.audio, think=turn.think, options=turn.options):
+        for event in session.ask(turn.text, audio, think=turn.think, options=turn.options):
             if isinstance(event, TurnDone):
                 reply = event.reply
+        if kept is not None and reply is not None:
+            kept.commit(turn, key, reply)  # on disk before anyone is told the turn is done
     except (AudioError, ContextFullError, ValueError) as exc:
         return {"error": _one_line(str(exc))}
     except Exception as exc:  # a model failure: log it fully, tell the client in one line, keep serving
@@ -216,6 +264,10 @@ def _parser() -> argparse.ArgumentParser:
     chat_p = sub.choices["chat"]
     chat_p.add_argument("--jsonl", action="store_true", required=True, help="JSON lines in and out (the only format)")
     chat_p.add_argument("--no-cache", action="store_true", help="recompute the whole conversation every turn (reference)")
+    chat_p.add_argument("--conversation", metavar="ID", default=None,
+                        help="keep this conversation in the store and go on where it was (created if new)")
+    chat_p.add_argument("--store", metavar="PATH", default=None,
+                        help="the store's folder (default: $AFNEXT_DATA, else ~/.local/share/afnext)")
     return p
 
 

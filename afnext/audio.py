@@ -92,6 +92,20 @@ def load_audio(
     return _load("file:" + path, path, max_seconds)
 
 
+def load_file(path: str | os.PathLike) -> bytes:
+    """A file's bytes, checked as `load_audio` checks a path (AudioError with one sentence): for
+    keeping the very bytes a turn was decoded from."""
+    path = os.fspath(path)
+    _check_path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise AudioError(f"The file {_name_text(path)} could not be read ({error.strerror}).") from error
+    _check_size(len(data))
+    return data
+
+
 def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """float32 mono 16 kHz from int16/int32/uint8/float samples shaped [n] or [n, channels].
 

@@ -75,10 +75,11 @@ class Session:
         False on timeout. A closed or cancelled stream returns at once; this is how to see its result."""
         return self._settled.wait(timeout)
 
-    def extend(self, role: str, text: str = "", audio=None) -> None:
-        """Append an earlier message without generating: a user turn (text and/or a clip) or an
-        assistant reply (text), as a client resending a conversation's history holds it. Its tokens
-        are prefilled, and its clip encoded, with the next turn. Raises as `ask` does for bad input."""
+    def extend(self, role: str, text: str = "", audio=None, *, think: bool = False) -> None:
+        """Append an earlier message without generating: a user turn (text and/or a clip; `think`: it
+        was asked in Think mode) or an assistant reply (text), as a client resending a conversation's
+        history holds it. Its tokens are prefilled, and its clip encoded, with the next turn. Raises as
+        `ask` does for bad input."""
         prompt.check_text(text)
         if role not in ("user", "assistant") or (role == "assistant" and audio is not None):
             raise ValueError("Only user turns (text and/or audio) and assistant replies (text) can be added.")
@@ -87,7 +88,7 @@ class Session:
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         self._settled.wait()
-        message = (prompt.user_message(text, has_clip=clip is not None, think=False, is_think=loaded.is_think)
+        message = (prompt.user_message(text, has_clip=clip is not None, think=think, is_think=loaded.is_think)
                    if role == "user" else prompt.assistant_message(text))
         ids = prompt.message_ids(loaded, self.messages, message, clip.tokens if clip else None)
         self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
@@ -96,6 +97,22 @@ class Session:
         if clip is not None:
             self._last_clip_s = clip.duration_s
             (self._pending if self.use_cache else self._clips).append(clip)
+        self._marks.append((len(self.tokens), self._last_clip_s))
+
+    def extend_reply(self, token_ids: list[int], *, think: bool = False) -> None:
+        """Append an earlier reply by the token ids it was generated as (a kept conversation coming
+        back: its text might tokenize otherwise), after the user turn it answered (`think`: asked in
+        Think mode, so its header held the Think prefill). The tokens are those the live turn had."""
+        self._settled.wait()
+        if not self.messages or self.messages[-1]["role"] != "user":
+            raise ValueError("A reply follows a user turn; add that first.")
+        loaded = self.engine.loaded
+        prefill = THINK_PREFILL if think and loaded.is_think else ""
+        ids = prompt.reply_head(loaded, prefill) + list(token_ids) + prompt.reply_tail(loaded)
+        self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
+        self._reply_at = len(self.tokens)
+        self.tokens += ids
+        self.messages.append(prompt.assistant_message(loaded.tokenizer.decode(token_ids, skip_special_tokens=True)))
         self._marks.append((len(self.tokens), self._last_clip_s))
 
     def rewrite_reply(self, text: str) -> None:

@@ -1,0 +1,160 @@
+"""The conversation store: owners kept apart, audio kept once, many writers at once, exact resumes,
+and a real SIGKILL of the CLI at several moments of a turn."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from afnext.events import TurnDone
+from afnext.sampling import GenerationOptions
+from afnext.session import Session
+from afnext.store import Store, StoredTurn, StoreError, restore
+from tests.conftest import noise
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = GenerationOptions(max_new_tokens=8, temperature=0.0)
+
+
+def test_conversations_belong_to_their_owner_and_deleting_one_frees_its_own_audio(tmp_path):
+    store = Store(tmp_path)
+    shared, own = store.put_audio(b"RIFF shared", ".wav"), store.put_audio(b"RIFF mine", ".WAV")
+    assert store.put_audio(b"RIFF shared", ".wav") == shared, "the same bytes are kept once"
+    a = store.create("talk", owner="alice")
+    b = store.create("talk", owner="bob", title="Bob's")
+    for cid, audio in ((a, [shared, own]), (b, [shared])):
+        for key in audio:
+            store.add_exchange(cid, StoredTurn("user", "What is it?", audio=key),
+                               StoredTurn("assistant", "A note.", token_ids=(1, 2)))
+    assert [c.id for c in store.list(owner="alice")] == [a] and store.get(a, owner="alice").turns == 2
+    assert store.get(a, owner="bob") is None and not store.delete(a, owner="bob"), "an id alone grants nothing"
+    assert store.get(a, owner="alice").title == "What is it?"
+    assert store.delete(a, owner="alice")
+    assert store.audio_path(shared).exists(), "bob's conversation still uses it"
+    with pytest.raises(StoreError, match="missing"):
+        store.audio_path(own)
+    with pytest.raises(StoreError, match="letters, digits"):
+        store.create("cli", id="../escape")
+    with pytest.raises(StoreError, match="exists already"):
+        store.create("cli", id=b)
+
+
+def test_eight_conversations_writing_at_once_lose_nothing(tmp_path):
+    store = Store(tmp_path)
+    ids = [store.create("api") for _ in range(8)]
+
+    def write(cid: str) -> None:
+        for i in range(25):
+            store.add_exchange(cid, StoredTurn("user", f"q{i}"), StoredTurn("assistant", f"a{i}", token_ids=(i,)))
+
+    threads = [threading.Thread(target=write, args=(cid,)) for cid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reopened = Store(tmp_path)  # what a restart finds
+    for cid in ids:
+        turns = reopened.turns(cid)
+        assert [t.text for t in turns] == [x for i in range(25) for x in (f"q{i}", f"a{i}")]
+        assert [t.token_ids for t in turns[1::2]] == [(i,) for i in range(25)]
+
+
+def _reply(session: Session, text: str, audio=None, think: bool = False):
+    return [e for e in session.ask(text, audio, think=think, options=GREEDY) if isinstance(e, TurnDone)][0].reply
+
+
+def test_a_restored_conversation_goes_on_with_the_tokens_of_an_uninterrupted_one(engine, tmp_path):
+    wav = tmp_path / "clip.wav"
+    soundfile.write(wav, noise(3.0, seed=4), 16000)
+    turns = [("What is this?", wav.read_bytes(), False), ("Think about it.", None, True), ("And now?", None, False)]
+    live = Session(engine)
+    replies = [_reply(live, text, audio, think) for text, audio, think in turns]
+
+    store = Store(tmp_path / "store")
+    cid = store.create("cli")
+    kept = Session(engine)
+    for (text, audio, think), reply in zip(turns[:2], replies):
+        key = store.put_audio(audio, ".wav") if audio else None
+        assert _reply(kept, text, audio, think).token_ids == reply.token_ids
+        store.add_exchange(cid, StoredTurn("user", text, think, key), StoredTurn("assistant", reply.text,
+                                                                                 token_ids=reply.token_ids))
+    resumed = Session(engine)
+    assert restore(resumed, Store(tmp_path / "store"), cid) == 2
+    assert resumed.tokens == kept.tokens, "the rebuilt conversation holds the very tokens of the live one"
+    last = _reply(resumed, *turns[2])
+    assert last.token_ids == replies[2].token_ids and last.prompt_tokens == replies[2].prompt_tokens
+    assert all(r.token_ids for r in replies), "replies were empty: the comparison would prove nothing"
+
+
+# ---- a real SIGKILL of `python -m afnext chat --conversation` ----
+
+LONG = {"text": "Tell me everything.", "max_new_tokens": 3000, "min_new_tokens": 3000, "temperature": 0}
+
+
+def _cli(tiny_dir, store: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "afnext", "chat", "--model", str(tiny_dir), "--jsonl",
+                             "--conversation", "kept", "--store", str(store)], cwd=ROOT, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+def _say(proc: subprocess.Popen, turn: dict) -> None:
+    proc.stdin.write(json.dumps(turn) + "\n")
+    proc.stdin.flush()
+
+
+def test_a_sigkill_at_any_moment_loses_at_most_the_turn_in_progress(tiny_dir, tmp_path):
+    """Killed between turns, and 0.05 s, 0.2 s and 1 s into a turn (here: while its 2-minute clip is
+    decoded, while it is encoded and prefilled, and while a 3,000-token reply is decoded; a slower
+    machine only moves the first two later in the same turn): after each restart every completed
+    turn is there, the store opens cleanly, and the conversation goes on with the token ids of a run
+    that was never interrupted."""
+    wav = tmp_path / "long.wav"
+    soundfile.write(wav, noise(120.0, seed=2), 16000)  # two minutes: its decoding and prefill take a while
+    first = {"text": "What is it?", "audio": str(wav), "max_new_tokens": 6, "temperature": 0}
+    follow = {"text": "And then?", "max_new_tokens": 6, "temperature": 0}
+    store = tmp_path / "store"
+
+    proc = _cli(tiny_dir, store)
+    assert json.loads(proc.stdout.readline()) == {"conversation": "kept", "turns": 0}
+    _say(proc, first)
+    done = json.loads(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)  # between turns
+    proc.wait()
+    moments = {"between turns": 1}
+    for name, delay, turn in (("while the clip is decoded", 0.05, {**first, "text": "Again?"}),
+                              ("while it is prefilled", 0.2, {**first, "text": "Once more?"}),
+                              ("while decoding", 1.0, LONG)):
+        proc = _cli(tiny_dir, store)
+        assert json.loads(proc.stdout.readline()) == {"conversation": "kept", "turns": 1}, name
+        _say(proc, turn)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        moments[name] = 1
+    proc = _cli(tiny_dir, store)
+    assert json.loads(proc.stdout.readline()) == {"conversation": "kept", "turns": 1}, "only completed turns are kept"
+    _say(proc, follow)
+    resumed = json.loads(proc.stdout.readline())
+    proc.stdin.close()
+    assert proc.wait(60) == 0
+
+    reference = subprocess.run([sys.executable, "-m", "afnext", "chat", "--model", str(tiny_dir), "--jsonl"], cwd=ROOT,
+                               input=json.dumps(first) + "\n" + json.dumps(follow) + "\n", capture_output=True,
+                               text=True, timeout=300)
+    expected = [json.loads(line) for line in reference.stdout.splitlines()]
+    assert done["token_ids"] == expected[0]["token_ids"]
+    assert resumed["token_ids"] == expected[1]["token_ids"] and resumed["prompt_tokens"] == expected[1]["prompt_tokens"]
+    assert len(moments) == 4
+    turns = Store(store).turns("kept")
+    assert [t.role for t in turns] == ["user", "assistant"] * 2 and not list(store.rglob("*.part"))
+    assert np.array_equal(np.asarray(turns[3].token_ids), np.asarray(resumed["token_ids"]))
