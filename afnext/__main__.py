@@ -22,6 +22,7 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,6 +61,8 @@ class Turn:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "conversations":
+        return conversations(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         loaded = load(args.model, device=args.device, dtype=args.dtype)
@@ -96,6 +99,23 @@ def ask(engine: Engine, args: argparse.Namespace) -> int:
     except (AudioError, ContextFullError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def conversations(args: argparse.Namespace) -> int:
+    """The kept conversations, the most recent first: id, turns, last update, title (or JSON lines)."""
+    try:
+        kept = Store(args.store).list()
+    except (OSError, sqlite3.Error) as exc:
+        print(f"error: the store at {args.store or 'the default place'} could not be read ({exc}).", file=sys.stderr)
+        return 1
+    for c in kept:
+        if args.json:
+            print(json.dumps({"id": c.id, "title": c.title, "turns": c.turns, "updated": c.updated, "kind": c.kind},
+                             ensure_ascii=False))
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.updated))
+            print(f"{c.id:<34} {c.turns:>4} turns  {when}  {c.title}")
     return 0
 
 
@@ -268,6 +288,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="keep this conversation in the store and go on where it was (created if new)")
     chat_p.add_argument("--store", metavar="PATH", default=None,
                         help="the store's folder (default: $AFNEXT_DATA, else ~/.local/share/afnext)")
+    kept_p = sub.add_parser("conversations", help="list the kept conversations")
+    kept_p.add_argument("--store", metavar="PATH", default=None,
+                        help="the store's folder (default: $AFNEXT_DATA, else ~/.local/share/afnext)")
+    kept_p.add_argument("--json", action="store_true", help="one JSON object per line")
     return p
 
 

@@ -51,6 +51,8 @@ COMMANDS = {
     "serve": Command("app.__main__", "the web app and its OpenAI-compatible API (python -m app)"),
     "ask": Command("afnext.__main__", "ask one question about one audio file (python -m afnext ask)", ("ask",)),
     "chat": Command("afnext.__main__", "a multi-turn session over JSON lines (python -m afnext chat)", ("chat",)),
+    "conversations": Command("afnext.__main__", "list the kept conversations (python -m afnext conversations)",
+                             ("conversations",)),
     "voice": Command("afnext.voice", "replay a recording as a microphone through the voice loop (python -m afnext.voice)"),
     "vad": Command("afnext.vad", "print the speech turns of a recording (python -m afnext.vad)"),
     "tts": Command("afnext.tts.__main__", "speak a text to a wav file and time it (python -m afnext.tts)"),

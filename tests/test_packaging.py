@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 OWN_FLAGS = {
     "serve": ["--think-model", "--upload-quota-gb", "--tts-model"],
     "ask": ["--think", "--max-new-tokens", "--dtype"],
-    "chat": ["--jsonl", "--no-cache", "--dtype"],
+    "chat": ["--jsonl", "--no-cache", "--dtype", "--conversation", "--store"],
+    "conversations": ["--store", "--json"],
     "voice": ["--input", "--realtime", "--tts-model"],
     "vad": ["--backend", "--hangover-ms"],
     "tts": ["--engine", "--out"],

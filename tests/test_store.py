@@ -155,6 +155,10 @@ def test_a_sigkill_at_any_moment_loses_at_most_the_turn_in_progress(tiny_dir, tm
     assert done["token_ids"] == expected[0]["token_ids"]
     assert resumed["token_ids"] == expected[1]["token_ids"] and resumed["prompt_tokens"] == expected[1]["prompt_tokens"]
     assert len(moments) == 4
+    listed = subprocess.run([sys.executable, "-m", "afnext", "conversations", "--store", str(store), "--json"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert [(c["id"], c["turns"], c["title"]) for c in map(json.loads, listed.stdout.splitlines())] == [
+        ("kept", 2, "What is it?")]
     turns = Store(store).turns("kept")
     assert [t.role for t in turns] == ["user", "assistant"] * 2 and not list(store.rglob("*.part"))
     assert np.array_equal(np.asarray(turns[3].token_ids), np.asarray(resumed["token_ids"]))
