@@ -120,6 +120,7 @@ class _Turns:
         # The last reply whose audio reached us: its item and pieces (start, seconds) on the monotonic
         # clock, each playing from its arrival or the end of the one before, whichever is later.
         self._heard: dict | None = None
+        self._idle: threading.Timer | None = None  # says "listening" when the last reply has played
 
     def on(self, event: dict) -> None:
         kind = event["type"]
@@ -183,8 +184,21 @@ class _Turns:
         timings = event.get("timings") or {}
         self.emit(VoiceTurnDone(t, VoiceTimings(timings.get("endpoint_s"), timings.get("ttft_s"),
                                                 timings.get("first_audio_s")), None))
-        self.emit(StateChanged(t, "listening"))
         self._reply = None
+        heard = self._heard
+        left = heard["pieces"][-1][0] + heard["pieces"][-1][1] - time.monotonic() if heard else 0.0
+        if left <= 0:
+            self.emit(StateChanged(t, "listening"))
+            return
+        # Listening again once the reply has played (its audio came faster than it plays), as a local
+        # Assistant says; speech or a new reply before then makes the timer moot.
+        self._idle = threading.Timer(left, self._listening, (t, heard))
+        self._idle.daemon = True
+        self._idle.start()
+
+    def _listening(self, t: float, heard: dict) -> None:
+        if self._heard is heard and self._reply is None:
+            self.emit(StateChanged(t, "listening"))
 
 
 def realtime_url(server: str, model: str) -> str:
