@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import check_setup, strict_json
 
@@ -38,6 +39,7 @@ from .model import LICENCE_NOTE, ModelLoadError, load
 from .sampling import GenerationOptions
 from .session import ContextFullError, Session
 from .store import Store, StoreError, StoredTurn, restore
+from .store import default_path as default_store_path
 
 log = logging.getLogger("afnext")
 OPTION_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "repetition_penalty")  # GenerationOptions a line may set
@@ -104,10 +106,14 @@ def ask(engine: Engine, args: argparse.Namespace) -> int:
 
 def conversations(args: argparse.Namespace) -> int:
     """The kept conversations, the most recent first: id, turns, last update, title (or JSON lines)."""
+    where = Path(args.store).expanduser() if args.store else default_store_path()
+    if not (where / "afnext.sqlite3").exists():
+        print(f"No conversations are kept at {where}.", file=sys.stderr)
+        return 0
     try:
-        kept = Store(args.store).list()
-    except (OSError, sqlite3.Error) as exc:
-        print(f"error: the store at {args.store or 'the default place'} could not be read ({exc}).", file=sys.stderr)
+        kept = _open_store(args.store).list()
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     for c in kept:
         if args.json:
@@ -141,8 +147,8 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
     kept = None
     if args.conversation is not None:
         try:
-            kept = Kept(Store(args.store), args.conversation, session)
-        except (StoreError, AudioError, ContextFullError, ValueError, OSError, sqlite3.Error) as exc:
+            kept = Kept(_open_store(args.store), args.conversation, session)
+        except (StoreError, AudioError, ContextFullError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({"conversation": kept.cid, "turns": kept.turns}), flush=True)
@@ -151,11 +157,28 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
         if line is None:
             result = {"error": f"The line is over the {MAX_LINE_BYTES:,}-byte limit and was skipped."}
         elif line.strip():
-            result = _chat_turn(session, line, kept)
+            try:
+                result = _chat_turn(session, line, kept)
+            except KeptError as exc:  # the session holds a turn the store does not: it must not go on
+                print(json.dumps({"error": str(exc)}, ensure_ascii=False), flush=True)
+                return 1
         else:
             continue
         print(json.dumps(result, ensure_ascii=False), flush=True)
     return 0
+
+
+def _open_store(path: str | None) -> Store:
+    try:
+        return Store(path)
+    except (OSError, sqlite3.Error) as exc:
+        where = path or default_store_path()
+        raise StoreError(f"The store at {where} could not be opened ({exc}); check that the folder is writable "
+                         "and the database is an afnext store, or give another --store.") from None
+
+
+class KeptError(RuntimeError):
+    """A completed turn could not be written to the store; the message says so in one sentence."""
 
 
 class Kept:
@@ -163,23 +186,33 @@ class Kept:
 
     def __init__(self, store: Store, cid: str, session: Session) -> None:
         self.store, self.cid = store, cid
-        if store.get(cid) is None:
-            store.create("cli", id=cid)
-            self.turns = 0
-        else:
-            self.turns = restore(session, store, cid)
+        model = session.engine.loaded.name
+        conversation = store.get(cid)
+        if conversation is None:
+            try:
+                store.create("cli", id=cid, model=model)
+                self.turns = 0
+                return
+            except StoreError:  # another process created it just now (else the id is bad: say so)
+                conversation = store.get(cid)
+                if conversation is None:
+                    raise
+        if conversation.turns and conversation.model and conversation.model != model:
+            raise StoreError(f"The conversation {cid!r} was held with {conversation.model}: its replies' token ids "
+                             f"mean something to that model only; resume it with --model {conversation.model}.")
+        self.turns = restore(session, store, cid)
 
-    def audio(self, path: str) -> tuple[bytes, str]:
-        """A turn's audio file: its bytes (what the session hears, and what is kept) and its key."""
-        data = load_file(path)
-        return data, self.store.put_audio(data, os.path.splitext(path)[1])
-
-    def commit(self, turn: Turn, audio_key: str | None, reply) -> None:
-        self.store.add_exchange(
-            self.cid, StoredTurn("user", turn.text, turn.think, audio_key),
-            StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
-                       steps=[dataclasses.asdict(s) for s in reply.steps], timings=dataclasses.asdict(reply.timings),
-                       interrupted=reply.interrupted))
+    def commit(self, turn: Turn, audio: tuple[bytes, str] | None, reply) -> None:
+        """Keep the completed turn (its audio with it); KeptError if it cannot be."""
+        try:
+            self.store.add_exchange(
+                self.cid, StoredTurn("user", turn.text, turn.think),
+                StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
+                           steps=[dataclasses.asdict(s) for s in reply.steps], timings=dataclasses.asdict(reply.timings),
+                           interrupted=reply.interrupted), at=self.turns, audio=audio)
+        except (StoreError, sqlite3.Error, OSError) as exc:
+            raise KeptError(f"The turn could not be kept in the store ({_one_line(str(exc))}); the conversation "
+                            f"stops here, so that it never differs from what is kept.") from exc
         self.turns += 1
 
 
@@ -199,17 +232,20 @@ def _lines(stream) -> Iterator[str | bytes | None]:
 def _chat_turn(session: Session, line: str | bytes, kept: Kept | None = None) -> dict:
     try:
         turn = _read_turn(line)
-        audio, key = turn.audio, None
-        if kept is not None and audio is not None:
-            audio, key = kept.audio(audio)
+        audio, kept_audio = turn.audio, None
+        if kept is not None and audio is not None:  # heard from the very bytes that will be kept
+            audio = load_file(audio)
+            kept_audio = (audio, os.path.splitext(turn.audio)[1])
         reply = None
         for event in session.ask(turn.text, audio, think=turn.think, options=turn.options):
             if isinstance(event, TurnDone):
                 reply = event.reply
         if kept is not None and reply is not None:
-            kept.commit(turn, key, reply)  # on disk before anyone is told the turn is done
+            kept.commit(turn, kept_audio, reply)  # on disk before anyone is told the turn is done
     except (AudioError, ContextFullError, ValueError) as exc:
         return {"error": _one_line(str(exc))}
+    except KeptError:
+        raise  # not the turn's failure: the conversation must stop (chat says so)
     except Exception as exc:  # a model failure: log it fully, tell the client in one line, keep serving
         log.exception("turn failed")
         return {"error": _one_line(f"The model failed on this turn ({type(exc).__name__}: {exc}).")}

@@ -24,14 +24,14 @@ import sqlite3
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DATA_ENV = "AFNEXT_DATA"  # where conversations are kept when no path is given
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, title TEXT NOT NULL DEFAULT '', owner TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL, updated REAL NOT NULL);
+    created REAL NOT NULL, updated REAL NOT NULL, model TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS turns (
     conversation TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     idx INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, think INTEGER NOT NULL DEFAULT 0,
@@ -70,6 +70,7 @@ class Conversation:
     owner: str
     created: float
     updated: float
+    model: str  # the checkpoint its replies came from: their token ids mean something only to it
     turns: int  # completed exchanges
 
 
@@ -87,12 +88,16 @@ class Store:
     def __init__(self, path: str | os.PathLike | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else default_path()
         (self.path / "audio").mkdir(parents=True, exist_ok=True)
+        for stale in (self.path / "audio").glob("*/.*.part"):  # a write a crash cut short
+            stale.unlink(missing_ok=True)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path / "afnext.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        if "model" not in {row[1] for row in self._db.execute("PRAGMA table_info(conversations)")}:
+            self._db.execute("ALTER TABLE conversations ADD COLUMN model TEXT NOT NULL DEFAULT ''")  # an older store
 
     def close(self) -> None:
         with self._lock:
@@ -100,13 +105,14 @@ class Store:
 
     # ---- conversations ----
 
-    def create(self, kind: str, *, owner: str = "", title: str = "", id: str | None = None) -> str:
+    def create(self, kind: str, *, owner: str = "", title: str = "", id: str | None = None, model: str = "") -> str:
         """A new conversation's id (`id` if given: a name the caller chose)."""
         cid = _check_id(id) if id is not None else uuid.uuid4().hex
         now = time.time()
         with self._lock:
             try:
-                self._db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?)", (cid, kind, title, owner, now, now))
+                self._db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (cid, kind, title, owner, now, now, model))
             except sqlite3.IntegrityError:
                 raise StoreError(f"A conversation named {cid!r} exists already.") from None
         return cid
@@ -115,7 +121,7 @@ class Store:
         """The conversation `cid` of `owner`, or None: another owner's is as good as missing."""
         with self._lock:
             row = self._db.execute(
-                "SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, "
+                "SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, "
                 "(SELECT COUNT(*) FROM turns t WHERE t.conversation = c.id AND t.role = 'assistant') "
                 "FROM conversations c WHERE c.id = ? AND c.owner = ?", (cid, owner)).fetchone()
         return Conversation(*row) if row else None
@@ -124,7 +130,7 @@ class Store:
         """`owner`'s conversations, the most recently updated first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, "
+                "SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, "
                 "(SELECT COUNT(*) FROM turns t WHERE t.conversation = c.id AND t.role = 'assistant') "
                 "FROM conversations c WHERE c.owner = ? ORDER BY c.updated DESC", (owner,)).fetchall()
         return [Conversation(*row) for row in rows]
@@ -137,14 +143,23 @@ class Store:
                            None if ids is None else tuple(json.loads(ids)), json.loads(timings), bool(interrupted))
                 for role, text, think, audio, reasoning, steps, ids, timings, interrupted in rows]
 
-    def add_exchange(self, cid: str, user: StoredTurn, assistant: StoredTurn) -> None:
-        """A completed turn, both its messages, in one transaction (all of it or nothing survives a crash)."""
+    def add_exchange(self, cid: str, user: StoredTurn, assistant: StoredTurn, *, at: int | None = None,
+                     audio: tuple[bytes, str] | None = None) -> None:
+        """A completed turn, both its messages, in one transaction (all of it or nothing survives a
+        crash). `at`: the turns the caller's session held before it — StoreError if the conversation
+        went on elsewhere meanwhile (another process on the same id). `audio`: the user turn's file
+        (bytes, suffix), kept first, under the same lock as `delete`, so no delete can take it away."""
         now = time.time()
         with self._lock:
+            if audio is not None:
+                user = replace(user, audio=self._put_audio(*audio))
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
                 (n,) = db.execute("SELECT COUNT(*) FROM turns WHERE conversation = ?", (cid,)).fetchone()
+                if at is not None and n != 2 * at:
+                    raise StoreError(f"The conversation {cid!r} went on elsewhere meanwhile (it holds {n // 2} turns, "
+                                     f"this one {at}); open it again to go on from there.")
                 for i, turn in enumerate((user, assistant)):
                     db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (cid, n + i, turn.role, turn.text, int(turn.think), turn.audio, turn.reasoning,
@@ -155,7 +170,8 @@ class Store:
                            "WHERE id = ?", (now, title, cid))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # a failed COMMIT (a full disk) has rolled back already
+                    db.execute("ROLLBACK")
                 raise
 
     def delete(self, cid: str, *, owner: str = "") -> bool:
@@ -174,17 +190,25 @@ class Store:
 
     def put_audio(self, data: bytes, suffix: str = "") -> str:
         """Keep an audio file's bytes; its key (SHA-256, with the file's suffix). Written to a temporary
-        name, flushed to disk and renamed: the key's file is whole or absent, whatever happens."""
+        name, flushed to disk and renamed: the key's file is whole or absent, whatever happens. A file
+        no turn refers to may be removed by `delete`: give it to `add_exchange` to keep it with a turn."""
+        with self._lock:
+            return self._put_audio(data, suffix)
+
+    def _put_audio(self, data: bytes, suffix: str) -> str:
         key = hashlib.sha256(data).hexdigest() + (suffix.lower()[:8] if suffix.startswith(".") else "")
         path = self._audio_path(key)
         if not path.exists():
             path.parent.mkdir(exist_ok=True)
             part = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-            with open(part, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(part, path)
+            try:
+                with open(part, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(part, path)
+            finally:
+                part.unlink(missing_ok=True)  # a write that failed (a full disk) leaves nothing behind
         return key
 
     def audio_path(self, key: str) -> Path:

@@ -162,3 +162,31 @@ def test_a_sigkill_at_any_moment_loses_at_most_the_turn_in_progress(tiny_dir, tm
     turns = Store(store).turns("kept")
     assert [t.role for t in turns] == ["user", "assistant"] * 2 and not list(store.rglob("*.part"))
     assert np.array_equal(np.asarray(turns[3].token_ids), np.asarray(resumed["token_ids"]))
+
+
+def test_the_cli_never_lets_the_store_and_its_session_differ(tiny_dir, tmp_path):
+    """A second process on the same conversation, a resume on another model, audio that is not audio:
+    each is one sentence, and the store holds only what a session really had."""
+    store = tmp_path / "store"
+    junk = tmp_path / "junk.wav"
+    junk.write_bytes(os.urandom(4000))
+    a, b = _cli(tiny_dir, store), _cli(tiny_dir, store)
+    for proc in (a, b):
+        assert json.loads(proc.stdout.readline())["turns"] == 0
+    _say(a, {"text": "First?", "max_new_tokens": 2})
+    assert "token_ids" in json.loads(a.stdout.readline())
+    _say(a, {"text": "Noise?", "audio": str(junk)})
+    assert json.loads(a.stdout.readline())["error"]  # refused: the turn is not kept
+    _say(b, {"text": "Meanwhile?", "max_new_tokens": 2})  # b never saw a's turn: it must not be kept after it
+    refusal = json.loads(b.stdout.readline())["error"]
+    assert "went on elsewhere" in refusal and "stops here" in refusal, refusal
+    assert b.wait(60) == 1
+    a.stdin.close()
+    assert a.wait(60) == 0
+    kept = Store(store)
+    assert [t.text for t in kept.turns("kept")][0::2] == ["First?"]
+    assert not [p for p in (store / "audio").rglob("*") if p.is_file()], "audio of a refused turn is not kept"
+    other = subprocess.run([sys.executable, "-m", "afnext", "chat", "--model", "tiny", "--jsonl", "--conversation",
+                            "kept", "--store", str(store)], cwd=ROOT, input="", capture_output=True, text=True,
+                           timeout=300)
+    assert other.returncode == 1 and f"was held with {tiny_dir}" in other.stderr, other.stderr
