@@ -92,8 +92,10 @@ class Api:
         self._turns = 0  # requests being answered (touched on the event loop only)
 
     def routes(self) -> list[Route]:
-        return [Route("/v1/models", self.models, methods=["GET"]),
-                Route("/v1/chat/completions", self.chat, methods=["POST"])]
+        """The endpoints, and OpenAI-shaped answers for every other path or method under /v1."""
+        return [Route("/v1/models", _only("GET", self.models), methods=ANY_METHOD),
+                Route("/v1/chat/completions", _only("POST", self.chat), methods=ANY_METHOD),
+                Route("/v1/{rest:path}", _unknown, methods=ANY_METHOD)]
 
     async def models(self, request: Request) -> JSONResponse:
         try:
@@ -490,8 +492,31 @@ def _parse_json(body: bytes) -> object:
         raise wire.WireError(400, "The request body is not valid JSON.") from None
 
 
-def _error(exc: wire.WireError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+def _error(exc: wire.WireError, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+
+ANY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+ENDPOINTS = "GET /v1/models, POST /v1/chat/completions and the WebSocket /v1/realtime"
+
+
+def _only(method: str, handler):
+    """`handler` for `method`; any other method gets OpenAI's error shape, with the one to use."""
+    async def endpoint(request: Request):
+        if request.method != method:
+            return _error(wire.WireError(405, f"{request.url.path} takes {method} requests, not {request.method}.",
+                                         code="method_not_allowed"), headers={"Allow": method})
+        return await handler(request)
+    return endpoint
+
+
+async def _unknown(request: Request) -> JSONResponse:
+    path = request.url.path[:80]
+    if path == "/v1/realtime":
+        return _error(wire.WireError(400, "/v1/realtime is a WebSocket; connect to it with ws:// or wss://.",
+                                     code="websocket_required"))
+    return _error(wire.WireError(404, f"This server has no {request.method} {path}; it offers {ENDPOINTS}.",
+                                 code="unknown_url"))
 
 
 def _event(body: dict) -> str:

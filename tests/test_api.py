@@ -139,6 +139,17 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
                  body=b'{"model": "instruct", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}')
     answer = conn.getresponse()
     assert answer.status == 400 and "not valid JSON" in json.loads(answer.read())["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as missing:  # an endpoint we do not serve, in OpenAI's shape
+        client.embeddings.create(model="instruct", input="Hi")
+    assert "no POST /v1/embeddings" in missing.value.body["message"] and "/v1/realtime" in missing.value.body["message"]
+    for method, path, status, words in (("GET", "/v1/chat/completions", 405, "takes POST"),
+                                        ("DELETE", "/v1/models", 405, "takes GET"),
+                                        ("GET", "/v1/realtime", 400, "WebSocket")):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request(method, path, headers={"Authorization": f"Bearer {KEY}"})
+        answer = conn.getresponse()
+        body = json.loads(answer.read())["error"]
+        assert answer.status == status and words in body["message"] and body["type"], (path, body)
     ok = client.chat.completions.create(model="instruct", messages=[{"role": "user", "content": "Still there?"}],
                                         max_tokens=3)
     assert ok.choices[0].message.content is not None, "the server answers the next request"
