@@ -46,6 +46,7 @@ class AssistantOptions:
     think: bool = False  # reason before answering; the reasoning is shown, never spoken
     generation: GenerationOptions = GenerationOptions(max_new_tokens=256)  # spoken replies stay short
     endpointer: EndpointerOptions = EndpointerOptions()  # its min_speech_ms is also the barge-in threshold
+    answer: bool = True  # answer each utterance the endpointer hears; False: report it (UserTurn), `say` answers
 
 
 class Assistant:
@@ -139,8 +140,10 @@ class Assistant:
             self._emit(event)
             if self.speaking:
                 self._interrupt(self.now())
-        elif isinstance(event, UtteranceEnded):
+        elif isinstance(event, UtteranceEnded) and self.options.answer:
             self._start_turn(event)
+        elif isinstance(event, UtteranceEnded):  # heard, kept by the caller until it asks for an answer
+            self._emit(UserTurn(event.t, event.start, event.end, event.audio, answered=False))
 
     def _interrupt(self, t: float, emit: bool = True) -> None:
         with self._lock:

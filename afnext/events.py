@@ -107,6 +107,7 @@ class UserTurn:
     start: float  # speech onset, seconds
     end: float  # end of speech, seconds
     audio: np.ndarray = field(repr=False)  # float32 mono 16 kHz, with pre-roll
+    answered: bool = True  # False: heard and kept, to be answered when asked (AssistantOptions.answer)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,10 @@ class RealtimeLink:
         self.assistant: Assistant | None = None
         self._inbox: queue.Queue = queue.Queue(MAX_PENDING_EVENTS)
         self._buffer: list[np.ndarray] = []  # appended audio (24 kHz int16) awaiting a commit, manual mode
-        self._items: list[tuple[str, str, np.ndarray | None]] = []  # committed user items awaiting a response
+        # User items awaiting a response: (id, text, 16 kHz float32 audio or None); the reader thread adds
+        # turns the server VAD heard when create_response is off, so under a lock.
+        self._items: list[tuple[str, str, np.ndarray | None]] = []
+        self._items_lock = threading.Lock()
         self._last_item: str | None = None
         self._out = _Responses(self)
         self._closing, self._closed = threading.Lock(), False
@@ -165,14 +168,14 @@ class RealtimeLink:
         self._add_user(text, audio)
 
     def _on_response_create(self, event: dict) -> None:
-        if not self._items:
+        with self._items_lock:
+            items, self._items = self._items, []
+        if not items:
             raise wire.ProtocolError("There is no user item to respond to; append and commit audio, or create an item.")
-        items, self._items = self._items, []
         text = "\n".join(t for _, t, _ in items if t)
         clips = [a for _, _, a in items if a is not None]
-        audio = to_mono_16k(np.concatenate(clips), wire.AUDIO_RATE) if clips else None
         self._out.said(items[-1][0])
-        self._assistant().say(audio, text)
+        self._assistant().say(np.concatenate(clips) if clips else None, text)
 
     def _on_response_cancel(self, event: dict) -> None:
         if self.assistant is None or not self._out.running_any():
@@ -202,17 +205,23 @@ class RealtimeLink:
         shown = wire.Item(item, "user", content).shown()
         self.send(wire.event("conversation.item.added", previous_item_id=self._last_item, item=shown))
         self.send(wire.event("conversation.item.done", previous_item_id=self._last_item, item=shown))
-        if len(self._items) >= MAX_ITEMS:
-            raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
-        self._items.append((item, text, audio))
-        self._last_item = item
+        self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE))
         return item
+
+    def hold(self, item: str, text: str, audio: np.ndarray | None) -> None:
+        """Keep a user item (audio at 16 kHz) for the next response.create; any thread."""
+        with self._items_lock:
+            if len(self._items) >= MAX_ITEMS:
+                raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
+            self._items.append((item, text, audio))
+            self._last_item = item
 
     def _assistant(self) -> Assistant:
         if self.assistant is None:
             if self.session is None:
                 self.session = Session(self.engine, system=self.config.instructions or None)
             options = AssistantOptions(half_duplex=not self.config.interrupt, think=self.think,
+                                       answer=self.config.create_response,
                                        generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
                                        endpointer=replace(EndpointerOptions(), hangover_ms=self.config.silence_ms))
             voice = self.synthesizer if self.config.audio_out else _Mute()
@@ -222,7 +231,7 @@ class RealtimeLink:
 
 
 def _voice_changed(old: wire.Config, new: wire.Config) -> bool:
-    keys = ("server_vad", "silence_ms", "interrupt", "audio_out", "max_output_tokens")
+    keys = ("server_vad", "silence_ms", "interrupt", "create_response", "audio_out", "max_output_tokens")
     return any(getattr(old, k) != getattr(new, k) for k in keys)
 
 
@@ -291,6 +300,14 @@ class _Responses:
             self._speech_item = wire.new_id("item")
             self.send(wire.event("input_audio_buffer.speech_started", audio_start_ms=round(t * 1000),
                                  item_id=self._speech_item))
+        elif isinstance(inner, UserTurn) and not inner.answered:
+            item, before = self._speech_item or wire.new_id("item"), self.link._last_item
+            try:  # heard and kept (before the client hears of it): it asks for the answer with response.create
+                self.link.hold(item, "", inner.audio)
+            except wire.ProtocolError as exc:
+                self.send(wire.error(exc))
+                return
+            self._announce(inner, item, before)
         elif isinstance(inner, UserTurn):
             self._begin(inner)
         elif not self._replies:
@@ -315,15 +332,21 @@ class _Responses:
         elif isinstance(inner, VoiceTurnDone):
             self._finish(inner)
 
+    def _announce(self, turn: UserTurn, item: str | None = None, before: str | None = None) -> str:
+        """A turn the endpointer heard: its item (after `before`), committed from the audio buffer."""
+        if item is None:
+            item, before = self._speech_item or wire.new_id("item"), self.link._last_item
+        self.send(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=round(turn.end * 1000), item_id=item))
+        self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=before))
+        shown = wire.Item(item, "user", [{"type": "input_audio", "transcript": None}]).shown()
+        self.send(wire.event("conversation.item.added", previous_item_id=before, item=shown))
+        self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
+        return item
+
     def _begin(self, turn: UserTurn) -> None:
         item, self._said = self._said, None
-        if item is None:  # a turn the endpointer heard: announce its item
-            item = self._speech_item or wire.new_id("item")
-            self.send(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=round(turn.end * 1000), item_id=item))
-            self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=self.link._last_item))
-            shown = wire.Item(item, "user", [{"type": "input_audio", "transcript": None}]).shown()
-            self.send(wire.event("conversation.item.added", previous_item_id=self.link._last_item, item=shown))
-            self.send(wire.event("conversation.item.done", previous_item_id=self.link._last_item, item=shown))
+        if item is None:
+            item = self._announce(turn)
         reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "reasoning": "", "audio_ms": 0.0,
                  "status": "completed", "done": threading.Event()}
         self._replies.append(reply)

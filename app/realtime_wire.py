@@ -43,6 +43,7 @@ class Config:
     server_vad: bool = True  # turns end on silence (our endpointer); False: the client commits them
     silence_ms: int = 600  # silence that ends a turn (the endpointer's hangover)
     interrupt: bool = True  # speech while the reply plays cancels it (barge-in)
+    create_response: bool = True  # a turn the server VAD ends is answered; False: it waits for response.create
     audio_out: bool = True  # speak replies (with their transcript); False: text only
     max_output_tokens: int = DEFAULT_OUTPUT_TOKENS
 
@@ -58,8 +59,9 @@ class Config:
 
     def settings(self) -> dict:
         """The `session` of a session.update that asks for this config (instructions only when set)."""
-        detection = ({"type": "server_vad", "silence_duration_ms": self.silence_ms, "create_response": True,
-                      "interrupt_response": self.interrupt} if self.server_vad else None)
+        detection = ({"type": "server_vad", "silence_duration_ms": self.silence_ms,
+                      "create_response": self.create_response, "interrupt_response": self.interrupt}
+                     if self.server_vad else None)
         pcm = {"type": "audio/pcm", "rate": AUDIO_RATE}
         return {"type": "realtime", "output_modalities": ["audio"] if self.audio_out else ["text"],
                 **({"instructions": self.instructions} if self.instructions is not None else {}),
@@ -116,10 +118,9 @@ def _detection(value: object) -> dict:
         return {"server_vad": False}
     if not isinstance(value, dict) or value.get("type") not in ("server_vad", "semantic_vad"):
         raise ProtocolError("turn_detection must be null, server_vad or semantic_vad.")
-    if value.get("create_response", True) is not True:
-        raise ProtocolError("create_response false is not supported yet: every turn the server detects is answered.")
     silence = value.get("silence_duration_ms", 600)
     return {"server_vad": True, "interrupt": value.get("interrupt_response", True) is not False,
+            "create_response": value.get("create_response", True) is not False,
             "silence_ms": _whole(silence, "silence_duration_ms", low=100, high=5000)}
 
 

@@ -172,6 +172,27 @@ def test_realtime_hears_a_turn_and_answers_with_text_and_audio(voice):
     assert done["timings"]["first_audio_s"] >= done["timings"]["ttft_s"] > 0
 
 
+def test_with_create_response_off_a_heard_turn_waits_for_response_create(voice):
+    pcm = np.concatenate([speech_16k(), np.zeros(SAMPLE_RATE * 2, np.int16)])
+    with voice().websocket_connect(f"{realtime.ROUTE}?model=instruct") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+            "type": "server_vad", "create_response": False}}}}})
+        updated = events_until(ws, "session.updated")[-1]
+        assert updated["session"]["audio"]["input"]["turn_detection"]["create_response"] is False
+        for event in appends(pcm):
+            ws.send_text(event)
+        heard = events_until(ws, "conversation.item.done")
+        assert "input_audio_buffer.committed" in [e["type"] for e in heard]
+        ws.send_json({"type": "input_audio_buffer.clear"})  # nothing but this answer comes: no response began
+        assert ws.receive_json()["type"] == "input_audio_buffer.cleared"
+        ws.send_json({"type": "response.create"})
+        answered = events_until(ws, "response.done")
+    kinds = [e["type"] for e in heard + answered]
+    assert "response.created" not in [e["type"] for e in heard] and answered[-1]["response"]["status"] == "completed"
+    assert any(e["type"] == "response.output_audio.delta" for e in answered), kinds
+
+
 def test_the_think_model_shows_its_reasoning_and_speaks_only_the_answer(voice):
     from tests.web.scripted import SCRIPT
 
