@@ -110,8 +110,8 @@ class SessionPool:
                 clip = message.clip if message.clip is not None or message.make_clip is None else message.make_clip()
                 session.extend(message.role, message.text, clip)
                 held += 1
-        except BaseException:  # a bad message: the session stays kept with what it holds
-            if held:
+        except BaseException:  # a bad message: the session stays kept if nothing was added to it yet (what
+            if held and held == shared:  # `extend` added waits to be encoded, and the pool counts only caches)
                 self._put(keys[:held], session)
             raise
         return Lease(session, keys, cached)
