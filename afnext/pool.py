@@ -110,8 +110,10 @@ class SessionPool:
                 clip = message.clip if message.clip is not None or message.make_clip is None else message.make_clip()
                 session.extend(message.role, message.text, clip)
                 held += 1
-        except BaseException:  # a bad message: the session stays kept if nothing was added to it yet (what
-            if held and held == shared:  # `extend` added waits to be encoded, and the pool counts only caches)
+        except BaseException:
+            # A bad message: the session stays kept if nothing was added to it yet. (What `extend` adds
+            # waits to be encoded, in memory the pool does not count.)
+            if held and held == shared and not session.unencoded_clips:
                 self._put(keys[:held], session)
             raise
         return Lease(session, keys, cached)
@@ -122,8 +124,10 @@ class SessionPool:
         self._put(lease.history + (asked.key, ("assistant", reply_text, "")), lease.session)
 
     def give_back(self, lease: Lease) -> None:
-        """Give the session back unchanged: its turn failed before it began (the session rolled back)."""
-        self._put(lease.history, lease.session)
+        """Give the session back unchanged: its turn failed before it began (the session rolled back).
+        Not kept if it holds clips not encoded yet: their features take memory the pool does not count."""
+        if not lease.session.unencoded_clips:
+            self._put(lease.history, lease.session)
 
     def _put(self, key: tuple, session: Session) -> None:
         with self._lock:

@@ -154,6 +154,11 @@ class Session:
         return 0 if self._cache is None else cache_bytes(self._cache)
 
     @property
+    def unencoded_clips(self) -> int:
+        """Clips added by `extend` and not encoded yet (they are, with the next turn): features in memory."""
+        return len(self._pending)
+
+    @property
     def cached_tokens(self) -> int:
         """Tokens of the conversation already in the KV cache: what the next turn need not prefill."""
         return self._cached if self.use_cache else 0
