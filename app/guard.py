@@ -33,6 +33,8 @@ from pathlib import Path
 
 from afnext import strict_json
 
+from .access import HOST_REFUSAL
+
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/gradio_api"
@@ -62,6 +64,9 @@ class GuardOptions:
     burst: int = REQUEST_BURST
     rate_per_s: float = REQUESTS_PER_S
     uploads_at_once: int = UPLOADS_AT_ONCE
+    # Whether a request's headers name this server (app/access.py: a server on 127.0.0.1 answers only to
+    # its own names, against DNS rebinding); None: every Host is served.
+    host_ok: Callable[[dict], bool] | None = None
 
 
 class Refused(Exception):
@@ -145,6 +150,10 @@ class Guard:
         self.folder = _Folder(options.upload_dir)
 
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.options.host_ok is not None and not self.options.host_ok(
+                {"host": (_header(scope, b"host") or b"").decode("latin-1")}):
+            await _answer(send, 403, HOST_REFUSAL, openai=scope["path"].startswith(OPENAI_PREFIX), kind="permission_error")
+            return
         if scope["type"] != "http" or scope["method"] in OPEN_METHODS:
             await self.app(scope, receive, send)
             return
@@ -331,8 +340,9 @@ def _capped(receive, declared: int):
     return capped
 
 
-async def _answer(send, status: int, message: str, plain: bool = False, openai: bool = False) -> None:
-    error = {"message": message, "type": "rate_limit_exceeded", "param": None, "code": None} if openai else message
+async def _answer(send, status: int, message: str, plain: bool = False, openai: bool = False,
+                  kind: str = "rate_limit_exceeded") -> None:
+    error = {"message": message, "type": kind, "param": None, "code": None} if openai else message
     body = message.encode() if plain else json.dumps({"error": error}).encode()
     kind = b"text/plain; charset=utf-8" if plain else b"application/json"
     await send({"type": "http.response.start", "status": status,

@@ -314,9 +314,9 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
     demo, desk = build(loader, cache_dir)
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY, max_size=QUEUE_MAX)
-    gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
-                        quota_bytes=upload_quota_bytes)
     access = Access(api_key, local=host in ("127.0.0.1", "localhost", "::1"))
+    gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
+                        quota_bytes=upload_quota_bytes, host_ok=access.host_ok)
     voice = RealtimeServer(loader, access)
     threading.Thread(target=desk.sweep_every, name="afnext-desk-sweep", daemon=True).start()
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.

@@ -184,6 +184,19 @@ def test_routes_the_page_does_not_use_are_closed(app_server):
     assert health(url)[0] == 200
 
 
+def test_a_server_on_localhost_serves_no_page_to_another_name(app_server):
+    """DNS rebinding: a site points its own name at 127.0.0.1, and its page, same-origin with itself,
+    would drive ours; served on 127.0.0.1, the app answers only to this computer's names."""
+    _, url, _ = app_server
+    for path in ("", "config", "gradio_api/info", "v1/models"):
+        r = httpx.get(url + path, headers={"host": "rebind.attacker.example"})
+        assert r.status_code == 403 and "own address" in r.text, (path, r.status_code)
+    assert httpx.get(url + "v1/models", headers={"host": "rebind.attacker.example"}).json()["error"]["type"] == \
+        "permission_error"
+    assert httpx.get(url + "config", headers={"host": "localhost"}).status_code == 200
+    assert health(url)[0] == 200
+
+
 def test_a_body_with_both_length_and_chunked_encoding_is_refused(app_server):
     import socket
 
