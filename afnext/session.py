@@ -109,7 +109,11 @@ class Session:
         loaded = self.engine.loaded
         prefill = THINK_PREFILL if think and loaded.is_think else ""
         ids = prompt.reply_head(loaded, prefill) + list(token_ids) + prompt.reply_tail(loaded)
-        self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
+        # The live reply may have filled the context to its last token, and its closing tokens go
+        # past it: that conversation was as it is, and can be reopened (its next turn will not fit).
+        if len(self.tokens) + len(ids) > loaded.context_tokens + len(prompt.reply_tail(loaded)):
+            raise ContextFullError(f"This reply would bring the conversation past the model's {loaded.context_tokens}-"
+                                   "token context; it cannot have been generated on this model.")
         self._reply_at = len(self.tokens)
         self.tokens += ids
         self.messages.append(prompt.assistant_message(loaded.tokenizer.decode(token_ids, skip_special_tokens=True)))

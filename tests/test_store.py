@@ -190,3 +190,24 @@ def test_the_cli_never_lets_the_store_and_its_session_differ(tiny_dir, tmp_path)
                             "kept", "--store", str(store)], cwd=ROOT, input="", capture_output=True, text=True,
                            timeout=300)
     assert other.returncode == 1 and f"was held with {tiny_dir}" in other.stderr, other.stderr
+
+
+def test_a_conversation_that_filled_the_context_can_be_reopened(engine, tmp_path, monkeypatch):
+    from afnext.session import ContextFullError
+
+    probe = Session(engine)
+    _reply(probe, "Hi")
+    limit = len(probe.tokens) + 30
+    monkeypatch.setattr(type(engine.loaded), "context_tokens", property(lambda self: limit))
+    live = Session(engine)
+    reply = [e for e in live.ask("Tell me everything.", options=GenerationOptions(max_new_tokens=500, min_new_tokens=500))
+             if isinstance(e, TurnDone)][0].reply
+    assert len(live.tokens) > limit, "the reply ran to the end of the context, its closing tokens past it"
+    store = Store(tmp_path)
+    cid = store.create("cli")
+    store.add_exchange(cid, StoredTurn("user", "Tell me everything."),
+                       StoredTurn("assistant", reply.text, token_ids=reply.token_ids))
+    reopened = Session(engine)
+    assert restore(reopened, store, cid) == 1 and reopened.tokens == live.tokens
+    with pytest.raises(ContextFullError):  # as the live one: its next turn cannot fit
+        _reply(reopened, "And?")
