@@ -111,7 +111,9 @@ def conversations(args: argparse.Namespace) -> int:
         print(f"No conversations are kept at {where}.", file=sys.stderr)
         return 0
     try:
-        kept = _open_store(args.store).list()
+        store = _open_store(args.store)
+        store.prune(args.keep_days)
+        kept = store.list()
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -147,7 +149,9 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
     kept = None
     if args.conversation is not None:
         try:
-            kept = Kept(_open_store(args.store), args.conversation, session)
+            store = _open_store(args.store)
+            store.prune(args.keep_days, keep=args.conversation)
+            kept = Kept(store, args.conversation, session)
         except (StoreError, AudioError, ContextFullError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -303,6 +307,19 @@ def _notice(loaded) -> None:
         log.info("running on CPU: no CUDA GPU is visible to PyTorch")
 
 
+KEEP_DAYS = 30.0  # conversations not used for this long are deleted, with the audio only they used
+
+
+def _days(text: str) -> float:
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 < days < 1e5:
+        raise argparse.ArgumentTypeError("give a number of days above 0")
+    return days
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m afnext", description="Talk to AF-Next from the command line.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -324,10 +341,14 @@ def _parser() -> argparse.ArgumentParser:
                         help="keep this conversation in the store and go on where it was (created if new)")
     chat_p.add_argument("--store", metavar="PATH", default=None,
                         help="the store's folder (default: $AFNEXT_DATA, else ~/.local/share/afnext)")
+    chat_p.add_argument("--keep-days", type=_days, default=KEEP_DAYS,
+                        help=f"with --conversation: delete the others not used for this many days (default {KEEP_DAYS:g})")
     kept_p = sub.add_parser("conversations", help="list the kept conversations")
     kept_p.add_argument("--store", metavar="PATH", default=None,
                         help="the store's folder (default: $AFNEXT_DATA, else ~/.local/share/afnext)")
     kept_p.add_argument("--json", action="store_true", help="one JSON object per line")
+    kept_p.add_argument("--keep-days", type=_days, default=KEEP_DAYS,
+                        help=f"delete the conversations not used for this many days first (default {KEEP_DAYS:g})")
     return p
 
 

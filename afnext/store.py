@@ -186,6 +186,20 @@ class Store:
                         self._audio_path(key).unlink(missing_ok=True)
         return bool(deleted)
 
+    def prune(self, keep_days: float, *, keep: str | None = None) -> int:
+        """Delete the conversations not updated for `keep_days` (but `keep`, the one being opened),
+        then every audio file no turn refers to; the number of conversations deleted."""
+        cutoff = time.time() - keep_days * 86400
+        with self._lock:
+            gone = self._db.execute("DELETE FROM conversations WHERE updated < ? AND id IS NOT ?",
+                                    (cutoff, keep)).rowcount
+            used = {key for (key,) in self._db.execute("SELECT DISTINCT audio FROM turns WHERE audio IS NOT NULL")}
+            for path in (self.path / "audio").glob("*/*"):
+                # Not a file touched in the last hour: another process may be about to commit a turn with it.
+                if not path.name.startswith(".") and path.name not in used and path.stat().st_mtime < time.time() - 3600:
+                    path.unlink(missing_ok=True)
+        return gone
+
     # ---- audio ----
 
     def put_audio(self, data: bytes, suffix: str = "") -> str:
@@ -198,7 +212,9 @@ class Store:
     def _put_audio(self, data: bytes, suffix: str) -> str:
         key = hashlib.sha256(data).hexdigest() + (suffix.lower()[:8] if suffix.startswith(".") else "")
         path = self._audio_path(key)
-        if not path.exists():
+        try:
+            os.utime(path)  # kept already: fresh again, so no `prune` elsewhere takes it before our commit
+        except FileNotFoundError:
             path.parent.mkdir(exist_ok=True)
             part = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
             try:

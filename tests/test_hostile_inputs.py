@@ -300,7 +300,7 @@ def test_the_option_messages_are_the_library_ones():
 
 def _chat(engine, lines: str, monkeypatch, capsys) -> list[dict]:
     monkeypatch.setattr("sys.stdin", io.StringIO(lines))
-    assert cli.chat(engine, argparse.Namespace(no_cache=False, conversation=None, store=None)) == 0
+    assert cli.chat(engine, argparse.Namespace(no_cache=False, conversation=None, store=None, keep_days=30.0)) == 0
     return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
@@ -315,7 +315,7 @@ def test_a_10_mb_line_is_refused_and_the_session_goes_on(engine, monkeypatch, ca
 def test_a_line_that_is_not_utf8_is_refused_and_the_session_goes_on(engine, monkeypatch, capsys):
     lines = b'{"text": "caf\xe9"}\n' + b'{"text": "Hi", "max_new_tokens": 2}\n'
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines)))
-    assert cli.chat(engine, argparse.Namespace(no_cache=False, conversation=None, store=None)) == 0
+    assert cli.chat(engine, argparse.Namespace(no_cache=False, conversation=None, store=None, keep_days=30.0)) == 0
     out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert out[0] == {"error": "The line is not valid UTF-8 (byte 0xe9 at offset 13)."}
     assert "error" not in out[1]

@@ -211,3 +211,23 @@ def test_a_conversation_that_filled_the_context_can_be_reopened(engine, tmp_path
     assert restore(reopened, store, cid) == 1 and reopened.tokens == live.tokens
     with pytest.raises(ContextFullError):  # as the live one: its next turn cannot fit
         _reply(reopened, "And?")
+
+
+def test_conversations_unused_for_keep_days_go_with_the_audio_only_they_used(tmp_path):
+    import sqlite3
+
+    store = Store(tmp_path)
+    old, new, opened = (store.create("cli") for _ in range(3))
+    for cid, data in ((old, b"RIFF old"), (new, b"RIFF new"), (opened, b"RIFF opened")):
+        store.add_exchange(cid, StoredTurn("user", "Hi"), StoredTurn("assistant", "Hello", token_ids=(1,)),
+                           audio=(data, ".wav"))
+    month_ago = time.time() - 40 * 86400
+    with sqlite3.connect(tmp_path / "afnext.sqlite3") as db:  # two of them were last used 40 days ago
+        db.execute("UPDATE conversations SET updated = ? WHERE id IN (?, ?)", (month_ago, old, opened))
+    files = {p.name: p for p in (tmp_path / "audio").rglob("*.wav")}
+    for path in files.values():
+        os.utime(path, (month_ago, month_ago))
+    assert store.prune(30, keep=opened) == 1, "the one being opened is not old"
+    assert store.get(old) is None and store.get(new) and store.get(opened)
+    left = {p.name for p in (tmp_path / "audio").rglob("*.wav")}
+    assert len(left) == 2 and all(store.turns(c)[0].audio in left for c in (new, opened))
