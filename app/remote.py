@@ -84,6 +84,7 @@ class RemoteBrain:
     def close(self) -> None:
         self._ws.close()
         self._reader.join(5.0)
+        self._mic = MonoResampler(self.sample_rate, self.sample_rate)  # lets go of the soxr stream now, not at exit
 
     def _send(self, event: dict) -> None:
         from websockets.exceptions import ConnectionClosed
