@@ -116,17 +116,18 @@ class Assistant:
         Call from the feeding thread."""
         self.endpointer.discard()
 
-    def say(self, audio: np.ndarray | None, text: str = "") -> None:
+    def say(self, audio: np.ndarray | None, text: str = "", *, tag: object = None) -> None:
         """A whole user turn that ended just now — an utterance (float32 mono 16 kHz), text, or both —
         becomes the next turn, without the endpointer: push-to-talk, where the button, not the silence,
-        marks the end of the turn, or a typed message."""
+        marks the end of the turn, or a typed message. `tag` comes back on the turn's UserTurn (the
+        caller's name for it: a protocol's item id)."""
         if audio is None and not text.strip():
             raise ValueError("A turn needs audio, text, or both.")
         if self.speaking:
             self._interrupt(self.now())
         now = self.now()
         audio = np.zeros(0, np.float32) if audio is None else audio
-        self._start_turn(UtteranceEnded(now, max(0.0, now - len(audio) / SAMPLE_RATE), now, audio), text)
+        self._start_turn(UtteranceEnded(now, max(0.0, now - len(audio) / SAMPLE_RATE), now, audio), text, tag)
 
     def close(self) -> None:
         """Cancel any turn, wait for it, and end `events()`."""
@@ -155,10 +156,10 @@ class Assistant:
                 self._emit(Interrupted("the user spoke"), t)
         self._set_state("listening", t)  # the cancelled turn's thread winds down alone; its output is dropped
 
-    def _start_turn(self, ended: UtteranceEnded, text: str = "") -> None:
+    def _start_turn(self, ended: UtteranceEnded, text: str = "", tag: object = None) -> None:
         # No join: the session starts this turn once the engine has settled the last one (one step
         # after its cancel), and anything the old turn's thread still produces is stale and dropped.
-        self._emit(UserTurn(ended.t, ended.start, ended.end, ended.audio))
+        self._emit(UserTurn(ended.t, ended.start, ended.end, ended.audio, tag=tag))
         turn = _Turn(ended, time.perf_counter(), text)
         turn.thread = threading.Thread(target=self._run_turn, args=(turn,), name="afnext-voice-turn", daemon=True)
         self._turn = turn

@@ -108,6 +108,7 @@ class UserTurn:
     end: float  # end of speech, seconds
     audio: np.ndarray = field(repr=False)  # float32 mono 16 kHz, with pre-roll
     answered: bool = True  # False: heard and kept, to be answered when asked (AssistantOptions.answer)
+    tag: object = None  # what the caller named a turn it gave with `Assistant.say`
 
 
 @dataclass(frozen=True)

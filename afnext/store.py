@@ -126,6 +126,11 @@ class Store:
                 "FROM conversations c WHERE c.id = ? AND c.owner = ?", (cid, owner)).fetchone()
         return Conversation(*row) if row else None
 
+    def touch(self, cid: str) -> None:
+        """`cid` is in use now: no prune, here or in another process, takes it as unused."""
+        with self._lock:
+            self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid))
+
     def list(self, *, owner: str = "") -> list[Conversation]:
         """`owner`'s conversations, the most recently updated first."""
         with self._lock:
@@ -196,8 +201,11 @@ class Store:
             used = {key for (key,) in self._db.execute("SELECT DISTINCT audio FROM turns WHERE audio IS NOT NULL")}
             for path in (self.path / "audio").glob("*/*"):
                 # Not a file touched in the last hour: another process may be about to commit a turn with it.
-                if not path.name.startswith(".") and path.name not in used and path.stat().st_mtime < time.time() - 3600:
-                    path.unlink(missing_ok=True)
+                try:
+                    if not path.name.startswith(".") and path.name not in used and path.stat().st_mtime < time.time() - 3600:
+                        path.unlink(missing_ok=True)
+                except FileNotFoundError:  # another process's prune took it first
+                    continue
         return gone
 
     # ---- audio ----

@@ -503,7 +503,7 @@ ENDPOINTS = "GET /v1/models, POST /v1/chat/completions and the WebSocket /v1/rea
 def _only(method: str, handler):
     """`handler` for `method`; any other method gets OpenAI's error shape, with the one to use."""
     async def endpoint(request: Request):
-        if request.method != method:
+        if request.method != method and not (method == "GET" and request.method == "HEAD"):
             return _error(wire.WireError(405, f"{request.url.path} takes {method} requests, not {request.method}.",
                                          code="method_not_allowed"), headers={"Allow": method})
         return await handler(request)

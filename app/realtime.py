@@ -174,8 +174,7 @@ class RealtimeLink:
             raise wire.ProtocolError("There is no user item to respond to; append and commit audio, or create an item.")
         text = "\n".join(t for _, t, _ in items if t)
         clips = [a for _, _, a in items if a is not None]
-        self._out.said(items[-1][0])
-        self._assistant().say(np.concatenate(clips) if clips else None, text)
+        self._assistant().say(np.concatenate(clips) if clips else None, text, tag=items[-1][0])
 
     def _on_response_cancel(self, event: dict) -> None:
         if self.assistant is None or not self._out.running_any():
@@ -203,18 +202,26 @@ class RealtimeLink:
         content = ([{"type": "input_audio", "transcript": None}] if audio is not None else []) + \
                   ([{"type": "input_text", "text": text}] if text else [])
         shown = wire.Item(item, "user", content).shown()
-        self.send(wire.event("conversation.item.added", previous_item_id=self._last_item, item=shown))
-        self.send(wire.event("conversation.item.done", previous_item_id=self._last_item, item=shown))
-        self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE))
+        before = self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE))
+        self.send(wire.event("conversation.item.added", previous_item_id=before, item=shown))
+        self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
         return item
 
-    def hold(self, item: str, text: str, audio: np.ndarray | None) -> None:
-        """Keep a user item (audio at 16 kHz) for the next response.create; any thread."""
+    def hold(self, item: str, text: str, audio: np.ndarray | None) -> str | None:
+        """Keep a user item (audio at 16 kHz) for the next response.create; the item before it. Any
+        thread; ProtocolError when MAX_ITEMS wait already."""
         with self._items_lock:
             if len(self._items) >= MAX_ITEMS:
                 raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
             self._items.append((item, text, audio))
-            self._last_item = item
+            before, self._last_item = self._last_item, item
+        return before
+
+    def chain(self, item: str) -> str | None:
+        """`item` is now the conversation's last; the one before it. Any thread."""
+        with self._items_lock:
+            before, self._last_item = self._last_item, item
+        return before
 
     def _assistant(self) -> Assistant:
         if self.assistant is None:
@@ -241,7 +248,6 @@ class _Responses:
     def __init__(self, link: RealtimeLink) -> None:
         self.link, self.send = link, link.send
         self._thread: threading.Thread | None = None
-        self._said: str | None = None  # the item a client-asked response answers (already announced)
         self._speech_item: str | None = None
         self._voice = SpeechResampler(wire.AUDIO_RATE)
         self._replies: deque[dict] = deque()  # responses begun and not done, oldest first: a cancelled one
@@ -268,9 +274,6 @@ class _Responses:
     def running(self, item: object) -> bool:
         """The reply with this item id is still being made."""
         return any(r["item"] == item for r in list(self._replies))
-
-    def said(self, item: str) -> None:
-        self._said = item
 
     def heard(self, item: object, ms: int) -> tuple[str, int] | None:
         """What the user heard of the latest reply by `ms` into its audio, and how many messages the
@@ -301,11 +304,14 @@ class _Responses:
             self.send(wire.event("input_audio_buffer.speech_started", audio_start_ms=round(t * 1000),
                                  item_id=self._speech_item))
         elif isinstance(inner, UserTurn) and not inner.answered:
-            item, before = self._speech_item or wire.new_id("item"), self.link._last_item
+            item = self._speech_item or wire.new_id("item")
             try:  # heard and kept (before the client hears of it): it asks for the answer with response.create
-                self.link.hold(item, "", inner.audio)
-            except wire.ProtocolError as exc:
-                self.send(wire.error(exc))
+                before = self.link.hold(item, "", inner.audio)
+            except wire.ProtocolError:
+                self.send(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=round(inner.end * 1000),
+                                     item_id=item))
+                self.send(wire.error(wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already, so that "
+                                                        "utterance was dropped; send response.create.")))
                 return
             self._announce(inner, item, before)
         elif isinstance(inner, UserTurn):
@@ -335,7 +341,8 @@ class _Responses:
     def _announce(self, turn: UserTurn, item: str | None = None, before: str | None = None) -> str:
         """A turn the endpointer heard: its item (after `before`), committed from the audio buffer."""
         if item is None:
-            item, before = self._speech_item or wire.new_id("item"), self.link._last_item
+            item = self._speech_item or wire.new_id("item")
+            before = self.link.chain(item)
         self.send(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=round(turn.end * 1000), item_id=item))
         self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=before))
         shown = wire.Item(item, "user", [{"type": "input_audio", "transcript": None}]).shown()
@@ -344,13 +351,13 @@ class _Responses:
         return item
 
     def _begin(self, turn: UserTurn) -> None:
-        item, self._said = self._said, None
+        item = turn.tag  # the client's items it asked an answer for (announced when they were made)
         if item is None:
             item = self._announce(turn)
         reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "reasoning": "", "audio_ms": 0.0,
                  "status": "completed", "done": threading.Event()}
         self._replies.append(reply)
-        self.link._last_item = reply["item"]
+        self.link.chain(reply["item"])
         self.send(wire.event("response.created", response=_shown(reply, "in_progress")))
         self.send(wire.event("response.output_item.added", response_id=reply["id"], output_index=0,
                              item=self._item(reply, "in_progress").shown()))

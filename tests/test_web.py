@@ -193,6 +193,23 @@ def test_with_create_response_off_a_heard_turn_waits_for_response_create(voice):
     assert any(e["type"] == "response.output_audio.delta" for e in answered), kinds
 
 
+def test_each_response_answers_its_own_item_when_the_client_sends_them_in_a_burst(voice):
+    with voice().websocket_connect(f"{realtime.ROUTE}?model=instruct") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 3,
+                                                            "audio": {"input": {"turn_detection": None}}}})
+        for i in range(3):  # no waiting between them: the server's threads see them all at once
+            ws.send_json({"type": "conversation.item.create", "item": {
+                "type": "message", "role": "user", "content": [{"type": "input_text", "text": f"Question {i}?"}]}})
+            ws.send_json({"type": "response.create"})
+        seen = events_until(ws, "response.done", 3)
+    users = [e["item"]["id"] for e in seen if e["type"] == "conversation.item.done" and e["item"]["role"] == "user"]
+    answers = [e["previous_item_id"] for e in seen
+               if e["type"] == "conversation.item.added" and e["item"]["role"] == "assistant"]
+    assert len(users) == 3 and answers == users, (users, answers)
+    assert not [e for e in seen if e["type"].startswith("input_audio_buffer.")], "no audio was committed"
+
+
 def test_the_think_model_shows_its_reasoning_and_speaks_only_the_answer(voice):
     from tests.web.scripted import SCRIPT
 
