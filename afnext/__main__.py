@@ -150,8 +150,7 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
     if args.conversation is not None:
         try:
             store = _open_store(args.store)
-            if store.get(args.conversation) is not None:
-                store.touch(args.conversation)
+            store.touch(args.conversation)  # in use now: no prune, here or in another process, takes it
             store.prune(args.keep_days, keep=args.conversation)
             kept = Kept(store, args.conversation, session)
         except (StoreError, AudioError, ContextFullError, ValueError) as exc:
@@ -206,7 +205,6 @@ class Kept:
         if conversation.turns and conversation.model and conversation.model != model:
             raise StoreError(f"The conversation {cid!r} was held with {conversation.model}: its replies' token ids "
                              f"mean something to that model only; resume it with --model {conversation.model}.")
-        store.touch(cid)  # in use: another process's prune must not take it
         self.turns = restore(session, store, cid)
 
     def commit(self, turn: Turn, audio: tuple[bytes, str] | None, reply) -> None:

@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated);
 """
 MAX_ID_CHARS = 64
+CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, (SELECT COUNT(*) FROM turns t "
+                 "WHERE t.conversation = c.id AND t.role = 'assistant') FROM conversations c ")  # → Conversation
 
 
 class StoreError(ValueError):
@@ -121,9 +123,7 @@ class Store:
         """The conversation `cid` of `owner`, or None: another owner's is as good as missing."""
         with self._lock:
             row = self._db.execute(
-                "SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, "
-                "(SELECT COUNT(*) FROM turns t WHERE t.conversation = c.id AND t.role = 'assistant') "
-                "FROM conversations c WHERE c.id = ? AND c.owner = ?", (cid, owner)).fetchone()
+                CONVERSATIONS + "WHERE c.id = ? AND c.owner = ?", (cid, owner)).fetchone()
         return Conversation(*row) if row else None
 
     def touch(self, cid: str) -> None:
@@ -135,9 +135,7 @@ class Store:
         """`owner`'s conversations, the most recently updated first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, "
-                "(SELECT COUNT(*) FROM turns t WHERE t.conversation = c.id AND t.role = 'assistant') "
-                "FROM conversations c WHERE c.owner = ? ORDER BY c.updated DESC", (owner,)).fetchall()
+                CONVERSATIONS + "WHERE c.owner = ? ORDER BY c.updated DESC", (owner,)).fetchall()
         return [Conversation(*row) for row in rows]
 
     def turns(self, cid: str) -> list[StoredTurn]:
@@ -241,10 +239,6 @@ class Store:
         if not path.exists():
             raise StoreError(f"The audio {key[:16]}… of this conversation is missing from {self.path}.")
         return path
-
-    def bytes_used(self) -> int:
-        """Disk the store takes: the database and the audio."""
-        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def _audio_path(self, key: str) -> Path:
         if not key or "/" in key or key.startswith("."):

@@ -74,12 +74,7 @@ def parse(text: str | bytes) -> dict:
     """A client event: a JSON object with a known `type`, or ProtocolError."""
     if isinstance(text, bytes):
         raise ProtocolError("Send Realtime events as JSON text messages.")
-    try:
-        event = strict_json.loads(text)
-    except (ValueError, RecursionError):
-        raise ProtocolError("The message is not valid JSON.") from None
-    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        raise ProtocolError("A client event must be a JSON object with a \"type\".")
+    event = _typed_object(text, "The message is not valid JSON.", "A client event must be a JSON object with a \"type\".")
     if event["type"] not in CLIENT_EVENTS:
         raise ProtocolError(f"Unknown or unsupported client event type {event['type'][:60]!r}.",
                             event_id=_event_id(event))
@@ -179,12 +174,18 @@ def truncate(item_id: str, audio_end_ms: int) -> dict:
 
 def server_event(text: str | bytes) -> dict:
     """A server event as a client reads it: a JSON object with a string `type`, or ProtocolError."""
+    return _typed_object(text, "The server sent a message that is not JSON.",
+                         "The server sent a message that is not a Realtime event.")
+
+
+def _typed_object(text: str | bytes, not_json: str, untyped: str) -> dict:
+    """An event either way: strict JSON, an object with a string `type`; ProtocolError with the sentence."""
     try:
         value = strict_json.loads(text)
     except (ValueError, RecursionError):
-        raise ProtocolError("The server sent a message that is not JSON.") from None
+        raise ProtocolError(not_json) from None
     if not isinstance(value, dict) or not isinstance(value.get("type"), str):
-        raise ProtocolError("The server sent a message that is not a Realtime event.")
+        raise ProtocolError(untyped)
     return value
 
 

@@ -21,6 +21,8 @@ from dataclasses import replace
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
+from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.sync.client import connect
 
 from afnext.audio import MonoResampler
 from afnext.events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, StateChanged,
@@ -43,9 +45,6 @@ class RemoteBrain:
 
     def __init__(self, server: str, sample_rate: int, *, half_duplex: bool = False, think: bool = False,
                  api_key: str | None = None) -> None:
-        from websockets.exceptions import WebSocketException
-        from websockets.sync.client import connect
-
         self.sample_rate, self.interrupts = sample_rate, not half_duplex
         self.url = realtime_url(server, "think" if think else "instruct")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -87,8 +86,6 @@ class RemoteBrain:
         self._mic = MonoResampler(self.sample_rate, self.sample_rate)  # lets go of the soxr stream now, not at exit
 
     def _send(self, event: dict) -> None:
-        from websockets.exceptions import ConnectionClosed
-
         try:
             with self._send_lock:
                 self._ws.send(json.dumps(event))
@@ -96,8 +93,6 @@ class RemoteBrain:
             pass  # the reader reports the lost connection
 
     def _read(self) -> None:
-        from websockets.exceptions import ConnectionClosed
-
         try:
             for message in self._ws:
                 try:

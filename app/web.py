@@ -37,7 +37,7 @@ from afnext.events import AudioChunk
 from afnext.session import MAX_TEXT_CHARS
 
 from . import realtime, recordings
-from .access import HOST_REFUSAL, TOKEN_ROUTE, Access
+from .access import TOKEN_ROUTE, Access
 from .api import Api
 from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
@@ -363,9 +363,7 @@ def _health(loader: BackendLoader):
 def _page_token(access: Access):
     """GET /afnext/token: a short-lived token that opens the page's Realtime socket without the API key.
     Other sites' pages cannot read it (no CORS headers), and their sockets fail the Origin check."""
-    async def token(request: Request) -> JSONResponse:
-        if not access.host_ok(request.headers):
-            return JSONResponse({"error": HOST_REFUSAL}, 403)
+    async def token(_request: Request) -> JSONResponse:  # the gate has checked Host (app/guard.py)
         value, expires = access.page_token()
         return JSONResponse({"token": value, "expires_at": expires}, headers={"Cache-Control": "no-store"})
     return token
