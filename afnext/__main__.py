@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sqlite3
 import sys
 import time
@@ -31,14 +30,14 @@ from . import check_setup, strict_json
 
 check_setup()  # before anything imports torch: a missing one is a sentence saying how to get it
 
-from .audio import AudioError, load_file
+from .audio import AudioError
 from .cli import add_model_flags
 from .engine import Engine
 from .events import ReasoningDelta, TextDelta, TurnDone
 from .model import LICENCE_NOTE, ModelLoadError, load
 from .sampling import GenerationOptions
 from .session import ContextFullError, Session
-from .store import Store, StoreError, StoredTurn, restore
+from .store import KeptError, Store, StoreError, open_conversation
 from .store import default_path as default_store_path
 
 log = logging.getLogger("afnext")
@@ -146,24 +145,23 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
     With --conversation, the conversation is kept in the store and resumed where it was: each
     completed turn is committed there before its result line is printed."""
     session = Session(engine, use_cache=not args.no_cache)
-    kept = None
     if args.conversation is not None:
         try:
             store = _open_store(args.store)
-            store.touch(args.conversation)  # in use now: no prune, here or in another process, takes it
+            store.touch(args.conversation)  # in use now: the prune below and any elsewhere leave it alone
             store.prune(args.keep_days, keep=args.conversation)
-            kept = Kept(store, args.conversation, session)
+            turns = open_conversation(store, args.conversation, session, model=engine.loaded.name)
         except (StoreError, AudioError, ContextFullError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(json.dumps({"conversation": kept.cid, "turns": kept.turns}), flush=True)
+        print(json.dumps({"conversation": args.conversation, "turns": turns}), flush=True)
     # Bytes, decoded per line: one line that is not UTF-8 is refused, it does not end the session.
     for line in _lines(getattr(sys.stdin, "buffer", sys.stdin)):
         if line is None:
             result = {"error": f"The line is over the {MAX_LINE_BYTES:,}-byte limit and was skipped."}
         elif line.strip():
             try:
-                result = _chat_turn(session, line, kept)
+                result = _chat_turn(session, line)
             except KeptError as exc:  # the session holds a turn the store does not: it must not go on
                 print(json.dumps({"error": str(exc)}, ensure_ascii=False), flush=True)
                 return 1
@@ -182,45 +180,6 @@ def _open_store(path: str | None) -> Store:
                          "and the database is an afnext store, or give another --store.") from None
 
 
-class KeptError(RuntimeError):
-    """A completed turn could not be written to the store; the message says so in one sentence."""
-
-
-class Kept:
-    """The CLI's conversation in the store: resumed at the start, each completed turn committed."""
-
-    def __init__(self, store: Store, cid: str, session: Session) -> None:
-        self.store, self.cid = store, cid
-        model = session.engine.loaded.name
-        conversation = store.get(cid)
-        if conversation is None:
-            try:
-                store.create("cli", id=cid, model=model)
-                self.turns = 0
-                return
-            except StoreError:  # another process created it just now (else the id is bad: say so)
-                conversation = store.get(cid)
-                if conversation is None:
-                    raise
-        if conversation.turns and conversation.model and conversation.model != model:
-            raise StoreError(f"The conversation {cid!r} was held with {conversation.model}: its replies' token ids "
-                             f"mean something to that model only; resume it with --model {conversation.model}.")
-        self.turns = restore(session, store, cid)
-
-    def commit(self, turn: Turn, audio: tuple[bytes, str] | None, reply) -> None:
-        """Keep the completed turn (its audio with it); KeptError if it cannot be."""
-        try:
-            self.store.add_exchange(
-                self.cid, StoredTurn("user", turn.text, turn.think),
-                StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
-                           steps=[dataclasses.asdict(s) for s in reply.steps], timings=dataclasses.asdict(reply.timings),
-                           interrupted=reply.interrupted), at=self.turns, audio=audio)
-        except (StoreError, sqlite3.Error, OSError) as exc:
-            raise KeptError(f"The turn could not be kept in the store ({_one_line(str(exc))}); the conversation "
-                            f"stops here, so that it never differs from what is kept.") from exc
-        self.turns += 1
-
-
 def _lines(stream) -> Iterator[str | bytes | None]:
     """The lines of `stream` (bytes, or str from a text stream), with None in place of each one over
     MAX_LINE_BYTES: that one is read in pieces and dropped, so a line without an end cannot fill
@@ -234,23 +193,19 @@ def _lines(stream) -> Iterator[str | bytes | None]:
         yield None
 
 
-def _chat_turn(session: Session, line: str | bytes, kept: Kept | None = None) -> dict:
+def _chat_turn(session: Session, line: str | bytes) -> dict:
     try:
         turn = _read_turn(line)
-        audio, kept_audio = turn.audio, None
-        if kept is not None and audio is not None:  # heard from the very bytes that will be kept
-            audio = load_file(audio)
-            kept_audio = (audio, os.path.splitext(turn.audio)[1])
-        reply = None
-        for event in session.ask(turn.text, audio, think=turn.think, options=turn.options):
+        reply = None  # with --conversation, the turn is kept by the session before its TurnDone
+        for event in session.ask(turn.text, turn.audio, think=turn.think, options=turn.options):
             if isinstance(event, TurnDone):
                 reply = event.reply
-        if kept is not None and reply is not None:
-            kept.commit(turn, kept_audio, reply)  # on disk before anyone is told the turn is done
     except (AudioError, ContextFullError, ValueError) as exc:
         return {"error": _one_line(str(exc))}
-    except KeptError:
-        raise  # not the turn's failure: the conversation must stop (chat says so)
+    except KeptError as exc:
+        if session.journal is not None and session.journal.broken:
+            raise  # the session holds a turn the store does not: the conversation must stop (chat says so)
+        return {"error": _one_line(str(exc))}  # its audio could not be written: the turn was not asked
     except Exception as exc:  # a model failure: log it fully, tell the client in one line, keep serving
         log.exception("turn failed")
         return {"error": _one_line(f"The model failed on this turn ({type(exc).__name__}: {exc}).")}

@@ -10,11 +10,16 @@ a stream closed by its reader still leaves the conversation right).
 A cancelled reply stays in the conversation as far as it got, closed with `<|im_end|>`, so the model
 knows what it had said before it was interrupted. A turn cancelled before its reply began, or one
 that failed, leaves the session exactly as it was before the turn.
+
+A session given a `Journal` (afnext/store.py) keeps each completed turn in the store at the moment
+it commits it, so the store and the session never differ, and a turn is on disk before its
+`TurnDone` is sent.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -30,7 +35,10 @@ from .kvcache import cache_bytes, copy_cache, new_cache
 from .prompt import MAX_TEXT_CHARS, THINK_PREFILL, THINK_PROMPT, THINK_PROMPT_INSTRUCT  # noqa: F401 (public here too)
 from .sampling import GenerationOptions
 from .scheduler import WAITING, Cancel, Request
+from .store import Journal
 from .think import ThinkParser
+
+log = logging.getLogger(__name__)
 
 TurnEvent = TextDelta | ReasoningDelta | ThinkStep | Interrupted | TurnDone
 CANCEL_POLL_S = 0.01  # how often a queued turn's stream looks at the caller's cancel event
@@ -45,8 +53,10 @@ class Session:
     """One conversation. One `ask` at a time: a new ask waits until the engine has settled the
     previous turn (at most one engine step after that turn was cancelled)."""
 
-    def __init__(self, engine: Engine, *, system: str | None = None, use_cache: bool = True) -> None:
+    def __init__(self, engine: Engine, *, system: str | None = None, use_cache: bool = True,
+                 journal: Journal | None = None) -> None:
         self.engine = engine
+        self.journal = journal  # where completed turns are kept (None: nowhere)
         self.use_cache = use_cache  # False: recompute everything every turn (the reference path)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.tokens: list[int] = []  # the whole conversation as token ids
@@ -125,6 +135,8 @@ class Session:
         self._settled.wait()
         if not self.messages or self.messages[-1]["role"] != "assistant" or self._reply_at is None:
             raise ValueError("There is no reply to rewrite: the conversation does not end with one.")
+        if self.journal is not None:
+            self.journal.rewrite(text)  # KeptError: the session stays as the store has it
         del self.tokens[self._reply_at:]
         self.messages.pop()
         self._marks.pop()
@@ -168,7 +180,8 @@ class Session:
         return self._cached if self.use_cache else 0
 
     def ask(self, text: str = "", audio=None, *, think: bool = False,
-            options: GenerationOptions = GenerationOptions(), cancel=None) -> Iterator[TurnEvent]:
+            options: GenerationOptions = GenerationOptions(), cancel=None,
+            kept: tuple[bytes, str] | None = None) -> Iterator[TurnEvent]:
         """Add a user turn (text and/or audio) and stream the reply.
 
         `audio` is a path, bytes, `(sample_rate, array)`, a 16 kHz float32 array, or a `Clip` made
@@ -178,6 +191,9 @@ class Session:
         `ContextFullError` or `ValueError` for bad input before anything changes. Closing the
         generator, or setting `cancel` (a threading.Event), stops the reply before the engine's next
         step, and returns at once. Nothing runs on the model until the stream is iterated.
+
+        With a journal, the turn's audio is kept when it is asked (a `Clip` needs `kept`, the bytes and
+        suffix of the file it came from) and the turn when it is done; KeptError if it cannot be.
         """
         t0 = time.perf_counter()
         prompt.check_text(text)
@@ -185,22 +201,28 @@ class Session:
             raise ValueError("A turn needs a question, an audio clip, or both.")
         loaded = self.engine.loaded
         prompt.check_control_tokens(loaded, text)
+        keep = None
+        if self.journal is not None:
+            self.journal.check()
+            if audio is not None:
+                audio, keep = self.journal.audio(audio, kept)
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
+        audio_key = None if keep is None else self.journal.put(*keep)
         self._settled.wait()  # the previous turn's reply is in `messages` before this one is built
-        plan = self._plan(next(_turn_ids), text, clip, think, options, t0)
+        plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key)
         clip_s = clip.duration_s if clip else self._last_clip_s
         parser = ThinkParser(started=bool(plan.prefill), clip_duration_s=clip_s, steps_from_answer=think)
         return self._stream(plan, parser, Cancel(cancel))
 
     def _plan(self, turn: int, text: str, clip: Clip | None, think: bool, options: GenerationOptions,
-              t0: float) -> _Plan:
+              t0: float, audio_key: str | None = None) -> _Plan:
         loaded = self.engine.loaded
         prefill = THINK_PREFILL if think and loaded.is_think else ""
         message = prompt.user_message(text, has_clip=clip is not None, think=think, is_think=loaded.is_think)
         ids = prompt.turn_ids(loaded, self.messages, message, clip.tokens if clip else None, prefill)
         return _Plan(turn, ids, clip, message, options, t0, self._budget(len(ids), options), prefill,
-                     len(self.messages), (text, think))
+                     len(self.messages), (text, think), audio_key)
 
     def _stream(self, plan: _Plan, parser: ThinkParser, cancel: Cancel) -> Iterator[TurnEvent]:
         if cancel.is_set():
@@ -222,6 +244,8 @@ class Session:
                 self.engine.cancel(request)  # returns at once; the engine settles the session
         if finished.error is not None:
             raise finished.error
+        if finished.started and self.journal is not None:
+            self.journal.check()  # the turn was not kept: it is not done (KeptError says why)
         yield from _stamped([*parser.feed(detok.flush()), *parser.close()], plan.turn)
         if not finished.started:  # cancelled before its reply began: the turn did not happen
             yield Interrupted("cancelled before the reply started", turn=plan.turn)
@@ -251,7 +275,7 @@ class Session:
             self._settled.wait()
             if plan.messages_seen != len(self.messages):
                 text, think = plan.question
-                plan = self._plan(plan.turn, text, plan.clip, think, plan.options, plan.t0)
+                plan = self._plan(plan.turn, text, plan.clip, think, plan.options, plan.t0, plan.audio_key)
             return self._submit(plan, cancel, out), plan
 
     def _submit(self, plan: _Plan, cancel: Cancel, out: queue.Queue) -> Request:
@@ -282,7 +306,9 @@ class Session:
         if isinstance(item, Finished):
             try:
                 if item.started:
-                    self._commit_reply(item.request.generated, item.request.cache)
+                    text = self._commit_reply(item.request.generated, item.request.cache)
+                    if self.journal is not None:
+                        self._keep(plan, item, text)
                 else:
                     self._restore(saved)
             finally:  # the reader and the next turn must never wait for ever
@@ -313,7 +339,22 @@ class Session:
         self._marks.append((self._reply_at, self._last_clip_s))  # the reply's header belongs to the reply
         self._cache, self._cached = cache, len(self.tokens)
 
-    def _commit_reply(self, generated: list[int], cache) -> None:
+    def _keep(self, plan: _Plan, finished: Finished, text: str) -> None:
+        """Keep the settled turn in the journal (the engine's thread): the reply parsed as its reader
+        parses it. A failure breaks the journal; the reader and later turns see it."""
+        parser = ThinkParser(started=bool(plan.prefill), clip_duration_s=self._last_clip_s,
+                             steps_from_answer=plan.question[1])
+        parser.feed(plan.prefill + text)
+        parser.close()
+        try:
+            self.journal.commit(*plan.question, plan.audio_key,
+                                self._reply(plan, finished.request, plan.prefill + text, parser, finished))
+        except Exception:  # KeptError and the unforeseen alike: the journal is broken, and says so
+            if self.journal.broken is None:
+                self.journal.broken = "The turn could not be kept in the store; the conversation stops here."
+            log.exception("conversation %s: a turn could not be kept", self.journal.cid)
+
+    def _commit_reply(self, generated: list[int], cache) -> str:
         loaded = self.engine.loaded
         text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
         self.messages.append(prompt.assistant_message(text))
@@ -322,6 +363,7 @@ class Session:
         self._marks.append((len(self.tokens), self._last_clip_s))
         if not self.use_cache:
             self._cache, self._cached = None, 0
+        return text
 
     def _restore(self, saved: tuple) -> None:
         n_tokens, n_messages, n_clips, cached, cache, last_clip_s, self._pending = saved
@@ -385,3 +427,4 @@ class _Plan:
     prefill: str  # text the reply starts with (THINK_PREFILL on the Think checkpoint in Think mode)
     messages_seen: int  # len(messages) the turn was built on
     question: tuple[str, bool]  # (text, think) as asked: to build the turn again
+    audio_key: str | None = None  # the turn's audio in the journal's store

@@ -2,8 +2,12 @@
 
     store = Store("~/.local/share/afnext")             # or AFNEXT_DATA, or --store PATH
     cid = store.create("cli")                           # or store.get(cid) for one kept before
-    store.add_exchange(cid, user, assistant)            # one completed turn: both messages, one transaction
-    for turn in store.turns(cid): ...                   # what `Session.restore` rebuilds a session from
+    session = Session(engine, journal=Journal(store, cid))   # each completed turn is kept as it ends
+    restore(session, store, cid)                        # or: a session rebuilt from the turns kept before
+
+A session with a `Journal` commits each completed turn to the store on the engine's thread as the
+turn is settled, so it is on disk before the turn's `TurnDone` reaches anyone, and a turn whose
+reader went away (a barge-in) is kept as far as it got, as the session keeps it.
 
 Durability (../shared/FACTS.md): WAL with `synchronous=NORMAL` survives a killed process (kill -9)
 without corruption, and a committed transaction is there afterwards. An exchange is written in one
@@ -12,12 +16,17 @@ crash at any moment leaves either the whole turn or none of it, and never a turn
 
 Audio is kept as the bytes the turn came in (a recording's own file, content-addressed by its
 SHA-256): decoding the same bytes again gives the same samples, so a resumed conversation hears
-exactly what the uninterrupted one heard, and a file used by many conversations is stored once.
+exactly what the uninterrupted one heard, and a file used by many conversations is stored once. Two
+kinds are compressed losslessly first, to FLAC: an integer-PCM WAV (the same samples, about half the
+bytes) and microphone audio, which is 16-bit FLAC at 16 kHz and which the model hears as it is kept
+(its float samples rounded to 16 bits, 96 dB below full scale: inaudible, and the same after a restart).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import os
 import sqlite3
@@ -27,11 +36,13 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 DATA_ENV = "AFNEXT_DATA"  # where conversations are kept when no path is given
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, title TEXT NOT NULL DEFAULT '', owner TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL, updated REAL NOT NULL, model TEXT NOT NULL DEFAULT '');
+    created REAL NOT NULL, updated REAL NOT NULL, model TEXT NOT NULL DEFAULT '', system TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS turns (
     conversation TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     idx INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, think INTEGER NOT NULL DEFAULT 0,
@@ -41,7 +52,8 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated);
 """
 MAX_ID_CHARS = 64
-CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, (SELECT COUNT(*) FROM turns t "
+MAX_TITLE_CHARS = 200
+CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, c.system, (SELECT COUNT(*) FROM turns t "
                  "WHERE t.conversation = c.id AND t.role = 'assistant') FROM conversations c ")  # → Conversation
 
 
@@ -73,6 +85,7 @@ class Conversation:
     created: float
     updated: float
     model: str  # the checkpoint its replies came from: their token ids mean something only to it
+    system: str  # its system prompt (instructions), "" for none
     turns: int  # completed exchanges
 
 
@@ -98,8 +111,10 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        if "model" not in {row[1] for row in self._db.execute("PRAGMA table_info(conversations)")}:
-            self._db.execute("ALTER TABLE conversations ADD COLUMN model TEXT NOT NULL DEFAULT ''")  # an older store
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(conversations)")}
+        for column in ("model", "system"):  # an older store
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE conversations ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
 
     def close(self) -> None:
         with self._lock:
@@ -107,14 +122,16 @@ class Store:
 
     # ---- conversations ----
 
-    def create(self, kind: str, *, owner: str = "", title: str = "", id: str | None = None, model: str = "") -> str:
+    def create(self, kind: str, *, owner: str = "", title: str = "", id: str | None = None, model: str = "",
+               system: str = "") -> str:
         """A new conversation's id (`id` if given: a name the caller chose)."""
         cid = _check_id(id) if id is not None else uuid.uuid4().hex
         now = time.time()
         with self._lock:
             try:
-                self._db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                 (cid, kind, title, owner, now, now, model))
+                self._db.execute("INSERT INTO conversations (id, kind, title, owner, created, updated, model, system) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (cid, kind, title[:MAX_TITLE_CHARS], owner, now, now,
+                                                                     model, system))
             except sqlite3.IntegrityError:
                 raise StoreError(f"A conversation named {cid!r} exists already.") from None
         return cid
@@ -131,12 +148,43 @@ class Store:
         with self._lock:
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid))
 
-    def list(self, *, owner: str = "") -> list[Conversation]:
-        """`owner`'s conversations, the most recently updated first."""
+    def list(self, *, owner: str = "", kind: str | None = None) -> list[Conversation]:
+        """`owner`'s conversations (of `kind`, if given), the most recently updated first."""
         with self._lock:
             rows = self._db.execute(
-                CONVERSATIONS + "WHERE c.owner = ? ORDER BY c.updated DESC", (owner,)).fetchall()
+                CONVERSATIONS + "WHERE c.owner = ? AND (? IS NULL OR c.kind = ?) ORDER BY c.updated DESC",
+                (owner, kind, kind)).fetchall()
         return [Conversation(*row) for row in rows]
+
+    def rename(self, cid: str, title: str, *, owner: str = "") -> bool:
+        """Give `owner`'s conversation `cid` a title; False if there is none."""
+        title = " ".join(title.split())[:MAX_TITLE_CHARS]
+        if not title:
+            raise StoreError("A title needs at least one letter.")
+        with self._lock:
+            return bool(self._db.execute("UPDATE conversations SET title = ? WHERE id = ? AND owner = ?",
+                                         (title, cid, owner)).rowcount)
+
+    def disk_bytes(self, *, owner: str | None = None) -> int:
+        """Bytes on disk: the audio `owner`'s conversations use (each file once), or (None) the whole store."""
+        with self._lock:
+            if owner is None:
+                keys = None
+            else:
+                keys = [k for (k,) in self._db.execute(
+                    "SELECT DISTINCT t.audio FROM turns t JOIN conversations c ON c.id = t.conversation "
+                    "WHERE c.owner = ? AND t.audio IS NOT NULL", (owner,))]
+        if keys is None:
+            files = [self.path / "afnext.sqlite3", *(self.path / "audio").glob("*/*")]
+        else:
+            files = [self._audio_path(k) for k in keys]
+        total = 0
+        for path in files:
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass
+        return total
 
     def turns(self, cid: str) -> list[StoredTurn]:
         with self._lock:
@@ -176,6 +224,16 @@ class Store:
                 if db.in_transaction:  # a failed COMMIT (a full disk) has rolled back already
                     db.execute("ROLLBACK")
                 raise
+
+    def rewrite_reply(self, cid: str, at: int, text: str) -> None:
+        """The reply of exchange `at` (0-based) is now `text` (what the user heard of it before speaking
+        over it): kept by its text, no longer by its token ids."""
+        with self._lock:
+            changed = self._db.execute("UPDATE turns SET text = ?, token_ids = NULL, interrupted = 1 WHERE "
+                                       "conversation = ? AND idx = ? AND role = 'assistant'",
+                                       (text, cid, 2 * at + 1)).rowcount
+        if not changed:
+            raise StoreError(f"The conversation {cid!r} holds no reply {at + 1} to rewrite.")
 
     def delete(self, cid: str, *, owner: str = "") -> bool:
         """Delete `owner`'s conversation `cid` and the audio no other conversation uses; False if none."""
@@ -252,19 +310,166 @@ def _check_id(cid: str) -> str:
     return cid
 
 
-def restore(session, store: Store, cid: str) -> int:
-    """Rebuild `session` (a new one) from conversation `cid`'s completed turns: each clip decoded
-    from the bytes it came in, each reply by its generated token ids, so the next turn sees exactly
-    the tokens an uninterrupted session would (its KV cache is computed once, with that turn).
-    Returns the number of turns restored."""
+def restore(session, store: Store, cid: str, *, turns: list[StoredTurn] | None = None) -> int:
+    """Rebuild a new session from conversation `cid`'s completed turns: each clip decoded from the
+    bytes it came in, each reply by its generated token ids (or its text, where the user cut it
+    short), so the next turn sees exactly the tokens an uninterrupted session would (its KV cache is
+    computed once, with that turn). `session` is a Session, or a callable giving the session an
+    exchange goes to from its user turn (the Recordings tab's Think turns may have a model of their
+    own). Returns the number of turns restored."""
     from .clip import prepare_clip
 
-    turns, loaded = store.turns(cid), session.engine.loaded
+    turns = store.turns(cid) if turns is None else turns
+    route = session if callable(session) else (lambda _user: session)
     for user, reply in zip(turns[0::2], turns[1::2]):
-        clip = None
+        target = route(user)
+        loaded, clip = target.engine.loaded, None
         if user.audio is not None:
             clip = prepare_clip(store.audio_path(user.audio).read_bytes(), loaded.mel_filters,
                                 max_seconds=loaded.max_audio_s)
-        session.extend("user", user.text, clip, think=user.think)
-        session.extend_reply(list(reply.token_ids or ()), think=user.think)
+        target.extend("user", user.text, clip, think=user.think)
+        if reply.token_ids is None:
+            target.extend("assistant", reply.text)
+        else:
+            target.extend_reply(list(reply.token_ids), think=user.think)
     return len(turns) // 2
+
+
+def open_conversation(store: Store, cid: str, session, *, model: str, kind: str = "cli", owner: str = "",
+                      title: str = "", system: str = "") -> int:
+    """Conversation `cid` of `owner` for `session` (new, as `restore` takes it): created if there is none
+    (with `kind`, `title` and `system`), else restored; every session it routes to gets one `Journal`,
+    so each completed turn is kept. `model` names the checkpoint(s) the replies come from: a conversation
+    held with another cannot go on (its replies' token ids mean nothing to this one). Returns the number
+    of turns it holds. StoreError for a bad id, another owner's conversation, or another model's."""
+    store.touch(_check_id(cid))  # in use now: no prune, here or in another process, takes it
+    conversation = store.get(cid, owner=owner)
+    if conversation is None:
+        try:
+            store.create(kind, id=cid, model=model, owner=owner, title=title, system=system)
+        except StoreError:  # another owner's, or another process created it just now
+            conversation = store.get(cid, owner=owner)
+            if conversation is None:
+                raise StoreError(f"There is no conversation {cid!r} of yours here.") from None
+    if conversation is not None and conversation.turns and conversation.model and conversation.model != model:
+        raise StoreError(f"The conversation {cid!r} was held with {conversation.model}: its replies' token ids "
+                         f"mean something to that model only; resume it with --model {conversation.model}.")
+    turns = 0 if conversation is None else restore(session, store, cid)
+    journal = Journal(store, cid, turns)
+    for target in _sessions(session):
+        target.journal = journal
+    return turns
+
+
+def _sessions(session) -> list:
+    return list(getattr(session, "sessions", lambda: [session])()) if callable(session) else [session]
+
+
+class KeptError(RuntimeError):
+    """A completed turn could not be written to the store: the conversation stops there, so that it
+    never differs from what is kept. The message says so in one sentence."""
+
+
+class Journal:
+    """Where a live session keeps its turns: conversation `cid` of `store`, holding `turns` exchanges.
+
+    The session calls `audio` when a turn is asked (the file is written then, off the engine's
+    thread) and `commit` when the engine has settled the turn; a failed commit breaks the journal,
+    and the session refuses further turns with its sentence (KeptError)."""
+
+    def __init__(self, store: Store, cid: str, turns: int = 0) -> None:
+        self.store, self.cid, self.turns = store, cid, turns
+        self.broken: str | None = None
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        if self.broken is not None:
+            raise KeptError(self.broken)
+
+    def audio(self, source, kept: tuple[bytes, str] | None = None):
+        """A turn's audio → (what the model hears, (bytes, suffix) to keep with `put`). `source` is what `Session.ask`
+        takes: a path or a file's bytes are kept as they are (an integer-PCM WAV as FLAC: the same
+        samples), a float array (16 kHz) as 16-bit FLAC, which the model then hears. A prepared `Clip`
+        needs `kept`, the (bytes, suffix) it was decoded from."""
+        from .audio import SAMPLE_RATE, load_file
+        from .clip import Clip
+
+        if isinstance(source, Clip):
+            if kept is None:
+                raise ValueError("A kept conversation needs the bytes a prepared clip came from.")
+            data, suffix = kept
+        elif isinstance(source, np.ndarray) or isinstance(source, tuple):
+            rate, samples = source if isinstance(source, tuple) else (SAMPLE_RATE, source)
+            data, suffix = flac16(np.asarray(samples), rate), ".flac"
+            source = data
+        elif isinstance(source, (bytes, bytearray, memoryview)):
+            data, suffix = bytes(source), ""
+        else:
+            data, suffix = load_file(source), os.path.splitext(os.fspath(source))[1]
+        data, suffix = _lossless(data, suffix)
+        return (source if isinstance(source, Clip) else data), (data, suffix)
+
+    def put(self, data: bytes, suffix: str) -> str:
+        """Keep a turn's audio file; its key. KeptError if it cannot be written (the turn is not asked)."""
+        try:
+            return self.store.put_audio(data, suffix)
+        except OSError as exc:
+            raise KeptError(f"The turn's audio could not be kept ({exc.strerror or exc}); nothing was asked.") from exc
+
+    def commit(self, text: str, think: bool, audio: str | None, reply) -> None:
+        """Keep a completed exchange (the session's thread settling it); KeptError if it cannot be."""
+        with self._lock:
+            self.check()
+            try:
+                self.store.add_exchange(
+                    self.cid, StoredTurn("user", text, think, audio),
+                    StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
+                               steps=[dataclasses.asdict(s) for s in reply.steps],
+                               timings=dataclasses.asdict(reply.timings), interrupted=reply.interrupted),
+                    at=self.turns)
+            except (StoreError, sqlite3.Error, OSError) as exc:
+                self.broken = (f"The turn could not be kept in the store ({' '.join(str(exc).split())}); the "
+                               "conversation stops here, so that it never differs from what is kept.")
+                raise KeptError(self.broken) from exc
+            self.turns += 1
+
+    def rewrite(self, text: str) -> None:
+        """The last reply is now `text` (cut short where the user spoke over it)."""
+        with self._lock:
+            self.check()
+            try:
+                self.store.rewrite_reply(self.cid, self.turns - 1, text)
+            except (StoreError, sqlite3.Error) as exc:
+                self.broken = f"The cut reply could not be kept in the store ({exc}); the conversation stops here."
+                raise KeptError(self.broken) from exc
+
+
+def flac16(samples: np.ndarray, rate: int) -> bytes:
+    """Audio as 16-bit FLAC bytes: int16 samples as they are, others scaled to [-1, 1] and rounded."""
+    import soundfile
+
+    from .audio import _mono_float32
+
+    if samples.dtype != np.int16:
+        samples = (np.clip(_mono_float32(samples), -1.0, 1.0) * 32767.0).round().astype(np.int16)
+    out = io.BytesIO()
+    soundfile.write(out, samples, rate, format="FLAC", subtype="PCM_16")
+    return out.getvalue()
+
+
+def _lossless(data: bytes, suffix: str) -> tuple[bytes, str]:
+    """An integer-PCM WAV → FLAC of the same samples (about half the bytes); anything else as it is."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return data, suffix
+    import soundfile
+
+    try:
+        info = soundfile.info(io.BytesIO(data))
+        if info.subtype not in ("PCM_16", "PCM_24") or info.channels > 8 or info.samplerate > 655350:
+            return data, suffix
+        samples, rate = soundfile.read(io.BytesIO(data), dtype="int32", always_2d=True)
+        out = io.BytesIO()
+        soundfile.write(out, samples, rate, format="FLAC", subtype=info.subtype)
+        return out.getvalue(), ".flac"
+    except (RuntimeError, soundfile.LibsndfileError, ValueError):
+        return data, suffix

@@ -231,3 +231,64 @@ def test_conversations_unused_for_keep_days_go_with_the_audio_only_they_used(tmp
     assert store.get(old) is None and store.get(new) and store.get(opened)
     left = {p.name for p in (tmp_path / "audio").rglob("*.wav")}
     assert len(left) == 2 and all(store.turns(c)[0].audio in left for c in (new, opened))
+
+
+# ---- a session's journal: turns kept as the session commits them ----
+
+def _journaled(engine, store: Store, cid: str | None = None, **create) -> Session:
+    from afnext.store import open_conversation
+
+    session, owner = Session(engine), create.setdefault("owner", "o")
+    open_conversation(store, cid or store.create("talk", **create), session, model=engine.loaded.name, owner=owner)
+    return session
+
+
+def test_a_journal_keeps_voice_turns_cut_replies_and_abandoned_streams_so_a_restart_goes_on_exactly(engine, tmp_path):
+    """Microphone audio (float) is kept as 16-bit FLAC and heard as kept; a reply the user cut short is
+    kept by the text heard; a stream whose reader left mid-reply is kept as far as the session has it."""
+    from afnext.store import open_conversation
+
+    store = Store(tmp_path)
+    cid = store.create("talk", owner="o")
+    live = _journaled(engine, store, cid, owner="o")
+    voice = noise(2.0, seed=9) * 0.3  # float32 16 kHz, as the endpointer hands an utterance over
+    first = _reply(live, "", voice)
+    assert store.get(cid, owner="o").turns == 1, "kept before its TurnDone was read"
+    kept = store.turns(cid)
+    assert kept[0].audio.endswith(".flac") and kept[1].token_ids == first.token_ids
+    live.rewrite_reply(first.text[: len(first.text) // 2])  # the user spoke over the second half
+    assert store.turns(cid)[1].token_ids is None and store.turns(cid)[1].interrupted
+    stream = live.ask("Tell me more.", options=GenerationOptions(max_new_tokens=40, min_new_tokens=40))
+    next(e for e in stream if not isinstance(e, TurnDone))
+    stream.close()  # the reader goes (a barge-in); the engine settles the turn, as far as it got
+    assert live.wait(10)
+    assert store.get(cid, owner="o").turns == 2 and store.turns(cid)[-1].interrupted
+
+    resumed = Session(engine)
+    assert open_conversation(Store(tmp_path), cid, resumed, model=engine.loaded.name, owner="o") == 2
+    assert resumed.tokens == live.tokens, "the rebuilt conversation holds the very tokens of the live one"
+    assert _reply(resumed, "And now?").token_ids == _reply(live.fork(len(live.messages)), "And now?").token_ids
+    assert store.get(cid, owner="o").turns == 3, "the resumed turn was kept; a fork keeps nothing"
+
+
+def test_an_integer_wav_is_kept_as_flac_of_the_same_samples(tmp_path):
+    from afnext.audio import load_audio
+    from afnext.store import Journal
+
+    wav = tmp_path / "speech.wav"
+    soundfile.write(wav, noise(3.0, seed=2) * 0.5, 44100, subtype="PCM_16")
+    heard, (data, suffix) = Journal(Store(tmp_path / "s"), "x").audio(str(wav))
+    assert suffix == ".flac" and data[:4] == b"fLaC" and len(data) < wav.stat().st_size
+    assert np.array_equal(load_audio(heard), load_audio(str(wav))), "lossless: the model hears the same samples"
+
+
+def test_a_conversation_whose_turn_cannot_be_kept_stops_with_one_sentence(engine, tmp_path):
+    from afnext.store import KeptError
+
+    store = Store(tmp_path)
+    live = _journaled(engine, store)
+    store._db.execute("CREATE TRIGGER full BEFORE INSERT ON turns BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(KeptError, match="could not be kept.*disk full"):
+        _reply(live, "Hello?")
+    with pytest.raises(KeptError, match="stops here"):
+        live.ask("Still there?")
