@@ -31,7 +31,7 @@ from . import check_setup, strict_json
 check_setup()  # before anything imports torch: a missing one is a sentence saying how to get it
 
 from .audio import AudioError
-from .cli import add_model_flags
+from .cli import KEEP_DAYS, add_model_flags, keep_days
 from .engine import Engine
 from .events import ReasoningDelta, TextDelta, TurnDone
 from .model import LICENCE_NOTE, ModelLoadError, load
@@ -150,7 +150,7 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
             store = _open_store(args.store)
             store.touch(args.conversation)  # in use now: the prune below and any elsewhere leave it alone
             store.prune(args.keep_days, keep=args.conversation)
-            turns = open_conversation(store, args.conversation, session, model=engine.loaded.name)
+            turns = open_conversation(store, args.conversation, session, model=engine.loaded.name).turns
         except (StoreError, AudioError, ContextFullError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -263,17 +263,6 @@ def _notice(loaded) -> None:
         log.info("running on CPU: no CUDA GPU is visible to PyTorch")
 
 
-KEEP_DAYS = 30.0  # conversations not used for this long are deleted, with the audio only they used
-
-
-def _days(text: str) -> float:
-    try:
-        days = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
-    if not 0 < days < 1e5:
-        raise argparse.ArgumentTypeError("give a number of days above 0")
-    return days
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -297,13 +286,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="keep this conversation in the store and go on where it was (created if new)")
     chat_p.add_argument("--store", metavar="PATH", default=None,
                         help="the store's folder (default: $AFNEXT_DATA, else ~/.local/share/afnext)")
-    chat_p.add_argument("--keep-days", type=_days, default=KEEP_DAYS,
+    chat_p.add_argument("--keep-days", type=keep_days, default=KEEP_DAYS,
                         help=f"with --conversation: delete the others not used for this many days (default {KEEP_DAYS:g})")
     kept_p = sub.add_parser("conversations", help="list the kept conversations")
     kept_p.add_argument("--store", metavar="PATH", default=None,
                         help="the store's folder (default: $AFNEXT_DATA, else ~/.local/share/afnext)")
     kept_p.add_argument("--json", action="store_true", help="one JSON object per line")
-    kept_p.add_argument("--keep-days", type=_days, default=KEEP_DAYS,
+    kept_p.add_argument("--keep-days", type=keep_days, default=KEEP_DAYS,
                         help=f"delete the conversations not used for this many days first (default {KEEP_DAYS:g})")
     return p
 

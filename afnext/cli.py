@@ -30,6 +30,20 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_default: str = DEF
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
+KEEP_DAYS = 30.0  # conversations not used for this long are deleted, with the audio only they used
+
+
+def keep_days(text: str) -> float:
+    """--keep-days: a number of days above 0 (argparse's type)."""
+    try:
+        days = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of days") from None
+    if not 0 < days < 1e5:
+        raise argparse.ArgumentTypeError("give a number of days above 0")
+    return days
+
+
 def add_tts_flags(parser: argparse.ArgumentParser) -> None:
     """--tts and --tts-model: the voice that speaks the answers."""
     parser.add_argument("--tts", default="espeak", choices=ENGINES,

@@ -181,7 +181,7 @@ class Session:
 
     def ask(self, text: str = "", audio=None, *, think: bool = False,
             options: GenerationOptions = GenerationOptions(), cancel=None,
-            kept: tuple[bytes, str] | None = None) -> Iterator[TurnEvent]:
+            kept: tuple[bytes, str] | str | None = None) -> Iterator[TurnEvent]:
         """Add a user turn (text and/or audio) and stream the reply.
 
         `audio` is a path, bytes, `(sample_rate, array)`, a 16 kHz float32 array, or a `Clip` made
@@ -192,8 +192,9 @@ class Session:
         generator, or setting `cancel` (a threading.Event), stops the reply before the engine's next
         step, and returns at once. Nothing runs on the model until the stream is iterated.
 
-        With a journal, the turn's audio is kept when it is asked (a `Clip` needs `kept`, the bytes and
-        suffix of the file it came from) and the turn when it is done; KeptError if it cannot be.
+        With a journal, the turn's audio is kept when it is asked (a `Clip` needs `kept`: the bytes and
+        suffix of the file it came from, or their key in the journal's store) and the turn when it is
+        done; KeptError if it cannot be.
         """
         t0 = time.perf_counter()
         prompt.check_text(text)
@@ -208,7 +209,7 @@ class Session:
                 audio, keep = self.journal.audio(audio, kept)
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
-        audio_key = None if keep is None else self.journal.put(*keep)
+        audio_key = None if keep is None else self.journal.put(keep)
         self._settled.wait()  # the previous turn's reply is in `messages` before this one is built
         plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key)
         clip_s = clip.duration_s if clip else self._last_clip_s

@@ -42,7 +42,8 @@ DATA_ENV = "AFNEXT_DATA"  # where conversations are kept when no path is given
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, title TEXT NOT NULL DEFAULT '', owner TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL, updated REAL NOT NULL, model TEXT NOT NULL DEFAULT '', system TEXT NOT NULL DEFAULT '');
+    created REAL NOT NULL, updated REAL NOT NULL, model TEXT NOT NULL DEFAULT '', system TEXT NOT NULL DEFAULT '',
+    audio TEXT);
 CREATE TABLE IF NOT EXISTS turns (
     conversation TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
     idx INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, think INTEGER NOT NULL DEFAULT 0,
@@ -53,7 +54,8 @@ CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, update
 """
 MAX_ID_CHARS = 64
 MAX_TITLE_CHARS = 200
-CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, c.system, (SELECT COUNT(*) FROM turns t "
+CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, c.system, c.audio, "
+                 "(SELECT COUNT(*) FROM turns t "
                  "WHERE t.conversation = c.id AND t.role = 'assistant') FROM conversations c ")  # → Conversation
 
 
@@ -75,6 +77,13 @@ class StoredTurn:
     timings: dict = field(default_factory=dict)
     interrupted: bool = False
 
+    @property
+    def answer(self) -> str:
+        """An assistant turn's part meant for the user: its text after the reasoning, if any."""
+        if "</think>" in self.text:
+            return self.text.split("</think>", 1)[1].strip()
+        return "" if self.reasoning else self.text.strip()
+
 
 @dataclass(frozen=True)
 class Conversation:
@@ -86,6 +95,7 @@ class Conversation:
     updated: float
     model: str  # the checkpoint its replies came from: their token ids mean something only to it
     system: str  # its system prompt (instructions), "" for none
+    audio: str | None  # a recording conversation's recording (its key in the store)
     turns: int  # completed exchanges
 
 
@@ -112,9 +122,10 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(conversations)")}
-        for column in ("model", "system"):  # an older store
+        for column, kind in (("model", "TEXT NOT NULL DEFAULT ''"), ("system", "TEXT NOT NULL DEFAULT ''"),
+                             ("audio", "TEXT")):  # an older store
             if column not in columns:
-                self._db.execute(f"ALTER TABLE conversations ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+                self._db.execute(f"ALTER TABLE conversations ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -123,15 +134,17 @@ class Store:
     # ---- conversations ----
 
     def create(self, kind: str, *, owner: str = "", title: str = "", id: str | None = None, model: str = "",
-               system: str = "") -> str:
-        """A new conversation's id (`id` if given: a name the caller chose)."""
-        cid = _check_id(id) if id is not None else uuid.uuid4().hex
+               system: str = "", audio: tuple[bytes, str] | None = None) -> str:
+        """A new conversation's id (`id` if given: a name the caller chose). `audio`: a recording's file
+        (bytes, suffix), kept with it whether or not any turn refers to it."""
+        cid = check_id(id) if id is not None else uuid.uuid4().hex
         now = time.time()
         with self._lock:
+            key = None if audio is None else self._put_audio(*audio)
             try:
-                self._db.execute("INSERT INTO conversations (id, kind, title, owner, created, updated, model, system) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (cid, kind, title[:MAX_TITLE_CHARS], owner, now, now,
-                                                                     model, system))
+                self._db.execute("INSERT INTO conversations (id, kind, title, owner, created, updated, model, system, "
+                                 "audio) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (cid, kind, title[:MAX_TITLE_CHARS], owner, now, now, model, system, key))
             except sqlite3.IntegrityError:
                 raise StoreError(f"A conversation named {cid!r} exists already.") from None
         return cid
@@ -142,6 +155,11 @@ class Store:
             row = self._db.execute(
                 CONVERSATIONS + "WHERE c.id = ? AND c.owner = ?", (cid, owner)).fetchone()
         return Conversation(*row) if row else None
+
+    def set_model(self, cid: str, model: str) -> None:
+        """The checkpoint(s) a conversation without turns will be held with."""
+        with self._lock:
+            self._db.execute("UPDATE conversations SET model = ? WHERE id = ?", (model, cid))
 
     def touch(self, cid: str) -> None:
         """`cid` is in use now: no prune, here or in another process, takes it as unused."""
@@ -172,8 +190,9 @@ class Store:
                 keys = None
             else:
                 keys = [k for (k,) in self._db.execute(
-                    "SELECT DISTINCT t.audio FROM turns t JOIN conversations c ON c.id = t.conversation "
-                    "WHERE c.owner = ? AND t.audio IS NOT NULL", (owner,))]
+                    "SELECT t.audio FROM turns t JOIN conversations c ON c.id = t.conversation "
+                    "WHERE c.owner = ? AND t.audio IS NOT NULL UNION "
+                    "SELECT audio FROM conversations WHERE owner = ? AND audio IS NOT NULL", (owner, owner))]
         if keys is None:
             files = [self.path / "afnext.sqlite3", *(self.path / "audio").glob("*/*")]
         else:
@@ -238,12 +257,14 @@ class Store:
     def delete(self, cid: str, *, owner: str = "") -> bool:
         """Delete `owner`'s conversation `cid` and the audio no other conversation uses; False if none."""
         with self._lock:
-            audio = [a for (a,) in self._db.execute("SELECT DISTINCT audio FROM turns WHERE conversation = ? "
-                                                     "AND audio IS NOT NULL", (cid,))]
+            audio = {a for (a,) in self._db.execute(
+                "SELECT audio FROM turns WHERE conversation = ? AND audio IS NOT NULL UNION "
+                "SELECT audio FROM conversations WHERE id = ? AND owner = ? AND audio IS NOT NULL", (cid, cid, owner))}
             deleted = self._db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).rowcount
             if deleted:
                 for key in audio:
-                    if not self._db.execute("SELECT 1 FROM turns WHERE audio = ? LIMIT 1", (key,)).fetchone():
+                    if not self._db.execute("SELECT 1 FROM turns WHERE audio = ? UNION SELECT 1 FROM conversations "
+                                            "WHERE audio = ? LIMIT 1", (key, key)).fetchone():
                         self._audio_path(key).unlink(missing_ok=True)
         return bool(deleted)
 
@@ -254,7 +275,8 @@ class Store:
         with self._lock:
             gone = self._db.execute("DELETE FROM conversations WHERE updated < ? AND id IS NOT ?",
                                     (cutoff, keep)).rowcount
-            used = {key for (key,) in self._db.execute("SELECT DISTINCT audio FROM turns WHERE audio IS NOT NULL")}
+            used = {key for (key,) in self._db.execute("SELECT audio FROM turns WHERE audio IS NOT NULL UNION "
+                                                       "SELECT audio FROM conversations WHERE audio IS NOT NULL")}
             for path in (self.path / "audio").glob("*/*"):
                 # Not a file touched in the last hour: another process may be about to commit a turn with it.
                 try:
@@ -304,7 +326,7 @@ class Store:
         return self.path / "audio" / key[:2] / key
 
 
-def _check_id(cid: str) -> str:
+def check_id(cid: str) -> str:
     if not cid or len(cid) > MAX_ID_CHARS or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in cid):
         raise StoreError(f"A conversation id is 1-{MAX_ID_CHARS} letters, digits, '-', '_' or '.'.")
     return cid
@@ -336,13 +358,14 @@ def restore(session, store: Store, cid: str, *, turns: list[StoredTurn] | None =
 
 
 def open_conversation(store: Store, cid: str, session, *, model: str, kind: str = "cli", owner: str = "",
-                      title: str = "", system: str = "") -> int:
+                      title: str = "", system: str = "") -> Journal:
     """Conversation `cid` of `owner` for `session` (new, as `restore` takes it): created if there is none
-    (with `kind`, `title` and `system`), else restored; every session it routes to gets one `Journal`,
-    so each completed turn is kept. `model` names the checkpoint(s) the replies come from: a conversation
-    held with another cannot go on (its replies' token ids mean nothing to this one). Returns the number
-    of turns it holds. StoreError for a bad id, another owner's conversation, or another model's."""
-    store.touch(_check_id(cid))  # in use now: no prune, here or in another process, takes it
+    (with `kind`, `title` and `system`), else restored. Returns its `Journal` (`turns`: how many it
+    holds), which a Session given here keeps its turns in already; a router's sessions are the caller's
+    to give it. `model` names the checkpoint(s) the replies come from: a conversation held with another
+    cannot go on (its replies' token ids mean nothing to this one). StoreError for a bad id, another
+    owner's conversation, or another model's."""
+    store.touch(check_id(cid))  # in use now: no prune, here or in another process, takes it
     conversation = store.get(cid, owner=owner)
     if conversation is None:
         try:
@@ -351,18 +374,15 @@ def open_conversation(store: Store, cid: str, session, *, model: str, kind: str 
             conversation = store.get(cid, owner=owner)
             if conversation is None:
                 raise StoreError(f"There is no conversation {cid!r} of yours here.") from None
-    if conversation is not None and conversation.turns and conversation.model and conversation.model != model:
+    if conversation is not None and not conversation.turns and conversation.model != model:
+        store.set_model(cid, model)  # a recording opened before any question: held with this model from now
+    elif conversation is not None and conversation.turns and conversation.model and conversation.model != model:
         raise StoreError(f"The conversation {cid!r} was held with {conversation.model}: its replies' token ids "
                          f"mean something to that model only; resume it with --model {conversation.model}.")
-    turns = 0 if conversation is None else restore(session, store, cid)
-    journal = Journal(store, cid, turns)
-    for target in _sessions(session):
-        target.journal = journal
-    return turns
-
-
-def _sessions(session) -> list:
-    return list(getattr(session, "sessions", lambda: [session])()) if callable(session) else [session]
+    journal = Journal(store, cid, 0 if conversation is None else restore(session, store, cid))
+    if not callable(session):
+        session.journal = journal
+    return journal
 
 
 class KeptError(RuntimeError):
@@ -386,17 +406,19 @@ class Journal:
         if self.broken is not None:
             raise KeptError(self.broken)
 
-    def audio(self, source, kept: tuple[bytes, str] | None = None):
-        """A turn's audio → (what the model hears, (bytes, suffix) to keep with `put`). `source` is what `Session.ask`
+    def audio(self, source, kept: tuple[bytes, str] | str | None = None):
+        """A turn's audio → (what the model hears, what to keep with `put`). `source` is what `Session.ask`
         takes: a path or a file's bytes are kept as they are (an integer-PCM WAV as FLAC: the same
         samples), a float array (16 kHz) as 16-bit FLAC, which the model then hears. A prepared `Clip`
-        needs `kept`, the (bytes, suffix) it was decoded from."""
+        needs `kept`: the (bytes, suffix) it was decoded from, or their key in the store already."""
         from .audio import SAMPLE_RATE, load_file
         from .clip import Clip
 
         if isinstance(source, Clip):
             if kept is None:
                 raise ValueError("A kept conversation needs the bytes a prepared clip came from.")
+            if isinstance(kept, str):
+                return source, kept
             data, suffix = kept
         elif isinstance(source, np.ndarray) or isinstance(source, tuple):
             rate, samples = source if isinstance(source, tuple) else (SAMPLE_RATE, source)
@@ -406,13 +428,19 @@ class Journal:
             data, suffix = bytes(source), ""
         else:
             data, suffix = load_file(source), os.path.splitext(os.fspath(source))[1]
-        data, suffix = _lossless(data, suffix)
+        data, suffix = lossless(data, suffix)
         return (source if isinstance(source, Clip) else data), (data, suffix)
 
-    def put(self, data: bytes, suffix: str) -> str:
-        """Keep a turn's audio file; its key. KeptError if it cannot be written (the turn is not asked)."""
+    def put(self, kept: tuple[bytes, str] | str) -> str:
+        """Keep a turn's audio file (or, given a key, see that it is still kept); its key. KeptError if it
+        cannot be (the turn is then not asked)."""
         try:
-            return self.store.put_audio(data, suffix)
+            if isinstance(kept, str):
+                os.utime(self.store.audio_path(kept))  # fresh again: no prune takes it before the commit
+                return kept
+            return self.store.put_audio(*kept)
+        except StoreError as exc:
+            raise KeptError(f"{exc} The turn was not asked.") from exc
         except OSError as exc:
             raise KeptError(f"The turn's audio could not be kept ({exc.strerror or exc}); nothing was asked.") from exc
 
@@ -457,7 +485,7 @@ def flac16(samples: np.ndarray, rate: int) -> bytes:
     return out.getvalue()
 
 
-def _lossless(data: bytes, suffix: str) -> tuple[bytes, str]:
+def lossless(data: bytes, suffix: str) -> tuple[bytes, str]:
     """An integer-PCM WAV → FLAC of the same samples (about half the bytes); anything else as it is."""
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         return data, suffix

@@ -1,7 +1,7 @@
 """`python -m app`: the web app — talk with the assistant, or ask it about a long recording.
 
     python -m app [--model M] [--think-model M] [--host H] [--port P] [--share] [--api-key K]
-                  [--device auto|cpu|cuda] [--tts espeak|pocket] [--tts-model V]
+                  [--device auto|cpu|cuda] [--tts espeak|pocket] [--tts-model V] [--data DIR] [--keep-days N]
 
 Besides the page it serves an OpenAI-compatible API on the same port: GET /v1/models,
 POST /v1/chat/completions (audio in with input_audio; streamed or whole), and GET /health.
@@ -26,7 +26,7 @@ from afnext import check_setup  # noqa: E402
 
 check_setup()  # before anything imports torch: a missing one is a sentence saying how to get it
 
-from afnext.cli import add_model_flags, add_tts_flags  # noqa: E402
+from afnext.cli import KEEP_DAYS, add_model_flags, add_tts_flags, keep_days  # noqa: E402
 from app.backend import BackendLoader, BackendOptions, start_backend  # noqa: E402
 
 
@@ -42,6 +42,11 @@ def parser() -> argparse.ArgumentParser:
     add_tts_flags(p)
     p.add_argument("--api-key", default=os.environ.get("AFNEXT_API_KEY"),
                    help="require this key (Authorization: Bearer KEY) on the /v1 API; default $AFNEXT_API_KEY")
+    p.add_argument("--data", default=None,
+                   help="the folder conversations and recordings are kept in (default: $AFNEXT_DATA, or "
+                        "~/.local/share/afnext; on a Hugging Face Space its persistent storage, /data)")
+    p.add_argument("--keep-days", type=keep_days, default=KEEP_DAYS,
+                   help=f"delete conversations and recordings unused for this many days (default {KEEP_DAYS:g})")
     p.add_argument("--upload-quota-gb", type=float, default=4.0,
                    help="disk space uploads may take at once (GB); more are refused until some are freed")
     return p
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         launch(loader, host=args.host, port=args.port, share=args.share,
-               upload_quota_bytes=int(args.upload_quota_gb * (1 << 30)), api_key=args.api_key)
+               upload_quota_bytes=int(args.upload_quota_gb * (1 << 30)), api_key=args.api_key, data=args.data,
+               keep_days=args.keep_days)
     except PortBusy as exc:
         _fail(str(exc))
     except OSError as exc:  # an address this machine does not have, a port it may not use

@@ -11,6 +11,10 @@ which sites' pages may open a socket.
   that names its page's Origin. The key alone opens everything else.
 - A socket whose Origin names another site than its Host (and than `AFNEXT_ALLOWED_ORIGINS`) is
   refused unless it holds the key, so other web sites' pages cannot drive a visitor's local server.
+- Whose conversations a client sees (app/history.py): each browser keeps an owner token of its own,
+  made by the page and kept in its localStorage, and sends it as the `X-AFNext-Owner` header (or the
+  subprotocol `afnext-owner.TOKEN` on a socket). The store keeps only a hash of it. With `--api-key`,
+  a client holding the key and no owner token owns the key's conversations. An id never grants access.
 - A server bound to this computer only (127.0.0.1) answers the token route and sockets only for a
   Host that names this computer (or a gradio.live share link, or an allowed site): a web site that
   points its own name at 127.0.0.1 (DNS rebinding) is same-origin with itself, not with us.
@@ -31,6 +35,9 @@ from urllib.parse import urlsplit
 ORIGINS_ENV = "AFNEXT_ALLOWED_ORIGINS"
 KEY_PROTOCOL = "openai-insecure-api-key."  # how OpenAI's browser clients send the key
 PAGE_PROTOCOL = "afnext-page-token."  # how the app's page sends its token
+OWNER_PROTOCOL = "afnext-owner."  # how a socket names whose conversations it may keep and resume
+OWNER_HEADER = "x-afnext-owner"  # how an HTTP request does
+OWNER_CHARS = frozenset("0123456789abcdefABCDEF")  # an owner token: 32-128 hex digits (the page makes 64)
 TOKEN_ROUTE = "/afnext/token"
 TOKEN_TTL_S = 600  # a page token opens sockets for this long (the page fetches one per connection)
 _DEFAULT_PORTS = {"http": (80,), "ws": (80,), "https": (443,), "wss": (443,), "": (80, 443)}
@@ -47,6 +54,7 @@ class Grant:
 
     refusal: str | None = None
     page: bool = False
+    owner: str | None = None  # whose conversations the socket keeps and resumes (None: it keeps none)
 
 
 class Access:
@@ -95,17 +103,46 @@ class Access:
         if not has_key and not origin_allowed(headers, self.allowed):
             return Grant("This socket serves only the pages of its own site; open the app's own page, or send "
                          "the API key.")
+        named = next((p[len(OWNER_PROTOCOL):] for p in offered if p.startswith(OWNER_PROTOCOL)), None)
+        owner = owner_of(named) if named is not None else (key_owner(key) if has_key else None)
+        if named is not None and owner is None:
+            return Grant(OWNER_REFUSAL)
         if self.key is None or has_key:
-            return Grant()
+            return Grant(owner=owner)
         token = next((p[len(PAGE_PROTOCOL):] for p in offered if p.startswith(PAGE_PROTOCOL)), None)
         if token is None:
             return Grant("Missing API key: send it as a Bearer token.")
         if headers.get("origin") is None:
             return Grant("A page token opens sockets for the app's own page only; other clients send the API key.")
-        return Grant(page=True) if self.token_ok(token) else Grant("The page's token has expired; reload the page.")
+        return (Grant(page=True, owner=owner) if self.token_ok(token)
+                else Grant("The page's token has expired; reload the page."))
+
+    def owner(self, headers: Mapping[str, str]) -> str | None:
+        """Whose conversations an HTTP request may see: its owner token's, else the API key's; None: nobody's."""
+        named = headers.get(OWNER_HEADER)
+        if named is not None:
+            return owner_of(named)
+        bearer = headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return key_owner(bearer) if self.key is not None and bearer and self.key_ok(bearer) else None
 
     def _sign(self, expires: int) -> str:
         return hmac.new(self._secret, str(expires).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+OWNER_REFUSAL = "The owner token must be 32 to 128 hexadecimal digits (the page makes its own)."
+
+
+def owner_of(token: str) -> str | None:
+    """The store's name for an owner token's holder (a hash: the store never holds the token), or None
+    for a token that is not 32-128 hex digits."""
+    if not 32 <= len(token) <= 128 or not OWNER_CHARS.issuperset(token):
+        return None
+    return "owner:" + hashlib.sha256(token.lower().encode()).hexdigest()[:40]
+
+
+def key_owner(key: str) -> str:
+    """The store's name for the API key's holder."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
 def _hostname(value: str) -> str | None:

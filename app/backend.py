@@ -102,6 +102,7 @@ class BackendLoader:
 
     def __init__(self, load: Callable[[], Backend], name: str) -> None:
         self.name = name  # what is loading, for the banner
+        self.notices: list[str] = []  # the app's own notices (where history is kept), shown above the model's
         self._backend: Backend | None = None
         self._error: str | None = None
         self._ready = threading.Event()
@@ -126,11 +127,12 @@ class BackendLoader:
         return self._backend
 
     def banner(self) -> str:
+        own = "".join(f"⚠️ {text}\n\n" for text in self.notices)
         if not self.ready:
-            return f"⏳ Loading {self.name}… The page works already; answers start once the model is ready."
+            return f"{own}⏳ Loading {self.name}… The page works already; answers start once the model is ready."
         if self._backend is None:
-            return f"⚠️ The model could not be loaded: {self._error} Restart the app with another --model."
-        return banner(self._backend)
+            return f"{own}⚠️ The model could not be loaded: {self._error} Restart the app with another --model."
+        return own + banner(self._backend)
 
     def _load(self, load: Callable[[], Backend]) -> None:
         try:

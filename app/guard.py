@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 API_PREFIX = "/gradio_api"
 OPENAI_PREFIX = "/v1/"  # app/api.py: rate-limited here, everything else checked there
+HISTORY_PREFIX = "/afnext/conversations"  # app/history.py: the same
 NAMED_CALLS = ("/call/v2/", "/call/", "/run/", "/api/")  # Gradio's routes that pick an event by name
 POST_ROUTES = ("/upload", "/queue/join", "/cancel", "/reset")  # and NAMED_CALLS: what the page and the client send
 OPEN_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # passed through as they are (no handler reads their body)
@@ -158,11 +159,11 @@ class Guard:
             await self.app(scope, receive, send)
             return
         full, address = scope["path"], (scope.get("client") or ("?",))[0]
-        if full.startswith(OPENAI_PREFIX):  # the OpenAI API (app/api.py) checks its own bodies and answers in its shape
+        if full.startswith((OPENAI_PREFIX, HISTORY_PREFIX)):  # app/api.py and app/history.py check their own bodies
             try:
                 self.ledger.spend(address)
             except Refused as refusal:
-                await _answer(send, refusal.status, str(refusal), openai=True)
+                await _answer(send, refusal.status, str(refusal), openai=full.startswith(OPENAI_PREFIX))
                 return
             await self.app(scope, receive, send)
             return

@@ -7,6 +7,12 @@ default) microphone audio streams in and turns end on silence; with `turn_detect
 client commits its audio (or creates a text or audio item) and asks for a response. Speech over a
 reply cancels it at once (`response.done` with status `cancelled`); `conversation.item.truncate`
 then makes the model remember only the part of the reply that was heard.
+
+A socket that names its owner (the page's `afnext-owner.TOKEN` subprotocol, or the API key) keeps its
+conversation in the store, turn by turn; `?conversation=ID` goes on with one of the owner's kept
+conversations (session.created's extra `conversation` field names the socket's conversation and the
+turns it holds). Its session stays live in the server's `Live` registry after the socket closes, so a
+page that reloads goes on without rebuilding it; one the registry let go of is rebuilt from the store.
 """
 
 from __future__ import annotations
@@ -16,18 +22,21 @@ import json
 import logging
 import queue
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from afnext.assistant import Assistant, AssistantOptions, Stamped, UserTurn, VoiceTurnDone
-from afnext.audio import to_mono_16k
+from afnext.audio import AudioError, to_mono_16k
 from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
+from afnext.live import Live
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
+from afnext.store import KeptError, Store, StoreError, check_id, open_conversation
 from afnext.tts import SpeechResampler
 from afnext.vad import EndpointerOptions, SpeechStarted
 
@@ -61,12 +70,28 @@ class _Mute:
         return iter(())
 
 
+@dataclass(frozen=True)
+class Kept:
+    """Where a socket's conversation is kept: conversation `cid` of `owner` in `store`, live in `live`."""
+
+    store: Store
+    live: Live[Session]
+    owner: str
+    cid: str
+    kind: str  # "talk" (the page) or "api"
+    group: str  # the client address, for the registry's fair shares
+    turns: int = 0  # completed turns the conversation held when the socket opened
+    system: str | None = None  # its instructions, when it was kept before
+
+
 class RealtimeLink:
     """One socket's conversation: client events in (any thread, kept in order), server events out."""
 
-    def __init__(self, engine, synthesizer, model: str, send: Callable[[dict], None], page: bool = False) -> None:
+    def __init__(self, engine, synthesizer, model: str, send: Callable[[dict], None], page: bool = False,
+                 kept: Kept | None = None) -> None:
         self.engine, self.synthesizer, self.model, self.send = engine, synthesizer, model, send
         self.page = page  # opened with the page's token: only what the page does (app/access.py)
+        self.kept = kept  # where its turns are kept (None: nowhere)
         self.think = model == "think"  # the Think model reasons first: shown as reasoning_text, never spoken
         self.config = wire.Config.for_model(model)
         self.session: Session | None = None  # made at the first turn, with the instructions then in force
@@ -82,7 +107,10 @@ class RealtimeLink:
         self._closing, self._closed = threading.Lock(), False
         self._feeder = threading.Thread(target=self._feed, name="afnext-realtime-feed", daemon=True)
         self._feeder.start()
-        send(wire.event("session.created", session=self.config.describe(model)))
+        if kept is not None and kept.system is not None:
+            self.config = replace(self.config, instructions=kept.system or None)
+        extra = {} if kept is None else {"conversation": {"id": kept.cid, "turns": kept.turns}}
+        send(wire.event("session.created", session=self.config.describe(model), **extra))
 
     def receive(self, event: dict) -> None:
         """Queue a client event (never blocks). OverflowError when MAX_PENDING_EVENTS already wait."""
@@ -127,7 +155,8 @@ class RealtimeLink:
                           or config.max_output_tokens != self.config.max_output_tokens):
             raise wire.ProtocolError("The page's session takes turn detection settings only; other clients send "
                                      "the API key.", "page_session")
-        if config.instructions != self.config.instructions and self.session is not None:
+        if config.instructions != self.config.instructions and (self.session is not None or (
+                self.kept is not None and self.kept.turns)):
             raise wire.ProtocolError("instructions can only be set before the first turn.")
         if self.assistant is not None and _voice_changed(self.config, config):
             self.assistant.close()  # the next turn starts on an assistant with the new settings
@@ -194,7 +223,10 @@ class RealtimeLink:
         text, messages = heard
         self.session.wait()
         if len(self.session.messages) == messages:  # no turn has begun since: the reply is still the last
-            self.session.rewrite_reply(text)
+            try:
+                self.session.rewrite_reply(text)
+            except KeptError as exc:
+                raise wire.ProtocolError(str(exc), "server_error") from None
         self.send(wire.event("conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=ms))
 
     def _add_user(self, text: str, audio: np.ndarray | None) -> str:
@@ -226,7 +258,7 @@ class RealtimeLink:
     def _assistant(self) -> Assistant:
         if self.assistant is None:
             if self.session is None:
-                self.session = Session(self.engine, system=self.config.instructions or None)
+                self.session = self._open_session()
             options = AssistantOptions(half_duplex=not self.config.interrupt, think=self.think,
                                        answer=self.config.create_response,
                                        generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
@@ -235,6 +267,24 @@ class RealtimeLink:
             self.assistant = Assistant(self.session, voice, options)
             self._out.follow(self.assistant)
         return self.assistant
+
+
+    def _open_session(self) -> Session:
+        """The conversation's session: a new one, or (kept) the live one, or one rebuilt from the store."""
+        kept, system = self.kept, self.config.instructions or None
+        if kept is None:
+            return Session(self.engine, system=system)
+
+        def rebuild() -> Session:
+            session = Session(self.engine, system=system)
+            open_conversation(kept.store, kept.cid, session, model=self.engine.loaded.name, kind=kept.kind,
+                              owner=kept.owner, system=system or "")
+            return session
+        try:
+            return kept.live.open(kept.cid, kept.owner, kept.group, rebuild)
+        except (StoreError, AudioError, ValueError) as exc:
+            raise wire.ProtocolError(f"The conversation could not be opened again: {exc}", "conversation_unavailable") \
+                from None
 
 
 def _voice_changed(old: wire.Config, new: wire.Config) -> bool:
@@ -415,8 +465,10 @@ def _shown(reply: dict, status: str) -> dict:
 class RealtimeServer:
     """The route: checks access, caps the sockets, runs one link per socket."""
 
-    def __init__(self, loader: BackendLoader, access: Access | None = None) -> None:
-        self.loader, self.access = loader, access or Access()
+    def __init__(self, loader: BackendLoader, access: Access | None = None, store: Store | None = None) -> None:
+        self.loader, self.access, self.store = loader, access or Access(), store
+        # Kept conversations' sessions, live past their socket (a reload goes on without a rebuild).
+        self.live: Live[Session] = Live(per_group=MAX_PER_ADDRESS, most=MAX_SESSIONS)
         self._open: dict[str, int] = {}  # client address → open sockets (touched on the event loop only)
         self._links: set[RealtimeLink] = set()
         self._lock = threading.Lock()  # _links: the server's thread shuts them down
@@ -440,6 +492,12 @@ class RealtimeServer:
             refusal = "The page's token opens the instruct model only; other clients send the API key."
         if refusal is None and (sum(self._open.values()) >= MAX_SESSIONS or self._open.get(address, 0) >= MAX_PER_ADDRESS):
             refusal, code = "Too many voice sessions are open; try again later.", 1013
+        kept = None
+        if refusal is None:
+            try:
+                kept = await asyncio.to_thread(self._kept, grant, ws.query_params.get("conversation"), address)
+            except StoreError as exc:
+                refusal = str(exc)
         if refusal is None:
             try:
                 backend = self.loader.wait(0)
@@ -457,13 +515,29 @@ class RealtimeServer:
         self._open[address] = self._open.get(address, 0) + 1
         try:
             await self._serve(ws, backend.think if model == "think" else backend.main, backend.synthesizer, model,
-                              grant.page)
+                              grant.page, kept)
         finally:
             self._open[address] -= 1
             if not self._open[address]:
                 del self._open[address]
 
-    async def _serve(self, ws: WebSocket, engine, synthesizer, model: str, page: bool) -> None:
+    def _kept(self, grant, cid: str | None, address: str) -> Kept | None:
+        """Where the socket's conversation is kept: nowhere without an owner (or a store); a new
+        conversation, or the owner's conversation `cid`. StoreError (one sentence) for a `cid` the
+        owner does not have."""
+        if cid is not None and (grant.owner is None or self.store is None):
+            raise StoreError("Going on with a kept conversation needs an owner token (the page's) or the API key.")
+        if grant.owner is None or self.store is None:
+            return None
+        kind = "talk" if grant.page or grant.owner.startswith("owner:") else "api"
+        if cid is None:
+            return Kept(self.store, self.live, grant.owner, uuid.uuid4().hex, kind, address)
+        found = self.store.get(check_id(cid), owner=grant.owner)
+        if found is None or found.kind not in ("talk", "api"):
+            raise StoreError(f"There is no voice conversation {cid[:64]!r} of yours here.")
+        return Kept(self.store, self.live, grant.owner, cid, found.kind, address, found.turns, found.system)
+
+    async def _serve(self, ws: WebSocket, engine, synthesizer, model: str, page: bool, kept: Kept | None) -> None:
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()
         def send(event: dict) -> None:  # from the link's threads
             try:
@@ -471,7 +545,7 @@ class RealtimeServer:
             except RuntimeError:  # the event loop has closed (the server stopped): nobody is listening
                 pass
 
-        link = await asyncio.to_thread(RealtimeLink, engine, synthesizer, model, send, page)
+        link = await asyncio.to_thread(RealtimeLink, engine, synthesizer, model, send, page, kept)
         sender = asyncio.create_task(_send_all(ws, outbox))
         with self._lock:
             self._links.add(link)

@@ -2,29 +2,35 @@
 steps for the waveform. Gradio-free apart from the message dicts its chatbot takes, so tests call it
 directly.
 
-A `Recording` belongs to one browser session, held by the `Desk` (app/desk.py): its audio, the
-waveform's peaks and one `Session` per engine, so the recording is encoded by the first question on
-that engine and every follow-up prefills only its own tokens.
+A `Recording` is one conversation about one recording: its audio, the waveform's peaks and one
+`Session` per engine, so the recording is encoded by the first question on that engine and every
+follow-up prefills only its own tokens. It is kept in the store from its upload on (`keep`: the
+recording's file, then each question and answer as it completes), held live by the app's `Live`
+registry, and rebuilt from the store (`reopen`) when it is opened again: after a reload, a restart, or
+once the registry has let go of it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import soundfile
 
-from afnext.audio import SAMPLE_RATE, AudioError, load_audio
+from afnext.audio import SAMPLE_RATE, AudioError, load_audio, load_file
 from afnext.clip import Clip, prepare_clip
 from afnext.engine import Engine
 from afnext.events import ReasoningDelta, TextDelta, ThinkStep, TurnDone
 from afnext.sampling import GenerationOptions
 from afnext.session import MAX_TEXT_CHARS, ContextFullError, Session
+from afnext.store import Journal, KeptError, Store, StoredTurn, StoreError, lossless, open_conversation
 
 from .backend import Backend, BackendUnavailable
 
@@ -51,17 +57,46 @@ class Recording:
     answer: str = ""  # the latest answer (what "Speak" says)
     _sessions: dict[int, Session] = field(default_factory=dict, repr=False)  # by engine
     files: tuple[Path, ...] = ()  # files this recording brought (its upload, its WAV copy): deleted with it
+    cid: str | None = None  # its conversation in the store (None: not kept)
+    kept: str | None = None  # its audio's key in the store
+    owner: str = ""
+    journal: Journal | None = field(default=None, repr=False)  # set once its sessions are opened
+    on_close: Callable[[Recording], None] | None = field(default=None, repr=False)
 
     @property
     def duration_s(self) -> float:
         return len(self.audio) / SAMPLE_RATE
 
+    @property
+    def cache_bytes(self) -> int:
+        """The KV caches its sessions hold (what the Live registry counts)."""
+        return sum(s.cache_bytes for s in self._sessions.values())
+
+    def close(self) -> None:
+        """Let go of it (the Live registry did): its files are released."""
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def open_sessions(self, backend: Backend, store: Store | None) -> None:
+        """Before its first question here: the sessions rebuilt from the store, each going on keeping
+        its turns there (Think turns go to the Think model's session when it has its own)."""
+        if self.journal is not None or store is None or self.cid is None:
+            return
+        route = lambda user: self._session(_model_for(backend, user.think)[0])  # noqa: E731
+        self.journal = open_conversation(store, self.cid, route, model=_models(backend), kind="recording",
+                                         owner=self.owner, title=self.name)
+
+    def _session(self, engine: Engine) -> Session:
+        if id(engine) not in self._sessions:
+            self._sessions[id(engine)] = Session(engine, journal=self.journal)
+        return self._sessions[id(engine)]
+
     def session(self, engine: Engine) -> tuple[Session, Clip | None]:
         """The conversation on `engine`, and the clip while that conversation has not heard it (a
         first turn that failed or was cancelled is rolled back, so the next one brings the clip)."""
-        if id(engine) not in self._sessions:
-            self._sessions[id(engine)] = Session(engine)
-        session = self._sessions[id(engine)]
+        session = self._session(engine)
+        if session.journal is None:
+            session.journal = self.journal
         if session.tokens:
             return session, None
         # Features are made when needed, not kept: 30 minutes of them are 90 MB.
@@ -100,13 +135,68 @@ def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
     return np.round(np.stack([lows, highs], axis=1).ravel(), 3).tolist()
 
 
-def ask(recording: Recording, question: str, think: bool, backend: Backend) -> Iterator[str]:
+def keep(recording: Recording, store: Store, owner: str, path: str) -> None:
+    """Keep a newly opened recording in the store, as a conversation of `owner` with no turns yet: its
+    file (an integer WAV as FLAC of the same samples) and its name. Raises KeptError if the disk refuses."""
+    try:
+        data, suffix = lossless(load_file(path), Path(path).suffix)
+        recording.cid = store.create("recording", owner=owner, title=recording.name, audio=(data, suffix))
+    except (OSError, StoreError) as exc:
+        raise KeptError(f"The recording could not be kept ({exc}); it can be asked about, but will not be in "
+                        "your history.") from exc
+    recording.kept, recording.owner = store.get(recording.cid, owner=owner).audio, owner
+
+
+def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | None:
+    """`owner`'s kept recording `cid` as it was left: its audio decoded again from the kept file, its
+    questions, answers and latest Think steps; None if `owner` has no such recording. Its sessions are
+    rebuilt with its next question (`open_sessions`). Raises AudioError or StoreError if its audio is gone."""
+    conversation = store.get(cid, owner=owner)
+    if conversation is None or conversation.kind != "recording" or conversation.audio is None:
+        return None
+    kept = store.audio_path(conversation.audio)
+    # A private name for the page to play it from, deleted with the recording (a link: no copy).
+    served = cache_dir / f"{secrets.token_urlsafe(16)}{kept.suffix}"
+    try:
+        os.link(kept, served)
+    except OSError:  # another file system
+        shutil.copyfile(kept, served)
+    recording = open_recording(str(served), cache_dir, owned=True)
+    recording.name, recording.cid, recording.kept, recording.owner = conversation.title, cid, conversation.audio, owner
+    for user, reply in _exchanges(store.turns(cid)):
+        recording.chat.append({"role": "user", "content": user.text})
+        answer = reply.answer
+        if reply.reasoning:
+            _message(recording, reply.reasoning, {"title": REASONING_TITLE, "status": "done"})
+        _message(recording, answer or "(The model gave no answer after its reasoning.)")
+        recording.answer = answer
+        if user.think:
+            recording.steps = [ThinkStep(s["start"], s.get("end"), s["text"]) for s in reply.steps]
+    return recording
+
+
+def _exchanges(turns: list[StoredTurn]) -> list[tuple[StoredTurn, StoredTurn]]:
+    return list(zip(turns[0::2], turns[1::2]))
+
+
+def _models(backend: Backend) -> str:
+    """The checkpoints a recording's replies come from: their token ids mean something to these only."""
+    main, think = backend.main.loaded.name, backend.think.loaded.name
+    return main if backend.think is backend.main else f"{main} + {think}"
+
+
+def ask(recording: Recording, question: str, think: bool, backend: Backend, store: Store | None = None) -> Iterator[str]:
     """Ask about the recording; streams status lines while `recording.chat`, `.steps` and `.answer`
-    fill in. Raises one of USER_ERRORS, with one sentence, for what the user can fix."""
+    fill in. Raises one of USER_ERRORS, with one sentence, for what the user can fix. With `store`,
+    the question and its answer are kept there before the answer is done."""
     question = _question(question)
     engine, options = _model_for(backend, think)
+    if store is not None:
+        yield "Opening the conversation…" if recording.journal is None and recording.cid else "Reading the question…"
+        recording.open_sessions(backend, store)
     session, clip = recording.session(engine)
-    stream = session.ask(question, clip, think=think, options=options)
+    kept = recording.kept if session.journal is not None and clip is not None else None
+    stream = session.ask(question, clip, think=think, options=options, kept=kept)
     recording.chat.append({"role": "user", "content": question})
     recording.steps = [] if think else recording.steps
     reasoning = answer = None
@@ -186,5 +276,5 @@ class QuestionError(ValueError):
     """A question the app cannot take as sent; the message says what to do."""
 
 
-# What a user can cause, each with its one sentence; anything else is a server fault (logged).
-USER_ERRORS = (AudioError, ContextFullError, QuestionError, BackendUnavailable)
+# What a user can cause (or the disk), each with its one sentence; anything else is a server fault (logged).
+USER_ERRORS = (AudioError, ContextFullError, QuestionError, BackendUnavailable, KeptError, StoreError)

@@ -1,8 +1,10 @@
 """The Gradio 6 page: a Talk tab (OpenAI Realtime over the server's own `/v1/realtime`) and a Recordings
 tab (questions about long recordings, Think steps on our waveform), plus the `ask_recording` API.
 
-Each browser session has its own conversations: the Recordings tab's on the `Desk` by Gradio session,
-the Talk tab's on its own Realtime socket (app/realtime.py). GPU work from the page's events goes
+Each browser has its own conversations, kept in the store (app/history.py) under its owner token
+(app/static/owner.js keeps it in the browser): the Recordings tab's, held live by conversation id in
+a `Live` registry and reopened from the store when needed, and the Talk tab's, on its own Realtime
+socket (app/realtime.py). GPU work from the page's events goes
 through Gradio's queue with a concurrency limit, so a waiting user sees their place in the queue.
 
 Public-server rules (app/guard.py holds the HTTP side): only `ask_recording` is an API endpoint (the
@@ -33,17 +35,21 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 
 from afnext.audio import MAX_FILE_BYTES
+from afnext.cli import KEEP_DAYS
 from afnext.events import AudioChunk
+from afnext.live import Live
 from afnext.session import MAX_TEXT_CHARS
+from afnext.store import Store
 
 from . import realtime, recordings
-from .access import TOKEN_ROUTE, Access
+from .access import TOKEN_ROUTE, Access, owner_of
 from .api import Api
 from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
 from .guard import UPLOAD_QUOTA_BYTES, Guard, GuardOptions
-from .desk import Desk, Files, release_memory
-from .recordings import USER_ERRORS
+from .desk import Files, held_recordings, hold, release_memory
+from .history import HistoryRoutes, listing, open_store, prune_every
+from .recordings import USER_ERRORS, Recording
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,9 @@ CSS = """
 """
 
 
+HEAD = f"<script>{(STATIC / 'owner.js').read_text(encoding='utf-8')}</script>"  # before the page's own scripts
+
+
 def _gpu(fn: Callable) -> Callable:
     """`spaces.GPU` where the `spaces` package is importable (Hugging Face Spaces), else `fn` itself.
 
@@ -78,9 +87,10 @@ def _gpu(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
-def build(loader: BackendLoader, cache_dir: Path) -> tuple[gr.Blocks, Desk]:
-    """The page, and the desk of its open recordings. `cache_dir` holds WAV copies of recordings the
-    browser could not play as uploaded."""
+def build(loader: BackendLoader, cache_dir: Path, store: Store | None = None, live: Live[Recording] | None = None,
+          keep_days: float = KEEP_DAYS) -> "tuple[gr.Blocks, _RecordingsTab]":
+    """The page, and its Recordings tab (which holds the live recordings). `cache_dir` holds the
+    files the page plays recordings from; `store` keeps conversations (None: nothing is kept)."""
     with gr.Blocks(title="AF-Next voice assistant", delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)) as demo:
         gr.Markdown("## AF-Next voice assistant\nTalk with Audio Flamingo Next, or ask it about a recording.")
         notice = gr.Markdown(loader.banner(), elem_id="afn-banner")
@@ -94,30 +104,43 @@ def build(loader: BackendLoader, cache_dir: Path) -> tuple[gr.Blocks, Desk]:
                             "in text and voice, and stops when you speak over it.")
                 gr.HTML(html_template='<div class="afn-talk"></div>', js_on_load=_js("talk.js"), elem_id="afn-talk")
             with gr.Tab("Recordings", id="recordings"):
-                tab = _RecordingsTab(loader, cache_dir)
-                tab.build()
-        _api(loader, tab.desk)
-        demo.unload(tab.closed)
-    return demo, tab.desk
+                tab = _RecordingsTab(loader, cache_dir, store, live, keep_days)
+                tab.build(demo)
+        _api(loader, tab.files)
+    return demo, tab
 
 
 class _RecordingsTab:
-    """The Recordings tab: its components, and handlers that find each browser session's recording."""
+    """The Recordings tab: its components, and handlers that find the browser's open recording by its
+    conversation id and the browser's owner token (both kept by the page, app/static/owner.js)."""
 
-    def __init__(self, loader: BackendLoader, cache_dir: Path) -> None:
-        self.loader, self.cache_dir = loader, cache_dir
-        self.desk = Desk(Files())
+    def __init__(self, loader: BackendLoader, cache_dir: Path, store: Store | None, live: Live[Recording] | None,
+                 keep_days: float = KEEP_DAYS) -> None:
+        self.loader, self.cache_dir, self.store, self.keep_days = loader, cache_dir, store, keep_days
+        self.files = Files()
+        self.live = live if live is not None else held_recordings()
 
-    def build(self) -> None:
+    def build(self, demo: gr.Blocks) -> None:
+        owner = gr.Textbox(visible=False, elem_id="afn-owner")  # the browser's owner token (owner.js)
+        cid = gr.Textbox(visible=False, elem_id="afn-recording-id")  # the open recording's conversation
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 upload = gr.File(label="Drop a recording (audio or video, up to 30 minutes)", type="filepath",
                                  file_types=["audio", "video"], elem_id="afn-upload", height=140)
                 _browser_side_file_types(upload)
-                self.desk.files.keep = upload.keep_in_cache  # Gradio's cache sweep leaves claimed files alone
+                self.files.keep = upload.keep_in_cache  # Gradio's cache sweep leaves claimed files alone
                 with gr.Row():
                     examples = [gr.Button(f"Example: {label}", size="sm") for label in EXAMPLES]
                 status = gr.Markdown("", elem_id="afn-status")
+                with gr.Accordion("Your recordings", open=True, visible=self.store is not None):
+                    history = gr.Dropdown(label="Open one again", choices=[], value=None, elem_id="afn-history",
+                                          interactive=True)
+                    with gr.Row():
+                        title = gr.Textbox(placeholder="A new name for it", show_label=False, scale=3,
+                                           elem_id="afn-title", max_length=200)
+                        rename = gr.Button("Rename", size="sm", scale=1, elem_id="afn-rename")
+                        delete = gr.Button("Delete", size="sm", scale=1, variant="stop", elem_id="afn-delete")
+                    disk = gr.Markdown("", elem_id="afn-disk")
             with gr.Column(scale=2):
                 wave = gr.HTML("", html_template='<div class="afn-wave"></div>', js_on_load=_js("waveform.js"),
                                elem_id="afn-wave")
@@ -130,57 +153,155 @@ class _RecordingsTab:
             speak_button = gr.Button("Speak the answer", scale=1, elem_id="afn-speak")
         spoken = gr.Audio(label="Spoken answer", autoplay=True, interactive=False, elem_id="afn-spoken")
 
-        asked = dict(fn=_gpu(self.ask), inputs=[question, think, wave], outputs=[chat, wave, status, question],
-                     concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY, api_visibility="private")
+        private = dict(api_visibility="private")
+        listed = dict(fn=self.history, inputs=[owner, cid], outputs=[history, disk], queue=False, **private)
+        asked = dict(fn=_gpu(self.ask), inputs=[question, think, wave, cid, owner], outputs=[chat, wave, status, question],
+                     concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY, **private)
         asking = [question.submit(**asked), ask_button.click(**asked)]
-        opened = dict(outputs=[status, wave, chat], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
-                      api_visibility="private")
-        upload.upload(self.open, [upload], **opened)
+        for event in asking:
+            event.then(**listed)
+        opened = dict(outputs=[status, wave, chat, cid], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
+                      **private)
+        upload.upload(self.open, [upload, owner], **opened).then(**listed)
         for button, path in zip(examples, EXAMPLES.values()):
-            button.click(self.example(path), None, **opened)
-        speak_button.click(self.speak, None, [spoken], api_visibility="private")
+            button.click(self.example(path), [owner], **opened).then(**listed)
+        history.input(self.reopen, [history, owner], **opened).then(**listed)
+        rename.click(self.rename, [history, title, owner], [title], **private).then(**listed)
+        delete.click(self.delete, [history, cid, owner], [status, wave, chat, cid], **private).then(**listed)
+        speak_button.click(self.speak, [cid, owner], [spoken], **private)
+        # The page keeps its owner token and its open recording (owner.js): a reload opens it again.
+        cid.change(None, [cid], None, js="(c) => { afnextOwner.remember('recording', c); }", **private)
+        demo.load(None, None, [owner, cid], js="() => [afnextOwner.token(), afnextOwner.recalled('recording')]",
+                  **private).then(self.reopen, [cid, owner], **opened).then(**listed)
+
+    # ---- handlers (each checks the owner: an id alone opens nothing) ----
 
     def example(self, path: Path):
-        def open_example(request: gr.Request):
-            yield from self._open(str(path), request, owned=False)
+        def open_example(owner: str, request: gr.Request):
+            yield from self._open(str(path), owner, request, owned=False)
         return open_example
 
-    def open(self, path: str | None, request: gr.Request):
-        """Upload → status, waveform, empty chat. A generator, so "decoding" shows at once."""
-        yield from self._open(path, request, owned=True)
+    def open(self, path: str | None, owner: str, request: gr.Request):
+        """Upload → status, waveform, empty chat, its conversation id. A generator, so "decoding" shows at once."""
+        yield from self._open(path, owner, request, owned=True)
 
-    def _open(self, path: str | None, request: gr.Request, owned: bool):
+    def _open(self, path: str | None, owner: str, request: gr.Request, owned: bool):
         if not path:
-            self.desk.drop(request.session_hash)
-            yield "", "", []
+            yield "", "", [], ""
             return
         claim = [path] if owned else []  # held while it is read: an identical upload elsewhere may end meanwhile
-        self.desk.files.claim(claim)
+        self.files.claim(claim)
         try:
-            yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip()
+            yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip(), gr.skip()
             try:
                 recording = recordings.open_recording(path, self.cache_dir, owned=owned)
             except USER_ERRORS as exc:
                 log.info("recording refused: %s", exc)
-                self.desk.drop(request.session_hash)  # the page shows no recording now: hold none
                 gr.Warning(str(exc))
-                yield f"⚠️ {exc}", "", []
+                yield f"⚠️ {exc}", "", [], ""
                 return
-            self.desk.put(request.session_hash, _address(request), recording)
+            unkept = self._keep(recording, path, owner)
+            hold(self.live, self.files, _address(request), recording)
         finally:
-            self.desk.files.release(claim)
+            self.files.release(claim)
         yield (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. Ask a question; the "
-               "first one makes the model listen to the whole recording, follow-ups reuse what it heard."), \
-            recording.waveform(), []
+               "first one makes the model listen to the whole recording, follow-ups reuse what it heard." + unkept), \
+            recording.waveform(), [], recording.cid or f"unkept-{id(recording)}"
 
-    def closed(self, request: gr.Request) -> None:
-        """The tab closed: free its recording."""
-        self.desk.drop(request.session_hash)
+    def _keep(self, recording: Recording, path: str, owner: str) -> str:
+        """Keep a new recording in the owner's history; a sentence to add to the status if it is not."""
+        if self.store is None:
+            return ""
+        if _owner(owner) is None:
+            return " ⚠️ This page has no owner token (is JavaScript off?), so the recording is not kept in a history."
+        try:
+            recordings.keep(recording, self.store, _owner(owner), path)
+        except recordings.KeptError as exc:
+            log.warning("%s", exc)
+            return f" ⚠️ {exc}"
+        return ""
 
-    def ask(self, question: str, think: bool, shown: str | None, request: gr.Request):
-        recording = self.desk.get(request.session_hash)
+    def reopen(self, cid: str, owner: str, request: gr.Request):
+        """A recording from the history (or the one this page had open before a reload) → the view."""
+        if not cid:
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return
+        try:
+            recording = self._recording(cid, owner, request)
+        except USER_ERRORS as exc:
+            yield f"⚠️ {exc}", "", [], ""
+            return
+        if recording is None:
+            yield "That recording is no longer in your history.", "", [], ""
+            return
+        turns = sum(m["role"] == "user" for m in recording.chat)
+        yield (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min, {turns} question(s) so "
+               "far. Ask another."), recording.waveform(), recording.chat, cid
+
+    def _recording(self, cid: str, owner: str, request: gr.Request) -> Recording | None:
+        """The live recording `cid` of this owner, reopened from the store if it is not live; None if none."""
+        owned = _owner(owner)
+        recording = self.live.get(cid, owned or "")
+        if recording is not None or self.store is None or owned is None or cid.startswith("unkept-"):
+            return recording
+        def make() -> Recording | None:
+            return recordings.reopen(self.store, cid, owned, self.cache_dir)
+        recording = self.live.get(cid, owned) or make()
+        if recording is not None:
+            hold(self.live, self.files, _address(request), recording)
+        return recording
+
+    def history(self, owner: str, cid: str):
+        """The owner's kept recordings for the list, and the disk they take."""
+        owned = _owner(owner)
+        if self.store is None or owned is None:
+            return gr.update(choices=[], value=None), ""
+        found = listing(self.store, owned, "recording")
+        choices = [(f"{c['title']} · {c['turns']} question(s) · {_when(c['updated'])}", c["id"])
+                   for c in found["conversations"]]
+        value = cid if any(c[1] == cid for c in choices) else None
+        return gr.update(choices=choices, value=value), (
+            f"{len(choices)} recording(s) kept, {_megabytes(found['disk_bytes'])} on disk. Those unused for "
+            f"{self.keep_days:g} days are deleted.")
+
+    def rename(self, cid: str | None, title: str, owner: str):
+        owned = _owner(owner)
+        if self.store is None or owned is None or not cid:
+            gr.Warning("Pick a recording in the list first.")
+            return gr.skip()
+        try:
+            if not self.store.rename(cid, title or "", owner=owned):
+                gr.Warning("That recording is no longer in your history.")
+                return gr.skip()
+        except recordings.StoreError as exc:
+            gr.Warning(str(exc))
+            return gr.skip()
+        held = self.live.get(cid, owned)
+        if held is not None:
+            held.name = " ".join(title.split())
+        return ""
+
+    def delete(self, cid: str | None, current: str, owner: str):
+        owned = _owner(owner)
+        if self.store is None or owned is None or not cid:
+            gr.Warning("Pick a recording in the list first.")
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        if not self.store.delete(cid, owner=owned):
+            gr.Warning("That recording is no longer in your history.")
+        self.live.drop(cid, owned)
+        if cid == current:
+            return "Deleted, with its questions and answers.", "", [], ""
+        return "Deleted, with its questions and answers.", gr.skip(), gr.skip(), gr.skip()
+
+    def ask(self, question: str, think: bool, shown: str | None, cid: str, owner: str, request: gr.Request):
+        recording = None
+        try:
+            recording = self._recording(cid, owner, request) if cid else None
+        except USER_ERRORS as exc:
+            yield gr.skip(), gr.skip(), f"⚠️ {exc}", gr.skip()
+            return
         if recording is None:  # the page's chat stays as it is (gr.skip): nothing of it is lost
-            yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, self.desk.why_gone(request.session_hash))}", gr.skip()
+            yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, self.live.why_gone(cid) if cid else None)}", gr.skip()
             return
         sent, box = question, ""  # the box empties once; what the user types meanwhile is theirs
         try:
@@ -188,7 +309,8 @@ class _RecordingsTab:
                 yield recording.chat, gr.skip(), "Waiting for the model to finish loading…", gr.skip()
             backend = self.loader.wait()
             steps = len(recording.steps)
-            for line in recordings.ask(recording, question, think, backend):
+            store = self.store if recording.cid and not recording.cid.startswith("unkept-") else None
+            for line in recordings.ask(recording, question, think, backend, store):
                 changed, steps = len(recording.steps) != steps, len(recording.steps)  # a Think turn starts afresh
                 yield recording.chat, recording.waveform() if changed else gr.skip(), line, box
                 box = gr.skip()
@@ -201,8 +323,8 @@ class _RecordingsTab:
             yield (recording.chat, gr.skip(), f"⚠️ The server failed on that question ({type(exc).__name__}); the "
                    "conversation is kept, so try again.", sent if box == "" else gr.skip())
 
-    def speak(self, request: gr.Request):
-        recording = self.desk.get(request.session_hash)
+    def speak(self, cid: str, owner: str):
+        recording = self.live.get(cid, _owner(owner) or "") if cid else None
         text = recording.answer.strip() if recording else ""
         if not text:
             gr.Warning("There is no answer to speak yet.")
@@ -219,28 +341,40 @@ class _RecordingsTab:
         return chunks[0].sample_rate, int16(np.concatenate([c.samples for c in chunks]))
 
 
-def _api(loader: BackendLoader, desk: Desk) -> None:
+def _owner(token: str | None) -> str | None:
+    return owner_of(token) if isinstance(token, str) else None
+
+
+def _when(stamp: float) -> str:
+    return time.strftime("%d %b %H:%M", time.localtime(stamp))
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
+
+
+def _api(loader: BackendLoader, files: Files) -> None:
     """`ask_recording(audio, question, think) → answer`: one question about one file, no session kept."""
     with gr.Row(visible=False):
         audio = gr.File(type="filepath", label="audio")
         question, think = gr.Textbox(label="question"), gr.Checkbox(label="think")
         answer = gr.Textbox(label="answer")
         button = gr.Button("ask_recording")
-    button.click(_gpu(partial(_answer_api, loader=loader, desk=desk)), [audio, question, think], answer,
+    button.click(_gpu(partial(_answer_api, loader=loader, files=files)), [audio, question, think], answer,
                  api_name="ask_recording", concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY)
 
 
-def _answer_api(audio: str | None, question: str, think: bool, loader: BackendLoader, desk: Desk) -> str:
+def _answer_api(audio: str | None, question: str, think: bool, loader: BackendLoader, files: Files) -> str:
     # An upload serves one call: deleted after it, unless an open recording uses the same file.
     claim = [audio] if audio and _is_upload(audio) else []
-    desk.files.claim(claim)
+    files.claim(claim)
     try:
         return recordings.answer_once(loader.wait(), audio, question or "", bool(think))
     except USER_ERRORS as exc:
         log.info("ask_recording refused: %s", exc)
         raise gr.Error(str(exc), print_exception=False) from None
     finally:
-        desk.files.release(claim)
+        files.release(claim)
         release_memory()  # its audio and KV cache: up to hundreds of MB for 30 minutes
 
 
@@ -301,31 +435,41 @@ class PortBusy(OSError):
 
 
 def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           block: bool = True, upload_quota_bytes: int = UPLOAD_QUOTA_BYTES, api_key: str | None = None) -> gr.Blocks:
+           block: bool = True, upload_quota_bytes: int = UPLOAD_QUOTA_BYTES, api_key: str | None = None,
+           data: str | None = None, keep_days: float = KEEP_DAYS) -> gr.Blocks:
     """Serve the page, the OpenAI API and Realtime voice socket (/v1, with `api_key` if given) and /health;
-    blocks until Ctrl-C unless `block` is False.
+    conversations are kept in the store in `data` (app/history.py says where by default) for `keep_days`
+    after their last use. Blocks until Ctrl-C unless `block` is False.
     Raises PortBusy when `port` is taken."""
     started = time.perf_counter()
+    store, notice = open_store(data)
+    if notice:
+        loader.notices.append(notice)
+    threading.Thread(target=prune_every, args=(store, keep_days), name="afnext-prune", daemon=True).start()
     workdir = _workdir()
     uploads, cache_dir = workdir / "uploads", workdir / "wav"
     cache_dir.mkdir(parents=True)
     # Gradio reads its upload folder from here when it builds components and routes: ours alone,
     # so no other Gradio app's uploads on this machine count as uploads to this one.
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
-    demo, desk = build(loader, cache_dir)
+    demo, tab = build(loader, cache_dir, store, keep_days=keep_days)
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY, max_size=QUEUE_MAX)
     access = Access(api_key, local=host in ("127.0.0.1", "localhost", "::1"))
     gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
                         quota_bytes=upload_quota_bytes, host_ok=access.host_ok)
-    voice = RealtimeServer(loader, access)
-    threading.Thread(target=desk.sweep_every, name="afnext-desk-sweep", daemon=True).start()
+    voice = RealtimeServer(loader, access, store)
+    threading.Thread(target=tab.live.sweep_every, name="afnext-live-sweep", daemon=True).start()
+    threading.Thread(target=voice.live.sweep_every, name="afnext-live-sweep", daemon=True).start()
+    def drop_live(cid: str, owner: str) -> None:  # a deleted conversation is let go of wherever it is live
+        tab.live.drop(cid, owner)
+        voice.live.drop(cid, owner)
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.
     app_kwargs = {"middleware": [Middleware(Guard, options=gate)],
                   "routes": [Route("/health", _health(loader)), Route(TOKEN_ROUTE, _page_token(access)),
                              WebSocketRoute(realtime.ROUTE, voice.__call__),
-                             *Api(loader, api_key, access).routes()]}
+                             *Api(loader, api_key, access).routes(), *HistoryRoutes(store, access, drop_live).routes()]}
     try:
-        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS,
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS, head=HEAD,
                     max_file_size=MAX_FILE_BYTES, allowed_paths=[str(ASSETS), str(cache_dir)], ssr_mode=False,
                     footer_links=["api", "gradio"], quiet=False, app_kwargs=app_kwargs)
     except OSError as exc:

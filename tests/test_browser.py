@@ -137,21 +137,31 @@ def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, serv
     page.context.close()
 
 
-def test_after_a_restart_the_recordings_tab_says_what_was_lost_and_keeps_the_chat(browser, tmp_path):
-    args = ["-m", "tests.web.server", "--port", str(free_port())]
+def test_a_recording_survives_a_reload_and_a_crash_and_its_conversation_goes_on(browser, tmp_path):
+    """The open recording comes back on a reload; after a SIGKILL and a restart on the same store, the
+    question already answered is there and the next one is answered too."""
+    args = ["-m", "tests.web.server", "--port", str(free_port()), "--data", str(tmp_path / "store")]
     with running(args, tmp_path / "first.log") as (proc, url):
         page, _, errors = _page(browser, url)
         _open_example(page, "Speech (10 s)")
         _ask(page, "What is this recording?", False, 1)
+        page.reload()
+        page.get_by_role("tab", name="Recordings").click()
+        page.locator("#afn-status", has_text="1 question(s) so far").wait_for(timeout=60_000)
+        assert "What is this recording?" in page.locator("#afn-chat").inner_text()
+        assert "speech.wav" in page.locator(f"{WAVE} .name").inner_text()
         proc.send_signal(signal.SIGKILL)  # a crash: nothing is saved on the way out
         proc.wait(10)
     with running(args, tmp_path / "second.log"):
-        page.locator("#afn-question textarea").fill("And who speaks?")
-        page.locator("#afn-ask").click()
-        page.locator("#afn-status", has_text="no longer holds speech.wav").wait_for(timeout=60_000)
-        assert "upload it again" in page.locator("#afn-status").inner_text()
-        assert page.locator('#afn-chat [data-testid="user"]').count() == 1  # the earlier question stays
-        assert page.locator("#afn-question textarea").input_value() == "And who speaks?"  # and the new one too
+        page.reload()
+        page.get_by_role("tab", name="Recordings").click()
+        page.locator("#afn-status", has_text="1 question(s) so far").wait_for(timeout=60_000)
+        _ask(page, "And who speaks?", True, 2)
+        chat = page.locator("#afn-chat").inner_text()
+        assert "What is this recording?" in chat and SCRIPTED_ANSWER in chat
+        assert page.locator(f"{WAVE} li[data-step]").count() == 3, "the Think steps of the new answer"
+        page.locator("#afn-history input").click()
+        page.get_by_role("option", name=re.compile(r"speech\.wav · 2 question")).wait_for(timeout=10_000)
         page.screenshot(path=SHOTS / "recordings-after-restart.png", full_page=True)
     assert not errors, errors
     page.context.close()
@@ -212,6 +222,10 @@ def _count(host: str, selector: str) -> str:
 
 
 def test_two_browsers_see_only_their_own_conversations(browser, server):
+    """Not in the page, not in the history list, not by guessing an id (the other's open recording
+    planted in this browser's storage), not by replaying the other's request with its id."""
+    import httpx
+
     (a, _, _), (b, _, _) = _page(browser, server), _page(browser, server)
     _open_example(a, "Speech (10 s)")
     _open_example(b, "Sounds (13 s)")
@@ -222,6 +236,26 @@ def test_two_browsers_see_only_their_own_conversations(browser, server):
     assert "second browser" in chat_b and "first browser" not in chat_b
     assert "speech.wav" in a.locator(f"{WAVE} .name").inner_text()
     assert "sounds.flac" in b.locator(f"{WAVE} .name").inner_text()
+    owner_a, cid_a = a.evaluate("[afnextOwner.token(), afnextOwner.recalled('recording')]")
+    owner_b = b.evaluate("afnextOwner.token()")
+    assert owner_a != owner_b and cid_a
+    for owner, sees in ((owner_a, True), (owner_b, False)):
+        listed = httpx.get(f"{server}afnext/conversations?kind=recording", headers={"X-AFNext-Owner": owner}).json()
+        assert (cid_a in [c["id"] for c in listed["conversations"]]) is sees
+        one = httpx.get(f"{server}afnext/conversations/{cid_a}", headers={"X-AFNext-Owner": owner})
+        assert one.status_code == (200 if sees else 404)
+        audio = httpx.get(f"{server}afnext/conversations/{cid_a}/audio/recording", headers={"X-AFNext-Owner": owner})
+        assert audio.status_code == (200 if sees else 404)
+    assert httpx.get(f"{server}afnext/conversations/{cid_a}").status_code == 401, "no owner token, nothing"
+    assert httpx.delete(f"{server}afnext/conversations/{cid_a}", headers={"X-AFNext-Owner": owner_b}).status_code == 404
+    b.evaluate(f"afnextOwner.remember('recording', '{cid_a}')")  # b guesses a's id and reloads
+    b.reload()
+    b.get_by_role("tab", name="Recordings").click()
+    b.locator("#afn-status", has_text="no longer in your history").wait_for(timeout=30_000)
+    assert "first browser" not in b.locator("#afn-chat").inner_text()
+    b.locator("#afn-history input").click()
+    b.get_by_role("option", name=re.compile("sounds")).wait_for(timeout=10_000)
+    assert b.get_by_role("option", name=re.compile("speech")).count() == 0
     a.context.close()
     b.context.close()
 

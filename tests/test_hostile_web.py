@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app import recordings
-from app.desk import Desk, Files
+from app.desk import Files, held_recordings, hold
 from app.guard import folder_bytes
 from tests.web.running import ROOT, free_port, health, running
 
@@ -118,6 +118,9 @@ def test_ask_recording_answers_an_upload_then_deletes_it(app_server):
     assert "Traceback" not in log.read_text()  # user errors are one log line each
 
 
+OWNER = "5" * 64  # the owner token a page would send with its events
+
+
 def _page_event(url: str, api_name: str, data: list, session: str) -> dict:
     """Call one of the page's events as the page does (queue, by index); its last message."""
     config = httpx.get(url + "config").json()
@@ -134,7 +137,7 @@ def _page_event(url: str, api_name: str, data: list, session: str) -> dict:
 def test_a_file_that_is_not_audio_gets_a_sentence_and_is_deleted(app_server):
     proc, url, log = app_server
     path = _upload(url, Path(__file__), "notes.md").json()[0]
-    done = _page_event(url, "open", [{"path": path, "meta": FILE_DATA, "orig_name": "notes.md"}], "page-session-01")
+    done = _page_event(url, "open", [{"path": path, "meta": FILE_DATA, "orig_name": "notes.md"}, OWNER], "page-session-01")
     assert "not audio in a known format" in done["output"]["data"][0]
     assert not Path(path).exists()
     assert "Traceback" not in log.read_text()
@@ -224,7 +227,7 @@ def test_the_same_file_twice_in_a_tab_and_in_parallel_calls_stays_readable(app_s
     proc, url, _ = app_server
     for attempt in range(2):  # dropped twice in one tab: the second must not find the first's deletion
         path = _upload(url, ASSETS / "speech.wav").json()[0]
-        done = _page_event(url, "open", [{"path": path, "meta": FILE_DATA, "orig_name": "speech.wav"}], "same-tab-01")
+        done = _page_event(url, "open", [{"path": path, "meta": FILE_DATA, "orig_name": "speech.wav"}, OWNER], "same-tab-01")
         assert "0.2 min" in done["output"]["data"][0], (attempt, done)
     client = Client(url, verbose=False)
     with ThreadPoolExecutor(2) as pool:  # two calls about one file: one upload path, shared
@@ -291,7 +294,7 @@ def test_a_busy_port_gets_a_sentence_naming_the_flag(tmp_path):
     assert f"Port {port}" in proc.stderr and "--port" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# The Recordings desk, without a server.
+# The live recordings, without a server.
 
 def _recording(tmp_path: Path, name: str) -> recordings.Recording:
     path = tmp_path / name
@@ -299,49 +302,66 @@ def _recording(tmp_path: Path, name: str) -> recordings.Recording:
     return recordings.open_recording(str(path), tmp_path, owned=True)
 
 
-def test_the_desk_caps_each_address_and_everyone_deletes_what_it_drops_and_says_why(tmp_path):
-    desk = Desk(per_address=2, most=3)
+def _held(live, files, address: str, recording: recordings.Recording, cid: str) -> None:
+    recording.cid = cid
+    hold(live, files, address, recording)
+
+
+def test_live_recordings_are_capped_per_address_and_in_all_and_their_files_go_with_them(tmp_path):
+    live, files = held_recordings(per_group=2, most=3), Files()
     held = {s: _recording(tmp_path, f"{s}.aiff") for s in "abcde"}  # aiff: a WAV copy is made too
-    files = {s: r.files for s, r in held.items()}
-    assert all(len(f) == 2 for f in files.values())
+    paths = {s: r.files for s, r in held.items()}
+    assert all(len(f) == 2 for f in paths.values())
     for s in "abc":
-        desk.put(s, "10.0.0.1", held[s])
-    assert desk.get("a") is None and desk.get("b") and desk.get("c")  # one address: its oldest went
-    assert not any(p.exists() for p in files["a"]) and "newer recording from your address" in desk.why_gone("a")
-    desk.put("d", "10.0.0.2", held["d"])
-    desk.put("e", "10.0.0.3", held["e"])  # four held in all: the least recently used (b) goes
-    assert len(desk) == 3 and desk.get("b") is None and desk.get("c") is not None
-    assert "server was full" in desk.why_gone("b")
-    desk.drop("c")
-    assert not any(p.exists() for p in files["c"]) and all(p.exists() for p in files["d"])
-    assert desk.why_gone("c") is None  # its tab closed: nobody to tell
+        _held(live, files, "10.0.0.1", held[s], s)
+    assert live.get("a", "") is None and live.get("b", "") and live.get("c", "")  # one address: its oldest went
+    assert not any(p.exists() for p in paths["a"]) and "newer one from your address" in live.why_gone("a")
+    _held(live, files, "10.0.0.2", held["d"], "d")
+    _held(live, files, "10.0.0.3", held["e"], "e")  # four held in all: the least recently used (b) goes
+    assert len(live) == 3 and live.get("b", "") is None and live.get("c", "") is not None
+    assert "server was full" in live.why_gone("b")
+    assert not live.drop("c", "someone else") and live.get("c", "") is not None, "only its owner lets it go"
+    live.drop("c", "")
+    assert not any(p.exists() for p in paths["c"]) and all(p.exists() for p in paths["d"])
+    assert live.why_gone("c") is None  # its owner let go of it: nobody to tell
 
 
-def test_idle_recordings_are_closed_by_the_sweep_whether_or_not_anyone_asks(tmp_path):
-    desk = Desk(idle_s=0.05)
-    desk.put("a", "10.0.0.1", _recording(tmp_path, "a.wav"))
+def test_idle_recordings_are_let_go_by_the_sweep_whether_or_not_anyone_asks(tmp_path):
+    live, files = held_recordings(idle_s=0.05), Files()
+    _held(live, files, "10.0.0.1", _recording(tmp_path, "a.wav"), "a")
     stop = threading.Event()
-    threading.Thread(target=desk.sweep_every, args=(0.02, stop), daemon=True).start()
+    threading.Thread(target=live.sweep_every, args=(0.02, stop), daemon=True).start()
     deadline = time.monotonic() + 10
-    while len(desk) and time.monotonic() < deadline:
+    while len(live) and time.monotonic() < deadline:
         time.sleep(0.01)
     stop.set()
-    assert len(desk) == 0 and "nobody had asked about it" in desk.why_gone("a")
+    assert len(live) == 0 and "nobody had used it" in live.why_gone("a")
 
 
 def test_a_file_in_use_twice_is_deleted_only_after_its_last_user(tmp_path):
     path = tmp_path / "same.wav"
     soundfile.write(path, np.zeros(1600, np.float32), 16000)
     files = Files(keep := set())
-    desk = Desk(files)
-    desk.put("a", "10.0.0.1", recordings.open_recording(str(path), tmp_path, owned=True))
+    live = held_recordings()
+    _held(live, files, "10.0.0.1", recordings.open_recording(str(path), tmp_path, owned=True), "a")
     files.claim([path])  # an API call about the same upload, in flight
-    desk.put("b", "10.0.0.2", recordings.open_recording(str(path), tmp_path, owned=True))
-    desk.drop("a")
-    desk.drop("b")
+    _held(live, files, "10.0.0.2", recordings.open_recording(str(path), tmp_path, owned=True), "b")
+    live.drop("a")
+    live.drop("b")
     assert path.exists() and str(path) in keep  # Gradio's sweep leaves it alone while it is in use
     files.release([path])
     assert not path.exists() and keep == set()
+
+
+def test_an_owner_reaches_a_live_conversation_only_by_its_id_and_their_token():
+    from afnext.live import Live
+
+    live = Live()
+    made = []
+    value = live.open("c1", "alice", "10.0.0.1", lambda: made.append(1) or "state")
+    assert value == "state" and live.open("c1", "alice", "10.0.0.1", lambda: made.append(1) or "other") == "state"
+    assert made == [1], "made once, then found live"
+    assert live.get("c1", "mallory") is None and live.get("c2", "alice") is None
 
 
 def test_a_page_whose_recording_the_server_lost_is_told_why():

@@ -265,7 +265,7 @@ def test_a_journal_keeps_voice_turns_cut_replies_and_abandoned_streams_so_a_rest
     assert store.get(cid, owner="o").turns == 2 and store.turns(cid)[-1].interrupted
 
     resumed = Session(engine)
-    assert open_conversation(Store(tmp_path), cid, resumed, model=engine.loaded.name, owner="o") == 2
+    assert open_conversation(Store(tmp_path), cid, resumed, model=engine.loaded.name, owner="o").turns == 2
     assert resumed.tokens == live.tokens, "the rebuilt conversation holds the very tokens of the live one"
     assert _reply(resumed, "And now?").token_ids == _reply(live.fork(len(live.messages)), "And now?").token_ids
     assert store.get(cid, owner="o").turns == 3, "the resumed turn was kept; a fork keeps nothing"

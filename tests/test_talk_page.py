@@ -46,28 +46,53 @@ def browser():
         b.close()
 
 
-class Page:
-    """talk.js on a stub page, started, its socket's session created and one user turn committed."""
+OWNER = "0123456789abcdef" * 4
+KEPT = {"id": "c1", "kind": "talk", "title": "Voice conversation", "recording": False, "turns": [
+    {"role": "user", "text": "", "audio": True, "reasoning": "", "interrupted": False},
+    {"role": "assistant", "text": "Hello from before.", "audio": False, "reasoning": "", "interrupted": True}]}
 
-    def __init__(self, browser) -> None:
+
+class Page:
+    """talk.js on a stub page, started, its socket's session created and one user turn committed.
+    `kept`: the page had conversation c1 open before a reload (the server's history answers for it)."""
+
+    def __init__(self, browser, kept: bool = False) -> None:
         script = (ROOT / "app/static/talk.js").read_text()
-        html = (f'<!doctype html><div id="host"><div class="afn-talk"></div></div>'
+        owner = (ROOT / "app/static/owner.js").read_text()
+        html = (f'<!doctype html><script>{owner}</script><div id="host"><div class="afn-talk"></div></div>'
                 f'<script>(function (element) {{ {script} }})(document.getElementById("host"));</script>')
         self.context = browser.new_context()
+        self.history: list[tuple[str, str, dict]] = []  # (method, url, headers) the page asked the history
         self.page = page = self.context.new_page()
         self.errors: list[str] = []
         page.on("pageerror", lambda e: self.errors.append(str(e)))
         page.route(f"{ORIGIN}/", lambda r: r.fulfill(body=html, content_type="text/html"))
         page.route(f"{ORIGIN}/health", lambda r: r.fulfill(body='{"status": "ready"}', content_type="application/json"))
         page.route(f"{ORIGIN}/afnext/token", lambda r: r.fulfill(body='{"token": "1-ab"}', content_type="application/json"))
+        page.route(f"{ORIGIN}/afnext/conversations**", self._history)
         page.add_init_script(FAKE_SOCKET)
+        page.add_init_script(f"localStorage.setItem('afnext-owner', '{OWNER}');" +
+                             ("localStorage.setItem('afnext-open-talk', 'c1');" if kept else ""))
         page.goto(f"{ORIGIN}/")
+        if kept:
+            page.locator(f"{TALK} .transcript .answer", has_text="Hello from before.").wait_for()
         page.locator(f"{TALK} .start").click()
         page.wait_for_function("window.sockets.length > 0")
-        assert page.evaluate("window.sockets[0].protocols") == ["realtime", "afnext-page-token.1-ab"]
-        self.deliver({"type": "session.created", "session": {}})
+        assert page.evaluate("window.sockets[0].protocols") == ["realtime", "afnext-page-token.1-ab",
+                                                                f"afnext-owner.{OWNER}"]
+        self.deliver({"type": "session.created", "session": {}, **({"conversation": {"id": "c1", "turns": 1}}
+                                                                    if kept else {})})
         page.wait_for_function("window.sent.some(e => e.type === 'input_audio_buffer.append')")
         self.user_turn()
+
+    def _history(self, route) -> None:
+        request = route.request
+        self.history.append((request.method, request.url, request.headers))
+        if request.url.endswith("/afnext/conversations/c1"):
+            route.fulfill(json=KEPT)
+        else:
+            route.fulfill(json={"conversations": [{"id": "c1", "kind": "talk", "title": "Voice conversation",
+                                                   "turns": 1, "created": 0, "updated": 0}], "disk_bytes": 42_000})
 
     def deliver(self, event: dict) -> None:
         self.page.evaluate("event => window.deliver(event)", event)
@@ -154,4 +179,28 @@ def test_after_the_socket_drops_the_page_is_idle_and_the_next_conversation_start
     assert talk.sent("conversation.item.truncate") == [], "no truncate of the dead conversation's reply"
     assert "new conversation" in talk.page.locator(f"{TALK} .notice").inner_text()
     assert json.dumps(talk.sent("session.update"))  # each socket configured its session
+    talk.close()
+
+
+def test_a_reload_shows_the_open_conversation_and_the_socket_goes_on_with_it(browser):
+    """The page asks the history for the conversation it had open (with its owner token, never
+    another's), shows it, and its socket names it; a dropped socket reconnects to the same one."""
+    talk = Page(browser, kept=True)
+    assert talk.page.evaluate("String(window.sockets[0].url)").endswith("?model=instruct&conversation=c1")
+    assert "interrupted" in talk.page.locator(f"{TALK} .transcript li.assistant").first.get_attribute("class")
+    assert talk.page.locator(f"{TALK} .transcript .replay").count() >= 1, "a kept turn's audio can be replayed"
+    assert all(headers.get("x-afnext-owner") == OWNER for _, _, headers in talk.history)
+    talk.page.locator(f"{TALK} .history summary").click()
+    assert "1 turn" in talk.page.locator(f"{TALK} .history li.open").inner_text()
+    assert "42 kB" in talk.page.locator(f"{TALK} .history .disk").inner_text()
+    talk.page.evaluate("window.drop()")
+    talk.page.locator(f"{TALK} .start").click()
+    talk.page.wait_for_function("window.sockets.length > 1")
+    assert talk.page.evaluate("String(window.sockets[1].url)").endswith("conversation=c1")
+    talk.deliver({"type": "session.created", "session": {}, "conversation": {"id": "c1", "turns": 2}})
+    assert "new conversation" not in talk.page.locator(f"{TALK} .notice").inner_text()
+    talk.page.locator(f"{TALK} .new").click()  # New conversation: the next socket names none
+    talk.page.wait_for_function("window.sockets.length > 2")
+    assert "conversation=" not in talk.page.evaluate("String(window.sockets[2].url)")
+    assert talk.page.evaluate("localStorage.getItem('afnext-open-talk')") in (None, "")
     talk.close()

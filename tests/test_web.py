@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import urllib.request
@@ -125,8 +126,8 @@ def voice(backend):
     conversation is closed after the test (a turn still running when the interpreter exits aborts it)."""
     servers: list[realtime.RealtimeServer] = []
 
-    def make(access: Access | None = None, ip: str = "testclient") -> TestClient:
-        servers.append(realtime.RealtimeServer(BackendLoader.ready_made(backend), access))
+    def make(access: Access | None = None, ip: str = "testclient", store=None) -> TestClient:
+        servers.append(realtime.RealtimeServer(BackendLoader.ready_made(backend), access, store))
         return TestClient(Starlette(routes=[WebSocketRoute(realtime.ROUTE, servers[-1].__call__)]), client=(ip, 50000))
     yield make
     for server in servers:
@@ -350,3 +351,59 @@ def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_
         assert f"No checkpoint folder at {tmp_path / 'missing'}" in log.read_text()
 
 
+
+
+OWNER_A, OWNER_B = "a" * 64, "b" * 64
+
+
+def _text_turn(ws, text: str) -> dict:
+    ws.send_json({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                                "content": [{"type": "input_text", "text": text}]}})
+    ws.send_json({"type": "response.create"})
+    return events_until(ws, "response.done")[-1]
+
+
+def test_a_socket_with_an_owner_keeps_its_conversation_and_goes_on_with_it_after_a_restart(voice, tmp_path):
+    """Each completed turn is in the store; `?conversation=` goes on with it (the live session while the
+    server runs, rebuilt from the store after a restart, with the tokens of an uninterrupted run);
+    another owner, or no owner, cannot open it."""
+    from afnext.store import Store
+
+    store = Store(tmp_path)
+    client = voice(store=store)
+    mine = ["realtime", f"afnext-owner.{OWNER_A}"]
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", subprotocols=mine) as ws:
+        created = ws.receive_json()
+        cid = created["conversation"]["id"]
+        assert created["conversation"]["turns"] == 0
+        ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 6,
+                                                            "audio": {"input": {"turn_detection": None}}}})
+        events_until(ws, "session.updated")
+        first = _text_turn(ws, "Hello there.")
+        assert first["response"]["status"] == "completed"
+        assert [t.text for t in store.turns(cid)][0] == "Hello there."
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")  # as the first server leaves it
+    restarted = voice(store=Store(tmp_path.parent / "copy"))  # a new server: nothing live, all from the store
+    kept = []
+    for server, where in ((client, store), (restarted, Store(tmp_path.parent / "copy"))):
+        with server.websocket_connect(f"{realtime.ROUTE}?model=instruct&conversation={cid}", subprotocols=mine) as ws:
+            assert ws.receive_json()["conversation"] == {"id": cid, "turns": 1}
+            ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 6,
+                                                                "audio": {"input": {"turn_detection": None}}}})
+            events_until(ws, "session.updated")
+            assert _text_turn(ws, "And then?")["response"]["status"] == "completed"
+        kept.append(where.turns(cid))
+    assert [t.text for t in kept[0][0::2]] == ["Hello there.", "And then?"] == [t.text for t in kept[1][0::2]]
+    assert kept[0][3].token_ids == kept[1][3].token_ids, "the live and the rebuilt session answered alike"
+    assert kept[0][3].token_ids, "an empty reply would prove nothing"
+    for protocols, words in ((["realtime", f"afnext-owner.{OWNER_B}"], "no voice conversation"),
+                             (["realtime"], "needs an owner token"),
+                             (["realtime", "afnext-owner.short"], "32 to 128 hexadecimal")):
+        with restarted.websocket_connect(f"{realtime.ROUTE}?model=instruct&conversation={cid}",
+                                         subprotocols=protocols) as ws:
+            assert words in ws.receive_json()["error"]["message"], protocols
+
+
+def _owner_a() -> str:
+    from app.access import owner_of
+    return owner_of(OWNER_A)

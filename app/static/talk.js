@@ -4,6 +4,8 @@
 // audio deltas play gaplessly with Web Audio, and speaking over a reply stops it and tells the
 // server how much was heard (conversation.item.truncate). Lives in a shadow root, out of Gradio's
 // re-rendering. One socket is one conversation: Stop mutes the microphone and keeps it.
+// The server keeps each conversation under this browser's owner token (owner.js); the history list
+// reopens one (the socket asks for ?conversation=ID), and a reload shows and goes on with the open one.
 
 const host = element.querySelector(".afn-talk");
 const root = host.attachShadow({ mode: "open" });
@@ -27,6 +29,13 @@ root.innerHTML = `
   li .who { font-weight: 600; margin-right: .5em; }
   li.interrupted .answer::after { content: " — interrupted"; opacity: .6; font-style: italic; }
   details { opacity: .75; font-size: .92em; }
+  details.history { opacity: 1; margin: .6em 0; }
+  .history ul { list-style: none; padding: 0; margin: .4em 0; max-height: 14em; overflow-y: auto; }
+  .history li { display: flex; gap: .5em; align-items: center; padding: .25em .5em; margin: .15em 0; }
+  .history li.open { background: #f9731622; }
+  .history .title { flex: 1; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+  .history button { padding: .15em .6em; font-size: .9em; }
+  .history .disk { opacity: .7; font-size: .9em; }
 </style>
 <div class="bar">
   <button class="start primary">Start talking</button>
@@ -36,6 +45,7 @@ root.innerHTML = `
   <meter class="level" min="0" max="1" value="0" title="Microphone level"></meter>
   <span class="state" data-state="idle" aria-live="polite">idle</span>
 </div>
+<details class="history"><summary>Your conversations</summary><ul></ul><div class="disk"></div></details>
 <div class="notice" role="alert" hidden></div>
 <div class="latency"></div>
 <ol class="transcript"></ol>`;
@@ -63,6 +73,7 @@ let presses = [];  // finished presses waiting for the server's commit: {audio, 
 let reply = null;  // the response being made: {id, item, row, endWall, firstAudioMs, played: {start, ms}}
 let heard = null;  // the last reply whose audio reached the page: {item, pieces: [[start, seconds]]} (AudioContext time)
 let replySamples = 0, idleTimer = null;
+let conversation = afnextOwner.recalled("talk");  // the server's id of the conversation shown here ("" none yet)
 
 // Resamples the (low-passed) microphone to RATE by linear interpolation and posts blocks of BLOCK_S;
 // t is where the next output sample falls between the previous input sample (0) and this one (1).
@@ -167,8 +178,8 @@ async function connect() {
     if (!wanted()) return;
     const url = new URL("v1/realtime", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
-    url.search = "?model=instruct";
-    attach(new WebSocket(url, ["realtime", `afnext-page-token.${token}`]));
+    url.search = "?model=instruct" + (conversation ? `&conversation=${encodeURIComponent(conversation)}` : "");
+    attach(new WebSocket(url, ["realtime", `afnext-page-token.${token}`, `afnext-owner.${afnextOwner.token()}`]));
   } catch (err) {
     notice(`The server could not be reached (${err && err.message}); press Start to try again.`);
     stopMic();
@@ -258,13 +269,17 @@ function keptBetween(startMs, endMs) {  // the sent audio between two points of 
 
 function onEvent(m) {
   switch (m.type) {
-    case "session.created":
+    case "session.created": {
       configure();
       live = true;
-      if (hadConversation) notice("A new conversation began on the server; the assistant does not remember the earlier one.");
+      const kept = m.conversation;  // absent when the server keeps nothing
+      if (hadConversation && (!kept || kept.id !== conversation))
+        notice("A new conversation began on the server; the assistant does not remember the earlier one.");
       hadConversation = true;
+      if (kept) remember(kept.id);
       setState(stream ? "listening" : "idle");
       break;
+    }
     case "input_audio_buffer.speech_started":
       speech = { start: m.audio_start_ms, end: 0 };
       if (reply || isPlaying()) bargeIn();
@@ -299,7 +314,10 @@ function onEvent(m) {
       onDone(m);
       break;
     case "error":
-      if (m.error && m.error.code !== "response_cancel_not_active") notice(m.error.message, true);
+      if (m.error && m.error.code === "session_refused" && !live && conversation) {
+        remember("");  // the conversation asked for is gone (deleted, or pruned): the next Start begins anew
+        notice(`${m.error.message} Press Start for a new conversation.`, true);
+      } else if (m.error && m.error.code !== "response_cancel_not_active") notice(m.error.message, true);
       break;
   }
 }
@@ -362,6 +380,7 @@ function onAudio(samples) {
 }
 
 function onDone(m) {
+  listSoon();
   if (!reply || reply.id !== m.response.id) return;
   const done = reply; reply = null;
   if (m.response.status === "cancelled" && done.row) done.row.classList.add("interrupted");
@@ -428,6 +447,113 @@ async function replay(samples) {
   play(samples, RATE);
 }
 
+async function replayKept(id, n) {  // a turn of a conversation kept on the server: its audio as kept
+  ctx = ctx || new AudioContext();
+  await ctx.resume();
+  try {
+    const answer = await fetch(historyUrl(`${id}/audio/${n}`), { headers: afnextOwner.headers(), cache: "no-store" });
+    if (!answer.ok) throw new Error((await answer.json().catch(() => ({}))).error || `HTTP ${answer.status}`);
+    const buffer = await ctx.decodeAudioData(await answer.arrayBuffer());
+    flushPlayback();
+    play(buffer.getChannelData(0), buffer.sampleRate);
+  } catch (err) { notice(`That turn's audio could not be played (${err && err.message}).`); }
+}
+
+// ---- the history: this browser's conversations, kept by the server ----
+
+const historyUrl = (rest) => new URL(`afnext/conversations${rest ? "/" + rest : ""}`, location.href);
+let listTimer = null;
+
+function remember(id) {
+  conversation = id || "";
+  afnextOwner.remember("talk", conversation);
+  for (const li of root.querySelectorAll(".history li")) li.classList.toggle("open", li.dataset.id === conversation);
+}
+
+function listSoon() { clearTimeout(listTimer); listTimer = setTimeout(list, 300); }
+
+async function request(rest, init) {  // a history request; its JSON, or an Error with the server's sentence
+  const answer = await fetch(historyUrl(rest), { cache: "no-store", ...init,
+    headers: { ...afnextOwner.headers(), ...(init && init.headers) } });
+  const body = await answer.json().catch(() => ({}));
+  if (!answer.ok) throw new Error(body.error || `HTTP ${answer.status}`);
+  return body;
+}
+
+async function list() {
+  let found;
+  try { found = await request("?kind=talk"); } catch (err) { return; }  // the list is a convenience: talking goes on
+  const ul = $(".history ul");
+  ul.replaceChildren();
+  for (const c of found.conversations) {
+    const li = document.createElement("li");
+    li.dataset.id = c.id;
+    li.classList.toggle("open", c.id === conversation);
+    li.innerHTML = `<span class="title"></span><button class="open">Open</button><button class="rename">Rename</button><button class="delete">Delete</button>`;
+    const when = new Date(c.updated * 1000).toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+    li.querySelector(".title").textContent = `${c.title} · ${c.turns} turn${c.turns === 1 ? "" : "s"} · ${when}`;
+    li.querySelector(".open").addEventListener("click", () => openKept(c.id));
+    li.querySelector(".rename").addEventListener("click", () => rename(c));
+    li.querySelector(".delete").addEventListener("click", () => forget(c));
+    ul.append(li);
+  }
+  const mb = found.disk_bytes / 1e6;
+  $(".history .disk").textContent = `${found.conversations.length} kept, ${mb >= 0.1 ? mb.toFixed(1) + " MB" : Math.round(mb * 1000) + " kB"} of audio on disk.`;
+}
+
+async function show(id) {  // a kept conversation's transcript, as the transcript list
+  const kept = await request(encodeURIComponent(id));
+  $(".transcript").replaceChildren();
+  let n = 0;
+  for (const t of kept.turns) {
+    if (t.role === "user") {
+      const li = row("user", "You:"), turn = n++;
+      li.insertAdjacentHTML("beforeend", `<span class="said"></span>`);
+      li.querySelector(".said").textContent = t.text || (t.audio ? "(speech)" : "");
+      if (t.audio) {
+        li.insertAdjacentHTML("beforeend", ` <button class="replay">▶ replay</button>`);
+        li.querySelector(".replay").addEventListener("click", () => replayKept(id, turn));
+      }
+    } else {
+      const li = row("assistant", "Assistant:");
+      li.insertAdjacentHTML("beforeend", `<details hidden><summary>Reasoning</summary><span class="reasoning"></span></details><span class="answer"></span>`);
+      if (t.reasoning) { li.querySelector("details").hidden = false; li.querySelector(".reasoning").textContent = t.reasoning; }
+      li.querySelector(".answer").textContent = t.text;
+      if (t.interrupted) li.classList.add("interrupted");
+    }
+  }
+}
+
+function endSocket() {  // the current conversation's socket goes; the microphone stays as it is
+  const socket = ws; ws = null; live = false; hadConversation = false;
+  if (socket) socket.close();
+  flushPlayback(); reply = null; heard = null; presses = [];
+}
+
+async function openKept(id) {
+  const wasOn = !!stream;
+  endSocket(); stop();
+  try { await show(id); } catch (err) { notice(err.message); remember(""); listSoon(); return; }
+  remember(id); notice(""); $(".latency").textContent = "";
+  if (wasOn) start();
+}
+
+async function rename(c) {
+  const title = prompt("A new name for this conversation:", c.title);
+  if (title == null) return;
+  try { await request(encodeURIComponent(c.id), { method: "PATCH", body: JSON.stringify({ title }),
+                                                  headers: { "Content-Type": "application/json" } }); }
+  catch (err) { notice(err.message); }
+  list();
+}
+
+async function forget(c) {
+  if (!confirm(`Delete "${c.title}" and its audio? This cannot be undone.`)) return;
+  try { await request(encodeURIComponent(c.id), { method: "DELETE" }); } catch (err) { notice(err.message); }
+  if (c.id === conversation) { endSocket(); stop(); remember(""); $(".transcript").replaceChildren(); }
+  list();
+}
+
 // ---- controls ----
 
 function stopMic() {
@@ -474,9 +600,7 @@ function ptt(down) {
 $(".start").addEventListener("click", () => (stream ? stop() : start()));
 $(".new").addEventListener("click", () => {
   const wasOn = !!stream;
-  const socket = ws; ws = null; live = false; hadConversation = false;
-  if (socket) socket.close();
-  stop(); flushPlayback(); reply = null; heard = null; presses = [];
+  endSocket(); stop(); remember("");
   $(".transcript").replaceChildren(); $(".latency").textContent = ""; notice("");
   if (wasOn) start();
 });
@@ -497,4 +621,6 @@ document.addEventListener("keydown", (e) => {
 });
 document.addEventListener("keyup", (e) => { if (e.code === "Space" && pttButton.classList.contains("held")) ptt(false); });
 if (!window.isSecureContext) notice(micError(null));
+list();
+if (conversation) show(conversation).catch(() => remember(""));  // a reload: the open conversation again
 root.host.dataset.ready = "1";

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import tempfile
 from functools import partial
 
 from afnext.engine import Engine
@@ -26,10 +27,12 @@ def main() -> None:
     p.add_argument("--upload-quota-bytes", type=int, default=UPLOAD_QUOTA_BYTES)
     p.add_argument("--step-delay-s", type=float, default=0.0, help="slow the scripted engine's steps down")
     p.add_argument("--api-key", default=None, help="protect /v1 with this key (the page must do without it)")
+    p.add_argument("--data", default=None, help="the store's folder (default: a new temporary one)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     launch(BackendLoader(partial(backend, args.step_delay_s), "tiny"), host="127.0.0.1", port=args.port,
-           upload_quota_bytes=args.upload_quota_bytes, api_key=args.api_key)
+           upload_quota_bytes=args.upload_quota_bytes, api_key=args.api_key,
+           data=args.data or tempfile.mkdtemp(prefix="afnext-test-store-"))
 
 
 def backend(step_delay_s: float = 0.0) -> Backend:

@@ -1,0 +1,224 @@
+"""What the app keeps across restarts: where its store lives, and the routes a page reads its history by.
+
+Each browser sees its own conversations only (app/access.py: an owner token, sent as the
+`X-AFNext-Owner` header). A conversation of another owner answers exactly as a missing one does: 404.
+
+    GET    /afnext/conversations?kind=talk|recording  → {"conversations": [...], "disk_bytes": N}
+    GET    /afnext/conversations/{id}                 → the conversation and its turns
+    GET    /afnext/conversations/{id}/audio/{n}       → user turn n's audio ("recording": the recording)
+    PATCH  /afnext/conversations/{id}  {"title": …}  → renamed
+    DELETE /afnext/conversations/{id}                 → deleted, with the audio nothing else uses
+
+Where the store lives (`data_folder`): `--data DIR`; else on a Hugging Face Space its persistent
+storage (`/data`) when one is mounted, else a temporary folder, and the page says that history ends
+with the Space's next restart; elsewhere the per-user data folder (afnext.store.default_path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import os
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from afnext import strict_json
+from afnext.store import Store, StoreError, default_path
+
+from .access import OWNER_HEADER, OWNER_REFUSAL, Access
+
+log = logging.getLogger(__name__)
+
+ROUTE = "/afnext/conversations"
+SPACES_DATA = Path("/data")  # where a Space's persistent storage is mounted
+PRUNE_EVERY_S = 6 * 3600.0
+MAX_LISTED = 500  # conversations one listing returns, the most recent first
+MAX_BODY_BYTES = 4096  # a rename
+
+
+def data_folder(given: str | None) -> tuple[Path, str | None]:
+    """Where the app's store lives, and a notice for the page when history will not outlive a restart."""
+    if given:
+        return Path(given).expanduser(), None
+    if os.environ.get("SPACE_ID") and not os.environ.get("AFNEXT_DATA"):  # a Hugging Face Space
+        if SPACES_DATA.is_dir() and os.access(SPACES_DATA, os.W_OK):
+            return SPACES_DATA / "afnext", None
+        return Path(tempfile.mkdtemp(prefix="afnext-history-")), (
+            "This Space has no persistent storage, so conversations and recordings are kept only until it "
+            "restarts; add persistent storage in the Space's settings to keep them.")
+    return default_path(), None
+
+
+def open_store(given: str | None) -> tuple[Store, str | None]:
+    """The app's store, and a notice (also logged) when history is not kept across restarts. A folder
+    that cannot be used is said, and a temporary one serves instead: the app still starts."""
+    folder, notice = data_folder(given)
+    try:
+        store = Store(folder)
+    except (OSError, sqlite3.Error) as exc:
+        fallback = Path(tempfile.mkdtemp(prefix="afnext-history-"))
+        notice = (f"History cannot be kept in {folder} ({exc}), so it is kept in a temporary folder until the app "
+                  "stops; start with --data DIR to choose a writable folder.")
+        store = Store(fallback)
+    if notice:
+        log.warning(notice)
+    log.info("conversations are kept in %s", store.path)
+    return store, notice
+
+
+def prune_every(store: Store, keep_days: float, interval_s: float = PRUNE_EVERY_S,
+                stop: threading.Event | None = None) -> None:
+    """Delete what has not been used for `keep_days`, now and every `interval_s` (a daemon thread)."""
+    stop = stop or threading.Event()
+    while True:
+        try:
+            if gone := store.prune(keep_days):
+                log.info("deleted %d conversation(s) unused for %g days", gone, keep_days)
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("could not prune the store: %s", exc)
+        if stop.wait(interval_s):
+            return
+
+
+def listing(store: Store, owner: str, kind: str | None) -> dict:
+    """`owner`'s conversations (of `kind`) and the disk their audio takes."""
+    shown = [c for c in store.list(owner=owner, kind=kind) if c.turns or c.kind == "recording"][:MAX_LISTED]
+    return {"conversations": [{"id": c.id, "kind": c.kind, "title": c.title or _untitled(c.kind), "turns": c.turns,
+                               "created": c.created, "updated": c.updated} for c in shown],
+            "disk_bytes": store.disk_bytes(owner=owner)}
+
+
+def _untitled(kind: str) -> str:
+    return {"talk": "Voice conversation", "recording": "Recording"}.get(kind, "Conversation")
+
+
+def transcript(store: Store, cid: str, owner: str) -> dict | None:
+    """One conversation, turn by turn, as the page shows it; None if `owner` has none by that id."""
+    conversation = store.get(cid, owner=owner)
+    if conversation is None:
+        return None
+    turns = [{"role": t.role, "text": t.text if t.role == "user" else t.answer, "think": t.think,
+              "audio": t.audio is not None, "reasoning": t.reasoning, "steps": t.steps, "interrupted": t.interrupted,
+              "timings": t.timings} for t in store.turns(cid)]
+    return {"id": cid, "kind": conversation.kind, "title": conversation.title or _untitled(conversation.kind),
+            "created": conversation.created, "updated": conversation.updated,
+            "recording": conversation.audio is not None, "turns": turns}
+
+
+def audio_file(store: Store, cid: str, owner: str, which: str) -> Path | None:
+    """The audio of `owner`'s conversation `cid`: its recording ("recording") or user turn `which`
+    (0-based, counted among user turns); None if there is none."""
+    conversation = store.get(cid, owner=owner)
+    if conversation is None:
+        return None
+    if which == "recording":
+        key = conversation.audio
+    else:
+        users = [t for t in store.turns(cid) if t.role == "user"]
+        key = users[int(which)].audio if which.isascii() and which.isdigit() and int(which) < len(users) else None
+    try:
+        return None if key is None else store.audio_path(key)
+    except StoreError:
+        return None
+
+
+class HistoryRoutes:
+    """The routes above, over one store."""
+
+    def __init__(self, store: Store, access: Access, live_drop: Callable[[str, str], None] | None = None) -> None:
+        self.store, self.access = store, access
+        self.live_drop = live_drop  # let go of a deleted conversation's live state too
+
+    def routes(self) -> list[Route]:
+        return [Route(ROUTE, self._list, methods=["GET"]),
+                Route(ROUTE + "/{cid}", self._one, methods=["GET", "PATCH", "DELETE"]),
+                Route(ROUTE + "/{cid}/audio/{which}", self._audio, methods=["GET"])]
+
+    def _owner(self, request: Request) -> str:
+        owner = self.access.owner(request.headers)
+        if owner is None:
+            raise _Refused(400 if request.headers.get(OWNER_HEADER) is not None else 401,
+                           OWNER_REFUSAL if request.headers.get(OWNER_HEADER) is not None else
+                           "Send your owner token as the X-AFNext-Owner header (the page does).")
+        return owner
+
+    async def _list(self, request: Request) -> Response:
+        async def run():
+            owner = self._owner(request)
+            kind = request.query_params.get("kind")
+            return JSONResponse(await asyncio.to_thread(listing, self.store, owner, kind), headers=_PRIVATE)
+        return await _answering(run)
+
+    async def _one(self, request: Request) -> Response:
+        async def run():
+            owner, cid = self._owner(request), request.path_params["cid"]
+            if request.method == "GET":
+                found = await asyncio.to_thread(transcript, self.store, cid, owner)
+                if found is None:
+                    raise _missing(cid)
+                return JSONResponse(found, headers=_PRIVATE)
+            if request.method == "DELETE":
+                if not await asyncio.to_thread(self.store.delete, cid, owner=owner):
+                    raise _missing(cid)
+                if self.live_drop is not None:
+                    self.live_drop(cid, owner)
+                return JSONResponse({"deleted": cid})
+            body = await request.body()
+            if len(body) > MAX_BODY_BYTES:
+                raise _Refused(413, "A rename is a short JSON object such as {\"title\": \"Monday's meeting\"}.")
+            try:
+                payload = strict_json.loads(body or b"{}")
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                raise _Refused(400, "The request body is not valid JSON.") from None
+            title = payload.get("title") if isinstance(payload, dict) else None
+            if not isinstance(title, str):
+                raise _Refused(400, "Send the new name as {\"title\": \"…\"}.")
+            try:
+                renamed = await asyncio.to_thread(self.store.rename, cid, title, owner=owner)
+            except StoreError as exc:
+                raise _Refused(400, str(exc)) from None
+            if not renamed:
+                raise _missing(cid)
+            return JSONResponse({"id": cid, "title": " ".join(title.split())})
+        return await _answering(run)
+
+    async def _audio(self, request: Request) -> Response:
+        async def run():
+            owner, cid = self._owner(request), request.path_params["cid"]
+            path = await asyncio.to_thread(audio_file, self.store, cid, owner, request.path_params["which"])
+            if path is None:
+                raise _Refused(404, "There is no such audio in your conversations.")
+            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+            return FileResponse(path, media_type=kind, headers=_PRIVATE)
+        return await _answering(run)
+
+
+_PRIVATE = {"Cache-Control": "private, no-store"}
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _missing(cid: str) -> _Refused:
+    return _Refused(404, f"There is no conversation {cid[:64]!r} of yours here.")
+
+
+async def _answering(run) -> Response:
+    try:
+        return await run()
+    except _Refused as refusal:
+        return JSONResponse({"error": str(refusal)}, refusal.status)
+    except (OSError, sqlite3.Error) as exc:
+        log.exception("history request failed")
+        return JSONResponse({"error": f"The history could not be read ({type(exc).__name__}); try again."}, 503)
