@@ -53,7 +53,7 @@ class Live(Generic[T]):
         self.on_release = on_release  # called after values are let go (e.g. to give their memory back)
         self._held: OrderedDict[str, _Held[T]] = OrderedDict()  # least recently used first
         self._gone: OrderedDict[str, str] = OrderedDict()  # id → why it was let go
-        self._opening: dict[str, threading.Lock] = {}
+        self._opening: dict[str, list] = {}  # id → [its lock, how many are at it]
         self._lock = threading.Lock()
 
     def get(self, cid: str, owner: str) -> T | None:
@@ -69,18 +69,21 @@ class Live(Generic[T]):
     def open(self, cid: str, owner: str, group: str, make: Callable[[], T]) -> T:
         """`owner`'s live conversation `cid`, made by `make()` if it is not held: one `make` at a time
         per id, so two tabs reopening one conversation rebuild it once. Raises what `make` raises."""
-        with self._lock:
-            gate = self._opening.setdefault(cid, threading.Lock())
-        with gate:
-            try:
+        with self._lock:  # one gate per id while anyone waits at it
+            gate = self._opening.setdefault(cid, [threading.Lock(), 0])
+            gate[1] += 1
+        try:
+            with gate[0]:
                 value = self.get(cid, owner)
                 if value is None:
                     value = make()
                     self.put(cid, owner, group, value)
                 return value
-            finally:
-                with self._lock:
-                    self._opening.pop(cid, None)
+        finally:
+            with self._lock:
+                gate[1] -= 1
+                if not gate[1]:
+                    del self._opening[cid]
 
     def put(self, cid: str, owner: str, group: str, value: T) -> None:
         """Hold `value` as conversation `cid` (in place of what was held as it), making room."""

@@ -135,8 +135,8 @@ class Session:
         self._settled.wait()
         if not self.messages or self.messages[-1]["role"] != "assistant" or self._reply_at is None:
             raise ValueError("There is no reply to rewrite: the conversation does not end with one.")
-        if self.journal is not None:
-            self.journal.rewrite(text)  # KeptError: the session stays as the store has it
+        prompt.check_text(text)  # before anything changes: bad text leaves the reply as it was
+        prompt.check_control_tokens(self.engine.loaded, text)
         del self.tokens[self._reply_at:]
         self.messages.pop()
         self._marks.pop()
@@ -145,6 +145,8 @@ class Session:
             self._cached = self._reply_at
         self.extend("assistant", text)
         self._reply_at = None
+        if self.journal is not None:  # the session first: bad text changes neither; a failed write stops it
+            self.journal.rewrite(text)
 
     def fork(self, n_messages: int) -> Session:
         """A new session holding this one's first `n_messages`, its KV cache copied up to there (a
@@ -211,7 +213,12 @@ class Session:
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         audio_key = None if keep is None else self.journal.put(keep)
         self._settled.wait()  # the previous turn's reply is in `messages` before this one is built
-        plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key)
+        try:
+            plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key)
+        except BaseException:
+            if audio_key is not None:
+                self.journal.release(audio_key)
+            raise
         clip_s = clip.duration_s if clip else self._last_clip_s
         parser = ThinkParser(started=bool(plan.prefill), clip_duration_s=clip_s, steps_from_answer=think)
         return self._stream(plan, parser, Cancel(cancel))
@@ -226,11 +233,18 @@ class Session:
                      len(self.messages), (text, think), audio_key)
 
     def _stream(self, plan: _Plan, parser: ThinkParser, cancel: Cancel) -> Iterator[TurnEvent]:
-        if cancel.is_set():
+        out: queue.Queue = queue.Queue()
+        try:
+            if cancel.is_set():
+                raise _NotAsked
+            request, plan = self._request_for(plan, cancel, out)
+        except BaseException as exc:  # the turn never reached the engine: its kept audio is let go
+            if self.journal is not None:
+                self.journal.release(plan.audio_key)
+            if not isinstance(exc, _NotAsked):
+                raise
             yield Interrupted("cancelled before the reply started", turn=plan.turn)
             return
-        out: queue.Queue = queue.Queue()
-        request, plan = self._request_for(plan, cancel, out)
         prefill = plan.prefill
         detok, finished = Detokenizer(self.engine.loaded.tokenizer), None
         try:
@@ -312,6 +326,8 @@ class Session:
                         self._keep(plan, item, text)
                 else:
                     self._restore(saved)
+                    if self.journal is not None:
+                        self.journal.release(plan.audio_key)
             finally:  # the reader and the next turn must never wait for ever
                 self._request = None
                 self._settled.set()
@@ -414,6 +430,10 @@ class Detokenizer:
         self._prefix, self._read = self._read, len(self.ids)
         self.text += full[len(seen):]
         return full[len(seen):]
+
+
+class _NotAsked(Exception):
+    """A turn cancelled before it was handed to the engine."""
 
 
 @dataclass(frozen=True)

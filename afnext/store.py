@@ -32,11 +32,15 @@ import os
 import sqlite3
 import threading
 import time
+import logging
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DATA_ENV = "AFNEXT_DATA"  # where conversations are kept when no path is given
 SCHEMA = """
@@ -110,12 +114,16 @@ def default_path() -> Path:
 class Store:
     """A folder holding `afnext.sqlite3` and `audio/`. Thread-safe: one connection, one lock."""
 
-    def __init__(self, path: str | os.PathLike | None = None) -> None:
+    def __init__(self, path: str | os.PathLike | None = None, *, max_bytes: int | None = None) -> None:
         self.path = Path(path).expanduser() if path is not None else default_path()
+        # Audio this store may hold; beyond it the conversations least recently used go first (None: no limit).
+        self.max_bytes = max_bytes
+        self._audio_bytes: int | None = None  # what the audio holds, once measured (a limit needs it)
         (self.path / "audio").mkdir(parents=True, exist_ok=True)
         for stale in (self.path / "audio").glob("*/.*.part"):  # a write a crash cut short
             stale.unlink(missing_ok=True)
         self._lock = threading.Lock()
+        self._in_flight: Counter[str] = Counter()  # audio kept for turns not committed yet: no delete takes it
         self._db = sqlite3.connect(self.path / "afnext.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -257,16 +265,30 @@ class Store:
     def delete(self, cid: str, *, owner: str = "") -> bool:
         """Delete `owner`'s conversation `cid` and the audio no other conversation uses; False if none."""
         with self._lock:
-            audio = {a for (a,) in self._db.execute(
-                "SELECT audio FROM turns WHERE conversation = ? AND audio IS NOT NULL UNION "
-                "SELECT audio FROM conversations WHERE id = ? AND owner = ? AND audio IS NOT NULL", (cid, cid, owner))}
-            deleted = self._db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?", (cid, owner)).rowcount
-            if deleted:
-                for key in audio:
-                    if not self._db.execute("SELECT 1 FROM turns WHERE audio = ? UNION SELECT 1 FROM conversations "
-                                            "WHERE audio = ? LIMIT 1", (key, key)).fetchone():
-                        self._audio_path(key).unlink(missing_ok=True)
+            return self._delete(cid, owner)
+
+    def _delete(self, cid: str, owner: str | None) -> bool:
+        """`delete` with the lock held; `owner` None: whoever owns it."""
+        audio = {a for (a,) in self._db.execute(
+            "SELECT audio FROM turns WHERE conversation = ? AND audio IS NOT NULL UNION SELECT audio FROM "
+            "conversations WHERE id = ? AND (? IS NULL OR owner = ?) AND audio IS NOT NULL", (cid, cid, owner, owner))}
+        deleted = self._db.execute("DELETE FROM conversations WHERE id = ? AND (? IS NULL OR owner = ?)",
+                                   (cid, owner, owner)).rowcount
+        if deleted:
+            for key in audio - set(self._in_flight):
+                if not self._db.execute("SELECT 1 FROM turns WHERE audio = ? UNION SELECT 1 FROM conversations "
+                                        "WHERE audio = ? LIMIT 1", (key, key)).fetchone():
+                    self._unlink(self._audio_path(key))
         return bool(deleted)
+
+    def _unlink(self, path: Path) -> None:
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return
+        if self._audio_bytes is not None:
+            self._audio_bytes -= size
 
     def prune(self, keep_days: float, *, keep: str | None = None) -> int:
         """Delete the conversations not updated for `keep_days` (but `keep`, the one being opened),
@@ -280,8 +302,9 @@ class Store:
             for path in (self.path / "audio").glob("*/*"):
                 # Not a file touched in the last hour: another process may be about to commit a turn with it.
                 try:
-                    if not path.name.startswith(".") and path.name not in used and path.stat().st_mtime < time.time() - 3600:
-                        path.unlink(missing_ok=True)
+                    if (not path.name.startswith(".") and path.name not in used and path.name not in self._in_flight
+                            and path.stat().st_mtime < time.time() - 3600):
+                        self._unlink(path)
                 except FileNotFoundError:  # another process's prune took it first
                     continue
         return gone
@@ -301,6 +324,7 @@ class Store:
         try:
             os.utime(path)  # kept already: fresh again, so no `prune` elsewhere takes it before our commit
         except FileNotFoundError:
+            self._make_room(len(data))
             path.parent.mkdir(exist_ok=True)
             part = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
             try:
@@ -311,7 +335,43 @@ class Store:
                 os.replace(part, path)
             finally:
                 part.unlink(missing_ok=True)  # a write that failed (a full disk) leaves nothing behind
+            if self._audio_bytes is not None:
+                self._audio_bytes += len(data)
         return key
+
+    def _make_room(self, size: int) -> None:
+        """Within `max_bytes` of audio, room for `size` more (lock held): the conversations least recently
+        used go first, never one used in the last hour (it may be in use), nor audio a turn is about to
+        commit with. StoreError if that is not enough."""
+        if self.max_bytes is None:
+            return
+        if self._audio_bytes is None:
+            self._audio_bytes = sum(p.stat().st_size for p in (self.path / "audio").glob("*/*"))
+        if self._audio_bytes + size <= self.max_bytes:
+            return
+        old = [cid for (cid,) in self._db.execute("SELECT id FROM conversations WHERE updated < ? ORDER BY updated",
+                                                  (time.time() - 3600,))]
+        for cid in old:
+            self._delete(cid, None)
+            log.info("the store is full: deleted conversation %s, the one unused longest", cid)
+            if self._audio_bytes + size <= self.max_bytes:
+                return
+        raise StoreError(f"The history is full ({self.max_bytes / 1e9:.1f} GB, all of it used in the last hour), so "
+                         "this is not kept; try again later, or give the store more room.")
+
+    def hold_audio(self, key: str) -> None:
+        """`key` is kept for a turn that will commit soon: no `delete` or `prune` of this store takes it
+        meanwhile (in another process, `prune` leaves files touched in the last hour alone)."""
+        with self._lock:
+            self.audio_path(key)  # StoreError if it is gone already
+            self._in_flight[key] += 1
+
+    def release_audio(self, key: str) -> None:
+        """The turn holding `key` committed (its row refers to it now) or never happened."""
+        with self._lock:
+            self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
 
     def audio_path(self, key: str) -> Path:
         """Where the audio of `key` is; StoreError if it is not kept."""
@@ -365,8 +425,7 @@ def open_conversation(store: Store, cid: str, session, *, model: str, kind: str 
     to give it. `model` names the checkpoint(s) the replies come from: a conversation held with another
     cannot go on (its replies' token ids mean nothing to this one). StoreError for a bad id, another
     owner's conversation, or another model's."""
-    store.touch(check_id(cid))  # in use now: no prune, here or in another process, takes it
-    conversation = store.get(cid, owner=owner)
+    conversation = store.get(check_id(cid), owner=owner)
     if conversation is None:
         try:
             store.create(kind, id=cid, model=model, owner=owner, title=title, system=system)
@@ -374,6 +433,8 @@ def open_conversation(store: Store, cid: str, session, *, model: str, kind: str 
             conversation = store.get(cid, owner=owner)
             if conversation is None:
                 raise StoreError(f"There is no conversation {cid!r} of yours here.") from None
+    if conversation is not None:
+        store.touch(cid)  # in use now: no prune, here or in another process, takes it
     if conversation is not None and not conversation.turns and conversation.model != model:
         store.set_model(cid, model)  # a recording opened before any question: held with this model from now
     elif conversation is not None and conversation.turns and conversation.model and conversation.model != model:
@@ -436,16 +497,30 @@ class Journal:
         cannot be (the turn is then not asked)."""
         try:
             if isinstance(kept, str):
-                os.utime(self.store.audio_path(kept))  # fresh again: no prune takes it before the commit
-                return kept
-            return self.store.put_audio(*kept)
+                os.utime(self.store.audio_path(kept))  # fresh again: no prune elsewhere takes it before the commit
+                key = kept
+            else:
+                key = self.store.put_audio(*kept)
+            self.store.hold_audio(key)  # until the turn commits or is dropped (`release`)
+            return key
         except StoreError as exc:
             raise KeptError(f"{exc} The turn was not asked.") from exc
         except OSError as exc:
             raise KeptError(f"The turn's audio could not be kept ({exc.strerror or exc}); nothing was asked.") from exc
 
+    def release(self, audio: str | None) -> None:
+        """A turn that held `audio` (from `put`) will not be committed: it never began, or failed."""
+        if audio is not None:
+            self.store.release_audio(audio)
+
     def commit(self, text: str, think: bool, audio: str | None, reply) -> None:
         """Keep a completed exchange (the session's thread settling it); KeptError if it cannot be."""
+        try:
+            self._commit(text, think, audio, reply)
+        finally:
+            self.release(audio)
+
+    def _commit(self, text: str, think: bool, audio: str | None, reply) -> None:
         with self._lock:
             self.check()
             try:

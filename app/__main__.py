@@ -28,6 +28,7 @@ check_setup()  # before anything imports torch: a missing one is a sentence sayi
 
 from afnext.cli import KEEP_DAYS, add_model_flags, add_tts_flags, keep_days  # noqa: E402
 from app.backend import BackendLoader, BackendOptions, start_backend  # noqa: E402
+from app.history import MAX_HISTORY_GB  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
                         "~/.local/share/afnext; on a Hugging Face Space its persistent storage, /data)")
     p.add_argument("--keep-days", type=keep_days, default=KEEP_DAYS,
                    help=f"delete conversations and recordings unused for this many days (default {KEEP_DAYS:g})")
+    p.add_argument("--max-history-gb", type=float, default=MAX_HISTORY_GB,
+                   help=f"audio the history may hold (default {MAX_HISTORY_GB:g} GB); beyond it the conversations "
+                        "least recently used are deleted first")
     p.add_argument("--upload-quota-gb", type=float, default=4.0,
                    help="disk space uploads may take at once (GB); more are refused until some are freed")
     return p
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch(loader, host=args.host, port=args.port, share=args.share,
                upload_quota_bytes=int(args.upload_quota_gb * (1 << 30)), api_key=args.api_key, data=args.data,
-               keep_days=args.keep_days)
+               keep_days=args.keep_days, max_history_gb=args.max_history_gb)
     except PortBusy as exc:
         _fail(str(exc))
     except OSError as exc:  # an address this machine does not have, a port it may not use

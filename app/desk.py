@@ -58,16 +58,26 @@ class Files:
             return self._uses[str(path)] > 0
 
 
-def hold(live: Live[Recording], files: Files, address: str, recording: Recording) -> None:
-    """Hold `recording` live as its conversation (claiming its files, released when it is let go)."""
+def claimed(files: Files, recording: Recording) -> Recording:
+    """`recording` with its files claimed, released when the Live registry lets go of it."""
     files.claim(recording.files)
     recording.on_close = lambda r: files.release(r.files)
-    live.put(recording.cid or f"unkept-{id(recording)}", recording.owner, address, recording)
+    return recording
 
 
-def held_recordings(**limits) -> Live[Recording]:
-    """The registry of live recordings: freed memory goes back to the system as they are let go."""
-    return Live(on_release=release_memory, **limits)
+def hold(live: Live, files: Files, address: str, recording: Recording) -> None:
+    """Hold `recording` live as its conversation `recording.cid` of `recording.owner`."""
+    live.put(recording.cid, recording.owner, address, claimed(files, recording))
+
+
+LIVE_PER_ADDRESS = 8  # conversations one client address holds live: a few tabs' recordings and voice chats
+LIVE_MOST = 64  # conversations live in all (app/realtime.py allows as many voice sockets at once)
+
+
+def live_conversations(**limits) -> Live:
+    """The app's one registry of live conversations, recordings and voice chats alike, under one memory
+    budget; freed memory goes back to the system as they are let go."""
+    return Live(on_release=release_memory, **{"per_group": LIVE_PER_ADDRESS, "most": LIVE_MOST, **limits})
 
 
 def release_memory() -> None:

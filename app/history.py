@@ -57,17 +57,22 @@ def data_folder(given: str | None) -> tuple[Path, str | None]:
     return default_path(), None
 
 
-def open_store(given: str | None) -> tuple[Store, str | None]:
-    """The app's store, and a notice (also logged) when history is not kept across restarts. A folder
-    that cannot be used is said, and a temporary one serves instead: the app still starts."""
+MAX_HISTORY_GB = 10.0  # audio the app's store holds; beyond it the conversations least recently used go first
+
+
+def open_store(given: str | None, max_gb: float = MAX_HISTORY_GB) -> tuple[Store, str | None]:
+    """The app's store (holding at most `max_gb` of audio), and a notice (also logged) when history is
+    not kept across restarts. A folder that cannot be used is said, and a temporary one serves
+    instead: the app still starts."""
     folder, notice = data_folder(given)
+    limit = int(max_gb * 1e9)
     try:
-        store = Store(folder)
+        store = Store(folder, max_bytes=limit)
     except (OSError, sqlite3.Error) as exc:
         fallback = Path(tempfile.mkdtemp(prefix="afnext-history-"))
         notice = (f"History cannot be kept in {folder} ({exc}), so it is kept in a temporary folder until the app "
                   "stops; start with --data DIR to choose a writable folder.")
-        store = Store(fallback)
+        store = Store(fallback, max_bytes=limit)
     if notice:
         log.warning(notice)
     log.info("conversations are kept in %s", store.path)
@@ -123,7 +128,8 @@ def audio_file(store: Store, cid: str, owner: str, which: str) -> Path | None:
         key = conversation.audio
     else:
         users = [t for t in store.turns(cid) if t.role == "user"]
-        key = users[int(which)].audio if which.isascii() and which.isdigit() and int(which) < len(users) else None
+        n = int(which) if which.isascii() and which.isdigit() and len(which) <= 9 else len(users)
+        key = users[n].audio if n < len(users) else None
     try:
         return None if key is None else store.audio_path(key)
     except StoreError:
@@ -171,9 +177,11 @@ class HistoryRoutes:
                 if self.live_drop is not None:
                     self.live_drop(cid, owner)
                 return JSONResponse({"deleted": cid})
-            body = await request.body()
-            if len(body) > MAX_BODY_BYTES:
-                raise _Refused(413, "A rename is a short JSON object such as {\"title\": \"Monday's meeting\"}.")
+            body = b""
+            async for chunk in request.stream():  # read no further than a rename can be
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    raise _Refused(413, "A rename is a short JSON object such as {\"title\": \"Monday's meeting\"}.")
             try:
                 payload = strict_json.loads(body or b"{}")
             except (ValueError, UnicodeDecodeError, RecursionError):

@@ -75,7 +75,7 @@ class Kept:
     """Where a socket's conversation is kept: conversation `cid` of `owner` in `store`, live in `live`."""
 
     store: Store
-    live: Live[Session]
+    live: Live  # live conversations by id (the app's one registry)
     owner: str
     cid: str
     kind: str  # "talk" (the page) or "api"
@@ -281,7 +281,13 @@ class RealtimeLink:
                               owner=kept.owner, system=system or "")
             return session
         try:
-            return kept.live.open(kept.cid, kept.owner, kept.group, rebuild)
+            session = kept.live.open(kept.cid, kept.owner, kept.group, rebuild)
+            if not isinstance(session, Session):  # the id of a recording the owner has open elsewhere
+                raise StoreError("that id names a recording, not a voice conversation.")
+            if session.journal is not None and session.journal.broken:  # it differs from the store: start
+                kept.live.drop(kept.cid, kept.owner)                    # again from what the store holds
+                session = kept.live.open(kept.cid, kept.owner, kept.group, rebuild)
+            return session
         except (StoreError, AudioError, ValueError) as exc:
             raise wire.ProtocolError(f"The conversation could not be opened again: {exc}", "conversation_unavailable") \
                 from None
@@ -465,10 +471,12 @@ def _shown(reply: dict, status: str) -> dict:
 class RealtimeServer:
     """The route: checks access, caps the sockets, runs one link per socket."""
 
-    def __init__(self, loader: BackendLoader, access: Access | None = None, store: Store | None = None) -> None:
+    def __init__(self, loader: BackendLoader, access: Access | None = None, store: Store | None = None,
+                 live: Live | None = None) -> None:
         self.loader, self.access, self.store = loader, access or Access(), store
-        # Kept conversations' sessions, live past their socket (a reload goes on without a rebuild).
-        self.live: Live[Session] = Live(per_group=MAX_PER_ADDRESS, most=MAX_SESSIONS)
+        # Kept conversations' sessions, live past their socket (a reload goes on without a rebuild); the
+        # app shares one registry between its tabs.
+        self.live = live if live is not None else Live(per_group=MAX_PER_ADDRESS, most=MAX_SESSIONS)
         self._open: dict[str, int] = {}  # client address → open sockets (touched on the event loop only)
         self._links: set[RealtimeLink] = set()
         self._lock = threading.Lock()  # _links: the server's thread shuts them down

@@ -57,8 +57,8 @@ class Recording:
     answer: str = ""  # the latest answer (what "Speak" says)
     _sessions: dict[int, Session] = field(default_factory=dict, repr=False)  # by engine
     files: tuple[Path, ...] = ()  # files this recording brought (its upload, its WAV copy): deleted with it
-    cid: str | None = None  # its conversation in the store (None: not kept)
-    kept: str | None = None  # its audio's key in the store
+    cid: str | None = None  # its conversation's id (in the store, unless `kept` is None)
+    kept: str | None = None  # its audio's key in the store (None: not kept)
     owner: str = ""
     journal: Journal | None = field(default=None, repr=False)  # set once its sessions are opened
     on_close: Callable[[Recording], None] | None = field(default=None, repr=False)
@@ -80,7 +80,7 @@ class Recording:
     def open_sessions(self, backend: Backend, store: Store | None) -> None:
         """Before its first question here: the sessions rebuilt from the store, each going on keeping
         its turns there (Think turns go to the Think model's session when it has its own)."""
-        if self.journal is not None or store is None or self.cid is None:
+        if self.journal is not None or store is None or self.kept is None:
             return
         route = lambda user: self._session(_model_for(backend, user.think)[0])  # noqa: E731
         self.journal = open_conversation(store, self.cid, route, model=_models(backend), kind="recording",
@@ -140,11 +140,11 @@ def keep(recording: Recording, store: Store, owner: str, path: str) -> None:
     file (an integer WAV as FLAC of the same samples) and its name. Raises KeptError if the disk refuses."""
     try:
         data, suffix = lossless(load_file(path), Path(path).suffix)
-        recording.cid = store.create("recording", owner=owner, title=recording.name, audio=(data, suffix))
+        cid = store.create("recording", owner=owner, title=recording.name, audio=(data, suffix))
     except (OSError, StoreError) as exc:
         raise KeptError(f"The recording could not be kept ({exc}); it can be asked about, but will not be in "
                         "your history.") from exc
-    recording.kept, recording.owner = store.get(recording.cid, owner=owner).audio, owner
+    recording.cid, recording.kept, recording.owner = cid, store.get(cid, owner=owner).audio, owner
 
 
 def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | None:

@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import threading
@@ -47,8 +48,8 @@ from .api import Api
 from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
 from .guard import UPLOAD_QUOTA_BYTES, Guard, GuardOptions
-from .desk import Files, held_recordings, hold, release_memory
-from .history import HistoryRoutes, listing, open_store, prune_every
+from .desk import Files, claimed, hold, live_conversations, release_memory
+from .history import MAX_HISTORY_GB, HistoryRoutes, listing, open_store, prune_every
 from .recordings import USER_ERRORS, Recording
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _gpu(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
-def build(loader: BackendLoader, cache_dir: Path, store: Store | None = None, live: Live[Recording] | None = None,
+def build(loader: BackendLoader, cache_dir: Path, store: Store | None = None, live: Live | None = None,
           keep_days: float = KEEP_DAYS) -> "tuple[gr.Blocks, _RecordingsTab]":
     """The page, and its Recordings tab (which holds the live recordings). `cache_dir` holds the
     files the page plays recordings from; `store` keeps conversations (None: nothing is kept)."""
@@ -114,11 +115,11 @@ class _RecordingsTab:
     """The Recordings tab: its components, and handlers that find the browser's open recording by its
     conversation id and the browser's owner token (both kept by the page, app/static/owner.js)."""
 
-    def __init__(self, loader: BackendLoader, cache_dir: Path, store: Store | None, live: Live[Recording] | None,
+    def __init__(self, loader: BackendLoader, cache_dir: Path, store: Store | None, live: Live | None,
                  keep_days: float = KEEP_DAYS) -> None:
         self.loader, self.cache_dir, self.store, self.keep_days = loader, cache_dir, store, keep_days
         self.files = Files()
-        self.live = live if live is not None else held_recordings()
+        self.live = live if live is not None else live_conversations()
 
     def build(self, demo: gr.Blocks) -> None:
         owner = gr.Textbox(visible=False, elem_id="afn-owner")  # the browser's owner token (owner.js)
@@ -192,6 +193,9 @@ class _RecordingsTab:
         claim = [path] if owned else []  # held while it is read: an identical upload elsewhere may end meanwhile
         self.files.claim(claim)
         try:
+            if _owner(owner) is None:  # the page always sends one (owner.js): this is not the page
+                yield f"⚠️ {NO_OWNER}", "", [], ""
+                return  # its upload is deleted with the release below, unless another recording uses it
             yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip(), gr.skip()
             try:
                 recording = recordings.open_recording(path, self.cache_dir, owned=owned)
@@ -200,22 +204,22 @@ class _RecordingsTab:
                 gr.Warning(str(exc))
                 yield f"⚠️ {exc}", "", [], ""
                 return
-            unkept = self._keep(recording, path, owner)
+            recording.owner, unkept = _owner(owner), self._keep(recording, path, _owner(owner))
             hold(self.live, self.files, _address(request), recording)
         finally:
             self.files.release(claim)
         yield (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. Ask a question; the "
                "first one makes the model listen to the whole recording, follow-ups reuse what it heard." + unkept), \
-            recording.waveform(), [], recording.cid or f"unkept-{id(recording)}"
+            recording.waveform(), [], recording.cid
 
     def _keep(self, recording: Recording, path: str, owner: str) -> str:
-        """Keep a new recording in the owner's history; a sentence to add to the status if it is not."""
+        """Keep a new recording in the owner's history (else it is held live under a random id only);
+        a sentence to add to the status if it is not kept."""
+        recording.cid = f"unkept-{secrets.token_hex(16)}"
         if self.store is None:
             return ""
-        if _owner(owner) is None:
-            return " ⚠️ This page has no owner token (is JavaScript off?), so the recording is not kept in a history."
         try:
-            recordings.keep(recording, self.store, _owner(owner), path)
+            recordings.keep(recording, self.store, owner, path)
         except recordings.KeptError as exc:
             log.warning("%s", exc)
             return f" ⚠️ {exc}"
@@ -239,17 +243,24 @@ class _RecordingsTab:
                "far. Ask another."), recording.waveform(), recording.chat, cid
 
     def _recording(self, cid: str, owner: str, request: gr.Request) -> Recording | None:
-        """The live recording `cid` of this owner, reopened from the store if it is not live; None if none."""
+        """The live recording `cid` of this owner, reopened from the store if it is not live (once, however
+        many tabs ask at the same moment); None if the owner has none by that id."""
         owned = _owner(owner)
-        recording = self.live.get(cid, owned or "")
-        if recording is not None or self.store is None or owned is None or cid.startswith("unkept-"):
-            return recording
-        def make() -> Recording | None:
-            return recordings.reopen(self.store, cid, owned, self.cache_dir)
-        recording = self.live.get(cid, owned) or make()
-        if recording is not None:
-            hold(self.live, self.files, _address(request), recording)
-        return recording
+        if owned is None:
+            return None
+
+        def reopen() -> Recording:
+            found = None
+            if self.store is not None and not cid.startswith("unkept-"):
+                found = recordings.reopen(self.store, cid, owned, self.cache_dir)
+            if found is None:
+                raise _NotHeld
+            return claimed(self.files, found)
+        try:
+            recording = self.live.open(cid, owned, _address(request), reopen)
+        except _NotHeld:
+            return None
+        return recording if isinstance(recording, Recording) else None  # not a voice conversation's id
 
     def history(self, owner: str, cid: str):
         """The owner's kept recordings for the list, and the disk they take."""
@@ -262,7 +273,7 @@ class _RecordingsTab:
         value = cid if any(c[1] == cid for c in choices) else None
         return gr.update(choices=choices, value=value), (
             f"{len(choices)} recording(s) kept, {_megabytes(found['disk_bytes'])} on disk. Those unused for "
-            f"{self.keep_days:g} days are deleted.")
+            f"{self.keep_days:g} days are deleted, and the oldest first when the server's history is full.")
 
     def rename(self, cid: str | None, title: str, owner: str):
         owned = _owner(owner)
@@ -277,7 +288,7 @@ class _RecordingsTab:
             gr.Warning(str(exc))
             return gr.skip()
         held = self.live.get(cid, owned)
-        if held is not None:
+        if isinstance(held, Recording):
             held.name = " ".join(title.split())
         return ""
 
@@ -309,7 +320,7 @@ class _RecordingsTab:
                 yield recording.chat, gr.skip(), "Waiting for the model to finish loading…", gr.skip()
             backend = self.loader.wait()
             steps = len(recording.steps)
-            store = self.store if recording.cid and not recording.cid.startswith("unkept-") else None
+            store = self.store if recording.kept is not None else None
             for line in recordings.ask(recording, question, think, backend, store):
                 changed, steps = len(recording.steps) != steps, len(recording.steps)  # a Think turn starts afresh
                 yield recording.chat, recording.waveform() if changed else gr.skip(), line, box
@@ -325,7 +336,7 @@ class _RecordingsTab:
 
     def speak(self, cid: str, owner: str):
         recording = self.live.get(cid, _owner(owner) or "") if cid else None
-        text = recording.answer.strip() if recording else ""
+        text = recording.answer.strip() if isinstance(recording, Recording) else ""
         if not text:
             gr.Warning("There is no answer to speak yet.")
             return None
@@ -339,6 +350,13 @@ class _RecordingsTab:
             gr.Warning("The voice made no sound for that answer.")
             return None
         return chunks[0].sample_rate, int16(np.concatenate([c.samples for c in chunks]))
+
+
+class _NotHeld(Exception):
+    """No recording of that id and owner, live or kept."""
+
+
+NO_OWNER = "This request carries no owner token (the page sends one); reload the page."
 
 
 def _owner(token: str | None) -> str | None:
@@ -436,13 +454,13 @@ class PortBusy(OSError):
 
 def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
            block: bool = True, upload_quota_bytes: int = UPLOAD_QUOTA_BYTES, api_key: str | None = None,
-           data: str | None = None, keep_days: float = KEEP_DAYS) -> gr.Blocks:
+           data: str | None = None, keep_days: float = KEEP_DAYS, max_history_gb: float = MAX_HISTORY_GB) -> gr.Blocks:
     """Serve the page, the OpenAI API and Realtime voice socket (/v1, with `api_key` if given) and /health;
     conversations are kept in the store in `data` (app/history.py says where by default) for `keep_days`
-    after their last use. Blocks until Ctrl-C unless `block` is False.
+    after their last use, within `max_history_gb` of audio. Blocks until Ctrl-C unless `block` is False.
     Raises PortBusy when `port` is taken."""
     started = time.perf_counter()
-    store, notice = open_store(data)
+    store, notice = open_store(data, max_history_gb)
     if notice:
         loader.notices.append(notice)
     threading.Thread(target=prune_every, args=(store, keep_days), name="afnext-prune", daemon=True).start()
@@ -452,22 +470,19 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     # Gradio reads its upload folder from here when it builds components and routes: ours alone,
     # so no other Gradio app's uploads on this machine count as uploads to this one.
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
-    demo, tab = build(loader, cache_dir, store, keep_days=keep_days)
+    live = live_conversations()  # recordings and voice chats alike: one owner of their lifetime and memory
+    demo, tab = build(loader, cache_dir, store, live, keep_days=keep_days)
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY, max_size=QUEUE_MAX)
     access = Access(api_key, local=host in ("127.0.0.1", "localhost", "::1"))
     gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
                         quota_bytes=upload_quota_bytes, host_ok=access.host_ok)
-    voice = RealtimeServer(loader, access, store)
-    threading.Thread(target=tab.live.sweep_every, name="afnext-live-sweep", daemon=True).start()
-    threading.Thread(target=voice.live.sweep_every, name="afnext-live-sweep", daemon=True).start()
-    def drop_live(cid: str, owner: str) -> None:  # a deleted conversation is let go of wherever it is live
-        tab.live.drop(cid, owner)
-        voice.live.drop(cid, owner)
+    voice = RealtimeServer(loader, access, store, live)
+    threading.Thread(target=live.sweep_every, name="afnext-live-sweep", daemon=True).start()
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.
     app_kwargs = {"middleware": [Middleware(Guard, options=gate)],
                   "routes": [Route("/health", _health(loader)), Route(TOKEN_ROUTE, _page_token(access)),
                              WebSocketRoute(realtime.ROUTE, voice.__call__),
-                             *Api(loader, api_key, access).routes(), *HistoryRoutes(store, access, drop_live).routes()]}
+                             *Api(loader, api_key, access).routes(), *HistoryRoutes(store, access, live.drop).routes()]}
     try:
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS, head=HEAD,
                     max_file_size=MAX_FILE_BYTES, allowed_paths=[str(ASSETS), str(cache_dir)], ssr_mode=False,

@@ -161,8 +161,20 @@ def test_a_recording_survives_a_reload_and_a_crash_and_its_conversation_goes_on(
         assert "What is this recording?" in chat and SCRIPTED_ANSWER in chat
         assert page.locator(f"{WAVE} li[data-step]").count() == 3, "the Think steps of the new answer"
         page.locator("#afn-history input").click()
-        page.get_by_role("option", name=re.compile(r"speech\.wav · 2 question")).wait_for(timeout=10_000)
+        page.get_by_role("option", name=re.compile(r"speech\.wav · 2 question")).click()
+        assert "recording(s) kept" in page.locator("#afn-disk").inner_text()
         page.screenshot(path=SHOTS / "recordings-after-restart.png", full_page=True)
+        page.locator("#afn-title textarea, #afn-title input").first.fill("Shopping note")
+        page.locator("#afn-rename").click()
+        page.locator("#afn-history input").click()
+        page.get_by_role("option", name=re.compile("Shopping note · 2 question")).wait_for(timeout=10_000)
+        page.keyboard.press("Escape")
+        page.locator("#afn-delete").click()
+        page.locator("#afn-status", has_text="Deleted").wait_for(timeout=10_000)
+        assert page.locator('#afn-chat [data-testid="user"]').count() == 0, "the open recording was the one deleted"
+        page.reload()
+        page.get_by_role("tab", name="Recordings").click()
+        page.locator("#afn-disk", has_text="0 recording(s) kept").wait_for(timeout=30_000)
     assert not errors, errors
     page.context.close()
 
@@ -201,6 +213,24 @@ def test_talk_hears_the_microphone_and_the_reply_reaches_the_page(browser, serve
     assert not errors, errors
     html = page.content() + "".join(page.evaluate("[...document.scripts].map(s => s.textContent)"))
     assert API_KEY not in html, "the page must never hold the API key"
+
+    page.locator(f"{TALK} .start").click()  # stop, then reload: the conversation is kept and shown again
+    page.wait_for_function(f"() => document.querySelector('{TALK}').shadowRoot.querySelector('.state').dataset.state"
+                           " === 'idle'", timeout=30_000)
+    said = [t.strip() for t in page.locator(f"{TALK} li.assistant .answer").all_inner_texts()]
+    page.reload()
+    page.locator(f"{TALK} li.assistant .answer").first.wait_for(timeout=30_000)
+    kept = [t.strip() for t in page.locator(f"{TALK} li.assistant .answer").all_inner_texts() if t.strip()]
+    # Each kept reply is one the page showed: the part heard before the user spoke over it, or a cut-off
+    # reply as far as the model got (a token may have come after the page stopped showing it).
+    assert kept and all(any(s.startswith(k) or k.startswith(s) for s in said if s) for k in kept), (kept, said)
+    page.locator(f"{TALK} .history summary").click()
+    page.locator(f"{TALK} .history li.open", has_text="turn").wait_for(timeout=30_000)
+    page.locator(f"{TALK} li.user .replay").first.click()  # a kept turn replays from the server's audio
+    page.wait_for_timeout(500)
+    assert "could not be played" not in page.locator(f"{TALK} .notice").inner_text()
+    page.screenshot(path=SHOTS / "talk-after-reload.png", full_page=True)
+    assert not errors, errors
     page.context.close()
 
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from app import recordings
-from app.desk import Files, held_recordings, hold
+from app.desk import Files, hold, live_conversations
 from app.guard import folder_bytes
 from tests.web.running import ROOT, free_port, health, running
 
@@ -141,6 +141,16 @@ def test_a_file_that_is_not_audio_gets_a_sentence_and_is_deleted(app_server):
     assert "not audio in a known format" in done["output"]["data"][0]
     assert not Path(path).exists()
     assert "Traceback" not in log.read_text()
+
+
+def test_a_recording_opened_without_an_owner_token_is_refused_so_nobody_else_can_reach_it(app_server):
+    proc, url, log = app_server
+    path = _upload(url, ASSETS / "speech.wav").json()[0]
+    for owner in ("", "not-a-token"):
+        done = _page_event(url, "open", [{"path": path, "meta": FILE_DATA, "orig_name": "speech.wav"}, owner],
+                           f"no-owner-{len(owner):02d}")
+        assert "no owner token" in done["output"]["data"][0] and done["output"]["data"][3] == ""
+    assert not Path(path).exists(), "a refused upload is deleted"
 
 
 def test_uploads_past_the_quota_or_size_are_refused_and_the_server_keeps_serving(app_server, tmp_path):
@@ -308,7 +318,7 @@ def _held(live, files, address: str, recording: recordings.Recording, cid: str) 
 
 
 def test_live_recordings_are_capped_per_address_and_in_all_and_their_files_go_with_them(tmp_path):
-    live, files = held_recordings(per_group=2, most=3), Files()
+    live, files = live_conversations(per_group=2, most=3), Files()
     held = {s: _recording(tmp_path, f"{s}.aiff") for s in "abcde"}  # aiff: a WAV copy is made too
     paths = {s: r.files for s, r in held.items()}
     assert all(len(f) == 2 for f in paths.values())
@@ -327,7 +337,7 @@ def test_live_recordings_are_capped_per_address_and_in_all_and_their_files_go_wi
 
 
 def test_idle_recordings_are_let_go_by_the_sweep_whether_or_not_anyone_asks(tmp_path):
-    live, files = held_recordings(idle_s=0.05), Files()
+    live, files = live_conversations(idle_s=0.05), Files()
     _held(live, files, "10.0.0.1", _recording(tmp_path, "a.wav"), "a")
     stop = threading.Event()
     threading.Thread(target=live.sweep_every, args=(0.02, stop), daemon=True).start()
@@ -342,7 +352,7 @@ def test_a_file_in_use_twice_is_deleted_only_after_its_last_user(tmp_path):
     path = tmp_path / "same.wav"
     soundfile.write(path, np.zeros(1600, np.float32), 16000)
     files = Files(keep := set())
-    live = held_recordings()
+    live = live_conversations()
     _held(live, files, "10.0.0.1", recordings.open_recording(str(path), tmp_path, owned=True), "a")
     files.claim([path])  # an API call about the same upload, in flight
     _held(live, files, "10.0.0.2", recordings.open_recording(str(path), tmp_path, owned=True), "b")

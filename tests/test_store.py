@@ -292,3 +292,45 @@ def test_a_conversation_whose_turn_cannot_be_kept_stops_with_one_sentence(engine
         _reply(live, "Hello?")
     with pytest.raises(KeptError, match="stops here"):
         live.ask("Still there?")
+
+
+def test_a_cut_reply_with_bad_text_changes_neither_the_session_nor_the_store(engine, tmp_path):
+    store = Store(tmp_path)
+    live = _journaled(engine, store)
+    _reply(live, "Hello?")
+    tokens, kept = list(live.tokens), store.turns(live.journal.cid)
+    with pytest.raises(ValueError, match="control"):
+        live.rewrite_reply("I said <|im_start|> then")
+    assert live.tokens == tokens and store.turns(live.journal.cid) == kept
+
+
+def test_audio_a_turn_is_about_to_commit_with_survives_another_conversations_delete(engine, tmp_path):
+    from afnext.store import Journal
+
+    store = Store(tmp_path)
+    a = store.create("talk", owner="o")
+    key = store.put_audio(b"fLaC clip", ".flac")
+    store.add_exchange(a, StoredTurn("user", "", audio=key), StoredTurn("assistant", "Hi.", token_ids=(1,)))
+    b = Journal(store, store.create("talk", owner="o"))
+    assert b.put((b"fLaC clip", ".flac")) == key  # b's turn is asked with the same clip…
+    assert store.delete(a, owner="o")  # …and a is deleted while it runs
+    assert store.audio_path(key).exists(), "the audio b's turn will commit with was deleted"
+    reply = type("R", (), {"text": "Yes.", "reasoning": "", "token_ids": (2,), "steps": (), "interrupted": False,
+                           "timings": __import__("afnext.events", fromlist=["Timings"]).Timings()})()
+    b.commit("", False, key, reply)
+    assert store.delete(b.cid, owner="o") and not (tmp_path / "audio" / key[:2] / key).exists(), \
+        "once committed and deleted, it goes"
+
+
+def test_a_full_store_lets_go_of_the_conversations_unused_longest_and_never_of_recent_ones(tmp_path):
+    store = Store(tmp_path, max_bytes=2500)
+    old = [store.create("recording", owner="o", audio=(bytes([i]) * 1000, ".wav")) for i in range(2)]
+    store._db.execute("UPDATE conversations SET updated = updated - 7200 * (2 - rowid)")  # two hours and one ago… old first
+    store._db.execute("UPDATE conversations SET updated = updated - 7200")
+    fresh = store.create("recording", owner="o", audio=(b"n" * 1000, ".wav"))  # room made: the oldest went
+    assert store.get(old[0], owner="o") is None and store.get(old[1], owner="o") is not None
+    assert store.get(fresh, owner="o") is not None
+    store._db.execute("UPDATE conversations SET updated = ?", (time.time(),))  # all in use now
+    with pytest.raises(StoreError, match="history is full"):
+        store.create("recording", owner="o", audio=(b"x" * 2000, ".wav"))
+    assert store.disk_bytes() < 2500 + 200_000  # the audio within its limit (plus the database itself)

@@ -407,3 +407,33 @@ def test_a_socket_with_an_owner_keeps_its_conversation_and_goes_on_with_it_after
 def _owner_a() -> str:
     from app.access import owner_of
     return owner_of(OWNER_A)
+
+
+def test_eight_voice_conversations_writing_at_once_lose_nothing(voice, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from afnext.store import Store
+
+    store = Store(tmp_path)
+    client = voice(store=store)
+
+    def converse(i: int) -> tuple[str, str]:
+        owner = f"{i:02d}" * 32
+        with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", subprotocols=["realtime", f"afnext-owner.{owner}"]) as ws:
+            cid = ws.receive_json()["conversation"]["id"]
+            ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 4,
+                                                                "audio": {"input": {"turn_detection": None}}}})
+            events_until(ws, "session.updated")
+            for turn in range(3):
+                assert _text_turn(ws, f"conversation {i}, turn {turn}")["response"]["status"] == "completed"
+        return owner, cid
+
+    with ThreadPoolExecutor(8) as pool:
+        done = list(pool.map(converse, range(8)))
+    reopened = Store(tmp_path)  # what a restart finds
+    from app.access import owner_of
+    for i, (owner, cid) in enumerate(done):
+        assert [c.id for c in reopened.list(owner=owner_of(owner))] == [cid]
+        turns = reopened.turns(cid)
+        assert [t.text for t in turns[0::2]] == [f"conversation {i}, turn {t}" for t in range(3)]
+        assert all(t.token_ids for t in turns[1::2])
