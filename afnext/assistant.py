@@ -1,7 +1,9 @@
 """The voice loop's brain: microphone PCM in; turns, streamed text and speech out.
 
 mic PCM → endpointer → a session turn whose audio is the utterance → streamed answer → chunker →
-synthesizer → events. No UI here: shells push microphone audio in and read events out.
+synthesizer → events. No UI here: shells push microphone audio in and read events out. The
+synthesizer is a stage of its own, fed the answer's pieces as they complete: text reaches the
+shells as it is generated, however slow the voice.
 
 One clock: the microphone timeline (seconds of audio pushed), carried on by wall time since the
 last push. Replayed files and live microphones thus share timestamps, and "is the assistant still
@@ -181,24 +183,47 @@ class Assistant:
             self._set_state("listening", self.now())
 
     def _converse(self, turn: _Turn):
+        """The turn's text as it is generated; its speech on a stage of its own (`_voice`), fed piece
+        by piece, so a slow voice never holds the text back. Returns once both are done."""
         chunker, reply = SpeechChunker(), None
-        audio = turn.ended.audio if len(turn.ended.audio) else None  # a typed turn has none
-        stream = self.session.ask(turn.text, audio, think=self.options.think,
-                                  options=self.options.generation, cancel=turn.cancel)
-        for event in stream:
-            if isinstance(event, TurnDone):
-                reply = event.reply
-            if self._stale(turn):
-                continue  # read on to the end: the reply as far as it got is the turn's record
-            if isinstance(event, (TextDelta, ReasoningDelta)):
-                turn.first_text = turn.first_text or time.perf_counter() - turn.decided
-                self._emit(event)
-            if isinstance(event, TextDelta):
-                for piece in chunker.feed(event):
-                    self._speak(turn, piece)
-        for piece in chunker.flush():
-            self._speak(turn, piece)
+        pieces: queue.SimpleQueue = queue.SimpleQueue()
+        voice = threading.Thread(target=self._voice, args=(turn, pieces), name="afnext-voice-speak", daemon=True)
+        voice.start()
+        try:
+            audio = turn.ended.audio if len(turn.ended.audio) else None  # a typed turn has none
+            stream = self.session.ask(turn.text, audio, think=self.options.think,
+                                      options=self.options.generation, cancel=turn.cancel)
+            for event in stream:
+                if isinstance(event, TurnDone):
+                    reply = event.reply
+                if self._stale(turn):
+                    continue  # read on to the end: the reply as far as it got is the turn's record
+                if isinstance(event, (TextDelta, ReasoningDelta)):
+                    turn.first_text = turn.first_text or time.perf_counter() - turn.decided
+                    self._emit(event)
+                if isinstance(event, TextDelta):
+                    for piece in chunker.feed(event):
+                        pieces.put(piece)
+            for piece in chunker.flush():
+                pieces.put(piece)
+        finally:
+            pieces.put(None)
+            voice.join()  # the turn is done once its speech is out (or, cancelled, dropped)
         return reply
+
+    def _voice(self, turn: _Turn, pieces: queue.SimpleQueue) -> None:
+        """The speech stage of one turn: pieces in, audio chunks out, until the end mark."""
+        while (piece := pieces.get()) is not None:
+            if self._stale(turn):
+                continue  # drain: a cancelled turn's pieces are not spoken
+            try:
+                self._speak(turn, piece)
+            except Exception as exc:  # the voice failed: the text goes on, unspoken; said once
+                log.exception("speaking a piece failed")
+                self._emit(Error(f"The reply could not be spoken ({type(exc).__name__}: {exc})."))
+                while pieces.get() is not None:
+                    pass
+                return
 
     def _stale(self, turn: _Turn) -> bool:
         """A cancelled or superseded turn: nothing of it may reach the user any more."""

@@ -218,3 +218,66 @@ def test_state_returns_to_listening_once_the_reply_has_played(engine, espeak):
     seen.thread.join(5)
     states = [e.state for e in seen.events if isinstance(e, StateChanged)]
     assert states == ["thinking", "speaking", "listening"]
+
+
+def test_text_never_waits_for_a_slow_voice(engine, monkeypatch):
+    """A synthesizer taking 1 s per piece: the answer's text still reaches the shell as it is
+    generated (here all at once), and every piece is spoken afterwards, in order."""
+    spoken: list[str] = []
+
+    class Slow:
+        sample_rate = 16000
+
+        def stream(self, text, cancel=None):
+            time.sleep(1.0)
+            spoken.append(text)
+            yield AudioChunk(16000, np.zeros(160, np.float32))
+
+    sentences = ["It is sunny today.", " Tomorrow it will rain,", " and the weekend looks cold.", " Take a coat."]
+
+    def scripted(self, text="", audio=None, **kw):
+        for sentence in sentences:
+            yield TextDelta(sentence)
+
+    monkeypatch.setattr(Session, "ask", scripted)
+    assistant = Assistant(Session(engine), Slow())
+    seen = Collector(assistant)
+    assistant.say(None, "What is the weather?")
+    seen.wait_for(TextDelta, count=len(sentences), timeout=0.9)  # before the voice's first piece is done
+    seen.wait_for(VoiceTurnDone, timeout=30)
+    assistant.close()
+    seen.thread.join(5)
+    assert "".join(spoken).replace(" ", "") == "".join(sentences).replace(" ", "")
+    events = [e.event if isinstance(e, Stamped) else e for e in seen.events]
+    last_text = max(i for i, e in enumerate(events) if isinstance(e, TextDelta))
+    first_audio = next(i for i, e in enumerate(events) if isinstance(e, AudioChunk))
+    done = next(i for i, e in enumerate(events) if isinstance(e, VoiceTurnDone))
+    last_audio = max(i for i, e in enumerate(events) if isinstance(e, AudioChunk))
+    assert last_text < first_audio and last_audio < done, "the turn ends once its speech is out"
+
+
+def test_a_voice_that_fails_says_so_once_and_the_text_goes_on(engine, monkeypatch):
+    from afnext.events import Error
+
+    class Broken:
+        sample_rate = 16000
+
+        def stream(self, text, cancel=None):
+            raise RuntimeError("the voice model is gone")
+            yield
+
+    def scripted(self, text="", audio=None, **kw):
+        yield TextDelta("First sentence here. ")
+        yield TextDelta("Second sentence here.")
+
+    monkeypatch.setattr(Session, "ask", scripted)
+    assistant = Assistant(Session(engine), Broken())
+    seen = Collector(assistant)
+    assistant.say(None, "Hello?")
+    seen.wait_for(VoiceTurnDone, timeout=30)
+    assistant.close()
+    seen.thread.join(5)
+    events = [e.event if isinstance(e, Stamped) else e for e in seen.events]
+    assert sum(isinstance(e, Error) for e in events) == 1 and "could not be spoken" in next(
+        e.message for e in events if isinstance(e, Error))
+    assert sum(isinstance(e, TextDelta) for e in events) == 2
