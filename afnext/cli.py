@@ -44,6 +44,13 @@ def keep_days(text: str) -> float:
     return days
 
 
+def add_turn_flag(parser: argparse.ArgumentParser) -> None:
+    """--turn: how the voice loop decides the speaker has finished."""
+    parser.add_argument("--turn", default="semantic", choices=("semantic", "silence"),
+                        help="end a turn when the speaker sounds finished (semantic: Smart Turn, asked in pauses; "
+                             "falls back to silence when it is not installed) or after 600 ms of silence")
+
+
 def add_tts_flags(parser: argparse.ArgumentParser) -> None:
     """--tts and --tts-model: the voice that speaks the answers."""
     parser.add_argument("--tts", default="espeak", choices=ENGINES,

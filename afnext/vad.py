@@ -6,6 +6,14 @@ hear speech near each onset (a second opinion against false starts) and is the w
 onnxruntime is missing; it calls steady tones and loud noise speech, Silero does not. Every decision
 is made per frame at a sample position, so the events do not depend on how the input is chunked.
 
+When a turn ends: after `hangover_ms` of silence, or — with `semantic` — as soon as the speaker sounds
+finished. Then Smart Turn (afnext/turn.py) is asked, on the turn so far, at each of `ask_at_ms` into a
+pause (192 and 288 ms): "complete" ends the turn there; otherwise it waits for more speech, up to
+`max_silence_ms`. A thinking pause mid-sentence thus stays inside the turn, and a finished sentence
+ends a third of a second after its last word instead of after the whole hangover. Each ask costs
+the model's own time (~30-40 ms on one core) on the thread that pushes audio, twice per pause at
+most; the capture itself (a sound card callback, a socket) only queues audio and never waits on it.
+
     python -m afnext.vad recording.wav --json [--backend auto|silero|webrtc] [--hangover-ms 800]
 """
 
@@ -46,7 +54,10 @@ END_SEARCH_MS = 192  # ms before the end of the last speech frame searched for t
 EDGE_CONTRAST_DB = 20.0  # the loudest block must be this far above the quietest to trust levels
 EDGE_FLOOR_DB = 10.0  # a block is voice when this far above the quietest block ...
 EDGE_RANGE_DB = 40.0  # ... and no more than this far under the loudest
-TAIL_MS = 100  # ms of audio kept after UtteranceEnded.end (soft word endings)
+# ms of audio after UtteranceEnded.end handed over with the utterance, at most (never past the decision):
+# the whole pause before the decision, so a soft ending or a syllable after a stop closure ("Cen-ter"),
+# which the detectors may call non-speech, is in the audio the model hears.
+TAIL_MS = 600
 _PER_MS = SAMPLE_RATE // 1000  # 16 kHz samples per millisecond
 MAX_FRAMES_PER_CALL = 512  # Silero frames per onnxruntime call (16 s): bounds the call's memory
 
@@ -68,10 +79,11 @@ class SpeechStarted:
 class UtteranceEnded:
     t: float  # seconds on the input timeline when the end of the turn was decided
     start: float  # seconds: speech onset
-    end: float  # seconds: where the last speech stopped (t - end ≈ hangover)
+    end: float  # seconds: where the last speech stopped (t - end ≈ hangover, or the pause Smart Turn heard)
     # float32 mono 16 kHz, from pre-roll before `start` to TAIL_MS after `end` (at most up to `t`);
     # left out of == and repr
     audio: np.ndarray = dataclasses.field(repr=False, compare=False)
+    complete: float | None = None  # Smart Turn's probability that ended the turn (None: silence ended it)
 
 
 Event = SpeechStarted | UtteranceEnded
@@ -87,6 +99,12 @@ class EndpointerOptions:
     max_utterance_s: float = 30.0  # seconds from the onset after which a turn is ended by force
     webrtc_gate: bool = True  # Silero backend: an onset must also be speech to webrtcvad
     webrtc_mode: int = 2  # webrtcvad aggressiveness, 0 (least) to 3 (most eager to say non-speech)
+    # Semantic end of turn (Smart Turn): asked at these ms into a pause; "complete" (>= `complete`)
+    # ends the turn there, else it ends after `max_silence_ms`. Without the model: `hangover_ms`.
+    semantic: bool = False
+    ask_at_ms: tuple[int, ...] = (192, 288)
+    complete: float = 0.5
+    max_silence_ms: int = 2000
 
 
 class Endpointer:
@@ -96,9 +114,17 @@ class Endpointer:
     "webrtc", or "auto": silero when it can run, else webrtc with a logged warning.
     """
 
-    def __init__(self, options: EndpointerOptions = EndpointerOptions(), *, backend: str = "auto") -> None:
+    def __init__(self, options: EndpointerOptions = EndpointerOptions(), *, backend: str = "auto",
+                 turn_model=None) -> None:
         _check_options(options)
         self.options = options
+        # Smart Turn when semantic (`turn_model`, or the installed one); None: silence ends turns. The
+        # fallback is logged once per process by load_turn_model.
+        self.turn_model = None
+        if options.semantic:
+            from .turn import load_turn_model
+
+            self.turn_model = turn_model if turn_model is not None else load_turn_model()
         self.backend = _choose_backend(backend)  # "silero" or "webrtc": the one in use
         self._model = _silero_model() if self.backend == "silero" else None
         self._use_webrtc = self.backend == "webrtc" or options.webrtc_gate
@@ -107,6 +133,8 @@ class Endpointer:
         self._pre_roll = options.pre_roll_ms * _PER_MS  # the limits below, in 16 kHz samples
         self._min_speech = options.min_speech_ms * _PER_MS
         self._hangover = options.hangover_ms * _PER_MS
+        self._max_silence = options.max_silence_ms * _PER_MS
+        self._asks = sorted(ms * _PER_MS for ms in options.ask_at_ms)
         self._max_utterance = round(options.max_utterance_s * SAMPLE_RATE)
         self._frame = SILERO_FRAME_SAMPLES if self._model is not None else WEBRTC_FRAME_SAMPLES
         self.reset()
@@ -132,6 +160,7 @@ class Endpointer:
         self._last_voice = 0  # sample: end of the last speech frame
         self._voice_end = 0  # sample: where the voice stopped, refined from `_last_voice`
         self._handed_out = 0  # sample: audio before this went out in an UtteranceEnded already
+        self._asked = 0  # Smart Turn asks made in the current pause
 
     def discard(self) -> None:
         """Forget speech in progress without ending a turn (push-to-talk took over); the timeline
@@ -195,6 +224,7 @@ class Endpointer:
                 self._phase, self._onset, self._voiced = "onset", self._rising_edge(start, end), 0
             self._voiced += end - start
             self._last_voice = self._voice_end = end
+            self._asked = 0  # speech again: a new pause will be asked about afresh
         elif was_active and self._phase != "silence":
             self._voice_end = self._falling_edge(end)
         if self._phase == "onset":
@@ -204,11 +234,27 @@ class Endpointer:
                 self._phase = "speech"
                 return SpeechStarted(self._onset / SAMPLE_RATE)
         elif self._phase == "speech":
+            if self.turn_model is not None and not self._active:
+                ended = self._ask(end)
+                if ended is not None:
+                    return ended
             # Decided at the frame end nearest to voice end + hangover: on average exactly hangover.
-            quiet = not self._active and end - self._voice_end >= self._hangover - self._frame // 2
+            hangover = self._hangover if self.turn_model is None else self._max_silence
+            quiet = not self._active and end - self._voice_end >= hangover - self._frame // 2
             if quiet or end - self._onset >= self._max_utterance:
                 return self._utterance_ended(end, self._voice_end)
         return None
+
+    def _ask(self, end: int) -> UtteranceEnded | None:
+        """In a pause: at the next ask point, whether Smart Turn hears a finished turn in [onset, end)."""
+        if self._asked >= len(self._asks) or end - self._voice_end < self._asks[self._asked] - self._frame // 2:
+            return None
+        self._asked += 1
+        first = max(self._onset - self._pre_roll, self._handed_out, 0)
+        probability = self.turn_model.complete(self._samples.copy(first, end))
+        if probability < self.options.complete:
+            return None
+        return dataclasses.replace(self._utterance_ended(end, self._voice_end), complete=probability)
 
     def _rising_edge(self, start: int, end: int) -> int:
         """Where the voice of a first speech frame [start, end) began; `start` when unclear."""
@@ -234,11 +280,21 @@ class Endpointer:
     def _utterance_ended(self, decided: int, last_voice: int) -> UtteranceEnded:
         first = max(self._onset - self._pre_roll, self._handed_out, 0)
         last = min(last_voice + TAIL_MS * _PER_MS, decided)
+        end = self._soft_end(last_voice, last)
         self._phase, self._handed_out = "silence", last
         return UtteranceEnded(
-            t=decided / SAMPLE_RATE, start=self._onset / SAMPLE_RATE, end=last_voice / SAMPLE_RATE,
+            t=decided / SAMPLE_RATE, start=self._onset / SAMPLE_RATE, end=end / SAMPLE_RATE,
             audio=self._samples.copy(first, last),
         )
+
+    def _soft_end(self, last_voice: int, last: int) -> int:
+        """Where the voice really stopped: `last_voice`, or later where a soft ending or a syllable after
+        a stop closure, which the detectors called non-speech, still stands above the pause's level."""
+        first = max(last_voice - END_SEARCH_MS * _PER_MS, self._onset)
+        if last - first < 2 * EDGE_BLOCK_SAMPLES:
+            return last_voice
+        span = _loud_span(self._samples.copy(first, last))
+        return max(last_voice, min(first + span[1], last)) if span else last_voice
 
     def _silero(self, n_frames: int) -> np.ndarray:
         """Speech probabilities of the next `n_frames` frames, each with its 64 samples of context."""
@@ -382,10 +438,16 @@ def _silero_model() -> _SileroModel:
 def _check_options(options: EndpointerOptions) -> None:
     """ValueError naming the field for options the state machine cannot run with (the CLI takes
     any number, "inf" and "nan" included)."""
-    for name in ("pre_roll_ms", "min_speech_ms", "hangover_ms"):
+    for name in ("pre_roll_ms", "min_speech_ms", "hangover_ms", "max_silence_ms"):
         value = getattr(options, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"{name} must be a whole number of ms, 0 or more; got {value!r}.")
+    asks = options.ask_at_ms
+    if not isinstance(asks, tuple) or not all(isinstance(a, numbers.Integral) and not isinstance(a, bool)
+                                              and 0 < a <= options.max_silence_ms for a in asks):
+        raise ValueError(f"ask_at_ms must be a tuple of whole ms in (0, max_silence_ms]; got {asks!r}.")
+    if not 0 <= options.complete <= 1:
+        raise ValueError(f"complete must be a probability from 0 to 1; got {options.complete!r}.")
     seconds = options.max_utterance_s
     if not 0 < seconds < float("inf"):  # NaN fails the comparison too
         raise ValueError(f"max_utterance_s must be a finite number of seconds above 0; got {seconds!r}.")

@@ -25,12 +25,12 @@ import numpy as np
 
 from .assistant import Assistant, AssistantOptions, Stamped, UserTurn, VoiceTurnDone
 from .audio import SAMPLE_RATE, AudioError, load_audio
-from .cli import add_model_flags, add_tts_flags
+from .cli import add_model_flags, add_tts_flags, add_turn_flag
 from .engine import Engine
 from .events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
 from .model import ModelLoadError, load
 from .session import Session
-from .vad import SpeechStarted
+from .vad import EndpointerOptions, SpeechStarted
 
 MIC_CHUNK_S = 0.02  # seconds per pushed chunk: a typical audio-callback size
 
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     add_tts_flags(p)
     p.add_argument("--half-duplex", action="store_true", help="ignore the input while the assistant speaks")
     p.add_argument("--think", action="store_true")
+    add_turn_flag(p)
     p.add_argument("--json", action="store_true", required=True, help="JSON lines (the only format)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -99,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AudioError, ModelLoadError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    assistant = Assistant(Session(engine), synthesizer, AssistantOptions(half_duplex=args.half_duplex, think=args.think))
+    options = AssistantOptions(half_duplex=args.half_duplex, think=args.think,
+                               endpointer=EndpointerOptions(semantic=args.turn == "semantic"))
+    assistant = Assistant(Session(engine), synthesizer, options)
     speech: list[AudioChunk] = []
     printer = threading.Thread(target=_print_events, args=(assistant, speech), daemon=True)
     printer.start()

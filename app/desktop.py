@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Protocol, TextIO
 
 import numpy as np
 
-from afnext.cli import add_model_flags, add_tts_flags
+from afnext.cli import add_model_flags, add_tts_flags, add_turn_flag
 from afnext.events import (AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, StateChanged, TextDelta, UserTurn,
                            VoiceTurnDone)
 from afnext.tts import TTSError, load_synthesizer
@@ -191,6 +191,7 @@ def build_assistant(args: argparse.Namespace, console: Console) -> Assistant:
     """Load the synthesizer and the model (the real one, or the demo one when it cannot be had).
     Imported here: with --server, this machine needs neither torch nor transformers."""
     from afnext.assistant import Assistant, AssistantOptions
+    from afnext.vad import EndpointerOptions
     from afnext.engine import Engine
     from afnext.model import LICENCE_NOTE, load_or_demo
     from afnext.session import Session
@@ -201,7 +202,8 @@ def build_assistant(args: argparse.Namespace, console: Console) -> Assistant:
     if loaded.random_weights:
         console.note("The model in use has RANDOM weights: its answers are noise (the voice loop works as usual).")
     engine = Engine(loaded)
-    options = AssistantOptions(half_duplex=args.half_duplex, think=args.think)
+    options = AssistantOptions(half_duplex=args.half_duplex, think=args.think,
+                               endpointer=EndpointerOptions(semantic=args.turn == "semantic"))
     return Assistant(Session(engine), synthesizer, options)
 
 
@@ -229,7 +231,7 @@ def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
     try:
         if args.server:
             brain = RemoteBrain(args.server, ports.mic_rate, half_duplex=args.half_duplex, think=args.think,
-                                api_key=args.api_key or os.environ.get(API_KEY_ENV))
+                                api_key=args.api_key or os.environ.get(API_KEY_ENV), semantic=args.turn == "semantic")
             console.note(f"Talking to the assistant at {args.server}.")
         else:
             brain = build_assistant(args, console)
@@ -274,6 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     add_tts_flags(p)
     add_model_flags(p)
     p.add_argument("--think", action="store_true", help="reason before answering (shown, never spoken)")
+    add_turn_flag(p)
     p.add_argument("--server", metavar="URL",
                    help="the web app (python -m app) on a GPU machine, e.g. http://gpu-box:7860/: its model answers; "
                         "--model, --tts and --device are then the server's business")

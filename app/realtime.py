@@ -259,10 +259,13 @@ class RealtimeLink:
         if self.assistant is None:
             if self.session is None:
                 self.session = self._open_session()
+            complete, longest = wire.EAGERNESS[self.config.eagerness]
+            endpointer = EndpointerOptions(hangover_ms=self.config.silence_ms, semantic=self.config.semantic,
+                                           complete=complete, max_silence_ms=longest)
             options = AssistantOptions(half_duplex=not self.config.interrupt, think=self.think,
                                        answer=self.config.create_response,
                                        generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
-                                       endpointer=replace(EndpointerOptions(), hangover_ms=self.config.silence_ms))
+                                       endpointer=endpointer)
             voice = self.synthesizer if self.config.audio_out else _Mute()
             self.assistant = Assistant(self.session, voice, options)
             self._out.follow(self.assistant)
@@ -294,7 +297,8 @@ class RealtimeLink:
 
 
 def _voice_changed(old: wire.Config, new: wire.Config) -> bool:
-    keys = ("server_vad", "silence_ms", "interrupt", "create_response", "audio_out", "max_output_tokens")
+    keys = ("server_vad", "silence_ms", "semantic", "eagerness", "interrupt", "create_response", "audio_out",
+            "max_output_tokens")
     return any(getattr(old, k) != getattr(new, k) for k in keys)
 
 

@@ -42,6 +42,8 @@ class Config:
     instructions: str | None = None  # the system prompt (before the first turn only)
     server_vad: bool = True  # turns end on silence (our endpointer); False: the client commits them
     silence_ms: int = 600  # silence that ends a turn (the endpointer's hangover)
+    semantic: bool = False  # semantic_vad: Smart Turn decides in pauses whether the speaker has finished
+    eagerness: str = "auto"  # semantic_vad: low (waits longer) | medium | high (ends sooner) | auto (medium)
     interrupt: bool = True  # speech while the reply plays cancels it (barge-in)
     create_response: bool = True  # a turn the server VAD ends is answered; False: it waits for response.create
     audio_out: bool = True  # speak replies (with their transcript); False: text only
@@ -59,9 +61,11 @@ class Config:
 
     def settings(self) -> dict:
         """The `session` of a session.update that asks for this config (instructions only when set)."""
-        detection = ({"type": "server_vad", "silence_duration_ms": self.silence_ms,
-                      "create_response": self.create_response, "interrupt_response": self.interrupt}
-                     if self.server_vad else None)
+        detection = None
+        if self.server_vad:
+            kind = ({"type": "semantic_vad", "eagerness": self.eagerness} if self.semantic else
+                    {"type": "server_vad", "silence_duration_ms": self.silence_ms})
+            detection = {**kind, "create_response": self.create_response, "interrupt_response": self.interrupt}
         pcm = {"type": "audio/pcm", "rate": AUDIO_RATE}
         return {"type": "realtime", "output_modalities": ["audio"] if self.audio_out else ["text"],
                 **({"instructions": self.instructions} if self.instructions is not None else {}),
@@ -114,9 +118,18 @@ def _detection(value: object) -> dict:
     if not isinstance(value, dict) or value.get("type") not in ("server_vad", "semantic_vad"):
         raise ProtocolError("turn_detection must be null, server_vad or semantic_vad.")
     silence = value.get("silence_duration_ms", 600)
+    semantic = value["type"] == "semantic_vad"
+    eagerness = value.get("eagerness", "auto") if semantic else "auto"
+    if eagerness not in EAGERNESS:
+        raise ProtocolError("eagerness must be low, medium, high or auto.")
     return {"server_vad": True, "interrupt": value.get("interrupt_response", True) is not False,
             "create_response": value.get("create_response", True) is not False,
-            "silence_ms": _whole(silence, "silence_duration_ms", low=100, high=5000)}
+            "silence_ms": _whole(silence, "silence_duration_ms", low=100, high=5000),
+            "semantic": semantic, "eagerness": eagerness}
+
+
+# semantic_vad's eagerness → (Smart Turn's probability that ends a turn, the longest silence waited for).
+EAGERNESS = {"low": (0.7, 3000), "medium": (0.5, 2000), "auto": (0.5, 2000), "high": (0.3, 1000)}
 
 
 def _check_format(value: object) -> None:

@@ -44,7 +44,7 @@ class RemoteBrain:
     """Push microphone audio with `push`; read events with `events()`, as from a local `Assistant`."""
 
     def __init__(self, server: str, sample_rate: int, *, half_duplex: bool = False, think: bool = False,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, semantic: bool = True) -> None:
         self.sample_rate, self.interrupts = sample_rate, not half_duplex
         self.url = realtime_url(server, "think" if think else "instruct")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
@@ -60,7 +60,8 @@ class RemoteBrain:
             message = first.get("error", {}).get("message") if isinstance(first.get("error"), dict) else None
             raise RemoteError(message or f"The server answered {first['type']!r} instead of session.created.")
         self._send_lock = threading.Lock()  # the feeder appends while the reader truncates
-        config = replace(wire.Config.for_model("think" if think else "instruct"), interrupt=self.interrupts)
+        config = replace(wire.Config.for_model("think" if think else "instruct"), interrupt=self.interrupts,
+                         semantic=semantic)
         self._send(wire.session_update(config))
         self._mic = MonoResampler(sample_rate, wire.AUDIO_RATE)
         self._out: queue.Queue = queue.Queue()

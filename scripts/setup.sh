@@ -56,3 +56,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
   "${pip[@]}" -r "$reqs"
   echo "$sum" > "$stamp"
 fi
+# Smart Turn's model (semantic end of turn, afnext/turn.py) ships inside pipecat-ai's wheel: the wheel
+# alone, none of its dependencies (only the .onnx file in it is used; pipecat is never imported).
+if ! .venv/bin/python -c 'import importlib.util as u, sys; sys.exit(u.find_spec("pipecat") is None)'; then
+  "${pip[@]}" --no-deps pipecat-ai==1.14.0 \
+    || echo "Without pipecat-ai's Smart Turn model, turns end on silence alone (python -m afnext.turn fetch gets it)." >&2
+fi

@@ -76,7 +76,8 @@ def test_an_utterance_is_answered_in_text_and_speech(engine, espeak):
     assert done.timings.ttft_s is not None and done.timings.first_audio_s >= done.timings.ttft_s
     assert len(done.reply.token_ids) == 16 and not done.reply.interrupted
     turn = next(e for e in seen.events if isinstance(e, UserTurn))
-    assert abs(len(turn.audio) / SAMPLE_RATE - (turn.end - turn.start + 0.3)) < 0.15  # pre-roll included
+    # The pre-roll, the speech, and the whole pause up to the decision (no soft ending is cut off).
+    assert abs(len(turn.audio) / SAMPLE_RATE - (turn.t - turn.start + 0.3)) < 0.15
     states = [e.state for e in seen.events if isinstance(e, StateChanged)]
     assert states[:2] == ["thinking", "speaking"]
 

@@ -23,7 +23,7 @@ import soxr
 from afnext import vad
 from afnext.audio import SAMPLE_RATE, AudioError, to_mono_16k
 from afnext.tts.espeak import synthesize
-from afnext.vad import Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded
+from afnext.vad import TAIL_MS, Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST = "Hello there, what is the weather like today?"
@@ -200,7 +200,8 @@ def test_utterance_audio_includes_pre_roll():
         assert np.array_equal(event.audio, audio[first : first + event.audio.size])
         assert first / SAMPLE_RATE <= start - 0.2  # the onset's lead-in is there
         audio_end = (first + event.audio.size) / SAMPLE_RATE
-        assert end <= audio_end <= min(event.t, event.end + 0.1 + 1e-9)  # the voice and a short tail
+        # The voice and the whole pause before the decision (up to TAIL_MS), so no soft ending is lost.
+        assert end <= audio_end and audio_end == pytest.approx(min(event.t, event.end + TAIL_MS / 1000))
 
 
 def test_flush_ends_the_utterance_in_progress():

@@ -437,3 +437,16 @@ def test_eight_voice_conversations_writing_at_once_lose_nothing(voice, tmp_path)
         turns = reopened.turns(cid)
         assert [t.text for t in turns[0::2]] == [f"conversation {i}, turn {t}" for t in range(3)]
         assert all(t.token_ids for t in turns[1::2])
+
+
+def test_semantic_vad_is_taken_with_its_eagerness_and_a_bad_one_is_refused(voice):
+    with voice().websocket_connect(f"{realtime.ROUTE}?model=instruct") as ws:
+        ws.receive_json()
+        ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+            "type": "semantic_vad", "eagerness": "high"}}}}})
+        detection = events_until(ws, "session.updated")[-1]["session"]["audio"]["input"]["turn_detection"]
+        assert detection["type"] == "semantic_vad" and detection["eagerness"] == "high"
+        ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+            "type": "semantic_vad", "eagerness": "eventually"}}}}})
+        assert "eagerness must be" in events_until(ws, "error")[-1]["error"]["message"]
+    assert wire.updated(wire.Config(), {"turn_detection": {"type": "server_vad"}}).semantic is False

@@ -204,8 +204,8 @@ function send(event) {
 }
 
 function configure() {  // the turn detection the page's mode asks for; a new audio timeline on the server
-  const detection = $(".ptt-mode").checked ? null
-    : { type: "server_vad", create_response: true, interrupt_response: true };
+  const detection = $(".ptt-mode").checked ? null  // the server decides the speaker has finished (Smart Turn)
+    : { type: "semantic_vad", eagerness: "auto", create_response: true, interrupt_response: true };
   send({ type: "session.update", session: { type: "realtime", output_modalities: ["audio"],
     audio: { input: { format: { type: "audio/pcm", rate: RATE }, turn_detection: detection },
              output: { format: { type: "audio/pcm", rate: RATE } } } } });
