@@ -33,6 +33,7 @@ from .events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDel
                      TurnDone, UserTurn, VoiceTimings, VoiceTurnDone, drain)
 from .sampling import GenerationOptions
 from .session import Session
+from .store import KeptError
 from .tts import Synthesizer
 from .tts.chunker import SpeechChunker
 from .vad import Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded
@@ -174,6 +175,9 @@ class Assistant:
         reply = None
         try:
             reply = self._converse(turn)
+        except KeptError as exc:  # the conversation cannot be kept (deleted, the disk): its own sentence
+            log.warning("voice turn not taken: %s", exc)
+            self._emit(Error(str(exc)))
         except Exception as exc:  # one sentence to the user, the traceback to the log, keep listening
             log.exception("voice turn failed")
             self._emit(Error(f"The assistant could not answer that turn ({type(exc).__name__}: {exc})."))

@@ -256,8 +256,9 @@ class Engine:
         self.scheduler.prefilled(request)
         self._tell(request, PREFILLED)
         loaded = self.loaded
+        ids = loaded.ids
         request.picker = TokenPicker(request.options, loaded.model.config.get_text_config().vocab_size,
-                                     request.seen, loaded.device, loaded.ids.im_end)
+                                     request.seen, loaded.device, ids.im_end, never=(ids.sound, ids.sound_bos, ids.sound_eos))
 
     def _update(self, requests: list[Request], tokens: list[int]) -> None:
         for request, token in zip(requests, tokens):

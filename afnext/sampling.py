@@ -74,8 +74,10 @@ class TokenPicker:
     pickers choose together in one batched call (`pick`)."""
 
     def __init__(self, options: GenerationOptions, vocab: int, seen: list[int], device: torch.device,
-                 eos: int) -> None:
-        self.options, self.eos, self.picked = options, eos, 0
+                 eos: int, never: tuple[int, ...] = ()) -> None:
+        # `never`: tokens that are markers of the input, not words (the audio placeholders): one in a reply
+        # would be taken for an audio slot when the conversation is prefilled again.
+        self.options, self.eos, self.never, self.picked = options, eos, list(never), 0
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         self.seen[torch.tensor(seen, dtype=torch.long, device=device)] = True
         self.generator = None
@@ -103,6 +105,8 @@ def pick(pickers: list[TokenPicker], logits: torch.Tensor) -> list[int]:
     One host sync for the batch's greedy rows, one per sampled row.
     """
     scores = logits.float().clone()
+    if pickers[0].never:
+        scores[:, pickers[0].never] = -float("inf")
     early = [i for i, p in enumerate(pickers) if p.picked < p.options.min_new_tokens]
     if early:  # end of turn is forbidden before min_new_tokens
         scores[early, pickers[0].eos] = -float("inf")

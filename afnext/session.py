@@ -117,6 +117,9 @@ class Session:
         if not self.messages or self.messages[-1]["role"] != "user":
             raise ValueError("A reply follows a user turn; add that first.")
         loaded = self.engine.loaded
+        markers = {loaded.ids.sound, loaded.ids.sound_bos, loaded.ids.sound_eos}
+        if markers.intersection(token_ids):  # they would be taken for audio slots (never generated now)
+            raise ValueError("A kept reply holds an audio marker token, which a reply cannot hold.")
         prefill = THINK_PREFILL if think and loaded.is_think else ""
         ids = prompt.reply_head(loaded, prefill) + list(token_ids) + prompt.reply_tail(loaded)
         # The live reply may have filled the context to its last token, and its closing tokens go

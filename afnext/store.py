@@ -31,8 +31,9 @@ import json
 import os
 import sqlite3
 import threading
-import time
 import logging
+import time
+import unicodedata
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -152,7 +153,7 @@ class Store:
             try:
                 self._db.execute("INSERT INTO conversations (id, kind, title, owner, created, updated, model, system, "
                                  "audio) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                 (cid, kind, title[:MAX_TITLE_CHARS], owner, now, now, model, system, key))
+                                 (cid, kind, clean_title(title), owner, now, now, model, system, key))
             except sqlite3.IntegrityError:
                 raise StoreError(f"A conversation named {cid!r} exists already.") from None
         return cid
@@ -184,7 +185,7 @@ class Store:
 
     def rename(self, cid: str, title: str, *, owner: str = "") -> bool:
         """Give `owner`'s conversation `cid` a title; False if there is none."""
-        title = " ".join(title.split())[:MAX_TITLE_CHARS]
+        title = clean_title(title)
         if not title:
             raise StoreError("A title needs at least one letter.")
         with self._lock:
@@ -243,7 +244,7 @@ class Store:
                                (cid, n + i, turn.role, turn.text, int(turn.think), turn.audio, turn.reasoning,
                                 json.dumps(turn.steps), None if turn.token_ids is None else json.dumps(list(turn.token_ids)),
                                 json.dumps(turn.timings), int(turn.interrupted), now))
-                title = (user.text.strip().splitlines() or [""])[0][:80]
+                title = clean_title((user.text.strip().splitlines() or [""])[0])[:80]
                 db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' THEN ? ELSE title END "
                            "WHERE id = ?", (now, title, cid))
                 db.execute("COMMIT")
@@ -386,6 +387,13 @@ class Store:
         return self.path / "audio" / key[:2] / key
 
 
+def clean_title(title: str) -> str:
+    """A title as shown: one line, no control or format characters (NUL, zero-width, right-to-left
+    overrides), spaces collapsed, at most MAX_TITLE_CHARS."""
+    shown = "".join(c if unicodedata.category(c)[0] != "C" else " " for c in title)
+    return " ".join(shown.split())[:MAX_TITLE_CHARS]
+
+
 def check_id(cid: str) -> str:
     if not cid or len(cid) > MAX_ID_CHARS or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in cid):
         raise StoreError(f"A conversation id is 1-{MAX_ID_CHARS} letters, digits, '-', '_' or '.'.")
@@ -399,10 +407,18 @@ def restore(session, store: Store, cid: str, *, turns: list[StoredTurn] | None =
     computed once, with that turn). `session` is a Session, or a callable giving the session an
     exchange goes to from its user turn (the Recordings tab's Think turns may have a model of their
     own). Returns the number of turns restored."""
-    from .clip import prepare_clip
-
     turns = store.turns(cid) if turns is None else turns
     route = session if callable(session) else (lambda _user: session)
+    try:
+        _replay(route, store, turns)
+    except ValueError as exc:  # AudioError and ContextFullError are ValueErrors too: each its sentence
+        raise StoreError(f"The conversation {cid!r} cannot be opened again: {exc}") from exc
+    return len(turns) // 2
+
+
+def _replay(route, store: Store, turns: list[StoredTurn]) -> None:
+    from .clip import prepare_clip
+
     for user, reply in zip(turns[0::2], turns[1::2]):
         target = route(user)
         loaded, clip = target.engine.loaded, None
@@ -414,7 +430,6 @@ def restore(session, store: Store, cid: str, *, turns: list[StoredTurn] | None =
             target.extend("assistant", reply.text)
         else:
             target.extend_reply(list(reply.token_ids), think=user.think)
-    return len(turns) // 2
 
 
 def open_conversation(store: Store, cid: str, session, *, model: str, kind: str = "cli", owner: str = "",

@@ -23,7 +23,6 @@ import os
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 from starlette.requests import Request
@@ -136,12 +135,26 @@ def audio_file(store: Store, cid: str, owner: str, which: str) -> Path | None:
         return None
 
 
+DELETED = "This conversation was deleted (here or in another tab); start a new one."
+
+
+def forget_live(live, cid: str, owner: str) -> None:
+    """A deleted conversation's live state goes too, and whoever still holds it (another tab's socket
+    or page) is told at its next turn, in one sentence, instead of writing to a conversation that is gone."""
+    if live is None:
+        return
+    journal = getattr(live.get(cid, owner), "journal", None)
+    if journal is not None:
+        journal.broken = DELETED
+    live.drop(cid, owner)
+
+
 class HistoryRoutes:
     """The routes above, over one store."""
 
-    def __init__(self, store: Store, access: Access, live_drop: Callable[[str, str], None] | None = None) -> None:
+    def __init__(self, store: Store, access: Access, live=None) -> None:
         self.store, self.access = store, access
-        self.live_drop = live_drop  # let go of a deleted conversation's live state too
+        self.live = live  # the app's Live registry: a deleted conversation's live state goes too
 
     def routes(self) -> list[Route]:
         return [Route(ROUTE, self._list, methods=["GET"]),
@@ -174,8 +187,7 @@ class HistoryRoutes:
             if request.method == "DELETE":
                 if not await asyncio.to_thread(self.store.delete, cid, owner=owner):
                     raise _missing(cid)
-                if self.live_drop is not None:
-                    self.live_drop(cid, owner)
+                forget_live(self.live, cid, owner)
                 return JSONResponse({"deleted": cid})
             body = b""
             async for chunk in request.stream():  # read no further than a rename can be
@@ -195,7 +207,7 @@ class HistoryRoutes:
                 raise _Refused(400, str(exc)) from None
             if not renamed:
                 raise _missing(cid)
-            return JSONResponse({"id": cid, "title": " ".join(title.split())})
+            return JSONResponse({"id": cid, "title": (await asyncio.to_thread(self.store.get, cid, owner=owner)).title})
         return await _answering(run)
 
     async def _audio(self, request: Request) -> Response:

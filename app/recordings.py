@@ -168,7 +168,10 @@ def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | N
         answer = reply.answer
         if reply.reasoning:
             _message(recording, reply.reasoning, {"title": REASONING_TITLE, "status": "done"})
-        _message(recording, answer or "(The model gave no answer after its reasoning.)")
+        if reply.interrupted:
+            _message(recording, f"{answer} {CUT_OFF}".strip())
+        else:
+            _message(recording, answer or "(The model gave no answer after its reasoning.)")
         recording.answer = answer
         if user.think:
             recording.steps = [ThinkStep(s["start"], s.get("end"), s["text"]) for s in reply.steps]
@@ -200,29 +203,57 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
     recording.chat.append({"role": "user", "content": question})
     recording.steps = [] if think else recording.steps
     reasoning = answer = None
-    yield (f"Listening to the recording ({_clock(recording.duration_s)}) and reading the question…"
-           if clip else "Reading the question…")
-    for event in stream:
-        if isinstance(event, ReasoningDelta):
-            reasoning = reasoning or _message(recording, "", {"title": REASONING_TITLE, "status": "pending"})
-            reasoning["content"] += event.text
-            yield "Reasoning…"
-        elif isinstance(event, TextDelta):
-            if reasoning is not None:
-                reasoning["metadata"]["status"] = "done"
-            answer = answer or _message(recording, "")
-            answer["content"] += event.text
-            yield "Answering…"
-        elif isinstance(event, ThinkStep):
-            recording.steps.append(event)
-            yield "Reasoning…"
-        elif isinstance(event, TurnDone):
-            if reasoning is not None:
-                reasoning["metadata"]["status"] = "done"
-            recording.answer = event.reply.answer
-            if not event.reply.answer.strip():
-                _message(recording, "(The model gave no answer after its reasoning.)")
-            yield _timings(event.reply.timings, clip is not None)
+    done = False
+    try:
+        yield (f"Listening to the recording ({_clock(recording.duration_s)}) and reading the question…"
+               if clip else "Reading the question…")
+        for event in stream:
+            reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, clip is not None)
+            if line is not None:
+                yield line
+    finally:
+        if not done:  # cancelled (a new recording, the page closed) or failed: the chat says it was cut off
+            _cut_off(recording, reasoning, answer)
+
+
+def _on_event(recording: Recording, event, reasoning: dict | None, answer: dict | None, first: bool):
+    """One turn event into the chat; (reasoning, answer, done, status line or None)."""
+    if isinstance(event, ReasoningDelta):
+        reasoning = reasoning or _message(recording, "", {"title": REASONING_TITLE, "status": "pending"})
+        reasoning["content"] += event.text
+        return reasoning, answer, False, "Reasoning…"
+    if isinstance(event, TextDelta):
+        if reasoning is not None:
+            reasoning["metadata"]["status"] = "done"
+        answer = answer or _message(recording, "")
+        answer["content"] += event.text
+        return reasoning, answer, False, "Answering…"
+    if isinstance(event, ThinkStep):
+        recording.steps.append(event)
+        return reasoning, answer, False, "Reasoning…"
+    if isinstance(event, TurnDone):
+        if event.reply.interrupted:
+            _cut_off(recording, reasoning, answer)
+        elif reasoning is not None:
+            reasoning["metadata"]["status"] = "done"
+        recording.answer = event.reply.answer
+        if not event.reply.answer.strip() and not event.reply.interrupted:
+            _message(recording, "(The model gave no answer after its reasoning.)")
+        return reasoning, answer, True, _timings(event.reply.timings, first)
+    return reasoning, answer, False, None
+
+
+CUT_OFF = "(cut off before the answer was finished)"
+
+
+def _cut_off(recording: Recording, reasoning: dict | None, answer: dict | None) -> None:
+    """A turn that ended early: no spinner left turning, and the chat says it was cut off."""
+    if reasoning is not None:
+        reasoning["metadata"]["status"] = "done"
+    if answer is not None:
+        answer["content"] += f" {CUT_OFF}"
+    else:
+        _message(recording, CUT_OFF)
 
 
 def _question(text: str) -> str:

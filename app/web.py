@@ -49,7 +49,7 @@ from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
 from .guard import UPLOAD_QUOTA_BYTES, Guard, GuardOptions
 from .desk import Files, claimed, hold, live_conversations, release_memory
-from .history import MAX_HISTORY_GB, HistoryRoutes, listing, open_store, prune_every
+from .history import MAX_HISTORY_GB, HistoryRoutes, forget_live, listing, open_store, prune_every
 from .recordings import USER_ERRORS, Recording
 
 log = logging.getLogger(__name__)
@@ -166,8 +166,11 @@ class _RecordingsTab:
         upload.upload(self.open, [upload, owner], **opened).then(**listed)
         for button, path in zip(examples, EXAMPLES.values()):
             button.click(self.example(path), [owner], **opened).then(**listed)
-        history.input(self.reopen, [history, owner], **opened).then(**listed)
-        rename.click(self.rename, [history, title, owner], [title], **private).then(**listed)
+        # `select`, not `input`: closing the list without picking must not reopen (and cut off an answer).
+        history.select(self.reopen, [history, owner], **opened).then(**listed)
+        renamed = dict(fn=self.rename, inputs=[history, title, cid, owner], outputs=[title, wave, status], **private)
+        rename.click(**renamed).then(**listed)
+        title.submit(**renamed).then(**listed)
         delete.click(self.delete, [history, cid, owner], [status, wave, chat, cid], **private).then(**listed)
         speak_button.click(self.speak, [cid, owner], [spoken], **private)
         # The page keeps its owner token and its open recording (owner.js): a reload opens it again.
@@ -275,22 +278,26 @@ class _RecordingsTab:
             f"{len(choices)} recording(s) kept, {_megabytes(found['disk_bytes'])} on disk. Those unused for "
             f"{self.keep_days:g} days are deleted, and the oldest first when the server's history is full.")
 
-    def rename(self, cid: str | None, title: str, owner: str):
-        owned = _owner(owner)
+    def rename(self, cid: str | None, title: str, current: str, owner: str):
+        """Rename the recording picked in the list; the open one's waveform and status show the new name."""
+        owned, unchanged = _owner(owner), (gr.skip(), gr.skip(), gr.skip())
         if self.store is None or owned is None or not cid:
             gr.Warning("Pick a recording in the list first.")
-            return gr.skip()
+            return unchanged
         try:
             if not self.store.rename(cid, title or "", owner=owned):
                 gr.Warning("That recording is no longer in your history.")
-                return gr.skip()
+                return unchanged
         except recordings.StoreError as exc:
             gr.Warning(str(exc))
-            return gr.skip()
+            return unchanged
         held = self.live.get(cid, owned)
-        if isinstance(held, Recording):
-            held.name = " ".join(title.split())
-        return ""
+        if not isinstance(held, Recording):
+            return "", gr.skip(), gr.skip()
+        held.name = self.store.get(cid, owner=owned).title
+        if cid != current:
+            return "", gr.skip(), gr.skip()
+        return "", held.waveform(), f"Renamed to **{_markdown_text(held.name)}**."
 
     def delete(self, cid: str | None, current: str, owner: str):
         owned = _owner(owner)
@@ -299,7 +306,7 @@ class _RecordingsTab:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if not self.store.delete(cid, owner=owned):
             gr.Warning("That recording is no longer in your history.")
-        self.live.drop(cid, owned)
+        forget_live(self.live, cid, owned)  # another tab asking about it is told it was deleted
         if cid == current:
             return "Deleted, with its questions and answers.", "", [], ""
         return "Deleted, with its questions and answers.", gr.skip(), gr.skip(), gr.skip()
@@ -312,7 +319,10 @@ class _RecordingsTab:
             yield gr.skip(), gr.skip(), f"⚠️ {exc}", gr.skip()
             return
         if recording is None:  # the page's chat stays as it is (gr.skip): nothing of it is lost
-            yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, self.live.why_gone(cid) if cid else None)}", gr.skip()
+            why = self.live.why_gone(cid) if cid else None
+            if why is None and cid and self.store is not None and not cid.startswith("unkept-"):
+                why = "it was deleted from your history"  # kept ones are reopened: this one is gone
+            yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, why)}", gr.skip()
             return
         sent, box = question, ""  # the box empties once; what the user types meanwhile is theirs
         try:
@@ -429,7 +439,7 @@ def _nothing_held(shown: str | None, why: str | None = None) -> str:
     if not isinstance(name, str) or not name:
         return "Upload a recording, or pick an example, first."
     reason = why or "the server restarted since it was opened"
-    return (f"The server no longer holds {name} ({reason}); upload it again to go on. "
+    return (f"The server no longer holds {_markdown_text(name)} ({reason}); upload it again to go on. "
             "The questions above stay on this page.")
 
 
@@ -482,7 +492,7 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     app_kwargs = {"middleware": [Middleware(Guard, options=gate)],
                   "routes": [Route("/health", _health(loader)), Route(TOKEN_ROUTE, _page_token(access)),
                              WebSocketRoute(realtime.ROUTE, voice.__call__),
-                             *Api(loader, api_key, access).routes(), *HistoryRoutes(store, access, live.drop).routes()]}
+                             *Api(loader, api_key, access).routes(), *HistoryRoutes(store, access, live).routes()]}
     try:
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS, head=HEAD,
                     max_file_size=MAX_FILE_BYTES, allowed_paths=[str(ASSETS), str(cache_dir)], ssr_mode=False,

@@ -23,9 +23,15 @@ def kept(tmp_path):
     store.add_exchange(talk, StoredTurn("user", "", audio=store.put_audio(b"fLaC voice", ".flac")),
                        StoredTurn("assistant", "<think>\nhmm\n</think>\nHello.", reasoning="hmm", token_ids=(1, 2)))
     recording = store.create("recording", owner=owner_of(ALICE), title="meeting.m4a", audio=(b"m4a bytes", ".m4a"))
-    dropped: list[tuple[str, str]] = []
-    routes = history.HistoryRoutes(store, Access("sesame"), lambda cid, owner: dropped.append((cid, owner)))
-    return TestClient(Starlette(routes=routes.routes())), store, talk, recording, dropped
+    from types import SimpleNamespace
+
+    from afnext.live import Live
+
+    live = Live()
+    held = SimpleNamespace(journal=SimpleNamespace(broken=None))  # what another tab holds of the recording
+    live.put(recording, owner_of(ALICE), "10.0.0.1", held)
+    routes = history.HistoryRoutes(store, Access("sesame"), live)
+    return TestClient(Starlette(routes=routes.routes())), store, talk, recording, (live, held)
 
 
 def _as(owner: str) -> dict:
@@ -33,7 +39,7 @@ def _as(owner: str) -> dict:
 
 
 def test_an_owner_lists_reads_renames_and_deletes_their_own_conversations(kept):
-    client, store, talk, recording, dropped = kept
+    client, store, talk, recording, (live, held) = kept
     listed = client.get("/afnext/conversations", headers=_as(ALICE)).json()
     assert {c["id"] for c in listed["conversations"]} == {talk, recording} and listed["disk_bytes"] > 0
     assert [c["id"] for c in client.get("/afnext/conversations?kind=talk", headers=_as(ALICE)).json()["conversations"]] \
@@ -44,10 +50,13 @@ def test_an_owner_lists_reads_renames_and_deletes_their_own_conversations(kept):
     audio = client.get(f"/afnext/conversations/{talk}/audio/0", headers=_as(ALICE))
     assert audio.content == b"fLaC voice" and audio.headers["cache-control"].startswith("private")
     assert client.get(f"/afnext/conversations/{recording}/audio/recording", headers=_as(ALICE)).content == b"m4a bytes"
-    renamed = client.patch(f"/afnext/conversations/{talk}", headers=_as(ALICE), json={"title": "  Pizza   order "})
+    renamed = client.patch(f"/afnext/conversations/{talk}", headers=_as(ALICE), json={"title": "  Pizza \u202e\u0000 order "})
     assert renamed.json()["title"] == "Pizza order" and store.get(talk, owner=owner_of(ALICE)).title == "Pizza order"
+    long = client.patch(f"/afnext/conversations/{talk}", headers=_as(ALICE), json={"title": "x" * 500})
+    assert long.json()["title"] == "x" * 200, "the title as kept is the one echoed"
     assert client.delete(f"/afnext/conversations/{recording}", headers=_as(ALICE)).status_code == 200
-    assert dropped == [(recording, owner_of(ALICE))], "its live state is let go of too"
+    assert live.get(recording, owner_of(ALICE)) is None, "its live state is let go of too"
+    assert "was deleted" in held.journal.broken, "and whoever holds it is told at its next turn"
     assert store.get(recording, owner=owner_of(ALICE)) is None
 
 

@@ -378,7 +378,7 @@ def test_a_page_whose_recording_the_server_lost_is_told_why():
     from app.web import _nothing_held
 
     shown = json.dumps({"name": "meeting.m4a", "peaks": []})
-    assert "no longer holds meeting.m4a (the server restarted" in _nothing_held(shown)
+    assert "no longer holds meeting\\.m4a (the server restarted" in _nothing_held(shown)  # Markdown-escaped
     assert "(nobody had asked" in _nothing_held(shown, "nobody had asked about it for 30 minutes")
     for junk in ("", "{not json", "[" * 100_000, json.dumps({"name": ["x"]}), "[]"):
         assert _nothing_held(junk) == "Upload a recording, or pick an example, first."

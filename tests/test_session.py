@@ -50,7 +50,9 @@ def test_first_turn_equals_stock_generate(engine, tiny_dir):
     prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     inputs = processor(text=[prompt], audio=[clip])
     with torch.inference_mode():
-        out = engine.loaded.model.generate(**inputs, max_new_tokens=12, do_sample=False, repetition_penalty=1.2)
+        ids = engine.loaded.ids  # the audio placeholders are never generated (afnext/sampling.py), here either
+        out = engine.loaded.model.generate(**inputs, max_new_tokens=12, do_sample=False, repetition_penalty=1.2,
+                                           suppress_tokens=[ids.sound, ids.sound_bos, ids.sound_eos])
     stock = out[0, inputs["input_ids"].shape[1]:].tolist()
     assert list(reply.token_ids) == [t for t in stock if t != engine.loaded.ids.im_end]
     assert reply.prompt_tokens == inputs["input_ids"].shape[1]
@@ -271,3 +273,29 @@ def test_the_system_prompt_reaches_the_model(engine, tiny_dir):
     expected = processor(text=[prompt], audio=[clip])["input_ids"][0].tolist()
     assert "Answer in one word." in prompt and session.tokens[:len(expected)] == expected
     assert reply.prompt_tokens == len(expected)
+
+
+def test_a_reply_never_holds_an_audio_marker_so_it_can_always_be_prefilled_again(loaded):
+    """A model that wants to say <sound> (random weights do, now and then) does not: put back into the
+    conversation, the marker would be taken for an audio slot with no audio."""
+    from afnext.engine import Engine
+    from tests.web.scripted import ScriptedEngine
+
+    engine = ScriptedEngine(loaded, script="<sound><|sound_bos|>")
+    try:
+        session = Session(engine)
+        reply = [e for e in session.ask("Say it.", options=GenerationOptions(max_new_tokens=4)) if isinstance(e, TurnDone)][0].reply
+        markers = {loaded.ids.sound, loaded.ids.sound_bos, loaded.ids.sound_eos}
+        assert reply.token_ids and not markers.intersection(reply.token_ids)
+        follow = [e for e in session.ask("Again?", options=GenerationOptions(max_new_tokens=2)) if isinstance(e, TurnDone)]
+        assert follow, "the conversation goes on"
+    finally:
+        engine.close()
+    plain = Engine(loaded)
+    try:
+        kept = Session(plain)
+        kept.extend("user", "Say it.")
+        with pytest.raises(ValueError, match="audio marker"):
+            kept.extend_reply([loaded.ids.sound])  # a store written before this rule cannot sneak one in
+    finally:
+        plain.close()
