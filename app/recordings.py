@@ -17,6 +17,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ class Recording:
     kept: str | None = None  # its audio's key in the store (None: not kept)
     owner: str = ""
     journal: Journal | None = field(default=None, repr=False)  # set once its sessions are opened
+    keeping: threading.Event = field(default_factory=threading.Event, repr=False)  # set once `keep` is done
     on_close: Callable[[Recording], None] | None = field(default=None, repr=False)
 
     @property
@@ -136,15 +138,15 @@ def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
 
 
 def keep(recording: Recording, store: Store, owner: str, path: str) -> None:
-    """Keep a newly opened recording in the store, as a conversation of `owner` with no turns yet: its
-    file (an integer WAV as FLAC of the same samples) and its name. Raises KeptError if the disk refuses."""
+    """Keep a newly opened recording in the store, as conversation `recording.cid` of `owner` with no turns
+    yet: its file (an integer WAV as FLAC of the same samples) and its name. KeptError if the disk refuses."""
     try:
         data, suffix = lossless(load_file(path), Path(path).suffix)
-        cid = store.create("recording", owner=owner, title=recording.name, audio=(data, suffix))
+        store.create("recording", owner=owner, title=recording.name, audio=(data, suffix), id=recording.cid)
     except (OSError, StoreError) as exc:
         raise KeptError(f"The recording could not be kept ({exc}); it can be asked about, but will not be in "
                         "your history.") from exc
-    recording.cid, recording.kept, recording.owner = cid, store.get(cid, owner=owner).audio, owner
+    recording.kept = store.get(recording.cid, owner=owner).audio
 
 
 def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | None:
@@ -163,6 +165,7 @@ def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | N
         shutil.copyfile(kept, served)
     recording = open_recording(str(served), cache_dir, owned=True)
     recording.name, recording.cid, recording.kept, recording.owner = conversation.title, cid, conversation.audio, owner
+    recording.keeping.set()
     for user, reply in _exchanges(store.turns(cid)):
         recording.chat.append({"role": "user", "content": user.text})
         answer = reply.answer

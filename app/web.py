@@ -195,6 +195,7 @@ class _RecordingsTab:
             return
         claim = [path] if owned else []  # held while it is read: an identical upload elsewhere may end meanwhile
         self.files.claim(claim)
+        recording = None
         try:
             if _owner(owner) is None:  # the page always sends one (owner.js): this is not the page
                 yield f"⚠️ {NO_OWNER}", "", [], ""
@@ -207,25 +208,30 @@ class _RecordingsTab:
                 gr.Warning(str(exc))
                 yield f"⚠️ {exc}", "", [], ""
                 return
-            recording.owner, unkept = _owner(owner), self._keep(recording, path, _owner(owner))
+            recording.owner = _owner(owner)
+            recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"
             hold(self.live, self.files, _address(request), recording)
+            ready = (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. Ask a question; the "
+                     "first one makes the model listen to the whole recording, follow-ups reuse what it heard.")
+            # The waveform first; then the file goes into the history (a 30-minute WAV: a second or so), and
+            # a question asked meanwhile waits for it (Recording.keeping).
+            yield ready, recording.waveform(), [], recording.cid
+            yield ready + self._keep(recording, path), gr.skip(), gr.skip(), gr.skip()
         finally:
+            if recording is not None:
+                recording.keeping.set()  # the page went before it was kept: questions do not wait for it
             self.files.release(claim)
-        yield (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. Ask a question; the "
-               "first one makes the model listen to the whole recording, follow-ups reuse what it heard." + unkept), \
-            recording.waveform(), [], recording.cid
 
-    def _keep(self, recording: Recording, path: str, owner: str) -> str:
-        """Keep a new recording in the owner's history (else it is held live under a random id only);
-        a sentence to add to the status if it is not kept."""
-        recording.cid = f"unkept-{secrets.token_hex(16)}"
-        if self.store is None:
-            return ""
+    def _keep(self, recording: Recording, path: str) -> str:
+        """Keep a new recording in its owner's history under its id; a sentence for the status if it is not."""
         try:
-            recordings.keep(recording, self.store, owner, path)
+            if self.store is not None:
+                recordings.keep(recording, self.store, recording.owner, path)
         except recordings.KeptError as exc:
             log.warning("%s", exc)
             return f" ⚠️ {exc}"
+        finally:
+            recording.keeping.set()
         return ""
 
     def reopen(self, cid: str, owner: str, request: gr.Request):
@@ -330,6 +336,7 @@ class _RecordingsTab:
                 yield recording.chat, gr.skip(), "Waiting for the model to finish loading…", gr.skip()
             backend = self.loader.wait()
             steps = len(recording.steps)
+            recording.keeping.wait(KEEPING_WAIT_S)  # opened a moment ago: its file is still being kept
             store = self.store if recording.kept is not None else None
             for line in recordings.ask(recording, question, think, backend, store):
                 changed, steps = len(recording.steps) != steps, len(recording.steps)  # a Think turn starts afresh
@@ -360,6 +367,9 @@ class _RecordingsTab:
             gr.Warning("The voice made no sound for that answer.")
             return None
         return chunks[0].sample_rate, int16(np.concatenate([c.samples for c in chunks]))
+
+
+KEEPING_WAIT_S = 120.0  # a question waits this long at most for its recording to be kept (a 1 GB file)
 
 
 class _NotHeld(Exception):
