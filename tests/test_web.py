@@ -450,3 +450,22 @@ def test_semantic_vad_is_taken_with_its_eagerness_and_a_bad_one_is_refused(voice
             "type": "semantic_vad", "eagerness": "eventually"}}}}})
         assert "eagerness must be" in events_until(ws, "error")[-1]["error"]["message"]
     assert wire.updated(wire.Config(), {"turn_detection": {"type": "server_vad"}}).semantic is False
+
+
+def test_with_an_api_key_a_clients_voice_conversations_belong_to_the_key(voice, tmp_path):
+    from afnext.store import Store
+    from app.access import key_owner
+
+    store = Store(tmp_path)
+    client = voice(Access("sesame"), store=store)
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers={"Authorization": "Bearer sesame"}) as ws:
+        cid = ws.receive_json()["conversation"]["id"]
+        ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 3,
+                                                            "audio": {"input": {"turn_detection": None}}}})
+        events_until(ws, "session.updated")
+        _text_turn(ws, "Remember this.")
+    (kept,) = store.list(owner=key_owner("sesame"))
+    assert kept.id == cid and kept.kind == "api" and kept.turns == 1
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct&conversation={cid}",
+                                  headers={"Authorization": "Bearer sesame"}) as ws:
+        assert ws.receive_json()["conversation"] == {"id": cid, "turns": 1}
