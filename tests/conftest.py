@@ -9,6 +9,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere: 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `--model tiny` writes its random-weight checkpoints here, not into the user's ~/.cache.
 os.environ.setdefault("AFNEXT_TINY_DIR", tempfile.mkdtemp(prefix="afnext-tiny-"))
+# Conversations the app and the CLI keep (afnext/store.py) go here, not into the user's ~/.local/share.
+os.environ["AFNEXT_DATA"] = tempfile.mkdtemp(prefix="afnext-data-")
 
 import numpy as np
 import pytest
