@@ -244,7 +244,11 @@ class Store:
                                (cid, n + i, turn.role, turn.text, int(turn.think), turn.audio, turn.reasoning,
                                 json.dumps(turn.steps), None if turn.token_ids is None else json.dumps(list(turn.token_ids)),
                                 json.dumps(turn.timings), int(turn.interrupted), now))
+                # Named by its first question; a spoken one (no text) by the start of its first answer.
                 title = clean_title((user.text.strip().splitlines() or [""])[0])[:80]
+                answer = clean_title(assistant.answer)
+                if not title and answer:
+                    title = f"“{answer[:60].rstrip()}{'…' if len(answer) > 60 else ''}”"
                 db.execute("UPDATE conversations SET updated = ?, title = CASE WHEN title = '' THEN ? ELSE title END "
                            "WHERE id = ?", (now, title, cid))
                 db.execute("COMMIT")

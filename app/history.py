@@ -110,11 +110,23 @@ def transcript(store: Store, cid: str, owner: str) -> dict | None:
     if conversation is None:
         return None
     turns = [{"role": t.role, "text": t.text if t.role == "user" else t.answer, "think": t.think,
-              "audio": t.audio is not None, "reasoning": t.reasoning, "steps": t.steps, "interrupted": t.interrupted,
-              "timings": t.timings} for t in store.turns(cid)]
+              "audio": t.audio is not None, "seconds": _seconds(store, t.audio), "reasoning": t.reasoning,
+              "steps": t.steps, "interrupted": t.interrupted, "timings": t.timings} for t in store.turns(cid)]
     return {"id": cid, "kind": conversation.kind, "title": conversation.title or _untitled(conversation.kind),
             "created": conversation.created, "updated": conversation.updated,
             "recording": conversation.audio is not None, "turns": turns}
+
+
+def _seconds(store: Store, key: str | None) -> float | None:
+    """How long a turn's kept audio is (read from its header), or None."""
+    if key is None:
+        return None
+    try:
+        import soundfile
+
+        return round(soundfile.info(str(store.audio_path(key))).duration, 1)
+    except (StoreError, RuntimeError, ValueError):  # a format libsndfile does not read (mp3 is fine)
+        return None
 
 
 def audio_file(store: Store, cid: str, owner: str, which: str) -> Path | None:

@@ -45,7 +45,7 @@ def test_an_owner_lists_reads_renames_and_deletes_their_own_conversations(kept):
     assert [c["id"] for c in client.get("/afnext/conversations?kind=talk", headers=_as(ALICE)).json()["conversations"]] \
         == [talk]
     one = client.get(f"/afnext/conversations/{talk}", headers=_as(ALICE)).json()
-    assert one["title"] == "Voice conversation" and one["turns"][1]["text"] == "Hello." \
+    assert one["title"] == "“Hello.”" and one["turns"][1]["text"] == "Hello." \
         and one["turns"][1]["reasoning"] == "hmm" and one["turns"][0]["audio"] is True
     audio = client.get(f"/afnext/conversations/{talk}/audio/0", headers=_as(ALICE))
     assert audio.content == b"fLaC voice" and audio.headers["cache-control"].startswith("private")
@@ -72,7 +72,7 @@ def test_another_owner_or_no_owner_reaches_nothing_of_it(kept):
     assert client.get(f"/afnext/conversations/{talk}").status_code == 401
     assert client.get(f"/afnext/conversations/{talk}", headers={"Authorization": "Bearer sesame"}).status_code == 404, \
         "the key owns the key's conversations, not the page's"
-    assert store.get(talk, owner=owner_of(ALICE)).title == "" and store.get(talk, owner=owner_of(ALICE)).turns == 1
+    assert store.get(talk, owner=owner_of(ALICE)).title == "“Hello.”" and store.get(talk, owner=owner_of(ALICE)).turns == 1
 
 
 def test_bad_requests_get_one_sentence(kept):

@@ -256,6 +256,9 @@ def test_a_journal_keeps_voice_turns_cut_replies_and_abandoned_streams_so_a_rest
     assert store.get(cid, owner="o").turns == 1, "kept before its TurnDone was read"
     kept = store.turns(cid)
     assert kept[0].audio.endswith(".flac") and kept[1].token_ids == first.token_ids
+    answer = " ".join(first.answer.split())
+    assert not answer or store.get(cid, owner="o").title.startswith("“" + answer[:20]), \
+        "a spoken first question: named by the start of its answer"
     live.rewrite_reply(first.text[: len(first.text) // 2])  # the user spoke over the second half
     assert store.turns(cid)[1].token_ids is None and store.turns(cid)[1].interrupted
     stream = live.ask("Tell me more.", options=GenerationOptions(max_new_tokens=40, min_new_tokens=40))

@@ -509,7 +509,7 @@ async function show(id) {  // a kept conversation's transcript, as the transcrip
     if (t.role === "user") {
       const li = row("user", "You:"), turn = n++;
       li.insertAdjacentHTML("beforeend", `<span class="said"></span>`);
-      li.querySelector(".said").textContent = t.text || (t.audio ? "(speech)" : "");
+      li.querySelector(".said").textContent = t.text || (t.seconds != null ? `(${t.seconds.toFixed(1)} s of speech)` : "(speech)");
       if (t.audio) {
         li.insertAdjacentHTML("beforeend", ` <button class="replay">▶ replay</button>`);
         li.querySelector(".replay").addEventListener("click", () => replayKept(id, turn));
