@@ -155,7 +155,8 @@ class Guard:
                 {"host": (_header(scope, b"host") or b"").decode("latin-1")}):
             await _answer(send, 403, HOST_REFUSAL, openai=scope["path"].startswith(OPENAI_PREFIX), kind="permission_error")
             return
-        if scope["type"] != "http" or scope["method"] in OPEN_METHODS:
+        # History reads take the store's lock, which the engine's commits take too: they count as well.
+        if scope["type"] != "http" or (scope["method"] in OPEN_METHODS and not scope["path"].startswith(HISTORY_PREFIX)):
             await self.app(scope, receive, send)
             return
         full, address = scope["path"], (scope.get("client") or ("?",))[0]

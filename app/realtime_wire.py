@@ -120,7 +120,7 @@ def _detection(value: object) -> dict:
     silence = value.get("silence_duration_ms", 600)
     semantic = value["type"] == "semantic_vad"
     eagerness = value.get("eagerness", "auto") if semantic else "auto"
-    if eagerness not in EAGERNESS:
+    if not isinstance(eagerness, str) or eagerness not in EAGERNESS:
         raise ProtocolError("eagerness must be low, medium, high or auto.")
     return {"server_vad": True, "interrupt": value.get("interrupt_response", True) is not False,
             "create_response": value.get("create_response", True) is not False,

@@ -397,3 +397,18 @@ def test_measuring_the_upload_folder_tidies_what_gradio_leaves(tmp_path):
         os.utime(stale, (old, old))
     assert measure_folder(tmp_path) == (10, 2)  # the fresh empty file still counts: it may be in use
     assert sorted(p.name for p in tmp_path.iterdir()) == ["abc123", "tmpfresh"]
+
+
+def test_a_flood_of_history_reads_is_slowed_like_any_other_flood(app_server):
+    """History reads take the store's lock, which each finished turn takes too: a flood of them from one
+    address meets the per-address budget (GETs elsewhere on the page are not counted). Last in this file:
+    it spends this address's budget."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, url, _ = app_server
+    with httpx.Client(timeout=30) as client, ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: client.get(url + "afnext/conversations", headers={"X-AFNext-Owner": OWNER})
+                              .status_code, range(300)))
+    assert 429 in codes and 200 in codes, codes
+    time.sleep(1.0)  # the budget refills; the server answers as before
+    assert httpx.get(url + "health").status_code == 200

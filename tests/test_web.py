@@ -449,6 +449,9 @@ def test_semantic_vad_is_taken_with_its_eagerness_and_a_bad_one_is_refused(voice
         ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
             "type": "semantic_vad", "eagerness": "eventually"}}}}})
         assert "eagerness must be" in events_until(ws, "error")[-1]["error"]["message"]
+        ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": {
+            "type": "semantic_vad", "eagerness": ["high"]}}}}})  # not even a string: the same sentence
+        assert "eagerness must be" in events_until(ws, "error")[-1]["error"]["message"]
     assert wire.updated(wire.Config(), {"turn_detection": {"type": "server_vad"}}).semantic is False
 
 
