@@ -131,14 +131,6 @@ class Live(Generic[T]):
         while not stop.wait(interval_s):
             self.sweep()
 
-    def cache_bytes(self) -> int:
-        with self._lock:
-            return self._bytes()
-
-    def values(self) -> list[T]:
-        with self._lock:
-            return [h.value for h in self._held.values()]
-
     def __len__(self) -> int:
         return len(self._held)
 

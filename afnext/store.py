@@ -404,14 +404,14 @@ def check_id(cid: str) -> str:
     return cid
 
 
-def restore(session, store: Store, cid: str, *, turns: list[StoredTurn] | None = None) -> int:
+def restore(session, store: Store, cid: str) -> int:
     """Rebuild a new session from conversation `cid`'s completed turns: each clip decoded from the
     bytes it came in, each reply by its generated token ids (or its text, where the user cut it
     short), so the next turn sees exactly the tokens an uninterrupted session would (its KV cache is
     computed once, with that turn). `session` is a Session, or a callable giving the session an
     exchange goes to from its user turn (the Recordings tab's Think turns may have a model of their
     own). Returns the number of turns restored."""
-    turns = store.turns(cid) if turns is None else turns
+    turns = store.turns(cid)
     route = session if callable(session) else (lambda _user: session)
     try:
         _replay(route, store, turns)
@@ -452,14 +452,16 @@ def open_conversation(store: Store, cid: str, session, *, model: str, kind: str 
             conversation = store.get(cid, owner=owner)
             if conversation is None:
                 raise StoreError(f"There is no conversation {cid!r} of yours here.") from None
+    turns = 0
     if conversation is not None:
         store.touch(cid)  # in use now: no prune, here or in another process, takes it
-    if conversation is not None and not conversation.turns and conversation.model != model:
-        store.set_model(cid, model)  # a recording opened before any question: held with this model from now
-    elif conversation is not None and conversation.turns and conversation.model and conversation.model != model:
-        raise StoreError(f"The conversation {cid!r} was held with {conversation.model}: its replies' token ids "
-                         f"mean something to that model only; resume it with --model {conversation.model}.")
-    journal = Journal(store, cid, 0 if conversation is None else restore(session, store, cid))
+        if not conversation.turns and conversation.model != model:
+            store.set_model(cid, model)  # a recording opened before any question: held with this model from now
+        elif conversation.turns and conversation.model and conversation.model != model:
+            raise StoreError(f"The conversation {cid!r} was held with {conversation.model}: its replies' token ids "
+                             f"mean something to that model only; resume it with --model {conversation.model}.")
+        turns = restore(session, store, cid)
+    journal = Journal(store, cid, turns)
     if not callable(session):
         session.journal = journal
     return journal
@@ -503,7 +505,6 @@ class Journal:
         elif isinstance(source, np.ndarray) or isinstance(source, tuple):
             rate, samples = source if isinstance(source, tuple) else (SAMPLE_RATE, source)
             data, suffix = flac16(np.asarray(samples), rate), ".flac"
-            source = data
         elif isinstance(source, (bytes, bytearray, memoryview)):
             data, suffix = bytes(source), ""
         else:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError, MonoResampler, load_audio
+from .turn import WINDOW_S
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +251,8 @@ class Endpointer:
         if self._asked >= len(self._asks) or end - self._voice_end < self._asks[self._asked] - self._frame // 2:
             return None
         self._asked += 1
-        first = max(self._onset - self._pre_roll, self._handed_out, 0)
+        # The model hears the turn's last WINDOW_S seconds: no need to copy more of a long one.
+        first = max(self._onset - self._pre_roll, self._handed_out, 0, end - WINDOW_S * SAMPLE_RATE)
         probability = self.turn_model.complete(self._samples.copy(first, end))
         if probability < self.options.complete:
             return None

@@ -105,10 +105,10 @@ class RealtimeLink:
         self._last_item: str | None = None
         self._out = _Responses(self)
         self._closing, self._closed = threading.Lock(), False
+        if kept is not None and kept.system is not None:  # a kept conversation goes on with its instructions
+            self.config = replace(self.config, instructions=kept.system or None)
         self._feeder = threading.Thread(target=self._feed, name="afnext-realtime-feed", daemon=True)
         self._feeder.start()
-        if kept is not None and kept.system is not None:
-            self.config = replace(self.config, instructions=kept.system or None)
         extra = {} if kept is None else {"conversation": {"id": kept.cid, "turns": kept.turns}}
         send(wire.event("session.created", session=self.config.describe(model), **extra))
 
