@@ -11,7 +11,7 @@ from afnext import bench_concurrent
 
 def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
     out = tmp_path / "concurrent.json"
-    argv = ["--size", "tiny", "--conversations", "3", "--tokens", "8", "--repeats", "2", "--long-seconds", "300", "--out", str(out)]
+    argv = ["--size", "tiny", "--conversations", "3", "--tokens", "16", "--repeats", "2", "--long-seconds", "300", "--out", str(out)]
     assert bench_concurrent.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["command"].startswith("python -m afnext.bench_concurrent --size tiny")
@@ -21,10 +21,10 @@ def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
     batching = result["batching"]["rounds"][0]
     assert result["batching"]["median_run_speedup"] == pytest.approx(
         (batching["run_speedup"] + result["batching"]["rounds"][1]["run_speedup"]) / 2)
-    assert batching["conversations"] == 3 and batching["tokens"] == 8
+    assert batching["conversations"] == 3 and batching["tokens"] == 16
     for mode in ("sequential", "concurrent"):
         figures = batching[mode]
-        assert figures["new_tokens"] == 3 * 8 and figures["decode_tokens"] == 3 * 7  # fixed-length replies
+        assert figures["new_tokens"] == 3 * 16 and figures["decode_tokens"] == 3 * 15  # fixed-length replies
         assert 0 < figures["ttft_p50_s"] <= figures["ttft_p95_s"] < figures["run_s"]
         assert 0 < figures["decode_s"] <= figures["run_s"] and figures["steps"] > 0
         assert figures["decode_tok_s"] == pytest.approx(figures["decode_tokens"] / figures["decode_s"])
@@ -32,7 +32,8 @@ def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
         assert figures["tokens_per_step"] == pytest.approx(figures["new_tokens"] / figures["steps"])
     one, together = batching["sequential"], batching["concurrent"]
     assert one["steady_decode_tok_s"] == one["decode_tok_s"]  # one reply per step: all of decoding is steady
-    assert together["steady_steps"] >= 2 and together["step_ms"] > 0  # 8 tokens: the 3 replies overlap
+    assert together["steady_steps"] >= 2 and together["step_ms"] > 0  # 16 tokens: the 3 replies overlap (8 left
+    # too short a window on a loaded machine, where a reader thread notes its first token late)
     assert together["steady_decode_tok_s"] == pytest.approx(3 * 1e3 / together["step_ms"])
     assert batching["steady_decode_speedup"] == pytest.approx(together["steady_decode_tok_s"] / one["decode_tok_s"])
     assert batching["decode_speedup"] == pytest.approx(together["decode_tok_s"] / one["decode_tok_s"])
