@@ -33,8 +33,9 @@ check_setup()  # before anything imports torch: a missing one is a sentence sayi
 from .audio import AudioError
 from .cli import KEEP_DAYS, add_model_flags, keep_days
 from .engine import Engine
-from .events import ReasoningDelta, TextDelta, TurnDone
+from .events import PartProgress, ReasoningDelta, TextDelta, TurnDone
 from .model import LICENCE_NOTE, ModelLoadError, load
+from .parts import Conversation
 from .sampling import GenerationOptions
 from .session import ContextFullError, Session
 from .store import KeptError, Store, StoreError, open_conversation
@@ -80,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def ask(engine: Engine, args: argparse.Namespace) -> int:
     """Stream one answer to stdout: reasoning first (set apart), then the answer, then the steps."""
-    session = Session(engine)
+    conversation = Conversation(Session(engine))
     in_reasoning = False
     try:
         options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        for event in session.ask(args.question, args.audio, think=args.think, options=options):
-            if isinstance(event, ReasoningDelta):
+        for event in conversation.ask(args.question, args.audio, think=args.think, options=options):
+            if isinstance(event, PartProgress):  # a recording over 30 minutes, heard in parts
+                print(event.message, file=sys.stderr, flush=True)
+            elif isinstance(event, ReasoningDelta):
                 if not in_reasoning:
                     print("── reasoning ──", flush=True)
                     in_reasoning = True
@@ -132,12 +135,14 @@ def _print_steps(steps) -> None:
         print("── steps ──")
     for step in steps:
         span = _clock(step.start) + (f"–{_clock(step.end)}" if step.end is not None else "")
-        print(f"{span:>17}  {step.text}")
+        part = f"  (part {step.part})" if step.part else ""
+        print(f"{span:>21}  {step.text}{part}")
 
 
 def _clock(seconds: float) -> str:
-    minutes, secs = divmod(seconds, 60)
-    return f"{int(minutes)}:{secs:04.1f}"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{int(hours)}:{int(minutes):02d}:{secs:04.1f}" if hours >= 1 else f"{int(minutes)}:{secs:04.1f}"
 
 
 def chat(engine: Engine, args: argparse.Namespace) -> int:
@@ -145,6 +150,7 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
     With --conversation, the conversation is kept in the store and resumed where it was: each
     completed turn is committed there before its result line is printed."""
     session = Session(engine, use_cache=not args.no_cache)
+    conversation = Conversation(session)
     if args.conversation is not None:
         try:
             store = _open_store(args.store)
@@ -161,7 +167,7 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
             result = {"error": f"The line is over the {MAX_LINE_BYTES:,}-byte limit and was skipped."}
         elif line.strip():
             try:
-                result = _chat_turn(session, line)
+                result = _chat_turn(conversation, line)
             except KeptError as exc:  # the session holds a turn the store does not: it must not go on
                 print(json.dumps({"error": str(exc)}, ensure_ascii=False), flush=True)
                 return 1
@@ -193,11 +199,12 @@ def _lines(stream) -> Iterator[str | bytes | None]:
         yield None
 
 
-def _chat_turn(session: Session, line: str | bytes) -> dict:
+def _chat_turn(conversation: Conversation, line: str | bytes) -> dict:
+    session = conversation.session
     try:
         turn = _read_turn(line)
         reply = None  # with --conversation, the turn is kept by the session before its TurnDone
-        for event in session.ask(turn.text, turn.audio, think=turn.think, options=turn.options):
+        for event in conversation.ask(turn.text, turn.audio, think=turn.think, options=turn.options):
             if isinstance(event, TurnDone):
                 reply = event.reply
     except (AudioError, ContextFullError, ValueError) as exc:

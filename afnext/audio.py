@@ -14,6 +14,7 @@ import os
 import queue
 import stat
 import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import av
@@ -39,6 +40,7 @@ WINDOW_SAMPLES = 480_000  # samples in one 30 s window
 WINDOW_FRAMES = 3000  # mel frames in one 30 s window
 FRAMES_PER_BLOCK = 64  # decoded frames converted per numpy/soxr call (an MP3 frame is 1152
 #                        samples); converting frame by frame cost more than decoding 30 min of MP3
+DECODE_AHEAD_BLOCKS = 4  # decoded blocks the decoder may hold before they are resampled (a few MB each)
 WINDOWS_PER_BATCH = 2  # windows per STFT call: 10 MB of spectrum; bigger batches measured slower
 MAX_SAMPLE_RATE = 768_000  # Hz: the highest rate audio interfaces record at; a larger rate in a
 #                            header only makes soxr chew through a gigabyte for a fraction of a second
@@ -68,6 +70,10 @@ _GUESSED_LENGTH_FORMATS = {"aac", "amr"}
 _HEAD_BYTES = 1 << 16  # bytes read to find a WAV data chunk or an MP3 Xing/Info/VBRI tag
 
 
+_NO_SAMPLES = "The recording has no samples (0 s of audio); record it again."
+_INVALID_SAMPLES = "The recording contains invalid samples (NaN or infinity); export it again as PCM audio."
+
+
 class AudioError(ValueError):
     """Input audio we refuse; the message is one sentence for the user."""
 
@@ -90,6 +96,66 @@ def load_audio(
     _check_path(path)
     # "file:" stops FFmpeg from reading a colon in the name as a protocol ("rtmp:", "concat:").
     return _load("file:" + path, path, max_seconds)
+
+
+def stream_audio(
+    source: str | os.PathLike | bytes | tuple[int, np.ndarray] | np.ndarray, *, max_seconds: float = MAX_AUDIO_S
+) -> tuple[float | None, Iterator[np.ndarray]]:
+    """A recording as it decodes: (the length its file states in seconds, or None where the format
+    does not say; consecutive float32 mono 16 kHz blocks).
+
+    Checks as `load_audio` does; what can be refused before decoding (a missing file, an unknown
+    format, a stated length over `max_seconds`) raises here, and what shows only while decoding
+    raises from the iterator. The whole recording is never held: at most a few decoded blocks.
+    An array or a (sample_rate, samples) pair is already whole in memory; it comes as one block.
+    """
+    if isinstance(source, (tuple, np.ndarray)):
+        whole = load_audio(source if isinstance(source, tuple) else (SAMPLE_RATE, source), max_seconds=max_seconds)
+        return whole.size / SAMPLE_RATE, _one_block(whole)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        origin = bytes(source)
+        _check_size(len(origin))
+        target: str | io.BytesIO = io.BytesIO(origin)
+    else:
+        origin = os.fspath(source)
+        _check_path(origin)
+        target = "file:" + origin
+    container = _open(target)
+    try:
+        stream = _audio_stream(container)
+        declared_s = _declared_seconds(container, stream, origin)
+        if declared_s is not None and declared_s > max_seconds + LIMIT_GRACE_S:
+            raise AudioError(_too_long_text(declared_s, max_seconds))
+    except BaseException:
+        container.close()
+        raise
+    return declared_s, _checked_blocks(container, stream, max_seconds, declared_s)
+
+
+def _one_block(block: np.ndarray) -> Iterator[np.ndarray]:
+    yield block
+
+
+def _checked_blocks(container, stream, max_seconds: float, declared_s: float | None) -> Iterator[np.ndarray]:
+    """`_checked` applied block by block: the grace trimmed, truncation and emptiness found at the end."""
+    limit, found = int(max_seconds * SAMPLE_RATE), 0
+    with container:
+        for block in _decoded(container, stream, max_seconds):
+            if not np.isfinite(block).all():
+                raise AudioError(_INVALID_SAMPLES)
+            if found < limit and block.size:
+                yield block[: limit - found]
+            found += block.size
+    if declared_s is not None and found / SAMPLE_RATE < declared_s - TRUNCATION_TOLERANCE_S:
+        raise AudioError(_truncated_text(declared_s, found / SAMPLE_RATE))
+    if not found:
+        raise AudioError(_NO_SAMPLES)
+
+
+def checked_16k(samples: np.ndarray, max_seconds: float = MAX_AUDIO_S) -> np.ndarray:
+    """float32 mono 16 kHz samples checked as `load_audio` checks what it decodes (AudioError: empty,
+    too long, NaN or infinity), without a copy; over the limit by at most the grace, a view trimmed to it."""
+    return _checked(samples, max_seconds, declared_s=None)
 
 
 def load_file(path: str | os.PathLike) -> bytes:
@@ -269,19 +335,22 @@ def _load_pair(source: tuple, max_seconds: float) -> np.ndarray:
 
 def _load(target: str | io.BytesIO, origin: str | bytes, max_seconds: float) -> np.ndarray:
     """Open, check the declared length, decode; `origin` is where header bytes can be re-read."""
-    try:
-        # Tags are never read here, but PyAV decodes them strictly: one bad byte in a title raised
-        # UnicodeDecodeError past every check.
-        container = av.open(target, container_options=dict(_CONTAINER_OPTIONS), metadata_errors="replace")
-    except av.error.FFmpegError as error:
-        raise AudioError(f"The file is not audio in a known format; use {_KNOWN_FORMATS}.") from error
-    with container:
+    with _open(target) as container:
         stream = _audio_stream(container)
         declared_s = _declared_seconds(container, stream, origin)
         if declared_s is not None and declared_s > max_seconds + LIMIT_GRACE_S:
             raise AudioError(_too_long_text(declared_s, max_seconds))
         audio = _decode(container, stream, max_seconds)
     return _checked(audio, max_seconds, declared_s)
+
+
+def _open(target: str | io.BytesIO) -> av.container.InputContainer:
+    try:
+        # Tags are never read here, but PyAV decodes them strictly: one bad byte in a title raised
+        # UnicodeDecodeError past every check.
+        return av.open(target, container_options=dict(_CONTAINER_OPTIONS), metadata_errors="replace")
+    except av.error.FFmpegError as error:
+        raise AudioError(f"The file is not audio in a known format; use {_KNOWN_FORMATS}.") from error
 
 
 def _audio_stream(container: av.container.InputContainer) -> av.audio.stream.AudioStream:
@@ -294,12 +363,19 @@ def _audio_stream(container: av.container.InputContainer) -> av.audio.stream.Aud
 
 
 def _decode(container: av.container.InputContainer, stream, max_seconds: float) -> np.ndarray:
-    """All of `stream` as float32 mono 16 kHz.
+    """All of `stream` as float32 mono 16 kHz."""
+    blocks = list(_decoded(container, stream, max_seconds))
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+
+def _decoded(container: av.container.InputContainer, stream, max_seconds: float) -> Iterator[np.ndarray]:
+    """`stream` as consecutive float32 mono 16 kHz blocks.
 
     A worker thread decodes (FFmpeg releases the GIL) while this one converts and resamples, so
-    30 min of MP3 or FLAC keeps both cores busy instead of one.
+    30 min of MP3 or FLAC keeps both cores busy instead of one. The worker stays at most
+    DECODE_AHEAD_BLOCKS ahead: a 4-hour recording read part by part is never in memory whole.
     """
-    batches: queue.SimpleQueue = queue.SimpleQueue()
+    batches: queue.Queue = queue.Queue(maxsize=DECODE_AHEAD_BLOCKS)
     stop = threading.Event()
     worker = threading.Thread(
         target=_decode_frames, args=(container, stream, max_seconds, batches, stop),
@@ -307,15 +383,20 @@ def _decode(container: av.container.InputContainer, stream, max_seconds: float) 
     )
     worker.start()
     try:
-        return _resample_batches(batches)
+        yield from _resampled(batches)
     finally:
         stop.set()
         # No timeout: closing the container under a running decode would crash FFmpeg, and the
-        # worker checks `stop` after every frame.
+        # worker checks `stop` after every frame. Blocks it is waiting to hand over are taken.
+        while worker.is_alive():
+            try:
+                batches.get(timeout=0.05)
+            except queue.Empty:
+                pass
         worker.join()
 
 
-def _decode_frames(container, stream, max_seconds: float, batches: queue.SimpleQueue,
+def _decode_frames(container, stream, max_seconds: float, batches: queue.Queue,
                    stop: threading.Event) -> None:
     """Worker: put (sample_rate, [n, channels] samples) blocks on `batches`, then None, or the
     error to raise. Frames are copied out here so FFmpeg can reuse their buffers at once."""
@@ -346,40 +427,33 @@ def _decode_frames(container, stream, max_seconds: float, batches: queue.SimpleQ
         batches.put(outcome)
 
 
-def _resample_batches(batches: queue.SimpleQueue) -> np.ndarray:
-    """Consume `_decode_frames` output into one float32 mono 16 kHz array."""
-    pieces: list[np.ndarray] = []
+def _resampled(batches: queue.Queue) -> Iterator[np.ndarray]:
+    """`_decode_frames` output as float32 mono 16 kHz blocks (a format change mid-file gets its own resampler)."""
     resampler: MonoResampler | None = None
     while isinstance(block := batches.get(), tuple):
         sample_rate, samples = block
         if resampler is None or sample_rate != resampler.sample_rate:
             if resampler is not None:
-                pieces.append(resampler.flush())
+                yield resampler.flush()
             resampler = MonoResampler(sample_rate)
-        pieces.append(resampler.push(samples))
+        yield resampler.push(samples)
     if block is not None:
         raise block
     if resampler is not None:
-        pieces.append(resampler.flush())
-    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        yield resampler.flush()
 
 
 def _checked(audio: np.ndarray, max_seconds: float, declared_s: float | None) -> np.ndarray:
     """The checks every source shares, on the converted 16 kHz audio; trims the grace."""
     found_s = audio.size / SAMPLE_RATE
     if declared_s is not None and found_s < declared_s - TRUNCATION_TOLERANCE_S:
-        raise AudioError(
-            f"The file is damaged or incomplete: it declares {_duration_text(declared_s)} of audio"
-            f" but only {_duration_text(found_s)} could be decoded."
-        )
+        raise AudioError(_truncated_text(declared_s, found_s))
     if audio.size == 0:
-        raise AudioError("The recording has no samples (0 s of audio); record it again.")
+        raise AudioError(_NO_SAMPLES)
     if found_s > max_seconds + LIMIT_GRACE_S:
         raise AudioError(_too_long_text(found_s, max_seconds))
     if not np.isfinite(audio).all():
-        raise AudioError(
-            "The recording contains invalid samples (NaN or infinity); export it again as PCM audio."
-        )
+        raise AudioError(_INVALID_SAMPLES)
     return audio[: int(max_seconds * SAMPLE_RATE)]
 
 
@@ -494,6 +568,11 @@ def _mono_float32(samples: np.ndarray) -> np.ndarray:
     if len(columns) > 1 or scale != 1.0:
         mono *= scale / len(columns)
     return mono
+
+
+def _truncated_text(declared_s: float, found_s: float) -> str:
+    return (f"The file is damaged or incomplete: it declares {_duration_text(declared_s)} of audio"
+            f" but only {_duration_text(found_s)} could be decoded.")
 
 
 def _too_long_text(seconds: float, max_seconds: float, *, found_all: bool = True) -> str:

@@ -34,9 +34,12 @@ def prepare_clip(source, mel_filters: np.ndarray, *, max_seconds: float = audio.
     so that ≤ 20 ms tail is dropped; a clip with no audio token at all is refused as too short.
     """
     t0 = time.perf_counter()
-    if isinstance(source, np.ndarray):
-        source = (audio.SAMPLE_RATE, source)
-    samples = audio.load_audio(source, max_seconds=max_seconds)
+    if isinstance(source, np.ndarray) and source.dtype == np.float32 and source.ndim == 1:
+        samples = audio.checked_16k(source, max_seconds)  # 16 kHz already (a part of a long recording): no copy
+    else:
+        if isinstance(source, np.ndarray):
+            source = (audio.SAMPLE_RATE, source)
+        samples = audio.load_audio(source, max_seconds=max_seconds)
     features, frames = audio.log_mel_windows(samples, mel_filters)
     keep = [i for i, f in enumerate(frames) if audio.audio_tokens(f) > 0]
     if not keep:

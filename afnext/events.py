@@ -37,6 +37,39 @@ class ThinkStep:
     end: float | None  # seconds, or None when the text names a single moment
     text: str  # the sentence of reasoning that mentions the time
     turn: int = 0
+    # A recording heard in parts: the 1-based part the step came from (its times are then in the
+    # whole recording: the part's offset plus the model's time in the part); None when heard whole.
+    part: int | None = None
+
+
+@dataclass(frozen=True)
+class PartProgress:
+    """How far a turn about a recording heard in parts has got (afnext/parts.py)."""
+
+    stage: str  # "read" (decoded and cut) | "listening" | "answered" | "merging"
+    part: int  # 1-based part this is about; 0 with "merging"
+    parts: int | None  # how many parts there are (None while a recording of unstated length is read)
+    start_s: float = 0.0  # the part's place in the whole recording, seconds
+    end_s: float = 0.0
+    text: str = ""  # "answered": the part's answer, its times made absolute
+    turn: int = 0
+
+    @property
+    def message(self) -> str:
+        """One line for a status bar: "Listening to part 2 of 4 (25:03–50:10)…"."""
+        of = f" of {self.parts}" if self.parts else ""
+        where = f" ({clock(self.start_s)}–{clock(self.end_s)})"
+        return {"read": f"Read part {self.part}{of}{where}.",
+                "listening": f"Listening to part {self.part}{of}{where}…",
+                "answered": f"Part {self.part}{of} answered.",
+                "merging": f"Putting the {self.parts} parts' answers together…"}[self.stage]
+
+
+def clock(seconds: float) -> str:
+    """m:ss, or h:mm:ss from an hour on."""
+    minutes, rest = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes}:{rest:02d}"
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 
-from afnext.events import ReasoningDelta, TextDelta, ThinkStep
+from afnext.events import ReasoningDelta, TextDelta, ThinkStep, clock
 
 Event = ReasoningDelta | TextDelta | ThinkStep
 
@@ -115,6 +115,18 @@ def find_times(
 ) -> list[tuple[float, float | None]]:
     """Every time mention in ``text``, in order, as (start_s, end_s or None for a moment)."""
     return [_clamp(*_mention(m), clip_duration_s) for m in _TIMES.finditer(text)]
+
+
+def shift_times(text: str, offset_s: float, clip_duration_s: float | None = None) -> str:
+    """`text` with each time mention rewritten as a clock time `offset_s` seconds later: a part's
+    answer made to speak of the whole recording ("from 1:10 to 1:25" in a part that starts at 25:00
+    becomes "from 26:10–26:25"). Times are clamped to the part first, as steps are."""
+    def absolute(match: re.Match[str]) -> str:
+        start, end = _clamp(*_mention(match), clip_duration_s)
+        stamp = clock(start + offset_s)
+        return stamp if end is None else f"{stamp}–{clock(end + offset_s)}"
+
+    return _TIMES.sub(absolute, text)
 
 
 class _Steps:

@@ -67,3 +67,21 @@ def test_ask_bad_audio_and_unavailable_model_are_one_line_errors(tiny_dir, tmp_p
     assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
     proc = cli("ask", "--model", "nvidia/audio-flamingo-next-hf", str(bad), "What?")
     assert proc.returncode == 2 and "--model tiny" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_clip_over_30_minutes_just_works_in_chat_and_ask(tiny_dir, tmp_path):
+    long = str(tmp_path / "long.wav")
+    sf.write(long, (np.random.default_rng(0).uniform(-0.1, 0.1, 31 * 60 * 16000) * 32767).astype(np.int16), 16000)
+    turns = [{"text": "What happens?", "audio": long, "max_new_tokens": 6},
+             {"text": "And then?", "max_new_tokens": 6},
+             {"text": "Another clip", "audio": wav(tmp_path / "a.wav", 2)}]
+    proc = cli("chat", "--model", str(tiny_dir), "--jsonl", stdin="\n".join(map(json.dumps, turns)) + "\n")
+    assert proc.returncode == 0, proc.stderr
+    first, follow, other = [json.loads(x) for x in proc.stdout.splitlines()]
+    assert first["timings"]["audio_s"] > 0 and first["token_ids"]
+    assert "Part 1 of 2 (0:00–15:30)" in first["reasoning"] and "Part 2 of 2 (15:30–31:00)" in first["reasoning"]
+    assert follow["timings"]["encode_s"] == 0 and follow["timings"]["audio_s"] == 0 and follow["token_ids"]
+    assert "heard in parts" in other["error"]
+    proc = cli("ask", "--model", str(tiny_dir), long, "What is said?", "--max-new-tokens", "6")
+    assert proc.returncode == 0, proc.stderr
+    assert "Listening to part 2 of 2 (15:30–31:00)…" in proc.stderr and proc.stdout.strip()

@@ -1,0 +1,155 @@
+"""Long recordings cut into parts: at quiet moments, in order, with their offsets, in bounded memory."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+from afnext import split
+from afnext.audio import SAMPLE_RATE, AudioError
+
+MINUTE = 60 * SAMPLE_RATE  # samples
+
+
+def speech(seconds: float, pauses: list[tuple[float, float]], seed: int = 0, block_s: float = 20.0):
+    """Blocks of speech-like audio: 250 ms "words" of loud noise, 60 ms gaps between them (too short
+    to count as a pause), and near-silence over each (start_s, end_s) in `pauses`."""
+    rng = np.random.default_rng(seed)
+    word, gap = round(0.25 * SAMPLE_RATE), round(0.06 * SAMPLE_RATE)
+    total, done = round(seconds * SAMPLE_RATE), 0
+    while done < total:
+        n = min(round(block_s * SAMPLE_RATE), total - done)
+        index = np.arange(done, done + n)
+        loud = (index % (word + gap)) < word
+        block = (rng.standard_normal(n) * np.where(loud, 0.3, 0.02)).astype(np.float32)
+        for start, end in pauses:
+            inside = (index >= start * SAMPLE_RATE) & (index < end * SAMPLE_RATE)
+            block[inside] *= 0.01
+        yield block
+        done += n
+
+
+def cuts(parts) -> list[float]:
+    return [p.start_s for p in parts[1:]]
+
+
+def inside(t: float, pauses) -> bool:
+    return any(start <= t <= end for start, end in pauses)
+
+
+def test_without_a_stated_length_parts_fill_the_limit_and_cut_in_the_pause_before_30_00():
+    # Speech runs on across 30:00 and 60:00 (a naive cut would fall mid-word); the pauses sit in the
+    # minute before each.
+    pauses = [(29 * 60 + 35, 29 * 60 + 35.8), (59 * 60 + 10, 59 * 60 + 10.8)]
+    parts = list(split._parts(speech(75 * 60, pauses), None, 1800.0))
+    assert len(parts) == 3
+    for at, pause in zip(cuts(parts), pauses):
+        assert pause[0] <= at <= pause[1], (at, pause)
+    assert [p.index for p in parts] == [0, 1, 2]
+    assert all(p.duration_s <= 1800 for p in parts)
+    assert sum(p.audio.size for p in parts) == 75 * MINUTE  # nothing lost or doubled at the cuts
+    assert all(a.end_s == pytest.approx(b.start_s) for a, b in zip(parts, parts[1:]))
+    assert parts[-1].parts == 3  # known once read to the end
+
+
+def test_with_a_stated_length_parts_are_even_and_each_cut_is_in_the_pause_near_its_even_place():
+    pauses = [(24 * 60 + 44, 24 * 60 + 44.6), (50 * 60 + 20, 50 * 60 + 20.5)]  # near 25:00 and 50:00
+    parts = list(split._parts(speech(75 * 60, pauses), 75 * 60.0, 1800.0))
+    assert [p.parts for p in parts] == [3, 3, 3]
+    assert all(inside(at, pauses) for at in cuts(parts)), cuts(parts)
+    assert sum(p.audio.size for p in parts) == 75 * MINUTE
+
+
+def test_with_no_pause_at_all_the_cut_is_the_even_one():
+    parts = list(split._parts(speech(70 * 60, []), 70 * 60.0, 1800.0))
+    assert len(parts) == 3 and all(p.duration_s <= 1800 for p in parts)
+    for i, at in enumerate(cuts(parts), 1):
+        assert abs(at - i * 70 * 60 / 3) <= split.CUT_SEARCH_S / 2
+
+
+@pytest.mark.parametrize("seconds, expected", [(1800.5, 1), (1801.5, 2), (3480, 2), (3481, 3), (4 * 3600, 9)])
+def test_part_count(seconds, expected):
+    assert split.part_count(seconds) == expected
+
+
+def test_a_file_up_to_the_limit_is_one_part_trimmed_like_load_audio(tmp_path):
+    path = tmp_path / "exact.wav"
+    soundfile.write(path, np.zeros(round(1800.4 * SAMPLE_RATE), np.int16), SAMPLE_RATE)
+    (part,) = split.split_recording(str(path))
+    assert part.audio.size == 1800 * SAMPLE_RATE and part.parts == 1
+
+
+def test_a_file_is_read_in_even_parts_with_their_offsets(tmp_path):
+    path = tmp_path / "long.flac"
+    with soundfile.SoundFile(path, "w", SAMPLE_RATE, 1, "PCM_16") as out:
+        for block in speech(65 * 60, [], block_s=60):
+            out.write(block)
+    assert split.longer_than(str(path), 1800) and not split.longer_than(str(path), 3900)
+    parts = list(split.split_recording(str(path)))
+    assert [p.parts for p in parts] == [3, 3, 3]
+    assert parts[0].start_s == 0 and parts[-1].end_s == pytest.approx(65 * 60)
+    assert all(1200 < p.duration_s < 1400 for p in parts)
+
+
+def test_over_four_hours_is_one_sentence_before_decoding(tmp_path):
+    # An 8 kHz 8-bit WAV whose header states 5 hours: refused from the header, nothing decoded.
+    rate, seconds = 8000, 5 * 3600
+    header = (b"RIFF" + struct.pack("<I", 36 + rate * seconds) + b"WAVEfmt " +
+              struct.pack("<IHHIIHH", 16, 1, 1, rate, rate, 1, 8) + b"data" + struct.pack("<I", rate * seconds))
+    path = tmp_path / "five-hours.wav"
+    path.write_bytes(header + bytes([128]) * rate * 10)
+    with pytest.raises(AudioError) as caught:
+        split.split_recording(str(path))
+    assert str(caught.value) == "The recording is 5 h long; the limit is 4 h."
+
+
+def test_a_file_cut_short_says_so_after_the_parts_it_had(tmp_path):
+    path = tmp_path / "cut.wav"
+    soundfile.write(path, np.zeros(40 * MINUTE, np.int16), SAMPLE_RATE)
+    data = bytearray(path.read_bytes())
+    data[40:44] = struct.pack("<I", 75 * MINUTE * 2)  # the header now states 75 minutes
+    path.write_bytes(bytes(data))
+    read = []
+    with pytest.raises(AudioError, match="damaged or incomplete: it declares 1 h 15 min of audio but only 40 min"):
+        for part in split.split_recording(str(path)):
+            read.append(part.index)
+    assert read == [0]  # the first 25-minute part was whole and came before the end was found
+
+
+MEMORY_SCRIPT = """
+import resource, sys, numpy as np
+from afnext import split
+from afnext.clip import prepare_clip
+from afnext.model import ensure_tiny
+from transformers import WhisperFeatureExtractor
+filters = WhisperFeatureExtractor.from_pretrained(str(ensure_tiny())).mel_filters
+prepare_clip(np.zeros(16000, np.float32), filters)  # warm: the STFT's own buffers are not the recording's
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+held = None
+for part in split.split_recording(sys.argv[1]):
+    # As the parted session does: part k is made ready while part k-1 waits for its prefill, whose
+    # features are let go once it begins answering, before part k is handed over.
+    clip = prepare_clip(part.audio, filters)
+    del part
+    held = clip
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
+"""
+
+
+def test_a_two_hour_file_is_read_in_far_less_memory_than_decoding_it_whole(tmp_path, tiny_dir):
+    path = tmp_path / "two-hours.wav"
+    with soundfile.SoundFile(path, "w", SAMPLE_RATE, 1, "PCM_16") as out:
+        for block in speech(2 * 3600, [], block_s=120):
+            out.write(block)
+    grown = int(subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(path)], capture_output=True, text=True,
+                               check=True).stdout.split()[-1])
+    samples = 2 * 3600 * SAMPLE_RATE
+    whole = samples * 4 + (samples // 480_000) * 128 * 3000 * 4  # float32 audio + its log-mel features
+    print(json.dumps({"peak_growth_mb": grown / 1e6, "whole_mb": whole / 1e6}))
+    assert grown < 0.5 * whole, f"reading grew the process by {grown / 1e6:.0f} MB; whole would be {whole / 1e6:.0f} MB"
