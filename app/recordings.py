@@ -12,6 +12,7 @@ once the registry has let go of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from afnext.audio import SAMPLE_RATE, AudioError, load_audio, load_file
+from afnext import split
+from afnext.audio import MAX_AUDIO_S, SAMPLE_RATE, AudioError, load_audio, load_file
 from afnext.clip import Clip, prepare_clip
 from afnext.engine import Engine
-from afnext.events import ReasoningDelta, TextDelta, ThinkStep, TurnDone
+from afnext.events import PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone, clock
+from afnext.parts import Conversation, PartedSession
 from afnext.sampling import GenerationOptions
 from afnext.session import MAX_TEXT_CHARS, ContextFullError, Session
 from afnext.store import Journal, KeptError, Store, StoredTurn, StoreError, lossless, open_conversation
@@ -38,6 +41,7 @@ from .backend import Backend, BackendUnavailable
 log = logging.getLogger(__name__)
 
 PEAK_COLUMNS = 1600  # min/max pairs sent for the waveform: finer than any page is wide
+PEAK_BIN_SAMPLES = 1600  # samples (0.1 s) per min/max kept while a long recording is read: 4 h make 144,000
 # Containers Chromium, Firefox and Safari play (mostly); anything else is served as a 16 kHz WAV.
 PLAYABLE = frozenset(".wav .mp3 .flac .ogg .oga .opus .webm .m4a .aac .mp4".split())
 ANSWER_OPTIONS = GenerationOptions(max_new_tokens=1024)  # the Instruct card's setting
@@ -51,7 +55,7 @@ class Recording:
 
     name: str  # file name shown to the user
     url: str  # where the page plays it from
-    audio: np.ndarray = field(repr=False)  # float32 mono 16 kHz
+    audio: np.ndarray | None = field(repr=False)  # float32 mono 16 kHz; None when heard in parts (never whole)
     peaks: list[float] = field(repr=False)  # PEAK_COLUMNS × (min, max), flattened
     chat: list[dict] = field(default_factory=list)  # the chatbot's messages
     steps: list[ThinkStep] = field(default_factory=list)  # the latest Think reply's steps
@@ -64,10 +68,14 @@ class Recording:
     journal: Journal | None = field(default=None, repr=False)  # set once its sessions are opened
     keeping: threading.Event = field(default_factory=threading.Event, repr=False)  # set once `keep` is done
     on_close: Callable[[Recording], None] | None = field(default=None, repr=False)
+    # A recording over the model's 30 minutes is heard in parts (afnext/parts.py): where they lie, and
+    # the file they are read from when first asked about (kept with the recording's `files`).
+    parts: tuple[tuple[float, float], ...] = ()
+    source: str | None = None
 
     @property
     def duration_s(self) -> float:
-        return len(self.audio) / SAMPLE_RATE
+        return self.parts[-1][1] if self.parts else len(self.audio) / SAMPLE_RATE
 
     @property
     def cache_bytes(self) -> int:
@@ -93,6 +101,12 @@ class Recording:
             self._sessions[id(engine)] = Session(engine, journal=self.journal)
         return self._sessions[id(engine)]
 
+    def parted(self, engine: Engine) -> PartedSession:
+        """The conversation on `engine` about a recording heard in parts."""
+        if id(engine) not in self._sessions:
+            self._sessions[id(engine)] = PartedSession(engine, self.source)
+        return self._sessions[id(engine)]
+
     def session(self, engine: Engine) -> tuple[Session, Clip | None]:
         """The conversation on `engine`, and the clip while that conversation has not heard it (a
         first turn that failed or was cancelled is rolled back, so the next one brings the clip)."""
@@ -108,14 +122,18 @@ class Recording:
         """The waveform component's value (JSON)."""
         return json.dumps({
             "name": self.name, "url": self.url, "duration": round(self.duration_s, 3), "peaks": self.peaks,
-            "steps": [{"start": s.start, "end": s.end, "text": s.text} for s in self.steps]})
+            "parts": [{"start": round(a, 3), "end": round(b, 3)} for a, b in self.parts] if len(self.parts) > 1 else [],
+            "steps": [{"start": s.start, "end": s.end, "text": s.text, "part": s.part} for s in self.steps]})
 
 
 def open_recording(path: str, cache_dir: Path, *, owned: bool = False) -> Recording:
-    """Decode `path` (any format, ≤ 30 min) for questions; raises AudioError with one sentence.
+    """Decode `path` (any format, up to 4 hours; over 30 minutes it is heard in parts) for questions;
+    raises AudioError with one sentence.
 
     `owned` says the file is an upload of ours, one of the recording's `files` (deleted with it).
     """
+    if split.longer_than(path, MAX_AUDIO_S):
+        return _open_long(path, cache_dir, owned)
     audio = load_audio(path)
     url, files = path, [Path(path)] if owned else []
     if Path(path).suffix.lower() not in PLAYABLE:  # the page could not play it: serve what we decoded
@@ -124,6 +142,37 @@ def open_recording(path: str, cache_dir: Path, *, owned: bool = False) -> Record
         soundfile.write(url, audio, SAMPLE_RATE, subtype="PCM_16")
         files.append(Path(url))
     return Recording(Path(path).name, "gradio_api/file=" + url, audio, peaks(audio), files=tuple(files))
+
+
+def _open_long(path: str, cache_dir: Path, owned: bool) -> Recording:
+    """A recording over 30 minutes, read part by part (never whole in memory) for its parts' places, its
+    waveform's peaks and, when the page cannot play its format, a 16 kHz WAV copy to play."""
+    files = [Path(path)] if owned else []
+    url, copy = path, None
+    if Path(path).suffix.lower() not in PLAYABLE:
+        url = str(cache_dir / f"{secrets.token_urlsafe(16)}.wav")
+        copy = soundfile.SoundFile(url, "w", SAMPLE_RATE, 1, "PCM_16")
+        files.append(Path(url))
+    places, lows, highs = [], [], []
+    try:
+        with copy if copy is not None else contextlib.nullcontext():
+            for part in split.split_recording(path):
+                places.append((part.start_s, part.end_s))
+                edges = np.arange(0, part.audio.size, PEAK_BIN_SAMPLES)
+                lows.append(np.minimum.reduceat(part.audio, edges))
+                highs.append(np.maximum.reduceat(part.audio, edges))
+                if copy is not None:
+                    copy.write(part.audio)
+    except BaseException:
+        for file in files[1:]:  # the copy made so far (the upload is the caller's to let go)
+            file.unlink(missing_ok=True)
+        raise
+    low, high = np.concatenate(lows), np.concatenate(highs)
+    edges = np.linspace(0, low.size, PEAK_COLUMNS + 1).astype(np.int64)[:-1]
+    edges = np.minimum(edges, low.size - 1)
+    summary = np.stack([np.minimum.reduceat(low, edges), np.maximum.reduceat(high, edges)], axis=1)
+    return Recording(Path(path).name, "gradio_api/file=" + url, None, np.round(summary.ravel(), 3).tolist(),
+                     files=tuple(files), parts=tuple(places), source=path)
 
 
 def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
@@ -197,6 +246,9 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
     the question and its answer are kept there before the answer is done."""
     question = _question(question)
     engine, options = _model_for(backend, think)
+    if recording.parts:
+        yield from _ask_in_parts(recording, question, think, engine, options)
+        return
     if store is not None:
         yield "Opening the conversation…" if recording.journal is None and recording.cid else "Reading the question…"
         recording.open_sessions(backend, store)
@@ -208,7 +260,7 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
     reasoning = answer = None
     done = False
     try:
-        yield (f"Listening to the recording ({_clock(recording.duration_s)}) and reading the question…"
+        yield (f"Listening to the recording ({clock(recording.duration_s)}) and reading the question…"
                if clip else "Reading the question…")
         for event in stream:
             reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, clip is not None)
@@ -216,6 +268,33 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
                 yield line
     finally:
         if not done:  # cancelled (a new recording, the page closed) or failed: the chat says it was cut off
+            _cut_off(recording, reasoning, answer)
+
+
+def _ask_in_parts(recording: Recording, question: str, think: bool, engine: Engine,
+                  options: GenerationOptions) -> Iterator[str]:
+    """`ask` for a recording over 30 minutes: every part asked (progress for the status line), the
+    parts' findings as the reasoning, the merged answer as the answer, Think steps at absolute times."""
+    parted = recording.parted(engine)
+    first = not parted.heard
+    stream = parted.ask(question, think=think, options=options)
+    recording.chat.append({"role": "user", "content": question})
+    recording.steps = [] if think else recording.steps
+    reasoning = answer = None
+    done = False
+    try:
+        yield (f"Reading the recording ({clock(recording.duration_s)}) in {len(recording.parts)} parts…" if first
+               else f"Asking each of the {len(recording.parts)} parts…")
+        for event in stream:
+            if isinstance(event, PartProgress):
+                yield event.message
+                continue
+            reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, first)
+            if line is not None and not isinstance(event, (ReasoningDelta, ThinkStep)):  # progress says more
+                yield line
+    finally:
+        stream.close()  # a question cut off (a new recording, the page closed) stops every part
+        if not done:
             _cut_off(recording, reasoning, answer)
 
 
@@ -287,9 +366,6 @@ def _timings(t, first: bool) -> str:
             f"{t.new_tokens} tokens at {t.decode_tok_s:.0f} tokens/s.")
 
 
-def _clock(seconds: float) -> str:
-    minutes, rest = divmod(int(round(seconds)), 60)
-    return f"{minutes}:{rest:02d}"
 
 
 def answer_once(backend: Backend, path: str, question: str, think: bool) -> str:
@@ -300,7 +376,7 @@ def answer_once(backend: Backend, path: str, question: str, think: bool) -> str:
         raise QuestionError("Send a question with the audio file.")
     question = _question(question)
     engine, options = _model_for(backend, think)
-    for event in Session(engine).ask(question, path, think=think, options=options):
+    for event in Conversation(Session(engine)).ask(question, path, think=think, options=options):
         if isinstance(event, TurnDone):
             return event.reply.answer
     raise RuntimeError("The turn ended without a reply.")

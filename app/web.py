@@ -126,7 +126,7 @@ class _RecordingsTab:
         cid = gr.Textbox(visible=False, elem_id="afn-recording-id")  # the open recording's conversation
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
-                upload = gr.File(label="Drop a recording (audio or video, up to 30 minutes)", type="filepath",
+                upload = gr.File(label="Drop a recording (audio or video, up to 4 hours)", type="filepath",
                                  file_types=["audio", "video"], elem_id="afn-upload", height=140)
                 _browser_side_file_types(upload)
                 self.files.keep = upload.keep_in_cache  # Gradio's cache sweep leaves claimed files alone
@@ -211,8 +211,11 @@ class _RecordingsTab:
             recording.owner = _owner(owner)
             recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"
             hold(self.live, self.files, _address(request), recording)
-            ready = (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. Ask a question; the "
-                     "first one makes the model listen to the whole recording, follow-ups reuse what it heard.")
+            ready = f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. " + (
+                f"The model hears 30 minutes at a time, so it will listen in {len(recording.parts)} parts and put their "
+                "answers together. " if recording.parts else "") + (
+                "Ask a question; the first one makes the model listen to the whole recording, follow-ups reuse what "
+                "it heard.")
             # The waveform first; then the file goes into the history (a 30-minute WAV: a second or so), and
             # a question asked meanwhile waits for it (Recording.keeping).
             yield ready, recording.waveform(), [], recording.cid

@@ -69,10 +69,42 @@ def test_open_recording_refuses_bad_files_in_one_sentence(tmp_path):
     junk.write_bytes(b"not audio at all" * 100)
     with pytest.raises(AudioError):
         recordings.open_recording(str(junk), tmp_path)
-    long = tmp_path / "long.wav"
-    soundfile.write(long, np.zeros(16000 * 1805, np.int16), 16000, subtype="PCM_16")
-    with pytest.raises(AudioError, match="30"):
-        recordings.open_recording(str(long), tmp_path)
+    five_hours = tmp_path / "five-hours.wav"  # an 8 kHz 8-bit WAV whose header states 5 hours
+    with soundfile.SoundFile(five_hours, "w", 8000, 1, "PCM_U8") as out:
+        out.write(np.zeros(8000, np.float32))
+    data = bytearray(five_hours.read_bytes())
+    data[40:44] = (8000 * 5 * 3600).to_bytes(4, "little")
+    five_hours.write_bytes(bytes(data))
+    with pytest.raises(AudioError, match="the limit is 4 h"):
+        recordings.open_recording(str(five_hours), tmp_path)
+
+
+def test_a_recording_over_30_minutes_is_heard_in_parts_with_steps_at_their_true_times(backend, tmp_path):
+    from tests.test_split import speech
+
+    long = tmp_path / "meeting.aiff"  # not a format the page plays as it is: a WAV copy is made while reading
+    with soundfile.SoundFile(long, "w", SAMPLE_RATE, 1, format="AIFF", subtype="PCM_16") as out:
+        for block in speech(31 * 60, [], block_s=60):
+            out.write(block)
+    rec = recordings.open_recording(str(long), tmp_path)
+    assert rec.audio is None and len(rec.parts) == 2 and rec.duration_s == pytest.approx(31 * 60, abs=0.1)
+    served = Path(rec.url.removeprefix("gradio_api/file="))
+    assert served.suffix == ".wav" and soundfile.info(served).frames == pytest.approx(31 * 60 * SAMPLE_RATE, abs=2)
+    wave = json.loads(rec.waveform())
+    assert len(wave["peaks"]) == 2 * recordings.PEAK_COLUMNS and max(wave["peaks"]) > 0.3
+    assert [p["start"] for p in wave["parts"]] == [0, pytest.approx(rec.parts[1][0], abs=1e-3)]
+    lines = list(recordings.ask(rec, "What is this?", True, backend))
+    assert lines[0] == "Reading the recording (31:00) in 2 parts…"
+    assert "Listening to part 2 of 2 (15:30–31:00)…" in lines and "Putting the 2 parts' answers together…" in lines
+    second = rec.parts[1][0]
+    assert [(s.part, s.start) for s in rec.steps] == [(1, 0.3), (1, 4.0), (1, 7.3),
+                                                       (2, pytest.approx(second + 0.3)), (2, pytest.approx(second + 4.0)),
+                                                       (2, pytest.approx(second + 7.3))]
+    assert {s["part"] for s in json.loads(rec.waveform())["steps"]} == {1, 2}
+    assert "Part 2 of 2" in rec.chat[1]["content"] and "milk and eggs" in rec.chat[2]["content"]
+    follow = list(recordings.ask(rec, "And when?", True, backend))
+    assert follow[0] == "Asking each of the 2 parts…" and not [line for line in follow if line.startswith("Read")]
+    assert "encoder" not in follow[-1]
 
 
 def test_think_steps_then_a_follow_up_that_does_not_re_encode(backend, tmp_path):

@@ -1,6 +1,7 @@
 // The Recordings tab's waveform: runs as a gr.HTML js_on_load body (`element`, `props`, `watch`).
-// props.value is JSON from app/recordings.py: {name, url, duration, peaks: [min0, max0, ...], steps:
-// [{start, end, text}]}. The widget lives in a shadow root so Gradio's re-render of the template
+// props.value is JSON from app/recordings.py: {name, url, duration, peaks: [min0, max0, ...], parts:
+// [{start, end}] (a recording over 30 minutes, heard in parts; else empty), steps: [{start, end, text,
+// part}] (times in the whole recording; part: the 1-based part it came from, or null)}. The widget lives in a shadow root so Gradio's re-render of the template
 // (on every value change) leaves it, and the audio element playing, alone.
 
 const host = element.querySelector(".afn-wave");
@@ -18,6 +19,9 @@ root.innerHTML = `
   .playhead { position: absolute; top: 0; bottom: 0; width: 2px; background: #e4572e; pointer-events: none; }
   .marker { position: absolute; top: 0; bottom: 0; min-width: 4px; background: #f3a71240; border-left: 2px solid #f3a712; }
   .marker.active { background: #f3a71290; }
+  .boundary { position: absolute; top: 0; bottom: 0; border-left: 1px dashed #6b7280; pointer-events: none; }
+  .boundary span { position: absolute; top: 2px; left: 3px; font-size: .7em; opacity: .75; white-space: nowrap; }
+  li .part { opacity: .6; white-space: nowrap; font-size: .85em; }
   ol { margin: .6em 0 0; padding: 0; list-style: none; max-height: 16em; overflow-y: auto; }
   li { display: flex; gap: .75em; padding: .3em .5em; border-radius: 6px; cursor: pointer; }
   li:hover { background: #8882; }
@@ -31,7 +35,7 @@ root.innerHTML = `
     <span class="time">0:00 / 0:00</span>
     <span class="name"></span>
   </div>
-  <div class="track" title="Click to seek"><canvas></canvas><div class="markers"></div><div class="playhead"></div></div>
+  <div class="track" title="Click to seek"><canvas></canvas><div class="bounds"></div><div class="markers"></div><div class="playhead"></div></div>
   <ol class="steps" aria-label="Timestamped reasoning steps"></ol>
   <audio preload="auto"></audio>
 </div>`;
@@ -43,8 +47,9 @@ let active = -1;  // index of the step under the playhead
 
 const clock = (s) => {
   s = Math.max(0, s || 0);
-  const m = Math.floor(s / 60), r = Math.floor(s % 60);
-  return `${m}:${String(r).padStart(2, "0")}`;
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), r = Math.floor(s % 60);
+  const mm = h ? String(m).padStart(2, "0") : String(m);
+  return `${h ? h + ":" : ""}${mm}:${String(r).padStart(2, "0")}`;
 };
 const duration = () => (data && data.duration) || audio.duration || 1;
 
@@ -69,6 +74,21 @@ function draw() {
   root.host.dataset.duration = String(data.duration);
 }
 
+function parts() {  // where each part of a recording heard in parts begins
+  const bounds = $(".bounds");
+  bounds.replaceChildren();
+  (data.parts || []).forEach((part, i) => {
+    const line = document.createElement("div");
+    line.className = "boundary";
+    line.style.left = `${(100 * part.start) / duration()}%`;
+    line.title = `Part ${i + 1} of ${data.parts.length}: ${clock(part.start)}–${clock(part.end)}`;
+    line.innerHTML = "<span></span>";
+    line.querySelector("span").textContent = `Part ${i + 1}`;
+    bounds.append(line);
+  });
+  root.host.dataset.parts = String((data.parts || []).length);
+}
+
 function steps() {
   const markers = $(".markers"), list = $(".steps");
   markers.replaceChildren(); list.replaceChildren();
@@ -84,9 +104,10 @@ function steps() {
     markers.append(marker);
     const row = document.createElement("li");
     row.dataset.step = i;
-    row.innerHTML = `<span class="at"></span><span class="text"></span>`;
+    row.innerHTML = `<span class="at"></span><span class="text"></span><span class="part"></span>`;
     row.querySelector(".at").textContent = step.end == null ? clock(step.start) : `${clock(step.start)}–${clock(step.end)}`;
     row.querySelector(".text").textContent = step.text;
+    row.querySelector(".part").textContent = step.part ? `part ${step.part}` : "";
     row.addEventListener("click", () => seek(step.start, true));
     list.append(row);
   });
@@ -126,6 +147,7 @@ function render() {
   if (audio.getAttribute("src") !== data.url) { audio.src = data.url; }
   $(".name").textContent = data.name;
   draw();
+  parts();
   steps();
 }
 
