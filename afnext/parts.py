@@ -51,6 +51,7 @@ from .events import Interrupted, PartProgress, ReasoningDelta, TextDelta, ThinkS
 from .sampling import GenerationOptions
 from .scheduler import Cancel
 from .session import Session
+from .store import Journal, KeptError, StoredTurn
 from .think import shift_times
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,15 @@ class PartOptions:
     think_part_tokens: int = 2048  # per part in Think mode (reasoning, then its answer)
     part_s: float = MAX_AUDIO_S  # the longest part, seconds (the model's limit)
     parallel: bool = True  # False: a part waits for the previous part's whole answer (the benchmark's baseline)
+
+
+@dataclass(frozen=True)
+class _Asked:
+    """A completed turn, as each part heard it."""
+
+    question: str
+    think: bool
+    ids: tuple[tuple[int, ...], ...]  # each part's reply, as generated
 
 
 @dataclass
@@ -98,11 +108,54 @@ class PartedSession:
         self._base_copy = base.fork(len(base.messages)) if base is not None and base.messages else None
         self._merge = base if base is not None else Session(engine, system=system)
         self.encoded_windows = 0  # 30 s windows prepared for the encoder so far (a follow-up adds none)
+        self.journal: Journal | None = None  # where its turns are kept (open_conversation sets it)
+        self.kept: str | None = None  # with a journal: the recording's key in its store (the first turn's audio)
+        self._history: list[_Asked] = []  # completed turns: what a part hearing its clip later is brought up to
 
     @property
     def heard(self) -> bool:
         """Whether some part has heard its clip (a first turn that failed before may be dropped)."""
         return any(p.session.tokens for p in self._parts)
+
+    def replay(self, turns: list[StoredTurn]) -> None:
+        """Rebuild a kept conversation (store.restore calls this): the merge session at once (text only),
+        each part when the next question reads it again, from the same cuts of the same samples. ValueError
+        for turns that are not this kind of conversation."""
+        if self._history or self._merge.messages or self._parts:
+            raise ValueError("Only a new conversation can be rebuilt from the store.")
+        for user, reply in zip(turns[0::2], turns[1::2]):
+            if not reply.parts or reply.token_ids is None:
+                raise ValueError("a turn was not answered in parts; it was kept by another kind of conversation")
+            ids = tuple(tuple(part) for part in reply.parts["ids"])
+            if self._history and len(ids) != len(self._history[0].ids):
+                raise ValueError("its turns were answered over different numbers of parts")
+            self._merge.extend("user", reply.parts["merge"])
+            self._merge.extend_reply(list(reply.token_ids))
+            self._history.append(_Asked(user.text, user.think, ids))
+
+    def _bring_up(self, part: _Part, clip: Clip) -> None:
+        """A new part session in a conversation that has had turns: each turn as the part heard it (its
+        clip with the first), so its next question sees what a session kept alive all along would."""
+        for i, asked in enumerate(self._history):
+            text = part_question(asked.question, part.index, self._count, part.start_s, part.end_s) if i == 0 \
+                else asked.question
+            part.session.extend("user", text, clip if i == 0 else None, think=asked.think)
+            part.session.extend_reply(list(asked.ids[part.index]), think=asked.think)
+
+    def _keep(self, runs: _Runs, reply, merge_question: str, audio_key: str | None) -> None:
+        """Keep a completed turn in the journal: the merged reply, and each part's ids to rebuild it."""
+        ids = tuple(runs.ids.get(p.index, ()) for p in self._parts)
+        self._history.append(_Asked(runs.text, runs.think, ids))
+        if self.journal is None:
+            return
+        try:
+            self.journal.commit(runs.text, runs.think, audio_key, reply,
+                                parts={"ids": [list(i) for i in ids], "merge": merge_question})
+        except Exception:
+            if self.journal.broken is None:
+                self.journal.broken = "The turn could not be kept in the store; the conversation stops here."
+            log.exception("conversation %s: a turn could not be kept", self.journal.cid)
+            raise KeptError(self.journal.broken) from None
 
     def _new_part_session(self) -> Session:
         if self._base_copy is None:
@@ -128,9 +181,17 @@ class PartedSession:
         if not text.strip():
             raise ValueError("Ask a question about the recording.")
         prompt.check_control_tokens(self.engine.loaded, text)
-        return self._turn(next(_turn_ids), text, think, options, Cancel(cancel))
+        audio_key = None
+        if self.journal is not None:
+            self.journal.check()
+            if not self._history and self.journal.turns == 0:
+                if self.kept is None:
+                    raise ValueError("A kept conversation about a recording needs the recording's key in the store.")
+                audio_key = self.journal.put(self.kept)  # held until the turn is kept or dropped
+        return self._turn(next(_turn_ids), text, think, options, Cancel(cancel), audio_key)
 
-    def _turn(self, turn: int, text: str, think: bool, options: GenerationOptions, cancel: Cancel):
+    def _turn(self, turn: int, text: str, think: bool, options: GenerationOptions, cancel: Cancel,
+              audio_key: str | None = None):
         t0 = time.perf_counter()
         runs = _Runs(self, text, think, options, cancel, turn)
         try:
@@ -139,13 +200,17 @@ class PartedSession:
                 yield Interrupted("cancelled before the parts had answered", turn=turn)
                 return
             yield PartProgress("merging", 0, len(self._parts), turn=turn)
-            yield from self._merged(runs, text, options, cancel, t0, turn)
+            yield from self._merged(runs, text, options, cancel, t0, turn, audio_key)
+            audio_key = None  # kept with the turn (commit lets go of it)
         finally:
             if runs.running():  # the stream was closed early: every part stops before its next step
                 cancel.set()
             runs.join()
+            if self.journal is not None:
+                self.journal.release(audio_key)
 
-    def _merged(self, runs: _Runs, text: str, options: GenerationOptions, cancel: Cancel, t0: float, turn: int):
+    def _merged(self, runs: _Runs, text: str, options: GenerationOptions, cancel: Cancel, t0: float, turn: int,
+                audio_key: str | None = None):
         """The merge session's turn on the parts' answers; its answer is the turn's answer."""
         question = merge_question(text, [(p.start_s, p.end_s, runs.answers.get(p.index, "")) for p in self._parts],
                                   runs.total_s)
@@ -163,9 +228,10 @@ class PartedSession:
         ttft = reply.timings.ttft_s + (runs.t_merge - t0)
         notes = runs.notes() + (f"\n\n{reply.reasoning}" if reply.reasoning else "")
         steps = tuple(sorted(runs.steps, key=lambda s: (s.start, s.part)))  # in time order, whichever part finished first
-        yield TurnDone(replace(reply, reasoning=notes, steps=steps, timings=replace(
-            reply.timings, audio_s=runs.audio_s, encode_s=runs.encode_s, prefill_s=runs.prefill_s, ttft_s=ttft)),
-            turn=turn)
+        whole = replace(reply, reasoning=notes, steps=steps, timings=replace(
+            reply.timings, audio_s=runs.audio_s, encode_s=runs.encode_s, prefill_s=runs.prefill_s, ttft_s=ttft))
+        self._keep(runs, whole, question, audio_key)  # before TurnDone: a turn reported done is kept
+        yield TurnDone(whole, turn=turn)
 
 
 def merge_question(question: str, answers: list[tuple[float, float, str]], total_s: float) -> str:
@@ -189,6 +255,7 @@ class _Runs:
         self.part_options = replace(options, max_new_tokens=min(tokens, options.max_new_tokens), min_new_tokens=0)
         self.out: queue.Queue = queue.Queue()
         self.answers: dict[int, str] = {}
+        self.ids: dict[int, tuple[int, ...]] = {}  # each part's reply, as generated
         self.reasoning: dict[int, str] = {}
         self.steps: list[ThinkStep] = []
         self.audio_s = self.encode_s = self.prefill_s = 0.0
@@ -262,7 +329,11 @@ class _Runs:
             self.out.put((part.index, part.progress("read", owner._count)))
             if self._began:
                 self._wait_for(len(self._began) - 1)
-            self._launch(part, clip)
+            if clip is not None and owner._history:  # a kept conversation rebuilt: the turns before, then this one
+                owner._bring_up(part, clip)
+                self._launch(part, None, release=clip)
+            else:
+                self._launch(part, clip)
         owner._count = len(owner._parts)
         owner._complete = True
 
@@ -276,7 +347,9 @@ class _Runs:
             if self.cancel.is_set():
                 return
 
-    def _launch(self, part: _Part, clip) -> None:
+    def _launch(self, part: _Part, clip, release: Clip | None = None) -> None:
+        """Ask part `part` (with its clip the first time it hears it); `release`: a clip it was brought up
+        with, whose features are let go like its own."""
         if self.cancel.is_set():
             return
         self._began[part.index] = threading.Event()
@@ -284,7 +357,7 @@ class _Runs:
                                                                 part.start_s, part.end_s)
         stream = part.session.ask(question, clip, think=self.think, options=self.part_options, cancel=self.cancel)
         self.out.put((part.index, part.progress("listening", self.owner._count)))
-        self._start(self._drain, f"afnext-part-{part.index + 1}", part, stream, clip)
+        self._start(self._drain, f"afnext-part-{part.index + 1}", part, stream, clip or release)
 
     def _drain(self, part: _Part, stream, clip: Clip | None) -> None:
         began = self._began[part.index]
@@ -311,6 +384,7 @@ class _Runs:
             yield step
         elif isinstance(event, TurnDone):
             reply, shift = event.reply, part.start_s
+            self.ids[index] = reply.token_ids
             duration = part.end_s - part.start_s
             self.answers[index] = shift_times(reply.answer, shift, duration)
             found = shift_times(reply.reasoning, shift, duration)

@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS turns (
     idx INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, think INTEGER NOT NULL DEFAULT 0,
     audio TEXT, reasoning TEXT NOT NULL DEFAULT '', steps TEXT NOT NULL DEFAULT '[]',
     token_ids TEXT, timings TEXT NOT NULL DEFAULT '{}', interrupted INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL, PRIMARY KEY (conversation, idx));
+    created REAL NOT NULL, parts TEXT, PRIMARY KEY (conversation, idx));
 CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated);
 """
 MAX_ID_CHARS = 64
@@ -81,6 +81,9 @@ class StoredTurn:
     token_ids: tuple[int, ...] | None = None  # an assistant turn's generated ids, as generated
     timings: dict = field(default_factory=dict)
     interrupted: bool = False
+    # An answer about a recording heard in parts (afnext/parts.py): {"ids": each part's generated ids,
+    # "merge": the merge turn's question}; the turn's own token_ids are the merge's reply.
+    parts: dict | None = None
 
     @property
     def answer(self) -> str:
@@ -135,6 +138,8 @@ class Store:
                              ("audio", "TEXT")):  # an older store
             if column not in columns:
                 self._db.execute(f"ALTER TABLE conversations ADD COLUMN {column} {kind}")
+        if "parts" not in {row[1] for row in self._db.execute("PRAGMA table_info(turns)")}:  # an older store
+            self._db.execute("ALTER TABLE turns ADD COLUMN parts TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -216,11 +221,12 @@ class Store:
 
     def turns(self, cid: str) -> list[StoredTurn]:
         with self._lock:
-            rows = self._db.execute("SELECT role, text, think, audio, reasoning, steps, token_ids, timings, interrupted "
-                                    "FROM turns WHERE conversation = ? ORDER BY idx", (cid,)).fetchall()
+            rows = self._db.execute("SELECT role, text, think, audio, reasoning, steps, token_ids, timings, interrupted, "
+                                    "parts FROM turns WHERE conversation = ? ORDER BY idx", (cid,)).fetchall()
         return [StoredTurn(role, text, bool(think), audio, reasoning, json.loads(steps),
-                           None if ids is None else tuple(json.loads(ids)), json.loads(timings), bool(interrupted))
-                for role, text, think, audio, reasoning, steps, ids, timings, interrupted in rows]
+                           None if ids is None else tuple(json.loads(ids)), json.loads(timings), bool(interrupted),
+                           None if parts is None else json.loads(parts))
+                for role, text, think, audio, reasoning, steps, ids, timings, interrupted, parts in rows]
 
     def add_exchange(self, cid: str, user: StoredTurn, assistant: StoredTurn, *, at: int | None = None,
                      audio: tuple[bytes, str] | None = None) -> None:
@@ -240,10 +246,13 @@ class Store:
                     raise StoreError(f"The conversation {cid!r} went on elsewhere meanwhile (it holds {n // 2} turns, "
                                      f"this one {at}); open it again to go on from there.")
                 for i, turn in enumerate((user, assistant)):
-                    db.execute("INSERT INTO turns VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    db.execute("INSERT INTO turns (conversation, idx, role, text, think, audio, reasoning, steps, "
+                               "token_ids, timings, interrupted, created, parts) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (cid, n + i, turn.role, turn.text, int(turn.think), turn.audio, turn.reasoning,
                                 json.dumps(turn.steps), None if turn.token_ids is None else json.dumps(list(turn.token_ids)),
-                                json.dumps(turn.timings), int(turn.interrupted), now))
+                                json.dumps(turn.timings), int(turn.interrupted), now,
+                                None if turn.parts is None else json.dumps(turn.parts)))
                 # Named by its first question; a spoken one (no text) by the start of its first answer.
                 title = clean_title((user.text.strip().splitlines() or [""])[0])[:80]
                 answer = clean_title(assistant.answer)
@@ -414,7 +423,10 @@ def restore(session, store: Store, cid: str) -> int:
     turns = store.turns(cid)
     route = session if callable(session) else (lambda _user: session)
     try:
-        _replay(route, store, turns)
+        if hasattr(session, "replay"):  # a conversation about a recording heard in parts: it rebuilds itself
+            session.replay(turns)
+        else:
+            _replay(route, store, turns)
     except ValueError as exc:  # AudioError and ContextFullError are ValueErrors too: each its sentence
         raise StoreError(f"The conversation {cid!r} cannot be opened again: {exc}") from exc
     return len(turns) // 2
@@ -533,14 +545,15 @@ class Journal:
         if audio is not None:
             self.store.release_audio(audio)
 
-    def commit(self, text: str, think: bool, audio: str | None, reply) -> None:
-        """Keep a completed exchange (the session's thread settling it); KeptError if it cannot be."""
+    def commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None = None) -> None:
+        """Keep a completed exchange (the session's thread settling it); KeptError if it cannot be.
+        `parts`: an answer about a recording heard in parts (StoredTurn.parts)."""
         try:
-            self._commit(text, think, audio, reply)
+            self._commit(text, think, audio, reply, parts)
         finally:
             self.release(audio)
 
-    def _commit(self, text: str, think: bool, audio: str | None, reply) -> None:
+    def _commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None = None) -> None:
         with self._lock:
             self.check()
             try:
@@ -548,7 +561,7 @@ class Journal:
                     self.cid, StoredTurn("user", text, think, audio),
                     StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
                                steps=[dataclasses.asdict(s) for s in reply.steps],
-                               timings=dataclasses.asdict(reply.timings), interrupted=reply.interrupted),
+                               timings=dataclasses.asdict(reply.timings), interrupted=reply.interrupted, parts=parts),
                     at=self.turns)
             except (StoreError, sqlite3.Error, OSError) as exc:
                 self.broken = (f"The turn could not be kept in the store ({' '.join(str(exc).split())}); the "

@@ -92,6 +92,10 @@ class Recording:
         its turns there (Think turns go to the Think model's session when it has its own)."""
         if self.journal is not None or store is None or self.kept is None:
             return
+        if self.parts:  # heard in parts: each model's parted session rebuilds the turns asked of it
+            self.journal = open_conversation(store, self.cid, _PartedTurns(self, backend), model=_models(backend),
+                                             kind="recording", owner=self.owner, title=self.name)
+            return
         route = lambda user: self._session(_model_for(backend, user.think)[0])  # noqa: E731
         self.journal = open_conversation(store, self.cid, route, model=_models(backend), kind="recording",
                                          owner=self.owner, title=self.name)
@@ -102,10 +106,14 @@ class Recording:
         return self._sessions[id(engine)]
 
     def parted(self, engine: Engine) -> PartedSession:
-        """The conversation on `engine` about a recording heard in parts."""
+        """The conversation on `engine` about a recording heard in parts, keeping its turns in the
+        recording's journal once it has one."""
         if id(engine) not in self._sessions:
             self._sessions[id(engine)] = PartedSession(engine, self.source)
-        return self._sessions[id(engine)]
+        parted = self._sessions[id(engine)]
+        if parted.journal is None and self.journal is not None:
+            parted.journal, parted.kept = self.journal, self.kept
+        return parted
 
     def session(self, engine: Engine) -> tuple[Session, Clip | None]:
         """The conversation on `engine`, and the clip while that conversation has not heard it (a
@@ -124,6 +132,21 @@ class Recording:
             "name": self.name, "url": self.url, "duration": round(self.duration_s, 3), "peaks": self.peaks,
             "parts": [{"start": round(a, 3), "end": round(b, 3)} for a, b in self.parts] if len(self.parts) > 1 else [],
             "steps": [{"start": s.start, "end": s.end, "text": s.text, "part": s.part} for s in self.steps]})
+
+
+class _PartedTurns:
+    """Hands a kept recording's turns, by the model each was asked of, to that model's parted session."""
+
+    def __init__(self, recording: Recording, backend: Backend) -> None:
+        self.recording, self.backend = recording, backend
+
+    def replay(self, turns: list[StoredTurn]) -> None:
+        by_engine: dict[int, tuple[Engine, list[StoredTurn]]] = {}
+        for user, reply in _exchanges(turns):
+            engine = _model_for(self.backend, user.think)[0]
+            by_engine.setdefault(id(engine), (engine, []))[1].extend((user, reply))
+        for engine, asked in by_engine.values():
+            self.recording.parted(engine).replay(asked)
 
 
 def open_recording(path: str, cache_dir: Path, *, owned: bool = False) -> Recording:
@@ -226,7 +249,7 @@ def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | N
             _message(recording, answer or "(The model gave no answer after its reasoning.)")
         recording.answer = answer
         if user.think:
-            recording.steps = [ThinkStep(s["start"], s.get("end"), s["text"]) for s in reply.steps]
+            recording.steps = [ThinkStep(s["start"], s.get("end"), s["text"], part=s.get("part")) for s in reply.steps]
     return recording
 
 
@@ -247,6 +270,9 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
     question = _question(question)
     engine, options = _model_for(backend, think)
     if recording.parts:
+        if store is not None:
+            yield "Opening the conversation…" if recording.journal is None and recording.cid else "Reading the question…"
+            recording.open_sessions(backend, store)
         yield from _ask_in_parts(recording, question, think, engine, options)
         return
     if store is not None:

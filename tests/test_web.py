@@ -107,6 +107,39 @@ def test_a_recording_over_30_minutes_is_heard_in_parts_with_steps_at_their_true_
     assert "encoder" not in follow[-1]
 
 
+def test_a_kept_long_recording_goes_on_after_a_restart_exactly_as_it_would_have(backend, tmp_path, monkeypatch):
+    from afnext.sampling import GenerationOptions
+    from afnext.store import Store
+    from tests.test_split import speech
+
+    monkeypatch.setattr(recordings, "ANSWER_OPTIONS", GenerationOptions(max_new_tokens=16))  # short noise replies
+
+    long = tmp_path / "meeting.flac"
+    with soundfile.SoundFile(long, "w", SAMPLE_RATE, 1, subtype="PCM_16") as out:
+        for block in speech(31 * 60, [], block_s=60):
+            out.write(block)
+    store, cache = Store(tmp_path / "data"), tmp_path / "cache"
+    cache.mkdir()
+    rec = recordings.open_recording(str(long), cache)
+    rec.cid, rec.owner = "meeting", "someone"
+    recordings.keep(rec, store, "someone", str(long))
+    rec.keeping.set()
+    list(recordings.ask(rec, "What happens?", False, backend, store))
+    shutil.copytree(tmp_path / "data", tmp_path / "restarted")  # the store as a restart finds it after turn 1
+    list(recordings.ask(rec, "And then?", False, backend, store))  # the live conversation goes on
+    live = store.turns("meeting")
+    assert len(live) == 4 and live[1].parts["merge"].startswith("A recording of 31:00 was too long")
+    assert live[0].audio == rec.kept and len(live[1].parts["ids"]) == 2
+
+    again = recordings.reopen(Store(tmp_path / "restarted"), "meeting", "someone", cache)
+    assert again.parts == rec.parts and [m["content"] for m in again.chat][:1] == ["What happens?"]
+    lines = list(recordings.ask(again, "And then?", False, backend, Store(tmp_path / "restarted")))
+    assert "Reading the recording (31:00) in 2 parts…" in lines  # its parts hear their clips again, once
+    restored = Store(tmp_path / "restarted").turns("meeting")
+    assert restored[3].parts["ids"] == live[3].parts["ids"]  # every part answered as it would have
+    assert restored[3].token_ids == live[3].token_ids and restored[3].text == live[3].text
+
+
 def test_think_steps_then_a_follow_up_that_does_not_re_encode(backend, tmp_path):
     rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
     lines = list(recordings.ask(rec, "What is this?", True, backend))
