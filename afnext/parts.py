@@ -113,6 +113,16 @@ class PartedSession:
         self._history: list[_Asked] = []  # completed turns: what a part hearing its clip later is brought up to
 
     @property
+    def cached_tokens(self) -> int:
+        """Tokens of the merge session already in its KV cache (the merged turn's prompt)."""
+        return self._merge.cached_tokens
+
+    def extend(self, role: str, text: str) -> None:
+        """An earlier turn, as a client resending a conversation holds it (text): the merge session
+        hears it; the parts, which never answered it, do not."""
+        self._merge.extend(role, text)
+
+    @property
     def heard(self) -> bool:
         """Whether some part has heard its clip (a first turn that failed before may be dropped)."""
         return any(p.session.tokens for p in self._parts)

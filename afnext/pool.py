@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from .clip import Clip
 from .engine import Engine
+from .parts import PartedSession
 from .session import Session
 
 MAX_SESSIONS = 256  # kept conversations per engine: a few dozen voice chats and recordings, with room
@@ -34,6 +35,7 @@ MAX_SESSIONS = 256  # kept conversations per engine: a few dozen voice chats and
 # cache moved off the GPU still takes CPU memory): three 30-minute recordings on AF-Next in bf16,
 # or some 150 voice chats of a thousand tokens
 MAX_KEPT_BYTES = 8 << 30
+MAX_PARTED = 8  # kept conversations about recordings over the limit: each holds up to 4 hours of KV cache
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Message:
     # Makes the clip when the message is not held by a kept session already (decoding is skipped
     # for history a session holds): a zero-argument callable, or None.
     make_clip: Callable[[], Clip] | None = field(default=None, compare=False, repr=False)
+    # The clip's file bytes if it runs over the model's limit and is heard in parts (`PartedPool`), else
+    # None: a zero-argument callable (decoding is skipped while a kept session holds the conversation).
+    recording: Callable[[], bytes | None] | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -142,3 +147,78 @@ class SessionPool:
 
     def __len__(self) -> int:
         return len(self._kept)
+
+
+class PartedPool:
+    """Conversations about a recording over the model's limit (afnext/parts.py), kept for stateless
+    clients as `SessionPool` keeps sessions: a follow-up that resends the conversation goes on with the
+    parted session holding it, so no part is read or encoded again. Thread-safe.
+
+    The recording must be the conversation's first user clip. A history no kept session holds (another
+    server, a pruned one, an edited one) starts afresh: the parts hear the recording with the new
+    question, and the merge session hears the turns before it as text."""
+
+    def __init__(self, engine: Engine, max_sessions: int = MAX_PARTED) -> None:
+        self.engine, self.max_sessions = engine, max_sessions
+        self._kept: OrderedDict[tuple, _Parted] = OrderedDict()
+        self._short: OrderedDict[str, None] = OrderedDict()  # audio keys of clips within the limit
+        self._lock = threading.Lock()
+
+    def lease(self, history: list[Message], asked: Message) -> Lease | None:
+        """The parted conversation holding `history`, to ask `asked` in; None when the conversation
+        holds no recording over the limit in its first user clip."""
+        keys = tuple(m.key for m in history)
+        with self._lock:
+            kept = self._kept.pop(keys, None)
+        if kept is not None:
+            return Lease(kept, keys, kept.cached_tokens)
+        messages = [*history, asked]
+        first = next((m for m in messages if m.role == "user" and m.audio_key), None)
+        recording = self._recording(first) if first is not None else None
+        if recording is None:
+            return None
+        system = messages[0].text if messages[0].role == "system" else None
+        parted = _Parted(PartedSession(self.engine, recording, system=system))
+        for message in history[1 if system is not None else 0:]:
+            parted.session.extend(message.role, message.text)
+        return Lease(parted, keys, parted.cached_tokens)
+
+    def keep(self, lease: Lease, asked: Message, reply_text: str) -> None:
+        self._put(lease.history + (asked.key, ("assistant", reply_text, "")), lease.session)
+
+    def give_back(self, lease: Lease) -> None:
+        self._put(lease.history, lease.session)
+
+    def _recording(self, message: Message) -> bytes | None:
+        """The message's clip bytes if it is over the limit; clips found within it are remembered by key,
+        so a conversation with a short first clip does not decode it again with every request."""
+        if message.recording is None or message.audio_key in self._short:
+            return None
+        recording = message.recording()
+        if recording is None:
+            with self._lock:
+                self._short[message.audio_key] = None
+                while len(self._short) > MAX_SESSIONS:
+                    self._short.popitem(last=False)
+        return recording
+
+    def _put(self, key: tuple, parted: _Parted) -> None:
+        with self._lock:
+            self._kept[key] = parted
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.max_sessions:
+                self._kept.popitem(last=False)
+
+
+class _Parted:
+    """A parted session as a lease holds it: asked like a `Session` (the recording is its own)."""
+
+    def __init__(self, session: PartedSession) -> None:
+        self.session = session
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.session.cached_tokens
+
+    def ask(self, text: str = "", audio=None, **kw):
+        return self.session.ask(text, **kw)

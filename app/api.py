@@ -35,7 +35,8 @@ from afnext.audio import AudioError
 from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import ReasoningDelta, TextDelta, TurnDone
-from afnext.pool import Lease, Message, SessionPool, audio_key
+from afnext import split
+from afnext.pool import Lease, Message, PartedPool, SessionPool, audio_key
 from afnext.sampling import GenerationOptions
 from afnext.session import ContextFullError
 from afnext.tts import SpeechResampler
@@ -88,6 +89,7 @@ class Api:
         self.loader, self.api_key = loader, api_key
         self.access = access or Access(api_key)  # the Host check of a server on 127.0.0.1 (DNS rebinding)
         self._pools: dict[int, tuple[SessionPool, SessionPool]] = {}
+        self._parted: dict[int, tuple[PartedPool, PartedPool]] = {}
         self._lock = threading.Lock()
         self._turns = 0  # requests being answered (touched on the event loop only)
 
@@ -167,8 +169,13 @@ class Api:
         turn = _turn(body, target)
         if target.engine.waiting >= MAX_WAITING:
             raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded")
-        pool = target.pools[turn.think]
-        reply = Reply(target, pool, pool.lease(turn.history), turn, wire.new_id())
+        pool, parted = target.pools[turn.think], self._parted_of(target.engine)[turn.think]
+        lease = parted.lease(turn.history, turn.asked)  # a recording over 30 minutes: heard in parts
+        if lease is None:
+            lease = pool.lease(turn.history)
+        else:
+            pool = parted
+        reply = Reply(target, pool, lease, turn, wire.new_id())
         try:
             reply.start()
         except BaseException:  # the new turn's own mistake: the session it was lent stays kept
@@ -203,6 +210,13 @@ class Api:
             return Target("think", backend.think, self._pools_of(backend.think), True, backend.synthesizer)
         raise wire.WireError(404, f"The model {model[:80]!r} does not exist here; GET /v1/models lists them "
                                   "(instruct, think).", code="model_not_found", param="model")
+
+    def _parted_of(self, engine: Engine) -> tuple[PartedPool, PartedPool]:
+        """An engine's kept conversations about recordings over its limit, plain and Think apart."""
+        with self._lock:
+            if id(engine) not in self._parted:
+                self._parted[id(engine)] = (PartedPool(engine), PartedPool(engine))
+            return self._parted[id(engine)]
 
     def _pools_of(self, engine: Engine) -> tuple[SessionPool, SessionPool]:
         """An engine's kept sessions, apart for Think turns: their replies hold reasoning the client
@@ -419,11 +433,27 @@ def _message(message: wire.ChatMessage, index: int, engine: Engine, now: bool) -
     def clip():
         return prepare_clip(wire.decode_base64(data), loaded.mel_filters, max_seconds=loaded.max_audio_s)
 
-    return Message(role, text, clip() if now else None, audio_key(data.encode("ascii", "replace")), clip)
+    def recording():  # the bytes of a clip over the limit (heard in parts), else None
+        raw = wire.decode_base64(data)
+        return raw if split.longer_than(raw, loaded.max_audio_s) else None
+
+    key = audio_key(data.encode("ascii", "replace"))
+    if not now:
+        return Message(role, text, None, key, clip, recording)
+    raw = wire.decode_base64(data)
+    try:
+        made = prepare_clip(raw, loaded.mel_filters, max_seconds=loaded.max_audio_s)
+    except AudioError:
+        if not split.longer_than(raw, loaded.max_audio_s):  # AudioError again if it is no audio at all
+            raise
+        return Message(role, text, None, key, clip, lambda: raw)  # over the limit: heard in parts
+    return Message(role, text, made, key, clip, lambda: None)
 
 
 def _steps(reply) -> list[dict]:
-    return [{"start": s.start, "end": s.end, "text": s.text} for s in reply.steps]
+    """Think steps as the response carries them; a recording heard in parts names each step's part."""
+    return [{"start": s.start, "end": s.end, "text": s.text, **({"part": s.part} if s.part else {})}
+            for s in reply.steps]
 
 
 async def _answered(request: Request, reply: Reply) -> dict:

@@ -306,3 +306,20 @@ def test_a_loopback_server_answers_the_api_only_to_its_own_names(loaded):
         assert client.get("/v1/models", headers={"host": "127.0.0.1:7860"}).status_code == 200
     finally:
         engine.close()
+
+
+def test_input_audio_over_30_minutes_is_heard_in_parts_and_followed_up_from_the_kept_parts(client, tmp_path):
+    path = tmp_path / "long.flac"  # 31 minutes of a quiet tone at 8 kHz: a small file, as compressed audio is
+    t = np.arange(31 * 60 * 8000) / 8000
+    sf.write(path, (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 8000, subtype="PCM_16")
+    data = base64.b64encode(path.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "flac"}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    first = client.chat.completions.create(model="instruct", messages=messages, max_tokens=6)
+    assert first.choices[0].message.content and first.usage.prompt_tokens_details.cached_tokens == 0
+    messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                 {"role": "user", "content": "And then?"}]
+    follow = client.chat.completions.create(model="instruct", messages=messages, max_tokens=6)
+    assert follow.choices[0].message.content
+    # The merge session that holds the first turn goes on: its prompt was served from the cache.
+    assert follow.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
