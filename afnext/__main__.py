@@ -35,10 +35,10 @@ from .cli import KEEP_DAYS, add_model_flags, keep_days
 from .engine import Engine
 from .events import PartProgress, ReasoningDelta, TextDelta, TurnDone
 from .model import LICENCE_NOTE, ModelLoadError, load
-from .parts import Conversation
+from .parts import Conversation, open_kept
 from .sampling import GenerationOptions
 from .session import ContextFullError, Session
-from .store import KeptError, Store, StoreError, open_conversation
+from .store import KeptError, Store, StoreError
 from .store import default_path as default_store_path
 
 log = logging.getLogger("afnext")
@@ -156,7 +156,8 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
             store = _open_store(args.store)
             store.touch(args.conversation)  # in use now: the prune below and any elsewhere leave it alone
             store.prune(args.keep_days, keep=args.conversation)
-            turns = open_conversation(store, args.conversation, session, model=engine.loaded.name).turns
+            conversation, journal = open_kept(store, args.conversation, session, model=engine.loaded.name)
+            turns = journal.turns
         except (StoreError, AudioError, ContextFullError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -200,7 +201,6 @@ def _lines(stream) -> Iterator[str | bytes | None]:
 
 
 def _chat_turn(conversation: Conversation, line: str | bytes) -> dict:
-    session = conversation.session
     try:
         turn = _read_turn(line)
         reply = None  # with --conversation, the turn is kept by the session before its TurnDone
@@ -210,7 +210,7 @@ def _chat_turn(conversation: Conversation, line: str | bytes) -> dict:
     except (AudioError, ContextFullError, ValueError) as exc:
         return {"error": _one_line(str(exc))}
     except KeptError as exc:
-        if session.journal is not None and session.journal.broken:
+        if conversation.journal is not None and conversation.journal.broken:
             raise  # the session holds a turn the store does not: the conversation must stop (chat says so)
         return {"error": _one_line(str(exc))}  # its audio could not be written: the turn was not asked
     except Exception as exc:  # a model failure: log it fully, tell the client in one line, keep serving

@@ -51,7 +51,7 @@ from .events import Interrupted, PartProgress, ReasoningDelta, TextDelta, ThinkS
 from .sampling import GenerationOptions
 from .scheduler import Cancel
 from .session import Session
-from .store import Journal, KeptError, StoredTurn
+from .store import Journal, KeptError, Store, StoredTurn, StoreError, check_id, open_conversation
 from .think import shift_times
 
 log = logging.getLogger(__name__)
@@ -429,12 +429,19 @@ ONE_RECORDING = ("This conversation is about a recording heard in parts; ask abo
 
 class Conversation:
     """A conversation whose turns may bring a recording longer than the model hears: a `Session` until
-    one does, then a `PartedSession` about that recording, which carries the turns before it along."""
+    one does, then a `PartedSession` about that recording, which carries the turns before it along.
+    A kept session (one with a journal) takes such a recording only as its first turn."""
 
-    def __init__(self, session: Session, options: PartOptions = PartOptions()) -> None:
+    def __init__(self, session: Session, options: PartOptions = PartOptions(),
+                 parted: PartedSession | None = None) -> None:
         self.session = session
         self.options = options
-        self.parted: PartedSession | None = None
+        self.parted = parted
+
+    @property
+    def journal(self) -> Journal | None:
+        """Where its turns are kept, if anywhere."""
+        return self.parted.journal if self.parted is not None else self.session.journal
 
     def ask(self, text: str = "", audio=None, *, think: bool = False,
             options: GenerationOptions = GenerationOptions(), cancel=None) -> Iterator:
@@ -449,13 +456,26 @@ class Conversation:
             return self.session.ask(text, audio, think=think, options=options, cancel=cancel)
         if not self.session.use_cache:
             raise ValueError("A recording over the model's limit is heard in parts, which needs the KV cache.")
-        if self.session.journal is not None:
-            raise ValueError("A kept conversation cannot take a recording over the model's limit yet; ask about it "
-                             "in a conversation that is not kept.")
-        parted = PartedSession(self.session.engine, audio, base=self.session, options=self.options)
+        parted = self._parted(audio)
         stream = parted.ask(text, think=think, options=options, cancel=cancel)
         self.parted = parted
         return self._first(parted, stream)
+
+    def _parted(self, audio) -> PartedSession:
+        journal = self.session.journal
+        if journal is None:
+            return PartedSession(self.session.engine, audio, base=self.session, options=self.options)
+        if journal.turns or self.session.messages:
+            raise ValueError("A kept conversation takes a recording over the model's limit only as its first turn; "
+                             "keep it in a new conversation.")
+        journal.check()
+        parted = PartedSession(self.session.engine, audio, system=None, options=self.options)
+        try:
+            parted.kept = journal.store.put_audio(*journal.audio(audio)[1])  # the file, as the store keeps files
+        except (OSError, StoreError) as exc:
+            raise KeptError(f"The recording could not be kept ({exc}); nothing was asked.") from exc
+        parted.journal = journal
+        return parted
 
     def _first(self, parted: PartedSession, stream: Iterator) -> Iterator:
         """The recording's first turn: one that fails before any part has heard its clip is dropped."""
@@ -465,3 +485,16 @@ class Conversation:
             if not parted.heard:
                 self.parted = None
             raise
+
+
+def open_kept(store: Store, cid: str, session: Session, *, model: str,
+              options: PartOptions = PartOptions()) -> tuple[Conversation, Journal]:
+    """`store.open_conversation` for a conversation that may be about a recording heard in parts: such a
+    conversation is rebuilt as a `PartedSession` on the kept recording, any other into `session`."""
+    turns = store.turns(check_id(cid)) if store.get(cid) is not None else []
+    if len(turns) >= 2 and turns[1].parts and turns[0].audio is not None:
+        parted = PartedSession(session.engine, str(store.audio_path(turns[0].audio)), options=options)
+        journal = open_conversation(store, cid, parted, model=model)
+        parted.kept = turns[0].audio
+        return Conversation(session, options, parted), journal
+    return Conversation(session, options), open_conversation(store, cid, session, model=model)

@@ -75,9 +75,11 @@ def test_a_clip_over_30_minutes_just_works_in_chat_and_ask(tiny_dir, tmp_path):
     turns = [{"text": "What happens?", "audio": long, "max_new_tokens": 6},
              {"text": "And then?", "max_new_tokens": 6},
              {"text": "Another clip", "audio": wav(tmp_path / "a.wav", 2)}]
-    proc = cli("chat", "--model", str(tiny_dir), "--jsonl", stdin="\n".join(map(json.dumps, turns)) + "\n")
+    store = str(tmp_path / "store")  # kept: it goes on in a later run, its parts brought up to the turns before
+    proc = cli("chat", "--model", str(tiny_dir), "--jsonl", "--conversation", "lecture", "--store", store,
+               stdin="\n".join(map(json.dumps, turns)) + "\n")
     assert proc.returncode == 0, proc.stderr
-    first, follow, other = [json.loads(x) for x in proc.stdout.splitlines()]
+    first, follow, other = [json.loads(x) for x in proc.stdout.splitlines()[1:]]
     assert first["timings"]["audio_s"] > 0 and first["token_ids"]
     assert "Part 1 of 2 (0:00–15:30)" in first["reasoning"] and "Part 2 of 2 (15:30–31:00)" in first["reasoning"]
     assert follow["timings"]["encode_s"] == 0 and follow["timings"]["audio_s"] == 0 and follow["token_ids"]
@@ -85,3 +87,8 @@ def test_a_clip_over_30_minutes_just_works_in_chat_and_ask(tiny_dir, tmp_path):
     proc = cli("ask", "--model", str(tiny_dir), long, "What is said?", "--max-new-tokens", "6")
     assert proc.returncode == 0, proc.stderr
     assert "Listening to part 2 of 2 (15:30–31:00)…" in proc.stderr and proc.stdout.strip()
+    later = cli("chat", "--model", str(tiny_dir), "--jsonl", "--conversation", "lecture", "--store", store,
+                stdin=json.dumps({"text": "And at the end?", "max_new_tokens": 6}) + "\n")
+    assert later.returncode == 0, later.stderr
+    head, third = [json.loads(x) for x in later.stdout.splitlines()]
+    assert head == {"conversation": "lecture", "turns": 2} and third["token_ids"] and third["timings"]["audio_s"] > 0
