@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -44,18 +45,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from . import prompt, split
-from .audio import MAX_AUDIO_S
+from .audio import MAX_AUDIO_S, AudioError
 from .clip import Clip, prepare_clip
 from .engine import Engine
 from .events import Interrupted, PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone, clock
 from .sampling import GenerationOptions
 from .scheduler import Cancel
-from .session import Session
+from .session import MAX_TEXT_CHARS, Session
 from .store import Journal, KeptError, Store, StoredTurn, StoreError, check_id, open_conversation
 from .think import shift_times
 
 log = logging.getLogger(__name__)
 
+MAX_QUESTION_CHARS = MAX_TEXT_CHARS // 2  # the merge's question holds the question and every part's answer
 JOIN_S = 5.0  # how long a finished turn waits for its part threads to end (they end within a step)
 _turn_ids = itertools.count(1_000_000_001)  # turn ids of parted turns: apart from Session's
 
@@ -85,6 +87,9 @@ class _Part:
     start_s: float
     end_s: float
     session: Session
+    heard: bool = False  # its session holds its clip, encoded (a turn with it began answering)
+    before: int = 0  # messages its session held before the turn in flight: what a turn not kept goes back to
+    clip_at: int | None = None  # the message its clip came with
 
     def progress(self, stage: str, parts: int | None, text: str = "") -> PartProgress:
         return PartProgress(stage, self.index + 1, parts, self.start_s, self.end_s, text)
@@ -102,7 +107,7 @@ class PartedSession:
         self._recording = recording  # read (again) until every part has heard its clip
         self._parts: list[_Part] = []
         self._count: int | None = None  # parts the recording has, once known
-        self._complete = False  # every part's session has heard its clip
+        self._read_all = False  # the recording has been read to its end once
         # What every part starts from: the conversation as it was when the recording joined (ValueError
         # now, not in a part's thread, when it cannot be copied).
         self._base_copy = base.fork(len(base.messages)) if base is not None and base.messages else None
@@ -111,6 +116,7 @@ class PartedSession:
         self.journal: Journal | None = None  # where its turns are kept (open_conversation sets it)
         self.kept: str | None = None  # with a journal: the recording's key in its store (the first turn's audio)
         self._history: list[_Asked] = []  # completed turns: what a part hearing its clip later is brought up to
+        self._cuts: list[tuple[float, float]] = []  # a rebuilt conversation's parts, as they were cut when kept
 
     @property
     def cached_tokens(self) -> int:
@@ -123,9 +129,14 @@ class PartedSession:
         self._merge.extend(role, text)
 
     @property
+    def _complete(self) -> bool:
+        """Every part is read and holds its clip: a question needs no reading."""
+        return self._read_all and all(p.heard for p in self._parts)
+
+    @property
     def heard(self) -> bool:
         """Whether some part has heard its clip (a first turn that failed before may be dropped)."""
-        return any(p.session.tokens for p in self._parts)
+        return any(p.heard for p in self._parts)
 
     def replay(self, turns: list[StoredTurn]) -> None:
         """Rebuild a kept conversation (store.restore calls this): the merge session at once (text only),
@@ -139,6 +150,7 @@ class PartedSession:
             ids = tuple(tuple(part) for part in reply.parts["ids"])
             if self._history and len(ids) != len(self._history[0].ids):
                 raise ValueError("its turns were answered over different numbers of parts")
+            self._cuts = [tuple(cut) for cut in reply.parts.get("cuts", ())]
             self._merge.extend("user", reply.parts["merge"])
             self._merge.extend_reply(list(reply.token_ids))
             self._history.append(_Asked(user.text, user.think, ids))
@@ -146,6 +158,11 @@ class PartedSession:
     def _bring_up(self, part: _Part, clip: Clip) -> None:
         """A new part session in a conversation that has had turns: each turn as the part heard it (its
         clip with the first), so its next question sees what a session kept alive all along would."""
+        if self._cuts and (part.index >= len(self._cuts) or
+                           max(abs(a - b) for a, b in zip(self._cuts[part.index], (part.start_s, part.end_s))) > 0.01):
+            raise ValueError("The recording is cut into parts differently now than when this conversation was kept "
+                             "(another version of the app); ask about it in a new conversation.")
+        part.clip_at = len(part.session.messages)
         for i, asked in enumerate(self._history):
             text = part_question(asked.question, part.index, self._count, part.start_s, part.end_s) if i == 0 \
                 else asked.question
@@ -154,13 +171,17 @@ class PartedSession:
 
     def _keep(self, runs: _Runs, reply, merge_question: str, audio_key: str | None) -> None:
         """Keep a completed turn in the journal: the merged reply, and each part's ids to rebuild it."""
+        runs.kept = True
         ids = tuple(runs.ids.get(p.index, ()) for p in self._parts)
         self._history.append(_Asked(runs.text, runs.think, ids))
+        if all(p.heard for p in self._parts) and not isinstance(self._recording, (str, os.PathLike)):
+            self._recording = None  # in memory (an upload's bytes): never read again, every part holds its clip
         if self.journal is None:
             return
         try:
-            self.journal.commit(runs.text, runs.think, audio_key, reply,
-                                parts={"ids": [list(i) for i in ids], "merge": merge_question})
+            self.journal.commit(runs.text, runs.think, audio_key, reply, parts={
+                "ids": [list(i) for i in ids], "merge": merge_question,
+                "cuts": [[p.start_s, p.end_s] for p in self._parts]})
         except Exception:
             if self.journal.broken is None:
                 self.journal.broken = "The turn could not be kept in the store; the conversation stops here."
@@ -190,6 +211,9 @@ class PartedSession:
         prompt.check_text(text)
         if not text.strip():
             raise ValueError("Ask a question about the recording.")
+        if len(text) > MAX_QUESTION_CHARS:  # the parts' questions and the merge's notes need the rest
+            raise ValueError(f"The question is {len(text):,} characters long; about a recording heard in parts "
+                             f"the limit is {MAX_QUESTION_CHARS:,}.")
         prompt.check_control_tokens(self.engine.loaded, text)
         audio_key = None
         if self.journal is not None:
@@ -216,6 +240,8 @@ class PartedSession:
             if runs.running():  # the stream was closed early: every part stops before its next step
                 cancel.set()
             runs.join()
+            if not runs.kept:
+                runs.roll_back()
             if self.journal is not None:
                 self.journal.release(audio_key)
 
@@ -246,7 +272,8 @@ class PartedSession:
 
 def merge_question(question: str, answers: list[tuple[float, float, str]], total_s: float) -> str:
     """The merge session's turn: each part's answer with its place in the recording, then the question."""
-    notes = "\n\n".join(f"Part {i} of {len(answers)} ({clock(start)}–{clock(end)}): {answer.strip() or '(no answer)'}"
+    room = max(200, (MAX_TEXT_CHARS - len(question) - 1000) // max(1, len(answers)))  # characters per part
+    notes = "\n\n".join(f"Part {i} of {len(answers)} ({clock(start)}–{clock(end)}): {_cut(answer.strip(), room) or '(no answer)'}"
                         for i, (start, end, answer) in enumerate(answers, 1))
     return (f"A recording of {clock(total_s)} was too long to hear at once, so it was heard in {len(answers)} parts. "
             f"Here is what each part gave for the question below (times are in the whole recording).\n\n{notes}\n\n"
@@ -272,6 +299,17 @@ class _Runs:
         self.t_merge = 0.0
         self._threads: list[threading.Thread] = []
         self._began: dict[int, threading.Event] = {}
+        self.kept = False  # the turn was kept (its merge began answering): else every part goes back
+        self._launched: list[_Part] = []
+
+    def roll_back(self) -> None:
+        """A turn that was not kept counts in no part: each goes back to before it (a part that heard its
+        clip only with it will hear it again), so the parts, the store and a rebuilt conversation agree."""
+        for part in self._launched:
+            if len(part.session.messages) > part.before:
+                part.session.truncate(part.before)
+            if part.clip_at is not None and part.clip_at >= part.before:
+                part.heard, part.clip_at = False, None
 
     @property
     def total_s(self) -> float:
@@ -322,11 +360,12 @@ class _Runs:
         """Read the recording part by part; hand each to the engine once the one before has begun."""
         owner = self.owner
         loaded = owner.engine.loaded
+        assert owner._recording is not None, "a recording is let go only once every part holds its clip"
         for piece in split.split_recording(owner._recording, part_s=min(owner.options.part_s, loaded.max_audio_s)):
             if self.cancel.is_set():
                 return
             owner._count = piece.parts
-            if piece.index < len(owner._parts) and owner._parts[piece.index].session.tokens:
+            if piece.index < len(owner._parts) and owner._parts[piece.index].heard:
                 part, clip = owner._parts[piece.index], None  # heard on a turn cut short: not encoded again
             else:
                 t0 = time.perf_counter()
@@ -345,7 +384,7 @@ class _Runs:
             else:
                 self._launch(part, clip)
         owner._count = len(owner._parts)
-        owner._complete = True
+        owner._read_all = not self.cancel.is_set()
 
     def _launch_all(self) -> None:
         for part in self.owner._parts:
@@ -365,6 +404,10 @@ class _Runs:
         self._began[part.index] = threading.Event()
         question = self.text if clip is None else part_question(self.text, part.index, self.owner._count,
                                                                 part.start_s, part.end_s)
+        part.before = len(part.session.messages)
+        if clip is not None:
+            part.clip_at = part.before
+        self._launched.append(part)
         stream = part.session.ask(question, clip, think=self.think, options=self.part_options, cancel=self.cancel)
         self.out.put((part.index, part.progress("listening", self.owner._count)))
         self._start(self._drain, f"afnext-part-{part.index + 1}", part, stream, clip or release)
@@ -373,12 +416,12 @@ class _Runs:
         began = self._began[part.index]
         try:
             for event in stream:
-                if not isinstance(event, (TurnDone, Interrupted)):
-                    _let_go(clip)  # it is answering: its prefill is done
-                    if self.owner.options.parallel:
+                if not isinstance(event, Interrupted):  # it is answering: its clip is encoded, in its cache
+                    part.heard = True
+                    _let_go(clip)  # a turn rolled back before this keeps its clip, to be encoded with the next
+                    if self.owner.options.parallel or isinstance(event, TurnDone):
                         began.set()
                 self.out.put((part.index, event))
-            _let_go(clip)  # the engine has settled the turn
         finally:
             began.set()
             stream.close()
@@ -388,8 +431,9 @@ class _Runs:
         if isinstance(event, PartProgress):
             yield replace(event, parts=self.owner._count, turn=self.turn)
         elif isinstance(event, ThinkStep):
-            step = replace(event, start=event.start + part.start_s,
-                           end=None if event.end is None else event.end + part.start_s, part=index + 1, turn=self.turn)
+            step = replace(event, start=event.start + part.start_s,  # its times, and its sentence's, in the whole
+                           end=None if event.end is None else event.end + part.start_s, part=index + 1, turn=self.turn,
+                           text=shift_times(event.text, part.start_s, part.end_s - part.start_s))
             self.steps.append(step)
             yield step
         elif isinstance(event, TurnDone):
@@ -405,6 +449,10 @@ class _Runs:
                                  f"{f' of {self.owner._count}' if self.owner._count else ''} "
                                  f"({clock(part.start_s)}–{clock(part.end_s)}): {self.reasoning[index]}", turn=self.turn)
             yield replace(part.progress("answered", self.owner._count, self.answers[index]), turn=self.turn)
+
+
+def _cut(text: str, chars: int) -> str:
+    return text if len(text) <= chars else text[: chars - 1].rstrip() + "…"
 
 
 def _let_go(clip: Clip | None) -> None:
@@ -470,8 +518,11 @@ class Conversation:
                              "keep it in a new conversation.")
         journal.check()
         parted = PartedSession(self.session.engine, audio, system=None, options=self.options)
-        try:
-            parted.kept = journal.store.put_audio(*journal.audio(audio)[1])  # the file, as the store keeps files
+        try:  # the file as it is, copied in blocks: a 4-hour recording is never in memory whole
+            if isinstance(audio, (str, os.PathLike)):
+                parted.kept = journal.store.put_audio_file(audio)
+            else:
+                parted.kept = journal.store.put_audio(*journal.audio(audio)[1])
         except (OSError, StoreError) as exc:
             raise KeptError(f"The recording could not be kept ({exc}); nothing was asked.") from exc
         parted.journal = journal
@@ -481,8 +532,8 @@ class Conversation:
         """The recording's first turn: one that fails before any part has heard its clip is dropped."""
         try:
             yield from stream
-        except BaseException:
-            if not parted.heard:
+        except BaseException as exc:
+            if not parted.heard or isinstance(exc, AudioError):  # nothing heard, or the recording is unusable
                 self.parted = None
             raise
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from .clip import Clip
 from .engine import Engine
-from .parts import PartedSession
+from .parts import ONE_RECORDING, PartedSession
 from .session import Session
 
 MAX_SESSIONS = 256  # kept conversations per engine: a few dozen voice chats and recordings, with room
@@ -158,8 +158,8 @@ class PartedPool:
     server, a pruned one, an edited one) starts afresh: the parts hear the recording with the new
     question, and the merge session hears the turns before it as text."""
 
-    def __init__(self, engine: Engine, max_sessions: int = MAX_PARTED) -> None:
-        self.engine, self.max_sessions = engine, max_sessions
+    def __init__(self, engine: Engine, max_sessions: int = MAX_PARTED, max_bytes: int = MAX_KEPT_BYTES) -> None:
+        self.engine, self.max_sessions, self.max_bytes = engine, max_sessions, max_bytes
         self._kept: OrderedDict[tuple, _Parted] = OrderedDict()
         self._short: OrderedDict[str, None] = OrderedDict()  # audio keys of clips within the limit
         self._lock = threading.Lock()
@@ -168,10 +168,11 @@ class PartedPool:
         """The parted conversation holding `history`, to ask `asked` in; None when the conversation
         holds no recording over the limit in its first user clip."""
         keys = tuple(m.key for m in history)
-        with self._lock:
-            kept = self._kept.pop(keys, None)
-        if kept is not None:
-            return Lease(kept, keys, kept.cached_tokens)
+        if any(audio for _, _, audio in keys):  # kept ones are keyed by their recording: no other history matches
+            with self._lock:
+                kept = self._kept.pop(keys, None)
+            if kept is not None:
+                return Lease(kept, keys, kept.cached_tokens)
         messages = [*history, asked]
         first = next((m for m in messages if m.role == "user" and m.audio_key), None)
         recording = self._recording(first) if first is not None else None
@@ -187,7 +188,9 @@ class PartedPool:
         self._put(lease.history + (asked.key, ("assistant", reply_text, "")), lease.session)
 
     def give_back(self, lease: Lease) -> None:
-        self._put(lease.history, lease.session)
+        """A turn that did not begin: kept only if the conversation holds its recording already."""
+        if any(audio for _, _, audio in lease.history) and lease.session.session.heard:
+            self._put(lease.history, lease.session)
 
     def _recording(self, message: Message) -> bytes | None:
         """The message's clip bytes if it is over the limit; clips found within it are remembered by key,
@@ -206,7 +209,8 @@ class PartedPool:
         with self._lock:
             self._kept[key] = parted
             self._kept.move_to_end(key)
-            while len(self._kept) > self.max_sessions:
+            while len(self._kept) > self.max_sessions or (
+                    len(self._kept) > 1 and sum(p.session.cache_bytes for p in self._kept.values()) > self.max_bytes):
                 self._kept.popitem(last=False)
 
 
@@ -221,4 +225,6 @@ class _Parted:
         return self.session.cached_tokens
 
     def ask(self, text: str = "", audio=None, **kw):
+        if audio is not None:
+            raise ValueError(ONE_RECORDING)
         return self.session.ask(text, **kw)

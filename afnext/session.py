@@ -169,6 +169,19 @@ class Session:
                 twin._cache, twin._cached = copy_cache(self._cache, kept), kept
         return twin
 
+    def truncate(self, n_messages: int) -> None:
+        """Drop every message after the first `n_messages`, with their tokens and the KV cache past them:
+        a turn that must not count (a recording heard in parts keeps all its parts' turns or none). The
+        session must be cached, and every clip it holds encoded. ValueError otherwise."""
+        self._settled.wait()
+        if self._pending or not self.use_cache or not 0 <= n_messages <= len(self.messages):
+            raise ValueError("Only a settled, cached session with every clip encoded can be cut back.")
+        cut, clip_s = self._marks[n_messages - 1] if n_messages else (0, None)
+        del self.tokens[cut:], self.messages[n_messages:], self._marks[n_messages:]
+        if self._cache is not None and self._cache.get_seq_length() > cut:
+            self._cache.crop(cut - self._cache.get_seq_length())
+        self._cached, self._last_clip_s, self._reply_at = min(self._cached, cut), clip_s, None
+
     @property
     def cache_bytes(self) -> int:
         """Bytes the session's KV cache takes, wherever it is (device or CPU memory)."""

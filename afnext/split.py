@@ -50,11 +50,16 @@ class Part:
         return self.start_s + self.duration_s
 
 
+def search_s(part_s: float) -> float:
+    """Seconds of room around each cut: CUT_SEARCH_S, or a quarter of a part when parts are short."""
+    return min(CUT_SEARCH_S, part_s / 4)
+
+
 def part_count(total_s: float, part_s: float = MAX_AUDIO_S) -> int:
     """Parts a recording of `total_s` seconds is cut into (1 if it fits the model whole)."""
     if total_s <= part_s + LIMIT_GRACE_S:
         return 1
-    return math.ceil(total_s / (part_s - min(CUT_SEARCH_S, part_s / 4)))
+    return math.ceil(total_s / (part_s - search_s(part_s)))
 
 
 def longer_than(source, seconds: float) -> bool:
@@ -88,6 +93,7 @@ def split_recording(source, *, part_s: float = MAX_AUDIO_S, max_seconds: float =
 def _parts(blocks: Iterator[np.ndarray], total_s: float | None, part_s: float) -> Iterator[Part]:
     """Cut a stream of blocks: each cut is decided once the audio up to its search window's end has come."""
     n = part_count(total_s, part_s) if total_s is not None else None
+    search = round(search_s(part_s) * SAMPLE_RATE)
     limit = round(part_s * SAMPLE_RATE)
     grace = round(LIMIT_GRACE_S * SAMPLE_RATE)
     buffer = _Buffer(limit + grace)
@@ -95,26 +101,27 @@ def _parts(blocks: Iterator[np.ndarray], total_s: float | None, part_s: float) -
     for block in blocks:
         while block.size:
             block = buffer.fill(block)
-            lo, hi = _window(index, start, n, total_s, limit)
+            lo, hi = _window(index, start, n, total_s, limit, search)
             if len(buffer) >= hi - start + grace:  # all of the window has come (and more than a grace)
                 target = _target(index, n, total_s, hi) - start
                 cut = _quietest(buffer.view(), lo - start, hi - start, target)
+                if n is not None and index >= n - 1:  # it runs on past the length it stated: count unknown
+                    n = None
                 yield Part(index, start / SAMPLE_RATE, buffer.take(cut), n)
                 start, index = start + cut, index + 1
     if len(buffer):
-        yield Part(index, start / SAMPLE_RATE, buffer.take(min(len(buffer), limit)), n if n else index + 1)
+        yield Part(index, start / SAMPLE_RATE, buffer.take(min(len(buffer), limit)), index + 1)
     elif index == 0:
         raise AudioError("The recording has no samples (0 s of audio); record it again.")
 
 
-def _window(index: int, start: int, n: int | None, total_s: float | None, limit: int) -> tuple[int, int]:
-    """[lo, hi] samples (absolute) where part `index`, starting at `start`, may end."""
+def _window(index: int, start: int, n: int | None, total_s: float | None, limit: int,
+            search: int) -> tuple[int, int]:
+    """[lo, hi] samples (absolute) where part `index`, starting at `start`, may end (`search`: the room, samples)."""
     hi = start + limit
     if n is not None and index < n - 1:
         even = round((index + 1) * total_s / n * SAMPLE_RATE)
-        half = round(min(CUT_SEARCH_S, limit / 4) / 2 * SAMPLE_RATE)
-        return max(start + 1, even - half), min(hi, even + half)
-    search = round(min(CUT_SEARCH_S, limit / 4) * SAMPLE_RATE)
+        return max(start + 1, even - search // 2), min(hi, even + search // 2)
     return max(start + 1, hi - search), hi
 
 

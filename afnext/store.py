@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS turns (
     created REAL NOT NULL, parts TEXT, PRIMARY KEY (conversation, idx));
 CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated);
 """
+COPY_BLOCK_BYTES = 1 << 20  # a file kept from its path is copied this much at a time
 MAX_ID_CHARS = 64
 MAX_TITLE_CHARS = 200
 CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, c.system, c.audio, "
@@ -148,13 +149,18 @@ class Store:
     # ---- conversations ----
 
     def create(self, kind: str, *, owner: str = "", title: str = "", id: str | None = None, model: str = "",
-               system: str = "", audio: tuple[bytes, str] | None = None) -> str:
+               system: str = "", audio: tuple[bytes, str] | str | os.PathLike | None = None) -> str:
         """A new conversation's id (`id` if given: a name the caller chose). `audio`: a recording's file
-        (bytes, suffix), kept with it whether or not any turn refers to it."""
+        (bytes, suffix), or its path (copied in blocks, as it is: a 4-hour recording is never in memory
+        whole), kept with it whether or not any turn refers to it."""
         cid = check_id(id) if id is not None else uuid.uuid4().hex
         now = time.time()
+        staged = self._stage(audio) if isinstance(audio, (str, os.PathLike)) else None
         with self._lock:
-            key = None if audio is None else self._put_audio(*audio)
+            if staged is not None:
+                key = self._place(*staged)
+            else:
+                key = None if audio is None else self._put_audio(*audio)
             try:
                 self._db.execute("INSERT INTO conversations (id, kind, title, owner, created, updated, model, system, "
                                  "audio) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -352,6 +358,47 @@ class Store:
             if self._audio_bytes is not None:
                 self._audio_bytes += len(data)
         return key
+
+    def put_audio_file(self, path: str | os.PathLike) -> str:
+        """`put_audio` for a file, copied in blocks as it is (not converted): its key."""
+        staged = self._stage(path)
+        with self._lock:
+            return self._place(*staged)
+
+    def _stage(self, path: str | os.PathLike) -> tuple[Path, str, int]:
+        """Copy a file into the store's incoming folder in blocks, hashing it: (copy, key, bytes)."""
+        incoming = self.path / "audio" / "incoming"
+        incoming.mkdir(exist_ok=True)
+        copy, digest, size = incoming / f".{uuid.uuid4().hex}.part", hashlib.sha256(), 0
+        try:
+            with open(path, "rb") as source, open(copy, "wb") as out:
+                while block := source.read(COPY_BLOCK_BYTES):
+                    digest.update(block)
+                    out.write(block)
+                    size += len(block)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            copy.unlink(missing_ok=True)
+            raise
+        suffix = Path(path).suffix
+        return copy, digest.hexdigest() + (suffix.lower()[:8] if suffix.startswith(".") else ""), size
+
+    def _place(self, copy: Path, key: str, size: int) -> str:
+        """A staged copy under its key (lock held), or dropped if the store has that file already."""
+        path = self._audio_path(key)
+        try:
+            if path.exists():
+                os.utime(path)
+                return key
+            self._make_room(size)
+            path.parent.mkdir(exist_ok=True)
+            os.replace(copy, path)
+            if self._audio_bytes is not None:
+                self._audio_bytes += size
+            return key
+        finally:
+            copy.unlink(missing_ok=True)
 
     def _make_room(self, size: int) -> None:
         """Within `max_bytes` of audio, room for `size` more (lock held): the conversations least recently

@@ -36,6 +36,7 @@ from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import ReasoningDelta, TextDelta, TurnDone
 from afnext import split
+from afnext.parts import ONE_RECORDING
 from afnext.pool import Lease, Message, PartedPool, SessionPool, audio_key
 from afnext.sampling import GenerationOptions
 from afnext.session import ContextFullError
@@ -172,9 +173,15 @@ class Api:
         pool, parted = target.pools[turn.think], self._parted_of(target.engine)[turn.think]
         lease = parted.lease(turn.history, turn.asked)  # a recording over 30 minutes: heard in parts
         if lease is None:
+            if turn.asked.audio_key and turn.asked.clip is None:  # over the limit, and not the first clip
+                raise wire.WireError(400, "A recording over 30 minutes must be the conversation's first clip; "
+                                          "start a new conversation for it.", param="messages")
             lease = pool.lease(turn.history)
         else:
             pool = parted
+            if turn.asked.audio_key and any(m.audio_key for m in turn.history):
+                parted.give_back(lease)
+                raise wire.WireError(400, ONE_RECORDING, param="messages")
         reply = Reply(target, pool, lease, turn, wire.new_id())
         try:
             reply.start()

@@ -213,8 +213,11 @@ def keep(recording: Recording, store: Store, owner: str, path: str) -> None:
     """Keep a newly opened recording in the store, as conversation `recording.cid` of `owner` with no turns
     yet: its file (an integer WAV as FLAC of the same samples) and its name. KeptError if the disk refuses."""
     try:
-        data, suffix = lossless(load_file(path), Path(path).suffix)
-        store.create("recording", owner=owner, title=recording.name, audio=(data, suffix), id=recording.cid)
+        if recording.parts:  # over 30 minutes: copied as it is, in blocks (never whole in memory)
+            store.create("recording", owner=owner, title=recording.name, audio=Path(path), id=recording.cid)
+        else:
+            data, suffix = lossless(load_file(path), Path(path).suffix)
+            store.create("recording", owner=owner, title=recording.name, audio=(data, suffix), id=recording.cid)
     except (OSError, StoreError) as exc:
         raise KeptError(f"The recording could not be kept ({exc}); it can be asked about, but will not be in "
                         "your history.") from exc

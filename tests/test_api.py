@@ -323,3 +323,29 @@ def test_input_audio_over_30_minutes_is_heard_in_parts_and_followed_up_from_the_
     assert follow.choices[0].message.content
     # The merge session that holds the first turn goes on: its prompt was served from the cache.
     assert follow.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+    # One recording per conversation, and it comes first: any other clip is refused in a sentence.
+    short = user("And this?", wav(tmp_path / "short.wav", 2))
+    with pytest.raises(openai.BadRequestError, match="heard in parts"):
+        client.chat.completions.create(model="instruct", max_tokens=6, messages=[
+            *messages, {"role": "assistant", "content": follow.choices[0].message.content}, short])
+    with pytest.raises(openai.BadRequestError, match="must be the conversation's first clip"):
+        client.chat.completions.create(model="instruct", max_tokens=6, messages=[
+            short, {"role": "assistant", "content": "A short clip."}, messages[0]])
+
+
+def test_a_recording_whose_first_turn_failed_is_nobody_elses_next_conversation(loaded):
+    from afnext.engine import Engine
+    from afnext.pool import Message, PartedPool
+    from tests.conftest import noise
+
+    engine = Engine(loaded)
+    try:
+        pool = PartedPool(engine)
+        long = Message("user", "", None, "clip-long", None, lambda: noise(100).tobytes())
+        lease = pool.lease([], long)
+        with pytest.raises(ValueError):
+            lease.session.ask("")  # the first turn fails before anything is heard
+        pool.give_back(lease)
+        assert pool.lease([], Message("user", "Hello, what is 2+2?")) is None  # not handed the recording
+    finally:
+        engine.close()

@@ -330,3 +330,106 @@ def test_a_30_minute_recording_is_drawn(browser, server, tmp_path):
     REPORT["draw_30min_waveform_ms"] = float(page.evaluate(f"document.querySelector('{WAVE}').dataset.drawnMs"))
     assert not errors, errors
     page.context.close()
+
+
+def _long_recording(path: Path, minutes: int = 75) -> None:
+    """A `minutes`-long FLAC (8 kHz, 16-bit) that uploads in a moment: digital silence with a half-second
+    tone every 20 s, written a minute at a time. Around 25:00 (the first even cut) a minute of faint noise
+    with one 1-second pause at 24:48, so the first cut falls there and the parts are not exactly even."""
+    rate, rng = 8000, np.random.default_rng(75)
+    tone = 0.3 * np.sin(2 * np.pi * 330 * np.arange(rate // 2) / rate)
+    with soundfile.SoundFile(path, "w", rate, 1, "PCM_16", format="FLAC") as out:
+        for minute in range(minutes):
+            block = np.zeros(60 * rate, np.float32)
+            for at in range(1, 60, 20):
+                block[at * rate:at * rate + tone.size] = tone
+            s = minute * 60 + np.arange(block.size) / rate
+            noisy = (s >= 1470) & (s < 1530) & ~((s >= 1488) & (s < 1489))
+            block[noisy] += 0.02 * rng.standard_normal(int(noisy.sum())).astype(np.float32)
+            out.write(block)
+
+
+def test_a_75_minute_recording_is_heard_in_3_parts_and_its_steps_seek_the_whole_recording(browser, server, tmp_path):
+    long = tmp_path / "seventy-five-minutes.flac"
+    _long_recording(long)
+    assert long.stat().st_size < 15e6
+    page, _, errors = _page(browser, server)
+    page.get_by_role("tab", name="Recordings").click()
+    page.evaluate("""() => {  // every status line shown, in order (its text, not Gradio's progress timer)
+        window.afnStatuses = [];
+        new MutationObserver(() => {
+            const status = document.querySelector('#afn-status [data-testid=markdown]')?.innerText.trim() || '';
+            if (status && status !== afnStatuses[afnStatuses.length - 1]) afnStatuses.push(status);
+        }).observe(document.body, {subtree: true, childList: true, characterData: true});
+    }""")
+    t0 = time.perf_counter()
+    page.locator("#afn-upload input[type=file]").set_input_files(str(long))
+    page.wait_for_function(f"() => document.querySelector('{WAVE}')?.dataset.duration === '4500'"
+                           f" && document.querySelector('{WAVE}').dataset.parts === '3'", timeout=60_000)
+    REPORT["upload_75min_to_waveform_s"] = round(time.perf_counter() - t0, 2)
+    page.locator("#afn-status", has_text="it will listen in 3 parts").wait_for(timeout=10_000)
+    bounds = page.locator(f"{WAVE} .boundary")
+    assert bounds.all_inner_texts() == ["Part 1", "Part 2", "Part 3"]
+    starts = [float(b.evaluate("el => el.style.left").rstrip("%")) * 45 for b in bounds.all()]  # % of 4500 s
+    assert starts[0] == 0 and abs(starts[1] - 1500) <= 30 and abs(starts[2] - 3000) <= 30, starts
+    assert abs(starts[1] - 1488.8) < 1, "the first cut is at the pause at 24:48, not at an even 25:00"
+
+    page.locator("#afn-think input").check()
+    page.locator("#afn-question textarea").fill("What happens in this recording?")
+    t0 = time.perf_counter()
+    page.locator("#afn-ask").click()
+    page.wait_for_function("() => afnStatuses.some(s => s.startsWith('Done'))", timeout=240_000)
+    REPORT["think_75min_3_parts_s"] = round(time.perf_counter() - t0, 2)
+    statuses = page.evaluate("afnStatuses")
+    assert any("Listening to part 2 of 3" in s for s in statuses), statuses
+    assert any("Read part 3 of 3" in s for s in statuses), statuses
+    assert SCRIPTED_ANSWER in page.locator("#afn-chat").inner_text()
+
+    rows = page.locator(f"{WAVE} li[data-step]")
+    script = [(0.3, 3.6), (4.0, 6.9), (7.3, 10.2)]  # the script's steps, in each part's own time
+    assert rows.count() == 3 * len(script) and page.locator(f"{WAVE} .marker").count() == 3 * len(script)
+
+    def seconds(shown: str) -> int:  # "1:15:03" or "24:49" (the page floors to the second)
+        total = 0
+        for field in shown.split(":"):
+            total = 60 * total + int(field)
+        return total
+
+    shown: dict[int, list[tuple[int, int, str]]] = {1: [], 2: [], 3: []}
+    for row in rows.all():
+        part = int(row.locator(".part").inner_text().removeprefix("part "))
+        start, end = row.locator(".at").inner_text().split("–")
+        shown[part].append((seconds(start), seconds(end), row.get_attribute("data-step")))
+    for part, at in enumerate(starts, 1):
+        got = sorted(shown[part])
+        assert len(got) == len(script), shown
+        for (start, end, _), (a, b) in zip(got, script):
+            assert at + a - 1 < start <= at + a and at + b - 1 < end <= at + b, (part, got, at)
+
+    step = sorted(shown[3])[1][2]  # part 3's "from 4.0s to 6.9s": 50:04 in the whole recording
+    page.locator(f"{WAVE} li[data-step='{step}']").click()
+    page.wait_for_function(f"() => document.querySelector('{WAVE}').dataset.activeStep === '{step}'")
+    current = page.evaluate(f"document.querySelector('{WAVE}').shadowRoot.querySelector('audio').currentTime")
+    assert abs(current - (starts[2] + 4.0)) < 1.0 and current > 3000, current
+    assert "active" in page.locator(f"{WAVE} .marker[data-step='{step}']").get_attribute("class")
+    page.screenshot(path=SHOTS / "long-recording.png", full_page=True)
+    page.screenshot(path="/tmp/long-recording.png", full_page=True)
+
+    page.evaluate("afnStatuses.splice(0, afnStatuses.length - 1)")  # the follow-up: nothing read again
+    page.locator("#afn-question textarea").fill("And when is the tone loudest?")
+    t0 = time.perf_counter()
+    page.locator("#afn-ask").click()
+    page.wait_for_function("() => afnStatuses.slice(1).some(s => s.startsWith('Done'))", timeout=180_000)
+    REPORT["think_75min_follow_up_s"] = round(time.perf_counter() - t0, 2)
+    statuses = page.evaluate("afnStatuses.slice(1)")
+    assert not any("Read part" in s or "encoder" in s for s in statuses), statuses
+    assert page.locator('#afn-chat [data-testid="user"]').count() == 2
+    page.wait_for_function("answer => [...document.querySelectorAll('#afn-chat [data-testid=bot]')]"
+                           ".filter(m => m.innerText.trim() === answer).length === 2", arg=SCRIPTED_ANSWER)
+    assert rows.count() == 3 * len(script)
+    # the parts answered side by side, their steps interleaved as they came: the list is in time order
+    shown_at = [seconds(t.split("–")[0]) for t in page.locator(f"{WAVE} li[data-step] .at").all_inner_texts()]
+    assert shown_at == sorted(shown_at), shown_at
+    page.screenshot(path="/tmp/long-recording-follow-up.png", full_page=True)
+    assert not errors, errors
+    page.context.close()

@@ -99,6 +99,8 @@ def test_the_merge_hears_each_part_with_its_times_made_absolute(scripted, monkey
                                                      "to 1:07 of the whole.")
     merge = [text for text, has_clip in asked if not has_clip][-1]
     assert "Part 2 of 3 (0:33–1:07): A bell rings at 0:45." in merge  # 0:12 in a part from 0:33
+    # A step's sentence speaks of the whole recording too, as its times do.
+    assert [s.text for s in reply.steps if s.part == 2] == ["A bell rings from 0:45–0:49."]
     assert merge.endswith("Question: When?\nAnswer it for the whole recording in one answer, from what the parts "
                           "found; give times as above.")
 
@@ -179,3 +181,42 @@ def test_reasoning_names_every_part_and_answer_text_is_never_reasoning(scripted)
     notes = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     assert all(f"Part {i} of 3" in notes for i in (1, 2, 3))
     assert all(isinstance(e, ThinkStep) and e.part for e in events if isinstance(e, ThinkStep))
+
+
+def test_a_turn_cut_short_counts_in_no_part_so_a_rebuilt_conversation_goes_on_the_same(loaded, tmp_path):
+    from afnext.store import Store, open_conversation
+
+    slow = ScriptedEngine(loaded, "A bell at 0:12. " * 5, step_delay_s=0.02)
+    path = tmp_path / "rec.wav"
+    soundfile.write(path, (noise(200) * 32767).astype(np.int16), SAMPLE_RATE)
+    store = Store(tmp_path / "store")
+    store.create("recording", id="c1", model=loaded.name, audio=(path.read_bytes(), ".wav"))
+    key = store.get("c1").audio
+
+    def opened():  # as the Recordings tab opens a kept recording (after a restart: a new one)
+        parted = PartedSession(slow, str(store.audio_path(key)), options=QUICK)
+        parted.journal, parted.kept = open_conversation(store, "c1", parted, model=loaded.name), key
+        return parted
+
+    def cut(parted, question, stage, part=None):
+        cancel = threading.Event()
+        for event in parted.ask(question, options=SHORT, cancel=cancel):
+            if isinstance(event, PartProgress) and event.stage == stage and part in (None, event.part):
+                cancel.set()
+
+    try:
+        live = opened()
+        turn(live.ask("Q1?", options=SHORT))
+        cut(live, "Q2?", "answered")  # some parts answered, the rest cut: no part keeps it
+        assert len(store.turns("c1")) == 2
+        rebuilt = opened()
+        cut(rebuilt, "Q2 again?", "listening", part=1)  # cut while rebuilt parts hear their clips again
+        turn(live.ask("Q3?", options=SHORT))
+        live.journal = None  # the live one goes on beside the rebuilt one, which keeps Q3 in the store
+        again = opened()
+        turn(live.ask("Q4?", options=SHORT))
+        turn(again.ask("Q4?", options=SHORT))
+        assert [p.session.tokens for p in again._parts] == [p.session.tokens for p in live._parts]
+        assert again._merge.tokens == live._merge.tokens
+    finally:
+        slow.close()

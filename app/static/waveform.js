@@ -19,7 +19,7 @@ root.innerHTML = `
   .playhead { position: absolute; top: 0; bottom: 0; width: 2px; background: #e4572e; pointer-events: none; }
   .marker { position: absolute; top: 0; bottom: 0; min-width: 4px; background: #f3a71240; border-left: 2px solid #f3a712; }
   .marker.active { background: #f3a71290; }
-  .boundary { position: absolute; top: 0; bottom: 0; border-left: 1px dashed #6b7280; pointer-events: none; }
+  .boundary { position: absolute; top: 0; bottom: 0; border-left: 1px dashed #6b7280; pointer-events: none; z-index: 1; }
   .boundary span { position: absolute; top: 2px; left: 3px; font-size: .7em; opacity: .75; white-space: nowrap; }
   li .part { opacity: .6; white-space: nowrap; font-size: .85em; }
   ol { margin: .6em 0 0; padding: 0; list-style: none; max-height: 16em; overflow-y: auto; }
@@ -141,6 +141,8 @@ function render() {
   let next = null;
   try { next = props.value ? JSON.parse(props.value) : null; } catch (e) { next = null; }
   data = next;
+  // In time order: a recording heard in parts gets its parts' steps as they come, interleaved.
+  if (data && Array.isArray(data.steps)) data.steps.sort((a, b) => a.start - b.start);
   $(".empty").hidden = !!data;
   $(".wave").hidden = !data;
   if (!data) { audio.removeAttribute("src"); return; }
