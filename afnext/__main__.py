@@ -35,7 +35,7 @@ from .cli import KEEP_DAYS, add_model_flags, keep_days
 from .engine import Engine
 from .events import PartProgress, ReasoningDelta, TextDelta, TurnDone
 from .model import LICENCE_NOTE, ModelLoadError, load
-from .parts import Conversation, open_kept
+from .conversation import Conversation, open_kept
 from .sampling import GenerationOptions
 from .session import ContextFullError, Session
 from .store import KeptError, Store, StoreError

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from .clip import Clip
 from .engine import Engine
-from .parts import ONE_RECORDING, PartedSession
+from .conversation import ONE_RECORDING
+from .parts import PartedSession
 from .session import Session
 
 MAX_SESSIONS = 256  # kept conversations per engine: a few dozen voice chats and recordings, with room

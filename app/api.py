@@ -36,7 +36,7 @@ from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import ReasoningDelta, TextDelta, TurnDone
 from afnext import split
-from afnext.parts import ONE_RECORDING
+from afnext.conversation import ONE_RECORDING
 from afnext.pool import Lease, Message, PartedPool, SessionPool, audio_key
 from afnext.sampling import GenerationOptions
 from afnext.session import ContextFullError

@@ -31,7 +31,8 @@ from afnext.audio import MAX_AUDIO_S, SAMPLE_RATE, AudioError, load_audio, load_
 from afnext.clip import Clip, prepare_clip
 from afnext.engine import Engine
 from afnext.events import PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone, clock
-from afnext.parts import Conversation, PartedSession
+from afnext.conversation import Conversation
+from afnext.parts import PartedSession
 from afnext.sampling import GenerationOptions
 from afnext.session import MAX_TEXT_CHARS, ContextFullError, Session
 from afnext.store import Journal, KeptError, Store, StoredTurn, StoreError, lossless, open_conversation

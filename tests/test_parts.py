@@ -11,7 +11,8 @@ import soundfile
 
 from afnext.audio import SAMPLE_RATE, AudioError
 from afnext.events import Interrupted, PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone
-from afnext.parts import ONE_RECORDING, Conversation, PartedSession, PartOptions
+from afnext.conversation import ONE_RECORDING, Conversation
+from afnext.parts import PartedSession, PartOptions
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
 from tests.conftest import noise
