@@ -12,10 +12,12 @@ import sys
 
 _EXPORTS = {
     "audio": ("SAMPLE_RATE", "AudioError", "load_audio"),
+    "conversation": ("Conversation",),
     "engine": ("Engine",),
-    "events": ("AudioChunk", "Error", "Interrupted", "ReasoningDelta", "Reply", "TextDelta", "ThinkStep", "Timings",
-               "TurnDone"),
+    "events": ("AudioChunk", "Error", "Interrupted", "PartProgress", "ReasoningDelta", "Reply", "TextDelta",
+               "ThinkStep", "Timings", "TurnDone"),
     "model": ("LoadedModel", "ModelLoadError", "load", "load_or_demo"),
+    "parts": ("PartOptions", "PartedSession"),
     "sampling": ("GenerationOptions",),
     "session": ("ContextFullError", "Session"),
     "think": ("ThinkParser", "split_think"),
