@@ -221,3 +221,27 @@ def test_a_turn_cut_short_counts_in_no_part_so_a_rebuilt_conversation_goes_on_th
         assert again._merge.tokens == live._merge.tokens
     finally:
         slow.close()
+
+
+def test_parts_not_decoding_are_moved_out_when_memory_is_short_and_come_back_whole(loaded):
+    """The engine's CacheKeeper treats parts like any sessions: with room for about two parts' caches,
+    the others wait or move out (CPU memory, on a GPU), and a follow-up brings each back unchanged."""
+    from afnext.engine import Engine
+    from afnext.kvcache import cache_bytes
+
+    roomy, tight = Engine(loaded), Engine(loaded)
+    try:
+        free = PartedSession(roomy, noise(200), options=QUICK)
+        turn(free.ask("What?", options=SHORT))
+        one_part = max(cache_bytes(p.session._cache) for p in free._parts)
+        tight.keeper.budget_bytes = int(2.2 * one_part)
+        short = PartedSession(tight, noise(200), options=QUICK)
+        first, _ = turn(short.ask("What?", options=SHORT))
+        assert any(tight.keeper.offloaded(p.session._cache) for p in short._parts)
+        resident = sum(cache_bytes(p.session._cache) for p in short._parts if not tight.keeper.offloaded(p.session._cache))
+        assert resident <= tight.keeper.budget_bytes
+        follow = [turn(s.ask("And then?", options=SHORT))[0] for s in (free, short)]
+        assert follow[0].token_ids == follow[1].token_ids and follow[0].reasoning == follow[1].reasoning
+    finally:
+        roomy.close()
+        tight.close()
