@@ -58,7 +58,11 @@ from .think import shift_times
 log = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = MAX_TEXT_CHARS // 2  # the merge's question holds the question and every part's answer
-JOIN_S = 5.0  # how long a finished turn waits for its part threads to end (they end within a step)
+JOIN_S = 5.0
+# Recordings read at once in the process: each holds a part's samples and features (up to ~300 MB)
+# while it is read, so a hundred first questions at once wait here instead of exhausting memory.
+MAX_READING = 2
+_reading = threading.BoundedSemaphore(MAX_READING)  # how long a finished turn waits for its part threads to end (they end within a step)
 _turn_ids = itertools.count(1_000_000_001)  # turn ids of parted turns: apart from Session's
 
 
@@ -357,7 +361,17 @@ class _Runs:
             self.out.put(exc)
 
     def _read(self) -> None:
-        """Read the recording part by part; hand each to the engine once the one before has begun."""
+        """Read the recording part by part (MAX_READING recordings at a time in the process)."""
+        while not _reading.acquire(timeout=0.05):
+            if self.cancel.is_set():
+                return
+        try:
+            self._read_parts()
+        finally:
+            _reading.release()
+
+    def _read_parts(self) -> None:
+        """Hand each part to the engine once the one before has begun answering."""
         owner = self.owner
         loaded = owner.engine.loaded
         assert owner._recording is not None, "a recording is let go only once every part holds its clip"

@@ -245,3 +245,30 @@ def test_parts_not_decoding_are_moved_out_when_memory_is_short_and_come_back_who
     finally:
         roomy.close()
         tight.close()
+
+
+def test_no_more_than_max_reading_recordings_are_read_at_once(scripted, monkeypatch):
+    from afnext import parts, split
+
+    reading, most, lock = [0], [0], threading.Lock()
+    real = split.split_recording
+
+    def counted(*args, **kw):
+        with lock:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        try:
+            time.sleep(0.2)  # a slow decoder: the others arrive meanwhile
+            yield from real(*args, **kw)
+        finally:
+            with lock:
+                reading[0] -= 1
+
+    monkeypatch.setattr(parts.split, "split_recording", counted)
+    sessions = [PartedSession(scripted, noise(100), options=QUICK) for _ in range(6)]
+    replies = []
+    threads = [threading.Thread(target=lambda s=s: replies.append(turn(s.ask("What?", options=SHORT))[0]))
+               for s in sessions]
+    [t.start() for t in threads]
+    [t.join(120) for t in threads]
+    assert len(replies) == 6 and all(replies) and most[0] == parts.MAX_READING
