@@ -186,11 +186,9 @@ class PartedSession:
             self.journal.commit(runs.text, runs.think, audio_key, reply, parts={
                 "ids": [list(i) for i in ids], "merge": merge_question,
                 "cuts": [[p.start_s, p.end_s] for p in self._parts]})
-        except Exception:
-            if self.journal.broken is None:
-                self.journal.broken = "The turn could not be kept in the store; the conversation stops here."
+        except KeptError:  # the journal is broken now: the reader sees this, later turns the same sentence
             log.exception("conversation %s: a turn could not be kept", self.journal.cid)
-            raise KeptError(self.journal.broken) from None
+            raise
 
     def _new_part_session(self) -> Session:
         if self._base_copy is None:

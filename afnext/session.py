@@ -382,7 +382,7 @@ class Session:
         try:
             self.journal.commit(*plan.question, plan.audio_key,
                                 self._reply(plan, finished.request, plan.prefill + text, parser, finished))
-        except Exception:  # KeptError and the unforeseen alike: the journal is broken, and says so
+        except Exception:  # KeptError, or the reply could not be built: the journal is broken, and says so
             if self.journal.broken is None:
                 self.journal.broken = "The turn could not be kept in the store; the conversation stops here."
             log.exception("conversation %s: a turn could not be kept", self.journal.cid)

@@ -65,6 +65,8 @@ def part_count(total_s: float, part_s: float = MAX_AUDIO_S) -> int:
 def longer_than(source, seconds: float) -> bool:
     """Whether `source` runs over `seconds` (plus the grace `load_audio` trims): by the length its file
     states, else by decoding until it does (bounded memory). AudioError for unusable audio."""
+    if isinstance(source, np.ndarray):  # 16 kHz samples in memory: their count says it (no copy to check)
+        return source.shape[0] / SAMPLE_RATE > seconds + LIMIT_GRACE_S
     declared_s, blocks = stream_audio(source, max_seconds=MAX_RECORDING_S)
     if declared_s is not None:
         blocks.close()

@@ -594,9 +594,15 @@ class Journal:
 
     def commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None = None) -> None:
         """Keep a completed exchange (the session's thread settling it); KeptError if it cannot be.
-        `parts`: an answer about a recording heard in parts (StoredTurn.parts)."""
+        `parts`: an answer about a recording heard in parts (StoredTurn.parts). Any failure breaks the
+        journal: the session holds a turn the store does not, so the conversation stops here."""
         try:
             self._commit(text, think, audio, reply, parts)
+        except KeptError:
+            raise
+        except Exception as exc:  # unforeseen: broken all the same, with the same kind of sentence
+            self.broken = self.broken or "The turn could not be kept in the store; the conversation stops here."
+            raise KeptError(self.broken) from exc
         finally:
             self.release(audio)
 

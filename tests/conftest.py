@@ -49,6 +49,18 @@ def engine(loaded):
     eng.close()
 
 
+def bench_script(name: str):
+    """bench/NAME.py as a module (bench/ is a folder of scripts, not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def noise(seconds: float, seed: int = 0) -> np.ndarray:
     """Quiet white noise at 16 kHz: any audio will do for a random-weight model."""
     return (np.random.default_rng(seed).standard_normal(round(seconds * 16000)) * 0.1).astype(np.float32)

@@ -4,19 +4,15 @@ encodes nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import bench_script
 
 
 def test_long_bench_times_parts_in_parallel_against_one_after_another(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_long", ROOT / "bench/long.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("long")
     out = tmp_path / "long.json"
     argv = ["--model", "tiny", "--minutes", "4", "--part-s", "60", "--reply-tokens", "4", "--out", str(out)]
     assert bench.main(argv) == 0

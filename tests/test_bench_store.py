@@ -3,19 +3,15 @@ very reply the live one gave, and every figure is there."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import bench_script
 
 
 def test_resume_bench_reports_the_cost_of_coming_back(tmp_path):
-    spec = importlib.util.spec_from_file_location("store_resume", ROOT / "bench/store_resume.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_script("store_resume")
     out = tmp_path / "resume.json"
     assert bench.main(["--size", "tiny", "--recording-seconds", "30", "--out", str(out)]) == 0
     result = json.loads(out.read_text())

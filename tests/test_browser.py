@@ -349,6 +349,17 @@ def _long_recording(path: Path, minutes: int = 75) -> None:
             out.write(block)
 
 
+def _ask_until_done(page, question: str, report: str, seen: int = 0, timeout: int = 180_000) -> list[str]:
+    """Ask in the Recordings tab and wait for a "Done" status after the first `seen` ones the page's
+    `afnStatuses` observer holds; the time goes into REPORT[report]; the statuses since."""
+    page.locator("#afn-question textarea").fill(question)
+    t0 = time.perf_counter()
+    page.locator("#afn-ask").click()
+    page.wait_for_function(f"() => afnStatuses.slice({seen}).some(s => s.startsWith('Done'))", timeout=timeout)
+    REPORT[report] = round(time.perf_counter() - t0, 2)
+    return page.evaluate(f"afnStatuses.slice({seen})")
+
+
 def test_a_75_minute_recording_is_heard_in_3_parts_and_its_steps_seek_the_whole_recording(browser, server, tmp_path):
     long = tmp_path / "seventy-five-minutes.flac"
     _long_recording(long)
@@ -375,12 +386,7 @@ def test_a_75_minute_recording_is_heard_in_3_parts_and_its_steps_seek_the_whole_
     assert abs(starts[1] - 1488.8) < 1, "the first cut is at the pause at 24:48, not at an even 25:00"
 
     page.locator("#afn-think input").check()
-    page.locator("#afn-question textarea").fill("What happens in this recording?")
-    t0 = time.perf_counter()
-    page.locator("#afn-ask").click()
-    page.wait_for_function("() => afnStatuses.some(s => s.startsWith('Done'))", timeout=240_000)
-    REPORT["think_75min_3_parts_s"] = round(time.perf_counter() - t0, 2)
-    statuses = page.evaluate("afnStatuses")
+    statuses = _ask_until_done(page, "What happens in this recording?", "think_75min_3_parts_s", timeout=240_000)
     assert any("Listening to part 2 of 3" in s for s in statuses), statuses
     assert any("Read part 3 of 3" in s for s in statuses), statuses
     assert SCRIPTED_ANSWER in page.locator("#afn-chat").inner_text()
@@ -413,15 +419,9 @@ def test_a_75_minute_recording_is_heard_in_3_parts_and_its_steps_seek_the_whole_
     assert abs(current - (starts[2] + 4.0)) < 1.0 and current > 3000, current
     assert "active" in page.locator(f"{WAVE} .marker[data-step='{step}']").get_attribute("class")
     page.screenshot(path=SHOTS / "long-recording.png", full_page=True)
-    page.screenshot(path="/tmp/long-recording.png", full_page=True)
 
     page.evaluate("afnStatuses.splice(0, afnStatuses.length - 1)")  # the follow-up: nothing read again
-    page.locator("#afn-question textarea").fill("And when is the tone loudest?")
-    t0 = time.perf_counter()
-    page.locator("#afn-ask").click()
-    page.wait_for_function("() => afnStatuses.slice(1).some(s => s.startsWith('Done'))", timeout=180_000)
-    REPORT["think_75min_follow_up_s"] = round(time.perf_counter() - t0, 2)
-    statuses = page.evaluate("afnStatuses.slice(1)")
+    statuses = _ask_until_done(page, "And when is the tone loudest?", "think_75min_follow_up_s", seen=1)
     assert not any("Read part" in s or "encoder" in s for s in statuses), statuses
     assert page.locator('#afn-chat [data-testid="user"]').count() == 2
     page.wait_for_function("answer => [...document.querySelectorAll('#afn-chat [data-testid=bot]')]"
