@@ -101,6 +101,11 @@ class Engine:
         """Requests not started yet."""
         return self.scheduler.n_waiting
 
+    @property
+    def alive(self) -> bool:
+        """The worker runs and takes requests (a health check's question)."""
+        return self._worker.is_alive() and not self._closed.is_set()
+
     def close(self) -> None:
         """Stop the worker (requests still in flight are cancelled)."""
         self._closed.set()

@@ -58,6 +58,7 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated);
 """
 COPY_BLOCK_BYTES = 1 << 20  # a file kept from its path is copied this much at a time
+BUSY_TIMEOUT_MS = 10_000  # how long a write waits while another process writes to the same store
 MAX_ID_CHARS = 64
 MAX_TITLE_CHARS = 200
 CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, c.system, c.audio, "
@@ -132,6 +133,8 @@ class Store:
         self._db = sqlite3.connect(self.path / "afnext.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Several processes may share the folder (app replicas on one machine): a write waits for another's.
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(conversations)")}

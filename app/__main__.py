@@ -2,9 +2,11 @@
 
     python -m app [--model M] [--think-model M] [--host H] [--port P] [--share] [--api-key K]
                   [--device auto|cpu|cuda] [--tts espeak|pocket] [--tts-model V] [--data DIR] [--keep-days N]
+                  [--replicas N [--address A] [--min-replicas N --max-replicas N]]
 
 Besides the page it serves an OpenAI-compatible API on the same port: GET /v1/models,
 POST /v1/chat/completions (audio in with input_audio; streamed or whole), and GET /health.
+With --replicas N it runs as N engine replicas on Ray Serve behind the same port (app/replicas.py).
 
 If a model cannot be loaded (no network and not cached), the app still starts, with the offline demo
 model (random weights) and the espeak voice, and the page says so at the top.
@@ -53,6 +55,13 @@ def parser() -> argparse.ArgumentParser:
                         "least recently used are deleted first")
     p.add_argument("--upload-quota-gb", type=float, default=4.0,
                    help="disk space uploads may take at once (GB); more are refused until some are freed")
+    scale = p.add_argument_group("several replicas (Ray Serve: bash scripts/setup.sh requirements-serve.txt)")
+    scale.add_argument("--replicas", type=int, default=None,
+                       help="serve with N engine replicas behind this port (one GPU each; CPU ones without GPUs)")
+    scale.add_argument("--address", default=None,
+                       help="join the Ray cluster at this address (e.g. auto, or HEAD_IP:6379) instead of starting one")
+    scale.add_argument("--min-replicas", type=int, default=None, help="autoscale down to this many (with --max-replicas)")
+    scale.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many on ongoing requests")
     return p
 
 
@@ -61,10 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The model loads on its own thread while the page is served: a real checkpoint takes minutes.
     options = BackendOptions(args.model, args.think_model, args.device, args.tts, args.tts_model)
-    loader = BackendLoader(partial(start_backend, options), args.model)
     if args.api_key is None and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
         logging.getLogger("app").warning("The /v1 API listens beyond this computer without a key: anyone who can "
                                          "reach %s can use it. Start with --api-key KEY to require one.", args.host)
+    if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None \
+            or args.address is not None:
+        return _replicas(args, options)
+    loader = BackendLoader(partial(start_backend, options), args.model)
     from app.web import PortBusy, launch
 
     try:
@@ -76,6 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # an address this machine does not have, a port it may not use
         _fail(f"The app could not serve on {args.host}:{args.port} ({exc.strerror or exc}); check --host and --port.")
     return 0
+
+
+def _replicas(args: argparse.Namespace, options: BackendOptions) -> int:
+    """The app on Ray Serve replicas (app/replicas.py)."""
+    from app import replicas
+
+    replicas.require_ray()
+    if args.share:
+        _fail("--share serves one process through Gradio's link; with --replicas put the port behind your own proxy.")
+    least, most = args.min_replicas, args.max_replicas
+    try:
+        scale = replicas.Scale(args.replicas or least or 1, least, most)
+    except ValueError as exc:
+        _fail(str(exc))
+    served = replicas.ReplicaOptions(options, args.host, args.api_key, args.data, args.keep_days, args.max_history_gb,
+                                     int(args.upload_quota_gb * (1 << 30)))
+    return replicas.serve_replicas(served, scale, port=args.port, address=args.address)
 
 
 def _fail(message: str) -> None:

@@ -61,11 +61,14 @@ class Access:
     """The server's rules: `key` (None: open to anyone who can reach it), the allowed sites, and
     whether the server is bound to this computer only (`local`: the Host check)."""
 
-    def __init__(self, key: str | None = None, allowed_origins: Iterable[str] = (), *, local: bool = False) -> None:
+    def __init__(self, key: str | None = None, allowed_origins: Iterable[str] = (), *, local: bool = False,
+                 secret: bytes | None = None) -> None:
         self.key, self.local = key, local
         self.allowed = allowed_sites([*allowed_origins, *os.environ.get(ORIGINS_ENV, "").split(",")])
         self._hosts = (*LOCAL_HOSTS, *(a if a.startswith("*") else _hostname(a) or a for a in self.allowed))
-        self._secret = secrets.token_bytes(32)  # tokens die with the process
+        # Signs page tokens: made here, they die with the process; replicas share one (app/replicas.py),
+        # so a token from one opens a socket on another.
+        self._secret = secret or secrets.token_bytes(32)
 
     def host_ok(self, headers: Mapping[str, str]) -> bool:
         """The request names this computer (or an allowed site), or the server is not bound to it only."""

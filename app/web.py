@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -72,7 +73,8 @@ CSS = """
 """
 
 
-HEAD = f"<script>{(STATIC / 'owner.js').read_text(encoding='utf-8')}</script>"  # before the page's own scripts
+# Before the page's own scripts: the owner token, and the affinity header that keeps a browser on one replica.
+HEAD = "".join(f"<script>{(STATIC / name).read_text(encoding='utf-8')}</script>" for name in ("owner.js", "affinity.js"))
 
 
 def _gpu(fn: Callable) -> Callable:
@@ -475,19 +477,38 @@ class PortBusy(OSError):
     """The port is taken; the message names --port."""
 
 
-def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-           block: bool = True, upload_quota_bytes: int = UPLOAD_QUOTA_BYTES, api_key: str | None = None,
-           data: str | None = None, keep_days: float = KEEP_DAYS, max_history_gb: float = MAX_HISTORY_GB) -> gr.Blocks:
-    """Serve the page, the OpenAI API and Realtime voice socket (/v1, with `api_key` if given) and /health;
+@dataclass
+class Site:
+    """Everything one process serves, built but not yet served: the page (Gradio), its routes and gate
+    (`app_kwargs`), and the page's settings Gradio takes when it launches or mounts it (`page`)."""
+
+    demo: gr.Blocks
+    app_kwargs: dict
+    page: dict
+    voice: RealtimeServer
+    workdir: Path
+
+    def close(self) -> None:
+        self.voice.shutdown()  # cancel the voice turns still running before the process ends
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def assemble(loader: BackendLoader, *, host: str = "127.0.0.1", upload_quota_bytes: int = UPLOAD_QUOTA_BYTES,
+             api_key: str | None = None, data: str | None = None, keep_days: float = KEEP_DAYS,
+             max_history_gb: float = MAX_HISTORY_GB, page_secret: bytes | None = None,
+             extra_middleware: list[Middleware] = (), shared_root: Path | None = None) -> Site:
+    """The page, the OpenAI API and Realtime voice socket (/v1, with `api_key` if given) and /health;
     conversations are kept in the store in `data` (app/history.py says where by default) for `keep_days`
-    after their last use, within `max_history_gb` of audio. Blocks until Ctrl-C unless `block` is False.
-    Raises PortBusy when `port` is taken."""
-    started = time.perf_counter()
+    after their last use, within `max_history_gb` of audio. `page_secret` signs the page's socket
+    tokens (replicas share one, app/replicas.py; by default each process makes its own). `shared_root`:
+    the folder this process's own folder (uploads, WAV copies) goes in, and whose files it serves to
+    anyone: replicas on one machine share one, so a file one of them took is played by any of them
+    (a browser's media requests carry no header to route them by)."""
     store, notice = open_store(data, max_history_gb)
     if notice:
         loader.notices.append(notice)
     threading.Thread(target=prune_every, args=(store, keep_days), name="afnext-prune", daemon=True).start()
-    workdir = _workdir()
+    workdir = _workdir(shared_root)
     uploads, cache_dir = workdir / "uploads", workdir / "wav"
     cache_dir.mkdir(parents=True)
     # Gradio reads its upload folder from here when it builds components and routes: ours alone,
@@ -496,37 +517,65 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     live = live_conversations()  # recordings and voice chats alike: one owner of their lifetime and memory
     demo, tab = build(loader, cache_dir, store, live, keep_days=keep_days)
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY, max_size=QUEUE_MAX)
-    access = Access(api_key, local=host in ("127.0.0.1", "localhost", "::1"))
+    access = Access(api_key, local=host in ("127.0.0.1", "localhost", "::1"), secret=page_secret)
     gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
                         quota_bytes=upload_quota_bytes, host_ok=access.host_ok)
     voice = RealtimeServer(loader, access, store, live)
     threading.Thread(target=live.sweep_every, name="afnext-live-sweep", daemon=True).start()
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.
-    app_kwargs = {"middleware": [Middleware(Guard, options=gate)],
+    app_kwargs = {"middleware": [*extra_middleware, Middleware(Guard, options=gate)],
                   "routes": [Route("/health", _health(loader)), Route(TOKEN_ROUTE, _page_token(access)),
                              WebSocketRoute(realtime.ROUTE, voice.__call__),
                              *Api(loader, api_key, access).routes(), *HistoryRoutes(store, access, live).routes()]}
+    served = [str(ASSETS), str(cache_dir), *([str(shared_root)] if shared_root is not None else [])]
+    page = {"css": CSS, "head": HEAD, "max_file_size": MAX_FILE_BYTES, "allowed_paths": served,
+            "ssr_mode": False, "footer_links": ["api", "gradio"]}
+    return Site(demo, app_kwargs, page, voice, workdir)
+
+
+def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+           block: bool = True, **options) -> gr.Blocks:
+    """Serve `assemble(loader, host=host, **options)` on `host`:`port` with Gradio's own server.
+    Blocks until Ctrl-C unless `block` is False. Raises PortBusy when `port` is taken."""
+    started = time.perf_counter()
+    site = assemble(loader, host=host, **options)
+    demo = site.demo
     try:
-        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, css=CSS, head=HEAD,
-                    max_file_size=MAX_FILE_BYTES, allowed_paths=[str(ASSETS), str(cache_dir)], ssr_mode=False,
-                    footer_links=["api", "gradio"], quiet=False, app_kwargs=app_kwargs)
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=False,
+                    app_kwargs=site.app_kwargs, **site.page)
     except OSError as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
+        site.close()
         if exc.errno == errno.EADDRINUSE or "Cannot find empty port" in str(exc):  # Gradio's words for it
             raise PortBusy(f"Port {port} on {host} is in use by another program; start with another one, "
                            f"e.g. --port {port + 1}.") from exc
         raise
     # Read by each new connection's protocol: in force before a page can connect.
     demo.server.config.ws_max_size, demo.server.config.ws_max_queue = WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE
-    log.info("serving %s, %.2f s after launch (the model %s)", demo.local_url, time.perf_counter() - started,
-             "is ready" if loader.ready else "is still loading")
+    log.info("serving %s, %.2f s after launch (the model %s; %s)", demo.local_url, time.perf_counter() - started,
+             "is ready" if loader.ready else "is still loading", server_stack(demo.server.config))
     if block:
         try:
             demo.block_thread()
         finally:
-            voice.shutdown()  # cancel the voice turns still running before the process ends
-            shutil.rmtree(workdir, ignore_errors=True)
+            site.close()
     return demo
+
+
+def asgi_app(site: Site):
+    """`site` as an ASGI app for a server other than Gradio's own (Ray Serve's proxy, app/replicas.py)."""
+    from fastapi import FastAPI
+
+    return gr.mount_gradio_app(FastAPI(), site.demo, "/", app_kwargs=site.app_kwargs, **site.page)
+
+
+def server_stack(config) -> str:
+    """Which event loop and HTTP parser uvicorn chose: uvloop and httptools where they are installed (the
+    serve extra brings them), else asyncio's loop and h11 (for a log line: a difference seen under load
+    starts with which of them ran)."""
+    factory = config.get_loop_factory()
+    loop = "uvloop" if factory is not None and factory.__module__.startswith("uvloop") else "asyncio"
+    http = "httptools" if "httptools" in config.http_protocol_class.__module__ else "h11"
+    return f"event loop {loop}, HTTP parser {http}"
 
 
 def _health(loader: BackendLoader):
@@ -551,10 +600,12 @@ def _page_token(access: Access):
     return token
 
 
-def _workdir() -> Path:
-    """This process's own folder for uploads and WAV copies, removed when it stops; folders left by
-    processes that died (a crash, kill -9) are removed here, so uploads never pile up across restarts."""
-    base = Path(tempfile.gettempdir())
+def _workdir(base: Path | None = None) -> Path:
+    """This process's own folder for uploads and WAV copies (in `base`, by default the temporary folder),
+    removed when it stops; folders left by processes that died (a crash, kill -9) are removed here, so
+    uploads never pile up across restarts."""
+    base = base or Path(tempfile.gettempdir())
+    base.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in base.glob("afnext-app-*"):
         pid = stale.name.removeprefix("afnext-app-")
         if pid.isdigit() and not _alive(int(pid)):

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Flags only that subcommand's own parser has: seeing them in its --help proves the dispatch.
 OWN_FLAGS = {
-    "serve": ["--think-model", "--upload-quota-gb", "--tts-model"],
+    "serve": ["--think-model", "--upload-quota-gb", "--tts-model", "--replicas", "--max-replicas"],
     "ask": ["--think", "--max-new-tokens", "--dtype"],
     "chat": ["--jsonl", "--no-cache", "--dtype", "--conversation", "--store"],
     "conversations": ["--store", "--json"],
@@ -113,6 +113,8 @@ def test_pyproject_dependencies_are_the_requirements_files():
     assert dependencies == _requirements(ROOT / "requirements.txt")
     assert dependencies["torch"] == "torch==2.13.0" and dependencies["transformers"] == "transformers==5.24.0"
     assert _by_name(project["optional-dependencies"]["dev"]) == _requirements(ROOT / "requirements-dev.txt")
+    assert _by_name(project["optional-dependencies"]["serve"]) == _requirements(ROOT / "requirements-serve.txt")
+    assert "-r requirements-serve.txt" in (ROOT / "requirements-dev.txt").read_text()  # the tests run replicas
     assert project["scripts"] == {"afnext": "afnext.cli:main"}
 
 
@@ -122,3 +124,16 @@ def test_a_missing_torch_says_how_to_set_up(module):
     result = subprocess.run([sys.executable, "-c", code, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "torch is not installed in this Python" in result.stderr, result.stderr[-800:]
     assert "bash scripts/setup.sh" in result.stderr
+
+
+def test_replicas_without_ray_say_how_to_install_it():
+    code = ("import runpy, sys; sys.modules['ray'] = None; sys.argv[0] = 'app'; "
+            "runpy.run_module('app', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, "--replicas", "2"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0, result.stdout[-800:]
+    assert result.stderr.strip().splitlines()[-1] == "error: " + INSTALL_SENTENCE, result.stderr[-800:]
+
+
+INSTALL_SENTENCE = ("--replicas runs the app on Ray Serve, which is not installed; install it with "
+                    "`bash scripts/setup.sh requirements-serve.txt` (or `pip install -r requirements-serve.txt`).")

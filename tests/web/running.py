@@ -27,8 +27,12 @@ def health(url: str) -> tuple[int, dict] | None:
     try:
         with urllib.request.urlopen(url + "health", timeout=5) as response:
             return response.status, json.load(response)
-    except urllib.error.HTTPError as error:
-        return error.code, json.load(error)
+    except urllib.error.HTTPError as error:  # Ray Serve's proxy says 404 in plain text until the app is deployed
+        text = error.read().decode(errors="replace")
+        try:
+            return error.code, json.loads(text)
+        except ValueError:
+            return error.code, {"text": text[:200]}
     except OSError:
         return None
 

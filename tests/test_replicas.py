@@ -1,0 +1,191 @@
+"""`python -m app --replicas 2` on a local Ray cluster, reached as users reach it: the openai SDK with an
+`x-session-id` per conversation, a Realtime session, the page in Chromium, and a replica killed with
+SIGKILL between two turns of a conversation."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.test_api import user
+from tests.test_cli import wav
+from tests.web.running import free_port, running
+
+pytest.importorskip("ray.serve", reason="Ray Serve is in requirements-serve.txt (requirements-dev.txt takes it)")
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HEADER = "x-afnext-replica"
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_dir, tmp_path_factory):
+    """Two CPU replicas of the tiny model behind one port; yields (base URL, log path) once both serve."""
+    work = tmp_path_factory.mktemp("replicas")
+    port, log = str(free_port()), work / "app.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", AFNEXT_RAY_DASHBOARD="0", RAY_USAGE_STATS_ENABLED="0")
+    args = ["-m", "app", "--model", str(tiny_dir), "--device", "cpu", "--replicas", "2", "--port", port,
+            "--data", str(work / "data")]
+    with running(args, log, env=env) as (proc, url):
+        deadline = time.monotonic() + 120
+        while len({replica_of(url, f"probe-{i}") for i in range(16)}) < 2:  # both replicas on the ring
+            assert time.monotonic() < deadline, "the second replica never served"
+            time.sleep(0.5)
+        yield url, log
+    assert proc.returncode == 0 or proc.returncode == -signal.SIGTERM, log.read_text()[-2000:]
+
+
+def replica_of(url: str, session: str | None = None) -> str:
+    """The replica that answers GET /health for this session id (None: without one)."""
+    request = urllib.request.Request(url + "health", headers={"x-session-id": session} if session else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+        return response.headers[HEADER]
+
+
+def sessions_on_each(url: str, each: int) -> dict[str, list[str]]:
+    """`each` session ids for every replica, as the ring places them."""
+    found: dict[str, list[str]] = {}
+    for i in range(400):
+        session = f"conversation-{i}"
+        ids = found.setdefault(replica_of(url, session), [])
+        if len(ids) < each:
+            ids.append(session)
+        if len(found) == 2 and all(len(v) == each for v in found.values()):
+            return found
+    raise AssertionError(f"the ring did not place {each} of 400 ids on each replica: {found}")
+
+
+def client(url: str, session: str | None) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "v1", api_key="unused", max_retries=0, timeout=120,
+                         default_headers={"x-session-id": session} if session else None)
+
+
+def turn(api: openai.OpenAI, messages: list[dict]):
+    """One request with the conversation so far; (its answer, usage, the replica that answered)."""
+    raw = api.chat.completions.with_raw_response.create(model="instruct", messages=messages, max_tokens=MAX_TOKENS)
+    done = raw.parse()
+    return done.choices[0].message.content, done.usage, raw.headers[HEADER]
+
+
+def converse(url: str, session: str, clip: str) -> list[tuple[object, str]]:
+    """Three turns (a clip in the first), each request resending the conversation: (usage, replica) per turn."""
+    api, messages, out = client(url, session), [], []
+    for text, path in (("What is this?", clip), ("And after that?", None), ("Say it once more.", None)):
+        messages.append(user(text, path))
+        answer, usage, replica = turn(api, messages)
+        messages.append({"role": "assistant", "content": answer})
+        out.append((usage, replica))
+    return out
+
+
+def test_six_conversations_stay_on_their_replicas_and_reuse_their_caches(deployment, tmp_path):
+    url, _ = deployment
+    placed = sessions_on_each(url, 3)
+    sessions = [(s, replica) for replica, ids in placed.items() for s in ids]
+    clips = {s: wav(tmp_path / f"{s}.wav", 3.0, seed=i) for i, (s, _) in enumerate(sessions)}  # six conversations
+    with ThreadPoolExecutor(len(sessions)) as pool:  # at once
+        results = list(pool.map(lambda s: converse(url, s[0], clips[s[0]]), sessions))
+    for (session, expected), turns in zip(sessions, results):
+        assert [replica for _, replica in turns] == [expected] * 3, (session, turns)
+        assert turns[0][0].prompt_tokens_details.cached_tokens == 0
+        for usage, _ in turns[1:]:  # each follow-up continued the kept session on its replica
+            assert usage.prompt_tokens_details.cached_tokens > 0, (session, usage)
+    assert {replica for turns in results for _, replica in turns} == set(placed), "both replicas served"
+
+
+def test_requests_without_a_session_id_spread_over_the_replicas(deployment):
+    url, _ = deployment
+    served = {replica_of(url) for _ in range(24)}
+    assert len(served) == 2, served
+
+
+def test_a_realtime_session_through_the_deployment(deployment):
+    from websockets.sync.client import connect
+
+    url, _ = deployment
+    with connect(url.replace("http", "ws", 1) + "v1/realtime?model=instruct", open_timeout=60) as socket:
+        assert socket.response.headers[HEADER], "the socket's handshake names its replica"
+        assert json.loads(socket.recv(timeout=60))["type"] == "session.created"
+    from tests.test_realtime import Conversation
+
+    with client(url, None).realtime.connect(model="instruct") as connection:
+        talk = Conversation(connection)
+        talk.wait_for("session.created")
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"]})
+        talk.wait_for("session.updated")
+        connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": "Hello, who are you?"}]})
+        connection.response.create(response={"max_output_tokens": MAX_TOKENS})
+        done = talk.wait_for("response.done")[0]
+        assert done.response.status in ("completed", "incomplete"), done
+        assert talk.wait_for("response.output_text.done")[0].text
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (scripts/setup.sh)")
+def test_the_page_asks_about_a_recording_on_one_replica(deployment):
+    from playwright.sync_api import sync_playwright
+
+    from tests.test_browser import WAVE, _ask
+
+    url, _ = deployment
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        errors, served, media = [], set(), []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+
+        def seen(response) -> None:
+            if response.url.startswith(url) and "/gradio_api/" in response.url:
+                if response.request.headers.get("x-session-id"):
+                    served.add(response.headers.get(HEADER))
+                else:  # what no script fetched (an <audio> loading its file) carries no header: any replica
+                    media.append(response.url)
+        page.on("response", seen)
+        page.goto(url)
+        page.get_by_role("tab", name="Recordings").click()
+        page.locator("#afn-upload input[type=file]").set_input_files(str(ASSETS / "speech.wav"))
+        page.wait_for_function(f"() => document.querySelector('{WAVE}')?.dataset.duration", timeout=60_000)
+        _ask(page, "What is this recording?", False, 1)
+        _ask(page, "And what comes after?", False, 2)  # the follow-up finds the recording on the same replica
+        assert page.locator("#afn-chat [data-testid='bot']").count() >= 2
+        browser.close()
+    assert not errors, errors
+    assert len(served) == 1 and None not in served, served  # every call of this browser went to one replica
+    # The recording's audio is played by whichever replica the player's requests reach: all of them hold it.
+    files = [u for u in media if "/gradio_api/file=" in u]
+    assert files, media
+    answered = set()
+    for _ in range(12):
+        with urllib.request.urlopen(files[0], timeout=30) as response:
+            assert response.status == 200 and response.read(4) == b"RIFF"
+            answered.add(response.headers[HEADER])
+    assert len(answered) == 2, answered
+
+
+def test_a_conversation_goes_on_when_its_replica_is_killed(deployment):
+    url, log = deployment
+    session = "conversation-killed"
+    api, messages = client(url, session), [user("What is this?", None)]
+    answer, _, first = turn(api, messages)
+    messages += [{"role": "assistant", "content": answer}, user("And then?", None)]
+    answer, usage, second = turn(api, messages)
+    assert second == first and usage.prompt_tokens_details.cached_tokens > 0
+    pids = dict(re.findall(r"replica (\w+) ready \(pid (\d+)\)", log.read_text()))  # the replicas' start-up lines
+    os.kill(int(pids[first]), signal.SIGKILL)
+    messages += [{"role": "assistant", "content": answer}, user("Go on.", None)]
+    answer, usage, third = turn(api, messages)  # rebuilt from the request's history elsewhere
+    assert answer is not None and third != first
+    assert usage.prompt_tokens_details.cached_tokens == 0
+    assert usage.prompt_tokens > 0
