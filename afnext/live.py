@@ -44,6 +44,14 @@ class _Held(Generic[T]):
     used: float  # time.monotonic() of its latest use
 
 
+def matches_store(value: object) -> bool:
+    """`Live.open`'s `current` for a conversation kept through a journal (afnext/store.py): false when
+    the journal is broken or the store holds turns the value does not (another process went on with
+    the conversation: a replica it moved to and back from)."""
+    journal = getattr(value, "journal", None)
+    return journal is None or journal.current()
+
+
 class Live(Generic[T]):
     """Live conversations by id, within the limits above. Thread-safe."""
 
@@ -66,15 +74,22 @@ class Live(Generic[T]):
             self._held.move_to_end(cid)
             return held.value
 
-    def open(self, cid: str, owner: str, group: str, make: Callable[[], T]) -> T:
-        """`owner`'s live conversation `cid`, made by `make()` if it is not held: one `make` at a time
-        per id, so two tabs reopening one conversation rebuild it once. Raises what `make` raises."""
+    def open(self, cid: str, owner: str, group: str, make: Callable[[], T],
+             current: Callable[[T], bool] | None = None) -> T:
+        """`owner`'s live conversation `cid`, made by `make()` if it is not held, or if what is held is
+        not `current` (it differs from what the store holds: another process went on with it): one
+        `make` at a time per id, so two tabs reopening one conversation rebuild it once. Raises what
+        `make` raises."""
         with self._lock:  # one gate per id while anyone waits at it
             gate = self._opening.setdefault(cid, [threading.Lock(), 0])
             gate[1] += 1
         try:
             with gate[0]:
                 value = self.get(cid, owner)
+                if value is not None and current is not None and not current(value):
+                    log.info("conversation %s differs from the store: rebuilt from it", cid)
+                    self.drop(cid, owner)
+                    value = None
                 if value is None:
                     value = make()
                     self.put(cid, owner, group, value)

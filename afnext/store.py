@@ -59,6 +59,7 @@ CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, update
 """
 COPY_BLOCK_BYTES = 1 << 20  # a file kept from its path is copied this much at a time
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits while another process writes to the same store
+PART_MAX_AGE_S = 3600.0  # an audio copy's .part file this old was cut short by a crash: deleted on open
 MAX_ID_CHARS = 64
 MAX_TITLE_CHARS = 200
 CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c.model, c.system, c.audio, "
@@ -126,24 +127,39 @@ class Store:
         self.max_bytes = max_bytes
         self._audio_bytes: int | None = None  # what the audio holds, once measured (a limit needs it)
         (self.path / "audio").mkdir(parents=True, exist_ok=True)
-        for stale in (self.path / "audio").glob("*/.*.part"):  # a write a crash cut short
-            stale.unlink(missing_ok=True)
+        # A write a crash cut short; an hour old at least, so no other process's copy still in progress goes.
+        for stale in (self.path / "audio").glob("*/.*.part"):
+            try:
+                if time.time() - stale.stat().st_mtime > PART_MAX_AGE_S:
+                    stale.unlink()
+            except FileNotFoundError:
+                pass
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()  # audio kept for turns not committed yet: no delete takes it
         self._db = sqlite3.connect(self.path / "afnext.sqlite3", check_same_thread=False, isolation_level=None)
+        # First: several processes may share the folder (app replicas on one machine), and every statement
+        # below may wait for another's write.
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        # Several processes may share the folder (app replicas on one machine): a write waits for another's.
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(conversations)")}
-        for column, kind in (("model", "TEXT NOT NULL DEFAULT ''"), ("system", "TEXT NOT NULL DEFAULT ''"),
-                             ("audio", "TEXT")):  # an older store
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE conversations ADD COLUMN {column} {kind}")
-        if "parts" not in {row[1] for row in self._db.execute("PRAGMA table_info(turns)")}:  # an older store
-            self._db.execute("ALTER TABLE turns ADD COLUMN parts TEXT")
+        self._db.execute("BEGIN IMMEDIATE")  # one process at a time makes or upgrades the tables
+        try:
+            for statement in filter(str.strip, SCHEMA.split(";")):
+                self._db.execute(statement)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(conversations)")}
+            for column, kind in (("model", "TEXT NOT NULL DEFAULT ''"), ("system", "TEXT NOT NULL DEFAULT ''"),
+                                 ("audio", "TEXT")):  # an older store
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE conversations ADD COLUMN {column} {kind}")
+            if "parts" not in {row[1] for row in self._db.execute("PRAGMA table_info(turns)")}:  # an older store
+                self._db.execute("ALTER TABLE turns ADD COLUMN parts TEXT")
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -237,6 +253,13 @@ class Store:
                            None if parts is None else json.loads(parts))
                 for role, text, think, audio, reasoning, steps, ids, timings, interrupted, parts in rows]
 
+    def exchanges(self, cid: str) -> int:
+        """How many exchanges (a question and its reply) conversation `cid` holds."""
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM turns WHERE conversation = ? AND role = 'assistant'",
+                                    (cid,)).fetchone()
+        return n
+
     def add_exchange(self, cid: str, user: StoredTurn, assistant: StoredTurn, *, at: int | None = None,
                      audio: tuple[bytes, str] | None = None) -> None:
         """A completed turn, both its messages, in one transaction (all of it or nothing survives a
@@ -277,13 +300,16 @@ class Store:
 
     def rewrite_reply(self, cid: str, at: int, text: str) -> None:
         """The reply of exchange `at` (0-based) is now `text` (what the user heard of it before speaking
-        over it): kept by its text, no longer by its token ids."""
+        over it): kept by its text, no longer by its token ids. It must be the last reply: StoreError if
+        the conversation went on meanwhile in another process (whose turn would be the one rewritten)."""
         with self._lock:
-            changed = self._db.execute("UPDATE turns SET text = ?, token_ids = NULL, interrupted = 1 WHERE "
-                                       "conversation = ? AND idx = ? AND role = 'assistant'",
-                                       (text, cid, 2 * at + 1)).rowcount
+            changed = self._db.execute(
+                "UPDATE turns SET text = ?, token_ids = NULL, interrupted = 1 WHERE conversation = ? AND idx = ? "
+                "AND role = 'assistant' AND (SELECT COUNT(*) FROM turns WHERE conversation = ?) = ?",
+                (text, cid, 2 * at + 1, cid, 2 * at + 2)).rowcount
         if not changed:
-            raise StoreError(f"The conversation {cid!r} holds no reply {at + 1} to rewrite.")
+            raise StoreError(f"The conversation {cid!r} does not end with reply {at + 1} (it went on elsewhere "
+                             "meanwhile); open it again to go on from there.")
 
     def delete(self, cid: str, *, owner: str = "") -> bool:
         """Delete `owner`'s conversation `cid` and the audio no other conversation uses; False if none."""
@@ -549,6 +575,12 @@ class Journal:
     def check(self) -> None:
         if self.broken is not None:
             raise KeptError(self.broken)
+
+    def current(self) -> bool:
+        """Whether the session this journal keeps holds what the store holds: not broken, and no turn
+        kept meanwhile by another process on the same conversation (a replica it moved to and back from)."""
+        with self._lock:
+            return self.broken is None and self.store.exchanges(self.cid) == self.turns
 
     def audio(self, source, kept: tuple[bytes, str] | str | None = None):
         """A turn's audio → (what the model hears, what to keep with `put`). `source` is what `Session.ask`

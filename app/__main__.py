@@ -60,8 +60,9 @@ def parser() -> argparse.ArgumentParser:
                        help="serve with N engine replicas behind this port (one GPU each; CPU ones without GPUs)")
     scale.add_argument("--address", default=None,
                        help="join the Ray cluster at this address (e.g. auto, or HEAD_IP:6379) instead of starting one")
-    scale.add_argument("--min-replicas", type=int, default=None, help="autoscale down to this many (with --max-replicas)")
-    scale.add_argument("--max-replicas", type=int, default=None, help="autoscale up to this many on ongoing requests")
+    scale.add_argument("--min-replicas", type=int, default=None, help="autoscale down to this many (needs --max-replicas)")
+    scale.add_argument("--max-replicas", type=int, default=None,
+                       help="autoscale up to this many on ongoing requests (down to --min-replicas, default 1)")
     return p
 
 
@@ -97,9 +98,8 @@ def _replicas(args: argparse.Namespace, options: BackendOptions) -> int:
     replicas.require_ray()
     if args.share:
         _fail("--share serves one process through Gradio's link; with --replicas put the port behind your own proxy.")
-    least, most = args.min_replicas, args.max_replicas
     try:
-        scale = replicas.Scale(args.replicas or least or 1, least, most)
+        scale = replicas.Scale.of(args.replicas, args.min_replicas, args.max_replicas)
     except ValueError as exc:
         _fail(str(exc))
     served = replicas.ReplicaOptions(options, args.host, args.api_key, args.data, args.keep_days, args.max_history_gb,

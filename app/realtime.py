@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from afnext.assistant import Assistant, AssistantOptions, Stamped, UserTurn, VoiceTurnDone
 from afnext.audio import AudioError, to_mono_16k
 from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
-from afnext.live import Live
+from afnext.live import Live, matches_store
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
 from afnext.store import KeptError, Store, StoreError, check_id, open_conversation
@@ -284,12 +284,9 @@ class RealtimeLink:
                               owner=kept.owner, system=system or "")
             return session
         try:
-            session = kept.live.open(kept.cid, kept.owner, kept.group, rebuild)
+            session = kept.live.open(kept.cid, kept.owner, kept.group, rebuild, current=matches_store)
             if not isinstance(session, Session):  # the id of a recording the owner has open elsewhere
                 raise StoreError("that id names a recording, not a voice conversation.")
-            if session.journal is not None and session.journal.broken:  # it differs from the store: start
-                kept.live.drop(kept.cid, kept.owner)                    # again from what the store holds
-                session = kept.live.open(kept.cid, kept.owner, kept.group, rebuild)
             return session
         except (StoreError, AudioError, ValueError) as exc:
             raise wire.ProtocolError(f"The conversation could not be opened again: {exc}", "conversation_unavailable") \

@@ -45,6 +45,7 @@ PEAK_COLUMNS = 1600  # min/max pairs sent for the waveform: finer than any page 
 PEAK_BIN_SAMPLES = 1600  # samples (0.1 s) per min/max kept while a long recording is read: 4 h make 144,000
 # Containers Chromium, Firefox and Safari play (mostly); anything else is served as a 16 kHz WAV.
 PLAYABLE = frozenset(".wav .mp3 .flac .ogg .oga .opus .webm .m4a .aac .mp4".split())
+SOURCE_SUFFIX = ".source"  # a kept file in a format the page cannot play, linked where the page's files are
 ANSWER_OPTIONS = GenerationOptions(max_new_tokens=1024)  # the Instruct card's setting
 THINK_OPTIONS = GenerationOptions(max_new_tokens=4096)  # the Think card's setting
 REASONING_TITLE = "Reasoning"
@@ -159,24 +160,51 @@ def open_recording(path: str, cache_dir: Path, *, owned: bool = False) -> Record
     if split.longer_than(path, MAX_AUDIO_S):
         return _open_long(path, cache_dir, owned)
     audio = load_audio(path)
-    url, files = path, [Path(path)] if owned else []
+    files = [Path(path)] if owned else []
     if Path(path).suffix.lower() not in PLAYABLE:  # the page could not play it: serve what we decoded
-        # An unguessable name: the folder is served to every page, and this is one user's recording.
-        url = str(cache_dir / f"{secrets.token_urlsafe(16)}.wav")
+        url = _private_name(cache_dir, ".wav")
         soundfile.write(url, audio, SAMPLE_RATE, subtype="PCM_16")
         files.append(Path(url))
+    else:
+        url = _served(path, cache_dir, files) if owned else path
     return Recording(Path(path).name, "gradio_api/file=" + url, audio, peaks(audio), files=tuple(files))
+
+
+def _private_name(cache_dir: Path, suffix: str) -> str:
+    """A new file's name in the served folder: unguessable, as the folder is served to every page and
+    each file in it is one user's recording."""
+    return str(cache_dir / f"{secrets.token_urlsafe(16)}{suffix.lower()}")
+
+
+def _served(path: str, cache_dir: Path, files: list[Path]) -> str:
+    """Where the page plays `path` (an upload, or a kept file) from: `path` itself when it is in the
+    served folder already, else a link to it there (a copy across file systems), added to `files`. Only that folder is served, never
+    the upload folder: Gradio sends a served file inline with the type its name says, and an upload may
+    be a page named .html (app/web.py, assemble). So a name there ends in a format the page plays, or
+    in SOURCE_SUFFIX (no type: a download, never a page)."""
+    if Path(path).resolve().parent == Path(cache_dir).resolve():
+        return path
+    suffix = Path(path).suffix.lower()
+    served = _private_name(cache_dir, suffix if suffix in PLAYABLE else SOURCE_SUFFIX)
+    try:
+        os.link(path, served)
+    except OSError:  # another file system
+        shutil.copyfile(path, served)
+    files.append(Path(served))
+    return served
 
 
 def _open_long(path: str, cache_dir: Path, owned: bool) -> Recording:
     """A recording over 30 minutes, read part by part (never whole in memory) for its parts' places, its
     waveform's peaks and, when the page cannot play its format, a 16 kHz WAV copy to play."""
     files = [Path(path)] if owned else []
-    url, copy = path, None
+    url, copy = None, None
     if Path(path).suffix.lower() not in PLAYABLE:
-        url = str(cache_dir / f"{secrets.token_urlsafe(16)}.wav")
+        url = _private_name(cache_dir, ".wav")
         copy = soundfile.SoundFile(url, "w", SAMPLE_RATE, 1, "PCM_16")
         files.append(Path(url))
+    else:
+        url = _served(path, cache_dir, files) if owned else path
     places, lows, highs = [], [], []
     try:
         with copy if copy is not None else contextlib.nullcontext():
@@ -234,12 +262,8 @@ def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | N
         return None
     kept = store.audio_path(conversation.audio)
     # A private name for the page to play it from, deleted with the recording (a link: no copy).
-    served = cache_dir / f"{secrets.token_urlsafe(16)}{kept.suffix}"
-    try:
-        os.link(kept, served)
-    except OSError:  # another file system
-        shutil.copyfile(kept, served)
-    recording = open_recording(str(served), cache_dir, owned=True)
+    served = _served(str(kept), cache_dir, [])
+    recording = open_recording(served, cache_dir, owned=True)
     recording.name, recording.cid, recording.kept, recording.owner = conversation.title, cid, conversation.audio, owner
     recording.keeping.set()
     for user, reply in _exchanges(store.turns(cid)):

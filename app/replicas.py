@@ -26,6 +26,7 @@ Ray is an optional extra (requirements-serve.txt): nothing here imports it until
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -70,8 +71,9 @@ class ReplicaOptions:
     max_history_gb: float
     upload_quota_bytes: int
     page_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))  # one for all: tokens work anywhere
-    # The folder, in each machine's temporary folder, that its replicas' uploads go in (app/web.py, assemble).
-    shared: str = field(default_factory=lambda: f"afnext-replicas-{secrets.token_hex(6)}")
+    # The folder, in each machine's temporary folder, its replicas' own folders go in: their uploads, and
+    # the WAV copies any of them serves (app/web.py, assemble).
+    shared: str = field(default_factory=lambda: shared_folder_name())
 
 
 @dataclass(frozen=True)
@@ -82,9 +84,18 @@ class Scale:
     least: int | None = None
     most: int | None = None
 
+    @classmethod
+    def of(cls, replicas: int | None, least: int | None, most: int | None) -> Scale:
+        """From the flags: --max-replicas alone autoscales from 1; --replicas is then where it starts."""
+        if least is not None and most is None:
+            raise ValueError("--min-replicas needs --max-replicas (the most replicas to scale up to).")
+        if most is not None and least is None:
+            least = 1
+        return cls(replicas if replicas is not None else (least or 1), least, most)
+
     def __post_init__(self) -> None:
         if self.replicas < 1:
-            raise ValueError("--replicas must be at least 1.")
+            raise ValueError(f"--replicas must be at least 1 (given {self.replicas}).")
         if (self.least is None) != (self.most is None):
             raise ValueError("--min-replicas and --max-replicas go together.")
         if self.least is not None and not 0 < self.least <= self.replicas <= self.most:
@@ -146,7 +157,11 @@ def replica_class():
             from app import web
             from app.backend import BackendLoader, start_backend
 
+            import torch
+
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+            # The CPUs Ray gave this replica (it sets OMP_NUM_THREADS to them), whenever torch was imported.
+            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
             opts = ReplicaOptions(**{**options, "backend": BackendOptions(**options["backend"])})
             self.name = serve.get_replica_context().replica_id.unique_id
             self.loader = BackendLoader(partial(start_backend, opts.backend), opts.backend.model)
@@ -156,7 +171,7 @@ def replica_class():
                                      max_history_gb=opts.max_history_gb, page_secret=opts.page_secret,
                                      extra_middleware=[Middleware(ReplicaHeader, name=self.name)],
                                      shared_root=Path(tempfile.gettempdir()) / opts.shared)
-            log.info("replica %s ready (pid %d)", self.name, os.getpid())
+            log.info("replica %s ready (pid %d, %d torch threads)", self.name, os.getpid(), torch.get_num_threads())
 
         def __serve_build_asgi_app__(self):
             from app import web
@@ -178,53 +193,159 @@ def replica_class():
     return AFNextReplica
 
 
-def deployment(options: ReplicaOptions, scale: Scale, gpus: bool):
-    """The bound Serve application: `scale` replicas of the app, one GPU each if `gpus`, else one CPU."""
+def deployment(options: ReplicaOptions, scale: Scale, gpus: bool, cpus: int, env: dict[str, str]):
+    """The bound Serve application: `scale` replicas of the app, one GPU each if `gpus`, each with
+    `cpus` CPUs (its torch threads: Ray sets OMP_NUM_THREADS to them) and the environment `env`."""
     from ray import serve
     from ray.serve.config import RequestRouterConfig
 
-    resources = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    resources = {"num_gpus": 1, "num_cpus": cpus} if gpus else {"num_cpus": cpus}
     replica = serve.deployment(
         replica_class(), name="AFNextReplica", max_ongoing_requests=MAX_ONGOING,
-        ray_actor_options={**resources, "runtime_env": {"env_vars": {"PYTHONPATH": str(ROOT)}}},
+        ray_actor_options={**resources, "runtime_env": {"env_vars": env}},
         request_router_config=RequestRouterConfig(request_router_class="app.serve_router.AffinityRouter"),
         health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
         **scale.deployment_options())
     return replica.bind(asdict(options))
 
 
+class StartError(RuntimeError):
+    """The replicas cannot start as asked; the message says why, in one sentence, and what to do."""
+
+
+# What the replicas take from the environment of the `python -m app` that starts them, wherever in the
+# cluster they run: the model cache and offline mode, the store's place, the app's own settings.
+FORWARDED = ("AFNEXT_", "HF_", "XDG_", "TRANSFORMERS_", "TORCH_HOME", "GRADIO_ANALYTICS_ENABLED")
+
+
+def forwarded_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    env = {k: v for k, v in environ.items() if k.startswith(FORWARDED)}
+    return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))}
+
+
+def cpus_each(nodes: list[tuple[float, float]], replicas: int, gpus: bool) -> int:
+    """The most CPUs each of `replicas` replicas can have with all of them placed on `nodes`, each
+    (CPUs, GPUs): with `gpus`, a node holds at most one replica a GPU. At least 1."""
+    for cpus in range(int(max((c for c, _ in nodes), default=1)), 1, -1):
+        if sum(min(int(c // cpus), int(g)) if gpus else int(c // cpus) for c, g in nodes) >= replicas:
+            return cpus
+    return 1
+
+
 def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | None = None) -> str:
     """Join the Ray cluster at `address` (None: start one on this machine), run the replicas behind
-    Serve's proxy on `options.host`:`port`, and return the app's URL once /health answers 200."""
+    Serve's proxy on `options.host`:`port`, and return the app's URL once every replica is running
+    and /health answers. StartError, with its sentence, for what the user can change."""
     import ray
     from ray import serve
 
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    device = options.backend.device
+    if device.startswith("cuda:"):
+        raise StartError(f"--device {device} names one GPU; with --replicas each replica has its own GPU, which Ray "
+                         "picks: use --device cuda (or leave out --device).")
+    if address is None:
+        _port_free(options.host, port)
+    elif address != "auto" and "://" not in address:
+        _reachable(address)
+    env = forwarded_env()
+    os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # Serve's proxy and controller import the router from there
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage to its makers only if asked to
-    init = {"address": address} if address else {"num_cpus": max(os.cpu_count() or 1, scale.at_most),
-                                                  "include_dashboard": _dashboard()}
-    ray.init(**init, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}}, logging_level=logging.WARNING,
-             log_to_driver=True)
-    gpus = ray.cluster_resources().get("GPU", 0) >= 1
-    if options.backend.device.startswith("cuda") and not gpus:
-        raise SystemExit("error: --device cuda was given but the Ray cluster has no GPU.")
+    here = os.cpu_count() or 1
+    init = {"address": address} if address else {"num_cpus": max(here, scale.at_most), "include_dashboard": _dashboard()}
+    try:
+        ray.init(**init, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
+    except ConnectionError as exc:
+        raise StartError(f"No Ray cluster answers at --address {address} ({_first_line(exc)}); start one with "
+                         "`ray start --head`, or leave out --address to start one on this machine.") from None
+    nodes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    cluster_gpus = int(sum(g for _, g in nodes))
+    if device.startswith("cuda") and not cluster_gpus:
+        raise StartError("--device cuda was given but the Ray cluster has no GPU.")
+    gpus = cluster_gpus >= 1 and device != "cpu"
+    if gpus and cluster_gpus < scale.at_most:
+        raise StartError(f"The Ray cluster has {cluster_gpus} GPU(s) and each replica takes one: start at most "
+                         f"{cluster_gpus} (--replicas / --max-replicas {cluster_gpus}), or --device cpu for CPU replicas.")
     if not gpus:
-        log.warning("The Ray cluster has no GPU: %d CPU replica(s), each with its model on the CPU.", scale.replicas)
-    serve.start(http_options={"host": options.host, "port": port})
-    serve.run(deployment(options, scale, gpus), name=APP_NAME, route_prefix="/", blocking=False)
+        log.warning("%s: %d CPU replica(s), each with its model on the CPU.",
+                    "--device cpu" if cluster_gpus else "The Ray cluster has no GPU", scale.replicas)
+    cpus = cpus_each(nodes, scale.at_most, gpus)
+    try:
+        serve.start(http_options={"host": options.host, "port": port})
+    except Exception as exc:  # the proxy could not take the port (another program's, on a machine of the cluster)
+        if "address already in use" in str(exc).lower() or "errno 98" in str(exc).lower():
+            raise StartError(_port_busy(options.host, port)) from None
+        raise
+    taken = _serve_port()
+    if taken is not None and taken != port:
+        raise StartError(f"Ray Serve already runs on this cluster on port {taken}: start with --port {taken}, or stop "
+                         "it first (`serve shutdown`).")
+    serve.run(deployment(options, scale, gpus, cpus, env), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{port}/"
-    _await_health(url, READY_TIMEOUT_S)
+    _await_ready(url, READY_TIMEOUT_S)
     return url
+
+
+def _port_free(host: str, port: int) -> None:
+    """StartError if `port` on `host` is taken here (Serve's proxy would fail in its own process, later)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartError(_port_busy(host, port)) from None
+            raise StartError(f"The app could not serve on {host}:{port} ({exc.strerror or exc}); "
+                             "check --host and --port.") from None
+
+
+def _port_busy(host: str, port: int) -> str:
+    return f"Port {port} on {host} is in use by another program; start with another one, e.g. --port {port + 1}."
+
+
+def _reachable(address: str) -> None:
+    """StartError at once if nothing listens at `address` (HOST:PORT): Ray would wait a minute first."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise StartError(f"--address takes auto or HOST:PORT of the cluster's head (e.g. 10.0.0.5:6379), "
+                         f"not {address!r}.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise StartError(f"No Ray cluster answers at --address {address} ({exc.strerror or exc}); start one "
+                         "there with `ray start --head`, or leave out --address to start one on this machine.") from None
+
+
+def _serve_port() -> int | None:
+    """The port Serve's proxies take on this cluster (Serve keeps the first start's, ignoring others)."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        return int(_get_global_client().http_config.port)
+    except Exception:  # Serve's internals: without them the health wait below says what is wrong
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def _failed() -> str | None:
     """Why the deployment failed (Serve gave up starting its replicas), or None while it has not."""
-    from ray import serve
-
-    app = serve.status().applications.get(APP_NAME)
+    app = _application()
     if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
         return (app.message or "its replicas could not start").strip().splitlines()[-1][:300]
     return None
+
+
+def _application():
+    from ray import serve
+
+    return serve.status().applications.get(APP_NAME)
 
 
 def _dashboard() -> bool:
@@ -237,38 +358,81 @@ def _dashboard() -> bool:
     return os.environ.get("AFNEXT_RAY_DASHBOARD", "1") != "0"
 
 
-def _await_health(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+WAITING_SAID_AFTER_S = 60.0  # replicas still not placed by then: Serve's reason goes to the log, once
+
+
+def _await_ready(url: str, timeout_s: float) -> None:
+    """Until every replica runs (Serve's application RUNNING) and /health answers 200 through the proxy."""
+    started = time.monotonic()
+    said = False
     while True:
-        try:
-            with urllib.request.urlopen(url + "health", timeout=10) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        app = _application()
+        if app is not None and str(app.status).endswith("RUNNING") and _healthy(url):
+            return
         if (why := _failed()) is not None:
-            raise SystemExit(f"error: the replicas could not start: {why}")
-        if time.monotonic() > deadline:
-            raise SystemExit(f"error: the replicas did not answer {url}health within {timeout_s:.0f} s.")
+            raise StartError(f"The replicas could not start: {why}")
+        waited = time.monotonic() - started
+        if not said and waited > WAITING_SAID_AFTER_S:
+            said = True
+            pending = [d.message for d in (app.deployments.values() if app is not None else []) if d.message]
+            log.warning("The replicas are not all running after %.0f s%s", waited,
+                        f": {' '.join(pending[0].split())[:400]}" if pending else " (a model still loading?)")
+        if waited > timeout_s:
+            raise StartError(f"The replicas were not all running within {timeout_s:.0f} s; `serve status` says why.")
         time.sleep(0.5)
 
 
-def stop(options: ReplicaOptions) -> None:
-    """Stop the replicas (each removes its own folder), leave the cluster (stopping it if started here)."""
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "health", timeout=10) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def stop(options: ReplicaOptions, joined: bool) -> None:
+    """Stop the replicas (each removes its own folders) and leave the cluster: a cluster started here
+    stops with its Serve; on a cluster joined (`joined`), only this app goes, Serve and others stay."""
     import ray
     from ray import serve
 
     try:
-        if ray.is_initialized():
+        if ray.is_initialized() and joined:
+            serve.delete(APP_NAME)
+        elif ray.is_initialized():
             serve.shutdown()
     finally:
         ray.shutdown()
         shutil.rmtree(Path(tempfile.gettempdir()) / options.shared, ignore_errors=True)
 
 
+SHARED_PREFIX = "afnext-replicas-"
+
+
+def shared_folder_name() -> str:
+    """This run's shared folder's name: the starting process's id in it, so a later run can tell it was left."""
+    return f"{SHARED_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def sweep_shared(base: Path | None = None) -> None:
+    """Remove the shared folders of runs whose starting process is gone (killed before it could)."""
+    from app.web import _alive
+
+    for left in (base or Path(tempfile.gettempdir())).glob(f"{SHARED_PREFIX}*"):
+        pid = left.name.removeprefix(SHARED_PREFIX).split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+
+
 def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address: str | None = None) -> int:
-    """`python -m app --replicas N`: start, say where, serve until Ctrl-C or SIGTERM, then stop the replicas."""
+    """`python -m app --replicas N`: start, say where, serve until Ctrl-C or SIGTERM, then stop the
+    replicas. RAY_ADDRESS in the environment is an --address. The exit status: 2 when they could
+    not start (the sentence on stderr), 130 when stopped before they were ready."""
     require_ray()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        log.info("joining the Ray cluster at %s", address)
+    sweep_shared()
     stopping = threading.Event()
     try:
         url = start(options, scale, port=port, address=address)
@@ -277,9 +441,15 @@ def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address:
         where = f"autoscaled {scale.least}-{scale.most}" if scale.least is not None else str(scale.replicas)
         print(f"Serving {url} with {where} replica(s) on Ray Serve; Ctrl-C stops them.", flush=True)
         stopping.wait()
+        return 0
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("Stopped before the replicas were ready.", file=sys.stderr, flush=True)
+        return 130
     finally:
-        stop(options)
-    return 0
+        stop(options, joined=address is not None)
 
 
 if __name__ == "__main__":  # pragma: no cover - run through python -m app --replicas

@@ -39,7 +39,7 @@ from starlette.routing import Route, WebSocketRoute
 from afnext.audio import MAX_FILE_BYTES
 from afnext.cli import KEEP_DAYS
 from afnext.events import AudioChunk
-from afnext.live import Live
+from afnext.live import Live, matches_store
 from afnext.session import MAX_TEXT_CHARS
 from afnext.store import Store
 
@@ -271,7 +271,7 @@ class _RecordingsTab:
                 raise _NotHeld
             return claimed(self.files, found)
         try:
-            recording = self.live.open(cid, owned, _address(request), reopen)
+            recording = self.live.open(cid, owned, _address(request), reopen, current=matches_store)
         except _NotHeld:
             return None
         return recording if isinstance(recording, Recording) else None  # not a voice conversation's id
@@ -486,11 +486,12 @@ class Site:
     app_kwargs: dict
     page: dict
     voice: RealtimeServer
-    workdir: Path
+    folders: list[Path]  # this process's own: removed when it stops
 
     def close(self) -> None:
         self.voice.shutdown()  # cancel the voice turns still running before the process ends
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def assemble(loader: BackendLoader, *, host: str = "127.0.0.1", upload_quota_bytes: int = UPLOAD_QUOTA_BYTES,
@@ -501,16 +502,22 @@ def assemble(loader: BackendLoader, *, host: str = "127.0.0.1", upload_quota_byt
     conversations are kept in the store in `data` (app/history.py says where by default) for `keep_days`
     after their last use, within `max_history_gb` of audio. `page_secret` signs the page's socket
     tokens (replicas share one, app/replicas.py; by default each process makes its own). `shared_root`:
-    the folder this process's own folder (uploads, WAV copies) goes in, and whose files it serves to
-    anyone: replicas on one machine share one, so a file one of them took is played by any of them
-    (a browser's media requests carry no header to route them by)."""
+    the folder this process's own folders go in — uploads in `uploads/`, the WAV copies it writes in
+    `wav/` — and whose `wav/` it serves to anyone: replicas on one machine share one, so a recording one
+    of them took is played by any of them (a browser's media requests carry no header to route them by).
+    Uploads are never served from there: Gradio sends a served file inline with the type its name says,
+    so a shared upload named .html would be a page on this origin."""
     store, notice = open_store(data, max_history_gb)
     if notice:
         loader.notices.append(notice)
     threading.Thread(target=prune_every, args=(store, keep_days), name="afnext-prune", daemon=True).start()
-    workdir = _workdir(shared_root)
-    uploads, cache_dir = workdir / "uploads", workdir / "wav"
-    cache_dir.mkdir(parents=True)
+    if shared_root is None:
+        workdir = _workdir()
+        uploads, cache_dir, folders, played = workdir / "uploads", workdir / "wav", [workdir], workdir / "wav"
+        cache_dir.mkdir()
+    else:
+        uploads, cache_dir = _workdir(shared_root / "uploads"), _workdir(shared_root / "wav")
+        folders, played = [uploads, cache_dir], shared_root / "wav"
     # Gradio reads its upload folder from here when it builds components and routes: ours alone,
     # so no other Gradio app's uploads on this machine count as uploads to this one.
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
@@ -527,10 +534,9 @@ def assemble(loader: BackendLoader, *, host: str = "127.0.0.1", upload_quota_byt
                   "routes": [Route("/health", _health(loader)), Route(TOKEN_ROUTE, _page_token(access)),
                              WebSocketRoute(realtime.ROUTE, voice.__call__),
                              *Api(loader, api_key, access).routes(), *HistoryRoutes(store, access, live).routes()]}
-    served = [str(ASSETS), str(cache_dir), *([str(shared_root)] if shared_root is not None else [])]
-    page = {"css": CSS, "head": HEAD, "max_file_size": MAX_FILE_BYTES, "allowed_paths": served,
+    page = {"css": CSS, "head": HEAD, "max_file_size": MAX_FILE_BYTES, "allowed_paths": [str(ASSETS), str(played)],
             "ssr_mode": False, "footer_links": ["api", "gradio"]}
-    return Site(demo, app_kwargs, page, voice, workdir)
+    return Site(demo, app_kwargs, page, voice, folders)
 
 
 def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,

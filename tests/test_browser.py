@@ -97,9 +97,11 @@ def _ask(page, question: str, think: bool, answers: int) -> None:
     box.check() if think else box.uncheck()
     page.locator("#afn-question textarea").fill(question)
     page.locator("#afn-ask").click()
-    page.locator("#afn-status", has_text="Done").wait_for(timeout=60_000)
+    # The question shows with a new status line in one update; only a "Done" after it ends this turn
+    # (waiting for "Done" first would take the last turn's line, still on the page, for this one's).
     page.wait_for_function(
-        f"() => document.querySelectorAll('#afn-chat [data-testid=\"user\"]').length >= {answers}")
+        f"() => document.querySelectorAll('#afn-chat [data-testid=\"user\"]').length >= {answers}", timeout=60_000)
+    page.locator("#afn-status", has_text="Done").wait_for(timeout=60_000)
 
 
 def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, server):

@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +25,8 @@ from tests.web.running import free_port, running
 
 pytest.importorskip("ray.serve", reason="Ray Serve is in requirements-serve.txt (requirements-dev.txt takes it)")
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 HEADER = "x-afnext-replica"
 MAX_TOKENS = 8
@@ -174,6 +177,27 @@ def test_the_page_asks_about_a_recording_on_one_replica(deployment):
     assert len(answered) == 2, answered
 
 
+def test_an_upload_is_never_served_as_a_page_by_any_replica(deployment):
+    """Replicas share a folder so that any of them plays the WAV copies the others wrote; an upload
+    (here a page named .html) is never among what they serve to anyone: no replica returns it inline as
+    HTML (its own gives it as a download, the others refuse it)."""
+    import httpx
+
+    url, _ = deployment
+    page = b"<!doctype html><script>document.title = 'stored XSS'</script>"
+    sent = httpx.post(url + "gradio_api/upload", files={"files": ("evil.html", page, "text/html")}, timeout=30)
+    assert sent.status_code == 200, sent.text
+    (path,) = sent.json()
+    answers = set()
+    for _ in range(12):
+        got = httpx.get(url + "gradio_api/file=" + path, timeout=30)
+        answers.add((got.headers[HEADER], got.status_code))
+        assert "html" not in got.headers.get("content-type", ""), (got.status_code, dict(got.headers))
+        if got.status_code == 200:
+            assert got.headers["content-disposition"].startswith("attachment")
+    assert len({replica for replica, _ in answers}) == 2, answers
+
+
 def test_a_conversation_goes_on_when_its_replica_is_killed(deployment):
     url, log = deployment
     session = "conversation-killed"
@@ -182,10 +206,115 @@ def test_a_conversation_goes_on_when_its_replica_is_killed(deployment):
     messages += [{"role": "assistant", "content": answer}, user("And then?", None)]
     answer, usage, second = turn(api, messages)
     assert second == first and usage.prompt_tokens_details.cached_tokens > 0
-    pids = dict(re.findall(r"replica (\w+) ready \(pid (\d+)\)", log.read_text()))  # the replicas' start-up lines
+    pids = dict(re.findall(r"replica (\w+) ready \(pid (\d+)", log.read_text()))  # the replicas' start-up lines
     os.kill(int(pids[first]), signal.SIGKILL)
     messages += [{"role": "assistant", "content": answer}, user("Go on.", None)]
     answer, usage, third = turn(api, messages)  # rebuilt from the request's history elsewhere
     assert answer is not None and third != first
     assert usage.prompt_tokens_details.cached_tokens == 0
     assert usage.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("flags, scale", [
+    ((2, None, None), {"num_replicas": 2}),
+    ((None, None, 4), {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
+                                              "target_ongoing_requests": 32}}),
+    ((3, 2, 5), {"autoscaling_config": {"min_replicas": 2, "initial_replicas": 3, "max_replicas": 5,
+                                        "target_ongoing_requests": 32}}),
+])
+def test_scale_flags_become_serve_options(flags, scale):
+    from app.replicas import Scale
+
+    assert Scale.of(*flags).deployment_options() == scale
+
+
+@pytest.mark.parametrize("flags, sentence", [
+    ((0, None, None), "--replicas must be at least 1 (given 0)."),
+    ((None, 2, None), "--min-replicas needs --max-replicas (the most replicas to scale up to)."),
+    ((None, 3, 2), "Replicas must satisfy 1 <= --min-replicas <= --replicas <= --max-replicas (given 3, 3, 2)."),
+    ((5, 1, 4), "Replicas must satisfy 1 <= --min-replicas <= --replicas <= --max-replicas (given 1, 5, 4)."),
+])
+def test_bad_scale_flags_get_one_sentence(flags, sentence):
+    from app.replicas import Scale
+
+    with pytest.raises(ValueError) as refused:
+        Scale.of(*flags)
+    assert str(refused.value) == sentence
+
+
+def test_bad_replicas_flag_stops_the_app_with_its_sentence():
+    result = subprocess.run([sys.executable, "-m", "app", "--replicas", "0"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: --replicas must be at least 1 (given 0)."), result.stderr[-800:]
+
+
+def test_a_page_token_from_one_replica_opens_a_socket_on_another():
+    from app.access import Access
+
+    secret = b"s" * 32  # what every replica of one deployment is given (ReplicaOptions.page_secret)
+    token, _ = Access("key", secret=secret).page_token()
+    assert Access("key", secret=secret).token_ok(token)
+    assert not Access("key").token_ok(token)  # a process of its own makes its own secret
+
+
+def _start(*flags: str, timeout: int = 120, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "app", "--model", "unused", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def test_what_keeps_the_replicas_from_starting_is_one_sentence_at_once(tmp_path):
+    """A taken port, a cluster that does not answer, a GPU named by number: each stops the app with its
+    sentence and status 2, before any Ray cluster starts (no traceback, no minute-long wait)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _start("--replicas", "2", "--port", str(port))
+    assert result.returncode == 2, result.stderr[-800:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: Port {port} on 127.0.0.1 is in use by another program; start with another one, e.g. --port {port + 1}.")
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
+    for flags, words in ((["--address", nowhere], f"No Ray cluster answers at --address {nowhere}"),
+                         (["--address", "head-without-port"], "--address takes auto or HOST:PORT"),
+                         (["--device", "cuda:1"], "--device cuda:1 names one GPU")):
+        t0 = time.monotonic()
+        result = _start("--replicas", "2", "--port", str(free_port()), *flags, RAY_ADDRESS="")
+        assert result.returncode == 2 and words in result.stderr.strip().splitlines()[-1], (flags, result.stderr[-800:])
+        assert "Traceback" not in result.stderr and time.monotonic() - t0 < 60, flags
+
+
+def test_each_replica_gets_the_most_cpus_that_still_place_them_all():
+    from app.replicas import cpus_each
+
+    assert cpus_each([(16.0, 0.0)], 2, gpus=False) == 8
+    assert cpus_each([(2.0, 0.0)], 2, gpus=False) == 1
+    assert cpus_each([(4.0, 0.0)] * 3, 4, gpus=False) == 2  # 2 on each of two machines
+    assert cpus_each([(32.0, 4.0)], 4, gpus=True) == 8
+    assert cpus_each([(32.0, 4.0), (8.0, 4.0)], 8, gpus=True) == 2  # the smaller machine holds 4 of 2 CPUs
+    assert cpus_each([(1.0, 0.0)], 3, gpus=False) == 1  # fewer CPUs than replicas: one each, Ray's CPUs grow
+
+
+def test_the_replicas_take_the_settings_the_app_was_started_with():
+    from app.replicas import forwarded_env
+
+    env = forwarded_env({"HF_HUB_OFFLINE": "1", "HF_HOME": "/models", "AFNEXT_DATA": "/data", "XDG_DATA_HOME": "/x",
+                         "CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/bin", "PYTHONPATH": "/extra"})
+    assert env == {"HF_HUB_OFFLINE": "1", "HF_HOME": "/models", "AFNEXT_DATA": "/data", "XDG_DATA_HOME": "/x",
+                   "PYTHONPATH": f"{ROOT}{os.pathsep}/extra"}  # Ray gives each replica its own GPUs
+
+
+def test_a_killed_runs_shared_folder_is_removed_by_the_next(tmp_path):
+    from app.replicas import SHARED_PREFIX, sweep_shared
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left, live, other = (tmp_path / f"{SHARED_PREFIX}{dead.stdout.strip()}-abcd", tmp_path / f"{SHARED_PREFIX}{os.getppid()}-ef01",
+                         tmp_path / "afnext-replicas-notapid")
+    for folder in (left, live, other):
+        (folder / "wav").mkdir(parents=True)
+    sweep_shared(tmp_path)
+    assert not left.exists() and live.exists() and other.exists()

@@ -159,8 +159,14 @@ def test_a_sigkill_at_any_moment_loses_at_most_the_turn_in_progress(tiny_dir, tm
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert [(c["id"], c["turns"], c["title"]) for c in map(json.loads, listed.stdout.splitlines())] == [
         ("kept", 2, "What is it?")]
+    cut = list(store.rglob("*.part"))  # a copy a kill cut short: left while another process might be at it
+    for part in cut:
+        os.utime(part, (time.time() - 7200, time.time() - 7200))
+    fresh = store / "audio" / "ab" / ".in-progress.part"  # another process's copy, begun a moment ago
+    fresh.parent.mkdir(exist_ok=True)
+    fresh.write_bytes(b"RIFF")
     turns = Store(store).turns("kept")
-    assert [t.role for t in turns] == ["user", "assistant"] * 2 and not list(store.rglob("*.part"))
+    assert [t.role for t in turns] == ["user", "assistant"] * 2 and list(store.rglob("*.part")) == [fresh]
     assert np.array_equal(np.asarray(turns[3].token_ids), np.asarray(resumed["token_ids"]))
 
 
@@ -337,3 +343,65 @@ def test_a_full_store_lets_go_of_the_conversations_unused_longest_and_never_of_r
     with pytest.raises(StoreError, match="history is full"):
         store.create("recording", owner="o", audio=(b"x" * 2000, ".wav"))
     assert store.disk_bytes() < 2500 + 200_000  # the audio within its limit (plus the database itself)
+
+
+def test_a_journal_behind_the_store_says_so_and_never_rewrites_another_process_reply(tmp_path):
+    """Two processes on one store (replicas): one keeps a turn the other's journal has not seen. That
+    journal is no longer current (its live session is rebuilt), cannot commit over the turn, and
+    cutting its own last reply short would rewrite the other's: refused, the other's reply kept."""
+    from afnext.live import Live, matches_store
+    from afnext.store import Journal, KeptError
+
+    here, there = Store(tmp_path), Store(tmp_path)
+    cid = here.create("talk", owner="o")
+    journal = Journal(here, cid)
+    reply = StoredTurn("assistant", "Mine.", token_ids=(1,))
+    here.add_exchange(cid, StoredTurn("user", "Here."), reply, at=0)
+    journal.turns = 1
+    assert journal.current()
+    there.add_exchange(cid, StoredTurn("user", "There."), StoredTurn("assistant", "Theirs.", token_ids=(2,)), at=1)
+    assert not journal.current() and here.exchanges(cid) == 2
+    with pytest.raises(KeptError, match="does not end with reply 1"):
+        journal.rewrite("Mi")
+    assert [t.text for t in here.turns(cid)] == ["Here.", "Mine.", "There.", "Theirs."]
+
+    live, made = Live(), []
+
+    class Held:
+        def __init__(self, journal):
+            self.journal = journal
+    live.put(cid, "o", "g", Held(journal))
+    fresh = live.open(cid, "o", "g", lambda: made.append(Held(Journal(here, cid, 2))) or made[-1], matches_store)
+    assert made and fresh is made[0] and fresh.journal.current()
+    assert live.open(cid, "o", "g", lambda: pytest.fail("rebuilt a current one"), matches_store) is fresh
+
+
+def test_replicas_opening_an_older_store_at_the_same_moment_upgrade_it_once(tmp_path):
+    """Eight connections (as eight replica processes) open a store made before the `parts` and `audio`
+    columns, all at once: one upgrades it, the others wait and find it done — none fails on a column
+    another has just added."""
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+
+    old = sqlite3.connect(tmp_path / "afnext.sqlite3")
+    old.executescript("""
+        CREATE TABLE conversations (id TEXT PRIMARY KEY, kind TEXT NOT NULL, title TEXT NOT NULL DEFAULT '',
+            owner TEXT NOT NULL DEFAULT '', created REAL NOT NULL, updated REAL NOT NULL);
+        CREATE TABLE turns (conversation TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            idx INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, think INTEGER NOT NULL DEFAULT 0,
+            audio TEXT, reasoning TEXT NOT NULL DEFAULT '', steps TEXT NOT NULL DEFAULT '[]', token_ids TEXT,
+            timings TEXT NOT NULL DEFAULT '{}', interrupted INTEGER NOT NULL DEFAULT 0, created REAL NOT NULL,
+            PRIMARY KEY (conversation, idx));
+        INSERT INTO conversations VALUES ('old', 'talk', 'Before', 'o', 1.0, 1.0);""")
+    old.close()
+    start = threading.Barrier(8)
+
+    def open_at_once(_: int) -> Store:
+        start.wait()
+        return Store(tmp_path)
+
+    with ThreadPoolExecutor(8) as pool:
+        stores = list(pool.map(open_at_once, range(8)))
+    assert all(s.get("old", owner="o").title == "Before" for s in stores)
+    stores[0].add_exchange("old", StoredTurn("user", "Hi."), StoredTurn("assistant", "Hello.", parts={"ids": []}))
+    assert stores[-1].turns("old")[1].parts == {"ids": []}

@@ -62,6 +62,16 @@ def test_open_recording_serves_playable_files_as_they_are_and_others_as_wav(tmp_
     assert served.suffix == ".wav" and served.parent == tmp_path and soundfile.info(served).frames == 8000
     waveform = json.loads(rec.waveform())
     assert waveform["duration"] == 0.5 and len(waveform["peaks"]) == 2 * recordings.PEAK_COLUMNS
+    # An upload is played from a link in the served folder, never from the upload folder (not served:
+    # an upload may be a page named .html), and the link goes with the recording.
+    uploads, served = tmp_path / "uploads", tmp_path / "served"
+    uploads.mkdir(), served.mkdir()
+    upload = uploads / "talk.flac"
+    shutil.copyfile(ASSETS / "sounds.flac", upload)
+    mine = recordings.open_recording(str(upload), served, owned=True)
+    played = Path(mine.url.removeprefix("gradio_api/file="))
+    assert played.parent == served and played.suffix == ".flac" and played.samefile(upload)
+    assert set(mine.files) == {upload, played}
 
 
 def test_open_recording_refuses_bad_files_in_one_sentence(tmp_path):
@@ -467,6 +477,36 @@ def test_a_socket_with_an_owner_keeps_its_conversation_and_goes_on_with_it_after
         with restarted.websocket_connect(f"{realtime.ROUTE}?model=instruct&conversation={cid}",
                                          subprotocols=protocols) as ws:
             assert words in ws.receive_json()["error"]["message"], protocols
+
+
+def test_a_voice_conversation_that_went_on_on_another_replica_goes_on_from_the_store_when_it_comes_back(voice, tmp_path):
+    """Two replicas on one store (each its own live registry): a conversation begun on A, gone on with on
+    B, then opened on A again goes on from all the store holds — A's live copy, a turn behind, is rebuilt —
+    and no turn is lost or refused."""
+    from afnext.store import Store
+
+    mine = ["realtime", f"afnext-owner.{OWNER_A}"]
+    a, b = voice(store=Store(tmp_path)), voice(store=Store(tmp_path))
+
+    def turn(server, text: str, cid: str | None, turns: int) -> str:
+        query = f"&conversation={cid}" if cid else ""
+        with server.websocket_connect(f"{realtime.ROUTE}?model=instruct{query}", subprotocols=mine) as ws:
+            created = ws.receive_json()["conversation"]
+            assert created["turns"] == turns, created
+            ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 4,
+                                                                "audio": {"input": {"turn_detection": None}}}})
+            events_until(ws, "session.updated")
+            done = _text_turn(ws, text)
+            assert done["response"]["status"] == "completed", done
+        return created["id"]
+
+    cid = turn(a, "First, on A.", None, 0)
+    turn(b, "Second, on B.", cid, 1)
+    turn(a, "Third, back on A.", cid, 2)  # A still holds its one-turn session live
+    turn(b, "Fourth, on B again.", cid, 3)
+    kept = Store(tmp_path).turns(cid)
+    assert [t.text for t in kept[0::2]] == ["First, on A.", "Second, on B.", "Third, back on A.", "Fourth, on B again."]
+    assert all(t.token_ids for t in kept[1::2])
 
 
 def _owner_a() -> str:
