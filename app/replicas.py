@@ -232,12 +232,25 @@ def cpus_each(nodes: list[tuple[float, float]], replicas: int, gpus: bool) -> in
     return 1
 
 
-def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | None = None) -> str:
+@dataclass
+class Run:
+    """One `serve_replicas`: whether it joined a cluster (else started one here) and has deployed the app
+    there (what `stop` may remove: never another run's app of the same name)."""
+
+    joined: bool
+    deployed: bool = False
+
+
+def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | None = None,
+          run: Run | None = None) -> str:
     """Join the Ray cluster at `address` (None: start one on this machine), run the replicas behind
     Serve's proxy on `options.host`:`port`, and return the app's URL once every replica is running
-    and /health answers. StartError, with its sentence, for what the user can change."""
+    and /health answers. StartError, with its sentence, for what the user can change. `run` is told
+    once the app is deployed."""
     import ray
     from ray import serve
+
+    run = run or Run(joined=address is not None)
 
     device = options.backend.device
     if device.startswith("cuda:"):
@@ -247,6 +260,8 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         _port_free(options.host, port)
     elif address != "auto" and "://" not in address:
         _reachable(address)
+    if address is not None:
+        _token_mode_if_token()
     env = forwarded_env()
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # Serve's proxy and controller import the router from there
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage to its makers only if asked to
@@ -256,7 +271,9 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         ray.init(**init, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
     except ConnectionError as exc:
         raise StartError(f"No Ray cluster answers at --address {address} ({_first_line(exc)}); start one with "
-                         "`ray start --head`, or leave out --address to start one on this machine.") from None
+                         "`ray start --head` (one using token authentication needs its token here: "
+                         "~/.ray/auth_token or RAY_AUTH_TOKEN), or leave out --address to start one on this "
+                         "machine.") from None
     nodes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
     cluster_gpus = int(sum(g for _, g in nodes))
     if device.startswith("cuda") and not cluster_gpus:
@@ -279,6 +296,10 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     if taken is not None and taken != port:
         raise StartError(f"Ray Serve already runs on this cluster on port {taken}: start with --port {taken}, or stop "
                          "it first (`serve shutdown`).")
+    if _application() is not None:
+        raise StartError(f"The app already runs on this Ray cluster (Serve application {APP_NAME!r}, port {port}); "
+                         f"use it, or stop it first (Ctrl-C where it was started, or `serve delete {APP_NAME}`).")
+    run.deployed = True
     serve.run(deployment(options, scale, gpus, cpus, env), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{port}/"
     _await_ready(url, READY_TIMEOUT_S)
@@ -299,6 +320,18 @@ def _port_free(host: str, port: int) -> None:
                 raise StartError(_port_busy(host, port)) from None
             raise StartError(f"The app could not serve on {host}:{port} ({exc.strerror or exc}); "
                              "check --host and --port.") from None
+
+
+def _token_mode_if_token() -> None:
+    """Send Ray's authentication token when joining a cluster, if one is at hand (~/.ray/auth_token,
+    RAY_AUTH_TOKEN) and RAY_AUTH_MODE does not say otherwise — as `ray start` does: a cluster started
+    where a token is kept asks for it, and Ray's driver sends it only in token mode."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # another Ray: its own defaults
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def _port_busy(host: str, port: int) -> str:
@@ -390,17 +423,17 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def stop(options: ReplicaOptions, joined: bool) -> None:
+def stop(options: ReplicaOptions, run: Run) -> None:
     """Stop the replicas (each removes its own folders) and leave the cluster: a cluster started here
-    stops with its Serve; on a cluster joined (`joined`), only this app goes, Serve and others stay."""
+    stops with its Serve; on a cluster joined, only this run's app goes, Serve and others stay."""
     import ray
     from ray import serve
 
     try:
-        if ray.is_initialized() and joined:
-            serve.delete(APP_NAME)
-        elif ray.is_initialized():
+        if ray.is_initialized() and not run.joined:
             serve.shutdown()
+        elif ray.is_initialized() and run.deployed:
+            serve.delete(APP_NAME)
     finally:
         ray.shutdown()
         shutil.rmtree(Path(tempfile.gettempdir()) / options.shared, ignore_errors=True)
@@ -433,9 +466,9 @@ def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address:
     if address is not None:
         log.info("joining the Ray cluster at %s", address)
     sweep_shared()
-    stopping = threading.Event()
+    stopping, run = threading.Event(), Run(joined=address is not None)
     try:
-        url = start(options, scale, port=port, address=address)
+        url = start(options, scale, port=port, address=address, run=run)
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own (it aborts the process)
             signal.signal(sig, lambda *_: stopping.set())
         where = f"autoscaled {scale.least}-{scale.most}" if scale.least is not None else str(scale.replicas)
@@ -449,7 +482,7 @@ def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address:
         print("Stopped before the replicas were ready.", file=sys.stderr, flush=True)
         return 130
     finally:
-        stop(options, joined=address is not None)
+        stop(options, run)
 
 
 if __name__ == "__main__":  # pragma: no cover - run through python -m app --replicas

@@ -571,7 +571,10 @@ def asgi_app(site: Site):
     """`site` as an ASGI app for a server other than Gradio's own (Ray Serve's proxy, app/replicas.py)."""
     from fastapi import FastAPI
 
-    return gr.mount_gradio_app(FastAPI(), site.demo, "/", app_kwargs=site.app_kwargs, **site.page)
+    # The outer app only carries Gradio's: its own /docs, /redoc and /openapi.json would answer outside
+    # the gate (Gradio's app, which the gate guards, turns them off too).
+    outer = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    return gr.mount_gradio_app(outer, site.demo, "/", app_kwargs=site.app_kwargs, **site.page)
 
 
 def server_stack(config) -> str:

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+
+_MADE: list[str] = []  # this run's folders, removed when it ends
+
+
+def _folder(prefix: str) -> str:
+    _MADE.append(tempfile.mkdtemp(prefix=prefix))
+    return _MADE[-1]
+
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported anywhere: never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `--model tiny` writes its random-weight checkpoints here, not into the user's ~/.cache.
-os.environ.setdefault("AFNEXT_TINY_DIR", tempfile.mkdtemp(prefix="afnext-tiny-"))
+if "AFNEXT_TINY_DIR" not in os.environ:
+    os.environ["AFNEXT_TINY_DIR"] = _folder("afnext-tiny-")
 # Conversations the app and the CLI keep (afnext/store.py) go here, not into the user's ~/.local/share.
-os.environ["AFNEXT_DATA"] = tempfile.mkdtemp(prefix="afnext-data-")
+os.environ["AFNEXT_DATA"] = _folder("afnext-data-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for folder in _MADE:
+        shutil.rmtree(folder, ignore_errors=True)
 
 import numpy as np
 import pytest

@@ -198,6 +198,33 @@ def test_an_upload_is_never_served_as_a_page_by_any_replica(deployment):
     assert len({replica for replica, _ in answers}) == 2, answers
 
 
+def test_a_replica_answers_only_the_apps_own_routes(deployment):
+    """The app a replica serves is Gradio's inside an outer one: the outer adds no pages of its own
+    (FastAPI's /docs and /redoc would answer outside the gate)."""
+    import httpx
+
+    url, _ = deployment
+    for path in ("docs", "redoc"):
+        got = httpx.get(url + path, timeout=30)
+        assert got.status_code == 404 and got.headers[HEADER], (path, got.status_code)
+
+
+def test_a_second_start_on_the_cluster_is_refused_and_leaves_the_first_serving(deployment):
+    """Joining the deployment's cluster (--address auto: the one Ray started last on this machine) to start
+    the app again, on its port or another: refused with a sentence, and the app already there goes on."""
+    url, _ = deployment
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    for asked, words in ((port, "The app already runs on this Ray cluster"),
+                         (free_port(), f"Ray Serve already runs on this cluster on port {port}")):
+        result = _start("--replicas", "1", "--device", "cpu", "--address", "auto", "--port", str(asked), timeout=180,
+                        RAY_ADDRESS="")
+        assert result.returncode == 2 and words in result.stderr.strip().splitlines()[-1], result.stderr[-1500:]
+    deadline = time.monotonic() + 30
+    while len({replica_of(url, f"after-{i}") for i in range(16)}) < 2:  # both replicas still on the ring
+        assert time.monotonic() < deadline, "the first app lost a replica"
+        time.sleep(0.5)
+
+
 def test_a_conversation_goes_on_when_its_replica_is_killed(deployment):
     url, log = deployment
     session = "conversation-killed"
