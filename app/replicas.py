@@ -279,9 +279,12 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     if device.startswith("cuda") and not cluster_gpus:
         raise StartError("--device cuda was given but the Ray cluster has no GPU.")
     gpus = cluster_gpus >= 1 and device != "cpu"
-    if gpus and cluster_gpus < scale.at_most:
-        raise StartError(f"The Ray cluster has {cluster_gpus} GPU(s) and each replica takes one: start at most "
+    if gpus and cluster_gpus < scale.at_most and not run.joined:
+        raise StartError(f"This machine has {cluster_gpus} GPU(s) and each replica takes one: start at most "
                          f"{cluster_gpus} (--replicas / --max-replicas {cluster_gpus}), or --device cpu for CPU replicas.")
+    if gpus and cluster_gpus < scale.at_most:  # a cluster joined may grow (Ray's autoscaler adds machines)
+        log.warning("The Ray cluster has %d GPU(s) now for up to %d replicas, one GPU each: the others wait for "
+                    "more GPUs to join.", cluster_gpus, scale.at_most)
     if not gpus:
         log.warning("%s: %d CPU replica(s), each with its model on the CPU.",
                     "--device cpu" if cluster_gpus else "The Ray cluster has no GPU", scale.replicas)
