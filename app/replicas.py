@@ -442,6 +442,14 @@ def stop(options: ReplicaOptions, run: Run) -> None:
         shutil.rmtree(Path(tempfile.gettempdir()) / options.shared, ignore_errors=True)
 
 
+def metrics_urls() -> list[str]:
+    """Where each machine of the cluster serves its metrics, Serve's among them (`ray_serve_*`)."""
+    import ray
+
+    return [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes()
+            if n.get("Alive") and n.get("MetricsExportPort")]
+
+
 SHARED_PREFIX = "afnext-replicas-"
 
 
@@ -476,6 +484,9 @@ def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address:
             signal.signal(sig, lambda *_: stopping.set())
         where = f"autoscaled {scale.least}-{scale.most}" if scale.least is not None else str(scale.replicas)
         print(f"Serving {url} with {where} replica(s) on Ray Serve; Ctrl-C stops them.", flush=True)
+        for metrics in metrics_urls():
+            log.info("Serve's metrics (Prometheus text: ongoing and queued requests, latencies, per replica): %s",
+                     metrics)
         stopping.wait()
         return 0
     except StartError as exc:

@@ -114,6 +114,23 @@ def test_requests_without_a_session_id_spread_over_the_replicas(deployment):
     assert len(served) == 2, served
 
 
+def test_the_log_says_where_serves_metrics_are_and_they_count_the_replicas_requests(deployment):
+    url, log = deployment
+    (metrics,) = re.findall(r"Serve's metrics .*: (http://\S+/metrics)", log.read_text())
+    for _ in range(4):
+        replica_of(url, "counted")
+    deadline = time.monotonic() + 60
+    while True:  # Ray exports them every few seconds
+        with urllib.request.urlopen(metrics, timeout=30) as response:
+            text = response.read().decode()
+        counted = re.findall(r'^ray_serve_deployment_request_counter_total\{[^}]*deployment="AFNextReplica"[^}]*\} (\S+)',
+                             text, re.M)
+        if counted and sum(map(float, counted)) >= 4 and "ray_serve_num_ongoing_requests_at_replicas" in text:
+            return
+        assert time.monotonic() < deadline, text[-2000:]
+        time.sleep(1)
+
+
 def test_a_realtime_session_through_the_deployment(deployment):
     from websockets.sync.client import connect
 
@@ -291,28 +308,33 @@ def _start(*flags: str, timeout: int = 120, **env) -> subprocess.CompletedProces
 
 
 def test_what_keeps_the_replicas_from_starting_is_one_sentence_at_once(tmp_path):
-    """A taken port, a cluster that does not answer, a GPU named by number: each stops the app with its
-    sentence and status 2, before any Ray cluster starts (no traceback, no minute-long wait)."""
+    """A taken port, a cluster that does not answer, a GPU named by number: each stops the start with its
+    sentence before any Ray cluster starts (no traceback, no minute-long wait); from the command line,
+    on stderr with status 2."""
     import socket
+
+    from app.backend import BackendOptions
+    from app.replicas import ReplicaOptions, Scale, StartError, start
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         result = _start("--replicas", "2", "--port", str(port))
-    assert result.returncode == 2, result.stderr[-800:]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-800:]
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: Port {port} on 127.0.0.1 is in use by another program; start with another one, e.g. --port {port + 1}.")
     with socket.socket() as closed:  # a port nothing listens on
         closed.bind(("127.0.0.1", 0))
         nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
-    for flags, words in ((["--address", nowhere], f"No Ray cluster answers at --address {nowhere}"),
-                         (["--address", "head-without-port"], "--address takes auto or HOST:PORT"),
-                         (["--device", "cuda:1"], "--device cuda:1 names one GPU")):
+    for device, address, words in (("auto", nowhere, f"No Ray cluster answers at --address {nowhere}"),
+                                   ("auto", "head-without-port", "--address takes auto or HOST:PORT"),
+                                   ("cuda:1", None, "--device cuda:1 names one GPU")):
+        options = ReplicaOptions(BackendOptions("unused", device=device), "127.0.0.1", None, str(tmp_path), 1.0, 1.0, 1)
         t0 = time.monotonic()
-        result = _start("--replicas", "2", "--port", str(free_port()), *flags, RAY_ADDRESS="")
-        assert result.returncode == 2 and words in result.stderr.strip().splitlines()[-1], (flags, result.stderr[-800:])
-        assert "Traceback" not in result.stderr and time.monotonic() - t0 < 60, flags
+        with pytest.raises(StartError) as refused:
+            start(options, Scale(2), port=free_port(), address=address)
+        assert words in str(refused.value) and time.monotonic() - t0 < 30, (address, device)
 
 
 def test_each_replica_gets_the_most_cpus_that_still_place_them_all():
