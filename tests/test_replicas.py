@@ -116,7 +116,11 @@ def test_requests_without_a_session_id_spread_over_the_replicas(deployment):
 
 def test_the_log_says_where_serves_metrics_are_and_they_count_the_replicas_requests(deployment):
     url, log = deployment
-    (metrics,) = re.findall(r"Serve's metrics .*: (http://\S+/metrics)", log.read_text())
+    deadline = time.monotonic() + 60  # said once every replica runs, which the fixture does not wait for
+    while not (found := re.findall(r"Serve's metrics .*: (http://\S+/metrics)", log.read_text())):
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.5)
+    (metrics,) = found
     for _ in range(4):
         replica_of(url, "counted")
     deadline = time.monotonic() + 60
