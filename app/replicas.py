@@ -303,9 +303,17 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         raise StartError(f"The app already runs on this Ray cluster (Serve application {APP_NAME!r}, port {port}); "
                          f"use it, or stop it first (Ctrl-C where it was started, or `serve delete {APP_NAME}`).")
     run.deployed = True
-    serve.run(deployment(options, scale, gpus, cpus, env), name=APP_NAME, route_prefix="/", blocking=False)
+    failure: list[BaseException] = []
+
+    def deploy() -> None:  # serve.run returns once every replica runs: meanwhile the wait below says why not
+        try:
+            serve.run(deployment(options, scale, gpus, cpus, env), name=APP_NAME, route_prefix="/", blocking=False)
+        except BaseException as exc:  # noqa: BLE001 - told to the waiting thread, which stops the start
+            failure.append(exc)
+
+    threading.Thread(target=deploy, name="afnext-serve-run", daemon=True).start()
     url = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{port}/"
-    _await_ready(url, READY_TIMEOUT_S)
+    _await_ready(url, READY_TIMEOUT_S, failure)
     return url
 
 
@@ -397,8 +405,9 @@ def _dashboard() -> bool:
 WAITING_SAID_AFTER_S = 60.0  # replicas still not placed by then: Serve's reason goes to the log, once
 
 
-def _await_ready(url: str, timeout_s: float) -> None:
-    """Until every replica runs (Serve's application RUNNING) and /health answers 200 through the proxy."""
+def _await_ready(url: str, timeout_s: float, failure: list[BaseException]) -> None:
+    """Until every replica runs (Serve's application RUNNING) and /health answers 200 through the proxy;
+    StartError once Serve gives up, or `failure` (the deploying thread's) holds why it could not deploy."""
     started = time.monotonic()
     said = False
     while True:
@@ -407,6 +416,8 @@ def _await_ready(url: str, timeout_s: float) -> None:
             return
         if (why := _failed()) is not None:
             raise StartError(f"The replicas could not start: {why}")
+        if failure:
+            raise StartError(f"The replicas could not start: {_first_line(failure[0])}")
         waited = time.monotonic() - started
         if not said and waited > WAITING_SAID_AFTER_S:
             said = True
