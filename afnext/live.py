@@ -45,9 +45,13 @@ class _Held(Generic[T]):
 
 
 def matches_store(value: object) -> bool:
-    """`Live.open`'s `current` for a conversation kept through a journal (afnext/store.py): false when
-    the journal is broken or the store holds turns the value does not (another process went on with
-    the conversation: a replica it moved to and back from)."""
+    """`Live.open`'s `current` for a conversation kept in the store (afnext/store.py): the value's own
+    `current()` if it has one, else its journal's — false when the journal is broken or the store holds
+    turns the value does not (another process went on with the conversation: a replica it moved to and
+    back from)."""
+    own = getattr(value, "current", None)
+    if callable(own):
+        return own()
     journal = getattr(value, "journal", None)
     return journal is None or journal.current()
 

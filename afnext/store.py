@@ -140,7 +140,7 @@ class Store:
         # First: several processes may share the folder (app replicas on one machine), and every statement
         # below may wait for another's write.
         self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._wal()
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("BEGIN IMMEDIATE")  # one process at a time makes or upgrades the tables
@@ -160,6 +160,21 @@ class Store:
                 self._db.execute("ROLLBACK")
             self._db.close()
             raise
+
+    def _wal(self) -> None:
+        """Write-ahead logging, which lets several processes read while one writes. A new store (or one
+        from before it) is switched on first open; replicas opening it at the same moment may find the
+        switch locked at once, without the busy wait: they try again for as long."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    self._db.close()
+                    raise
+                time.sleep(0.02)
 
     def close(self) -> None:
         with self._lock:

@@ -74,6 +74,19 @@ class Recording:
     # the file they are read from when first asked about (kept with the recording's `files`).
     parts: tuple[tuple[float, float], ...] = ()
     source: str | None = None
+    # Where it is kept, and how many exchanges the store held when it was opened from there: until its
+    # sessions are open (its journal then says), what tells that another process went on with it.
+    store: Store | None = field(default=None, repr=False)
+    opened_with: int = 0
+
+    def current(self) -> bool:
+        """Whether it holds what the store holds of its conversation (`Live.open`'s `current`): no other
+        process (a replica) has asked about it meanwhile."""
+        if self.journal is not None:
+            return self.journal.current()
+        if self.store is None or self.kept is None or not self.cid:
+            return True
+        return self.store.exchanges(self.cid) == self.opened_with
 
     @property
     def duration_s(self) -> float:
@@ -251,6 +264,7 @@ def keep(recording: Recording, store: Store, owner: str, path: str) -> None:
         raise KeptError(f"The recording could not be kept ({exc}); it can be asked about, but will not be in "
                         "your history.") from exc
     recording.kept = store.get(recording.cid, owner=owner).audio
+    recording.store = store
 
 
 def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | None:
@@ -263,10 +277,17 @@ def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | N
     kept = store.audio_path(conversation.audio)
     # A private name for the page to play it from, deleted with the recording (a link: no copy).
     served = _served(str(kept), cache_dir, [])
-    recording = open_recording(served, cache_dir, owned=True)
+    try:
+        recording = open_recording(served, cache_dir, owned=True)
+    except BaseException:
+        Path(served).unlink(missing_ok=True)
+        raise
     recording.name, recording.cid, recording.kept, recording.owner = conversation.title, cid, conversation.audio, owner
+    recording.store = store
     recording.keeping.set()
-    for user, reply in _exchanges(store.turns(cid)):
+    exchanges = _exchanges(store.turns(cid))
+    recording.opened_with = len(exchanges)
+    for user, reply in exchanges:
         recording.chat.append({"role": "user", "content": user.text})
         answer = reply.answer
         if reply.reasoning:

@@ -160,8 +160,10 @@ def replica_class():
             import torch
 
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-            # The CPUs Ray gave this replica (it sets OMP_NUM_THREADS to them), whenever torch was imported.
-            torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+            # The CPUs Ray gave this replica, whatever OMP_NUM_THREADS the cluster's shell had.
+            import ray
+
+            torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
             opts = ReplicaOptions(**{**options, "backend": BackendOptions(**options["backend"])})
             self.name = serve.get_replica_context().replica_id.unique_id
             self.loader = BackendLoader(partial(start_backend, opts.backend), opts.backend.model)
@@ -215,11 +217,14 @@ class StartError(RuntimeError):
 
 # What the replicas take from the environment of the `python -m app` that starts them, wherever in the
 # cluster they run: the model cache and offline mode, the store's place, the app's own settings.
+# Not secrets (a runtime environment is shown in Ray's dashboard: set HF_TOKEN where each machine's Ray
+# starts), nor what only means something on this machine.
 FORWARDED = ("AFNEXT_", "HF_", "XDG_", "TRANSFORMERS_", "TORCH_HOME", "GRADIO_ANALYTICS_ENABLED")
+NOT_FORWARDED = ("TOKEN", "SECRET", "PASSWORD", "KEY", "XDG_RUNTIME_DIR", "XDG_SESSION_")
 
 
 def forwarded_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
-    env = {k: v for k, v in environ.items() if k.startswith(FORWARDED)}
+    env = {k: v for k, v in environ.items() if k.startswith(FORWARDED) and not any(n in k for n in NOT_FORWARDED)}
     return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))}
 
 
@@ -239,6 +244,7 @@ class Run:
 
     joined: bool
     deployed: bool = False
+    deploying: threading.Thread | None = None  # serve.run's, until it returns
 
 
 def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | None = None,
@@ -266,7 +272,9 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # Serve's proxy and controller import the router from there
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage to its makers only if asked to
     here = os.cpu_count() or 1
-    init = {"address": address} if address else {"num_cpus": max(here, scale.at_most), "include_dashboard": _dashboard()}
+    # "local": a new cluster, even where `ray start` left one that ray.init would otherwise join.
+    init = {"address": address} if address else {"address": "local", "num_cpus": max(here, scale.at_most),
+                                                  "include_dashboard": _dashboard()}
     try:
         ray.init(**init, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
     except ConnectionError as exc:
@@ -311,7 +319,8 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         except BaseException as exc:  # noqa: BLE001 - told to the waiting thread, which stops the start
             failure.append(exc)
 
-    threading.Thread(target=deploy, name="afnext-serve-run", daemon=True).start()
+    run.deploying = threading.Thread(target=deploy, name="afnext-serve-run", daemon=True)
+    run.deploying.start()
     url = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{port}/"
     _await_ready(url, READY_TIMEOUT_S, failure)
     return url
@@ -447,6 +456,11 @@ def stop(options: ReplicaOptions, run: Run) -> None:
         if ray.is_initialized() and not run.joined:
             serve.shutdown()
         elif ray.is_initialized() and run.deployed:
+            # Stopped while deploying: the app may not be submitted yet, and would land after a delete.
+            deadline = time.monotonic() + 30
+            while run.deploying is not None and run.deploying.is_alive() and _application() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)
             serve.delete(APP_NAME)
     finally:
         ray.shutdown()
@@ -470,12 +484,21 @@ def shared_folder_name() -> str:
 
 
 def sweep_shared(base: Path | None = None) -> None:
-    """Remove the shared folders of runs whose starting process is gone (killed before it could)."""
+    """Remove the shared folders left on this machine by runs that are over: no replica here uses them
+    (each replica's own folders inside name its pid) and the process that started the run is gone. A
+    replica may outlive its starter (a cluster joined keeps the app when the starter is killed), and a
+    starter on another machine is never alive here: the replicas' pids decide."""
     from app.web import _alive
 
+    def pids(folder: Path) -> list[int]:
+        names = [f.name.removeprefix("afnext-app-") for f in folder.glob("*/afnext-app-*")]
+        return [int(n) for n in names if n.isdigit()]
+
     for left in (base or Path(tempfile.gettempdir())).glob(f"{SHARED_PREFIX}*"):
-        pid = left.name.removeprefix(SHARED_PREFIX).split("-")[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        starter = left.name.removeprefix(SHARED_PREFIX).split("-")[0]
+        if not starter.isdigit() or int(starter) == os.getpid() or _alive(int(starter)):
+            continue
+        if not any(_alive(pid) for pid in pids(left)):
             shutil.rmtree(left, ignore_errors=True)
 
 
@@ -487,10 +510,10 @@ def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address:
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         log.info("joining the Ray cluster at %s", address)
-    sweep_shared()
     stopping, run = threading.Event(), Run(joined=address is not None)
     try:
         url = start(options, scale, port=port, address=address, run=run)
+        sweep_shared()  # once this run's replicas are up: folders left by runs that are over
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which sets its own (it aborts the process)
             signal.signal(sig, lambda *_: stopping.set())
         where = f"autoscaled {scale.least}-{scale.most}" if scale.least is not None else str(scale.replicas)

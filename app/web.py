@@ -155,6 +155,9 @@ class _RecordingsTab:
             ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="afn-ask")
             speak_button = gr.Button("Speak the answer", scale=1, elem_id="afn-speak")
         spoken = gr.Audio(label="Spoken answer", autoplay=True, interactive=False, elem_id="afn-spoken")
+        # Written where the recordings' played copies are, which every replica serves: its Download link
+        # carries no header to find the replica that spoke it (app/replicas.py).
+        spoken.GRADIO_CACHE = str(self.cache_dir)
 
         private = dict(api_visibility="private")
         listed = dict(fn=self.history, inputs=[owner, cid], outputs=[history, disk], queue=False, **private)

@@ -380,10 +380,16 @@ def test_replicas_opening_an_older_store_at_the_same_moment_upgrade_it_once(tmp_
     """Eight connections (as eight replica processes) open a store made before the `parts` and `audio`
     columns, all at once: one upgrades it, the others wait and find it done — none fails on a column
     another has just added."""
+    for round in range(8):  # the race is one of timing: several rounds, each on a fresh old store
+        _open_an_older_store_from_eight_at_once(tmp_path / f"round-{round}")
+
+
+def _open_an_older_store_from_eight_at_once(folder: Path) -> None:
     import sqlite3
     from concurrent.futures import ThreadPoolExecutor
 
-    old = sqlite3.connect(tmp_path / "afnext.sqlite3")
+    folder.mkdir()
+    old = sqlite3.connect(folder / "afnext.sqlite3")
     old.executescript("""
         CREATE TABLE conversations (id TEXT PRIMARY KEY, kind TEXT NOT NULL, title TEXT NOT NULL DEFAULT '',
             owner TEXT NOT NULL DEFAULT '', created REAL NOT NULL, updated REAL NOT NULL);
@@ -398,7 +404,7 @@ def test_replicas_opening_an_older_store_at_the_same_moment_upgrade_it_once(tmp_
 
     def open_at_once(_: int) -> Store:
         start.wait()
-        return Store(tmp_path)
+        return Store(folder)
 
     with ThreadPoolExecutor(8) as pool:
         stores = list(pool.map(open_at_once, range(8)))

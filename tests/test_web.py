@@ -74,6 +74,35 @@ def test_open_recording_serves_playable_files_as_they_are_and_others_as_wav(tmp_
     assert set(mine.files) == {upload, played}
 
 
+def test_a_recording_asked_about_on_another_replica_meanwhile_is_reopened_from_the_store(tmp_path):
+    """Replica A opened a recording (no question yet, so no journal); B, on the same store, answered one
+    about it. When the page comes back to A, A's copy is not current: it is reopened from the store, with
+    B's question and answer in its chat. An upload named .html is played from a link that is no page."""
+    from afnext.live import Live, matches_store
+    from afnext.store import Store, StoredTurn
+
+    served, uploads = tmp_path / "served", tmp_path / "uploads"
+    served.mkdir(), uploads.mkdir()
+    upload = uploads / "talk.html"  # audio, named as a page
+    shutil.copyfile(ASSETS / "sounds.flac", upload)
+    here, there = Store(tmp_path / "store"), Store(tmp_path / "store")
+    held = recordings.open_recording(str(upload), served, owned=True)
+    assert held.url.endswith(".wav")  # not a format the page plays: the copy it decoded, under its own name
+    held.cid, held.owner = "rec", "o"
+    recordings.keep(held, here, "o", str(upload))
+    live = Live()
+    live.put("rec", "o", "g", held)
+    assert live.open("rec", "o", "g", lambda: pytest.fail("rebuilt a current one"), matches_store) is held
+    there.add_exchange("rec", StoredTurn("user", "Asked on B?"), StoredTurn("assistant", "Answered on B."), at=0)
+    again = live.open("rec", "o", "g", lambda: recordings.reopen(here, "rec", "o", served), matches_store)
+    assert again is not held and [m["content"] for m in again.chat] == ["Asked on B?", "Answered on B."]
+    assert again.current()
+    # The kept file (named .html, as uploaded) is linked in as .source, and played from a WAV copy.
+    assert here.audio_path(again.kept).suffix == ".html" and again.url.endswith(".wav")
+    suffixes = {p.suffix for p in served.iterdir()}
+    assert recordings.SOURCE_SUFFIX in suffixes and suffixes <= recordings.PLAYABLE | {recordings.SOURCE_SUFFIX}
+
+
 def test_open_recording_refuses_bad_files_in_one_sentence(tmp_path):
     junk = tmp_path / "junk.mp3"
     junk.write_bytes(b"not audio at all" * 100)
