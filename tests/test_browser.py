@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.conftest import _folder
 from tests.web.running import free_port, running
 from tests.web.scripted import SCRIPT
 
@@ -31,7 +31,7 @@ playwright = pytest.importorskip("playwright.sync_api", reason="playwright is in
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason="Debian's chromium is not installed (scripts/setup.sh installs it)")
 REPORT: dict[str, float] = {}
-SHOTS = Path(os.environ.get("AFNEXT_SCREENSHOTS") or tempfile.mkdtemp(prefix="afnext-shots-"))
+SHOTS = Path(os.environ.get("AFNEXT_SCREENSHOTS") or _folder("afnext-shots-"))  # kept only where asked for
 SCRIPTED_ANSWER = SCRIPT.split("</think>\n")[1]
 WAVE = "#afn-wave .afn-wave"  # the waveform's shadow host (Playwright's CSS pierces open shadow roots)
 TALK = "#afn-talk .afn-talk"
