@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             or args.address is not None:
         return _replicas(args, options)
     loader = BackendLoader(partial(start_backend, options), args.model)
-    from app.web import PortBusy, launch
+    from app.web import PortBusy, cannot_serve, launch
 
     try:
         launch(loader, host=args.host, port=args.port, share=args.share,
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except PortBusy as exc:
         _fail(str(exc))
     except OSError as exc:  # an address this machine does not have, a port it may not use
-        _fail(f"The app could not serve on {args.host}:{args.port} ({exc.strerror or exc}); check --host and --port.")
+        _fail(cannot_serve(args.host, args.port, exc))
     return 0
 
 

@@ -154,15 +154,14 @@ def replica_class():
 
             from starlette.middleware import Middleware
 
+            import ray
+            import torch
+
             from app import web
             from app.backend import BackendLoader, start_backend
 
-            import torch
-
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
             # The CPUs Ray gave this replica, whatever OMP_NUM_THREADS the cluster's shell had.
-            import ray
-
             torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
             opts = ReplicaOptions(**{**options, "backend": BackendOptions(**options["backend"])})
             self.name = serve.get_replica_context().replica_id.unique_id
@@ -243,8 +242,11 @@ class Run:
     there (what `stop` may remove: never another run's app of the same name)."""
 
     joined: bool
-    deployed: bool = False
-    deploying: threading.Thread | None = None  # serve.run's, until it returns
+    deploying: threading.Thread | None = None  # serve.run's, from when this run deployed the app
+
+    @property
+    def deployed(self) -> bool:
+        return self.deploying is not None
 
 
 def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | None = None,
@@ -276,7 +278,8 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     init = {"address": address} if address else {"address": "local", "num_cpus": max(here, scale.at_most),
                                                   "include_dashboard": _dashboard()}
     try:
-        ray.init(**init, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
+        context = ray.init(**init, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
+        log.info("the Ray cluster is at %s", context.address_info.get("gcs_address") or address)
     except ConnectionError as exc:
         raise StartError(f"No Ray cluster answers at --address {address} ({_first_line(exc)}); start one with "
                          "`ray start --head` (one using token authentication needs its token here: "
@@ -301,7 +304,9 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         serve.start(http_options={"host": options.host, "port": port})
     except Exception as exc:  # the proxy could not take the port (another program's, on a machine of the cluster)
         if "address already in use" in str(exc).lower() or "errno 98" in str(exc).lower():
-            raise StartError(_port_busy(options.host, port)) from None
+            from app.web import port_busy
+
+            raise StartError(port_busy(options.host, port)) from None
         raise
     taken = _serve_port()
     if taken is not None and taken != port:
@@ -310,7 +315,6 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     if _application() is not None:
         raise StartError(f"The app already runs on this Ray cluster (Serve application {APP_NAME!r}, port {port}); "
                          f"use it, or stop it first (Ctrl-C where it was started, or `serve delete {APP_NAME}`).")
-    run.deployed = True
     failure: list[BaseException] = []
 
     def deploy() -> None:  # serve.run returns once every replica runs: meanwhile the wait below says why not
@@ -330,16 +334,16 @@ def _port_free(host: str, port: int) -> None:
     """StartError if `port` on `host` is taken here (Serve's proxy would fail in its own process, later)."""
     import socket
 
+    from app.web import cannot_serve, port_busy
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise StartError(_port_busy(host, port)) from None
-            raise StartError(f"The app could not serve on {host}:{port} ({exc.strerror or exc}); "
-                             "check --host and --port.") from None
+            raise StartError(port_busy(host, port) if exc.errno == errno.EADDRINUSE
+                             else cannot_serve(host, port, exc)) from None
 
 
 def _token_mode_if_token() -> None:
@@ -352,10 +356,6 @@ def _token_mode_if_token() -> None:
     except ImportError:  # another Ray: its own defaults
         return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
-def _port_busy(host: str, port: int) -> str:
-    return f"Port {port} on {host} is in use by another program; start with another one, e.g. --port {port + 1}."
 
 
 def _reachable(address: str) -> None:
@@ -387,9 +387,9 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
-def _failed() -> str | None:
-    """Why the deployment failed (Serve gave up starting its replicas), or None while it has not."""
-    app = _application()
+def _failed(app) -> str | None:
+    """Why the deployment `app` (Serve's status of it) failed — Serve gave up starting its replicas —
+    or None while it has not."""
     if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
         return (app.message or "its replicas could not start").strip().splitlines()[-1][:300]
     return None
@@ -423,7 +423,7 @@ def _await_ready(url: str, timeout_s: float, failure: list[BaseException]) -> No
         app = _application()
         if app is not None and str(app.status).endswith("RUNNING") and _healthy(url):
             return
-        if (why := _failed()) is not None:
+        if (why := _failed(app)) is not None:
             raise StartError(f"The replicas could not start: {why}")
         if failure:
             raise StartError(f"The replicas could not start: {_first_line(failure[0])}")
@@ -458,8 +458,7 @@ def stop(options: ReplicaOptions, run: Run) -> None:
         elif ray.is_initialized() and run.deployed:
             # Stopped while deploying: the app may not be submitted yet, and would land after a delete.
             deadline = time.monotonic() + 30
-            while run.deploying is not None and run.deploying.is_alive() and _application() is None \
-                    and time.monotonic() < deadline:
+            while run.deploying.is_alive() and _application() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
             serve.delete(APP_NAME)
     finally:
@@ -488,7 +487,7 @@ def sweep_shared(base: Path | None = None) -> None:
     (each replica's own folders inside name its pid) and the process that started the run is gone. A
     replica may outlive its starter (a cluster joined keeps the app when the starter is killed), and a
     starter on another machine is never alive here: the replicas' pids decide."""
-    from app.web import _alive
+    from app.web import alive
 
     def pids(folder: Path) -> list[int]:
         names = [f.name.removeprefix("afnext-app-") for f in folder.glob("*/afnext-app-*")]
@@ -496,9 +495,9 @@ def sweep_shared(base: Path | None = None) -> None:
 
     for left in (base or Path(tempfile.gettempdir())).glob(f"{SHARED_PREFIX}*"):
         starter = left.name.removeprefix(SHARED_PREFIX).split("-")[0]
-        if not starter.isdigit() or int(starter) == os.getpid() or _alive(int(starter)):
+        if not starter.isdigit() or int(starter) == os.getpid() or alive(int(starter)):
             continue
-        if not any(_alive(pid) for pid in pids(left)):
+        if not any(alive(pid) for pid in pids(left)):
             shutil.rmtree(left, ignore_errors=True)
 
 

@@ -480,6 +480,17 @@ class PortBusy(OSError):
     """The port is taken; the message names --port."""
 
 
+def port_busy(host: str, port: int) -> str:
+    """What a user is told when `port` is taken (one process or replicas)."""
+    return f"Port {port} on {host} is in use by another program; start with another one, e.g. --port {port + 1}."
+
+
+def cannot_serve(host: str, port: int, exc: OSError) -> str:
+    """What a user is told when `host`:`port` cannot be served for another reason (an address this
+    machine does not have, a port it may not use)."""
+    return f"The app could not serve on {host}:{port} ({exc.strerror or exc}); check --host and --port."
+
+
 @dataclass
 class Site:
     """Everything one process serves, built but not yet served: the page (Gradio), its routes and gate
@@ -555,8 +566,7 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     except OSError as exc:
         site.close()
         if exc.errno == errno.EADDRINUSE or "Cannot find empty port" in str(exc):  # Gradio's words for it
-            raise PortBusy(f"Port {port} on {host} is in use by another program; start with another one, "
-                           f"e.g. --port {port + 1}.") from exc
+            raise PortBusy(port_busy(host, port)) from exc
         raise
     # Read by each new connection's protocol: in force before a page can connect.
     demo.server.config.ws_max_size, demo.server.config.ws_max_queue = WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE
@@ -620,7 +630,7 @@ def _workdir(base: Path | None = None) -> Path:
     base.mkdir(mode=0o700, parents=True, exist_ok=True)
     for stale in base.glob("afnext-app-*"):
         pid = stale.name.removeprefix("afnext-app-")
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not alive(int(pid)):
             shutil.rmtree(stale, ignore_errors=True)
     folder = base / f"afnext-app-{os.getpid()}"
     shutil.rmtree(folder, ignore_errors=True)  # a dead process's, with our recycled pid
@@ -628,7 +638,8 @@ def _workdir(base: Path | None = None) -> Path:
     return folder
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine (a folder named after it is still in use)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

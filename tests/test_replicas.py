@@ -237,13 +237,14 @@ def test_a_replica_answers_only_the_apps_own_routes(deployment):
 
 
 def test_a_second_start_on_the_cluster_is_refused_and_leaves_the_first_serving(deployment):
-    """Joining the deployment's cluster (--address auto: the one Ray started last on this machine) to start
-    the app again, on its port or another: refused with a sentence, and the app already there goes on."""
-    url, _ = deployment
+    """Joining the deployment's cluster (at the address its log names) to start the app again, on its port
+    or another: refused with a sentence, and the app already there goes on."""
+    url, log = deployment
     port = int(url.rsplit(":", 1)[1].strip("/"))
+    (cluster,) = re.findall(r"the Ray cluster is at (\S+)", log.read_text())
     for asked, words in ((port, "The app already runs on this Ray cluster"),
                          (free_port(), f"Ray Serve already runs on this cluster on port {port}")):
-        result = _start("--replicas", "1", "--device", "cpu", "--address", "auto", "--port", str(asked), timeout=180,
+        result = _start("--replicas", "1", "--device", "cpu", "--address", cluster, "--port", str(asked), timeout=180,
                         RAY_ADDRESS="")
         assert result.returncode == 2 and words in result.stderr.strip().splitlines()[-1], result.stderr[-1500:]
     deadline = time.monotonic() + 30
