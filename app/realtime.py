@@ -501,34 +501,38 @@ class RealtimeServer:
             refusal = "The page's token opens the instruct model only; other clients send the API key."
         if refusal is None and (sum(self._open.values()) >= MAX_SESSIONS or self._open.get(address, 0) >= MAX_PER_ADDRESS):
             refusal, code = "Too many voice sessions are open; try again later.", 1013
-        kept = None
-        if refusal is None:
-            try:
-                kept = await asyncio.to_thread(self._kept, grant, ws.query_params.get("conversation"), address)
-            except StoreError as exc:
-                refusal = str(exc)
-        if refusal is None:
-            try:
-                backend = self.loader.wait(0)
-            except BackendUnavailable as exc:
-                refusal, code = str(exc), 1013
-        # Accepted even to refuse: a browser sees neither an HTTP status nor a reason given before the
-        # handshake, and the page must be able to say why. A browser that offered subprotocols needs
-        # one of them chosen back: "realtime" as OpenAI's clients offer it, a key or token only if
-        # nothing else was offered (the response header would carry it).
-        plain = [p for p in offered if not p.startswith((KEY_PROTOCOL, PAGE_PROTOCOL))]
-        await ws.accept(subprotocol="realtime" if "realtime" in offered else (plain or offered or [None])[0])
-        if refusal is not None:
-            await _refuse(ws, refusal, code)
-            return
-        self._open[address] = self._open.get(address, 0) + 1
+        # Counted from the check on, before the first await: a burst of handshakes cannot all pass it.
+        counted = refusal is None
+        if counted:
+            self._open[address] = self._open.get(address, 0) + 1
         try:
+            kept = None
+            if refusal is None:
+                try:
+                    kept = await asyncio.to_thread(self._kept, grant, ws.query_params.get("conversation"), address)
+                except StoreError as exc:
+                    refusal = str(exc)
+            if refusal is None:
+                try:
+                    backend = self.loader.wait(0)
+                except BackendUnavailable as exc:
+                    refusal, code = str(exc), 1013
+            # Accepted even to refuse: a browser sees neither an HTTP status nor a reason given before the
+            # handshake, and the page must be able to say why. A browser that offered subprotocols needs
+            # one of them chosen back: "realtime" as OpenAI's clients offer it, a key or token only if
+            # nothing else was offered (the response header would carry it).
+            plain = [p for p in offered if not p.startswith((KEY_PROTOCOL, PAGE_PROTOCOL))]
+            await ws.accept(subprotocol="realtime" if "realtime" in offered else (plain or offered or [None])[0])
+            if refusal is not None:
+                await _refuse(ws, refusal, code)
+                return
             await self._serve(ws, backend.think if model == "think" else backend.main, backend.synthesizer, model,
                               grant.page, kept)
         finally:
-            self._open[address] -= 1
-            if not self._open[address]:
-                del self._open[address]
+            if counted:
+                self._open[address] -= 1
+                if not self._open[address]:
+                    del self._open[address]
 
     def _kept(self, grant, cid: str | None, address: str) -> Kept | None:
         """Where the socket's conversation is kept: nowhere without an owner (or a store); a new

@@ -148,6 +148,48 @@ def test_sockets_are_capped_per_address_and_in_all(serve, monkeypatch):
         created(again)
 
 
+def test_a_burst_of_handshakes_cannot_pass_the_cap_together(backend, monkeypatch):
+    """Twenty sockets from one address arrive at once and their handshakes interleave (looking up the
+    conversation is awaited): only MAX_PER_ADDRESS of them are served, the others refused — the cap is
+    counted before the first await, not after the handshake."""
+    import asyncio
+    import time
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(realtime, "MAX_PER_ADDRESS", 2)
+    server = realtime.RealtimeServer(BackendLoader.ready_made(backend), Access())
+    monkeypatch.setattr(server, "_kept", lambda *args: time.sleep(0.2))  # a slow store: handshakes pile up here
+    served, refused = [], []
+
+    class Socket:
+        headers = {"host": "127.0.0.1:7860"}
+        query_params: dict = {}
+        client = SimpleNamespace(host="203.0.113.7")
+
+        async def accept(self, subprotocol=None):
+            pass
+
+        async def send_text(self, text):
+            refused.append(json.loads(text)["error"]["message"])
+
+        async def close(self, code=1000, reason=""):
+            pass
+
+    async def serve_it(ws, *args):
+        served.append(ws)
+        await asyncio.sleep(0.3)  # held open while the others arrive
+
+    monkeypatch.setattr(server, "_serve", serve_it)
+
+    async def burst():
+        await asyncio.gather(*(server(Socket()) for _ in range(20)))
+
+    asyncio.run(burst())
+    server.shutdown()
+    assert len(served) == 2 and len(refused) == 18, (len(served), refused[:2])
+    assert all("Too many voice sessions" in r for r in refused) and not server._open
+
+
 # ---- byte and event caps ----
 
 def test_an_oversized_event_closes_the_socket_with_1009(serve, monkeypatch):
