@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import json
 import logging
@@ -49,6 +50,10 @@ from app.backend import BackendLoader, BackendUnavailable
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 96 << 20  # a 30-minute 16 kHz WAV is 58 MB, 77 MB in base64; compressed audio far less
+# Bytes of request bodies read and not yet turned into a turn, in all: a body of 96 MiB takes about 3.5
+# times that while it is parsed and its audio decoded, so sixteen at once grew a process by 2.5 GB.
+# Beyond this, a request is refused while it is read (503), and the others go on.
+BODIES_MAX_BYTES = 3 * MAX_BODY_BYTES
 MAX_WAITING = 64  # turns waiting for the engine; beyond, 429 at once rather than a wait of minutes
 # Requests being answered at once through the API, each on a thread of its own (a generation would
 # otherwise hold one of the 40 threads Starlette shares with the page for its whole length).
@@ -93,6 +98,7 @@ class Api:
         self._parted: dict[int, tuple[PartedPool, PartedPool]] = {}
         self._lock = threading.Lock()
         self._turns = 0  # requests being answered (touched on the event loop only)
+        self._reading = 0  # bytes of bodies held until their turn has started (event loop only)
 
     def routes(self) -> list[Route]:
         """The endpoints, and OpenAI-shaped answers for every other path or method under /v1."""
@@ -121,7 +127,8 @@ class Api:
         streaming = False
         try:
             self._authorize(request)
-            body, reply = await self._started(await _read_body(request))
+            async with self._body(request) as raw:
+                body, reply = await self._started(raw)
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 streaming = True
@@ -138,6 +145,29 @@ class Api:
         finally:
             if not streaming:
                 self._turns -= 1
+
+    @contextlib.asynccontextmanager
+    async def _body(self, request: Request):
+        """The request's body, counted with every other body read and not yet turned into a turn, within
+        BODIES_MAX_BYTES (a 503 beyond it) until the `async with` ends."""
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB; send shorter or "
+                                      "compressed audio (mp3, ogg, flac).")
+        body, held = bytearray(), 0
+        try:
+            async for piece in request.stream():
+                body += piece
+                held += len(piece)
+                self._reading += len(piece)
+                if len(body) > MAX_BODY_BYTES:
+                    raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB.")
+                if self._reading > BODIES_MAX_BYTES:
+                    raise wire.WireError(503, "The server is reading other large requests; try again in a few "
+                                              "seconds.", kind="service_unavailable")
+            yield bytes(body)
+        finally:
+            self._reading -= held
 
     async def _started(self, raw: bytes) -> tuple[wire.ChatRequest, Reply]:
         """`_prepare` on a worker thread. A streamed reply's events then come from that same thread
@@ -507,19 +537,6 @@ async def _drain(queue: asyncio.Queue):
 
 
 _END = object()
-
-
-async def _read_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB; send shorter or "
-                                  "compressed audio (mp3, ogg, flac).")
-    body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > MAX_BODY_BYTES:
-            raise wire.WireError(413, f"The request body is over {MAX_BODY_BYTES >> 20} MiB.")
-    return bytes(body)
 
 
 def _parse_json(body: bytes) -> object:

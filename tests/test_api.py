@@ -349,3 +349,47 @@ def test_a_recording_whose_first_turn_failed_is_nobody_elses_next_conversation(l
         assert pool.lease([], Message("user", "Hello, what is 2+2?")) is None  # not handed the recording
     finally:
         engine.close()
+
+
+def test_large_bodies_read_at_once_are_held_within_one_budget(loaded, monkeypatch):
+    """Several large bodies arriving together: their bytes in all stay within BODIES_MAX_BYTES — the
+    requests beyond it get a 503 with a sentence while they are read — and once they are done the
+    budget is whole again (a small request is answered)."""
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+
+    from afnext.engine import Engine
+    from afnext.tts import load_synthesizer
+    from app import api
+    from app.backend import Backend, BackendLoader
+
+    monkeypatch.setattr(api, "BODIES_MAX_BYTES", 3 << 20)
+    backend = Backend(Engine(loaded), Engine(loaded), load_synthesizer("espeak"))
+    service = api.Api(BackendLoader.ready_made(backend))
+    app = Starlette(routes=service.routes())
+    padding = "x" * (1 << 20)
+
+    async def body():  # 1.5 MiB of JSON in pieces, each read while the others are read too
+        text = json.dumps({"model": "instruct", "max_tokens": 2, "messages": [
+            {"role": "user", "content": "Hi."}], "padding": padding + padding[: 1 << 19]}).encode()
+        for i in range(0, len(text), 1 << 16):
+            yield text[i:i + (1 << 16)]
+            await asyncio.sleep(0.001)
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            sent = await asyncio.gather(*(http.post("/v1/chat/completions", content=body()) for _ in range(6)))
+            after = await http.post("/v1/chat/completions", json={"model": "instruct", "max_tokens": 2,
+                                                                  "messages": [{"role": "user", "content": "Hi."}]})
+        return sent, after
+
+    try:
+        sent, after = asyncio.run(run())
+    finally:
+        backend.close()
+    codes = sorted(r.status_code for r in sent)
+    assert 503 in codes and codes.count(503) >= 4, codes  # at most two 1.5 MiB bodies fit in 3 MiB
+    assert all("reading other large requests" in r.json()["error"]["message"] for r in sent if r.status_code == 503)
+    assert after.status_code == 200 and service._reading == 0, after.text
