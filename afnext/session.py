@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -41,6 +41,14 @@ from .think import ThinkParser
 log = logging.getLogger(__name__)
 
 TurnEvent = TextDelta | ReasoningDelta | ThinkStep | Interrupted | TurnDone
+
+
+class _Pending:
+    def __repr__(self) -> str:
+        return "PENDING"
+
+
+PENDING = _Pending()  # what a stream asked with `wake` yields while the engine has nothing new for it
 CANCEL_POLL_S = 0.01  # how often a queued turn's stream looks at the caller's cancel event
 _turn_ids = itertools.count(1)  # turn ids, unique in the process: events carry them
 
@@ -199,7 +207,7 @@ class Session:
 
     def ask(self, text: str = "", audio=None, *, think: bool = False,
             options: GenerationOptions = GenerationOptions(), cancel=None,
-            kept: tuple[bytes, str] | str | None = None) -> Iterator[TurnEvent]:
+            kept: tuple[bytes, str] | str | None = None, wake: Callable[[], None] | None = None) -> Iterator[TurnEvent]:
         """Add a user turn (text and/or audio) and stream the reply.
 
         `audio` is a path, bytes, `(sample_rate, array)`, a 16 kHz float32 array, or a `Clip` made
@@ -209,6 +217,11 @@ class Session:
         `ContextFullError` or `ValueError` for bad input before anything changes. Closing the
         generator, or setting `cancel` (a threading.Event), stops the reply before the engine's next
         step, and returns at once. Nothing runs on the model until the stream is iterated.
+
+        With `wake`, reading the stream never blocks, for an event loop that reads it on its own
+        thread: when the engine has nothing new for the turn, the stream yields `PENDING`, and the
+        engine calls `wake()` (on its thread: it must only schedule the next read) each time it has.
+        A set `cancel` takes a queued turn out when the stream is next read.
 
         With a journal, the turn's audio is kept when it is asked (a `Clip` needs `kept`: the bytes and
         suffix of the file it came from, or their key in the journal's store) and the turn when it is
@@ -237,7 +250,7 @@ class Session:
             raise
         clip_s = clip.duration_s if clip else self._last_clip_s
         parser = ThinkParser(started=bool(plan.prefill), clip_duration_s=clip_s, steps_from_answer=think)
-        return self._stream(plan, parser, Cancel(cancel))
+        return self._stream(plan, parser, Cancel(cancel), wake)
 
     def _plan(self, turn: int, text: str, clip: Clip | None, think: bool, options: GenerationOptions,
               t0: float, audio_key: str | None = None) -> _Plan:
@@ -248,8 +261,9 @@ class Session:
         return _Plan(turn, ids, clip, message, options, t0, self._budget(len(ids), options), prefill,
                      len(self.messages), (text, think), audio_key)
 
-    def _stream(self, plan: _Plan, parser: ThinkParser, cancel: Cancel) -> Iterator[TurnEvent]:
-        out: queue.Queue = queue.Queue()
+    def _stream(self, plan: _Plan, parser: ThinkParser, cancel: Cancel,
+                wake: Callable[[], None] | None) -> Iterator[TurnEvent]:
+        out: queue.Queue = queue.Queue() if wake is None else _WakingQueue(wake)
         try:
             if cancel.is_set():
                 raise _NotAsked
@@ -265,8 +279,10 @@ class Session:
         detok, finished = Detokenizer(self.engine.loaded.tokenizer), None
         try:
             while finished is None:
-                item = self._next(out, request)
-                if isinstance(item, Finished):
+                item = self._next(out, request) if wake is None else self._ready(out, request)
+                if item is PENDING:
+                    yield PENDING
+                elif isinstance(item, Finished):
                     finished = item
                 elif isinstance(item, int) and (piece := detok.feed(item)):
                     yield from _stamped(parser.feed(piece), plan.turn)
@@ -295,6 +311,15 @@ class Session:
             except queue.Empty:
                 if request.cancel.is_set():
                     self.engine.cancel(request)
+
+    def _ready(self, out: queue.Queue, request: Request):
+        """`_next` for a stream that must not block: the engine's next item, or PENDING."""
+        if request.state == WAITING and request.cancel.is_set():
+            self.engine.cancel(request)  # a queued turn is dropped at once: its Finished is in `out` now
+        try:
+            return out.get_nowait()
+        except queue.Empty:
+            return PENDING
 
     def _request_for(self, plan: _Plan, cancel: Cancel, out: queue.Queue) -> tuple[Request, _Plan]:
         """Hand the turn to the engine; from here until it is settled, the engine's thread owns the session.
@@ -446,6 +471,19 @@ class Detokenizer:
         self._prefix, self._read = self._read, len(self.ids)
         self.text += full[len(seen):]
         return full[len(seen):]
+
+
+class _WakingQueue(queue.Queue):
+    """A queue that calls `wake()` after each item is in it (the engine's reports to a stream that is
+    read without blocking: `Session.ask`'s `wake`)."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        super().__init__()
+        self.wake = wake
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self.wake()
 
 
 class _NotAsked(Exception):

@@ -40,7 +40,7 @@ from afnext import split
 from afnext.conversation import ONE_RECORDING
 from afnext.pool import Lease, Message, PartedPool, SessionPool, audio_key
 from afnext.sampling import GenerationOptions
-from afnext.session import ContextFullError
+from afnext.session import PENDING, ContextFullError
 from afnext.tts import SpeechResampler
 from afnext.tts.chunker import SpeechChunker
 from app import openai_wire as wire
@@ -62,6 +62,12 @@ DISCONNECT_POLL_S = 0.5  # how often a whole (unstreamed) reply checks that its 
 # Kept threads, not one new thread per call: each request takes one to prepare and one for its reply
 # (a streamed reply whose client left runs on for at most a decoding step); the rest is headroom.
 _WORKERS = ThreadPoolExecutor(max_workers=2 * MAX_TURNS + 16, thread_name_prefix="afnext-api")
+# A streamed request of text alone, this small and this short, is planned and started on the event loop
+# (about a millisecond: tokenizing it is most of it) rather than on a worker: the two hops between
+# threads it saves are two wake-ups, a few tenths of a millisecond on an idle CPU. Larger ones would
+# hold the loop, and every other stream with it, for longer.
+INLINE_BODY_BYTES = 16 << 10
+INLINE_MESSAGES = 8
 MAX_CLIPS = 32  # audio clips in one request: 131,072 tokens of context hold about 87 minutes of audio anyway
 
 
@@ -132,7 +138,7 @@ class Api:
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 streaming = True
-                return StreamingResponse(self._counted(reply.sse(include_usage)), media_type="text/event-stream")
+                return EventStream(self._counted(reply.sse(include_usage)), media_type="text/event-stream")
             return JSONResponse(await _answered(request, reply))
         except wire.WireError as exc:
             return _error(exc)
@@ -170,32 +176,48 @@ class Api:
             self._reading -= held
 
     async def _started(self, raw: bytes) -> tuple[wire.ChatRequest, Reply]:
-        """`_prepare` on a worker thread. A streamed reply's events then come from that same thread
-        (`Reply.items`), which starts the turn on the engine at once, while the response begins:
-        one hop between threads fewer than asking another worker for them."""
-        loop, ready, items = asyncio.get_running_loop(), None, asyncio.Queue()
-        ready = loop.create_future()
+        """`_prepare` on a worker thread, which goes straight on with the turn: a whole reply is
+        gathered there; a streamed one is handed to the engine there and then read on the event loop
+        (`Reply.woken`), or, when it is spoken, its events come from that thread (`Reply.items`). Every
+        hop between threads left out is a wake-up on the way to the first token, which costs a
+        fraction of a millisecond on an idle CPU."""
+        loop = asyncio.get_running_loop()
+        if len(raw) <= INLINE_BODY_BYTES:  # a question in a short conversation: cheaper here than a hop away
+            body = wire.parse_chat(_parse_json(raw))
+            if _inline(body):
+                return body, self._begin(body, loop)
+        ready, whole, items = loop.create_future(), loop.create_future(), asyncio.Queue()
 
         def work() -> None:
             try:
-                body, reply = self._prepare(raw)
+                body, reply = self._prepare(raw, loop)
             except BaseException as exc:
                 loop.call_soon_threadsafe(_settle, ready, None, exc)
                 return
             loop.call_soon_threadsafe(_settle, ready, (body, reply), None)
-            if body.stream:
+            if not body.stream:
+                try:
+                    loop.call_soon_threadsafe(_settle, whole, reply.whole(), None)
+                except BaseException as exc:
+                    loop.call_soon_threadsafe(_settle, whole, None, exc)
+            elif reply.woken is None:
                 _pump(loop, items, reply.events())
 
         _WORKERS.submit(work)
         body, reply = await ready
-        reply.items = items
+        reply.items, reply.whole_reply = items, whole
         return body, reply
 
-    def _prepare(self, raw: bytes) -> tuple[wire.ChatRequest, Reply]:
-        """Parse the body, plan the turn, lease a session and start the turn, in one go on a worker
-        thread: 90 MB of JSON take a second to parse, and a hop between threads costs about a
-        millisecond on a busy CPU. The new turn's own mistakes raise here, before any reply."""
+    def _prepare(self, raw: bytes, loop: asyncio.AbstractEventLoop) -> tuple[wire.ChatRequest, Reply]:
+        """Parse the body and `_begin` its turn, on a worker thread (90 MB of JSON take a second to
+        parse, and a clip's decoding more)."""
         body = wire.parse_chat(_parse_json(raw))
+        return body, self._begin(body, loop)
+
+    def _begin(self, body: wire.ChatRequest, loop: asyncio.AbstractEventLoop) -> Reply:
+        """Plan the turn, lease a session and start the turn. The new turn's own mistakes raise here,
+        before any reply. A streamed reply that is not spoken is read on `loop` (`Reply.woken`); its
+        turn is handed to the engine here."""
         target = self._target(body.model)
         turn = _turn(body, target)
         if target.engine.waiting >= MAX_WAITING:
@@ -214,11 +236,14 @@ class Api:
                 raise wire.WireError(400, ONE_RECORDING, param="messages")
         reply = Reply(target, pool, lease, turn, wire.new_id())
         try:
-            reply.start()
+            if body.stream and turn.audio is None and pool is target.pools[turn.think]:
+                reply.start(loop)
+            else:  # spoken (synthesis takes milliseconds a sentence) or heard in parts: read on a worker
+                reply.start()
         except BaseException:  # the new turn's own mistake: the session it was lent stays kept
             pool.give_back(reply.lease)
             raise
-        return body, reply
+        return reply
 
     async def _counted(self, chunks):
         """A streamed reply's chunks, counted among the requests being answered until it ends."""
@@ -271,9 +296,12 @@ class Reply:
         self.target, self.pool, self.lease, self.turn, self.cid = target, pool, lease, turn, cid
         self.stream = None
         self.items: asyncio.Queue | None = None  # a streamed reply's events, as the worker makes them
+        self.woken: asyncio.Event | None = None  # set on the loop when the engine has more: a stream read there
+        self.whole_reply: asyncio.Future | None = None  # `whole()`, made on the worker for an unstreamed reply
         self.cancel = threading.Event()
         self.audio_id = wire.new_id("audio")
         self._voice = Voice(target.synthesizer, self.cancel) if turn.audio is not None else None
+        self._first = None  # the stream's first event, read by `start` (a turn read on the loop)
 
     def whole(self) -> dict:
         content, reasoning, speech, done = [], [], [], None
@@ -301,46 +329,87 @@ class Reply:
         return wire.completion(self.cid, self.target.name, message, finish, self._usage(reply))
 
     async def sse(self, include_usage: bool):
-        name = self.target.name
-        yield _event(wire.chunk(self.cid, name, {"role": "assistant", "content": ""}))
+        """The reply as server-sent events, as (text, more) pieces for `EventStream`. Events ready
+        together go out in one write (each write is a wake-up of the client, and costs the server a
+        system call): the opening chunk with the first event, the last ones with the end of the body;
+        each event is still a chunk of its own."""
+        name, held = self.target.name, [_event(wire.chunk(self.cid, self.target.name,
+                                                          {"role": "assistant", "content": ""}))]
+        opening = True  # `held` holds the opening chunk alone: it waits for the first event
         try:
-            async for kind, value in _drain(self.items):
+            async for kind, value in (_drain(self.items) if self.woken is None else self._read_on_loop()):
+                if kind == "pending":  # nothing more for now: send what is held
+                    if held and not opening:
+                        yield "".join(held), True
+                        held.clear()
+                    continue
+                opening = False
                 if kind == "content" and self.turn.audio is not None:
-                    yield _event(wire.chunk(self.cid, name, {"audio": {"id": self.audio_id, "transcript": value}}))
+                    held.append(_event(wire.chunk(self.cid, name, {"audio": {"id": self.audio_id,
+                                                                              "transcript": value}})))
                 elif kind == "audio":
-                    yield _event(wire.chunk(self.cid, name, {"audio": {
+                    held.append(_event(wire.chunk(self.cid, name, {"audio": {
                         "id": self.audio_id, "data": wire.pcm16_b64(value),
-                        "expires_at": int(time.time()) + wire.AUDIO_KEPT_S}}))
+                        "expires_at": int(time.time()) + wire.AUDIO_KEPT_S}})))
                 elif kind == "content":
-                    yield _event(wire.chunk(self.cid, name, {"content": value}))
+                    held.append(_event(wire.chunk(self.cid, name, {"content": value})))
                 elif kind == "reasoning":
-                    yield _event(wire.chunk(self.cid, name, {"reasoning_content": value}))
+                    held.append(_event(wire.chunk(self.cid, name, {"reasoning_content": value})))
                 else:
                     finish, reply = value
                     extra = {"think_steps": _steps(reply)} if self.turn.think else {}
-                    yield _event(wire.chunk(self.cid, name, extra, finish))
+                    held.append(_event(wire.chunk(self.cid, name, extra, finish)))
                     if include_usage:
-                        yield _event(wire.chunk(self.cid, name, None, use=self._usage(reply)))
+                        held.append(_event(wire.chunk(self.cid, name, None, use=self._usage(reply))))
         except Exception as exc:  # the headers are gone: say it in the stream, as vLLM does
             log.exception("streamed chat completion failed")
-            yield _event(wire.WireError(500, f"The model failed on this request ({type(exc).__name__}).",
-                                        kind="server_error").body())
+            held.append(_event(wire.WireError(500, f"The model failed on this request ({type(exc).__name__}).",
+                                              kind="server_error").body()))
         finally:
             self.cancel.set()  # a client that hung up stops the turn before the engine's next step
-        yield "data: [DONE]\n\n"
+        yield "".join(held) + "data: [DONE]\n\n", False
 
-    def start(self) -> None:
-        """Ask the new turn: raises for its own bad input; nothing runs until `events()` is read."""
-        turn = self.turn
+    async def _read_on_loop(self):
+        """`events()` read on the event loop, never blocking it: ("pending", None) while the engine has
+        nothing new, then the wait for its wake-up. A reader that stops early (a client gone) leaves the
+        rest to a task that reads on, so the turn ends as it would have (stopped by `cancel`)."""
+        events, ended = self.events(), False
+        try:
+            for item in events:
+                if item[0] == "pending":
+                    yield item
+                    await self.woken.wait()
+                    self.woken.clear()  # before the next read: a wake-up after it is not lost
+                else:
+                    yield item
+            ended = True
+        finally:
+            if not ended:
+                self.cancel.set()
+                _READERS.add(task := asyncio.get_running_loop().create_task(_read_out(events, self.woken)))
+                task.add_done_callback(_READERS.discard)
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Ask the new turn: raises for its own bad input. Without `loop`, nothing runs until `events()`
+        is read (and reading blocks). With it, the turn is handed to the engine now, and `events()`,
+        read on `loop`, never blocks: it yields ("pending", None) until `woken` is set there."""
+        turn, read_on = self.turn, {}
+        if loop is not None:
+            self.woken = asyncio.Event()
+            read_on["wake"] = partial(_call_on, loop, self.woken.set)
         self.stream = self.lease.session.ask(turn.asked.text, turn.asked.clip, think=turn.think,
-                                             options=turn.options, cancel=self.cancel)
+                                             options=turn.options, cancel=self.cancel, **read_on)
+        if loop is not None:
+            self._first = next(self.stream)  # the turn goes to the engine from this thread, at once
 
     def events(self) -> Iterator[tuple[str, object]]:
         """("reasoning" | "content", text) as generated, then ("done", (finish_reason, Reply))."""
         turn, stop = self.turn, _StopScan(self.turn.stops)
         reply = None
-        for event in self.stream:
-            if isinstance(event, ReasoningDelta):
+        for event in self._stream():
+            if event is PENDING:
+                yield "pending", None
+            elif isinstance(event, ReasoningDelta):
                 yield "reasoning", event.text
             elif isinstance(event, TextDelta) and not stop.hit:
                 if text := stop.feed(event.text):
@@ -363,6 +432,12 @@ class Reply:
             self.pool.keep(self.lease, turn.asked, reply.answer)
         yield "done", (finish, reply)
 
+    def _stream(self) -> Iterator:
+        """The session's stream, with the event `start` read already put back in front."""
+        if self._first is not None:
+            yield self._first
+        yield from self.stream
+
     def _speak(self, text: str | None) -> Iterator[tuple[str, object]]:
         """Speech for the answer's text as its sentences complete (None: the answer is over)."""
         if self._voice is not None:
@@ -371,6 +446,19 @@ class Reply:
 
     def _usage(self, reply) -> dict:
         return wire.usage(reply.prompt_tokens, len(reply.token_ids), self.lease.cached_tokens)
+
+
+class EventStream(StreamingResponse):
+    """A StreamingResponse of (text, more) pieces: the last one (more False) ends the body in the same
+    write as its text, where StreamingResponse writes the end on its own."""
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        more = True
+        async for text, more in self.body_iterator:
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": more})
+        if more:  # the pieces stopped short of the last one
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class Voice:
@@ -410,6 +498,13 @@ class _StopScan:
     def flush(self) -> str:
         out, self.held = ("" if self.hit else self.held), ""
         return out
+
+
+def _inline(body: wire.ChatRequest) -> bool:
+    """Whether `_begin` may run on the event loop: a streamed reply, text only in and out, few messages."""
+    return (body.stream and "audio" not in (body.modalities or []) and len(body.messages) <= INLINE_MESSAGES
+            and all(not isinstance(m.content, list) or all(isinstance(p, wire.TextPart) for p in m.content)
+                    for m in body.messages))
 
 
 def _turn(body: wire.ChatRequest, target: Target) -> Turn:
@@ -494,19 +589,35 @@ def _steps(reply) -> list[dict]:
 
 
 async def _answered(request: Request, reply: Reply) -> dict:
-    """A whole reply; a client that hangs up meanwhile stops it (the engine frees its slot)."""
-    task = asyncio.ensure_future(_off_loop(reply.whole))
-    while not task.done():
-        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if not task.done() and await request.is_disconnected():
+    """A whole reply (`whole()`, on the worker that prepared it); a client that hangs up meanwhile stops
+    it (the engine frees its slot)."""
+    done = reply.whole_reply
+    while not done.done():
+        await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
+        if not done.done() and await request.is_disconnected():
             reply.cancel.set()
-    return task.result()
+    return done.result()
 
 
-async def _off_loop(fn, *args):
-    """`fn(*args)` on one of the API's own threads, awaited: decoding audio or waiting on the model
-    never holds the event loop, nor a thread of the pool Starlette shares with the page."""
-    return await asyncio.get_running_loop().run_in_executor(_WORKERS, partial(fn, *args))
+def _call_on(loop: asyncio.AbstractEventLoop, fn) -> None:
+    """`fn()` on `loop`, from any thread; nothing if the loop has closed (no one reads any more)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(fn)
+
+
+_READERS: set[asyncio.Task] = set()  # `_read_out` tasks: held, or the loop may drop them before they end
+
+
+async def _read_out(events: Iterator, woken: asyncio.Event) -> None:
+    """Read a stream its reader left (see `Reply._read_on_loop`) to its end: the turn, cancelled, stops
+    within a step, and its session goes back to its pool as it would have."""
+    try:
+        for kind, _ in events:
+            if kind == "pending":
+                await woken.wait()
+                woken.clear()
+    except Exception:
+        log.exception("a streamed chat completion failed after its client left")
 
 
 def _settle(future: asyncio.Future, result, error) -> None:
@@ -526,8 +637,10 @@ def _pump(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, items: Iterator
 
 
 async def _drain(queue: asyncio.Queue):
-    """What `_pump` puts in `queue`, as it comes."""
+    """What `_pump` puts in `queue`, as it comes; ("pending", None) before each wait for more."""
     while True:
+        if queue.empty():
+            yield "pending", None
         item, error = await queue.get()
         if error is not None:
             raise error

@@ -1,6 +1,6 @@
 """The OpenAI-compatible API against the library it wraps, in one run; prints JSON.
 
-    python bench/api.py [--size mid] [--overhead-size tiny] [--recording-seconds 600] [--requests 30]
+    python bench/api.py [--size mid] [--overhead-size tiny] [--recording-seconds 600] [--requests 100]
                         [--tokens 32] [--out FILE]
 
 Two measurements, each through a real server (`python -m app --model FOLDER`, a child process awaited
@@ -11,16 +11,19 @@ on its /health) and the `openai` SDK, streamed, timed on the client:
    input_audio; the follow-up resends the whole history (that audio, the reply, a new question).
    TTFT = request sent → first chunk with content. Target: the follow-up >= 50x faster.
 2. Overhead over the library (`--overhead-size`, default tiny: its model time is a few ms, so the
-   API's own milliseconds are not lost in the model's noise). The same short question, greedy,
-   exactly `--tokens` tokens, is asked of an in-process Engine (Session.ask) on the same checkpoint
-   and through the API, alternately (the server and this process share the CPUs: each side runs
-   while the other idles). Per request: median of (API wall - library wall) over the pairs; per
-   chunk: median of (API first-to-last-chunk - library first-to-last-TextDelta) / chunks; also the
-   fixed part of a request: the wall difference less the first-to-last difference (median).
-   Targets: <= 5 ms per request (its fixed part: a request of n chunks costs that plus n times the
-   per-chunk figure), <= 1 ms per chunk. The API side includes the client SDK's own work
-   (JSON, pydantic models per chunk), as a user of the API pays it; `raw_http` repeats the API side
-   with a bare HTTP client (httpx, one json.loads per chunk), which leaves the server's own share.
+   API's own milliseconds are not lost in the model's noise; a server of its own, both sides on one
+   torch thread, for the same reason: OVERHEAD_THREADS). The same short question, greedy, of
+   exactly n tokens, is asked of an in-process Engine (Session.ask) on the same checkpoint and
+   through the API, in turn (the server and this process share the CPUs: each side runs while the
+   other idles), at two lengths: n = 2 and n = `--tokens`. A request's overhead is its API wall
+   time less the library's, paired turn by turn (median over `--requests` rounds); it grows with
+   the reply's chunks, so the two lengths give a line: its slope is the cost per streamed chunk,
+   its intercept the fixed cost of a request (parsing, the session, the HTTP exchange), each with a
+   95% interval (bootstrap over the rounds). Targets: <= 5 ms per request (its fixed part: a request
+   of n chunks costs that plus n times the per-chunk figure), <= 1 ms per chunk. The API side is
+   the openai SDK, whose own work (request building, a pydantic model per chunk) a user of the API
+   pays too; `raw_http` repeats it with a bare HTTP client (httpx, one json.loads per chunk), which
+   leaves the server's own share.
 
 Random weights: what the model says is noise; only the timings mean something.
 """
@@ -59,6 +62,7 @@ from afnext.pool import audio_key
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
 from afnext.tiny import param_count, write_checkpoint
+from app.guard import REQUESTS_PER_S
 from tests.web.running import free_port, running
 
 QUESTION, FOLLOW_UP = "What happens in this recording?", "And what happens after that?"
@@ -67,7 +71,14 @@ RECORDING_TOKENS = 8  # reply length of both recording turns: only their first c
 TARGET_SPEEDUP, TARGET_REQUEST_MS, TARGET_CHUNK_MS = 50.0, 5.0, 1.0
 SETTLE_S = 0.05  # pause between sides, so one side's spinning threads do not slow the other's turn
 RATE = 16_000
-WARM_UP = 5  # overhead pairs run before the measured ones: the first few API requests are slower
+WARM_UP = 5  # overhead rounds run before the measured ones: the first few API requests are slower
+API_INTERVAL_S = 1.5 / REQUESTS_PER_S  # at least this long between two API requests
+SHORT_TOKENS = 2  # the shorter of the two reply lengths the overhead line goes through
+# Torch threads of both sides of the overhead part. With two, a turn after an idle pause waits for
+# torch's second thread to wake (measured on 2 cores: a 2-token turn 4.8 ms back to back, 5-22 ms
+# after a 50 ms pause, 17.7 ms median), noise that would bury the API's own milliseconds; with one,
+# 5.9 ms (5.2-7.8).
+OVERHEAD_THREADS = 1
 
 
 def write_recording(path: Path, seconds: float, seed: int = 0) -> Path:
@@ -82,10 +93,10 @@ def write_recording(path: Path, seconds: float, seed: int = 0) -> Path:
 
 
 @contextmanager
-def serve(folder: Path, workdir: Path):
+def serve(folder: Path, workdir: Path, torch_threads: int | None = None):
     """`python -m app --model FOLDER` on a free port; yields an openai client once /health is 200."""
     port = str(free_port())
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **({"OMP_NUM_THREADS": str(torch_threads)} if torch_threads else {}))
     args = ["-m", "app", "--model", str(folder), "--device", "cpu", "--port", port]
     with running(args, workdir / f"app-{port}.log", env=env) as (_, url):
         with urllib.request.urlopen(url + "v1/models", timeout=30) as response:
@@ -191,54 +202,86 @@ def resent_audio_costs(history: list[dict]) -> dict:
 
 
 def bench_overhead(client: openai.OpenAI, engine: Engine, requests: int, tokens: int) -> dict:
-    """Library and API turns, alternated; medians of the paired differences."""
+    """Library, SDK and bare-HTTP turns of SHORT_TOKENS and `tokens` tokens, taken in turn; the
+    overhead line through the two lengths' medians (see the module docstring)."""
     question = [{"role": "user", "content": SHORT}]
     http = httpx.Client(base_url=str(client.base_url), timeout=900)
-    for _ in range(WARM_UP):  # warm-up: first-call costs (imports, allocator, connection) in no figure
-        library_turn(engine, SHORT, tokens), api_turn(client, question, tokens), raw_turn(http, question, tokens)
-    pairs, raws = [], []
+    sides = {"library": lambda n: library_turn(engine, SHORT, n), "api": lambda n: api_turn(client, question, n),
+             "raw_http": lambda n: raw_turn(http, question, n)}
+    lengths = (SHORT_TOKENS, tokens)
+    for _ in range(WARM_UP):  # first-call costs (imports, allocator, connection) in no figure
+        for turn in sides.values():
+            turn(tokens)
+    runs = {side: {n: [] for n in lengths} for side in sides}
+    last_request = time.monotonic()
     for _ in range(requests):
-        time.sleep(SETTLE_S)
-        lib = library_turn(engine, SHORT, tokens)
-        time.sleep(SETTLE_S)
-        pairs.append((lib, api_turn(client, question, tokens)))
-        time.sleep(SETTLE_S)
-        raws.append((lib, raw_turn(http, question, tokens)))
-    per_request = [api["wall_s"] - lib["wall_s"] for lib, api in pairs]
-    per_chunk = [(api["first_to_last_s"] - lib["first_to_last_s"]) / api["chunks"] for lib, api in pairs]
-    # The wall difference holds every chunk's cost too; without the first-to-last spans, what is left
-    # is what a request costs whatever its length (parsing, the session, the first and last chunk).
-    fixed = [d - (api["first_to_last_s"] - lib["first_to_last_s"]) for d, (lib, api) in zip(per_request, pairs)]
-    request_ms, chunk_ms = statistics.median(per_request) * 1e3, statistics.median(per_chunk) * 1e3
-
-    def side(runs: list[dict]) -> dict:
-        return {key: [r[key] for r in runs] for key in ("wall_s", "first_to_last_s", "ttft_s", "chunks")}
-
-    return {"requests": requests, "tokens": tokens, "library": side([lib for lib, _ in pairs]),
-            "api": side([api for _, api in pairs]),
-            "same_text": all(lib["text"] == api["text"] for lib, api in pairs),  # the same turn on both sides
-            "per_request_s": per_request, "per_chunk_s": per_chunk,
-            "per_request_fixed_s": fixed, "per_request_ms": request_ms, "per_chunk_ms": chunk_ms,
-            "per_request_fixed_ms": statistics.median(fixed) * 1e3,
-            # The same with a bare HTTP client: the server's own share, without the SDK's.
-            "raw_http": {"per_request_ms": statistics.median(a["wall_s"] - lib["wall_s"] for lib, a in raws) * 1e3,
-                         "per_chunk_ms": statistics.median((a["first_to_last_s"] - lib["first_to_last_s"]) / a["chunks"]
-                                                           for lib, a in raws) * 1e3,
-                         "per_request_fixed_ms": statistics.median(a["wall_s"] - lib["wall_s"] - (
-                             a["first_to_last_s"] - lib["first_to_last_s"]) for lib, a in raws) * 1e3,
-                         "same_text": all(lib["text"] == a["text"] for lib, a in raws)},
-            "target_request_ms": TARGET_REQUEST_MS, "target_chunk_ms": TARGET_CHUNK_MS,
-            # A request's overhead is its fixed part plus its chunks' (each target on its own part).
-            "met": statistics.median(fixed) * 1e3 <= TARGET_REQUEST_MS and chunk_ms <= TARGET_CHUNK_MS}
+        for n in lengths:
+            for side, turn in sides.items():
+                time.sleep(SETTLE_S)
+                if side != "library":  # within the API's per-address rate (app/guard.py): no 429 mid-run
+                    time.sleep(max(0.0, last_request + API_INTERVAL_S - time.monotonic()))
+                    last_request = time.monotonic()
+                runs[side][n].append(turn(n))
+    lib = runs["library"]
+    result = {"requests": requests, "tokens": list(lengths),
+              "library": {str(n): _side(lib[n]) for n in lengths}}
+    for client_side in ("api", "raw_http"):
+        mine = runs[client_side]
+        figures = overhead_line({n: [c["wall_s"] - b["wall_s"] for b, c in zip(lib[n], mine[n])] for n in lengths},
+                                {n: statistics.median(c["chunks"] for c in mine[n]) for n in lengths})
+        figures |= {"runs": {str(n): _side(mine[n]) for n in lengths},
+                    # the same turn on both sides: the same text, one SSE chunk per text delta
+                    "same_text": all(b["text"] == c["text"] and b["chunks"] == c["chunks"]
+                                     for n in lengths for b, c in zip(lib[n], mine[n]))}
+        result[client_side] = figures
+    api = result["api"]
+    result |= {"target_request_ms": TARGET_REQUEST_MS, "target_chunk_ms": TARGET_CHUNK_MS,
+               # A request's overhead is its fixed part plus its chunks' (each target on its own part).
+               "met": api["per_request_fixed_ms"] <= TARGET_REQUEST_MS and api["per_chunk_ms"] <= TARGET_CHUNK_MS}
+    return result
 
 
-def overhead(client: openai.OpenAI, folder: Path, args: argparse.Namespace) -> dict:
-    """The overhead part with an in-process engine on the server's checkpoint, loaded only for it."""
+def overhead_line(differences: dict[int, list[float]], chunks: dict[int, float], resamples: int = 2000,
+                  seed: int = 0) -> dict:
+    """Per length n, the paired wall-time differences (API - library) and the reply's chunks → the
+    line through the two lengths' medians: per_chunk_ms (slope), per_request_fixed_ms (intercept),
+    per_request_ms (the median difference at the longer length), and a 95% bootstrap interval of
+    the first two (rounds resampled, each round's pair of lengths kept together)."""
+    short, long = sorted(differences)
+    d = {n: np.asarray(differences[n]) * 1e3 for n in (short, long)}
+    span = chunks[long] - chunks[short]
+    assert span > 0, "the two lengths gave replies of as many chunks: no slope to measure"
+
+    def line(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+        slope = (float(np.median(b)) - float(np.median(a))) / span
+        return float(np.median(a)) - chunks[short] * slope, slope
+
+    fixed, per_chunk = line(d[short], d[long])
+    rng, rounds = np.random.default_rng(seed), len(d[short])
+    draws = np.array([line(d[short][i], d[long][i]) for i in rng.integers(0, rounds, (resamples, rounds))])
+    low, high = np.percentile(draws, [2.5, 97.5], axis=0)
+    return {"per_request_ms": float(np.median(d[long])), "per_request_fixed_ms": fixed, "per_chunk_ms": per_chunk,
+            "ci95": {"per_request_fixed_ms": [low[0], high[0]], "per_chunk_ms": [low[1], high[1]]},
+            "chunks": {str(n): chunks[n] for n in (short, long)},
+            "per_request_s": {str(n): differences[n] for n in (short, long)}}
+
+
+def _side(runs: list[dict]) -> dict:
+    return {key: [r[key] for r in runs] for key in ("wall_s", "first_to_last_s", "ttft_s", "chunks")}
+
+
+def overhead(folder: Path, workdir: Path, args: argparse.Namespace) -> dict:
+    """The overhead part: a server of its own and an in-process engine on the same checkpoint, both
+    on OVERHEAD_THREADS torch threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(OVERHEAD_THREADS)
     engine = Engine(load(str(folder), device="cpu"))
     try:
-        return bench_overhead(client, engine, args.requests, args.tokens)
+        with serve(folder, workdir, torch_threads=OVERHEAD_THREADS) as client:
+            return {"torch_threads": OVERHEAD_THREADS} | bench_overhead(client, engine, args.requests, args.tokens)
     finally:
         engine.close()
+        torch.set_num_threads(threads)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -246,10 +289,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", choices=["tiny", "mid"], default="mid", help="model for the recording follow-up")
     p.add_argument("--overhead-size", choices=["tiny", "mid"], default="tiny", help="model for the overhead")
     p.add_argument("--recording-seconds", type=float, default=600.0)
-    p.add_argument("--requests", type=int, default=30, help="library/API pairs for the overhead medians")
-    p.add_argument("--tokens", type=int, default=32, help="reply tokens per overhead turn")
+    p.add_argument("--requests", type=int, default=100, help="rounds of paired turns for the overhead medians")
+    p.add_argument("--tokens", type=int, default=32, help="reply tokens of the longer overhead turn")
     p.add_argument("--out", help="also write the JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tokens <= SHORT_TOKENS or args.requests < 1:
+        p.error(f"--tokens must be over {SHORT_TOKENS} (the shorter length) and --requests at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -267,11 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         with serve(folders[args.size], work) as client:
             result["recording"] = bench_recording(client, path, folders[args.size], args.recording_seconds)
             print("done: recording", file=sys.stderr, flush=True)
-            if args.overhead_size == args.size:  # one server start fewer (the test's tiny run)
-                result["overhead"] = overhead(client, folders[args.size], args)
-        if "overhead" not in result:  # the recording's server is gone: it takes no CPU from this part
-            with serve(folders[args.overhead_size], work) as client:
-                result["overhead"] = overhead(client, folders[args.overhead_size], args)
+        # The recording's server is gone: it takes no CPU from this part.
+        result["overhead"] = overhead(folders[args.overhead_size], work, args)
     result["targets_met"] = {"follow_up_speedup": result["recording"]["met"], "overhead": result["overhead"]["met"]}
     result["run_s"], result["load_average_at_end"] = time.perf_counter() - started, os.getloadavg()[0]
     write_json(result, args.out)

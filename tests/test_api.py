@@ -393,3 +393,67 @@ def test_large_bodies_read_at_once_are_held_within_one_budget(loaded, monkeypatc
     assert 503 in codes and codes.count(503) >= 4, codes  # at most two 1.5 MiB bodies fit in 3 MiB
     assert all("reading other large requests" in r.json()["error"]["message"] for r in sent if r.status_code == 503)
     assert after.status_code == 200 and service._reading == 0, after.text
+
+
+def test_a_streamed_reply_is_read_on_the_loop_and_stops_when_its_client_leaves(loaded):
+    """A streamed text reply over a real socket (uvicorn): the opening chunk comes with the first
+    content, one chunk per delta, the usage and [DONE] last. A client that hangs up mid-reply stops its
+    turn within a few steps (the engine runs nothing after), and the next request is answered."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    from starlette.applications import Starlette
+
+    from afnext.engine import Engine
+    from afnext.tts import load_synthesizer
+    from app import api
+    from app.backend import Backend, BackendLoader
+
+    backend = Backend(Engine(loaded), Engine(loaded), load_synthesizer("espeak"))
+    service = api.Api(BackendLoader.ready_made(backend))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=service.routes()), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+
+    def ask(max_tokens: int) -> http.client.HTTPResponse:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connection.request("POST", "/v1/chat/completions", json.dumps({
+            "model": "instruct", "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
+            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "Tell me more."}]}),
+            {"content-type": "application/json"})
+        return connection.getresponse()
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        whole = ask(6)
+        lines = [line for line in whole.read().decode().split("\n\n") if line]
+        chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+        assert lines[-1] == "data: [DONE]" and whole.status == 200
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        deltas = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
+        assert all(deltas[1:-1]) and deltas[-1] is None, "one chunk per text delta, then the finish"
+        assert chunks[-1]["usage"]["completion_tokens"] == 6 and not chunks[-1]["choices"]
+
+        leaving = ask(4000)  # about four seconds of decoding on the tiny model
+        first = leaving.readline()
+        assert first.startswith(b"data: {"), first
+        leaving.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+        leaving.close()
+        left = time.monotonic()
+        while backend.main.scheduler.running() and time.monotonic() - left < 3:
+            time.sleep(0.01)
+        assert not backend.main.scheduler.running(), "the turn of a client that left ran on"
+        assert ask(3).read().decode().endswith("data: [DONE]\n\n")
+        deadline = time.monotonic() + 5
+        while service._turns and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert service._turns == 0, "the stream that ended early is still counted"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        backend.close()

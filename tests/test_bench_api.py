@@ -50,26 +50,45 @@ def test_recording_follow_up_reuses_the_cache(result):
     assert rec["follow_up_resent_audio_total_s"] == pytest.approx(sum(costs.values()))
 
 
-def test_overhead_is_computed_from_paired_turns(result):
+def test_overhead_is_a_line_through_two_reply_lengths(result):
+    """The overhead figures come from paired turns at two lengths: the median differences, the slope
+    between them per chunk, the intercept as the fixed part, and intervals around them."""
     over = result["overhead"]
-    lib, api = over["library"], over["api"]
-    assert over["requests"] == REQUESTS and over["tokens"] == 16
-    assert over["same_text"], "the library and the API did not run the same turn"
-    for side in (lib, api):
-        assert len(side["wall_s"]) == REQUESTS
-        assert all(0 < t <= w for t, w in zip(side["ttft_s"], side["wall_s"]))
-        assert all(0 <= s < w for s, w in zip(side["first_to_last_s"], side["wall_s"]))
-        assert all(0 < c <= 16 for c in side["chunks"])
-    assert lib["chunks"] == api["chunks"]  # one SSE chunk per text delta
-    assert over["per_request_s"] == pytest.approx([a - b for a, b in zip(api["wall_s"], lib["wall_s"])])
-    per_chunk = [(a - b) / c for a, b, c in zip(api["first_to_last_s"], lib["first_to_last_s"], api["chunks"])]
-    assert over["per_chunk_s"] == pytest.approx(per_chunk)
-    fixed = [d - (a - b) for d, a, b in zip(over["per_request_s"], api["first_to_last_s"], lib["first_to_last_s"])]
-    assert over["per_request_fixed_s"] == pytest.approx(fixed)
-    assert over["per_request_fixed_ms"] == pytest.approx(statistics.median(fixed) * 1e3)
-    assert over["per_request_ms"] == pytest.approx(statistics.median(over["per_request_s"]) * 1e3)
-    assert over["per_chunk_ms"] == pytest.approx(statistics.median(per_chunk) * 1e3)
-    assert over["met"] == (over["per_request_fixed_ms"] <= 5 and over["per_chunk_ms"] <= 1)
-    raw = over["raw_http"]
-    assert raw["same_text"] and raw["per_request_ms"] > raw["per_request_fixed_ms"] - 50, raw  # the bare client's run
+    short, long = over["tokens"]
+    assert over["requests"] == REQUESTS and (short, long) == (2, 16) and over["torch_threads"] == 1
+    for name in ("library",):
+        for n in (short, long):
+            side = over[name][str(n)]
+            assert len(side["wall_s"]) == REQUESTS
+            assert all(0 < t <= w for t, w in zip(side["ttft_s"], side["wall_s"]))
+            assert all(0 < c <= n for c in side["chunks"])
+    for name in ("api", "raw_http"):
+        fig = over[name]
+        assert fig["same_text"], f"{name}: the library and the API did not run the same turns"
+        lib = {n: over["library"][str(n)]["wall_s"] for n in (short, long)}
+        for n in (short, long):
+            mine = fig["runs"][str(n)]["wall_s"]
+            assert fig["per_request_s"][str(n)] == pytest.approx([a - b for a, b in zip(mine, lib[n])])
+        d_short = statistics.median(fig["per_request_s"][str(short)]) * 1e3
+        d_long = statistics.median(fig["per_request_s"][str(long)]) * 1e3
+        chunks = fig["chunks"]
+        slope = (d_long - d_short) / (chunks[str(long)] - chunks[str(short)])
+        assert fig["per_chunk_ms"] == pytest.approx(slope)
+        assert fig["per_request_fixed_ms"] == pytest.approx(d_short - chunks[str(short)] * slope)
+        assert fig["per_request_ms"] == pytest.approx(d_long)
+        for key in ("per_request_fixed_ms", "per_chunk_ms"):
+            low, high = fig["ci95"][key]
+            assert low <= high
+    api = over["api"]
+    assert over["met"] == (api["per_request_fixed_ms"] <= 5 and api["per_chunk_ms"] <= 1)
     assert result["targets_met"] == {"follow_up_speedup": result["recording"]["met"], "overhead": over["met"]}
+
+
+def test_the_overhead_line_is_fitted_as_documented():
+    """overhead_line on made-up differences: 1 ms fixed and 0.5 ms a chunk come back exactly, and the
+    bootstrap interval holds them."""
+    line = bench_api().overhead_line({2: [0.002] * 9, 32: [0.0165] * 9}, {2: 2.0, 32: 31.0})
+    assert line["per_chunk_ms"] == pytest.approx(0.5) and line["per_request_fixed_ms"] == pytest.approx(1.0)
+    assert line["ci95"]["per_request_fixed_ms"] == pytest.approx([1.0, 1.0])
+    with pytest.raises(AssertionError, match="no slope"):
+        bench_api().overhead_line({2: [0.001], 32: [0.002]}, {2: 2.0, 32: 2.0})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -299,3 +300,58 @@ def test_a_reply_never_holds_an_audio_marker_so_it_can_always_be_prefilled_again
             kept.extend_reply([loaded.ids.sound])  # a store written before this rule cannot sneak one in
     finally:
         plain.close()
+
+
+def test_a_stream_read_with_wake_never_blocks_and_is_the_same_turn(engine):
+    """`ask(..., wake=...)`: each read returns at once — PENDING while the engine has nothing new — and
+    `wake` is called as the engine produces; between PENDINGs the events are exactly those of the
+    blocking stream for the same turn, and the session ends the same."""
+    from afnext.session import PENDING
+
+    options = GenerationOptions(max_new_tokens=16, repetition_penalty=1.0)
+    clip = noise(5.0, seed=3)
+    blocking = Session(engine)
+    expected = list(blocking.ask("What is this?", clip, options=options))
+    woken = threading.Event()
+    session, events, pending, slowest = Session(engine), [], 0, 0.0
+    stream = session.ask("What is this?", clip, options=options, wake=woken.set)
+    while True:
+        t0 = time.perf_counter()
+        event = next(stream, None)
+        slowest = max(slowest, time.perf_counter() - t0)
+        if event is None:
+            break
+        if event is PENDING:
+            pending += 1
+            assert woken.wait(10), "the engine had more for the stream and did not call wake"
+            woken.clear()  # before the next read: a wake after it is not lost
+        else:
+            events.append(event)
+    assert pending > 0, "the stream never had to wait: nothing shows it does not block"
+    assert [(type(e), getattr(e, "text", None)) for e in events] == [(type(e), getattr(e, "text", None))
+                                                                     for e in expected]
+    assert events[-1].reply.token_ids == expected[-1].reply.token_ids and session.tokens == blocking.tokens
+    assert slowest < 0.5, f"a read took {slowest:.3f} s: it blocked on the engine"
+
+
+def test_a_queued_turn_read_with_wake_is_cancelled_at_its_next_read(engine, monkeypatch):
+    """A cancel set while the turn waits in the queue takes it out at the stream's next read (no poll
+    runs for a stream that is not blocked), and the session is as it was."""
+    from afnext.session import PENDING
+
+    monkeypatch.setattr(engine.scheduler, "max_batch", 1)  # one decoding turn fills the engine
+    session, cancel = Session(engine), threading.Event()
+    hog = Session(engine).ask("Long story.", options=GenerationOptions(max_new_tokens=2000, min_new_tokens=2000,
+                                                                       repetition_penalty=1.0))
+    busy = [hog]
+    next(e for e in hog if isinstance(e, TextDelta))  # decoding: the next turn waits for its slot
+    before = list(session.tokens)
+    stream = session.ask("Hello?", options=OPTS, cancel=cancel, wake=lambda: None)
+    assert next(stream) is PENDING and session.ahead is not None, "the turn should be waiting in the queue"
+    cancel.set()
+    t0 = time.perf_counter()
+    rest = list(stream)
+    assert time.perf_counter() - t0 < 0.05 and any(isinstance(e, Interrupted) for e in rest)
+    assert session.wait(0) and session.tokens == before
+    for stream in busy:
+        stream.close()
