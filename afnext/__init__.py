@@ -19,7 +19,7 @@ _EXPORTS = {
     "model": ("LoadedModel", "ModelLoadError", "load", "load_or_demo"),
     "parts": ("PartOptions", "PartedSession"),
     "sampling": ("GenerationOptions",),
-    "session": ("ContextFullError", "Session"),
+    "session": ("PENDING", "ContextFullError", "Session"),
     "think": ("ThinkParser", "split_think"),
 }
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -395,11 +396,10 @@ def test_large_bodies_read_at_once_are_held_within_one_budget(loaded, monkeypatc
     assert after.status_code == 200 and service._reading == 0, after.text
 
 
-def test_a_streamed_reply_is_read_on_the_loop_and_stops_when_its_client_leaves(loaded):
-    """A streamed text reply over a real socket (uvicorn): the opening chunk comes with the first
-    content, one chunk per delta, the usage and [DONE] last. A client that hangs up mid-reply stops its
-    turn within a few steps (the engine runs nothing after), and the next request is answered."""
-    import socket
+@contextlib.contextmanager
+def local_api(loaded):
+    """The /v1 routes alone on uvicorn in this process (a real socket), with their own engines:
+    yields (port, backend, Api)."""
     import threading
     import time
 
@@ -417,20 +417,36 @@ def test_a_streamed_reply_is_read_on_the_loop_and_stops_when_its_client_leaves(l
     server = uvicorn.Server(uvicorn.Config(Starlette(routes=service.routes()), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-
-    def ask(max_tokens: int) -> http.client.HTTPResponse:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        connection.request("POST", "/v1/chat/completions", json.dumps({
-            "model": "instruct", "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
-            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "Tell me more."}]}),
-            {"content-type": "application/json"})
-        return connection.getresponse()
-
     try:
         deadline = time.monotonic() + 30
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.05)
-        whole = ask(6)
+        yield port, backend, service
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        backend.close()
+
+
+def ask_streamed(port: int, max_tokens: int) -> http.client.HTTPResponse:
+    """A streamed chat completion of exactly `max_tokens` tokens; returns once its headers are in."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("POST", "/v1/chat/completions", json.dumps({
+        "model": "instruct", "stream": True, "max_tokens": max_tokens, "ignore_eos": True,
+        "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "Tell me more."}]}),
+        {"content-type": "application/json"})
+    return connection.getresponse()
+
+
+def test_a_streamed_reply_is_read_on_the_loop_and_stops_when_its_client_leaves(loaded):
+    """A streamed text reply over a real socket (uvicorn): the opening chunk comes with the first
+    content, one chunk per delta, the usage and [DONE] last. A client that hangs up mid-reply stops its
+    turn within a few steps (the engine runs nothing after), and the next request is answered."""
+    import socket
+    import time
+
+    with local_api(loaded) as (port, backend, service):
+        whole = ask_streamed(port, 6)
         lines = [line for line in whole.read().decode().split("\n\n") if line]
         chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
         assert lines[-1] == "data: [DONE]" and whole.status == 200
@@ -439,7 +455,7 @@ def test_a_streamed_reply_is_read_on_the_loop_and_stops_when_its_client_leaves(l
         assert all(deltas[1:-1]) and deltas[-1] is None, "one chunk per text delta, then the finish"
         assert chunks[-1]["usage"]["completion_tokens"] == 6 and not chunks[-1]["choices"]
 
-        leaving = ask(4000)  # about four seconds of decoding on the tiny model
+        leaving = ask_streamed(port, 4000)  # about four seconds of decoding on the tiny model
         first = leaving.readline()
         assert first.startswith(b"data: {"), first
         leaving.fp.raw._sock.shutdown(socket.SHUT_RDWR)
@@ -448,12 +464,8 @@ def test_a_streamed_reply_is_read_on_the_loop_and_stops_when_its_client_leaves(l
         while backend.main.scheduler.running() and time.monotonic() - left < 3:
             time.sleep(0.01)
         assert not backend.main.scheduler.running(), "the turn of a client that left ran on"
-        assert ask(3).read().decode().endswith("data: [DONE]\n\n")
+        assert ask_streamed(port, 3).read().decode().endswith("data: [DONE]\n\n")
         deadline = time.monotonic() + 5
         while service._turns and time.monotonic() < deadline:
             time.sleep(0.01)
         assert service._turns == 0, "the stream that ended early is still counted"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        backend.close()
