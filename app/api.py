@@ -55,12 +55,12 @@ MAX_BODY_BYTES = 96 << 20  # a 30-minute 16 kHz WAV is 58 MB, 77 MB in base64; c
 # Beyond this, a request is refused while it is read (503), and the others go on.
 BODIES_MAX_BYTES = 3 * MAX_BODY_BYTES
 MAX_WAITING = 64  # turns waiting for the engine; beyond, 429 at once rather than a wait of minutes
-# Requests being answered at once through the API, each on a thread of its own (a generation would
-# otherwise hold one of the 40 threads Starlette shares with the page for its whole length).
+# Requests being answered at once through the API. A streamed text reply is read on the event loop; the
+# others each hold a thread of the API's own (not one of the 40 Starlette shares with the page).
 MAX_TURNS = 128
 DISCONNECT_POLL_S = 0.5  # how often a whole (unstreamed) reply checks that its client is still there
-# Kept threads, not one new thread per call: each request takes one to prepare and one for its reply
-# (a streamed reply whose client left runs on for at most a decoding step); the rest is headroom.
+# Kept threads, not one new thread per call: a request takes one to prepare it, which goes on to gather a
+# whole reply or to read a spoken one (a reply whose client left runs on for at most a decoding step).
 _WORKERS = ThreadPoolExecutor(max_workers=2 * MAX_TURNS + 16, thread_name_prefix="afnext-api")
 # A streamed request of text alone, this small and this short, is planned and started on the event loop
 # (about a millisecond: tokenizing it is most of it) rather than on a worker: the two hops between
