@@ -90,6 +90,11 @@ class SessionPool:
     def __init__(self, engine: Engine, max_sessions: int = MAX_SESSIONS, max_bytes: int = MAX_KEPT_BYTES) -> None:
         self.engine, self.max_sessions, self.max_bytes = engine, max_sessions, max_bytes
         self._kept: OrderedDict[tuple, Session] = OrderedDict()  # history key → session, least recent first
+        # Bytes of each kept session's cache, measured when it was kept (an idle cache keeps its size
+        # wherever the CacheKeeper moves it), and their sum: no sweep over every kept cache per turn,
+        # which the API's event loop would pay.
+        self._sizes: dict[tuple, int] = {}
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def lease(self, history: list[Message]) -> Lease:
@@ -99,7 +104,7 @@ class SessionPool:
         system = history[0].text if history and history[0].role == "system" else None
         with self._lock:  # the kept session sharing the most messages with `history`; whole ones first
             shared, kept = max(((_shared(keys, k), -len(k), k) for k in self._kept), default=(0, 0, None))[::2]
-            session = self._kept.pop(kept) if shared else None
+            session = self._take(kept) if shared else None
         if session is not None and shared < len(kept):  # it went on past where `history` branches off
             try:
                 twin = session.fork(shared)
@@ -136,15 +141,23 @@ class SessionPool:
             self._put(lease.history, lease.session)
 
     def _put(self, key: tuple, session: Session) -> None:
+        size = session.cache_bytes
         with self._lock:
-            self._kept[key] = session
-            self._kept.move_to_end(key)
-            while len(self._kept) > self.max_sessions or (len(self._kept) > 1 and self.kept_bytes() > self.max_bytes):
-                self._kept.popitem(last=False)
+            if key in self._kept:
+                self._take(key)
+            self._kept[key], self._sizes[key] = session, size
+            self._bytes += size
+            while len(self._kept) > self.max_sessions or (len(self._kept) > 1 and self._bytes > self.max_bytes):
+                self._take(next(iter(self._kept)))
+
+    def _take(self, key: tuple) -> Session:
+        """Remove a kept session (the caller holds the lock)."""
+        self._bytes -= self._sizes.pop(key)
+        return self._kept.pop(key)
 
     def kept_bytes(self) -> int:
         """KV cache bytes the kept sessions hold (buffers with their spare room)."""
-        return sum(s.cache_bytes for s in self._kept.values())
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._kept)

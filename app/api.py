@@ -65,7 +65,8 @@ _WORKERS = ThreadPoolExecutor(max_workers=2 * MAX_TURNS + 16, thread_name_prefix
 # A streamed request of text alone, this small and this short, is planned and started on the event loop
 # (about a millisecond: tokenizing it is most of it) rather than on a worker: the two hops between
 # threads it saves are two wake-ups, a few tenths of a millisecond on an idle CPU. Larger ones would
-# hold the loop, and every other stream with it, for longer.
+# hold the loop, and every other stream with it, for longer (a regenerated answer's lease copies the kept
+# conversation's KV cache: these bounds bound that copy too).
 INLINE_BODY_BYTES = 16 << 10
 INLINE_MESSAGES = 8
 MAX_CLIPS = 32  # audio clips in one request: 131,072 tokens of context hold about 87 minutes of audio anyway

@@ -194,6 +194,14 @@ def test_the_pool_keeps_sessions_within_its_memory_bound(loaded):
             pool.keep(lease, Message("user", text), reply.answer)
         assert len(pool) == 1 and pool.kept_bytes() > 0
         assert pool.lease([Message("user", "third"), Message("assistant", reply.answer)]).cached_tokens > 0
+        assert len(pool) == 0 and pool.kept_bytes() == 0, "a lent session is not counted"
+        roomy = SessionPool(engine)  # the running count equals what the kept caches hold
+        for text in ("a", "b", "a"):
+            lease = roomy.lease([])
+            reply = [e for e in lease.session.ask(text, options=GenerationOptions(max_new_tokens=2))
+                     if isinstance(e, TurnDone)][0].reply
+            roomy.keep(lease, Message("user", text), reply.answer)
+        assert len(roomy) == 2 and roomy.kept_bytes() == sum(s.cache_bytes for s in roomy._kept.values()) > 0
     finally:
         engine.close()
 
