@@ -16,6 +16,7 @@ import asyncio
 import base64
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import threading
@@ -177,21 +178,23 @@ class Api:
             self._reading -= held
 
     async def _started(self, raw: bytes) -> tuple[wire.ChatRequest, Reply]:
-        """`_prepare` on a worker thread, which goes straight on with the turn: a whole reply is
-        gathered there; a streamed one is handed to the engine there and then read on the event loop
-        (`Reply.woken`), or, when it is spoken, its events come from that thread (`Reply.items`). Every
-        hop between threads left out is a wake-up on the way to the first token, which costs a
-        fraction of a millisecond on an idle CPU."""
+        """The request parsed and its turn begun (`_begin`). A small body is parsed here, and a short
+        streamed text request begun here too (`_inline`); the rest goes to a worker thread (90 MB of
+        JSON take a second to parse, a clip's decoding more), which goes straight on with the turn: a
+        whole reply is gathered there; a streamed one is handed to the engine there and then read on
+        the event loop (`Reply.woken`), or, when it is spoken, its events come from that thread
+        (`Reply.items`). Every hop between threads left out is a wake-up on the way to the first
+        token, which costs a fraction of a millisecond on an idle CPU."""
         loop = asyncio.get_running_loop()
-        if len(raw) <= INLINE_BODY_BYTES:  # a question in a short conversation: cheaper here than a hop away
-            body = wire.parse_chat(_parse_json(raw))
-            if _inline(body):
-                return body, self._begin(body, loop)
+        parsed = wire.parse_chat(_parse_json(raw)) if len(raw) <= INLINE_BODY_BYTES else None
+        if parsed is not None and _inline(parsed):  # a question in a short conversation: cheaper here
+            return parsed, self._begin(parsed, loop)
         ready, whole, items = loop.create_future(), loop.create_future(), asyncio.Queue()
 
         def work() -> None:
             try:
-                body, reply = self._prepare(raw, loop)
+                body = parsed if parsed is not None else wire.parse_chat(_parse_json(raw))
+                reply = self._begin(body, loop)
             except BaseException as exc:
                 loop.call_soon_threadsafe(_settle, ready, None, exc)
                 return
@@ -208,12 +211,6 @@ class Api:
         body, reply = await ready
         reply.items, reply.whole_reply = items, whole
         return body, reply
-
-    def _prepare(self, raw: bytes, loop: asyncio.AbstractEventLoop) -> tuple[wire.ChatRequest, Reply]:
-        """Parse the body and `_begin` its turn, on a worker thread (90 MB of JSON take a second to
-        parse, and a clip's decoding more)."""
-        body = wire.parse_chat(_parse_json(raw))
-        return body, self._begin(body, loop)
 
     def _begin(self, body: wire.ChatRequest, loop: asyncio.AbstractEventLoop) -> Reply:
         """Plan the turn, lease a session and start the turn. The new turn's own mistakes raise here,
@@ -302,7 +299,6 @@ class Reply:
         self.cancel = threading.Event()
         self.audio_id = wire.new_id("audio")
         self._voice = Voice(target.synthesizer, self.cancel) if turn.audio is not None else None
-        self._first = None  # the stream's first event, read by `start` (a turn read on the loop)
 
     def whole(self) -> dict:
         content, reasoning, speech, done = [], [], [], None
@@ -400,14 +396,14 @@ class Reply:
             read_on["wake"] = partial(_call_on, loop, self.woken.set)
         self.stream = self.lease.session.ask(turn.asked.text, turn.asked.clip, think=turn.think,
                                              options=turn.options, cancel=self.cancel, **read_on)
-        if loop is not None:
-            self._first = next(self.stream)  # the turn goes to the engine from this thread, at once
+        if loop is not None:  # the turn goes to the engine from this thread, at once
+            self.stream = itertools.chain([next(self.stream)], self.stream)
 
     def events(self) -> Iterator[tuple[str, object]]:
         """("reasoning" | "content", text) as generated, then ("done", (finish_reason, Reply))."""
         turn, stop = self.turn, _StopScan(self.turn.stops)
         reply = None
-        for event in self._stream():
+        for event in self.stream:
             if event is PENDING:
                 yield "pending", None
             elif isinstance(event, ReasoningDelta):
@@ -432,12 +428,6 @@ class Reply:
         if not reply.interrupted:  # the session holds exactly what the client was sent: keep it
             self.pool.keep(self.lease, turn.asked, reply.answer)
         yield "done", (finish, reply)
-
-    def _stream(self) -> Iterator:
-        """The session's stream, with the event `start` read already put back in front."""
-        if self._first is not None:
-            yield self._first
-        yield from self.stream
 
     def _speak(self, text: str | None) -> Iterator[tuple[str, object]]:
         """Speech for the answer's text as its sentences complete (None: the answer is over)."""
