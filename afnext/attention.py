@@ -1,7 +1,7 @@
 """One forward pass over many conversations: the seam between the scheduler and transformers' model.
 
-A step packs its segments — one token for each decoding request, at most one chunk of a pending
-prefill — into one sequence of embeddings [1, T], each token with its own position. transformers'
+A step packs its segments — one token for each decoding request, a chunk of each prefill planned
+for the step — into one sequence of embeddings [1, T], each token with its own position. transformers'
 decoder runs it unchanged: the projections, MLPs and lm_head read the weights once for all segments,
 which is what batching buys (a decode step is bound by reading 16.5 GB of weights). At each layer's
 attention, `StepCache.update` splits the packed keys and values back into their segments and writes

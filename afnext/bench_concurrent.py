@@ -16,8 +16,8 @@ Aggregate decode tokens/s = the tokens every reply made after its first (the fir
 prefill) / the time during which at least one reply was decoding (the union of each reply's
 first-token → done span). One at a time, that is the sum of the replies' decode spans; all at once,
 about last done − first first token. All at once, that span also holds the N clips' encoder and
-prefill steps (one per step, so the first replies decode beside the later ones' admission); the
-steady figure leaves them out: N × the engine steps run while all N replies were decoding (last
+prefill steps (as many per step as its budgets hold, so the first replies decode beside the later
+ones' admission); the steady figure leaves them out: N × the engine steps run while all N replies were decoding (last
 first token → first done) / that time, ±1 step at each end. One at a time, the steady figure is the
 decode figure (one reply per step). Tokens per step is every new token / every engine step of the mode.
 """
@@ -250,8 +250,8 @@ def bench_ingest(engine: Engine, long_seconds: float) -> dict:
         raise RuntimeError("The long ingest ended before a short turn could be asked; use a longer --long-seconds.")
     long, idle_s, during_s = box["turn"], float(np.median(idle)), float(np.median(during))
     return {"long_audio_s": clip.duration_s, "long_audio_tokens": clip.tokens,
-            "prefill_chunk_tokens": engine.prefill_chunk_tokens,
-            "encode_windows_per_step": engine.encode_windows_per_step,
+            "prefill_chunk_tokens": engine.prefill_chunk_tokens, "prefill_step_tokens": engine.prefill_step_tokens,
+            "encode_frames_per_step": engine.encode_frames_per_step,
             "short_idle_ttft_s": idle_s, "short_during_ingest_ttft_s": during_s, "ttft_ratio": during_s / idle_s,
             "short_idle_all_s": idle, "short_during_all_s": during, "ingest_outlasted_short": overlapped,
             "long_ttft_s": long.ttft_s, "long_encode_s": long.encode_s, "long_prefill_s": long.prefill_s}

@@ -1,11 +1,13 @@
 """The engine: owns the model and its device, and runs every session's turns in batched steps.
 
 One worker thread runs the loop, vLLM-style: schedule → execute → update, one step at a time.
-- schedule (scheduler.py): every decoding request, plus at most one request's next unit of prefill
-  work — interactive turns first; a waiting one is admitted when its KV cache fits (`CacheKeeper`
-  moves idle sessions' caches to CPU memory to make room; none is ever dropped).
-- execute: the audio encoder on a batch of the prefill request's windows, or one forward pass over
-  the packed step — one token per decoding request and a chunk of the prefill (attention.py).
+- schedule (scheduler.py, `_plan`): every decoding request, plus the requests not decoding yet, most
+  urgent first (interactive turns), sharing the step's budgets of audio frames to encode and prompt
+  tokens to prefill; a waiting one is admitted when its KV cache fits (`CacheKeeper` moves idle
+  sessions' caches to CPU memory to make room; none is ever dropped).
+- execute: the audio encoder on the planned windows (several turns' windows share a call,
+  encoder.py), then one forward pass over the packed step — one token per decoding request and each
+  planned prefill chunk, a turn whose clip was encoded in this step included (attention.py).
 - update: every row that needs a token gets it in one batched pick (sampling.py); tokens stream to
   their callers; finished, cancelled and failed requests are settled with their sessions.
 
@@ -22,25 +24,27 @@ from dataclasses import dataclass
 
 import torch
 
-from . import audio
+from . import audio, encoder
 from . import decode as decoding
 from .attention import NO_MASKS, Segment, StepCache, install
 from .clip import Clip
 from .kvcache import CacheKeeper, kv_bytes_per_token
 from .model import LoadedModel
 from .sampling import TokenPicker, pick
-from .scheduler import MAX_BATCH, WAITING, Request, Scheduler
+from .scheduler import MAX_BATCH, PREFILLING, WAITING, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
-ENCODE_BATCH_WINDOWS = 16  # 30 s windows per encoder call: 8 min of audio, bounds activation memory
-# Prefill tokens per step: what a long ingest may delay every other request by. On a GPU 2,048 tokens
-# of AF-Next take tens of ms; on CPU a chunk of the 20 M `mid` model about as long as a voice turn's own
-# prefill, the most the benchmark's "short turn during an ingest" target allows.
-PREFILL_CHUNK_TOKENS = {"cuda": 2048, "cpu": 512}
-ENCODE_WINDOWS_PER_STEP = {"cuda": ENCODE_BATCH_WINDOWS, "cpu": 1}  # windows encoded per step, likewise
+# A step's budgets, shared by the requests not decoding yet: what a long ingest may delay every other
+# request by. Prompt tokens one request prefills per step (its chunk), and all of them together: on a GPU
+# 2,048 tokens of AF-Next take tens of ms; on CPU a chunk of the 20 M `mid` model takes about as long as
+# a 5 s voice turn's whole first step (its encoding and prefill), the most the benchmark's "short turn
+# during an ingest" target allows, and a step may prefill a few voice turns at once. Mel frames encoded
+# per step (3,000 = one 30 s window; a 5 s clip runs 600 of them, encoder.py), likewise.
+PREFILL_CHUNK_TOKENS = {"cuda": 2048, "cpu": 256}
+PREFILL_STEP_TOKENS = {"cuda": 2048, "cpu": 512}
+ENCODE_FRAMES_PER_STEP = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES}
 IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop flag
-AUDIO_STEP_S = 0.04  # one audio token = 4 mel frames of 10 ms (conv stride 2, pooling stride 2)
 
 
 PREFILLED = "prefilled"  # emitted when a request's prompt is in the cache and its reply begins
@@ -60,7 +64,9 @@ class Engine:
     """Owns a `LoadedModel`; runs requests in batched steps on its worker thread."""
 
     def __init__(self, loaded: LoadedModel, *, decode: str = "eager", max_batch: int = MAX_BATCH,
-                 prefill_chunk_tokens: int | None = None, encode_windows_per_step: int | None = None) -> None:
+                 prefill_chunk_tokens: int | None = None, prefill_step_tokens: int | None = None,
+                 encode_frames_per_step: int | None = None,
+                 encode_batch_frames: int = encoder.BATCH_FRAMES) -> None:
         if decode not in decoding.MODES:
             raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
         if decode == "graphs" and loaded.device.type != "cuda":
@@ -70,7 +76,9 @@ class Engine:
         self.loaded = loaded
         self.decode = decode  # eager | static | graphs: how a step with one decoding request alone runs (decode.py)
         self.prefill_chunk_tokens = prefill_chunk_tokens or PREFILL_CHUNK_TOKENS[kind]
-        self.encode_windows_per_step = encode_windows_per_step or ENCODE_WINDOWS_PER_STEP[kind]
+        self.prefill_step_tokens = max(prefill_step_tokens or PREFILL_STEP_TOKENS[kind], self.prefill_chunk_tokens)
+        self.encode_frames_per_step = encode_frames_per_step or ENCODE_FRAMES_PER_STEP[kind]
+        self.encode_batch_frames = encode_batch_frames  # frames run per encoder call: bounds its activations
         self.keeper = CacheKeeper(loaded.device)  # the sessions' KV caches under memory pressure
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
         self.scheduler = Scheduler(max_batch)
@@ -118,12 +126,12 @@ class Engine:
             while not self._closed.is_set():
                 try:
                     self._reap()
-                    prefill = self._admit()
+                    prefills = self._plan()
                     decodes = list(self.scheduler.decoding)
-                    if not decodes and prefill is None:
+                    if not decodes and not prefills:
                         self.scheduler.wait_for_work(IDLE_WAIT_S)
                         continue
-                    self._step(decodes, prefill)
+                    self._step(decodes, prefills)
                 except Exception:  # a bug of ours, not a request's: log it and keep serving
                     log.exception("engine step failed outside any request")
             for request in self.scheduler.running():
@@ -137,16 +145,43 @@ class Engine:
         for request in [r for r in self.scheduler.running() if r.cancel.is_set()]:
             self._finish(request, interrupted=bool(request.generated) or request.picker is not None)
 
-    def _admit(self) -> Request | None:
-        """The request that gets this step's prefill slot: the most urgent one, started if it was
-        waiting and its KV cache fits; else the most urgent one already started, if any."""
-        request = self.scheduler.next_prefill()
-        if request is None or request.state != WAITING:
-            return request
+    def _plan(self) -> list[Request]:
+        """This step's prefill work: the requests not decoding yet, most urgent first, each given
+        windows to encode (`step_windows`) and prompt tokens to prefill (`step_tokens`) until the
+        step's budgets are spent. A waiting request is started when its turn comes and its KV cache
+        fits; one that does not fit holds the waiting ones behind it (first come, first served),
+        not the started ones. A step that carries an interactive turn's work carries no long
+        prefill's beside it: a voice turn waits for the long one's step in flight, never for a
+        share of the budget it left over."""
+        frames, tokens, planned, admitting = self.encode_frames_per_step, self.prefill_step_tokens, [], True
+        for request in self.scheduler.candidates():  # interactive ones first
+            if (frames <= 0 and tokens <= 0) or (planned and planned[0].interactive and not request.interactive):
+                break
+            if request.state == WAITING:  # started only when its turn comes and it gets work now
+                if not (admitting and (frames if request.clips else tokens) > 0 and self._admit(request)):
+                    admitting = False  # and the waiting ones behind it wait too
+                    continue
+            request.step_windows, request.step_tokens = 0, 0
+            pending = request.windows[request.windows_done:]
+            for clip, index in pending:  # a step always takes a window when none is planned yet
+                cost = encoder.run_frames(clip.frames[index])
+                if cost > frames and (frames < self.encode_frames_per_step or request.step_windows):
+                    break
+                frames -= cost
+                request.step_windows += 1
+            if request.step_windows == len(pending):  # encoded by this step's end: it may prefill in it
+                request.step_tokens = min(tokens, self.prefill_chunk_tokens, len(request.ids) - request.fed)
+                tokens -= request.step_tokens
+            if request.step_windows or request.step_tokens:
+                planned.append(request)
+        return planned
+
+    def _admit(self, request: Request) -> bool:
+        """Start a waiting request if its KV cache fits; False if it must wait (or failed, or was
+        cancelled meanwhile)."""
         if request.cancel.is_set():
             self.cancel(request)
-            return None
-        started = self.scheduler.started_prefills()
+            return False
         try:
             extra = (len(request.ids) + request.budget) * self.kv_bytes_per_token
             busy = {id(r.cache) for r in self.scheduler.running()}
@@ -155,57 +190,74 @@ class Engine:
                 if not request.waited_for_memory:
                     log.info("KV memory is full: a turn waits until a running one finishes")
                     request.waited_for_memory = True
-                return started  # no room until a running request finishes: it waits, the others go on
+                return False  # no room until a running request finishes: it waits, the others go on
             if not self.scheduler.start(request):
-                return started  # cancelled meanwhile
+                return False  # cancelled meanwhile
             request.start_len = request.cache.get_seq_length()
             request.cache.reserve(request.start_len + len(request.ids) + request.budget)  # one allocation per turn
         except Exception as exc:  # e.g. out of memory bringing its cache back: this request fails, not the engine
             log.exception("a turn could not be admitted")
             self._finish(request, error=exc)
-            return started
-        return request
+            return False
+        return True
 
-    def _step(self, decodes: list[Request], prefill: Request | None) -> None:
+    def _step(self, decodes: list[Request], prefills: list[Request]) -> None:
         self.steps += 1
-        if prefill is not None and not prefill.encoded:
-            try:
-                self._encode_some(prefill)
-            except Exception as exc:  # its own failure: the decoding requests did not take part
-                log.exception("encoding a clip failed; its turn is told and rolled back")
-                self._finish(prefill, error=exc)
-            prefill = None
-        if prefill is not None and prefill.embeds is None:
-            try:  # every clip is encoded: lay the turn's embeddings out once
-                prefill.embeds = self.embed(prefill.ids, torch.cat(prefill.audio) if prefill.audio else None)
-                prefill.audio = []
-            except Exception as exc:  # its own failure: the decoding requests go on
-                log.exception("a turn's embeddings could not be laid out")
-                self._finish(prefill, error=exc)
-                prefill = None
+        self._encode_planned([r for r in prefills if r.step_windows])
+        ready = []
+        for request in prefills:
+            if not request.step_tokens or request.state != PREFILLING:
+                continue
+            if request.embeds is None:
+                try:  # every clip is encoded: lay the turn's embeddings out once
+                    audio_embeds = torch.cat([request.audio[k] for k in range(len(request.audio))]) if request.audio else None
+                    request.embeds = self.embed(request.ids, audio_embeds)
+                    request.audio = {}
+                except Exception as exc:  # its own failure: the others go on
+                    log.exception("a turn's embeddings could not be laid out")
+                    self._finish(request, error=exc)
+                    continue
+            ready.append(request)
         try:
-            rows = self._forward(decodes, prefill)
+            rows = self._forward(decodes, ready)
             tokens = pick([r.picker for r, _ in rows], torch.stack([logits for _, logits in rows])) if rows else []
         except Exception as exc:
             log.exception("engine step failed; its requests are told and rolled back")
-            for request in decodes + ([prefill] if prefill is not None else []):
+            for request in decodes + ready:
                 self._finish(request, error=exc)
             return
         self._update([r for r, _ in rows], tokens)
 
-    def _encode_some(self, request: Request) -> None:
-        t0 = time.perf_counter()
-        windows = [(c, w) for c in request.clips for w in range(len(c.frames))]
-        batch = windows[request.windows_done:request.windows_done + self.encode_windows_per_step]
-        clip = batch[0][0]
-        same = [w for c, w in batch if c is clip]
-        request.audio.append(self.encode(clip, windows=range(same[0], same[-1] + 1)))
-        request.windows_done += len(same)
-        request.encode_s += _sync(self.loaded.device) - t0
+    def _encode_planned(self, requests: list[Request]) -> None:
+        """Encode the windows planned for `requests`, windows of different turns sharing calls; a
+        failing call fails the turns whose windows were in it (their sessions are rolled back)."""
+        jobs = []  # (clip, window index, request, window number in the request)
+        for request in requests:
+            windows = request.windows
+            jobs += [(*windows[k], request, k) for k in range(request.windows_done, request.windows_done + request.step_windows)]
+            request.windows_done += request.step_windows
+        for batch in encoder.batches(jobs, self.encode_batch_frames):
+            batch = [job for job in batch if job[2].state == PREFILLING]  # not one that failed in this step
+            if not batch:
+                continue
+            owners = list(dict.fromkeys(job[2] for job in batch))
+            t0 = time.perf_counter()
+            try:
+                embeds = self.encode_windows([(clip, index) for clip, index, _, _ in batch])
+            except Exception as exc:  # their own failure: the decoding requests did not take part
+                log.exception("encoding a clip failed; its turn is told and rolled back")
+                for request in owners:
+                    self._finish(request, error=exc)
+                continue
+            took = _sync(self.loaded.device) - t0
+            for (_, _, request, k), rows in zip(batch, embeds):
+                request.audio[k] = rows
+            for request in owners:
+                request.encode_s += took
 
-    def _forward(self, decodes: list[Request], prefill: Request | None) -> list[tuple[Request, torch.Tensor]]:
+    def _forward(self, decodes: list[Request], prefills: list[Request]) -> list[tuple[Request, torch.Tensor]]:
         """One forward pass; (request, next-token logits) for every request that needs a token now."""
-        if self.decode != "eager" and len(decodes) == 1 and prefill is None:
+        if self.decode != "eager" and len(decodes) == 1 and not prefills:
             return [(decodes[0], self._static_step(decodes[0]))]
         segments, pieces, wanting = [], [], []
         if decodes:
@@ -215,21 +267,23 @@ class Engine:
                 segments.append(Segment(r.cache, r.cache.get_seq_length(), 1))
                 wanting.append(r)
         t0 = time.perf_counter()
-        if prefill is not None:
-            n = min(self.prefill_chunk_tokens, len(prefill.ids) - prefill.fed)
-            pieces.append(prefill.embeds[prefill.fed:prefill.fed + n])
-            segments.append(Segment(prefill.cache, prefill.cache.get_seq_length(), n))
+        for request in prefills:
+            n = request.step_tokens
+            pieces.append(request.embeds[request.fed:request.fed + n])
+            segments.append(Segment(request.cache, request.cache.get_seq_length(), n))
         if not segments:
             return []
         logits = self.run_segments(segments, torch.cat(pieces))
         rows = list(zip(wanting, logits))
-        if prefill is not None:
-            prefill.fed += segments[-1].length
-            prefill.prefill_s += _sync(self.loaded.device) - t0
-            if prefill.fed == len(prefill.ids):
-                prefill.embeds = None
-                self._prefilled(prefill)
-                rows.append((prefill, logits[-1]))
+        if prefills:
+            took = _sync(self.loaded.device) - t0
+            for request, row in zip(prefills, logits[len(decodes):]):
+                request.fed += request.step_tokens
+                request.prefill_s += took
+                if request.fed == len(request.ids):
+                    request.embeds = None
+                    self._prefilled(request)
+                    rows.append((request, row))
         return rows
 
     def run_segments(self, segments: list[Segment], embeds: torch.Tensor) -> torch.Tensor:
@@ -297,36 +351,14 @@ class Engine:
     # ---- building blocks ----
 
     def encode(self, clip: Clip, windows: range | None = None) -> torch.Tensor:
-        """Clip (or some of its windows) → audio embeddings `[tokens, text_hidden]` in the model dtype.
-
-        Windows are encoded in batches; each window's tokens are rotated by their absolute time in
-        the clip (window index × 30 s + 40 ms × position), as the checkpoint was trained.
-        """
-        net, dev, dt = self.loaded.model.model, self.loaded.device, self.loaded.dtype
+        """Clip (or some of its windows) → audio embeddings `[tokens, text_hidden]` in the model dtype."""
         windows = windows if windows is not None else range(len(clip.frames))
-        out = []
-        for first in range(windows.start, windows.stop, ENCODE_BATCH_WINDOWS):
-            last = min(first + ENCODE_BATCH_WINDOWS, windows.stop)
-            feats = clip.features[first:last].to(dev, dt)
-            frames = torch.tensor(clip.frames[first:last], device=dev)
-            mask = torch.arange(feats.shape[-1], device=dev)[None, :] < frames[:, None]
-            hidden = net.audio_tower(feats, input_features_mask=mask, return_dict=True).last_hidden_state
-            hidden = self._rotate_by_time(hidden, first)
-            embeds = net.multi_modal_projector(hidden)
-            for row, f in enumerate(frames.tolist()):
-                out.append(embeds[row, :audio.audio_tokens(f)])
-        return torch.cat(out)
+        return encoder.encode_clip(self.loaded.model, clip, windows, self.loaded.device, self.loaded.dtype,
+                                   self.encode_batch_frames)
 
-    def _rotate_by_time(self, hidden: torch.Tensor, first_window: int) -> torch.Tensor:
-        from transformers.models.musicflamingo.modeling_musicflamingo import apply_rotary_time_emb
-
-        net = self.loaded.model.model
-        per_window = hidden.shape[-2]  # 750 tokens per 30 s window
-        windows = torch.arange(first_window, first_window + hidden.shape[0], device=hidden.device)
-        offsets = torch.arange(per_window, device=hidden.device, dtype=torch.float32) * AUDIO_STEP_S
-        stamps = windows.unsqueeze(1) * per_window * AUDIO_STEP_S + offsets  # seconds, as the stock code does
-        cos, sin = net.pos_emb(stamps, seq_len=per_window)
-        return apply_rotary_time_emb(hidden, cos, sin)
+    def encode_windows(self, windows: list[encoder.Window]) -> list[torch.Tensor]:
+        """One encoder call over windows of any clips; each window's embeddings (encoder.py)."""
+        return encoder.encode_windows(self.loaded.model, windows, self.loaded.device, self.loaded.dtype)
 
     def embed(self, ids: list[int], audio_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings of `ids` [len, hidden], their `<sound>` slots filled from `audio_embeds`."""

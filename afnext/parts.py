@@ -6,8 +6,8 @@ part plus a text-only merge session:
 
 1. The first question reads the recording part by part. Each part's session is asked the question
    with the part's clip and where the part lies in the whole; the parts are in flight together on
-   the engine, whose steps batch their decodes (its one prefill slot takes their encodes and
-   prefills in turn). A part is handed over once the one before it has begun answering, so at most
+   the engine, whose steps batch their decodes (their encodes and prefills share each step's
+   budgets). A part is handed over once the one before it has begun answering, so at most
    two parts' features (92 MB each) are ever in memory, however long the recording.
 2. Each part's answer, its times made absolute (`think.shift_times`), goes into one turn of the
    merge session, which answers the question for the whole recording; that answer streams as the

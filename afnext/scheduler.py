@@ -2,13 +2,14 @@
 
 A request is one turn of one session: encode its clips, prefill its new tokens into the session's
 KV cache, then decode its reply. Every step advances every decoding request by one token (batched in
-one forward pass) and at most one other request by one unit of work: a batch of its clip's windows
-through the audio encoder, or one chunk of its prefill. So a 30-minute ingest (45,000 tokens) delays
-everyone else's next token by one chunk, never by the whole ingest.
+one forward pass) and shares two budgets among the requests not decoding yet: audio frames through
+the encoder and prompt tokens into the caches. So a 30-minute ingest (45,000 tokens) delays everyone
+else's next token by one step's budget, never by the whole ingest, and many voice turns arriving
+together are encoded and prefilled together instead of one per step.
 
-Which request gets the prefill slot: interactive turns first (a voice turn or a short question adds
-at most INTERACTIVE_TOKENS), then the rest, each class first come first served. A long prefill that
-is overtaken keeps what it has prefilled and goes on when the slot is free again. The queue is
+Who gets the budgets first: interactive turns (a voice turn or a short question adds at most
+INTERACTIVE_TOKENS), then the rest, each class first come first served (`candidates`). A long prefill
+that is overtaken keeps what it has prefilled and goes on with what the others leave. The queue is
 observable (`ahead`), cancels of waiting requests take effect at once, and the policy here touches
 no tensor: the engine executes what it picks and reports back.
 """
@@ -59,10 +60,12 @@ class Request:
     arrival: int = field(default_factory=lambda: next(_arrivals))
     state: str = WAITING
     # progress, kept by the engine
-    audio: list = field(default_factory=list)  # encoded windows' embeddings so far
-    windows_done: int = 0
+    audio: dict = field(default_factory=dict)  # encoded windows' embeddings so far, by window number
+    windows_done: int = 0  # windows handed to the encoder (encoded by the end of the step)
     embeds: object = None  # [len(ids), hidden] once every clip is encoded
     fed: int = 0  # of `ids`, how many are in the cache
+    step_windows: int = 0  # this step's share: windows to encode
+    step_tokens: int = 0  # and prompt tokens to prefill (the engine's plan)
     generated: list[int] = field(default_factory=list)
     picker: object = None
     start_len: int | None = None  # cache length when the request started: a rollback crops back to it
@@ -75,6 +78,11 @@ class Request:
     @property
     def interactive(self) -> bool:
         return len(self.ids) <= INTERACTIVE_TOKENS
+
+    @property
+    def windows(self) -> list[tuple[object, int]]:
+        """Every window of its clips, in prompt order: (clip, index in the clip)."""
+        return [(c, w) for c in self.clips for w in range(len(c.frames))]
 
     @property
     def encoded(self) -> bool:
@@ -129,17 +137,12 @@ class Scheduler:
             if not (self.waiting or self.prefilling or self.decoding):
                 self._work.wait(timeout)
 
-    def next_prefill(self) -> Request | None:
-        """The request that should get the prefill slot: the most urgent started or waiting one."""
+    def candidates(self) -> list[Request]:
+        """The requests not decoding yet, most urgent first: started ones, and waiting ones while the
+        batch has room for them (waiting ones are in the order they would start)."""
         with self._lock:
-            if len(self.decoding) >= self.max_batch:
-                return min(self.prefilling, key=_priority, default=None)
-            return min(self.prefilling + self.waiting[:1], key=_priority, default=None)
-
-    def started_prefills(self) -> Request | None:
-        """The most urgent request whose prefill has begun."""
-        with self._lock:
-            return min(self.prefilling, key=_priority, default=None)
+            room = max(0, self.max_batch - len(self.decoding) - len(self.prefilling))
+            return sorted(self.prefilling + self.waiting[:room], key=_priority)
 
     def start(self, request: Request) -> bool:
         """Admit a waiting request (the engine found room for its KV cache); False if it was

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from afnext import encoder
 from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import Interrupted, TextDelta, TurnDone
@@ -147,18 +148,18 @@ def test_a_short_turn_overtakes_a_long_prefill(fresh_engine, monkeypatch):
     """A 5 s voice turn asked while a 10-minute recording is being prefilled gets its first token
     after at most one of the long prefill's chunks (the one in flight) plus its own work."""
     recording = prepare_clip(noise(600.0), fresh_engine.loaded.mel_filters)
-    work, real_forward, real_encode = [], fresh_engine.run_segments, fresh_engine._encode_some
+    work, real_forward, real_encode = [], fresh_engine.run_segments, fresh_engine.encode_windows
 
     def forward(segments, embeds):  # which session each prefill chunk belongs to
         work.extend(("prefill", id(s.cache)) for s in segments if s.length > 1)
         return real_forward(segments, embeds)
 
-    def encode(request):
-        work.append(("encode", id(request.cache)))
-        return real_encode(request)
+    def encode(windows):  # whose windows each encoder call runs
+        work.extend(("encode", "long" if clip is recording else "voice") for clip in dict.fromkeys(c for c, _ in windows))
+        return real_encode(windows)
 
     monkeypatch.setattr(fresh_engine, "run_segments", forward)
-    monkeypatch.setattr(fresh_engine, "_encode_some", encode)
+    monkeypatch.setattr(fresh_engine, "encode_windows", encode)
     long_session, voice = Session(fresh_engine), Session(fresh_engine)
     long_turn = threading.Thread(target=lambda: list(long_session.ask(
         "Summarise it.", recording, options=GenerationOptions(max_new_tokens=2))))
@@ -172,8 +173,9 @@ def test_a_short_turn_overtakes_a_long_prefill(fresh_engine, monkeypatch):
     after = work[asked:]
     long_turn.join(120)
     assert first.text is not None
-    ours = [i for i, (_, cache) in enumerate(after) if cache != long_cache]
-    overtaken = [w for w in after[:ours[-1]] if w[1] == long_cache] if ours else []
+    long_work = {("encode", "long"), ("prefill", long_cache)}
+    ours = [i for i, w in enumerate(after) if w not in long_work]
+    overtaken = [w for w in after[:ours[-1]] if w in long_work] if ours else []
     assert len(overtaken) <= 1, f"the long prefill ran {len(overtaken)} units before the voice turn's first token"
     chunks = sum(1 for kind, cache in work if kind == "prefill" and cache == long_cache)
     assert chunks >= 10, "the recording must be prefilled in chunks for this to mean anything"
@@ -203,7 +205,7 @@ def test_a_turn_waiting_for_kv_memory_lets_the_started_ingest_go_on(loaded):
 
 
 def test_a_failing_encoder_fails_only_its_own_turn(fresh_engine, monkeypatch):
-    def broken(clip, windows=None):
+    def broken(windows):
         raise RuntimeError("CUDA out of memory (simulated) while encoding")
 
     chat, audio, got = Session(fresh_engine), Session(fresh_engine), {}
@@ -211,7 +213,7 @@ def test_a_failing_encoder_fails_only_its_own_turn(fresh_engine, monkeypatch):
     reader.start()
     while not fresh_engine.scheduler.decoding:
         time.sleep(0.001)
-    monkeypatch.setattr(fresh_engine, "encode", broken)
+    monkeypatch.setattr(fresh_engine, "encode_windows", broken)
     with pytest.raises(RuntimeError, match="simulated"):
         list(audio.ask("What is this?", noise(2.0), options=LONG))
     reader.join(60)
@@ -226,3 +228,43 @@ def test_a_closed_engine_refuses_new_turns_and_the_session_stays_usable(loaded):
     with pytest.raises(RuntimeError, match="closed"):
         list(session.ask("Hello?"))
     assert session.wait(1), "a turn that never began does not hold the session"
+
+
+def test_voice_turns_arriving_together_share_encoder_calls_and_prefill_steps(fresh_engine, monkeypatch):
+    """Four 5 s voice turns asked while the engine is busy start in one step: their clips go through
+    the encoder in one call, each running 6 s of frames, not 30 (encoder.py), and their prompts are
+    prefilled together in that step and the next; each reply equals its solo run."""
+    clips = [noise(5.0, seed=20 + i) for i in range(4)]
+    alone = [_ids(Session(fresh_engine).ask(audio=clip, options=LONG)) for clip in clips]
+    calls, real_encode = [], fresh_engine.encode_windows
+
+    def encode(windows):
+        calls.append([encoder.run_frames(clip.frames[index]) for clip, index in windows])
+        return real_encode(windows)
+
+    monkeypatch.setattr(fresh_engine, "encode_windows", encode)
+    prefills, real_forward, hold = [], fresh_engine.run_segments, threading.Event()
+
+    def forward(segments, embeds):
+        prefills.append(sum(s.length > 1 for s in segments))
+        deadline = time.monotonic() + 30
+        while hold.is_set() and fresh_engine.waiting < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)  # the busy turn's step lasts until all four have arrived
+        hold.clear()
+        return real_forward(segments, embeds)
+
+    monkeypatch.setattr(fresh_engine, "run_segments", forward)
+    busy = ask(Session(fresh_engine), "text only")
+    next(e for e in busy if isinstance(e, TextDelta))
+    hold.set()
+    got: dict[int, tuple[int, ...]] = {}
+    threads = [threading.Thread(target=lambda i=i: got.update(
+        {i: _ids(Session(fresh_engine).ask(audio=clips[i], options=LONG))})) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    busy.close()
+    assert [got[i] for i in range(4)] == alone, "a reply of a shared step differs from its solo run"
+    assert calls == [[600] * 4], f"encoder calls (frames run per window): {calls}"
+    assert max(prefills) >= 3, f"no step prefilled several turns: {prefills}"

@@ -197,16 +197,17 @@ def test_empty_turn_is_refused(engine):
         run(Session(engine), "   ")
 
 
-@pytest.mark.parametrize("batch_windows", [1, 2, 16])
-def test_encoding_equals_stock_audio_features(engine, tiny_dir, monkeypatch, batch_windows):
-    """Window-batched encoding with our own time stamps equals the stock path on a 3-window clip."""
+@pytest.mark.parametrize(("seconds", "batch_windows"), [(65.0, 1), (65.0, 2), (65.0, 16), (0.5, 16), (5.0, 16),
+                                                      (29.99, 16), (30.0, 16), (31.0, 16)])
+def test_encoding_equals_stock_audio_features(engine, tiny_dir, monkeypatch, seconds, batch_windows):
+    """Window-batched encoding with our own time stamps, running only the frames each window needs,
+    equals the stock path (which runs every window's whole 30 s) on clips of one to three windows."""
     from transformers import AutoProcessor
 
-    import afnext.engine as engine_module
     from afnext.clip import prepare_clip
 
-    monkeypatch.setattr(engine_module, "ENCODE_BATCH_WINDOWS", batch_windows)
-    clip_audio = noise(65.0, seed=5)
+    monkeypatch.setattr(engine, "encode_batch_frames", batch_windows * 3000)  # whole windows per call
+    clip_audio = noise(seconds, seed=5)
     processor = AutoProcessor.from_pretrained(tiny_dir)
     messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "Hi"}]}]
     inputs = processor(text=[processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)],
@@ -215,7 +216,8 @@ def test_encoding_equals_stock_audio_features(engine, tiny_dir, monkeypatch, bat
         stock = engine.loaded.model.get_audio_features(
             inputs["input_features"], inputs["input_features_mask"], inputs["input_ids"]).pooler_output
         ours = engine.encode(prepare_clip(clip_audio, engine.loaded.mel_filters))
-    assert ours.shape == stock.shape == (1625, engine.loaded.model.config.text_config.hidden_size)
+    tokens = {65.0: 1625, 0.5: 12, 5.0: 125, 29.99: 750, 30.0: 750, 31.0: 775}[seconds]
+    assert ours.shape == stock.shape == (tokens, engine.loaded.model.config.text_config.hidden_size)
     torch.testing.assert_close(ours, stock, rtol=1e-4, atol=1e-5)
 
 
