@@ -51,18 +51,54 @@ def batches(items: Sequence[tuple], max_frames: int = BATCH_FRAMES) -> list[list
     return calls
 
 
+class EncoderPass:
+    """One encoder call over `windows` (of any clips), which may run a few layers at a time: the
+    convolutions and positions when it is made, `advance` through the layers, then `finish` pools,
+    rotates by time and projects. A long ingest's 30 s window can so take two steps on CPU, and a
+    voice turn arriving meanwhile waits out half a window, not a whole one."""
+
+    def __init__(self, model, windows: Sequence[Window], device: torch.device, dtype: torch.dtype) -> None:
+        from transformers.masking_utils import create_bidirectional_mask
+
+        self.net, self.windows = model.model, list(windows)
+        tower = self.net.audio_tower
+        self.valid_frames = [clip.frames[index] for clip, index in self.windows]
+        length = max(run_frames(f) for f in self.valid_frames)
+        self.frames = length * len(self.windows)  # frames run through each layer: a layer's cost
+        feats = torch.stack([clip.features[index, :, :length] for clip, index in self.windows]).to(device, dtype)
+        valid = (torch.tensor(self.valid_frames, device=device) - 1) // 2 + 1  # positions after conv2's stride
+        hidden = torch.nn.functional.gelu(tower.conv1(feats))
+        hidden = torch.nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
+        self.hidden = hidden + tower.embed_positions.weight[:hidden.shape[1]]
+        keep = torch.arange(hidden.shape[1], device=device)[None, :] < valid[:, None]
+        self.mask = create_bidirectional_mask(config=tower.config, inputs_embeds=self.hidden, attention_mask=keep)
+        self.layers_done = 0
+
+    @property
+    def layers_left(self) -> int:
+        return len(self.net.audio_tower.layers) - self.layers_done
+
+    def advance(self, layers: int) -> None:
+        """Run the next `layers` of the tower's layers."""
+        for layer in self.net.audio_tower.layers[self.layers_done:self.layers_done + layers]:
+            self.hidden = layer(self.hidden, self.mask)
+        self.layers_done = min(self.layers_done + layers, len(self.net.audio_tower.layers))
+
+    def finish(self) -> list[torch.Tensor]:
+        """Each window's embeddings [tokens, text hidden], once every layer has run."""
+        assert self.layers_left == 0, "the pass has layers left to run"
+        tower = self.net.audio_tower
+        hidden = tower.layer_norm(tower.avg_pooler(self.hidden.permute(0, 2, 1)).permute(0, 2, 1))
+        indices = torch.tensor([index for _, index in self.windows], device=hidden.device)
+        embeds = self.net.multi_modal_projector(_rotate_by_time(self.net, hidden, indices))
+        return [embeds[row, :audio.audio_tokens(f)] for row, f in enumerate(self.valid_frames)]
+
+
 def encode_windows(model, windows: Sequence[Window], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-    """One encoder call over `windows` (of any clips); each window's embeddings [tokens, text hidden]."""
-    net = model.model
-    tower = net.audio_tower
-    frames = [clip.frames[index] for clip, index in windows]
-    length = max(run_frames(f) for f in frames)
-    feats = torch.stack([clip.features[index, :, :length] for clip, index in windows]).to(device, dtype)
-    valid = (torch.tensor(frames, device=device) - 1) // 2 + 1  # positions after conv2's stride
-    hidden = _tower(tower, feats, valid)
-    hidden = _rotate_by_time(net, hidden, torch.tensor([index for _, index in windows], device=device))
-    embeds = net.multi_modal_projector(hidden)
-    return [embeds[row, :audio.audio_tokens(f)] for row, f in enumerate(frames)]
+    """One encoder call over `windows` (of any clips), every layer at once; each window's embeddings."""
+    run = EncoderPass(model, windows, device, dtype)
+    run.advance(run.layers_left)
+    return run.finish()
 
 
 def encode_clip(model, clip: Clip, windows: range, device: torch.device, dtype: torch.dtype,
@@ -73,22 +109,6 @@ def encode_clip(model, clip: Clip, windows: range, device: torch.device, dtype: 
         for (_, index), embeds in zip(batch, encode_windows(model, batch, device, dtype)):
             out[index] = embeds
     return torch.cat([out[w] for w in windows])
-
-
-def _tower(tower, feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The audio tower's forward (transformers' AudioFlamingo3Encoder) over `feats` [b, mels, frames]
-    of any length up to a window; `valid` positions per row after the convolutions."""
-    from transformers.masking_utils import create_bidirectional_mask
-
-    hidden = torch.nn.functional.gelu(tower.conv1(feats))
-    hidden = torch.nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
-    hidden = hidden + tower.embed_positions.weight[:hidden.shape[1]]
-    keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < valid[:, None]
-    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=hidden, attention_mask=keep)
-    for layer in tower.layers:
-        hidden = layer(hidden, mask)
-    hidden = tower.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
-    return tower.layer_norm(hidden)
 
 
 def _rotate_by_time(net, hidden: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ One worker thread runs the loop, vLLM-style: schedule → execute → update, on
   urgent first (interactive turns), sharing the step's budgets of audio frames to encode and prompt
   tokens to prefill; a waiting one is admitted when its KV cache fits (`CacheKeeper` moves idle
   sessions' caches to CPU memory to make room; none is ever dropped).
-- execute: the audio encoder on the planned windows (several turns' windows share a call,
-  encoder.py), then one forward pass over the packed step — one token per decoding request and each
+- execute: the audio encoder on the planned windows (several turns' windows share a call; a long
+  ingest's window may take its layers over several steps, encoder.py), then one forward pass over the packed step — one token per decoding request and each
   planned prefill chunk, a turn whose clip was encoded in this step included (attention.py).
 - update: every row that needs a token gets it in one batched pick (sampling.py); tokens stream to
   their callers; finished, cancelled and failed requests are settled with their sessions.
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 PREFILL_CHUNK_TOKENS = {"cuda": 2048, "cpu": 256}
 PREFILL_STEP_TOKENS = {"cuda": 2048, "cpu": 512}
 ENCODE_FRAMES_PER_STEP = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES}
+# A long ingest's share of that: on CPU half a window, so its 30 s windows take two steps each (half the
+# encoder's layers a step) and a voice turn asked meanwhile waits out half a window's encoding, not a
+# whole one's (a window's attention spans all of it, so layers are the only place to cut it).
+ENCODE_CHUNK_FRAMES = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES // 2}
 IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop flag
 
 
@@ -65,7 +69,7 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, *, decode: str = "eager", max_batch: int = MAX_BATCH,
                  prefill_chunk_tokens: int | None = None, prefill_step_tokens: int | None = None,
-                 encode_frames_per_step: int | None = None,
+                 encode_frames_per_step: int | None = None, encode_chunk_frames: int | None = None,
                  encode_batch_frames: int = encoder.BATCH_FRAMES) -> None:
         if decode not in decoding.MODES:
             raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
@@ -78,6 +82,8 @@ class Engine:
         self.prefill_chunk_tokens = prefill_chunk_tokens or PREFILL_CHUNK_TOKENS[kind]
         self.prefill_step_tokens = max(prefill_step_tokens or PREFILL_STEP_TOKENS[kind], self.prefill_chunk_tokens)
         self.encode_frames_per_step = encode_frames_per_step or ENCODE_FRAMES_PER_STEP[kind]
+        self.encode_chunk_frames = min(encode_chunk_frames or ENCODE_CHUNK_FRAMES[kind], self.encode_frames_per_step)
+        self.encoder_layers = len(loaded.model.model.audio_tower.layers)
         self.encode_batch_frames = encode_batch_frames  # frames run per encoder call: bounds its activations
         self.keeper = CacheKeeper(loaded.device)  # the sessions' KV caches under memory pressure
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
@@ -147,34 +153,61 @@ class Engine:
 
     def _plan(self) -> list[Request]:
         """This step's prefill work: the requests not decoding yet, most urgent first, each given
-        windows to encode (`step_windows`) and prompt tokens to prefill (`step_tokens`) until the
-        step's budgets are spent. A waiting request is started when its turn comes and its KV cache
+        encoder work (`step_windows` whole windows, or `step_layers` of one window's layers) and
+        prompt tokens to prefill (`step_tokens`) until the step's budgets are spent. A waiting request is started when its turn comes and its KV cache
         fits; one that does not fit holds the waiting ones behind it (first come, first served),
         not the started ones. A step that carries an interactive turn's work carries no long
         prefill's beside it: a voice turn waits for the long one's step in flight, never for a
         share of the budget it left over."""
-        frames, tokens, planned, admitting = self.encode_frames_per_step, self.prefill_step_tokens, [], True
+        work, tokens, planned, admitting = self.encode_frames_per_step * self.encoder_layers, self.prefill_step_tokens, [], True
         for request in self.scheduler.candidates():  # interactive ones first
-            if (frames <= 0 and tokens <= 0) or (planned and planned[0].interactive and not request.interactive):
+            if (work <= 0 and tokens <= 0) or (planned and planned[0].interactive and not request.interactive):
                 break
             if request.state == WAITING:  # started only when its turn comes and it gets work now
-                if not (admitting and (frames if request.clips else tokens) > 0 and self._admit(request)):
+                if not (admitting and (work if request.clips else tokens) > 0 and self._admit(request)):
                     admitting = False  # and the waiting ones behind it wait too
                     continue
-            request.step_windows, request.step_tokens = 0, 0
-            pending = request.windows[request.windows_done:]
-            for clip, index in pending:  # a step always takes a window when none is planned yet
-                cost = encoder.run_frames(clip.frames[index])
-                if cost > frames and (frames < self.encode_frames_per_step or request.step_windows):
-                    break
-                frames -= cost
-                request.step_windows += 1
-            if request.step_windows == len(pending):  # encoded by this step's end: it may prefill in it
+            work -= self._plan_encoding(request, work, fresh=not any(r.step_windows or r.step_layers for r in planned))
+            if request.windows_done + request.step_windows == len(request.windows) and (
+                    request.encoding is None or request.step_layers == request.encoding.layers_left):
+                # encoded by this step's end: it may prefill in it
                 request.step_tokens = min(tokens, self.prefill_chunk_tokens, len(request.ids) - request.fed)
                 tokens -= request.step_tokens
-            if request.step_windows or request.step_tokens:
+            else:
+                request.step_tokens = 0
+            if request.step_windows or request.step_layers or request.step_tokens:
                 planned.append(request)
         return planned
+
+    def _plan_encoding(self, request: Request, work: int, fresh: bool) -> int:
+        """Give `request` encoder work out of `work` (frames × layers left in this step); returns what
+        it takes. Whole windows while they fit its share — the step's budget for an interactive turn,
+        `encode_chunk_frames` for a long ingest — else the next layers of the window it has part-way
+        through the encoder, or of its next window. `fresh`: no encoder work is planned in this step
+        yet, so it takes a layer at least, fitting or not."""
+        layers = self.encoder_layers
+        share = max(0, work if request.interactive else min(work, self.encode_chunk_frames * layers))
+        request.step_windows = request.step_layers = 0
+        if request.encoding is not None:  # a window part-way through the layers
+            per_layer = request.encoding.frames
+            request.step_layers = min(request.encoding.layers_left, share // per_layer or int(fresh))
+            return request.step_layers * per_layer
+        used = 0
+        for clip, index in request.windows[request.windows_done:]:
+            per_layer = encoder.run_frames(clip.frames[index])
+            if used + per_layer * layers > share and not request.step_windows:
+                # its next window does not fit whole: it goes through some layers (or whole, if the
+                # encoder has one layer and nothing else runs in this step)
+                request.step_layers = share // per_layer or int(fresh)
+                if request.step_layers < layers:
+                    used += request.step_layers * per_layer
+                    break
+                request.step_layers = 0
+            elif used + per_layer * layers > share:
+                break
+            used += per_layer * layers
+            request.step_windows += 1
+        return used
 
     def _admit(self, request: Request) -> bool:
         """Start a waiting request if its KV cache fits; False if it must wait (or failed, or was
@@ -203,7 +236,7 @@ class Engine:
 
     def _step(self, decodes: list[Request], prefills: list[Request]) -> None:
         self.steps += 1
-        self._encode_planned([r for r in prefills if r.step_windows])
+        self._encode_planned([r for r in prefills if r.step_windows or r.step_layers])
         ready = []
         for request in prefills:
             if not request.step_tokens or request.state != PREFILLING:
@@ -229,8 +262,9 @@ class Engine:
         self._update([r for r, _ in rows], tokens)
 
     def _encode_planned(self, requests: list[Request]) -> None:
-        """Encode the windows planned for `requests`, windows of different turns sharing calls; a
-        failing call fails the turns whose windows were in it (their sessions are rolled back)."""
+        """Run the encoder work planned for `requests`: whole windows of different turns share calls,
+        a window going through the layers a few at a time advances its own pass. A failing call
+        fails the turns whose windows were in it (their sessions are rolled back)."""
         jobs = []  # (clip, window index, request, window number in the request)
         for request in requests:
             windows = request.windows
@@ -238,22 +272,39 @@ class Engine:
             request.windows_done += request.step_windows
         for batch in encoder.batches(jobs, self.encode_batch_frames):
             batch = [job for job in batch if job[2].state == PREFILLING]  # not one that failed in this step
-            if not batch:
-                continue
-            owners = list(dict.fromkeys(job[2] for job in batch))
-            t0 = time.perf_counter()
-            try:
-                embeds = self.encode_windows([(clip, index) for clip, index, _, _ in batch])
-            except Exception as exc:  # their own failure: the decoding requests did not take part
-                log.exception("encoding a clip failed; its turn is told and rolled back")
-                for request in owners:
-                    self._finish(request, error=exc)
-                continue
-            took = _sync(self.loaded.device) - t0
-            for (_, _, request, k), rows in zip(batch, embeds):
-                request.audio[k] = rows
+            if batch:
+                self._encoder_call([job[2] for job in batch], lambda b=batch: self._encode_whole(b))
+        for request in requests:
+            if request.step_layers and request.state == PREFILLING:
+                self._encoder_call([request], lambda r=request: self._encode_layers(r))
+
+    def _encoder_call(self, owners: list[Request], call) -> None:
+        owners = list(dict.fromkeys(owners))
+        t0 = time.perf_counter()
+        try:
+            call()
+        except Exception as exc:  # their own failure: the decoding requests did not take part
+            log.exception("encoding a clip failed; its turn is told and rolled back")
             for request in owners:
-                request.encode_s += took
+                self._finish(request, error=exc)
+            return
+        took = _sync(self.loaded.device) - t0
+        for request in owners:
+            request.encode_s += took
+
+    def _encode_whole(self, batch: list[tuple]) -> None:
+        for (_, _, request, k), rows in zip(batch, self.encode_windows([(clip, index) for clip, index, _, _ in batch])):
+            request.audio[k] = rows
+
+    def _encode_layers(self, request: Request) -> None:
+        if request.encoding is None:  # its next window enters the encoder
+            request.encoding = self.encoder_pass([request.windows[request.windows_done]])
+            request.encoding.number = request.windows_done
+            request.windows_done += 1
+        request.encoding.advance(request.step_layers)
+        if not request.encoding.layers_left:
+            request.audio[request.encoding.number] = request.encoding.finish()[0]
+            request.encoding = None
 
     def _forward(self, decodes: list[Request], prefills: list[Request]) -> list[tuple[Request, torch.Tensor]]:
         """One forward pass; (request, next-token logits) for every request that needs a token now."""
@@ -359,6 +410,10 @@ class Engine:
     def encode_windows(self, windows: list[encoder.Window]) -> list[torch.Tensor]:
         """One encoder call over windows of any clips; each window's embeddings (encoder.py)."""
         return encoder.encode_windows(self.loaded.model, windows, self.loaded.device, self.loaded.dtype)
+
+    def encoder_pass(self, windows: list[encoder.Window]) -> encoder.EncoderPass:
+        """An encoder call to run a few layers at a time (encoder.py)."""
+        return encoder.EncoderPass(self.loaded.model, windows, self.loaded.device, self.loaded.dtype)
 
     def embed(self, ids: list[int], audio_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings of `ids` [len, hidden], their `<sound>` slots filled from `audio_embeds`."""

@@ -64,7 +64,9 @@ class Request:
     windows_done: int = 0  # windows handed to the encoder (encoded by the end of the step)
     embeds: object = None  # [len(ids), hidden] once every clip is encoded
     fed: int = 0  # of `ids`, how many are in the cache
-    step_windows: int = 0  # this step's share: windows to encode
+    encoding: object = None  # an EncoderPass over its next window, part-way through the layers
+    step_windows: int = 0  # this step's share: whole windows to encode,
+    step_layers: int = 0  # or encoder layers of a window going through a few at a time,
     step_tokens: int = 0  # and prompt tokens to prefill (the engine's plan)
     generated: list[int] = field(default_factory=list)
     picker: object = None

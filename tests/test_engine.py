@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from afnext import encoder
 from afnext.clip import prepare_clip
@@ -158,8 +159,15 @@ def test_a_short_turn_overtakes_a_long_prefill(fresh_engine, monkeypatch):
         work.extend(("encode", "long" if clip is recording else "voice") for clip in dict.fromkeys(c for c, _ in windows))
         return real_encode(windows)
 
+    submitted, real_submit = [], fresh_engine.submit
+
+    def submit(request):  # where the work log stands when a turn reaches the engine (its clip is ready)
+        submitted.append(len(work))
+        real_submit(request)
+
     monkeypatch.setattr(fresh_engine, "run_segments", forward)
     monkeypatch.setattr(fresh_engine, "encode_windows", encode)
+    monkeypatch.setattr(fresh_engine, "submit", submit)
     long_session, voice = Session(fresh_engine), Session(fresh_engine)
     long_turn = threading.Thread(target=lambda: list(long_session.ask(
         "Summarise it.", recording, options=GenerationOptions(max_new_tokens=2))))
@@ -167,10 +175,10 @@ def test_a_short_turn_overtakes_a_long_prefill(fresh_engine, monkeypatch):
     deadline = time.monotonic() + 60
     while not any(kind == "prefill" for kind, _ in work) and time.monotonic() < deadline:
         time.sleep(0.001)  # the recording is encoded and its prefill has begun
-    asked, long_cache = len(work), work[-1][1]
+    long_cache = work[-1][1]
     first = next(e for e in voice.ask(audio=noise(5.0, seed=3), options=GenerationOptions(max_new_tokens=2))
                  if isinstance(e, TextDelta))
-    after = work[asked:]
+    after = work[submitted[-1]:]
     long_turn.join(120)
     assert first.text is not None
     long_work = {("encode", "long"), ("prefill", long_cache)}
@@ -268,3 +276,58 @@ def test_voice_turns_arriving_together_share_encoder_calls_and_prefill_steps(fre
     assert [got[i] for i in range(4)] == alone, "a reply of a shared step differs from its solo run"
     assert calls == [[600] * 4], f"encoder calls (frames run per window): {calls}"
     assert max(prefills) >= 3, f"no step prefilled several turns: {prefills}"
+
+
+@pytest.fixture
+def three_layer_encoder(loaded):
+    """The tiny checkpoint's audio tower with three layers (copies of its one), so a window can go
+    through it a layer at a time."""
+    import copy
+
+    tower = loaded.model.model.audio_tower
+    one = tower.layers
+    tower.layers = torch.nn.ModuleList(copy.deepcopy(one[0]) for _ in range(3))
+    yield loaded
+    tower.layers = one
+
+
+def test_a_long_ingest_goes_through_the_encoder_a_few_layers_a_step_and_gets_the_same_reply(three_layer_encoder):
+    """A 90 s recording (2,250 audio tokens: not an interactive turn) on an engine whose ingest share
+    is half a window: each 30 s window takes its layers over several steps (the convolutions once,
+    one layer a step here), and the reply equals the one from whole windows."""
+    loaded, options = three_layer_encoder, GenerationOptions(max_new_tokens=6)
+    recording = noise(90.0, seed=9)
+    whole = Engine(loaded, encode_chunk_frames=3000)
+    try:
+        expected = _ids(Session(whole).ask("Summarise it.", recording, options=options))
+    finally:
+        whole.close()
+    staged = Engine(loaded, encode_chunk_frames=1500)
+    advances, real_pass = [], staged.encoder_pass
+
+    def encoder_pass(windows):
+        run = real_pass(windows)
+        real_advance = run.advance
+        run.advance = lambda layers: (advances.append((id(run), layers)), real_advance(layers))
+        return run
+
+    staged.encoder_pass = encoder_pass
+    try:
+        got = _ids(Session(staged).ask("Summarise it.", recording, options=options))
+    finally:
+        staged.close()
+    assert got == expected
+    assert len({run for run, _ in advances}) == 3 and [layers for _, layers in advances] == [1] * 9, advances
+
+
+def test_an_encoder_pass_run_in_parts_equals_one_run_whole(three_layer_encoder):
+    enc, loaded = encoder, three_layer_encoder
+    clip = prepare_clip(noise(40.0, seed=4), loaded.mel_filters)
+    windows = [(clip, 0), (clip, 1)]
+    with torch.inference_mode():
+        whole = enc.encode_windows(loaded.model, windows, loaded.device, loaded.dtype)
+        run = enc.EncoderPass(loaded.model, windows, loaded.device, loaded.dtype)
+        for layers in (1, 2):
+            run.advance(layers)
+        parts = run.finish()
+    assert run.layers_left == 0 and all(a.equal(b) for a, b in zip(parts, whole))
