@@ -30,7 +30,19 @@ check_setup()  # before anything imports torch: a missing one is a sentence sayi
 
 from afnext.cli import KEEP_DAYS, add_model_flags, add_tts_flags, keep_days  # noqa: E402
 from app.backend import BackendLoader, BackendOptions, start_backend  # noqa: E402
+from app.guard import REQUEST_BURST, REQUESTS_PER_S  # noqa: E402
 from app.history import MAX_HISTORY_GB  # noqa: E402
+
+
+def requests_per_second(text: str) -> float:
+    """The --requests-per-second value: a number of requests a second, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of requests a second above 0 (say 5 or 50)")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
                         "least recently used are deleted first")
     p.add_argument("--upload-quota-gb", type=float, default=4.0,
                    help="disk space uploads may take at once (GB); more are refused until some are freed")
+    p.add_argument("--requests-per-second", type=requests_per_second, default=REQUESTS_PER_S,
+                   help=f"requests one client address may make a second, after a burst of {REQUEST_BURST} "
+                        f"(default {REQUESTS_PER_S:g}; raise it for an agent making many API calls)")
     scale = p.add_argument_group("several replicas (Ray Serve: bash scripts/setup.sh requirements-serve.txt)")
     scale.add_argument("--replicas", type=int, default=None,
                        help="serve with N engine replicas behind this port (one GPU each; CPU ones without GPUs)")
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch(loader, host=args.host, port=args.port, share=args.share,
                upload_quota_bytes=int(args.upload_quota_gb * (1 << 30)), api_key=args.api_key, data=args.data,
-               keep_days=args.keep_days, max_history_gb=args.max_history_gb)
+               keep_days=args.keep_days, max_history_gb=args.max_history_gb, requests_per_s=args.requests_per_second)
     except PortBusy as exc:
         _fail(str(exc))
     except OSError as exc:  # an address this machine does not have, a port it may not use
@@ -103,7 +118,7 @@ def _replicas(args: argparse.Namespace, options: BackendOptions) -> int:
     except ValueError as exc:
         _fail(str(exc))
     served = replicas.ReplicaOptions(options, args.host, args.api_key, args.data, args.keep_days, args.max_history_gb,
-                                     int(args.upload_quota_gb * (1 << 30)))
+                                     int(args.upload_quota_gb * (1 << 30)), args.requests_per_second)
     return replicas.serve_replicas(served, scale, port=args.port, address=args.address)
 
 

@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from app.backend import BackendOptions
+from app.guard import REQUESTS_PER_S
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ReplicaOptions:
     keep_days: float
     max_history_gb: float
     upload_quota_bytes: int
+    requests_per_s: float = REQUESTS_PER_S  # per client address, after a burst (app/guard.py)
     page_secret: bytes = field(default_factory=lambda: secrets.token_bytes(32))  # one for all: tokens work anywhere
     # The folder, in each machine's temporary folder, its replicas' own folders go in: their uploads, and
     # the WAV copies any of them serves (app/web.py, assemble).
@@ -170,6 +172,7 @@ def replica_class():
             self.site = web.assemble(self.loader, host=opts.host, upload_quota_bytes=opts.upload_quota_bytes,
                                      api_key=opts.api_key, data=opts.data, keep_days=opts.keep_days,
                                      max_history_gb=opts.max_history_gb, page_secret=opts.page_secret,
+                                     requests_per_s=opts.requests_per_s,
                                      extra_middleware=[Middleware(ReplicaHeader, name=self.name)],
                                      shared_root=Path(tempfile.gettempdir()) / opts.shared)
             log.info("replica %s ready (pid %d, %d torch threads)", self.name, os.getpid(), torch.get_num_threads())

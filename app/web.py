@@ -48,7 +48,7 @@ from .access import TOKEN_ROUTE, Access, owner_of
 from .api import Api
 from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
-from .guard import UPLOAD_QUOTA_BYTES, Guard, GuardOptions
+from .guard import REQUESTS_PER_S, UPLOAD_QUOTA_BYTES, Guard, GuardOptions
 from .desk import Files, claimed, hold, live_conversations, release_memory
 from .history import MAX_HISTORY_GB, HistoryRoutes, forget_live, listing, open_store, prune_every
 from .recordings import USER_ERRORS, Recording
@@ -511,7 +511,8 @@ class Site:
 def assemble(loader: BackendLoader, *, host: str = "127.0.0.1", upload_quota_bytes: int = UPLOAD_QUOTA_BYTES,
              api_key: str | None = None, data: str | None = None, keep_days: float = KEEP_DAYS,
              max_history_gb: float = MAX_HISTORY_GB, page_secret: bytes | None = None,
-             extra_middleware: list[Middleware] = (), shared_root: Path | None = None) -> Site:
+             extra_middleware: list[Middleware] = (), shared_root: Path | None = None,
+             requests_per_s: float = REQUESTS_PER_S) -> Site:
     """The page, the OpenAI API and Realtime voice socket (/v1, with `api_key` if given) and /health;
     conversations are kept in the store in `data` (app/history.py says where by default) for `keep_days`
     after their last use, within `max_history_gb` of audio. `page_secret` signs the page's socket
@@ -540,7 +541,7 @@ def assemble(loader: BackendLoader, *, host: str = "127.0.0.1", upload_quota_byt
     demo.queue(default_concurrency_limit=GPU_CONCURRENCY, max_size=QUEUE_MAX)
     access = Access(api_key, local=host in ("127.0.0.1", "localhost", "::1"), secret=page_secret)
     gate = GuardOptions(upload_dir=uploads, public_api=PUBLIC_API, max_file_bytes=MAX_FILE_BYTES,
-                        quota_bytes=upload_quota_bytes, host_ok=access.host_ok)
+                        quota_bytes=upload_quota_bytes, rate_per_s=requests_per_s, host_ok=access.host_ok)
     voice = RealtimeServer(loader, access, store, live)
     threading.Thread(target=live.sweep_every, name="afnext-live-sweep", daemon=True).start()
     # Our routes and the gate go in when Gradio builds its FastAPI app, so they answer from the first request.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import http.client
@@ -9,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 import numpy as np
 import openai
 import pytest
@@ -24,11 +26,12 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    """`python -m app --model TINY --api-key KEY`, up once its /health answers."""
+    """`python -m app --model TINY --api-key KEY --requests-per-second 1000`, up once its /health answers."""
     port = str(free_port())
     log = tmp_path_factory.mktemp("api") / "app.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    with running(["-m", "app", "--model", str(tiny_dir), "--port", port, "--api-key", KEY], log, env=env) as (_, url):
+    args = ["-m", "app", "--model", str(tiny_dir), "--port", port, "--api-key", KEY, "--requests-per-second", "1000"]
+    with running(args, log, env=env) as (_, url):
         yield url
 
 
@@ -154,6 +157,21 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
     ok = client.chat.completions.create(model="instruct", messages=[{"role": "user", "content": "Still there?"}],
                                         max_tokens=3)
     assert ok.choices[0].message.content is not None, "the server answers the next request"
+
+
+def test_an_agent_may_make_as_many_calls_a_second_as_the_server_allows(server):
+    """Past the burst of 120, one address gets 5 calls a second by default; `--requests-per-second`
+    raises that (an agent framework calling the API in a loop): 400 calls in a row all answered (here
+    with the 400 of a body without messages, which the budget counts like any call)."""
+    from app.__main__ import requests_per_second
+
+    with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as http:
+        codes = [http.post(server + "v1/chat/completions", json={"model": "instruct"}).status_code for _ in range(400)]
+    assert codes == [400] * 400, sorted(set(codes))
+    assert requests_per_second("50") == 50.0
+    for bad in ("0", "-1", "nan", "inf", "many"):
+        with pytest.raises(argparse.ArgumentTypeError, match="requests a second above 0"):
+            requests_per_second(bad)
 
 
 def test_stop_sequences_cut_the_answer(client):
