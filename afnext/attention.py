@@ -67,9 +67,11 @@ class StepCache:
         """keys/values: [1, kv_heads, T, head_dim], segments in order → views of each session's cache."""
         out, start = _SegmentKV([seg.length for seg in self.segments]), 0
         for seg in self.segments:
-            end = start + seg.length
-            out.append(seg.cache.update(keys[:, :, start:end], values[:, :, start:end], layer_idx))
-            start = end
+            layers = seg.cache.layers  # the layer itself when it exists: Cache.update adds only its checks
+            target = layers[layer_idx] if layer_idx < len(layers) and not seg.cache.offloading else seg.cache
+            args = (keys.narrow(2, start, seg.length), values.narrow(2, start, seg.length))
+            out.append(target.update(*args) if target is not seg.cache else target.update(*args, layer_idx))
+            start += seg.length
         return out, out
 
 
@@ -81,23 +83,32 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key, value, 
     its session's earlier tokens (a mask is needed only when there are some: sdpa's own causal flag
     aligns the chunk to the first keys, not the last).
     """
+    base = module.config._afnext_base_attention  # read once a layer: a config attribute costs microseconds
     if not isinstance(key, _SegmentKV):
-        return ALL_ATTENTION_FUNCTIONS[module.config._afnext_base_attention](
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
+                                             scaling=scaling, **kwargs)
     outs, start = [], 0
     for (k, v), n in zip(key, key.lengths):
-        outs.append(_one(module, query[:, :, start:start + n], k, v, scaling))
+        outs.append(_one(module, base, query[:, :, start:start + n], k, v, scaling))
         start += n
     return torch.cat(outs, dim=1), None
 
 
-def _one(module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) -> torch.Tensor:
+def _one(module, base: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) -> torch.Tensor:
     n, total = q.shape[-2], k.shape[-2]
+    if n == 1 and base == "sdpa" and k.shape[-1] == v.shape[-1] <= 256:
+        # A decoding token: the call transformers' sdpa wrapper makes here (no mask, grouped heads as
+        # they are), made directly, without the wrapper's checks (an environment lookup, config reads).
+        # It runs once per session and layer, 0.9k times a step for 32 sessions of AF-Next's 28 layers:
+        # host time a GPU cannot hide (bench/host.py).
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, scale=scaling, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
+        return out.transpose(1, 2).contiguous()
     mask = None
     if 1 < n < total:  # a chunk after earlier tokens: row i sees the past and the chunk up to i
         mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
-    if module.config._afnext_base_attention.startswith("flash"):  # flash aligns causal to the last keys
-        fn = ALL_ATTENTION_FUNCTIONS[module.config._afnext_base_attention]
+    if base.startswith("flash"):  # flash aligns causal to the last keys
+        fn = ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, q, k, v, None, scaling=scaling, is_causal=n > 1)[0]
     if mask is not None and q.device.type == "cpu" and getattr(module, "num_key_value_groups", 1) > 1:
         # With a mask, transformers copies every past key and value once per query head of its group
