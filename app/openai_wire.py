@@ -26,7 +26,8 @@ MAX_STOP_CHARS = 256
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict types, as OpenAI checks them: "max_tokens": "4" or true is a mistake to name, not a 4 or a 1.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class TextPart(_Wire):

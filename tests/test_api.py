@@ -125,6 +125,9 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
         (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "mp3"}, stream=True), 400, "pcm16"),
         (dict(modalities=["text", "video"]), 400, "modalities"),
         (dict(stop=["a"] * 5), 400, "stop"),
+        (dict(max_tokens="4"), 400, "max_tokens: Input should be a valid integer"),  # types as OpenAI checks them
+        (dict(max_tokens=True), 400, "max_tokens"),
+        (dict(stream="yes"), 400, "stream"),
     ]
     for body, status, words in cases:
         error = bad(client, **body)
