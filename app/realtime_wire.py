@@ -161,7 +161,9 @@ def pcm16(b64: object) -> np.ndarray:
         data = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise ProtocolError("audio is not valid base64.") from None
-    return np.frombuffer(data[: len(data) // 2 * 2], np.int16)
+    if len(data) % 2:  # a cut mid-sample would shift every later sample by a byte: noise, not speech
+        raise ProtocolError(f"audio must hold whole 16-bit samples; {len(data):,} bytes is an odd count.")
+    return np.frombuffer(data, np.int16)
 
 
 def b64_pcm16(samples: np.ndarray) -> str:

@@ -289,3 +289,15 @@ def test_random_events_are_answered_and_the_session_goes_on(serve):
             if event["type"] == "error":
                 assert_sentence(event["error"]["message"])
                 assert event["error"]["code"] != "server_error", event  # the client's mistake, not a crash of ours
+
+
+def test_pcm16_cut_mid_sample_is_refused_not_shifted():
+    """Audio cut mid-sample would shift every later sample by a byte (noise, not speech): refused."""
+    import base64
+
+    import numpy as np
+
+    whole = np.arange(-3, 3, dtype=np.int16)
+    assert np.array_equal(wire.pcm16(base64.b64encode(whole.tobytes()).decode()), whole)
+    with pytest.raises(wire.ProtocolError, match="whole 16-bit samples; 11 bytes is an odd count"):
+        wire.pcm16(base64.b64encode(whole.tobytes()[:11]).decode())
