@@ -251,17 +251,21 @@ def test_voice_turns_arriving_together_share_encoder_calls_and_prefill_steps(fre
         return real_encode(windows)
 
     monkeypatch.setattr(fresh_engine, "encode_windows", encode)
-    prefills, real_forward, hold = [], fresh_engine.run_segments, threading.Event()
+    prefills, real_forward, real_plan, hold = [], fresh_engine.run_segments, fresh_engine._plan, threading.Event()
 
     def forward(segments, embeds):
         prefills.append(sum(s.length > 1 for s in segments))
-        deadline = time.monotonic() + 30
-        while hold.is_set() and fresh_engine.waiting < 4 and time.monotonic() < deadline:
-            time.sleep(0.005)  # the busy turn's step lasts until all four have arrived
-        hold.clear()
         return real_forward(segments, embeds)
 
+    def plan():  # while the four arrive the busy turn decodes alone; then they are planned together
+        deadline = time.monotonic() + 30
+        while hold.is_set() and fresh_engine.waiting < 4 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        hold.clear()
+        return real_plan()
+
     monkeypatch.setattr(fresh_engine, "run_segments", forward)
+    monkeypatch.setattr(fresh_engine, "_plan", plan)
     busy = ask(Session(fresh_engine), "text only")
     next(e for e in busy if isinstance(e, TextDelta))
     hold.set()
