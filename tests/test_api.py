@@ -26,11 +26,11 @@ MAX_TOKENS = 12
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    """`python -m app --model TINY --api-key KEY --requests-per-second 1000`, up once its /health answers."""
+    """`python -m app --model TINY --api-key KEY --requests-per-second 100000`, up once its /health answers."""
     port = str(free_port())
     log = tmp_path_factory.mktemp("api") / "app.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    args = ["-m", "app", "--model", str(tiny_dir), "--port", port, "--api-key", KEY, "--requests-per-second", "1000"]
+    args = ["-m", "app", "--model", str(tiny_dir), "--port", port, "--api-key", KEY, "--requests-per-second", "100000"]
     with running(args, log, env=env) as (_, url):
         yield url
 
