@@ -62,15 +62,17 @@ class StepCache:
 
     def __init__(self, segments: list[Segment]) -> None:
         self.segments = segments
+        self.lengths = [seg.length for seg in segments]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         """keys/values: [1, kv_heads, T, head_dim], segments in order → views of each session's cache."""
-        out, start = _SegmentKV([seg.length for seg in self.segments]), 0
+        out, start = _SegmentKV(self.lengths), 0
         for seg in self.segments:
-            layers = seg.cache.layers  # the layer itself when it exists: Cache.update adds only its checks
-            target = layers[layer_idx] if layer_idx < len(layers) and not seg.cache.offloading else seg.cache
-            args = (keys.narrow(2, start, seg.length), values.narrow(2, start, seg.length))
-            out.append(target.update(*args) if target is not seg.cache else target.update(*args, layer_idx))
+            k, v = keys.narrow(2, start, seg.length), values.narrow(2, start, seg.length)
+            if layer_idx < len(seg.cache.layers):  # the layer itself: Cache.update adds only its checks
+                out.append(seg.cache.layers[layer_idx].update(k, v))
+            else:  # a new cache's first step makes its layers
+                out.append(seg.cache.update(k, v, layer_idx))
             start += seg.length
         return out, out
 

@@ -167,7 +167,7 @@ class Engine:
                 if not (admitting and (work if request.clips else tokens) > 0 and self._admit(request)):
                     admitting = False  # and the waiting ones behind it wait too
                     continue
-            work -= self._plan_encoding(request, work, fresh=not any(r.step_windows or r.step_layers for r in planned))
+            work -= self._plan_encoding(request, work, fresh=work == self.encode_frames_per_step * self.encoder_layers)
             if request.windows_done + request.step_windows == len(request.windows) and (
                     request.encoding is None or request.step_layers == request.encoding.layers_left):
                 # encoded by this step's end: it may prefill in it
@@ -299,11 +299,10 @@ class Engine:
     def _encode_layers(self, request: Request) -> None:
         if request.encoding is None:  # its next window enters the encoder
             request.encoding = self.encoder_pass([request.windows[request.windows_done]])
-            request.encoding.number = request.windows_done
-            request.windows_done += 1
+            request.windows_done += 1  # no other window is handed over while this one is in its pass
         request.encoding.advance(request.step_layers)
         if not request.encoding.layers_left:
-            request.audio[request.encoding.number] = request.encoding.finish()[0]
+            request.audio[request.windows_done - 1] = request.encoding.finish()[0]
             request.encoding = None
 
     def _forward(self, decodes: list[Request], prefills: list[Request]) -> list[tuple[Request, torch.Tensor]]:

@@ -16,6 +16,7 @@ no tensor: the engine executes what it picks and reports back.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -81,14 +82,10 @@ class Request:
     def interactive(self) -> bool:
         return len(self.ids) <= INTERACTIVE_TOKENS
 
-    @property
+    @functools.cached_property
     def windows(self) -> list[tuple[object, int]]:
         """Every window of its clips, in prompt order: (clip, index in the clip)."""
         return [(c, w) for c in self.clips for w in range(len(c.frames))]
-
-    @property
-    def encoded(self) -> bool:
-        return self.windows_done == sum(len(c.frames) for c in self.clips)
 
 
 class Scheduler:

@@ -32,11 +32,10 @@ import torch  # noqa: E402
 
 from afnext import attention, tiny  # noqa: E402
 from afnext.bench import machine, write_json  # noqa: E402
+from afnext.bench_concurrent import run_concurrent  # noqa: E402
 from afnext.engine import Engine  # noqa: E402
 from afnext.sampling import GenerationOptions  # noqa: E402
-from afnext.session import Session  # noqa: E402
 
-QUESTION = "Tell me about the sea."
 
 
 def narrow_model(layers: int):
@@ -63,8 +62,6 @@ def decode_at_once(engine: Engine, batch: int, tokens: int) -> dict:
     """`batch` conversations asked together, each answering exactly `tokens` tokens; the figure is the
     median time of the steps in which all of them decoded and nothing else ran."""
     options = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens)
-    sessions = [Session(engine) for _ in range(batch)]
-    threads = [threading.Thread(target=lambda s=s: list(s.ask(QUESTION, options=options))) for s in sessions]
     times, step, plan, gate = [], engine._step, engine._plan, threading.Event()
 
     def timed(decodes, prefills):
@@ -82,10 +79,7 @@ def decode_at_once(engine: Engine, batch: int, tokens: int) -> dict:
 
     engine._step, engine._plan = timed, gated
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_concurrent(engine, [None] * batch, options)  # text-only turns; a failed one fails the bench
     finally:
         del engine._step, engine._plan
     ms = 1e3 * float(np.median(times))

@@ -73,7 +73,8 @@ def test_a_75_minute_recording_is_answered_over_every_part_and_followed_up_witho
     assert windows == 150  # 75 minutes of 30 s windows, each prepared once
 
     # The follow-up: no clip is prepared or encoded again, each part prefills only the question.
-    monkeypatch.setattr(scripted, "encode", lambda *a, **k: pytest.fail("a follow-up encoded audio again"))
+    for encoder_call in ("encode_windows", "encoder_pass"):  # whole windows, or a window a few layers a step
+        monkeypatch.setattr(scripted, encoder_call, lambda *a, **k: pytest.fail("a follow-up encoded audio again"))
     before = [p.session.cached_tokens for p in parted._parts]
     reply2, events2 = turn(parted.ask("And after that?", think=True, options=GenerationOptions(max_new_tokens=120)))
     assert reply2 is not None and parted.encoded_windows == windows
