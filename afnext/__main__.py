@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     _notice(loaded)
-    engine = Engine(loaded)
+    engine = Engine(loaded, kv=args.kv)
     try:
         return ask(engine, args) if args.command == "ask" else chat(engine, args)
     finally:

@@ -8,16 +8,16 @@ attention, `StepCache.update` splits the packed keys and values back into their 
 each into its own session cache; `segment_attention` then attends each segment's queries over that
 cache alone.
 
-Why per-session buffers and not a paged pool. A session's cache stays one growing buffer per layer
-(kvcache.py), read as a view: no gather, no copy per step, so a 45,000-token recording and 500-token
-voice chats decode side by side while each pays only for its own length, and the `CacheKeeper`
-moves whole sessions to CPU memory and back as before. transformers' paged cache, on sdpa, gathers
-every request's keys into one tensor each step (`index_select` over the pool) and masks a [T, all
-keys] grid — 2.4 GiB copied per step beside a 30-minute recording. The cost of our layout is one
-attention call per segment and layer; on CPU that is noise beside the matmuls. On a GPU it is
-B × 28 small launches per step, which is where flash-attn's `flash_attn_with_kvcache` over a block
-table (one call for the whole batch, and CUDA graphs per batch size) is the next step; it needs a GPU
-to build and measure, and none was at hand when this was written.
+Two KV layouts. Per-session buffers (kvcache.py, the default): a session's cache is one growing
+buffer per layer, read as a view, so a 45,000-token recording and 500-token voice chats decode side
+by side while each pays only for its own length, with no gather or copy per step; the cost is one
+attention call and one cache write per segment and layer, noise beside the matmuls on CPU, but on a
+GPU B × 28 small launches a step, more than an H200 needs to read the weights (bench/host.py). The
+paged pool (paged.py, `Engine(kv="paged")`): `PagedStep.update` writes the whole step's keys with one
+`index_copy_` per layer and `paged_attention` attends every decoding row in one call per layer —
+flash-attn's paged kernel where installed, else a gather per class of similar lengths — and each
+prefill chunk in one call of its own; its fixed addresses let a decoding step be captured as a CUDA
+graph per batch bucket (decode.py).
 
 The model keeps its own attention for everything else (stock `generate`, the audio tower): our
 function, registered under ATTENTION, hands any call that is not a step of ours to the
@@ -33,6 +33,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .paged import DecodeClass, PagedKV, PrefillChunk, flash_kernel
 
 ATTENTION = "afnext_segments"
 NO_MASKS = {"full_attention": None, "sliding_attention": None}  # the decoder skips its mask building
@@ -85,6 +87,8 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key, value, 
     its session's earlier tokens (a mask is needed only when there are some: sdpa's own causal flag
     aligns the chunk to the first keys, not the last).
     """
+    if isinstance(key, PagedKV):
+        return paged_attention(module, query, key, scaling), None
     base = module.config._afnext_base_attention  # read once a layer: a config attribute costs microseconds
     if not isinstance(key, _SegmentKV):
         return ALL_ATTENTION_FUNCTIONS[base](module, query, key, value, attention_mask, dropout=dropout,
@@ -120,6 +124,50 @@ def _one(module, base: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
     return sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=n > 1 and mask is None)[0]
+
+
+def paged_attention(module: torch.nn.Module, query: torch.Tensor, where: PagedKV, scaling) -> torch.Tensor:
+    """Attention for a step over the paged pool (paged.py): query [1, heads, T, dim] → [1, T, heads, dim].
+    The decoding rows attend in one call per class; each prefill chunk in one call of its own."""
+    step, layer = where.step, where.layer
+    pool = step.pool
+    out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
+    gqa = getattr(module, "num_key_value_groups", 1) > 1
+    for rows in step.classes:
+        attended = _decode_rows(query, rows, pool.keys[layer], pool.values[layer], scaling, gqa, step.flash)  # [b, heads, dim]
+        if rows.contiguous:
+            out[0].narrow(0, rows.first, attended.shape[0]).copy_(attended)
+        else:
+            out[0].index_copy_(0, rows.rows, attended)
+    for chunk in step.prefills:
+        out[:, chunk.start:chunk.start + chunk.length] = _prefill_chunk(module, query, chunk, pool, layer, scaling, step.flash)
+    return out
+
+
+def _decode_rows(query: torch.Tensor, rows: DecodeClass, keys: torch.Tensor, values: torch.Tensor, scaling,
+                 gqa: bool, flash: bool) -> torch.Tensor:
+    """One query token per row over its session's keys: [b, heads, dim]."""
+    q = (query[0].narrow(1, rows.first, rows.rows.shape[0]) if rows.contiguous else query[0].index_select(1, rows.rows))
+    q = q.transpose(0, 1)  # [b, heads, dim]
+    if flash:
+        return flash_kernel()(q[:, None], keys, values, cache_seqlens=rows.lengths, block_table=rows.table,
+                              softmax_scale=scaling, causal=True)[:, 0]
+    b, width = rows.index.shape  # index_select: a sixth of advanced indexing's time on CPU
+    k, v = (t.flatten(0, 1).index_select(0, rows.index.view(-1)).view(b, width, *t.shape[2:]).transpose(1, 2)
+            for t in (keys, values))  # [b, kv_heads, width, dim]
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=rows.mask, scale=scaling, enable_gqa=gqa)
+    return out[:, :, 0]
+
+
+def _prefill_chunk(module, query: torch.Tensor, chunk: PrefillChunk, pool, layer: int, scaling, flash: bool) -> torch.Tensor:
+    """A prompt chunk's queries over its session's past and itself: [1, n, heads, dim]."""
+    q = query[:, :, chunk.start:chunk.start + chunk.length]
+    if flash:
+        lengths = torch.full((1,), chunk.total, dtype=torch.int32, device=q.device)
+        return flash_kernel()(q.transpose(1, 2), pool.keys[layer], pool.values[layer], cache_seqlens=lengths,
+                              block_table=chunk.table, softmax_scale=scaling, causal=True)
+    k, v = (t.flatten(0, 1).index_select(0, chunk.index).transpose(0, 1)[None] for t in (pool.keys[layer], pool.values[layer]))
+    return _one(module, "sdpa", q, k, v, scaling)
 
 
 def install(model: torch.nn.Module) -> None:

@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="tokens per decode-speed measurement")
     p.add_argument("--decode", default="eager", choices=["eager", "static", "graphs"],
                    help="how our decoding steps run (graphs: CUDA graphs, CUDA only)")
+    p.add_argument("--kv", default="auto", choices=["auto", "buffers", "paged"], help="how KV caches are kept (afnext/paged.py)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     from .tiny import build_in_memory
@@ -251,12 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded, processor = build_in_memory(args.size, args.device, dtype)
-    engine = Engine(loaded, decode=args.decode)
+    engine = Engine(loaded, decode=args.decode, kv=args.kv)
     result = {"command": "python -m afnext.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": machine(device),
               "model": {"size": args.size, "parameters": sum(t.numel() for t in loaded.model.parameters()),
                         "dtype": str(dtype).removeprefix("torch."), "attention": loaded.attn, "weights": "random",
-                        "decode": args.decode},
+                        "decode": args.decode, "kv": engine.kv},
               "limits": limits(loaded, device), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         warm_up(engine, processor, Path(tmp))

@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="reply tokens per conversation (fixed)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of one-at-a-time vs at-once (medians reported)")
     p.add_argument("--long-seconds", type=float, default=600.0, help="the long recording ingested beside a short turn")
+    p.add_argument("--kv", default="auto", choices=["auto", "buffers", "paged"], help="how KV caches are kept (afnext/paged.py)")
+    p.add_argument("--decode", default="eager", choices=["eager", "static", "graphs"],
+                   help="how decoding steps run; with --kv paged, graphs: one CUDA graph per batch bucket (CUDA only)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     from .tiny import build_in_memory
@@ -277,11 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     loaded, _ = build_in_memory(args.size, args.device, dtype)
-    engine = Engine(loaded)
+    engine = Engine(loaded, kv=args.kv, decode=args.decode)
     result = {"command": "python -m afnext.bench_concurrent " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": machine(device),
               "model": {"size": args.size, "parameters": sum(t.numel() for t in loaded.model.parameters()),
-                        "dtype": str(dtype).removeprefix("torch."), "attention": loaded.attn, "weights": "random"}}
+                        "dtype": str(dtype).removeprefix("torch."), "attention": loaded.attn, "weights": "random",
+                        "kv": engine.kv, "decode": args.decode, "flash_paged": engine.flash}}
     t0 = time.perf_counter()
     try:
         warm_up(engine)

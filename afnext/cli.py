@@ -20,14 +20,19 @@ from .checkpoints import DEFAULT_MODEL
 from .tts import ENGINES
 
 MODEL_HELP = "hub id, local folder, or instruct|think|captioner|tiny"
+KV_HELP = ("how conversations' KV caches are kept: paged (blocks of one pool: one attention call per layer "
+           "for every conversation decoding) or buffers (one per conversation); auto, the default, is paged "
+           "on CPU and buffers on a GPU, where the pool has not been measured yet")
 DEVICE_HELP = "where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:1 …"
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, model_default: str = DEFAULT_MODEL) -> None:
-    """--model and --device: which AF-Next checkpoint to load, and where. The web app keeps its own
-    default, the short name "instruct"; the others default to that checkpoint's hub id."""
+    """--model, --device and --kv: which AF-Next checkpoint to load, where, and how its KV caches are
+    kept. The web app keeps its own default, the short name "instruct"; the others default to that
+    checkpoint's hub id."""
     parser.add_argument("--model", default=model_default, help=MODEL_HELP)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--kv", default="auto", choices=("auto", "buffers", "paged"), help=KV_HELP)
 
 
 KEEP_DAYS = 30.0  # conversations not used for this long are deleted, with the audio only they used

@@ -18,6 +18,7 @@ the requests in it with the error, rolls their sessions back, and the loop goes 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from . import audio, encoder
 from . import decode as decoding
 from .attention import NO_MASKS, Segment, StepCache, install
 from .clip import Clip
-from .kvcache import CacheKeeper, kv_bytes_per_token
+from .kvcache import CacheKeeper, SessionCache, kv_bytes_per_token
+from .paged import BlockPool, PagedCache, PoolFull, flash_kernel, plan_step
 from .model import LoadedModel
 from .sampling import TokenPicker, pick
 from .scheduler import MAX_BATCH, PREFILLING, WAITING, Request, Scheduler
@@ -49,6 +51,17 @@ ENCODE_FRAMES_PER_STEP = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_
 # whole one's (a window's attention spans all of it, so layers are the only place to cut it).
 ENCODE_CHUNK_FRAMES = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES // 2}
 IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop flag
+# How sessions' KV caches are kept: a buffer per session (kvcache.py) or blocks of one pool (paged.py).
+# "auto" is the pool on CPU, where it measured faster with 8 conversations at once and no slower beside
+# a 15,000-token recording (README, Performance), and the buffers on a GPU until the pool has been
+# measured on one.
+KV_LAYOUTS = ("auto", "buffers", "paged")
+# The paged pool's size when not given: in CPU memory a quarter of the machine's RAM (pages are taken
+# as tokens are first written, so an idle pool costs nothing), at most POOL_TOKENS_MAX; on a GPU the
+# free memory after the weights, less what a step's activations and the encoder's windows need.
+POOL_RAM_SHARE = 0.25
+POOL_TOKENS_MAX = 1 << 20
+POOL_HEADROOM_BYTES = 6 << 30
 
 
 PREFILLED = "prefilled"  # emitted when a request's prompt is in the cache and its reply begins
@@ -70,11 +83,14 @@ class Engine:
     def __init__(self, loaded: LoadedModel, *, decode: str = "eager", max_batch: int = MAX_BATCH,
                  prefill_chunk_tokens: int | None = None, prefill_step_tokens: int | None = None,
                  encode_frames_per_step: int | None = None, encode_chunk_frames: int | None = None,
-                 encode_batch_frames: int = encoder.BATCH_FRAMES) -> None:
+                 encode_batch_frames: int = encoder.BATCH_FRAMES, kv: str = "auto",
+                 kv_pool_tokens: int | None = None, kv_pool_share: float = 1.0) -> None:
         if decode not in decoding.MODES:
             raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
         if decode == "graphs" and loaded.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device.")
+        if kv not in KV_LAYOUTS:
+            raise ValueError(f"Unknown KV layout {kv!r}; choose one of {', '.join(KV_LAYOUTS)}.")
         install(loaded.model)
         kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         self.loaded = loaded
@@ -85,8 +101,20 @@ class Engine:
         self.encode_chunk_frames = min(encode_chunk_frames or ENCODE_CHUNK_FRAMES[kind], self.encode_frames_per_step)
         self.encoder_layers = len(loaded.model.model.audio_tower.layers)
         self.encode_batch_frames = encode_batch_frames  # frames run per encoder call: bounds its activations
-        self.keeper = CacheKeeper(loaded.device)  # the sessions' KV caches under memory pressure
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+        self.kv = kv if kv != "auto" else ("paged" if loaded.device.type == "cpu" else "buffers")
+        kv = self.kv
+        self.pool = BlockPool(loaded.model.config, kv_pool_tokens or self._pool_tokens(kv_pool_share), loaded.device,
+                              loaded.dtype) if kv == "paged" else None
+        # flash-attn's paged kernel reads the blocks where they lie; without it the rows are gathered (paged.py)
+        self.flash = (self.pool is not None and loaded.device.type == "cuda"
+                      and loaded.dtype in (torch.float16, torch.bfloat16) and flash_kernel() is not None)
+        if self.pool is not None:
+            log.info("paged KV pool: %d tokens (%.1f GiB), attention by %s", self.pool.capacity_tokens,
+                     self.pool.blocks * self.pool.block_bytes / 2**30, "flash-attn" if self.flash else "gathered sdpa")
+        self.keeper = CacheKeeper(loaded.device, pool=self.pool)  # the sessions' KV caches under memory pressure
+        self._buckets: dict[tuple[int, int], decoding.BucketStep] = {}  # paged static/graphs: steps per batch bucket
+        self._graph_pool = None  # the captured buckets' shared memory
         self.scheduler = Scheduler(max_batch)
         self.steps = 0  # steps run so far (tests and benchmarks read it)
         self._closed = threading.Event()
@@ -124,6 +152,19 @@ class Engine:
         """Stop the worker (requests still in flight are cancelled)."""
         self._closed.set()
         self._worker.join(30)
+
+    def new_cache(self) -> SessionCache | PagedCache:
+        """An empty session cache in this engine's KV layout."""
+        return PagedCache(self.pool) if self.pool is not None else SessionCache()
+
+    def _pool_tokens(self, share: float) -> int:
+        """The pool's default size: `share` of what the device has free beyond the headroom (a share
+        below 1 when several engines, a Think model's, are to take their pools on the same GPU)."""
+        if self.loaded.device.type != "cuda":
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            return int(min(ram * POOL_RAM_SHARE // self.kv_bytes_per_token, POOL_TOKENS_MAX) * share)
+        free, _ = torch.cuda.mem_get_info(self.loaded.device)
+        return int(max(free - POOL_HEADROOM_BYTES, 0) * share) // self.kv_bytes_per_token
 
     # ---- the loop (worker thread) ----
 
@@ -218,7 +259,8 @@ class Engine:
         try:
             extra = (len(request.ids) + request.budget) * self.kv_bytes_per_token
             busy = {id(r.cache) for r in self.scheduler.running()}
-            fits = self.keeper.claim(request.cache, extra, busy=busy) if request.kept else True
+            # a throwaway cache (the no-cache path) needs no room made in buffers, but blocks in a pool
+            fits = self.keeper.claim(request.cache, extra, busy=busy) if request.kept or self.pool is not None else True
             if not fits and self.scheduler.running():
                 if not request.waited_for_memory:
                     log.info("KV memory is full: a turn waits until a running one finishes")
@@ -228,6 +270,13 @@ class Engine:
                 return False  # cancelled meanwhile
             request.start_len = request.cache.get_seq_length()
             request.cache.reserve(request.start_len + len(request.ids) + request.budget)  # one allocation per turn
+        except PoolFull:
+            total = request.cache.get_seq_length() + len(request.ids) + request.budget
+            log.warning("a turn of %d tokens does not fit the KV pool of %d", total, self.pool.capacity_tokens)
+            self._finish(request, error=MemoryError(
+                f"This turn needs room for {total:,} tokens of context but the server's KV memory holds "
+                f"{self.pool.capacity_tokens:,}; ask for a shorter reply or start a new conversation."))
+            return False
         except Exception as exc:  # e.g. out of memory bringing its cache back: this request fails, not the engine
             log.exception("a turn could not be admitted")
             self._finish(request, error=exc)
@@ -307,8 +356,13 @@ class Engine:
 
     def _forward(self, decodes: list[Request], prefills: list[Request]) -> list[tuple[Request, torch.Tensor]]:
         """One forward pass; (request, next-token logits) for every request that needs a token now."""
-        if self.decode != "eager" and len(decodes) == 1 and not prefills:
+        if self.decode != "eager" and self.pool is None and len(decodes) == 1 and not prefills:
             return [(decodes[0], self._static_step(decodes[0]))]
+        if self.decode != "eager" and self.pool is not None and decodes and not prefills:
+            rows = [(r.cache, r.generated[-1], r.cache.get_seq_length() + 1) for r in decodes]
+            key = decoding.bucket_key(rows, self.flash)
+            if key is not None:
+                return list(zip(decodes, self._bucket(key).run(rows)))
         segments, pieces, wanting = [], [], []
         if decodes:
             tokens = torch.tensor([r.generated[-1] for r in decodes], device=self.loaded.device)
@@ -342,10 +396,23 @@ class Engine:
         positions = torch.cat([torch.arange(s.past, s.past + s.length) for s in segments])
         ends = torch.tensor([s.length for s in segments]).cumsum(0) - 1
         dev = self.loaded.device
+        cache = plan_step(self.pool, segments, self.flash) if self.pool is not None else StepCache(segments)
         out = self.loaded.model(inputs_embeds=embeds[None], position_ids=positions[None].to(dev),
-                                attention_mask=dict(NO_MASKS), cache=StepCache(segments), use_cache=True,
+                                attention_mask=dict(NO_MASKS), cache=cache, use_cache=True,
                                 logits_to_keep=ends.to(dev))
         return out.logits[0]
+
+    def _bucket(self, key: tuple[int, int]) -> decoding.BucketStep:
+        """The fixed-shape decoding step for `key` (rows, width): made, and in "graphs" mode captured,
+        on first use; kept for the engine's life (every one reads and writes the same pool)."""
+        if key not in self._buckets:
+            capture = self.decode == "graphs"
+            if capture and self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            self._buckets[key] = decoding.BucketStep(self.loaded.model, self.pool, *key, self.flash, capture, self._graph_pool)
+            log.info("decoding step for %d rows of up to %d %s made%s", *key, "blocks" if self.flash else "keys",
+                     " and captured as a CUDA graph" if capture else "")
+        return self._buckets[key]
 
     def _static_step(self, request: Request) -> torch.Tensor:
         """A step of one decoding request alone in static mode: the cache's whole buffers with a

@@ -193,6 +193,30 @@ class SessionCache(Cache):
         for layer in self.layers:
             layer.release_spare()
 
+    # ---- memory: the keeper's side (the same surface as paged.PagedCache) ----
+
+    @property
+    def away(self) -> bool:
+        """Some layer's buffers are in CPU memory, not on the device they were made on (moved out by
+        the keeper, or a fork of a cache that was)."""
+        return any(layer.is_initialized and layer._k is not None and layer._k.device != layer.device for layer in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the buffers take, spare room included."""
+        return sum(2 * layer._k.numel() * layer._k.element_size() for layer in self.layers if layer.is_initialized and layer._k is not None)
+
+    def offload(self) -> None:
+        for layer in self.layers:
+            layer.offload()
+
+    def prefetch(self) -> None:
+        for layer in self.layers:
+            layer.prefetch()
+
+    def copy(self, length: int) -> SessionCache:
+        return copy_cache(self, length)
+
 
 def new_cache() -> SessionCache:
     """An empty session cache."""
@@ -224,10 +248,9 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
     return 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
-def cache_bytes(cache: Cache) -> int:
-    """Bytes a cache's buffers take, spare room included."""
-    return sum(2 * layer._k.numel() * layer._k.element_size()
-               for layer in cache.layers if isinstance(layer, GrowingLayer) and layer.is_initialized and layer._k is not None)
+def cache_bytes(cache) -> int:
+    """Bytes a session cache takes, wherever it is (spare room included)."""
+    return cache.nbytes
 
 
 class CacheKeeper:
@@ -235,30 +258,27 @@ class CacheKeeper:
     least recently used idle ones to CPU memory, and brings each back when its session speaks again:
     a conversation is never silently dropped. Used by the engine's worker thread only.
 
-    Pressure: over `budget_bytes` of resident caches when a budget is set; otherwise, on CUDA, less
-    than `reserve_bytes` of free device memory left after the coming turn. Without either, never.
+    Pressure: with a paged `pool`, fewer free blocks than the coming turn needs; over `budget_bytes`
+    of resident caches when a budget is set; with neither a pool nor a budget, on CUDA, less than
+    `reserve_bytes` of free device memory left after the coming turn; otherwise never.
     """
 
-    def __init__(self, device: torch.device, *, budget_bytes: int | None = None, reserve_bytes: int = 2 << 30) -> None:
-        self.device, self.budget_bytes, self.reserve_bytes = device, budget_bytes, reserve_bytes
+    def __init__(self, device: torch.device, *, budget_bytes: int | None = None, reserve_bytes: int = 2 << 30,
+                 pool=None) -> None:
+        self.device, self.budget_bytes, self.reserve_bytes, self.pool = device, budget_bytes, reserve_bytes, pool
         self._last_use: weakref.WeakKeyDictionary[Cache, float] = weakref.WeakKeyDictionary()
         self._offloaded: weakref.WeakSet[Cache] = weakref.WeakSet()
         self.lock = threading.Lock()  # held while caches move; `Session.fork` copies under it
 
-    def claim(self, cache: Cache, extra_bytes: int = 0, busy: set[int] = frozenset()) -> bool:
-        """`cache`'s session is about to run a turn that adds about `extra_bytes`: bring the cache back
-        if it was moved out, then make room for the turn by moving idle ones out (never one whose
-        `id` is in `busy`: those are in the running batch). False if the room could not be made."""
+    def claim(self, cache, extra_bytes: int = 0, busy: set[int] = frozenset()) -> bool:
+        """`cache`'s session is about to run a turn that adds about `extra_bytes`: make room for the
+        turn (and for the cache itself, if it was moved out) by moving idle caches out (never one whose
+        `id` is in `busy`: those are in the running batch), then bring the cache back. False if the
+        room could not be made (the cache stays where it is)."""
         self._last_use[cache] = time.monotonic()
-        away = any(layer.is_initialized and layer._k is not None and layer._k.device != layer.device
-                   for layer in cache.layers)  # moved out by us, or a fork of a cache that was
-        if cache in self._offloaded or away:
-            with self.lock:
-                for layer in cache.layers:
-                    layer.prefetch()
-            self._offloaded.discard(cache)
-            log.info("KV cache of %.1f MiB brought back to %s", cache_bytes(cache) / 2**20, self.device)
-        while self._pressure(extra_bytes):
+        away = cache in self._offloaded or cache.away  # moved out by us, or a fork of a cache that was
+        need = extra_bytes + (cache.nbytes if away else 0)
+        while self._pressure(need):
             idle = [(t, id(c), c) for c, t in self._last_use.items()
                     if c is not cache and c not in self._offloaded and id(c) not in busy]
             if not idle:
@@ -266,22 +286,30 @@ class CacheKeeper:
                 return False
             victim = min(idle)[2]
             with self.lock:
-                for layer in victim.layers:
-                    layer.offload()
+                victim.offload()
             self._offloaded.add(victim)
-            log.info("memory pressure: moved an idle KV cache of %.1f MiB to CPU memory", cache_bytes(victim) / 2**20)
+            log.info("memory pressure: moved an idle KV cache of %.1f MiB to CPU memory", victim.nbytes / 2**20)
+        if away:
+            with self.lock:
+                cache.prefetch()
+            self._offloaded.discard(cache)
+            log.info("KV cache of %.1f MiB brought back to %s", cache.nbytes / 2**20, self.device)
         return True
 
-    def offloaded(self, cache: Cache) -> bool:
+    def offloaded(self, cache) -> bool:
         return cache in self._offloaded
 
     def resident_bytes(self) -> int:
-        return sum(cache_bytes(c) for c in list(self._last_use) if c not in self._offloaded)
+        return sum(c.nbytes for c in list(self._last_use) if c not in self._offloaded and not c.away)
 
     def _pressure(self, extra_bytes: int) -> bool:
+        # A pool: fewer free blocks than the turn needs (a block of slack: a turn's tokens rarely end
+        # on a block's edge), or over the budget when one is set too.
+        if self.pool is not None and (self.pool.free_blocks - 1) * self.pool.block_bytes < extra_bytes:
+            return True
         if self.budget_bytes is not None:
             return self.resident_bytes() + extra_bytes > self.budget_bytes
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.pool is None:
             free, _ = torch.cuda.mem_get_info(self.device)
             return free - extra_bytes < self.reserve_bytes
         return False

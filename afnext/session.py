@@ -31,7 +31,6 @@ from . import prompt
 from .clip import Clip, prepare_clip
 from .engine import PREFILLED, Engine, Finished
 from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
-from .kvcache import cache_bytes, copy_cache, new_cache
 from .prompt import MAX_TEXT_CHARS, THINK_PREFILL, THINK_PROMPT, THINK_PROMPT_INSTRUCT  # noqa: F401 (public here too)
 from .sampling import GenerationOptions
 from .scheduler import WAITING, Cancel, Request
@@ -174,7 +173,7 @@ class Session:
         kept = min(self._cached, cut)
         if self._cache is not None and kept:
             with self.engine.keeper.lock:  # the engine thread may be moving this idle cache off the GPU
-                twin._cache, twin._cached = copy_cache(self._cache, kept), kept
+                twin._cache, twin._cached = self._cache.copy(kept), kept
         return twin
 
     def truncate(self, n_messages: int) -> None:
@@ -193,7 +192,7 @@ class Session:
     @property
     def cache_bytes(self) -> int:
         """Bytes the session's KV cache takes, wherever it is (device or CPU memory)."""
-        return 0 if self._cache is None else cache_bytes(self._cache)
+        return 0 if self._cache is None else self._cache.nbytes
 
     @property
     def unencoded_clips(self) -> int:
@@ -337,7 +336,7 @@ class Session:
     def _submit(self, plan: _Plan, cancel: Cancel, out: queue.Queue) -> Request:
         clips = (self._pending if self.use_cache else self._clips) + ([plan.clip] if plan.clip else [])
         ids = (self.tokens[self._cached:] if self.use_cache else self.tokens) + plan.ids
-        cache = self._cache if self.use_cache and self._cache is not None else new_cache()
+        cache = self._cache if self.use_cache and self._cache is not None else self.engine.new_cache()
         saved = (len(self.tokens), len(self.messages), len(self._clips), self._cached, self._cache, self._last_clip_s,
                  list(self._pending))
         request = Request(plan.turn, cache, ids, clips, plan.options, plan.budget, self.tokens + plan.ids, cancel,

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             check_wav_path(args.out)
         samples = load_audio(args.input)
         synthesizer = load_synthesizer(args.tts, model=args.tts_model, device=args.device)
-        engine = Engine(load(args.model, device=args.device))
+        engine = Engine(load(args.model, device=args.device), kv=args.kv)
     except (AudioError, ModelLoadError, RuntimeError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # The model loads on its own thread while the page is served: a real checkpoint takes minutes.
-    options = BackendOptions(args.model, args.think_model, args.device, args.tts, args.tts_model)
+    options = BackendOptions(args.model, args.think_model, args.device, args.tts, args.tts_model, args.kv)
     if args.api_key is None and (args.share or args.host not in ("127.0.0.1", "localhost", "::1")):
         logging.getLogger("app").warning("The /v1 API listens beyond this computer without a key: anyone who can "
                                          "reach %s can use it. Start with --api-key KEY to require one.", args.host)

@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ class BackendOptions:
     device: str = "auto"  # auto | cpu | cuda[:n]
     tts: str = "espeak"  # espeak | pocket
     tts_model: str | None = None  # the engine's voice or checkpoint (its default when None)
+    kv: str = "auto"  # auto | buffers | paged: how the engines keep KV caches (afnext/engine.py, paged.py)
 
 
 @dataclass
@@ -66,8 +68,15 @@ def start_backend(options: BackendOptions, engine_factory: Callable[[LoadedModel
     if options.device == "auto" and not torch.cuda.is_available():
         notices.append("No GPU was found, so the model runs on the CPU: replies from a real-size model will be slow.")
         log.warning(notices[-1])
-    main = engine_factory(_model(options.model, options.device, notices))
-    think = engine_factory(_model(options.think_model, options.device, notices)) if options.think_model else main
+    # Both models load before either engine, and a paged pool sized from the free memory leaves the
+    # other engine its half: the first engine's pool would otherwise take what the second model needs.
+    loaded = [_model(options.model, options.device, notices)]
+    if options.think_model:
+        loaded.append(_model(options.think_model, options.device, notices))
+    if engine_factory is Engine:
+        engine_factory = partial(Engine, kv=options.kv, kv_pool_share=1 / len(loaded))
+    main = engine_factory(loaded[0])
+    think = engine_factory(loaded[1]) if options.think_model else main
     return Backend(main, think, _voice(options, notices), notices)
 
 

@@ -201,7 +201,7 @@ def build_assistant(args: argparse.Namespace, console: Console) -> Assistant:
     console.note(notice or LICENCE_NOTE)
     if loaded.random_weights:
         console.note("The model in use has RANDOM weights: its answers are noise (the voice loop works as usual).")
-    engine = Engine(loaded)
+    engine = Engine(loaded, kv=args.kv)
     options = AssistantOptions(half_duplex=args.half_duplex, think=args.think,
                                endpointer=EndpointerOptions(semantic=args.turn == "semantic"))
     return Assistant(Session(engine), synthesizer, options)

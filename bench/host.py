@@ -1,18 +1,19 @@
-"""The engine's own time per decoding step (host overhead), by batch size. Prints JSON.
+"""The engine's own time per decoding step (host overhead), by batch size and KV layout. Prints JSON.
 
     python bench/host.py [--batches 1,8,32,64] [--tokens 64] [--layers 28] [--out FILE]
 
 An H200 reads AF-Next's 16.5 GB of weights in about 3.4 ms, so a batched decoding step there is
 short, and what the host does per step decides the tokens per second as soon as it takes longer:
-transformers' Python per layer, and ours per session and layer (each session's keys and values
-routed into its own cache, one attention call each, afnext/attention.py). This measures it on a
-random-weight model with AF-Next's 28 decoder layers but a width of 64, where the arithmetic is
-next to nothing, so a step's time is the host's: B conversations decode `--tokens` tokens each at
-once, on one torch thread. Side by side in one run, taken in turn `--rounds` times at each size: the
-decoding tokens' attention as the engine makes it, and through transformers' sdpa wrapper (what the
-engine called before). Reported per batch size: the median time of a step in which all B decode and
-nothing else runs (median over the rounds), and the tokens/s it allows; the fixed cost of a step and the cost per session and layer, from the line through all
-batch sizes (intercept; slope / layers).
+transformers' Python per layer, and ours per session and layer. This measures it on a random-weight
+model with AF-Next's 28 decoder layers but a width of 64, where the arithmetic is next to nothing,
+so a step's time is the host's: B conversations decode `--tokens` tokens each at once, on one torch
+thread. Side by side in one run, taken in turn `--rounds` times at each size: the two KV layouts —
+per-session buffers (each session's keys written and attended by calls of its own, attention.py)
+and the paged pool (one write and one attention call per layer for the whole batch, paged.py; on
+this CPU the rows are gathered, as on a GPU without flash-attn). Reported per batch size: the
+median time of a step in which all B decode and nothing else runs (median over the rounds), and the
+tokens/s it allows; the fixed cost of a step and the cost per session and layer, from the line
+through all batch sizes (intercept; slope / layers).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from afnext import attention, tiny  # noqa: E402
+from afnext import tiny  # noqa: E402
 from afnext.bench import machine, write_json  # noqa: E402
 from afnext.bench_concurrent import run_concurrent  # noqa: E402
 from afnext.engine import Engine  # noqa: E402
@@ -44,18 +45,6 @@ def narrow_model(layers: int):
     tiny.SIZES[f"narrow{layers}"], tiny.INIT_STD[f"narrow{layers}"] = shape, tiny.INIT_STD["tiny"]
     loaded, _ = tiny.build_in_memory(f"narrow{layers}")
     return loaded
-
-
-def through_wrapper(module, base, q, k, v, scaling):
-    """The decoding tokens' attention through transformers' sdpa wrapper, as the engine called it before."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if q.shape[-2] == 1 and base == "sdpa":
-        return sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=False)[0]
-    return direct(module, base, q, k, v, scaling)
-
-
-direct = attention._one
 
 
 def decode_at_once(engine: Engine, batch: int, tokens: int) -> dict:
@@ -101,18 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(1)
-    engine = Engine(narrow_model(args.layers))
+    model = narrow_model(args.layers)
+    engines = {"buffers": Engine(model), "paged": Engine(model, kv="paged")}
     try:
-        decode_at_once(engine, 2, 8)  # first-call costs land in no figure
-        rows: dict[str, list[dict]] = {"engine": [], "transformers_wrapper": []}
+        for engine in engines.values():
+            decode_at_once(engine, 2, 8)  # first-call costs land in no figure
+        rows: dict[str, list[dict]] = {name: [] for name in engines}
         for batch in batches:  # the two ways in turn, twice, at each size: this machine drifts over a minute
             runs = {name: [] for name in rows}
-            for name, one in [("engine", direct), ("transformers_wrapper", through_wrapper)] * args.rounds:
-                attention._one = one
-                try:
-                    runs[name].append(decode_at_once(engine, batch, args.tokens))
-                finally:
-                    attention._one = direct
+            for name in list(engines) * args.rounds:
+                runs[name].append(decode_at_once(engines[name], batch, args.tokens))
             for name, done in runs.items():
                 ms = float(np.median([r["ms_per_step"] for r in done]))
                 rows[name].append({"batch": batch, "steps_timed": sum(r["steps_timed"] for r in done),
@@ -120,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "ms_per_step_runs": [r["ms_per_step"] for r in done]})
         variants = {name: summary(done, args.layers) for name, done in rows.items()}
     finally:
-        engine.close()
+        for engine in engines.values():
+            engine.close()
     command = " ".join(["python bench/host.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "date": datetime.date.today().isoformat(), "machine": machine(torch.device("cpu")),
               "model": {"decoder_layers": args.layers, "hidden_size": tiny.SIZES["tiny"]["text"]["hidden_size"],

@@ -64,6 +64,28 @@ def engine(loaded):
     eng.close()
 
 
+@pytest.fixture(scope="session")
+def buffers_engine(loaded):
+    """An engine keeping each session's KV cache in buffers of its own (afnext/kvcache.py): the GPU's
+    default for now; the `engine` fixture has the CPU's, the paged pool."""
+    from afnext.engine import Engine
+
+    eng = Engine(loaded, kv="buffers")
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def paged_engine(loaded):
+    """An engine keeping KV caches in a paged pool (afnext/paged.py), small enough that a few
+    conversations with clips fill it."""
+    from afnext.engine import Engine
+
+    eng = Engine(loaded, kv="paged", kv_pool_tokens=32 * 256)
+    yield eng
+    eng.close()
+
+
 def bench_script(name: str):
     """bench/NAME.py as a module (bench/ is a folder of scripts, not a package)."""
     import importlib.util

@@ -7,17 +7,16 @@ import json
 import numpy as np
 import pytest
 
-from afnext import attention
 from tests.conftest import bench_script
 
 
-def test_bench_host_times_full_decoding_steps_both_ways(tmp_path):
+def test_bench_host_times_full_decoding_steps_in_both_kv_layouts(tmp_path):
     host, out = bench_script("host"), tmp_path / "host.json"
     assert host.main(["--batches", "1,2,3", "--tokens", "6", "--layers", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["command"] == f"python bench/host.py --batches 1,2,3 --tokens 6 --layers 2 --out {out}"
     assert result["model"]["decoder_layers"] == 2 and result["tokens"] == 6
-    for name in ("engine", "transformers_wrapper"):
+    for name in ("buffers", "paged"):
         figures = result[name]
         assert [r["batch"] for r in figures["rows"]] == [1, 2, 3]
         for row in figures["rows"]:
@@ -26,4 +25,3 @@ def test_bench_host_times_full_decoding_steps_both_ways(tmp_path):
         slope, intercept = np.polyfit([1, 2, 3], [r["ms_per_step"] for r in figures["rows"]], 1)
         assert figures["us_per_session_layer"] == pytest.approx(slope * 1e3 / 2)
         assert figures["ms_per_step_fixed"] == pytest.approx(intercept)
-    assert attention._one is host.direct, "the engine's attention is put back after the comparison"

@@ -29,8 +29,8 @@ CONVERSATIONS = {  # name → (question, clip seconds, options)
 
 
 @pytest.fixture
-def fresh_engine(loaded):
-    engine = Engine(loaded)
+def fresh_engine(loaded, request):
+    engine = Engine(loaded, kv=getattr(request, "param", "buffers"))
     yield engine
     engine.close()
 
@@ -68,11 +68,19 @@ def batch_sizes(engine: Engine, monkeypatch) -> list[int]:
     return sizes
 
 
+@pytest.mark.parametrize("fresh_engine", ["buffers", "paged"], indirect=True)
 def test_batching_changes_no_token(fresh_engine, monkeypatch):
     """Greedy (and seeded sampled) ids of conversations decoded together — a 65 s clip, a 5 s clip,
-    text only, one joining mid-decode, one cancelled mid-decode — equal each one's solo run (fp32)."""
+    text only, one joining mid-decode, one cancelled mid-decode — equal each one's solo run (fp32),
+    with the KV cache in per-session buffers or in the paged pool (whose decoding rows then attend in
+    classes of similar length: the 65 s clip's apart from the voice turns')."""
     alone = {name: solo(fresh_engine, name) for name in CONVERSATIONS}
-    sizes = batch_sizes(fresh_engine, monkeypatch)
+    sizes, classes = batch_sizes(fresh_engine, monkeypatch), []
+    if fresh_engine.pool is not None:
+        import afnext.engine
+
+        real_plan = afnext.engine.plan_step
+        monkeypatch.setattr(afnext.engine, "plan_step", lambda *a: classes.append(len((step := real_plan(*a)).classes)) or step)
     together: dict[str, tuple[int, ...]] = {}
     sessions = {name: Session(fresh_engine) for name in CONVERSATIONS}
     list(ask(sessions["joins mid-decode"], "voice"))  # it has a turn behind it, as in its solo run
@@ -105,6 +113,8 @@ def test_batching_changes_no_token(fresh_engine, monkeypatch):
     assert 5 <= len(partial) < 40, "the cancelled reply stays in the conversation as far as it got"
     assert tuple(partial) == alone["cancelled"].token_ids[:len(partial)]
     assert max(sizes) >= 4, f"no step advanced several requests at once: {sorted(set(sizes))}"
+    if fresh_engine.pool is not None:
+        assert max(classes) >= 2, "the decoding rows never split into length classes: the gather path went untested"
 
 
 def slow_steps(engine: Engine, monkeypatch, delay_s: float) -> list[tuple[float, int]]:

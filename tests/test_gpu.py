@@ -39,6 +39,38 @@ def test_fast_decoding_picks_the_eager_tokens(mid_bf16, mode):
     assert tokens[mode] == tokens["eager"]
 
 
+@pytest.mark.parametrize("mode", ["eager", "graphs"])
+def test_the_paged_pool_picks_the_buffers_tokens_in_a_batch(mid_bf16, mode):
+    """Four conversations at once with the KV caches in the paged pool (flash-attn's paged kernel when
+    installed, else the gather), eagerly or replayed from a graph per batch bucket, against the
+    per-session buffers: bf16 rounding differs between kernels, so the first 16 greedy tokens."""
+    import threading
+
+    from afnext.engine import Engine
+    from afnext.sampling import GenerationOptions
+    from afnext.session import Session
+    from tests.conftest import noise
+
+    options = GenerationOptions(max_new_tokens=16, min_new_tokens=16)
+    tokens = {}
+    for kv, decode in (("buffers", "eager"), ("paged", mode)):
+        engine, got = Engine(mid_bf16, kv=kv, decode=decode), {}
+        try:
+            def talk(i, engine=engine, got=got):
+                session = Session(engine)
+                first = [e for e in session.ask("What is this?", noise(5.0 + 40 * (i == 0), seed=i), options=options)][-1].reply
+                got[i] = (first.token_ids, [e for e in session.ask("And then?", options=options)][-1].reply.token_ids)
+            threads = [threading.Thread(target=talk, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+        finally:
+            engine.close()
+        tokens[kv] = got
+    assert tokens["paged"] == tokens["buffers"] and len(tokens["paged"]) == 4
+
+
 def test_a_30_minute_recording_fits_a_24_gb_card():
     """The real-size model in bf16 with a 30-minute recording, the process capped at 24 GB."""
     from afnext.engine import Engine

@@ -88,7 +88,7 @@ def test_idle_caches_move_out_under_pressure_and_come_back_intact(loaded):
     from afnext.session import Session
     from tests.conftest import noise
 
-    engine = Engine(loaded)
+    engine = Engine(loaded, kv="buffers")  # the paged pool's own test: tests/test_paged.py
     try:
         short = GenerationOptions(max_new_tokens=6)
         a, b, reference = Session(engine), Session(engine), Session(engine, use_cache=False)
@@ -117,7 +117,7 @@ def test_static_mode_decodes_the_same_tokens_as_eager(loaded):
     options = GenerationOptions(max_new_tokens=12)
     replies = {}
     for mode in ("eager", "static"):
-        engine = Engine(loaded, decode=mode)
+        engine = Engine(loaded, decode=mode, kv="buffers")
         try:
             session = Session(engine)
             replies[mode] = [[e for e in session.ask(text, audio, options=options)][-1].reply.token_ids

@@ -19,6 +19,13 @@ OPTS = GenerationOptions(max_new_tokens=12)
 TURNS = [("What is this?", 5.0), ("And this one?", 30.013), ("Answer in text only.", None), ("Last one.", 65.0)]
 
 
+@pytest.fixture(params=["buffers", "paged"])
+def engine(request):
+    """Every session test on both KV layouts: per-session buffers, and a paged pool small enough that
+    the conversations here fill it (idle ones move out and come back)."""
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
 def run(session: Session, text: str, audio=None, **kw):
     """One turn; returns (reply, events)."""
     events = list(session.ask(text, audio, **{"options": OPTS, **kw}))

@@ -1,0 +1,326 @@
+"""A paged KV pool: every session's keys and values in blocks of one preallocated tensor per layer.
+
+Why (the GPU's reason). With a buffer per session (kvcache.py), a step makes one attention call and
+one cache write per session and layer: 896 Python-launched calls a step for 32 conversations on
+AF-Next's 28 layers, which an H200 finishes faster than the host issues them (bench/host.py). With
+one pool per layer and a block table per session, a step writes all of its new keys with one
+`index_copy_` per layer and the decoding tokens attend in one call per layer: flash-attn's
+`flash_attn_with_kvcache` reads each sequence's blocks where they lie (no gather), and the pool's
+fixed address is what lets a decoding step be captured as a CUDA graph per batch size (graphs.py).
+Without flash-attn (CPU, or a GPU without it) the decoding rows are gathered per length class (block
+counts within 2× of each other, so padding at most doubles the work) and attend in one sdpa call per
+class; a prefill chunk gathers its own session's blocks.
+
+On CPU the per-session buffers stay the default: their views cost no copy, and there a step's host
+time is small beside its arithmetic. `Engine(kv="paged")` (`--kv paged`) chooses this pool.
+
+A session's cache (`PagedCache`) holds its block numbers and its length. Blocks are taken when a
+turn is admitted (its prompt and reply budget, as the buffers reserve) and the spare ones go back
+when it ends; a session dropped by its owner gives its blocks back when it is collected. Under
+pressure the `CacheKeeper` moves an idle session's blocks to CPU memory (`offload`) and frees them;
+`prefetch` takes new blocks and copies them back.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+BLOCK_TOKENS = 256  # tokens per block: flash-attn's paged kernel needs a multiple of 256
+SCRATCH_BLOCK = 0  # never lent: padding rows of a fixed-shape step write and read here
+
+
+class PoolFull(RuntimeError):
+    """The pool has too few free blocks for what was asked."""
+
+
+class BlockPool:
+    """Keys and values of every session: per layer a [blocks, BLOCK_TOKENS, kv_heads, head_dim]
+    tensor (flash-attn's paged layout), lent out a block at a time."""
+
+    def __init__(self, config, tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+        text = config.get_text_config(decoder=True)
+        self.kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        self.blocks = blocks_for(tokens) + 1  # and the scratch block
+        shape = (self.blocks, BLOCK_TOKENS, self.kv_heads, self.head_dim)
+        # Empty, so in CPU memory a page is taken only when a token is first written there. Attention
+        # reads a lent block only below its session's length (written), and padding only from the
+        # scratch block, zeroed: masked keys are multiplied by 0, and 0 × NaN-garbage is NaN.
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(text.num_hidden_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(text.num_hidden_layers)]
+        for t in self.keys + self.values:
+            t[SCRATCH_BLOCK].zero_()
+        self.device, self.dtype = torch.device(device), dtype
+        self.block_bytes = 2 * len(self.keys) * self.keys[0][0].numel() * self.keys[0].element_size()
+        self._free = list(range(self.blocks - 1, SCRATCH_BLOCK, -1))  # a stack: low numbers lent first
+        self._lock = threading.Lock()  # sessions are forked, and collected, on other threads
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Tokens the pool holds in all (the scratch block aside)."""
+        return (self.blocks - 1) * BLOCK_TOKENS
+
+    def take(self, n: int) -> list[int]:
+        """`n` free blocks, or PoolFull (nothing taken)."""
+        with self._lock:
+            if n > len(self._free):
+                raise PoolFull(f"the KV pool has {len(self._free)} free blocks of {BLOCK_TOKENS} tokens, {n} are needed")
+            taken = self._free[len(self._free) - n:][::-1]
+            del self._free[len(self._free) - n:]
+        return taken
+
+    def give(self, blocks: list[int]) -> None:
+        with self._lock:
+            self._free.extend(reversed(blocks))
+
+    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s keys and values as [slots, kv_heads, head_dim] views (slot = block × BLOCK_TOKENS + offset)."""
+        return self.keys[layer].view(-1, self.kv_heads, self.head_dim), self.values[layer].view(-1, self.kv_heads, self.head_dim)
+
+
+def blocks_for(tokens: int) -> int:
+    return -(-tokens // BLOCK_TOKENS)
+
+
+def _give_back(pool: BlockPool, blocks: list[int]) -> None:
+    pool.give(blocks)
+    blocks.clear()
+
+
+class PagedCache:
+    """A session's KV cache in a `BlockPool`: its blocks, in order, and how many tokens they hold.
+    The same surface as kvcache.SessionCache, so sessions, the engine and the keeper take either."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.blocks: list[int] = []  # changed in place only: the finalizer below holds this list
+        self.length = 0
+        self.reserved = 0
+        self._away: tuple[torch.Tensor, torch.Tensor] | None = None  # in CPU memory: [layers, tokens, kv_heads, head_dim] each
+        weakref.finalize(self, _give_back, pool, self.blocks)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def reserve(self, tokens: int) -> None:
+        """Hold blocks for `tokens` in all (PoolFull if the pool has too few free)."""
+        self.reserved = tokens
+        need = blocks_for(tokens) - len(self.blocks)
+        if need > 0:
+            assert self._away is None, "a cache must be brought back before it grows"
+            self.blocks.extend(self.pool.take(need))
+
+    def release_spare(self) -> None:
+        """Blocks past the filled ones go back to the pool."""
+        self.reserved = 0
+        keep = blocks_for(self.length)
+        if len(self.blocks) > keep:
+            self.pool.give(self.blocks[keep:])
+            del self.blocks[keep:]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        self.length = max(0, self.length + tokens_to_remove)
+        if self._away is not None:
+            self._away = tuple(t[:, :self.length] for t in self._away)
+
+    def slots(self, start: int, n: int) -> torch.Tensor:
+        """Flat pool slots of this session's tokens `start` … `start + n - 1` [n] (CPU, long)."""
+        positions = torch.arange(start, start + n)
+        table = torch.tensor(self.blocks[blocks_for(start + 1) - 1:blocks_for(start + n)], dtype=torch.long)
+        return table[positions // BLOCK_TOKENS - positions[0] // BLOCK_TOKENS] * BLOCK_TOKENS + positions % BLOCK_TOKENS
+
+    # ---- memory: the keeper's side ----
+
+    @property
+    def away(self) -> bool:
+        """Moved to CPU memory (its blocks are free for others)."""
+        return self._away is not None
+
+    @property
+    def nbytes(self) -> int:
+        if self._away is not None:
+            return 2 * self._away[0].numel() * self._away[0].element_size()
+        return len(self.blocks) * self.pool.block_bytes
+
+    def offload(self) -> None:
+        """Copy the filled part to CPU memory and give every block back."""
+        if self._away is not None or not self.blocks:
+            return
+        self._away = self._stacked()
+        self.pool.give(self.blocks)
+        self.blocks.clear()
+
+    def prefetch(self) -> None:
+        """Take blocks again and copy the cache back into them (PoolFull if there are too few)."""
+        if self._away is None:
+            return
+        self.blocks.extend(self.pool.take(blocks_for(self.length)))
+        self._write(*self._away)
+        self._away = None
+
+    def copy(self, length: int) -> PagedCache:
+        """A new cache holding this one's first `length` tokens: in new blocks, or in CPU memory if this
+        one is there or the pool is full (its next turn brings it back, making room as for any turn).
+        This one is not changed."""
+        twin, n = PagedCache(self.pool), min(length, self.length)
+        twin.length = n
+        kept = self._away if self._away is not None else self._stacked()
+        try:
+            if self._away is not None:
+                raise PoolFull("stays out with its original")
+            twin.reserve(n)
+        except PoolFull:
+            twin._away = tuple(t[:, :n].clone() for t in kept)
+            return twin
+        twin._write(*(t[:, :n] for t in kept))
+        return twin
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's filled keys and values, [layers, length, kv_heads, head_dim] each, in CPU memory."""
+        if self.pool.device.type == "cuda":
+            torch.cuda.synchronize(self.pool.device)
+        table = torch.tensor(self.blocks[:blocks_for(self.length)], dtype=torch.long, device=self.pool.device)
+        return tuple(torch.stack([t[table].flatten(0, 1)[:self.length] for t in tensors]).to("cpu")
+                     for tensors in (self.pool.keys, self.pool.values))
+
+    def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        slots = self.slots(0, keys.shape[1]).to(self.pool.device)
+        for layer in range(len(self.pool.keys)):
+            k, v = self.pool.flat(layer)
+            k.index_copy_(0, slots, keys[layer].to(self.pool.device, self.pool.dtype))
+            v.index_copy_(0, slots, values[layer].to(self.pool.device, self.pool.dtype))
+
+
+@dataclass
+class DecodeClass:
+    """Decoding rows of a step that attend together: their places in the step's packed sequence and
+    lengths (this step's token included), and where their keys lie: block tables for flash-attn, or
+    the flat slots the gather reads, padded to the class's longest row and masked past each row's end."""
+
+    rows: torch.Tensor  # [b] long
+    lengths: torch.Tensor  # [b] int32
+    table: torch.Tensor | None  # [b, blocks] int32, padded with the scratch block (flash-attn)
+    index: torch.Tensor | None  # [b, width] long pool slots (the gather)
+    mask: torch.Tensor | None  # [b, 1, 1, width] bool (the gather)
+    first: int  # rows are first … first + b - 1 of the packed sequence, when `contiguous`
+    contiguous: bool
+
+
+@dataclass
+class PrefillChunk:
+    """A chunk of one session's prompt in a step: causal within itself, after the session's past."""
+
+    start: int  # its first token's place in the step's packed sequence
+    length: int  # its tokens
+    total: int  # the session's tokens once the chunk is in
+    table: torch.Tensor | None  # [1, blocks] int32 the session's blocks (flash-attn)
+    index: torch.Tensor | None  # [total] long pool slots of all its tokens (the gather)
+
+
+class PagedStep:
+    """The `cache` a step over paged sessions passes to the model. `update` writes the whole step's
+    new keys and values with one `index_copy_` per layer and hands the attention a `PagedKV` naming
+    the layer; attention.py then attends per `DecodeClass` and `PrefillChunk`."""
+
+    def __init__(self, pool: BlockPool, slots: torch.Tensor, classes: list[DecodeClass],
+                 prefills: list[PrefillChunk], flash: bool) -> None:
+        self.pool, self.slots, self.classes, self.prefills, self.flash = pool, slots, classes, prefills, flash
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """keys/values: [1, kv_heads, T, head_dim], the step's tokens in order."""
+        k, v = self.pool.flat(layer_idx)
+        k.index_copy_(0, self.slots, keys[0].transpose(0, 1))
+        v.index_copy_(0, self.slots, values[0].transpose(0, 1))
+        marker = PagedKV(self, layer_idx)
+        return marker, marker
+
+
+@dataclass(frozen=True)
+class PagedKV:
+    """What a paged step's `update` returns in place of keys and values: where to find them."""
+
+    step: PagedStep
+    layer: int
+
+
+def plan_step(pool: BlockPool, segments: list, flash: bool) -> PagedStep:
+    """A `PagedStep` for packed `segments` (attention.Segment over `PagedCache`s), in order. A segment
+    of one token attends with the decoding rows; longer ones are prefill chunks. Each session must
+    hold blocks for its new tokens (reserved at admission; taken here if not)."""
+    slots, rows, prefills, start = [], [], [], 0
+    for seg in segments:
+        cache, total = seg.cache, seg.past + seg.length
+        if blocks_for(total) > len(cache.blocks):
+            cache.reserve(total)
+        slots.append(cache.slots(seg.past, seg.length))
+        if seg.length == 1:
+            rows.append((start, cache, total))
+        elif flash:
+            table = torch.tensor([cache.blocks[:blocks_for(total)]], dtype=torch.int32, device=pool.device)
+            prefills.append(PrefillChunk(start, seg.length, total, table, None))
+        else:
+            prefills.append(PrefillChunk(start, seg.length, total, None, cache.slots(0, total).to(pool.device)))
+        start += seg.length
+        cache.length = total
+    slots = torch.cat(slots).to(pool.device)
+    return PagedStep(pool, slots, decode_classes(rows, pool.device, flash), prefills, flash)
+
+
+def decode_classes(rows: list[tuple[int, PagedCache, int]], device: torch.device, flash: bool,
+                   width: int | None = None) -> list[DecodeClass]:
+    """Decoding rows (packed index, cache, length with this step's token) grouped to attend together.
+    flash-attn reads each row's blocks where they lie: one class. The gather copies `width` keys per
+    row (the class's longest row, unless given), so rows are grouped by lengths within 2× of each
+    other: a 500-token voice chat is never padded to a 45,000-token recording's length."""
+    if not rows:
+        return []
+    if flash:
+        groups = [rows]
+    else:
+        by_size: dict[int, list] = {}
+        for row in rows:
+            by_size.setdefault((row[2] - 1).bit_length(), []).append(row)
+        groups = list(by_size.values())
+    classes = []
+    for group in groups:
+        index = [i for i, _, _ in group]
+        lengths = torch.tensor([total for _, _, total in group], dtype=torch.int32)
+        table = gather = mask = None
+        if flash:
+            w = width or max(blocks_for(total) for _, _, total in group)
+            table = torch.tensor([cache.blocks[:blocks_for(total)] + [SCRATCH_BLOCK] * (w - blocks_for(total))
+                                  for _, cache, total in group], dtype=torch.int32, device=device)
+        else:
+            w = width or int(lengths.max())
+            gather = torch.stack([_padded_slots(cache, total, w) for _, cache, total in group]).to(device)
+            mask = (torch.arange(w) < lengths[:, None])[:, None, None].to(device)
+        classes.append(DecodeClass(torch.tensor(index, device=device), lengths.to(device), table, gather, mask,
+                                   index[0], index == list(range(index[0], index[0] + len(index)))))
+    return classes
+
+
+def _padded_slots(cache: PagedCache, total: int, width: int) -> torch.Tensor:
+    """The pool slots of a session's first `total` tokens, then the scratch block's up to `width` [width]."""
+    slots = cache.slots(0, total)
+    if width > total:
+        slots = torch.cat([slots, torch.arange(width - total) % BLOCK_TOKENS + SCRATCH_BLOCK * BLOCK_TOKENS])
+    return slots
+
+
+def flash_kernel():
+    """flash-attn's `flash_attn_with_kvcache`, or None when flash-attn is not installed."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except ImportError:
+        return None
+    return flash_attn_with_kvcache

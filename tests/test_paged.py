@@ -1,0 +1,189 @@
+"""The paged KV pool: blocks lent and given back, sessions moved out and back under pressure, a turn
+too large for the pool refused in one sentence, decoding rows attending in classes of similar length."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from afnext import paged
+from afnext.engine import Engine
+from afnext.events import TurnDone
+from afnext.paged import BLOCK_TOKENS, BlockPool, PagedCache, PoolFull
+from afnext.sampling import GenerationOptions
+from afnext.session import Session
+from tests.conftest import noise
+
+SHORT = GenerationOptions(max_new_tokens=6)
+
+
+def reply(stream):
+    events = list(stream)
+    done = [e for e in events if isinstance(e, TurnDone)]
+    return done[0].reply if done else events[-1]
+
+
+@pytest.fixture
+def pool(loaded):
+    return BlockPool(loaded.model.config, 8 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
+
+
+def fill(cache: PagedCache, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write `tokens` random keys and values into every layer of `cache`; returns them [layers, tokens, heads, dim]."""
+    pool = cache.pool
+    gen = torch.Generator().manual_seed(seed)
+    shape = (len(pool.keys), tokens, pool.kv_heads, pool.head_dim)
+    keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    cache.reserve(tokens)
+    cache.length = tokens
+    cache._write(keys, values)
+    return keys, values
+
+
+def test_blocks_are_lent_given_back_and_refused_when_short(pool):
+    assert pool.free_blocks == 8 and pool.capacity_tokens == 8 * BLOCK_TOKENS
+    a = PagedCache(pool)
+    a.reserve(3 * BLOCK_TOKENS + 1)
+    assert len(a.blocks) == 4 and paged.SCRATCH_BLOCK not in a.blocks and pool.free_blocks == 4
+    with pytest.raises(PoolFull):
+        PagedCache(pool).reserve(5 * BLOCK_TOKENS)
+    assert pool.free_blocks == 4, "a refused reservation takes nothing"
+    a.length = BLOCK_TOKENS + 5
+    a.release_spare()
+    assert len(a.blocks) == 2 and pool.free_blocks == 6
+    del a
+    gc.collect()
+    assert pool.free_blocks == 8, "a dropped session's blocks go back to the pool"
+
+
+def test_slots_cross_block_edges_in_the_sessions_own_blocks(pool):
+    cache = PagedCache(pool)
+    other = PagedCache(pool)
+    other.reserve(BLOCK_TOKENS)  # someone else's block, so this session's are not the first
+    cache.reserve(3 * BLOCK_TOKENS)
+    assert cache.blocks[0] != 1
+    slots = cache.slots(BLOCK_TOKENS - 2, 4).tolist()
+    b0, b1 = cache.blocks[0], cache.blocks[1]
+    assert slots == [b0 * BLOCK_TOKENS + BLOCK_TOKENS - 2, b0 * BLOCK_TOKENS + BLOCK_TOKENS - 1, b1 * BLOCK_TOKENS, b1 * BLOCK_TOKENS + 1]
+
+
+def test_a_moved_out_cache_comes_back_whole_and_a_copy_holds_its_prefix(pool):
+    cache = PagedCache(pool)
+    keys, values = fill(cache, 300)
+    cache.offload()
+    assert cache.away and not cache.blocks and pool.free_blocks == 8
+    cache.prefetch()
+    assert not cache.away and len(cache.blocks) == 2
+    got_k, got_v = cache._stacked()
+    assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    twin = cache.copy(260)
+    assert twin.get_seq_length() == 260 and set(twin.blocks).isdisjoint(cache.blocks)
+    assert torch.equal(twin._stacked()[0], keys[:, :260])
+    cache.offload()
+    away_twin = cache.copy(100)  # a copy of a moved-out cache stays out until its turn
+    assert away_twin.away and away_twin.get_seq_length() == 100
+    away_twin.prefetch()
+    assert torch.equal(away_twin._stacked()[1], values[:, :100])
+
+
+def test_decoding_rows_attend_in_classes_of_similar_length(pool):
+    caches = [PagedCache(pool) for _ in range(4)]
+    lengths = [10, 14, 700, 260]
+    for cache, n in zip(caches, lengths):
+        cache.reserve(n)
+    rows = [(i, c, n) for i, (c, n) in enumerate(zip(caches, lengths))]
+    classes = paged.decode_classes(rows, torch.device("cpu"), flash=False)
+    assert sorted(c.rows.tolist() for c in classes) == [[0, 1], [2], [3]]
+    short = next(c for c in classes if c.rows.tolist() == [0, 1])
+    assert short.index.shape == (2, 14) and short.contiguous and short.first == 0  # the longest row's keys, no more
+    assert short.index[0, :10].tolist() == caches[0].slots(0, 10).tolist()
+    assert short.mask[0, 0, 0].sum() == 10 and short.mask[1, 0, 0].all()
+    (one,) = paged.decode_classes(rows, torch.device("cpu"), flash=True)  # flash-attn reads blocks in place: one call
+    assert one.table.shape == (4, 3) and one.table.dtype == torch.int32 and one.index is None and one.mask is None
+    assert one.table[0, 1:].tolist() == [paged.SCRATCH_BLOCK] * 2
+
+
+def test_idle_conversations_move_out_of_a_full_pool_and_come_back_intact(loaded):
+    """A pool with room for about one conversation with a clip: the second moves the first out; the
+    first's next turn brings it back (moving the second out) and answers as a full recompute does."""
+    engine = Engine(loaded, kv="paged", kv_pool_tokens=3 * BLOCK_TOKENS)
+    try:
+        a, b, reference = Session(engine), Session(engine), Session(engine, use_cache=False)
+        for session in (a, reference):
+            reply(session.ask("What is this?", noise(4.0, seed=1), options=SHORT))
+        reply(b.ask("And this?", noise(4.0, seed=2), options=SHORT))
+        assert a._cache.away and not b._cache.away
+        again = reply(a.ask("Go on.", options=SHORT))
+        assert not a._cache.away and b._cache.away
+        assert again.token_ids == reply(reference.ask("Go on.", options=SHORT)).token_ids and again.token_ids
+    finally:
+        engine.close()
+
+
+def test_a_turn_larger_than_the_pool_is_refused_in_one_sentence_and_the_session_goes_on(loaded):
+    engine = Engine(loaded, kv="paged", kv_pool_tokens=2 * BLOCK_TOKENS)
+    try:
+        session = Session(engine)
+        with pytest.raises(MemoryError) as refused:
+            list(session.ask("Tell me everything.", options=GenerationOptions(max_new_tokens=2000)))
+        message = str(refused.value)
+        assert message.startswith("This turn needs room for") and message.count(". ") == 0 and message.endswith(".")
+        assert engine.pool.free_blocks == 2, "the refused turn holds no block"
+        assert reply(session.ask("Hi.", options=SHORT)).token_ids, "the session still answers"
+    finally:
+        engine.close()
+
+
+def test_an_unknown_layout_is_refused(loaded):
+    with pytest.raises(ValueError, match="Unknown KV layout"):
+        Engine(loaded, kv="pages")
+
+
+def test_decoding_steps_of_fixed_shape_per_batch_bucket_pick_the_eager_tokens(loaded):
+    """The CUDA-graph path's step, run eagerly (static mode): batches padded to a bucket of rows, keys
+    padded to a width per bucket, padding rows writing into the scratch block. Five conversations
+    at once (one with a 23 s clip, the others 3 s), two turns each, must pick each one's solo tokens."""
+    import threading
+
+    options = GenerationOptions(max_new_tokens=24, min_new_tokens=24)
+
+    def conversation(engine, i):
+        session = Session(engine)
+        first = reply(session.ask("What is this?", noise(3.0 + 20 * (i == 0), seed=i), options=options))
+        return first.token_ids, reply(session.ask("And then?", options=options)).token_ids
+
+    alone = Engine(loaded, kv="buffers")
+    try:
+        solo = {i: conversation(alone, i) for i in range(5)}
+    finally:
+        alone.close()
+    engine = Engine(loaded, kv="paged", decode="static")
+    try:
+        together, threads = {}, []
+        for i in range(5):
+            threads.append(threading.Thread(target=lambda i=i: together.__setitem__(i, conversation(engine, i))))
+            threads[-1].start()
+        for t in threads:
+            t.join(120)
+        assert together == solo
+        sizes = {size for size, _ in engine._buckets}
+        assert max(sizes) >= 4 and sizes <= {1, 2, 4, 8}, "batches went through buckets of several rows"
+        assert all(width & (width - 1) == 0 and width >= BLOCK_TOKENS for _, width in engine._buckets)
+    finally:
+        engine.close()
+
+
+def test_a_copy_made_when_the_pool_is_full_waits_in_cpu_memory(pool):
+    """Forking a conversation never fails for want of blocks: the copy starts out in CPU memory and
+    its next turn brings it in, making room as for any turn."""
+    cache = PagedCache(pool)
+    keys, _ = fill(cache, 5 * BLOCK_TOKENS)
+    other = PagedCache(pool)
+    other.reserve(3 * BLOCK_TOKENS)  # the pool is full now
+    twin = cache.copy(4 * BLOCK_TOKENS)
+    assert twin.away and twin.get_seq_length() == 4 * BLOCK_TOKENS and pool.free_blocks == 0
+    cache.offload()
+    twin.prefetch()
+    assert torch.equal(twin._stacked()[0], keys[:, :4 * BLOCK_TOKENS])
