@@ -105,6 +105,7 @@ class PagedCache:
         self.length = 0
         self.reserved = 0
         self._away: tuple[torch.Tensor, torch.Tensor] | None = None  # in CPU memory: [layers, tokens, kv_heads, head_dim] each
+        self._map: torch.Tensor | None = None  # the pool slot of each token its blocks hold; None when blocks changed
         weakref.finalize(self, _give_back, pool, self.blocks)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -117,6 +118,7 @@ class PagedCache:
         if need > 0:
             assert self._away is None, "a cache must be brought back before it grows"
             self.blocks.extend(self.pool.take(need))
+            self._map = None
 
     def release_spare(self) -> None:
         """Blocks past the filled ones go back to the pool."""
@@ -125,6 +127,7 @@ class PagedCache:
         if len(self.blocks) > keep:
             self.pool.give(self.blocks[keep:])
             del self.blocks[keep:]
+            self._map = None
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
@@ -134,10 +137,14 @@ class PagedCache:
             self._away = tuple(t[:, :self.length] for t in self._away)
 
     def slots(self, start: int, n: int) -> torch.Tensor:
-        """Flat pool slots of this session's tokens `start` … `start + n - 1` [n] (CPU, long)."""
-        positions = torch.arange(start, start + n)
-        table = torch.tensor(self.blocks[blocks_for(start + 1) - 1:blocks_for(start + n)], dtype=torch.long)
-        return table[positions // BLOCK_TOKENS - positions[0] // BLOCK_TOKENS] * BLOCK_TOKENS + positions % BLOCK_TOKENS
+        """Flat pool slots of this session's tokens `start` … `start + n - 1` [n] (CPU, long; a view of
+        the session's slot map, made again only when its blocks change: a step asks for every
+        decoding row's, and the gather for all of a row's tokens)."""
+        if self._map is None:
+            blocks = torch.tensor(self.blocks, dtype=torch.long)
+            self._map = (blocks[:, None] * BLOCK_TOKENS + torch.arange(BLOCK_TOKENS)).view(-1)
+        assert start + n <= self._map.numel(), "slots asked past the session's blocks"
+        return self._map[start:start + n]
 
     # ---- memory: the keeper's side ----
 
@@ -159,12 +166,14 @@ class PagedCache:
         self._away = self._stacked()
         self.pool.give(self.blocks)
         self.blocks.clear()
+        self._map = None
 
     def prefetch(self) -> None:
         """Take blocks again and copy the cache back into them (PoolFull if there are too few)."""
         if self._away is None:
             return
         self.blocks.extend(self.pool.take(blocks_for(self.length)))
+        self._map = None
         self._write(*self._away)
         self._away = None
 

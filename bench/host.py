@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(1)
     model = narrow_model(args.layers)
-    engines = {"buffers": Engine(model), "paged": Engine(model, kv="paged")}
+    engines = {"buffers": Engine(model, kv="buffers"), "paged": Engine(model, kv="paged")}
     try:
         for engine in engines.values():
             decode_at_once(engine, 2, 8)  # first-call costs land in no figure
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows[name].append({"batch": batch, "steps_timed": sum(r["steps_timed"] for r in done),
                                    "ms_per_step": ms, "tok_s": batch * 1e3 / ms,
                                    "ms_per_step_runs": [r["ms_per_step"] for r in done]})
-        variants = {name: summary(done, args.layers) for name, done in rows.items()}
+        variants = {name: {"kv": engines[name].kv, **summary(done, args.layers)} for name, done in rows.items()}
     finally:
         for engine in engines.values():
             engine.close()

@@ -18,6 +18,7 @@ def test_bench_host_times_full_decoding_steps_in_both_kv_layouts(tmp_path):
     assert result["model"]["decoder_layers"] == 2 and result["tokens"] == 6
     for name in ("buffers", "paged"):
         figures = result[name]
+        assert figures["kv"] == name, "each variant ran on the layout it is named after"
         assert [r["batch"] for r in figures["rows"]] == [1, 2, 3]
         for row in figures["rows"]:
             assert row["steps_timed"] >= 3, "most of a reply's steps have every conversation decoding"
