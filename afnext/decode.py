@@ -92,7 +92,8 @@ def bucket_key(rows: list[tuple], flash: bool) -> tuple[int, int] | None:
     """(rows, width) of the fixed-shape step that takes these decoding rows ((cache, token, length)
     each), or None when there are more rows than the largest bucket. Width: blocks per row for
     flash-attn (it reads no further than each row's length), keys per row for the gather (a power of
-    two from 256: a few graphs cover every length, each pads a row at most 2×)."""
+    two from 256: a few graphs cover every length; every row is padded to the longest row's power
+    of two, so short rows beside a long one read padding that eager classes would not)."""
     size = next((b for b in BATCH_BUCKETS if b >= len(rows)), None)
     if size is None:
         return None
@@ -182,5 +183,6 @@ class BucketStep:
                 self._forward()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=mempool):
+        # thread_local: another engine's thread (a Think model on the same GPU) may call CUDA meanwhile
+        with torch.cuda.graph(self.graph, pool=mempool, capture_error_mode="thread_local"):
             self.logits = self._forward()

@@ -67,6 +67,11 @@ POOL_HEADROOM_BYTES = 6 << 30
 PREFILLED = "prefilled"  # emitted when a request's prompt is in the cache and its reply begins
 
 
+class ContextFullError(ValueError):
+    """The conversation no longer fits the model's context, or a turn the server's KV memory; the
+    message says what to do."""
+
+
 @dataclass(frozen=True)
 class Finished:
     """A request's outcome, emitted after its last token."""
@@ -84,7 +89,7 @@ class Engine:
                  prefill_chunk_tokens: int | None = None, prefill_step_tokens: int | None = None,
                  encode_frames_per_step: int | None = None, encode_chunk_frames: int | None = None,
                  encode_batch_frames: int = encoder.BATCH_FRAMES, kv: str = "auto",
-                 kv_pool_tokens: int | None = None, kv_pool_share: float = 1.0) -> None:
+                 kv_pool_tokens: int | None = None) -> None:
         if decode not in decoding.MODES:
             raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
         if decode == "graphs" and loaded.device.type != "cuda":
@@ -104,7 +109,7 @@ class Engine:
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
         self.kv = kv if kv != "auto" else ("paged" if loaded.device.type == "cpu" else "buffers")
         kv = self.kv
-        self.pool = BlockPool(loaded.model.config, kv_pool_tokens or self._pool_tokens(kv_pool_share), loaded.device,
+        self.pool = BlockPool(loaded.model.config, kv_pool_tokens or pool_tokens(loaded), loaded.device,
                               loaded.dtype) if kv == "paged" else None
         # flash-attn's paged kernel reads the blocks where they lie; without it the rows are gathered (paged.py)
         self.flash = (self.pool is not None and loaded.device.type == "cuda"
@@ -157,14 +162,6 @@ class Engine:
         """An empty session cache in this engine's KV layout."""
         return PagedCache(self.pool) if self.pool is not None else SessionCache()
 
-    def _pool_tokens(self, share: float) -> int:
-        """The pool's default size: `share` of what the device has free beyond the headroom (a share
-        below 1 when several engines, a Think model's, are to take their pools on the same GPU)."""
-        if self.loaded.device.type != "cuda":
-            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-            return int(min(ram * POOL_RAM_SHARE // self.kv_bytes_per_token, POOL_TOKENS_MAX) * share)
-        free, _ = torch.cuda.mem_get_info(self.loaded.device)
-        return int(max(free - POOL_HEADROOM_BYTES, 0) * share) // self.kv_bytes_per_token
 
     # ---- the loop (worker thread) ----
 
@@ -252,28 +249,39 @@ class Engine:
 
     def _admit(self, request: Request) -> bool:
         """Start a waiting request if its KV cache fits; False if it must wait (or failed, or was
-        cancelled meanwhile)."""
+        cancelled meanwhile). Its cache is brought back and room is made for the whole turn (prompt
+        and reply budget) before it starts, so a started turn never runs short."""
         if request.cancel.is_set():
             self.cancel(request)
             return False
+        cache = request.cache
+        total = cache.get_seq_length() + len(request.ids) + request.budget
         try:
-            extra = (len(request.ids) + request.budget) * self.kv_bytes_per_token
+            extra = cache.bytes_to_hold(total, self.kv_bytes_per_token)
             busy = {id(r.cache) for r in self.scheduler.running()}
             # a throwaway cache (the no-cache path) needs no room made in buffers, but blocks in a pool
-            fits = self.keeper.claim(request.cache, extra, busy=busy) if request.kept or self.pool is not None else True
-            if not fits and self.scheduler.running():
-                if not request.waited_for_memory:
-                    log.info("KV memory is full: a turn waits until a running one finishes")
-                    request.waited_for_memory = True
-                return False  # no room until a running request finishes: it waits, the others go on
+            if (request.kept or self.pool is not None) and not self.keeper.claim(cache, extra, busy=busy):
+                if self.scheduler.running():
+                    return self._wait_for_memory(request)
+                self.keeper.claim(cache, extra, busy=busy, force=True)  # nothing else runs: it goes ahead
+            for attempt in (1, 2):
+                try:
+                    cache.reserve(total)  # one allocation per turn
+                    break
+                except PoolFull:
+                    if self.scheduler.running():
+                        return self._wait_for_memory(request)
+                    if attempt == 2 or total > self.pool.capacity_tokens:
+                        raise
+                    # a fork took blocks between the claim and now: move it out too, then again
+                    self.keeper.claim(cache, cache.bytes_to_hold(total, self.kv_bytes_per_token), busy=busy, force=True)
             if not self.scheduler.start(request):
+                cache.release_spare()
                 return False  # cancelled meanwhile
-            request.start_len = request.cache.get_seq_length()
-            request.cache.reserve(request.start_len + len(request.ids) + request.budget)  # one allocation per turn
+            request.start_len = cache.get_seq_length()
         except PoolFull:
-            total = request.cache.get_seq_length() + len(request.ids) + request.budget
             log.warning("a turn of %d tokens does not fit the KV pool of %d", total, self.pool.capacity_tokens)
-            self._finish(request, error=MemoryError(
+            self._finish(request, error=ContextFullError(
                 f"This turn needs room for {total:,} tokens of context but the server's KV memory holds "
                 f"{self.pool.capacity_tokens:,}; ask for a shorter reply or start a new conversation."))
             return False
@@ -282,6 +290,13 @@ class Engine:
             self._finish(request, error=exc)
             return False
         return True
+
+    def _wait_for_memory(self, request: Request) -> bool:
+        """No room until a running request finishes: `request` waits, the others go on (False)."""
+        if not request.waited_for_memory:
+            log.info("KV memory is full: a turn waits until a running one finishes")
+            request.waited_for_memory = True
+        return False
 
     def _step(self, decodes: list[Request], prefills: list[Request]) -> None:
         self.steps += 1
@@ -409,7 +424,9 @@ class Engine:
             capture = self.decode == "graphs"
             if capture and self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
-            self._buckets[key] = decoding.BucketStep(self.loaded.model, self.pool, *key, self.flash, capture, self._graph_pool)
+            with self.keeper.lock:  # no fork copies this engine's blocks while a graph is captured
+                self._buckets[key] = decoding.BucketStep(self.loaded.model, self.pool, *key, self.flash, capture,
+                                                         self._graph_pool)
             log.info("decoding step for %d rows of up to %d %s made%s", *key, "blocks" if self.flash else "keys",
                      " and captured as a CUDA graph" if capture else "")
         return self._buckets[key]
@@ -491,6 +508,18 @@ class Engine:
         if n_audio:
             embeds[slots] = audio_embeds.to(embeds.dtype)
         return embeds
+
+
+def pool_tokens(loaded: LoadedModel, share: float = 1.0) -> int:
+    """A paged pool's default size in tokens: `share` of what the device has free now beyond the
+    headroom (of a quarter of the RAM, at most POOL_TOKENS_MAX, in CPU memory). Two engines on one
+    device (the Think model's) are sized before either takes its pool, each with half."""
+    per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+    if loaded.device.type != "cuda":
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return int(min(ram * POOL_RAM_SHARE // per_token, POOL_TOKENS_MAX) * share)
+    free, _ = torch.cuda.mem_get_info(loaded.device)
+    return int(max(free - POOL_HEADROOM_BYTES, 0) * share) // per_token
 
 
 def _sync(device: torch.device) -> float:

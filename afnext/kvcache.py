@@ -217,6 +217,11 @@ class SessionCache(Cache):
     def copy(self, length: int) -> SessionCache:
         return copy_cache(self, length)
 
+    def bytes_to_hold(self, tokens: int, bytes_per_token: int) -> int:
+        """Bytes this cache grows by to hold `tokens` in all (the keeper adds its own size when it
+        comes back from CPU memory)."""
+        return max(0, tokens - self.get_seq_length()) * bytes_per_token
+
 
 def new_cache() -> SessionCache:
     """An empty session cache."""
@@ -270,20 +275,24 @@ class CacheKeeper:
         self._offloaded: weakref.WeakSet[Cache] = weakref.WeakSet()
         self.lock = threading.Lock()  # held while caches move; `Session.fork` copies under it
 
-    def claim(self, cache, extra_bytes: int = 0, busy: set[int] = frozenset()) -> bool:
-        """`cache`'s session is about to run a turn that adds about `extra_bytes`: make room for the
-        turn (and for the cache itself, if it was moved out) by moving idle caches out (never one whose
-        `id` is in `busy`: those are in the running batch), then bring the cache back. False if the
-        room could not be made (the cache stays where it is)."""
+    def claim(self, cache, need_bytes: int = 0, busy: set[int] = frozenset(), force: bool = False) -> bool:
+        """`cache`'s session is about to run a turn for which the device needs `need_bytes` more
+        (`cache.bytes_to_hold`; a paged cache's includes coming back): make room by moving idle caches out (never
+        one whose `id` is in `busy`: those are in the running batch), then bring the cache back. False
+        if the room could not be made (the cache stays where it is), unless `force`: then it is
+        brought back all the same (nothing else runs; a pool too small for it raises PoolFull)."""
         self._last_use[cache] = time.monotonic()
         away = cache in self._offloaded or cache.away  # moved out by us, or a fork of a cache that was
-        need = extra_bytes + (cache.nbytes if away else 0)
-        while self._pressure(need):
+        if away and self.pool is None:  # buffers moved out (on CPU, to where they were) count on coming back
+            need_bytes += cache.nbytes
+        while self._pressure(need_bytes):
             idle = [(t, id(c), c) for c, t in self._last_use.items()
                     if c is not cache and c not in self._offloaded and id(c) not in busy]
             if not idle:
                 log.debug("KV memory is short and no idle cache is left to move out")
-                return False
+                if not force:
+                    return False
+                break
             victim = min(idle)[2]
             with self.lock:
                 victim.offload()
@@ -296,6 +305,10 @@ class CacheKeeper:
             log.info("KV cache of %.1f MiB brought back to %s", cache.nbytes / 2**20, self.device)
         return True
 
+    def track(self, cache) -> None:
+        """Count `cache` among the ones that may be moved out (a fork that has not spoken yet)."""
+        self._last_use.setdefault(cache, time.monotonic())
+
     def offloaded(self, cache) -> bool:
         return cache in self._offloaded
 
@@ -303,9 +316,9 @@ class CacheKeeper:
         return sum(c.nbytes for c in list(self._last_use) if c not in self._offloaded and not c.away)
 
     def _pressure(self, extra_bytes: int) -> bool:
-        # A pool: fewer free blocks than the turn needs (a block of slack: a turn's tokens rarely end
-        # on a block's edge), or over the budget when one is set too.
-        if self.pool is not None and (self.pool.free_blocks - 1) * self.pool.block_bytes < extra_bytes:
+        # A pool: fewer free blocks than the turn needs (`bytes_to_hold` counts whole blocks), or over
+        # the budget when one is set too.
+        if self.pool is not None and self.pool.free_blocks * self.pool.block_bytes < extra_bytes:
             return True
         if self.budget_bytes is not None:
             return self.resident_bytes() + extra_bytes > self.budget_bytes

@@ -23,6 +23,7 @@ pressure the `CacheKeeper` moves an idle session's blocks to CPU memory (`offloa
 
 from __future__ import annotations
 
+import collections
 import threading
 import weakref
 from dataclasses import dataclass
@@ -49,7 +50,8 @@ class BlockPool:
         shape = (self.blocks, BLOCK_TOKENS, self.kv_heads, self.head_dim)
         # Empty, so in CPU memory a page is taken only when a token is first written there. Attention
         # reads a lent block only below its session's length (written), and padding only from the
-        # scratch block, zeroed: masked keys are multiplied by 0, and 0 × NaN-garbage is NaN.
+        # scratch block, zeroed here and written only with padding rows' finite keys: masked keys are
+        # multiplied by 0, and 0 × NaN-garbage is NaN.
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(text.num_hidden_layers)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(text.num_hidden_layers)]
         for t in self.keys + self.values:
@@ -57,11 +59,16 @@ class BlockPool:
         self.device, self.dtype = torch.device(device), dtype
         self.block_bytes = 2 * len(self.keys) * self.keys[0][0].numel() * self.keys[0].element_size()
         self._free = list(range(self.blocks - 1, SCRATCH_BLOCK, -1))  # a stack: low numbers lent first
-        self._lock = threading.Lock()  # sessions are forked, and collected, on other threads
+        self._lock = threading.Lock()  # sessions are forked on other threads
+        # Blocks of collected sessions: their finalizer may run inside any allocation, `take` holding
+        # the lock included, so it only appends here (atomic) and the next use of the pool takes them in.
+        self._returned: collections.deque[list[int]] = collections.deque()
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        with self._lock:
+            self._take_returned()
+            return len(self._free)
 
     @property
     def capacity_tokens(self) -> int:
@@ -71,6 +78,7 @@ class BlockPool:
     def take(self, n: int) -> list[int]:
         """`n` free blocks, or PoolFull (nothing taken)."""
         with self._lock:
+            self._take_returned()
             if n > len(self._free):
                 raise PoolFull(f"the KV pool has {len(self._free)} free blocks of {BLOCK_TOKENS} tokens, {n} are needed")
             taken = self._free[len(self._free) - n:][::-1]
@@ -79,7 +87,16 @@ class BlockPool:
 
     def give(self, blocks: list[int]) -> None:
         with self._lock:
+            self._take_returned()
             self._free.extend(reversed(blocks))
+
+    def give_later(self, blocks: list[int]) -> None:
+        """Blocks of a collected session: lock-free, taken in at the pool's next use."""
+        self._returned.append(blocks)
+
+    def _take_returned(self) -> None:
+        while self._returned:
+            self._free.extend(reversed(self._returned.popleft()))
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s keys and values as [slots, kv_heads, head_dim] views (slot = block × BLOCK_TOKENS + offset)."""
@@ -91,8 +108,9 @@ def blocks_for(tokens: int) -> int:
 
 
 def _give_back(pool: BlockPool, blocks: list[int]) -> None:
-    pool.give(blocks)
-    blocks.clear()
+    """A collected session's finalizer (see BlockPool._returned)."""
+    if blocks:
+        pool.give_later(list(blocks))
 
 
 class PagedCache:
@@ -130,23 +148,29 @@ class PagedCache:
             self._map = None
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last tokens; between turns (nothing reserved) the blocks past the rest go back."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
         self.length = max(0, self.length + tokens_to_remove)
         if self._away is not None:
             self._away = tuple(t[:, :self.length] for t in self._away)
+        elif not self.reserved:
+            self.release_spare()
 
     def slots(self, start: int, n: int) -> torch.Tensor:
         """Flat pool slots of this session's tokens `start` … `start + n - 1` [n] (CPU, long; a view of
         the session's slot map, made again only when its blocks change: a step asks for every
         decoding row's, and the gather for all of a row's tokens)."""
         if self._map is None:
-            blocks = torch.tensor(self.blocks, dtype=torch.long)
-            self._map = (blocks[:, None] * BLOCK_TOKENS + torch.arange(BLOCK_TOKENS)).view(-1)
+            self._map = _slot_map(self.blocks)
         assert start + n <= self._map.numel(), "slots asked past the session's blocks"
         return self._map[start:start + n]
 
     # ---- memory: the keeper's side ----
+
+    def bytes_to_hold(self, tokens: int, bytes_per_token: int = 0) -> int:
+        """Bytes of free blocks this cache needs to hold `tokens` in all (all of them when it is out)."""
+        return max(0, blocks_for(tokens) - len(self.blocks)) * self.pool.block_bytes
 
     @property
     def away(self) -> bool:
@@ -169,45 +193,63 @@ class PagedCache:
         self._map = None
 
     def prefetch(self) -> None:
-        """Take blocks again and copy the cache back into them (PoolFull if there are too few)."""
+        """Take blocks again and copy the cache back into them (PoolFull if there are too few; then
+        nothing has changed)."""
         if self._away is None:
             return
-        self.blocks.extend(self.pool.take(blocks_for(self.length)))
-        self._map = None
-        self._write(*self._away)
-        self._away = None
+        blocks = self.pool.take(blocks_for(self.length))
+        try:
+            self._write(_slot_map(blocks), *(t[:, :self.length] for t in self._away))
+        except BaseException:
+            self.pool.give(blocks)
+            raise
+        self.blocks.extend(blocks)
+        self._map, self._away = None, None
 
     def copy(self, length: int) -> PagedCache:
-        """A new cache holding this one's first `length` tokens: in new blocks, or in CPU memory if this
-        one is there or the pool is full (its next turn brings it back, making room as for any turn).
-        This one is not changed."""
+        """A new cache holding this one's first `length` tokens: in new blocks, copied layer by layer on
+        the device, or in CPU memory if this one is there or the pool is full (its next turn brings it
+        back, making room as for any turn). This one is not changed."""
         twin, n = PagedCache(self.pool), min(length, self.length)
         twin.length = n
+        if self._away is None:
+            try:
+                twin.reserve(n)
+            except PoolFull:
+                pass
+            else:
+                source, target = (self.slots(0, n).to(self.pool.device), twin.slots(0, n).to(self.pool.device))
+                for layer in range(len(self.pool.keys)):
+                    for t in self.pool.flat(layer):
+                        t.index_copy_(0, target, t.index_select(0, source))
+                return twin
         kept = self._away if self._away is not None else self._stacked()
-        try:
-            if self._away is not None:
-                raise PoolFull("stays out with its original")
-            twin.reserve(n)
-        except PoolFull:
-            twin._away = tuple(t[:, :n].clone() for t in kept)
-            return twin
-        twin._write(*(t[:, :n] for t in kept))
+        twin._away = tuple(t[:, :n].clone() for t in kept)
         return twin
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's filled keys and values, [layers, length, kv_heads, head_dim] each, in CPU memory."""
-        if self.pool.device.type == "cuda":
-            torch.cuda.synchronize(self.pool.device)
-        table = torch.tensor(self.blocks[:blocks_for(self.length)], dtype=torch.long, device=self.pool.device)
-        return tuple(torch.stack([t[table].flatten(0, 1)[:self.length] for t in tensors]).to("cpu")
-                     for tensors in (self.pool.keys, self.pool.values))
+        """Every layer's filled keys and values, [layers, length, kv_heads, head_dim] each, in CPU
+        memory, copied a layer at a time (a temporary of one layer's share on the device, not all)."""
+        n, pool = self.length, self.pool
+        slots = self.slots(0, n).to(pool.device)
+        out = tuple(torch.empty((len(pool.keys), n, pool.kv_heads, pool.head_dim), dtype=pool.dtype) for _ in range(2))
+        for layer in range(len(pool.keys)):
+            for t, dest in zip(pool.flat(layer), out):
+                dest[layer].copy_(t.index_select(0, slots))  # to pageable CPU memory: synchronous
+        return out
 
-    def _write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        slots = self.slots(0, keys.shape[1]).to(self.pool.device)
+    def _write(self, slot_map: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keys and values [layers, n, kv_heads, head_dim] into the first n slots of `slot_map`."""
+        slots = slot_map[:keys.shape[1]].to(self.pool.device)
         for layer in range(len(self.pool.keys)):
             k, v = self.pool.flat(layer)
             k.index_copy_(0, slots, keys[layer].to(self.pool.device, self.pool.dtype))
             v.index_copy_(0, slots, values[layer].to(self.pool.device, self.pool.dtype))
+
+
+def _slot_map(blocks: list[int]) -> torch.Tensor:
+    """The pool slot of every token the blocks hold, in order [len(blocks) × BLOCK_TOKENS] (CPU, long)."""
+    return (torch.tensor(blocks, dtype=torch.long)[:, None] * BLOCK_TOKENS + torch.arange(BLOCK_TOKENS)).view(-1)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from functools import partial
 
 from . import prompt
 from .clip import Clip, prepare_clip
-from .engine import PREFILLED, Engine, Finished
+from .engine import PREFILLED, ContextFullError, Engine, Finished
 from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
 from .prompt import MAX_TEXT_CHARS, THINK_PREFILL, THINK_PROMPT, THINK_PROMPT_INSTRUCT  # noqa: F401 (public here too)
 from .sampling import GenerationOptions
@@ -50,10 +50,6 @@ class _Pending:
 PENDING = _Pending()  # what a stream asked with `wake` yields while the engine has nothing new for it
 CANCEL_POLL_S = 0.01  # how often a queued turn's stream looks at the caller's cancel event
 _turn_ids = itertools.count(1)  # turn ids, unique in the process: events carry them
-
-
-class ContextFullError(ValueError):
-    """The conversation no longer fits the model's context; the message says what to do."""
 
 
 class Session:
@@ -151,7 +147,8 @@ class Session:
         self.messages.pop()
         self._marks.pop()
         if self._cache is not None and self._cached > self._reply_at:
-            self._cache.crop(self._reply_at - self._cache.get_seq_length())
+            with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
+                self._cache.crop(self._reply_at - self._cache.get_seq_length())
             self._cached = self._reply_at
         self.extend("assistant", text)
         self._reply_at = None
@@ -174,6 +171,7 @@ class Session:
         if self._cache is not None and kept:
             with self.engine.keeper.lock:  # the engine thread may be moving this idle cache off the GPU
                 twin._cache, twin._cached = self._cache.copy(kept), kept
+            self.engine.keeper.track(twin._cache)  # a copy that never speaks may still be moved out
         return twin
 
     def truncate(self, n_messages: int) -> None:
@@ -186,7 +184,8 @@ class Session:
         cut, clip_s = self._marks[n_messages - 1] if n_messages else (0, None)
         del self.tokens[cut:], self.messages[n_messages:], self._marks[n_messages:]
         if self._cache is not None and self._cache.get_seq_length() > cut:
-            self._cache.crop(cut - self._cache.get_seq_length())
+            with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
+                self._cache.crop(cut - self._cache.get_seq_length())
         self._cached, self._last_clip_s, self._reply_at = min(self._cached, cut), clip_s, None
 
     @property

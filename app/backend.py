@@ -10,12 +10,11 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import torch
 
-from afnext.engine import Engine
+from afnext.engine import Engine, pool_tokens
 from afnext.model import LICENCE_NOTE, LoadedModel, load_or_demo
 from afnext.tts import Synthesizer, TTSError, load_synthesizer
 
@@ -74,9 +73,12 @@ def start_backend(options: BackendOptions, engine_factory: Callable[[LoadedModel
     if options.think_model:
         loaded.append(_model(options.think_model, options.device, notices))
     if engine_factory is Engine:
-        engine_factory = partial(Engine, kv=options.kv, kv_pool_share=1 / len(loaded))
-    main = engine_factory(loaded[0])
-    think = engine_factory(loaded[1]) if options.think_model else main
+        sizes = [pool_tokens(one, 1 / len(loaded)) for one in loaded]  # both measured before either takes its pool
+        engines = [Engine(one, kv=options.kv, kv_pool_tokens=size) for one, size in zip(loaded, sizes)]
+    else:
+        engines = [engine_factory(one) for one in loaded]
+    main = engines[0]
+    think = engines[1] if options.think_model else main
     return Backend(main, think, _voice(options, notices), notices)
 
 

@@ -425,6 +425,39 @@ def test_large_bodies_read_at_once_are_held_within_one_budget(loaded, monkeypatc
     assert after.status_code == 200 and service._reading == 0, after.text
 
 
+def test_a_turn_larger_than_the_kv_pool_is_a_400_and_the_server_goes_on(loaded):
+    """A reply asked for that would not fit the server's KV memory even alone is the client's to
+    change: a 400 saying so in one sentence, and the next request is answered."""
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+
+    from afnext.engine import Engine
+    from afnext.paged import BLOCK_TOKENS
+    from afnext.tts import load_synthesizer
+    from app import api
+    from app.backend import Backend, BackendLoader
+
+    engine = Engine(loaded, kv="paged", kv_pool_tokens=2 * BLOCK_TOKENS)
+    backend = Backend(engine, engine, load_synthesizer("espeak"))
+    app = Starlette(routes=api.Api(BackendLoader.ready_made(backend)).routes())
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+            asks = [{"model": "instruct", "max_tokens": n, "messages": [{"role": "user", "content": "Hi."}]} for n in (2000, 2)]
+            return [await http.post("/v1/chat/completions", json=body) for body in asks]
+
+    try:
+        big, small = asyncio.run(run())
+    finally:
+        backend.close()
+    assert big.status_code == 400, big.text
+    message = big.json()["error"]["message"]
+    assert message.startswith("This turn needs room for") and message.endswith("start a new conversation.")
+    assert small.status_code == 200 and small.json()["choices"][0]["message"]["content"] is not None
+
+
 @contextlib.contextmanager
 def local_api(loaded):
     """The /v1 routes alone on uvicorn in this process (a real socket), with their own engines:

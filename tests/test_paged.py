@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from afnext import paged
-from afnext.engine import Engine
+from afnext.engine import ContextFullError, Engine
 from afnext.events import TurnDone
 from afnext.paged import BLOCK_TOKENS, BlockPool, PagedCache, PoolFull
 from afnext.sampling import GenerationOptions
@@ -38,7 +38,7 @@ def fill(cache: PagedCache, tokens: int, seed: int = 0) -> tuple[torch.Tensor, t
     keys, values = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     cache.reserve(tokens)
     cache.length = tokens
-    cache._write(keys, values)
+    cache._write(cache.slots(0, tokens), keys, values)
     return keys, values
 
 
@@ -126,7 +126,7 @@ def test_a_turn_larger_than_the_pool_is_refused_in_one_sentence_and_the_session_
     engine = Engine(loaded, kv="paged", kv_pool_tokens=2 * BLOCK_TOKENS)
     try:
         session = Session(engine)
-        with pytest.raises(MemoryError) as refused:
+        with pytest.raises(ContextFullError) as refused:  # a user's error: the API answers it with a 400
             list(session.ask("Tell me everything.", options=GenerationOptions(max_new_tokens=2000)))
         message = str(refused.value)
         assert message.startswith("This turn needs room for") and message.count(". ") == 0 and message.endswith(".")
@@ -187,3 +187,58 @@ def test_a_copy_made_when_the_pool_is_full_waits_in_cpu_memory(pool):
     cache.offload()
     twin.prefetch()
     assert torch.equal(twin._stacked()[0], keys[:, :4 * BLOCK_TOKENS])
+
+
+def test_a_collected_sessions_blocks_come_back_even_when_it_dies_inside_a_take(pool):
+    """A finalizer can run inside any allocation, one made while `take` holds the pool's lock
+    included: it must not wait for that lock (it would wait for itself)."""
+    import threading
+
+    cache = PagedCache(pool)
+    cache.reserve(2 * BLOCK_TOKENS)
+    given = threading.Thread(target=lambda: (pool._lock.acquire(), paged._give_back(pool, cache.blocks), pool._lock.release()))
+    given.start()
+    given.join(5)
+    assert not given.is_alive(), "the finalizer waited for the lock its own thread held"
+    assert pool.free_blocks == 8
+
+
+def test_a_moved_out_cache_comes_back_when_the_turn_fits_exactly_and_not_at_all_when_the_pool_is_short(loaded):
+    """The keeper counts whole blocks: a 500-token cache out in CPU memory and a turn of 500 more fill
+    a 4-block pool exactly and fit. A prefetch the pool cannot take leaves everything as it was."""
+    from afnext.kvcache import CacheKeeper
+
+    pool = BlockPool(loaded.model.config, 4 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
+    keeper = CacheKeeper(pool.device, pool=pool)
+    cache = PagedCache(pool)
+    keys, _ = fill(cache, 500)
+    cache.offload()
+    hog = PagedCache(pool)
+    hog.reserve(4 * BLOCK_TOKENS)  # an idle session holds the whole pool
+    keeper.track(hog)
+    assert keeper.claim(cache, cache.bytes_to_hold(1000)) and not cache.away and hog.away and not hog.blocks
+    assert torch.equal(cache._stacked()[0], keys)
+    cache.offload()
+    other = PagedCache(pool)
+    other.reserve(3 * BLOCK_TOKENS)  # 1 block free: the 2-block cache cannot come back
+    with pytest.raises(PoolFull):
+        cache.prefetch()
+    assert cache.away and not cache.blocks and pool.free_blocks == 1
+
+
+def test_a_fork_that_never_speaks_is_moved_out_when_the_pool_runs_short(loaded):
+    """A fork's copy is counted among the caches the keeper may move out, though it has run no turn:
+    otherwise its blocks would be pinned for as long as it lives."""
+    engine = Engine(loaded, kv="paged", kv_pool_tokens=5 * BLOCK_TOKENS)
+    try:
+        a = Session(engine)
+        reply(a.ask("What is this?", noise(4.0, seed=1), options=SHORT))  # 2 blocks
+        fork = a.fork(2)  # 2 more, 1 left
+        assert not fork._cache.away and len(fork._cache.blocks) == 2
+        reply(a.ask("Go on.", options=SHORT))  # a is now the more recently used
+        b = Session(engine)
+        reply(b.ask("And this?", noise(4.0, seed=2), options=SHORT))  # needs 2: the fork moves out
+        assert fork._cache.away and not a._cache.away, "the silent fork's blocks were lent to the turn that needed them"
+        assert reply(fork.ask("Go on.", options=SHORT)).token_ids  # and it comes back when it speaks
+    finally:
+        engine.close()
