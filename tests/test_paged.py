@@ -196,7 +196,8 @@ def test_a_collected_sessions_blocks_come_back_even_when_it_dies_inside_a_take(p
 
     cache = PagedCache(pool)
     cache.reserve(2 * BLOCK_TOKENS)
-    given = threading.Thread(target=lambda: (pool._lock.acquire(), paged._give_back(pool, cache.blocks), pool._lock.release()))
+    given = threading.Thread(target=lambda: (pool._lock.acquire(), paged._give_back(pool, cache.blocks), pool._lock.release()),
+                             daemon=True)  # a regression hangs this thread, not the test run
     given.start()
     given.join(5)
     assert not given.is_alive(), "the finalizer waited for the lock its own thread held"
