@@ -51,11 +51,12 @@ ENCODE_FRAMES_PER_STEP = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_
 # whole one's (a window's attention spans all of it, so layers are the only place to cut it).
 ENCODE_CHUNK_FRAMES = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES // 2}
 IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop flag
-# How sessions' KV caches are kept: a buffer per session (kvcache.py) or blocks of one pool (paged.py).
-# "auto" is the pool on CPU, where it measured faster with 8 conversations at once and no slower beside
-# a 15,000-token recording (README, Performance), and the buffers on a GPU until the pool has been
-# measured on one.
-KV_LAYOUTS = ("auto", "buffers", "paged")
+# How sessions' KV caches are kept: a buffer per session (kvcache.py, the default) or blocks of one pool
+# (paged.py). On CPU the pool measured faster with 8 short conversations at once (4.1-4.6x one at a time
+# against 3.3-3.7x) but its gather copies every decoding row's keys each step: a follow-up over five
+# 24-minute parts took 19.6 s against 6.3 s (README, Performance). On a GPU flash-attn reads the blocks
+# in place, but the pool has not run on one yet. So the buffers stay the default until both are settled.
+KV_LAYOUTS = ("buffers", "paged")
 # The paged pool's size when not given: in CPU memory a quarter of the machine's RAM (pages are taken
 # as tokens are first written, so an idle pool costs nothing), at most POOL_TOKENS_MAX; on a GPU the
 # free memory after the weights, less what a step's activations and the encoder's windows need.
@@ -88,7 +89,7 @@ class Engine:
     def __init__(self, loaded: LoadedModel, *, decode: str = "eager", max_batch: int = MAX_BATCH,
                  prefill_chunk_tokens: int | None = None, prefill_step_tokens: int | None = None,
                  encode_frames_per_step: int | None = None, encode_chunk_frames: int | None = None,
-                 encode_batch_frames: int = encoder.BATCH_FRAMES, kv: str = "auto",
+                 encode_batch_frames: int = encoder.BATCH_FRAMES, kv: str = "buffers",
                  kv_pool_tokens: int | None = None) -> None:
         if decode not in decoding.MODES:
             raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
@@ -107,8 +108,7 @@ class Engine:
         self.encoder_layers = len(loaded.model.model.audio_tower.layers)
         self.encode_batch_frames = encode_batch_frames  # frames run per encoder call: bounds its activations
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
-        self.kv = kv if kv != "auto" else ("paged" if loaded.device.type == "cpu" else "buffers")
-        kv = self.kv
+        self.kv = kv
         self.pool = BlockPool(loaded.model.config, kv_pool_tokens or pool_tokens(loaded), loaded.device,
                               loaded.dtype) if kv == "paged" else None
         # flash-attn's paged kernel reads the blocks where they lie; without it the rows are gathered (paged.py)

@@ -30,7 +30,7 @@ class BackendOptions:
     device: str = "auto"  # auto | cpu | cuda[:n]
     tts: str = "espeak"  # espeak | pocket
     tts_model: str | None = None  # the engine's voice or checkpoint (its default when None)
-    kv: str = "auto"  # auto | buffers | paged: how the engines keep KV caches (afnext/engine.py, paged.py)
+    kv: str = "buffers"  # buffers | paged: how the engines keep KV caches (afnext/engine.py, paged.py)
 
 
 @dataclass

@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=120.0, help="length of the recording")
     p.add_argument("--part-s", type=float, default=None, help="the longest part, seconds (default: the model's limit)")
     p.add_argument("--reply-tokens", type=int, default=32, help="tokens per part's answer and in the merged answer")
+    p.add_argument("--kv", default="buffers", choices=["buffers", "paged"], help="how KV caches are kept (afnext/paged.py)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     part_s = min(args.part_s, loaded.max_audio_s) if args.part_s else loaded.max_audio_s
     tokens = args.reply_tokens
     options = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens)
-    engine = Engine(loaded)
+    engine = Engine(loaded, kv=args.kv)
     try:
         with tempfile.TemporaryDirectory(prefix="afnext-long-") as tmp:
             path = Path(tmp) / "recording.wav"
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"name": args.model, "random_weights": loaded.random_weights,
                   "parameters": sum(t.numel() for t in loaded.model.parameters()),
                   "dtype": str(loaded.dtype).removeprefix("torch."), "max_audio_s": loaded.max_audio_s,
-                  "load_s": load_s},
+                  "load_s": load_s, "kv": engine.kv},
         "recording": {"minutes": args.minutes, "seconds": samples / SAMPLE_RATE, "wav_mb": mb(recording_bytes),
                       "write_s": write_s, "kind": "speech-like noise: 250 ms words, 60 ms gaps, 0.5 s pause every 8 s"},
         "part_s": part_s, "reply_tokens": tokens,

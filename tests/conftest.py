@@ -66,8 +66,8 @@ def engine(loaded):
 
 @pytest.fixture(scope="session")
 def buffers_engine(loaded):
-    """An engine keeping each session's KV cache in buffers of its own (afnext/kvcache.py): the GPU's
-    default for now; the `engine` fixture has the CPU's, the paged pool."""
+    """An engine keeping each session's KV cache in buffers of its own (afnext/kvcache.py), whatever
+    the default is (the `engine` fixture has the default)."""
     from afnext.engine import Engine
 
     eng = Engine(loaded, kv="buffers")
