@@ -134,16 +134,15 @@ class BucketStep:
         for cache, _, total in rows:
             if paged.blocks_for(total) > len(cache.blocks):
                 cache.reserve(total)
-        host = paged.decode_classes([(i, cache, total) for i, (cache, _, total) in enumerate(rows)],
-                                    torch.device("cpu"), self.flash, width=self.width)
-        assert len(host) == 1 or not self.flash
+        (host,) = paged.decode_classes([(i, cache, total) for i, (cache, _, total) in enumerate(rows)],
+                                       torch.device("cpu"), self.flash, width=self.width)
         self._fill(rows, host)
         if self.graph is not None:
             self.graph.replay()
             return self.logits[:n]
         return self._forward()[:n]
 
-    def _fill(self, rows: list[tuple], host: list[paged.DecodeClass]) -> None:
+    def _fill(self, rows: list[tuple], host: paged.DecodeClass) -> None:
         n = len(rows)
         self.ids[0, :n] = torch.tensor([token for _, token, _ in rows])
         self.ids[0, n:] = 0
@@ -151,18 +150,15 @@ class BucketStep:
         self.positions[0, n:] = 0
         self.slots[:n] = torch.cat([cache.slots(total - 1, 1) for cache, _, total in rows])
         self.slots[n:] = 0
+        self.lengths[:n] = host.lengths.to(self.lengths.device)
         self.lengths[n:] = 1
-        for cls in host:  # the gather groups rows by length: each class's rows go back to their places
-            at = cls.rows.to(self.lengths.device)
-            self.lengths[at] = cls.lengths.to(self.lengths.device)
-            if self.flash:
-                self.rows.table[:n] = cls.table.to(self.rows.table.device)
-                self.rows.table[n:] = paged.SCRATCH_BLOCK
-            else:
-                self.rows.index[at] = cls.index.to(self.rows.index.device)
-                self.rows.mask[at] = cls.mask.to(self.rows.mask.device)
-        if not self.flash:
+        if self.flash:
+            self.rows.table[:n] = host.table.to(self.rows.table.device)
+            self.rows.table[n:] = paged.SCRATCH_BLOCK
+        else:
+            self.rows.index[:n] = host.index.to(self.rows.index.device)
             self.rows.index[n:] = 0
+            self.rows.mask[:n] = host.mask.to(self.rows.mask.device)
             self.rows.mask[n:] = False
             self.rows.mask[n:, ..., 0] = True
         for cache, _, total in rows:

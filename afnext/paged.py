@@ -24,6 +24,7 @@ pressure the `CacheKeeper` moves an idle session's blocks to CPU memory (`offloa
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import weakref
 from dataclasses import dataclass
@@ -330,12 +331,13 @@ def plan_step(pool: BlockPool, segments: list, flash: bool) -> PagedStep:
 def decode_classes(rows: list[tuple[int, PagedCache, int]], device: torch.device, flash: bool,
                    width: int | None = None) -> list[DecodeClass]:
     """Decoding rows (packed index, cache, length with this step's token) grouped to attend together.
-    flash-attn reads each row's blocks where they lie: one class. The gather copies `width` keys per
-    row (the class's longest row, unless given), so rows are grouped by lengths within 2× of each
-    other: a 500-token voice chat is never padded to a 45,000-token recording's length."""
+    flash-attn reads each row's blocks where they lie: one class. The gather copies each class's
+    longest row's length of keys per row, so rows are grouped by lengths within 2× of each other: a
+    500-token voice chat is never padded to a 45,000-token recording's length. A given `width` (a
+    fixed-shape step's) pads every row to it: one class."""
     if not rows:
         return []
-    if flash:
+    if flash or width:  # flash-attn reads no padding; a fixed width pads every row alike
         groups = [rows]
     else:
         by_size: dict[int, list] = {}
@@ -368,8 +370,10 @@ def _padded_slots(cache: PagedCache, total: int, width: int) -> torch.Tensor:
     return slots
 
 
+@functools.cache
 def flash_kernel():
-    """flash-attn's `flash_attn_with_kvcache`, or None when flash-attn is not installed."""
+    """flash-attn's `flash_attn_with_kvcache`, or None when flash-attn is not installed (looked up
+    once: attention asks for it in every layer of every step)."""
     try:
         from flash_attn import flash_attn_with_kvcache
     except ImportError:
