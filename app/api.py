@@ -28,8 +28,8 @@ from functools import partial
 
 import numpy as np
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from afnext import strict_json
@@ -146,6 +146,9 @@ class Api:
             return _error(exc)
         except (AudioError, ContextFullError, ValueError, TypeError) as exc:
             return _error(wire.WireError(400, str(exc)))
+        except ClientDisconnect:  # the client left while sending its body: nothing failed, nobody to tell
+            log.info("a client left while sending its request")
+            return Response(status_code=400)
         except Exception as exc:  # the engine failed this turn; it goes on serving others
             log.exception("chat completion failed")
             return _error(wire.WireError(500, f"The model failed on this request ({type(exc).__name__}).",

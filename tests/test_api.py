@@ -425,6 +425,38 @@ def test_large_bodies_read_at_once_are_held_within_one_budget(loaded, monkeypatc
     assert after.status_code == 200 and service._reading == 0, after.text
 
 
+def test_a_client_leaving_mid_body_is_no_server_error(engine, caplog):
+    """A client that hangs up while sending its body has failed nothing of ours: no error logged,
+    and the next request is answered."""
+    import asyncio
+    import logging
+
+    from starlette.applications import Starlette
+
+    from afnext.tts import load_synthesizer
+    from app import api
+    from app.backend import Backend, BackendLoader
+
+    app = Starlette(routes=api.Api(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak")))).routes())
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "root_path": ""}
+    events = iter([{"type": "http.request", "body": b'{"model": "inst', "more_body": True}, {"type": "http.disconnect"}])
+    sent = []
+
+    async def receive():
+        return next(events, {"type": "http.disconnect"})
+
+    async def send(message):
+        sent.append(message)
+
+    with caplog.at_level(logging.INFO, logger="app.api"):
+        asyncio.run(app(scope, receive, send))
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert sent and sent[0]["status"] == 400
+
+
 def test_a_turn_larger_than_the_kv_pool_is_a_400_and_the_server_goes_on(loaded):
     """A reply asked for that would not fit the server's KV memory even alone is the client's to
     change: a 400 saying so in one sentence, and the next request is answered."""
