@@ -54,7 +54,7 @@ IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop f
 # How sessions' KV caches are kept: a buffer per session (kvcache.py, the default) or blocks of one pool
 # (paged.py). On CPU the pool measured faster with 8 short conversations at once (4.1-4.6x one at a time
 # against 3.3-3.7x) but its gather copies every decoding row's keys each step: a follow-up over five
-# 24-minute parts took 19.6 s against 6.3 s (README, Performance). On a GPU flash-attn reads the blocks
+# 24-minute parts took 19.6 s against 5.6 s (README, Performance). On a GPU flash-attn reads the blocks
 # in place, but the pool has not run on one yet. So the buffers stay the default until both are settled.
 KV_LAYOUTS = ("buffers", "paged")
 # The paged pool's size when not given: in CPU memory a quarter of the machine's RAM (pages are taken

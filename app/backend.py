@@ -73,7 +73,8 @@ def start_backend(options: BackendOptions, engine_factory: Callable[[LoadedModel
     if options.think_model:
         loaded.append(_model(options.think_model, options.device, notices))
     if engine_factory is Engine:
-        sizes = [pool_tokens(one, 1 / len(loaded)) for one in loaded]  # both measured before either takes its pool
+        # a pool for each, both measured before either takes its own
+        sizes = [pool_tokens(one, 1 / len(loaded)) if options.kv == "paged" else None for one in loaded]
         engines = [Engine(one, kv=options.kv, kv_pool_tokens=size) for one, size in zip(loaded, sizes)]
     else:
         engines = [engine_factory(one) for one in loaded]
