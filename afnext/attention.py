@@ -15,8 +15,8 @@ attention call and one cache write per segment and layer, noise beside the matmu
 GPU B × 28 small launches a step, more than an H200 needs to read the weights (bench/host.py). The
 paged pool (paged.py, `Engine(kv="paged")`): `PagedStep.update` writes the whole step's keys with one
 `index_copy_` per layer and `paged_attention` attends every decoding row in one call per layer —
-flash-attn's paged kernel where installed, else a gather per class of similar lengths — and each
-prefill chunk in one call of its own; its fixed addresses let a decoding step be captured as a CUDA
+flash-attn's paged kernel where installed, else a gather per class of similar lengths, and a view
+of the pool for a long row in consecutive blocks — and each prefill chunk in one call of its own; its fixed addresses let a decoding step be captured as a CUDA
 graph per batch bucket (decode.py).
 
 The model keeps its own attention for everything else (stock `generate`, the audio tower): our
@@ -103,13 +103,10 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key, value, 
 def _one(module, base: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) -> torch.Tensor:
     n, total = q.shape[-2], k.shape[-2]
     if n == 1 and base == "sdpa" and k.shape[-1] == v.shape[-1] <= 256:
-        # A decoding token: the call transformers' sdpa wrapper makes here (no mask, grouped heads as
-        # they are), made directly, without the wrapper's checks (an environment lookup, config reads).
-        # It runs once per session and layer, 0.9k times a step for 32 sessions of AF-Next's 28 layers:
-        # host time a GPU cannot hide (bench/host.py).
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, scale=scaling, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1)
-        return out.transpose(1, 2).contiguous()
+        # A decoding token, attended directly: without transformers' sdpa wrapper and its checks (an
+        # environment lookup, config reads), for it runs once per session and layer, 0.9k times a
+        # step for 32 sessions of AF-Next's 28 layers: host time a GPU cannot hide (bench/host.py).
+        return decode_attention(q[0, :, 0][None], k, v, scaling).view(1, 1, *q.shape[1:2], q.shape[-1])
     mask = None
     if 1 < n < total:  # a chunk after earlier tokens: row i sees the past and the chunk up to i
         mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
@@ -132,9 +129,8 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, where: PagedKV
     step, layer = where.step, where.layer
     pool = step.pool
     out = query.new_empty(1, query.shape[2], query.shape[1], query.shape[3])
-    gqa = getattr(module, "num_key_value_groups", 1) > 1
     for rows in step.classes:
-        attended = _decode_rows(query, rows, pool.keys[layer], pool.values[layer], scaling, gqa, step.flash)  # [b, heads, dim]
+        attended = _decode_rows(query, rows, pool, layer, scaling, step.flash)  # [b, heads, dim]
         if rows.contiguous:
             out[0].narrow(0, rows.first, attended.shape[0]).copy_(attended)
         else:
@@ -144,19 +140,32 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, where: PagedKV
     return out
 
 
-def _decode_rows(query: torch.Tensor, rows: DecodeClass, keys: torch.Tensor, values: torch.Tensor, scaling,
-                 gqa: bool, flash: bool) -> torch.Tensor:
+def _decode_rows(query: torch.Tensor, rows: DecodeClass, pool, layer: int, scaling, flash: bool) -> torch.Tensor:
     """One query token per row over its session's keys: [b, heads, dim]."""
+    keys, values = pool.keys[layer], pool.values[layer]
     q = (query[0].narrow(1, rows.first, rows.rows.shape[0]) if rows.contiguous else query[0].index_select(1, rows.rows))
     q = q.transpose(0, 1)  # [b, heads, dim]
     if flash:
         return flash_kernel()(q[:, None], keys, values, cache_seqlens=rows.lengths, block_table=rows.table,
                               softmax_scale=scaling, causal=True)[:, 0]
-    b, width = rows.index.shape  # index_select: a sixth of advanced indexing's time on CPU
-    k, v = (t.flatten(0, 1).index_select(0, rows.index.view(-1)).view(b, width, *t.shape[2:]).transpose(1, 2)
-            for t in (keys, values))  # [b, kv_heads, width, dim]
-    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=rows.mask, scale=scaling, enable_gqa=gqa)
-    return out[:, :, 0]
+    if rows.span is not None:  # one row in consecutive blocks: its keys are a view of the pool
+        return decode_attention(q, *(_span(t, *rows.span) for t in (keys, values)), scaling)
+    b, width = rows.index.shape
+    k, v = (t.view(b, width, *t.shape[1:]).transpose(1, 2) for t in pool.gather(layer, rows.index.view(-1)))
+    return decode_attention(q, k, v, scaling, rows.mask)  # [b, kv_heads, width, dim] each
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query token per row over its keys: q [b, heads, dim], k/v [b, kv_heads, n, dim] → [b, heads, dim].
+
+    A key head's query heads attend as rows of one query sequence ([b, kv_heads, group, dim]): one
+    token has no causal order to keep, and the kernel reads each key head once for the whole group
+    instead of once per query head (`enable_gqa`), which halves a long row's time on CPU
+    (bench/results/cpu-kv-views.json)."""
+    b, heads, dim = q.shape
+    grouped = q.reshape(b, k.shape[1], heads // k.shape[1], dim)
+    out = torch.nn.functional.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scaling)
+    return out.reshape(b, heads, dim)
 
 
 def _prefill_chunk(module, query: torch.Tensor, chunk: PrefillChunk, pool, layer: int, scaling, flash: bool) -> torch.Tensor:
@@ -166,8 +175,17 @@ def _prefill_chunk(module, query: torch.Tensor, chunk: PrefillChunk, pool, layer
         lengths = torch.full((1,), chunk.total, dtype=torch.int32, device=q.device)
         return flash_kernel()(q.transpose(1, 2), pool.keys[layer], pool.values[layer], cache_seqlens=lengths,
                               block_table=chunk.table, softmax_scale=scaling, causal=True)
-    k, v = (t.flatten(0, 1).index_select(0, chunk.index).transpose(0, 1)[None] for t in (pool.keys[layer], pool.values[layer]))
+    if chunk.span is not None:
+        k, v = (_span(t, chunk.span, chunk.total) for t in (pool.keys[layer], pool.values[layer]))
+    else:
+        k, v = (t.transpose(0, 1)[None] for t in pool.gather(layer, chunk.index))
     return _one(module, "sdpa", q, k, v, scaling)
+
+
+def _span(pool_layer: torch.Tensor, first: int, n: int) -> torch.Tensor:
+    """Slots `first` … `first + n - 1` of a pool layer [blocks, BLOCK_TOKENS, kv_heads, dim] as keys or
+    values [1, kv_heads, n, dim]: a view, strided as sdpa takes it."""
+    return pool_layer.flatten(0, 1).narrow(0, first, n).transpose(0, 1)[None]
 
 
 def install(model: torch.nn.Module) -> None:

@@ -6,10 +6,11 @@ AF-Next's 28 layers, which an H200 finishes faster than the host issues them (be
 one pool per layer and a block table per session, a step writes all of its new keys with one
 `index_copy_` per layer and the decoding tokens attend in one call per layer: flash-attn's
 `flash_attn_with_kvcache` reads each sequence's blocks where they lie (no gather), and the pool's
-fixed address is what lets a decoding step be captured as a CUDA graph per batch size (graphs.py).
-Without flash-attn (CPU, or a GPU without it) the decoding rows are gathered per length class (block
-counts within 2× of each other, so padding at most doubles the work) and attend in one sdpa call per
-class; a prefill chunk gathers its own session's blocks.
+fixed address is what lets a decoding step be captured as a CUDA graph per batch size (decode.py).
+Without flash-attn (CPU, or a GPU without it) short decoding rows are gathered per length class
+(lengths within 2× of each other, so padding at most doubles the work) and attend in one sdpa call
+per class. The pool lends each session its blocks in runs of consecutive ones where it can, so a
+long row, and a prefill chunk's past, are read in place as one view of the pool, with no copy.
 
 On CPU the per-session buffers stay the default: their views cost no copy, and there a step's host
 time is small beside its arithmetic. `Engine(kv="paged")` (`--kv paged`) chooses this pool.
@@ -29,10 +30,17 @@ import threading
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 BLOCK_TOKENS = 256  # tokens per block: flash-attn's paged kernel needs a multiple of 256
 SCRATCH_BLOCK = 0  # never lent: padding rows of a fixed-shape step write and read here
+# Without flash-attn, a decoding row this long attends in a call of its own, through a view of the
+# pool where its keys lie in consecutive blocks, instead of being gathered with the rows of its length
+# class: the gather copies every key of its rows each step and layer. On CPU 8 rows of 1,024 keys
+# gather and attend in one call about as fast as in 8 calls over views, and from 2,048 keys the views
+# win (bench/results/cpu-kv-views.json). Shorter rows stay batched: fewer calls are what the pool is for.
+VIEW_MIN_TOKENS = 2048
 
 
 class PoolFull(RuntimeError):
@@ -59,37 +67,71 @@ class BlockPool:
             t[SCRATCH_BLOCK].zero_()
         self.device, self.dtype = torch.device(device), dtype
         self.block_bytes = 2 * len(self.keys) * self.keys[0][0].numel() * self.keys[0].element_size()
-        self._free = list(range(self.blocks - 1, SCRATCH_BLOCK, -1))  # a stack: low numbers lent first
+        # Which blocks are free, and how many. Blocks are lent in runs (`take`): a session whose tokens
+        # lie in consecutive blocks is read as one view of the pool, with no gather (`PagedCache.span`).
+        self._is_free = np.ones(self.blocks, dtype=bool)
+        self._is_free[SCRATCH_BLOCK] = False
+        self._free_count = self.blocks - 1
         self._lock = threading.Lock()  # sessions are forked on other threads
         # Blocks of collected sessions: their finalizer may run inside any allocation, `take` holding
         # the lock included, so it only appends here (atomic) and the next use of the pool takes them in.
         self._returned: collections.deque[list[int]] = collections.deque()
+        self._space: tuple[torch.Tensor, torch.Tensor] | None = None  # gathers' keys and values (`gather`)
 
     @property
     def free_blocks(self) -> int:
         with self._lock:
             self._take_returned()
-            return len(self._free)
+            return self._free_count
 
     @property
     def capacity_tokens(self) -> int:
         """Tokens the pool holds in all (the scratch block aside)."""
         return (self.blocks - 1) * BLOCK_TOKENS
 
-    def take(self, n: int) -> list[int]:
-        """`n` free blocks, or PoolFull (nothing taken)."""
+    def take(self, n: int, after: int | None = None) -> list[int]:
+        """`n` free blocks, or PoolFull (nothing taken). As few runs of consecutive blocks as the free
+        ones allow: first those right after block `after` (a growing session's last: it stays one run),
+        then the smallest free run that holds the rest (large runs are kept for large sessions), else
+        the largest runs until it is held."""
         with self._lock:
             self._take_returned()
-            if n > len(self._free):
-                raise PoolFull(f"the KV pool has {len(self._free)} free blocks of {BLOCK_TOKENS} tokens, {n} are needed")
-            taken = self._free[len(self._free) - n:][::-1]
-            del self._free[len(self._free) - n:]
+            if n > self._free_count:
+                raise PoolFull(f"the KV pool has {self._free_count} free blocks of {BLOCK_TOKENS} tokens, {n} are needed")
+            taken: list[int] = []
+            if after is not None:
+                b = after + 1
+                while len(taken) < n and b < self.blocks and self._is_free[b]:
+                    taken.append(b)
+                    b += 1
+            self._is_free[taken] = False
+            if len(taken) < n:
+                taken += self._runs(n - len(taken))
+                self._is_free[taken] = False
+            self._free_count -= n
+        return taken
+
+    def _runs(self, n: int) -> list[int]:
+        """`n` free blocks in as few runs as possible (lock held; marked taken by the caller)."""
+        edges = np.diff(self._is_free.astype(np.int8), prepend=0, append=0)
+        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+        sizes = ends - starts
+        fits = np.flatnonzero(sizes >= n)
+        if fits.size:  # the smallest run that holds them all; among equals the first
+            start = int(starts[fits[np.argmin(sizes[fits])]])
+            return list(range(start, start + n))
+        taken: list[int] = []
+        for i in np.argsort(-sizes, kind="stable"):  # the largest runs first
+            start = int(starts[i])
+            taken += range(start, start + min(int(sizes[i]), n - len(taken)))
+            if len(taken) == n:
+                break
         return taken
 
     def give(self, blocks: list[int]) -> None:
         with self._lock:
             self._take_returned()
-            self._free.extend(reversed(blocks))
+            self._release(blocks)
 
     def give_later(self, blocks: list[int]) -> None:
         """Blocks of a collected session: lock-free, taken in at the pool's next use."""
@@ -97,7 +139,31 @@ class BlockPool:
 
     def _take_returned(self) -> None:
         while self._returned:
-            self._free.extend(reversed(self._returned.popleft()))
+            self._release(self._returned.popleft())
+
+    def _release(self, blocks: list[int]) -> None:
+        if blocks:
+            assert not self._is_free[blocks].any(), "a block given back twice"
+            self._is_free[blocks] = True
+            self._free_count += len(blocks)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s keys and values at pool `slots` [n], copied out: [n, kv_heads, head_dim] each.
+        In CPU memory into a space kept for it, valid until the next gather (only the engine's worker
+        gathers, one class at a time): a fresh tensor per call and layer made glibc hand the pages back
+        and fault them in again, some 2 µs a page, which made a gather of 4,096 keys 20× slower than
+        its copy (bench/views.py). A GPU's caching allocator keeps its memory, and a captured graph
+        needs its temporaries in its own pool: there each gather is a new tensor."""
+        k, v = self.flat(layer)
+        if self.device.type != "cpu":
+            return k.index_select(0, slots), v.index_select(0, slots)
+        n = slots.numel()
+        if self._space is None or self._space[0].shape[0] < n:
+            self._space = tuple(k.new_empty((1 << (n - 1).bit_length(), *k.shape[1:])) for _ in range(2))
+        out = tuple(t[:n] for t in self._space)
+        torch.index_select(k, 0, slots, out=out[0])
+        torch.index_select(v, 0, slots, out=out[1])
+        return out
 
     def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s keys and values as [slots, kv_heads, head_dim] views (slot = block × BLOCK_TOKENS + offset)."""
@@ -125,6 +191,7 @@ class PagedCache:
         self.reserved = 0
         self._away: tuple[torch.Tensor, torch.Tensor] | None = None  # in CPU memory: [layers, tokens, kv_heads, head_dim] each
         self._map: torch.Tensor | None = None  # the pool slot of each token its blocks hold; None when blocks changed
+        self._run = 0  # how many of its first blocks are consecutive (made with `_map`)
         weakref.finalize(self, _give_back, pool, self.blocks)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -136,7 +203,7 @@ class PagedCache:
         need = blocks_for(tokens) - len(self.blocks)
         if need > 0:
             assert self._away is None, "a cache must be brought back before it grows"
-            self.blocks.extend(self.pool.take(need))
+            self.blocks.extend(self.pool.take(need, after=self.blocks[-1] if self.blocks else None))
             self._map = None
 
     def release_spare(self) -> None:
@@ -162,10 +229,25 @@ class PagedCache:
         """Flat pool slots of this session's tokens `start` … `start + n - 1` [n] (CPU, long; a view of
         the session's slot map, made again only when its blocks change: a step asks for every
         decoding row's, and the gather for all of a row's tokens)."""
-        if self._map is None:
-            self._map = _slot_map(self.blocks)
+        self._layout()
         assert start + n <= self._map.numel(), "slots asked past the session's blocks"
         return self._map[start:start + n]
+
+    def span(self, total: int) -> int | None:
+        """The pool slot of token 0 when tokens 0 … `total` - 1 lie in consecutive blocks, else None:
+        attention then reads them as one view of the pool, copying nothing. The pool lends a session
+        its blocks in runs (`BlockPool.take`), so this is the rule, and a gather the exception."""
+        self._layout()
+        return self.blocks[0] * BLOCK_TOKENS if 0 < blocks_for(total) <= self._run else None
+
+    def _layout(self) -> None:
+        """Make the slot map and the run length again if the blocks changed."""
+        if self._map is None:
+            self._map = _slot_map(self.blocks)
+            run = min(1, len(self.blocks))
+            while run < len(self.blocks) and self.blocks[run] == self.blocks[run - 1] + 1:
+                run += 1
+            self._run = run
 
     # ---- memory: the keeper's side ----
 
@@ -266,6 +348,7 @@ class DecodeClass:
     mask: torch.Tensor | None  # [b, 1, 1, width] bool (the gather)
     first: int  # rows are first … first + b - 1 of the packed sequence, when `contiguous`
     contiguous: bool
+    span: tuple[int, int] | None = None  # one row read as a view: its first pool slot and its length
 
 
 @dataclass
@@ -277,6 +360,7 @@ class PrefillChunk:
     total: int  # the session's tokens once the chunk is in
     table: torch.Tensor | None  # [1, blocks] int32 the session's blocks (flash-attn)
     index: torch.Tensor | None  # [total] long pool slots of all its tokens (the gather)
+    span: int | None = None  # or, when they lie in consecutive blocks, the first one's slot (a view)
 
 
 class PagedStep:
@@ -320,6 +404,8 @@ def plan_step(pool: BlockPool, segments: list, flash: bool) -> PagedStep:
         elif flash:
             table = torch.tensor([cache.blocks[:blocks_for(total)]], dtype=torch.int32, device=pool.device)
             prefills.append(PrefillChunk(start, seg.length, total, table, None))
+        elif (first := cache.span(total)) is not None:
+            prefills.append(PrefillChunk(start, seg.length, total, None, None, first))
         else:
             prefills.append(PrefillChunk(start, seg.length, total, None, cache.slots(0, total).to(pool.device)))
         start += seg.length
@@ -333,18 +419,26 @@ def decode_classes(rows: list[tuple[int, PagedCache, int]], device: torch.device
     """Decoding rows (packed index, cache, length with this step's token) grouped to attend together.
     flash-attn reads each row's blocks where they lie: one class. The gather copies each class's
     longest row's length of keys per row, so rows are grouped by lengths within 2× of each other: a
-    500-token voice chat is never padded to a 45,000-token recording's length. A given `width` (a
-    fixed-shape step's) pads every row to it: one class."""
-    if not rows:
-        return []
+    500-token voice chat is never padded to a 45,000-token recording's length. A row of
+    VIEW_MIN_TOKENS or more is a class of its own, and a row alone in its class whose keys lie in
+    consecutive blocks is read in place, not gathered. A given `width` (a fixed-shape step's) pads
+    every row to it: one class."""
+    classes: list[DecodeClass] = []
     if flash or width:  # flash-attn reads no padding; a fixed width pads every row alike
-        groups = [rows]
+        groups = [rows] if rows else []
     else:
         by_size: dict[int, list] = {}
-        for row in rows:
-            by_size.setdefault((row[2] - 1).bit_length(), []).append(row)
-        groups = list(by_size.values())
-    classes = []
+        for row in rows:  # a long row alone; shorter ones with their length class
+            by_size.setdefault(-1 - row[0] if row[2] >= VIEW_MIN_TOKENS else (row[2] - 1).bit_length(), []).append(row)
+        groups = []
+        for group in by_size.values():
+            i, cache, total = group[0]
+            first = cache.span(total) if len(group) == 1 else None
+            if first is None:
+                groups.append(group)
+            else:  # a row alone in consecutive blocks: read in place (a gather would only add its copy)
+                classes.append(DecodeClass(torch.tensor([i], device=device), torch.tensor([total], dtype=torch.int32, device=device),
+                                           None, None, None, i, True, (first, total)))
     for group in groups:
         index = [i for i, _, _ in group]
         lengths = torch.tensor([total for _, _, total in group], dtype=torch.int32)

@@ -73,14 +73,15 @@ def test_batching_changes_no_token(fresh_engine, monkeypatch):
     """Greedy (and seeded sampled) ids of conversations decoded together — a 65 s clip, a 5 s clip,
     text only, one joining mid-decode, one cancelled mid-decode — equal each one's solo run (fp32),
     with the KV cache in per-session buffers or in the paged pool (whose decoding rows then attend in
-    classes of similar length: the 65 s clip's apart from the voice turns')."""
+    classes of similar length: the 65 s clip's apart from the voice turns', read in place, and the
+    voice turns' gathered together)."""
     alone = {name: solo(fresh_engine, name) for name in CONVERSATIONS}
     sizes, classes = batch_sizes(fresh_engine, monkeypatch), []
     if fresh_engine.pool is not None:
         import afnext.engine
 
         real_plan = afnext.engine.plan_step
-        monkeypatch.setattr(afnext.engine, "plan_step", lambda *a: classes.append(len((step := real_plan(*a)).classes)) or step)
+        monkeypatch.setattr(afnext.engine, "plan_step", lambda *a: classes.append((step := real_plan(*a)).classes) or step)
     together: dict[str, tuple[int, ...]] = {}
     sessions = {name: Session(fresh_engine) for name in CONVERSATIONS}
     list(ask(sessions["joins mid-decode"], "voice"))  # it has a turn behind it, as in its solo run
@@ -114,7 +115,9 @@ def test_batching_changes_no_token(fresh_engine, monkeypatch):
     assert tuple(partial) == alone["cancelled"].token_ids[:len(partial)]
     assert max(sizes) >= 4, f"no step advanced several requests at once: {sorted(set(sizes))}"
     if fresh_engine.pool is not None:
-        assert max(classes) >= 2, "the decoding rows never split into length classes: the gather path went untested"
+        assert max(map(len, classes)) >= 2, "the decoding rows never split into length classes"
+        kinds = {"view" if c.span else "gather" for step in classes for c in step}
+        assert kinds == {"view", "gather"}, f"only {kinds} ran: rows alone read in place, voice rows gathered together"
 
 
 def slow_steps(engine: Engine, monkeypatch, delay_s: float) -> list[tuple[float, int]]:

@@ -243,3 +243,71 @@ def test_a_fork_that_never_speaks_is_moved_out_when_the_pool_runs_short(loaded):
         assert reply(fork.ask("Go on.", options=SHORT)).token_ids  # and it comes back when it speaks
     finally:
         engine.close()
+
+
+def test_blocks_are_lent_in_runs_a_growing_session_stays_one_and_small_asks_fill_small_holes(loaded):
+    """The pool lends consecutive blocks where it can: a session that grows takes the blocks right
+    after its own; a new ask takes the smallest free run that holds it, so large runs are kept for
+    large sessions; when no run is large enough it takes the largest first (fewest pieces)."""
+    pool = BlockPool(loaded.model.config, 16 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
+    a, b = PagedCache(pool), PagedCache(pool)
+    a.reserve(2 * BLOCK_TOKENS)
+    a.reserve(4 * BLOCK_TOKENS)  # grows in place
+    assert a.blocks == [1, 2, 3, 4] and a.span(4 * BLOCK_TOKENS) == BLOCK_TOKENS
+    holes = [PagedCache(pool) for _ in range(5)]
+    for hole, size in zip(holes, (1, 1, 3, 1, 2)):  # blocks 5, 6, 7-9, 10, 11-12; 13-16 free
+        hole.reserve(size * BLOCK_TOKENS)
+    assert [h.blocks for h in holes] == [[5], [6], [7, 8, 9], [10], [11, 12]]
+    holes[1].release_spare(), holes[2].release_spare()  # they hold no token: 6-9 free, a run of 4 beside 13-16
+    assert pool.free_blocks == 4 + 4
+    b.reserve(3 * BLOCK_TOKENS)  # the smallest run that holds 3: 6-9 (4 blocks) and 13-16 (4) tie; the first
+    assert b.blocks == [6, 7, 8] and b.span(3 * BLOCK_TOKENS) == 6 * BLOCK_TOKENS
+    c = PagedCache(pool)
+    c.reserve(1 * BLOCK_TOKENS)  # the smallest hole: block 9, not the 4-block run
+    assert c.blocks == [9]
+    holes[3].release_spare()  # block 10 free: runs 10 (1) and 13-16 (4)
+    d = PagedCache(pool)
+    d.reserve(5 * BLOCK_TOKENS)  # no run holds 5: the largest first
+    assert d.blocks == [13, 14, 15, 16, 10] and d.span(4 * BLOCK_TOKENS) == 13 * BLOCK_TOKENS and d.span(5 * BLOCK_TOKENS) is None
+    assert pool.free_blocks == 0
+    pool.give(c.blocks)
+    with pytest.raises(AssertionError, match="given back twice"):
+        pool.give([9])
+
+
+def test_a_row_in_consecutive_blocks_is_read_in_place_and_a_scattered_one_gathered_with_the_same_result(loaded):
+    """Decoding rows attend over a view of the pool where their keys lie in consecutive blocks and
+    through a gather where they do not; both give what attention over the keys themselves gives."""
+    from afnext.attention import Segment, decode_attention, paged_attention
+
+    pool = BlockPool(loaded.model.config, 12 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
+    plugs = [PagedCache(pool) for _ in range(6)]
+    for plug in plugs:
+        plug.reserve(BLOCK_TOKENS)  # blocks 1-6
+    for plug in plugs[::2]:
+        plug.release_spare()  # free: 1, 3, 5 (holes of one) and 7-12
+    scattered, whole = PagedCache(pool), PagedCache(pool)
+    assert pool.take(3) == [7, 8, 9] and pool.give([7, 8, 9]) is None  # a run holds them: one piece
+    scattered.blocks.extend(pool.take(1) + pool.take(1) + pool.take(1))  # a block at a time, as a session grows among others
+    assert scattered.blocks == [1, 3, 5]
+    keys_s, values_s = fill(scattered, 3 * BLOCK_TOKENS - 5, seed=1)
+    keys_w, values_w = fill(whole, BLOCK_TOKENS + 7, seed=2)
+    assert scattered.span(scattered.length) is None and whole.span(whole.length) is not None
+    step = paged.plan_step(pool, [Segment(scattered, scattered.length, 1), Segment(whole, whole.length, 1)], flash=False)
+    assert len(step.classes) == 2  # lengths 764 and 264: two classes, one row each
+    viewed = [c for c in step.classes if c.span is not None]
+    assert len(viewed) == 1 and viewed[0].rows.tolist() == [1] and next(c for c in step.classes if c.span is None).index is not None
+    text = loaded.model.config.get_text_config(decoder=True)
+    heads, dim = text.num_attention_heads, pool.head_dim
+    layer = 0
+    new_k = torch.randn(1, pool.kv_heads, 2, dim)
+    step.update(new_k, new_k.clone(), layer)
+    query = torch.randn(1, heads, 2, dim)
+    module = loaded.model.model.language_model.layers[0].self_attn
+    out = paged_attention(module, query, paged.PagedKV(step, layer), None)  # [1, 2, heads, dim]
+    for row, (keys, values) in enumerate(((keys_s, values_s), (keys_w, values_w))):
+        k = torch.cat([keys[layer], new_k[0, :, row:row + 1].transpose(0, 1)]).transpose(0, 1)[None]
+        v = torch.cat([values[layer], new_k[0, :, row:row + 1].transpose(0, 1)]).transpose(0, 1)[None]
+        expected = torch.nn.functional.scaled_dot_product_attention(query[:, :, row:row + 1], k, v, enable_gqa=True)[0, :, 0]
+        assert torch.allclose(out[0, row], expected, atol=1e-5)
+        assert torch.allclose(decode_attention(query[:, :, row], k, v, None)[0], expected, atol=1e-5)
