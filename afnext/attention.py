@@ -142,16 +142,15 @@ def paged_attention(module: torch.nn.Module, query: torch.Tensor, where: PagedKV
 
 def _decode_rows(query: torch.Tensor, rows: DecodeClass, pool, layer: int, scaling, flash: bool) -> torch.Tensor:
     """One query token per row over its session's keys: [b, heads, dim]."""
-    keys, values = pool.keys[layer], pool.values[layer]
     q = (query[0].narrow(1, rows.first, rows.rows.shape[0]) if rows.contiguous else query[0].index_select(1, rows.rows))
     q = q.transpose(0, 1)  # [b, heads, dim]
     if flash:
-        return flash_kernel()(q[:, None], keys, values, cache_seqlens=rows.lengths, block_table=rows.table,
+        return flash_kernel()(q[:, None], pool.keys[layer], pool.values[layer], cache_seqlens=rows.lengths, block_table=rows.table,
                               softmax_scale=scaling, causal=True)[:, 0]
     if rows.span is not None:  # one row in consecutive blocks: its keys are a view of the pool
-        return decode_attention(q, *(_span(t, *rows.span) for t in (keys, values)), scaling)
+        return decode_attention(q, *(t[None] for t in pool.span(layer, *rows.span)), scaling)
     b, width = rows.index.shape
-    k, v = (t.view(b, width, *t.shape[1:]).transpose(1, 2) for t in pool.gather(layer, rows.index.view(-1)))
+    k, v = (t.view(t.shape[0], b, width, t.shape[-1]).transpose(0, 1) for t in pool.gather(layer, rows.index.view(-1)))
     return decode_attention(q, k, v, scaling, rows.mask)  # [b, kv_heads, width, dim] each
 
 
@@ -176,16 +175,10 @@ def _prefill_chunk(module, query: torch.Tensor, chunk: PrefillChunk, pool, layer
         return flash_kernel()(q.transpose(1, 2), pool.keys[layer], pool.values[layer], cache_seqlens=lengths,
                               block_table=chunk.table, softmax_scale=scaling, causal=True)
     if chunk.span is not None:
-        k, v = (_span(t, chunk.span, chunk.total) for t in (pool.keys[layer], pool.values[layer]))
+        k, v = pool.span(layer, chunk.span, chunk.total)
     else:
-        k, v = (t.transpose(0, 1)[None] for t in pool.gather(layer, chunk.index))
-    return _one(module, "sdpa", q, k, v, scaling)
-
-
-def _span(pool_layer: torch.Tensor, first: int, n: int) -> torch.Tensor:
-    """Slots `first` … `first + n - 1` of a pool layer [blocks, BLOCK_TOKENS, kv_heads, dim] as keys or
-    values [1, kv_heads, n, dim]: a view, strided as sdpa takes it."""
-    return pool_layer.flatten(0, 1).narrow(0, first, n).transpose(0, 1)[None]
+        k, v = pool.gather(layer, chunk.index)
+    return _one(module, "sdpa", q, k[None], v[None], scaling)
 
 
 def install(model: torch.nn.Module) -> None:

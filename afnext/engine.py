@@ -109,11 +109,12 @@ class Engine:
         self.encode_batch_frames = encode_batch_frames  # frames run per encoder call: bounds its activations
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
         self.kv = kv
-        self.pool = BlockPool(loaded.model.config, kv_pool_tokens or pool_tokens(loaded), loaded.device,
-                              loaded.dtype) if kv == "paged" else None
-        # flash-attn's paged kernel reads the blocks where they lie; without it the rows are gathered (paged.py)
-        self.flash = (self.pool is not None and loaded.device.type == "cuda"
+        # flash-attn's paged kernel reads the blocks where they lie, in its own layout; without it short
+        # rows are gathered and long ones read in place (paged.py)
+        self.flash = (kv == "paged" and loaded.device.type == "cuda"
                       and loaded.dtype in (torch.float16, torch.bfloat16) and flash_kernel() is not None)
+        self.pool = BlockPool(loaded.model.config, kv_pool_tokens or pool_tokens(loaded), loaded.device,
+                              loaded.dtype, flash_layout=self.flash) if kv == "paged" else None
         if self.pool is not None:
             log.info("paged KV pool: %d tokens (%.1f GiB), attention by %s", self.pool.capacity_tokens,
                      self.pool.blocks * self.pool.block_bytes / 2**30, "flash-attn" if self.flash else "gathered sdpa")

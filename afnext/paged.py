@@ -48,25 +48,36 @@ class PoolFull(RuntimeError):
 
 
 class BlockPool:
-    """Keys and values of every session: per layer a [blocks, BLOCK_TOKENS, kv_heads, head_dim]
-    tensor (flash-attn's paged layout), lent out a block at a time."""
+    """Keys and values of every session, per layer in one tensor, lent out a block of BLOCK_TOKENS
+    slots at a time. Two layouts of the same slots:
+    - `flash_layout`: [blocks, BLOCK_TOKENS, kv_heads, head_dim], flash-attn's paged layout, which
+      its kernel reads through block tables;
+    - otherwise [kv_heads, blocks × BLOCK_TOKENS, head_dim]: each key head's slots in a row, so a
+      run of consecutive blocks is, per head, one contiguous stretch, as a per-session buffer is.
+      sdpa reads the flash layout's runs too, but with a head's keys interleaved with the others'
+      it took 1.4-2.3× as long on CPU (bench/results/cpu-kv-views.json).
+    Whatever the layout, the methods below take and give keys and values head first, [kv_heads,
+    tokens, head_dim], and only flash-attn's call (attention.py) reads `keys`/`values` directly."""
 
-    def __init__(self, config, tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, config, tokens: int, device: torch.device, dtype: torch.dtype, flash_layout: bool = False) -> None:
         text = config.get_text_config(decoder=True)
         self.kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         self.blocks = blocks_for(tokens) + 1  # and the scratch block
-        shape = (self.blocks, BLOCK_TOKENS, self.kv_heads, self.head_dim)
+        self.flash_layout = flash_layout
+        shape = ((self.blocks, BLOCK_TOKENS, self.kv_heads, self.head_dim) if flash_layout
+                 else (self.kv_heads, self.blocks * BLOCK_TOKENS, self.head_dim))
         # Empty, so in CPU memory a page is taken only when a token is first written there. Attention
         # reads a lent block only below its session's length (written), and padding only from the
         # scratch block, zeroed here and written only with padding rows' finite keys: masked keys are
         # multiplied by 0, and 0 × NaN-garbage is NaN.
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(text.num_hidden_layers)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(text.num_hidden_layers)]
-        for t in self.keys + self.values:
-            t[SCRATCH_BLOCK].zero_()
+        for layer in range(len(self.keys)):
+            for t in self.heads(layer):
+                t.narrow(1, SCRATCH_BLOCK * BLOCK_TOKENS, BLOCK_TOKENS).zero_()
         self.device, self.dtype = torch.device(device), dtype
-        self.block_bytes = 2 * len(self.keys) * self.keys[0][0].numel() * self.keys[0].element_size()
+        self.block_bytes = 2 * len(self.keys) * BLOCK_TOKENS * self.kv_heads * self.head_dim * self.keys[0].element_size()
         # Which blocks are free, and how many. Blocks are lent in runs (`take`): a session whose tokens
         # lie in consecutive blocks is read as one view of the pool, with no gather (`PagedCache.span`).
         self._is_free = np.ones(self.blocks, dtype=bool)
@@ -147,27 +158,44 @@ class BlockPool:
             self._is_free[blocks] = True
             self._free_count += len(blocks)
 
+    # ---- keys and values, head first: [kv_heads, tokens, head_dim] ----
+
+    def heads(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s keys and values as [kv_heads, slots, head_dim] views (slot = block ×
+        BLOCK_TOKENS + offset): the tensors themselves, or a transposed view of the flash layout."""
+        if self.flash_layout:
+            return tuple(t[layer].view(-1, self.kv_heads, self.head_dim).transpose(0, 1) for t in (self.keys, self.values))
+        return self.keys[layer], self.values[layer]
+
+    def span(self, layer: int, first: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots `first` … `first + n - 1` of a layer, as views: [kv_heads, n, head_dim] each."""
+        return tuple(t.narrow(1, first, n) for t in self.heads(layer))
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys and values at `slots` [n], copied into new tensors [kv_heads, n, head_dim]."""
+        return tuple(t.index_select(1, slots) for t in self.heads(layer))
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keys and values [kv_heads, n, head_dim] into a layer's `slots` [n]."""
+        for t, new in zip(self.heads(layer), (keys, values)):
+            t.index_copy_(1, slots, new)
+
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer`'s keys and values at pool `slots` [n], copied out: [n, kv_heads, head_dim] each.
+        """A layer's keys and values at `slots` [n], copied out for attention: [kv_heads, n, head_dim].
         In CPU memory into a space kept for it, valid until the next gather (only the engine's worker
         gathers, one class at a time): a fresh tensor per call and layer made glibc hand the pages back
         and fault them in again, some 2 µs a page, which made a gather of 4,096 keys 20× slower than
         its copy (bench/views.py). A GPU's caching allocator keeps its memory, and a captured graph
         needs its temporaries in its own pool: there each gather is a new tensor."""
-        k, v = self.flat(layer)
         if self.device.type != "cpu":
-            return k.index_select(0, slots), v.index_select(0, slots)
-        n = slots.numel()
-        if self._space is None or self._space[0].shape[0] < n:
-            self._space = tuple(k.new_empty((1 << (n - 1).bit_length(), *k.shape[1:])) for _ in range(2))
-        out = tuple(t[:n] for t in self._space)
-        torch.index_select(k, 0, slots, out=out[0])
-        torch.index_select(v, 0, slots, out=out[1])
+            return self.read(layer, slots)
+        size = self.kv_heads * slots.numel() * self.head_dim
+        if self._space is None or self._space[0].numel() < size:
+            self._space = tuple(self.keys[0].new_empty(1 << (size - 1).bit_length()) for _ in range(2))
+        out = tuple(t[:size].view(self.kv_heads, -1, self.head_dim) for t in self._space)
+        for t, into in zip(self.heads(layer), out):
+            torch.index_select(t, 1, slots, out=into)
         return out
-
-    def flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer `layer`'s keys and values as [slots, kv_heads, head_dim] views (slot = block × BLOCK_TOKENS + offset)."""
-        return self.keys[layer].view(-1, self.kv_heads, self.head_dim), self.values[layer].view(-1, self.kv_heads, self.head_dim)
 
 
 def blocks_for(tokens: int) -> int:
@@ -303,8 +331,7 @@ class PagedCache:
             else:
                 source, target = (self.slots(0, n).to(self.pool.device), twin.slots(0, n).to(self.pool.device))
                 for layer in range(len(self.pool.keys)):
-                    for t in self.pool.flat(layer):
-                        t.index_copy_(0, target, t.index_select(0, source))
+                    self.pool.write(layer, target, *self.pool.read(layer, source))
                 return twin
         kept = self._away if self._away is not None else self._stacked()
         twin._away = tuple(t[:, :n].clone() for t in kept)
@@ -317,17 +344,15 @@ class PagedCache:
         slots = self.slots(0, n).to(pool.device)
         out = tuple(torch.empty((len(pool.keys), n, pool.kv_heads, pool.head_dim), dtype=pool.dtype) for _ in range(2))
         for layer in range(len(pool.keys)):
-            for t, dest in zip(pool.flat(layer), out):
-                dest[layer].copy_(t.index_select(0, slots))  # to pageable CPU memory: synchronous
+            for t, dest in zip(pool.read(layer, slots), out):
+                dest[layer].copy_(t.transpose(0, 1))  # to pageable CPU memory: synchronous
         return out
 
     def _write(self, slot_map: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keys and values [layers, n, kv_heads, head_dim] into the first n slots of `slot_map`."""
         slots = slot_map[:keys.shape[1]].to(self.pool.device)
         for layer in range(len(self.pool.keys)):
-            k, v = self.pool.flat(layer)
-            k.index_copy_(0, slots, keys[layer].to(self.pool.device, self.pool.dtype))
-            v.index_copy_(0, slots, values[layer].to(self.pool.device, self.pool.dtype))
+            self.pool.write(layer, slots, *(t[layer].to(self.pool.device, self.pool.dtype).transpose(0, 1) for t in (keys, values)))
 
 
 def _slot_map(blocks: list[int]) -> torch.Tensor:
@@ -374,9 +399,7 @@ class PagedStep:
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args, **kwargs):
         """keys/values: [1, kv_heads, T, head_dim], the step's tokens in order."""
-        k, v = self.pool.flat(layer_idx)
-        k.index_copy_(0, self.slots, keys[0].transpose(0, 1))
-        v.index_copy_(0, self.slots, values[0].transpose(0, 1))
+        self.pool.write(layer_idx, self.slots, keys[0], values[0])
         marker = PagedKV(self, layer_idx)
         return marker, marker
 

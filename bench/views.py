@@ -5,15 +5,17 @@
 Without flash-attn, `rows` decoding rows of one length class attend in one of two ways
 (attention.py `_decode_rows`): gathered — their keys and values copied out of the pool
 (`BlockPool.gather`), then one sdpa call for all, masked past each row's end — or, for a row whose
-keys lie in consecutive blocks, read as a view of the pool in a call of its own. The gather copies
+keys lie in consecutive blocks, read as a view of the pool in a call of its own (`BlockPool.span`). The gather copies
 every key each step and layer; views cost a call per row. Timed on one layer of `mid`'s shape by
 default (2 KV heads of 64, 8 query heads), fp32, CPU, side by side in one run:
-- gather, view: as the engine does them now (`attention.decode_attention`: a key head's query heads
-  attend as rows of one sequence);
-- buffer: per-session buffers (kvcache.py: [1, kv_heads, tokens, dim], each head's keys contiguous),
-  the same call;
-- gather_before, view_before: as before this benchmark was written: a fresh tensor per gather and
-  sdpa's `enable_gqa`, which reads each key head once per query head.
+- gather, view: as the engine does them now without flash-attn (the pool's layout with each key
+  head's slots in a row; `attention.decode_attention`: a key head's query heads attend as rows of
+  one sequence);
+- view_flash_layout: the same views of a pool in flash-attn's layout, where a head's keys are
+  interleaved with the other heads';
+- buffer: per-session buffers (kvcache.py: [1, kv_heads, tokens, dim]), the same call;
+- gather_before, view_before: as before this benchmark was written: flash-attn's layout, a fresh
+  tensor per gather, and sdpa's `enable_gqa`, which reads each key head once per query head.
 `paged.VIEW_MIN_TOKENS` is set from where a view per row overtakes the batched gather.
 """
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers import Qwen2Config  # noqa: E402
 
-from afnext.attention import _span, decode_attention  # noqa: E402
+from afnext.attention import decode_attention  # noqa: E402
 from afnext.bench import machine, write_json  # noqa: E402
 from afnext.paged import BLOCK_TOKENS, VIEW_MIN_TOKENS, BlockPool  # noqa: E402
 
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = Qwen2Config(hidden_size=args.heads * dim, num_attention_heads=args.heads, num_key_value_heads=kvh,
                          num_hidden_layers=1, head_dim=dim)
     pool = BlockPool(config, b * max(lengths), torch.device("cpu"), torch.float32)
-    for t in pool.keys + pool.values:
+    flash_pool = BlockPool(config, b * max(lengths), torch.device("cpu"), torch.float32, flash_layout=True)
+    for t in pool.keys + pool.values + flash_pool.keys + flash_pool.values:
         t.normal_()
     q = torch.randn(b, args.heads, dim)
     rows = []
@@ -76,32 +79,32 @@ def main(argv: list[str] | None = None) -> dict:
         first = [BLOCK_TOKENS + r * n for r in range(b)]  # row r's keys: n consecutive slots from first[r]
         index = torch.cat([torch.arange(f, f + n) for f in first])
         mask = torch.ones(b, 1, 1, n, dtype=torch.bool)
-        buffers = [torch.randn(1, kvh, n, dim) for _ in range(b)]
+        buffers = [(torch.randn(1, kvh, n, dim), torch.randn(1, kvh, n, dim)) for _ in range(b)]
 
         def gathered():
-            k, v = (t.view(b, n, kvh, dim).transpose(1, 2) for t in pool.gather(0, index))
+            k, v = (t.view(kvh, b, n, dim).transpose(0, 1) for t in pool.gather(0, index))
             return decode_attention(q, k, v, None, mask)
 
-        def viewed():
-            return [decode_attention(q[r:r + 1], _span(pool.keys[0], f, n), _span(pool.values[0], f, n), None)
-                    for r, f in enumerate(first)]
+        def viewed(where=pool):
+            return [decode_attention(q[r:r + 1], *(t[None] for t in where.span(0, f, n)), None) for r, f in enumerate(first)]
 
         def buffered():
-            return [decode_attention(q[r:r + 1], x, x, None) for r, x in enumerate(buffers)]
+            return [decode_attention(q[r:r + 1], k, v, None) for r, (k, v) in enumerate(buffers)]
 
         def gathered_before():
-            k, v = (t.flatten(0, 1).index_select(0, index).view(b, n, kvh, dim).transpose(1, 2) for t in (pool.keys[0], pool.values[0]))
+            k, v = (t.flatten(0, 1).index_select(0, index).view(b, n, kvh, dim).transpose(1, 2)
+                    for t in (flash_pool.keys[0], flash_pool.values[0]))
             return sdpa(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
 
         def viewed_before():
-            return [sdpa(q[r:r + 1, :, None], _span(pool.keys[0], f, n), _span(pool.values[0], f, n), enable_gqa=True)
+            return [sdpa(q[r:r + 1, :, None], *(t[None] for t in flash_pool.span(0, f, n)), enable_gqa=True)
                     for r, f in enumerate(first)]
 
         assert torch.allclose(gathered(), torch.cat(viewed()), atol=1e-5)
-        assert torch.allclose(gathered(), gathered_before(), atol=1e-5)
+        assert torch.allclose(torch.cat(viewed(flash_pool)), gathered_before(), atol=1e-5)
         row = {"tokens": n}
-        for name, fn in (("gather", gathered), ("view", viewed), ("buffer", buffered),
-                         ("gather_before", gathered_before), ("view_before", viewed_before)):
+        for name, fn in (("gather", gathered), ("view", viewed), ("view_flash_layout", lambda: viewed(flash_pool)),
+                         ("buffer", buffered), ("gather_before", gathered_before), ("view_before", viewed_before)):
             row[f"{name}_us"] = round(per_call_us(fn), 1)
         rows.append(row)
         print(row, file=sys.stderr)

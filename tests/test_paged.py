@@ -275,12 +275,14 @@ def test_blocks_are_lent_in_runs_a_growing_session_stays_one_and_small_asks_fill
         pool.give([9])
 
 
-def test_a_row_in_consecutive_blocks_is_read_in_place_and_a_scattered_one_gathered_with_the_same_result(loaded):
+@pytest.mark.parametrize("flash_layout", [False, True])
+def test_a_row_in_consecutive_blocks_is_read_in_place_and_a_scattered_one_gathered_with_the_same_result(loaded, flash_layout):
     """Decoding rows attend over a view of the pool where their keys lie in consecutive blocks and
-    through a gather where they do not; both give what attention over the keys themselves gives."""
+    through a gather where they do not; both give what attention over the keys themselves gives, in
+    either of the pool's layouts (flash-attn's, or each key head's slots in a row)."""
     from afnext.attention import Segment, decode_attention, paged_attention
 
-    pool = BlockPool(loaded.model.config, 12 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
+    pool = BlockPool(loaded.model.config, 12 * BLOCK_TOKENS, torch.device("cpu"), torch.float32, flash_layout=flash_layout)
     plugs = [PagedCache(pool) for _ in range(6)]
     for plug in plugs:
         plug.reserve(BLOCK_TOKENS)  # blocks 1-6
