@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="tokens per decode-speed measurement")
     p.add_argument("--decode", default="eager", choices=["eager", "static", "graphs"],
                    help="how our decoding steps run (graphs: CUDA graphs, CUDA only)")
-    p.add_argument("--kv", default="buffers", choices=["buffers", "paged"], help="how KV caches are kept (afnext/paged.py)")
+    p.add_argument("--kv", choices=["buffers", "paged"], help="how KV caches are kept (afnext/paged.py; default: engine.default_kv)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     from .tiny import build_in_memory

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=32, help="reply tokens per conversation (fixed)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of one-at-a-time vs at-once (medians reported)")
     p.add_argument("--long-seconds", type=float, default=600.0, help="the long recording ingested beside a short turn")
-    p.add_argument("--kv", default="buffers", choices=["buffers", "paged"], help="how KV caches are kept (afnext/paged.py)")
+    p.add_argument("--kv", choices=["buffers", "paged"], help="how KV caches are kept (afnext/paged.py; default: engine.default_kv)")
     p.add_argument("--decode", default="eager", choices=["eager", "static", "graphs"],
                    help="how decoding steps run; with --kv paged, graphs: one CUDA graph per batch bucket (CUDA only)")
     p.add_argument("--out", help="also write the JSON here")

@@ -20,9 +20,9 @@ from .checkpoints import DEFAULT_MODEL
 from .tts import ENGINES
 
 MODEL_HELP = "hub id, local folder, or instruct|think|captioner|tiny"
-KV_HELP = ("how conversations' KV caches are kept: buffers (one per conversation, the default) or paged "
-           "(blocks of one pool: one attention call per layer for every conversation decoding; faster for "
-           "many short conversations on CPU, slower beside long recordings there; not yet run on a GPU)")
+KV_HELP = ("how conversations' KV caches are kept: paged (blocks of one pool: one attention call per layer for "
+           "every conversation decoding; the default on CPU) or buffers (one per conversation; the default on a "
+           "GPU, where the pool has not run yet)")
 DEVICE_HELP = "where the model runs: auto (CUDA when there is one), cpu, cuda, cuda:1 …"
 
 
@@ -32,7 +32,7 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_default: str = DEF
     checkpoint's hub id."""
     parser.add_argument("--model", default=model_default, help=MODEL_HELP)
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--kv", default="buffers", choices=("buffers", "paged"), help=KV_HELP)
+    parser.add_argument("--kv", choices=("buffers", "paged"), help=KV_HELP)
 
 
 KEEP_DAYS = 30.0  # conversations not used for this long are deleted, with the audio only they used

@@ -111,6 +111,7 @@ class BucketStep:
 
     def __init__(self, model: torch.nn.Module, pool: paged.BlockPool, size: int, width: int, flash: bool,
                  capture: bool, mempool=None) -> None:
+        assert flash == pool.flash_layout, "flash-attn reads the pool only in its own layout"
         dev = pool.device
         self.model, self.size, self.width, self.flash = model, size, width, flash
         self.ids = torch.zeros((1, size), dtype=torch.long, device=dev)

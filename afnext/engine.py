@@ -51,11 +51,8 @@ ENCODE_FRAMES_PER_STEP = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_
 # whole one's (a window's attention spans all of it, so layers are the only place to cut it).
 ENCODE_CHUNK_FRAMES = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES // 2}
 IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop flag
-# How sessions' KV caches are kept: a buffer per session (kvcache.py, the default) or blocks of one pool
-# (paged.py). On CPU the pool measured faster with 8 short conversations at once (4.1-4.6x one at a time
-# against 3.3-3.7x) but its gather copies every decoding row's keys each step: a follow-up over five
-# 24-minute parts took 19.6 s against 5.6 s (README, Performance). On a GPU flash-attn reads the blocks
-# in place, but the pool has not run on one yet. So the buffers stay the default until both are settled.
+# How sessions' KV caches are kept: a buffer per session (kvcache.py) or blocks of one pool (paged.py);
+# `default_kv` picks one when none is named.
 KV_LAYOUTS = ("buffers", "paged")
 # The paged pool's size when not given: in CPU memory a quarter of the machine's RAM (pages are taken
 # as tokens are first written, so an idle pool costs nothing), at most POOL_TOKENS_MAX; on a GPU the
@@ -89,12 +86,13 @@ class Engine:
     def __init__(self, loaded: LoadedModel, *, decode: str = "eager", max_batch: int = MAX_BATCH,
                  prefill_chunk_tokens: int | None = None, prefill_step_tokens: int | None = None,
                  encode_frames_per_step: int | None = None, encode_chunk_frames: int | None = None,
-                 encode_batch_frames: int = encoder.BATCH_FRAMES, kv: str = "buffers",
+                 encode_batch_frames: int = encoder.BATCH_FRAMES, kv: str | None = None,
                  kv_pool_tokens: int | None = None) -> None:
         if decode not in decoding.MODES:
             raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
         if decode == "graphs" and loaded.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device.")
+        kv = kv or default_kv(loaded.device)
         if kv not in KV_LAYOUTS:
             raise ValueError(f"Unknown KV layout {kv!r}; choose one of {', '.join(KV_LAYOUTS)}.")
         install(loaded.model)
@@ -116,8 +114,10 @@ class Engine:
         self.pool = BlockPool(loaded.model.config, kv_pool_tokens or pool_tokens(loaded), loaded.device,
                               loaded.dtype, flash_layout=self.flash) if kv == "paged" else None
         if self.pool is not None:
-            log.info("paged KV pool: %d tokens (%.1f GiB), attention by %s", self.pool.capacity_tokens,
-                     self.pool.blocks * self.pool.block_bytes / 2**30, "flash-attn" if self.flash else "gathered sdpa")
+            log.info("KV caches: a paged pool of %d tokens (%.1f GiB), attention by %s", self.pool.capacity_tokens,
+                     self.pool.blocks * self.pool.block_bytes / 2**30, "flash-attn" if self.flash else "sdpa")
+        else:
+            log.info("KV caches: a buffer per conversation")
         self.keeper = CacheKeeper(loaded.device, pool=self.pool)  # the sessions' KV caches under memory pressure
         self._buckets: dict[tuple[int, int], decoding.BucketStep] = {}  # paged static/graphs: steps per batch bucket
         self._graph_pool = None  # the captured buckets' shared memory
@@ -509,6 +509,14 @@ class Engine:
         if n_audio:
             embeds[slots] = audio_embeds.to(embeds.dtype)
         return embeds
+
+
+def default_kv(device: torch.device) -> str:
+    """The KV layout of an engine on `device` when none is named. On CPU the paged pool: with 8 voice
+    conversations at once it decodes faster than per-session buffers, and beside long recordings as
+    fast, now that long rows are read in place (README, Performance). On a GPU the buffers, until the
+    pool has run on one (README, GPU)."""
+    return "buffers" if torch.device(device).type == "cuda" else "paged"
 
 
 def pool_tokens(loaded: LoadedModel, share: float = 1.0) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from afnext.engine import Engine, pool_tokens
+from afnext.engine import Engine, default_kv, pool_tokens
 from afnext.model import LICENCE_NOTE, LoadedModel, load_or_demo
 from afnext.tts import Synthesizer, TTSError, load_synthesizer
 
@@ -30,7 +30,7 @@ class BackendOptions:
     device: str = "auto"  # auto | cpu | cuda[:n]
     tts: str = "espeak"  # espeak | pocket
     tts_model: str | None = None  # the engine's voice or checkpoint (its default when None)
-    kv: str = "buffers"  # buffers | paged: how the engines keep KV caches (afnext/engine.py, paged.py)
+    kv: str | None = None  # buffers | paged: how the engines keep KV caches; None: engine.default_kv
 
 
 @dataclass
@@ -74,8 +74,9 @@ def start_backend(options: BackendOptions, engine_factory: Callable[[LoadedModel
         loaded.append(_model(options.think_model, options.device, notices))
     if engine_factory is Engine:
         # a pool for each, both measured before either takes its own
-        sizes = [pool_tokens(one, 1 / len(loaded)) if options.kv == "paged" else None for one in loaded]
-        engines = [Engine(one, kv=options.kv, kv_pool_tokens=size) for one, size in zip(loaded, sizes)]
+        kv = options.kv or default_kv(loaded[0].device)
+        sizes = [pool_tokens(one, 1 / len(loaded)) if kv == "paged" else None for one in loaded]
+        engines = [Engine(one, kv=kv, kv_pool_tokens=size) for one, size in zip(loaded, sizes)]
     else:
         engines = [engine_factory(one) for one in loaded]
     main = engines[0]

@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=120.0, help="length of the recording")
     p.add_argument("--part-s", type=float, default=None, help="the longest part, seconds (default: the model's limit)")
     p.add_argument("--reply-tokens", type=int, default=32, help="tokens per part's answer and in the merged answer")
-    p.add_argument("--kv", default="buffers", choices=["buffers", "paged"], help="how KV caches are kept (afnext/paged.py)")
+    p.add_argument("--kv", choices=["buffers", "paged"], help="how KV caches are kept (afnext/paged.py; default: engine.default_kv)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv

@@ -25,9 +25,10 @@ def reply(stream):
     return done[0].reply if done else events[-1]
 
 
-@pytest.fixture
-def pool(loaded):
-    return BlockPool(loaded.model.config, 8 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
+@pytest.fixture(params=[False, True], ids=["heads-layout", "flash-layout"])
+def pool(loaded, request):
+    """An 8-block pool in either layout: each key head's slots in a row, or flash-attn's."""
+    return BlockPool(loaded.model.config, 8 * BLOCK_TOKENS, torch.device("cpu"), torch.float32, flash_layout=request.param)
 
 
 def fill(cache: PagedCache, tokens: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +140,17 @@ def test_a_turn_larger_than_the_pool_is_refused_in_one_sentence_and_the_session_
 def test_an_unknown_layout_is_refused(loaded):
     with pytest.raises(ValueError, match="Unknown KV layout"):
         Engine(loaded, kv="pages")
+
+
+def test_the_pool_is_the_default_on_cpu_and_the_buffers_on_a_gpu(loaded):
+    from afnext.engine import default_kv
+
+    assert default_kv(torch.device("cpu")) == "paged" and default_kv(torch.device("cuda", 0)) == "buffers"
+    engine = Engine(loaded)
+    try:
+        assert engine.kv == "paged" and engine.pool is not None and not engine.pool.flash_layout
+    finally:
+        engine.close()
 
 
 def test_decoding_steps_of_fixed_shape_per_batch_bucket_pick_the_eager_tokens(loaded):
@@ -271,18 +283,18 @@ def test_blocks_are_lent_in_runs_a_growing_session_stays_one_and_small_asks_fill
     assert d.blocks == [13, 14, 15, 16, 10] and d.span(4 * BLOCK_TOKENS) == 13 * BLOCK_TOKENS and d.span(5 * BLOCK_TOKENS) is None
     assert pool.free_blocks == 0
     pool.give(c.blocks)
-    with pytest.raises(AssertionError, match="given back twice"):
-        pool.give([9])
+    for wrong in ([9], [paged.SCRATCH_BLOCK], [13, 13]):  # free already, never lent, twice in one list
+        with pytest.raises(RuntimeError, match="not lent"):
+            pool.give(wrong)
+    assert pool.free_blocks == 1
 
 
-@pytest.mark.parametrize("flash_layout", [False, True])
-def test_a_row_in_consecutive_blocks_is_read_in_place_and_a_scattered_one_gathered_with_the_same_result(loaded, flash_layout):
+def test_a_row_in_consecutive_blocks_is_read_in_place_and_a_scattered_one_gathered_with_the_same_result(loaded):
     """Decoding rows attend over a view of the pool where their keys lie in consecutive blocks and
-    through a gather where they do not; both give what attention over the keys themselves gives, in
-    either of the pool's layouts (flash-attn's, or each key head's slots in a row)."""
+    through a gather where they do not; both give what attention over the keys themselves gives."""
     from afnext.attention import Segment, decode_attention, paged_attention
 
-    pool = BlockPool(loaded.model.config, 12 * BLOCK_TOKENS, torch.device("cpu"), torch.float32, flash_layout=flash_layout)
+    pool = BlockPool(loaded.model.config, 12 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
     plugs = [PagedCache(pool) for _ in range(6)]
     for plug in plugs:
         plug.reserve(BLOCK_TOKENS)  # blocks 1-6
