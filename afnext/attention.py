@@ -16,8 +16,8 @@ GPU B × 28 small launches a step, more than an H200 needs to read the weights (
 paged pool (paged.py, `Engine(kv="paged")`): `PagedStep.update` writes the whole step's keys with one
 `index_copy_` per layer and `paged_attention` attends every decoding row in one call per layer —
 flash-attn's paged kernel where installed, else a gather per class of similar lengths, and a view
-of the pool for a long row in consecutive blocks — and each prefill chunk in one call of its own; its fixed addresses let a decoding step be captured as a CUDA
-graph per batch bucket (decode.py).
+of the pool for a long row in consecutive blocks — and each prefill chunk in one call of its own;
+its fixed addresses let a decoding step be captured as a CUDA graph per batch bucket (decode.py).
 
 The model keeps its own attention for everything else (stock `generate`, the audio tower): our
 function, registered under ATTENTION, hands any call that is not a step of ours to the

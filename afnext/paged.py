@@ -57,7 +57,7 @@ class BlockPool:
     - otherwise [kv_heads, blocks × BLOCK_TOKENS, head_dim]: each key head's slots in a row, so a
       run of consecutive blocks is, per head, one contiguous stretch, as a per-session buffer is.
       sdpa reads the flash layout's runs too, but with a head's keys interleaved with the others'
-      it took 1.4-2.3× as long on CPU (bench/results/cpu-kv-views.json).
+      it took 1.1-1.6× as long on CPU (bench/results/cpu-kv-views.json).
     Whatever the layout, the methods below take and give keys and values head first, [kv_heads,
     tokens, head_dim], and only flash-attn's call (attention.py) reads `keys`/`values` directly."""
 
