@@ -8,16 +8,17 @@ attention, `StepCache.update` splits the packed keys and values back into their 
 each into its own session cache; `segment_attention` then attends each segment's queries over that
 cache alone.
 
-Two KV layouts. Per-session buffers (kvcache.py, the default): a session's cache is one growing
-buffer per layer, read as a view, so a 45,000-token recording and 500-token voice chats decode side
-by side while each pays only for its own length, with no gather or copy per step; the cost is one
-attention call and one cache write per segment and layer, noise beside the matmuls on CPU, but on a
-GPU B × 28 small launches a step, more than an H200 needs to read the weights (bench/host.py). The
-paged pool (paged.py, `Engine(kv="paged")`): `PagedStep.update` writes the whole step's keys with one
-`index_copy_` per layer and `paged_attention` attends every decoding row in one call per layer —
-flash-attn's paged kernel where installed, else a gather per class of similar lengths, and a view
-of the pool for a long row in consecutive blocks — and each prefill chunk in one call of its own;
-its fixed addresses let a decoding step be captured as a CUDA graph per batch bucket (decode.py).
+Two KV layouts, `engine.default_kv` picking one per device. Per-session buffers (kvcache.py, a
+GPU's default): a session's cache is one growing buffer per layer, read as a view, so a 45,000-token
+recording and 500-token voice chats decode side by side while each pays only for its own length,
+with no gather or copy per step; the cost is one attention call and one cache write per segment and
+layer, noise beside the matmuls on CPU, but on a GPU B × 28 small launches a step, more than an H200
+needs to read the weights (bench/host.py). The paged pool (paged.py, the CPU's default):
+`PagedStep.update` writes the whole step's keys with one `index_copy_` per layer and
+`paged_attention` attends every decoding row in one call per layer — flash-attn's paged kernel where
+installed, else a gather per class of similar lengths, and a view of the pool for a long row in
+consecutive blocks — and each prefill chunk in one call of its own; its fixed addresses let a
+decoding step be captured as a CUDA graph per batch bucket (decode.py).
 
 The model keeps its own attention for everything else (stock `generate`, the audio tower): our
 function, registered under ATTENTION, hands any call that is not a step of ours to the
@@ -107,20 +108,41 @@ def _one(module, base: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         # environment lookup, config reads), for it runs once per session and layer, 0.9k times a
         # step for 32 sessions of AF-Next's 28 layers: host time a GPU cannot hide (bench/host.py).
         return decode_attention(q[0, :, 0][None], k, v, scaling).view(1, 1, *q.shape[1:2], q.shape[-1])
-    mask = None
-    if 1 < n < total:  # a chunk after earlier tokens: row i sees the past and the chunk up to i
-        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
     if base.startswith("flash"):  # flash aligns causal to the last keys
         fn = ALL_ATTENTION_FUNCTIONS[base]
         return fn(module, q, k, v, None, scaling=scaling, is_causal=n > 1)[0]
-    if mask is not None and q.device.type == "cpu" and getattr(module, "num_key_value_groups", 1) > 1:
-        # With a mask, transformers copies every past key and value once per query head of its group
-        # (repeat_kv): on a long context that copy was most of a follow-up's prefill (a 10-minute
-        # recording, `mid`: 42% of the turn). torch's CPU kernels take the groups as they are; same
-        # result to the bit. (On CUDA a mask with groups falls back to the math kernel: not there.)
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        return out.transpose(1, 2).contiguous()
+    if 1 < n < total and q.device.type == "cpu":
+        return chunk_attention(q, k, v, scaling)
+    mask = None
+    if 1 < n < total:  # a chunk after earlier tokens: row i sees the past and the chunk up to i
+        mask = torch.ones(n, total, dtype=torch.bool, device=q.device).tril(total - n)
     return sdpa_attention_forward(module, q, k, v, mask, scaling=scaling, is_causal=n > 1 and mask is None)[0]
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) -> torch.Tensor:
+    """A prompt chunk after earlier tokens, on CPU: q [1, heads, n, dim] over k/v [1, kv_heads, past + n,
+    dim], causal within the chunk → [1, n, heads, dim].
+
+    sdpa would need a mask [n, past + n] for it; with one, torch's CPU flash kernel adds the mask to
+    every score and takes short chunks in small query blocks, each reading all the past keys again:
+    a 10-minute recording's prefill in 256-token chunks spent 1.5x a single causal pass's time in
+    attention (`mid`, 2 cores). Instead, two calls of that kernel merged by their log-sum-exp: the
+    past with no mask, a key head's query heads stacked as rows of one query (as `decode_attention`,
+    so the past is read once per key head), and the chunk over its own keys with the kernel's causal
+    flag, which aligns correctly when queries and keys are the same tokens. The merge is exact up to
+    rounding (tests/test_paged.py compares it with masked sdpa)."""
+    _, heads, n, dim = q.shape
+    groups, past = k.shape[1], k.shape[2] - n
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    early, early_lse = kernel(q.reshape(1, groups, heads // groups * n, dim), k[:, :, :past], v[:, :, :past],
+                              scale=scaling)
+    own_k, own_v = (t[:, :, past:].repeat_interleave(heads // groups, dim=1) for t in (k, v))
+    own, own_lse = kernel(q, own_k, own_v, is_causal=True, scale=scaling)
+    early_lse = early_lse.reshape(1, heads, n)
+    both = torch.logaddexp(early_lse, own_lse)
+    out = early.reshape(1, heads, n, dim) * (early_lse - both).exp_()[..., None].to(q.dtype)
+    out.addcmul_(own, (own_lse - both).exp_()[..., None].to(q.dtype))
+    return out.transpose(1, 2).contiguous()
 
 
 def paged_attention(module: torch.nn.Module, query: torch.Tensor, where: PagedKV, scaling) -> torch.Tensor:

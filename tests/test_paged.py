@@ -325,3 +325,20 @@ def test_a_row_in_consecutive_blocks_is_read_in_place_and_a_scattered_one_gather
         expected = torch.nn.functional.scaled_dot_product_attention(query[:, :, row:row + 1], k, v, enable_gqa=True)[0, :, 0]
         assert torch.allclose(out[0, row], expected, atol=1e-5)
         assert torch.allclose(decode_attention(query[:, :, row], k, v, None)[0], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,n,past", [(8, 2, 256, 700), (4, 4, 2, 1), (28, 4, 33, 300)])
+def test_a_prompt_chunk_after_earlier_tokens_attends_as_masked_sdpa_does(heads, kv_heads, n, past):
+    """CPU prefill chunks: two flash calls merged by log-sum-exp (attention.chunk_attention) against
+    sdpa with the causal mask of a chunk that follows `past` tokens, on keys that are views of a
+    pool laid out [kv_heads, slots, dim] as the paged pool's heads layout is."""
+    from afnext.attention import chunk_attention
+
+    g = torch.Generator().manual_seed(n + past)
+    slots = torch.randn(2, kv_heads, past + n + 50, 64, generator=g)  # keys and values, with slots beyond
+    k, v = (t[:, 10:10 + past + n][None] for t in slots)  # a strided window, not a copy
+    q = torch.randn(1, heads, n, 64, generator=g)
+    mask = torch.ones(n, past + n, dtype=torch.bool).tril(past)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.125, enable_gqa=True)
+    out = chunk_attention(q, k, v, 0.125)
+    assert out.shape == (1, n, heads, 64) and torch.allclose(out, expected.transpose(1, 2), atol=1e-5)
