@@ -132,11 +132,11 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling) 
     flag, which aligns correctly when queries and keys are the same tokens. The merge is exact up to
     rounding (tests/test_paged.py compares it with masked sdpa)."""
     _, heads, n, dim = q.shape
-    groups, past = k.shape[1], k.shape[2] - n
+    kv_heads, past = k.shape[1], k.shape[2] - n
+    group = heads // kv_heads  # query heads per key head
     kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    early, early_lse = kernel(q.reshape(1, groups, heads // groups * n, dim), k[:, :, :past], v[:, :, :past],
-                              scale=scaling)
-    own_k, own_v = (t[:, :, past:].repeat_interleave(heads // groups, dim=1) for t in (k, v))
+    early, early_lse = kernel(q.reshape(1, kv_heads, group * n, dim), k[:, :, :past], v[:, :, :past], scale=scaling)
+    own_k, own_v = (t[:, :, past:].repeat_interleave(group, dim=1) for t in (k, v))
     own, own_lse = kernel(q, own_k, own_v, is_causal=True, scale=scaling)
     early_lse = early_lse.reshape(1, heads, n)
     both = torch.logaddexp(early_lse, own_lse)
