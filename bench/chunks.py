@@ -10,9 +10,10 @@ heads of 64, 8 query heads), fp32, side by side in one run, µs per call:
 - masked: sdpa with the chunk's causal mask [n, past + n] and `enable_gqa` (what `_one` did before);
 - merged: `chunk_attention`, the past with no mask (a key head's query heads as rows of one query)
   and the chunk over its own keys with the causal flag, merged by their log-sum-exp;
-- causal_pass_share: for scale, a single causal sdpa pass over past + n tokens, divided by the
-  number of such chunks it covers ((past + n) / n): what a chunk would cost if the whole prompt
-  were attended in one call (timed once, up to 16,384 tokens).
+- causal_pass_share: for scale, a single causal sdpa pass over past + n tokens, times the share of
+  its query-key pairs that the chunk's n rows (the last ones) attend: what the same rows cost when
+  the whole prompt is attended in one call (timed once, up to 16,384 tokens). The last rows attend
+  the most keys, so this is about twice the pass's time divided by its (past + n) / n chunks.
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
             if past + n <= CAUSAL_PASS_MAX:
                 once = time.perf_counter()
                 sdpa(whole_q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-                row["causal_pass_share_us"] = round((time.perf_counter() - once) * 1e6 * n / (past + n), 1)
+                total, pairs = past + n, n * past + n * (n + 1) / 2  # the last n rows' query-key pairs
+                share = pairs / (total * (total + 1) / 2)
+                row["causal_pass_share_us"] = round((time.perf_counter() - once) * 1e6 * share, 1)
             row["speedup"] = round(row["masked_us"] / row["merged_us"], 2)
             rows.append(row)
             print(row, file=sys.stderr)
