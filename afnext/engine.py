@@ -514,7 +514,7 @@ class Engine:
 def default_kv(device: torch.device) -> str:
     """The KV layout of an engine on `device` when none is named. On CPU the paged pool: with 8 voice
     conversations at once it decodes faster than per-session buffers, and beside long recordings as
-    fast, now that long rows are read in place (README, Performance). On a GPU the buffers, until the
+    fast, as long rows are read in place (README, Performance). On a GPU the buffers, until the
     pool has run on one (README, GPU)."""
     return "buffers" if torch.device(device).type == "cuda" else "paged"
 
