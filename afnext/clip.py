@@ -27,6 +27,14 @@ class Clip:
         return sum(audio.audio_tokens(f) for f in self.frames)
 
 
+def check_length(samples: np.ndarray) -> None:
+    """Raises `AudioError` if the model would hear nothing of 16 kHz `samples`: 20 ms or less make
+    no audio token."""
+    if audio.audio_tokens(-(-len(samples) // audio.HOP_LENGTH)) == 0:
+        raise audio.AudioError(f"The clip is too short ({len(samples) / audio.SAMPLE_RATE * 1000:.0f} ms); "
+                               "the model needs more than 20 ms of audio.")
+
+
 def prepare_clip(source, mel_filters: np.ndarray, *, max_seconds: float = audio.MAX_AUDIO_S) -> Clip:
     """Path, bytes, (sample_rate, array) or 16 kHz float32 array → `Clip`. Raises `AudioError`.
 
@@ -40,11 +48,9 @@ def prepare_clip(source, mel_filters: np.ndarray, *, max_seconds: float = audio.
         if isinstance(source, np.ndarray):
             source = (audio.SAMPLE_RATE, source)
         samples = audio.load_audio(source, max_seconds=max_seconds)
+    check_length(samples)
     features, frames = audio.log_mel_windows(samples, mel_filters)
-    keep = [i for i, f in enumerate(frames) if audio.audio_tokens(f) > 0]
-    if not keep:
-        raise audio.AudioError(f"The clip is too short ({len(samples) / audio.SAMPLE_RATE * 1000:.0f} ms); "
-                               "the model needs more than 20 ms of audio.")
+    keep = [i for i, f in enumerate(frames) if audio.audio_tokens(f) > 0]  # a tail of 20 ms or less goes
     features, frames = features[keep], [frames[i] for i in keep]
     duration = min(len(samples), sum(frames) * audio.HOP_LENGTH) / audio.SAMPLE_RATE
     return Clip(features, tuple(frames), duration, time.perf_counter() - t0)

@@ -28,7 +28,7 @@ import soundfile
 
 from afnext import split
 from afnext.audio import MAX_AUDIO_S, SAMPLE_RATE, AudioError, load_audio, load_file
-from afnext.clip import Clip, prepare_clip
+from afnext.clip import Clip, check_length, prepare_clip
 from afnext.engine import Engine
 from afnext.events import PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone, clock
 from afnext.conversation import Conversation
@@ -78,6 +78,11 @@ class Recording:
     # sessions are open (its journal then says), what tells that another process went on with it.
     store: Store | None = field(default=None, repr=False)
     opened_with: int = 0
+    # Questions being answered now, and the engines whose session is hearing the clip with one of them
+    # (`asking`): a question asked meanwhile on that engine waits, so the clip is heard once.
+    in_flight: int = 0
+    _hearing: set[int] = field(default_factory=set, repr=False)
+    _heard: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
     def current(self) -> bool:
         """Whether it holds what the store holds of its conversation (`Live.open`'s `current`): no other
@@ -141,6 +146,44 @@ class Recording:
         # Features are made when needed, not kept: 30 minutes of them are 90 MB.
         return session, prepare_clip(self.audio, engine.loaded.mel_filters, max_seconds=engine.loaded.max_audio_s)
 
+    @contextlib.contextmanager
+    def asking(self, engine: Engine) -> Iterator[tuple[Session, Clip | None]]:
+        """`session(engine)` for the length of one question. The clip goes to one question only: one
+        asked while another brings it (a second tab, Enter and a click at once) waits until that one
+        has ended, then goes on without the clip if the conversation heard it, or with it if that turn
+        was rolled back (it failed, or was cut off before the recording was read)."""
+        with self._heard:
+            while id(engine) in self._hearing:
+                self._heard.wait()
+            self._hearing.add(id(engine))  # this question decides whether the clip goes with it
+        held = True
+        try:
+            self._session(engine).wait()  # the turn before it is committed or rolled back
+            session, clip = self.session(engine)
+            if clip is None:  # the conversation heard it: the next question need not wait for this one
+                held = False
+                self._let_hear(engine)
+            yield session, clip
+        finally:
+            if held:
+                self._let_hear(engine)
+
+    def _let_hear(self, engine: Engine) -> None:
+        with self._heard:
+            self._hearing.discard(id(engine))
+            self._heard.notify_all()
+
+    @contextlib.contextmanager
+    def question(self) -> Iterator[None]:
+        """Counts a question as in flight (`in_flight`) while it is being answered."""
+        with self._heard:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self._heard:
+                self.in_flight -= 1
+
     def waveform(self) -> str:
         """The waveform component's value (JSON)."""
         return json.dumps({
@@ -173,6 +216,7 @@ def open_recording(path: str, cache_dir: Path, *, owned: bool = False) -> Record
     if split.longer_than(path, MAX_AUDIO_S):
         return _open_long(path, cache_dir, owned)
     audio = load_audio(path)
+    check_length(audio)  # refused now, not at its first question
     files = [Path(path)] if owned else []
     if Path(path).suffix.lower() not in PLAYABLE:  # the page could not play it: serve what we decoded
         url = _private_name(cache_dir, ".wav")
@@ -317,6 +361,11 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
     fill in. Raises one of USER_ERRORS, with one sentence, for what the user can fix. With `store`,
     the question and its answer are kept there before the answer is done."""
     question = _question(question)
+    with recording.question():
+        yield from _ask(recording, question, think, backend, store)
+
+
+def _ask(recording: Recording, question: str, think: bool, backend: Backend, store: Store | None) -> Iterator[str]:
     engine, options = _model_for(backend, think)
     if recording.parts:
         if store is not None:
@@ -327,23 +376,24 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
     if store is not None:
         yield "Opening the conversation…" if recording.journal is None and recording.cid else "Reading the question…"
         recording.open_sessions(backend, store)
-    session, clip = recording.session(engine)
-    kept = recording.kept if session.journal is not None and clip is not None else None
-    stream = session.ask(question, clip, think=think, options=options, kept=kept)
-    recording.chat.append({"role": "user", "content": question})
-    recording.steps = [] if think else recording.steps
-    reasoning = answer = None
-    done = False
-    try:
-        yield (f"Listening to the recording ({clock(recording.duration_s)}) and reading the question…"
-               if clip else "Reading the question…")
-        for event in stream:
-            reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, clip is not None)
-            if line is not None:
-                yield line
-    finally:
-        if not done:  # cancelled (a new recording, the page closed) or failed: the chat says it was cut off
-            _cut_off(recording, reasoning, answer)
+    with recording.asking(engine) as (session, clip):
+        kept = recording.kept if session.journal is not None and clip is not None else None
+        stream = session.ask(question, clip, think=think, options=options, kept=kept)
+        recording.chat.append({"role": "user", "content": question})
+        recording.steps = [] if think else recording.steps
+        reasoning = answer = None
+        done = False
+        try:
+            yield (f"Listening to the recording ({clock(recording.duration_s)}) and reading the question…"
+                   if clip else "Reading the question…")
+            for event in stream:
+                reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, clip is not None)
+                if line is not None:
+                    yield line
+        finally:
+            stream.close()  # the turn stops before the clip is handed on (a closed stream cancels it)
+            if not done:  # cancelled (a new recording, the page closed) or failed: the chat says it was cut off
+                _cut_off(recording, reasoning, answer)
 
 
 def _ask_in_parts(recording: Recording, question: str, think: bool, engine: Engine,

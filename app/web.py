@@ -38,7 +38,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from afnext.audio import MAX_FILE_BYTES
 from afnext.cli import KEEP_DAYS
-from afnext.events import AudioChunk
+from afnext.events import AudioChunk, clock
 from afnext.live import Live, matches_store
 from afnext.session import MAX_TEXT_CHARS
 from afnext.store import Store
@@ -70,6 +70,14 @@ WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE = realtime.MAX_MESSAGE_BYTES, realtime.WS_MAX
 CSS = """
 #afn-banner { font-size: .92em; }
 #afn-status { min-height: 1.6em; }
+/* A phone's width: the question and Think take a line of their own (Think under the question), the
+   buttons share the next. (Gradio wraps the row's two form fields in one .form block.) */
+@media (max-width: 640px) {
+  #afn-ask-row { flex-wrap: wrap; }
+  #afn-ask-row > .form { flex: 1 1 100%; min-width: 100%; flex-wrap: wrap; }
+  #afn-ask-row > .form > * { flex: 1 1 100%; min-width: 100%; }
+  #afn-ask-row > button { flex: 1 1 40%; min-width: 0; }
+}
 """
 
 
@@ -148,7 +156,7 @@ class _RecordingsTab:
                 wave = gr.HTML("", html_template='<div class="afn-wave"></div>', js_on_load=_js("waveform.js"),
                                elem_id="afn-wave")
         chat = gr.Chatbot(label="Questions about the recording", height=380, elem_id="afn-chat")
-        with gr.Row():
+        with gr.Row(elem_id="afn-ask-row"):
             question = gr.Textbox(placeholder="Ask about the recording… (Enter to send)", show_label=False, scale=5,
                                   elem_id="afn-question", max_length=MAX_TEXT_CHARS)
             think = gr.Checkbox(label="Think (timestamped steps)", elem_id="afn-think", scale=1)
@@ -163,9 +171,10 @@ class _RecordingsTab:
         listed = dict(fn=self.history, inputs=[owner, cid], outputs=[history, disk], queue=False, **private)
         asked = dict(fn=_gpu(self.ask), inputs=[question, think, wave, cid, owner], outputs=[chat, wave, status, question],
                      concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY, **private)
-        asking = [question.submit(**asked), ask_button.click(**asked)]
-        for event in asking:
-            event.then(**listed)
+        # One event for Enter and the button, so both do the same while an answer streams: nothing (the
+        # question stays in the box until it is done), and Enter with a click at once sends one question.
+        asking = [gr.on([question.submit, ask_button.click], **asked)]
+        asking[0].then(**listed)
         opened = dict(outputs=[status, wave, chat, cid], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
                       **private)
         upload.upload(self.open, [upload, owner], **opened).then(**listed)
@@ -216,7 +225,7 @@ class _RecordingsTab:
             recording.owner = _owner(owner)
             recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"
             hold(self.live, self.files, _address(request), recording)
-            ready = f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min. " + (
+            ready = f"**{_markdown_text(recording.name)}** ({clock(recording.duration_s)}). " + (
                 f"The model hears 30 minutes at a time, so it will listen in {len(recording.parts)} parts and put their "
                 "answers together. " if recording.parts else "") + (
                 "Ask a question; the first one makes the model listen to the whole recording, follow-ups reuse what "
@@ -256,8 +265,10 @@ class _RecordingsTab:
             yield "That recording is no longer in your history.", "", [], ""
             return
         turns = sum(m["role"] == "user" for m in recording.chat)
-        yield (f"**{_markdown_text(recording.name)}**: {recording.duration_s / 60:.1f} min, {turns} question(s) so "
-               "far. Ask another."), recording.waveform(), recording.chat, cid
+        asked = ("no question yet. Ask one." if not turns else
+                 f"{turns} question{'s' if turns > 1 else ''} so far. Ask another.")
+        yield (f"**{_markdown_text(recording.name)}** ({clock(recording.duration_s)}): {asked}"), \
+            recording.waveform(), recording.chat, cid
 
     def _recording(self, cid: str, owner: str, request: gr.Request) -> Recording | None:
         """The live recording `cid` of this owner, reopened from the store if it is not live (once, however
@@ -337,6 +348,9 @@ class _RecordingsTab:
             if why is None and cid and self.store is not None and not cid.startswith("unkept-"):
                 why = "it was deleted from your history"  # kept ones are reopened: this one is gone
             yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, why)}", gr.skip()
+            return
+        if not question.strip() and recording.in_flight:  # a second click on Ask, sent after the first emptied the box
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         sent, box = question, ""  # the box empties once; what the user types meanwhile is theirs
         try:

@@ -149,7 +149,7 @@ def test_a_recording_survives_a_reload_and_a_crash_and_its_conversation_goes_on(
         _ask(page, "What is this recording?", False, 1)
         page.reload()
         page.get_by_role("tab", name="Recordings").click()
-        page.locator("#afn-status", has_text="1 question(s) so far").wait_for(timeout=60_000)
+        page.locator("#afn-status", has_text="1 question so far").wait_for(timeout=60_000)
         assert "What is this recording?" in page.locator("#afn-chat").inner_text()
         assert "speech.wav" in page.locator(f"{WAVE} .name").inner_text()
         proc.send_signal(signal.SIGKILL)  # a crash: nothing is saved on the way out
@@ -157,7 +157,7 @@ def test_a_recording_survives_a_reload_and_a_crash_and_its_conversation_goes_on(
     with running(args, tmp_path / "second.log"):
         page.reload()
         page.get_by_role("tab", name="Recordings").click()
-        page.locator("#afn-status", has_text="1 question(s) so far").wait_for(timeout=60_000)
+        page.locator("#afn-status", has_text="1 question so far").wait_for(timeout=60_000)
         _ask(page, "And who speaks?", True, 2)
         chat = page.locator("#afn-chat").inner_text()
         assert "What is this recording?" in chat and SCRIPTED_ANSWER in chat
@@ -258,6 +258,26 @@ def test_a_blocked_microphone_gets_a_sentence_saying_how_to_fix_it(browser, serv
 def _count(host: str, selector: str) -> str:
     """JS for the number of `selector` matches inside `host`'s shadow root (document queries stop at it)."""
     return f"document.querySelector('{host}').shadowRoot.querySelectorAll('{selector}').length"
+
+
+def test_enter_and_clicks_at_once_send_one_question(browser, server):
+    """Enter with a click on Ask, and a double click, send the question once; no false "type a
+    question" warning follows the answer."""
+    page, _, errors = _page(browser, server)
+    _open_example(page, "Speech (10 s)")
+    box, ask = page.locator("#afn-question textarea"), page.locator("#afn-ask")
+    box.fill("Sent once?")
+    box.press("Enter")
+    ask.click()
+    ask.dblclick()
+    page.locator("#afn-status", has_text="Done").wait_for(timeout=60_000)
+    time.sleep(2)  # what a second event would have brought by now
+    users = page.locator('#afn-chat [data-testid="user"]')
+    assert users.count() == 1 and users.inner_text().strip() == "Sent once?"
+    assert page.locator("#afn-status").inner_text().startswith("Done")
+    assert "Type a question" not in page.content()
+    assert not errors, errors
+    page.context.close()
 
 
 def test_two_browsers_see_only_their_own_conversations(browser, server):

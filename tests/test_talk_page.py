@@ -154,6 +154,23 @@ def test_a_cut_off_reply_plays_nothing_more_of_what_was_still_on_its_way(browser
     talk.close()
 
 
+def test_a_press_too_short_to_hear_says_so_until_a_press_is_heard(browser):
+    talk = Page(browser)
+    talk.page.locator(f"{TALK} .ptt-mode").check()
+    notice = talk.page.locator(f"{TALK} .notice")
+    talk.page.locator(f"{TALK} .ptt").hover()
+    talk.page.mouse.down()
+    talk.page.mouse.up()  # at once: nothing was heard
+    notice.filter(has_text="too short to hear").wait_for()
+    assert talk.sent("input_audio_buffer.commit") == []
+    talk.page.mouse.down()
+    talk.page.wait_for_timeout(1200)  # the fake microphone speaks meanwhile
+    talk.page.mouse.up()
+    talk.page.wait_for_function("window.sent.some(e => e.type === 'input_audio_buffer.commit')")
+    assert notice.is_hidden(), "the advice about the short press stayed after a press was heard"
+    talk.close()
+
+
 def test_speech_while_the_reply_is_thinking_truncates_nothing(browser):
     talk = Page(browser)
     talk.reply("r1", "i1", 0.3)

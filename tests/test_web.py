@@ -19,6 +19,7 @@ from starlette.routing import WebSocketRoute
 from starlette.testclient import TestClient
 
 from afnext.audio import SAMPLE_RATE, AudioError
+from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import ThinkStep
 from afnext.tts import load_synthesizer
@@ -204,6 +205,47 @@ def test_plain_questions_use_the_main_model_and_refuse_empty_ones(backend, tmp_p
     assert rec.chat == []
     list(recordings.ask(rec, "What do you hear?", False, backend))
     assert rec.session(backend.main)[1] is None and rec.session(backend.think)[1] is not None
+
+
+def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
+    """Two tabs on one recording asking at the same moment: the clip goes with one question, the other
+    waits for it and is a follow-up (the conversation holds the recording once)."""
+    rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
+    lines: dict[int, list[str]] = {}
+    go = threading.Barrier(2)
+
+    def asker(i: int) -> None:
+        go.wait()
+        lines[i] = list(recordings.ask(rec, f"Question {i}?", False, backend))
+
+    threads = [threading.Thread(target=asker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    firsts = sorted(lines[i][0] for i in range(2))
+    assert firsts == ["Listening to the recording (0:11) and reading the question…", "Reading the question…"]
+    session, sound = rec.session(backend.main)[0], backend.main.loaded.ids.sound
+    heard = prepare_clip(rec.audio, backend.main.loaded.mel_filters).tokens
+    assert session.tokens.count(sound) == heard and rec.in_flight == 0  # one clip's audio tokens
+    third = list(recordings.ask(rec, "And a third?", False, backend))  # nothing is left waiting
+    assert third[0] == "Reading the question…" and third[-1].startswith("Done")
+
+
+def test_a_first_question_cut_off_before_the_clip_is_heard_leaves_it_to_the_next(backend, tmp_path):
+    rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
+    first = recordings.ask(rec, "First?", False, backend)
+    assert next(first).startswith("Listening to the recording")
+    first.close()  # the page closed before the model read it: the turn is rolled back
+    again = list(recordings.ask(rec, "Again?", False, backend))
+    assert again[0].startswith("Listening to the recording") and again[-1].startswith("Done")
+
+
+def test_a_recording_too_short_to_hear_is_refused_when_it_is_opened(tmp_path):
+    blip = tmp_path / "blip.wav"
+    soundfile.write(blip, np.full(160, 0.1, np.float32), SAMPLE_RATE)  # 10 ms
+    with pytest.raises(AudioError, match=r"too short \(10 ms\)"):
+        recordings.open_recording(str(blip), tmp_path)
 
 
 def test_answer_once_is_the_api(backend):

@@ -573,6 +573,8 @@ function stop() {  // the microphone goes quiet; the conversation (its socket) s
   setState("idle");
 }
 
+const TOO_SHORT_PRESS = "Hold the button down while you speak; that press was too short to hear.";
+
 function ptt(down) {
   if (!ws || !live || !stream || !$(".ptt-mode").checked) return;
   pttButton.classList.toggle("held", down);
@@ -588,10 +590,11 @@ function ptt(down) {
   if (!press) return;
   const held = press; press = null;
   if (held.samples < MIN_PTT_S * RATE) {
-    notice("Hold the button down while you speak; that press was too short to hear.");
+    notice(TOO_SHORT_PRESS);
     send({ type: "input_audio_buffer.clear" });
     return;
   }
+  if ($(".notice").textContent === TOO_SHORT_PRESS) notice("");  // this press was heard: the advice is done
   presses.push({ audio: concat(held.chunks), wall: performance.now() });
   send({ type: "input_audio_buffer.commit" });
   send({ type: "response.create" });
