@@ -402,13 +402,17 @@ class Session:
                              steps_from_answer=plan.question[1])
         parser.feed(plan.prefill + text)
         parser.close()
+        before = self.journal.broken  # already broken: deleted meanwhile (a user's doing), or an earlier failure
         try:
             self.journal.commit(*plan.question, plan.audio_key,
                                 self._reply(plan, finished.request, plan.prefill + text, parser, finished))
         except Exception:  # KeptError, or the reply could not be built: the journal is broken, and says so
             if self.journal.broken is None:
                 self.journal.broken = "The turn could not be kept in the store; the conversation stops here."
-            log.exception("conversation %s: a turn could not be kept", self.journal.cid)
+            if before is not None:
+                log.info("conversation %s: a turn was not kept: %s", self.journal.cid, before)
+            else:
+                log.exception("conversation %s: a turn could not be kept", self.journal.cid)
 
     def _commit_reply(self, generated: list[int], cache) -> str:
         loaded = self.engine.loaded

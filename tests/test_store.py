@@ -303,6 +303,23 @@ def test_a_conversation_whose_turn_cannot_be_kept_stops_with_one_sentence(engine
         live.ask("Still there?")
 
 
+def test_a_conversation_deleted_while_it_answers_says_so_and_logs_no_error(engine, tmp_path, caplog):
+    """Deleting a conversation in another tab while it answers is a user's doing, not a failure: the
+    turn is not kept, the reader is told in one sentence, and the log has no error or traceback."""
+    import logging
+
+    from afnext.store import KeptError
+
+    live = _journaled(engine, Store(tmp_path))
+    deleted = "This conversation was deleted (here or in another tab); start a new one."
+    with caplog.at_level(logging.INFO), pytest.raises(KeptError, match="was deleted"):
+        stream = live.ask("Hello?", options=GREEDY)  # asked, and deleted before the answer is kept
+        live.journal.broken = deleted  # what the history route does (app/history.py)
+        list(stream)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert "a turn was not kept" in caplog.text
+
+
 def test_a_cut_reply_with_bad_text_changes_neither_the_session_nor_the_store(engine, tmp_path):
     store = Store(tmp_path)
     live = _journaled(engine, store)
