@@ -6,8 +6,11 @@
   realtime factor), and how long after each utterance's end its end of turn was decided;
 - tts: `python -m afnext.tts … --json` for espeak and for the tiny random-weight Pocket TTS
   (on CPU that measures our overhead only; real weights need a download and a GPU);
-- voice: `python -m afnext.voice --input … --json` with the tiny model and espeak: end of turn →
-  first reply audio, per turn.
+- voice: `python -m afnext.voice --input … --json` with the tiny model and espeak, once per way of
+  ending a turn (`--turn silence`: 600 ms of silence; `--turn semantic`: Smart Turn, asked in
+  pauses): the turns it heard against the sentences spoken, when each turn's end was decided after
+  its speech ended (only when every sentence made one turn: else the ends do not pair up), the
+  endpointer's own wait per turn, and end of turn → first reply audio, per turn.
 """
 
 from __future__ import annotations
@@ -83,15 +86,19 @@ def main(argv: list[str] | None = None) -> int:
         result["tts"]["pocket"]["weights"] = "random (tiny): overhead only"
         turns_truth = spoken_file(voice_in, SENTENCES[:3])
         model = str(_tiny_dir(Path(tmp))) if args.model == "tiny" else args.model
-        cmd, events = run_json(["afnext.voice", "--model", model, "--input", str(voice_in), "--json"])
-        done = [e["timings"] for e in events if e["event"] == "turn_done"]
-        ends = [e["t"] for e in events if e["event"] == "turn_end"]
-        lags = [t - true_end for t, (_, true_end) in zip(ends, turns_truth)]
-        audio = [d["first_audio_s"] for d in done if d["first_audio_s"] is not None]
-        result["voice"] = {"command": cmd.replace(model, "<tiny checkpoint>"), "turns": len(done),
-                           "turn_end_after_speech_s": lags,
-                           "endpoint_s": [d["endpoint_s"] for d in done], "ttft_s": [d["ttft_s"] for d in done],
-                           "first_audio_s": audio, "first_audio_median_s": statistics.median(audio) if audio else None}
+        result["voice"] = {}
+        for turn in ("silence", "semantic"):
+            cmd, events = run_json(["afnext.voice", "--model", model, "--input", str(voice_in), "--turn", turn, "--json"])
+            done = [e["timings"] for e in events if e["event"] == "turn_done"]
+            ends = [e["t"] for e in events if e["event"] == "turn_end"]
+            paired = len(ends) == len(turns_truth)  # one turn per sentence: each end pairs with its sentence's
+            lags = [t - true_end for t, (_, true_end) in zip(ends, turns_truth)] if paired else None
+            audio = [d["first_audio_s"] for d in done if d["first_audio_s"] is not None]
+            result["voice"][turn] = {
+                "command": cmd.replace(model, "<tiny checkpoint>"), "sentences": len(turns_truth), "turns": len(done),
+                "turn_end_after_speech_s": lags, "endpoint_s": [d["endpoint_s"] for d in done],
+                "ttft_s": [d["ttft_s"] for d in done], "first_audio_s": audio,
+                "first_audio_median_s": statistics.median(audio) if audio else None}
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
