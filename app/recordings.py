@@ -78,9 +78,8 @@ class Recording:
     # sessions are open (its journal then says), what tells that another process went on with it.
     store: Store | None = field(default=None, repr=False)
     opened_with: int = 0
-    # Questions being answered now, and the engines whose session is hearing the clip with one of them
-    # (`asking`): a question asked meanwhile on that engine waits, so the clip is heard once.
-    in_flight: int = 0
+    # The engines whose session is hearing the clip with a question now (`asking`): a question asked
+    # meanwhile on that engine waits, so the clip is heard once.
     _hearing: set[int] = field(default_factory=set, repr=False)
     _heard: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
@@ -172,17 +171,6 @@ class Recording:
         with self._heard:
             self._hearing.discard(id(engine))
             self._heard.notify_all()
-
-    @contextlib.contextmanager
-    def question(self) -> Iterator[None]:
-        """Counts a question as in flight (`in_flight`) while it is being answered."""
-        with self._heard:
-            self.in_flight += 1
-        try:
-            yield
-        finally:
-            with self._heard:
-                self.in_flight -= 1
 
     def waveform(self) -> str:
         """The waveform component's value (JSON)."""
@@ -361,11 +349,6 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
     fill in. Raises one of USER_ERRORS, with one sentence, for what the user can fix. With `store`,
     the question and its answer are kept there before the answer is done."""
     question = _question(question)
-    with recording.question():
-        yield from _ask(recording, question, think, backend, store)
-
-
-def _ask(recording: Recording, question: str, think: bool, backend: Backend, store: Store | None) -> Iterator[str]:
     engine, options = _model_for(backend, think)
     if recording.parts:
         if store is not None:

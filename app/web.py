@@ -349,9 +349,6 @@ class _RecordingsTab:
                 why = "it was deleted from your history"  # kept ones are reopened: this one is gone
             yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, why)}", gr.skip()
             return
-        if not question.strip() and recording.in_flight:  # a second click on Ask, sent after the first emptied the box
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return
         sent, box = question, ""  # the box empties once; what the user types meanwhile is theirs
         try:
             if not self.loader.ready:

@@ -227,7 +227,7 @@ def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
     assert firsts == ["Listening to the recording (0:11) and reading the question…", "Reading the question…"]
     session, sound = rec.session(backend.main)[0], backend.main.loaded.ids.sound
     heard = prepare_clip(rec.audio, backend.main.loaded.mel_filters).tokens
-    assert session.tokens.count(sound) == heard and rec.in_flight == 0  # one clip's audio tokens
+    assert session.tokens.count(sound) == heard  # one clip's audio tokens
     third = list(recordings.ask(rec, "And a third?", False, backend))  # nothing is left waiting
     assert third[0] == "Reading the question…" and third[-1].startswith("Done")
 
