@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import audio
+from .cores import one_core
 
 
 @dataclass(frozen=True)
@@ -42,15 +43,16 @@ def prepare_clip(source, mel_filters: np.ndarray, *, max_seconds: float = audio.
     so that ≤ 20 ms tail is dropped; a clip with no audio token at all is refused as too short.
     """
     t0 = time.perf_counter()
-    if isinstance(source, np.ndarray) and source.dtype == np.float32 and source.ndim == 1:
-        samples = audio.checked_16k(source, max_seconds)  # 16 kHz already (a part of a long recording): no copy
-    else:
-        if isinstance(source, np.ndarray):
-            source = (audio.SAMPLE_RATE, source)
-        samples = audio.load_audio(source, max_seconds=max_seconds)
-    check_length(samples)
-    features, frames = audio.log_mel_windows(samples, mel_filters)
-    keep = [i for i, f in enumerate(frames) if audio.audio_tokens(f) > 0]  # a tail of 20 ms or less goes
-    features, frames = features[keep], [frames[i] for i in keep]
+    with one_core():  # it runs in the asking thread: the cores are the engine's (cores.py)
+        if isinstance(source, np.ndarray) and source.dtype == np.float32 and source.ndim == 1:
+            samples = audio.checked_16k(source, max_seconds)  # 16 kHz already (a part of a long recording): no copy
+        else:
+            if isinstance(source, np.ndarray):
+                source = (audio.SAMPLE_RATE, source)
+            samples = audio.load_audio(source, max_seconds=max_seconds)
+        check_length(samples)
+        features, frames = audio.log_mel_windows(samples, mel_filters)
+        keep = [i for i, f in enumerate(frames) if audio.audio_tokens(f) > 0]  # a tail of 20 ms or less goes
+        features, frames = features[keep], [frames[i] for i in keep]
     duration = min(len(samples), sum(frames) * audio.HOP_LENGTH) / audio.SAMPLE_RATE
     return Clip(features, tuple(frames), duration, time.perf_counter() - t0)

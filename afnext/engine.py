@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import audio, encoder
+from . import audio, cores, encoder
 from . import decode as decoding
 from .attention import NO_MASKS, Segment, StepCache, install
 from .clip import Clip
@@ -38,12 +38,15 @@ from .scheduler import MAX_BATCH, PREFILLING, WAITING, Request, Scheduler
 log = logging.getLogger(__name__)
 
 # A step's budgets, shared by the requests not decoding yet: what a long ingest may delay every other
-# request by. Prompt tokens one request prefills per step (its chunk), and all of them together: on a GPU
-# 2,048 tokens of AF-Next take tens of ms; on CPU a chunk of the 20 M `mid` model takes about as long as
-# a 5 s voice turn's whole first step (its encoding and prefill), the most the benchmark's "short turn
-# during an ingest" target allows, and a step may prefill a few voice turns at once. Mel frames encoded
-# per step (3,000 = one 30 s window; a 5 s clip runs 600 of them, encoder.py), likewise.
-PREFILL_CHUNK_TOKENS = {"cuda": 2048, "cpu": 256}
+# request by. Prompt tokens all of them prefill per step, and a long prefill's share of that (its chunk;
+# an interactive turn may take the whole budget): on a GPU 2,048 tokens of AF-Next take tens of ms; on
+# CPU a chunk of the 20 M `mid` model deep in a 10-minute recording takes about as long as a 5 s voice
+# turn's whole first step (its encoding and prefill: 0.1 s), the most the benchmark's "short turn during
+# an ingest" target allows (256-token chunks took twice that, and a voice turn 2.2× its idle TTFT;
+# the recording itself prefills some 10% faster in them), and a step may prefill a few voice turns at
+# once. Mel frames encoded per step (3,000 = one 30 s window; a 5 s clip runs 600 of them, encoder.py),
+# likewise.
+PREFILL_CHUNK_TOKENS = {"cuda": 2048, "cpu": 128}
 PREFILL_STEP_TOKENS = {"cuda": 2048, "cpu": 512}
 ENCODE_FRAMES_PER_STEP = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES}
 # A long ingest's share of that: on CPU half a window, so its 30 s windows take two steps each (half the
@@ -124,6 +127,9 @@ class Engine:
         self.scheduler = Scheduler(max_batch)
         self.steps = 0  # steps run so far (tests and benchmarks read it)
         self._closed = threading.Event()
+        # The worker computes on as many threads as the caller's torch had when the engine was made
+        # (OMP_NUM_THREADS, torch.set_num_threads); other threads' work for it runs on one (cores.py).
+        self.threads = torch.get_num_threads()
         self._worker = threading.Thread(target=self._serve, name="afnext-engine", daemon=True)
         self._worker.start()
 
@@ -167,6 +173,7 @@ class Engine:
     # ---- the loop (worker thread) ----
 
     def _serve(self) -> None:
+        cores.claim(self.threads)
         with torch.inference_mode():
             while not self._closed.is_set():
                 try:
@@ -210,7 +217,8 @@ class Engine:
             if request.windows_done + request.step_windows == len(request.windows) and (
                     request.encoding is None or request.step_layers == request.encoding.layers_left):
                 # encoded by this step's end: it may prefill in it
-                request.step_tokens = min(tokens, self.prefill_chunk_tokens, len(request.ids) - request.fed)
+                share = tokens if request.interactive else min(tokens, self.prefill_chunk_tokens)
+                request.step_tokens = min(share, len(request.ids) - request.fed)
                 tokens -= request.step_tokens
             else:
                 request.step_tokens = 0

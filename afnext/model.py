@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import cores
 from .checkpoints import CHECKPOINTS, DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,12 @@ def load(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dt
     """Load an AF-Next checkpoint from the hub (or its cache) or a local folder.
 
     `think` marks the Think checkpoint (its turns are pre-filled with `<think>\\n`); by default a
-    name containing "think" is taken as one.
+    name containing "think" is taken as one. It loads on a thread of its own (cores.py).
     """
+    return cores.in_own_thread(_load, model, device, dtype, think)
+
+
+def _load(model: str, device: str, dtype: str | torch.dtype, think: bool | None) -> LoadedModel:
     from transformers import AutoProcessor, MusicFlamingoForConditionalGeneration
 
     source = resolve(model)

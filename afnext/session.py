@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 
-from . import prompt
+from . import cores, prompt
 from .clip import Clip, prepare_clip
 from .engine import PREFILLED, ContextFullError, Engine, Finished
 from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
@@ -169,7 +169,8 @@ class Session:
         twin._marks, twin._last_clip_s = self._marks[:n_messages], clip_s
         kept = min(self._cached, cut)
         if self._cache is not None and kept:
-            with self.engine.keeper.lock:  # the engine thread may be moving this idle cache off the GPU
+            # the engine thread may be moving this idle cache off the GPU; the copy leaves the cores to it
+            with self.engine.keeper.lock, cores.one_core():
                 twin._cache, twin._cached = self._cache.copy(kept), kept
             self.engine.keeper.track(twin._cache)  # a copy that never speaks may still be moved out
         return twin

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .cores import in_own_thread
+
 SYSTEM_PROMPT = (
     "You are Audio Flamingo-Next, a multimodal assistant for language and audio. On each turn you "
     "receive an optional audio clip which may contain speech, music, or ambient sounds and optional "
@@ -139,7 +141,12 @@ def build_processor(tokenizer):
 
 
 def build_in_memory(size: str, device: str = "cpu", dtype: torch.dtype = torch.float32, *, seed: int = 0):
-    """A random-weight model of `size` straight on `device` (nothing written): (LoadedModel, processor)."""
+    """A random-weight model of `size` straight on `device` (nothing written): (LoadedModel, processor).
+    Built on a thread of its own (cores.py)."""
+    return in_own_thread(_build_in_memory, size, device, dtype, seed)
+
+
+def _build_in_memory(size: str, device: str, dtype: torch.dtype, seed: int):
     from .model import assemble, pick_attention
 
     processor = build_processor(build_tokenizer())

@@ -42,7 +42,7 @@ def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
 
     ingest = result["ingest"]
     assert ingest["long_audio_s"] == 300 and ingest["long_audio_tokens"] == 7500
-    assert ingest["prefill_chunk_tokens"] == 256 and ingest["prefill_step_tokens"] == 512 and ingest["encode_frames_per_step"] == 3000
+    assert ingest["prefill_chunk_tokens"] == 128 and ingest["prefill_step_tokens"] == 512 and ingest["encode_frames_per_step"] == 3000
     assert ingest["encode_chunk_frames"] == 1500  # the CPU defaults
     assert any(ingest["ingest_outlasted_short"]), "no short turn ran while the recording was still being read"
     assert len(ingest["short_idle_all_s"]) == 3 and 1 <= len(ingest["short_during_all_s"]) <= 3
