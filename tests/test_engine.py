@@ -13,6 +13,7 @@ from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import Interrupted, TextDelta, TurnDone
 from afnext.sampling import GenerationOptions
+from afnext.scheduler import INTERACTIVE_TOKENS
 from afnext.session import Session
 from tests.conftest import noise
 
@@ -200,6 +201,31 @@ def test_a_short_turn_overtakes_a_long_prefill(fresh_engine, monkeypatch):
     assert len(overtaken) <= 1, f"the long prefill ran {len(overtaken)} units before the voice turn's first token"
     chunks = sum(1 for kind, cache in work if kind == "prefill" and cache == long_cache)
     assert chunks >= 10, "the recording must be prefilled in chunks for this to mean anything"
+
+
+def test_an_interactive_turn_takes_the_whole_prefill_budget_and_a_long_one_its_chunk(loaded, monkeypatch):
+    """The chunk bounds what a long prefill delays others by; a short question longer than a chunk
+    is prefilled in one step (with the step's whole budget), not a chunk at a time behind nobody."""
+    engine = Engine(loaded, prefill_chunk_tokens=64, prefill_step_tokens=INTERACTIVE_TOKENS)
+    try:
+        prefilled = []
+        real = engine.run_segments
+
+        def forward(segments, embeds):
+            prefilled.extend(s.length for s in segments if s.length > 1)
+            return real(segments, embeds)
+
+        monkeypatch.setattr(engine, "run_segments", forward)
+        one = GenerationOptions(max_new_tokens=1)
+        short = " ".join(["word"] * 300)  # some 1,000 tokens: interactive, many chunks' worth
+        _reply(Session(engine).ask(short, options=one))
+        assert len(prefilled) == 1 and prefilled[0] > 64, f"the short question's prefill steps: {prefilled}"
+        prefilled.clear()
+        long = " ".join(["word"] * (INTERACTIVE_TOKENS // 2))  # some 3,000 tokens: not interactive
+        _reply(Session(engine).ask(long, options=one))
+        assert max(prefilled) == 64 and len(prefilled) > INTERACTIVE_TOKENS // 64, f"the long one's: {prefilled}"
+    finally:
+        engine.close()
 
 
 def test_a_turn_waiting_for_kv_memory_lets_the_started_ingest_go_on(loaded):
