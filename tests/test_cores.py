@@ -9,10 +9,9 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
-pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2,
-                                reason="counts threads in /proc (Linux), with torch on 2 or more")
+pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
+                                reason="counts threads in /proc (Linux), on 2 cores or more")
 
 SCRIPT = textwrap.dedent("""
     import os, threading, time
@@ -62,9 +61,10 @@ SCRIPT = textwrap.dedent("""
     print("clip", added_by(lambda: prepare_clip(np.ones(16000 * 40, np.float32) * 0.1, loaded.mel_filters)))
     settled()
     print("fork", added_by(lambda: session.fork(2)))
+    print("before", torch.get_num_threads())
     with one_core():
         pass
-    print("threads", torch.get_num_threads())
+    print("after", torch.get_num_threads())
     engine.close()
 """)
 
@@ -76,8 +76,10 @@ def test_loading_clips_and_forks_leave_no_openmp_team_behind():
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    seen = dict(line.split() for line in done.stdout.splitlines() if line.split()[0] in ("load", "clip", "fork", "threads"))
+    seen = dict(line.split() for line in done.stdout.splitlines() if line.split()[0] in ("load", "clip", "fork", "before", "after"))
+    if seen["before"] == "1":
+        pytest.skip("torch runs on one thread here: no thread starts a team")
     assert seen["load"] == "0", "loading the model left an OpenMP team in the loading thread"
     assert seen["clip"] == "0", "preparing a clip left an OpenMP team in the asking thread"
     assert seen["fork"] == "0", "forking a session left an OpenMP team in the forking thread"
-    assert int(seen["threads"]) == torch.get_num_threads(), "one_core did not give the thread its count back"
+    assert seen["after"] == seen["before"], "one_core did not give the thread its count back"
