@@ -66,8 +66,9 @@ class PartProgress:
 
 
 def clock(seconds: float) -> str:
-    """m:ss, or h:mm:ss from an hour on."""
-    minutes, rest = divmod(int(round(seconds)), 60)
+    """m:ss, or h:mm:ss from an hour on: the second a moment falls in, as a media player (and the
+    page's waveform) shows it, so a 10.6 s recording is 0:10 in the chat and under its waveform."""
+    minutes, rest = divmod(int(max(seconds, 0.0)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{rest:02d}" if hours else f"{minutes}:{rest:02d}"
 

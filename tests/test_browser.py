@@ -112,6 +112,9 @@ def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, serv
     page.locator("#afn-upload input[type=file]").set_input_files(str(ASSETS / "speech.wav"))
     page.wait_for_function(f"() => document.querySelector('{WAVE}')?.dataset.duration")
     REPORT["upload_10s_to_waveform_s"] = round(time.perf_counter() - t0, 2)
+    # 10.6 s long: the status line and the waveform's clock both say 0:10, as a player would
+    page.locator("#afn-status", has_text="speech.wav (0:10)").wait_for()
+    assert page.locator(f"{WAVE} .time").inner_text() == "0:00 / 0:10"
     _ask(page, "What is this recording?", True, 1)
     rows = page.locator(f"{WAVE} li[data-step]")
     rows.nth(2).wait_for()

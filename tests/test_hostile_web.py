@@ -238,7 +238,7 @@ def test_the_same_file_twice_in_a_tab_and_in_parallel_calls_stays_readable(app_s
     for attempt in range(2):  # dropped twice in one tab: the second must not find the first's deletion
         path = _upload(url, ASSETS / "speech.wav").json()[0]
         done = _page_event(url, "open", [{"path": path, "meta": FILE_DATA, "orig_name": "speech.wav"}, OWNER], "same-tab-01")
-        assert "(0:11)" in done["output"]["data"][0], (attempt, done)
+        assert "(0:10)" in done["output"]["data"][0], (attempt, done)
     client = Client(url, verbose=False)
     with ThreadPoolExecutor(2) as pool:  # two calls about one file: one upload path, shared
         answers = list(pool.map(lambda _: client.predict(handle_file(str(ASSETS / "speech.wav")), "Summarize.",

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from afnext.events import ReasoningDelta, TextDelta, ThinkStep
+from afnext.events import ReasoningDelta, TextDelta, ThinkStep, clock
 from afnext.think import ThinkParser, find_times, split_think
 
 # Realistic outputs: (text, parser options). Together they cover an opening tag, a pre-filled
@@ -181,3 +181,9 @@ def test_clamping_to_the_clip() -> None:
     ]
     _, _, steps = split_think(OUTPUTS[1][0], clip_duration_s=16.0)
     assert [(s.start, s.end) for s in steps] == [(11.0, 14.0)]
+
+
+@pytest.mark.parametrize("seconds, shown", [(0.0, "0:00"), (10.62, "0:10"), (59.99, "0:59"), (600.0, "10:00"),
+                                            (3599.9, "59:59"), (3723.4, "1:02:03"), (-0.2, "0:00")])
+def test_a_clock_shows_the_second_a_moment_falls_in_as_the_waveform_does(seconds, shown):
+    assert clock(seconds) == shown

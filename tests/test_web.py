@@ -183,7 +183,7 @@ def test_a_kept_long_recording_goes_on_after_a_restart_exactly_as_it_would_have(
 def test_think_steps_then_a_follow_up_that_does_not_re_encode(backend, tmp_path):
     rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
     lines = list(recordings.ask(rec, "What is this?", True, backend))
-    assert lines[0].startswith("Listening to the recording (0:11)")
+    assert lines[0].startswith("Listening to the recording (0:10)")
     assert [(s.start, s.end) for s in rec.steps] == [(0.3, 3.6), (4.0, 6.9), (7.3, 10.2)]
     assert all(isinstance(s, ThinkStep) for s in rec.steps)
     reasoning, answer = rec.chat[1], rec.chat[2]
@@ -224,7 +224,7 @@ def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
     for t in threads:
         t.join(timeout=60)
     firsts = sorted(lines[i][0] for i in range(2))
-    assert firsts == ["Listening to the recording (0:11) and reading the question…", "Reading the question…"]
+    assert firsts == ["Listening to the recording (0:10) and reading the question…", "Reading the question…"]
     session, sound = rec.session(backend.main)[0], backend.main.loaded.ids.sound
     heard = prepare_clip(rec.audio, backend.main.loaded.mel_filters).tokens
     assert session.tokens.count(sound) == heard  # one clip's audio tokens
