@@ -63,6 +63,7 @@ EXAMPLES = {"Speech (10 s)": ASSETS / "speech.wav", "Sounds (13 s)": ASSETS / "s
 GPU_CONCURRENCY = 8
 PUBLIC_API = frozenset({"ask_recording"})  # the endpoints the README documents; every other event is private
 QUEUE_MAX = 64  # questions waiting at once; more get Gradio's "queue is full" at once, not after hours
+REFUSED = "⚠️ "  # a status that begins so says why a file was not opened (the upload box is emptied)
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 600, 3600  # every 10 min, uploads no recording holds that are 1 h old go
 # Uvicorn lets each WebSocket buffer 32 messages of 16 MiB before a handler reads one (measured: 4 clients
 # sending 16 MiB frames took the server up by 2 GB); a Realtime event is at most a 30 s clip.
@@ -177,7 +178,7 @@ class _RecordingsTab:
         asking[0].then(**listed)
         opened = dict(outputs=[status, wave, chat, cid], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
                       **private)
-        upload.upload(self.open, [upload, owner], **opened).then(**listed)
+        upload.upload(self.open, [upload, owner], **{**opened, "outputs": [*opened["outputs"], upload]}).then(**listed)
         for button, path in zip(examples, EXAMPLES.values()):
             button.click(self.example(path), [owner], **opened).then(**listed)
         # `select`, not `input`: closing the list without picking must not reopen (and cut off an answer).
@@ -200,8 +201,12 @@ class _RecordingsTab:
         return open_example
 
     def open(self, path: str | None, owner: str, request: gr.Request):
-        """Upload → status, waveform, empty chat, its conversation id. A generator, so "decoding" shows at once."""
-        yield from self._open(path, owner, request, owned=True)
+        """Upload → status, waveform, empty chat, its conversation id, and the upload box: emptied when
+        the file is refused, so the box never shows a file that is not open. A generator, so
+        "decoding" shows at once."""
+        for status, *rest in self._open(path, owner, request, owned=True):
+            refused = isinstance(status, str) and status.startswith(REFUSED)
+            yield status, *rest, None if refused else gr.skip()
 
     def _open(self, path: str | None, owner: str, request: gr.Request, owned: bool):
         if not path:
@@ -212,7 +217,7 @@ class _RecordingsTab:
         recording = None
         try:
             if _owner(owner) is None:  # the page always sends one (owner.js): this is not the page
-                yield f"⚠️ {NO_OWNER}", "", [], ""
+                yield f"{REFUSED}{NO_OWNER}", "", [], ""
                 return  # its upload is deleted with the release below, unless another recording uses it
             yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip(), gr.skip()
             try:
@@ -220,7 +225,7 @@ class _RecordingsTab:
             except USER_ERRORS as exc:
                 log.info("recording refused: %s", exc)
                 gr.Warning(str(exc))
-                yield f"⚠️ {exc}", "", [], ""
+                yield f"{REFUSED}{exc}", "", [], ""
                 return
             recording.owner = _owner(owner)
             recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"

@@ -322,6 +322,23 @@ def test_two_browsers_see_only_their_own_conversations(browser, server):
     b.context.close()
 
 
+def test_a_refused_file_leaves_the_upload_box_empty_and_the_next_file_opens(browser, server, tmp_path):
+    page, _, errors = _page(browser, server)
+    page.get_by_role("tab", name="Recordings").click()
+    fake = tmp_path / "notes.wav"
+    fake.write_text("just some text, not audio\n")
+    box = page.locator("#afn-upload")
+    box.locator("input[type=file]").set_input_files(str(fake))
+    page.locator("#afn-status", has_text="not audio in a known format").wait_for()
+    # the box shows no file that is not open: emptied for the next drop (it shows a name as "notes" ".wav")
+    page.wait_for_function("() => !document.querySelector('#afn-upload').innerText.includes('notes')")
+    box.locator("input[type=file]").set_input_files(str(ASSETS / "speech.wav"))
+    page.locator("#afn-status", has_text="speech.wav (0:10)").wait_for()
+    assert "speech" in box.inner_text()  # an opened file stays in the box
+    assert not errors, errors
+    page.context.close()
+
+
 def test_gradio_client_asks_about_a_recording(server):
     from gradio_client import Client, handle_file
 
