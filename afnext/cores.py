@@ -10,8 +10,9 @@ alternating in one process; one row 1.1×: bench/results/cpu-cores.json). The te
 callers' threads: each turn's log-mel features (`clip.prepare_clip`) and each fork's cache copy ran
 in the thread that asked, on all cores, and left a team there; so did loading the model.
 
-Two engines in one process (a Think model beside the Instruct one) keep a team each: on a CPU they
-share the cores anyway. TTS speaks on a thread per reply, whose team ends with it.
+Two engines in one process (a Think model beside the Instruct one) keep a team each, so on a CPU
+each takes its share of the threads (`app.backend.cpu_threads`). TTS speaks on a thread per reply,
+whose team ends with it.
 
 So the engine's worker sets its own thread count when it starts (`claim`), and work done for it in
 other threads runs inside `one_core()`: one thread, no team. That work is small beside the engine's

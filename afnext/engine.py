@@ -90,7 +90,7 @@ class Engine:
                  prefill_chunk_tokens: int | None = None, prefill_step_tokens: int | None = None,
                  encode_frames_per_step: int | None = None, encode_chunk_frames: int | None = None,
                  encode_batch_frames: int = encoder.BATCH_FRAMES, kv: str | None = None,
-                 kv_pool_tokens: int | None = None) -> None:
+                 kv_pool_tokens: int | None = None, threads: int | None = None) -> None:
         if decode not in decoding.MODES:
             raise ValueError(f"Unknown decode mode {decode!r}; choose one of {', '.join(decoding.MODES)}.")
         if decode == "graphs" and loaded.device.type != "cuda":
@@ -127,9 +127,10 @@ class Engine:
         self.scheduler = Scheduler(max_batch)
         self.steps = 0  # steps run so far (tests and benchmarks read it)
         self._closed = threading.Event()
-        # The worker computes on as many threads as the caller's torch had when the engine was made
-        # (OMP_NUM_THREADS, torch.set_num_threads); other threads' work for it runs on one (cores.py).
-        self.threads = torch.get_num_threads()
+        # The worker computes on `threads` threads, by default as many as the caller's torch had when the
+        # engine was made (OMP_NUM_THREADS, torch.set_num_threads); other threads' work for it runs on
+        # one (cores.py). Two engines on one CPU split its threads (app/backend.py).
+        self.threads = threads or torch.get_num_threads()
         self._worker = threading.Thread(target=self._serve, name="afnext-engine", daemon=True)
         self._worker.start()
 

@@ -266,6 +266,25 @@ def test_backend_falls_back_to_the_demo_model_and_says_so(monkeypatch):
         b.close()
 
 
+def test_two_models_on_the_cpu_split_its_threads_between_their_engines(tiny_dir):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        both = start_backend(BackendOptions(model=str(tiny_dir), think_model=str(tiny_dir), device="cpu"))
+        one = start_backend(BackendOptions(model=str(tiny_dir), device="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    try:
+        assert both.main is not both.think
+        assert (both.main.threads, both.think.threads) == (2, 2)  # one OpenMP team each, none oversubscribed
+        assert one.main.threads == 4
+    finally:
+        both.close()
+        one.close()
+
+
 @pytest.fixture
 def voice(backend):
     """/v1/realtime alone, served by Starlette's test client: voice(access=None) → client. Every
