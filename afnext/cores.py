@@ -51,7 +51,12 @@ def one_core() -> Iterator[None]:
 
 def claim(threads: int) -> None:
     """The calling thread (the engine's worker) computes on `threads` threads, whatever the default
-    is when it starts: another thread may be inside `one_core` at that moment."""
+    is when it starts (another thread may be inside `one_core` at that moment), and for good.
+
+    ATen sets a thread's count up at its first parallel op (or `get_num_threads`), to the count any
+    thread set last, and `set_num_threads` does not count as that first use: a worker that only set
+    its count took, at its first step, whatever `one_core` in an asking thread had just put back."""
+    torch.get_num_threads()  # this thread's first use: its lazy setup is done, not waiting for a step
     torch.set_num_threads(threads)
 
 

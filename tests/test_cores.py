@@ -83,3 +83,49 @@ def test_loading_clips_and_forks_leave_no_openmp_team_behind():
     assert seen["clip"] == "0", "preparing a clip left an OpenMP team in the asking thread"
     assert seen["fork"] == "0", "forking a session left an OpenMP team in the forking thread"
     assert seen["after"] == seen["before"], "one_core did not give the thread its count back"
+
+
+ONE_THREAD_ENGINE = textwrap.dedent("""
+    import os, time
+    import numpy as np
+    import torch
+    from afnext.engine import Engine
+    from afnext.session import Session
+    from afnext.sampling import GenerationOptions
+    from afnext.tiny import build_in_memory
+
+    def settled():  # threads that ended leave /proc a moment later
+        last = -1
+        for _ in range(100):
+            now = len(os.listdir("/proc/self/task"))
+            if now == last:
+                return now
+            last = now
+            time.sleep(0.1)
+        return now
+
+    print("threads", torch.get_num_threads())
+    loaded, _ = build_in_memory("mid")
+    engine = Engine(loaded, threads=1)
+    time.sleep(0.5)
+    before = settled()
+    # this thread's features run in one_core, which puts this thread's count back (all of them)
+    # before the engine's first step
+    for _ in Session(engine).ask("Hi", audio=np.full(16000 * 5, 0.1, np.float32), options=GenerationOptions(max_new_tokens=2)):
+        pass
+    print("added", settled() - before)
+    engine.close()
+""")
+
+
+def test_an_engine_on_one_thread_stays_on_one_whatever_other_threads_set():
+    """Found measuring two engines on 2 cores (bench/two_engines.py): an engine told to use one thread
+    ran its steps on two, with a team, because ATen sets a thread's count up at its first parallel op
+    to the count some other thread set last, and setting it first did not count as that first use."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    done = subprocess.run([sys.executable, "-c", ONE_THREAD_ENGINE], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = dict(line.split() for line in done.stdout.splitlines() if line.split()[0] in ("threads", "added"))
+    if seen["threads"] == "1":
+        pytest.skip("torch runs on one thread here: no thread starts a team")
+    assert seen["added"] == "0", "the one-thread engine's first step started an OpenMP team"
