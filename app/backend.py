@@ -89,9 +89,10 @@ def cpu_threads(loaded: list[LoadedModel]) -> int | None:
     """Each engine's share of the CPU's threads when both models run on it; None: an engine's default.
 
     Each engine's worker keeps its own OpenMP team, and two teams of every thread each make libgomp
-    put its workers to sleep after every parallel region (afnext/cores.py). Measured with two `mid`
-    engines on 2 cores, an 8-row step took 16-19 ms on one thread each against 18-21 ms on two while
-    the other engine idled, and 21-23 ms against 29-37 ms while both decoded."""
+    put its workers to sleep after every parallel region (afnext/cores.py). Two `mid` engines on 2
+    cores (bench/two_engines.py, bench/results/cpu-two-engines.json): an 8-row step took 15.3 ms on
+    one thread each against 20.8 ms on both while the other engine idled, one row 7.5 against 8.3 ms,
+    and 8 rows 22.6 against 26.3 ms while both decoded."""
     if len(loaded) < 2 or any(one.device.type != "cpu" for one in loaded):
         return None
     total = torch.get_num_threads()

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from afnext import bench_concurrent
+from tests.conftest import bench_script
 
 
 def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
@@ -54,3 +55,15 @@ def test_bench_concurrent_reports_batching_and_ingest(tmp_path):
 def test_busy_time_counts_overlaps_once():
     assert bench_concurrent.busy_time([(0, 2), (1, 3), (5, 6)]) == 4
     assert bench_concurrent.busy_time([(0, 10), (2, 3)]) == 10
+
+
+def test_the_two_engines_bench_times_both_thread_plans_in_fresh_processes(tmp_path):
+    two, out = bench_script("two_engines"), tmp_path / "two.json"
+    result = two.main(["--size", "tiny", "--repeats", "1", "--tokens", "24", "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["threads"]["split"] == max(1, result["threads"]["full"] // 2)
+    keys = {"a_8_rows_b_idle_ms", "a_1_row_b_idle_ms", "a_8_rows_b_8_rows_ms", "b_8_rows_a_8_rows_ms"}
+    for kind in ("full", "split"):
+        (run,) = result["runs"][kind]
+        assert set(run) == keys and all(v > 0 for v in run.values())
+        assert result["median"][kind] == run
