@@ -63,7 +63,6 @@ EXAMPLES = {"Speech (10 s)": ASSETS / "speech.wav", "Sounds (13 s)": ASSETS / "s
 GPU_CONCURRENCY = 8
 PUBLIC_API = frozenset({"ask_recording"})  # the endpoints the README documents; every other event is private
 QUEUE_MAX = 64  # questions waiting at once; more get Gradio's "queue is full" at once, not after hours
-REFUSED = "⚠️ "  # a status that begins so says why a file was not opened (the upload box is emptied)
 UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S = 600, 3600  # every 10 min, uploads no recording holds that are 1 h old go
 # Uvicorn lets each WebSocket buffer 32 messages of 16 MiB before a handler reads one (measured: 4 clients
 # sending 16 MiB frames took the server up by 2 GB); a Realtime event is at most a 30 s clip.
@@ -201,31 +200,31 @@ class _RecordingsTab:
         return open_example
 
     def open(self, path: str | None, owner: str, request: gr.Request):
-        """Upload → status, waveform, empty chat, its conversation id, and the upload box: emptied when
-        the file is refused, so the box never shows a file that is not open. A generator, so
+        """Upload → status, waveform, empty chat, its conversation id, and the upload box (emptied when
+        the file is refused, so a refused file is not left there as if open). A generator, so
         "decoding" shows at once."""
-        for status, *rest in self._open(path, owner, request, owned=True):
-            refused = isinstance(status, str) and status.startswith(REFUSED)
-            yield status, *rest, None if refused else gr.skip()
+        yield from self._open(path, owner, request, owned=True)
 
     def _open(self, path: str | None, owner: str, request: gr.Request, owned: bool):
+        """`owned`: the file is an upload, and the upload box is the event's last output."""
+        box, emptied = ((gr.skip(),), (None,)) if owned else ((), ())
         if not path:
-            yield "", "", [], ""
+            yield "", "", [], "", *box
             return
         claim = [path] if owned else []  # held while it is read: an identical upload elsewhere may end meanwhile
         self.files.claim(claim)
         recording = None
         try:
             if _owner(owner) is None:  # the page always sends one (owner.js): this is not the page
-                yield f"{REFUSED}{NO_OWNER}", "", [], ""
+                yield f"⚠️ {NO_OWNER}", "", [], "", *emptied
                 return  # its upload is deleted with the release below, unless another recording uses it
-            yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip(), gr.skip()
+            yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip(), gr.skip(), *box
             try:
                 recording = recordings.open_recording(path, self.cache_dir, owned=owned)
             except USER_ERRORS as exc:
                 log.info("recording refused: %s", exc)
                 gr.Warning(str(exc))
-                yield f"{REFUSED}{exc}", "", [], ""
+                yield f"⚠️ {exc}", "", [], "", *emptied
                 return
             recording.owner = _owner(owner)
             recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"
@@ -237,8 +236,8 @@ class _RecordingsTab:
                 "it heard.")
             # The waveform first; then the file goes into the history (a 30-minute WAV: a second or so), and
             # a question asked meanwhile waits for it (Recording.keeping).
-            yield ready, recording.waveform(), [], recording.cid
-            yield ready + self._keep(recording, path), gr.skip(), gr.skip(), gr.skip()
+            yield ready, recording.waveform(), [], recording.cid, *box
+            yield ready + self._keep(recording, path), gr.skip(), gr.skip(), gr.skip(), *box
         finally:
             if recording is not None:
                 recording.keeping.set()  # the page went before it was kept: questions do not wait for it
