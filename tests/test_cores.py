@@ -13,12 +13,10 @@ import pytest
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2,
                                 reason="counts threads in /proc (Linux), on 2 cores or more")
 
-SCRIPT = textwrap.dedent("""
+COUNTING = textwrap.dedent("""
     import os, threading, time
     import numpy as np
     import torch
-    from afnext.clip import prepare_clip
-    from afnext.cores import one_core
     from afnext.engine import Engine
     from afnext.session import Session
     from afnext.sampling import GenerationOptions
@@ -36,6 +34,11 @@ SCRIPT = textwrap.dedent("""
             last = now
             time.sleep(0.1)
         return tasks()
+""")
+
+SCRIPT = COUNTING + textwrap.dedent("""
+    from afnext.clip import prepare_clip
+    from afnext.cores import one_core
 
     def added_by(fn):
         box = {}
@@ -85,25 +88,7 @@ def test_loading_clips_and_forks_leave_no_openmp_team_behind():
     assert seen["after"] == seen["before"], "one_core did not give the thread its count back"
 
 
-ONE_THREAD_ENGINE = textwrap.dedent("""
-    import os, time
-    import numpy as np
-    import torch
-    from afnext.engine import Engine
-    from afnext.session import Session
-    from afnext.sampling import GenerationOptions
-    from afnext.tiny import build_in_memory
-
-    def settled():  # threads that ended leave /proc a moment later
-        last = -1
-        for _ in range(100):
-            now = len(os.listdir("/proc/self/task"))
-            if now == last:
-                return now
-            last = now
-            time.sleep(0.1)
-        return now
-
+ONE_THREAD_ENGINE = COUNTING + textwrap.dedent("""
     print("threads", torch.get_num_threads())
     loaded, _ = build_in_memory("mid")
     engine = Engine(loaded, threads=1)
