@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import audio, cores, encoder
+from . import audio, cores, encoder, linear
 from . import decode as decoding
 from .attention import NO_MASKS, Segment, StepCache, install
 from .clip import Clip
@@ -99,6 +99,8 @@ class Engine:
         if kv not in KV_LAYOUTS:
             raise ValueError(f"Unknown KV layout {kv!r}; choose one of {', '.join(KV_LAYOUTS)}.")
         install(loaded.model)
+        if swapped := linear.install(loaded.model):
+            log.info("%d decoder projections take a step's few rows as W·xᵀ on this CPU (afnext/linear.py)", swapped)
         kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         self.loaded = loaded
         self.decode = decode  # eager | static | graphs: how a step with one decoding request alone runs (decode.py)
@@ -175,6 +177,7 @@ class Engine:
 
     def _serve(self) -> None:
         cores.claim(self.threads)
+        linear.engage()
         with torch.inference_mode():
             while not self._closed.is_set():
                 try:

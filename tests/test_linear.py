@@ -1,0 +1,116 @@
+"""A step's few rows through the decoder's projections as W·xᵀ (afnext/linear.py)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from afnext import linear
+from afnext.engine import Engine
+from afnext.events import TurnDone
+from afnext.sampling import GenerationOptions
+from afnext.session import Session
+from afnext.tiny import build_in_memory
+from tests.conftest import noise
+
+
+def in_thread(fn, engaged: bool):
+    """`fn()` in a new thread, engaged or not; its result."""
+    out = []
+
+    def run():
+        if engaged:
+            linear.engage()
+        out.append(fn())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    return out[0]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_take_w_xt_in_an_engaged_thread_and_f_linear_elsewhere(bias):
+    torch.manual_seed(0)
+    layer = linear.RowsLinear(96, 160, bias=bias)
+    for rows in (1, 2, 8, linear.ROWS_MAX, linear.ROWS_MAX + 1):
+        x = torch.randn(1, rows, 96)
+        stock = F.linear(x, layer.weight, layer.bias)
+        with torch.inference_mode():
+            ours = in_thread(lambda: layer(x), engaged=True)
+            elsewhere = in_thread(lambda: layer(x), engaged=False)
+        assert ours.shape == stock.shape == (1, rows, 160) and ours.is_contiguous()
+        assert torch.equal(elsewhere, stock), "a thread that is not the engine's runs stock"
+        if rows > linear.ROWS_MAX:
+            assert torch.equal(ours, stock), "a prompt chunk's many rows run stock"
+            continue
+        torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
+        padded = torch.cat([x[0], x.new_zeros(1, 96)]) if rows == 1 else x[0]  # the path it took, exactly
+        product = layer.weight @ padded.T
+        expected = (product if layer.bias is None else product + layer.bias[:, None]).T[:rows]
+        torch.testing.assert_close(ours[0], expected, rtol=0, atol=1e-6)
+
+
+def test_install_swaps_only_the_decoders_large_projections_of_a_float32_cpu_model():
+    loaded, _ = build_in_memory("tiny")
+    model = loaded.model
+    assert linear.install(model) == 0, "tiny's weights are all below the size that gains"
+    swapped = linear.install(model, min_elements=0)
+    layers = model.config.get_text_config().num_hidden_layers
+    assert swapped == 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the lm_head
+    assert type(model.get_output_embeddings()) is linear.RowsLinear
+    assert not any(isinstance(m, linear.RowsLinear) for m in model.model.audio_tower.modules())
+    assert linear.install(model, min_elements=0) == swapped, "idempotent"
+    half, _ = build_in_memory("tiny", dtype=torch.bfloat16)
+    assert linear.install(half.model, min_elements=0) == 0
+
+
+def test_the_engine_decodes_through_w_xt_and_its_tokens_equal_stock_generate(monkeypatch):
+    """On a tiny model whose every projection is made `RowsLinear`: the engine's worker takes W·xᵀ for
+    its decoding rows (alone and 3 at once), stock `generate` in the test's thread takes `F.linear`, and
+    the greedy tokens are the same all round."""
+    loaded, processor = build_in_memory("tiny")
+    linear.install(loaded.model, min_elements=0)
+    calls: list[tuple[str, int, bool]] = []
+    forward = linear.RowsLinear.forward
+
+    def spy(self, x):
+        calls.append((threading.current_thread().name, x.numel() // x.shape[-1], getattr(linear._engaged, "on", False)))
+        return forward(self, x)
+
+    monkeypatch.setattr(linear.RowsLinear, "forward", spy)
+    options = GenerationOptions(max_new_tokens=12, min_new_tokens=12)
+    clips = [noise(4.0, seed=i) for i in range(3)]
+    engine = Engine(loaded)
+    try:
+        def reply(clip):
+            events = Session(engine).ask("What is this?", clip, options=options)
+            return [e for e in events if isinstance(e, TurnDone)][0].reply.token_ids
+
+        alone = [reply(c) for c in clips]
+        together: dict[int, tuple[int, ...]] = {}
+        threads = [threading.Thread(target=lambda i=i: together.update({i: reply(clips[i])})) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        engine.close()
+    assert [together[i] for i in range(3)] == alone
+    worker = [(rows, on) for name, rows, on in calls if name == "afnext-engine"]
+    assert all(on for _, on in worker), "the engine's worker is engaged"
+    assert {1, 3} <= {rows for rows, _ in worker}, "decoding steps of one row and of three went through RowsLinear"
+
+    calls.clear()
+    messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is this?"}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=[prompt], audio=[clips[0]])
+    ids = loaded.ids
+    with torch.inference_mode():
+        out = loaded.model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                    repetition_penalty=1.2, suppress_tokens=[ids.sound, ids.sound_bos, ids.sound_eos])
+    assert out[0, inputs["input_ids"].shape[1]:].tolist() == list(alone[0])
+    assert calls and not any(on for _, _, on in calls), "stock generate ran stock"
