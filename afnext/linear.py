@@ -5,23 +5,27 @@ that is bound by reading the weights: `mid`'s decoder holds 56 MB of them, more 
 32 MB cache, so every step streams them from memory. `F.linear(x, W)` hands MKL the product as
 x·Wᵀ, and for a few rows its kernels read the weights far slower than memory allows; one row goes
 to sgemv, which ran on one core. The same product taken the other way round, W·xᵀ with the small
-[N, rows] result transposed back, streams the weights at close to the memory's speed. Measured on
-2 cores of this AMD EPYC with MKL (`python bench/linear.py`, weights cold: 30 matrices
-in turn), µs per product of a 1408×512 weight:
+[N, rows] result transposed back, streams them up to 3× faster. Measured on 2 cores of this AMD EPYC
+with MKL (`python bench/linear.py`, bench/results/cpu-linear.json; weights cold, the two ways in
+turn), µs per product:
 
-    rows                 1     2     8    32   512
-    F.linear           260   380   360   630  4720
-    W·xᵀ               260   100   230   490  5210
+    weight (out × in)   rows:  1          2          8          32         128         512
+    1408 × 512 (gate, up)    274 → 141  394 → 119  388 → 263  637 → 498  1623 → 1437  4978 → 5469
+    512 × 1408 (down)        214 → 160  312 → 134  319 → 334  555 → 458  1323 → 1232  3951 → 4296
+    128 × 512 (key, value)    29 →  48   40 →  38   46 →  52   70 →  80   132 →  171   392 →  610
 
-One row is padded with a zero row to take the two-row path. Past some 64 rows (a prompt chunk) the
-stock call is as fast or faster, so a forward with more than `ROWS_MAX` rows keeps it.
+and a whole decoding step of `mid` (the two ways alternating every 5 steps in one engine): one row
+7.6 → 4.7 ms, 8 rows 12.3 → 11.2 ms. One row is padded with a zero row to take the two-row path.
+The products move ±20% between runs of this benchmark; a whole step gained in every run. Up to
+`ROWS_MAX` rows take W·xᵀ and a prompt chunk's hundreds keep `F.linear`; so do weights small enough
+to stay in the cache (`MIN_WEIGHT_ELEMENTS`), where W·xᵀ was slower.
 
 Only the engine's steps take this path: `engage()` is called by the engine's worker thread, and
 the projections check it per call, so stock `generate` on the same model (the equality tests, the
 "ours vs stock" benchmarks) runs stock in any other thread. The sums are the same dot products in a
 different order: results differ from `F.linear`'s in the last bits, as a batch of 8 rows already
 differs from one row alone in MKL, and the greedy tokens the tests compare stay the same.
-A GPU keeps `F.linear` (cuBLAS reads skinny products at full speed), and so does any dtype but float32.
+A GPU keeps `F.linear`, and so does any dtype but float32: this was measured with MKL's float32 only.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-ROWS_MAX = 32  # up to this many rows take W·xᵀ (faster through 64 rows on `mid`'s shapes; kept short of it)
+ROWS_MAX = 32  # up to this many rows take W·xᵀ (faster through 128 rows for the large weights)
 # Weights smaller than this (1 MiB of float32) stay in the cache between steps, and there W·xᵀ was no
 # faster: `mid`'s 128×512 key and value projections took 1.4× as long with it at 8 rows.
 MIN_WEIGHT_ELEMENTS = 1 << 18

@@ -1,12 +1,13 @@
 """Few rows through the decoder's projections on CPU: `F.linear` against W·xᵀ (afnext/linear.py). Prints JSON.
 
-    python bench/linear.py [--size mid] [--repeats 15] [--steps 200] [--out FILE]
+    python bench/linear.py [--size mid] [--repeats 15] [--steps 200] [--cold-mb 86] [--out FILE]
 
 Two parts, both side by side in one process:
 - products: µs per product of each of the decoder's weight shapes, for 1 … 512 rows, by `F.linear`
-  and by `RowsLinear` in an engaged thread. The weights are cold, as in a decoding step that streams
+  and by `RowsLinear`'s W·xᵀ (in an engaged thread, for every row count, though the engine takes it
+  only up to `linear.ROWS_MAX`). The weights are cold, as in a decoding step that streams
   more weights than the CPU's cache holds: each figure runs a product over enough copies of the weight
-  (some 86 MB) in turn; the two ways alternate `repeats` times, medians. It runs in a thread that
+  (`--cold-mb`, 86 MB) in turn; the two ways alternate `repeats` times, medians. It runs in a thread that
   ends, so its OpenMP team is gone before the engine's starts (afnext/cores.py).
 - steps: one engine, 1 conversation and then 8 decoding `steps` tokens each; the worker takes the
   W·xᵀ path in every other run of 5 steps and `F.linear` in the others, so both see the same machine
@@ -39,7 +40,7 @@ from afnext.session import Session  # noqa: E402
 from afnext.tiny import SIZES, build_in_memory  # noqa: E402
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-COLD_BYTES = 86_000_000  # weights a product cycles through: well over a 32 MB cache
+COLD_MB = 86  # weights a product cycles through: well over a 32 MB cache
 SWITCH_STEPS = 5  # the step bench changes path every this many steps
 
 
@@ -50,17 +51,25 @@ def shapes(size: str) -> list[tuple[int, int]]:
     return [(h, h), (kv, h), (i, h), (h, i)]  # q/o, k/v, gate/up, down: (out, in)
 
 
-def products(size: str, repeats: int) -> list[dict]:
-    """µs per product, both ways, per weight shape and row count."""
-    rows_linear, out = [], []
+def products(size: str, repeats: int, cold_mb: float) -> list[dict]:
+    """µs per product, both ways, per weight shape and row count (W·xᵀ for every row count here,
+    past the engine's `ROWS_MAX` too)."""
+    rows_max, linear.ROWS_MAX = linear.ROWS_MAX, max(ROWS)
+    try:
+        return _products(size, repeats, cold_mb)
+    finally:
+        linear.ROWS_MAX = rows_max
+
+
+def _products(size: str, repeats: int, cold_mb: float) -> list[dict]:
+    out = []
     for n_out, n_in in shapes(size):
-        weights = [torch.randn(n_out, n_in) for _ in range(max(4, COLD_BYTES // (4 * n_out * n_in)))]
+        weights = [torch.randn(n_out, n_in) for _ in range(max(4, int(cold_mb * 1e6) // (4 * n_out * n_in)))]
         modules = []
         for w in weights:
             m = linear.RowsLinear(n_in, n_out, bias=False)
             m.weight.data = w
             modules.append(m)
-        rows_linear.append(modules)
         for rows in ROWS:
             x = torch.randn(1, rows, n_in)
             stock, ours = (t / len(weights) for t in _time_pair(lambda: [F.linear(x, w) for w in weights],
@@ -126,20 +135,21 @@ def _engaged(fn, *args):
     return fn(*args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["tiny", "mid"], default="mid")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--steps", type=int, default=200, help="tokens each conversation decodes in the step bench")
+    p.add_argument("--cold-mb", type=float, default=COLD_MB, help="MB of weights each product cycles through")
     p.add_argument("--out")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     result = {"command": "python bench/linear.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": machine(torch.device("cpu")), "size": args.size,
-              "products": in_own_thread(_engaged, products, args.size, args.repeats), "steps": steps(args.size, args.steps)}
+              "products": in_own_thread(_engaged, products, args.size, args.repeats, args.cold_mb), "steps": steps(args.size, args.steps)}
     write_json(result, args.out)
-    return 0
+    return result
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -114,3 +114,19 @@ def test_the_engine_decodes_through_w_xt_and_its_tokens_equal_stock_generate(mon
                                     repetition_penalty=1.2, suppress_tokens=[ids.sound, ids.sound_bos, ids.sound_eos])
     assert out[0, inputs["input_ids"].shape[1]:].tolist() == list(alone[0])
     assert calls and not any(on for _, _, on in calls), "stock generate ran stock"
+
+
+def test_the_linear_bench_times_both_ways_side_by_side(tmp_path):
+    from tests.conftest import bench_script
+    import json
+
+    out = tmp_path / "linear.json"
+    result = bench_script("linear").main(["--size", "tiny", "--repeats", "1", "--steps", "12", "--cold-mb", "0.1",
+                                            "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    layers = {tuple(p["weight"]) for p in result["products"]}
+    assert len(layers) == 4 and {p["rows"] for p in result["products"]} == {1, 2, 4, 8, 16, 32, 64, 128, 512}
+    assert all(p["f_linear_us"] > 0 and p["w_xt_us"] > 0 for p in result["products"])
+    for rows in ("1_rows", "8_rows"):
+        step = result["steps"][rows]
+        assert step["f_linear_ms"] > 0 and step["w_xt_ms"] > 0 and min(step["steps_each"]) >= 1
