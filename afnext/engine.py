@@ -99,8 +99,11 @@ class Engine:
         if kv not in KV_LAYOUTS:
             raise ValueError(f"Unknown KV layout {kv!r}; choose one of {', '.join(KV_LAYOUTS)}.")
         install(loaded.model)
-        if swapped := linear.install(loaded.model):
-            log.info("%d decoder projections take a step's few rows as W·xᵀ on this CPU (afnext/linear.py)", swapped)
+        if (fast := linear.install(loaded.model)).layers:
+            log.info("%d decoder projections take one or two rows as W·xᵀ and more %s on this CPU (afnext/linear.py)",
+                     fast.layers, f"through oneDNN-packed copies ({fast.packed_bytes / 2**20:.0f} MB)" if fast.packed_bytes
+                     else f"up to {linear.ROWS_MAX} the same way (no packed copies: they would take over "
+                          f"{linear.PACK_MAX_BYTES / 2**30:.0f} GiB)")
         kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         self.loaded = loaded
         self.decode = decode  # eager | static | graphs: how a step with one decoding request alone runs (decode.py)

@@ -1,17 +1,21 @@
-"""Few rows through the decoder's projections on CPU: `F.linear` against W·xᵀ (afnext/linear.py). Prints JSON.
+"""The decoder's projections on CPU three ways: `F.linear`, W·xᵀ, and oneDNN over packed copies
+(afnext/linear.py). Prints JSON.
 
-    python bench/linear.py [--size mid] [--repeats 15] [--steps 200] [--cold-mb 86] [--out FILE]
+    python bench/linear.py [--size mid] [--repeats 15] [--steps 200] [--prompts 3] [--cold-mb 86] [--out FILE]
 
-Two parts, both side by side in one process:
-- products: µs per product of each of the decoder's weight shapes, for 1 … 512 rows, by `F.linear`
-  and by `RowsLinear`'s W·xᵀ (in an engaged thread, for every row count, though the engine takes it
-  only up to `linear.ROWS_MAX`). The weights are cold, as in a decoding step that streams
-  more weights than the CPU's cache holds: each figure runs a product over enough copies of the weight
-  (`--cold-mb`, 86 MB) in turn; the two ways alternate `repeats` times, medians. It runs in a thread that
-  ends, so its OpenMP team is gone before the engine's starts (afnext/cores.py).
-- steps: one engine, 1 conversation and then 8 decoding `steps` tokens each; the worker takes the
-  W·xᵀ path in every other run of 5 steps and `F.linear` in the others, so both see the same machine
-  and the same lengths. Median ms per decoding step of each.
+Two parts, each side by side in one process:
+- products: µs per product of each of the decoder's weight shapes, for 1 … 512 rows, by `F.linear`,
+  by W·xᵀ and by oneDNN over a copy packed for `linear.PACK_ROWS` rows, whatever the engine would
+  take for that row count. The weights are cold, as in a decoding step that streams more weights than
+  the CPU's cache holds: each figure runs a product over enough copies of the weight (`--cold-mb`,
+  86 MB) in turn; the three ways take turns `repeats` times, medians. It runs in a thread that ends,
+  so its OpenMP team is gone before the engine's starts (afnext/cores.py).
+- steps: one engine whose worker takes `F.linear` ("f_linear"), `RowsLinear` without packed copies
+  ("w_xt": W·xᵀ up to ROWS_MAX rows) or with them ("packed": W·xᵀ for 1–2 rows, oneDNN for more).
+  1 conversation, then 8, decode `steps` tokens each, the way changing every 5 steps, so all see
+  the same machine and the same lengths: median ms per decoding step. Then `prompts` rounds of a
+  30 s clip's turn per way, in turn: the median of its prefill's time (its 750 audio tokens and
+  prompt in one step, the encoder aside).
 """
 
 from __future__ import annotations
@@ -51,66 +55,69 @@ def shapes(size: str) -> list[tuple[int, int]]:
     return [(h, h), (kv, h), (i, h), (h, i)]  # q/o, k/v, gate/up, down: (out, in)
 
 
+WAYS = ("f_linear", "w_xt", "packed")
+
+
 def products(size: str, repeats: int, cold_mb: float) -> list[dict]:
-    """µs per product, both ways, per weight shape and row count (W·xᵀ for every row count here,
-    past the engine's `ROWS_MAX` too)."""
-    rows_max, linear.ROWS_MAX = linear.ROWS_MAX, max(ROWS)
-    try:
-        return _products(size, repeats, cold_mb)
-    finally:
-        linear.ROWS_MAX = rows_max
-
-
-def _products(size: str, repeats: int, cold_mb: float) -> list[dict]:
+    """µs per product, three ways, per weight shape and row count: `F.linear`, W·xᵀ (for every row
+    count here, past the engine's `ROWS_MAX` too) and oneDNN over a packed copy (from 1 row)."""
     out = []
     for n_out, n_in in shapes(size):
         weights = [torch.randn(n_out, n_in) for _ in range(max(4, int(cold_mb * 1e6) // (4 * n_out * n_in)))]
-        modules = []
-        for w in weights:
-            m = linear.RowsLinear(n_in, n_out, bias=False)
-            m.weight.data = w
-            modules.append(m)
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, linear.PACK_ROWS) for w in weights]
         for rows in ROWS:
-            x = torch.randn(1, rows, n_in)
-            stock, ours = (t / len(weights) for t in _time_pair(lambda: [F.linear(x, w) for w in weights],
-                                                                 lambda: [m(x) for m in modules], repeats))
-            out.append({"weight": [n_out, n_in], "rows": rows, "f_linear_us": round(1e6 * stock, 1),
-                        "w_xt_us": round(1e6 * ours, 1), "speedup": round(stock / ours, 2)})
+            x = torch.randn(rows, n_in)
+            two = torch.cat([x, x.new_zeros(1, n_in)]) if rows == 1 else x  # one row padded, as RowsLinear does
+            ways = (lambda: [F.linear(x, w) for w in weights],
+                    lambda: [(w @ two.T).T[:rows].contiguous() for w in weights],
+                    lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed])
+            us = [1e6 * t / len(weights) for t in _time_in_turn(ways, repeats)]
+            out.append({"weight": [n_out, n_in], "rows": rows, **{f"{w}_us": round(t, 1) for w, t in zip(WAYS, us)}})
     return out
 
 
-def _time_pair(a, b, repeats: int) -> tuple[float, float]:
-    """Median seconds of `a` and of `b`, run in turn `repeats` times each (the machine drifts)."""
-    runs: tuple[list[float], list[float]] = ([], [])
+def _time_in_turn(fns, repeats: int) -> list[float]:
+    """Median seconds of each of `fns`, run in turn `repeats` times each (the machine drifts)."""
+    runs: list[list[float]] = [[] for _ in fns]
     for i in range(repeats + 1):
-        for fn, into in ((a, runs[0]), (b, runs[1])):
+        for fn, into in zip(fns, runs):
             t0 = time.perf_counter()
             fn()
             if i:  # the first pass warms up
                 into.append(time.perf_counter() - t0)
-    return statistics.median(runs[0]), statistics.median(runs[1])
+    return [statistics.median(r) for r in runs]
 
 
-def steps(size: str, n_steps: int) -> dict:
-    """Median decoding-step ms with each path, for 1 and for 8 conversations at once."""
+def steps(size: str, n_steps: int, prompts: int) -> dict:
+    """One engine, the three ways taken in turn by its worker: median ms of a decoding step for 1 and
+    for 8 conversations at once (the way changes every few steps), and of a prompt's prefill (a 30 s
+    clip and a question, `prompts` asks per way, in turn)."""
     loaded, _ = build_in_memory(size)
     engine = Engine(loaded)
+    packed = {m: m.packed for m in loaded.model.modules() if isinstance(m, linear.RowsLinear)}
     options = GenerationOptions(max_new_tokens=n_steps, min_new_tokens=n_steps, repetition_penalty=1.0)
-    times: dict[tuple[int, bool], list[float]] = {}
-    step, count = engine._step, [0]
+    times: dict[tuple[int, str], list[float]] = {}
+    step, count, fixed = engine._step, [0], [None]
 
-    def timed(decodes, prefills) -> None:  # on the worker thread: its path switches every few steps
-        on = (count[0] // SWITCH_STEPS) % 2 == 1
-        linear._engaged.on = on
+    def take(way: str) -> None:  # on the worker thread, between steps
+        linear._engaged.on = way != "f_linear"
+        for module, copy in packed.items():
+            module.packed = copy if way == "packed" else None
+
+    def timed(decodes, prefills) -> None:
+        take(fixed[0] or WAYS[(count[0] // SWITCH_STEPS) % len(WAYS)])
         t0 = time.perf_counter()
         step(decodes, prefills)
         if not prefills:
             count[0] += 1
-            times.setdefault((len(decodes), on), []).append(time.perf_counter() - t0)
+            times.setdefault((len(decodes), WAYS[((count[0] - 1) // SWITCH_STEPS) % len(WAYS)]), []).append(
+                time.perf_counter() - t0)
 
-    def ask(seed: int) -> None:
-        for _ in Session(engine).ask(bc.QUESTION, bc.voice_clip(bc.VOICE_S, seed=seed), options=options):
-            pass
+    def ask(seed: int, seconds: float = bc.VOICE_S, opts: GenerationOptions = options):
+        done = None
+        for event in Session(engine).ask(bc.QUESTION, bc.voice_clip(seconds, seed=seed), options=opts):
+            done = event
+        return done.reply
 
     ask(99)  # warm
     engine._step = timed
@@ -122,17 +129,21 @@ def steps(size: str, n_steps: int) -> dict:
             t.start()
         for t in threads:
             t.join()
-        stock, ours = (statistics.median(times[(n, on)]) for on in (False, True))
-        out[f"{n}_rows"] = {"f_linear_ms": round(1e3 * stock, 2), "w_xt_ms": round(1e3 * ours, 2),
-                            "speedup": round(stock / ours, 2), "steps_each": [len(times[(n, on)]) for on in (False, True)]}
+        out[f"decode_{n}_rows_ms"] = {way: round(1e3 * statistics.median(times[(n, way)]), 2) for way in WAYS}
+        out[f"decode_{n}_rows_steps"] = {way: len(times[(n, way)]) for way in WAYS}
+    prefill: dict[str, list[float]] = {way: [] for way in WAYS}
+    for i in range(prompts):
+        for way in WAYS:
+            fixed[0] = way
+            prefill[way].append(ask(i, 30.0, GenerationOptions(max_new_tokens=1)).timings.prefill_s)
+    fixed[0] = None
+    out["prefill_30s_clip_ms"] = {way: round(1e3 * statistics.median(t), 1) for way, t in prefill.items()}
+    out["packed_mb"] = round(sum(m.weight.numel() * 4 for m, c in packed.items() if c is not None) / 1e6, 1)
     engine.close()
     return out
 
 
-def _engaged(fn, *args):
-    """`fn(*args)` with this thread's RowsLinear taking W·xᵀ."""
-    linear.engage()
-    return fn(*args)
+
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,13 +151,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", choices=["tiny", "mid"], default="mid")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--steps", type=int, default=200, help="tokens each conversation decodes in the step bench")
+    p.add_argument("--prompts", type=int, default=3, help="prefills timed per way")
     p.add_argument("--cold-mb", type=float, default=COLD_MB, help="MB of weights each product cycles through")
     p.add_argument("--out")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     result = {"command": "python bench/linear.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "date": datetime.date.today().isoformat(), "machine": machine(torch.device("cpu")), "size": args.size,
-              "products": in_own_thread(_engaged, products, args.size, args.repeats, args.cold_mb), "steps": steps(args.size, args.steps)}
+              "products": in_own_thread(products, args.size, args.repeats, args.cold_mb),
+              "steps": steps(args.size, args.steps, args.prompts)}
     write_json(result, args.out)
     return result
 

@@ -32,11 +32,21 @@ def in_thread(fn, engaged: bool):
     return out[0]
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_few_rows_take_w_xt_in_an_engaged_thread_and_f_linear_elsewhere(bias):
+def layer_with(bias: bool, packed: bool) -> linear.RowsLinear:
     torch.manual_seed(0)
     layer = linear.RowsLinear(96, 160, bias=bias)
-    for rows in (1, 2, 8, linear.ROWS_MAX, linear.ROWS_MAX + 1):
+    if packed:
+        layer.packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), linear.PACK_ROWS)
+    return layer
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_each_row_count_takes_its_path_in_an_engaged_thread_and_f_linear_elsewhere(bias, packed):
+    """One or two rows: W·xᵀ (one padded to two). More: the packed copy through oneDNN when there is
+    one, else W·xᵀ up to ROWS_MAX and F.linear past it. Any other thread: F.linear."""
+    layer, differs = layer_with(bias, packed), False
+    for rows in (1, 2, 3, 8, linear.ROWS_MAX, linear.ROWS_MAX + 1, 200):
         x = torch.randn(1, rows, 96)
         stock = F.linear(x, layer.weight, layer.bias)
         with torch.inference_mode():
@@ -44,34 +54,43 @@ def test_few_rows_take_w_xt_in_an_engaged_thread_and_f_linear_elsewhere(bias):
             elsewhere = in_thread(lambda: layer(x), engaged=False)
         assert ours.shape == stock.shape == (1, rows, 160) and ours.is_contiguous()
         assert torch.equal(elsewhere, stock), "a thread that is not the engine's runs stock"
-        if rows > linear.ROWS_MAX:
-            assert torch.equal(ours, stock), "a prompt chunk's many rows run stock"
-            continue
         torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-        padded = torch.cat([x[0], x.new_zeros(1, 96)]) if rows == 1 else x[0]  # the path it took, exactly
-        product = layer.weight @ padded.T
-        expected = (product if layer.bias is None else product + layer.bias[:, None]).T[:rows]
-        torch.testing.assert_close(ours[0], expected, rtol=0, atol=1e-6)
+        if packed and rows >= linear.PACKED_FROM_ROWS:
+            expected = torch.ops.mkldnn._linear_pointwise(x[0], layer.packed, layer.bias, "none", [], "")
+        elif rows > linear.ROWS_MAX:
+            expected = stock[0]
+        else:
+            padded = torch.cat([x[0], x.new_zeros(1, 96)]) if rows == 1 else x[0]
+            product = layer.weight @ padded.T
+            expected = (product if layer.bias is None else product + layer.bias[:, None]).T[:rows]
+        assert torch.equal(ours[0], expected), f"{rows} rows took another path"
+        differs |= not torch.equal(ours, stock)
+    assert differs, "the engaged paths' sums round differently from F.linear's: the checks above can tell them apart"
 
 
-def test_install_swaps_only_the_decoders_large_projections_of_a_float32_cpu_model():
+def test_install_swaps_the_decoders_large_projections_and_packs_them_if_they_fit():
     loaded, _ = build_in_memory("tiny")
     model = loaded.model
-    assert linear.install(model) == 0, "tiny's weights are all below the size that gains"
-    swapped = linear.install(model, min_elements=0)
+    assert linear.install(model).layers == 0, "tiny's weights are all below the size that gains"
+    unpacked = linear.install(model, min_elements=0, pack_max_bytes=0)
     layers = model.config.get_text_config().num_hidden_layers
-    assert swapped == 7 * layers + 1  # q, k, v, o, gate, up, down per layer, and the lm_head
+    assert unpacked == linear.Installed(7 * layers + 1, 0)  # q, k, v, o, gate, up, down per layer, the lm_head
     assert type(model.get_output_embeddings()) is linear.RowsLinear
     assert not any(isinstance(m, linear.RowsLinear) for m in model.model.audio_tower.modules())
-    assert linear.install(model, min_elements=0) == swapped, "idempotent"
+    assert all(m.packed is None for m in model.modules() if isinstance(m, linear.RowsLinear))
+    packed = linear.install(model, min_elements=0)
+    swapped = [m for m in model.modules() if isinstance(m, linear.RowsLinear)]
+    assert packed.layers == len(swapped) and packed.packed_bytes == sum(m.weight.numel() * 4 for m in swapped)
+    assert all(m.packed is not None and m.packed.is_mkldnn for m in swapped)
+    assert linear.install(model, min_elements=0) == packed, "idempotent"
     half, _ = build_in_memory("tiny", dtype=torch.bfloat16)
-    assert linear.install(half.model, min_elements=0) == 0
+    assert linear.install(half.model, min_elements=0) == linear.Installed(0, 0)
 
 
-def test_the_engine_decodes_through_w_xt_and_its_tokens_equal_stock_generate(monkeypatch):
-    """On a tiny model whose every projection is made `RowsLinear`: the engine's worker takes W·xᵀ for
-    its decoding rows (alone and 3 at once), stock `generate` in the test's thread takes `F.linear`, and
-    the greedy tokens are the same all round."""
+def test_the_engine_decodes_through_the_fast_paths_and_its_tokens_equal_stock_generate(monkeypatch):
+    """On a tiny model whose every projection is made `RowsLinear` with a packed copy: the engine's
+    worker takes W·xᵀ for one decoding row and oneDNN for three at once and for the prompts, stock
+    `generate` in the test's thread takes `F.linear`, and the greedy tokens are the same all round."""
     loaded, processor = build_in_memory("tiny")
     linear.install(loaded.model, min_elements=0)
     calls: list[tuple[str, int, bool]] = []
@@ -103,6 +122,7 @@ def test_the_engine_decodes_through_w_xt_and_its_tokens_equal_stock_generate(mon
     worker = [(rows, on) for name, rows, on in calls if name == "afnext-engine"]
     assert all(on for _, on in worker), "the engine's worker is engaged"
     assert {1, 3} <= {rows for rows, _ in worker}, "decoding steps of one row and of three went through RowsLinear"
+    assert max(rows for rows, _ in worker) > linear.ROWS_MAX, "and the prompts"
 
     calls.clear()
     messages = [{"role": "user", "content": [{"type": "audio"}, {"type": "text", "text": "What is this?"}]}]
@@ -121,12 +141,13 @@ def test_the_linear_bench_times_both_ways_side_by_side(tmp_path):
     import json
 
     out = tmp_path / "linear.json"
-    result = bench_script("linear").main(["--size", "tiny", "--repeats", "1", "--steps", "12", "--cold-mb", "0.1",
-                                            "--out", str(out)])
+    result = bench_script("linear").main(["--size", "tiny", "--repeats", "1", "--steps", "40", "--cold-mb", "0.1",
+                                            "--prompts", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == result
     layers = {tuple(p["weight"]) for p in result["products"]}
     assert len(layers) == 4 and {p["rows"] for p in result["products"]} == {1, 2, 4, 8, 16, 32, 64, 128, 512}
-    assert all(p["f_linear_us"] > 0 and p["w_xt_us"] > 0 for p in result["products"])
-    for rows in ("1_rows", "8_rows"):
-        step = result["steps"][rows]
-        assert step["f_linear_ms"] > 0 and step["w_xt_ms"] > 0 and min(step["steps_each"]) >= 1
+    assert all(p[f"{way}_us"] > 0 for p in result["products"] for way in ("f_linear", "w_xt", "packed"))
+    steps = result["steps"]
+    for figure in ("decode_1_rows_ms", "decode_8_rows_ms", "prefill_30s_clip_ms"):
+        assert set(steps[figure]) == {"f_linear", "w_xt", "packed"} and min(steps[figure].values()) > 0
+    assert min(steps["decode_8_rows_steps"].values()) >= 1
