@@ -175,9 +175,11 @@ class _RecordingsTab:
         # question stays in the box until it is done), and Enter with a click at once sends one question.
         asking = [gr.on([question.submit, ask_button.click], **asked)]
         asking[0].then(**listed)
-        opened = dict(outputs=[status, wave, chat, cid], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
+        # The upload box is an output of every way to open a recording: it shows a file only while that file
+        # is the open recording (an example or a history entry opened after an upload empties it).
+        opened = dict(outputs=[status, wave, chat, cid, upload], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
                       **private)
-        upload.upload(self.open, [upload, owner], **{**opened, "outputs": [*opened["outputs"], upload]}).then(**listed)
+        upload.upload(self.open, [upload, owner], **opened).then(**listed)
         for button, path in zip(examples, EXAMPLES.values()):
             button.click(self.example(path), [owner], **opened).then(**listed)
         # `select`, not `input`: closing the list without picking must not reopen (and cut off an answer).
@@ -201,13 +203,14 @@ class _RecordingsTab:
 
     def open(self, path: str | None, owner: str, request: gr.Request):
         """Upload → status, waveform, empty chat, its conversation id, and the upload box (emptied when
-        the file is refused, so a refused file is not left there as if open). A generator, so
-        "decoding" shows at once."""
+        the file is refused, so a refused file is not left there as if open; else left as it is). A
+        generator, so "decoding" shows at once."""
         yield from self._open(path, owner, request, owned=True)
 
     def _open(self, path: str | None, owner: str, request: gr.Request, owned: bool):
-        """`owned`: the file is an upload, and the upload box is the event's last output."""
-        box, emptied = ((gr.skip(),), (None,)) if owned else ((), ())
+        """`owned`: the file is an upload, which the upload box (the last output) keeps showing unless it
+        is refused; anything else empties the box."""
+        box, emptied = (gr.skip() if owned else None,), (None,)
         if not path:
             yield "", "", [], "", *box
             return
@@ -256,23 +259,24 @@ class _RecordingsTab:
         return ""
 
     def reopen(self, cid: str, owner: str, request: gr.Request):
-        """A recording from the history (or the one this page had open before a reload) → the view."""
+        """A recording from the history (or the one this page had open before a reload) → the view, and
+        the upload box emptied."""
         if not cid:
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         try:
             recording = self._recording(cid, owner, request)
         except USER_ERRORS as exc:
-            yield f"⚠️ {exc}", "", [], ""
+            yield f"⚠️ {exc}", "", [], "", None
             return
         if recording is None:
-            yield "That recording is no longer in your history.", "", [], ""
+            yield "That recording is no longer in your history.", "", [], "", None
             return
         turns = sum(m["role"] == "user" for m in recording.chat)
         asked = ("no question yet. Ask one." if not turns else
                  f"{turns} question{'s' if turns > 1 else ''} so far. Ask another.")
         yield (f"**{_markdown_text(recording.name)}** ({clock(recording.duration_s)}): {asked}"), \
-            recording.waveform(), recording.chat, cid
+            recording.waveform(), recording.chat, cid, None
 
     def _recording(self, cid: str, owner: str, request: gr.Request) -> Recording | None:
         """The live recording `cid` of this owner, reopened from the store if it is not live (once, however

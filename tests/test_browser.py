@@ -339,6 +339,36 @@ def test_a_refused_file_leaves_the_upload_box_empty_and_the_next_file_opens(brow
     page.context.close()
 
 
+def test_the_upload_box_shows_a_file_only_while_it_is_the_open_recording(browser, server):
+    """An upload stays in the box while it is open; opening an example, or the upload again from the
+    history, empties the box (it would otherwise name a file that is not the one open)."""
+    page, _, errors = _page(browser, server)
+    page.get_by_role("tab", name="Recordings").click()
+    box = page.locator("#afn-upload")
+    box.locator("input[type=file]").set_input_files(str(ASSETS / "speech.wav"))
+    page.locator("#afn-status", has_text="speech.wav (0:10)").wait_for()
+    assert "speech" in box.inner_text()
+    page.get_by_role("button", name="Example: Sounds (13 s)").click()
+    page.locator("#afn-status", has_text="sounds.flac").wait_for()
+    page.wait_for_function("() => !document.querySelector('#afn-upload').innerText.includes('speech')")
+
+    box.locator("input[type=file]").set_input_files(str(ASSETS / "speech.wav"))
+    page.locator("#afn-status", has_text="speech.wav (0:10)").wait_for()
+    page.wait_for_function("() => document.querySelector('#afn-upload').innerText.includes('speech')")
+    page.get_by_role("button", name="Example: Sounds (13 s)").click()
+    page.locator("#afn-status", has_text="sounds.flac").wait_for()
+    page.wait_for_function("() => !document.querySelector('#afn-upload').innerText.includes('speech')")
+    # the upload again, from the history: opened, and the box stays empty. The list is refreshed after
+    # each open, and picks the open recording: once it shows the example, it holds both uploads too.
+    page.wait_for_function("() => document.querySelector('#afn-history input').value.includes('sounds')")
+    page.locator("#afn-history input").click()
+    page.get_by_role("option", name=re.compile("speech")).first.click()
+    page.locator("#afn-status", has_text="speech.wav (0:10)").wait_for()
+    assert "speech" not in box.inner_text(), "a recording opened from the history is not in the upload box"
+    assert not errors, errors
+    page.context.close()
+
+
 def test_gradio_client_asks_about_a_recording(server):
     from gradio_client import Client, handle_file
 
