@@ -48,8 +48,8 @@ import torch.nn.functional as F
 from .cores import in_own_thread
 
 ROWS_MAX = 4  # without a packed copy, up to this many rows take W·xᵀ
-# Weights smaller than this (1 MiB of float32) stay in the cache between steps, and there W·xᵀ was no
-# faster: `mid`'s 128×512 key and value projections took 1.4× as long with it at 8 rows.
+# Weights smaller than this (1 MiB of float32) keep F.linear: they stay in the cache between steps, and
+# neither way was reliably faster for `mid`'s 128×512 key and value projections.
 MIN_WEIGHT_ELEMENTS = 1 << 18
 PACKED_FROM_ROWS = 3  # from this many rows a packed copy is used where there is one (W·xᵀ below)
 PACK_ROWS = 8  # the row count oneDNN lays a packed weight out for: the fastest here from 2 rows to 512
@@ -98,7 +98,8 @@ def install(model: torch.nn.Module, min_elements: int = MIN_WEIGHT_ELEMENTS,
             pack_max_bytes: int = PACK_MAX_BYTES) -> Installed:
     """Make the decoder's projections and the lm_head whose weights hold `min_elements` or more
     `RowsLinear`, on a float32 CPU model, and give them packed copies if these take at most
-    `pack_max_bytes` and oneDNN is there (idempotent). The audio tower and projector keep theirs."""
+    `pack_max_bytes` and oneDNN is there (idempotent). The audio tower and projector keep theirs. A
+    copy is made once: weights loaded into the model afterwards would not reach the engine's steps."""
     param = next(model.parameters())
     if param.device.type != "cpu" or param.dtype != torch.float32:
         return Installed(0, 0)
