@@ -44,25 +44,30 @@ def layer_with(bias: bool, packed: bool) -> linear.RowsLinear:
 @pytest.mark.parametrize("bias", [False, True])
 def test_each_row_count_takes_its_path_in_an_engaged_thread_and_f_linear_elsewhere(bias, packed):
     """One or two rows: W·xᵀ (one padded to two). More: the packed copy through oneDNN when there is
-    one, else W·xᵀ up to ROWS_MAX and F.linear past it. Any other thread: F.linear."""
+    one, else W·xᵀ up to ROWS_MAX and F.linear past it. Any other thread: F.linear. Every figure is
+    computed in a new thread, so all run on the same number of threads (the sums' split, and so their
+    rounding, depends on it; earlier tests may have changed the test thread's)."""
     layer, differs = layer_with(bias, packed), False
     for rows in (1, 2, 3, 8, linear.ROWS_MAX, linear.ROWS_MAX + 1, 200):
         x = torch.randn(1, rows, 96)
-        stock = F.linear(x, layer.weight, layer.bias)
-        with torch.inference_mode():
+
+        def references():
+            stock = F.linear(x, layer.weight, layer.bias)
+            if packed and rows >= linear.PACKED_FROM_ROWS:
+                return stock, torch.ops.mkldnn._linear_pointwise(x[0], layer.packed, layer.bias, "none", [], "")
+            if rows > linear.ROWS_MAX:
+                return stock, stock[0]
+            padded = torch.cat([x[0], x.new_zeros(1, 96)]) if rows == 1 else x[0]
+            product = layer.weight @ padded.T
+            return stock, (product if layer.bias is None else product + layer.bias[:, None]).T[:rows]
+
+        with torch.no_grad():
+            stock, expected = in_thread(references, engaged=False)
             ours = in_thread(lambda: layer(x), engaged=True)
             elsewhere = in_thread(lambda: layer(x), engaged=False)
         assert ours.shape == stock.shape == (1, rows, 160) and ours.is_contiguous()
         assert torch.equal(elsewhere, stock), "a thread that is not the engine's runs stock"
         torch.testing.assert_close(ours, stock, rtol=1e-5, atol=1e-5)
-        if packed and rows >= linear.PACKED_FROM_ROWS:
-            expected = torch.ops.mkldnn._linear_pointwise(x[0], layer.packed, layer.bias, "none", [], "")
-        elif rows > linear.ROWS_MAX:
-            expected = stock[0]
-        else:
-            padded = torch.cat([x[0], x.new_zeros(1, 96)]) if rows == 1 else x[0]
-            product = layer.weight @ padded.T
-            expected = (product if layer.bias is None else product + layer.bias[:, None]).T[:rows]
         assert torch.equal(ours[0], expected), f"{rows} rows took another path"
         differs |= not torch.equal(ours, stock)
     assert differs, "the engaged paths' sums round differently from F.linear's: the checks above can tell them apart"
