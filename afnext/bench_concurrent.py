@@ -10,7 +10,8 @@ On a random-weight AF-Next-shaped model (speed does not depend on weight values)
   done) and aggregate decode tokens/s (below), and the concurrent/sequential ratio of the latter;
 - ingest: a short voice turn's time to first token on an idle engine (median of 3) vs while another
   session's `--long-seconds` recording is being ingested (the recording is featurized beforehand, so
-  only encoding and prefill are on the engine), and the long turn's own time to first token.
+  only encoding and prefill are on the engine), and the long turn's own time to first token
+  (`--long-seconds 0` leaves it out: "ingest" is null).
 
 Aggregate decode tokens/s = the tokens every reply made after its first (the first comes out of the
 prefill) / the time during which at least one reply was decoding (the union of each reply's
@@ -269,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=8, help="conversations run one at a time, then at once")
     p.add_argument("--tokens", type=int, default=32, help="reply tokens per conversation (fixed)")
     p.add_argument("--repeats", type=int, default=3, help="rounds of one-at-a-time vs at-once (medians reported)")
-    p.add_argument("--long-seconds", type=float, default=600.0, help="the long recording ingested beside a short turn")
+    p.add_argument("--long-seconds", type=float, default=600.0,
+                   help="the long recording ingested beside a short turn; 0 leaves the ingest figure out")
     p.add_argument("--kv", choices=["buffers", "paged"], help="how KV caches are kept (afnext/paged.py; default: engine.default_kv)")
     p.add_argument("--decode", default="eager", choices=["eager", "static", "graphs"],
                    help="how decoding steps run; with --kv paged, graphs: one CUDA graph per batch bucket (CUDA only)")
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(engine)
         result["batching"] = bench_rounds(engine, args.conversations, args.tokens, args.repeats)
         print("done: batching", file=sys.stderr, flush=True)
-        result["ingest"] = bench_ingest(engine, args.long_seconds)
+        result["ingest"] = bench_ingest(engine, args.long_seconds) if args.long_seconds > 0 else None
     finally:
         engine.close()
     result["wall_s"] = time.perf_counter() - t0  # the whole benchmark, model build excluded

@@ -57,6 +57,14 @@ def test_busy_time_counts_overlaps_once():
     assert bench_concurrent.busy_time([(0, 10), (2, 3)]) == 10
 
 
+def test_bench_concurrent_without_a_long_recording_leaves_the_ingest_figure_out(tmp_path):
+    out = tmp_path / "concurrent.json"
+    argv = ["--size", "tiny", "--conversations", "2", "--tokens", "16", "--repeats", "1", "--long-seconds", "0", "--out", str(out)]
+    assert bench_concurrent.main(argv) == 0
+    result = json.loads(out.read_text())
+    assert result["ingest"] is None and len(result["batching"]["rounds"]) == 1
+
+
 def test_the_two_engines_bench_times_both_thread_plans_in_fresh_processes(tmp_path):
     two, out = bench_script("two_engines"), tmp_path / "two.json"
     result = two.main(["--size", "tiny", "--repeats", "1", "--tokens", "24", "--out", str(out)])
