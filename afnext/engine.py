@@ -99,11 +99,13 @@ class Engine:
         if kv not in KV_LAYOUTS:
             raise ValueError(f"Unknown KV layout {kv!r}; choose one of {', '.join(KV_LAYOUTS)}.")
         install(loaded.model)
-        if (fast := linear.install(loaded.model)).layers:
-            log.info("%d decoder projections take one or two rows as W·xᵀ and more %s on this CPU (afnext/linear.py)",
-                     fast.layers, f"through oneDNN-packed copies ({fast.packed_bytes / 2**20:.0f} MB)" if fast.packed_bytes
-                     else f"up to {linear.ROWS_MAX} the same way (no packed copies: they would take over "
-                          f"{linear.PACK_MAX_BYTES / 2**30:.0f} GiB)")
+        fast = linear.install(loaded.model)
+        if fast.packed_bytes:
+            log.info("%d decoder projections take one or two rows as W·xᵀ and more through oneDNN-packed copies "
+                     "(%.0f MB; afnext/linear.py)", fast.layers, fast.packed_bytes / 2**20)
+        elif fast.layers:
+            log.info("%d decoder projections take up to %d rows as W·xᵀ (no packed copies: over %.0f GiB; "
+                     "afnext/linear.py)", fast.layers, linear.ROWS_MAX, linear.PACK_MAX_BYTES / 2**30)
         kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         self.loaded = loaded
         self.decode = decode  # eager | static | graphs: how a step with one decoding request alone runs (decode.py)

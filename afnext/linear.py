@@ -110,7 +110,8 @@ def install(model: torch.nn.Module, min_elements: int = MIN_WEIGHT_ELEMENTS,
     size = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     if layers and size <= pack_max_bytes and torch.backends.mkldnn.is_available():
         in_own_thread(_pack, [m for m in layers if m.packed is None])  # its OpenMP team ends with it (cores.py)
-    return Installed(len(layers), sum(m.weight.numel() * m.weight.element_size() for m in layers if m.packed is not None))
+    packed = bool(layers) and all(m.packed is not None for m in layers)  # all of them or none
+    return Installed(len(layers), size if packed else 0)
 
 
 def _pack(layers: list[RowsLinear]) -> None:

@@ -210,24 +210,24 @@ class _RecordingsTab:
     def _open(self, path: str | None, owner: str, request: gr.Request, owned: bool):
         """`owned`: the file is an upload, which the upload box (the last output) keeps showing unless it
         is refused; anything else empties the box."""
-        box, emptied = (gr.skip() if owned else None,), (None,)
+        box = gr.skip() if owned else None
         if not path:
-            yield "", "", [], "", *box
+            yield "", "", [], "", box
             return
         claim = [path] if owned else []  # held while it is read: an identical upload elsewhere may end meanwhile
         self.files.claim(claim)
         recording = None
         try:
             if _owner(owner) is None:  # the page always sends one (owner.js): this is not the page
-                yield f"⚠️ {NO_OWNER}", "", [], "", *emptied
+                yield f"⚠️ {NO_OWNER}", "", [], "", None
                 return  # its upload is deleted with the release below, unless another recording uses it
-            yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip(), gr.skip(), *box
+            yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip(), gr.skip(), box
             try:
                 recording = recordings.open_recording(path, self.cache_dir, owned=owned)
             except USER_ERRORS as exc:
                 log.info("recording refused: %s", exc)
                 gr.Warning(str(exc))
-                yield f"⚠️ {exc}", "", [], "", *emptied
+                yield f"⚠️ {exc}", "", [], "", None
                 return
             recording.owner = _owner(owner)
             recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"
@@ -239,8 +239,8 @@ class _RecordingsTab:
                 "it heard.")
             # The waveform first; then the file goes into the history (a 30-minute WAV: a second or so), and
             # a question asked meanwhile waits for it (Recording.keeping).
-            yield ready, recording.waveform(), [], recording.cid, *box
-            yield ready + self._keep(recording, path), gr.skip(), gr.skip(), gr.skip(), *box
+            yield ready, recording.waveform(), [], recording.cid, box
+            yield ready + self._keep(recording, path), gr.skip(), gr.skip(), gr.skip(), box
         finally:
             if recording is not None:
                 recording.keeping.set()  # the page went before it was kept: questions do not wait for it
