@@ -35,9 +35,9 @@ WARMUP_STEPS = 2  # runs on a side stream before capture, as torch.cuda.graph re
 Step = Callable[[int], torch.Tensor]  # token → logits for the next one [vocab]
 
 
-def begin(cache: Cache, mode: str, capacity: int) -> None:
-    """Lay `cache` out for one turn's decoding in `mode` ("static" or "graphs"), for at most
-    `capacity` tokens by the turn's end."""
+def begin(cache: Cache, capacity: int) -> None:
+    """Lay `cache` out for static decoding ("static" or "graphs" mode), for at most `capacity`
+    tokens by the turn's end."""
     start_static(cache, capacity)
 
 
@@ -51,9 +51,10 @@ def graphed(model: torch.nn.Module, cache: Cache) -> Step:
     return graphed
 
 
-def end(cache: Cache) -> None:
-    """The turn's decoding is over: the cache goes back to its growing views."""
-    end_static(cache)
+def end(cache: Cache, length: int | None = None) -> None:
+    """Static decoding is over: the cache goes back to its growing views, of `length` tokens when
+    the caller knows it (no host sync), else as many as the device counted."""
+    end_static(cache, length)
 
 
 class _GraphedStep:

@@ -267,19 +267,26 @@ class Engine:
 
     def _admit(self, request: Request) -> bool:
         """Start a waiting request if its KV cache fits; False if it must wait (or failed, or was
-        cancelled meanwhile). Its cache is brought back and room is made for the whole turn (prompt
-        and reply budget) before it starts, so a started turn never runs short."""
+        cancelled meanwhile). It is started first, so that only this thread ends it from here on (a
+        caller's cancel now sets its flag), then its cache is brought back and room is made for the
+        whole turn (prompt and reply budget): a started turn never runs short. A turn larger than the
+        whole pool fails at once instead of holding the queue."""
         if request.cancel.is_set():
             self.cancel(request)
             return False
+        if not self.scheduler.start(request):
+            return False  # cancelled by its caller meanwhile, and told there
         cache = request.cache
         total = cache.get_seq_length() + len(request.ids) + request.budget
         try:
+            if self.pool is not None and total > self.pool.capacity_tokens:
+                raise PoolFull(f"{total} tokens")
+            others = [r for r in self.scheduler.running() if r is not request]
+            busy = {id(r.cache) for r in others}
             extra = cache.bytes_to_hold(total, self.kv_bytes_per_token)
-            busy = {id(r.cache) for r in self.scheduler.running()}
             # a throwaway cache (the no-cache path) needs no room made in buffers, but blocks in a pool
             if (request.kept or self.pool is not None) and not self.keeper.claim(cache, extra, busy=busy):
-                if self.scheduler.running():
+                if others:
                     return self._wait_for_memory(request)
                 self.keeper.claim(cache, extra, busy=busy, force=True)  # nothing else runs: it goes ahead
             for attempt in (1, 2):
@@ -287,16 +294,16 @@ class Engine:
                     cache.reserve(total)  # one allocation per turn
                     break
                 except PoolFull:
-                    if self.scheduler.running():
+                    if others:
                         return self._wait_for_memory(request)
-                    if attempt == 2 or total > self.pool.capacity_tokens:
+                    if attempt == 2:
                         raise
                     # a fork took blocks between the claim and now: move it out too, then again
                     self.keeper.claim(cache, cache.bytes_to_hold(total, self.kv_bytes_per_token), busy=busy, force=True)
-            if not self.scheduler.start(request):
-                cache.release_spare()
-                return False  # cancelled meanwhile
             request.start_len = cache.get_seq_length()
+            if request.cancel.is_set():  # cancelled while room was made: it ends before any work
+                self._finish(request)
+                return False
         except PoolFull:
             log.warning("a turn of %d tokens does not fit the KV pool of %d", total, self.pool.capacity_tokens)
             self._finish(request, error=ContextFullError(
@@ -310,10 +317,14 @@ class Engine:
         return True
 
     def _wait_for_memory(self, request: Request) -> bool:
-        """No room until a running request finishes: `request` waits, the others go on (False)."""
+        """No room until a running request finishes: `request` goes back to its place among the
+        waiting ones, the others go on (False)."""
         if not request.waited_for_memory:
             log.info("KV memory is full: a turn waits until a running one finishes")
             request.waited_for_memory = True
+        self.scheduler.put_back(request)
+        if request.cancel.is_set():  # cancelled while it was started: its caller's cancel told nobody
+            self.cancel(request)
         return False
 
     def _step(self, decodes: list[Request], prefills: list[Request]) -> None:
@@ -454,14 +465,19 @@ class Engine:
         device-side length, replayed from a CUDA graph in "graphs" mode (decode.py). Graphs per batch
         size need every batch's buffers at fixed addresses: a paged pool, the GPU step still to come."""
         cache, token = request.cache, request.generated[-1]
-        decoding.begin(cache, self.decode, cache.reserved)  # reserved at admission for the whole turn
+        length = cache.get_seq_length() + 1  # after this step
+        decoding.begin(cache, cache.reserved)  # reserved at admission for the whole turn
         try:
             if self.decode == "graphs":
-                return decoding.graphed(self.loaded.model, cache)(token).clone()
-            ids = torch.tensor([[token]], device=self.loaded.device)
-            return self.loaded.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
-        finally:
-            decoding.end(cache)
+                logits = decoding.graphed(self.loaded.model, cache)(token).clone()
+            else:
+                ids = torch.tensor([[token]], device=self.loaded.device)
+                logits = self.loaded.model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1]
+        except BaseException:
+            decoding.end(cache)  # as far as the device got
+            raise
+        decoding.end(cache, length)
+        return logits
 
     def _prefilled(self, request: Request) -> None:
         self.scheduler.prefilled(request)
@@ -483,13 +499,18 @@ class Engine:
                 self._finish(request, interrupted=len(request.generated) < request.budget)
 
     def _finish(self, request: Request, *, interrupted: bool = False, error: BaseException | None = None) -> None:
+        """End a started request, once: its cache cut back if its reply never began, the room reserved
+        for it and not used given back, its caller told (always: a caller must never wait for ever)."""
+        if not self.scheduler.finish(request):
+            return  # ended already
         request.t_end = time.perf_counter()
-        self.scheduler.finish(request)
         started = request.picker is not None and error is None
-        if not started and request.start_len is not None and request.start_len < request.cache.get_seq_length():
-            request.cache.crop(request.start_len - request.cache.get_seq_length())  # a partial prefill
-        if request.start_len is not None:
+        try:
+            if not started and request.start_len is not None:
+                request.cache.crop_to(request.start_len)  # a partial prefill, or a step that failed part-way
             request.cache.release_spare()
+        except Exception:  # the cache still holds what it held, spare room and all
+            log.exception("a finished turn's spare KV room could not be given back")
         self._tell(request, Finished(request, interrupted=interrupted and started, error=error, started=started))
 
     @staticmethod

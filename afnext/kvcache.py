@@ -82,10 +82,11 @@ class GrowingLayer(DynamicLayer):
         self.cumulative_length.fill_(self._length)
         self.keys, self.values, self.is_compileable = self._k, self._v, True
 
-    def end_static(self) -> None:
-        """Back to views of the filled part (reads the length: one host sync per turn)."""
+    def end_static(self, length: int | None = None) -> None:
+        """Back to views of the filled part: `length` tokens, when the caller knows it, else the
+        device's count (a host sync)."""
         self.is_compileable = False
-        self._set_length(int(self.cumulative_length))
+        self._set_length(int(self.cumulative_length) if length is None else length)
 
     @property
     def capacity(self) -> int:
@@ -97,6 +98,11 @@ class GrowingLayer(DynamicLayer):
             raise ValueError("crop takes a negative number of tokens to remove")
         if tokens_to_remove and self.is_initialized:
             self._set_length(max(0, self._length + tokens_to_remove))
+
+    def crop_to(self, length: int) -> None:
+        """Keep at most the first `length` tokens."""
+        if self.is_initialized and self._length > length:
+            self._set_length(max(0, length))
 
     def reset(self) -> None:
         self._k = self._v = None
@@ -167,10 +173,10 @@ def start_static(cache: Cache, capacity: int) -> None:
         layer.start_static(capacity)
 
 
-def end_static(cache: Cache) -> None:
+def end_static(cache: Cache, length: int | None = None) -> None:
     for layer in cache.layers:
         if layer.is_compileable:
-            layer.end_static()
+            layer.end_static(length)
 
 
 class SessionCache(Cache):
@@ -192,6 +198,13 @@ class SessionCache(Cache):
         self.reserved = 0
         for layer in self.layers:
             layer.release_spare()
+
+    def crop_to(self, length: int) -> None:
+        """Keep at most the first `length` tokens in every layer. A rollback's way, rather than
+        transformers' `crop` (a count to remove, taken from layer 0's length): a forward pass that
+        failed part-way through the layers left the first ones a token longer than the rest."""
+        for layer in self.layers:
+            layer.crop_to(length)
 
     # ---- memory: the keeper's side (the same surface as paged.PagedCache) ----
 
@@ -261,7 +274,7 @@ def cache_bytes(cache) -> int:
 class CacheKeeper:
     """Keeps the sessions' caches on the device while they fit. Under memory pressure it moves the
     least recently used idle ones to CPU memory, and brings each back when its session speaks again:
-    a conversation is never silently dropped. Used by the engine's worker thread only.
+    a conversation is never silently dropped. Used by the engine's worker thread, but for `track`.
 
     Pressure: with a paged `pool`, fewer free blocks than the coming turn needs; over `budget_bytes`
     of resident caches when a budget is set; with neither a pool nor a budget, on CUDA, less than
@@ -274,6 +287,7 @@ class CacheKeeper:
         self._last_use: weakref.WeakKeyDictionary[Cache, float] = weakref.WeakKeyDictionary()
         self._offloaded: weakref.WeakSet[Cache] = weakref.WeakSet()
         self.lock = threading.Lock()  # held while caches move; `Session.fork` copies under it
+        self._books = threading.Lock()  # `_last_use`: forks are tracked from the callers' threads
 
     def claim(self, cache, need_bytes: int = 0, busy: set[int] = frozenset(), force: bool = False) -> bool:
         """`cache`'s session is about to run a turn for which the device needs `need_bytes` more
@@ -281,12 +295,13 @@ class CacheKeeper:
         one whose `id` is in `busy`: those are in the running batch), then bring the cache back. False
         if the room could not be made (the cache stays where it is), unless `force`: then it is
         brought back all the same (nothing else runs; a pool too small for it raises PoolFull)."""
-        self._last_use[cache] = time.monotonic()
+        with self._books:
+            self._last_use[cache] = time.monotonic()
         away = cache in self._offloaded or cache.away  # moved out by us, or a fork of a cache that was
         if away and self.pool is None:  # buffers moved out (on CPU, to where they were) count on coming back
             need_bytes += cache.nbytes
         while self._pressure(need_bytes):
-            idle = [(t, id(c), c) for c, t in self._last_use.items()
+            idle = [(t, id(c), c) for c, t in self._used()
                     if c is not cache and c not in self._offloaded and id(c) not in busy]
             if not idle:
                 log.debug("KV memory is short and no idle cache is left to move out")
@@ -306,14 +321,20 @@ class CacheKeeper:
         return True
 
     def track(self, cache) -> None:
-        """Count `cache` among the ones that may be moved out (a fork that has not spoken yet)."""
-        self._last_use.setdefault(cache, time.monotonic())
+        """Count `cache` among the ones that may be moved out (a fork that has not spoken yet; any thread)."""
+        with self._books:
+            self._last_use.setdefault(cache, time.monotonic())
 
     def offloaded(self, cache) -> bool:
         return cache in self._offloaded
 
     def resident_bytes(self) -> int:
-        return sum(c.nbytes for c in list(self._last_use) if c not in self._offloaded and not c.away)
+        return sum(c.nbytes for c, _ in self._used() if c not in self._offloaded and not c.away)
+
+    def _used(self) -> list[tuple[Cache, float]]:
+        """(cache, last use) of every cache tracked, copied out under the lock `track` takes."""
+        with self._books:
+            return list(self._last_use.items())
 
     def _pressure(self, extra_bytes: int) -> bool:
         # A pool: fewer free blocks than the turn needs (`bytes_to_hold` counts whole blocks), or over
@@ -323,6 +344,9 @@ class CacheKeeper:
         if self.budget_bytes is not None:
             return self.resident_bytes() + extra_bytes > self.budget_bytes
         if self.device.type == "cuda" and self.pool is None:
+            # The driver's free memory, plus what torch's caching allocator holds unused: a cache moved
+            # out frees its memory there, not to the driver.
             free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             return free - extra_bytes < self.reserve_bytes
         return False

@@ -231,13 +231,13 @@ class PagedCache:
         return self.length
 
     def reserve(self, tokens: int) -> None:
-        """Hold blocks for `tokens` in all (PoolFull if the pool has too few free)."""
-        self.reserved = tokens
+        """Hold blocks for `tokens` in all (PoolFull if the pool has too few free: then nothing changes)."""
         need = blocks_for(tokens) - len(self.blocks)
         if need > 0:
             assert self._away is None, "a cache must be brought back before it grows"
             self.blocks.extend(self.pool.take(need, after=self.blocks[-1] if self.blocks else None))
             self._map = None
+        self.reserved = tokens
 
     def release_spare(self) -> None:
         """Blocks past the filled ones go back to the pool."""
@@ -248,11 +248,10 @@ class PagedCache:
             del self.blocks[keep:]
             self._map = None
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last tokens; between turns (nothing reserved) the blocks past the rest go back."""
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative number of tokens to remove")
-        self.length = max(0, self.length + tokens_to_remove)
+    def crop_to(self, length: int) -> None:
+        """Keep at most the first `length` tokens; between turns (nothing reserved) the blocks past
+        them go back."""
+        self.length = max(0, min(self.length, length))
         if self._away is not None:
             self._away = tuple(t[:, :self.length] for t in self._away)
         elif not self.reserved:

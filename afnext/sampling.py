@@ -5,6 +5,7 @@ conversation, then temperature and top-p, or argmax when the temperature is 0)."
 from __future__ import annotations
 
 import numbers
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -83,7 +84,8 @@ class TokenPicker:
         self.generator = None
         if options.temperature > 0:
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(options.seed if options.seed is not None else torch.seed())
+            # unseeded: a seed of its own, leaving torch's global generator (and anyone's manual_seed) alone
+            self.generator.manual_seed(options.seed if options.seed is not None else secrets.randbits(63))
 
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token from `logits` [vocab]."""

@@ -90,7 +90,7 @@ class Request:
 
 class Scheduler:
     """Holds the requests in flight. `add`, `cancel` and `ahead` may be called from any thread;
-    `schedule`, `started` and `finish` from the engine's worker only."""
+    the rest from the engine's worker only."""
 
     def __init__(self, max_batch: int = MAX_BATCH) -> None:
         self.max_batch = max_batch
@@ -144,8 +144,9 @@ class Scheduler:
             return sorted(self.prefilling + self.waiting[:room], key=_priority)
 
     def start(self, request: Request) -> bool:
-        """Admit a waiting request (the engine found room for its KV cache); False if it was
-        cancelled meanwhile."""
+        """Start a waiting request: from here on only the engine ends it (a caller's cancel sets its
+        flag). The engine starts it before making room for its KV cache, so that a cancel can never
+        settle a session whose cache the engine is still working on. False if it was cancelled first."""
         with self._lock:
             if request.state != WAITING or request not in self.waiting:
                 return False
@@ -153,6 +154,14 @@ class Scheduler:
             request.state = PREFILLING
             self.prefilling.append(request)
             return True
+
+    def put_back(self, request: Request) -> None:
+        """A request just started goes back to its place among the waiting ones (no room for it yet)."""
+        with self._lock:
+            self.prefilling.remove(request)
+            request.state = WAITING
+            self.waiting.append(request)
+            self.waiting.sort(key=_priority)
 
     def close(self) -> list[Request]:
         """Refuse new requests; the waiting ones, taken out (they will never run)."""
@@ -168,12 +177,16 @@ class Scheduler:
             request.state = DECODING
             self.decoding.append(request)
 
-    def finish(self, request: Request) -> None:
+    def finish(self, request: Request) -> bool:
+        """Take a request out for good: True if this call did (so its caller is told exactly once)."""
         with self._lock:
+            if request.state == DONE:
+                return False
             for queue in (self.waiting, self.prefilling, self.decoding):
                 if request in queue:
                     queue.remove(request)
             request.state = DONE
+            return True
 
 
 def _priority(request: Request) -> tuple[int, int]:

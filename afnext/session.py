@@ -148,7 +148,7 @@ class Session:
         self._marks.pop()
         if self._cache is not None and self._cached > self._reply_at:
             with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
-                self._cache.crop(self._reply_at - self._cache.get_seq_length())
+                self._cache.crop_to(self._reply_at)
             self._cached = self._reply_at
         self.extend("assistant", text)
         self._reply_at = None
@@ -186,7 +186,7 @@ class Session:
         del self.tokens[cut:], self.messages[n_messages:], self._marks[n_messages:]
         if self._cache is not None and self._cache.get_seq_length() > cut:
             with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
-                self._cache.crop(cut - self._cache.get_seq_length())
+                self._cache.crop_to(cut)
         self._cached, self._last_clip_s, self._reply_at = min(self._cached, cut), clip_s, None
 
     @property
@@ -337,8 +337,8 @@ class Session:
         clips = (self._pending if self.use_cache else self._clips) + ([plan.clip] if plan.clip else [])
         ids = (self.tokens[self._cached:] if self.use_cache else self.tokens) + plan.ids
         cache = self._cache if self.use_cache and self._cache is not None else self.engine.new_cache()
-        saved = (len(self.tokens), len(self.messages), len(self._clips), self._cached, self._cache, self._last_clip_s,
-                 list(self._pending))
+        saved = _Saved(len(self.tokens), len(self.messages), len(self._clips), self._cached, self._cache,
+                       self._last_clip_s, list(self._pending), self._reply_at)
         request = Request(plan.turn, cache, ids, clips, plan.options, plan.budget, self.tokens + plan.ids, cancel,
                           emit=None, kept=self.use_cache, t0=plan.t0)
         request.emit = partial(self._on_engine, plan, saved, out)
@@ -354,7 +354,7 @@ class Session:
 
     # ---- the engine's reports (engine thread) ----
 
-    def _on_engine(self, plan: _Plan, saved: tuple, out: queue.Queue, item) -> None:
+    def _on_engine(self, plan: _Plan, saved: _Saved, out: queue.Queue, item) -> None:
         if item is PREFILLED:
             self._commit_user(plan, self._request.cache)
             return
@@ -426,12 +426,13 @@ class Session:
             self._cache, self._cached = None, 0
         return text
 
-    def _restore(self, saved: tuple) -> None:
-        n_tokens, n_messages, n_clips, cached, cache, last_clip_s, self._pending = saved
-        del self.tokens[n_tokens:], self.messages[n_messages:], self._clips[n_clips:], self._marks[n_messages:]
-        if cache is not None and cache.get_seq_length() > cached:
-            cache.crop(cached - cache.get_seq_length())
-        self._cache, self._cached, self._last_clip_s = cache, cached, last_clip_s
+    def _restore(self, saved: _Saved) -> None:
+        del self.tokens[saved.tokens:], self.messages[saved.messages:], self._clips[saved.clips:]
+        del self._marks[saved.messages:]
+        if saved.cache is not None:
+            saved.cache.crop_to(saved.cached)
+        self._cache, self._cached, self._last_clip_s = saved.cache, saved.cached, saved.last_clip_s
+        self._pending, self._reply_at = saved.pending, saved.reply_at
 
     def _reply(self, plan: _Plan, request: Request, text: str, parser: ThinkParser, finished: Finished) -> Reply:
         generated, t_end = request.generated, request.t_end or time.perf_counter()
@@ -491,6 +492,19 @@ class _WakingQueue(queue.Queue):
 
 class _NotAsked(Exception):
     """A turn cancelled before it was handed to the engine."""
+
+
+@dataclass(frozen=True)
+class _Saved:
+    """What a session held before a turn (lengths of its lists): a turn that does not happen puts it back."""
+    tokens: int
+    messages: int
+    clips: int
+    cached: int  # tokens in the KV cache
+    cache: object
+    last_clip_s: float | None
+    pending: list  # clips added by `extend`, not encoded yet
+    reply_at: int | None  # where the last reply begins (`rewrite_reply`)
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ class _Responses:
         self._voice = SpeechResampler(wire.AUDIO_RATE)
         self._replies: deque[dict] = deque()  # responses begun and not done, oldest first: a cancelled one
         # is done only once its turn has wound down, which may be after the next turn began
-        self._latest: dict | None = None  # the last finished response, for truncate
+        self._latest: dict | None = None  # the last reply the session holds, for truncate
 
     def follow(self, assistant: Assistant) -> None:
         self._thread = threading.Thread(target=self._read, args=(assistant,), name="afnext-realtime-read", daemon=True)
@@ -451,8 +451,9 @@ class _Responses:
             "endpoint_s": done.timings.endpoint_s, "ttft_s": done.timings.ttft_s, "first_audio_s": done.timings.first_audio_s}
         self.send(wire.event("response.done", response={**_shown(reply, reply["status"]), "output": [item],
                                                          "usage": usage}, timings=timings))
-        reply["messages"] = len(self.link.session.messages)  # the reply is committed by now
-        self._latest = reply
+        if done.reply is not None:  # committed by now (a reply that failed or never began is not in the session)
+            reply["messages"] = len(self.link.session.messages)
+            self._latest = reply
         reply["done"].set()
 
     def _item(self, reply: dict, status: str) -> wire.Item:

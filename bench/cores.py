@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
             engine.run_segments([Segment(c, c.get_seq_length(), 1) for c in caches], torch.randn(len(caches), hidden))
             times.append(time.perf_counter() - t0)
         for c in caches:
-            c.crop(-args.steps)
+            c.crop_to(c.get_seq_length() - args.steps)
         return statistics.median(times) * 1e3
 
     def idle_team(ready: threading.Event, stop: threading.Event) -> None:
