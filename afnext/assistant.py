@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
+from .audio import SAMPLE_RATE, AudioError
+from .engine import ContextFullError
 from .events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, StateChanged, TextDelta,
                      TurnDone, UserTurn, VoiceTimings, VoiceTurnDone, drain)
 from .sampling import GenerationOptions
@@ -175,7 +176,8 @@ class Assistant:
         reply = None
         try:
             reply = self._converse(turn)
-        except KeptError as exc:  # the conversation cannot be kept (deleted, the disk): its own sentence
+        except (KeptError, AudioError, ContextFullError) as exc:  # the conversation cannot be kept (deleted,
+            # the disk), the audio cannot be heard (too short), the context is full: its own sentence
             log.warning("voice turn not taken: %s", exc)
             self._emit(Error(str(exc)))
         except Exception as exc:  # one sentence to the user, the traceback to the log, keep listening

@@ -24,16 +24,16 @@ THINK_PREFILL = "<think>\n"
 MAX_TEXT_CHARS = 32_000
 
 
-def check_text(text: str) -> None:
-    """Raise one sentence (TypeError/ValueError) for question text the tokenizer must not see."""
+def check_text(text: str, what: str = "The question") -> None:
+    """Raise one sentence (TypeError/ValueError) for text the tokenizer must not see; `what` names it."""
     if not isinstance(text, str):
-        raise TypeError(f"The question must be text, not {type(text).__name__}.")
+        raise TypeError(f"{what} must be text, not {type(text).__name__}.")
     if len(text) > MAX_TEXT_CHARS:
-        raise ValueError(f"The question is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,}.")
+        raise ValueError(f"{what} is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,}.")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate such as JSON's "\ud800"; the tokenizer raises TypeError
-        raise ValueError(f"The question is not valid Unicode (a lone surrogate at character {exc.start});"
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate at character {exc.start});"
                          " send UTF-8 text.") from None
 
 

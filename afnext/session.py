@@ -93,7 +93,7 @@ class Session:
         was asked in Think mode) or an assistant reply (text), as a client resending a conversation's
         history holds it. Its tokens are prefilled, and its clip encoded, with the next turn. Raises as
         `ask` does for bad input."""
-        prompt.check_text(text)
+        prompt.check_text(text, "A user message" if role == "user" else "A reply")
         if role not in ("user", "assistant") or (role == "assistant" and audio is not None):
             raise ValueError("Only user turns (text and/or audio) and assistant replies (text) can be added.")
         loaded = self.engine.loaded
@@ -141,7 +141,7 @@ class Session:
         self._settled.wait()
         if not self.messages or self.messages[-1]["role"] != "assistant" or self._reply_at is None:
             raise ValueError("There is no reply to rewrite: the conversation does not end with one.")
-        prompt.check_text(text)  # before anything changes: bad text leaves the reply as it was
+        prompt.check_text(text, "The reply")  # before anything changes: bad text leaves the reply as it was
         prompt.check_control_tokens(self.engine.loaded, text)
         del self.tokens[self._reply_at:]
         self.messages.pop()
@@ -150,8 +150,7 @@ class Session:
             with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
                 self._cache.crop_to(self._reply_at)
             self._cached = self._reply_at
-        self.extend("assistant", text)
-        self._reply_at = None
+        self.extend("assistant", text)  # the reply's place stays known: a later, shorter cut rewrites it again
         if self.journal is not None:  # the session first: bad text changes neither; a failed write stops it
             self.journal.rewrite(text)
 

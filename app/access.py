@@ -48,6 +48,12 @@ HOST_REFUSAL = (f"This server answers only to its own address; open it as http:/
                 f"that sends its own Host, add that name to {ORIGINS_ENV}).")
 
 
+def bearer(headers: Mapping[str, str]) -> str:
+    """The key of an `Authorization: Bearer KEY` header (the scheme in any case, as HTTP has it)."""
+    value = headers.get("authorization", "").strip()
+    return value[7:].strip() if value[:7].lower() == "bearer " else value
+
+
 @dataclass(frozen=True)
 class Grant:
     """Whether a socket may open: `refusal` (one sentence) or None, and whether it is a `page` session."""
@@ -96,8 +102,7 @@ class Access:
 
     def socket(self, headers: Mapping[str, str], offered: list[str]) -> Grant:
         """Whether a WebSocket with these handshake headers and offered subprotocols may open."""
-        bearer = headers.get("authorization", "").removeprefix("Bearer ").strip()
-        key = bearer or next((p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)), "")
+        key = bearer(headers) or next((p[len(KEY_PROTOCOL):] for p in offered if p.startswith(KEY_PROTOCOL)), "")
         has_key = self.key is not None and bool(key) and self.key_ok(key)
         if key and not has_key and self.key is not None:
             return Grant("Incorrect API key.")
@@ -125,8 +130,8 @@ class Access:
         named = headers.get(OWNER_HEADER)
         if named is not None:
             return owner_of(named)
-        bearer = headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return key_owner(bearer) if self.key is not None and bearer and self.key_ok(bearer) else None
+        key = bearer(headers)
+        return key_owner(key) if self.key is not None and key and self.key_ok(key) else None
 
     def _sign(self, expires: int) -> str:
         return hmac.new(self._secret, str(expires).encode(), hashlib.sha256).hexdigest()[:32]

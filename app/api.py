@@ -45,7 +45,7 @@ from afnext.session import PENDING, ContextFullError
 from afnext.tts import SpeechResampler
 from afnext.tts.chunker import SpeechChunker
 from app import openai_wire as wire
-from app.access import HOST_REFUSAL, Access
+from app.access import HOST_REFUSAL, Access, bearer
 from app.backend import BackendLoader, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ MAX_BODY_BYTES = 96 << 20  # a 30-minute 16 kHz WAV is 58 MB, 77 MB in base64; c
 # times that while it is parsed and its audio decoded, so sixteen at once grew a process by 2.5 GB.
 # Beyond this, a request is refused while it is read (503), and the others go on.
 BODIES_MAX_BYTES = 3 * MAX_BODY_BYTES
+RETRY_AFTER_S = 2  # seconds a refused (429) client is told to wait
 MAX_WAITING = 64  # turns waiting for the engine; beyond, 429 at once rather than a wait of minutes
 # Requests being answered at once through the API. A streamed text reply is read on the event loop; the
 # others each hold a thread of the API's own (not one of the 40 Starlette shares with the page).
@@ -130,7 +131,7 @@ class Api:
     async def chat(self, request: Request):
         if self._turns >= MAX_TURNS:
             return _error(wire.WireError(429, "The server is answering as many requests as it can; try again in a "
-                                              "few seconds.", kind="rate_limit_exceeded"))
+                                              "few seconds.", kind="rate_limit_exceeded", code="rate_limit_exceeded"))
         self._turns += 1
         streaming = False
         try:
@@ -140,7 +141,8 @@ class Api:
             if body.stream:
                 include_usage = bool(body.stream_options and body.stream_options.include_usage)
                 streaming = True
-                return EventStream(self._counted(reply.sse(include_usage)), media_type="text/event-stream")
+                return EventStream(self._counted(reply.sse(include_usage)), media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache"})
             return JSONResponse(await _answered(request, reply))
         except wire.WireError as exc:
             return _error(exc)
@@ -222,7 +224,8 @@ class Api:
         target = self._target(body.model)
         turn = _turn(body, target)
         if target.engine.waiting >= MAX_WAITING:
-            raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded")
+            raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded",
+                                 code="rate_limit_exceeded")
         pool, parted = target.pools[turn.think], self._parted_of(target.engine)[turn.think]
         lease = parted.lease(turn.history, turn.asked)  # a recording over 30 minutes: heard in parts
         if lease is None:
@@ -255,7 +258,7 @@ class Api:
             self._turns -= 1
 
     def _authorize(self, request: Request) -> None:
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = bearer(request.headers)
         if self.api_key is None and not self.access.host_ok(request.headers):
             raise wire.WireError(403, HOST_REFUSAL, kind="permission_error", code="host_not_allowed")
         if self.api_key is not None and not hmac.compare_digest(given.encode(), self.api_key.encode()):
@@ -505,6 +508,8 @@ def _turn(body: wire.ChatRequest, target: Target) -> Turn:
     """The request's messages and options in afnext terms (decodes the audio: run off the event loop)."""
     if body.n != 1:
         raise wire.WireError(400, "n must be 1: one reply per request.", param="n")
+    if (refused := body.refused()) is not None:
+        raise wire.WireError(400, refused[1], param=refused[0])
     audio = _audio_out(body)
     clips = sum(1 for m in body.messages if isinstance(m.content, list)
                 for p in m.content if not isinstance(p, wire.TextPart))
@@ -654,6 +659,8 @@ def _parse_json(body: bytes) -> object:
 
 
 def _error(exc: wire.WireError, headers: dict | None = None) -> JSONResponse:
+    if exc.status == 429:  # clients (the openai SDK among them) wait this long before trying again
+        headers = {"Retry-After": str(RETRY_AFTER_S), **(headers or {})}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 

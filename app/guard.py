@@ -344,9 +344,12 @@ def _capped(receive, declared: int):
 
 async def _answer(send, status: int, message: str, plain: bool = False, openai: bool = False,
                   kind: str = "rate_limit_exceeded") -> None:
-    error = {"message": message, "type": kind, "param": None, "code": None} if openai else message
+    code = "rate_limit_exceeded" if status == 429 else None
+    error = {"message": message, "type": kind, "param": None, "code": code} if openai else message
     body = message.encode() if plain else json.dumps({"error": error}).encode()
     kind = b"text/plain; charset=utf-8" if plain else b"application/json"
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", kind), (b"content-length", str(len(body)).encode())]
+    if status == 429:  # how long to wait before trying again (the openai SDK reads it)
+        headers.append((b"retry-after", b"2"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

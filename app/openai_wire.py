@@ -91,6 +91,30 @@ class ChatRequest(_Wire):
     min_tokens: int = Field(default=0, ge=0, le=MAX_NEW_TOKENS)
     ignore_eos: bool = False
     think: bool | None = None  # reason before answering (default: true on the "think" model)
+    # OpenAI options this server cannot honour: refused when asked for (`refused`), never dropped
+    logprobs: bool = False
+    tools: list | None = None
+    functions: list | None = None
+    tool_choice: object = None
+    response_format: dict | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+
+    def refused(self) -> tuple[str, str] | None:
+        """What this request asks for that the server does not do: (param, one sentence), or None."""
+        if self.logprobs:
+            return "logprobs", "This server returns no logprobs; leave logprobs out."
+        if self.tools or self.functions or self.tool_choice not in (None, "none", "auto"):
+            return "tools", "This server's models call no tools; send the request without tools or functions."
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format", "This server cannot hold replies to a JSON format; leave response_format out."
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                return name, f"This server does not apply {name}; use repetition_penalty (default 1.2) instead."
+        if self.logit_bias:
+            return "logit_bias", "This server does not apply logit_bias; leave it out."
+        return None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -117,9 +141,16 @@ def parse_chat(payload: object) -> ChatRequest:
     try:
         return ChatRequest.model_validate(payload)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise WireError(400, f"{where}: {first['msg']}.", param=where) from None
+        # The deepest error is the one on the branch the input took (content given as parts: the part's
+        # error, not "should be a string"); pydantic's labels of union branches ("str", "list[…]", a
+        # part's type before its field of the same name) are left out.
+        first = max(exc.errors(), key=lambda e: len(e["loc"]))
+        path = [str(p) for p in first["loc"] if p != "str" and "[" not in str(p)]
+        where = ".".join(p for i, p in enumerate(path) if i == 0 or p != path[i - 1]) or "body"
+        message = first["msg"]
+        if first["type"] == "union_tag_invalid":  # an image, a file, a refusal…: a part type we do not take
+            message = f"parts of type {first['ctx']['tag']!r} are not supported; a part is one of {first['ctx']['expected_tags']}"
+        raise WireError(400, f"{where}: {message}.", param=where) from None
 
 
 def audio_base64(part: InputAudioPart | AudioUrlPart) -> str:

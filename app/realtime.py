@@ -50,6 +50,7 @@ ROUTE = wire.ROUTE
 MAX_SESSIONS = 64  # sockets at once; more are refused with 1013 (try again later)
 MAX_PER_ADDRESS = 8  # sockets from one client address: a fair share of MAX_SESSIONS
 MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
+MIN_COMMIT_MS = 100  # the shortest buffer a commit takes, as OpenAI's (the model needs more than 20 ms)
 MAX_PENDING_EVENTS = 512  # client events waiting for the feeder (~50 s of 100 ms appends); more: the socket ends
 MAX_ITEMS = 16  # user items created and not yet answered
 IDLE_TIMEOUT_S = 600.0  # a socket whose client sends nothing this long is closed: it holds a session slot
@@ -103,6 +104,7 @@ class RealtimeLink:
         self._items: list[tuple[str, str, np.ndarray | None]] = []
         self._items_lock = threading.Lock()
         self._last_item: str | None = None
+        self._ids: set[str] = set()  # every item's id, so a client's own ids stay unique
         self._out = _Responses(self)
         self._closing, self._closed = threading.Lock(), False
         if kept is not None and kept.system is not None:  # a kept conversation goes on with its instructions
@@ -179,24 +181,39 @@ class RealtimeLink:
     def _on_input_audio_buffer_commit(self, event: dict) -> None:
         if self.config.server_vad:
             raise wire.ProtocolError("With server VAD the server commits turns; set turn_detection to null first.")
-        if not self._buffer:
-            raise wire.ProtocolError("The audio buffer is empty.", "input_audio_buffer_commit_empty")
+        held_ms = 1000 * sum(map(len, self._buffer)) / wire.AUDIO_RATE
+        if held_ms < MIN_COMMIT_MS:
+            raise wire.ProtocolError(f"The audio buffer holds {held_ms:.0f} ms of audio; commit at least "
+                                     f"{MIN_COMMIT_MS} ms.", "input_audio_buffer_commit_empty")
         audio, self._buffer = np.concatenate(self._buffer), []
-        item = self._add_user("", audio)
-        self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=None))
+        item, before = self._add_user("", audio)
+        self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=before))
 
     def _on_input_audio_buffer_clear(self, event: dict) -> None:
         self._buffer = []
+        if self.config.server_vad and self.assistant is not None:
+            self.assistant.forget_speech()  # speech heard so far is no turn
         self.send(wire.event("input_audio_buffer.cleared"))
 
     def _on_conversation_item_create(self, event: dict) -> None:
         if self.page:
             raise wire.ProtocolError("The page's session takes microphone audio only; other clients send the API key.",
                                      "page_session")
-        text, audio = wire.user_item(event.get("item"))
-        self._add_user(text, audio)
+        item = event.get("item")
+        text, audio = wire.user_item(item)
+        after = event.get("previous_item_id")
+        with self._items_lock:
+            last = self._last_item
+        if after is not None and after != last and not (after == "root" and last is None):
+            raise wire.ProtocolError("Items are added at the end of the conversation: previous_item_id must be "
+                                     "the last item's id, or be left out.")
+        self._add_user(text, audio, item.get("id"))
 
     def _on_response_create(self, event: dict) -> None:
+        wire.check_response(self.config, event.get("response"))
+        if self._out.answering():
+            raise wire.ProtocolError("A response is already in progress; wait for its response.done, or send "
+                                     "response.cancel.", "conversation_already_has_active_response")
         with self._items_lock:
             items, self._items = self._items, []
         if not items:
@@ -206,8 +223,11 @@ class RealtimeLink:
         self._assistant().say(np.concatenate(clips) if clips else None, text, tag=items[-1][0])
 
     def _on_response_cancel(self, event: dict) -> None:
-        if self.assistant is None or not self._out.running_any():
+        if self.assistant is None or not self._out.answering():
             raise wire.ProtocolError("There is no response to cancel.", "response_cancel_not_active")
+        named = event.get("response_id")
+        if named is not None and not self._out.answering(named):
+            raise wire.ProtocolError(f"{str(named)[:80]!r} is not the response in progress.", "response_cancel_not_active")
         self.assistant.interrupt()
 
     def _on_conversation_item_truncate(self, event: dict) -> None:
@@ -220,32 +240,40 @@ class RealtimeLink:
         if heard is None:
             raise wire.ProtocolError("Only the latest reply can be truncated, once it is done or cancelled.",
                                      "item_truncate_invalid_item_id")
-        text, messages = heard
+        text, messages, reply = heard
         self.session.wait()
-        if len(self.session.messages) == messages:  # no turn has begun since: the reply is still the last
+        cut = reply.get("cut_ms")
+        # the reply is still the conversation's last (no turn has begun since), and not cut as short already
+        if len(self.session.messages) == messages and (cut is None or ms < cut):
             try:
                 self.session.rewrite_reply(text)
             except KeptError as exc:
                 raise wire.ProtocolError(str(exc), "server_error") from None
+            reply["cut_ms"] = ms
         self.send(wire.event("conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=ms))
 
-    def _add_user(self, text: str, audio: np.ndarray | None) -> str:
-        item = wire.new_id("item")
+    def _add_user(self, text: str, audio: np.ndarray | None, item: str | None = None) -> tuple[str, str | None]:
+        """A user item made (its id: the client's, or a new one) and announced; (its id, the one before it)."""
+        item = item or wire.new_id("item")
         content = ([{"type": "input_audio", "transcript": None}] if audio is not None else []) + \
                   ([{"type": "input_text", "text": text}] if text else [])
         shown = wire.Item(item, "user", content).shown()
         before = self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE))
         self.send(wire.event("conversation.item.added", previous_item_id=before, item=shown))
         self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
-        return item
+        return item, before
 
     def hold(self, item: str, text: str, audio: np.ndarray | None) -> str | None:
         """Keep a user item (audio at 16 kHz) for the next response.create; the item before it. Any
-        thread; ProtocolError when MAX_ITEMS wait already."""
+        thread; ProtocolError when MAX_ITEMS wait already, or when the item's id is taken."""
         with self._items_lock:
             if len(self._items) >= MAX_ITEMS:
                 raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
+            if item in self._ids:
+                raise wire.ProtocolError(f"The conversation already has an item {item!r}; ids must be unique.",
+                                         "item_id_duplicate")
             self._items.append((item, text, audio))
+            self._ids.add(item)
             before, self._last_item = self._last_item, item
         return before
 
@@ -253,6 +281,7 @@ class RealtimeLink:
         """`item` is now the conversation's last; the one before it. Any thread."""
         with self._items_lock:
             before, self._last_item = self._last_item, item
+            self._ids.add(item)
         return before
 
     def _assistant(self) -> Assistant:
@@ -319,8 +348,10 @@ class _Responses:
         if self._thread is not None:
             self._thread.join(10)
 
-    def running_any(self) -> bool:
-        return bool(self._replies)
+    def answering(self, response: object = None) -> bool:
+        """A response (`response`, when named) is being made and not cancelled: one winding down after
+        a cancel is done as far as the client is concerned."""
+        return any(r["status"] != "cancelled" and response in (None, r["id"]) for r in list(self._replies))
 
     def abandon(self) -> None:
         """The assistant was replaced mid-reply: its open replies end as cancelled."""
@@ -332,9 +363,9 @@ class _Responses:
         """The reply with this item id is still being made."""
         return any(r["item"] == item for r in list(self._replies))
 
-    def heard(self, item: object, ms: int) -> tuple[str, int] | None:
-        """What the user heard of the latest reply by `ms` into its audio, and how many messages the
-        conversation held when it was done (None: not that reply).
+    def heard(self, item: object, ms: int) -> tuple[str, int, dict] | None:
+        """What the user heard of the latest reply by `ms` into its audio, how many messages the
+        conversation held when it was done, and the reply (None: not that reply).
         Speech is paced evenly enough over its transcript to cut at a word: the share of the audio
         played is the share of the transcript kept."""
         reply = next((r for r in [*self._replies, self._latest] if r is not None and r["item"] == item), None)
@@ -345,7 +376,7 @@ class _Responses:
         latest = reply
         text, total = latest["transcript"], latest["audio_ms"]
         cut = len(text) if total <= 0 or ms >= total else round(len(text) * ms / total)
-        return (text[:cut].rsplit(" ", 1)[0] if cut < len(text) else text), latest["messages"]
+        return (text[:cut].rsplit(" ", 1)[0] if cut < len(text) else text), latest["messages"], latest
 
     def _read(self, assistant: Assistant) -> None:
         for event in assistant.events():

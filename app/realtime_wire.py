@@ -91,6 +91,12 @@ def updated(config: Config, session: object) -> Config:
     if not isinstance(session, dict):
         raise ProtocolError("session.update needs a \"session\" object.")
     changes: dict = {}
+    if session.get("type", "realtime") != "realtime":
+        raise ProtocolError("This server holds conversations (session type \"realtime\"), not transcription sessions.")
+    if session.get("tools"):
+        raise ProtocolError("This server's models call no tools; send session.update without tools.")
+    if session.get("tool_choice", "auto") not in ("auto", "none"):
+        raise ProtocolError("This server's models call no tools; tool_choice can only be auto or none.")
     if "instructions" in session:
         changes["instructions"] = _text(session["instructions"], "instructions")
     modalities = session.get("output_modalities", session.get("modalities"))
@@ -110,6 +116,27 @@ def updated(config: Config, session: object) -> Config:
     if tokens is not None:
         changes["max_output_tokens"] = MAX_OUTPUT_TOKENS if tokens == "inf" else _whole(tokens, "max_output_tokens")
     return replace(config, **changes)
+
+
+def check_response(config: Config, response: object) -> None:
+    """A response.create's own `response` settings: the session's are used, so ProtocolError for any
+    that would differ from them (metadata is taken and not used)."""
+    if response is None:
+        return
+    if not isinstance(response, dict):
+        raise ProtocolError("response.create's \"response\" must be an object.")
+    for key in ("instructions", "input", "tools", "prompt"):
+        if response.get(key):
+            raise ProtocolError(f"response.create takes no {key} of its own here; set them for the session, or "
+                                "add the turn as a conversation item.")
+    if response.get("conversation", "auto") != "auto":
+        raise ProtocolError("Every response here is part of the conversation; conversation can only be auto.")
+    modalities = response.get("output_modalities", response.get("modalities"))
+    if modalities is not None and (not isinstance(modalities, list) or ("audio" in modalities) != config.audio_out):
+        raise ProtocolError("A response's output_modalities are the session's; change them with session.update.")
+    tokens = response.get("max_output_tokens", response.get("max_response_output_tokens"))
+    if tokens is not None and (MAX_OUTPUT_TOKENS if tokens == "inf" else tokens) != config.max_output_tokens:
+        raise ProtocolError("A response's max_output_tokens is the session's; change it with session.update.")
 
 
 def _detection(value: object) -> dict:
@@ -204,6 +231,9 @@ def _typed_object(text: str | bytes, not_json: str, untyped: str) -> dict:
     return value
 
 
+MAX_ID_CHARS = 32  # a client's own item ids, as OpenAI takes them
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:20]}"
 
@@ -214,8 +244,9 @@ def event(kind: str, **fields) -> dict:
 
 
 def error(exc: ProtocolError) -> dict:
-    return event("error", error={"type": "invalid_request_error", "code": exc.code, "message": str(exc),
-                                 "param": None, "event_id": exc.event_id})
+    kind = "server_error" if exc.code == "server_error" else "invalid_request_error"  # ours, or the client's
+    return event("error", error={"type": kind, "code": exc.code, "message": str(exc), "param": None,
+                                 "event_id": exc.event_id})
 
 
 @dataclass(frozen=True)
@@ -235,6 +266,8 @@ def user_item(item: dict) -> tuple[str, np.ndarray | None]:
     """A conversation.item.create's user message → (text, 24 kHz pcm16 or None)."""
     if not isinstance(item, dict) or item.get("type") != "message" or item.get("role") != "user":
         raise ProtocolError("conversation.item.create takes user messages only.")
+    if "id" in item and not (isinstance(item["id"], str) and 0 < len(item["id"]) <= MAX_ID_CHARS):
+        raise ProtocolError(f"An item's id must be a string of 1 to {MAX_ID_CHARS} characters.")
     parts = item.get("content")
     if not isinstance(parts, list) or not parts:
         raise ProtocolError("A user message needs content: input_text and/or input_audio parts.")

@@ -119,6 +119,11 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
                                                       "audio_url": {"url": "http://example.com/a.wav"}}]}]),
          400, "fetches no URLs"),
         (dict(n=2), 400, "n must be 1"),
+        (dict(logprobs=True, top_logprobs=3), 400, "no logprobs"),  # options we cannot honour are refused, not dropped
+        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), 400, "call no tools"),
+        (dict(response_format={"type": "json_object"}), 400, "JSON format"),
+        (dict(presence_penalty=0.5), 400, "presence_penalty"),
+        (dict(logit_bias={"50256": -100}), 400, "logit_bias"),
         (dict(messages=[{"role": "user", "content": "   "}]), 400, "question"),
         (dict(messages=[{"role": "user", "content": "x" * 40_000}]), 400, "characters long"),
         (dict(messages=[{"role": "user", "content": "Play this <sound> for me"}]), 400, "control tokens"),
@@ -128,6 +133,10 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
         (dict(max_tokens="4"), 400, "max_tokens: Input should be a valid integer"),  # types as OpenAI checks them
         (dict(max_tokens=True), 400, "max_tokens"),
         (dict(stream="yes"), 400, "stream"),
+        (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]),
+         400, "messages.0.content.0: parts of type 'image_url' are not supported"),  # not "should be a string"
+        (dict(messages=[{"role": "assistant", "content": "x" * 40_000}, {"role": "user", "content": "Hi"}]),
+         400, "A reply is 40,000 characters long"),  # not "the question"
     ]
     for body, status, words in cases:
         error = bad(client, **body)
@@ -135,6 +144,9 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
         assert words in error.body["message"], (body, error.body)
     no_key = openai.OpenAI(base_url=server + "v1", api_key="wrong", max_retries=0)
     assert bad(no_key).status_code == 401
+    lower = httpx.post(server + "v1/chat/completions", headers={"Authorization": f"bearer {KEY}"}, timeout=60,
+                       json={"model": "instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert lower.status_code == 200, "the auth scheme is case-insensitive"
     host, port = server.removeprefix("http://").strip("/").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/chat/completions", body=b"{", headers={"Authorization": f"Bearer {KEY}",

@@ -407,8 +407,11 @@ def test_a_flood_of_history_reads_is_slowed_like_any_other_flood(app_server):
 
     _, url, _ = app_server
     with httpx.Client(timeout=30) as client, ThreadPoolExecutor(16) as pool:
-        codes = list(pool.map(lambda _: client.get(url + "afnext/conversations", headers={"X-AFNext-Owner": OWNER})
-                              .status_code, range(300)))
+        answers = list(pool.map(lambda _: client.get(url + "afnext/conversations", headers={"X-AFNext-Owner": OWNER}),
+                                range(300)))
+    codes = [a.status_code for a in answers]
     assert 429 in codes and 200 in codes, codes
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["retry-after"] == "2", "a refused client is told how long to wait"
     time.sleep(1.0)  # the budget refills; the server answers as before
     assert httpx.get(url + "health").status_code == 200

@@ -181,3 +181,75 @@ def test_chat_completions_speak_the_answer(server):
     pcm = b"".join(base64.b64decode(p.data) for p in parts if p.data)
     assert transcript == audio.transcript
     assert len(pcm) // 2 > RATE and len({p.id for p in parts}) == 1
+
+
+def test_what_clients_send_at_the_edges_of_the_protocol(server):
+    """Found probing with clients' habits: a client's own item ids, a second response.create while one
+    is made, a cancel naming another response, a truncate sent twice, a commit of almost nothing, and
+    a clear under server VAD: each answered as OpenAI's server answers it, in one sentence."""
+    client = openai.OpenAI(base_url=server + "v1", api_key="unused", max_retries=0)
+    with client.realtime.connect(model="think") as connection:
+        talk = Conversation(connection)
+        connection.session.update(session={"type": "realtime", "output_modalities": ["text"],
+                                           "audio": {"input": {"turn_detection": None}}})
+        talk.wait_for("session.updated")
+        question = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "My list?"}]}
+        connection.send({"type": "conversation.item.create", "item": {**question, "id": "my_item_1"}})
+        assert talk.wait_for("conversation.item.added")[0].item.id == "my_item_1"
+        connection.send({"type": "conversation.item.create", "item": {**question, "id": "my_item_1"}})
+        connection.send({"type": "conversation.item.create", "previous_item_id": "root", "item": question})
+        errors = talk.wait_for("error", count=2)
+        assert [e.error.code for e in errors][0] == "item_id_duplicate" and "end of the conversation" in errors[1].error.message
+
+        connection.send({"type": "response.create"})
+        first = talk.wait_for("response.created")[0].response.id
+        connection.send({"type": "response.create"})
+        busy = talk.wait_for("error", count=3)[2].error
+        assert busy.code == "conversation_already_has_active_response", busy
+        connection.send({"type": "response.cancel", "response_id": "resp_not_this_one"})
+        assert "not the response in progress" in talk.wait_for("error", count=4)[3].error.message
+        done = talk.wait_for("response.done")[0].response
+        assert done.id == first and done.status == "completed", "the refused events left the reply alone"
+
+        item = done.output[0].id
+        for ms in (1500, 1500, 900):  # a client that truncates at every pause, then at an earlier point
+            connection.send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0, "audio_end_ms": ms})
+        assert len(talk.wait_for("conversation.item.truncated", count=3)) == 3
+        assert len([e for e in talk.events if e.type == "error"]) == 4, [e.error.message for e in talk.events if e.type == "error"]
+
+        connection.input_audio_buffer.append(audio=base64.b64encode(b"\0\0" * 240).decode())  # 10 ms
+        connection.send({"type": "input_audio_buffer.commit"})
+        short = talk.wait_for("error", count=5)[4].error
+        assert short.code == "input_audio_buffer_commit_empty" and "at least 100 ms" in short.message
+
+        connection.session.update(session={"type": "realtime", "audio": {"input": {
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+        talk.wait_for("session.updated", count=2)
+        say(connection, speech("Forget that I said this."))
+        talk.wait_for("input_audio_buffer.speech_started")
+        connection.send({"type": "input_audio_buffer.clear"})
+        say(connection, silence(1.5))
+        connection.session.update(session={"type": "realtime"})  # handled after the silence: a fence
+        talk.wait_for("session.updated", count=3)
+        time.sleep(1.0)
+        assert "input_audio_buffer.committed" not in talk.types() and len(talk.wait_for("response.created")) == 1, \
+            "the cleared speech was taken as a turn"
+
+
+def test_settings_this_server_cannot_honour_are_refused_not_dropped():
+    """Tools, transcription sessions and a response's own instructions would be silently ignored: each
+    is refused in one sentence instead, and what the session already does is taken."""
+    from app import realtime_wire as wire
+
+    config = wire.Config.for_model("instruct")
+    for session in ({"tools": [{"type": "function", "name": "lookup"}]}, {"tool_choice": "required"},
+                    {"type": "transcription"}):
+        with pytest.raises(wire.ProtocolError):
+            wire.updated(config, session)
+    assert wire.updated(config, {"type": "realtime", "tools": [], "tool_choice": "auto"}) == config
+    for response in ({"instructions": "Be brief."}, {"conversation": "none"}, {"input": [{"type": "message"}]},
+                     {"output_modalities": ["text"]}, {"max_output_tokens": 3}):
+        with pytest.raises(wire.ProtocolError):
+            wire.check_response(config, response)
+    wire.check_response(config, {"output_modalities": ["audio"], "metadata": {"topic": "x"}})
+    wire.check_response(config, {"modalities": ["text", "audio"], "max_output_tokens": config.max_output_tokens})
