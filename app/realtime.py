@@ -451,6 +451,7 @@ class _Responses:
                              item=self._item(reply, "in_progress").shown()))
         self.send(wire.event("conversation.item.added", previous_item_id=item,
                              item=self._item(reply, "in_progress").shown()))
+        self.send(wire.event("response.content_part.added", **_where(reply), part=self._part(reply)))
 
     def _audio(self, reply: dict, samples: np.ndarray) -> None:
         if len(samples) and reply["status"] != "cancelled":
@@ -471,6 +472,7 @@ class _Responses:
             self.send(wire.event("response.output_audio_transcript.done", **where, transcript=text))
         else:
             self.send(wire.event("response.output_text.done", **where, text=text))
+        self.send(wire.event("response.content_part.done", **where, part=self._part(reply)))
         item = self._item(reply, "completed" if reply["status"] == "completed" else "incomplete").shown()
         self.send(wire.event("response.output_item.done", response_id=reply["id"], output_index=0, item=item))
         self.send(wire.event("conversation.item.done", item=item))
@@ -486,6 +488,12 @@ class _Responses:
             reply["messages"] = len(self.link.session.messages)
             self._latest = reply
         reply["done"].set()
+
+    def _part(self, reply: dict) -> dict:
+        """The reply's one content part as `response.content_part.*` show it (its text so far)."""
+        if self.link.config.audio_out:
+            return {"type": "audio", "transcript": reply["transcript"]}
+        return {"type": "text", "text": reply["transcript"]}
 
     def _item(self, reply: dict, status: str) -> wire.Item:
         kind = "output_audio" if self.link.config.audio_out else "output_text"

@@ -117,6 +117,11 @@ def test_server_vad_turn_barge_in_and_truncate(server):
     answer = [i for i, e in enumerate(talk.events) if getattr(e, "response_id", None) == done.response.id]
     kinds = [talk.events[i].type for i in answer]
     assert kinds.index("response.output_audio_transcript.delta") < kinds.index("response.output_audio.delta")
+    assert kinds.index("response.content_part.added") < kinds.index("response.output_audio_transcript.delta")
+    assert kinds.index("response.output_audio.done") < kinds.index("response.content_part.done") < kinds.index(
+        "response.output_item.done"), "OpenAI's order around an output's deltas"
+    part = next(talk.events[i] for i in answer if talk.events[i].type == "response.content_part.done").part
+    assert part.type == "audio" and part.transcript == done.response.output[0].content[0].transcript
     cut = [e.type for e in talk.events if getattr(e, "response_id", None) == first and e.type.endswith(".delta")]
     assert cut and set(cut) == {"response.reasoning_text.delta"}, "the cancelled reply was only reasoning, never spoken"
     assert types.count("input_audio_buffer.speech_started") == 2, "the barge-in was heard as speech"
