@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -672,9 +673,12 @@ def _only(method: str, handler):
     """`handler` for `method`; any other method gets OpenAI's error shape, with the one to use."""
     async def endpoint(request: Request):
         if request.method != method and not (method == "GET" and request.method == "HEAD"):
-            return _error(wire.WireError(405, f"{request.url.path} takes {method} requests, not {request.method}.",
-                                         code="method_not_allowed"), headers={"Allow": method})
-        return await handler(request)
+            answer = _error(wire.WireError(405, f"{request.url.path} takes {method} requests, not {request.method}.",
+                                           code="method_not_allowed"), headers={"Allow": method})
+        else:
+            answer = await handler(request)
+        answer.headers["x-request-id"] = f"req_{uuid.uuid4().hex}"  # the id clients log (the SDK's `_request_id`)
+        return answer
     return endpoint
 
 

@@ -147,6 +147,8 @@ def test_bad_requests_get_their_code_and_one_sentence(client, server, tmp_path):
     lower = httpx.post(server + "v1/chat/completions", headers={"Authorization": f"bearer {KEY}"}, timeout=60,
                        json={"model": "instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
     assert lower.status_code == 200, "the auth scheme is case-insensitive"
+    assert lower.headers["x-request-id"].startswith("req_") and lower.headers["x-request-id"] != httpx.get(
+        server + "v1/models", headers={"Authorization": f"Bearer {KEY}"}).headers["x-request-id"]
     host, port = server.removeprefix("http://").strip("/").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=30)
     conn.request("POST", "/v1/chat/completions", body=b"{", headers={"Authorization": f"Bearer {KEY}",
