@@ -112,7 +112,8 @@ class RealtimeLink:
         self._feeder = threading.Thread(target=self._feed, name="afnext-realtime-feed", daemon=True)
         self._feeder.start()
         extra = {} if kept is None else {"conversation": {"id": kept.cid, "turns": kept.turns}}
-        send(wire.event("session.created", session=self.config.describe(model), **extra))
+        self.id = wire.new_id("sess")
+        send(wire.event("session.created", session={"id": self.id, **self.config.describe(model)}, **extra))
 
     def receive(self, event: dict) -> None:
         """Queue a client event (never blocks). OverflowError when MAX_PENDING_EVENTS already wait."""
@@ -166,7 +167,7 @@ class RealtimeLink:
             self._out.abandon()  # a reply cut off by the swap is done, as cancelled
             self.assistant = None
         self.config = config
-        self.send(wire.event("session.updated", session=config.describe(self.model)))
+        self.send(wire.event("session.updated", session={"id": self.id, **config.describe(self.model)}))
 
     def _on_input_audio_buffer_append(self, event: dict) -> None:
         pcm = wire.pcm16(event.get("audio"))

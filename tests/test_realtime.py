@@ -197,7 +197,8 @@ def test_what_clients_send_at_the_edges_of_the_protocol(server):
         talk = Conversation(connection)
         connection.session.update(session={"type": "realtime", "output_modalities": ["text"],
                                            "audio": {"input": {"turn_detection": None}}})
-        talk.wait_for("session.updated")
+        session_id = talk.wait_for("session.created")[0].session.id
+        assert session_id.startswith("sess_") and talk.wait_for("session.updated")[0].session.id == session_id
         question = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "My list?"}]}
         connection.send({"type": "conversation.item.create", "item": {**question, "id": "my_item_1"}})
         assert talk.wait_for("conversation.item.added")[0].item.id == "my_item_1"
