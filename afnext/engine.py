@@ -78,9 +78,9 @@ class Finished:
     """A request's outcome, emitted after its last token."""
 
     request: Request
-    interrupted: bool  # cancelled while decoding
+    interrupted: bool  # cancelled while decoding (never with started False)
     error: BaseException | None = None  # the step failed; the session has been rolled back
-    started: bool = True  # False: cancelled or failed before its reply began (nothing was kept)
+    started: bool = True  # its reply began and no error ended it (False: nothing was kept, all rolled back)
 
 
 class Engine:
@@ -204,7 +204,7 @@ class Engine:
     def _reap(self) -> None:
         """Settle requests cancelled since the last step."""
         for request in [r for r in self.scheduler.running() if r.cancel.is_set()]:
-            self._finish(request, interrupted=bool(request.generated) or request.picker is not None)
+            self._finish(request, interrupted=True)  # a reply that had not begun is rolled back instead
 
     def _plan(self) -> list[Request]:
         """This step's prefill work: the requests not decoding yet, most urgent first, each given
