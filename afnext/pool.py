@@ -100,6 +100,8 @@ class SessionPool:
     def lease(self, history: list[Message]) -> Lease:
         """A session holding `history` (every message before the new user turn): the kept one with
         the longest matching prefix, extended by the rest, or a new one. Raises as `Session.extend`."""
+        if history and history[0].role == "system" and not history[0].text:
+            history = history[1:]  # an empty system prompt is none (as `Session` holds it): the model's default
         keys = tuple(m.key for m in history)
         system = history[0].text if history and history[0].role == "system" else None
         with self._lock:  # the kept session sharing the most messages with `history`; whole ones first

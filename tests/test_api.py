@@ -305,6 +305,30 @@ def test_a_regenerated_answer_reuses_the_kept_conversation_up_to_where_it_branch
         engine.close()
 
 
+def test_an_empty_system_prompt_shares_no_other_clients_turns(loaded):
+    """An empty system message is no system message (the template's default prompt): the pool must not
+    count it as a message the session holds, or the next client's lease is forked one message too far,
+    into another client's question (found in review)."""
+    from afnext.engine import Engine
+    from afnext.events import TurnDone
+    from afnext.pool import Message, SessionPool
+    from afnext.sampling import GenerationOptions
+
+    engine = Engine(loaded)
+    try:
+        pool, empty = SessionPool(engine), Message("system", "")
+        lease = pool.lease([empty])
+        reply = [e for e in lease.session.ask("Alice's private question", options=GenerationOptions(max_new_tokens=3))
+                 if isinstance(e, TurnDone)][0].reply
+        pool.keep(lease, Message("user", "Alice's private question"), reply.answer)
+        other = pool.lease([empty])
+        assert other.session.messages == [], other.session.messages
+        again = pool.lease([empty, Message("user", "Alice's private question"), Message("assistant", reply.answer)])
+        assert again.cached_tokens > 0, "the same client's follow-up still finds its conversation kept"
+    finally:
+        engine.close()
+
+
 def test_a_bad_follow_up_keeps_the_kept_conversation(loaded):
     """A request whose new question is refused (a control token in it) leaves the session it was
     lent kept: the next good request still finds the recording cached."""
