@@ -224,10 +224,13 @@ class PartedSession:
                 if self.kept is None:
                     raise ValueError("A kept conversation about a recording needs the recording's key in the store.")
                 audio_key = self.journal.put(self.kept)  # held until the turn is kept or dropped
-        return self._turn(next(_turn_ids), text, think, options, Cancel(cancel), audio_key)
+        unread = self.journal.unread(audio_key) if self.journal is not None else None
+        return self._turn(next(_turn_ids), text, think, options, Cancel(cancel), audio_key, unread)
 
     def _turn(self, turn: int, text: str, think: bool, options: GenerationOptions, cancel: Cancel,
-              audio_key: str | None = None):
+              audio_key: str | None = None, unread=None):
+        if unread is not None:
+            unread.started()  # this body lets the recording's audio go from here (see Journal.unread)
         t0 = time.perf_counter()
         runs = _Runs(self, text, think, options, cancel, turn)
         try:

@@ -34,7 +34,7 @@ from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Ti
 from .prompt import MAX_TEXT_CHARS, THINK_PREFILL, THINK_PROMPT, THINK_PROMPT_INSTRUCT  # noqa: F401 (public here too)
 from .sampling import GenerationOptions
 from .scheduler import WAITING, Cancel, Request
-from .store import Journal
+from .store import Journal, Unread
 from .think import ThinkParser
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,8 @@ class Session:
             raise
         clip_s = clip.duration_s if clip else self._last_clip_s
         parser = ThinkParser(started=bool(plan.prefill), clip_duration_s=clip_s, steps_from_answer=think)
-        return self._stream(plan, parser, Cancel(cancel), wake)
+        unread = self.journal.unread(audio_key) if self.journal is not None else None
+        return self._stream(plan, parser, Cancel(cancel), wake, unread)
 
     def _plan(self, turn: int, text: str, clip: Clip | None, think: bool, options: GenerationOptions,
               t0: float, audio_key: str | None = None) -> _Plan:
@@ -260,7 +261,9 @@ class Session:
                      len(self.messages), (text, think), audio_key)
 
     def _stream(self, plan: _Plan, parser: ThinkParser, cancel: Cancel,
-                wake: Callable[[], None] | None) -> Iterator[TurnEvent]:
+                wake: Callable[[], None] | None, unread: Unread | None = None) -> Iterator[TurnEvent]:
+        if unread is not None:
+            unread.started()  # this body lets the turn's audio go from here
         out: queue.Queue = queue.Queue() if wake is None else _WakingQueue(wake)
         try:
             if cancel.is_set():

@@ -35,6 +35,7 @@ import logging
 import time
 import unicodedata
 import uuid
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -336,23 +337,29 @@ class Store:
         audio = {a for (a,) in self._db.execute(
             "SELECT audio FROM turns WHERE conversation = ? AND audio IS NOT NULL UNION SELECT audio FROM "
             "conversations WHERE id = ? AND (? IS NULL OR owner = ?) AND audio IS NOT NULL", (cid, cid, owner, owner))}
+        updated = self._db.execute("SELECT updated FROM conversations WHERE id = ?", (cid,)).fetchone()
         deleted = self._db.execute("DELETE FROM conversations WHERE id = ? AND (? IS NULL OR owner = ?)",
                                    (cid, owner, owner)).rowcount
         if deleted:
             for key in audio - set(self._in_flight):
                 if not self._db.execute("SELECT 1 FROM turns WHERE audio = ? UNION SELECT 1 FROM conversations "
                                         "WHERE audio = ? LIMIT 1", (key, key)).fetchone():
-                    self._unlink(self._audio_path(key))
+                    self._unlink(self._audio_path(key), unless_touched_after=updated[0])
         return bool(deleted)
 
-    def _unlink(self, path: Path) -> None:
+    def _unlink(self, path: Path, unless_touched_after: float | None = None) -> None:
+        """Remove a kept file; with `unless_touched_after`, not one put again since then: another process
+        sharing this store (a replica) is asking a turn with the same bytes (`prune` takes it later if
+        that turn is never kept)."""
         try:
-            size = path.stat().st_size
+            stat = path.stat()
+            if unless_touched_after is not None and stat.st_mtime > unless_touched_after:
+                return
             path.unlink()
         except FileNotFoundError:
             return
         if self._audio_bytes is not None:
-            self._audio_bytes -= size
+            self._audio_bytes -= stat.st_size
 
     def prune(self, keep_days: float, *, keep: str | None = None) -> int:
         """Delete the conversations not updated for `keep_days` (but `keep`, the one being opened),
@@ -642,6 +649,16 @@ class Journal:
         if audio is not None:
             self.store.release_audio(audio)
 
+    def unread(self, audio: str | None) -> Unread:
+        """A token for the stream of a turn holding `audio` to take as an argument. A generator closed
+        or dropped before its first read runs none of its body, its `finally` included, so it would
+        hold the audio for the process's life: the token lets it go when it is collected with the
+        stream, unless the stream `started` (from then on the stream's own paths let it go)."""
+        token = Unread()
+        if audio is not None:
+            token.finalizer = weakref.finalize(token, self.release, audio)
+        return token
+
     def commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None = None) -> None:
         """Keep a completed exchange (the session's thread settling it); KeptError if it cannot be.
         `parts`: an answer about a recording heard in parts (StoredTurn.parts). Any failure breaks the
@@ -681,6 +698,16 @@ class Journal:
             except (StoreError, sqlite3.Error) as exc:
                 self.broken = f"The cut reply could not be kept in the store ({exc}); the conversation stops here."
                 raise KeptError(self.broken) from exc
+
+
+class Unread:
+    """See `Journal.unread`."""
+
+    finalizer: weakref.finalize | None = None
+
+    def started(self) -> None:
+        if self.finalizer is not None:
+            self.finalizer.detach()
 
 
 def flac16(samples: np.ndarray, rate: int) -> bytes:

@@ -212,7 +212,8 @@ class RealtimeLink:
 
     def _on_response_create(self, event: dict) -> None:
         wire.check_response(self.config, event.get("response"))
-        if self._out.answering():
+        # being made: announced (answering), or asked for and not announced yet (busy)
+        if self._out.answering() or (self.assistant is not None and self.assistant.busy):
             raise wire.ProtocolError("A response is already in progress; wait for its response.done, or send "
                                      "response.cancel.", "conversation_already_has_active_response")
         with self._items_lock:

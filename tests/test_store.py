@@ -348,11 +348,58 @@ def test_audio_a_turn_is_about_to_commit_with_survives_another_conversations_del
         "once committed and deleted, it goes"
 
 
+def test_a_turns_stream_closed_before_its_first_read_lets_its_audio_go(engine, tmp_path):
+    """A page that goes away while a question's first event is on its way closes a generator that never
+    ran, so none of its code lets the recording's audio go: the stream's token does, and deleting the
+    conversation then deletes its recording (found in review: it stayed for the process's life)."""
+    import gc
+    import io
+
+    from afnext.clip import prepare_clip
+    from afnext.store import Journal
+
+    store, audio = Store(tmp_path), noise(2.0, seed=7)
+    flac = io.BytesIO()
+    soundfile.write(flac, audio, 16_000, format="FLAC")
+    cid = store.create("recording", owner="o", audio=(flac.getvalue(), ".flac"))
+    key = store.get(cid, owner="o").audio
+    session = Session(engine, journal=Journal(store, cid))
+    stream = session.ask("What is it?", prepare_clip(audio, engine.loaded.mel_filters), kept=key)
+    assert store._in_flight[key] == 1
+    stream.close()
+    del stream
+    gc.collect()
+    assert key not in store._in_flight, "an unread stream still holds its audio"
+    assert store.delete(cid, owner="o") and not store._audio_path(key).exists()
+
+
+def test_audio_another_process_is_asking_with_survives_a_delete_here(tmp_path):
+    """Replicas share a store: one deletes a conversation whose audio no row refers to any more while
+    another has just put the same bytes for a turn it is asking (its hold is in its own memory). The
+    file was put again after the deleted conversation's last change: it stays (found in review)."""
+    from afnext.store import Journal
+
+    here, there = Store(tmp_path), Store(tmp_path)
+    old = here.create("talk", owner="o")
+    key = here.put_audio(b"RIFF clip bytes", ".wav")
+    here.add_exchange(old, StoredTurn("user", "q", audio=key), StoredTurn("assistant", "r"))
+    time.sleep(0.01)
+    asking = Journal(there, there.create("talk", owner="o"))
+    assert asking.put((b"RIFF clip bytes", ".wav")) == key
+    assert here.delete(old, owner="o") and there.audio_path(key).exists()
+    alone = here.create("talk", owner="o")  # a conversation of its own: its audio goes with it
+    mine = here.put_audio(b"RIFF other bytes", ".wav")
+    here.add_exchange(alone, StoredTurn("user", "q", audio=mine), StoredTurn("assistant", "r"))
+    assert here.delete(alone, owner="o") and not (tmp_path / "audio" / mine[:2] / mine).exists()
+
+
 def test_a_full_store_lets_go_of_the_conversations_unused_longest_and_never_of_recent_ones(tmp_path):
     store = Store(tmp_path, max_bytes=2500)
     old = [store.create("recording", owner="o", audio=(bytes([i]) * 1000, ".wav")) for i in range(2)]
     store._db.execute("UPDATE conversations SET updated = updated - 7200 * (2 - rowid)")  # two hours and one ago… old first
     store._db.execute("UPDATE conversations SET updated = updated - 7200")
+    for path in (tmp_path / "audio").glob("*/*"):  # their files are as old (a delete takes no file put since)
+        os.utime(path, (time.time() - 4 * 7200,) * 2)
     fresh = store.create("recording", owner="o", audio=(b"n" * 1000, ".wav"))  # room made: the oldest went
     assert store.get(old[0], owner="o") is None and store.get(old[1], owner="o") is not None
     assert store.get(fresh, owner="o") is not None
