@@ -213,8 +213,10 @@ def _load_failure(model: str, source: str, exc: Exception) -> str:
     offline = constants.HF_HUB_OFFLINE
     return (f"Could not load {source}: it is not in the local Hugging Face cache and the hub "
             f"{'is switched off (HF_HUB_OFFLINE=1)' if offline else 'cannot be reached'}; download it once with "
-            f"`hf download {source}` where there is network, or use --model tiny for the offline demo model "
-            f"(random weights, answers are noise).")
+            f"`hf download {source}` where there is network{DEMO_ADVICE}.")
+
+
+DEMO_ADVICE = ", or use --model tiny for the offline demo model (random weights, answers are noise)"
 
 
 def load_or_demo(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto") -> tuple[LoadedModel, str | None]:
@@ -225,7 +227,7 @@ def load_or_demo(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | 
     """
     try:
         return load(model, device=device, dtype=dtype), None
-    except ModelLoadError as exc:
-        notice = (f"{exc} Running the offline demo model instead: its weights are random, so its answers are "
-                  "noise; everything else works as with the real model.")
+    except ModelLoadError as exc:  # the advice to run the demo model is taken: the notice leaves it out
+        notice = (f"{str(exc).replace(DEMO_ADVICE, '')} Running the offline demo model instead: its weights are "
+                  "random, so its answers are noise; everything else works as with the real model.")
         return load("tiny", device=device, dtype=dtype), notice

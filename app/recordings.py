@@ -272,6 +272,12 @@ def _open_long(path: str, cache_dir: Path, owned: bool) -> Recording:
                      files=tuple(files), parts=tuple(places), source=path)
 
 
+def length(seconds: float) -> str:
+    """A recording's length for the page: m:ss as a player shows it (`clock`), or two significant
+    digits of a second under one second, where m:ss would say 0:00 ("0.2 s"; the waveform does the same)."""
+    return clock(seconds) if seconds >= 1 else f"{max(seconds, 0.0):.2g} s"
+
+
 def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
     """min and max of each of `columns` equal slices of `audio`, flattened: [min0, max0, min1, …]."""
     n = len(audio)
@@ -367,7 +373,7 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
         reasoning = answer = None
         done = False
         try:
-            yield (f"Listening to the recording ({clock(recording.duration_s)}) and reading the question…"
+            yield (f"Listening to the recording ({length(recording.duration_s)}) and reading the question…"
                    if clip else "Reading the question…")
             for event in stream:
                 reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, clip is not None)

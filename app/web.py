@@ -38,7 +38,7 @@ from starlette.routing import Route, WebSocketRoute
 
 from afnext.audio import MAX_FILE_BYTES
 from afnext.cli import KEEP_DAYS
-from afnext.events import AudioChunk, clock
+from afnext.events import AudioChunk
 from afnext.live import Live, matches_store
 from afnext.session import MAX_TEXT_CHARS
 from afnext.store import Store
@@ -70,6 +70,8 @@ WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE = realtime.MAX_MESSAGE_BYTES, realtime.WS_MAX
 CSS = """
 #afn-banner { font-size: .92em; }
 #afn-status { min-height: 1.6em; }
+/* The chat's Clear button (the second in its toolbar, after Share; see `build`) */
+#afn-chat .icon-button-wrapper.top-panel > button:nth-of-type(2) { display: none; }
 /* A phone's width: the question and Think take a line of their own (Think under the question), the
    buttons share the next. (Gradio wraps the row's two form fields in one .form block.) */
 @media (max-width: 640px) {
@@ -151,11 +153,16 @@ class _RecordingsTab:
                                            elem_id="afn-title", max_length=200)
                         rename = gr.Button("Rename", size="sm", scale=1, elem_id="afn-rename")
                         delete = gr.Button("Delete", size="sm", scale=1, variant="stop", elem_id="afn-delete")
+                        confirmed = gr.Checkbox(visible=False)  # the browser's answer to "Delete …?"
                     disk = gr.Markdown("", elem_id="afn-disk")
             with gr.Column(scale=2):
                 wave = gr.HTML("", html_template='<div class="afn-wave"></div>', js_on_load=_js("waveform.js"),
                                elem_id="afn-wave")
-        chat = gr.Chatbot(label="Questions about the recording", height=380, elem_id="afn-chat")
+        # The buttons named, so the toolbar's order is known: Gradio adds its Clear (trash) button after
+        # Share, with no option to leave it out, and CSS hides it (#afn-chat in CSS): it would empty the
+        # screen only, and the next answer would bring the conversation back.
+        chat = gr.Chatbot(label="Questions about the recording", height=380, elem_id="afn-chat",
+                          buttons=["share", "copy", "copy_all"])
         with gr.Row(elem_id="afn-ask-row"):
             question = gr.Textbox(placeholder="Ask about the recording… (Enter to send)", show_label=False, scale=5,
                                   elem_id="afn-question", max_length=MAX_TEXT_CHARS)
@@ -187,7 +194,8 @@ class _RecordingsTab:
         renamed = dict(fn=self.rename, inputs=[history, title, cid, owner], outputs=[title, wave, status], **private)
         rename.click(**renamed).then(**listed)
         title.submit(**renamed).then(**listed)
-        delete.click(self.delete, [history, cid, owner], [status, wave, chat, cid], **private).then(**listed)
+        delete.click(self.delete, [history, cid, owner, confirmed], [status, wave, chat, cid], js=CONFIRM_DELETE_JS,
+                     **private).then(**listed)
         speak_button.click(self.speak, [cid, owner], [spoken], **private)
         # The page keeps its owner token and its open recording (owner.js): a reload opens it again.
         cid.change(None, [cid], None, js="(c) => { afnextOwner.remember('recording', c); }", **private)
@@ -204,7 +212,7 @@ class _RecordingsTab:
     def open(self, path: str | None, owner: str, request: gr.Request):
         """Upload → status, waveform, empty chat, its conversation id, and the upload box (emptied when
         the file is refused, so a refused file is not left there as if open; else left as it is). A
-        generator, so "decoding" shows at once."""
+        refused file leaves the open recording as it was. A generator, so "decoding" shows at once."""
         yield from self._open(path, owner, request, owned=True)
 
     def _open(self, path: str | None, owner: str, request: gr.Request, owned: bool):
@@ -227,12 +235,13 @@ class _RecordingsTab:
             except USER_ERRORS as exc:
                 log.info("recording refused: %s", exc)
                 gr.Warning(str(exc))
-                yield f"⚠️ {exc}", "", [], "", None
+                # The recording open before, if any, stays open with its questions: only the box empties.
+                yield f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), None
                 return
             recording.owner = _owner(owner)
             recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"
             hold(self.live, self.files, _address(request), recording)
-            ready = f"**{_markdown_text(recording.name)}** ({clock(recording.duration_s)}). " + (
+            ready = f"**{_markdown_text(recording.name)}** ({recordings.length(recording.duration_s)}). " + (
                 f"The model hears 30 minutes at a time, so it will listen in {len(recording.parts)} parts and put their "
                 "answers together. " if recording.parts else "") + (
                 "Ask a question; the first one makes the model listen to the whole recording, follow-ups reuse what "
@@ -275,7 +284,7 @@ class _RecordingsTab:
         turns = sum(m["role"] == "user" for m in recording.chat)
         asked = ("no question yet. Ask one." if not turns else
                  f"{turns} question{'s' if turns > 1 else ''} so far. Ask another.")
-        yield (f"**{_markdown_text(recording.name)}** ({clock(recording.duration_s)}): {asked}"), \
+        yield (f"**{_markdown_text(recording.name)}** ({recordings.length(recording.duration_s)}): {asked}"), \
             recording.waveform(), recording.chat, cid, None
 
     def _recording(self, cid: str, owner: str, request: gr.Request) -> Recording | None:
@@ -304,7 +313,7 @@ class _RecordingsTab:
         if self.store is None or owned is None:
             return gr.update(choices=[], value=None), ""
         found = listing(self.store, owned, "recording")
-        choices = [(f"{c['title']} · {c['turns']} question(s) · {_when(c['updated'])}", c["id"])
+        choices = [(f"{c['title']} · {c['turns']} question(s) · {_when(c['updated'])}", c["id"])  # CONFIRM_DELETE_JS reads it
                    for c in found["conversations"]]
         value = cid if any(c[1] == cid for c in choices) else None
         return gr.update(choices=choices, value=value), (
@@ -332,8 +341,11 @@ class _RecordingsTab:
             return "", gr.skip(), gr.skip()
         return "", held.waveform(), f"Renamed to **{_markdown_text(held.name)}**."
 
-    def delete(self, cid: str | None, current: str, owner: str):
+    def delete(self, cid: str | None, current: str, owner: str, confirmed: bool):
+        """Delete the recording picked in the list, once the browser has asked (`confirmed`: the answer)."""
         owned = _owner(owner)
+        if not confirmed:  # the user chose Cancel
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if self.store is None or owned is None or not cid:
             gr.Warning("Pick a recording in the list first.")
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -396,6 +408,13 @@ class _RecordingsTab:
         return chunks[0].sample_rate, int16(np.concatenate([c.samples for c in chunks]))
 
 
+# Asks before a recording is deleted, as the Talk tab does (owner.js), naming the title the list shows
+# (`history`'s "title · N question(s) · when"); with nothing picked the server says to pick one.
+CONFIRM_DELETE_JS = """(picked, open, owner) => {
+  const shown = document.querySelector("#afn-history input")?.value || "";
+  const title = shown.replace(/ · \\d+ question\\(s\\) · [^·]*$/, "");
+  return [picked, open, owner, !picked || afnextOwner.confirmDelete(title)];
+}"""
 KEEPING_WAIT_S = 120.0  # a question waits this long at most for its recording to be kept (a 1 GB file)
 
 

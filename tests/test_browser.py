@@ -174,6 +174,7 @@ def test_a_recording_survives_a_reload_and_a_crash_and_its_conversation_goes_on(
         page.locator("#afn-history input").click()
         page.get_by_role("option", name=re.compile("Shopping note · 2 question")).wait_for(timeout=10_000)
         page.keyboard.press("Escape")
+        page.once("dialog", lambda dialog: dialog.accept())  # "Delete …? This cannot be undone."
         page.locator("#afn-delete").click()
         page.locator("#afn-status", has_text="Deleted").wait_for(timeout=10_000)
         assert page.locator('#afn-chat [data-testid="user"]').count() == 0, "the open recording was the one deleted"
@@ -335,6 +336,66 @@ def test_a_refused_file_leaves_the_upload_box_empty_and_the_next_file_opens(brow
     box.locator("input[type=file]").set_input_files(str(ASSETS / "speech.wav"))
     page.locator("#afn-status", has_text="speech.wav (0:10)").wait_for()
     assert "speech" in box.inner_text()  # an opened file stays in the box
+    assert not errors, errors
+    page.context.close()
+
+
+def test_a_refused_file_leaves_the_open_recording_and_its_questions_as_they_were(browser, server, tmp_path):
+    page, _, errors = _page(browser, server)
+    _open_example(page, "Speech (10 s)")
+    _ask(page, "Still open after a bad drop?", False, 1)
+    fake = tmp_path / "notes.wav"
+    fake.write_text("just some text, not audio\n")
+    page.locator("#afn-upload input[type=file]").set_input_files(str(fake))
+    page.locator("#afn-status", has_text="not audio in a known format").wait_for()
+    page.wait_for_function("() => !document.querySelector('#afn-upload').innerText.includes('notes')")
+    assert page.locator(f"{WAVE} .wave").is_visible() and "speech.wav" in page.locator(f"{WAVE} .name").inner_text()
+    assert "Still open after a bad drop?" in page.locator("#afn-chat").inner_text()
+    _ask(page, "And a follow-up?", False, 2)  # the recording is still the server's too
+    assert page.locator('#afn-chat [data-testid="user"]').count() == 2
+    assert not errors, errors
+    page.context.close()
+
+
+def test_the_chat_has_no_clear_button_that_would_only_hide_the_conversation(browser, server):
+    """Gradio's Clear empties the screen only (the next answer brings the conversation back): hidden."""
+    page, _, errors = _page(browser, server)
+    _open_example(page, "Speech (10 s)")
+    _ask(page, "Is there a clear button?", False, 1)
+    assert page.locator("#afn-chat button[aria-label='Copy conversation']").is_visible(), "the toolbar is there"
+    assert page.locator("#afn-chat button[aria-label='Clear']").is_hidden()
+    assert not errors, errors
+    page.context.close()
+
+
+def test_deleting_a_recording_asks_first_and_cancel_keeps_it(browser, server):
+    page, _, errors = _page(browser, server)
+    _open_example(page, "Speech (10 s)")
+    _ask(page, "Kept after a cancel?", False, 1)
+    page.wait_for_function("() => document.querySelector('#afn-history input').value.includes('1 question')")
+    asked: list[str] = []
+    page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    page.locator("#afn-delete").click()
+    page.wait_for_timeout(1500)  # what a delete would have shown by now
+    assert asked == ['Delete "speech.wav" and its audio? This cannot be undone.']
+    assert "Deleted" not in page.locator("#afn-status").inner_text()
+    assert "Kept after a cancel?" in page.locator("#afn-chat").inner_text()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#afn-delete").click()
+    page.locator("#afn-status", has_text="Deleted").wait_for(timeout=10_000)
+    assert page.locator('#afn-chat [data-testid="user"]').count() == 0
+    assert not errors, errors
+    page.context.close()
+
+
+def test_a_clip_under_a_second_shows_its_length_in_seconds(browser, server, tmp_path):
+    clip = tmp_path / "blip.wav"
+    soundfile.write(clip, (0.3 * np.sin(np.arange(3200) / 5)).astype(np.float32), 16000, subtype="PCM_16")  # 0.2 s
+    page, _, errors = _page(browser, server)
+    page.get_by_role("tab", name="Recordings").click()
+    page.locator("#afn-upload input[type=file]").set_input_files(str(clip))
+    page.locator("#afn-status", has_text="blip.wav (0.2 s)").wait_for()
+    assert page.locator(f"{WAVE} .time").inner_text() == "0 s / 0.2 s"
     assert not errors, errors
     page.context.close()
 

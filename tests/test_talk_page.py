@@ -54,13 +54,15 @@ KEPT = {"id": "c1", "kind": "talk", "title": "Voice conversation", "recording": 
 
 class Page:
     """talk.js on a stub page, started, its socket's session created and one user turn committed.
-    `kept`: the page had conversation c1 open before a reload (the server's history answers for it)."""
+    `kept`: the page had conversation c1 open before a reload (the server's history answers for it);
+    `title`: c1's title in the history list."""
 
-    def __init__(self, browser, kept: bool = False) -> None:
+    def __init__(self, browser, kept: bool = False, title: str = "Voice conversation") -> None:
         script = (ROOT / "app/static/talk.js").read_text()
         owner = (ROOT / "app/static/owner.js").read_text()
         html = (f'<!doctype html><script>{owner}</script><div id="host"><div class="afn-talk"></div></div>'
                 f'<script>(function (element) {{ {script} }})(document.getElementById("host"));</script>')
+        self.title = title
         self.context = browser.new_context()
         self.history: list[tuple[str, str, dict]] = []  # (method, url, headers) the page asked the history
         self.page = page = self.context.new_page()
@@ -91,7 +93,7 @@ class Page:
         if request.url.endswith("/afnext/conversations/c1"):
             route.fulfill(json=KEPT)
         else:
-            route.fulfill(json={"conversations": [{"id": "c1", "kind": "talk", "title": "Voice conversation",
+            route.fulfill(json={"conversations": [{"id": "c1", "kind": "talk", "title": self.title,
                                                    "turns": 1, "created": 0, "updated": 0}], "disk_bytes": 42_000})
 
     def deliver(self, event: dict) -> None:
@@ -171,6 +173,61 @@ def test_a_press_too_short_to_hear_says_so_until_a_press_is_heard(browser):
     talk.close()
 
 
+def served_cut(text: str, audio_ms: float, heard_ms: int) -> str:
+    """What the server keeps of a reply after `conversation.item.truncate`: app/realtime.py `heard`'s
+    rule (the share of the audio heard is the share of the transcript kept, cut back to a word)."""
+    cut = len(text) if audio_ms <= 0 or heard_ms >= audio_ms else round(len(text) * heard_ms / audio_ms)
+    return text[:cut].rsplit(" ", 1)[0] if cut < len(text) else text
+
+
+def test_speaking_over_a_reply_still_playing_marks_and_cuts_its_row_as_the_server_keeps_it(browser):
+    """The reply's text has all come and the reply is done, its audio still plays: the row is cut to
+    what was heard, at a word, and marked interrupted, as a reload would show it; the state is the
+    user's at once (not "speaking" until the cut-off audio would have ended)."""
+    talk = Page(browser)
+    text = "One two three four five six seven eight nine ten, and 👋 then some more words to the end."
+    talk.deliver({"type": "response.created", "response": {"id": "r1"}})
+    talk.deliver({"type": "response.output_item.added", "item": {"id": "i1"}})
+    talk.deliver({"type": "response.output_audio_transcript.delta", "response_id": "r1", "delta": text})
+    for _ in range(3):  # 3 s of audio in three pieces
+        talk.audio("r1", 1.0)
+    talk.deliver({"type": "response.done", "response": {"id": "r1", "status": "completed"}})
+    talk.page.wait_for_timeout(1200)
+    assert talk.state() == "speaking"
+    talk.deliver({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5000, "item_id": "u2"})
+    assert talk.state() == "listening", "the label still said the cut-off reply was speaking"
+    [truncate] = talk.sent("conversation.item.truncate")
+    row = talk.page.locator(f"{TALK} .transcript li.assistant").last
+    assert "interrupted" in row.get_attribute("class")
+    kept = served_cut(text, 3000.0, truncate["audio_end_ms"])
+    assert 0 < len(kept) < len(text) and row.locator(".answer").inner_text() == kept
+    talk.page.wait_for_timeout(300)  # the timer the done reply set must not bring "speaking" back
+    assert talk.state() == "listening"
+    talk.close()
+
+
+def test_speaking_over_a_reply_still_being_made_cuts_its_row_once_it_is_done(browser):
+    """Cut off while it is still being made: the text and audio the server sent before it took the
+    cancel count, played or not, so the row is cut when the reply is done, as the server cuts it."""
+    talk = Page(browser)
+    first, rest = "Alpha beta gamma delta epsilon zeta ", "eta theta iota kappa lambda mu nu xi omicron."
+    talk.deliver({"type": "response.created", "response": {"id": "r1"}})
+    talk.deliver({"type": "response.output_item.added", "item": {"id": "i1"}})
+    talk.deliver({"type": "response.output_audio_transcript.delta", "response_id": "r1", "delta": first})
+    talk.audio("r1", 2.0)
+    talk.page.wait_for_timeout(800)
+    talk.deliver({"type": "input_audio_buffer.speech_started", "audio_start_ms": 5000, "item_id": "u2"})
+    assert talk.state() == "listening"
+    [truncate] = talk.sent("conversation.item.truncate")
+    talk.deliver({"type": "response.output_audio_transcript.delta", "response_id": "r1", "delta": rest})
+    talk.audio("r1", 1.0)  # on its way before the server took the cancel: never played, but it counts
+    talk.deliver({"type": "response.done", "response": {"id": "r1", "status": "cancelled"}})
+    row = talk.page.locator(f"{TALK} .transcript li.assistant").last
+    assert "interrupted" in row.get_attribute("class")
+    assert row.locator(".answer").inner_text() == served_cut(first + rest, 3000.0, truncate["audio_end_ms"])
+    talk.close()
+
+
 def test_speech_while_the_reply_is_thinking_truncates_nothing(browser):
     talk = Page(browser)
     talk.reply("r1", "i1", 0.3)
@@ -220,4 +277,19 @@ def test_a_reload_shows_the_open_conversation_and_the_socket_goes_on_with_it(bro
     talk.page.wait_for_function("window.sockets.length > 2")
     assert "conversation=" not in talk.page.evaluate("String(window.sockets[2].url)")
     assert talk.page.evaluate("localStorage.getItem('afnext-open-talk')") in (None, "")
+    talk.close()
+
+
+@pytest.mark.parametrize("title, shown", [("Voice conversation", '"Voice conversation"'),
+                                          ("“Hello there, how can I help…”", "“Hello there, how can I help…”")])
+def test_deleting_a_conversation_asks_first_and_quotes_its_title_once(browser, title, shown):
+    """A title quoted already (a voice conversation's first answer) is not quoted again; Cancel deletes nothing."""
+    talk = Page(browser, title=title)
+    asked: list[str] = []
+    talk.page.once("dialog", lambda dialog: (asked.append(dialog.message), dialog.dismiss()))
+    talk.page.locator(f"{TALK} .history summary").click()
+    talk.page.locator(f"{TALK} .history li .delete").click()
+    talk.page.wait_for_timeout(200)
+    assert asked == [f"Delete {shown} and its audio? This cannot be undone."]
+    assert not [method for method, _, _ in talk.history if method == "DELETE"]
     talk.close()

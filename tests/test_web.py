@@ -359,7 +359,10 @@ def test_with_create_response_off_a_heard_turn_waits_for_response_create(voice):
     assert any(e["type"] == "response.output_audio.delta" for e in answered), kinds
 
 
-def test_each_response_answers_its_own_item_when_the_client_sends_them_in_a_burst(voice):
+def test_a_burst_of_responses_asked_for_gets_one_at_a_time_and_loses_no_item(voice):
+    """Items and response.create sent in a burst: the first response answers the first item; the
+    others, asked for while it is made, are refused as OpenAI refuses them, and their items wait for
+    the next response.create, which answers them, after the last of them."""
     with voice().websocket_connect(f"{realtime.ROUTE}?model=instruct") as ws:
         ws.receive_json()
         ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 3,
@@ -368,11 +371,18 @@ def test_each_response_answers_its_own_item_when_the_client_sends_them_in_a_burs
             ws.send_json({"type": "conversation.item.create", "item": {
                 "type": "message", "role": "user", "content": [{"type": "input_text", "text": f"Question {i}?"}]}})
             ws.send_json({"type": "response.create"})
-        seen = events_until(ws, "response.done", 3)
-    users = [e["item"]["id"] for e in seen if e["type"] == "conversation.item.done" and e["item"]["role"] == "user"]
+        seen = events_until(ws, "response.done")
+        users = [e["item"]["id"] for e in seen if e["type"] == "conversation.item.done" and e["item"]["role"] == "user"]
+        while len(users) < 3 or sum(e["type"] == "error" for e in seen) < 2:
+            seen.append(ws.receive_json())
+            users += [seen[-1]["item"]["id"]] if seen[-1]["type"] == "conversation.item.done" else []
+        ws.send_json({"type": "response.create"})
+        seen += events_until(ws, "response.done")
     answers = [e["previous_item_id"] for e in seen
                if e["type"] == "conversation.item.added" and e["item"]["role"] == "assistant"]
-    assert len(users) == 3 and answers == users, (users, answers)
+    refused = [e["error"]["code"] for e in seen if e["type"] == "error"]
+    assert len(users) == 3 and answers == [users[0], users[2]], (users, answers)
+    assert refused == ["conversation_already_has_active_response"] * 2, refused
     assert not [e for e in seen if e["type"].startswith("input_audio_buffer.")], "no audio was committed"
 
 
@@ -500,6 +510,25 @@ def test_the_page_is_served_while_the_model_loads_and_says_so(backend):
     with pytest.raises(RuntimeError, match="could not be loaded: No space left on device"):
         failed.wait(5)
     assert "No space left on device" in failed.banner()
+
+
+def test_the_fallback_notice_does_not_advise_the_demo_model_it_already_runs(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub off: the model is not in the cache
+    b = start_backend(BackendOptions(model="nvidia/af-next-not-in-the-cache", device="cpu"))
+    try:
+        text = banner(b)
+        assert b.main.loaded.random_weights and "Running the offline demo model instead" in text
+        assert "hf download nvidia/af-next-not-in-the-cache" in text, "the advice that does apply stays"
+        assert "--model tiny" not in text, text
+    finally:
+        b.close()
+
+
+def test_short_recordings_show_their_length_in_seconds():
+    assert [recordings.length(s) for s in (0.2000625, 0.03, 0.95, 10.6, 3700)] == [
+        "0.2 s", "0.03 s", "0.95 s", "0:10", "1:01:40"]
 
 
 def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_path):

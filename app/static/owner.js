@@ -1,6 +1,7 @@
 // Whose conversations this browser holds: an owner token made here once and kept in localStorage
 // (the server keeps only a hash of it), sent with every history request and voice socket; and which
-// conversation each tab had open, so a reload opens it again. Loaded in the page's <head>.
+// conversation each tab had open, so a reload opens it again; and the question asked before one is
+// deleted, the same in both tabs. Loaded in the page's <head>.
 window.afnextOwner = (() => {
   const TOKEN = "afnext-owner", OPEN = "afnext-open-";
   const fresh = () => {  // 32 random bytes as hex: crypto.getRandomValues works on plain http too
@@ -22,5 +23,10 @@ window.afnextOwner = (() => {
     remember(kind, id) { if (store) { if (id) store.setItem(OPEN + kind, id); else store.removeItem(OPEN + kind); } },
     recalled(kind) { return (store && store.getItem(OPEN + kind)) || ""; },
     headers() { return { "X-AFNext-Owner": this.token() }; },
+    // A title that is quoted already (a voice conversation's first answer, “…”) is not quoted again.
+    confirmDelete(title) {
+      const shown = /^(\u201c[^]*\u201d|"[^]*"|\u00ab[^]*\u00bb)$/.test(title) ? title : `"${title}"`;
+      return window.confirm(`Delete ${shown} and its audio? This cannot be undone.`);
+    },
   };
 })();

@@ -70,8 +70,10 @@ let nextPlay = 0, playing = [];  // gapless reply playback
 let speech = { start: 0, end: 0 };  // the turn the server's VAD is hearing, ms on the timeline
 let press = null;  // push-to-talk: {chunks, samples, full} while the button is held
 let presses = [];  // finished presses waiting for the server's commit: {audio, wall}
-let reply = null;  // the response being made: {id, item, row, endWall, firstAudioMs, played: {start, ms}}
-let heard = null;  // the last reply whose audio reached the page: {item, pieces: [[start, seconds]]} (AudioContext time)
+// The response being made: {id, item, row, endWall, firstAudioMs, cancelled, audioMs, heardMs, done}.
+// audioMs: all its audio the server sent, played or not; heardMs: how much was heard before the user cut in.
+let reply = null;
+let heard = null;  // the last reply whose audio reached the page: {reply, pieces: [[start, seconds]]} (AudioContext time)
 let replySamples = 0, idleTimer = null;
 let conversation = afnextOwner.recalled("talk");  // the server's id of the conversation shown here ("" none yet)
 
@@ -291,7 +293,8 @@ function onEvent(m) {
       userRow();
       break;
     case "response.created":
-      reply = { id: m.response.id, item: null, row: null, endWall: lastEndWall, firstAudioMs: null };
+      reply = { id: m.response.id, item: null, row: null, endWall: lastEndWall, firstAudioMs: null,
+                cancelled: false, audioMs: 0, heardMs: null, done: false };
       setState("thinking");
       break;
     case "response.output_item.added":
@@ -308,7 +311,11 @@ function onEvent(m) {
       }
       break;
     case "response.output_audio.delta":
-      if (reply && !reply.cancelled && reply.id === m.response_id) onAudio(fromBase64(m.delta));
+      if (reply && reply.id === m.response_id) {
+        const samples = fromBase64(m.delta);
+        reply.audioMs += 1000 * samples.length / RATE;  // summed as the server sums it, for the cut
+        if (!reply.cancelled) onAudio(samples);
+      }
       break;
     case "response.done":
       onDone(m);
@@ -370,7 +377,7 @@ function onAudio(samples) {
       reply.firstAudioMs = performance.now() - reply.endWall;
       root.host.dataset.firstAudioMs = reply.firstAudioMs.toFixed(0);
     }
-    heard = { item: reply.item, pieces: [] };
+    heard = { reply, pieces: [] };
     setState("speaking");
   }
   replySamples += samples.length;
@@ -383,7 +390,9 @@ function onDone(m) {
   listSoon();
   if (!reply || reply.id !== m.response.id) return;
   const done = reply; reply = null;
+  done.done = true;
   if (m.response.status === "cancelled" && done.row) done.row.classList.add("interrupted");
+  if (done.heardMs != null) cutToHeard(done);  // cut off while it was being made: now its whole text is here
   const t = m.timings || {};
   const s = (v) => (v == null ? "–" : `${v.toFixed(2)} s`);
   const page = done.firstAudioMs == null ? "–" : `${(done.firstAudioMs / 1000).toFixed(2)} s`;
@@ -407,14 +416,37 @@ function playedMs(pieces) {  // what has been heard of the pieces by now: gaps b
 }
 
 function bargeIn() {  // the user spoke over the reply: silence it, and tell the server what was heard
-  if (isPlaying() && heard.item)
-    send({ type: "conversation.item.truncate", item_id: heard.item, content_index: 0, audio_end_ms: playedMs(heard.pieces) });
+  if (isPlaying() && heard.reply.item) {
+    const cut = heard.reply;
+    cut.heardMs = playedMs(heard.pieces);
+    send({ type: "conversation.item.truncate", item_id: cut.item, content_index: 0, audio_end_ms: cut.heardMs });
+    if (cut.done) cutToHeard(cut);  // its text has all come: the row is cut now, else when it is done
+  }
   heard = null;
   flushPlayback();
+  // The reply's "done" set a timer to say "listening" once its audio had played: it is silent now.
+  clearTimeout(idleTimer);
+  setState(stream ? "listening" : "idle");
   if (reply) {  // its audio still on the way is not played
     reply.cancelled = true;
     if (reply.row) reply.row.classList.add("interrupted");
   }
+}
+
+// The reply's row as the server keeps it after the truncate (app/realtime.py `heard`): the share of its
+// audio heard is the share of its text kept, cut back to a word. Counted in code points and rounded
+// half to even, as Python does, so a reload shows the same words.
+function cutToHeard(r) {
+  if (!r.row) return;
+  r.row.classList.add("interrupted");
+  const answer = r.row.querySelector(".answer"), text = Array.from(answer.textContent);
+  if (r.audioMs <= 0 || r.heardMs >= r.audioMs) return;  // all of it was heard
+  const exact = text.length * r.heardMs / r.audioMs;
+  let cut = Math.round(exact);
+  if (cut - exact === 0.5 && cut % 2) cut -= 1;
+  if (cut >= text.length) return;
+  const kept = text.slice(0, cut).join(""), space = kept.lastIndexOf(" ");
+  answer.textContent = space < 0 ? kept : kept.slice(0, space);
 }
 
 // ---- playback ----
@@ -548,7 +580,7 @@ async function rename(c) {
 }
 
 async function forget(c) {
-  if (!confirm(`Delete "${c.title}" and its audio? This cannot be undone.`)) return;
+  if (!afnextOwner.confirmDelete(c.title)) return;
   try { await request(encodeURIComponent(c.id), { method: "DELETE" }); } catch (err) { notice(err.message); }
   if (c.id === conversation) { endSocket(); stop(); remember(""); $(".transcript").replaceChildren(); }
   list();

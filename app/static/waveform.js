@@ -51,6 +51,8 @@ const clock = (s) => {
   const mm = h ? String(m).padStart(2, "0") : String(m);
   return `${h ? h + ":" : ""}${mm}:${String(r).padStart(2, "0")}`;
 };
+// Under a second m:ss would say 0:00: two significant digits of a second instead, as the status line says it.
+const span = (s) => (duration() < 1 ? `${Number(Math.max(0, s || 0).toPrecision(2))} s` : clock(s));
 const duration = () => (data && data.duration) || audio.duration || 1;
 
 function draw() {
@@ -124,7 +126,7 @@ function seek(t, play) {
 function follow() {  // playhead, clock, and the highlighted step
   const t = audio.currentTime || 0;
   playhead.style.left = `${(100 * t) / duration()}%`;
-  $(".time").textContent = `${clock(t)} / ${clock(duration())}`;
+  $(".time").textContent = `${span(t)} / ${span(duration())}`;
   const list = (data && data.steps) || [];
   let now = -1;
   list.forEach((s, i) => { if (t >= s.start - 0.05 && t <= Math.max(s.end ?? s.start + 2, s.start + 0.5)) now = i; });
