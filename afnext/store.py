@@ -137,6 +137,7 @@ class Store:
                 pass
         self._lock = threading.Lock()
         self._in_flight: Counter[str] = Counter()  # audio kept for turns not committed yet: no delete takes it
+        self._touched: dict[str, float] = {}  # audio files' times as this process last wrote or touched them
         self._db = sqlite3.connect(self.path / "afnext.sqlite3", check_same_thread=False, isolation_level=None)
         # First: several processes may share the folder (app replicas on one machine), and every statement
         # below may wait for another's write.
@@ -344,7 +345,8 @@ class Store:
             for key in audio - set(self._in_flight):
                 if not self._db.execute("SELECT 1 FROM turns WHERE audio = ? UNION SELECT 1 FROM conversations "
                                         "WHERE audio = ? LIMIT 1", (key, key)).fetchone():
-                    self._unlink(self._audio_path(key), unless_touched_after=updated[0])
+                    # not a file another process has put again since (this one's own touches are no sign)
+                    self._unlink(self._audio_path(key), unless_touched_after=max(updated[0], self._touched.pop(key, 0.0)))
         return bool(deleted)
 
     def _unlink(self, path: Path, unless_touched_after: float | None = None) -> None:
@@ -382,18 +384,22 @@ class Store:
 
     # ---- audio ----
 
-    def put_audio(self, data: bytes, suffix: str = "") -> str:
+    def put_audio(self, data: bytes, suffix: str = "", *, hold: bool = False) -> str:
         """Keep an audio file's bytes; its key (SHA-256, with the file's suffix). Written to a temporary
         name, flushed to disk and renamed: the key's file is whole or absent, whatever happens. A file
-        no turn refers to may be removed by `delete`: give it to `add_exchange` to keep it with a turn."""
+        no turn refers to may be removed by `delete`: give it to `add_exchange` to keep it with a turn,
+        or `hold` it for one about to be (as `hold_audio`, in the same step: no delete comes between)."""
         with self._lock:
-            return self._put_audio(data, suffix)
+            key = self._put_audio(data, suffix)
+            if hold:
+                self._in_flight[key] += 1
+            return key
 
     def _put_audio(self, data: bytes, suffix: str) -> str:
         key = hashlib.sha256(data).hexdigest() + (suffix.lower()[:8] if suffix.startswith(".") else "")
         path = self._audio_path(key)
         try:
-            os.utime(path)  # kept already: fresh again, so no `prune` elsewhere takes it before our commit
+            self._touch(key)  # kept already: fresh again, so no `prune` elsewhere takes it before our commit
         except FileNotFoundError:
             self._make_room(len(data))
             path.parent.mkdir(exist_ok=True)
@@ -404,6 +410,7 @@ class Store:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(part, path)
+                self._touched[key] = path.stat().st_mtime
             finally:
                 part.unlink(missing_ok=True)  # a write that failed (a full disk) leaves nothing behind
             if self._audio_bytes is not None:
@@ -440,11 +447,12 @@ class Store:
         path = self._audio_path(key)
         try:
             if path.exists():
-                os.utime(path)
+                self._touch(key)
                 return key
             self._make_room(size)
             path.parent.mkdir(exist_ok=True)
             os.replace(copy, path)
+            self._touched[key] = path.stat().st_mtime
             if self._audio_bytes is not None:
                 self._audio_bytes += size
             return key
@@ -470,6 +478,17 @@ class Store:
                 return
         raise StoreError(f"The history is full ({self.max_bytes / 1e9:.1f} GB, all of it used in the last hour), so "
                          "this is not kept; try again later, or give the store more room.")
+
+    def touch_audio(self, key: str) -> None:
+        """Mark a kept file fresh (no `prune` elsewhere takes it within the hour); StoreError if it is gone."""
+        with self._lock:
+            self.audio_path(key)
+            self._touch(key)
+
+    def _touch(self, key: str) -> None:
+        path = self._audio_path(key)
+        os.utime(path)
+        self._touched[key] = path.stat().st_mtime
 
     def hold_audio(self, key: str) -> None:
         """`key` is kept for a turn that will commit soon: no `delete` or `prune` of this store takes it
@@ -633,12 +652,10 @@ class Journal:
         cannot be (the turn is then not asked)."""
         try:
             if isinstance(kept, str):
-                os.utime(self.store.audio_path(kept))  # fresh again: no prune elsewhere takes it before the commit
-                key = kept
-            else:
-                key = self.store.put_audio(*kept)
-            self.store.hold_audio(key)  # until the turn commits or is dropped (`release`)
-            return key
+                self.store.touch_audio(kept)  # fresh again: no prune elsewhere takes it before the commit
+                self.store.hold_audio(kept)  # until the turn commits or is dropped (`release`)
+                return kept
+            return self.store.put_audio(*kept, hold=True)
         except StoreError as exc:
             raise KeptError(f"{exc} The turn was not asked.") from exc
         except OSError as exc:
