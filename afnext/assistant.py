@@ -46,7 +46,10 @@ log = logging.getLogger(__name__)
 class AssistantOptions:
     """How the voice loop behaves."""
 
-    half_duplex: bool = False  # ignore the microphone while speaking (no echo cancellation at hand)
+    half_duplex: bool = False  # ignore the microphone while reply audio plays (no echo cancellation at hand)
+    # ignore it from a turn's end until its reply has played: nothing the user says then interrupts it
+    # (a Realtime client's interrupt_response false)
+    uninterruptible: bool = False
     think: bool = False  # reason before answering; the reasoning is shown, never spoken
     generation: GenerationOptions = GenerationOptions(max_new_tokens=256)  # spoken replies stay short
     endpointer: EndpointerOptions = EndpointerOptions()  # its min_speech_ms is also the barge-in threshold
@@ -66,6 +69,7 @@ class Assistant:
         self._mic_wall = time.perf_counter()  # when the last push arrived
         self._turn: _Turn | None = None
         self._speaking_until = 0.0  # microphone-clock time the emitted speech finishes playing
+        self._closed = False  # set by close(), after its END_OF_EVENTS
         self.state = "listening"
 
     def now(self) -> float:
@@ -84,7 +88,10 @@ class Assistant:
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> None:
         """Feed microphone audio (any size, rate, int16 or float). Never blocks on the model."""
-        if self.options.half_duplex and self.speaking:
+        # Half duplex mutes only while reply audio plays (its echo is what must not be heard), not
+        # while the answer is being thought of: what the user says then is heard as usual.
+        if (self.options.half_duplex and self.now() < self._speaking_until) or (self.options.uninterruptible
+                                                                                and self.speaking):
             pcm = np.zeros(len(pcm), np.float32)  # keep the endpointer's timeline, hear nothing
         events = self.endpointer.push(pcm, sample_rate)
         self._mic_s += len(pcm) / sample_rate
@@ -110,6 +117,11 @@ class Assistant:
     def events(self, timeout: float | None = None) -> Iterator[object]:
         """Events as they happen; ends at `close()` or after `timeout` seconds without one (None: never)."""
         return drain(self._out, timeout)
+
+    @property
+    def ended(self) -> bool:
+        """`close()` was called: `events()` gives what is left, then ends at once."""
+        return self._closed
 
     def interrupt(self) -> None:
         """Barge in from the shell (a push-to-talk press): cancel the turn and silence the reply."""
@@ -137,6 +149,7 @@ class Assistant:
         """Cancel any turn, wait for it, and end `events()`."""
         self._interrupt(self.now(), emit=False)
         self._out.put(END_OF_EVENTS)
+        self._closed = True
 
     # ---- endpointer events (feeding thread) ----
 
@@ -205,8 +218,11 @@ class Assistant:
                 if self._stale(turn):
                     continue  # read on to the end: the reply as far as it got is the turn's record
                 if isinstance(event, (TextDelta, ReasoningDelta)):
-                    turn.first_text = turn.first_text or time.perf_counter() - turn.decided
-                    self._emit(event)
+                    with self._lock:  # as in _speak: no text after Interrupted, whenever the barge-in lands
+                        if self._stale(turn):
+                            continue
+                        turn.first_text = turn.first_text or time.perf_counter() - turn.decided
+                        self._emit(event)
                 if isinstance(event, TextDelta):
                     for piece in chunker.feed(event):
                         pieces.put(piece)

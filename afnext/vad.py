@@ -517,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     fields = {field.name: getattr(args, field.name) for field in dataclasses.fields(EndpointerOptions)}
+    fields = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
     try:
         endpointer = Endpointer(EndpointerOptions(**fields), backend=args.backend)
     except (ValueError, RuntimeError) as error:  # options out of range, a backend that cannot run
@@ -546,6 +547,8 @@ def _parser() -> argparse.ArgumentParser:
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        elif isinstance(field.default, tuple):  # --ask-at-ms 150 300: a list here, a tuple in main
+            parser.add_argument(flag, type=type(field.default[0]), nargs="+", default=field.default)
         else:
             parser.add_argument(flag, type=type(field.default), default=field.default)
     return parser

@@ -58,6 +58,9 @@ class VoiceBrain(Protocol):
 
     def events(self, timeout: float | None = None) -> Iterator[object]: ...
 
+    @property
+    def ended(self) -> bool: ...  # no more events will come (closed, or the connection is gone)
+
     def close(self) -> None: ...
 
 
@@ -142,10 +145,16 @@ def converse(brain: VoiceBrain, ports: AudioPorts, stop: threading.Event, consol
         feeder.start()
         reported = 0
         while not stop.is_set():
+            # `events()` returns both at its timeout and at the end: `ended`, read before, tells them
+            # apart (and, once set, this pass gives all that was left).
+            ended = brain.ended
             for event in brain.events(timeout=POLL_S):
                 _route(event, playback, console)
                 if stop.is_set():
                     break
+            if ended:
+                console.note("The connection to the assistant is gone, so the conversation ends here.")
+                break
             if tap.dropped > reported:
                 console.note(f"warning: {tap.dropped - reported} microphone blocks dropped (the assistant fell "
                              f"{MIC_QUEUE_S:.0f} s behind)")

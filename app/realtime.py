@@ -293,7 +293,7 @@ class RealtimeLink:
             complete, longest = wire.EAGERNESS[self.config.eagerness]
             endpointer = EndpointerOptions(hangover_ms=self.config.silence_ms, semantic=self.config.semantic,
                                            complete=complete, max_silence_ms=longest)
-            options = AssistantOptions(half_duplex=not self.config.interrupt, think=self.think,
+            options = AssistantOptions(uninterruptible=not self.config.interrupt, think=self.think,
                                        answer=self.config.create_response,
                                        generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
                                        endpointer=endpointer)

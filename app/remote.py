@@ -65,6 +65,7 @@ class RemoteBrain:
         self._send(wire.session_update(config))
         self._mic = MonoResampler(sample_rate, wire.AUDIO_RATE)
         self._out: queue.Queue = queue.Queue()
+        self._ended = threading.Event()  # set once the reader has put its last event
         self._turns = _Turns(self.interrupts, self._out.put, self._send)
         self._reader = threading.Thread(target=self._read, name="afnext-remote", daemon=True)
         self._reader.start()
@@ -81,6 +82,11 @@ class RemoteBrain:
         """Events as they arrive; ends when the connection closes or after `timeout` s without one."""
         return drain(self._out, timeout)
 
+    @property
+    def ended(self) -> bool:
+        """The connection is gone: `events()` gives what is left, then ends at once."""
+        return self._ended.is_set()
+
     def close(self) -> None:
         self._ws.close()
         self._reader.join(5.0)
@@ -94,17 +100,23 @@ class RemoteBrain:
             pass  # the reader reports the lost connection
 
     def _read(self) -> None:
+        told = False
         try:
             for message in self._ws:
                 try:
                     self._turns.on(wire.server_event(message))
-                except (wire.ProtocolError, KeyError, TypeError, ValueError) as exc:
-                    log.warning("could not read a server event: %s", exc)
+                except Exception:  # one odd event must not end the conversation: logged, said once, read on
+                    log.exception("could not read a server event")
+                    if not told:
+                        told = True
+                        self._out.put(Stamped(0.0, Error("The server sent an event this client could not read "
+                                                          "(details in the log); the conversation goes on.")))
         except ConnectionClosed as exc:
             if exc.rcvd is None or exc.rcvd.code not in (1000, 1001):
                 self._out.put(Stamped(0.0, Error(f"The connection to the server was lost ({_why(exc)}).")))
         finally:
             self._out.put(END_OF_EVENTS)
+            self._ended.set()  # after the mark: a reader that saw `ended` first then drains all there is
 
 
 class _Turns:
@@ -170,15 +182,17 @@ class _Turns:
             played = sum(max(0.0, min(seconds, now - start)) for start, seconds in heard["pieces"])
             self.send(wire.truncate(heard["item"], int(1000 * played)))
         if self._reply is not None:
-            self._reply["cut"] = True
+            self._reply["cut"] = True  # listening again comes with its response.done
+        else:  # a finished reply was still playing: nothing more will come from the server for it
+            self.emit(StateChanged(self._speech_ms[0] / 1000, "listening"))
         self._heard = None
 
     def _done(self, event: dict, t: float) -> None:
-        response = event.get("response") or {}
+        response = event.get("response") if isinstance(event.get("response"), dict) else {}
         reply = self._reply
         if response.get("status") == "cancelled" and reply is not None and not reply["cut"]:
             self.emit(Stamped(t, Interrupted("cancelled")))  # cut off by the server, not by our barge-in
-        timings = event.get("timings") or {}
+        timings = event.get("timings") if isinstance(event.get("timings"), dict) else {}
         self.emit(VoiceTurnDone(t, VoiceTimings(timings.get("endpoint_s"), timings.get("ttft_s"),
                                                 timings.get("first_audio_s")), None))
         self._reply = None

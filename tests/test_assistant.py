@@ -282,3 +282,74 @@ def test_a_voice_that_fails_says_so_once_and_the_text_goes_on(engine, monkeypatc
     assert sum(isinstance(e, Error) for e in events) == 1 and "could not be spoken" in next(
         e.message for e in events if isinstance(e, Error))
     assert sum(isinstance(e, TextDelta) for e in events) == 2
+
+
+class Scripted:
+    """A session whose every turn yields `deltas`, `delay_s` apart, and stops at its cancel."""
+
+    def __init__(self, deltas: list, delay_s: float = 0.0) -> None:
+        self.deltas, self.delay_s = deltas, delay_s
+        self.asked: list = []  # (text, seconds of audio, cancel) per turn
+
+    def ask(self, text="", audio=None, *, cancel=None, **kw):
+        self.asked.append((text, 0.0 if audio is None else len(audio) / SAMPLE_RATE, cancel))
+        for delta in self.deltas:
+            if cancel is not None and cancel.is_set():
+                return
+            time.sleep(self.delay_s)
+            yield delta
+
+
+class Quiet:
+    """A synthesizer of `seconds` of low noise per piece."""
+
+    sample_rate = 16000
+
+    def __init__(self, seconds: float = 0.01) -> None:
+        self.seconds = seconds
+
+    def stream(self, text, cancel=None):
+        yield AudioChunk(16000, np.full(int(self.seconds * 16000), 0.01, np.float32))
+
+
+def test_no_text_after_interrupted_when_the_barge_in_lands_between_check_and_emit(monkeypatch):
+    """The turn thread has found its turn current and is about to emit a word when a barge-in comes
+    from the feeding thread: the word goes out before Interrupted or not at all, never after."""
+    assistant = Assistant(Scripted([TextDelta("One. "), TextDelta("Two. "), TextDelta("Three.")]), Quiet())
+    seen = Collector(assistant)
+    real_stale, fired = Assistant._stale, []
+
+    def stale(self, turn):
+        current = real_stale(self, turn)
+        if threading.current_thread().name == "afnext-voice-turn" and turn.first_text and not fired:
+            fired.append(True)
+            barge_in = threading.Thread(target=self.interrupt)  # the feeding thread, just now
+            barge_in.start()
+            barge_in.join(0.5)  # done, or waiting for the turn thread's lock
+        return current
+
+    monkeypatch.setattr(Assistant, "_stale", stale)
+    assistant.say(None, "Count to three.")
+    seen.wait_for(VoiceTurnDone, timeout=10)
+    assistant.close()
+    seen.thread.join(5)
+    events = [e.event if isinstance(e, Stamped) else e for e in seen.events]
+    cut = next(i for i, e in enumerate(events) if isinstance(e, Interrupted))
+    assert fired and not any(isinstance(e, (TextDelta, AudioChunk)) for e in events[cut:]), events
+
+
+def test_half_duplex_hears_the_user_while_the_answer_is_thought_of():
+    """Half duplex mutes the microphone against the reply's echo, so only while reply audio plays:
+    the rest of a sentence said while the model is still on its first token is heard and answered."""
+    session = Scripted([TextDelta("Sure.")], delay_s=2.0)  # 2 s to the first token
+    assistant = Assistant(session, Quiet(), AssistantOptions(half_duplex=True))
+    seen = Collector(assistant)
+    push(assistant, np.concatenate([silence(0.3), speech("I would like to order"), silence(0.8)]))
+    seen.wait_for(UserTurn)
+    push(assistant, np.concatenate([speech("a large pizza with mushrooms"), silence(1.0)]))
+    assert assistant.busy, "the first turn was still being thought of"
+    seen.wait_for(UserTurn, count=2, timeout=10)
+    assistant.wait()
+    assistant.close()
+    seen.thread.join(5)
+    assert len(session.asked) == 2 and session.asked[1][1] > 1.5, session.asked

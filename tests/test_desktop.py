@@ -144,6 +144,7 @@ class FakeBrain:
         self.pushed: list[np.ndarray] = []
         self.out: queue.Queue = queue.Queue()
         self.closed = False
+        self.ended = False
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> None:
         assert sample_rate == SAMPLE_RATE and pcm.dtype == np.float32 and pcm.ndim == 1
@@ -225,6 +226,33 @@ def test_interrupted_flushes_pending_playback():
     assert np.count_nonzero(played) < 2 * SPEAKER_RATE  # of the 5 s queued
     assert result["playback"].pending_s == 0
     assert "-- interrupted (the user spoke) --" in out.getvalue()
+
+
+def test_the_loop_ends_when_the_brains_events_end():
+    """A remote brain whose connection dropped: its events end for good. The loop says so and returns,
+    instead of asking again and again (it spun at 100% CPU)."""
+    from afnext.events import END_OF_EVENTS, Error, drain
+
+    class Gone(FakeBrain):
+        calls = 0
+
+        def events(self, timeout=None):
+            self.calls += 1
+            return drain(self.out, timeout)
+
+    devices, brain = FakeDevices(np.zeros(0, np.float32)), Gone()
+    stop, thread, out, result = run_loop(brain, devices)
+    brain.out.put(Stamped(0.0, Error("The connection to the server was lost (reset).")))
+    brain.out.put(END_OF_EVENTS)
+    brain.ended = True
+    thread.join(5)
+    alive = thread.is_alive()
+    stop.set()
+    thread.join(5)
+    assert not alive and brain.calls < 5 and brain.closed, brain.calls
+    text = out.getvalue()
+    assert "error: The connection to the server was lost (reset).\n" in text
+    assert text.endswith("The connection to the assistant is gone, so the conversation ends here.\n"), text
 
 
 def test_loop_with_the_real_assistant_and_fake_devices(engine):
@@ -411,12 +439,71 @@ def test_speech_over_a_playing_reply_stops_it_and_tells_the_server_what_was_hear
     kinds = [type(e).__name__ for e in inner]
     # No "listening" at response.done: the 5 s of reply audio are still playing (a timer says it later).
     assert kinds == ["UserTurn", "StateChanged", "TextDelta", "StateChanged", "AudioChunk", "VoiceTurnDone",
-                     "Interrupted"], kinds
+                     "Interrupted", "StateChanged"], kinds
+    assert inner[7].state == "listening" and inner[7].t == 4.0  # as a local Assistant says at a barge-in
     assert inner[0].start == 0.1 and inner[0].end == 1.6 and inner[5].timings == VoiceTimings(0.5, 0.1, 0.3)
     assert sent[0]["type"] == "conversation.item.truncate" and sent[0]["item_id"] == "item_a"
     assert 150 <= sent[0]["audio_end_ms"] < 2000, sent  # what had played when the user cut in
     turns.on({"type": "input_audio_buffer.speech_started", "audio_start_ms": 9000})  # nothing plays now
-    assert len(out) == 7 and len(sent) == 1
+    assert len(out) == 8 and len(sent) == 1
+
+
+@contextlib.contextmanager
+def scripted_server(events: list[dict], close_code: int = 1011):
+    """A Realtime server that opens the session, sends `events`, then closes with `close_code`."""
+    import json
+
+    from websockets.sync.server import serve
+
+    def handler(ws):
+        ws.send(json.dumps({"type": "session.created", "session": {}}))
+        ws.recv(timeout=10)  # the client's session.update
+        for event in events:
+            ws.send(json.dumps(event))
+        ws.close(close_code, "gone")
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.socket.getsockname()[1]}/"
+        finally:
+            server.shutdown()
+            thread.join(10)
+
+
+def test_server_events_that_cannot_be_read_are_said_once_and_reading_goes_on():
+    odd = [{"type": "response.done", "response": "completed", "timings": [0.1]},  # not objects: no timings
+           {"type": "response.created", "response": "r1"},  # cannot be read: said once, logged
+           {"type": "response.created", "response": "r2"},
+           {"type": "error", "error": {"message": "Still talking."}}]
+    with scripted_server(odd) as url:
+        brain = RemoteBrain(url, SAMPLE_RATE)
+        events = [e.event if isinstance(e, Stamped) else e for e in brain.events(timeout=10)]
+        assert brain.ended
+        brain.close()
+    kinds = [type(e).__name__ for e in events]
+    assert kinds == ["VoiceTurnDone", "StateChanged", "Error", "Error", "Error"], events
+    assert events[0].timings == VoiceTimings(None, None, None)
+    assert "could not read" in events[2].message
+    assert events[3].message == "Still talking." and "connection to the server was lost (gone)" in events[4].message
+
+
+def test_speech_over_a_reply_still_being_made_leaves_listening_to_its_response_done():
+    from app import realtime_wire as wire
+    from app.remote import _Turns
+
+    out: list = []
+    turns = _Turns(True, out.append, lambda event: None)
+    for event in ({"type": "response.created", "response": {"id": "resp_1"}},
+                  {"type": "response.output_item.added", "item": {"id": "item_a"}},
+                  {"type": "response.output_audio.delta",
+                   "delta": wire.b64_pcm16(np.zeros(wire.AUDIO_RATE, np.float32))},
+                  {"type": "input_audio_buffer.speech_started", "audio_start_ms": 500},
+                  {"type": "response.done", "response": {"status": "cancelled"}}):
+        turns.on(event)
+    states = [e.state for e in out if isinstance(e, StateChanged)]
+    assert states == ["speaking", "listening"], out  # one "listening", at response.done
 
 
 def test_an_unreachable_server_is_one_clear_error(capsys, monkeypatch):

@@ -30,6 +30,7 @@ TEXTS = {
                 "print('hi')\n```\nThat's it — enjoy! See [the docs](https://x.org/a_b) (Fig. 3) for more.",
     "clauses": "The capital of France, as you probably know, is Paris; it has been the capital for a very long time, "
                "and it is also, by a wide margin, the largest city in the whole country, with millions of people. Ok.",
+    "scripts": "你好！今天天气很好。我们去公园散步吧，好不好？「いいね！」と彼は言った。नमस्ते। आज मौसम अच्छा है।",
 }
 
 
@@ -74,6 +75,32 @@ def test_chunker_pieces():
     assert first == "The capital of France,"  # early: the first clause break after three words
     assert rest[0].startswith("as you probably know, is Paris; it has been")  # later: long clauses only
     assert rest[-1] == "Ok." and all(len(piece) >= 50 for piece in rest[:-1])
+
+
+def test_chunker_ends_pieces_at_the_marks_of_scripts_without_spaces():
+    """Full-width ends need no space after them; before, a Chinese reply got no audio until its end."""
+    assert chunk_once(TEXTS["scripts"], []) == [
+        "你好！", "今天天气很好。", "我们去公园散步吧，好不好？", "「いいね！」", "と彼は言った。", "नमस्ते।",
+        "आज मौसम अच्छा है।"]
+    chunker = SpeechChunker()
+    assert chunker.feed(TextDelta("今天天气很好，我们")) == ["今天天气很好，"]  # the first clause, at once
+    assert chunker.feed(TextDelta("去公园。然")) == ["我们去公园。"]
+    unbroken = "我们去公园散步然后一起吃午饭" * 20  # no mark at all, as from a random model
+    first, second, *rest = chunk_once(unbroken, [])
+    assert len(first) == 40 and len(second) == 125  # 80 and 250 wide characters' width
+    assert "".join([first, second, *rest]) == unbroken
+
+
+def test_a_short_capitalised_word_before_a_number_is_an_abbreviation():
+    assert chunk_once("Go to room No. 5 and wait. See Sec. 3 for details.", []) == [
+        "Go to room No. 5 and wait.", "See Sec. 3 for details."]
+    assert chunk_once("Born in 1990. 30 years later he left. Read pp. 4 to 6.", []) == [
+        "Born in 1990.", "30 years later he left.", "Read pp. 4 to 6."]
+
+
+def test_asterisks_are_stripped_as_emphasis_only():
+    assert speakable("2 * 3 = 6, and 5*4 = 20.") == "2 * 3 = 6, and 5*4 = 20."  # arithmetic is spoken
+    assert speakable("**Bold** and *this*, a **b**") == "Bold and this, a b"
 
 
 def test_chunker_releases_each_sentence_as_soon_as_it_is_decidable():

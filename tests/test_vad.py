@@ -337,6 +337,20 @@ def test_cli_flags_set_the_options(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["segments"] == []
 
 
+def test_cli_takes_a_list_of_numbers_for_a_tuple_option(tmp_path, capsys, monkeypatch):
+    audio, _ = two_turns()
+    path = tmp_path / "turns.wav"
+    sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
+    seen = []
+    real = vad.Endpointer
+    monkeypatch.setattr(vad, "Endpointer", lambda options, **kw: seen.append(options) or real(options, **kw))
+    for flags, asked in ((["--ask-at-ms", "150"], (150,)), (["--ask-at-ms", "100", "250"], (100, 250)),
+                         ([], (192, 288))):
+        assert vad.main([str(path), "--json", "--backend", "webrtc", *flags]) == 0
+        assert seen[-1].ask_at_ms == asked  # not ('1', '5', '0')
+    capsys.readouterr()
+
+
 def test_cli_refuses_a_bad_file_in_one_line(tmp_path):
     path = tmp_path / "notes.wav"
     path.write_bytes(b"this is not audio at all\n" * 40)

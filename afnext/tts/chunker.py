@@ -1,9 +1,15 @@
 """Streamed answer text → speakable pieces, each released the moment its clause or sentence is complete.
 
-The first piece of a turn may end at the first clause break (`,` `;` `:` or a spaced dash) once it
-has a few words, so speech starts early; later pieces are whole sentences, or clauses only when a
-sentence runs long, so the synthesizer gets enough text for natural prosody. Line breaks always end
-a piece (markdown lists, headings). Markdown symbols are stripped from what will be spoken.
+The first piece of a turn may end at the first clause break (`,` `;` `:`, `，` `、` `；` `：` or a
+spaced dash) once it has a few words, so speech starts early; later pieces are whole sentences, or
+clauses only when a sentence runs long, so the synthesizer gets enough text for natural prosody. Line
+breaks always end a piece (markdown lists, headings). Markdown symbols are stripped from what will be
+spoken.
+
+Scripts written without spaces (Chinese, Japanese) end sentences and clauses with marks that need
+no space after them (`。` `！` `？` `，` `、`); their characters count double towards the length limits
+(as they do on a terminal: one carries about as much speech as two or three Latin letters), and a
+piece with no space in it may be cut at any character.
 
 Every decision depends only on the text, never on how it was split into deltas: where a decision
 needs text that has not arrived yet (the character after a period, say), the chunker waits. So any
@@ -13,22 +19,31 @@ split of the same answer gives the same pieces (tests feed every split position)
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from ..events import TextDelta
 
 SENTENCE_ENDS = ".!?…"
 CLAUSE_ENDS = ",;:"
+# Ends that are never inside a token, so need no space after them: full-width (CJK) and Devanagari.
+FULL_STOPS = "。！？｡।॥"
+FULL_CLAUSE_ENDS = "，、；：､"
 DASHES = "—–-"
-CLOSERS = "\"'”’)]*_"  # may follow a sentence end and belong to it: quotes, brackets, markdown emphasis
+# May follow a sentence end and belong to it: quotes, brackets (CJK ones too), markdown emphasis.
+CLOSERS = "\"'”’)]*_」』）】〕》〉"
 # Words whose trailing period does not end a sentence even before a capital ("Dr. Smith", "e.g. Paris").
-ABBREVIATIONS = frozenset("mr mrs ms dr prof st sr jr mt vs cf al approx fig vol ca".split())
+ABBREVIATIONS = frozenset("mr mrs ms dr prof st sr jr mt vs cf al approx fig vol ca pp".split())
+# Before a number, a short capitalised word's period does not end a sentence either ("No. 5", "Sec. 3").
+NUMBER_LABEL_MAX_CHARS = 3
 
 _WAIT, _NONE = -1, 0  # _decide's answers besides "the piece ends here" (a position > 0)
 _FENCE = re.compile(r"```[^\s`]*")  # code fence with its language tag
 _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")  # [text](url) and ![alt](url) → text
 _LINE_MARK = re.compile(r"^\s*(?:[-*+•]|#{1,6}|>)\s+")  # bullet, heading or quote marker opening a line
-_SYMBOLS = re.compile(r"[*`|~]|(?<!\w)_+|_+(?!\w)")  # emphasis, code, tables; underscores at word edges only
+# Code, tables, strike-through; underscores at word edges only; asterisks that touch a word (emphasis),
+# not those between spaces or digits ("2 * 3", "5*4": arithmetic is spoken).
+_SYMBOLS = re.compile(r"[`|~]|(?<!\w)_+|_+(?!\w)|\*+(?![\s\d*]|$)|(?<![\s\d*])\*+")
 _INITIALS = re.compile(r"(?:[A-Za-z]\.)*[A-Za-z]")  # "J", "U.S", "e.g" (the last period already cut)
 # Lone surrogates (undecodable command-line bytes, a JSON "\ud800") have no sound and no UTF-8 form;
 # espeak-ng's encoding and the Pocket tokenizer would both fail on them.
@@ -99,8 +114,10 @@ class SpeechChunker:
         text, char = self._text, self._text[i]
         if char == "\n":
             return i + 1
-        if char in SENTENCE_ENDS:
+        if char in SENTENCE_ENDS or char in FULL_STOPS:
             return self._sentence_end(i, final)
+        if char in FULL_CLAUSE_ENDS:
+            return i + 1 if self._clause_allowed(text[:i]) else _NONE
         if char in CLAUSE_ENDS or (char in DASHES and i > 0 and text[i - 1] == " "):
             if not self._clause_allowed(text[:i]):
                 return _NONE
@@ -108,18 +125,22 @@ class SpeechChunker:
                 return i + 1 if final else _WAIT
             return i + 1 if text[i + 1].isspace() else _NONE
         limit = self.options.max_chars if self._emitted else self.options.first_max_chars
-        if char.isspace() and len(text[:i].strip()) >= limit:
-            return i
+        before = text[:i].strip()
+        if _width(before) >= limit and (char.isspace() or not any(c.isspace() for c in before)):
+            return i  # at a space; or anywhere in text without spaces (Chinese), lest it wait for the end
         return _NONE
 
     def _sentence_end(self, i: int, final: bool) -> int:
-        """At a `.!?…`: the piece ends after its run of ends and closers, if what follows says so."""
+        """At a `.!?…` (or `。！？।`): the piece ends after its run of ends and closers, if what follows
+        says so."""
         text = self._text
         end = i
-        while end < len(text) and (text[end] in SENTENCE_ENDS or text[end] in CLOSERS):
+        while end < len(text) and (text[end] in SENTENCE_ENDS or text[end] in FULL_STOPS or text[end] in CLOSERS):
             end += 1
         if end == len(text):
             return end if final else _WAIT
+        if any(c in FULL_STOPS for c in text[i:end]) or _wide(text[end]):
+            return end  # "好。我们", "好!我们": no space is due after it
         if not text[end].isspace():  # "3.5", "e.g", "example.com", "?q=1": inside a token
             return _NONE
         run = text[i:end]
@@ -132,12 +153,13 @@ class SpeechChunker:
             return end if final else _WAIT
         if text[after] == "\n":
             return end
-        if text[after].islower() or self._is_abbreviation(text[:i]):
-            return _NONE  # "e.g. the", "Wait... so", "Dr. Smith", "1. Preheat"
+        if text[after].islower() or self._is_abbreviation(text[:i], text[after]):
+            return _NONE  # "e.g. the", "Wait... so", "Dr. Smith", "1. Preheat", "No. 5"
         return end
 
-    def _is_abbreviation(self, before: str) -> bool:
-        """Whether the period after `before` (the piece so far) belongs to a word, not a sentence."""
+    def _is_abbreviation(self, before: str, following: str) -> bool:
+        """Whether the period after `before` (the piece so far), with `following` the next character
+        past the space, belongs to a word, not a sentence."""
         words = before.split()
         if not words:
             return True
@@ -146,14 +168,27 @@ class SpeechChunker:
             return True  # a numbered-list marker: "1."
         if word.lower() in ABBREVIATIONS:
             return True
+        if following.isdigit() and word.isalpha() and word[0].isupper() and len(word) <= NUMBER_LABEL_MAX_CHARS:
+            return True  # "No. 5", "Sec. 3", "Ch. 2" (but "in 1990. 30 years" ends a sentence)
         return bool(_INITIALS.fullmatch(word)) and (len(word) == 1 or "." in word)  # "J.", "U.S.", "e.g."
 
     def _clause_allowed(self, before: str) -> bool:
         """May the current piece end at a clause break, given what it holds so far?"""
         if self._emitted == 0:
-            words = [w for w in before.split() if any(c.isalnum() for c in w)]
-            return len(words) >= self.options.first_min_words
-        return len(before.strip()) >= self.options.clause_min_chars
+            # Wide characters count half a word each: "今天天气很好" is three.
+            words = [w for w in before.split() if any(c.isalnum() for c in w) and not _wide(w[-1])]
+            return len(words) + sum(map(_wide, before)) / 2 >= self.options.first_min_words
+        return _width(before.strip()) >= self.options.clause_min_chars
+
+
+def _wide(char: str) -> bool:
+    """A character of a script written without spaces, or its full-width punctuation (CJK)."""
+    return unicodedata.east_asian_width(char) in "WF"
+
+
+def _width(text: str) -> int:
+    """Length for the limits: wide characters count double."""
+    return len(text) + sum(map(_wide, text))
 
 
 def speakable(text: str) -> str:
