@@ -19,6 +19,7 @@ import errno
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -26,8 +27,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from functools import partial
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import gradio as gr
 import numpy as np
@@ -83,8 +86,10 @@ CSS = """
 """
 
 
-# Before the page's own scripts: the owner token, and the affinity header that keeps a browser on one replica.
-HEAD = "".join(f"<script>{(STATIC / name).read_text(encoding='utf-8')}</script>" for name in ("owner.js", "affinity.js"))
+# Before the page's own scripts: the owner token, the affinity header that keeps a browser on one replica, and
+# the Recordings tab's helpers.
+HEAD = "".join(f"<script>{(STATIC / name).read_text(encoding='utf-8')}</script>"
+               for name in ("owner.js", "affinity.js", "recordings.js"))
 
 
 def _gpu(fn: Callable) -> Callable:
@@ -136,6 +141,7 @@ class _RecordingsTab:
     def build(self, demo: gr.Blocks) -> None:
         owner = gr.Textbox(visible=False, elem_id="afn-owner")  # the browser's owner token (owner.js)
         cid = gr.Textbox(visible=False, elem_id="afn-recording-id")  # the open recording's conversation
+        clock = gr.Textbox(visible=False, elem_id="afn-clock")  # how this browser writes a date (recordings.js)
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 upload = gr.File(label="Drop a recording (audio or video, up to 4 hours)", type="filepath",
@@ -169,23 +175,30 @@ class _RecordingsTab:
             think = gr.Checkbox(label="Think (timestamped steps)", elem_id="afn-think", scale=1)
             ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="afn-ask")
             speak_button = gr.Button("Speak the answer", scale=1, elem_id="afn-speak")
+        waiting = gr.Markdown("", elem_id="afn-waiting")  # says a question asked during an answer waits for it
         spoken = gr.Audio(label="Spoken answer", autoplay=True, interactive=False, elem_id="afn-spoken")
         # Written where the recordings' played copies are, which every replica serves: its Download link
         # carries no header to find the replica that spoke it (app/replicas.py).
         spoken.GRADIO_CACHE = str(self.cache_dir)
 
         private = dict(api_visibility="private")
-        listed = dict(fn=self.history, inputs=[owner, cid], outputs=[history, disk], queue=False, **private)
-        asked = dict(fn=_gpu(self.ask), inputs=[question, think, wave, cid, owner], outputs=[chat, wave, status, question],
-                     concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY, **private)
-        # One event for Enter and the button, so both do the same while an answer streams: nothing (the
-        # question stays in the box until it is done), and Enter with a click at once sends one question.
-        asking = [gr.on([question.submit, ask_button.click], **asked)]
+        listed = dict(fn=self.history, inputs=[owner, cid, clock], outputs=[history, disk], queue=False, **private)
+        asked = dict(fn=_gpu(self.ask), inputs=[question, think, wave, cid, owner],
+                     outputs=[chat, wave, status, question, waiting], concurrency_id="gpu",
+                     concurrency_limit=GPU_CONCURRENCY, **private,
+                     js="(q, ...rest) => { afnextRecordings.started(q); return [q, ...rest]; }")
+        # One event for Enter and the button, which Gradio drops while an answer streams (so Enter with a click at
+        # once sends one question); a new question typed meanwhile waits in recordings.js, sent when the answer
+        # ends. Its note comes first: Gradio runs a trigger's events in order, each to its end.
+        pressed = [question.submit, ask_button.click]
+        gr.on(pressed, None, [question], [waiting], js="(q) => afnextRecordings.pressed(q)", **private)
+        asking = [gr.on(pressed, **asked)]
         asking[0].then(**listed)
+        asking[0].then(None, None, [waiting], js="() => afnextRecordings.ended()", **private)
         # The upload box is an output of every way to open a recording: it shows a file only while that file
         # is the open recording (an example or a history entry opened after an upload empties it).
         opened = dict(outputs=[status, wave, chat, cid, upload], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
-                      **private)
+                      js="(...inputs) => { afnextRecordings.forget(); return inputs; }", **private)
         upload.upload(self.open, [upload, owner], **opened).then(**listed)
         for button, path in zip(examples, EXAMPLES.values()):
             button.click(self.example(path), [owner], **opened).then(**listed)
@@ -196,11 +209,15 @@ class _RecordingsTab:
         title.submit(**renamed).then(**listed)
         delete.click(self.delete, [history, cid, owner, confirmed], [status, wave, chat, cid], js=CONFIRM_DELETE_JS,
                      **private).then(**listed)
-        speak_button.click(self.speak, [cid, owner], [spoken], **private)
-        # The page keeps its owner token and its open recording (owner.js): a reload opens it again.
+        speak_button.click(self.speak, [cid, owner], [spoken, status], **private)
+        # The page keeps its owner token and its open recording (owner.js): a reload opens it again, with the
+        # Think box as it was (recordings.js).
         cid.change(None, [cid], None, js="(c) => { afnextOwner.remember('recording', c); }", **private)
-        demo.load(None, None, [owner, cid], js="() => [afnextOwner.token(), afnextOwner.recalled('recording')]",
-                  **private).then(self.reopen, [cid, owner], **opened).then(**listed)
+        think.input(None, [think], None, js="(on) => { afnextRecordings.keepThink(on); }", **private)
+        recalled = ("() => [afnextOwner.token(), afnextOwner.recalled('recording'), afnextRecordings.think(), "
+                    "afnextRecordings.clock()]")
+        demo.load(None, None, [owner, cid, think, clock], js=recalled, **private).then(
+            self.reopen, [cid, owner], **opened).then(**listed)
 
     # ---- handlers (each checks the owner: an id alone opens nothing) ----
 
@@ -282,8 +299,7 @@ class _RecordingsTab:
             yield "That recording is no longer in your history.", "", [], "", None
             return
         turns = sum(m["role"] == "user" for m in recording.chat)
-        asked = ("no question yet. Ask one." if not turns else
-                 f"{turns} question{'s' if turns > 1 else ''} so far. Ask another.")
+        asked = "no question yet. Ask one." if not turns else f"{_counted(turns, 'question')} so far. Ask another."
         yield (f"**{_markdown_text(recording.name)}** ({recordings.length(recording.duration_s)}): {asked}"), \
             recording.waveform(), recording.chat, cid, None
 
@@ -307,18 +323,21 @@ class _RecordingsTab:
             return None
         return recording if isinstance(recording, Recording) else None  # not a voice conversation's id
 
-    def history(self, owner: str, cid: str):
-        """The owner's kept recordings for the list, and the disk they take."""
+    def history(self, owner: str, cid: str, clock: str = ""):
+        """The owner's kept recordings for the list, each with when it was last used as this browser writes
+        a date (`clock`, see `_when`), and the disk they take."""
         owned = _owner(owner)
         if self.store is None or owned is None:
             return gr.update(choices=[], value=None), ""
         found = listing(self.store, owned, "recording")
-        choices = [(f"{c['title']} · {c['turns']} question(s) · {_when(c['updated'])}", c["id"])  # CONFIRM_DELETE_JS reads it
-                   for c in found["conversations"]]
+        choices = [(f"{c['title']} · {_counted(c['turns'], 'question')} · {_when(c['updated'], clock)}", c["id"])
+                   for c in found["conversations"]]  # CONFIRM_DELETE_JS reads these labels
         value = cid if any(c[1] == cid for c in choices) else None
+        kept = (f"{_counted(len(choices), 'recording')} kept, {_megabytes(found['disk_bytes'])} on disk."
+                if choices else "No recordings kept yet.")
         return gr.update(choices=choices, value=value), (
-            f"{len(choices)} recording(s) kept, {_megabytes(found['disk_bytes'])} on disk. Those unused for "
-            f"{self.keep_days:g} days are deleted, and the oldest first when the server's history is full.")
+            f"{kept} Those unused for {self.keep_days:g} days are deleted, and the oldest first when the "
+            "server's history is full.")
 
     def rename(self, cid: str | None, title: str, current: str, owner: str):
         """Rename the recording picked in the list; the open one's waveform and status show the new name."""
@@ -357,45 +376,48 @@ class _RecordingsTab:
         return "Deleted, with its questions and answers.", gr.skip(), gr.skip(), gr.skip()
 
     def ask(self, question: str, think: bool, shown: str | None, cid: str, owner: str, request: gr.Request):
+        """A question → the chat, the waveform (new Think steps), the status line, the question box (emptied
+        once it is taken) and the note under it (a question that waited for the last answer is sent: gone)."""
         recording = None
         try:
             recording = self._recording(cid, owner, request) if cid else None
         except USER_ERRORS as exc:
-            yield gr.skip(), gr.skip(), f"⚠️ {exc}", gr.skip()
+            yield gr.skip(), gr.skip(), f"⚠️ {exc}", gr.skip(), ""
             return
         if recording is None:  # the page's chat stays as it is (gr.skip): nothing of it is lost
             why = self.live.why_gone(cid) if cid else None
             if why is None and cid and self.store is not None and not cid.startswith("unkept-"):
                 why = "it was deleted from your history"  # kept ones are reopened: this one is gone
-            yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, why)}", gr.skip()
+            yield gr.skip(), gr.skip(), f"⚠️ {_nothing_held(shown, why)}", gr.skip(), ""
             return
         sent, box = question, ""  # the box empties once; what the user types meanwhile is theirs
         try:
             if not self.loader.ready:
-                yield recording.chat, gr.skip(), "Waiting for the model to finish loading…", gr.skip()
+                yield recording.chat, gr.skip(), "Waiting for the model to finish loading…", gr.skip(), gr.skip()
             backend = self.loader.wait()
             steps = len(recording.steps)
             recording.keeping.wait(KEEPING_WAIT_S)  # opened a moment ago: its file is still being kept
             store = self.store if recording.kept is not None else None
             for line in recordings.ask(recording, question, think, backend, store):
                 changed, steps = len(recording.steps) != steps, len(recording.steps)  # a Think turn starts afresh
-                yield recording.chat, recording.waveform() if changed else gr.skip(), line, box
+                yield recording.chat, recording.waveform() if changed else gr.skip(), line, box, box
                 box = gr.skip()
         except USER_ERRORS as exc:
             log.info("question refused: %s", exc)
             gr.Warning(str(exc))
-            yield recording.chat, gr.skip(), f"⚠️ {exc}", sent if box == "" else gr.skip()
+            yield recording.chat, gr.skip(), f"⚠️ {exc}", sent if box == "" else gr.skip(), box
         except Exception as exc:  # the traceback to the log, one sentence to the user, the page keeps working
             log.exception("question about %s failed", recording.name)
             yield (recording.chat, gr.skip(), f"⚠️ The server failed on that question ({type(exc).__name__}); the "
-                   "conversation is kept, so try again.", sent if box == "" else gr.skip())
+                   "conversation is kept, so try again.", sent if box == "" else gr.skip(), box)
 
     def speak(self, cid: str, owner: str):
+        """The latest answer, spoken → the audio, and the status line where there is nothing to say."""
         recording = self.live.get(cid, _owner(owner) or "") if cid else None
         text = recording.answer.strip() if isinstance(recording, Recording) else ""
         if not text:
-            gr.Warning("There is no answer to speak yet.")
-            return None
+            gr.Warning(NO_ANSWER)
+            return None, NO_ANSWER
         try:
             synthesizer = self.loader.wait().synthesizer
             chunks = [c for c in synthesizer.stream(text) if isinstance(c, AudioChunk) and len(c.samples)]
@@ -404,15 +426,15 @@ class _RecordingsTab:
             raise gr.Error(f"The answer could not be spoken ({type(exc).__name__}: {exc}).") from exc
         if not chunks:
             gr.Warning("The voice made no sound for that answer.")
-            return None
-        return chunks[0].sample_rate, int16(np.concatenate([c.samples for c in chunks]))
+            return None, "The voice made no sound for that answer."
+        return (chunks[0].sample_rate, int16(np.concatenate([c.samples for c in chunks]))), gr.skip()
 
 
 # Asks before a recording is deleted, as the Talk tab does (owner.js), naming the title the list shows
-# (`history`'s "title · N question(s) · when"); with nothing picked the server says to pick one.
+# (`history`'s "title · N questions · when"); with nothing picked the server says to pick one.
 CONFIRM_DELETE_JS = """(picked, open, owner) => {
   const shown = document.querySelector("#afn-history input")?.value || "";
-  const title = shown.replace(/ · \\d+ question\\(s\\) · [^·]*$/, "");
+  const title = shown.replace(/ · \\d+ questions? · [^·]*$/, "");
   return [picked, open, owner, !picked || afnextOwner.confirmDelete(title)];
 }"""
 KEEPING_WAIT_S = 120.0  # a question waits this long at most for its recording to be kept (a 1 GB file)
@@ -423,14 +445,38 @@ class _NotHeld(Exception):
 
 
 NO_OWNER = "This request carries no owner token (the page sends one); reload the page."
+NO_ANSWER = "There is no answer to speak yet; ask a question first."
 
 
 def _owner(token: str | None) -> str | None:
     return owner_of(token) if isinstance(token, str) else None
 
 
-def _when(stamp: float) -> str:
-    return time.strftime("%d %b %H:%M", time.localtime(stamp))
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+MAX_CLOCK_CHARS = 400  # a browser's way of writing a date (recordings.js, `clock`) is under 200 characters
+
+
+def _when(stamp: float, clock: str | None = None) -> str:
+    """`stamp` (Unix seconds) as this browser writes a short date and time, the way the Talk tab's list
+    writes them: `clock` is its pattern, words for a.m. and p.m. and time zone (recordings.js says how);
+    without one, or one that makes no sense, the server's own format in its own time zone."""
+    try:
+        way = json.loads(clock) if clock and len(clock) <= MAX_CLOCK_CHARS else {}
+        pattern, am, pm = (str(way[k]) for k in ("pattern", "am", "pm"))
+        when = datetime.fromtimestamp(stamp, ZoneInfo(way["zone"]))
+        if not pattern:
+            raise ValueError("a part of the browser's date is not written in digits")
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError, OSError):
+        return time.strftime("%d %b %H:%M", time.localtime(stamp))
+    hour = (when.hour % 12 or 12) if "{a}" in pattern else when.hour
+    fields = {"M": when.month, "MM": f"{when.month:02}", "d": when.day, "dd": f"{when.day:02}",
+              "yy": f"{when.year % 100:02}", "yyyy": when.year, "h": hour, "hh": f"{hour:02}",
+              "mm": f"{when.minute:02}", "a": pm if when.hour >= 12 else am}
+    # Filled field by field, never with str.format: the pattern comes from the browser.
+    return re.sub(r"\{(\w+)\}", lambda m: str(fields.get(m.group(1), "")), pattern)
 
 
 def _megabytes(n: int) -> str:

@@ -73,8 +73,8 @@ def browser(tmp_path_factory):
         b.close()
 
 
-def _page(browser, server, init_script: str | None = None):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+def _page(browser, server, init_script: str | None = None, **context_options):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, **context_options)
     if init_script:
         context.add_init_script(init_script)
     page = context.new_page()
@@ -120,6 +120,9 @@ def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, serv
     rows.nth(2).wait_for()
     assert rows.count() == 3 and page.locator(f"{WAVE} .marker").count() == 3
     assert SCRIPTED_ANSWER in page.locator("#afn-chat").inner_text()
+    # to the tenth the model gave: "0.3s to 3.6s" floored to the second would read 0:00–0:03
+    assert page.locator(f"{WAVE} li[data-step] .at").all_inner_texts() == ["0:00.3–0:03.6", "0:04.0–0:06.9",
+                                                                           "0:07.3–0:10.2"]
 
     rows.nth(1).click()  # "… from 4.0s to 6.9s": the recording plays from 4.0 s
     page.wait_for_function(f"() => document.querySelector('{WAVE}').dataset.activeStep === '1'")
@@ -166,13 +169,13 @@ def test_a_recording_survives_a_reload_and_a_crash_and_its_conversation_goes_on(
         assert "What is this recording?" in chat and SCRIPTED_ANSWER in chat
         assert page.locator(f"{WAVE} li[data-step]").count() == 3, "the Think steps of the new answer"
         page.locator("#afn-history input").click()
-        page.get_by_role("option", name=re.compile(r"speech\.wav · 2 question")).click()
-        assert "recording(s) kept" in page.locator("#afn-disk").inner_text()
+        page.get_by_role("option", name=re.compile(r"speech\.wav · 2 questions · ")).click()
+        assert page.locator("#afn-disk").inner_text().startswith("1 recording kept, ")
         page.screenshot(path=SHOTS / "recordings-after-restart.png", full_page=True)
         page.locator("#afn-title textarea, #afn-title input").first.fill("Shopping note")
         page.locator("#afn-rename").click()
         page.locator("#afn-history input").click()
-        page.get_by_role("option", name=re.compile("Shopping note · 2 question")).wait_for(timeout=10_000)
+        page.get_by_role("option", name=re.compile("Shopping note · 2 questions · ")).wait_for(timeout=10_000)
         page.keyboard.press("Escape")
         page.once("dialog", lambda dialog: dialog.accept())  # "Delete …? This cannot be undone."
         page.locator("#afn-delete").click()
@@ -180,7 +183,7 @@ def test_a_recording_survives_a_reload_and_a_crash_and_its_conversation_goes_on(
         assert page.locator('#afn-chat [data-testid="user"]').count() == 0, "the open recording was the one deleted"
         page.reload()
         page.get_by_role("tab", name="Recordings").click()
-        page.locator("#afn-disk", has_text="0 recording(s) kept").wait_for(timeout=30_000)
+        page.locator("#afn-disk", has_text="No recordings kept yet.").wait_for(timeout=30_000)
     assert not errors, errors
     page.context.close()
 
@@ -282,6 +285,129 @@ def test_enter_and_clicks_at_once_send_one_question(browser, server):
     assert "Type a question" not in page.content()
     assert not errors, errors
     page.context.close()
+
+
+def _focused(page) -> dict:
+    """The element focused inside the waveform: its class, role and accessible name."""
+    return page.evaluate(f"""() => {{ const el = document.querySelector('{WAVE}').shadowRoot.activeElement;
+        return el ? {{cls: el.className, role: el.getAttribute('role'), label: el.getAttribute('aria-label'),
+                      step: el.dataset.step ?? null}} : {{}}; }}""")
+
+
+def _audio_time(page) -> float:
+    return page.evaluate(f"document.querySelector('{WAVE}').shadowRoot.querySelector('audio').currentTime")
+
+
+def test_the_waveform_and_its_steps_work_from_the_keyboard(browser, server):
+    """Tab goes Play → the track (a slider: arrows seek) → each step's marker → each step's row; Enter or
+    Space on a step plays from it, as a click does."""
+    page, _, errors = _page(browser, server)
+    _open_example(page, "Speech (10 s)")
+    _ask(page, "What is this recording?", True, 1)
+    page.locator(f"{WAVE} li[data-step]").nth(2).wait_for()
+    page.locator(f"{WAVE} .play").focus()
+    page.keyboard.press("Tab")
+    assert _focused(page)["role"] == "slider"
+    page.keyboard.press("ArrowRight")  # 5 s on
+    page.wait_for_function(f"() => document.querySelector('{WAVE}').dataset.activeStep === '1'")
+    assert abs(_audio_time(page) - 5.0) < 0.01
+    page.keyboard.press("Home")
+    assert _audio_time(page) == 0
+    for kind in ("marker", "marker", "marker", "", "", ""):  # the rows are plain <li>s
+        page.keyboard.press("Tab")
+        assert _focused(page)["cls"].split() == ([kind] if kind else []) and _focused(page)["role"] == "button"
+    page.keyboard.press("Shift+Tab")  # back to the second row: "… from 4.0s to 6.9s"
+    focused = _focused(page)
+    assert focused["step"] == "1" and focused["label"] == (
+        "Play from the step 0:04.0 to 0:06.9: The note was recorded on Tuesday morning, from 4.0s to 6.9s.")
+    page.keyboard.press("Enter")
+    page.wait_for_function(f"() => document.querySelector('{WAVE}').dataset.activeStep === '1'")
+    assert 4.0 <= _audio_time(page) < 6.9
+    page.keyboard.press("Shift+Tab")  # a marker this time (the last), with Space
+    page.keyboard.press("Shift+Tab")
+    focused = _focused(page)
+    assert "marker" in focused["cls"].split() and focused["role"] == "button" and focused["step"] == "2"
+    assert focused["label"] == (
+        "Play from the step 0:07.3 to 0:10.2: The request to buy milk and eggs comes at 7.3s to 10.2s.")
+    page.keyboard.press(" ")
+    page.wait_for_function(f"() => document.querySelector('{WAVE}').dataset.activeStep === '2'")
+    assert 7.3 <= _audio_time(page) < 10.2
+    assert not errors, errors
+    page.context.close()
+
+
+def test_the_recordings_list_counts_in_words_and_writes_dates_as_the_talk_tab_does(browser, server):
+    """"1 question", "1 recording kept"; and when it was last used as the Talk tab's list writes it: in
+    this browser's language and time zone (here German, in India)."""
+    page, _, errors = _page(browser, server, locale="de-DE", timezone_id="Asia/Kolkata")
+    page.get_by_role("tab", name="Recordings").click()
+    page.locator("#afn-disk", has_text="No recordings kept yet.").wait_for(timeout=30_000)
+    _open_example(page, "Speech (10 s)")
+    _ask(page, "How is the date written?", False, 1)
+    page.wait_for_function("() => document.querySelector('#afn-history input').value.includes('1 question ·')")
+    talk_tab_writes = page.evaluate("""async () => {  // as app/static/talk.js writes a conversation's date
+        const answer = await fetch('afnext/conversations?kind=recording', {headers: afnextOwner.headers()});
+        const listed = await answer.json();
+        return new Date(listed.conversations[0].updated * 1000)
+            .toLocaleString([], { dateStyle: "short", timeStyle: "short" });
+    }""")
+    assert re.fullmatch(r"\d\d\.\d\d\.\d\d, \d\d:\d\d", talk_tab_writes), talk_tab_writes  # German, 24 h
+    assert page.locator("#afn-history input").input_value() == f"speech.wav · 1 question · {talk_tab_writes}"
+    assert page.locator("#afn-disk").inner_text().startswith("1 recording kept, ")
+    assert not errors, errors
+    page.context.close()
+
+
+def test_speak_the_answer_with_no_answer_yet_says_so(browser, server):
+    page, _, errors = _page(browser, server)
+    _open_example(page, "Speech (10 s)")
+    page.locator("#afn-speak").click()
+    page.locator("#afn-status", has_text="There is no answer to speak yet; ask a question first.").wait_for()
+    assert not errors, errors
+    page.context.close()
+
+
+def test_the_think_box_is_kept_across_a_reload(browser, server):
+    page, _, errors = _page(browser, server)
+    for on in (True, False):
+        page.get_by_role("tab", name="Recordings").click()
+        box = page.locator("#afn-think input")
+        box.check() if on else box.uncheck()
+        page.reload()
+        page.get_by_role("tab", name="Recordings").click()
+        page.wait_for_function(f"() => document.querySelector('#afn-think input').checked === {str(on).lower()}")
+    assert not errors, errors
+    page.context.close()
+
+
+def test_a_question_asked_while_an_answer_streams_is_sent_when_it_is_done(browser, tmp_path):
+    """Enter during an answer: the page says the question waits, keeps it in the box, and sends it once the
+    answer is done (Think steps slowed to 50 ms a token, so the answer takes seconds)."""
+    args = ["-m", "tests.web.server", "--port", str(free_port()), "--step-delay-s", "0.05"]
+    with running(args, tmp_path / "server.log") as (_proc, url):
+        page, _, errors = _page(browser, url)
+        _open_example(page, "Speech (10 s)")
+        page.locator("#afn-think input").check()
+        box = page.locator("#afn-question textarea")
+        box.fill("What is this recording?")
+        box.press("Enter")
+        page.locator("#afn-status", has_text="Reasoning").wait_for(timeout=60_000)
+        box.fill("And who speaks?")
+        box.press("Enter")
+        page.locator("#afn-waiting", has_text="Your question is sent when this answer is done.").wait_for(timeout=2_000)
+        assert box.input_value() == "And who speaks?"
+        assert "Reasoning" in page.locator("#afn-status").inner_text(), "the first answer was still streaming"
+        users = page.locator('#afn-chat [data-testid="user"]')
+        page.wait_for_function("() => document.querySelectorAll('#afn-chat [data-testid=\"user\"]').length === 2",
+                               timeout=60_000)
+        assert [u.strip() for u in users.all_inner_texts()] == ["What is this recording?", "And who speaks?"]
+        assert "sent when this answer is done" not in page.locator("#afn-waiting").inner_text()
+        page.locator("#afn-status", has_text="Done").wait_for(timeout=60_000)
+        page.wait_for_function("answer => [...document.querySelectorAll('#afn-chat [data-testid=bot]')]"
+                               ".filter(m => m.innerText.trim() === answer).length === 2", arg=SCRIPTED_ANSWER)
+        assert box.input_value() == ""
+        assert not errors, errors
+        page.context.close()
 
 
 def test_two_browsers_see_only_their_own_conversations(browser, server):
@@ -531,10 +657,10 @@ def test_a_75_minute_recording_is_heard_in_3_parts_and_its_steps_seek_the_whole_
     script = [(0.3, 3.6), (4.0, 6.9), (7.3, 10.2)]  # the script's steps, in each part's own time
     assert rows.count() == 3 * len(script) and page.locator(f"{WAVE} .marker").count() == 3 * len(script)
 
-    def seconds(shown: str) -> int:  # "1:15:03" or "24:49" (the page floors to the second)
-        total = 0
+    def seconds(shown: str) -> float:  # "1:15:03.3" or "24:49.1" (to the tenth the model gave)
+        total = 0.0
         for field in shown.split(":"):
-            total = 60 * total + int(field)
+            total = 60 * total + float(field)
         return total
 
     shown: dict[int, list[tuple[int, int, str]]] = {1: [], 2: [], 3: []}
@@ -545,8 +671,8 @@ def test_a_75_minute_recording_is_heard_in_3_parts_and_its_steps_seek_the_whole_
     for part, at in enumerate(starts, 1):
         got = sorted(shown[part])
         assert len(got) == len(script), shown
-        for (start, end, _), (a, b) in zip(got, script):
-            assert at + a - 1 < start <= at + a and at + b - 1 < end <= at + b, (part, got, at)
+        for (start, end, _), (a, b) in zip(got, script):  # `at`: read back from a CSS percentage, to ~0.01 s
+            assert abs(start - (at + a)) < 0.2 and abs(end - (at + b)) < 0.2, (part, got, at)
 
     step = sorted(shown[3])[1][2]  # part 3's "from 4.0s to 6.9s": 50:04 in the whole recording
     page.locator(f"{WAVE} li[data-step='{step}']").click()

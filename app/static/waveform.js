@@ -3,6 +3,8 @@
 // [{start, end}] (a recording over 30 minutes, heard in parts; else empty), steps: [{start, end, text,
 // part}] (times in the whole recording; part: the 1-based part it came from, or null)}. The widget lives in a shadow root so Gradio's re-render of the template
 // (on every value change) leaves it, and the audio element playing, alone.
+// Everything a click does, the keyboard does too: the track is a slider (arrow keys seek), and each step,
+// as a row and as a marker on the waveform, is a button (Enter or Space plays from it).
 
 const host = element.querySelector(".afn-wave");
 const root = host.attachShadow({ mode: "open" });
@@ -14,10 +16,15 @@ root.innerHTML = `
   button { font: inherit; cursor: pointer; border-radius: 6px; border: 1px solid #8888; background: none; color: inherit; padding: .15em .7em; }
   .time { font-variant-numeric: tabular-nums; }
   .name { opacity: .7; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
-  .track { position: relative; height: 96px; cursor: pointer; background: #8881; border-radius: 6px; overflow: hidden; }
+  .lane { position: relative; height: 96px; }
+  .track { position: absolute; inset: 0; cursor: pointer; background: #8881; border-radius: 6px; overflow: hidden; }
   canvas { width: 100%; height: 100%; display: block; }
+  .markers { position: absolute; inset: 0; pointer-events: none; }  /* a click between markers reaches the track */
   .playhead { position: absolute; top: 0; bottom: 0; width: 2px; background: #e4572e; pointer-events: none; }
-  .marker { position: absolute; top: 0; bottom: 0; min-width: 4px; background: #f3a71240; border-left: 2px solid #f3a712; }
+  .marker { position: absolute; top: 0; bottom: 0; min-width: 4px; background: #f3a71240; border-left: 2px solid #f3a712;
+            pointer-events: auto; cursor: pointer; }
+  .track:focus-visible, .marker:focus-visible { outline: 2px solid #3b82f6; outline-offset: 1px; }
+  li:focus-visible { outline: 2px solid #3b82f6; outline-offset: -2px; }  /* inside: the list's scroll box clips */
   .marker.active { background: #f3a71290; }
   .boundary { position: absolute; top: 0; bottom: 0; border-left: 1px dashed #6b7280; pointer-events: none; z-index: 1; }
   .boundary span { position: absolute; top: 2px; left: 3px; font-size: .7em; opacity: .75; white-space: nowrap; }
@@ -35,7 +42,11 @@ root.innerHTML = `
     <span class="time">0:00 / 0:00</span>
     <span class="name"></span>
   </div>
-  <div class="track" title="Click to seek"><canvas></canvas><div class="bounds"></div><div class="markers"></div><div class="playhead"></div></div>
+  <div class="lane">
+    <div class="track" title="Click, or use the arrow keys, to seek" role="slider" tabindex="0"
+         aria-label="Position in the recording" aria-valuemin="0"><canvas></canvas><div class="bounds"></div></div>
+    <div class="markers"></div><div class="playhead"></div>
+  </div>
   <ol class="steps" aria-label="Timestamped reasoning steps"></ol>
   <audio preload="auto"></audio>
 </div>`;
@@ -53,6 +64,13 @@ const clock = (s) => {
 };
 // Under a second m:ss would say 0:00: two significant digits of a second instead, as the status line says it.
 const span = (s) => (duration() < 1 ? `${Number(Math.max(0, s || 0).toPrecision(2))} s` : clock(s));
+// A step's time to the tenth of a second the model gives it ("0:06.9"): m:ss alone would round 6.9 s down
+// to 0:06, and a step from 0.3 s would seem to start at 0:00.
+const stamp = (s) => {
+  const tenths = Math.round(Math.max(0, s || 0) * 10);
+  return `${clock(Math.floor(tenths / 10))}.${tenths % 10}`;
+};
+const stepTimes = (step) => (step.end == null ? stamp(step.start) : `${stamp(step.start)}–${stamp(step.end)}`);
 const duration = () => (data && data.duration) || audio.duration || 1;
 
 function draw() {
@@ -91,6 +109,22 @@ function parts() {  // where each part of a recording heard in parts begins
   root.host.dataset.parts = String((data.parts || []).length);
 }
 
+// A step's row or marker as a button: focusable, named by its times and text, and Enter or Space does what a
+// click does (play from the step's start).
+function pressable(el, step) {
+  const times = step.end == null ? `at ${stamp(step.start)}` : `${stamp(step.start)} to ${stamp(step.end)}`;
+  el.tabIndex = 0;
+  el.setAttribute("role", "button");
+  el.setAttribute("aria-label", `Play from the step ${times}${step.part ? ` (part ${step.part})` : ""}: ${step.text}`);
+  const play = () => seek(step.start, true);
+  el.addEventListener("click", play);
+  el.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" && e.key !== " ") return;
+    e.preventDefault();  // Space would scroll the page too
+    play();
+  });
+}
+
 function steps() {
   const markers = $(".markers"), list = $(".steps");
   markers.replaceChildren(); list.replaceChildren();
@@ -100,17 +134,17 @@ function steps() {
     marker.className = "marker";
     marker.style.left = `${(100 * step.start) / duration()}%`;
     marker.style.width = `${(100 * (end - step.start)) / duration()}%`;
-    marker.title = `${clock(step.start)}: ${step.text}`;
+    marker.title = `${stepTimes(step)}: ${step.text}`;
     marker.dataset.step = i;
-    marker.addEventListener("click", (e) => { e.stopPropagation(); seek(step.start, true); });
+    pressable(marker, step);
     markers.append(marker);
     const row = document.createElement("li");
     row.dataset.step = i;
     row.innerHTML = `<span class="at"></span><span class="text"></span><span class="part"></span>`;
-    row.querySelector(".at").textContent = step.end == null ? clock(step.start) : `${clock(step.start)}–${clock(step.end)}`;
+    row.querySelector(".at").textContent = stepTimes(step);
     row.querySelector(".text").textContent = step.text;
     row.querySelector(".part").textContent = step.part ? `part ${step.part}` : "";
-    row.addEventListener("click", () => seek(step.start, true));
+    pressable(row, step);
     list.append(row);
   });
   active = -1;
@@ -127,6 +161,9 @@ function follow() {  // playhead, clock, and the highlighted step
   const t = audio.currentTime || 0;
   playhead.style.left = `${(100 * t) / duration()}%`;
   $(".time").textContent = `${span(t)} / ${span(duration())}`;
+  track.setAttribute("aria-valuemax", String(duration()));
+  track.setAttribute("aria-valuenow", t.toFixed(1));
+  track.setAttribute("aria-valuetext", `${span(t)} of ${span(duration())}`);
   const list = (data && data.steps) || [];
   let now = -1;
   list.forEach((s, i) => { if (t >= s.start - 0.05 && t <= Math.max(s.end ?? s.start + 2, s.start + 0.5)) now = i; });
@@ -163,6 +200,14 @@ audio.addEventListener("seeked", follow);
 track.addEventListener("click", (e) => {
   const box = track.getBoundingClientRect();
   seek(((e.clientX - box.left) / box.width) * duration(), !audio.paused);
+});
+const SEEK_KEYS = { ArrowLeft: -5, ArrowDown: -5, ArrowRight: 5, ArrowUp: 5, PageDown: -30, PageUp: 30 };  // seconds
+track.addEventListener("keydown", (e) => {  // the slider's keys; like a click, they leave playing or paused as it was
+  const t = audio.currentTime || 0;
+  const to = e.key === "Home" ? 0 : e.key === "End" ? duration() : e.key in SEEK_KEYS ? t + SEEK_KEYS[e.key] : null;
+  if (to === null) return;
+  e.preventDefault();  // the arrows would scroll the page too
+  seek(to, !audio.paused);
 });
 function tick() { follow(); if (!audio.paused) requestAnimationFrame(tick); }
 new ResizeObserver(draw).observe(track);
