@@ -132,18 +132,20 @@ class Assistant:
         Call from the feeding thread."""
         self.endpointer.discard()
 
-    def say(self, audio: np.ndarray | None, text: str = "", *, tag: object = None) -> None:
+    def say(self, audio: np.ndarray | None, text: str = "", *, tag: object = None,
+            generation: GenerationOptions | None = None) -> None:
         """A whole user turn that ended just now — an utterance (float32 mono 16 kHz), text, or both —
         becomes the next turn, without the endpointer: push-to-talk, where the button, not the silence,
         marks the end of the turn, or a typed message. `tag` comes back on the turn's UserTurn (the
-        caller's name for it: a protocol's item id)."""
+        caller's name for it: a protocol's item id); `generation`, this turn's own options."""
         if audio is None and not text.strip():
             raise ValueError("A turn needs audio, text, or both.")
         if self.speaking:
             self._interrupt(self.now())
         now = self.now()
         audio = np.zeros(0, np.float32) if audio is None else audio
-        self._start_turn(UtteranceEnded(now, max(0.0, now - len(audio) / SAMPLE_RATE), now, audio), text, tag)
+        self._start_turn(UtteranceEnded(now, max(0.0, now - len(audio) / SAMPLE_RATE), now, audio), text, tag,
+                         generation)
 
     def close(self) -> None:
         """Cancel any turn, wait for it, and end `events()`."""
@@ -173,11 +175,12 @@ class Assistant:
                 self._emit(Interrupted("the user spoke"), t)
         self._set_state("listening", t)  # the cancelled turn's thread winds down alone; its output is dropped
 
-    def _start_turn(self, ended: UtteranceEnded, text: str = "", tag: object = None) -> None:
+    def _start_turn(self, ended: UtteranceEnded, text: str = "", tag: object = None,
+                    generation: GenerationOptions | None = None) -> None:
         # No join: the session starts this turn once the engine has settled the last one (one step
         # after its cancel), and anything the old turn's thread still produces is stale and dropped.
         self._emit(UserTurn(ended.t, ended.start, ended.end, ended.audio, tag=tag))
-        turn = _Turn(ended, time.perf_counter(), text)
+        turn = _Turn(ended, time.perf_counter(), text, generation)
         turn.thread = threading.Thread(target=self._run_turn, args=(turn,), name="afnext-voice-turn", daemon=True)
         self._turn = turn
         self._set_state("thinking", ended.t)
@@ -211,7 +214,7 @@ class Assistant:
         try:
             audio = turn.ended.audio if len(turn.ended.audio) else None  # a typed turn has none
             stream = self.session.ask(turn.text, audio, think=self.options.think,
-                                      options=self.options.generation, cancel=turn.cancel)
+                                      options=turn.generation or self.options.generation, cancel=turn.cancel)
             for event in stream:
                 if isinstance(event, TurnDone):
                     reply = event.reply
@@ -282,6 +285,7 @@ class _Turn:
     ended: UtteranceEnded
     decided: float  # perf_counter at the end-of-turn decision
     text: str = ""  # typed text of the turn (beside or instead of its audio)
+    generation: GenerationOptions | None = None  # this turn's own (`say`), else the assistant's
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     first_text: float | None = None  # seconds after the decision

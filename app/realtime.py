@@ -211,7 +211,7 @@ class RealtimeLink:
         self._add_user(text, audio, item.get("id"))
 
     def _on_response_create(self, event: dict) -> None:
-        wire.check_response(self.config, event.get("response"))
+        tokens = wire.check_response(self.config, event.get("response"))
         # being made: announced (answering), or asked for and not announced yet (busy)
         if self._out.answering() or (self.assistant is not None and self.assistant.busy):
             raise wire.ProtocolError("A response is already in progress; wait for its response.done, or send "
@@ -222,7 +222,8 @@ class RealtimeLink:
             raise wire.ProtocolError("There is no user item to respond to; append and commit audio, or create an item.")
         text = "\n".join(t for _, t, _ in items if t)
         clips = [a for _, _, a in items if a is not None]
-        self._assistant().say(np.concatenate(clips) if clips else None, text, tag=items[-1][0])
+        own = None if tokens is None else GenerationOptions(max_new_tokens=tokens)  # this response's limit
+        self._assistant().say(np.concatenate(clips) if clips else None, text, tag=items[-1][0], generation=own)
 
     def _on_response_cancel(self, event: dict) -> None:
         if self.assistant is None or not self._out.answering():

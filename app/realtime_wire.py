@@ -118,11 +118,12 @@ def updated(config: Config, session: object) -> Config:
     return replace(config, **changes)
 
 
-def check_response(config: Config, response: object) -> None:
-    """A response.create's own `response` settings: the session's are used, so ProtocolError for any
-    that would differ from them (metadata is taken and not used)."""
+def check_response(config: Config, response: object) -> int | None:
+    """A response.create's own `response` settings: its max_output_tokens, if it sets them (None: the
+    session's); ProtocolError for any other setting that would differ from the session's (metadata is
+    taken and not used)."""
     if response is None:
-        return
+        return None
     if not isinstance(response, dict):
         raise ProtocolError("response.create's \"response\" must be an object.")
     for key in ("instructions", "input", "tools", "prompt"):
@@ -135,8 +136,9 @@ def check_response(config: Config, response: object) -> None:
     if modalities is not None and (not isinstance(modalities, list) or ("audio" in modalities) != config.audio_out):
         raise ProtocolError("A response's output_modalities are the session's; change them with session.update.")
     tokens = response.get("max_output_tokens", response.get("max_response_output_tokens"))
-    if tokens is not None and (MAX_OUTPUT_TOKENS if tokens == "inf" else tokens) != config.max_output_tokens:
-        raise ProtocolError("A response's max_output_tokens is the session's; change it with session.update.")
+    if tokens is None:
+        return None
+    return MAX_OUTPUT_TOKENS if tokens == "inf" else _whole(tokens, "max_output_tokens")
 
 
 def _detection(value: object) -> dict:
