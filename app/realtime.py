@@ -202,13 +202,7 @@ class RealtimeLink:
                                      "page_session")
         item = event.get("item")
         text, audio = wire.user_item(item)
-        after = event.get("previous_item_id")
-        with self._items_lock:
-            last = self._last_item
-        if after is not None and after != last and not (after == "root" and last is None):
-            raise wire.ProtocolError("Items are added at the end of the conversation: previous_item_id must be "
-                                     "the last item's id, or be left out.")
-        self._add_user(text, audio, item.get("id"))
+        self._add_user(text, audio, item.get("id"), after=event.get("previous_item_id"))
 
     def _on_response_create(self, event: dict) -> None:
         tokens = wire.check_response(self.config, event.get("response"))
@@ -255,21 +249,27 @@ class RealtimeLink:
             reply["cut_ms"] = ms
         self.send(wire.event("conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=ms))
 
-    def _add_user(self, text: str, audio: np.ndarray | None, item: str | None = None) -> tuple[str, str | None]:
+    def _add_user(self, text: str, audio: np.ndarray | None, item: str | None = None,
+                  after: object = None) -> tuple[str, str | None]:
         """A user item made (its id: the client's, or a new one) and announced; (its id, the one before it)."""
         item = item or wire.new_id("item")
         content = ([{"type": "input_audio", "transcript": None}] if audio is not None else []) + \
                   ([{"type": "input_text", "text": text}] if text else [])
         shown = wire.Item(item, "user", content).shown()
-        before = self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE))
+        before = self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE), after)
         self.send(wire.event("conversation.item.added", previous_item_id=before, item=shown))
         self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
         return item, before
 
-    def hold(self, item: str, text: str, audio: np.ndarray | None) -> str | None:
+    def hold(self, item: str, text: str, audio: np.ndarray | None, after: object = None) -> str | None:
         """Keep a user item (audio at 16 kHz) for the next response.create; the item before it. Any
-        thread; ProtocolError when MAX_ITEMS wait already, or when the item's id is taken."""
+        thread; ProtocolError when MAX_ITEMS wait already, when the item's id is taken, or when `after`
+        (a client's previous_item_id) is not the last item: items go at the end."""
         with self._items_lock:
+            last = self._last_item
+            if after is not None and after != last and not (after == "root" and last is None):
+                raise wire.ProtocolError("Items are added at the end of the conversation: previous_item_id must be "
+                                         "the last item's id, or be left out.")
             if len(self._items) >= MAX_ITEMS:
                 raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
             if item in self._ids:
