@@ -234,7 +234,8 @@ class _RecordingsTab:
 
     def _open(self, path: str | None, owner: str, request: gr.Request, owned: bool):
         """`owned`: the file is an upload, which the upload box (the last output) keeps showing unless it
-        is refused; anything else empties the box."""
+        is refused; anything else empties the box, with its first update only: a file put in the box while
+        this one decodes is a newer upload, which a later update here must not take away."""
         box = gr.skip() if owned else None
         if not path:
             yield "", "", [], "", box
@@ -247,13 +248,14 @@ class _RecordingsTab:
                 yield f"⚠️ {NO_OWNER}", "", [], "", None
                 return  # its upload is deleted with the release below, unless another recording uses it
             yield f"Decoding {_markdown_text(Path(path).name)}…", gr.skip(), gr.skip(), gr.skip(), box
+            refused_box, box = (None if owned else gr.skip()), gr.skip()  # the box is emptied (or kept) already
             try:
                 recording = recordings.open_recording(path, self.cache_dir, owned=owned)
             except USER_ERRORS as exc:
                 log.info("recording refused: %s", exc)
                 gr.Warning(str(exc))
                 # The recording open before, if any, stays open with its questions: only the box empties.
-                yield f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), None
+                yield f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), refused_box
                 return
             recording.owner = _owner(owner)
             recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"

@@ -531,6 +531,22 @@ def test_short_recordings_show_their_length_in_seconds():
         "0.2 s", "0.03 s", "0.95 s", "0:10", "1:01:40"]
 
 
+def test_opening_an_example_empties_the_upload_box_with_its_first_update_only(backend, tmp_path):
+    """The box is emptied as the example starts decoding; a file dropped in the box meanwhile is a newer
+    upload, which the example's later updates (its waveform, its place in the history) leave alone."""
+    import gradio as gr
+
+    from app.web import _RecordingsTab
+
+    tab = _RecordingsTab(BackendLoader.ready_made(backend), tmp_path, None, None)
+    request = type("Request", (), {"client": type("Client", (), {"host": "10.0.0.1"})()})()
+    updates = list(tab.example(ASSETS / "sounds.flac")("a" * 32, request))
+    boxes = [update[-1] for update in updates]
+    assert len(boxes) >= 3 and boxes[0] is None, boxes
+    assert all(box == gr.skip() for box in boxes[1:]), boxes
+    assert updates[-1][0].startswith("**sounds\\.flac** (0:13).")
+
+
 def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_path):
     log = tmp_path / "app.log"
     args = ["-m", "app", "--model", str(tmp_path / "missing"), "--port", str(free_port())]
