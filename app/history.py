@@ -217,9 +217,10 @@ class HistoryRoutes:
                 renamed = await asyncio.to_thread(self.store.rename, cid, title, owner=owner)
             except StoreError as exc:
                 raise _Refused(400, str(exc)) from None
-            if not renamed:
+            kept = await asyncio.to_thread(self.store.get, cid, owner=owner) if renamed else None
+            if kept is None:  # none such, or deleted from another tab since it was renamed
                 raise _missing(cid)
-            return JSONResponse({"id": cid, "title": (await asyncio.to_thread(self.store.get, cid, owner=owner)).title})
+            return JSONResponse({"id": cid, "title": kept.title})
         return await _answering(run)
 
     async def _audio(self, request: Request) -> Response:
@@ -229,8 +230,28 @@ class HistoryRoutes:
             if path is None:
                 raise _Refused(404, "There is no such audio in your conversations.")
             kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            return FileResponse(path, media_type=kind, headers=_PRIVATE)
+            return _StoredFile(path, media_type=kind, headers=_PRIVATE)
         return await _answering(run)
+
+
+class _StoredFile(FileResponse):
+    """A stored file, or the one-sentence 404 when its conversation was deleted (another tab, another
+    replica) between finding the file and sending it: Starlette raises then, a 500 with a traceback."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+        try:
+            await super().__call__(scope, receive, sending)
+        except (RuntimeError, FileNotFoundError):
+            if started or os.path.exists(self.path):
+                raise
+            await JSONResponse({"error": "That audio was deleted a moment ago."}, 404, headers=_PRIVATE)(
+                scope, receive, send)
 
 
 _PRIVATE = {"Cache-Control": "private, no-store"}

@@ -60,6 +60,30 @@ def test_an_owner_lists_reads_renames_and_deletes_their_own_conversations(kept):
     assert store.get(recording, owner=owner_of(ALICE)) is None
 
 
+def test_a_delete_from_another_tab_between_finding_and_answering_gets_a_404_not_a_500(kept, monkeypatch):
+    client, store, talk, _, _ = kept
+    found = history.audio_file
+
+    def deleted_meanwhile(*args):
+        path = found(*args)
+        store.delete(talk, owner=owner_of(ALICE))  # the other tab's delete lands just after the lookup
+        return path
+    monkeypatch.setattr(history, "audio_file", deleted_meanwhile)
+    audio = client.get(f"/afnext/conversations/{talk}/audio/0", headers=_as(ALICE))
+    assert audio.status_code == 404 and audio.json()["error"] == "That audio was deleted a moment ago."
+
+    other = store.create("talk", owner=owner_of(ALICE), title="to rename")
+    renaming = store.rename
+
+    def renamed_then_deleted(cid, title, owner):
+        done = renaming(cid, title, owner=owner)
+        store.delete(cid, owner=owner)
+        return done
+    monkeypatch.setattr(store, "rename", renamed_then_deleted)
+    renamed = client.patch(f"/afnext/conversations/{other}", headers=_as(ALICE), json={"title": "new"})
+    assert renamed.status_code == 404 and "of yours" in renamed.json()["error"]
+
+
 def test_another_owner_or_no_owner_reaches_nothing_of_it(kept):
     client, store, talk, _, _ = kept
     assert client.get("/afnext/conversations", headers=_as(BOB)).json()["conversations"] == []
