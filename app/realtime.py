@@ -217,6 +217,8 @@ class RealtimeLink:
         text = "\n".join(t for _, t, _ in items if t)
         clips = [a for _, _, a in items if a is not None]
         own = None if tokens is None else GenerationOptions(max_new_tokens=tokens)  # this response's limit
+        if tokens is not None:
+            self._out.limits[items[-1][0]] = tokens
         self._assistant().say(np.concatenate(clips) if clips else None, text, tag=items[-1][0], generation=own)
 
     def _on_response_cancel(self, event: dict) -> None:
@@ -225,6 +227,7 @@ class RealtimeLink:
         named = event.get("response_id")
         if named is not None and not self._out.answering(named):
             raise wire.ProtocolError(f"{str(named)[:80]!r} is not the response in progress.", "response_cancel_not_active")
+        self._out.cancelled_by_client()
         self.assistant.interrupt()
 
     def _on_conversation_item_truncate(self, event: dict) -> None:
@@ -232,6 +235,7 @@ class RealtimeLink:
         if not isinstance(ms, int) or isinstance(ms, bool) or ms < 0:
             raise wire.ProtocolError("audio_end_ms must be a whole number of milliseconds.")
         if self._out.running(item) and self.assistant is not None:
+            self._out.cancelled_by_client()
             self.assistant.interrupt()  # truncating a reply still being made: the user stopped listening
         heard = self._out.heard(item, ms)
         if heard is None:
@@ -342,6 +346,7 @@ class _Responses:
         self._replies: deque[dict] = deque()  # responses begun and not done, oldest first: a cancelled one
         # is done only once its turn has wound down, which may be after the next turn began
         self._latest: dict | None = None  # the last reply the session holds, for truncate
+        self.limits: dict[object, int] = {}  # a response.create's own max_output_tokens, by its turn's tag
 
     def follow(self, assistant: Assistant) -> None:
         self._thread = threading.Thread(target=self._read, args=(assistant,), name="afnext-realtime-read", daemon=True)
@@ -356,11 +361,20 @@ class _Responses:
         a cancel is done as far as the client is concerned."""
         return any(r["status"] != "cancelled" and response in (None, r["id"]) for r in list(self._replies))
 
+    def cancelled_by_client(self) -> None:
+        """The client ends the open replies (response.cancel, a truncate of one still being made): their
+        response.done says so, where a barge-in says `turn_detected`."""
+        for reply in list(self._replies):
+            reply["reason"] = "client_cancelled"
+
     def abandon(self) -> None:
-        """The assistant was replaced mid-reply: its open replies end as cancelled."""
+        """The assistant was replaced mid-reply (the client changed the model): its open replies end as
+        cancelled."""
+        self.cancelled_by_client()
         while self._replies:
             self._replies[0]["status"] = "cancelled"
             self._finish(VoiceTurnDone(0.0, None, None))
+        self.limits.clear()
 
     def running(self, item: object) -> bool:
         """The reply with this item id is still being made."""
@@ -424,7 +438,7 @@ class _Responses:
             self._replies[-1]["status"] = "cancelled"
             self._voice.drop()
         elif isinstance(inner, Error):
-            self._replies[-1]["status"] = "failed"
+            self._replies[-1]["status"], self._replies[-1]["error"] = "failed", inner.message
             self.send(wire.error(wire.ProtocolError(inner.message, "server_error")))
         elif isinstance(inner, VoiceTurnDone):
             self._finish(inner)
@@ -446,7 +460,8 @@ class _Responses:
         if item is None:
             item = self._announce(turn)
         reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "reasoning": "", "audio_ms": 0.0,
-                 "status": "completed", "done": threading.Event()}
+                 "status": "completed", "done": threading.Event(),
+                 "limit": self.limits.pop(turn.tag, None) or self.link.config.max_output_tokens}
         self._replies.append(reply)
         self.link.chain(reply["item"])
         self.send(wire.event("response.created", response=_shown(reply, "in_progress")))
@@ -465,6 +480,8 @@ class _Responses:
         reply = self._replies.popleft()
         if reply["status"] != "cancelled" and done.reply is not None and done.reply.interrupted:
             reply["status"] = "cancelled"
+        if reply["status"] == "completed" and done.reply is not None and len(done.reply.token_ids) >= reply["limit"]:
+            reply["status"] = "incomplete"  # cut off by its max_output_tokens
         if reply["status"] != "cancelled":
             self._audio(reply, self._voice.end())
         where, text = _where(reply), reply["transcript"]
@@ -509,7 +526,12 @@ def _where(reply: dict) -> dict:
 
 
 def _shown(reply: dict, status: str) -> dict:
-    return {"id": reply["id"], "object": "realtime.response", "status": status, "output": []}
+    """The response object; once done, `status_details` says why one did not complete, as OpenAI's does."""
+    details = {"cancelled": {"type": "cancelled", "reason": reply.get("reason", "turn_detected")},
+               "incomplete": {"type": "incomplete", "reason": "max_output_tokens"},
+               "failed": {"type": "failed", "error": {"type": "server_error", "message": reply.get("error")}}}.get(status)
+    return {"id": reply["id"], "object": "realtime.response", "status": status, "status_details": details,
+            "output": []}
 
 
 class RealtimeServer:

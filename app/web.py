@@ -357,7 +357,11 @@ class _RecordingsTab:
         held = self.live.get(cid, owned)
         if not isinstance(held, Recording):
             return "", gr.skip(), gr.skip()
-        held.name = self.store.get(cid, owner=owned).title
+        kept = self.store.get(cid, owner=owned)
+        if kept is None:  # deleted from another tab since it was renamed
+            gr.Warning("That recording is no longer in your history.")
+            return unchanged
+        held.name = kept.title
         if cid != current:
             return "", gr.skip(), gr.skip()
         return "", held.waveform(), f"Renamed to **{_markdown_text(held.name)}**."

@@ -101,8 +101,10 @@ def test_server_vad_turn_barge_in_and_truncate(server):
         say(connection, np.concatenate([speech("Stop, wait a moment."), silence(1.0)]))  # over it
         cancelled = talk.wait_for("response.done")[0]
         assert cancelled.response.id == first and cancelled.response.status == "cancelled"
+        assert cancelled.response.status_details.type == "cancelled"
+        assert cancelled.response.status_details.reason == "turn_detected", "the user spoke over it"
         done = talk.wait_for("response.done", count=2)[1]
-        assert done.response.status == "completed"
+        assert done.response.status == "completed" and done.response.status_details is None
         item = done.response.output[0].id  # its audio plays on the client; the user cuts in after 0.8 s
         connection.send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
                          "audio_end_ms": 800})
@@ -146,7 +148,7 @@ def test_text_items_manual_turns_and_errors(server):
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}})
         connection.send({"type": "response.create"})
         done = talk.wait_for("response.done")[0]
-        assert done.response.status == "completed"
+        assert done.response.status == "completed" or done.response.status_details.reason == "max_output_tokens"
         text = talk.wait_for("response.output_text.done")[0].text
         assert text == "".join(e.delta for e in talk.events if e.type == "response.output_text.delta")
         say(connection, speech("And this?"))

@@ -314,6 +314,13 @@ def events_until(ws, kind: str, count: int = 1) -> list[dict]:
     return seen
 
 
+def answered(response: dict) -> bool:
+    """A reply made to its end: completed, or cut off by its max_output_tokens (a random-weight model
+    seldom ends a reply by itself)."""
+    return response["status"] == "completed" or (
+        response["status"] == "incomplete" and response["status_details"]["reason"] == "max_output_tokens")
+
+
 def speech_16k() -> np.ndarray:
     speech, rate = soundfile.read(ASSETS / "speech.wav", dtype="int16")
     assert rate == SAMPLE_RATE
@@ -334,7 +341,7 @@ def test_realtime_hears_a_turn_and_answers_with_text_and_audio(voice):
     audio = sum(len(wire.pcm16(e["delta"])) for e in seen if e["type"] == "response.output_audio.delta")
     assert audio > 0
     done = seen[-1]
-    assert done["response"]["status"] == "completed" and done["timings"]["endpoint_s"] > 0
+    assert answered(done["response"]) and done["timings"]["endpoint_s"] > 0
     assert done["timings"]["first_audio_s"] >= done["timings"]["ttft_s"] > 0
 
 
@@ -353,10 +360,10 @@ def test_with_create_response_off_a_heard_turn_waits_for_response_create(voice):
         ws.send_json({"type": "input_audio_buffer.clear"})  # nothing but this answer comes: no response began
         assert ws.receive_json()["type"] == "input_audio_buffer.cleared"
         ws.send_json({"type": "response.create"})
-        answered = events_until(ws, "response.done")
-    kinds = [e["type"] for e in heard + answered]
-    assert "response.created" not in [e["type"] for e in heard] and answered[-1]["response"]["status"] == "completed"
-    assert any(e["type"] == "response.output_audio.delta" for e in answered), kinds
+        reply = events_until(ws, "response.done")
+    kinds = [e["type"] for e in heard + reply]
+    assert "response.created" not in [e["type"] for e in heard] and answered(reply[-1]["response"])
+    assert any(e["type"] == "response.output_audio.delta" for e in reply), kinds
 
 
 def test_a_burst_of_responses_asked_for_gets_one_at_a_time_and_loses_no_item(voice):
@@ -384,6 +391,45 @@ def test_a_burst_of_responses_asked_for_gets_one_at_a_time_and_loses_no_item(voi
     assert len(users) == 3 and answers == [users[0], users[2]], (users, answers)
     assert refused == ["conversation_already_has_active_response"] * 2, refused
     assert not [e for e in seen if e["type"].startswith("input_audio_buffer.")], "no audio was committed"
+
+
+def test_response_done_says_why_a_response_did_not_complete(voice, backend):
+    """status_details as OpenAI's server gives it: none for a finished reply; max_output_tokens (the
+    session's, or the response's own) for one cut off there; client_cancelled for a response.cancel."""
+    question = {"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "My list?"}]}}
+
+    def respond(ws, response=None) -> dict:
+        ws.send_json(question)
+        ws.send_json({"type": "response.create", **({"response": response} if response else {})})
+        return events_until(ws, "response.done")[-1]["response"]
+    with voice().websocket_connect(f"{realtime.ROUTE}?model=think") as ws:  # the scripted reply: 60-odd tokens
+        ws.receive_json()
+        ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"],
+                                                            "audio": {"input": {"turn_detection": None}}}})
+        events_until(ws, "session.updated")
+        whole = respond(ws)
+        assert whole["status"] == "completed" and whole["status_details"] is None, whole
+        own = respond(ws, {"max_output_tokens": 5})
+        assert own["status"] == "incomplete" and own["usage"]["output_tokens"] == 5, own
+        assert own["status_details"] == {"type": "incomplete", "reason": "max_output_tokens"}
+        assert own["output"][0]["status"] == "incomplete"
+        ws.send_json({"type": "session.update", "session": {"max_output_tokens": 7}})
+        events_until(ws, "session.updated")
+        session = respond(ws)
+        assert session["status"] == "incomplete" and session["usage"]["output_tokens"] == 7, session
+
+        backend.think.step_delay_s = 0.05  # slow enough to be cancelled while it is made
+        try:
+            ws.send_json(question)
+            ws.send_json({"type": "response.create"})
+            created = events_until(ws, "response.created")[-1]["response"]["id"]
+            ws.send_json({"type": "response.cancel", "response_id": created})
+            cancelled = events_until(ws, "response.done")[-1]["response"]
+        finally:
+            backend.think.step_delay_s = 0.0
+    assert cancelled["id"] == created and cancelled["status"] == "cancelled", cancelled
+    assert cancelled["status_details"] == {"type": "cancelled", "reason": "client_cancelled"}
 
 
 def test_the_think_model_shows_its_reasoning_and_speaks_only_the_answer(voice):
@@ -547,6 +593,28 @@ def test_opening_an_example_empties_the_upload_box_with_its_first_update_only(ba
     assert updates[-1][0].startswith("**sounds\\.flac** (0:13).")
 
 
+def test_a_rename_a_delete_from_another_tab_overtakes_changes_nothing_shown(backend, tmp_path, monkeypatch):
+    import gradio as gr
+
+    from afnext.store import Store
+    from app.access import owner_of
+    from app.web import _RecordingsTab
+
+    store, owner = Store(tmp_path / "store"), "b" * 32
+    tab = _RecordingsTab(BackendLoader.ready_made(backend), tmp_path, store, None)
+    request = type("Request", (), {"client": type("Client", (), {"host": "10.0.0.1"})()})()
+    cid = list(tab.example(ASSETS / "sounds.flac")(owner, request))[-2][3]  # (status, wave, chat, cid, box)
+    renaming = store.rename
+
+    def renamed_then_deleted(cid, title, owner):
+        done = renaming(cid, title, owner=owner)
+        store.delete(cid, owner=owner)
+        return done
+    monkeypatch.setattr(store, "rename", renamed_then_deleted)
+    assert store.get(cid, owner=owner_of(owner)) is not None
+    assert tab.rename(cid, "new name", cid, owner) == (gr.skip(), gr.skip(), gr.skip())
+
+
 def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_path):
     log = tmp_path / "app.log"
     args = ["-m", "app", "--model", str(tmp_path / "missing"), "--port", str(free_port())]
@@ -590,7 +658,7 @@ def test_a_socket_with_an_owner_keeps_its_conversation_and_goes_on_with_it_after
                                                             "audio": {"input": {"turn_detection": None}}}})
         events_until(ws, "session.updated")
         first = _text_turn(ws, "Hello there.")
-        assert first["response"]["status"] == "completed"
+        assert answered(first["response"])
         assert [t.text for t in store.turns(cid)][0] == "Hello there."
     shutil.copytree(tmp_path, tmp_path.parent / "copy")  # as the first server leaves it
     restarted = voice(store=Store(tmp_path.parent / "copy"))  # a new server: nothing live, all from the store
@@ -601,7 +669,7 @@ def test_a_socket_with_an_owner_keeps_its_conversation_and_goes_on_with_it_after
             ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 6,
                                                                 "audio": {"input": {"turn_detection": None}}}})
             events_until(ws, "session.updated")
-            assert _text_turn(ws, "And then?")["response"]["status"] == "completed"
+            assert answered(_text_turn(ws, "And then?")["response"])
         kept.append(where.turns(cid))
     assert [t.text for t in kept[0][0::2]] == ["Hello there.", "And then?"] == [t.text for t in kept[1][0::2]]
     assert kept[0][3].token_ids == kept[1][3].token_ids, "the live and the rebuilt session answered alike"
@@ -632,7 +700,7 @@ def test_a_voice_conversation_that_went_on_on_another_replica_goes_on_from_the_s
                                                                 "audio": {"input": {"turn_detection": None}}}})
             events_until(ws, "session.updated")
             done = _text_turn(ws, text)
-            assert done["response"]["status"] == "completed", done
+            assert answered(done["response"]), done
         return created["id"]
 
     cid = turn(a, "First, on A.", None, 0)
@@ -665,7 +733,7 @@ def test_eight_voice_conversations_writing_at_once_lose_nothing(voice, tmp_path)
                                                                 "audio": {"input": {"turn_detection": None}}}})
             events_until(ws, "session.updated")
             for turn in range(3):
-                assert _text_turn(ws, f"conversation {i}, turn {turn}")["response"]["status"] == "completed"
+                assert answered(_text_turn(ws, f"conversation {i}, turn {turn}")["response"])
         return owner, cid
 
     with ThreadPoolExecutor(8) as pool:

@@ -530,7 +530,8 @@ async function list() {
     ul.append(li);
   }
   const mb = found.disk_bytes / 1e6;
-  $(".history .disk").textContent = `${found.conversations.length} kept, ${mb >= 0.1 ? mb.toFixed(1) + " MB" : Math.round(mb * 1000) + " kB"} of audio on disk.`;
+  const n = found.conversations.length;
+  $(".history .disk").textContent = `${n} conversation${n === 1 ? "" : "s"} kept, ${mb >= 0.1 ? mb.toFixed(1) + " MB" : Math.round(mb * 1000) + " kB"} of audio on disk.`;
 }
 
 async function show(id) {  // a kept conversation's transcript, as the transcript list
