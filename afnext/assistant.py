@@ -67,14 +67,19 @@ class Assistant:
         self._lock = threading.RLock()  # orders barge-in against reply audio, and state changes
         self._mic_s = 0.0  # seconds of microphone audio pushed
         self._mic_wall = time.perf_counter()  # when the last push arrived
+        self._clock, self._clock_lock = 0.0, threading.Lock()  # the latest time `now` gave
         self._turn: _Turn | None = None
         self._speaking_until = 0.0  # microphone-clock time the emitted speech finishes playing
         self._closed = False  # set by close(), after its END_OF_EVENTS
         self.state = "listening"
 
     def now(self) -> float:
-        """The microphone clock: audio pushed so far, carried on by wall time since the last push."""
-        return self._mic_s + (time.perf_counter() - self._mic_wall)
+        """The microphone clock: audio pushed so far, carried on by wall time since the last push. It
+        never steps back: a burst of audio after a late callback starts with less than the wall time
+        that passed, and the clock waits for the audio to catch up (stamps stay in order)."""
+        with self._clock_lock:
+            self._clock = max(self._clock, self._mic_s + (time.perf_counter() - self._mic_wall))
+            return self._clock
 
     @property
     def busy(self) -> bool:

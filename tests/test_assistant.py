@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -353,3 +354,23 @@ def test_half_duplex_hears_the_user_while_the_answer_is_thought_of():
     assistant.close()
     seen.thread.join(5)
     assert len(session.asked) == 2 and session.asked[1][1] > 1.5, session.asked
+
+
+def test_the_microphone_clock_never_steps_back_when_audio_comes_in_a_burst(monkeypatch):
+    """A callback 80 ms late brings its audio as a burst of blocks: the clock, which wall time carried
+    on meanwhile, waits for the audio to catch up instead of stepping back (event stamps stay in order)."""
+    import afnext.assistant as brain
+    wall = [100.0]
+    monkeypatch.setattr(brain, "time", SimpleNamespace(perf_counter=lambda: wall[0], sleep=time.sleep))
+    assistant = Assistant(Scripted([]), Quiet())
+    block = np.zeros(320, np.float32)  # 20 ms
+    assistant.push(block, SAMPLE_RATE)
+    wall[0] += 0.08  # nothing for 80 ms
+    before = assistant.now()
+    assert before == pytest.approx(0.10)
+    for blocks in range(1, 5):  # the burst: 4 blocks at once
+        assistant.push(block, SAMPLE_RATE)
+        assert assistant.now() == pytest.approx(max(before, 0.02 + 0.02 * blocks)), blocks
+    wall[0] += 0.01
+    assert assistant.now() == pytest.approx(0.11), "caught up, the clock runs on"
+    assistant.close()
