@@ -13,8 +13,10 @@ first chunk, so it ends `audio emitted` seconds later.
 Barge-in: speech confirmed by the endpointer (≥ its min_speech_ms, 250 ms) while the assistant is
 thinking or speaking cancels the turn at once — generation stops before the engine's next step, no
 reply audio or text is emitted after `Interrupted` — and that speech becomes the next turn. Nothing
-waits for the cancelled turn's thread: its late output is recognised as stale and dropped. Half-duplex ignores
-the microphone while the assistant speaks (loudspeakers without echo cancellation).
+waits for the cancelled turn's thread: its late output is recognised as stale and dropped. Speech
+that goes on past a turn the endpointer ended by force (max_utterance_s, no pause) barges in on it
+too, and the turn it becomes carries what was said before, unless the session kept that turn.
+Half-duplex ignores the microphone while the assistant speaks (loudspeakers without echo cancellation).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from .tts.chunker import SpeechChunker
 from .vad import Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded
 
 log = logging.getLogger(__name__)
+
+MAX_CARRIED_S = 120.0  # an utterance that goes on past forced ends of turn carries at most this much
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,7 @@ class Assistant:
         self._mic_wall = time.perf_counter()  # when the last push arrived
         self._clock, self._clock_lock = 0.0, threading.Lock()  # the latest time `now` gave
         self._turn: _Turn | None = None
+        self._goes_on: _Turn | None = None  # a turn ended by force that the user talked on from
         self._speaking_until = 0.0  # microphone-clock time the emitted speech finishes playing
         self._closed = False  # set by close(), after its END_OF_EVENTS
         self.state = "listening"
@@ -164,11 +169,23 @@ class Assistant:
         if isinstance(event, SpeechStarted):
             self._emit(event)
             if self.speaking:
+                running = self._turn
+                # The user went on talking past a turn ended by force (max_utterance_s): they are not done.
+                # Its answer is cut off as by any barge-in, and the turn they go on with also carries what
+                # they said before, unless the session kept that (its reply had begun).
+                if running is not None and running.ended.forced and not running.cancel.is_set() \
+                        and self._goes_on_from(running, event.t):
+                    self._goes_on = running
                 self._interrupt(self.now())
         elif isinstance(event, UtteranceEnded) and self.options.answer:
-            self._start_turn(event)
+            after, self._goes_on = self._goes_on, None
+            self._start_turn(event, after=after if after is not None and self._goes_on_from(after, event.start) else None)
         elif isinstance(event, UtteranceEnded):  # heard, kept by the caller until it asks for an answer
             self._emit(UserTurn(event.t, event.start, event.end, event.audio, answered=False))
+
+    def _goes_on_from(self, turn: _Turn, onset: float) -> bool:
+        """Speech from `onset` follows `turn`'s end with no pause that would have ended a turn."""
+        return onset - turn.ended.end <= self.options.endpointer.hangover_ms / 1000
 
     def _interrupt(self, t: float, emit: bool = True) -> None:
         with self._lock:
@@ -181,11 +198,11 @@ class Assistant:
         self._set_state("listening", t)  # the cancelled turn's thread winds down alone; its output is dropped
 
     def _start_turn(self, ended: UtteranceEnded, text: str = "", tag: object = None,
-                    generation: GenerationOptions | None = None) -> None:
+                    generation: GenerationOptions | None = None, after: _Turn | None = None) -> None:
         # No join: the session starts this turn once the engine has settled the last one (one step
         # after its cancel), and anything the old turn's thread still produces is stale and dropped.
         self._emit(UserTurn(ended.t, ended.start, ended.end, ended.audio, tag=tag))
-        turn = _Turn(ended, time.perf_counter(), text, generation)
+        turn = _Turn(ended, time.perf_counter(), text, generation, after=after)
         turn.thread = threading.Thread(target=self._run_turn, args=(turn,), name="afnext-voice-turn", daemon=True)
         self._turn = turn
         self._set_state("thinking", ended.t)
@@ -197,6 +214,7 @@ class Assistant:
         reply = None
         try:
             reply = self._converse(turn)
+            turn.kept = reply is not None
         except (KeptError, AudioError, ContextFullError) as exc:  # the conversation cannot be kept (deleted,
             # the disk), the audio cannot be heard (too short), the context is full: its own sentence
             log.warning("voice turn not taken: %s", exc)
@@ -217,7 +235,7 @@ class Assistant:
         voice = threading.Thread(target=self._voice, args=(turn, pieces), name="afnext-voice-speak", daemon=True)
         voice.start()
         try:
-            audio = turn.ended.audio if len(turn.ended.audio) else None  # a typed turn has none
+            audio = turn.audio = self._heard(turn)
             stream = self.session.ask(turn.text, audio, think=self.options.think,
                                       options=turn.generation or self.options.generation, cancel=turn.cancel)
             for event in stream:
@@ -240,6 +258,23 @@ class Assistant:
             pieces.put(None)
             voice.join()  # the turn is done once its speech is out (or, cancelled, dropped)
         return reply
+
+    def _heard(self, turn: _Turn) -> np.ndarray | None:
+        """The turn's audio (None for a typed turn), after that of the forced turn it goes on from when the
+        session did not keep that one: its thread ends within a step of its cancel, before this turn
+        could begin anyway. At most MAX_CARRIED_S are carried (a noise that never pauses would grow it
+        for ever)."""
+        audio = turn.ended.audio
+        after = turn.after
+        if after is not None:
+            after.thread.join()
+            before = after.audio if after.audio is not None else after.ended.audio
+            if not after.kept and len(before) + len(audio) <= MAX_CARRIED_S * SAMPLE_RATE:
+                audio = np.concatenate([before, audio])
+            elif not after.kept:
+                log.warning("an utterance went on past %.0f s without a pause; its first %.0f s are dropped",
+                            MAX_CARRIED_S, len(before) / SAMPLE_RATE)
+        return audio if len(audio) else None
 
     def _voice(self, turn: _Turn, pieces: queue.SimpleQueue) -> None:
         """The speech stage of one turn: pieces in, audio chunks out, until the end mark."""
@@ -295,3 +330,6 @@ class _Turn:
     thread: threading.Thread | None = None
     first_text: float | None = None  # seconds after the decision
     first_audio: float | None = None
+    after: _Turn | None = None  # the turn ended by force that this one goes on from (see `_on_endpointer`)
+    audio: np.ndarray | None = None  # what the session heard: the utterance, after what it went on from
+    kept: bool = False  # the session holds the turn (its reply began)

@@ -85,6 +85,7 @@ class UtteranceEnded:
     # left out of == and repr
     audio: np.ndarray = dataclasses.field(repr=False, compare=False)
     complete: float | None = None  # Smart Turn's probability that ended the turn (None: silence ended it)
+    forced: bool = False  # ended by `max_utterance_s` while the voice went on (no pause ended it)
 
 
 Event = SpeechStarted | UtteranceEnded
@@ -242,8 +243,10 @@ class Endpointer:
             # Decided at the frame end nearest to voice end + hangover: on average exactly hangover.
             hangover = self._hangover if self.turn_model is None else self._max_silence
             quiet = not self._active and end - self._voice_end >= hangover - self._frame // 2
-            if quiet or end - self._onset >= self._max_utterance:
+            if quiet:
                 return self._utterance_ended(end, self._voice_end)
+            if end - self._onset >= self._max_utterance:
+                return dataclasses.replace(self._utterance_ended(end, self._voice_end), forced=True)
         return None
 
     def _ask(self, end: int) -> UtteranceEnded | None:

@@ -374,3 +374,26 @@ def test_the_microphone_clock_never_steps_back_when_audio_comes_in_a_burst(monke
     wall[0] += 0.01
     assert assistant.now() == pytest.approx(0.11), "caught up, the clock runs on"
     assistant.close()
+
+
+def test_speech_that_goes_on_past_a_forced_end_of_turn_is_answered_whole():
+    """A turn the endpointer ends by force (max_utterance_s) while the user talks on is cut off as by
+    any barge-in, and the turn the rest becomes carries the words before it: the session is asked
+    about everything said, once, not about its last seconds alone."""
+    from afnext.vad import EndpointerOptions
+
+    session = Scripted([TextDelta("Sure.")], delay_s=1.0)  # no reply begins before the user goes on
+    options = AssistantOptions(endpointer=EndpointerOptions(max_utterance_s=2.5))
+    assistant = Assistant(session, Quiet(), options)
+    seen = Collector(assistant)
+    said = speech("I would like to order a large pizza with mushrooms, olives and extra cheese, and a lemonade")
+    assert len(said) > 3.5 * SAMPLE_RATE
+    push(assistant, np.concatenate([silence(0.3), said, silence(1.2)]))
+    assert assistant.wait(20)  # the last turn, answered (the push heard every turn end)
+    *cut_off, (_, heard, cancel) = session.asked
+    assert cut_off and all(c.is_set() for _, _, c in cut_off), "each forced end was barged in on"
+    assert not cancel.is_set() and heard >= len(said) / SAMPLE_RATE, (heard, len(said) / SAMPLE_RATE)
+    assert heard < len(said) / SAMPLE_RATE + 1.0, "and no second of it twice"
+    seen.wait_for(TextDelta)
+    assistant.close()
+    seen.thread.join(5)

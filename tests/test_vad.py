@@ -187,6 +187,9 @@ def test_max_utterance_forces_an_end_and_speech_goes_on():
     assert len(ended) >= 3
     first = ended[0]
     assert abs(first.t - first.start - 2.0) <= 0.032 and first.t < end  # forced, mid-speech
+    assert first.forced, "and says so (the voice loop lets the speech going on carry it)"
+    short, _ = sequence(0.5, speech(FIRST), 1.0)
+    assert [e.forced for e in turns(run(short))] == [False], "a pause ends a turn unforced"
     for before, after in zip(ended, ended[1:]):
         assert after.start >= before.t  # speech picked up again after each forced end
     audio_s = sum(event.audio.size for event in ended) / SAMPLE_RATE
