@@ -352,12 +352,25 @@ class Store:
     def _unlink(self, path: Path, unless_touched_after: float | None = None) -> None:
         """Remove a kept file; with `unless_touched_after`, not one put again since then: another process
         sharing this store (a replica) is asking a turn with the same bytes (`prune` takes it later if
-        that turn is never kept)."""
-        try:
-            stat = path.stat()
-            if unless_touched_after is not None and stat.st_mtime > unless_touched_after:
+        that turn is never kept).
+
+        The file is first renamed aside, and its time read after that: another process's put either
+        touched it before (the time shows it, and it is put back) or finds it gone and writes it anew.
+        Read before the removal, a put between the read and the removal lost its file."""
+        if unless_touched_after is None:
+            aside = path
+        else:
+            aside = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")  # swept on open if a crash leaves it
+            try:
+                path.rename(aside)
+            except FileNotFoundError:
                 return
-            path.unlink()
+        try:
+            stat = aside.stat()
+            if unless_touched_after is not None and stat.st_mtime > unless_touched_after:
+                os.replace(aside, path)  # the same bytes as any file written there meanwhile
+                return
+            aside.unlink()
         except FileNotFoundError:
             return
         if self._audio_bytes is not None:
@@ -375,9 +388,10 @@ class Store:
             for path in (self.path / "audio").glob("*/*"):
                 # Not a file touched in the last hour: another process may be about to commit a turn with it.
                 try:
+                    recent = time.time() - 3600
                     if (not path.name.startswith(".") and path.name not in used and path.name not in self._in_flight
-                            and path.stat().st_mtime < time.time() - 3600):
-                        self._unlink(path)
+                            and path.stat().st_mtime < recent):
+                        self._unlink(path, unless_touched_after=recent)  # checked again once it is aside
                 except FileNotFoundError:  # another process's prune took it first
                     continue
         return gone

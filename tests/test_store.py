@@ -393,6 +393,32 @@ def test_audio_another_process_is_asking_with_survives_a_delete_here(tmp_path):
     assert here.delete(alone, owner="o") and not (tmp_path / "audio" / mine[:2] / mine).exists()
 
 
+def test_a_put_in_another_process_at_the_instant_of_a_delete_here_keeps_its_file(tmp_path, monkeypatch):
+    """The delete has found the file unused and not put again; the other replica puts the same bytes
+    (finding the file there, it only touches it) just before the file is removed: its turn must not
+    refer to a file that is gone."""
+    from pathlib import Path
+
+    here, there = Store(tmp_path), Store(tmp_path)
+    old = here.create("talk", owner="o")
+    key = here.put_audio(b"RIFF clip bytes", ".wav")
+    here.add_exchange(old, StoredTurn("user", "q", audio=key), StoredTurn("assistant", "r"))
+    time.sleep(0.01)
+    other = there.create("talk", owner="o")
+    removing, put = Path.unlink, []
+
+    def unlink(path, *args, **kwargs):
+        if key in path.name and not put:  # the instant before the removal
+            put.append(True)
+            there.add_exchange(other, StoredTurn("user", "q"), StoredTurn("assistant", "r"),
+                               audio=(b"RIFF clip bytes", ".wav"))
+        return removing(path, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert here.delete(old, owner="o") and put
+    assert there.audio_path(key).read_bytes() == b"RIFF clip bytes"
+    assert there.turns(other)[0].audio == key
+
+
 def test_a_full_store_lets_go_of_the_conversations_unused_longest_and_never_of_recent_ones(tmp_path):
     store = Store(tmp_path, max_bytes=2500)
     old = [store.create("recording", owner="o", audio=(bytes([i]) * 1000, ".wav")) for i in range(2)]
