@@ -337,8 +337,11 @@ class Reply:
         together go out in one write (each write is a wake-up of the client, and costs the server a
         system call): the opening chunk with the first event, the last ones with the end of the body;
         each event is still a chunk of its own."""
-        name, held = self.target.name, [_event(wire.chunk(self.cid, self.target.name,
-                                                          {"role": "assistant", "content": ""}))]
+        created = int(time.time())
+
+        def chunk(delta: dict | None, finish: str | None = None, use: dict | None = None) -> str:
+            return _event(wire.chunk(self.cid, self.target.name, delta, finish, use, created=created, usage=include_usage))
+        held = [chunk({"role": "assistant", "content": ""})]
         opening = True  # `held` holds the opening chunk alone: it waits for the first event
         try:
             async for kind, value in (_drain(self.items) if self.woken is None else self._read_on_loop()):
@@ -349,22 +352,20 @@ class Reply:
                     continue
                 opening = False
                 if kind == "content" and self.turn.audio is not None:
-                    held.append(_event(wire.chunk(self.cid, name, {"audio": {"id": self.audio_id,
-                                                                              "transcript": value}})))
+                    held.append(chunk({"audio": {"id": self.audio_id, "transcript": value}}))
                 elif kind == "audio":
-                    held.append(_event(wire.chunk(self.cid, name, {"audio": {
-                        "id": self.audio_id, "data": wire.pcm16_b64(value),
-                        "expires_at": int(time.time()) + wire.AUDIO_KEPT_S}})))
+                    held.append(chunk({"audio": {"id": self.audio_id, "data": wire.pcm16_b64(value),
+                                                 "expires_at": int(time.time()) + wire.AUDIO_KEPT_S}}))
                 elif kind == "content":
-                    held.append(_event(wire.chunk(self.cid, name, {"content": value})))
+                    held.append(chunk({"content": value}))
                 elif kind == "reasoning":
-                    held.append(_event(wire.chunk(self.cid, name, {"reasoning_content": value})))
+                    held.append(chunk({"reasoning_content": value}))
                 else:
                     finish, reply = value
                     extra = {"think_steps": _steps(reply)} if self.turn.think else {}
-                    held.append(_event(wire.chunk(self.cid, name, extra, finish)))
+                    held.append(chunk(extra, finish))
                     if include_usage:
-                        held.append(_event(wire.chunk(self.cid, name, None, use=self._usage(reply))))
+                        held.append(chunk(None, use=self._usage(reply)))
         except Exception as exc:  # the headers are gone: say it in the stream, as vLLM does
             log.exception("streamed chat completion failed")
             held.append(_event(wire.WireError(500, f"The model failed on this request ({type(exc).__name__}).",

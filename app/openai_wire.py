@@ -242,11 +242,14 @@ def completion(cid: str, model: str, message: dict, finish: str, use: dict) -> d
                          "logprobs": None}], "usage": use}
 
 
-def chunk(cid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None) -> dict:
-    """One streamed chunk: a delta, the finish reason, or (with no choices) the usage."""
+def chunk(cid: str, model: str, delta: dict | None, finish: str | None = None, use: dict | None = None, *,
+          created: int | None = None, usage: bool = False) -> dict:
+    """One streamed chunk: a delta, the finish reason, or (with no choices) the usage. `created`: the
+    stream's time (every chunk of a completion carries the same); `usage`: the client asked for it
+    (`stream_options.include_usage`), so every chunk has the field, null but in the last."""
     choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
-    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": choices}
-    if use is not None:
+    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()) if created is None else created,
+            "model": model, "choices": choices}
+    if usage or use is not None:
         body["usage"] = use
     return body

@@ -586,6 +586,8 @@ def test_a_streamed_reply_is_read_on_the_loop_and_stops_when_its_client_leaves(l
         deltas = [c["choices"][0]["delta"].get("content") for c in chunks if c["choices"]]
         assert all(deltas[1:-1]) and deltas[-1] is None, "one chunk per text delta, then the finish"
         assert chunks[-1]["usage"]["completion_tokens"] == 6 and not chunks[-1]["choices"]
+        assert all(c["usage"] is None for c in chunks[:-1]), "asked for usage: null in every chunk but the last"
+        assert len({c["created"] for c in chunks}) == 1 and len({c["id"] for c in chunks}) == 1
 
         leaving = ask_streamed(port, 4000)  # about four seconds of decoding on the tiny model
         first = leaving.readline()
