@@ -31,6 +31,7 @@ TEXTS = {
     "clauses": "The capital of France, as you probably know, is Paris; it has been the capital for a very long time, "
                "and it is also, by a wide margin, the largest city in the whole country, with millions of people. Ok.",
     "scripts": "你好！今天天气很好。我们去公园散步吧，好不好？「いいね！」と彼は言った。नमस्ते। आज मौसम अच्छा है।",
+    "arabic": "مرحبا يا صديقي العزيز، كيف حالك اليوم؟ أنا بخير، شكرا لك على السؤال. وأنت؟ جيد.",
 }
 
 
@@ -89,6 +90,20 @@ def test_chunker_ends_pieces_at_the_marks_of_scripts_without_spaces():
     first, second, *rest = chunk_once(unbroken, [])
     assert len(first) == 40 and len(second) == 125  # 80 and 250 wide characters' width
     assert "".join([first, second, *rest]) == unbroken
+
+
+def test_arabic_question_marks_and_commas_end_pieces():
+    """Arabic writes ؟ ، ؛ where Latin writes ? , ;: before, a question ran on into the next sentence."""
+    assert chunk_once(TEXTS["arabic"], []) == [
+        "مرحبا يا صديقي العزيز،", "كيف حالك اليوم؟", "أنا بخير، شكرا لك على السؤال.", "وأنت؟", "جيد."]
+
+
+def test_emoji_are_not_read_aloud():
+    """espeak-ng reads 😀 as "grinning face" and 🎉 as "party popper"; arrows, degrees and sharps carry meaning."""
+    assert speakable("Great job! 🎉 You did it 😀.") == "Great job! You did it."
+    assert speakable("Hello 👋🏽, well done ✅ ⭐ 1️⃣ 👨‍👩‍👧 🇫🇷") == "Hello, well done 1"
+    assert speakable("A → B at 25°C in C♯ minor") == "A → B at 25°C in C♯ minor"
+    assert chunk_once("Sure! 🎉 The answer is 42 😀. 👍", []) == ["Sure!", "The answer is 42."]
 
 
 def test_a_short_capitalised_word_before_a_number_is_an_abbreviation():
@@ -168,6 +183,23 @@ def test_espeak_stops_on_cancel_and_on_close(espeak):
     assert len(list(espeak.stream("Again."))) >= 1
 
 
+class CancelledWhileMaking(threading.Event):
+    """A barge-in that lands while the first audio is being made: set the moment this (test) thread first
+    looks at it, after the synthesizer decided to go on, so what it made meanwhile must be dropped."""
+
+    def is_set(self) -> bool:
+        if threading.current_thread() is not threading.main_thread():
+            return super().is_set()
+        was = super().is_set()
+        self.set()
+        return was
+
+
+def test_espeak_yields_nothing_once_cancelled_even_mid_block(espeak):
+    assert list(espeak.stream("Hello there, how are you today?", cancel=CancelledWhileMaking())) == []
+    assert len(list(espeak.stream("Again."))) >= 1
+
+
 def test_missing_dependency_names_the_package(monkeypatch):
     import importlib.util
 
@@ -175,6 +207,34 @@ def test_missing_dependency_names_the_package(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if "espeak" in name else real(name, *a))
     with pytest.raises(TTSError, match="pip install espeakng-loader"):
         load_synthesizer("espeak")
+
+
+def test_espeak_library_that_cannot_load_is_one_clear_error(monkeypatch):
+    """A wheel whose library will not load (another platform's, a broken install): TTSError, not OSError."""
+    espeakng_loader = pytest.importorskip("espeakng_loader")
+    from afnext.tts import espeak as espeak_module
+
+    monkeypatch.setattr(espeak_module, "_engine", None)
+    monkeypatch.setattr(espeakng_loader, "get_library_path", lambda: "/nonexistent/libespeak-ng.so")
+    with pytest.raises(TTSError, match="could not load the espeak-ng library"):
+        load_synthesizer("espeak")
+
+
+def test_espeak_reads_each_script_with_a_voice_that_knows_it(espeak):
+    """The en-us voice spells Chinese as "Chinese letter" per character, Arabic, Hebrew, Greek, Cyrillic and
+    Thai letter by letter: a piece mostly in such a script is read with that script's voice."""
+    from afnext.tts.espeak import synthesize, voice_for
+
+    assert voice_for("今天天气很好。", "en-us") == "cmn" and voice_for("こんにちは、東京。", "en-us") == "ja"
+    assert voice_for("كيف حالك؟", "en-us") == "ar" and voice_for("Привет, мир.", "en-gb") == "ru"
+    assert voice_for("שלום", "en-us") == "he" and voice_for("Γειά σου", "en-us") == "el"
+    assert voice_for("Say 你好 to them.", "en-us") == "en-us"  # mostly Latin: the chosen voice
+    assert voice_for("Привет", "uk") == "uk" and voice_for("你好", "yue") == "yue"  # a voice that reads it
+    assert voice_for("नमस्ते", "en-us") == "en-us"  # espeak-ng switches to Hindi itself
+    text = "今天天气很好。"
+    spoken = np.concatenate([c.samples for c in espeak.stream(text)])
+    assert abs(len(spoken) - len(synthesize(text, voice="cmn")[1])) < 0.05 * len(spoken)
+    assert len(list(espeak.stream("Hello again."))) >= 1 and espeak.voice == "en-us"
 
 
 def test_unknown_engine_and_voice():
@@ -256,6 +316,35 @@ def test_pocket_end_of_speech_and_cancel(pocket):
     cancel = threading.Event()
     for _ in pocket.stream("Hello there, this is a test.", cancel=cancel):
         cancel.set()
+    assert pocket.frames_generated == 1
+
+
+def test_pocket_never_yields_nan_or_inf(pocket, monkeypatch):
+    """A codec that overflows (half precision, a bad checkpoint) must not reach the player or the resampler,
+    where one NaN spreads over the rest of the reply: non-finite samples become silence or full scale."""
+    import torch
+
+    from afnext.tts.pocket import StreamingDecoder
+
+    def broken(self, latents):
+        samples = torch.full((1, latents.shape[1] * 1920), float("nan"))
+        samples[0, :3] = torch.tensor([float("inf"), float("-inf"), 0.5])
+        return samples
+
+    monkeypatch.setattr(StreamingDecoder, "__call__", broken)
+    cancel = threading.Event()
+    chunks = []
+    for chunk in pocket.stream("Hello there.", cancel=cancel):
+        chunks.append(chunk)
+        cancel.set()
+    assert len(chunks) == 1 and np.isfinite(chunks[0].samples).all()
+    assert np.abs(chunks[0].samples).max() <= 1.0 and chunks[0].samples.dtype == np.float32
+
+
+def test_pocket_yields_nothing_once_cancelled_even_mid_frame(pocket):
+    """Pocket checks the cancel before each frame; one set while a frame is made (tens of ms on a real model,
+    where most barge-ins land) must not let that frame's audio out."""
+    assert list(pocket.stream("Hello there.", cancel=CancelledWhileMaking())) == []
     assert pocket.frames_generated == 1
 
 

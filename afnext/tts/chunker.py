@@ -3,8 +3,8 @@
 The first piece of a turn may end at the first clause break (`,` `;` `:`, `，` `、` `；` `：` or a
 spaced dash) once it has a few words, so speech starts early; later pieces are whole sentences, or
 clauses only when a sentence runs long, so the synthesizer gets enough text for natural prosody. Line
-breaks always end a piece (markdown lists, headings). Markdown symbols are stripped from what will be
-spoken.
+breaks always end a piece (markdown lists, headings). Markdown symbols and emoji are stripped from what
+will be spoken. Arabic's `؟` `،` `؛` count as `?` `,` `;`.
 
 Scripts written without spaces (Chinese, Japanese) end sentences and clauses with marks that need
 no space after them (`。` `！` `？` `，` `、`); their characters count double towards the length limits
@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 from ..events import TextDelta
 
-SENTENCE_ENDS = ".!?…"
-CLAUSE_ENDS = ",;:"
+SENTENCE_ENDS = ".!?…؟۔"  # with Arabic's question mark and Urdu's full stop (both spaced as Latin ones)
+CLAUSE_ENDS = ",;:،؛"  # with Arabic's comma and semicolon
+QUESTIONS_EXCLAIMS = "!?؟"  # sentence ends that are never inside an abbreviation or a number
 # Ends that are never inside a token, so need no space after them: full-width (CJK) and Devanagari.
 FULL_STOPS = "。！？｡।॥"
 FULL_CLAUSE_ENDS = "，、；：､"
@@ -48,6 +49,11 @@ _INITIALS = re.compile(r"(?:[A-Za-z]\.)*[A-Za-z]")  # "J", "U.S", "e.g" (the las
 # Lone surrogates (undecodable command-line bytes, a JSON "\ud800") have no sound and no UTF-8 form;
 # espeak-ng's encoding and the Pocket tokenizer would both fail on them.
 _SURROGATES = re.compile("[\ud800-\udfff]")
+# Emoji and pictographs, with the whitespace before them: espeak-ng reads 😀 as "grinning face" and ✅ as
+# "white heavy check mark". Skin tones, flags, keycaps (1️⃣ keeps its digit) and ZWJ sequences included;
+# music signs (C♯), arrows and ° are not emoji and stay.
+_EMOJI = re.compile("\\s*(?:[\U0001F000-\U0001FAFF\u2600-\u2668\u2670-\u27BF\u2B00-\u2BFF\u231A\u231B"
+                    "\u23E9-\u23FA\uFE0E\uFE0F\u200D\u20E3\U000E0020-\U000E007F])+")
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,7 @@ class SpeechChunker:
         if not text[end].isspace():  # "3.5", "e.g", "example.com", "?q=1": inside a token
             return _NONE
         run = text[i:end]
-        if "!" in run or "?" in run:
+        if any(c in QUESTIONS_EXCLAIMS for c in run):
             return end
         after = end
         while after < len(text) and text[after].isspace() and text[after] != "\n":
@@ -195,7 +201,7 @@ def speakable(text: str) -> str:
     """`text` without markdown symbols, on one line; "" when nothing in it can be spoken."""
     text = _LINK.sub(r"\1", _FENCE.sub(" ", text))
     text = _SYMBOLS.sub("", _LINE_MARK.sub("", text, count=1))
-    text = " ".join(_SURROGATES.sub("", text).split())
+    text = " ".join(_EMOJI.sub("", _SURROGATES.sub("", text)).split())
     return text if any(c.isalnum() for c in text) else ""
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ctypes
 import queue
 import threading
+import unicodedata
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -33,6 +35,19 @@ _BUFFER_MS = 100  # ms of audio per callback: the size of a streamed chunk (2205
 _INT16_SCALE = 1.0 / 32768.0
 _POLL_S = 0.02  # how often a waiting stream looks at its cancel event, seconds
 _JOIN_S = 2.0  # longest wait for the worker after a stream stops (espeak aborts at its next block)
+
+# Scripts espeak-ng's voices for other scripts spell letter by letter ("Chinese letter" per character):
+# the voice a piece mostly in one is read with → (Unicode name prefixes of its letters, voice-name
+# prefixes that read it themselves). Latin voices switch to Hindi, Korean and a few more on their own.
+SCRIPT_VOICES = {
+    "ja": (("HIRAGANA", "KATAKANA"), ("ja",)),  # kana; the kanji beside them count as Japanese too
+    "cmn": (("CJK UNIFIED",), ("cmn", "yue", "hak", "ja")),
+    "ar": (("ARABIC",), ("ar", "fa", "ur", "ps", "sd", "ug", "ku")),
+    "he": (("HEBREW",), ("he",)),
+    "ru": (("CYRILLIC",), ("ru", "uk", "be", "bg", "mk", "sr", "kk", "ky", "tt", "ba", "cv", "mn")),
+    "el": (("GREEK",), ("el", "grc")),
+    "th": (("THAI",), ("th",)),
+}
 
 # int callback(short *wav, int numsamples, espeak_EVENT *events); returning 1 aborts synthesis.
 _SynthCallback = ctypes.CFUNCTYPE(
@@ -57,7 +72,11 @@ class _Engine:
             raise TTSError(
                 "espeak-ng is not installed; run `pip install espeakng-loader` (GPL-3.0) to use it."
             ) from error
-        self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        try:
+            self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        except OSError as error:  # another platform's wheel, a broken install
+            raise TTSError(f"espeak-ng is installed but could not load the espeak-ng library ({error}); "
+                           "reinstall it with `pip install --force-reinstall espeakng-loader`.") from error
         _declare(self.lib)
         data_path = espeakng_loader.get_data_path().encode()
         self.sample_rate = self.lib.espeak_Initialize(
@@ -73,7 +92,8 @@ class _Engine:
 def synthesize(text: str, *, voice: str = "en-us", rate_wpm: int = 170) -> tuple[int, np.ndarray]:
     """Speak `text` with espeak-ng: (22050, float32 mono samples in [-1, 1]).
 
-    `voice` is an espeak-ng voice name ("en-us", "en-gb", "fr", ...). Raises TTSError (a
+    `voice` is an espeak-ng voice name ("en-us", "en-gb", "fr", ...); text mostly in a script it would
+    spell letter by letter is read with that script's voice (`voice_for`). Raises TTSError (a
     RuntimeError) when the `espeakng-loader` wheel is missing and ValueError for an unknown voice or rate.
     """
     _check_rate(rate_wpm)
@@ -117,7 +137,7 @@ class EspeakSynthesizer:
                     item = blocks.get(timeout=_POLL_S)
                 except queue.Empty:
                     continue
-                if item is None:
+                if item is None or (cancel is not None and cancel.is_set()):  # set while we waited: not one more
                     return
                 if isinstance(item, BaseException):
                     raise item
@@ -135,12 +155,30 @@ class EspeakSynthesizer:
             blocks.put(exc)
 
 
+def voice_for(text: str, voice: str) -> str:
+    """The voice to read `text` with: `voice`, unless over half of its letters are in a script that
+    `voice` would spell letter by letter (SCRIPT_VOICES); then that script's voice."""
+    scripts = Counter(_script(char) for char in text if char.isalpha())
+    if scripts["ja"]:
+        scripts["ja"] += scripts.pop("cmn", 0)
+    script, count = max(scripts.items(), key=lambda item: item[1], default=(None, 0))
+    if script is None or 2 * count <= scripts.total():
+        return voice
+    return voice if voice.startswith(SCRIPT_VOICES[script][1]) else script
+
+
+def _script(char: str) -> str | None:
+    """The SCRIPT_VOICES key of a letter's script; None for the rest (Latin among them)."""
+    name = unicodedata.name(char, "")
+    return next((key for key, (prefixes, _) in SCRIPT_VOICES.items() if name.startswith(prefixes)), None)
+
+
 def _run(text: str, voice: str, rate_wpm: int, sink: Callable[[bytes], bool]) -> _Engine:
     """One espeak_Synth call with `sink` receiving its blocks; returns the engine."""
     global _sink
     with _lock:
         engine = _started()
-        _use_voice(engine, voice)
+        _use_voice(engine, voice_for(text, voice))
         engine.lib.espeak_SetParameter(_PARAMETER_RATE, rate_wpm, 0)
         data = text.encode("utf-8")
         _sink = sink

@@ -90,13 +90,19 @@ class PocketSynthesizer:
             pending.append(latent)
             self.frames_generated += 1
             if len(pending) >= (self.options.first_chunk_frames if first else self.options.chunk_frames):
-                yield self._chunk(decoder, pending, fade_in=first)
+                chunk = self._chunk(decoder, pending, fade_in=first)
+                if _is_set(cancel):  # set while the frame was made (most of the time is spent there)
+                    return
+                yield chunk
                 pending, first = [], False
         if pending and not _is_set(cancel):
             yield self._chunk(decoder, pending, fade_in=first)
 
     def _chunk(self, decoder: StreamingDecoder, latents: list[torch.Tensor], fade_in: bool) -> AudioChunk:
         samples = decoder(torch.stack(latents, dim=1))[0].float().cpu().numpy()
+        # An overflow (half precision, a bad checkpoint) is silence or full scale, never NaN: np.clip keeps
+        # NaN, the player and int16 conversion make it noise, and a resampler spreads it over the reply.
+        samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
         if fade_in:  # a fresh decoder starts with a step, heard as a click (as the processor's decode does)
             fade = min(int(self.processor.fade_in_duration * self.sample_rate), len(samples))
             samples[:fade] *= np.linspace(0.0, 1.0, fade, dtype=np.float32)
