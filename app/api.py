@@ -303,9 +303,15 @@ class Reply:
         self.items: asyncio.Queue | None = None  # a streamed reply's events, as the worker makes them
         self.woken: asyncio.Event | None = None  # set on the loop when the engine has more: a stream read there
         self.whole_reply: asyncio.Future | None = None  # `whole()`, made on the worker for an unstreamed reply
-        self.cancel = threading.Event()
+        self.cancel = threading.Event()  # the engine stops the turn (a stop sequence, or `abandon`)
+        self.gone = threading.Event()  # the client left: nothing more is spoken either
         self.audio_id = wire.new_id("audio")
-        self._voice = Voice(target.synthesizer, self.cancel) if turn.audio is not None else None
+        self._voice = Voice(target.synthesizer, self.gone) if turn.audio is not None else None
+
+    def abandon(self) -> None:
+        """The client hung up: the turn stops before the engine's next step, and its speech at once."""
+        self.gone.set()
+        self.cancel.set()
 
     def whole(self) -> dict:
         content, reasoning, speech, done = [], [], [], None
@@ -371,7 +377,7 @@ class Reply:
             held.append(_event(wire.WireError(500, f"The model failed on this request ({type(exc).__name__}).",
                                               kind="server_error").body()))
         finally:
-            self.cancel.set()  # a client that hung up stops the turn before the engine's next step
+            self.abandon()  # a client that hung up stops the turn before the engine's next step
         yield "".join(held) + "data: [DONE]\n\n", False
 
     async def _read_on_loop(self):
@@ -390,7 +396,7 @@ class Reply:
             ended = True
         finally:
             if not ended:
-                self.cancel.set()
+                self.abandon()
                 _READERS.add(task := asyncio.get_running_loop().create_task(_read_out(events, self.woken)))
                 task.add_done_callback(_READERS.discard)
 
@@ -421,7 +427,7 @@ class Reply:
                     yield "content", text
                     yield from self._speak(text)
                 if stop.hit:
-                    self.cancel.set()
+                    self.cancel.set()  # the engine stops; the answer up to the stop is still spoken
             elif isinstance(event, TurnDone):
                 reply = event.reply
         if reply is None:  # cancelled before the reply began: the session is as it was
@@ -465,7 +471,7 @@ class Voice:
     so synthesis inline with the text stream holds the text back by no more than that)."""
 
     def __init__(self, synthesizer, cancel: threading.Event) -> None:
-        self.synthesizer, self.cancel = synthesizer, cancel
+        self.synthesizer, self.cancel = synthesizer, cancel  # `cancel`: the client left
         self.chunker, self.resampler = SpeechChunker(), SpeechResampler(wire.AUDIO_OUT_RATE)
 
     def say(self, text: str | None) -> Iterator[np.ndarray]:
@@ -596,7 +602,7 @@ async def _answered(request: Request, reply: Reply) -> dict:
     while not done.done():
         await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
         if not done.done() and await request.is_disconnected():
-            reply.cancel.set()
+            reply.abandon()
     return done.result()
 
 

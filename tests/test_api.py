@@ -203,6 +203,29 @@ def test_stop_sequences_cut_the_answer(client):
     assert cut.choices[0].finish_reason == "stop"
 
 
+def test_a_spoken_answer_cut_by_a_stop_sequence_is_spoken_to_the_stop(client):
+    """The stop stops the model, not the voice: all of the answer the client gets is spoken (its last
+    piece was spoken with the turn's cancel set, which a voice takes as "say nothing more")."""
+    import threading
+
+    from afnext.audio import load_audio
+    from afnext.tts import load_synthesizer
+    from app.api import Voice
+
+    ask = dict(model="instruct", messages=[{"role": "user", "content": "Go"}], max_tokens=24,
+               extra_body={"repetition_penalty": 1.0})
+    text = client.chat.completions.create(**ask).choices[0].message.content
+    stop = text[-6:-3]
+    cut = client.chat.completions.create(**ask, stop=[stop], modalities=["text", "audio"],
+                                         audio={"voice": "alloy", "format": "wav"})
+    said = cut.choices[0].message.audio
+    assert said.transcript == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    voice = Voice(load_synthesizer("espeak"), threading.Event())
+    expected = sum(len(s) for part in (said.transcript, None) for s in voice.say(part))
+    heard = load_audio(base64.b64decode(said.data))  # at 16 kHz
+    assert expected > 0.3 * 24_000 and abs(len(heard) - expected * 16 / 24) < 0.05 * 16_000, (len(heard), expected)
+
+
 def test_audio_url_data_uri_is_audio(client, tmp_path):
     path = tmp_path / "a.flac"
     sf.write(path, np.random.default_rng(3).uniform(-0.1, 0.1, 16000), 16000)
