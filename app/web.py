@@ -41,10 +41,11 @@ from starlette.routing import Route, WebSocketRoute
 
 from afnext.audio import MAX_FILE_BYTES
 from afnext.cli import KEEP_DAYS
-from afnext.events import AudioChunk
+from afnext.events import AudioChunk, TextDelta
 from afnext.live import Live, matches_store
 from afnext.session import MAX_TEXT_CHARS
 from afnext.store import Store
+from afnext.tts.chunker import SpeechChunker
 
 from . import realtime, recordings
 from .access import TOKEN_ROUTE, Access, owner_of
@@ -424,9 +425,12 @@ class _RecordingsTab:
         if not text:
             gr.Warning(NO_ANSWER)
             return None, NO_ANSWER
+        chunker = SpeechChunker()  # what the voice loop speaks: pieces without markdown, emoji or links' URLs
+        pieces = [*chunker.feed(TextDelta(text)), *chunker.flush()]
         try:
             synthesizer = self.loader.wait().synthesizer
-            chunks = [c for c in synthesizer.stream(text) if isinstance(c, AudioChunk) and len(c.samples)]
+            chunks = [c for piece in pieces for c in synthesizer.stream(piece)
+                      if isinstance(c, AudioChunk) and len(c.samples)]
         except Exception as exc:  # the voice failed: say so, keep serving
             log.exception("speaking the answer failed")
             raise gr.Error(f"The answer could not be spoken ({type(exc).__name__}: {exc}).") from exc

@@ -232,6 +232,40 @@ def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
     assert third[0] == "Reading the question…" and third[-1].startswith("Done")
 
 
+def test_two_questions_at_once_about_a_recording_in_parts_are_asked_one_after_the_other(backend, monkeypatch):
+    """Two tabs on one long recording asking at the same moment: its parted session takes one question at
+    a time, so the recording is read and encoded once, every part holds both turns, and the chat has each
+    question with its answer (not the second question between the first and its answer)."""
+    from afnext import split
+    from afnext.parts import PartedSession, PartOptions
+    from afnext.sampling import GenerationOptions
+    from tests.conftest import noise
+
+    monkeypatch.setattr(recordings, "ANSWER_OPTIONS", GenerationOptions(max_new_tokens=16))
+    monkeypatch.setattr(recordings, "PartedSession", lambda engine, source: PartedSession(
+        engine, source, options=PartOptions(part_s=60.0, part_tokens=6)))  # 1-minute parts: seconds, not minutes
+    audio = noise(150)
+    places = tuple((p.start_s, p.end_s) for p in split.split_recording(audio, part_s=60.0))
+    rec = recordings.Recording("long.wav", "", None, [], parts=places, source=audio)
+    lines: dict[int, list[str]] = {}
+    go = threading.Barrier(2)
+
+    def asker(i: int) -> None:
+        go.wait()
+        lines[i] = list(recordings.ask(rec, f"Question {i}?", False, backend))
+
+    threads = [threading.Thread(target=asker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert all(lines[i][-1].startswith("Done") for i in range(2))
+    parted = rec.parted(backend.main)
+    assert parted.encoded_windows == 2 * len(places)  # each part's two 30 s windows, once
+    assert [len(p.session.messages) for p in parted._parts] == [4] * len(places)  # both turns in every part
+    assert [m["role"] for m in rec.chat] == ["user", "assistant", "assistant"] * 2
+
+
 def test_a_first_question_cut_off_before_the_clip_is_heard_leaves_it_to_the_next(backend, tmp_path):
     rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
     first = recordings.ask(rec, "First?", False, backend)
@@ -613,6 +647,39 @@ def test_a_rename_a_delete_from_another_tab_overtakes_changes_nothing_shown(back
     monkeypatch.setattr(store, "rename", renamed_then_deleted)
     assert store.get(cid, owner=owner_of(owner)) is not None
     assert tab.rename(cid, "new name", cid, owner) == (gr.skip(), gr.skip(), gr.skip())
+
+
+def test_speak_says_the_answer_as_the_voice_loop_would_not_its_markdown(loaded, tmp_path):
+    """The Speak button's answer goes through the chunker, as a spoken reply does: no "asterisk
+    asterisk", no emoji names, a link's words and not its URL, in pieces (one synthesizer call per
+    sentence, not the whole answer in one)."""
+    from afnext.events import AudioChunk
+    from afnext.live import Live
+    from app.access import owner_of
+    from app.web import _RecordingsTab
+
+    class Heard:
+        sample_rate = 16000
+
+        def __init__(self) -> None:
+            self.said: list[str] = []
+
+        def stream(self, text, cancel=None):
+            self.said.append(text)
+            yield AudioChunk(16000, np.full(1600, 0.1, np.float32))
+    voice = Heard()
+    engine = Engine(loaded)
+    try:
+        tab = _RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
+        recording = recordings.open_recording(str(ASSETS / "sounds.flac"), tmp_path)
+        recording.answer = "**Two** things happen 🎉. See [the notes](https://example.com/n) for more.\n- a dog\n- a bell"
+        owner = "c" * 32
+        tab.live.put("rec1", owner_of(owner), "10.0.0.1", recording)
+        (rate, samples), _ = tab.speak("rec1", owner)
+    finally:
+        engine.close()
+    assert voice.said == ["Two things happen.", "See the notes for more.", "a dog", "a bell"], voice.said
+    assert rate == 16000 and len(samples) == 4 * 1600
 
 
 def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_path):
