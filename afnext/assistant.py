@@ -37,7 +37,7 @@ from .events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDel
 from .sampling import GenerationOptions
 from .session import Session
 from .store import KeptError
-from .tts import Synthesizer
+from .tts import Synthesizer, TTSError
 from .tts.chunker import SpeechChunker
 from .vad import Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded
 
@@ -284,8 +284,12 @@ class Assistant:
             try:
                 self._speak(turn, piece)
             except Exception as exc:  # the voice failed: the text goes on, unspoken; said once
-                log.exception("speaking a piece failed")
-                self._emit(Error(f"The reply could not be spoken ({type(exc).__name__}: {exc})."))
+                if isinstance(exc, TTSError):  # its own sentence (a server with no voice says why)
+                    log.warning("reply not spoken: %s", exc)
+                    self._emit(Error(f"The reply could not be spoken: {exc}"))
+                else:
+                    log.exception("speaking a piece failed")
+                    self._emit(Error(f"The reply could not be spoken ({type(exc).__name__}: {exc})."))
                 while pieces.get() is not None:
                     pass
                 return

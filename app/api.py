@@ -43,7 +43,7 @@ from afnext.conversation import ONE_RECORDING
 from afnext.pool import Lease, Message, PartedPool, SessionPool, audio_key
 from afnext.sampling import GenerationOptions
 from afnext.session import PENDING, ContextFullError
-from afnext.tts import SpeechResampler
+from afnext.tts import Mute, SpeechResampler
 from afnext.tts.chunker import SpeechChunker
 from app import openai_wire as wire
 from app.access import HOST_REFUSAL, Access, bearer
@@ -224,6 +224,9 @@ class Api:
         turn is handed to the engine here."""
         target = self._target(body.model)
         turn = _turn(body, target)
+        if turn.audio is not None and isinstance(target.synthesizer, Mute):
+            raise wire.WireError(400, f"This server has no voice ({target.synthesizer.reason.rstrip('.')}), so it answers "
+                                      "in text only; leave \"audio\" out of modalities.", param="modalities")
         if target.engine.waiting >= MAX_WAITING:
             raise wire.WireError(429, "The server is busy; try again in a few seconds.", kind="rate_limit_exceeded",
                                  code="rate_limit_exceeded")

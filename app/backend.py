@@ -16,7 +16,7 @@ import torch
 
 from afnext.engine import Engine, default_kv, pool_tokens
 from afnext.model import LICENCE_NOTE, LoadedModel, load_or_demo
-from afnext.tts import Synthesizer, TTSError, load_synthesizer
+from afnext.tts import Mute, Synthesizer, TTSError, load_synthesizer
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,28 @@ def _model(model: str, device: str, notices: list[str]) -> LoadedModel:
 
 
 def _voice(options: BackendOptions, notices: list[str]) -> Synthesizer:
+    """The voice asked for; else espeak-ng, else none (`Mute`), each said in the banner and the log:
+    a missing voice takes the speech away, never the model's text."""
     try:
         return load_synthesizer(options.tts, model=options.tts_model, device=options.device)
     except (TTSError, ValueError) as exc:
-        if options.tts == "espeak":
-            raise
-        notices.append(f"The {options.tts} voice could not be loaded ({exc}); replies are spoken with espeak-ng instead.")
+        if options.tts == "espeak" and isinstance(exc, ValueError):
+            raise  # a voice or rate that does not exist: the command line is wrong, and says so
+        reasons = [f"{options.tts}: {str(exc).rstrip('.')}"]
+        if options.tts != "espeak":
+            try:
+                fallback = load_synthesizer("espeak")
+            except TTSError as second:
+                reasons.append(f"espeak-ng: {str(second).rstrip('.')}")
+                exc = second
+            else:
+                notices.append(f"The {options.tts} voice could not be loaded ({exc}); replies are spoken with "
+                               "espeak-ng instead.")
+                log.warning(notices[-1])
+                return fallback
+        notices.append(f"No voice could be loaded ({'; '.join(reasons)}). Replies are text only.")
         log.warning(notices[-1])
-        return load_synthesizer("espeak")
+        return Mute(str(exc))
 
 
 class BackendUnavailable(RuntimeError):

@@ -486,6 +486,25 @@ def test_large_bodies_read_at_once_are_held_within_one_budget(loaded, monkeypatc
     assert after.status_code == 200 and service._reading == 0, after.text
 
 
+def test_a_server_with_no_voice_refuses_audio_out_in_one_sentence_and_answers_text(engine):
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from afnext.tts import Mute
+    from app import api
+    from app.backend import Backend, BackendLoader
+
+    backend = Backend(engine, engine, Mute("espeak-ng could not load its library."))
+    http = TestClient(Starlette(routes=api.Api(BackendLoader.ready_made(backend)).routes()))
+    question = {"model": "instruct", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi."}]}
+    spoken = http.post("/v1/chat/completions", json={**question, "modalities": ["text", "audio"],
+                                                     "audio": {"voice": "alloy", "format": "wav"}})
+    assert spoken.status_code == 400 and spoken.json()["error"]["message"] == (
+        "This server has no voice (espeak-ng could not load its library), so it answers in text only; leave "
+        "\"audio\" out of modalities."), spoken.text
+    assert http.post("/v1/chat/completions", json=question).status_code == 200
+
+
 def test_a_client_leaving_mid_body_is_no_server_error(engine, caplog):
     """A client that hangs up while sending its body has failed nothing of ours: no error logged,
     and the next request is answered."""

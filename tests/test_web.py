@@ -22,6 +22,7 @@ from afnext.audio import SAMPLE_RATE, AudioError
 from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import ThinkStep
+from afnext.sampling import GenerationOptions
 from afnext.tts import load_synthesizer
 from app import realtime, recordings
 from app import realtime_wire as wire
@@ -298,6 +299,37 @@ def test_backend_falls_back_to_the_demo_model_and_says_so(monkeypatch):
         assert "random weights" in text and "non-commercial" in text
     finally:
         b.close()
+
+
+def test_a_server_without_any_voice_serves_text_and_says_so(monkeypatch, loaded):
+    """espeak-ng cannot load (a platform without its library): the app still serves, the banner says
+    replies are text only, and speaking is one sentence naming why, while the text goes on."""
+    from afnext.assistant import Assistant
+    from afnext.events import Error
+    from afnext.session import Session
+    from afnext.tts import TTSError
+    from app import backend as backends
+
+    def cannot(engine="espeak", **kwargs):
+        raise TTSError(f"{engine} could not load its library (no such file).")
+    monkeypatch.setattr(backends, "load_synthesizer", cannot)
+    notices: list[str] = []
+    voice = backends._voice(BackendOptions(tts="pocket"), notices)
+    assert notices == ["No voice could be loaded (pocket: pocket could not load its library (no such file); "
+                       "espeak-ng: espeak could not load its library (no such file)). Replies are text only."]
+    engine = Engine(loaded)
+    try:
+        assistant = Assistant(Session(engine), voice)
+        assistant.say(None, "Hello?", generation=GenerationOptions(max_new_tokens=4))
+        assert assistant.wait(30)
+        assistant.close()
+        events = [e.event if hasattr(e, "event") else e for e in assistant.events(timeout=5)]
+    finally:
+        engine.close()
+    errors = [e.message for e in events if isinstance(e, Error)]
+    assert errors == ["The reply could not be spoken: This server has no voice: espeak could not load its library "
+                      "(no such file)."], errors
+    assert any(type(e).__name__ == "TextDelta" for e in events), "the text went on"
 
 
 def test_two_models_on_the_cpu_split_its_threads_between_their_engines(tiny_dir):

@@ -43,6 +43,20 @@ class Synthesizer(Protocol):
         ...
 
 
+class Mute:
+    """The voice of a server whose synthesizers could not be loaded: speaking is a TTSError naming why,
+    which every shell says in one sentence while the text goes on (the banner says it at the start)."""
+
+    sample_rate = 24000
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def stream(self, text: str, cancel: threading.Event | None = None) -> Iterator[AudioChunk]:
+        raise TTSError(f"This server has no voice: {self.reason}")
+        yield  # a generator, as every synthesizer's stream is
+
+
 def load_synthesizer(engine: str = "espeak", *, model: str | None = None, device: str = "auto") -> Synthesizer:
     """A ready synthesizer (loaded and warmed up once).
 
@@ -117,5 +131,5 @@ def _require(module: str, package: str, what: str) -> None:
         raise TTSError(f"{what} needs the `{module}` module, which is not installed; run `pip install {package}`.")
 
 
-__all__ = ["ENGINES", "ChunkerOptions", "SpeechChunker", "SpeechResampler", "Synthesizer", "TTSError",
+__all__ = ["ENGINES", "ChunkerOptions", "Mute", "SpeechChunker", "SpeechResampler", "Synthesizer", "TTSError",
            "check_wav_path", "load_synthesizer"]
