@@ -47,6 +47,8 @@ MAX_SAMPLE_RATE = 768_000  # Hz: the highest rate audio interfaces record at; a 
 MAX_CHANNELS = 64  # channels: more than any recording has; a [channels, n] array passed as
 #                    [n, channels] shows up as thousands of "channels" of a few samples each
 MAX_NAME_CHARS = 80  # characters of a file name quoted back in an error message
+MAX_BAD_PACKETS = 8  # undecodable packets passed over, plus one per 100 good ones (a join of MP3 files
+#                      has one: 4 hours of chapters joined may have a hundred); more and the file is damaged
 
 # Demuxers we let FFmpeg use on untrusted uploads: audio files, and the common video containers
 # whose sound track a user may hand us (avi, asf for wma/wmv, flv, mpegts, mpeg for mpg/vob). None of
@@ -403,7 +405,7 @@ def _decode_frames(container, stream, max_seconds: float, batches: queue.Queue,
     batch: list[av.AudioFrame] = []
     decoded_s, outcome = 0.0, None
     try:
-        for frame in container.decode(stream):
+        for frame in _frames(container, stream):
             if stop.is_set():
                 return
             if batch and (len(batch) == FRAMES_PER_BLOCK or _format(frame) != _format(batch[0])):
@@ -425,6 +427,24 @@ def _decode_frames(container, stream, max_seconds: float, batches: queue.Queue,
         outcome = error
     finally:
         batches.put(outcome)
+
+
+def _frames(container: av.container.InputContainer, stream) -> Iterator[av.AudioFrame]:
+    """`container.decode(stream)`, passing over packets the decoder refuses as FFmpeg's own tools and
+    players do: the ID3 tag and Info frame in the middle of MP3 files joined end to end, a broken frame
+    in a radio recording. A file mostly of such packets is damaged; and where a file states its length,
+    audio lost that way is found by the truncation check."""
+    bad = good = 0
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.error.InvalidDataError:
+            bad += 1
+            if bad > MAX_BAD_PACKETS + good // 100:
+                raise
+            continue
+        good += 1
+        yield from frames
 
 
 def _resampled(batches: queue.Queue) -> Iterator[np.ndarray]:
@@ -462,7 +482,7 @@ def _declared_seconds(container, stream, origin: str | bytes) -> float | None:
     name = container.format.name
     if name == "wav":
         # FFmpeg clips a WAV's length to the file size, which hides truncation: read the header.
-        return _wav_declared_seconds(_read_at(origin, 0, _HEAD_BYTES))
+        return _wav_declared_seconds(_read_at(origin, 0, _HEAD_BYTES), _size(origin))
     if name in _GUESSED_LENGTH_FORMATS or name == "mp3" and not _has_mp3_length_tag(origin):
         return None
     if stream.duration:
@@ -472,8 +492,12 @@ def _declared_seconds(container, stream, origin: str | bytes) -> float | None:
     return None
 
 
-def _wav_declared_seconds(head: bytes) -> float | None:
-    """data chunk size / byte rate from a RIFF/WAVE header, None when unknown or a placeholder."""
+def _wav_declared_seconds(head: bytes, file_bytes: int) -> float | None:
+    """data chunk size / byte rate from a RIFF/WAVE header, None when unknown.
+
+    Streaming writers (a recorder that crashed, ffmpeg to a pipe) leave 0 or 0xFFFFFFFF as the size:
+    then the data runs to the end of the file, as FFmpeg reads it, and that is its length, so a
+    4-hour limit is checked before decoding and long ones are cut in even parts."""
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
     position, byte_rate = 12, 0
@@ -483,21 +507,41 @@ def _wav_declared_seconds(head: bytes) -> float | None:
         if chunk == b"fmt ":
             byte_rate = int.from_bytes(head[position + 16 : position + 20], "little")
         elif chunk == b"data":
-            # Streaming writers leave 0 or 0xFFFFFFFF here; nothing real exceeds the file cap.
+            if size in (0, 0xFFFFFFFF):
+                size = file_bytes - position - 8
+            # Nothing real exceeds the file cap.
             return size / byte_rate if byte_rate and 0 < size <= MAX_FILE_BYTES else None
         position += 8 + size + (size & 1)
     return None
 
 
 def _has_mp3_length_tag(origin: str | bytes) -> bool:
-    """Whether the first MP3 frame carries a frame count (LAME/FFmpeg Xing or Info, or VBRI)."""
+    """Whether the first MP3 frame carries a frame count (LAME/FFmpeg Xing or Info, or VBRI) that
+    is the whole file's. MP3 files joined end to end (`cat` of chapters or segments) keep the first
+    one's tag: where the file is over 1/16 bigger than the bytes its tag states, FFmpeg replaces the
+    length by a guess from the first frames' bitrate ("invalid concatenated file detected"), which
+    states nothing."""
     id3 = _read_at(origin, 0, 10)
     start = 0
     if id3[:3] == b"ID3" and len(id3) == 10:
         size = (id3[6] << 21) | (id3[7] << 14) | (id3[8] << 7) | id3[9]  # 7 bits a byte
         start = 10 + size + (10 if id3[5] & 0x10 else 0)
     first_frame = _read_at(origin, start, 2048)
-    return any(tag in first_frame for tag in (b"Xing", b"Info", b"VBRI"))
+    stated = None  # bytes of audio the tag states, where it does
+    if tags := [i for i in (first_frame.find(b"Xing"), first_frame.find(b"Info")) if i >= 0]:
+        at = min(tags)
+        flags = int.from_bytes(first_frame[at + 4 : at + 8], "big")
+        field = at + 8 + (4 if flags & 1 else 0)  # the frame count comes first when present
+        stated = int.from_bytes(first_frame[field : field + 4], "big") if flags & 2 else None
+    elif (at := first_frame.find(b"VBRI")) >= 0:
+        stated = int.from_bytes(first_frame[at + 10 : at + 14], "big")
+    else:
+        return False
+    return not stated or _size(origin) - start <= stated + stated // 16
+
+
+def _size(origin: str | bytes) -> int:
+    return len(origin) if isinstance(origin, bytes) else os.path.getsize(origin)
 
 
 def _read_at(origin: str | bytes, offset: int, size: int) -> bytes:

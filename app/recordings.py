@@ -134,6 +134,21 @@ class Recording:
             parted.journal, parted.kept = self.journal, self.kept
         return parted
 
+    @contextlib.contextmanager
+    def asking_in_parts(self, engine: Engine) -> Iterator[PartedSession]:
+        """`parted(engine)` for the length of one question. A parted session takes one question at a time
+        (its parts read, hear and answer it together): one asked meanwhile (a second tab, Enter and a click
+        at once) waits until it has ended, instead of reading and encoding the recording a second time
+        into part sessions that replace the first question's."""
+        with self._heard:
+            while id(engine) in self._hearing:
+                self._heard.wait()
+            self._hearing.add(id(engine))
+        try:
+            yield self.parted(engine)
+        finally:
+            self._let_hear(engine)
+
     def session(self, engine: Engine) -> tuple[Session, Clip | None]:
         """The conversation on `engine`, and the clip while that conversation has not heard it (a
         first turn that failed or was cancelled is rolled back, so the next one brings the clip)."""
@@ -389,27 +404,27 @@ def _ask_in_parts(recording: Recording, question: str, think: bool, engine: Engi
                   options: GenerationOptions) -> Iterator[str]:
     """`ask` for a recording over 30 minutes: every part asked (progress for the status line), the
     parts' findings as the reasoning, the merged answer as the answer, Think steps at absolute times."""
-    parted = recording.parted(engine)
-    first = not parted.heard
-    stream = parted.ask(question, think=think, options=options)
-    recording.chat.append({"role": "user", "content": question})
-    recording.steps = [] if think else recording.steps
-    reasoning = answer = None
-    done = False
-    try:
-        yield (f"Reading the recording ({clock(recording.duration_s)}) in {len(recording.parts)} parts…" if first
-               else f"Asking each of the {len(recording.parts)} parts…")
-        for event in stream:
-            if isinstance(event, PartProgress):
-                yield event.message
-                continue
-            reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, first)
-            if line is not None and not isinstance(event, (ReasoningDelta, ThinkStep)):  # progress says more
-                yield line
-    finally:
-        stream.close()  # a question cut off (a new recording, the page closed) stops every part
-        if not done:
-            _cut_off(recording, reasoning, answer)
+    with recording.asking_in_parts(engine) as parted:
+        first = not parted.heard
+        stream = parted.ask(question, think=think, options=options)
+        recording.chat.append({"role": "user", "content": question})
+        recording.steps = [] if think else recording.steps
+        reasoning = answer = None
+        done = False
+        try:
+            yield (f"Reading the recording ({clock(recording.duration_s)}) in {len(recording.parts)} parts…" if first
+                   else f"Asking each of the {len(recording.parts)} parts…")
+            for event in stream:
+                if isinstance(event, PartProgress):
+                    yield event.message
+                    continue
+                reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, first)
+                if line is not None and not isinstance(event, (ReasoningDelta, ThinkStep)):  # progress says more
+                    yield line
+        finally:
+            stream.close()  # a question cut off (a new recording, the page closed) stops every part
+            if not done:
+                _cut_off(recording, reasoning, answer)
 
 
 def _on_event(recording: Recording, event, reasoning: dict | None, answer: dict | None, first: bool):

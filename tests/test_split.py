@@ -12,7 +12,7 @@ import pytest
 import soundfile
 
 from afnext import split
-from afnext.audio import SAMPLE_RATE, AudioError
+from afnext.audio import SAMPLE_RATE, AudioError, stream_audio
 
 MINUTE = 60 * SAMPLE_RATE  # samples
 
@@ -107,6 +107,27 @@ def test_over_four_hours_is_one_sentence_before_decoding(tmp_path):
     with pytest.raises(AudioError) as caught:
         split.split_recording(str(path))
     assert str(caught.value) == "The recording is 5 h long; the limit is 4 h."
+
+
+def test_a_wav_whose_header_leaves_its_length_open_is_measured_by_its_size(tmp_path):
+    """Streaming writers (a recorder that crashed, ffmpeg into a pipe) leave 0xFFFFFFFF as the sizes; the
+    data runs to the file's end. Five hours of it are refused before decoding, not after every part up
+    to 4 hours has been heard and answered, and a shorter one is cut in even parts from the start."""
+    rate = 1000  # Hz, 8-bit mono: 5 hours in 18 MB
+
+    def open_ended(seconds: int):
+        header = (b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt " +
+                  struct.pack("<IHHIIHH", 16, 1, 1, rate, rate, 1, 8) + b"data" + struct.pack("<I", 0xFFFFFFFF))
+        path = tmp_path / f"{seconds}.wav"
+        path.write_bytes(header + bytes([128]) * rate * seconds)
+        return str(path)
+
+    with pytest.raises(AudioError) as caught:
+        split.split_recording(open_ended(5 * 3600))
+    assert str(caught.value) == "The recording is 5 h long; the limit is 4 h."
+    declared_s, blocks = stream_audio(open_ended(65 * 60), max_seconds=split.MAX_RECORDING_S)
+    blocks.close()
+    assert declared_s == 65 * 60
 
 
 def test_a_file_cut_short_says_so_after_the_parts_it_had(tmp_path):
