@@ -82,6 +82,7 @@ class Recording:
     # meanwhile on that engine waits, so the clip is heard once.
     _hearing: set[int] = field(default_factory=set, repr=False)
     _heard: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _opening: threading.Lock = field(default_factory=threading.Lock, repr=False)  # `open_sessions` once
 
     def current(self) -> bool:
         """Whether it holds what the store holds of its conversation (`Live.open`'s `current`): no other
@@ -108,9 +109,15 @@ class Recording:
 
     def open_sessions(self, backend: Backend, store: Store | None) -> None:
         """Before its first question here: the sessions rebuilt from the store, each going on keeping
-        its turns there (Think turns go to the Think model's session when it has its own)."""
+        its turns there (Think turns go to the Think model's session when it has its own). Two first
+        questions at once (two tabs) open them once: the second waits for the first's."""
         if self.journal is not None or store is None or self.kept is None:
             return
+        with self._opening:
+            if self.journal is None:
+                self._open_sessions(backend, store)
+
+    def _open_sessions(self, backend: Backend, store: Store) -> None:
         if self.parts:  # heard in parts: each model's parted session rebuilds the turns asked of it
             self.journal = open_conversation(store, self.cid, _PartedTurns(self, backend), model=_models(backend),
                                              kind="recording", owner=self.owner, title=self.name)

@@ -234,6 +234,29 @@ def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
     assert third[0] == "Reading the question…" and third[-1].startswith("Done")
 
 
+def test_two_first_questions_at_once_open_a_kept_recordings_conversation_once(backend, monkeypatch):
+    """Two tabs ask about a kept recording at the same moment: its conversation is opened from the
+    store once (two journals on one conversation would each refuse the other's next turn)."""
+    opened, go = [], threading.Barrier(2)
+
+    def slow_open(store, cid, route, **kwargs):
+        opened.append(cid)
+        time.sleep(0.2)  # rebuilding the sessions from the store takes a while
+        return object()
+    monkeypatch.setattr(recordings, "open_conversation", slow_open)
+    rec = recordings.Recording("talk.wav", "", np.zeros(16000, np.float32), [], cid="c1", kept="k.wav")
+
+    def first_question() -> None:
+        go.wait()
+        rec.open_sessions(backend, object())
+    threads = [threading.Thread(target=first_question) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert opened == ["c1"] and rec.journal is not None
+
+
 def test_two_questions_at_once_about_a_recording_in_parts_are_asked_one_after_the_other(backend, monkeypatch):
     """Two tabs on one long recording asking at the same moment: its parted session takes one question at
     a time, so the recording is read and encoded once, every part holds both turns, and the chat has each
