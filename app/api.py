@@ -19,6 +19,7 @@ import hmac
 import itertools
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -470,21 +471,58 @@ class EventStream(StreamingResponse):
 
 
 class Voice:
-    """An answer's text → 24 kHz speech, a sentence at a time (espeak takes ~12 ms for 4 s of speech,
-    so synthesis inline with the text stream holds the text back by no more than that)."""
+    """An answer's text → 24 kHz speech, a sentence at a time, on a stage of its own (as the voice
+    loop's): a slow voice (Pocket TTS) never holds the text deltas back. `say` hands the new text's
+    complete pieces to the stage and returns the speech made so far; `say(None)` ends the answer and
+    returns the rest once it is made. `cancel` (the client left) ends the stage."""
 
     def __init__(self, synthesizer, cancel: threading.Event) -> None:
-        self.synthesizer, self.cancel = synthesizer, cancel  # `cancel`: the client left
+        self.synthesizer, self.cancel = synthesizer, cancel
         self.chunker, self.resampler = SpeechChunker(), SpeechResampler(wire.AUDIO_OUT_RATE)
+        self._pieces: queue.SimpleQueue = queue.SimpleQueue()  # text pieces, then None
+        self._made: queue.SimpleQueue = queue.SimpleQueue()  # speech, an error, then _END
+        self._stage: threading.Thread | None = None
 
     def say(self, text: str | None) -> Iterator[np.ndarray]:
         pieces = self.chunker.flush() if text is None else self.chunker.feed(TextDelta(text))
+        if self._stage is None and (pieces or text is None):
+            self._stage = threading.Thread(target=self._speak, name="afnext-api-voice", daemon=True)
+            self._stage.start()
         for piece in pieces:
-            for chunk in self.synthesizer.stream(piece, cancel=self.cancel):
-                if len(samples := self.resampler.push(chunk)):
-                    yield samples
-        if text is None and len(tail := self.resampler.end()):
-            yield tail
+            self._pieces.put(piece)
+        if text is None:
+            self._pieces.put(None)
+        while self._stage is not None:
+            try:  # the answer's end waits for the rest of its speech; a delta takes what is ready
+                made = self._made.get(timeout=None) if text is None else self._made.get_nowait()
+            except queue.Empty:
+                return
+            if made is _END:
+                return
+            if isinstance(made, BaseException):
+                raise made
+            yield made
+
+    def _speak(self) -> None:
+        try:
+            while not self.cancel.is_set():
+                try:
+                    piece = self._pieces.get(timeout=CANCEL_POLL_S)
+                except queue.Empty:
+                    continue
+                if piece is None:
+                    if len(tail := self.resampler.end()):
+                        self._made.put(tail)
+                    break
+                for chunk in self.synthesizer.stream(piece, cancel=self.cancel):
+                    if len(samples := self.resampler.push(chunk)):
+                        self._made.put(samples)
+        except Exception as exc:  # said by the reader, as the reply's failure
+            self._made.put(exc)
+        self._made.put(_END)
+
+
+CANCEL_POLL_S = 0.1  # how often an idle voice stage looks at its cancel
 
 
 class _StopScan:

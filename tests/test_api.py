@@ -226,6 +226,42 @@ def test_a_spoken_answer_cut_by_a_stop_sequence_is_spoken_to_the_stop(client):
     assert expected > 0.3 * 24_000 and abs(len(heard) - expected * 16 / 24) < 0.05 * 16_000, (len(heard), expected)
 
 
+def test_a_slow_voice_never_holds_the_answers_text_back():
+    """Speech is made on a stage of its own: handing a sentence to a voice that takes 0.3 s a piece
+    returns at once, the answer's end returns all of its speech in order, and a client that leaves
+    ends the stage."""
+    import threading
+    import time
+
+    from afnext.events import AudioChunk
+    from app.api import Voice
+
+    class Slow:
+        sample_rate = 24000
+
+        def stream(self, text, cancel=None):
+            time.sleep(0.3)
+            yield AudioChunk(24000, np.full(2400, 0.1 * len(text) / 100, np.float32))
+
+    voice = Voice(Slow(), threading.Event())
+    started = time.perf_counter()
+    early = [*voice.say("The first sentence is here. "), *voice.say("And a second one follows. "),
+             *voice.say("Then")]
+    assert time.perf_counter() - started < 0.2 and len(early) <= 1, "the text went on without waiting"
+    rest = list(voice.say(None))
+    spoken = np.concatenate(early + rest)
+    assert len(spoken) == 3 * 2400 and not voice._stage.is_alive()
+    levels = sorted(set(np.round(spoken, 4).tolist()))
+    assert len(levels) == 3, levels  # three pieces, each its own chunk
+
+    gone = threading.Event()
+    leaving = Voice(Slow(), gone)
+    list(leaving.say("A sentence for nobody. And one more. Then"))
+    gone.set()
+    leaving._stage.join(2)
+    assert not leaving._stage.is_alive(), "the stage of a client that left ends"
+
+
 def test_audio_url_data_uri_is_audio(client, tmp_path):
     path = tmp_path / "a.flac"
     sf.write(path, np.random.default_rng(3).uniform(-0.1, 0.1, 16000), 16000)
