@@ -45,6 +45,7 @@ from afnext.events import AudioChunk, TextDelta
 from afnext.live import Live, matches_store
 from afnext.session import MAX_TEXT_CHARS
 from afnext.store import Store
+from afnext.tts import TTSError
 from afnext.tts.chunker import SpeechChunker
 
 from . import realtime, recordings
@@ -431,6 +432,9 @@ class _RecordingsTab:
             synthesizer = self.loader.wait().synthesizer
             chunks = [c for piece in pieces for c in synthesizer.stream(piece)
                       if isinstance(c, AudioChunk) and len(c.samples)]
+        except TTSError as exc:  # no voice on this server, or a voice that failed: its own sentence
+            log.warning("answer not spoken: %s", exc)
+            raise gr.Error(f"The answer could not be spoken: {exc}") from exc
         except Exception as exc:  # the voice failed: say so, keep serving
             log.exception("speaking the answer failed")
             raise gr.Error(f"The answer could not be spoken ({type(exc).__name__}: {exc}).") from exc

@@ -326,7 +326,7 @@ def test_backend_falls_back_to_the_demo_model_and_says_so(monkeypatch):
         b.close()
 
 
-def test_a_server_without_any_voice_serves_text_and_says_so(monkeypatch, loaded):
+def test_a_server_without_any_voice_serves_text_and_says_so(monkeypatch, loaded, tmp_path):
     """espeak-ng cannot load (a platform without its library): the app still serves, the banner says
     replies are text only, and speaking is one sentence naming why, while the text goes on."""
     from afnext.assistant import Assistant
@@ -355,6 +355,18 @@ def test_a_server_without_any_voice_serves_text_and_says_so(monkeypatch, loaded)
     assert errors == ["The reply could not be spoken: This server has no voice: espeak could not load its library "
                       "(no such file)."], errors
     assert any(type(e).__name__ == "TextDelta" for e in events), "the text went on"
+
+    import gradio as gr
+
+    from afnext.live import Live
+    from app.access import owner_of
+    from app.web import _RecordingsTab
+    tab = _RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
+    recording = recordings.open_recording(str(ASSETS / "sounds.flac"), tmp_path)
+    recording.answer = "A dog barks."
+    tab.live.put("rec1", owner_of("d" * 32), "10.0.0.1", recording)
+    with pytest.raises(gr.Error, match="The answer could not be spoken: This server has no voice: espeak could not"):
+        tab.speak("rec1", "d" * 32)
 
 
 def test_two_models_on_the_cpu_split_its_threads_between_their_engines(tiny_dir):
