@@ -62,13 +62,18 @@ def part_count(total_s: float, part_s: float = MAX_AUDIO_S) -> int:
     return math.ceil(total_s / (part_s - search_s(part_s)))
 
 
+NEAR_LIMIT = 15 / 16  # stated lengths above this share of a limit are measured (`longer_than`)
+
+
 def longer_than(source, seconds: float) -> bool:
     """Whether `source` runs over `seconds` (plus the grace `load_audio` trims): by the length its file
     states, else by decoding until it does (bounded memory). AudioError for unusable audio."""
     if isinstance(source, np.ndarray):  # 16 kHz samples in memory: their count says it (no copy to check)
         return source.shape[0] / SAMPLE_RATE > seconds + LIMIT_GRACE_S
     declared_s, blocks = stream_audio(source, max_seconds=MAX_RECORDING_S)
-    if declared_s is not None:
+    # A stated length a little under the limit is checked by decoding: an MP3's frame count can fall a
+    # few percent short of what it holds, and `load_audio` would then refuse it as over the limit.
+    if declared_s is not None and not seconds * NEAR_LIMIT < declared_s <= seconds + LIMIT_GRACE_S:
         blocks.close()
         return declared_s > seconds + LIMIT_GRACE_S
     found = 0

@@ -174,3 +174,28 @@ def test_a_two_hour_file_is_read_in_far_less_memory_than_decoding_it_whole(tmp_p
     whole = samples * 4 + (samples // 480_000) * 128 * 3000 * 4  # float32 audio + its log-mel features
     print(json.dumps({"peak_growth_mb": grown / 1e6, "whole_mb": whole / 1e6}))
     assert grown < 0.5 * whole, f"reading grew the process by {grown / 1e6:.0f} MB; whole would be {whole / 1e6:.0f} MB"
+
+
+def test_an_mp3_whose_frame_count_falls_short_near_the_limit_is_measured(tmp_path):
+    """An MP3's Info frame counts 4% fewer frames than it holds: it states 57.6 s of its 60 s. Against a
+    limit of 58 s that is under, so it went to `load_audio`, which refused it as over; measured, it is
+    heard in parts."""
+    from afnext.audio import load_audio
+    from tests.test_audio import encode, encoder
+
+    path = tmp_path / "short-count.mp3"
+    encode(path, "mp3", encoder("libmp3lame", "mp3"), 8000,
+           np.random.default_rng(0).uniform(-0.1, 0.1, (60 * 8000, 1)).astype(np.float32), bit_rate=8000)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"Info", 0, 4096)
+    assert at > 0 and int.from_bytes(data[at + 4:at + 8], "big") & 1, "a frame count comes first"
+    frames = int.from_bytes(data[at + 8:at + 12], "big")
+    data[at + 8:at + 12] = int(frames * 0.96).to_bytes(4, "big")
+    path.write_bytes(data)
+    declared, blocks = stream_audio(str(path))
+    blocks.close()
+    assert declared == pytest.approx(57.6, abs=0.3)
+    with pytest.raises(AudioError, match="over"):
+        load_audio(str(path), max_seconds=58)
+    assert split.longer_than(str(path), 58)
+    assert not split.longer_than(str(path), 61) and not split.longer_than(str(path), 120)
