@@ -53,7 +53,7 @@ from .sampling import GenerationOptions
 from .scheduler import Cancel
 from .session import MAX_TEXT_CHARS, Session
 from .store import Journal, KeptError, StoredTurn
-from .think import shift_times
+from .think import shift_step, shift_times
 
 log = logging.getLogger(__name__)
 
@@ -446,9 +446,8 @@ class _Runs:
         if isinstance(event, PartProgress):
             yield replace(event, parts=self.owner._count, turn=self.turn)
         elif isinstance(event, ThinkStep):
-            step = replace(event, start=event.start + part.start_s,  # its times, and its sentence's, in the whole
-                           end=None if event.end is None else event.end + part.start_s, part=index + 1, turn=self.turn,
-                           text=shift_times(event.text, part.start_s, part.end_s - part.start_s))
+            # Its times, and its sentence's, in the whole (kept where the model already answered in the whole's).
+            step = replace(shift_step(event, part.start_s, part.end_s - part.start_s), part=index + 1, turn=self.turn)
             self.steps.append(step)
             yield step
         elif isinstance(event, TurnDone):

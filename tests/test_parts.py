@@ -15,6 +15,7 @@ from afnext.conversation import ONE_RECORDING, Conversation
 from afnext.parts import PartedSession, PartOptions
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
+from afnext.think import shift_times
 from tests.conftest import noise
 from tests.test_split import speech
 from tests.web.scripted import ScriptedEngine
@@ -273,3 +274,35 @@ def test_no_more_than_max_reading_recordings_are_read_at_once(scripted, monkeypa
     [t.start() for t in threads]
     [t.join(120) for t in threads]
     assert len(replies) == 6 and all(replies) and most[0] == parts.MAX_READING
+
+
+def test_a_part_that_answers_in_whole_recording_times_is_not_shifted_twice(loaded):
+    """The part's question names its place in the whole ("it runs from 0:33 to 1:06"), so a model may
+    answer "at 0:45" meaning the whole recording's 0:45: past the part's own 33 s, inside its place in the
+    whole, it can only be that (the time was clamped to the part's end and shifted to 1:06 before)."""
+    absolute = ScriptedEngine(loaded, "<think>\nA bell rings at 0:45.\n</think>\nA bell at 0:45.")
+    try:
+        parted = PartedSession(absolute, noise(100), options=PartOptions(part_s=60.0, part_tokens=120))
+        reply, events = turn(parted.ask("When?", think=True, options=GenerationOptions(max_new_tokens=120)))
+    finally:
+        absolute.close()
+    start, end = parted.parts[1]
+    assert start < 45.0 < end and end - start < 45.0
+    assert {(s.start, s.text) for s in reply.steps if s.part == 2} == {(45.0, "A bell rings at 0:45."),
+                                                                      (45.0, "A bell at 0:45.")}
+    notes = "".join(e.text for e in events if isinstance(e, ReasoningDelta))  # what the merge hears
+    assert "Part 2 of 3 (0:33–1:06): A bell rings at 0:45.\nA bell at 0:45." in notes
+
+
+@pytest.mark.parametrize(
+    ("text", "shifted"),
+    [
+        ("A bell at 1:10.", "A bell at 26:10."),  # the part's own time: shifted
+        ("A bell at 26:10.", "A bell at 26:10."),  # already the whole's: kept
+        ("From 26:10 to 26:20.", "From 26:10–26:20."),
+        ("At 55:00.", "At 50:00."),  # past the part either way: its end, as before
+        ("The clip is 10 seconds long.", "The clip is 10 seconds long."),  # a duration is no moment
+    ],
+)
+def test_shift_times_tells_a_parts_own_times_from_the_wholes(text, shifted):
+    assert shift_times(text, 1500.0, 1500.0) == shifted

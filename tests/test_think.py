@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -187,3 +188,111 @@ def test_clamping_to_the_clip() -> None:
                                             (3599.9, "59:59"), (3723.4, "1:02:03"), (-0.2, "0:00")])
 def test_a_clock_shows_the_second_a_moment_falls_in_as_the_waveform_does(seconds, shown):
     assert clock(seconds) == shown
+
+
+# Reasoning as models write it beyond the official examples: the streamed-equals-whole and
+# events checks above run on these too.
+OUTPUTS += [
+    ("<think>A tone from 12,5 s to 14,0 s. The clip is 20 seconds long.</think>Two tones.", {}),
+    ("<think>在12秒时有狗叫！！然后15秒到18秒有音乐。</think>有狗叫和音乐。", {"clip_duration_s": 30.0}),
+    ("<think>First at 1 s.</think>\n<think>On reflection, at 2 s.</think>\nThe answer.", {}),
+    ("<think>Bell at 1 s <think>then at 2 s.</think> Done.", {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("at 12,5 s and from 3,25 to 4,5 seconds", [(12.5, None), (3.25, 4.5)]),  # decimal commas
+        ("00:01:02,500 --> 00:01:04,000", [(62.5, 64.0)]),  # subtitle cues
+        ("from 0:12 -> 0:15", [(12.0, 15.0)]),
+        ("at 1h02m03s, then 1 hour 2 minutes in, then 1.5 hours", [(3723.0, None), (3720.0, None),
+                                                                  (5400.0, None)]),
+        ("2 hours and 30 seconds", [(7230.0, None)]),
+        ("在12秒时，然后15秒到18秒，1分30秒", [(12.0, None), (15.0, 18.0), (90.0, None)]),
+        ("12.5秒钟", [(12.5, None)]),
+        ("silent in the first 10 seconds", [(0.0, 10.0)]),
+    ],
+)
+def test_more_time_styles(text: str, expected: list) -> None:
+    assert find_times(text) == [(pytest.approx(a), None if b is None else pytest.approx(b)) for a, b in expected]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["he says 'meet me at 3:30 pm'", "the 10:45 a.m. train", "a ratio of 3:2", "at 0:75",
+     "1,500 listeners", "5 m away and 1 m tall"],
+)
+def test_clock_times_of_day_and_impossible_clocks_are_not_times(text: str) -> None:
+    assert find_times(text) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("The clip is 10 seconds long.", []),
+        ("The beep lasts 3 seconds.", []),
+        ("It repeats every 2 s.", []),
+        ("A dog barks for about 4 seconds.", []),
+        ("The two knocks are 2 s apart.", []),
+        ("A second bell, 10 seconds later.", []),
+        ("There are 20 seconds of silence.", []),
+        ("A 2-second pause occurs around 0:05.", [(5.0, None)]),
+        ("After a 3 s gap, speech resumes at 7 s.", [(7.0, None)]),
+        ("At 12 seconds silence begins.", [(12.0, None)]),  # "at" names a moment
+        ("Around the 30-second mark a dog barks.", [(30.0, None)]),
+        ("It pauses for 2-3 seconds at 0:20.", [(20.0, None)]),
+    ],
+)
+def test_durations_are_not_moments(text: str, expected: list) -> None:
+    """A user clicking "The beep lasts 3 seconds" would be sent to 0:03, which the sentence never names."""
+    assert find_times(text) == expected
+
+
+def test_the_last_seconds_are_counted_from_the_clips_end() -> None:
+    assert find_times("in the last 10 seconds", 60.0) == [(50.0, 60.0)]
+    assert find_times("in the final 10 seconds") == []  # no clip: nowhere to put them
+
+
+def test_a_second_think_block_before_the_answer_is_reasoning_never_spoken() -> None:
+    reasoning, answer, steps = split_think(OUTPUTS[-2][0])
+    assert reasoning == "First at 1 s.\n\nOn reflection, at 2 s." and answer == "The answer."
+    assert [s.start for s in steps] == [1.0, 2.0]
+    # Only before the answer begins: a tag later in the answer is text, as at the output's start.
+    assert split_think("<think>x</think>Yes <think>y</think>")[:2] == ("x", "Yes <think>y")
+
+
+def test_a_repeated_opening_tag_inside_reasoning_is_never_shown() -> None:
+    reasoning, answer, steps = split_think(OUTPUTS[-1][0])
+    assert reasoning == "Bell at 1 s then at 2 s." and answer == "Done."
+    assert [s.text for s in steps] == ["Bell at 1 s then at 2 s."]
+
+
+def test_chinese_reasoning_is_cut_into_timed_steps() -> None:
+    _, _, steps = split_think(OUTPUTS[-3][0], clip_duration_s=30.0)
+    assert [(s.start, s.end, s.text) for s in steps] == [
+        (12.0, None, "在12秒时有狗叫！！"), (15.0, 18.0, "然后15秒到18秒有音乐。")]
+
+
+def test_decimal_comma_and_durations_in_a_streamed_reply() -> None:
+    _, _, steps = split_think(OUTPUTS[-4][0])
+    assert [(s.start, s.end) for s in steps] == [(12.5, 14.0)]
+
+
+def _feed_seconds(text: str) -> float:
+    parser = ThinkParser(started=True)
+    t0 = time.perf_counter()
+    for char in text:
+        parser.feed(char)
+    parser.close()
+    return time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("unit", ["word at 3 s ", " "], ids=["one long sentence", "a run of spaces"])
+def test_long_reasoning_one_character_a_delta_stays_linear(unit: str) -> None:
+    """Reasoning with no sentence end, or a long run of whitespace, fed a character at a time: four
+    times the text takes about four times as long (it took 14 times as long, 11 s, when each delta
+    rescanned the text held so far)."""
+    small, large = (unit * (n // len(unit)) for n in (10_000, 40_000))
+    ratio = min(_feed_seconds(large) for _ in range(2)) / min(_feed_seconds(small) for _ in range(2))
+    assert ratio < 8
