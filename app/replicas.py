@@ -303,14 +303,17 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         log.warning("%s: %d CPU replica(s), each with its model on the CPU.",
                     "--device cpu" if cluster_gpus else "The Ray cluster has no GPU", scale.replicas)
     cpus = cpus_each(nodes, scale.at_most, gpus)
+    serving = _serve_port() is not None  # Serve already runs on a cluster joined (else this run starts it)
     try:
         serve.start(http_options={"host": options.host, "port": port})
     except Exception as exc:  # the proxy could not take the port (another program's, on a machine of the cluster)
-        if "address already in use" in str(exc).lower() or "errno 98" in str(exc).lower():
-            from app.web import port_busy
+        if not any(words in str(exc).lower() for words in PORT_TAKEN):
+            raise
+        from app.web import port_busy
 
-            raise StartError(port_busy(options.host, port)) from None
-        raise
+        if not serving:  # Serve would stay, its proxy retrying that port, and refuse every later start on another
+            serve.shutdown()
+        raise StartError(port_busy(options.host, port)) from None
     taken = _serve_port()
     if taken is not None and taken != port:
         raise StartError(f"Ray Serve already runs on this cluster on port {taken}: start with --port {taken}, or stop "
@@ -331,6 +334,10 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     url = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{port}/"
     _await_ready(url, READY_TIMEOUT_S, failure)
     return url
+
+
+# What Serve's proxy says when its port is taken (Ray 2.60: "Failed to bind to address 'HOST:PORT'.").
+PORT_TAKEN = ("address already in use", "errno 98", "failed to bind to address")
 
 
 def _port_free(host: str, port: int) -> None:
@@ -449,6 +456,30 @@ def _healthy(url: str) -> bool:
         return False
 
 
+WATCH_EVERY_S = 2.0  # how often a run checks that the cluster it started still runs
+
+
+def _cluster_down(run: Run) -> str | None:
+    """On a cluster this run started: the name of the Ray process that has exited (its node's raylet, or
+    the GCS that holds its state), without which no replica or proxy runs; None while both run, on a
+    cluster joined (others keep it up), or where Ray's internals are not as expected."""
+    if run.joined:
+        return None
+    try:
+        from ray._private import worker
+
+        node = worker._global_node
+        dead = {kind for kind, _ in node.dead_processes()} if node is not None else set()
+    except Exception:  # Ray's internals: without them, nothing is watched
+        return None
+    return next((kind for kind in ("raylet", "gcs_server") if kind in dead), None)
+
+
+def _cluster_gone(down: str, port: int) -> str:
+    return (f"The Ray cluster this app started has stopped (its {down} process exited: was it killed, e.g. for "
+            f"lack of memory?), and the replicas with it; nothing serves port {port} now: start the app again.")
+
+
 def stop(options: ReplicaOptions, run: Run) -> None:
     """Stop the replicas (each removes its own folders) and leave the cluster: a cluster started here
     stops with its Serve; on a cluster joined, only this run's app goes, Serve and others stay."""
@@ -457,7 +488,8 @@ def stop(options: ReplicaOptions, run: Run) -> None:
 
     try:
         if ray.is_initialized() and not run.joined:
-            serve.shutdown()
+            if _cluster_down(run) is None:  # else Serve's controller is gone: its shutdown would wait 30 s
+                serve.shutdown()
         elif ray.is_initialized() and run.deployed:
             # Stopped while deploying: the app may not be submitted yet, and would land after a delete.
             deadline = time.monotonic() + 30
@@ -507,12 +539,14 @@ def sweep_shared(base: Path | None = None) -> None:
 def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address: str | None = None) -> int:
     """`python -m app --replicas N`: start, say where, serve until Ctrl-C or SIGTERM, then stop the
     replicas. RAY_ADDRESS in the environment is an --address. The exit status: 2 when they could
-    not start (the sentence on stderr), 130 when stopped before they were ready."""
+    not start (the sentence on stderr), 130 when stopped before they were ready, 1 when the cluster
+    started here stopped under them."""
     require_ray()
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address is not None:
         log.info("joining the Ray cluster at %s", address)
     stopping, run = threading.Event(), Run(joined=address is not None)
+    said, status = None, 0  # said last, after Ray's own lines from the stop: what the user reads first
     try:
         url = start(options, scale, port=port, address=address, run=run)
         sweep_shared()  # once this run's replicas are up: folders left by runs that are over
@@ -523,16 +557,21 @@ def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address:
         for metrics in metrics_urls():
             log.info("Serve's metrics (Prometheus text: ongoing and queued requests, latencies, per replica): %s",
                      metrics)
-        stopping.wait()
-        return 0
+        while not stopping.wait(WATCH_EVERY_S):
+            if (down := _cluster_down(run)) is not None:  # a supervisor restarts an app that exits
+                said, status = f"error: {_cluster_gone(down, port)}", 1
+                break
     except StartError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
+        said, status = f"error: {exc}", 2
     except KeyboardInterrupt:
-        print("Stopped before the replicas were ready.", file=sys.stderr, flush=True)
-        return 130
+        said, status = "Stopped before the replicas were ready.", 130
     finally:
-        stop(options, run)
+        try:
+            stop(options, run)
+        finally:
+            if said is not None:
+                print(said, file=sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover - run through python -m app --replicas

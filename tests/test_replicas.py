@@ -281,6 +281,52 @@ def test_a_conversation_goes_on_when_its_replica_is_killed(deployment):
     assert usage.prompt_tokens > 0
 
 
+def _children(pid: int) -> dict[int, str]:
+    """The processes `pid` started, by pid: their command lines."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_app_exits_with_a_sentence_when_the_ray_cluster_it_started_dies(tiny_dir, tmp_path):
+    """The cluster's node process killed (the kernel's OOM killer picks such processes): every replica and
+    Serve's proxy go with it. The app says so and exits with status 1, so a supervisor restarts it, instead
+    of running on with nothing serving its port."""
+    port, log = str(free_port()), tmp_path / "app.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", AFNEXT_RAY_DASHBOARD="0", RAY_USAGE_STATS_ENABLED="0")
+    args = ["-m", "app", "--model", str(tiny_dir), "--device", "cpu", "--replicas", "1", "--port", port,
+            "--data", str(tmp_path / "data")]
+    with running(args, log, env=env) as (proc, url):
+        cluster = _children(proc.pid)  # Ray's processes: its node's, its control store, its agents
+        (raylet,) = [pid for pid, command in cluster.items() if "raylet/raylet" in command]
+        os.kill(raylet, signal.SIGKILL)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the app ran on without its cluster:\n{log.read_text()[-2000:]}") from None
+        said = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
+        assert proc.returncode == 1 and said == [
+            "error: The Ray cluster this app started has stopped (its raylet process exited: was it killed, "
+            f"e.g. for lack of memory?), and the replicas with it; nothing serves port {port} now: start the "
+            "app again."], log.read_text()[-2000:]
+    deadline = time.monotonic() + 30
+    while left := [c for pid, c in cluster.items() if _running(pid)]:
+        assert time.monotonic() < deadline, f"left running: {left}"
+        time.sleep(0.5)
+
+
 @pytest.mark.parametrize("flags, scale", [
     ((2, None, None), {"num_replicas": 2}),
     ((None, None, 4), {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
@@ -357,6 +403,39 @@ def test_what_keeps_the_replicas_from_starting_is_one_sentence_at_once(tmp_path)
         with pytest.raises(StartError) as refused:
             start(options, Scale(2), port=free_port(), address=address)
         assert words in str(refused.value) and time.monotonic() - t0 < 30, (address, device)
+
+
+def test_a_taken_port_on_a_cluster_joined_is_one_sentence_and_leaves_no_serve_behind(tmp_path):
+    """Joining a cluster whose Serve is not started yet, on a port another program holds there: the
+    sentence that names the port (no traceback), and Serve is not left on the cluster retrying that port
+    (every later start on another port was refused: "Ray Serve already runs on this cluster on port …")."""
+    import socket
+
+    gcs, env = free_port(), dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+                                 PYTHONPATH=str(ROOT))
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--port", str(gcs),
+                             "--num-cpus", "1", "--include-dashboard=false", "--block"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{gcs}"
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = _start("--replicas", "1", "--device", "cpu", "--address", address, "--port", str(port),
+                            timeout=180, RAY_AUTH_MODE="disabled", RAY_ADDRESS="")
+        # Serve's proxy logs its own traceback (forwarded from its process); the app's code raises none.
+        assert result.returncode == 2 and f'File "{ROOT / "app"}' not in result.stderr, result.stderr[-1500:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: Port {port} on 127.0.0.1 is in use by another program; start with another one, e.g. "
+            f"--port {port + 1}."), result.stderr[-1500:]
+        probe = subprocess.run([sys.executable, "-c", "import ray; from app.replicas import _serve_port; "
+                                f"ray.init(address={address!r}, logging_level='ERROR'); print(_serve_port())"],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert probe.stdout.strip().splitlines()[-1] == "None", (probe.stdout[-500:], probe.stderr[-1500:])
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)
 
 
 def test_each_replica_gets_the_most_cpus_that_still_place_them_all():
