@@ -480,7 +480,12 @@ class Store:
         if self.max_bytes is None:
             return
         if self._audio_bytes is None:
-            self._audio_bytes = sum(p.stat().st_size for p in (self.path / "audio").glob("*/*"))
+            self._audio_bytes = self._measure()
+        if self._audio_bytes + size <= self.max_bytes:
+            return
+        # Over, by this process's count: other processes sharing the store (replicas) delete files too,
+        # which that count never saw. Measured again before anyone's conversation goes for room.
+        self._audio_bytes = self._measure()
         if self._audio_bytes + size <= self.max_bytes:
             return
         old = [cid for (cid,) in self._db.execute("SELECT id FROM conversations WHERE updated < ? ORDER BY updated",
@@ -492,6 +497,16 @@ class Store:
                 return
         raise StoreError(f"The history is full ({self.max_bytes / 1e9:.1f} GB, all of it used in the last hour), so "
                          "this is not kept; try again later, or give the store more room.")
+
+    def _measure(self) -> int:
+        """Bytes of the kept audio files, as they are on disk now."""
+        total = 0
+        for path in (self.path / "audio").glob("*/*"):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:  # another process's delete, meanwhile
+                continue
+        return total
 
     def touch_audio(self, key: str) -> None:
         """Mark a kept file fresh (no `prune` elsewhere takes it within the hour); StoreError if it is gone."""

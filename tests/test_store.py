@@ -435,6 +435,25 @@ def test_a_full_store_lets_go_of_the_conversations_unused_longest_and_never_of_r
     assert store.disk_bytes() < 2500 + 200_000  # the audio within its limit (plus the database itself)
 
 
+def test_a_full_store_counts_what_other_replicas_deleted_before_it_deletes_anyones(tmp_path):
+    """Replica B deletes a recording; replica A's count of the audio held still has it. An upload on A
+    that fits what is really on disk takes no other user's conversation and is kept (found in review:
+    A deleted an old conversation of another user, then refused the upload as full anyway)."""
+    a, b = Store(tmp_path, max_bytes=10_000), Store(tmp_path, max_bytes=10_000)
+    other = a.create("talk", owner="carol")
+    a.add_exchange(other, StoredTurn("user", "q", audio=a.put_audio(b"c" * 100, ".wav")), StoredTurn("assistant", "r"))
+    big = a.create("recording", owner="bob", audio=(b"b" * 6_000, ".wav"))
+    with a._lock:
+        a._make_room(0)  # A has counted the 6,100 bytes
+    a._db.execute("UPDATE conversations SET updated = updated - 7200")  # both unused for two hours
+    for kept in (tmp_path / "audio").glob("*/*"):
+        os.utime(kept, (time.time() - 7300, time.time() - 7300))
+    assert b.delete(big, owner="bob")
+    mine = a.create("recording", owner="alice", audio=(b"a" * 5_000, ".wav"))
+    assert a.get(other, owner="carol") is not None, "another user's conversation stays"
+    assert a.get(mine, owner="alice") is not None
+
+
 def test_a_journal_behind_the_store_says_so_and_never_rewrites_another_process_reply(tmp_path):
     """Two processes on one store (replicas): one keeps a turn the other's journal has not seen. That
     journal is no longer current (its live session is rebuilt), cannot commit over the turn, and
