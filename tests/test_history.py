@@ -60,6 +60,17 @@ def test_an_owner_lists_reads_renames_and_deletes_their_own_conversations(kept):
     assert store.get(recording, owner=owner_of(ALICE)) is None
 
 
+def deleted_once_renamed(store: Store, monkeypatch) -> None:
+    """Another tab's delete lands just after each rename of `store` (and before its answer)."""
+    renaming = store.rename
+
+    def renamed_then_deleted(cid, title, owner):
+        done = renaming(cid, title, owner=owner)
+        store.delete(cid, owner=owner)
+        return done
+    monkeypatch.setattr(store, "rename", renamed_then_deleted)
+
+
 def test_a_delete_from_another_tab_between_finding_and_answering_gets_a_404_not_a_500(kept, monkeypatch):
     client, store, talk, _, _ = kept
     found = history.audio_file
@@ -73,13 +84,7 @@ def test_a_delete_from_another_tab_between_finding_and_answering_gets_a_404_not_
     assert audio.status_code == 404 and audio.json()["error"] == "That audio was deleted a moment ago."
 
     other = store.create("talk", owner=owner_of(ALICE), title="to rename")
-    renaming = store.rename
-
-    def renamed_then_deleted(cid, title, owner):
-        done = renaming(cid, title, owner=owner)
-        store.delete(cid, owner=owner)
-        return done
-    monkeypatch.setattr(store, "rename", renamed_then_deleted)
+    deleted_once_renamed(store, monkeypatch)
     renamed = client.patch(f"/afnext/conversations/{other}", headers=_as(ALICE), json={"title": "new"})
     assert renamed.status_code == 404 and "of yours" in renamed.json()["error"]
 

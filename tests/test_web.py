@@ -209,10 +209,8 @@ def test_plain_questions_use_the_main_model_and_refuse_empty_ones(backend, tmp_p
     assert rec.session(backend.main)[1] is None and rec.session(backend.think)[1] is not None
 
 
-def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
-    """Two tabs on one recording asking at the same moment: the clip goes with one question, the other
-    waits for it and is a follow-up (the conversation holds the recording once)."""
-    rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
+def _asked_at_once(rec, backend) -> dict[int, list[str]]:
+    """Two tabs asking about `rec` at the same moment: each one's status lines."""
     lines: dict[int, list[str]] = {}
     go = threading.Barrier(2)
 
@@ -225,6 +223,14 @@ def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
         t.start()
     for t in threads:
         t.join(timeout=60)
+    return lines
+
+
+def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
+    """Two tabs on one recording asking at the same moment: the clip goes with one question, the other
+    waits for it and is a follow-up (the conversation holds the recording once)."""
+    rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
+    lines = _asked_at_once(rec, backend)
     firsts = sorted(lines[i][0] for i in range(2))
     assert firsts == ["Listening to the recording (0:10) and reading the question…", "Reading the question…"]
     session, sound = rec.session(backend.main)[0], backend.main.loaded.ids.sound
@@ -272,18 +278,7 @@ def test_two_questions_at_once_about_a_recording_in_parts_are_asked_one_after_th
     audio = noise(150)
     places = tuple((p.start_s, p.end_s) for p in split.split_recording(audio, part_s=60.0))
     rec = recordings.Recording("long.wav", "", None, [], parts=places, source=audio)
-    lines: dict[int, list[str]] = {}
-    go = threading.Barrier(2)
-
-    def asker(i: int) -> None:
-        go.wait()
-        lines[i] = list(recordings.ask(rec, f"Question {i}?", False, backend))
-
-    threads = [threading.Thread(target=asker, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    lines = _asked_at_once(rec, backend)
     assert all(lines[i][-1].startswith("Done") for i in range(2))
     parted = rec.parted(backend.main)
     assert parted.encoded_windows == 2 * len(places)  # each part's two 30 s windows, once
@@ -702,18 +697,13 @@ def test_a_rename_a_delete_from_another_tab_overtakes_changes_nothing_shown(back
     from afnext.store import Store
     from app.access import owner_of
     from app.web import _RecordingsTab
+    from tests.test_history import deleted_once_renamed
 
     store, owner = Store(tmp_path / "store"), "b" * 32
     tab = _RecordingsTab(BackendLoader.ready_made(backend), tmp_path, store, None)
     request = type("Request", (), {"client": type("Client", (), {"host": "10.0.0.1"})()})()
     cid = list(tab.example(ASSETS / "sounds.flac")(owner, request))[-2][3]  # (status, wave, chat, cid, box)
-    renaming = store.rename
-
-    def renamed_then_deleted(cid, title, owner):
-        done = renaming(cid, title, owner=owner)
-        store.delete(cid, owner=owner)
-        return done
-    monkeypatch.setattr(store, "rename", renamed_then_deleted)
+    deleted_once_renamed(store, monkeypatch)
     assert store.get(cid, owner=owner_of(owner)) is not None
     assert tab.rename(cid, "new name", cid, owner) == (gr.skip(), gr.skip(), gr.skip())
 
