@@ -116,12 +116,14 @@ class Scale:
 
 
 def require_ray() -> None:
-    """SystemExit with the one sentence saying how to install Ray Serve, if it is not installed."""
+    """Exit with status 2, as every other start error does, and the one sentence saying how to install
+    Ray Serve, if it is not installed."""
     try:
         import ray  # noqa: F401
         from ray import serve  # noqa: F401
     except ImportError:
-        raise SystemExit(f"error: {INSTALL}") from None
+        print(f"error: {INSTALL}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 class ReplicaHeader:
