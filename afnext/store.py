@@ -479,13 +479,11 @@ class Store:
         commit with. StoreError if that is not enough."""
         if self.max_bytes is None:
             return
-        if self._audio_bytes is None:
+        # Measured when not known yet, and again when this process's count says over: other processes
+        # sharing the store (replicas) delete files too, which it never saw. No conversation goes for room
+        # on a count alone.
+        if self._audio_bytes is None or self._audio_bytes + size > self.max_bytes:
             self._audio_bytes = self._measure()
-        if self._audio_bytes + size <= self.max_bytes:
-            return
-        # Over, by this process's count: other processes sharing the store (replicas) delete files too,
-        # which that count never saw. Measured again before anyone's conversation goes for room.
-        self._audio_bytes = self._measure()
         if self._audio_bytes + size <= self.max_bytes:
             return
         old = [cid for (cid,) in self._db.execute("SELECT id FROM conversations WHERE updated < ? ORDER BY updated",
