@@ -46,8 +46,18 @@ def deployment(tiny_dir, tmp_path_factory):
         while len(_serving(url)) < 2:  # both replicas on the ring
             assert time.monotonic() < deadline, f"the second replica never served:\n{log.read_text()[-3000:]}"
             time.sleep(0.5)
-        yield url, log
-    assert proc.returncode == 0 or proc.returncode == -signal.SIGTERM, log.read_text()[-2000:]
+        running_app = Deployment((url, log))
+        running_app.proc = proc
+        yield running_app
+    # Stopped here (SIGTERM), unless the module's last test killed its cluster: then it exited with status 1.
+    assert proc.returncode in ((1,) if running_app.cluster_killed else (0, -signal.SIGTERM)), log.read_text()[-2000:]
+
+
+class Deployment(tuple):
+    """(base URL, log path) of the running app, with its process."""
+
+    proc: subprocess.Popen
+    cluster_killed = False
 
 
 def replica_of(url: str, session: str | None = None) -> str:
@@ -300,33 +310,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_the_app_exits_with_a_sentence_when_the_ray_cluster_it_started_dies(tiny_dir, tmp_path):
-    """The cluster's node process killed (the kernel's OOM killer picks such processes): every replica and
-    Serve's proxy go with it. The app says so and exits with status 1, so a supervisor restarts it, instead
-    of running on with nothing serving its port."""
-    port, log = str(free_port()), tmp_path / "app.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", AFNEXT_RAY_DASHBOARD="0", RAY_USAGE_STATS_ENABLED="0")
-    args = ["-m", "app", "--model", str(tiny_dir), "--device", "cpu", "--replicas", "1", "--port", port,
-            "--data", str(tmp_path / "data")]
-    with running(args, log, env=env) as (proc, url):
-        cluster = _children(proc.pid)  # Ray's processes: its node's, its control store, its agents
-        (raylet,) = [pid for pid, command in cluster.items() if "raylet/raylet" in command]
-        os.kill(raylet, signal.SIGKILL)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"the app ran on without its cluster:\n{log.read_text()[-2000:]}") from None
-        said = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
-        assert proc.returncode == 1 and said == [
-            "error: The Ray cluster this app started has stopped (its raylet process exited: was it killed, "
-            f"e.g. for lack of memory?), and the replicas with it; nothing serves port {port} now: start the "
-            "app again."], log.read_text()[-2000:]
-    deadline = time.monotonic() + 30
-    while left := [c for pid, c in cluster.items() if _running(pid)]:
-        assert time.monotonic() < deadline, f"left running: {left}"
-        time.sleep(0.5)
-
-
 @pytest.mark.parametrize("flags, scale", [
     ((2, None, None), {"num_replicas": 2}),
     ((None, None, 4), {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
@@ -433,8 +416,8 @@ def test_a_taken_port_on_a_cluster_joined_is_one_sentence_and_leaves_no_serve_be
                                 f"ray.init(address={address!r}, logging_level='ERROR'); print(_serve_port())"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert probe.stdout.strip().splitlines()[-1] == "None", (probe.stdout[-500:], probe.stderr[-1500:])
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
+    finally:  # the whole cluster at once: `ray start --block` takes half a minute to stop it on SIGTERM
+        os.killpg(head.pid, signal.SIGKILL)
         head.wait(60)
 
 
@@ -472,3 +455,28 @@ def test_a_killed_runs_shared_folder_is_removed_by_the_next(tmp_path):
     (left / "wav" / f"afnext-app-{dead.stdout.strip()}").mkdir()
     sweep_shared(tmp_path)
     assert not left.exists() and live.exists() and other.exists() and outlived.exists()
+
+
+def test_the_app_exits_with_a_sentence_when_the_ray_cluster_it_started_dies(deployment):
+    """The cluster's node process killed (the kernel's OOM killer picks such processes): every replica and
+    Serve's proxy go with it. The app says so and exits with status 1, so a supervisor restarts it, instead
+    of running on with nothing serving its port. Last in the module: it ends the deployment the others share."""
+    (url, log), proc = deployment, deployment.proc
+    port = urllib.parse.urlsplit(url).port
+    cluster = _children(proc.pid)  # Ray's processes: its node's, its control store, its agents
+    (raylet,) = [pid for pid, command in cluster.items() if "raylet/raylet" in command]
+    deployment.cluster_killed = True
+    os.kill(raylet, signal.SIGKILL)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"the app ran on without its cluster:\n{log.read_text()[-2000:]}") from None
+    said = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 1 and said == [
+        "error: The Ray cluster this app started has stopped (its raylet process exited: was it killed, "
+        f"e.g. for lack of memory?), and the replicas with it; nothing serves port {port} now: start the "
+        "app again."], log.read_text()[-2000:]
+    deadline = time.monotonic() + 30
+    while left := [c for pid, c in cluster.items() if _running(pid)]:
+        assert time.monotonic() < deadline, f"left running: {left}"
+        time.sleep(0.5)
