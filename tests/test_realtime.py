@@ -28,6 +28,15 @@ def server(tmp_path_factory):
         yield url
 
 
+@pytest.fixture(scope="module")
+def quick_server(tmp_path_factory):
+    """The same server with its Think script made at full speed, for tests that only need whole replies."""
+    port = str(free_port())
+    log = tmp_path_factory.mktemp("realtime-quick") / "app.log"
+    with running(["-m", "tests.web.server", "--port", port], log) as (_, url):
+        yield url
+
+
 def pcm24(audio16k: np.ndarray) -> list[str]:
     """16 kHz float audio → base64 pcm16 24 kHz pieces of CHUNK_S."""
     audio = _resample(audio16k)
@@ -169,11 +178,11 @@ def test_text_items_manual_turns_and_errors(server):
     assert json.dumps([e.type for e in talk.events])  # every event parsed as an SDK event object
 
 
-def test_chat_completions_speak_the_answer(server):
+def test_chat_completions_speak_the_answer(quick_server):
     """Audio out over Chat Completions, whole (a WAV file) and streamed (pcm16 deltas with the transcript)."""
     from afnext.audio import load_audio
 
-    client = openai.OpenAI(base_url=server + "v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=quick_server + "v1", api_key="unused", max_retries=0, timeout=120)
     question = [{"role": "user", "content": "What is it?"}]
     whole = client.chat.completions.create(model="think", messages=question, modalities=["text", "audio"],
                                            audio={"voice": "alloy", "format": "wav"})
