@@ -15,9 +15,9 @@ anywhere across deltas ("<thi", "nk>"). Rules:
 - Linear in the output however it is cut into deltas (one character each, long runs of spaces).
 
 Steps: the reasoning is cut into sentences (at ``.``/``!``/``?`` followed by whitespace, at CJK
-``。！？``, or at a newline, so "10.7s" never breaks). A sentence that mentions a time becomes
-``ThinkStep(start, end, sentence)`` from its first mention, emitted once the sentence is
-complete. With ``steps_from_answer`` the answer's sentences count too (Instruct writes
+``。！？``, or at a newline, so "10.7s" never breaks). Each time a sentence mentions becomes a
+``ThinkStep(start, end, sentence)`` ("barks at 0:12 and again at 0:45": two steps, each playing
+from its own time), emitted once the sentence is complete. With ``steps_from_answer`` the answer's sentences count too (Instruct writes
 "At 0:12 ..." without reasoning). Times recognised, in seconds: "10.7s to 16.9s",
 "3.2 s - 5 s", "between 4 and 6 seconds", "the 30-second mark", "1:30", "1:02:03", "12 sec",
 "12,5 s" (decimal comma), "1 min 30 s", "2 minutes", "1h02m03s", "1.5 hours", "0:12 -> 0:15",
@@ -200,20 +200,30 @@ def shift_times(text: str, offset_s: float, clip_duration_s: float | None = None
         if times is None:
             return match[0]
         start, end = _in_whole(*times, offset_s, clip_duration_s)
-        stamp = clock(start)
-        return stamp if end is None else f"{stamp}–{clock(end)}"
+        tenths = re.search(r"\d[.,]\d", match[0]) is not None  # "10.7s" stays as precise: 25:10.7
+        return _stamp(start, tenths) if end is None else f"{_stamp(start, tenths)}–{_stamp(end, tenths)}"
 
     return _TIMES.sub(absolute, text)
 
 
+def _stamp(seconds: float, tenths: bool) -> str:
+    """`clock(seconds)`, with the tenth of a second after it when asked and not zero ("25:10.7")."""
+    if not tenths:
+        return clock(seconds)
+    whole, tenth = divmod(round(max(seconds, 0.0) * 10), 10)
+    return clock(whole) + (f".{tenth}" if tenth else "")
+
+
 def shift_step(step: ThinkStep, offset_s: float, clip_duration_s: float | None = None) -> ThinkStep:
     """A part's `step` (times in the part, clamped to it) in the whole recording: its times and its
-    sentence's, read again from the sentence so that a time already in the whole is kept."""
-    first = next(_mentions(step.text, clip_duration_s), None)
-    if first is None:  # cannot be: a step's sentence names its time
+    sentence's, read again from the sentence so that a time already in the whole is kept. The step's
+    own mention is the one that reads as its times (a sentence may name several)."""
+    own = next((times for _, times in _mentions(step.text, clip_duration_s)
+                if _clamp(*times, clip_duration_s) == (step.start, step.end)), None)
+    if own is None:  # cannot be: a step's sentence names its time
         start, end = step.start + offset_s, None if step.end is None else step.end + offset_s
     else:
-        start, end = _in_whole(*first[1], offset_s, clip_duration_s)
+        start, end = _in_whole(*own, offset_s, clip_duration_s)
     return replace(step, start=start, end=end, text=shift_times(step.text, offset_s, clip_duration_s))
 
 
@@ -246,10 +256,8 @@ class _Steps:
         return self._step(sentence)
 
     def _step(self, sentence: str) -> list[ThinkStep]:
-        times = find_times(sentence, self._clip)
-        if not times:
-            return []
-        return [ThinkStep(start=times[0][0], end=times[0][1], text=sentence.strip())]
+        times = dict.fromkeys(find_times(sentence, self._clip))  # each once, in the sentence's order
+        return [ThinkStep(start=start, end=end, text=sentence.strip()) for start, end in times]
 
 
 class ThinkParser:

@@ -103,7 +103,7 @@ def test_the_merge_hears_each_part_with_its_times_made_absolute(scripted, monkey
     merge = [text for text, has_clip in asked if not has_clip][-1]
     assert "Part 2 of 3 (0:33–1:06): A bell rings at 0:45." in merge  # 0:12 in a part from 0:33
     # A step's sentence speaks of the whole recording too, as its times do.
-    assert [s.text for s in reply.steps if s.part == 2] == ["A bell rings from 0:45–0:48."]
+    assert [s.text for s in reply.steps if s.part == 2] == ["A bell rings from 0:45.3–0:48.8."]  # 12.0s in a part from 33.3 s
     assert merge.endswith("Question: When?\nAnswer it for the whole recording in one answer, from what the parts "
                           "found; give times as above.")
 

@@ -110,7 +110,7 @@ def test_prefilled_tag_and_no_tag() -> None:
 def test_unclosed_reasoning_and_lookalike_tags() -> None:
     reasoning, answer, steps = split_think(OUTPUTS[6][0])
     assert answer == "" and reasoning.startswith("Unclosed")
-    assert [(s.start, s.end) for s in steps] == [(3.2, 5.0)]
+    assert [(s.start, s.end) for s in steps] == [(3.2, 5.0), (90.0, None)]  # each time the sentence names
     assert split_think(OUTPUTS[7][0])[:2] == ("", "<thinking about it> is not a tag </thi")
 
 
@@ -181,7 +181,7 @@ def test_clamping_to_the_clip() -> None:
         (5.0, 60.0), (50.0, None), (60.0, None), (60.0, None),
     ]
     _, _, steps = split_think(OUTPUTS[1][0], clip_duration_s=16.0)
-    assert [(s.start, s.end) for s in steps] == [(11.0, 14.0)]
+    assert [(s.start, s.end) for s in steps] == [(11.0, 14.0), (14.0, 16.0)]
 
 
 @pytest.mark.parametrize("seconds, shown", [(0.0, "0:00"), (10.62, "0:10"), (59.99, "0:59"), (600.0, "10:00"),
@@ -265,7 +265,7 @@ def test_a_second_think_block_before_the_answer_is_reasoning_never_spoken() -> N
 def test_a_repeated_opening_tag_inside_reasoning_is_never_shown() -> None:
     reasoning, answer, steps = split_think(OUTPUTS[-1][0])
     assert reasoning == "Bell at 1 s then at 2 s." and answer == "Done."
-    assert [s.text for s in steps] == ["Bell at 1 s then at 2 s."]
+    assert [(s.start, s.text) for s in steps] == [(1.0, "Bell at 1 s then at 2 s."), (2.0, "Bell at 1 s then at 2 s.")]
 
 
 def test_chinese_reasoning_is_cut_into_timed_steps() -> None:
@@ -296,3 +296,21 @@ def test_long_reasoning_one_character_a_delta_stays_linear(unit: str) -> None:
     small, large = (unit * (n // len(unit)) for n in (10_000, 40_000))
     ratio = min(_feed_seconds(large) for _ in range(2)) / min(_feed_seconds(small) for _ in range(2))
     assert ratio < 8
+
+
+def test_each_time_a_sentence_names_is_a_step_of_its_own():
+    """A sentence that names several times gives a step at each (each plays from its own time), in the
+    sentence's order; a time named twice is one step."""
+    _, _, steps = split_think("<think>The dog barks at 0:12 and again at 0:45, then at 0:12 once more.</think>Two barks.")
+    sentence = "The dog barks at 0:12 and again at 0:45, then at 0:12 once more."
+    assert [(s.start, s.end, s.text) for s in steps] == [(12.0, None, sentence), (45.0, None, sentence)]
+
+
+def test_a_parts_steps_are_shifted_by_their_own_times_and_keep_their_tenths():
+    from afnext.think import shift_step, shift_times
+
+    _, _, steps = split_think("<think>A bell from 12.5s to 15.5s, a door at 40s.</think>", clip_duration_s=60.0)
+    shifted = [shift_step(s, 1500.0, 60.0) for s in steps]
+    assert [(s.start, s.end) for s in shifted] == [(1512.5, 1515.5), (1540.0, None)]
+    assert {s.text for s in shifted} == {"A bell from 25:12.5–25:15.5, a door at 25:40."}
+    assert shift_times("from 10.0s to 11.96s", 60.0, 30.0) == "from 1:10–1:12"  # 11.96 is 12.0 to the tenth
