@@ -241,6 +241,8 @@ class Session:
         audio_key = None if keep is None else self.journal.put(keep)
         self._settled.wait()  # the previous turn's reply is in `messages` before this one is built
         try:
+            if self.journal is not None:
+                self.journal.check_not_behind()
             plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key)
         except BaseException:
             if audio_key is not None:

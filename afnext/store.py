@@ -644,6 +644,22 @@ class Journal:
         if self.broken is not None:
             raise KeptError(self.broken)
 
+    def check_not_behind(self) -> None:
+        """Before a turn is asked (the session's last one settled): KeptError if the store holds turns
+        this session does not (another process, a replica, went on with the conversation). Its commit
+        would be refused all the same; refused now, no answer is made (or spoken) from a conversation
+        that is not the one kept. Breaks the journal, as a refused commit does."""
+        with self._lock:
+            self.check()
+            try:
+                held = self.store.exchanges(self.cid)
+            except sqlite3.Error:  # the commit says what is wrong with the store, if anything is
+                return
+            if held > self.turns:
+                self.broken = (f"The conversation {self.cid!r} went on elsewhere meanwhile (it holds {held} turns, "
+                               f"this one {self.turns}); the conversation stops here: open it again to go on from there.")
+                raise KeptError(self.broken)
+
     def current(self) -> bool:
         """Whether the session this journal keeps holds what the store holds: not broken, and no turn
         kept meanwhile by another process on the same conversation (a replica it moved to and back from)."""

@@ -373,6 +373,32 @@ def test_a_turns_stream_closed_before_its_first_read_lets_its_audio_go(engine, t
     assert store.delete(cid, owner="o") and not store._audio_path(key).exists()
 
 
+def test_a_session_behind_the_store_is_refused_before_it_answers(engine, tmp_path, monkeypatch):
+    """Two processes (replicas) on one conversation: one keeps a turn; the other's live session, asked
+    next, is refused at once with the sentence its commit would end in, before a token is made — so a
+    voice socket never speaks an answer from a conversation that is not the one kept — and its audio
+    is not held. The conversation opened again goes on from all the store holds."""
+    from afnext.store import KeptError, open_conversation
+
+    here, there = Store(tmp_path), Store(tmp_path)
+    cid = here.create("talk", owner="o")
+    mine, theirs = _journaled(engine, here, cid), _journaled(engine, there, cid)
+    _reply(theirs, "Over there?")
+    forwards = []
+    real = type(engine)._forward
+    monkeypatch.setattr(type(engine), "_forward", lambda self, *a: forwards.append(1) or real(self, *a))
+    with pytest.raises(KeptError, match="went on elsewhere meanwhile .*open it again"):
+        mine.ask("Here?", noise(1.0, seed=3))
+    assert not forwards and not here._in_flight, "nothing was made, and the turn's audio is not held"
+    with pytest.raises(KeptError, match="went on elsewhere"):
+        mine.ask("Still here?")  # it stays refused, as after a refused commit
+    monkeypatch.undo()
+    again = Session(engine)
+    assert open_conversation(here, cid, again, model=engine.loaded.name, owner="o").turns == 1
+    _reply(again, "Here, now?")
+    assert [t.text for t in here.turns(cid)][0::2] == ["Over there?", "Here, now?"]
+
+
 def test_audio_another_process_is_asking_with_survives_a_delete_here(tmp_path):
     """Replicas share a store: one deletes a conversation whose audio no row refers to any more while
     another has just put the same bytes for a turn it is asking (its hold is in its own memory). The
