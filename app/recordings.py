@@ -362,6 +362,15 @@ def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | N
     return recording
 
 
+def latest_answer(store: Store, cid: str, owner: str) -> str:
+    """`owner`'s kept recording `cid`'s latest answer, as the page shows it ("" if none, or not theirs)."""
+    conversation = store.get(cid, owner=owner)
+    if conversation is None or conversation.kind != "recording":
+        return ""
+    exchanges = _exchanges(store.turns(cid))
+    return exchanges[-1][1].answer if exchanges else ""
+
+
 def _exchanges(turns: list[StoredTurn]) -> list[tuple[StoredTurn, StoredTurn]]:
     return list(zip(turns[0::2], turns[1::2]))
 

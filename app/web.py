@@ -419,10 +419,23 @@ class _RecordingsTab:
             yield (recording.chat, gr.skip(), f"⚠️ The server failed on that question ({type(exc).__name__}); the "
                    "conversation is kept, so try again.", sent if box == "" else gr.skip(), box)
 
+    def _latest_answer(self, cid: str, owner: str) -> str:
+        """The open recording's latest answer: the live copy's, or the store's when the app has let the
+        live copy go (idle, or room for others) or another tab or replica has asked since; without its
+        audio decoded again, which a reopen would do."""
+        owned = _owner(owner)
+        if not cid or owned is None:
+            return ""
+        recording = self.live.get(cid, owned)
+        if isinstance(recording, Recording) and matches_store(recording):
+            return recording.answer
+        if self.store is None or cid.startswith("unkept-"):
+            return ""
+        return recordings.latest_answer(self.store, cid, owned)
+
     def speak(self, cid: str, owner: str):
         """The latest answer, spoken → the audio, and the status line where there is nothing to say."""
-        recording = self.live.get(cid, _owner(owner) or "") if cid else None
-        text = recording.answer.strip() if isinstance(recording, Recording) else ""
+        text = self._latest_answer(cid, owner).strip()
         if not text:
             gr.Warning(NO_ANSWER)
             return None, NO_ANSWER

@@ -741,6 +741,49 @@ def test_speak_says_the_answer_as_the_voice_loop_would_not_its_markdown(loaded, 
     assert rate == 16000 and len(samples) == 4 * 1600
 
 
+def test_speak_reads_the_latest_answer_from_the_store_when_the_live_copy_is_gone_or_behind(loaded, tmp_path):
+    """Speak on a recording the app has let go of (idle, or room for others) says its latest answer, as
+    the page shows it, without decoding its audio again; and after another tab or replica asked about
+    it, the newer answer, not the live copy's older one. Another owner's id says nothing."""
+    from afnext.events import AudioChunk
+    from afnext.live import Live
+    from afnext.store import Store, StoredTurn
+    from app.access import owner_of
+    from app.web import NO_ANSWER, _RecordingsTab
+
+    class Heard:
+        sample_rate = 16000
+
+        def __init__(self) -> None:
+            self.said: list[str] = []
+
+        def stream(self, text, cancel=None):
+            self.said.append(text)
+            yield AudioChunk(16000, np.full(1600, 0.1, np.float32))
+    voice, engine, owner = Heard(), Engine(loaded), "e" * 32
+    store = Store(tmp_path / "store")
+    cid = store.create("recording", owner=owner_of(owner), audio=((ASSETS / "sounds.flac").read_bytes(), ".flac"))
+    store.add_exchange(cid, StoredTurn("user", "What is it?"), StoredTurn("assistant", "A dog barks."), at=0)
+    try:
+        tab = _RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, store, Live())
+        decoded = []
+        real = recordings.open_recording
+        recordings.open_recording = lambda *a, **k: decoded.append(a) or real(*a, **k)
+        try:
+            assert tab.speak(cid, owner)[0] is not None  # not live: from the store
+            live = recordings.reopen(store, cid, owner_of(owner), tmp_path)
+            tab.live.put(cid, owner_of(owner), "10.0.0.1", live)
+            decoded.clear()
+            store.add_exchange(cid, StoredTurn("user", "And then?"), StoredTurn("assistant", "A bell rings."), at=1)
+            assert tab.speak(cid, owner)[0] is not None  # another replica asked since: the store's newer answer
+            assert tab.speak(cid, "f" * 32) == (None, NO_ANSWER)
+        finally:
+            recordings.open_recording = real
+    finally:
+        engine.close()
+    assert voice.said == ["A dog barks.", "A bell rings."] and not decoded
+
+
 def test_cli_serves_the_page_with_the_demo_model_when_the_model_cannot_load(tmp_path):
     log = tmp_path / "app.log"
     args = ["-m", "app", "--model", str(tmp_path / "missing"), "--port", str(free_port())]
