@@ -218,8 +218,11 @@ def shift_step(step: ThinkStep, offset_s: float, clip_duration_s: float | None =
     """A part's `step` (times in the part, clamped to it) in the whole recording: its times and its
     sentence's, read again from the sentence so that a time already in the whole is kept. The step's
     own mention is the one that reads as its times (a sentence may name several)."""
-    own = next((times for _, times in _mentions(step.text, clip_duration_s)
-                if _clamp(*times, clip_duration_s) == (step.start, step.end)), None)
+    def apart(times: tuple[float, float | None]) -> float:  # from the step's times, read as it was read
+        start, end = _clamp(*times, clip_duration_s)
+        return abs(start - step.start) + abs((start if end is None else end) - (step.start if step.end is None else step.end))
+    # the nearest, not an equal one: the part's length here may differ from its clip's in the last digits
+    own = min((times for _, times in _mentions(step.text, clip_duration_s)), key=apart, default=None)
     if own is None:  # cannot be: a step's sentence names its time
         start, end = step.start + offset_s, None if step.end is None else step.end + offset_s
     else:
