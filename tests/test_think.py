@@ -314,7 +314,7 @@ def test_a_parts_steps_are_shifted_by_their_own_times_and_keep_their_tenths():
     assert [(s.start, s.end) for s in shifted] == [(1512.5, 1515.5), (1540.0, None)]
     assert {s.text for s in shifted} == {"A bell from 25:12.5–25:15.5, a door at 25:40."}
     assert shift_times("from 10.0s to 11.96s", 60.0, 30.0) == "from 1:10–1:12"  # 11.96 is 12.0 to the tenth
-    # A time past the part's end was clamped to its clip's length, which the part's own may differ from in
-    # the last digits: still that mention's step, not the sentence's first.
-    _, _, (_, door) = split_think("<think>A bell at 5s, a door at 75s.</think>", clip_duration_s=60.0)
-    assert (shift_step(door, 1500.0, 60.000001).start, door.start) == (pytest.approx(1560.0), 60.0)
+    # A time in the whole recording (25:30, in a part from 25:00) was clamped to the part's clip length,
+    # which the part's own length may differ from in the last digits: still read as that mention.
+    _, _, (_, door) = split_think("<think>A bell at 5s, a door at 25:30.</think>", clip_duration_s=60.0)
+    assert (shift_step(door, 1500.0, 60.000001).start, door.start) == (pytest.approx(1530.0), 60.0)
