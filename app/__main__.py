@@ -29,6 +29,7 @@ from afnext import check_setup  # noqa: E402
 check_setup()  # before anything imports torch: a missing one is a sentence saying how to get it
 
 from afnext.cli import KEEP_DAYS, add_model_flags, add_tts_flags, keep_days  # noqa: E402
+from app.access import EMPTY_KEY  # noqa: E402
 from app.backend import BackendLoader, BackendOptions, start_backend  # noqa: E402
 from app.guard import REQUEST_BURST, REQUESTS_PER_S  # noqa: E402
 from app.history import MAX_HISTORY_GB  # noqa: E402
@@ -45,6 +46,17 @@ def requests_per_second(text: str) -> float:
     return value
 
 
+def api_key(text: str) -> str:
+    """The --api-key value (or $AFNEXT_API_KEY): a key clients can send. An empty one (`AFNEXT_API_KEY=` in
+    an env file) would match a request with no key at all, and one with spaces around it none at all."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(EMPTY_KEY)
+    if text != text.strip():
+        raise argparse.ArgumentTypeError("the API key starts or ends with a space, which no client could send; "
+                                         "check --api-key and $AFNEXT_API_KEY")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m app", description=__doc__.splitlines()[0])
     add_model_flags(p, model_default="instruct")
@@ -55,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live https link")
     add_tts_flags(p)
-    p.add_argument("--api-key", default=os.environ.get("AFNEXT_API_KEY"),
+    p.add_argument("--api-key", type=api_key, default=os.environ.get("AFNEXT_API_KEY"),
                    help="require this key (Authorization: Bearer KEY) on the /v1 API; default $AFNEXT_API_KEY")
     p.add_argument("--data", default=None,
                    help="the folder conversations and recordings are kept in (default: $AFNEXT_DATA, or "

@@ -43,6 +43,8 @@ TOKEN_TTL_S = 600  # a page token opens sockets for this long (the page fetches 
 _DEFAULT_PORTS = {"http": (80,), "ws": (80,), "https": (443,), "wss": (443,), "": (80, 443)}
 
 
+EMPTY_KEY = ("The API key is empty, which would let anyone in; give a key, or none (unset $AFNEXT_API_KEY) "
+             "to serve without one.")
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "*.gradio.live")  # what a loopback-bound server answers to
 HOST_REFUSAL = (f"This server answers only to its own address; open it as http://localhost:PORT (behind a proxy "
                 f"that sends its own Host, add that name to {ORIGINS_ENV}).")
@@ -69,6 +71,8 @@ class Access:
 
     def __init__(self, key: str | None = None, allowed_origins: Iterable[str] = (), *, local: bool = False,
                  secret: bytes | None = None) -> None:
+        if key is not None and not key.strip():  # the /v1 API compares keys itself: "" would match a missing one
+            raise ValueError(EMPTY_KEY)
         self.key, self.local = key, local
         self.allowed = allowed_sites([*allowed_origins, *os.environ.get(ORIGINS_ENV, "").split(",")])
         self._hosts = (*LOCAL_HOSTS, *(a if a.startswith("*") else _hostname(a) or a for a in self.allowed))

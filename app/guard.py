@@ -11,7 +11,10 @@ limit, and takes request bodies of any size. In front of it, this ASGI middlewar
 - refuses any file in a request that is not an upload of this server (a server path such as
   `{"path": "/home/me/private.wav"}` never reaches a handler), whatever Gradio would do with it;
 - caps every request body in bytes, and uploads by size and by the disk quota (bytes and files) of
-  the upload folder, counting the uploads in flight;
+  the upload folder, counting the uploads in flight; an upload that stops sending, or sends too slowly,
+  is ended, so a few idle connections cannot hold the quota and keep everyone else's uploads out;
+- refuses Gradio's file route for a URL (`/gradio_api/file=https://…`), which Gradio would fetch
+  from the internet for anyone and stream back: the page names only files on this server;
 - limits each client address to a fair share: a burst of requests, then a steady rate, and a few
   uploads at a time.
 
@@ -25,11 +28,14 @@ import asyncio
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from starlette.requests import ClientDisconnect
 
 from afnext import strict_json
 
@@ -48,10 +54,19 @@ UPLOAD_QUOTA_BYTES = 4 << 30  # bytes the upload folder may hold: a dozen 30-min
 MAX_UPLOAD_FILES = 2000  # files it may hold (one upload request may carry many): bounds its scans too
 FOLDER_REFRESH_S = 1.0  # the folder is measured (off the event loop) at most this often
 # Per client address. Behind a reverse proxy every client has the proxy's address unless uvicorn is
-# told to trust its X-Forwarded-For (FORWARDED_ALLOW_IPS=<proxy address>), so the budget is generous.
+# told to trust its X-Forwarded-For (FORWARDED_ALLOW_IPS=<proxy address>; nobody's by default, see
+# app/web.py `trust_proxies`), so the budget is generous.
 REQUEST_BURST = 120  # calls and uploads one client address may make at once…
 REQUESTS_PER_S = 5.0  # …then this many a second (the page makes two or three per question)
 UPLOADS_AT_ONCE = 2  # uploads in flight per client address
+# An upload holds its Content-Length of the quota from its header on, so one that sends nothing would
+# hold it for as long as its connection stays open (uvicorn has no body timeout): 4 idle connections
+# declaring 1 GiB each kept every other upload out. It is ended after this long without a byte…
+UPLOAD_IDLE_S = 30.0
+UPLOAD_MIN_BYTES_PER_S = 64 << 10  # …or once it falls behind this rate (0.5 Mbit/s; a 1 GiB file: 4.5 h)
+# Gradio's file routes; given a URL instead of a path, Gradio fetches it and streams it back.
+FILE_ROUTES = (API_PREFIX + "/file=", API_PREFIX + "/file/")
+URL_START = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://|//|\\\\|\\/|/\\")  # scheme://, or a network path
 
 
 @dataclass(frozen=True)
@@ -155,11 +170,15 @@ class Guard:
                 {"host": (_header(scope, b"host") or b"").decode("latin-1")}):
             await _answer(send, 403, HOST_REFUSAL, openai=scope["path"].startswith(OPENAI_PREFIX), kind="permission_error")
             return
+        if scope["type"] == "http" and _names_url(scope["path"]):
+            log.info("refused %s %s from %s: a URL", scope["method"], scope["path"][:200], _address(scope))
+            await _answer(send, 403, "This server serves its own files only; it fetches no URLs.")
+            return
         # History reads take the store's lock, which the engine's commits take too: they count as well.
         if scope["type"] != "http" or (scope["method"] in OPEN_METHODS and not scope["path"].startswith(HISTORY_PREFIX)):
             await self.app(scope, receive, send)
             return
-        full, address = scope["path"], (scope.get("client") or ("?",))[0]
+        full, address = scope["path"], _address(scope)
         if full.startswith((OPENAI_PREFIX, HISTORY_PREFIX)):  # app/api.py and app/history.py check their own bodies
             try:
                 self.ledger.spend(address)
@@ -223,8 +242,14 @@ class Guard:
         self.ledger.upload_started(address)
         try:
             await self.folder.reserve(size, self.options)
+            body = _UploadBody(receive, size)
             try:
-                await self.app(scope, _capped(receive, size), send)
+                await self.app(scope, body, send)
+            except ClientDisconnect:  # Gradio's reader met the end we gave it, or the client left
+                if body.why is None:
+                    log.info("an upload from %s ended when its client left", address)
+                    return
+                raise Refused(body.status, body.why) from None
             finally:
                 self.folder.settle(size)
         finally:
@@ -328,18 +353,43 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-def _capped(receive, declared: int):
-    """`receive` that ends the upload when it carries more bytes than its Content-Length said."""
-    seen = 0
+class _UploadBody:
+    """`receive` for an upload: it ends the body (a disconnect, as if the client had gone, with `why` said)
+    when more bytes come than its Content-Length said, when none come for UPLOAD_IDLE_S, or when the
+    upload falls behind UPLOAD_MIN_BYTES_PER_S."""
 
-    async def capped():
-        nonlocal seen
-        message = await receive()
-        seen += len(message.get("body", b""))
-        if seen > declared:
+    def __init__(self, receive, declared: int) -> None:
+        self.receive, self.declared, self.seen, self.done = receive, declared, 0, False
+        self.deadline = time.monotonic() + UPLOAD_IDLE_S + declared / UPLOAD_MIN_BYTES_PER_S
+        self.why: str | None = None
+        self.status = 408
+
+    async def __call__(self):
+        if self.done or self.why is not None:  # after the body: whatever the app waits for (a disconnect)
+            return await self.receive() if self.why is None else {"type": "http.disconnect"}
+        wait = min(UPLOAD_IDLE_S, self.deadline - time.monotonic())
+        try:
+            message = await asyncio.wait_for(self.receive(), max(wait, 0.0))
+        except TimeoutError:
+            self.why = (f"The upload sent nothing for {UPLOAD_IDLE_S:g} s; send the file again." if wait == UPLOAD_IDLE_S
+                        else f"The upload was slower than {UPLOAD_MIN_BYTES_PER_S >> 10} KiB a second; send the file "
+                             "again over a faster connection.")
             return {"type": "http.disconnect"}
+        self.seen += len(message.get("body", b""))
+        if self.seen > self.declared:
+            self.why, self.status = "The upload was longer than its Content-Length header said.", 400
+            return {"type": "http.disconnect"}
+        self.done = message["type"] == "http.request" and not message.get("more_body")
         return message
-    return capped
+
+
+def _names_url(path: str) -> bool:
+    """Whether `path` (percent-decoded, as routes see it) asks Gradio's file route for a URL."""
+    return any(path.startswith(route) and URL_START.match(path[len(route):]) is not None for route in FILE_ROUTES)
+
+
+def _address(scope) -> str:
+    return (scope.get("client") or ("?",))[0]
 
 
 async def _answer(send, status: int, message: str, plain: bool = False, openai: bool = False,

@@ -229,8 +229,11 @@ class HistoryRoutes:
             path = await asyncio.to_thread(audio_file, self.store, cid, owner, request.path_params["which"])
             if path is None:
                 raise _Refused(404, "There is no such audio in your conversations.")
-            kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            return _StoredFile(path, media_type=kind, headers=_PRIVATE)
+            # A recording is kept under its upload's suffix: audio named "x.html" must not come back as a page.
+            kind = mimetypes.guess_type(path.name)[0] or ""
+            if not kind.startswith(("audio/", "video/")):
+                kind = "application/octet-stream"
+            return _StoredFile(path, media_type=kind, headers={**_PRIVATE, "X-Content-Type-Options": "nosniff"})
         return await _answering(run)
 
 

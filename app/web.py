@@ -49,7 +49,7 @@ from afnext.tts import TTSError
 from afnext.tts.chunker import SpeechChunker
 
 from . import realtime, recordings
-from .access import TOKEN_ROUTE, Access, owner_of
+from .access import TOKEN_ROUTE, Access, origin_allowed, owner_of
 from .api import Api
 from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
@@ -672,6 +672,7 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     started = time.perf_counter()
     site = assemble(loader, host=host, **options)
     demo = site.demo
+    trust_proxies(share)
     try:
         demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=False,
                     app_kwargs=site.app_kwargs, **site.page)
@@ -690,6 +691,16 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
         finally:
             site.close()
     return demo
+
+
+def trust_proxies(share: bool) -> None:
+    """Which peers' X-Forwarded-For uvicorn believes, read when Gradio makes its server: those named in
+    FORWARDED_ALLOW_IPS, and none by default. Uvicorn's own default believes any peer on 127.0.0.1, so a
+    client arriving through a loopback hop (an SSH tunnel, a script on this machine) could name any
+    address in the header and get a fresh share of every per-address limit with each. With --share the
+    visitors come through Gradio's tunnel client on 127.0.0.1 and its relay adds each one's address:
+    loopback is believed then, or all of them would share one address's limits."""
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", "127.0.0.1,::1" if share else "")
 
 
 def asgi_app(site: Site):
@@ -727,8 +738,13 @@ def _health(loader: BackendLoader):
 
 def _page_token(access: Access):
     """GET /afnext/token: a short-lived token that opens the page's Realtime socket without the API key.
-    Other sites' pages cannot read it (no CORS headers), and their sockets fail the Origin check."""
-    async def token(_request: Request) -> JSONResponse:  # the gate has checked Host (app/guard.py)
+    Other sites' pages get none, and their sockets fail the Origin check. (Gradio's CORS middleware lets
+    any site's page read any answer of a server reached by a name other than localhost; a browser's
+    own page asks without an Origin header, or with its own site's.)"""
+    async def token(request: Request) -> JSONResponse:  # the gate has checked Host (app/guard.py)
+        if not origin_allowed(request.headers, access.allowed):
+            return JSONResponse({"error": "The page's token is for the app's own page; other sites' pages get none."},
+                                403, headers={"Cache-Control": "no-store"})
         value, expires = access.page_token()
         return JSONResponse({"token": value, "expires_at": expires}, headers={"Cache-Control": "no-store"})
     return token
