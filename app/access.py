@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import secrets
 import time
@@ -142,6 +143,23 @@ class Access:
 
 
 OWNER_REFUSAL = "The owner token must be 32 to 128 hexadecimal digits (the page makes its own)."
+
+
+def client_group(host: str | None) -> str:
+    """Whose share of the per-address limits a client's connection counts against: its IPv4 address, or
+    its IPv6 /64 (one home or host is given a /64 and may use any of its 2^64 addresses, each of which
+    would otherwise get a fresh share); "?" when unknown."""
+    if not host:
+        return "?"
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # not an address (a test client's name): itself
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:  # an IPv4 client on a dual-stack socket
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
 
 
 def owner_of(token: str) -> str | None:

@@ -39,7 +39,7 @@ from starlette.requests import ClientDisconnect
 
 from afnext import strict_json
 
-from .access import HOST_REFUSAL
+from .access import HOST_REFUSAL, client_group
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,7 @@ def _names_url(path: str) -> bool:
 
 
 def _address(scope) -> str:
-    return (scope.get("client") or ("?",))[0]
+    return client_group((scope.get("client") or (None,))[0])
 
 
 async def _answer(send, status: int, message: str, plain: bool = False, openai: bool = False,

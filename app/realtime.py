@@ -41,7 +41,7 @@ from afnext.tts import SpeechResampler
 from afnext.vad import EndpointerOptions, SpeechStarted
 
 from . import realtime_wire as wire
-from .access import KEY_PROTOCOL, PAGE_PROTOCOL, Access
+from .access import KEY_PROTOCOL, PAGE_PROTOCOL, Access, client_group
 from .backend import BackendLoader, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -557,7 +557,7 @@ class RealtimeServer:
     async def __call__(self, ws: WebSocket) -> None:
         offered = [p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
         model = ws.query_params.get("model", "instruct")
-        address = ws.client.host if ws.client else "?"
+        address = client_group(ws.client.host if ws.client else None)
         grant = self.access.socket(ws.headers, offered)
         refusal, code = grant.refusal, 1008
         if refusal is None and model not in ("instruct", "think"):

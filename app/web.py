@@ -49,7 +49,7 @@ from afnext.tts import TTSError
 from afnext.tts.chunker import SpeechChunker
 
 from . import realtime, recordings
-from .access import TOKEN_ROUTE, Access, origin_allowed, owner_of
+from .access import TOKEN_ROUTE, Access, client_group, origin_allowed, owner_of
 from .api import Api
 from .realtime import RealtimeServer
 from .backend import BackendLoader, BackendUnavailable, int16
@@ -579,8 +579,8 @@ def _markdown_text(text: str) -> str:
 
 
 def _address(request: gr.Request) -> str:
-    client = getattr(request, "client", None)
-    return getattr(client, "host", None) or "?"
+    """The client's group for per-address limits (`access.client_group`)."""
+    return client_group(getattr(getattr(request, "client", None), "host", None))
 
 
 def _js(name: str) -> str:

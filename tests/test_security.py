@@ -262,3 +262,28 @@ def test_an_address_named_in_x_forwarded_for_is_not_believed(server):
     with httpx.Client(timeout=30) as client, ThreadPoolExecutor(8) as pool:
         codes = list(pool.map(read, range(2 * guard.REQUEST_BURST)))
     assert 429 in codes, "one address's budget, whatever the header says"
+
+
+@pytest.mark.parametrize("host, group", [
+    ("203.0.113.7", "203.0.113.7"),
+    ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:fffe", "2001:db8:1:2::/64"),  # the same /64: the same share
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+    ("::ffff:203.0.113.7", "203.0.113.7"),  # an IPv4 client on a dual-stack socket
+    ("::1", "::/64"), (None, "?"), ("testclient", "testclient"),
+])
+def test_an_ipv6_client_counts_as_its_64_so_its_other_addresses_get_no_fresh_share(host, group):
+    from app.access import client_group
+
+    assert client_group(host) == group
+
+
+def test_the_request_budget_is_shared_by_the_addresses_of_one_ipv6_64():
+    from app.guard import GuardOptions, Refused, _address, _Ledger
+
+    ledger = _Ledger(GuardOptions(Path("/nonexistent"), frozenset(), 1, burst=3, rate_per_s=0.001))
+    for last in range(1, 4):
+        ledger.spend(_address({"client": (f"2001:db8::{last}", 40000)}))
+    with pytest.raises(Refused, match="Too many requests"):
+        ledger.spend(_address({"client": ("2001:db8::ffff:4", 40000)}))
+    ledger.spend(_address({"client": ("2001:db8:0:1::1", 40000)}))  # another /64: its own share
