@@ -21,14 +21,24 @@ same data folder (SQLite in WAL mode takes several processes; a write waits for 
 afnext/store.py's BUSY_TIMEOUT_MS). Replicas on several machines each keep their own store (SQLite over
 a network file system is not safe); the README says what a user sees.
 
+When Serve removes a replica (autoscaling down, a redeploy, the app deleted from a cluster joined), the
+replica drains: Serve sends it nothing new and waits, up to DRAIN_S, for what it has in flight. Answers
+finish; a Realtime socket is closed with a sentence once its reply is over, and the page's heartbeat
+streams end (`Drain`), so that an idle socket or page does not keep the replica for the whole DRAIN_S.
+Stopping the whole app (Ctrl-C, SIGTERM) drains nothing: a cluster started here is stopped at once.
+
 Ray is an optional extra (requirements-serve.txt): nothing here imports it until `serve_replicas` runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import json
 import logging
+import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -38,9 +48,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from app import realtime_wire as wire
 from app.backend import BackendOptions
 from app.guard import REQUESTS_PER_S
 
@@ -58,6 +70,19 @@ MAX_ONGOING = 1024
 # Autoscaling aims at this many ongoing requests a replica (a GPU holds a few dozen voice conversations).
 TARGET_ONGOING = 32
 READY_TIMEOUT_S = 1800.0  # replicas loading a real checkpoint from a cold disk take minutes
+# How long Serve lets a replica it removes finish what it has in flight before it kills the process.
+# The longest answer the app gives by default is a Think answer (4096 tokens, the Think card's limit)
+# about a 30-minute recording: a prefill of seconds, then 1.5-3 minutes of decoding at 20-40 ms a token
+# on a GPU, more while it is shared with other conversations. Ten minutes finish that with room; an
+# answer asked for longer through the API (max_tokens up to the context) is cut at the bound. A drain
+# that long only waits for answers: idle sockets and pages are let go at once (Drain). A replica still
+# draining holds its GPU, so a redeploy on a machine with no GPU free waits for it.
+DRAIN_S = 600.0
+DRAIN_POLL_S = 1.0  # how often a replica's open sockets look whether it has begun to drain
+GOING_AWAY = 1001  # the WebSocket close code for "the server is going away" (RFC 6455)
+DRAINING = "This replica of the app is stopping; connect again to go on (a kept conversation resumes)."
+# A Realtime reply starts and ends with these events (app/realtime_wire.py puts an event's type first).
+REPLY_EVENT = re.compile(r'\{"type": ?"response\.(created|done)"')
 
 
 @dataclass(frozen=True)
@@ -144,6 +169,104 @@ class ReplicaHeader:
         return await self.app(scope, receive, named)
 
 
+def _draining() -> bool:
+    """Whether Serve has begun to remove this replica. Serve tells a replica's own code only once the
+    drain is over (its __del__), so this reads the flag Serve's replica sets when it begins (Ray 2.60's
+    `Replica._shutting_down`); False where that is not found (sockets are then cut at DRAIN_S)."""
+    try:
+        from ray._private.worker import global_worker
+
+        return bool(global_worker.actors[global_worker.actor_id]._replica_impl._shutting_down)
+    except Exception:  # noqa: BLE001 - Ray's internals, not there outside a replica or in another Ray
+        return False
+
+
+class Drain:
+    """ASGI middleware: what a draining replica lets go without cutting an answer. Serve counts an open
+    Realtime socket, and a page's heartbeat stream, as a request in flight until it closes; left alone,
+    either keeps the replica for all of DRAIN_S and is then cut. Once the replica drains:
+
+    - each Realtime socket is told, as soon as no reply is running on it (a reply being given is
+      finished first): an `error` event (code `replica_stopping`) and the close GOING_AWAY, both with
+      the sentence DRAINING; its conversation ends here as if the client had left, and one kept in the
+      store goes on from it when the client connects again (another replica answers);
+    - the page's heartbeat streams end, as Gradio ends them when its own server stops; the browser
+      opens the stream again and reaches a replica that stays.
+
+    Everything else (Chat Completions, the page's questions, files) is served to its end."""
+
+    def __init__(self, app, draining: Callable[[], bool] = _draining) -> None:
+        self.app, self.draining = app, draining
+        self.watcher: asyncio.Task | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        if self.watcher is None:  # started by the first request, on the loop the app serves on
+            self.watcher = asyncio.get_running_loop().create_task(self._end_heartbeats())
+        if scope["type"] == "http":
+            return await self.app(scope, receive, send)
+        return await self._socket(scope, receive, send)
+
+    async def _drained(self) -> None:
+        while not self.draining():
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    async def _end_heartbeats(self) -> None:
+        await self._drained()
+        for route in getattr(self.app, "routes", ()):  # Gradio's app, mounted in the outer one (web.asgi_app)
+            stop = getattr(getattr(route, "app", None), "stop_event", None)
+            if stop is not None:
+                stop.set()
+
+    async def _socket(self, scope, receive, send) -> None:
+        state = {"accepted": False, "replying": False, "closed": False}
+
+        async def sent(message) -> None:
+            if state["closed"]:
+                return  # the client was told and the socket closed: what the app still sends goes nowhere
+            if message["type"] == "websocket.accept":
+                state["accepted"] = True
+            elif message["type"] == "websocket.close":
+                state["closed"] = True
+            elif message["type"] == "websocket.send" and (reply := REPLY_EVENT.match(message.get("text") or "")):
+                state["replying"] = reply.group(1) == "created"
+            await send(message)
+
+        async def tell() -> None:  # once draining and no reply runs: the client is told, the app sees it leave
+            await self._drained()
+            while not state["closed"] and (state["replying"] or not state["accepted"]):
+                await asyncio.sleep(DRAIN_POLL_S)
+            if state["closed"]:
+                return
+            state["closed"] = True
+            error = {"type": "server_error", "code": "replica_stopping", "message": DRAINING, "param": None,
+                     "event_id": None}
+            try:
+                await send({"type": "websocket.send", "text": json.dumps(wire.event("error", error=error))})
+                await send({"type": "websocket.close", "code": GOING_AWAY, "reason": DRAINING})
+            except Exception:  # noqa: BLE001 - the client has gone already: nothing to tell
+                pass
+
+        teller, waiting = asyncio.ensure_future(tell()), None
+
+        async def received():
+            nonlocal waiting
+            waiting = waiting or asyncio.ensure_future(receive())
+            await asyncio.wait((waiting, teller), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():  # told: to the app, the client has left
+                return {"type": "websocket.disconnect", "code": GOING_AWAY}
+            message, waiting = waiting.result(), None
+            return message
+
+        try:
+            await self.app(scope, received, sent)
+        finally:
+            teller.cancel()
+            if waiting is not None:
+                waiting.cancel()
+
+
 def replica_class():
     """The deployment's class, made when Ray is imported (Serve's decorators need it)."""
     from ray import serve
@@ -182,7 +305,7 @@ def replica_class():
         def __serve_build_asgi_app__(self):
             from app import web
 
-            return web.asgi_app(self.site)
+            return Drain(web.asgi_app(self.site))
 
         def check_health(self) -> None:
             """Serve calls this every few seconds; a raise has the replica replaced."""
@@ -210,7 +333,7 @@ def deployment(options: ReplicaOptions, scale: Scale, gpus: bool, cpus: int, env
         replica_class(), name="AFNextReplica", max_ongoing_requests=MAX_ONGOING,
         ray_actor_options={**resources, "runtime_env": {"env_vars": env}},
         request_router_config=RequestRouterConfig(request_router_class="app.serve_router.AffinityRouter"),
-        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=10,
+        health_check_period_s=5, health_check_timeout_s=30, graceful_shutdown_timeout_s=DRAIN_S,
         **scale.deployment_options())
     return replica.bind(asdict(options))
 
@@ -241,13 +364,118 @@ def cpus_each(nodes: list[tuple[float, float]], replicas: int, gpus: bool) -> in
     return 1
 
 
+# What a CPU replica's process holds besides its models' weights: Python, torch, Gradio, the engine's
+# worker and its first buffers (its paged KV pool is committed as conversations grow, afnext/engine.py).
+# Measured: a replica of the tiny model (1 MB of weights) held 0.6 GB once it had served a few requests.
+REPLICA_PROCESS_BYTES = 600 << 20
+CPU_BYTES_PER_PARAM = 4  # CPU replicas load their weights in float32 (afnext/model.py, pick_dtype)
+
+
+def available_memory() -> int | None:
+    """The memory this machine has available for new processes now, in bytes (Linux's MemAvailable);
+    None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def checkpoint_folder(model: str) -> Path | None:
+    """The folder `model` (a short name, folder or hub id) is in on this machine, found without loading,
+    downloading or writing anything; None where it is not here yet (a replica would download it)."""
+    from afnext.checkpoints import CHECKPOINTS
+    from afnext.model import tiny_root
+
+    if model == "tiny":
+        folder = tiny_root() / "tiny-random"
+    elif Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            config = try_to_load_from_cache(CHECKPOINTS.get(model, model), "config.json")
+        except ValueError:  # not a hub id
+            return None
+        folder = Path(config).parent if isinstance(config, str) else None
+    return folder if folder is not None and (folder / "config.json").exists() else None
+
+
+def checkpoint_params(folder: Path) -> int | None:
+    """The parameters in the checkpoint's safetensors files, counted from their headers (no weights are
+    read); None when a file is missing (not all of it downloaded yet) or unreadable."""
+    index = folder / "model.safetensors.index.json"
+    try:
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+            else ["model.safetensors"]
+        total = 0
+        for name in files:
+            with open(folder / name, "rb") as f:  # 8 bytes: the header's length; then the header, JSON
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+        return total
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def replica_bytes(backend: BackendOptions) -> int | None:
+    """About the memory one CPU replica takes: its own copy of each model it loads, in float32, and its
+    process; None when a model's size cannot be known here (then nothing is refused)."""
+    weights = 0
+    for model in filter(None, (backend.model, backend.think_model)):
+        folder = checkpoint_folder(model)
+        params = checkpoint_params(folder) if folder is not None else None
+        if params is None:
+            return None
+        weights += params * CPU_BYTES_PER_PARAM
+    return weights + REPLICA_PROCESS_BYTES
+
+
+def _gb(n: float) -> str:
+    return f"{n / (1 << 30):.1f} GB"
+
+
+def _fit_in_memory(backend: BackendOptions, scale: Scale) -> None:
+    """StartError, before any Ray cluster starts here, when the CPU replicas asked for cannot all fit in
+    this machine's available memory (each loads the whole model); nothing when either is unknown."""
+    each, free = replica_bytes(backend), available_memory()
+    if each is None or free is None or scale.at_most * each <= free:
+        return
+    fit = int(free // each)
+    told = f"This machine has {_gb(free)} of memory available and each CPU replica of {backend.model} takes about " \
+           f"{_gb(each)} (its own copy of the model in float32, and its process)"
+    if fit == 0:
+        raise StartError(f"{told}: free some memory, or run it where there is more (or on GPUs).")
+    raise StartError(f"{told}: start at most {fit} (--replicas / --max-replicas {fit}).")
+
+
+def _memory_warning(backend: BackendOptions, scale: Scale, cluster_bytes: float) -> None:
+    """On a cluster joined: say so when its machines' memory for tasks (Ray's `memory`) cannot hold the
+    CPU replicas asked for; more machines may join, so nothing is refused."""
+    each = replica_bytes(backend)
+    if each is not None and cluster_bytes and scale.at_most * each > cluster_bytes:
+        log.warning("The Ray cluster has %s of memory for tasks now and each CPU replica of %s takes about %s: "
+                    "%d replicas may run out of memory unless more machines join.", _gb(cluster_bytes),
+                    backend.model, _gb(each), scale.at_most)
+
+
+def _cpu_replicas_here(device: str) -> bool:
+    """Whether a cluster started here would run the replicas on the CPU (Ray sees the GPUs torch sees)."""
+    import torch
+
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
 @dataclass
 class Run:
     """One `serve_replicas`: whether it joined a cluster (else started one here) and has deployed the app
     there (what `stop` may remove: never another run's app of the same name)."""
 
     joined: bool
-    deploying: threading.Thread | None = None  # serve.run's, from when this run deployed the app
+    deploying: threading.Thread | None = None  # the one giving Serve the app, from when this run deployed it
 
     @property
     def deployed(self) -> bool:
@@ -271,6 +499,8 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
                          "picks: use --device cuda (or leave out --device).")
     if address is None:
         _port_free(options.host, port)
+        if _cpu_replicas_here(device):
+            _fit_in_memory(options.backend, scale)
     elif address != "auto" and "://" not in address:
         _reachable(address)
     if address is not None:
@@ -279,6 +509,11 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # Serve's proxy and controller import the router from there
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage to its makers only if asked to
     here = os.cpu_count() or 1
+    if address is None:
+        # A stop by SIGTERM to the app's process group (a terminal closed, a supervisor) reaches Ray's
+        # processes too: ray.shutdown then finds them going and waits for its driver's task events to
+        # reach the GCS, by default 5 s; they only feed Ray's dashboard.
+        os.environ.setdefault("RAY_task_events_shutdown_flush_timeout_ms", "500")
     # "local": a new cluster, even where `ray start` left one that ray.init would otherwise join.
     init = {"address": address} if address else {"address": "local", "num_cpus": max(here, scale.at_most),
                                                   "include_dashboard": _dashboard()}
@@ -290,6 +525,10 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
                          "`ray start --head` (one using token authentication needs its token here: "
                          "~/.ray/auth_token or RAY_AUTH_TOKEN), or leave out --address to start one on this "
                          "machine.") from None
+    if threading.current_thread() is threading.main_thread():
+        # ray.init put its own handler on SIGTERM, which aborts the process (a stack dump, status -6):
+        # until serve_replicas takes the signals, SIGTERM stops the start as Ctrl-C does (status 130).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     nodes = [(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
     cluster_gpus = int(sum(g for _, g in nodes))
     if device.startswith("cuda") and not cluster_gpus:
@@ -304,6 +543,9 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     if not gpus:
         log.warning("%s: %d CPU replica(s), each with its model on the CPU.",
                     "--device cpu" if cluster_gpus else "The Ray cluster has no GPU", scale.replicas)
+        if run.joined:
+            _memory_warning(options.backend, scale,
+                            sum(n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")))
     cpus = cpus_each(nodes, scale.at_most, gpus)
     serving = _serve_port() is not None  # Serve already runs on a cluster joined (else this run starts it)
     try:
@@ -320,14 +562,21 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     if taken is not None and taken != port:
         raise StartError(f"Ray Serve already runs on this cluster on port {taken}: start with --port {taken}, or stop "
                          "it first (`serve shutdown`).")
-    if _application() is not None:
+    if (there := _application()) is not None and str(there.status).endswith("DELETING"):
+        raise StartError(f"The app on this Ray cluster is still stopping (its replicas finish the answers they are "
+                         f"giving, for up to {DRAIN_S / 60:.0f} minutes); start it again once `serve status` no "
+                         f"longer lists {APP_NAME!r}.")
+    if there is not None:
         raise StartError(f"The app already runs on this Ray cluster (Serve application {APP_NAME!r}, port {port}); "
                          f"use it, or stop it first (Ctrl-C where it was started, or `serve delete {APP_NAME}`).")
     failure: list[BaseException] = []
 
-    def deploy() -> None:  # serve.run returns once every replica runs: meanwhile the wait below says why not
+    # Serve takes the app and returns (serve.run would also wait for every replica to run, polling Serve from
+    # its thread: a stop meanwhile found that call in flight as Ray shut down, and exited 1). The wait below
+    # follows the replicas and says why they are not running.
+    def deploy() -> None:
         try:
-            serve.run(deployment(options, scale, gpus, cpus, env), name=APP_NAME, route_prefix="/", blocking=False)
+            serve._run(deployment(options, scale, gpus, cpus, env), name=APP_NAME, route_prefix="/", _blocking=False)
         except BaseException as exc:  # noqa: BLE001 - told to the waiting thread, which stops the start
             failure.append(exc)
 
@@ -483,24 +732,39 @@ def _cluster_gone(down: str, port: int) -> str:
 
 
 def stop(options: ReplicaOptions, run: Run) -> None:
-    """Stop the replicas (each removes its own folders) and leave the cluster: a cluster started here
-    stops with its Serve; on a cluster joined, only this run's app goes, Serve and others stay."""
+    """Stop the replicas and leave the cluster, in seconds. A cluster started here is stopped whole,
+    its replicas with it, answers in flight or not: Serve's own shutdown would drain them first (up to
+    DRAIN_S), and wait 30 s for a controller already gone. On a cluster joined, only this run's app goes:
+    its replicas drain there, after this process has left; Serve and other apps stay."""
     import ray
     from ray import serve
 
     try:
-        if ray.is_initialized() and not run.joined:
-            if _cluster_down(run) is None:  # else Serve's controller is gone: its shutdown would wait 30 s
-                serve.shutdown()
-        elif ray.is_initialized() and run.deployed:
+        if ray.is_initialized() and run.joined and run.deployed:
             # Stopped while deploying: the app may not be submitted yet, and would land after a delete.
             deadline = time.monotonic() + 30
             while run.deploying.is_alive() and _application() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
-            serve.delete(APP_NAME)
+            serve.delete(APP_NAME, _blocking=False)
     finally:
-        ray.shutdown()
+        if run.deployed:  # Serve takes the app in about a second
+            run.deploying.join(5.0)
+        _no_auto_connect()  # a Ray call still running in a thread now fails, instead of joining a cluster again
+        ray.shutdown()  # a cluster started here: its processes, the replicas' and Serve's among them
+        # The replicas' own folders are in it, on this machine: a replica killed leaves its own there.
         shutil.rmtree(Path(tempfile.gettempdir()) / options.shared, ignore_errors=True)
+
+
+def _no_auto_connect() -> None:
+    """Turn off Ray's auto-connect in this process: a Ray call made after ray.shutdown would otherwise call
+    ray.init() itself, which joins the last cluster started on this machine (Ray 2.60; it aborted the
+    process when that was the cluster being stopped)."""
+    try:
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+    except ImportError:  # another Ray: its own ways
+        pass
 
 
 def metrics_urls() -> list[str]:
@@ -560,7 +824,9 @@ def serve_replicas(options: ReplicaOptions, scale: Scale, *, port: int, address:
             log.info("Serve's metrics (Prometheus text: ongoing and queued requests, latencies, per replica): %s",
                      metrics)
         while not stopping.wait(WATCH_EVERY_S):
-            if (down := _cluster_down(run)) is not None:  # a supervisor restarts an app that exits
+            # A supervisor restarts an app that exits. A signal to the whole process group stops Ray's
+            # processes too: that is the stop asked for, not a cluster that died.
+            if (down := _cluster_down(run)) is not None and not stopping.is_set():
                 said, status = f"error: {_cluster_gone(down, port)}", 1
                 break
     except StartError as exc:

@@ -115,6 +115,47 @@ def converse(url: str, session: str, clip: str) -> list[tuple[object, str]]:
     return out
 
 
+# SIGTERM to the app's process group (a terminal closed, a supervisor stopping it) stops it and its whole
+# cluster within this. Measured 5-7 s on an idle 2-core machine: 3.6 s Ray stopping its node's processes
+# one after the other, 1.5-2 s the interpreter's own exit (it took 39 s: Serve's shutdown waited 30 s
+# for its controller, stopped by the same signal, and Ray's driver 5 s more for its GCS). About twice
+# that leaves room for a loaded machine, and still fails the 39 s.
+STOP_BOUND_S = 15.0
+
+
+def test_sigterm_to_the_apps_process_group_stops_it_and_its_cluster_in_seconds(tiny_dir, tmp_path):
+    """The app with two replicas, once both serve, stopped by SIGTERM to its process group, Ray's processes
+    in it: it exits with status 0 within STOP_BOUND_S and no process of its cluster runs on. First of the
+    tests that start the app: its cluster is its own, started before the shared deployment's runs."""
+    port = str(free_port())
+    url, log = f"http://127.0.0.1:{port}/", tmp_path / "app.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", AFNEXT_RAY_DASHBOARD="0", RAY_USAGE_STATS_ENABLED="0")
+    with open(log, "wb") as out:  # a process group of its own, as a terminal or a supervisor gives it
+        proc = subprocess.Popen([sys.executable, "-m", "app", "--model", str(tiny_dir), "--device", "cpu",
+                                 "--replicas", "2", "--port", port, "--data", str(tmp_path / "data")], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Both replicas answer, and the app has said it serves: a signal before that stops its start instead.
+        deadline = time.monotonic() + 300
+        while len(_serving(url)) < 2 or "Serving http" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        cluster = _descendants(proc.pid)  # Ray's processes, Serve's and the replicas' among them
+        assert sum("ServeReplica" in command for command in cluster.values()) == 2, cluster
+        signalled = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(STOP_BOUND_S * 4)
+        exited = time.monotonic() - signalled
+        while left := [c for pid, c in cluster.items() if _running(pid)]:
+            assert time.monotonic() - signalled < STOP_BOUND_S, f"left running: {left}"
+            time.sleep(0.2)
+        assert proc.returncode == 0 and exited < STOP_BOUND_S, (proc.returncode, exited, log.read_text()[-2000:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
 def test_six_conversations_stay_on_their_replicas_and_reuse_their_caches(deployment, tmp_path):
     url, _ = deployment
     placed = sessions_on_each(url, 3)
@@ -310,6 +351,17 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _descendants(pid: int) -> dict[int, str]:
+    """Every process `pid` started, and those they started, by pid: their command lines (the replicas
+    are the children of Ray's node process, not of the app)."""
+    found, parents = {}, [pid]
+    while parents:
+        children = _children(parents.pop())
+        found.update(children)
+        parents += children
+    return found
+
+
 @pytest.mark.parametrize("flags, scale", [
     ((2, None, None), {"num_replicas": 2}),
     ((None, None, 4), {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 4,
@@ -455,6 +507,163 @@ def test_a_killed_runs_shared_folder_is_removed_by_the_next(tmp_path):
     (left / "wav" / f"afnext-app-{dead.stdout.strip()}").mkdir()
     sweep_shared(tmp_path)
     assert not left.exists() and live.exists() and other.exists() and outlived.exists()
+
+
+def test_a_draining_replica_tells_a_realtime_socket_once_its_reply_is_over(monkeypatch):
+    """Serve waits for a replica it removes until its sockets close: each is told (an `error` event, then
+    the close 1001 with the same sentence) once its reply is over, never in the middle of it, and to the
+    app its client has left. Until the replica drains, the socket is the client's and the app's alone."""
+    import asyncio
+
+    from app import replicas
+
+    monkeypatch.setattr(replicas, "DRAIN_POLL_S", 0.01)
+    draining, sent, heard = False, [], []
+
+    async def run() -> list[dict]:
+        nonlocal draining
+        reply_over, client = asyncio.Event(), asyncio.Queue()
+
+        async def realtime(scope, receive, send):  # a Realtime server giving one reply
+            assert (await receive())["type"] == "websocket.connect"
+            await send({"type": "websocket.accept"})
+            heard.append(await receive())
+            await send({"type": "websocket.send", "text": json.dumps({"type": "response.created", "event_id": "1"})})
+            await reply_over.wait()
+            await send({"type": "websocket.send", "text": json.dumps({"type": "response.done", "event_id": "2"})})
+            heard.append(await receive())  # the client's next event, or its leaving
+            await send({"type": "websocket.send", "text": "{}"})  # after the close: goes nowhere
+
+        async def to_client(message):
+            sent.append(message)
+
+        for message in ({"type": "websocket.connect"}, {"type": "websocket.receive", "text": "hello"}):
+            client.put_nowait(message)
+        served = asyncio.ensure_future(replicas.Drain(realtime, draining=lambda: draining)(
+            {"type": "websocket", "path": "/v1/realtime"}, client.get, to_client))
+        await asyncio.sleep(0.1)
+        draining = True
+        await asyncio.sleep(0.2)
+        during = list(sent)  # the reply still running
+        reply_over.set()
+        await asyncio.wait_for(served, 5)
+        return during
+
+    during = asyncio.run(run())
+    assert [m["type"] for m in during] == ["websocket.accept", "websocket.send"], during
+    told = json.loads(sent[3]["text"])
+    assert [json.loads(m["text"])["type"] for m in sent[1:4]] == ["response.created", "response.done", "error"]
+    assert told["error"]["code"] == "replica_stopping" and told["error"]["message"] == replicas.DRAINING
+    assert sent[4:] == [{"type": "websocket.close", "code": 1001, "reason": replicas.DRAINING}], sent
+    assert heard == [{"type": "websocket.receive", "text": "hello"}, {"type": "websocket.disconnect", "code": 1001}]
+
+
+def test_a_draining_replica_ends_the_pages_heartbeat_streams(monkeypatch):
+    """A page keeps a heartbeat stream open on its replica as long as it is open; on a draining replica
+    the stream ends (the browser opens it again, on a replica that stays) instead of keeping the replica
+    to the end of the drain and being cut there."""
+    import asyncio
+
+    import gradio as gr
+    import httpx
+    from fastapi import FastAPI
+
+    from app import replicas
+
+    monkeypatch.setattr(replicas, "DRAIN_POLL_S", 0.01)
+    with gr.Blocks() as page:
+        gr.Markdown("A page.")
+    served = replicas.Drain(gr.mount_gradio_app(FastAPI(), page, "/"), draining=lambda: True)
+
+    async def heartbeat():  # Gradio's stream sends ALIVE every 15 s until its server stops
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=served), base_url="http://replica") as http:
+            return await asyncio.wait_for(http.get("/gradio_api/heartbeat/page-1"), 10)
+
+    got = asyncio.run(heartbeat())
+    assert got.status_code == 200 and got.text.startswith("data: ALIVE"), got.text[:200]
+
+
+def _refusing_ray(monkeypatch) -> list:
+    """ray.init made to raise StartedRay (and record its call): what reaches it has passed every check made
+    before a cluster starts. The environment start() sets for Ray is put back afterwards."""
+    import ray
+
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        raise StartedRay
+
+    monkeypatch.setattr(ray, "init", init)
+    for name in ("PYTHONPATH", "RAY_USAGE_STATS_ENABLED", "RAY_task_events_shutdown_flush_timeout_ms"):
+        if name in os.environ:  # recorded as it is: start() changes it, the test's end puts it back
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
+    return calls
+
+
+class StartedRay(Exception):
+    pass
+
+
+def test_cpu_replicas_that_cannot_fit_in_memory_are_refused_before_ray_starts(tiny_dir, loaded, tmp_path,
+                                                                            monkeypatch):
+    """Each CPU replica loads its own copy of the model: as many as this machine's available memory holds
+    start, more are refused with one sentence before any Ray cluster starts. Faked here: 4 GB available,
+    and the tiny model's replica takes 0.6 GB (its process; 1.3 MB of weights)."""
+    from app import replicas
+    from app.backend import BackendOptions
+    from app.replicas import ReplicaOptions, Scale, StartError, start
+
+    monkeypatch.setattr(replicas, "available_memory", lambda: 4 << 30)
+    calls = _refusing_ray(monkeypatch)
+
+    def options(model: str, device: str = "cpu") -> ReplicaOptions:
+        return ReplicaOptions(BackendOptions(model, device=device), "127.0.0.1", None, str(tmp_path), 1.0, 1.0, 1)
+
+    # Counted from the safetensors headers, without loading: the loaded model's own count.
+    assert replicas.checkpoint_params(tiny_dir) == sum(p.numel() for p in loaded.model.parameters())
+    for scale in (Scale(7), Scale(2, 1, 8)):  # --replicas 7; autoscaled up to 8
+        with pytest.raises(StartError) as refused:
+            start(options(str(tiny_dir)), scale, port=free_port())
+        assert str(refused.value) == (
+            f"This machine has 4.0 GB of memory available and each CPU replica of {tiny_dir} takes about 0.6 GB "
+            "(its own copy of the model in float32, and its process): start at most 6 (--replicas / "
+            "--max-replicas 6).")
+    assert not calls, "refused before a Ray cluster started"
+    for fits in (options(str(tiny_dir)), options("nvidia/not-downloaded-here")):  # 6 fit; a size unknown: no refusal
+        with pytest.raises(StartedRay):
+            start(fits, Scale(6), port=free_port())
+    monkeypatch.setattr(replicas, "available_memory", lambda: 300 << 20)
+    with pytest.raises(StartError) as refused:
+        start(options(str(tiny_dir)), Scale(1), port=free_port())
+    assert str(refused.value).endswith(": free some memory, or run it where there is more (or on GPUs).")
+
+
+def test_too_many_cpu_replicas_for_the_memory_stop_the_app_with_its_sentence(tiny_dir):
+    """Autoscaled up to 1000 tiny CPU replicas (0.6 GB each): refused at once, before a Ray cluster starts."""
+    result = _start("--model", str(tiny_dir), "--device", "cpu", "--max-replicas", "1000", "--port", str(free_port()))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-800:]
+    assert "the Ray cluster is at" not in result.stderr, "refused before a Ray cluster started"
+    assert re.fullmatch(r"error: This machine has [\d.]+ GB of memory available and each CPU replica of \S+ takes "
+                        r"about 0\.6 GB \(its own copy of the model in float32, and its process\): start at most "
+                        r"(\d+) \(--replicas / --max-replicas \1\)\.", result.stderr.strip().splitlines()[-1]), \
+        result.stderr[-800:]
+
+
+def test_on_a_cluster_joined_replicas_beyond_its_memory_are_a_warning(tiny_dir, caplog):
+    """Machines may join a cluster later: there, too little memory for the CPU replicas is said, not refused."""
+    from app.backend import BackendOptions
+    from app.replicas import Scale, _memory_warning
+
+    with caplog.at_level("WARNING", logger="app.replicas"):
+        _memory_warning(BackendOptions(str(tiny_dir)), Scale(8), cluster_bytes=16 << 30)
+        assert not caplog.records
+        _memory_warning(BackendOptions(str(tiny_dir)), Scale(2, 1, 64), cluster_bytes=16 << 30)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"The Ray cluster has 16.0 GB of memory for tasks now and each CPU replica of {tiny_dir} takes about "
+        "0.6 GB: 64 replicas may run out of memory unless more machines join."]
 
 
 def test_the_app_exits_with_a_sentence_when_the_ray_cluster_it_started_dies(deployment):
