@@ -35,6 +35,17 @@ from app.guard import REQUEST_BURST, REQUESTS_PER_S  # noqa: E402
 from app.history import MAX_HISTORY_GB  # noqa: E402
 
 
+def port(text: str) -> int:
+    """The --port value (or $GRADIO_SERVER_PORT): a TCP port, 1 to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port; give a number from 1 to 65535 (say 7860)")
+    return value
+
+
 def requests_per_second(text: str) -> float:
     """The --requests-per-second value: a number of requests a second, more than 0."""
     try:
@@ -64,7 +75,7 @@ def parser() -> argparse.ArgumentParser:
                    help="a second checkpoint for Think mode (e.g. think); by default Think mode uses --model")
     # Spaces and Docker set GRADIO_SERVER_NAME/PORT; by default the app is reachable from this computer only.
     p.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    p.add_argument("--port", type=port, default=os.environ.get("GRADIO_SERVER_PORT", "7860"))
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live https link")
     add_tts_flags(p)
     p.add_argument("--api-key", type=api_key, default=os.environ.get("AFNEXT_API_KEY"),

@@ -304,6 +304,16 @@ def test_a_busy_port_gets_a_sentence_naming_the_flag(tmp_path):
     assert f"Port {port}" in proc.stderr and "--port" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("flags, env", [(["--port", "70000"], {}), (["--port", "http"], {}),
+                                       ([], {"GRADIO_SERVER_PORT": "99999"}), ([], {"GRADIO_SERVER_PORT": "x"})])
+def test_a_port_that_is_no_port_is_one_sentence(flags, env):
+    """Past 65535 it was a traceback from the port check (OverflowError), or from reading the variable."""
+    proc = subprocess.run([sys.executable, "-m", "app", "--model", "tiny", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1", **env))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert proc.stderr.strip().splitlines()[-1].endswith("is not a port; give a number from 1 to 65535 (say 7860)")
+
+
 # The live recordings, without a server.
 
 def _recording(tmp_path: Path, name: str) -> recordings.Recording:
