@@ -708,25 +708,30 @@ def test_a_rename_a_delete_from_another_tab_overtakes_changes_nothing_shown(back
     assert tab.rename(cid, "new name", cid, owner) == (gr.skip(), gr.skip(), gr.skip())
 
 
+class _Heard:
+    """A voice that says what it was asked to, each piece as 0.1 s of sound."""
+
+    sample_rate = 16000
+
+    def __init__(self) -> None:
+        self.said: list[str] = []
+
+    def stream(self, text, cancel=None):
+        from afnext.events import AudioChunk
+
+        self.said.append(text)
+        yield AudioChunk(16000, np.full(1600, 0.1, np.float32))
+
+
 def test_speak_says_the_answer_as_the_voice_loop_would_not_its_markdown(loaded, tmp_path):
     """The Speak button's answer goes through the chunker, as a spoken reply does: no "asterisk
     asterisk", no emoji names, a link's words and not its URL, in pieces (one synthesizer call per
     sentence, not the whole answer in one)."""
-    from afnext.events import AudioChunk
     from afnext.live import Live
     from app.access import owner_of
     from app.web import _RecordingsTab
 
-    class Heard:
-        sample_rate = 16000
-
-        def __init__(self) -> None:
-            self.said: list[str] = []
-
-        def stream(self, text, cancel=None):
-            self.said.append(text)
-            yield AudioChunk(16000, np.full(1600, 0.1, np.float32))
-    voice = Heard()
+    voice = _Heard()
     engine = Engine(loaded)
     try:
         tab = _RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
@@ -745,22 +750,12 @@ def test_speak_reads_the_latest_answer_from_the_store_when_the_live_copy_is_gone
     """Speak on a recording the app has let go of (idle, or room for others) says its latest answer, as
     the page shows it, without decoding its audio again; and after another tab or replica asked about
     it, the newer answer, not the live copy's older one. Another owner's id says nothing."""
-    from afnext.events import AudioChunk
     from afnext.live import Live
     from afnext.store import Store, StoredTurn
     from app.access import owner_of
     from app.web import NO_ANSWER, _RecordingsTab
 
-    class Heard:
-        sample_rate = 16000
-
-        def __init__(self) -> None:
-            self.said: list[str] = []
-
-        def stream(self, text, cancel=None):
-            self.said.append(text)
-            yield AudioChunk(16000, np.full(1600, 0.1, np.float32))
-    voice, engine, owner = Heard(), Engine(loaded), "e" * 32
+    voice, engine, owner = _Heard(), Engine(loaded), "e" * 32
     store = Store(tmp_path / "store")
     cid = store.create("recording", owner=owner_of(owner), audio=((ASSETS / "sounds.flac").read_bytes(), ".flac"))
     store.add_exchange(cid, StoredTurn("user", "What is it?"), StoredTurn("assistant", "A dog barks."), at=0)
