@@ -80,6 +80,12 @@ class AudioError(ValueError):
     """Input audio we refuse; the message is one sentence for the user."""
 
 
+class AudioTooLong(AudioError):
+    """Audio refused for its length (over the limit it was checked against): a caller that can hear a
+    longer recording in parts (split.py) takes it there, where the rest of it is checked, without
+    decoding it again to find out why it was refused."""
+
+
 def load_audio(
     source: str | os.PathLike | bytes | tuple[int, np.ndarray], *, max_seconds: float = MAX_AUDIO_S
 ) -> np.ndarray:
@@ -127,7 +133,7 @@ def stream_audio(
         stream = _audio_stream(container)
         declared_s = _declared_seconds(container, stream, origin)
         if declared_s is not None and declared_s > max_seconds + LIMIT_GRACE_S:
-            raise AudioError(_too_long_text(declared_s, max_seconds))
+            raise AudioTooLong(_too_long_text(declared_s, max_seconds))
     except BaseException:
         container.close()
         raise
@@ -331,7 +337,7 @@ def _load_pair(source: tuple, max_seconds: float) -> np.ndarray:
     samples = _pcm_array(samples)
     seconds = len(samples) / sample_rate
     if seconds > max_seconds + LIMIT_GRACE_S:
-        raise AudioError(_too_long_text(seconds, max_seconds))
+        raise AudioTooLong(_too_long_text(seconds, max_seconds))
     return _checked(to_mono_16k(samples, sample_rate), max_seconds, declared_s=None)
 
 
@@ -341,7 +347,7 @@ def _load(target: str | io.BytesIO, origin: str | bytes, max_seconds: float) -> 
         stream = _audio_stream(container)
         declared_s = _declared_seconds(container, stream, origin)
         if declared_s is not None and declared_s > max_seconds + LIMIT_GRACE_S:
-            raise AudioError(_too_long_text(declared_s, max_seconds))
+            raise AudioTooLong(_too_long_text(declared_s, max_seconds))
         audio = _decode(container, stream, max_seconds)
     return _checked(audio, max_seconds, declared_s)
 
@@ -414,7 +420,7 @@ def _decode_frames(container, stream, max_seconds: float, batches: queue.Queue,
             _check_rate(frame.sample_rate)  # a damaged header can say 0 Hz or 2 GHz
             decoded_s += frame.samples / frame.sample_rate
             if decoded_s > max_seconds + LIMIT_GRACE_S:
-                raise AudioError(_too_long_text(decoded_s, max_seconds, found_all=False))
+                raise AudioTooLong(_too_long_text(decoded_s, max_seconds, found_all=False))
             batch.append(frame)
         if batch:
             batches.put((batch[0].sample_rate, _frames_samples(batch)))
@@ -471,7 +477,7 @@ def _checked(audio: np.ndarray, max_seconds: float, declared_s: float | None) ->
     if audio.size == 0:
         raise AudioError(_NO_SAMPLES)
     if found_s > max_seconds + LIMIT_GRACE_S:
-        raise AudioError(_too_long_text(found_s, max_seconds))
+        raise AudioTooLong(_too_long_text(found_s, max_seconds))
     if not np.isfinite(audio).all():
         raise AudioError(_INVALID_SAMPLES)
     return audio[: int(max_seconds * SAMPLE_RATE)]

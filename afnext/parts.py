@@ -100,8 +100,9 @@ class _Part:
 
 
 class PartedSession:
-    """One conversation about one long recording (a path, bytes, a (rate, samples) pair or a 16 kHz
-    array), on one engine. One `ask` at a time."""
+    """One conversation about one long recording (a path, bytes, a (rate, samples) pair, a 16 kHz
+    array, or a `split.Decoded`: one decoded already, whose parts are read back without decoding), on one
+    engine. One `ask` at a time."""
 
     def __init__(self, engine: Engine, recording, *, system: str | None = None, base: Session | None = None,
                  options: PartOptions = PartOptions()) -> None:

@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from afnext import strict_json
-from afnext.audio import AudioError
+from afnext.audio import AudioError, AudioTooLong
 from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import ReasoningDelta, TextDelta, TurnDone
@@ -623,10 +623,10 @@ def _message(message: wire.ChatMessage, index: int, engine: Engine, now: bool) -
     raw = wire.decode_base64(data)
     try:
         made = prepare_clip(raw, loaded.mel_filters, max_seconds=loaded.max_audio_s)
-    except AudioError:
-        if not split.longer_than(raw, loaded.max_audio_s):  # AudioError again if it is no audio at all
-            raise
-        return Message(role, text, None, key, clip, lambda: raw)  # over the limit: heard in parts
+    except AudioTooLong:  # over the limit: heard in parts. Known without decoding it again (an MP3 that
+        # states no length was decoded up to the limit already); over 4 hours by its header is refused now.
+        split.split_recording(raw).close()
+        return Message(role, text, None, key, clip, lambda: raw)
     return Message(role, text, made, key, clip, lambda: None)
 
 

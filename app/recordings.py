@@ -27,7 +27,7 @@ import numpy as np
 import soundfile
 
 from afnext import split
-from afnext.audio import MAX_AUDIO_S, SAMPLE_RATE, AudioError, load_audio, load_file
+from afnext.audio import MAX_AUDIO_S, SAMPLE_RATE, AudioError, load_file
 from afnext.clip import Clip, check_length, prepare_clip
 from afnext.engine import Engine
 from afnext.events import PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone, clock
@@ -46,6 +46,7 @@ PEAK_BIN_SAMPLES = 1600  # samples (0.1 s) per min/max kept while a long recordi
 # Containers Chromium, Firefox and Safari play (mostly); anything else is served as a 16 kHz WAV.
 PLAYABLE = frozenset(".wav .mp3 .flac .ogg .oga .opus .webm .m4a .aac .mp4".split())
 SOURCE_SUFFIX = ".source"  # a kept file in a format the page cannot play, linked where the page's files are
+DECODED_SUFFIX = ".f32"  # a long recording's decoded 16 kHz samples (split.Decoded): no type, never a page
 ANSWER_OPTIONS = GenerationOptions(max_new_tokens=1024)  # the Instruct card's setting
 THINK_OPTIONS = GenerationOptions(max_new_tokens=4096)  # the Think card's setting
 REASONING_TITLE = "Reasoning"
@@ -63,7 +64,7 @@ class Recording:
     steps: list[ThinkStep] = field(default_factory=list)  # the latest Think reply's steps
     answer: str = ""  # the latest answer (what "Speak" says)
     _sessions: dict[int, Session] = field(default_factory=dict, repr=False)  # by engine
-    files: tuple[Path, ...] = ()  # files this recording brought (its upload, its WAV copy): deleted with it
+    files: tuple[Path, ...] = ()  # files it brought (its upload, WAV copy, decoded samples): deleted with it
     cid: str | None = None  # its conversation's id (in the store, unless `kept` is None)
     kept: str | None = None  # its audio's key in the store (None: not kept)
     owner: str = ""
@@ -71,9 +72,10 @@ class Recording:
     keeping: threading.Event = field(default_factory=threading.Event, repr=False)  # set once `keep` is done
     on_close: Callable[[Recording], None] | None = field(default=None, repr=False)
     # A recording over the model's 30 minutes is heard in parts (afnext/parts.py): where they lie, and
-    # the file they are read from when first asked about (kept with the recording's `files`).
+    # the recording as it was decoded on opening, whose parts each model's first question reads (its
+    # file is one of the recording's `files`).
     parts: tuple[tuple[float, float], ...] = ()
-    source: str | None = None
+    source: split.Decoded | None = None
     # Where it is kept, and how many exchanges the store held when it was opened from there: until its
     # sessions are open (its journal then says), what tells that another process went on with it.
     store: Store | None = field(default=None, repr=False)
@@ -221,20 +223,64 @@ def open_recording(path: str, cache_dir: Path, *, owned: bool = False) -> Record
     """Decode `path` (any format, up to 4 hours; over 30 minutes it is heard in parts) for questions;
     raises AudioError with one sentence.
 
+    It is decoded once, here, for everything: the waveform's peaks, a 16 kHz WAV copy when the page cannot
+    play its format, and the model's audio. A recording the model hears whole is held in memory; a longer
+    one, read part by part (never whole in memory), goes to a file of its 16 kHz samples in `cache_dir`,
+    from which its parts are read for its first question on each model (`split.Decoded`): decoding a
+    compressed file again would cost as much as this (75 minutes of MP3: 6.5 s of two cores).
+
     `owned` says the file is an upload of ours, one of the recording's `files` (deleted with it).
     """
-    if split.longer_than(path, MAX_AUDIO_S):
-        return _open_long(path, cache_dir, owned)
-    audio = load_audio(path)
-    check_length(audio)  # refused now, not at its first question
-    files = [Path(path)] if owned else []
-    if Path(path).suffix.lower() not in PLAYABLE:  # the page could not play it: serve what we decoded
+    made: list[Path] = []  # files written for it: deleted with it, or now if it is refused
+    try:
+        recording = _read(path, cache_dir, owned, made)
+    except BaseException:
+        for file in made:
+            file.unlink(missing_ok=True)
+        raise
+    recording.files = (Path(path), *made) if owned else tuple(made)
+    return recording
+
+
+def _read(path: str, cache_dir: Path, owned: bool, made: list[Path]) -> Recording:
+    """`open_recording`'s one pass over the recording, part by part as split.py cuts it."""
+    name, copy = Path(path).name, None
+    if Path(path).suffix.lower() in PLAYABLE:
+        url = _served(path, cache_dir, made) if owned else path
+    else:  # the page could not play it: it plays what is decoded, as a WAV
         url = _private_name(cache_dir, ".wav")
-        soundfile.write(url, audio, SAMPLE_RATE, subtype="PCM_16")
-        files.append(Path(url))
-    else:
-        url = _served(path, cache_dir, files) if owned else path
-    return Recording(Path(path).name, "gradio_api/file=" + url, audio, peaks(audio), files=tuple(files))
+        made.append(Path(url))
+        copy = soundfile.SoundFile(url, "w", SAMPLE_RATE, 1, "PCM_16")
+    places, sizes, lows, highs = [], [], [], []
+    # A long recording's samples, written as its parts come: next to the WAV copies, so it goes with them
+    # (when the recording closes, and with the process's folder, even after a crash), as unguessably named.
+    decoded, samples = None, None
+    with contextlib.ExitStack() as written:
+        if copy is not None:
+            written.enter_context(copy)
+        for part in written.enter_context(contextlib.closing(split.split_recording(path, part_s=MAX_AUDIO_S))):
+            if copy is not None:
+                copy.write(part.audio)
+            if part.parts == 1:  # all of it, in one part: the model hears it whole
+                audio = part.audio.copy()  # its own size (the part's buffer has room for 30 minutes)
+                check_length(audio)  # refused now, not at its first question
+                return Recording(name, "gradio_api/file=" + url, audio, peaks(audio))
+            if samples is None:
+                decoded = _private_name(cache_dir, DECODED_SUFFIX)
+                made.append(Path(decoded))
+                samples = written.enter_context(open(decoded, "wb"))
+            part.audio.tofile(samples)
+            places.append((part.start_s, part.end_s))
+            sizes.append((part.audio.size, part.parts))
+            edges = np.arange(0, part.audio.size, PEAK_BIN_SAMPLES)
+            lows.append(np.minimum.reduceat(part.audio, edges))
+            highs.append(np.maximum.reduceat(part.audio, edges))
+    low, high = np.concatenate(lows), np.concatenate(highs)
+    edges = np.linspace(0, low.size, PEAK_COLUMNS + 1).astype(np.int64)[:-1]
+    edges = np.minimum(edges, low.size - 1)
+    summary = np.stack([np.minimum.reduceat(low, edges), np.maximum.reduceat(high, edges)], axis=1)
+    return Recording(name, "gradio_api/file=" + url, None, np.round(summary.ravel(), 3).tolist(), parts=tuple(places),
+                     source=split.Decoded(decoded, MAX_AUDIO_S, tuple(sizes)))
 
 
 def _private_name(cache_dir: Path, suffix: str) -> str:
@@ -259,39 +305,6 @@ def _served(path: str, cache_dir: Path, files: list[Path]) -> str:
         shutil.copyfile(path, served)
     files.append(Path(served))
     return served
-
-
-def _open_long(path: str, cache_dir: Path, owned: bool) -> Recording:
-    """A recording over 30 minutes, read part by part (never whole in memory) for its parts' places, its
-    waveform's peaks and, when the page cannot play its format, a 16 kHz WAV copy to play."""
-    files = [Path(path)] if owned else []
-    url, copy = None, None
-    if Path(path).suffix.lower() not in PLAYABLE:
-        url = _private_name(cache_dir, ".wav")
-        copy = soundfile.SoundFile(url, "w", SAMPLE_RATE, 1, "PCM_16")
-        files.append(Path(url))
-    else:
-        url = _served(path, cache_dir, files) if owned else path
-    places, lows, highs = [], [], []
-    try:
-        with copy if copy is not None else contextlib.nullcontext():
-            for part in split.split_recording(path):
-                places.append((part.start_s, part.end_s))
-                edges = np.arange(0, part.audio.size, PEAK_BIN_SAMPLES)
-                lows.append(np.minimum.reduceat(part.audio, edges))
-                highs.append(np.maximum.reduceat(part.audio, edges))
-                if copy is not None:
-                    copy.write(part.audio)
-    except BaseException:
-        for file in files[1:]:  # the copy made so far (the upload is the caller's to let go)
-            file.unlink(missing_ok=True)
-        raise
-    low, high = np.concatenate(lows), np.concatenate(highs)
-    edges = np.linspace(0, low.size, PEAK_COLUMNS + 1).astype(np.int64)[:-1]
-    edges = np.minimum(edges, low.size - 1)
-    summary = np.stack([np.minimum.reduceat(low, edges), np.maximum.reduceat(high, edges)], axis=1)
-    return Recording(Path(path).name, "gradio_api/file=" + url, None, np.round(summary.ravel(), 3).tolist(),
-                     files=tuple(files), parts=tuple(places), source=path)
 
 
 def length(seconds: float) -> str:

@@ -279,6 +279,22 @@ def test_too_long_without_a_declared_length_stops_decoding_early(monkeypatch):
     assert re.fullmatch(r"The recording is over \d\.\d s long; the limit is 1\.0 s\.", message), message
 
 
+def test_audio_refused_for_its_length_alone_says_so_by_its_type(monkeypatch):
+    """AudioTooLong, from the header, from decoding or from samples in memory: a caller that hears longer
+    audio in parts (app/api.py) goes there without decoding the file again to learn why it was refused."""
+    header, data = _wav_bytes(np.zeros(3 * 16000, np.int16))
+    stated = header[:40] + (31 * 60 * 16000 * 2).to_bytes(4, "little") + header[44:]
+    for source, kwargs in ((stated, {}), (data, {"max_seconds": 1.0}), ((16000, np.zeros(3 * 16000)), {"max_seconds": 1.0})):
+        with pytest.raises(audio.AudioTooLong, match="long; the limit is"):
+            load_audio(source, **kwargs)
+    monkeypatch.setattr(audio, "_declared_seconds", lambda *args: None)  # found while decoding
+    with pytest.raises(audio.AudioTooLong):
+        load_audio(data, max_seconds=1.0)
+    with pytest.raises(AudioError) as caught:
+        load_audio(b"not audio at all")
+    assert not isinstance(caught.value, audio.AudioTooLong)
+
+
 def test_too_long_array():
     assert "long; the limit is 1.0 s" in refused((16000, np.zeros(3 * 16000, np.int16)), max_seconds=1.0)
 

@@ -199,3 +199,43 @@ def test_an_mp3_whose_frame_count_falls_short_near_the_limit_is_measured(tmp_pat
         load_audio(str(path), max_seconds=58)
     assert split.longer_than(str(path), 58)
     assert not split.longer_than(str(path), 61) and not split.longer_than(str(path), 120)
+
+
+def test_a_recording_decoded_once_is_read_back_in_the_same_parts_without_decoding(tmp_path, monkeypatch):
+    """The page decodes an upload once (app/recordings.py): its samples go to a file as they are cut, and
+    every later question reads its parts from there, by range, as they were cut."""
+    path = tmp_path / "talk.flac"
+    with soundfile.SoundFile(path, "w", SAMPLE_RATE, 1, "PCM_16") as out:
+        for block in speech(150, [(40, 40.5), (95, 95.5)], block_s=30):
+            out.write(block)
+    parts = list(split.split_recording(str(path), part_s=60.0))
+    samples = tmp_path / "talk.f32"
+    with open(samples, "wb") as out:
+        for part in parts:
+            part.audio.tofile(out)
+    decoded = split.Decoded(str(samples), 60.0, tuple((p.audio.size, p.parts) for p in parts))
+    assert decoded.duration_s == pytest.approx(150)
+    monkeypatch.setattr(split, "stream_audio", lambda *args, **kwargs: pytest.fail("decoded again"))
+    again = list(split.split_recording(decoded, part_s=60.0))
+    assert [(p.index, p.start_s, p.end_s, p.parts) for p in again] == [(p.index, p.start_s, p.end_s, p.parts) for p in parts]
+    assert all(np.array_equal(a.audio, b.audio) for a, b in zip(again, parts))
+    # Asked for other parts (a model hearing less than the page cut for): cut again, from the same samples.
+    other = list(split.split_recording(decoded, part_s=40.0))
+    whole = np.concatenate([p.audio for p in parts])
+    expected = list(split._parts(iter([whole]), whole.size / SAMPLE_RATE, 40.0))
+    assert [(p.start_s, p.audio.size) for p in other] == [(p.start_s, p.audio.size) for p in expected]
+    samples.unlink()  # the recording was closed meanwhile
+    with pytest.raises(AudioError, match="could not be read"):
+        next(split.split_recording(decoded, part_s=60.0))
+
+
+def test_exactly_the_limit_and_its_grace_is_one_part_as_load_audio_takes_it():
+    """A recording `longer_than` calls within the limit is one part (trimmed to the limit); one sample
+    more is two. The page opens every upload through the parts, so the two must agree."""
+    limit = round((60 + split.LIMIT_GRACE_S) * SAMPLE_RATE)
+    for samples, count in ((limit, 1), (limit + 1, 2)):
+        audio = np.zeros(samples, np.float32)
+        assert split.longer_than(audio, 60.0) == (count == 2)
+        parts = list(split._parts(iter([audio[: samples // 2], audio[samples // 2:]]), None, 60.0))
+        assert len(parts) == count and parts[0].parts == (1 if count == 1 else None)
+        assert parts[0].audio.size <= 60 * SAMPLE_RATE

@@ -182,6 +182,111 @@ def test_a_kept_long_recording_goes_on_after_a_restart_exactly_as_it_would_have(
     assert restored[3].token_ids == live[3].token_ids and restored[3].text == live[3].text
 
 
+@pytest.fixture
+def decodes(monkeypatch) -> list[float]:
+    """Seconds of 16 kHz audio each pass of the decoder gave: every file or upload decoded goes through
+    afnext.audio._decoded once per pass (load_audio, stream_audio, so split.py too)."""
+    from afnext import audio
+
+    passes, decoded = [], audio._decoded
+
+    def counted(*args):
+        passes.append(0.0)
+        at = len(passes) - 1
+        for block in decoded(*args):
+            passes[at] += block.size / SAMPLE_RATE
+            yield block
+    monkeypatch.setattr(audio, "_decoded", counted)
+    return passes
+
+
+def test_a_long_upload_is_decoded_once_for_its_waveform_questions_and_follow_ups(backend, tmp_path, monkeypatch,
+                                                                                 decodes):
+    """Decoding a compressed recording is its costliest step before the model (75 minutes of MP3: ~6 s of
+    both cores), so the page's waveform, the parts' first question and a reopening after a restart do it
+    once each, not once per stage. The page's 30-minute parts are 1-minute ones here: the same code."""
+    from afnext.parts import PartedSession, PartOptions
+    from afnext.store import Store
+    from tests.test_split import speech
+
+    monkeypatch.setattr(recordings, "MAX_AUDIO_S", 60.0)
+    monkeypatch.setattr(recordings, "ANSWER_OPTIONS", GenerationOptions(max_new_tokens=8))
+    monkeypatch.setattr(recordings, "PartedSession", lambda engine, source: PartedSession(
+        engine, source, options=PartOptions(part_s=60.0, part_tokens=6)))
+    long = tmp_path / "meeting.flac"
+    with soundfile.SoundFile(long, "w", SAMPLE_RATE, 1, "PCM_16") as out:
+        for block in speech(150, [], block_s=30):
+            out.write(block)
+    store, cache = Store(tmp_path / "data"), tmp_path / "cache"
+    cache.mkdir()
+    rec = recordings.open_recording(str(long), cache)
+    assert decodes == [pytest.approx(150)] and len(rec.parts) == 4
+    rec.cid, rec.owner = "meeting", "someone"
+    recordings.keep(rec, store, "someone", str(long))
+    rec.keeping.set()
+    lines = list(recordings.ask(rec, "What happens?", False, backend, store))
+    assert "Reading the recording (2:30) in 4 parts…" in lines and lines[-1].startswith("Done")
+    assert rec.parted(backend.main).parts == list(rec.parts)  # the parts heard are the ones the page shows
+    list(recordings.ask(rec, "And then?", False, backend, store))
+    assert len(decodes) == 1  # the question read its parts from what the upload decoded, the follow-up nothing
+    rec.close()
+
+    again = recordings.reopen(store, "meeting", "someone", cache)  # a restart: the kept file, decoded once more
+    lines = list(recordings.ask(again, "And after that?", False, backend, store))
+    assert "Reading the recording (2:30) in 4 parts…" in lines and lines[-1].startswith("Done")
+    assert len(decodes) == 2 and again.parts == rec.parts
+    decoded = [f for f in again.files if f.suffix == recordings.DECODED_SUFFIX]
+    assert len(decoded) == 1 and decoded[0].stat().st_size == 150 * SAMPLE_RATE * 4  # float32, as decoded
+
+
+def test_a_recording_near_the_limit_is_decoded_once_to_tell_and_to_hear(backend, tmp_path, monkeypatch, decodes):
+    """A file stating a length just under the limit may hold more (an MP3's frame count falls short), so it
+    is measured by decoding: that decoding is the one it is heard from, not one more before it."""
+    monkeypatch.setattr(recordings, "MAX_AUDIO_S", 60.0)
+    near = tmp_path / "near.flac"
+    soundfile.write(near, np.random.default_rng(0).uniform(-0.1, 0.1, 59 * SAMPLE_RATE).astype(np.float32),
+                    SAMPLE_RATE, subtype="PCM_16")
+    rec = recordings.open_recording(str(near), tmp_path)
+    assert rec.parts == () and rec.audio.size == 59 * SAMPLE_RATE
+    assert decodes == [pytest.approx(59)]
+
+
+def test_the_api_sends_a_clip_over_the_limit_to_parts_without_decoding_it_again_to_know(loaded, tmp_path, decodes):
+    """An MP3 that states no length is decoded up to the limit before it is found over; the request goes on
+    to its parts from that, not from a second decoding up to the limit. Over 4 hours by its header, it is
+    refused at once, as before."""
+    import base64
+    import dataclasses
+    from types import SimpleNamespace
+
+    from app import api
+    from app import openai_wire
+    from tests.test_audio import encode, encoder
+
+    path = tmp_path / "untagged.mp3"
+    encode(path, "mp3", encoder("libmp3lame", "mp3"), 8000,
+           np.random.default_rng(0).uniform(-0.1, 0.1, (70 * 8000, 1)).astype(np.float32), bit_rate=8000)
+    data = bytearray(path.read_bytes())
+    for tag in (b"Info", b"Xing"):  # its length tag gone: FFmpeg can only guess the length
+        if (at := data.find(tag, 0, 4096)) >= 0:
+            data[at:at + 4] = bytes(4)
+    engine = SimpleNamespace(loaded=dataclasses.replace(loaded, max_audio_s=60.0))
+
+    def message(raw: bytes):
+        part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode(), "format": "mp3"}}
+        return api._message(openai_wire.ChatMessage(role="user", content=[part]), 0, engine, True)
+
+    asked = message(bytes(data))
+    assert asked.clip is None and asked.recording() == bytes(data)  # heard in parts
+    assert len(decodes) == 1 and decodes[0] < 65  # decoded up to the limit once, never whole
+    rate, hours = 8000, 5  # an 8-bit WAV header stating 5 hours, 10 s of samples
+    header = (b"RIFF" + (36 + rate * hours * 3600).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+              + bytes([1, 0, 1, 0]) + rate.to_bytes(4, "little") + rate.to_bytes(4, "little") + bytes([1, 0, 8, 0])
+              + b"data" + (rate * hours * 3600).to_bytes(4, "little"))
+    with pytest.raises(AudioError, match="5 h long; the limit is 4 h"):
+        message(header + bytes([128]) * rate * 10)
+
+
 def test_think_steps_then_a_follow_up_that_does_not_re_encode(backend, tmp_path):
     rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
     lines = list(recordings.ask(rec, "What is this?", True, backend))
