@@ -164,14 +164,22 @@ def is_local(source: str) -> bool:
 
 def has_file(source: str, name: str) -> bool:
     """Whether a checkpoint folder, or the cached snapshot of a hub id, holds `name`."""
+    return cached_file(source, name) is not None
+
+
+def cached_file(source: str, name: str) -> Path | None:
+    """A checkpoint folder's file `name`, or the cached snapshot's of a hub id; None if it is not on this
+    machine (nothing is downloaded)."""
     from huggingface_hub import try_to_load_from_cache
 
     if Path(source).is_dir():
-        return (Path(source) / name).exists()
+        path = Path(source) / name
+        return path if path.exists() else None
     try:
-        return isinstance(try_to_load_from_cache(source, name), str)
+        found = try_to_load_from_cache(source, name)
     except ValueError:  # not a valid repo id
-        return False
+        return None
+    return Path(found) if isinstance(found, str) else None
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

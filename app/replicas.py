@@ -387,21 +387,12 @@ def checkpoint_folder(model: str) -> Path | None:
     """The folder `model` (a short name, folder or hub id) is in on this machine, found without loading,
     downloading or writing anything; None where it is not here yet (a replica would download it)."""
     from afnext.checkpoints import CHECKPOINTS
-    from afnext.model import tiny_root
+    from afnext.model import cached_file, tiny_root
 
-    if model == "tiny":
-        folder = tiny_root() / "tiny-random"
-    elif Path(model).expanduser().is_dir():
-        folder = Path(model).expanduser()
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        try:
-            config = try_to_load_from_cache(CHECKPOINTS.get(model, model), "config.json")
-        except ValueError:  # not a hub id
-            return None
-        folder = Path(config).parent if isinstance(config, str) else None
-    return folder if folder is not None and (folder / "config.json").exists() else None
+    # not `model.resolve`: for "tiny" it writes the checkpoint when it is not there
+    source = tiny_root() / "tiny-random" if model == "tiny" else Path(CHECKPOINTS.get(model, model)).expanduser()
+    config = cached_file(str(source), "config.json")
+    return config.parent if config is not None else None
 
 
 def checkpoint_params(folder: Path) -> int | None:
