@@ -526,6 +526,29 @@ def test_a_clip_under_a_second_shows_its_length_in_seconds(browser, server, tmp_
     page.context.close()
 
 
+def test_a_step_at_the_clips_very_end_is_drawn_inside_the_waveform(browser, server, tmp_path):
+    """The script's last step, 7.3 s to 10.2 s, is past the end of a 5 s clip: it becomes the end, a
+    single moment, whose marker (6 px wide at least) must stay inside the track rather than stick out."""
+    clip = tmp_path / "five.wav"
+    soundfile.write(clip, (0.3 * np.sin(np.arange(5 * 16000) / 5)).astype(np.float32), 16000, subtype="PCM_16")
+    page, _, errors = _page(browser, server)
+    page.get_by_role("tab", name="Recordings").click()
+    page.locator("#afn-upload input[type=file]").set_input_files(str(clip))
+    page.locator("#afn-status", has_text="five.wav (0:05)").wait_for()
+    _ask(page, "What is this recording?", True, 1)
+    page.locator(f"{WAVE} li[data-step='2']").wait_for()
+    assert page.locator(f"{WAVE} li[data-step='2'] .at").inner_text() == "0:05.0"
+    boxes = page.evaluate(f"""() => {{
+        const root = document.querySelector('{WAVE}').shadowRoot, box = (el) => el.getBoundingClientRect();
+        return {{track: box(root.querySelector('.track')).right,
+                 markers: [...root.querySelectorAll('.marker')].map((m) => [box(m).left, box(m).right])}};
+    }}""")
+    last_left, last_right = boxes["markers"][2]
+    assert last_right <= boxes["track"] + 0.5 and last_right - last_left >= 5, boxes
+    assert not errors, errors
+    page.context.close()
+
+
 def test_the_upload_box_shows_a_file_only_while_it_is_the_open_recording(browser, server):
     """An upload stays in the box while it is open; opening an example, or the upload again from the
     history, empties the box (it would otherwise name a file that is not the one open)."""

@@ -132,8 +132,11 @@ function steps() {
     const end = step.end ?? step.start;
     const marker = document.createElement("div");
     marker.className = "marker";
-    marker.style.left = `${(100 * step.start) / duration()}%`;
-    marker.style.width = `${(100 * (end - step.start)) / duration()}%`;
+    // A step at the clip's very end (the model's stamps overshoot; the server clamps them to the end)
+    // still shows whole: its 6 px (border and min-width) stay inside the track.
+    const at = Math.min(step.start, duration()), to = Math.min(Math.max(end, at), duration());
+    marker.style.left = `min(${(100 * at) / duration()}%, 100% - 6px)`;
+    marker.style.width = `${(100 * (to - at)) / duration()}%`;
     marker.title = `${stepTimes(step)}: ${step.text}`;
     marker.dataset.step = i;
     pressable(marker, step);
