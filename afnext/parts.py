@@ -53,7 +53,7 @@ from .sampling import GenerationOptions
 from .scheduler import Cancel
 from .session import MAX_TEXT_CHARS, Session
 from .store import Journal, KeptError, StoredTurn
-from .think import shift_step, shift_times
+from .times import shift_step, shift_times
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from afnext.conversation import ONE_RECORDING, Conversation
 from afnext.parts import PartedSession, PartOptions
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
-from afnext.think import shift_times
+from afnext.times import shift_times
 from tests.conftest import noise
 from tests.test_split import speech
 from tests.web.scripted import ScriptedEngine

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from afnext.events import ReasoningDelta, TextDelta, ThinkStep, clock
-from afnext.think import ThinkParser, find_times, split_think
+from afnext.think import ThinkParser, split_think
+from afnext.times import find_times
 
 # Realistic outputs: (text, parser options). Together they cover an opening tag, a pre-filled
 # one, no tags, CRLF, unicode, segment ASR, lyric ranges and a stray closing tag.
@@ -307,7 +308,7 @@ def test_each_time_a_sentence_names_is_a_step_of_its_own():
 
 
 def test_a_parts_steps_are_shifted_by_their_own_times_and_keep_their_tenths():
-    from afnext.think import shift_step, shift_times
+    from afnext.times import shift_step, shift_times
 
     _, _, steps = split_think("<think>A bell from 12.5s to 15.5s, a door at 40s.</think>", clip_duration_s=60.0)
     shifted = [shift_step(s, 1500.0, 60.0) for s in steps]
