@@ -132,16 +132,17 @@ def main(argv: list[str] | None = None) -> int:
 def _replicas(args: argparse.Namespace, options: BackendOptions) -> int:
     """The app on Ray Serve replicas (app/replicas.py)."""
     from app import replicas
+    from app.replica import ReplicaOptions, Scale
 
     replicas.require_ray()
     if args.share:
         _fail("--share serves one process through Gradio's link; with --replicas put the port behind your own proxy.")
     try:
-        scale = replicas.Scale.of(args.replicas, args.min_replicas, args.max_replicas)
+        scale = Scale.of(args.replicas, args.min_replicas, args.max_replicas)
     except ValueError as exc:
         _fail(str(exc))
-    served = replicas.ReplicaOptions(options, args.host, args.api_key, args.data, args.keep_days, args.max_history_gb,
-                                     int(args.upload_quota_gb * (1 << 30)), args.requests_per_second)
+    served = ReplicaOptions(options, args.host, args.api_key, args.data, args.keep_days, args.max_history_gb,
+                            int(args.upload_quota_gb * (1 << 30)), args.requests_per_second)
     return replicas.serve_replicas(served, scale, port=args.port, address=args.address)
 
 

@@ -77,7 +77,7 @@ class Access:
         self.key, self.local = key, local
         self.allowed = allowed_sites([*allowed_origins, *os.environ.get(ORIGINS_ENV, "").split(",")])
         self._hosts = (*LOCAL_HOSTS, *(a if a.startswith("*") else _hostname(a) or a for a in self.allowed))
-        # Signs page tokens: made here, they die with the process; replicas share one (app/replicas.py),
+        # Signs page tokens: made here, they die with the process; replicas share one (app/replica.py),
         # so a token from one opens a socket on another.
         self._secret = secret or secrets.token_bytes(32)
 

@@ -1,4 +1,4 @@
-"""The request router of the app's Ray Serve replicas (app/replicas.py), in a module of its own: Serve
+"""The request router of the app's Ray Serve replicas (app/replica.py), in a module of its own: Serve
 imports it by name in its proxy processes, and it imports Ray, which only `--replicas` needs."""
 
 from __future__ import annotations

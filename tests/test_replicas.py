@@ -370,7 +370,7 @@ def _descendants(pid: int) -> dict[int, str]:
                                         "target_ongoing_requests": 32}}),
 ])
 def test_scale_flags_become_serve_options(flags, scale):
-    from app.replicas import Scale
+    from app.replica import Scale
 
     assert Scale.of(*flags).deployment_options() == scale
 
@@ -382,7 +382,7 @@ def test_scale_flags_become_serve_options(flags, scale):
     ((5, 1, 4), "Replicas must satisfy 1 <= --min-replicas <= --replicas <= --max-replicas (given 1, 5, 4)."),
 ])
 def test_bad_scale_flags_get_one_sentence(flags, sentence):
-    from app.replicas import Scale
+    from app.replica import Scale
 
     with pytest.raises(ValueError) as refused:
         Scale.of(*flags)
@@ -417,7 +417,9 @@ def test_what_keeps_the_replicas_from_starting_is_one_sentence_at_once(tmp_path)
     import socket
 
     from app.backend import BackendOptions
-    from app.replicas import ReplicaOptions, Scale, StartError, start
+    from app.cluster import StartError
+    from app.replica import ReplicaOptions, Scale
+    from app.replicas import start
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -464,7 +466,7 @@ def test_a_taken_port_on_a_cluster_joined_is_one_sentence_and_leaves_no_serve_be
         assert result.stderr.strip().splitlines()[-1] == (
             f"error: Port {port} on 127.0.0.1 is in use by another program; start with another one, e.g. "
             f"--port {port + 1}."), result.stderr[-1500:]
-        probe = subprocess.run([sys.executable, "-c", "import ray; from app.replicas import _serve_port; "
+        probe = subprocess.run([sys.executable, "-c", "import ray; from app.cluster import _serve_port; "
                                 f"ray.init(address={address!r}, logging_level='ERROR'); print(_serve_port())"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert probe.stdout.strip().splitlines()[-1] == "None", (probe.stdout[-500:], probe.stderr[-1500:])
@@ -474,7 +476,7 @@ def test_a_taken_port_on_a_cluster_joined_is_one_sentence_and_leaves_no_serve_be
 
 
 def test_each_replica_gets_the_most_cpus_that_still_place_them_all():
-    from app.replicas import cpus_each
+    from app.sizing import cpus_each
 
     assert cpus_each([(16.0, 0.0)], 2, gpus=False) == 8
     assert cpus_each([(2.0, 0.0)], 2, gpus=False) == 1
@@ -485,7 +487,7 @@ def test_each_replica_gets_the_most_cpus_that_still_place_them_all():
 
 
 def test_the_replicas_take_the_settings_the_app_was_started_with():
-    from app.replicas import forwarded_env
+    from app.cluster import forwarded_env
 
     env = forwarded_env({"HF_HUB_OFFLINE": "1", "HF_HOME": "/models", "AFNEXT_DATA": "/data", "XDG_DATA_HOME": "/x",
                          "CUDA_VISIBLE_DEVICES": "0,1", "PATH": "/bin", "PYTHONPATH": "/extra", "HF_TOKEN": "hf_secret",
@@ -495,7 +497,8 @@ def test_the_replicas_take_the_settings_the_app_was_started_with():
 
 
 def test_a_killed_runs_shared_folder_is_removed_by_the_next(tmp_path):
-    from app.replicas import SHARED_PREFIX, sweep_shared
+    from app.cluster import sweep_shared
+    from app.replica import SHARED_PREFIX
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left, live, other = (tmp_path / f"{SHARED_PREFIX}{dead.stdout.strip()}-abcd", tmp_path / f"{SHARED_PREFIX}{os.getppid()}-ef01",
@@ -515,9 +518,9 @@ def test_a_draining_replica_tells_a_realtime_socket_once_its_reply_is_over(monke
     app its client has left. Until the replica drains, the socket is the client's and the app's alone."""
     import asyncio
 
-    from app import replicas
+    from app import replica
 
-    monkeypatch.setattr(replicas, "DRAIN_POLL_S", 0.01)
+    monkeypatch.setattr(replica, "DRAIN_POLL_S", 0.01)
     draining, sent, heard = False, [], []
 
     async def run() -> list[dict]:
@@ -539,7 +542,7 @@ def test_a_draining_replica_tells_a_realtime_socket_once_its_reply_is_over(monke
 
         for message in ({"type": "websocket.connect"}, {"type": "websocket.receive", "text": "hello"}):
             client.put_nowait(message)
-        served = asyncio.ensure_future(replicas.Drain(realtime, draining=lambda: draining)(
+        served = asyncio.ensure_future(replica.Drain(realtime, draining=lambda: draining)(
             {"type": "websocket", "path": "/v1/realtime"}, client.get, to_client))
         await asyncio.sleep(0.1)
         draining = True
@@ -553,8 +556,8 @@ def test_a_draining_replica_tells_a_realtime_socket_once_its_reply_is_over(monke
     assert [m["type"] for m in during] == ["websocket.accept", "websocket.send"], during
     told = json.loads(sent[3]["text"])
     assert [json.loads(m["text"])["type"] for m in sent[1:4]] == ["response.created", "response.done", "error"]
-    assert told["error"]["code"] == "replica_stopping" and told["error"]["message"] == replicas.DRAINING
-    assert sent[4:] == [{"type": "websocket.close", "code": 1001, "reason": replicas.DRAINING}], sent
+    assert told["error"]["code"] == "replica_stopping" and told["error"]["message"] == replica.DRAINING
+    assert sent[4:] == [{"type": "websocket.close", "code": 1001, "reason": replica.DRAINING}], sent
     assert heard == [{"type": "websocket.receive", "text": "hello"}, {"type": "websocket.disconnect", "code": 1001}]
 
 
@@ -568,12 +571,12 @@ def test_a_draining_replica_ends_the_pages_heartbeat_streams(monkeypatch):
     import httpx
     from fastapi import FastAPI
 
-    from app import replicas
+    from app import replica
 
-    monkeypatch.setattr(replicas, "DRAIN_POLL_S", 0.01)
+    monkeypatch.setattr(replica, "DRAIN_POLL_S", 0.01)
     with gr.Blocks() as page:
         gr.Markdown("A page.")
-    served = replicas.Drain(gr.mount_gradio_app(FastAPI(), page, "/"), draining=lambda: True)
+    served = replica.Drain(gr.mount_gradio_app(FastAPI(), page, "/"), draining=lambda: True)
 
     async def heartbeat():  # Gradio's stream sends ALIVE every 15 s until its server stops
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=served), base_url="http://replica") as http:
@@ -612,18 +615,20 @@ def test_cpu_replicas_that_cannot_fit_in_memory_are_refused_before_ray_starts(ti
     """Each CPU replica loads its own copy of the model: as many as this machine's available memory holds
     start, more are refused with one sentence before any Ray cluster starts. Faked here: 4 GB available,
     and the tiny model's replica takes 0.6 GB (its process; 1.3 MB of weights)."""
-    from app import replicas
+    from app import sizing
     from app.backend import BackendOptions
-    from app.replicas import ReplicaOptions, Scale, StartError, start
+    from app.cluster import StartError
+    from app.replica import ReplicaOptions, Scale
+    from app.replicas import start
 
-    monkeypatch.setattr(replicas, "available_memory", lambda: 4 << 30)
+    monkeypatch.setattr(sizing, "available_memory", lambda: 4 << 30)
     calls = _refusing_ray(monkeypatch)
 
     def options(model: str, device: str = "cpu") -> ReplicaOptions:
         return ReplicaOptions(BackendOptions(model, device=device), "127.0.0.1", None, str(tmp_path), 1.0, 1.0, 1)
 
     # Counted from the safetensors headers, without loading: the loaded model's own count.
-    assert replicas.checkpoint_params(tiny_dir) == sum(p.numel() for p in loaded.model.parameters())
+    assert sizing.checkpoint_params(tiny_dir) == sum(p.numel() for p in loaded.model.parameters())
     for scale in (Scale(7), Scale(2, 1, 8)):  # --replicas 7; autoscaled up to 8
         with pytest.raises(StartError) as refused:
             start(options(str(tiny_dir)), scale, port=free_port())
@@ -635,7 +640,7 @@ def test_cpu_replicas_that_cannot_fit_in_memory_are_refused_before_ray_starts(ti
     for fits in (options(str(tiny_dir)), options("nvidia/not-downloaded-here")):  # 6 fit; a size unknown: no refusal
         with pytest.raises(StartedRay):
             start(fits, Scale(6), port=free_port())
-    monkeypatch.setattr(replicas, "available_memory", lambda: 300 << 20)
+    monkeypatch.setattr(sizing, "available_memory", lambda: 300 << 20)
     with pytest.raises(StartError) as refused:
         start(options(str(tiny_dir)), Scale(1), port=free_port())
     assert str(refused.value).endswith(": free some memory, or run it where there is more (or on GPUs).")
@@ -655,9 +660,10 @@ def test_too_many_cpu_replicas_for_the_memory_stop_the_app_with_its_sentence(tin
 def test_on_a_cluster_joined_replicas_beyond_its_memory_are_a_warning(tiny_dir, caplog):
     """Machines may join a cluster later: there, too little memory for the CPU replicas is said, not refused."""
     from app.backend import BackendOptions
-    from app.replicas import Scale, _memory_warning
+    from app.replica import Scale
+    from app.sizing import _memory_warning
 
-    with caplog.at_level("WARNING", logger="app.replicas"):
+    with caplog.at_level("WARNING", logger="app.sizing"):
         _memory_warning(BackendOptions(str(tiny_dir)), Scale(8), cluster_bytes=16 << 30)
         assert not caplog.records
         _memory_warning(BackendOptions(str(tiny_dir)), Scale(2, 1, 64), cluster_bytes=16 << 30)
