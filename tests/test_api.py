@@ -210,7 +210,7 @@ def test_a_spoken_answer_cut_by_a_stop_sequence_is_spoken_to_the_stop(client):
 
     from afnext.audio import load_audio
     from afnext.tts import load_synthesizer
-    from app.api import Voice
+    from app.api_reply import Voice
 
     ask = dict(model="instruct", messages=[{"role": "user", "content": "Go"}], max_tokens=24,
                extra_body={"repetition_penalty": 1.0})
@@ -234,7 +234,7 @@ def test_a_slow_voice_never_holds_the_answers_text_back():
     import time
 
     from afnext.events import AudioChunk
-    from app.api import Voice
+    from app.api_reply import Voice
 
     class Slow:
         sample_rate = 24000

@@ -281,7 +281,7 @@ def test_too_long_without_a_declared_length_stops_decoding_early(monkeypatch):
 
 def test_audio_refused_for_its_length_alone_says_so_by_its_type(monkeypatch):
     """AudioTooLong, from the header, from decoding or from samples in memory: a caller that hears longer
-    audio in parts (app/api.py) goes there without decoding the file again to learn why it was refused."""
+    audio in parts (app/api_turn.py) goes there without decoding the file again to learn why it was refused."""
     header, data = _wav_bytes(np.zeros(3 * 16000, np.int16))
     stated = header[:40] + (31 * 60 * 16000 * 2).to_bytes(4, "little") + header[44:]
     for source, kwargs in ((stated, {}), (data, {"max_seconds": 1.0}), ((16000, np.zeros(3 * 16000)), {"max_seconds": 1.0})):

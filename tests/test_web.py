@@ -259,7 +259,7 @@ def test_the_api_sends_a_clip_over_the_limit_to_parts_without_decoding_it_again_
     import dataclasses
     from types import SimpleNamespace
 
-    from app import api
+    from app import api_turn
     from app import openai_wire
     from tests.test_audio import encode, encoder
 
@@ -274,7 +274,7 @@ def test_the_api_sends_a_clip_over_the_limit_to_parts_without_decoding_it_again_
 
     def message(raw: bytes):
         part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(raw).decode(), "format": "mp3"}}
-        return api._message(openai_wire.ChatMessage(role="user", content=[part]), 0, engine, True)
+        return api_turn._message(openai_wire.ChatMessage(role="user", content=[part]), 0, engine, True)
 
     asked = message(bytes(data))
     assert asked.clip is None and asked.recording() == bytes(data)  # heard in parts
