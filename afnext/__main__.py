@@ -34,11 +34,12 @@ from .audio import AudioError
 from .cli import KEEP_DAYS, add_model_flags, keep_days
 from .engine import Engine
 from .events import PartProgress, ReasoningDelta, TextDelta, TurnDone
+from .journal import KeptError
 from .model import LICENCE_NOTE, ModelLoadError, load
 from .conversation import Conversation, open_kept
 from .sampling import GenerationOptions
 from .session import ContextFullError, Session
-from .store import KeptError, Store, StoreError
+from .store import Store, StoreError
 from .store import default_path as default_store_path
 
 log = logging.getLogger("afnext")

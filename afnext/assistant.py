@@ -34,9 +34,9 @@ from .audio import SAMPLE_RATE, AudioError
 from .engine import ContextFullError
 from .events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, StateChanged, TextDelta,
                      TurnDone, UserTurn, VoiceTimings, VoiceTurnDone, drain)
+from .journal import KeptError
 from .sampling import GenerationOptions
 from .session import Session
-from .store import KeptError
 from .tts import Synthesizer, TTSError
 from .tts.chunker import SpeechChunker
 from .vad import Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from . import split
 from .audio import AudioError
 from .clip import Clip
+from .journal import Journal, KeptError, open_conversation
 from .parts import PartedSession, PartOptions
 from .sampling import GenerationOptions
 from .session import Session
-from .store import Journal, KeptError, Store, StoreError, check_id, open_conversation
+from .store import Store, StoreError, check_id
 
 
 ONE_RECORDING = ("This conversation is about a recording heard in parts; ask about it in text, or start a new "
@@ -85,7 +86,7 @@ class Conversation:
 
 def open_kept(store: Store, cid: str, session: Session, *, model: str,
               options: PartOptions = PartOptions()) -> tuple[Conversation, Journal]:
-    """`store.open_conversation` for a conversation that may be about a recording heard in parts: such a
+    """`journal.open_conversation` for a conversation that may be about a recording heard in parts: such a
     conversation is rebuilt as a `PartedSession` on the kept recording, any other into `session`."""
     turns = store.turns(check_id(cid)) if store.get(cid) is not None else []
     if len(turns) >= 2 and turns[1].parts and turns[0].audio is not None:

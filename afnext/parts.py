@@ -49,10 +49,11 @@ from .audio import MAX_AUDIO_S
 from .clip import Clip, prepare_clip
 from .engine import Engine
 from .events import Interrupted, PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone, clock
+from .journal import Journal, KeptError
 from .sampling import GenerationOptions
 from .scheduler import Cancel
 from .session import MAX_TEXT_CHARS, Session
-from .store import Journal, KeptError, StoredTurn
+from .store import StoredTurn
 from .times import shift_step, shift_times
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ class PartedSession:
         return any(p.heard for p in self._parts)
 
     def replay(self, turns: list[StoredTurn]) -> None:
-        """Rebuild a kept conversation (store.restore calls this): the merge session at once (text only),
+        """Rebuild a kept conversation (journal.restore calls this): the merge session at once (text only),
         each part when the next question reads it again, from the same cuts of the same samples. ValueError
         for turns that are not this kind of conversation."""
         if self._history or self._merge.messages or self._parts:

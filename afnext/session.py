@@ -11,7 +11,7 @@ A cancelled reply stays in the conversation as far as it got, closed with `<|im_
 knows what it had said before it was interrupted. A turn cancelled before its reply began, or one
 that failed, leaves the session exactly as it was before the turn.
 
-A session given a `Journal` (afnext/store.py) keeps each completed turn in the store at the moment
+A session given a `Journal` (afnext/journal.py) keeps each completed turn in the store at the moment
 it commits it, so the store and the session never differ, and a turn is on disk before its
 `TurnDone` is sent.
 """
@@ -31,10 +31,10 @@ from . import cores, prompt
 from .clip import Clip, prepare_clip
 from .engine import PREFILLED, ContextFullError, Engine, Finished
 from .events import Interrupted, ReasoningDelta, Reply, TextDelta, ThinkStep, Timings, TurnDone
+from .journal import Journal, Unread
 from .prompt import MAX_TEXT_CHARS, THINK_PREFILL, THINK_PROMPT, THINK_PROMPT_INSTRUCT  # noqa: F401 (public here too)
 from .sampling import GenerationOptions
 from .scheduler import WAITING, Cancel, Request
-from .store import Journal, Unread
 from .think import ThinkParser
 
 log = logging.getLogger(__name__)

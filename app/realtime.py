@@ -33,10 +33,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from afnext.assistant import Assistant, AssistantOptions, Stamped, UserTurn, VoiceTurnDone
 from afnext.audio import AudioError, to_mono_16k
 from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
+from afnext.journal import KeptError, open_conversation
 from afnext.live import Live, matches_store
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
-from afnext.store import KeptError, Store, StoreError, check_id, open_conversation
+from afnext.store import Store, StoreError, check_id
 from afnext.tts import SpeechResampler
 from afnext.vad import EndpointerOptions, SpeechStarted
 

@@ -32,10 +32,11 @@ from afnext.clip import Clip, check_length, prepare_clip
 from afnext.engine import Engine
 from afnext.events import PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone, clock
 from afnext.conversation import Conversation
+from afnext.journal import Journal, KeptError, lossless, open_conversation
 from afnext.parts import PartedSession
 from afnext.sampling import GenerationOptions
 from afnext.session import MAX_TEXT_CHARS, ContextFullError, Session
-from afnext.store import Journal, KeptError, Store, StoredTurn, StoreError, lossless, open_conversation
+from afnext.store import Store, StoredTurn, StoreError
 
 from .backend import Backend, BackendUnavailable
 

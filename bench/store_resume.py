@@ -36,10 +36,11 @@ import torch
 from afnext.bench import machine, write_json
 from afnext.engine import Engine
 from afnext.events import TextDelta, TurnDone
+from afnext.journal import restore
 from afnext.model import load
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
-from afnext.store import Store, StoredTurn, restore
+from afnext.store import Store, StoredTurn
 from afnext.tiny import param_count, write_checkpoint
 
 OPTIONS = GenerationOptions(max_new_tokens=8, temperature=0.0)

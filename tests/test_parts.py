@@ -187,7 +187,8 @@ def test_reasoning_names_every_part_and_answer_text_is_never_reasoning(scripted)
 
 
 def test_a_turn_cut_short_counts_in_no_part_so_a_rebuilt_conversation_goes_on_the_same(loaded, tmp_path):
-    from afnext.store import Store, open_conversation
+    from afnext.journal import open_conversation
+    from afnext.store import Store
 
     slow = ScriptedEngine(loaded, "A bell at 0:12. " * 5, step_delay_s=0.02)
     path = tmp_path / "rec.wav"

@@ -17,9 +17,10 @@ import pytest
 import soundfile
 
 from afnext.events import TurnDone
+from afnext.journal import restore
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
-from afnext.store import Store, StoredTurn, StoreError, restore
+from afnext.store import Store, StoredTurn, StoreError
 from tests.conftest import noise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,7 +243,7 @@ def test_conversations_unused_for_keep_days_go_with_the_audio_only_they_used(tmp
 # ---- a session's journal: turns kept as the session commits them ----
 
 def _journaled(engine, store: Store, cid: str | None = None, **create) -> Session:
-    from afnext.store import open_conversation
+    from afnext.journal import open_conversation
 
     session, owner = Session(engine), create.setdefault("owner", "o")
     open_conversation(store, cid or store.create("talk", **create), session, model=engine.loaded.name, owner=owner)
@@ -252,7 +253,7 @@ def _journaled(engine, store: Store, cid: str | None = None, **create) -> Sessio
 def test_a_journal_keeps_voice_turns_cut_replies_and_abandoned_streams_so_a_restart_goes_on_exactly(engine, tmp_path):
     """Microphone audio (float) is kept as 16-bit FLAC and heard as kept; a reply the user cut short is
     kept by the text heard; a stream whose reader left mid-reply is kept as far as the session has it."""
-    from afnext.store import open_conversation
+    from afnext.journal import open_conversation
 
     store = Store(tmp_path)
     cid = store.create("talk", owner="o")
@@ -282,7 +283,7 @@ def test_a_journal_keeps_voice_turns_cut_replies_and_abandoned_streams_so_a_rest
 
 def test_an_integer_wav_is_kept_as_flac_of_the_same_samples(tmp_path):
     from afnext.audio import load_audio
-    from afnext.store import Journal
+    from afnext.journal import Journal
 
     wav = tmp_path / "speech.wav"
     soundfile.write(wav, noise(3.0, seed=2) * 0.5, 44100, subtype="PCM_16")
@@ -292,7 +293,7 @@ def test_an_integer_wav_is_kept_as_flac_of_the_same_samples(tmp_path):
 
 
 def test_a_conversation_whose_turn_cannot_be_kept_stops_with_one_sentence(engine, tmp_path):
-    from afnext.store import KeptError
+    from afnext.journal import KeptError
 
     store = Store(tmp_path)
     live = _journaled(engine, store)
@@ -308,7 +309,7 @@ def test_a_conversation_deleted_while_it_answers_says_so_and_logs_no_error(engin
     turn is not kept, the reader is told in one sentence, and the log has no error or traceback."""
     import logging
 
-    from afnext.store import KeptError
+    from afnext.journal import KeptError
 
     live = _journaled(engine, Store(tmp_path))
     deleted = "This conversation was deleted (here or in another tab); start a new one."
@@ -331,7 +332,7 @@ def test_a_cut_reply_with_bad_text_changes_neither_the_session_nor_the_store(eng
 
 
 def test_audio_a_turn_is_about_to_commit_with_survives_another_conversations_delete(engine, tmp_path):
-    from afnext.store import Journal
+    from afnext.journal import Journal
 
     store = Store(tmp_path)
     a = store.create("talk", owner="o")
@@ -356,7 +357,7 @@ def test_a_turns_stream_closed_before_its_first_read_lets_its_audio_go(engine, t
     import io
 
     from afnext.clip import prepare_clip
-    from afnext.store import Journal
+    from afnext.journal import Journal
 
     store, audio = Store(tmp_path), noise(2.0, seed=7)
     flac = io.BytesIO()
@@ -378,7 +379,7 @@ def test_a_session_behind_the_store_is_refused_before_it_answers(engine, tmp_pat
     next, is refused at once with the sentence its commit would end in, before a token is made — so a
     voice socket never speaks an answer from a conversation that is not the one kept — and its audio
     is not held. The conversation opened again goes on from all the store holds."""
-    from afnext.store import KeptError, open_conversation
+    from afnext.journal import KeptError, open_conversation
 
     here, there = Store(tmp_path), Store(tmp_path)
     cid = here.create("talk", owner="o")
@@ -403,7 +404,7 @@ def test_audio_another_process_is_asking_with_survives_a_delete_here(tmp_path):
     """Replicas share a store: one deletes a conversation whose audio no row refers to any more while
     another has just put the same bytes for a turn it is asking (its hold is in its own memory). The
     file was put again after the deleted conversation's last change: it stays (found in review)."""
-    from afnext.store import Journal
+    from afnext.journal import Journal
 
     here, there = Store(tmp_path), Store(tmp_path)
     old = here.create("talk", owner="o")
@@ -485,7 +486,7 @@ def test_a_journal_behind_the_store_says_so_and_never_rewrites_another_process_r
     journal is no longer current (its live session is rebuilt), cannot commit over the turn, and
     cutting its own last reply short would rewrite the other's: refused, the other's reply kept."""
     from afnext.live import Live, matches_store
-    from afnext.store import Journal, KeptError
+    from afnext.journal import Journal, KeptError
 
     here, there = Store(tmp_path), Store(tmp_path)
     cid = here.create("talk", owner="o")
