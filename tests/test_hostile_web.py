@@ -385,7 +385,7 @@ def test_an_owner_reaches_a_live_conversation_only_by_its_id_and_their_token():
 
 
 def test_a_page_whose_recording_the_server_lost_is_told_why():
-    from app.web import _nothing_held
+    from app.recordings_tab import _nothing_held
 
     shown = json.dumps({"name": "meeting.m4a", "peaks": []})
     assert "no longer holds meeting\\.m4a (the server restarted" in _nothing_held(shown)  # Markdown-escaped

@@ -460,7 +460,7 @@ def test_a_server_without_any_voice_serves_text_and_says_so(monkeypatch, loaded,
 
     from afnext.live import Live
     from app.access import owner_of
-    from app.web import _RecordingsTab
+    from app.recordings_tab import _RecordingsTab
     tab = _RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
     recording = recordings.open_recording(str(ASSETS / "sounds.flac"), tmp_path)
     recording.answer = "A dog barks."
@@ -785,7 +785,7 @@ def test_opening_an_example_empties_the_upload_box_with_its_first_update_only(ba
     upload, which the example's later updates (its waveform, its place in the history) leave alone."""
     import gradio as gr
 
-    from app.web import _RecordingsTab
+    from app.recordings_tab import _RecordingsTab
 
     tab = _RecordingsTab(BackendLoader.ready_made(backend), tmp_path, None, None)
     request = type("Request", (), {"client": type("Client", (), {"host": "10.0.0.1"})()})()
@@ -801,7 +801,7 @@ def test_a_rename_a_delete_from_another_tab_overtakes_changes_nothing_shown(back
 
     from afnext.store import Store
     from app.access import owner_of
-    from app.web import _RecordingsTab
+    from app.recordings_tab import _RecordingsTab
     from tests.test_history import deleted_once_renamed
 
     store, owner = Store(tmp_path / "store"), "b" * 32
@@ -834,7 +834,7 @@ def test_speak_says_the_answer_as_the_voice_loop_would_not_its_markdown(loaded, 
     sentence, not the whole answer in one)."""
     from afnext.live import Live
     from app.access import owner_of
-    from app.web import _RecordingsTab
+    from app.recordings_tab import _RecordingsTab
 
     voice = _Heard()
     engine = Engine(loaded)
@@ -858,7 +858,7 @@ def test_speak_reads_the_latest_answer_from_the_store_when_the_live_copy_is_gone
     from afnext.live import Live
     from afnext.store import Store, StoredTurn
     from app.access import owner_of
-    from app.web import NO_ANSWER, _RecordingsTab
+    from app.recordings_tab import NO_ANSWER, _RecordingsTab
 
     voice, engine, owner = _Heard(), Engine(loaded), "e" * 32
     store = Store(tmp_path / "store")
