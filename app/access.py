@@ -72,7 +72,7 @@ class Access:
 
     def __init__(self, key: str | None = None, allowed_origins: Iterable[str] = (), *, local: bool = False,
                  secret: bytes | None = None) -> None:
-        if key is not None and not key.strip():  # the /v1 API compares keys itself: "" would match a missing one
+        if key is not None and not key.strip():  # "" would match a request that sends no key
             raise ValueError(EMPTY_KEY)
         self.key, self.local = key, local
         self.allowed = allowed_sites([*allowed_origins, *os.environ.get(ORIGINS_ENV, "").split(",")])

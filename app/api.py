@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import threading
 import uuid
@@ -63,9 +62,9 @@ INLINE_MESSAGES = 8
 class Api:
     """The /v1 routes around the backend the page uses."""
 
-    def __init__(self, loader: BackendLoader, api_key: str | None = None, access: Access | None = None) -> None:
-        self.loader, self.api_key = loader, api_key
-        self.access = access or Access(api_key)  # the Host check of a server on 127.0.0.1 (DNS rebinding)
+    def __init__(self, loader: BackendLoader, access: Access | None = None) -> None:
+        self.loader = loader
+        self.access = access or Access()  # the API key, and the Host check of a server on 127.0.0.1 (DNS rebinding)
         self._pools: dict[int, tuple[SessionPool, SessionPool]] = {}
         self._parted: dict[int, tuple[PartedPool, PartedPool]] = {}
         self._lock = threading.Lock()
@@ -224,10 +223,9 @@ class Api:
             self._turns -= 1
 
     def _authorize(self, request: Request) -> None:
-        given = bearer(request.headers)
-        if self.api_key is None and not self.access.host_ok(request.headers):
+        if self.access.key is None and not self.access.host_ok(request.headers):
             raise wire.WireError(403, HOST_REFUSAL, kind="permission_error", code="host_not_allowed")
-        if self.api_key is not None and not hmac.compare_digest(given.encode(), self.api_key.encode()):
+        if not self.access.key_ok(bearer(request.headers)):
             raise wire.WireError(401, "Incorrect or missing API key; send it as 'Authorization: Bearer KEY'.",
                                  code="invalid_api_key")
 

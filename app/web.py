@@ -200,7 +200,7 @@ def assemble(loader: BackendLoader, *, host: str = "127.0.0.1", upload_quota_byt
     app_kwargs = {"middleware": [*extra_middleware, Middleware(Guard, options=gate)],
                   "routes": [Route("/health", _health(loader)), Route(TOKEN_ROUTE, _page_token(access)),
                              WebSocketRoute(realtime.ROUTE, voice.__call__),
-                             *Api(loader, api_key, access).routes(), *HistoryRoutes(store, access, live).routes()]}
+                             *Api(loader, access).routes(), *HistoryRoutes(store, access, live).routes()]}
     page = {"css": CSS, "head": HEAD, "max_file_size": MAX_FILE_BYTES, "allowed_paths": [str(ASSETS), str(played)],
             "ssr_mode": False, "footer_links": ["api", "gradio"]}
     return Site(demo, app_kwargs, page, voice, folders)

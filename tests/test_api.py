@@ -426,7 +426,7 @@ def test_a_loopback_server_answers_the_api_only_to_its_own_names(loaded):
 
     engine = Engine(loaded)
     try:
-        api = Api(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak"))), None, Access(local=True))
+        api = Api(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak"))), Access(local=True))
         client = TestClient(Starlette(routes=api.routes()))
         refused = client.get("/v1/models", headers={"host": "rebind.attacker.example:7860"})
         assert refused.status_code == 403 and "own address" in refused.json()["error"]["message"]
