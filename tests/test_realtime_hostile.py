@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 
 from afnext.engine import Engine
 from afnext.tts import load_synthesizer
-from app import realtime
+from app import realtime, realtime_link
 from app import realtime_wire as wire
 from app.access import Access
 from app.backend import Backend, BackendLoader
@@ -202,10 +202,10 @@ def test_an_oversized_event_closes_the_socket_with_1009(serve, monkeypatch):
 
 
 def test_a_flood_of_events_ends_the_session(serve, monkeypatch):
-    monkeypatch.setattr(realtime, "MAX_PENDING_EVENTS", 4)
+    monkeypatch.setattr(realtime_link, "MAX_PENDING_EVENTS", 4)
     gate = threading.Event()
-    real = realtime.RealtimeLink._on_session_update
-    monkeypatch.setattr(realtime.RealtimeLink, "_on_session_update", lambda self, e: gate.wait(10) and real(self, e))
+    real = realtime_link.RealtimeLink._on_session_update
+    monkeypatch.setattr(realtime_link.RealtimeLink, "_on_session_update", lambda self, e: gate.wait(10) and real(self, e))
     with serve().websocket_connect(URL) as ws:
         created(ws)
         for _ in range(12):  # the feeder is stuck on the first: the rest pile up

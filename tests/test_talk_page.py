@@ -174,8 +174,8 @@ def test_a_press_too_short_to_hear_says_so_until_a_press_is_heard(browser):
 
 
 def served_cut(text: str, audio_ms: float, heard_ms: int) -> str:
-    """What the server keeps of a reply after `conversation.item.truncate`: app/realtime.py `heard`'s
-    rule (the share of the audio heard is the share of the transcript kept, cut back to a word)."""
+    """What the server keeps of a reply after `conversation.item.truncate`: app/realtime_replies.py
+    `heard`'s rule (the share of the audio heard is the share of the transcript kept, cut back to a word)."""
     cut = len(text) if audio_ms <= 0 or heard_ms >= audio_ms else round(len(text) * heard_ms / audio_ms)
     return text[:cut].rsplit(" ", 1)[0] if cut < len(text) else text
 

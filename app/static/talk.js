@@ -433,9 +433,9 @@ function bargeIn() {  // the user spoke over the reply: silence it, and tell the
   }
 }
 
-// The reply's row as the server keeps it after the truncate (app/realtime.py `heard`): the share of its
-// audio heard is the share of its text kept, cut back to a word. Counted in code points and rounded
-// half to even, as Python does, so a reload shows the same words.
+// The reply's row as the server keeps it after the truncate (app/realtime_replies.py `heard`): the share
+// of its audio heard is the share of its text kept, cut back to a word. Counted in code points and
+// rounded half to even, as Python does, so a reload shows the same words.
 function cutToHeard(r) {
   if (!r.row) return;
   r.row.classList.add("interrupted");

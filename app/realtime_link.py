@@ -1,0 +1,314 @@
+"""One Realtime socket's conversation (`RealtimeLink`): its client events drive afnext's `Assistant`,
+and `Kept` says where its turns are kept.
+
+Client events go, in order, to a feeder thread that drives the assistant; app/realtime_replies.py reads
+the assistant's events back out as server events. With server VAD (the default) microphone audio
+streams in and turns end on silence; with `turn_detection: null` the client commits its audio (or
+creates a text or audio item) and asks for a response. Speech over a reply cancels it at once
+(`response.done` with status `cancelled`); `conversation.item.truncate` then makes the model remember
+only the part of the reply that was heard.
+
+A kept conversation's session is the one live in the server's `Live` registry, or one rebuilt from the
+store, and it goes on with the instructions it was kept with.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from afnext.assistant import Assistant, AssistantOptions
+from afnext.audio import AudioError, to_mono_16k
+from afnext.journal import KeptError, open_conversation
+from afnext.live import Live, matches_store
+from afnext.sampling import GenerationOptions
+from afnext.session import Session
+from afnext.store import Store, StoreError
+from afnext.vad import EndpointerOptions
+
+from . import realtime_wire as wire
+from .realtime_replies import MAX_ITEMS, _Responses
+
+log = logging.getLogger(__name__)
+
+MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
+MIN_COMMIT_MS = 100  # the shortest buffer a commit takes, as OpenAI's (the model needs more than 20 ms)
+MAX_PENDING_EVENTS = 512  # client events waiting for the feeder (~50 s of 100 ms appends); more: the socket ends
+
+
+class _Mute:
+    """A synthesizer that says nothing: text-only sessions."""
+
+    sample_rate = wire.AUDIO_RATE
+
+    def stream(self, text: str, cancel=None):
+        return iter(())
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Where a socket's conversation is kept: conversation `cid` of `owner` in `store`, live in `live`."""
+
+    store: Store
+    live: Live  # live conversations by id (the app's one registry)
+    owner: str
+    cid: str
+    kind: str  # "talk" (the page) or "api"
+    group: str  # the client address, for the registry's fair shares
+    turns: int = 0  # completed turns the conversation held when the socket opened
+    system: str | None = None  # its instructions, when it was kept before
+
+
+class RealtimeLink:
+    """One socket's conversation: client events in (any thread, kept in order), server events out."""
+
+    def __init__(self, engine, synthesizer, model: str, send: Callable[[dict], None], page: bool = False,
+                 kept: Kept | None = None) -> None:
+        self.engine, self.synthesizer, self.model, self.send = engine, synthesizer, model, send
+        self.page = page  # opened with the page's token: only what the page does (app/access.py)
+        self.kept = kept  # where its turns are kept (None: nowhere)
+        self.think = model == "think"  # the Think model reasons first: shown as reasoning_text, never spoken
+        self.config = wire.Config.for_model(model)
+        self.session: Session | None = None  # made at the first turn, with the instructions then in force
+        self.assistant: Assistant | None = None
+        self._inbox: queue.Queue = queue.Queue(MAX_PENDING_EVENTS)
+        self._buffer: list[np.ndarray] = []  # appended audio (24 kHz int16) awaiting a commit, manual mode
+        # User items awaiting a response: (id, text, 16 kHz float32 audio or None); the reader thread adds
+        # turns the server VAD heard when create_response is off, so under a lock.
+        self._items: list[tuple[str, str, np.ndarray | None]] = []
+        self._items_lock = threading.Lock()
+        self._last_item: str | None = None
+        self._ids: set[str] = set()  # every item's id, so a client's own ids stay unique
+        self._out = _Responses(self)
+        self._closing, self._closed = threading.Lock(), False
+        if kept is not None and kept.system is not None:  # a kept conversation goes on with its instructions
+            self.config = replace(self.config, instructions=kept.system or None)
+        self._feeder = threading.Thread(target=self._feed, name="afnext-realtime-feed", daemon=True)
+        self._feeder.start()
+        extra = {} if kept is None else {"conversation": {"id": kept.cid, "turns": kept.turns}}
+        self.id = wire.new_id("sess")
+        send(wire.event("session.created", session={"id": self.id, **self.config.describe(model)}, **extra))
+
+    def receive(self, event: dict) -> None:
+        """Queue a client event (never blocks). OverflowError when MAX_PENDING_EVENTS already wait."""
+        try:
+            self._inbox.put_nowait(event)
+        except queue.Full:
+            raise OverflowError("The client sent events faster than the server could act on them.") from None
+
+    def close(self) -> None:
+        """End the conversation: its turn is cancelled. Idempotent; a second call waits for the first."""
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            while True:  # make room for the end mark: what still waits is not acted on
+                try:
+                    self._inbox.put_nowait(None)
+                    break
+                except queue.Full:
+                    self._inbox.get_nowait()
+            self._feeder.join(5)
+            if self.assistant is not None:
+                self.assistant.close()
+                self._out.join()
+
+    # ---- client events (feeder thread) ----
+
+    def _feed(self) -> None:
+        while (event := self._inbox.get()) is not None:
+            try:
+                getattr(self, "_on_" + event["type"].replace(".", "_"))(event)
+            except wire.ProtocolError as exc:
+                exc.event_id = exc.event_id or (event.get("event_id") if isinstance(event.get("event_id"), str) else None)
+                self.send(wire.error(exc))
+            except Exception:  # ours, not the client's: say so and go on
+                log.exception("realtime: could not handle %s", event.get("type"))
+                self.send(wire.error(wire.ProtocolError("The server could not handle that event.", "server_error")))
+
+    def _on_session_update(self, event: dict) -> None:
+        config = wire.updated(self.config, event.get("session"))
+        if self.page and (config.instructions != self.config.instructions or not config.audio_out
+                          or config.max_output_tokens != self.config.max_output_tokens):
+            raise wire.ProtocolError("The page's session takes turn detection settings only; other clients send "
+                                     "the API key.", "page_session")
+        if config.instructions != self.config.instructions and (self.session is not None or (
+                self.kept is not None and self.kept.turns)):
+            raise wire.ProtocolError("instructions can only be set before the first turn.")
+        if self.assistant is not None and _voice_changed(self.config, config):
+            self.assistant.close()  # the next turn starts on an assistant with the new settings
+            self._out.join()
+            self._out.abandon()  # a reply cut off by the swap is done, as cancelled
+            self.assistant = None
+        self.config = config
+        self.send(wire.event("session.updated", session={"id": self.id, **config.describe(self.model)}))
+
+    def _on_input_audio_buffer_append(self, event: dict) -> None:
+        pcm = wire.pcm16(event.get("audio"))
+        if self.config.server_vad:
+            self._assistant().push(pcm, wire.AUDIO_RATE)
+        elif sum(map(len, self._buffer)) + len(pcm) > MAX_BUFFER_S * wire.AUDIO_RATE:
+            raise wire.ProtocolError(f"The audio buffer holds {MAX_BUFFER_S:g} s at most; commit it first.",
+                                     "buffer_too_large")
+        else:
+            self._buffer.append(pcm)
+
+    def _on_input_audio_buffer_commit(self, event: dict) -> None:
+        if self.config.server_vad:
+            raise wire.ProtocolError("With server VAD the server commits turns; set turn_detection to null first.")
+        held_ms = 1000 * sum(map(len, self._buffer)) / wire.AUDIO_RATE
+        if held_ms < MIN_COMMIT_MS:
+            raise wire.ProtocolError(f"The audio buffer holds {held_ms:.0f} ms of audio; commit at least "
+                                     f"{MIN_COMMIT_MS} ms.", "input_audio_buffer_commit_empty")
+        audio, self._buffer = np.concatenate(self._buffer), []
+        item, before = self._add_user("", audio)
+        self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=before))
+
+    def _on_input_audio_buffer_clear(self, event: dict) -> None:
+        self._buffer = []
+        if self.config.server_vad and self.assistant is not None:
+            self.assistant.forget_speech()  # speech heard so far is no turn
+        self.send(wire.event("input_audio_buffer.cleared"))
+
+    def _on_conversation_item_create(self, event: dict) -> None:
+        if self.page:
+            raise wire.ProtocolError("The page's session takes microphone audio only; other clients send the API key.",
+                                     "page_session")
+        item = event.get("item")
+        text, audio = wire.user_item(item)
+        self._add_user(text, audio, item.get("id"), after=event.get("previous_item_id"))
+
+    def _on_response_create(self, event: dict) -> None:
+        tokens = wire.check_response(self.config, event.get("response"))
+        # being made: announced (answering), or asked for and not announced yet (busy)
+        if self._out.answering() or (self.assistant is not None and self.assistant.busy):
+            raise wire.ProtocolError("A response is already in progress; wait for its response.done, or send "
+                                     "response.cancel.", "conversation_already_has_active_response")
+        with self._items_lock:
+            items, self._items = self._items, []
+        if not items:
+            raise wire.ProtocolError("There is no user item to respond to; append and commit audio, or create an item.")
+        text = "\n".join(t for _, t, _ in items if t)
+        clips = [a for _, _, a in items if a is not None]
+        own = None if tokens is None else GenerationOptions(max_new_tokens=tokens)  # this response's limit
+        if tokens is not None:
+            self._out.limits[items[-1][0]] = tokens
+        self._assistant().say(np.concatenate(clips) if clips else None, text, tag=items[-1][0], generation=own)
+
+    def _on_response_cancel(self, event: dict) -> None:
+        if self.assistant is None or not self._out.answering():
+            raise wire.ProtocolError("There is no response to cancel.", "response_cancel_not_active")
+        named = event.get("response_id")
+        if named is not None and not self._out.answering(named):
+            raise wire.ProtocolError(f"{str(named)[:80]!r} is not the response in progress.", "response_cancel_not_active")
+        self._out.cancelled_by_client()
+        self.assistant.interrupt()
+
+    def _on_conversation_item_truncate(self, event: dict) -> None:
+        item, ms = event.get("item_id"), event.get("audio_end_ms")
+        if not isinstance(ms, int) or isinstance(ms, bool) or ms < 0:
+            raise wire.ProtocolError("audio_end_ms must be a whole number of milliseconds.")
+        if self._out.running(item) and self.assistant is not None:
+            self._out.cancelled_by_client()
+            self.assistant.interrupt()  # truncating a reply still being made: the user stopped listening
+        heard = self._out.heard(item, ms)
+        if heard is None:
+            raise wire.ProtocolError("Only the latest reply can be truncated, once it is done or cancelled.",
+                                     "item_truncate_invalid_item_id")
+        text, messages, reply = heard
+        self.session.wait()
+        cut = reply.get("cut_ms")
+        # the reply is still the conversation's last (no turn has begun since), and not cut as short already
+        if len(self.session.messages) == messages and (cut is None or ms < cut):
+            try:
+                self.session.rewrite_reply(text)
+            except KeptError as exc:
+                raise wire.ProtocolError(str(exc), "server_error") from None
+            reply["cut_ms"] = ms
+        self.send(wire.event("conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=ms))
+
+    def _add_user(self, text: str, audio: np.ndarray | None, item: str | None = None,
+                  after: object = None) -> tuple[str, str | None]:
+        """A user item made (its id: the client's, or a new one) and announced; (its id, the one before it)."""
+        item = item or wire.new_id("item")
+        content = ([{"type": "input_audio", "transcript": None}] if audio is not None else []) + \
+                  ([{"type": "input_text", "text": text}] if text else [])
+        shown = wire.Item(item, "user", content).shown()
+        before = self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE), after)
+        self.send(wire.event("conversation.item.added", previous_item_id=before, item=shown))
+        self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
+        return item, before
+
+    def hold(self, item: str, text: str, audio: np.ndarray | None, after: object = None) -> str | None:
+        """Keep a user item (audio at 16 kHz) for the next response.create; the item before it. Any
+        thread; ProtocolError when MAX_ITEMS wait already, when the item's id is taken, or when `after`
+        (a client's previous_item_id) is not the last item: items go at the end."""
+        with self._items_lock:
+            last = self._last_item
+            if after is not None and after != last and not (after == "root" and last is None):
+                raise wire.ProtocolError("Items are added at the end of the conversation: previous_item_id must be "
+                                         "the last item's id, or be left out.")
+            if len(self._items) >= MAX_ITEMS:
+                raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
+            if item in self._ids:
+                raise wire.ProtocolError(f"The conversation already has an item {item!r}; ids must be unique.",
+                                         "item_id_duplicate")
+            self._items.append((item, text, audio))
+            self._ids.add(item)
+            before, self._last_item = self._last_item, item
+        return before
+
+    def chain(self, item: str) -> str | None:
+        """`item` is now the conversation's last; the one before it. Any thread."""
+        with self._items_lock:
+            before, self._last_item = self._last_item, item
+            self._ids.add(item)
+        return before
+
+    def _assistant(self) -> Assistant:
+        if self.assistant is None:
+            if self.session is None:
+                self.session = self._open_session()
+            complete, longest = wire.EAGERNESS[self.config.eagerness]
+            endpointer = EndpointerOptions(hangover_ms=self.config.silence_ms, semantic=self.config.semantic,
+                                           complete=complete, max_silence_ms=longest)
+            options = AssistantOptions(uninterruptible=not self.config.interrupt, think=self.think,
+                                       answer=self.config.create_response,
+                                       generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
+                                       endpointer=endpointer)
+            voice = self.synthesizer if self.config.audio_out else _Mute()
+            self.assistant = Assistant(self.session, voice, options)
+            self._out.follow(self.assistant)
+        return self.assistant
+
+
+    def _open_session(self) -> Session:
+        """The conversation's session: a new one, or (kept) the live one, or one rebuilt from the store."""
+        kept, system = self.kept, self.config.instructions or None
+        if kept is None:
+            return Session(self.engine, system=system)
+
+        def rebuild() -> Session:
+            session = Session(self.engine, system=system)
+            open_conversation(kept.store, kept.cid, session, model=self.engine.loaded.name, kind=kept.kind,
+                              owner=kept.owner, system=system or "")
+            return session
+        try:
+            session = kept.live.open(kept.cid, kept.owner, kept.group, rebuild, current=matches_store)
+            if not isinstance(session, Session):  # the id of a recording the owner has open elsewhere
+                raise StoreError("that id names a recording, not a voice conversation.")
+            return session
+        except (StoreError, AudioError, ValueError) as exc:
+            raise wire.ProtocolError(f"The conversation could not be opened again: {exc}", "conversation_unavailable") \
+                from None
+
+
+def _voice_changed(old: wire.Config, new: wire.Config) -> bool:
+    keys = ("server_vad", "silence_ms", "semantic", "eagerness", "interrupt", "create_response", "audio_out",
+            "max_output_tokens")
+    return any(getattr(old, k) != getattr(new, k) for k in keys)
