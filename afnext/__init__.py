@@ -11,11 +11,12 @@ import importlib
 import sys
 
 _EXPORTS = {
-    "audio": ("SAMPLE_RATE", "AudioError", "load_audio"),
+    "audio": ("SAMPLE_RATE", "AudioError"),
     "conversation": ("Conversation",),
     "engine": ("Engine",),
     "events": ("AudioChunk", "Error", "Interrupted", "PartProgress", "ReasoningDelta", "Reply", "TextDelta",
                "ThinkStep", "Timings", "TurnDone"),
+    "media": ("load_audio",),
     "model": ("LoadedModel", "ModelLoadError", "load", "load_or_demo"),
     "parts": ("PartOptions", "PartedSession"),
     "sampling": ("GenerationOptions",),

@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import load_audio
 from .clip import prepare_clip
 from .cores import in_own_thread
 from .engine import Engine
 from .events import TurnDone
+from .media import load_audio
 from .sampling import GenerationOptions
 from .session import Session
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import audio
+from . import audio, media, mel
 from .cores import one_core
 
 
@@ -25,13 +25,13 @@ class Clip:
     @property
     def tokens(self) -> int:
         """Audio tokens the clip occupies in the sequence (25 per second)."""
-        return sum(audio.audio_tokens(f) for f in self.frames)
+        return sum(mel.audio_tokens(f) for f in self.frames)
 
 
 def check_length(samples: np.ndarray) -> None:
     """Raises `AudioError` if the model would hear nothing of 16 kHz `samples`: 20 ms or less make
     no audio token."""
-    if audio.audio_tokens(-(-len(samples) // audio.HOP_LENGTH)) == 0:
+    if mel.audio_tokens(-(-len(samples) // mel.HOP_LENGTH)) == 0:
         raise audio.AudioError(f"The clip is too short ({len(samples) / audio.SAMPLE_RATE * 1000:.0f} ms); "
                                "the model needs more than 20 ms of audio.")
 
@@ -49,10 +49,10 @@ def prepare_clip(source, mel_filters: np.ndarray, *, max_seconds: float = audio.
         else:
             if isinstance(source, np.ndarray):
                 source = (audio.SAMPLE_RATE, source)
-            samples = audio.load_audio(source, max_seconds=max_seconds)
+            samples = media.load_audio(source, max_seconds=max_seconds)
         check_length(samples)
-        features, frames = audio.log_mel_windows(samples, mel_filters)
-        keep = [i for i, f in enumerate(frames) if audio.audio_tokens(f) > 0]  # a tail of 20 ms or less goes
+        features, frames = mel.log_mel_windows(samples, mel_filters)
+        keep = [i for i, f in enumerate(frames) if mel.audio_tokens(f) > 0]  # a tail of 20 ms or less goes
         features, frames = features[keep], [frames[i] for i in keep]
-    duration = min(len(samples), sum(frames) * audio.HOP_LENGTH) / audio.SAMPLE_RATE
+    duration = min(len(samples), sum(frames) * mel.HOP_LENGTH) / audio.SAMPLE_RATE
     return Clip(features, tuple(frames), duration, time.perf_counter() - t0)

@@ -20,10 +20,10 @@ from collections.abc import Sequence
 
 import torch
 
-from . import audio
+from . import mel
 from .clip import Clip
 
-BATCH_FRAMES = 16 * audio.WINDOW_FRAMES  # frames run per encoder call (8 min of audio): bounds its activations
+BATCH_FRAMES = 16 * mel.WINDOW_FRAMES  # frames run per encoder call (8 min of audio): bounds its activations
 CONV_REACH = 2  # frames past the valid ones that the last valid position's convolutions read
 FRAME_STEP = 200  # call lengths are multiples of this (2 s): few shapes, at most 2 s of padding run
 AUDIO_STEP_S = 0.04  # one audio token = 4 mel frames of 10 ms (conv stride 2, pooling stride 2)
@@ -34,7 +34,7 @@ Window = tuple[Clip, int]  # a clip and the index of one of its 30 s windows
 def run_frames(frames: int) -> int:
     """Mel frames an encoder call runs for a window with `frames` valid ones."""
     needed = frames + CONV_REACH
-    return min(audio.WINDOW_FRAMES, -(-needed // FRAME_STEP) * FRAME_STEP)
+    return min(mel.WINDOW_FRAMES, -(-needed // FRAME_STEP) * FRAME_STEP)
 
 
 def batches(items: Sequence[tuple], max_frames: int = BATCH_FRAMES) -> list[list[tuple]]:
@@ -91,7 +91,7 @@ class EncoderPass:
         hidden = tower.layer_norm(tower.avg_pooler(self.hidden.permute(0, 2, 1)).permute(0, 2, 1))
         indices = torch.tensor([index for _, index in self.windows], device=hidden.device)
         embeds = self.net.multi_modal_projector(_rotate_by_time(self.net, hidden, indices))
-        return [embeds[row, :audio.audio_tokens(f)] for row, f in enumerate(self.valid_frames)]
+        return [embeds[row, :mel.audio_tokens(f)] for row, f in enumerate(self.valid_frames)]
 
 
 def encode_windows(model, windows: Sequence[Window], device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -116,7 +116,7 @@ def _rotate_by_time(net, hidden: torch.Tensor, windows: torch.Tensor) -> torch.T
     The angles are those of a whole window (750 tokens), cut to the tokens run."""
     from transformers.models.musicflamingo.modeling_musicflamingo import apply_rotary_time_emb
 
-    per_window = audio.audio_tokens(audio.WINDOW_FRAMES)
+    per_window = mel.audio_tokens(mel.WINDOW_FRAMES)
     offsets = torch.arange(per_window, device=hidden.device, dtype=torch.float32) * AUDIO_STEP_S
     stamps = windows[:, None].to(torch.float32) * per_window * AUDIO_STEP_S + offsets  # seconds, as stock does
     cos, sin = net.pos_emb(stamps, seq_len=per_window)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import audio, cores, encoder, linear
+from . import cores, encoder, linear, mel
 from . import decode as decoding
 from .attention import NO_MASKS, Segment, StepCache, install
 from .clip import Clip
@@ -48,11 +48,11 @@ log = logging.getLogger(__name__)
 # likewise.
 PREFILL_CHUNK_TOKENS = {"cuda": 2048, "cpu": 128}
 PREFILL_STEP_TOKENS = {"cuda": 2048, "cpu": 512}
-ENCODE_FRAMES_PER_STEP = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES}
+ENCODE_FRAMES_PER_STEP = {"cuda": 16 * mel.WINDOW_FRAMES, "cpu": mel.WINDOW_FRAMES}
 # A long ingest's share of that: on CPU half a window, so its 30 s windows take two steps each (half the
 # encoder's layers a step) and a voice turn asked meanwhile waits out half a window's encoding, not a
 # whole one's (a window's attention spans all of it, so layers are the only place to cut it).
-ENCODE_CHUNK_FRAMES = {"cuda": 16 * audio.WINDOW_FRAMES, "cpu": audio.WINDOW_FRAMES // 2}
+ENCODE_CHUNK_FRAMES = {"cuda": 16 * mel.WINDOW_FRAMES, "cpu": mel.WINDOW_FRAMES // 2}
 IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop flag
 # How sessions' KV caches are kept: a buffer per session (kvcache.py) or blocks of one pool (paged.py);
 # `default_kv` picks one when none is named.

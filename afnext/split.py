@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import LIMIT_GRACE_S, MAX_AUDIO_S, SAMPLE_RATE, AudioError, stream_audio
+from .audio import LIMIT_GRACE_S, MAX_AUDIO_S, SAMPLE_RATE, AudioError
+from .media import stream_audio
 
 MAX_RECORDING_S = 4 * 3600.0  # seconds: the longest recording taken (8 or 9 parts of the model's 30 min)
 CUT_SEARCH_S = 60.0  # seconds of room around each even cut in which the quietest moment is sought

@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         return 0
-    from .audio import AudioError, load_audio
+    from .audio import AudioError
+    from .media import load_audio
 
     model = load_turn_model(args.model)
     if model is None:

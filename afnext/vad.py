@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .audio import SAMPLE_RATE, AudioError, MonoResampler, load_audio
+from .audio import SAMPLE_RATE, AudioError, MonoResampler
+from .media import load_audio
 from .turn import WINDOW_S
 
 log = logging.getLogger(__name__)

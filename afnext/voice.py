@@ -24,10 +24,11 @@ import time
 import numpy as np
 
 from .assistant import Assistant, AssistantOptions, Stamped, UserTurn, VoiceTurnDone
-from .audio import SAMPLE_RATE, AudioError, load_audio
+from .audio import SAMPLE_RATE, AudioError
 from .cli import add_model_flags, add_tts_flags, add_turn_flag
 from .engine import Engine
 from .events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
+from .media import load_audio
 from .model import ModelLoadError, load
 from .session import Session
 from .vad import EndpointerOptions, SpeechStarted

@@ -48,10 +48,11 @@ import numpy as np  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
 
-from afnext.audio import SAMPLE_RATE, WINDOW_FRAMES, WINDOW_SAMPLES  # noqa: E402
+from afnext.audio import SAMPLE_RATE  # noqa: E402
 from afnext.bench import machine, write_json  # noqa: E402
 from afnext.engine import Engine  # noqa: E402
 from afnext.events import PartProgress, TextDelta, TurnDone  # noqa: E402
+from afnext.mel import WINDOW_FRAMES, WINDOW_SAMPLES  # noqa: E402
 from afnext.model import ensure_tiny, load  # noqa: E402
 from afnext.parts import PartedSession, PartOptions  # noqa: E402
 from afnext.sampling import GenerationOptions  # noqa: E402

@@ -208,7 +208,7 @@ def test_a_spoken_answer_cut_by_a_stop_sequence_is_spoken_to_the_stop(client):
     piece was spoken with the turn's cancel set, which a voice takes as "say nothing more")."""
     import threading
 
-    from afnext.audio import load_audio
+    from afnext.media import load_audio
     from afnext.tts import load_synthesizer
     from app.api_reply import Voice
 

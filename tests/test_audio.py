@@ -1,4 +1,4 @@
-"""afnext.audio: every format in, every bad input refused in one sentence, features equal stock.
+"""afnext.audio, media and mel: every format in, every bad input refused in one sentence, features equal stock.
 
 Test files are written here with PyAV from known signals (a sine's frequency and length must come
 back), so nothing is downloaded.
@@ -17,8 +17,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from afnext import audio
-from afnext.audio import AudioError, MonoResampler, audio_tokens, load_audio, log_mel_windows, to_mono_16k
+from afnext import audio, media, mel
+from afnext.audio import AudioError, MonoResampler, to_mono_16k
+from afnext.media import load_audio
+from afnext.mel import audio_tokens, log_mel_windows
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 TONE_HZ = 660.0
@@ -266,14 +268,14 @@ def test_too_long_is_refused_from_the_header_before_decoding(monkeypatch):
     header, _ = _wav_bytes(np.zeros(16000, np.int16))
     declared = (31 * 60 + 12) * 16000 * 2  # bytes of 16-bit mono at 16 kHz
     data = header[:40] + declared.to_bytes(4, "little") + header[44:]
-    monkeypatch.setattr(audio, "_decode", lambda *args: pytest.fail("decoded a file it should refuse"))
+    monkeypatch.setattr(media, "_decode", lambda *args: pytest.fail("decoded a file it should refuse"))
     assert refused(data) == "The recording is 31 min 12 s long; the limit is 30 min."
 
 
 def test_too_long_without_a_declared_length_stops_decoding_early(monkeypatch):
     """When the container states no length, decoding stops once the limit is passed."""
     _, data = _wav_bytes(np.zeros(60 * 16000, np.int16))
-    monkeypatch.setattr(audio, "_declared_seconds", lambda *args: None)
+    monkeypatch.setattr(media, "_declared_seconds", lambda *args: None)
     message = refused(data, max_seconds=1.0)
     # The duration it names is where it stopped (within a 2 s WAV packet), not the file's 60 s.
     assert re.fullmatch(r"The recording is over \d\.\d s long; the limit is 1\.0 s\.", message), message
@@ -287,7 +289,7 @@ def test_audio_refused_for_its_length_alone_says_so_by_its_type(monkeypatch):
     for source, kwargs in ((stated, {}), (data, {"max_seconds": 1.0}), ((16000, np.zeros(3 * 16000)), {"max_seconds": 1.0})):
         with pytest.raises(audio.AudioTooLong, match="long; the limit is"):
             load_audio(source, **kwargs)
-    monkeypatch.setattr(audio, "_declared_seconds", lambda *args: None)  # found while decoding
+    monkeypatch.setattr(media, "_declared_seconds", lambda *args: None)  # found while decoding
     with pytest.raises(audio.AudioTooLong):
         load_audio(data, max_seconds=1.0)
     with pytest.raises(AudioError) as caught:
@@ -347,11 +349,11 @@ def _clip(name: str) -> np.ndarray:
 def test_log_mel_windows_equal_the_stock_processor(stock_extractor, name):
     clip = _clip(name)
     # The MusicFlamingo processor cuts 30 s windows itself, then calls the extractor like this.
-    windows = [clip[i : i + audio.WINDOW_SAMPLES] for i in range(0, len(clip), audio.WINDOW_SAMPLES)]
+    windows = [clip[i : i + mel.WINDOW_SAMPLES] for i in range(0, len(clip), mel.WINDOW_SAMPLES)]
     stock = stock_extractor(windows, sampling_rate=16000, return_attention_mask=True, return_tensors="pt")
     features, frames = log_mel_windows(clip, stock_extractor.mel_filters)
     assert features.dtype == torch.float32
-    assert features.shape == (len(windows), 128, audio.WINDOW_FRAMES)
+    assert features.shape == (len(windows), 128, mel.WINDOW_FRAMES)
     torch.testing.assert_close(features, stock["input_features"], rtol=0, atol=1e-5)
     assert frames == stock["attention_mask"].sum(-1).tolist()
 

@@ -26,8 +26,9 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from afnext import __main__ as cli
-from afnext import audio
-from afnext.audio import AudioError, load_audio
+from afnext import audio, media
+from afnext.audio import AudioError
+from afnext.media import load_audio
 from afnext.sampling import GenerationOptions
 from afnext.session import MAX_TEXT_CHARS, ContextFullError, Session
 
@@ -199,8 +200,8 @@ def test_playlists_and_text_stay_refused(tmp_path, text):
 
 
 def test_known_formats_message_is_one_sentence():
-    assert one_line_sentence(f"The file is not audio in a known format; use {audio._KNOWN_FORMATS}.")
-    assert "avi" in audio._KNOWN_FORMATS
+    assert one_line_sentence(f"The file is not audio in a known format; use {media._KNOWN_FORMATS}.")
+    assert "avi" in media._KNOWN_FORMATS
 
 
 # ---------------------------------------------------------------------------- 3. generation options

@@ -180,7 +180,7 @@ def test_text_items_manual_turns_and_errors(server):
 
 def test_chat_completions_speak_the_answer(quick_server):
     """Audio out over Chat Completions, whole (a WAV file) and streamed (pcm16 deltas with the transcript)."""
-    from afnext.audio import load_audio
+    from afnext.media import load_audio
 
     client = openai.OpenAI(base_url=quick_server + "v1", api_key="unused", max_retries=0, timeout=120)
     question = [{"role": "user", "content": "What is it?"}]

@@ -12,7 +12,8 @@ import pytest
 import soundfile
 
 from afnext import split
-from afnext.audio import SAMPLE_RATE, AudioError, stream_audio
+from afnext.audio import SAMPLE_RATE, AudioError
+from afnext.media import stream_audio
 
 MINUTE = 60 * SAMPLE_RATE  # samples
 
@@ -180,7 +181,7 @@ def test_an_mp3_whose_frame_count_falls_short_near_the_limit_is_measured(tmp_pat
     """An MP3's Info frame counts 4% fewer frames than it holds: it states 57.6 s of its 60 s. Against a
     limit of 58 s that is under, so it went to `load_audio`, which refused it as over; measured, it is
     heard in parts."""
-    from afnext.audio import load_audio
+    from afnext.media import load_audio
     from tests.test_audio import encode, encoder
 
     path = tmp_path / "short-count.mp3"

@@ -282,8 +282,8 @@ def test_a_journal_keeps_voice_turns_cut_replies_and_abandoned_streams_so_a_rest
 
 
 def test_an_integer_wav_is_kept_as_flac_of_the_same_samples(tmp_path):
-    from afnext.audio import load_audio
     from afnext.journal import Journal
+    from afnext.media import load_audio
 
     wav = tmp_path / "speech.wav"
     soundfile.write(wav, noise(3.0, seed=2) * 0.5, 44100, subtype="PCM_16")

@@ -185,10 +185,10 @@ def test_a_kept_long_recording_goes_on_after_a_restart_exactly_as_it_would_have(
 @pytest.fixture
 def decodes(monkeypatch) -> list[float]:
     """Seconds of 16 kHz audio each pass of the decoder gave: every file or upload decoded goes through
-    afnext.audio._decoded once per pass (load_audio, stream_audio, so split.py too)."""
-    from afnext import audio
+    afnext.media._decoded once per pass (load_audio, stream_audio, so split.py too)."""
+    from afnext import media
 
-    passes, decoded = [], audio._decoded
+    passes, decoded = [], media._decoded
 
     def counted(*args):
         passes.append(0.0)
@@ -196,7 +196,7 @@ def decodes(monkeypatch) -> list[float]:
         for block in decoded(*args):
             passes[at] += block.size / SAMPLE_RATE
             yield block
-    monkeypatch.setattr(audio, "_decoded", counted)
+    monkeypatch.setattr(media, "_decoded", counted)
     return passes
 
 
