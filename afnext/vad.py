@@ -1,10 +1,9 @@
 """Streaming endpointer: PCM chunks of any size and rate in, `SpeechStarted` / `UtteranceEnded` out.
 
-Speech probability comes from Silero VAD's ONNX model (the file inside the `silero-vad` wheel) run
-on onnxruntime alone, in 32 ms frames on one fixed grid of the 16 kHz stream. webrtcvad must also
-hear speech near each onset (a second opinion against false starts) and is the whole detector when
-onnxruntime is missing; it calls steady tones and loud noise speech, Silero does not. Every decision
-is made per frame at a sample position, so the events do not depend on how the input is chunked.
+Speech probability comes from Silero VAD on onnxruntime (afnext/vad_backends.py), in 32 ms frames on
+one fixed grid of the 16 kHz stream. webrtcvad must also hear speech near each onset (a second opinion
+against false starts) and is the whole detector when onnxruntime is missing. Every decision is made
+per frame at a sample position, so the events do not depend on how the input is chunked.
 
 When a turn ends: after `hangover_ms` of silence, or — with `semantic` — as soon as the speaker sounds
 finished. Then Smart Turn (afnext/turn.py) is asked, on the turn so far, at each of `ask_at_ms` into a
@@ -22,13 +21,10 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import importlib.util
 import json
 import logging
 import numbers
-import os
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -37,13 +33,9 @@ import numpy as np
 from .audio import SAMPLE_RATE, AudioError, MonoResampler
 from .media import load_audio
 from .turn import WINDOW_S
+from .vad_backends import (BACKENDS, SILERO_CONTEXT_SAMPLES, SILERO_FRAME_SAMPLES, SILERO_STATE_SHAPE,
+                           WEBRTC_FRAME_SAMPLES, choose_backend, load_webrtcvad, silero_model)
 
-log = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "silero", "webrtc")
-SILERO_FRAME_SAMPLES = 512  # 32 ms at 16 kHz: the only frame size Silero VAD takes at this rate
-SILERO_CONTEXT_SAMPLES = 64  # samples of the previous frame Silero sees again before each frame
-WEBRTC_FRAME_SAMPLES = 480  # 30 ms: the longest frame webrtcvad accepts (10/20/30 ms)
 GATE_LEAD_MS = 100  # ms before a Silero onset in which webrtcvad's speech also counts
 GATE_MIN_MS = 90  # ms of webrtcvad speech (three frames) the onset needs to open the gate
 ONSET_GAP_MS = 200  # ms of non-speech that drop an onset not yet confirmed by min_speech_ms
@@ -61,15 +53,6 @@ EDGE_RANGE_DB = 40.0  # ... and no more than this far under the loudest
 # which the detectors may call non-speech, is in the audio the model hears.
 TAIL_MS = 600
 _PER_MS = SAMPLE_RATE // 1000  # 16 kHz samples per millisecond
-MAX_FRAMES_PER_CALL = 512  # Silero frames per onnxruntime call (16 s): bounds the call's memory
-
-# silero-vad >= 6.2.2 ships a "sequence" export that runs many frames per call with the same
-# numbers as the per-frame model (bit-exact, checked in the tests): on a whole file it measured
-# ~450x real time against ~230x for one call per frame, whose cost is mostly call overhead.
-# Older wheels have only the per-frame model, which is used then.
-_SEQUENCE_MODEL = "silero_vad_16k_sequence.onnx"
-_FRAME_MODEL = "silero_vad.onnx"
-_STATE_SHAPE = (2, 1, 128)  # LSTM (h, c) carried from frame to frame
 
 
 @dataclass(frozen=True)
@@ -128,11 +111,11 @@ class Endpointer:
             from .turn import load_turn_model
 
             self.turn_model = turn_model if turn_model is not None else load_turn_model()
-        self.backend = _choose_backend(backend)  # "silero" or "webrtc": the one in use
-        self._model = _silero_model() if self.backend == "silero" else None
+        self.backend = choose_backend(backend)  # "silero" or "webrtc": the one in use
+        self._model = silero_model() if self.backend == "silero" else None
         self._use_webrtc = self.backend == "webrtc" or options.webrtc_gate
         if self._use_webrtc:
-            _webrtcvad()  # a missing module fails here, not on the first chunk
+            load_webrtcvad()  # a missing module fails here, not on the first chunk
         self._pre_roll = options.pre_roll_ms * _PER_MS  # the limits below, in 16 kHz samples
         self._min_speech = options.min_speech_ms * _PER_MS
         self._hangover = options.hangover_ms * _PER_MS
@@ -151,10 +134,10 @@ class Endpointer:
         """Forget the stream: the next push starts a new timeline at 0 s."""
         self._resampler: MonoResampler | None = None
         self._samples = _Samples()
-        self._vad = _webrtcvad().Vad(self.options.webrtc_mode) if self._use_webrtc else None
+        self._vad = load_webrtcvad().Vad(self.options.webrtc_mode) if self._use_webrtc else None
         self._webrtc_next = 0  # sample where the next webrtcvad frame starts
         self._webrtc_speech: collections.deque[int] = collections.deque()  # ends of its speech frames
-        self._state = np.zeros(_STATE_SHAPE, np.float32)  # Silero's LSTM state
+        self._state = np.zeros(SILERO_STATE_SHAPE, np.float32)  # Silero's LSTM state
         self._next = 0  # sample where the next detector frame starts
         self._active = False  # the last frame was speech (after hysteresis)
         self._phase = "silence"  # silence | onset (speech seen, not confirmed) | speech
@@ -395,52 +378,6 @@ class _Samples:
         self.start = position
 
 
-class _SileroModel:
-    """Silero VAD on onnxruntime: [n, 576] frames (64 context + 512 new samples) → n probabilities."""
-
-    def __init__(self, path: str) -> None:
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = 1  # a 32 ms frame is too small to split across threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3  # the sequence export warns about unused initializers
-        self.session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        self.sequence = os.path.basename(path) == _SEQUENCE_MODEL
-
-    def run(self, frames: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Probabilities [n] of consecutive frames and the state after the last one.
-
-        Sessions are safe to run from several threads; the state is the caller's.
-        """
-        probabilities = []
-        if self.sequence:
-            for i in range(0, len(frames), MAX_FRAMES_PER_CALL):
-                block = np.ascontiguousarray(frames[i : i + MAX_FRAMES_PER_CALL])
-                values, h, c = self.session.run(None, {"input": block, "h": state[:1], "c": state[1:]})
-                probabilities.append(values.reshape(-1))
-                state = np.concatenate([h, c])
-        else:
-            rate = np.array(SAMPLE_RATE, np.int64)
-            for frame in frames:
-                value, state = self.session.run(None, {"input": frame[None], "state": state, "sr": rate})
-                probabilities.append(value.reshape(-1))
-        return np.concatenate(probabilities), state
-
-
-_model_lock = threading.Lock()
-_model: _SileroModel | None = None
-
-
-def _silero_model() -> _SileroModel:
-    """The process's one Silero session, created on first use."""
-    global _model
-    with _model_lock:
-        if _model is None:
-            _model = _SileroModel(_silero_path())
-        return _model
-
-
 def _check_options(options: EndpointerOptions) -> None:
     """ValueError naming the field for options the state machine cannot run with (the CLI takes
     any number, "inf" and "nan" included)."""
@@ -461,53 +398,6 @@ def _check_options(options: EndpointerOptions) -> None:
         raise ValueError(f"webrtc_mode must be 0, 1, 2 or 3; got {options.webrtc_mode!r}.")
     if not 0 <= options.leave <= options.enter <= 1:
         raise ValueError(f"need 0 <= leave <= enter <= 1, got leave={options.leave}, enter={options.enter}")
-
-
-def _silero_path(names: tuple[str, ...] = (_SEQUENCE_MODEL, _FRAME_MODEL)) -> str | None:
-    """The first of `names` in the installed silero-vad wheel's data folder, or None.
-
-    Found with find_spec, which locates the package without running its __init__ (that imports
-    torch and loads the TorchScript model).
-    """
-    spec = importlib.util.find_spec("silero_vad")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for name in names:
-        path = os.path.join(list(spec.submodule_search_locations)[0], "data", name)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _silero_missing() -> str | None:
-    """Why the Silero backend cannot run here, or None when it can."""
-    if importlib.util.find_spec("onnxruntime") is None:
-        return "onnxruntime is not installed (pip install onnxruntime)"
-    if _silero_path() is None:
-        return "the silero-vad wheel with its ONNX model is not installed (pip install silero-vad)"
-    return None
-
-
-def _choose_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "webrtc":
-        return backend
-    missing = _silero_missing()
-    if missing is None:
-        return "silero"
-    if backend == "silero":
-        raise RuntimeError(f"The silero VAD backend cannot run: {missing}.")
-    log.warning("Silero VAD cannot run: %s; using webrtcvad alone, which calls steady tones speech.", missing)
-    return "webrtc"
-
-
-def _webrtcvad():
-    try:
-        import webrtcvad
-    except ImportError as error:
-        raise RuntimeError("webrtcvad is not installed; run `pip install webrtcvad-wheels`.") from error
-    return webrtcvad
 
 
 def main(argv: list[str] | None = None) -> int:

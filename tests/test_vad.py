@@ -1,5 +1,6 @@
-"""afnext.vad: turns found at the known speech bounds, the same events however the input is chunked,
-no turns from noise, tones or short bursts, the hangover kept to ±40 ms, and the CLI.
+"""afnext.vad and its backends (afnext.vad_backends): turns found at the known speech bounds, the same
+events however the input is chunked, no turns from noise, tones or short bursts, the hangover kept to
+±40 ms, and the CLI.
 
 Speech is espeak-ng's (no weights); its true bounds are the first and last sample above a small
 threshold, measured on the synthesized samples themselves.
@@ -20,7 +21,7 @@ import pytest
 import soundfile as sf
 import soxr
 
-from afnext import vad
+from afnext import vad, vad_backends
 from afnext.audio import SAMPLE_RATE, AudioError, to_mono_16k
 from afnext.tts.espeak import synthesize
 from afnext.vad import TAIL_MS, Endpointer, EndpointerOptions, SpeechStarted, UtteranceEnded
@@ -251,15 +252,15 @@ def test_webrtc_gate_vetoes_onsets_webrtcvad_does_not_hear(monkeypatch):
         def is_speech(self, frame: bytes, sample_rate: int) -> bool:
             return False
 
-    monkeypatch.setattr(vad, "_webrtcvad", lambda: type("module", (), {"Vad": Deaf}))
+    monkeypatch.setattr(vad, "load_webrtcvad", lambda: type("module", (), {"Vad": Deaf}))
     audio, _ = two_turns()
     assert run(audio) == []
     assert len(turns(run(audio, options=EndpointerOptions(webrtc_gate=False)))) == 2
 
 
 def test_auto_falls_back_to_webrtc_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(vad, "_silero_missing", lambda: "onnxruntime is not installed")
-    with caplog.at_level(logging.WARNING, logger="afnext.vad"):
+    monkeypatch.setattr(vad_backends, "_silero_missing", lambda: "onnxruntime is not installed")
+    with caplog.at_level(logging.WARNING, logger="afnext.vad_backends"):
         assert Endpointer().backend == "webrtc"
     assert "onnxruntime is not installed" in caplog.text
     assert Endpointer(backend="webrtc").backend == "webrtc"
@@ -280,19 +281,19 @@ def test_bad_arguments_are_refused():
 
 def test_the_batched_silero_model_equals_the_per_frame_one():
     """Batching frames into one call is what makes chunk sizes irrelevant; it must be exact."""
-    frame_path = vad._silero_path((vad._FRAME_MODEL,))
-    model = vad._silero_model()
+    frame_path = vad_backends._silero_path((vad_backends._FRAME_MODEL,))
+    model = vad_backends.silero_model()
     if not model.sequence or frame_path is None:
         pytest.skip("the silero-vad wheel has no sequence model (< 6.2.2)")
     audio, _ = two_turns()
-    n = audio.size // vad.SILERO_FRAME_SAMPLES
-    frames = audio[: n * vad.SILERO_FRAME_SAMPLES].reshape(n, -1)
-    context = np.zeros((n, vad.SILERO_CONTEXT_SAMPLES), np.float32)
-    context[1:] = frames[:-1, -vad.SILERO_CONTEXT_SAMPLES :]
+    n = audio.size // vad_backends.SILERO_FRAME_SAMPLES
+    frames = audio[: n * vad_backends.SILERO_FRAME_SAMPLES].reshape(n, -1)
+    context = np.zeros((n, vad_backends.SILERO_CONTEXT_SAMPLES), np.float32)
+    context[1:] = frames[:-1, -vad_backends.SILERO_CONTEXT_SAMPLES :]
     frames = np.concatenate([context, frames], axis=1)
     state = np.zeros((2, 1, 128), np.float32)
     batched, batched_state = model.run(frames, state)
-    single, single_state = vad._SileroModel(frame_path).run(frames, state)
+    single, single_state = vad_backends._SileroModel(frame_path).run(frames, state)
     assert np.array_equal(batched, single) and np.array_equal(batched_state, single_state)
     assert batched.max() > 0.9 and batched.min() < 0.1
 
