@@ -32,8 +32,8 @@ MAX_CHANNELS = 64  # channels: more than any recording has; a [channels, n] arra
 MAX_NAME_CHARS = 80  # characters of a file name quoted back in an error message
 
 
-_NO_SAMPLES = "The recording has no samples (0 s of audio); record it again."
-_INVALID_SAMPLES = "The recording contains invalid samples (NaN or infinity); export it again as PCM audio."
+NO_SAMPLES = "The recording has no samples (0 s of audio); record it again."
+INVALID_SAMPLES = "The recording contains invalid samples (NaN or infinity); export it again as PCM audio."
 
 
 class AudioError(ValueError):
@@ -49,20 +49,20 @@ class AudioTooLong(AudioError):
 def checked_16k(samples: np.ndarray, max_seconds: float = MAX_AUDIO_S) -> np.ndarray:
     """float32 mono 16 kHz samples checked as `load_audio` checks what it decodes (AudioError: empty,
     too long, NaN or infinity), without a copy; over the limit by at most the grace, a view trimmed to it."""
-    return _checked(samples, max_seconds, declared_s=None)
+    return checked_samples(samples, max_seconds, declared_s=None)
 
 
 def load_file(path: str | os.PathLike) -> bytes:
     """A file's bytes, checked as `load_audio` checks a path (AudioError with one sentence): for
     keeping the very bytes a turn was decoded from."""
     path = os.fspath(path)
-    _check_path(path)
+    check_path(path)
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as error:
         raise AudioError(f"The file {_name_text(path)} could not be read ({error.strerror}).") from error
-    _check_size(len(data))
+    check_size(len(data))
     return data
 
 
@@ -72,8 +72,8 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     Integers are scaled to [-1, 1), channels averaged. For one whole clip; a stream cut into
     chunks should go through one `MonoResampler` so chunk edges leave no clicks.
     """
-    _check_rate(sample_rate)
-    mono = _mono_float32(samples)
+    check_rate(sample_rate)
+    mono = mono_float32(samples)
     if sample_rate == SAMPLE_RATE or mono.size == 0:
         return mono
     return soxr.resample(mono, sample_rate, SAMPLE_RATE)
@@ -86,7 +86,7 @@ class MonoResampler:
     """
 
     def __init__(self, sample_rate: int, out_rate: int = SAMPLE_RATE) -> None:
-        _check_rate(sample_rate)
+        check_rate(sample_rate)
         self.sample_rate = sample_rate  # Hz of the input
         self._stream = None
         if sample_rate != out_rate:
@@ -94,7 +94,7 @@ class MonoResampler:
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Convert the next chunk ([n] or [n, channels]); output lags input by the filter delay."""
-        mono = _mono_float32(samples)
+        mono = mono_float32(samples)
         return mono if self._stream is None else self._stream.resample_chunk(mono)
 
     def flush(self) -> np.ndarray:
@@ -103,7 +103,7 @@ class MonoResampler:
         return empty if self._stream is None else self._stream.resample_chunk(empty, last=True)
 
 
-def _check_size(size: int) -> None:
+def check_size(size: int) -> None:
     if size == 0:
         raise AudioError("The file is empty (0 bytes); record or upload it again.")
     if size > MAX_FILE_BYTES:
@@ -113,7 +113,7 @@ def _check_size(size: int) -> None:
         )
 
 
-def _check_path(path: str) -> None:
+def check_path(path: str) -> None:
     """Refuse what FFmpeg must not open: missing, unreadable, and anything but a regular file.
 
     A FIFO (or /dev/stdin on a pipe) would block a plain open() until a writer came, and a device
@@ -140,7 +140,7 @@ def _check_path(path: str) -> None:
         raise AudioError(f"The path {name} is a folder, not an audio file.")
     if not stat.S_ISREG(info.st_mode):
         raise AudioError(f"The path {name} is not a regular file; give an audio file.")
-    _check_size(info.st_size)
+    check_size(info.st_size)
 
 
 def _name_text(path: str) -> str:
@@ -151,28 +151,28 @@ def _name_text(path: str) -> str:
     return name if len(name) <= MAX_NAME_CHARS else name[: MAX_NAME_CHARS - 1] + "…"
 
 
-def _checked(audio: np.ndarray, max_seconds: float, declared_s: float | None) -> np.ndarray:
+def checked_samples(audio: np.ndarray, max_seconds: float, declared_s: float | None) -> np.ndarray:
     """The checks every source shares, on the converted 16 kHz audio; trims the grace."""
     found_s = audio.size / SAMPLE_RATE
     if declared_s is not None and found_s < declared_s - TRUNCATION_TOLERANCE_S:
-        raise AudioError(_truncated_text(declared_s, found_s))
+        raise AudioError(truncated_text(declared_s, found_s))
     if audio.size == 0:
-        raise AudioError(_NO_SAMPLES)
+        raise AudioError(NO_SAMPLES)
     if found_s > max_seconds + LIMIT_GRACE_S:
-        raise AudioTooLong(_too_long_text(found_s, max_seconds))
+        raise AudioTooLong(too_long_text(found_s, max_seconds))
     if not np.isfinite(audio).all():
-        raise AudioError(_INVALID_SAMPLES)
+        raise AudioError(INVALID_SAMPLES)
     return audio[: int(max_seconds * SAMPLE_RATE)]
 
 
-def _check_rate(sample_rate: float) -> None:
+def check_rate(sample_rate: float) -> None:
     real = isinstance(sample_rate, numbers.Real) and not isinstance(sample_rate, bool)
     if not (real and 1 <= sample_rate <= MAX_SAMPLE_RATE):  # NaN fails the comparison too
         shown = ascii(sample_rate)[:MAX_NAME_CHARS]
         raise AudioError(f"The sample rate {shown} Hz is not a valid rate; use 1 to {MAX_SAMPLE_RATE:,} Hz.")
 
 
-def _pcm_array(samples) -> np.ndarray:
+def pcm_array(samples) -> np.ndarray:
     """`samples` as a numeric array shaped [n] or [n, channels], or AudioError."""
     try:
         samples = np.asarray(samples)
@@ -187,12 +187,12 @@ def _pcm_array(samples) -> np.ndarray:
     return samples
 
 
-def _mono_float32(samples: np.ndarray) -> np.ndarray:
+def mono_float32(samples: np.ndarray) -> np.ndarray:
     """[n] or [n, channels] of any PCM type to float32 [n] in [-1, 1], channels averaged."""
-    samples = _pcm_array(samples)
+    samples = pcm_array(samples)
     columns = [samples] if samples.ndim == 1 else [samples[:, c] for c in range(samples.shape[1])]
     # Summing columns beats .mean(axis=1), which strides across every interleaved frame.
-    # float64 beyond float32's range becomes inf, which `_checked` refuses: no warning needed.
+    # float64 beyond float32's range becomes inf, which `checked_samples` refuses: no warning needed.
     with np.errstate(over="ignore"):
         mono = columns[0].astype(np.float32)  # always a copy, so the in-place steps below are safe
         for column in columns[1:]:
@@ -206,17 +206,17 @@ def _mono_float32(samples: np.ndarray) -> np.ndarray:
     return mono
 
 
-def _truncated_text(declared_s: float, found_s: float) -> str:
-    return (f"The file is damaged or incomplete: it declares {_duration_text(declared_s)} of audio"
-            f" but only {_duration_text(found_s)} could be decoded.")
+def truncated_text(declared_s: float, found_s: float) -> str:
+    return (f"The file is damaged or incomplete: it declares {duration_text(declared_s)} of audio"
+            f" but only {duration_text(found_s)} could be decoded.")
 
 
-def _too_long_text(seconds: float, max_seconds: float, *, found_all: bool = True) -> str:
-    length = _duration_text(seconds) if found_all else f"over {_duration_text(seconds)}"
-    return f"The recording is {length} long; the limit is {_duration_text(max_seconds)}."
+def too_long_text(seconds: float, max_seconds: float, *, found_all: bool = True) -> str:
+    length = duration_text(seconds) if found_all else f"over {duration_text(seconds)}"
+    return f"The recording is {length} long; the limit is {duration_text(max_seconds)}."
 
 
-def _duration_text(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
     """'1.9 s', '45 s', '31 min 12 s', '1 h 5 min': durations as messages show them."""
     if seconds < 10:
         return f"{seconds:.1f} s"

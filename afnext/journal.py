@@ -249,10 +249,10 @@ def flac16(samples: np.ndarray, rate: int) -> bytes:
     """Audio as 16-bit FLAC bytes: int16 samples as they are, others scaled to [-1, 1] and rounded."""
     import soundfile
 
-    from .audio import _mono_float32
+    from .audio import mono_float32
 
     if samples.dtype != np.int16:
-        samples = (np.clip(_mono_float32(samples), -1.0, 1.0) * 32767.0).round().astype(np.int16)
+        samples = (np.clip(mono_float32(samples), -1.0, 1.0) * 32767.0).round().astype(np.int16)
     out = io.BytesIO()
     soundfile.write(out, samples, rate, format="FLAC", subtype="PCM_16")
     return out.getvalue()

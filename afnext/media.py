@@ -18,9 +18,10 @@ from collections.abc import Iterator
 import av
 import numpy as np
 
-from .audio import (_INVALID_SAMPLES, _NO_SAMPLES, LIMIT_GRACE_S, MAX_AUDIO_S, MAX_FILE_BYTES, SAMPLE_RATE,
-                    TRUNCATION_TOLERANCE_S, AudioError, AudioTooLong, MonoResampler, _check_path, _check_rate,
-                    _check_size, _checked, _duration_text, _pcm_array, _too_long_text, _truncated_text, to_mono_16k)
+from .audio import (INVALID_SAMPLES, LIMIT_GRACE_S, MAX_AUDIO_S, MAX_FILE_BYTES, NO_SAMPLES, SAMPLE_RATE,
+                    TRUNCATION_TOLERANCE_S, AudioError, AudioTooLong, MonoResampler, check_path, check_rate,
+                    check_size, checked_samples, duration_text, pcm_array, to_mono_16k, too_long_text,
+                    truncated_text)
 
 FRAMES_PER_BLOCK = 64  # decoded frames converted per numpy/soxr call (an MP3 frame is 1152
 #                        samples); converting frame by frame cost more than decoding 30 min of MP3
@@ -62,10 +63,10 @@ def load_audio(
         return _load_pair(source, max_seconds)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
-        _check_size(len(data))
+        check_size(len(data))
         return _load(io.BytesIO(data), data, max_seconds)
     path = os.fspath(source)
-    _check_path(path)
+    check_path(path)
     # "file:" stops FFmpeg from reading a colon in the name as a protocol ("rtmp:", "concat:").
     return _load("file:" + path, path, max_seconds)
 
@@ -86,18 +87,18 @@ def stream_audio(
         return whole.size / SAMPLE_RATE, _one_block(whole)
     if isinstance(source, (bytes, bytearray, memoryview)):
         origin = bytes(source)
-        _check_size(len(origin))
+        check_size(len(origin))
         target: str | io.BytesIO = io.BytesIO(origin)
     else:
         origin = os.fspath(source)
-        _check_path(origin)
+        check_path(origin)
         target = "file:" + origin
     container = _open(target)
     try:
         stream = _audio_stream(container)
         declared_s = _declared_seconds(container, stream, origin)
         if declared_s is not None and declared_s > max_seconds + LIMIT_GRACE_S:
-            raise AudioTooLong(_too_long_text(declared_s, max_seconds))
+            raise AudioTooLong(too_long_text(declared_s, max_seconds))
     except BaseException:
         container.close()
         raise
@@ -109,19 +110,19 @@ def _one_block(block: np.ndarray) -> Iterator[np.ndarray]:
 
 
 def _checked_blocks(container, stream, max_seconds: float, declared_s: float | None) -> Iterator[np.ndarray]:
-    """`_checked` applied block by block: the grace trimmed, truncation and emptiness found at the end."""
+    """`checked_samples` applied block by block: the grace trimmed, truncation and emptiness found at the end."""
     limit, found = int(max_seconds * SAMPLE_RATE), 0
     with container:
         for block in _decoded(container, stream, max_seconds):
             if not np.isfinite(block).all():
-                raise AudioError(_INVALID_SAMPLES)
+                raise AudioError(INVALID_SAMPLES)
             if found < limit and block.size:
                 yield block[: limit - found]
             found += block.size
     if declared_s is not None and found / SAMPLE_RATE < declared_s - TRUNCATION_TOLERANCE_S:
-        raise AudioError(_truncated_text(declared_s, found / SAMPLE_RATE))
+        raise AudioError(truncated_text(declared_s, found / SAMPLE_RATE))
     if not found:
-        raise AudioError(_NO_SAMPLES)
+        raise AudioError(NO_SAMPLES)
 
 
 
@@ -131,12 +132,12 @@ def _load_pair(source: tuple, max_seconds: float) -> np.ndarray:
     if len(source) != 2:
         raise AudioError(f"Audio given as a tuple must be (sample_rate, samples), not {len(source)} items.")
     sample_rate, samples = source
-    _check_rate(sample_rate)
-    samples = _pcm_array(samples)
+    check_rate(sample_rate)
+    samples = pcm_array(samples)
     seconds = len(samples) / sample_rate
     if seconds > max_seconds + LIMIT_GRACE_S:
-        raise AudioTooLong(_too_long_text(seconds, max_seconds))
-    return _checked(to_mono_16k(samples, sample_rate), max_seconds, declared_s=None)
+        raise AudioTooLong(too_long_text(seconds, max_seconds))
+    return checked_samples(to_mono_16k(samples, sample_rate), max_seconds, declared_s=None)
 
 
 def _load(target: str | io.BytesIO, origin: str | bytes, max_seconds: float) -> np.ndarray:
@@ -145,9 +146,9 @@ def _load(target: str | io.BytesIO, origin: str | bytes, max_seconds: float) -> 
         stream = _audio_stream(container)
         declared_s = _declared_seconds(container, stream, origin)
         if declared_s is not None and declared_s > max_seconds + LIMIT_GRACE_S:
-            raise AudioTooLong(_too_long_text(declared_s, max_seconds))
+            raise AudioTooLong(too_long_text(declared_s, max_seconds))
         audio = _decode(container, stream, max_seconds)
-    return _checked(audio, max_seconds, declared_s)
+    return checked_samples(audio, max_seconds, declared_s)
 
 
 def _open(target: str | io.BytesIO) -> av.container.InputContainer:
@@ -215,16 +216,16 @@ def _decode_frames(container, stream, max_seconds: float, batches: queue.Queue,
             if batch and (len(batch) == FRAMES_PER_BLOCK or _format(frame) != _format(batch[0])):
                 batches.put((batch[0].sample_rate, _frames_samples(batch)))
                 batch = []
-            _check_rate(frame.sample_rate)  # a damaged header can say 0 Hz or 2 GHz
+            check_rate(frame.sample_rate)  # a damaged header can say 0 Hz or 2 GHz
             decoded_s += frame.samples / frame.sample_rate
             if decoded_s > max_seconds + LIMIT_GRACE_S:
-                raise AudioTooLong(_too_long_text(decoded_s, max_seconds, found_all=False))
+                raise AudioTooLong(too_long_text(decoded_s, max_seconds, found_all=False))
             batch.append(frame)
         if batch:
             batches.put((batch[0].sample_rate, _frames_samples(batch)))
     except av.error.FFmpegError as error:
         outcome = AudioError(
-            f"The file is damaged or incomplete: decoding failed after {_duration_text(decoded_s)} of audio."
+            f"The file is damaged or incomplete: decoding failed after {duration_text(decoded_s)} of audio."
         )
         outcome.__cause__ = error
     except Exception as error:  # re-raised in the caller's thread

@@ -30,8 +30,8 @@ from afnext.session import ContextFullError
 from afnext.tts import Mute
 from app import openai_wire as wire
 from app.access import HOST_REFUSAL, Access, bearer
-from app.api_reply import EventStream, Reply, _pump
-from app.api_turn import Target, _turn
+from app.api_reply import EventStream, Reply, pump
+from app.api_turn import Target, turn_of
 from app.backend import BackendLoader, BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ class Api:
                 except BaseException as exc:
                     loop.call_soon_threadsafe(_settle, whole, None, exc)
             elif reply.woken is None:
-                _pump(loop, items, reply.events())
+                pump(loop, items, reply.events())
 
         _WORKERS.submit(work)
         body, reply = await ready
@@ -184,7 +184,7 @@ class Api:
         before any reply. A streamed reply that is not spoken is read on `loop` (`Reply.woken`); its
         turn is handed to the engine here."""
         target = self._target(body.model)
-        turn = _turn(body, target)
+        turn = turn_of(body, target)
         if turn.audio is not None and isinstance(target.synthesizer, Mute):
             raise wire.WireError(400, f"This server has no voice ({target.synthesizer.reason.rstrip('.')}), so it answers "
                                       "in text only; leave \"audio\" out of modalities.", param="modalities")

@@ -1,7 +1,7 @@
 """A turn's reply (`Reply`): its events streamed as server-sent events (`EventStream`) or gathered
 whole, and spoken too when the request asks for audio (`Voice`, 24 kHz). Think mode puts the reasoning
 in `reasoning_content` and the timestamped steps in `think_steps`; a stop sequence cuts the answer
-(`_StopScan`). `_call_on`, `_read_out`, `_pump` and `_drain` carry a reply's events between the API's
+(`_StopScan`). `_call_on`, `_read_out`, `pump` and `_drain` carry a reply's events between the API's
 worker threads and the event loop.
 """
 
@@ -309,7 +309,7 @@ async def _read_out(events: Iterator, woken: asyncio.Event) -> None:
         log.exception("a streamed chat completion failed after its client left")
 
 
-def _pump(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, items: Iterator) -> None:
+def pump(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, items: Iterator) -> None:
     """A blocking iterator's items into `queue` on `loop`, then an end mark (with the error, if it
     failed). Runs until the iterator ends: a reply stops within a step once its cancel is set."""
     try:
@@ -321,7 +321,7 @@ def _pump(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, items: Iterator
 
 
 async def _drain(queue: asyncio.Queue):
-    """What `_pump` puts in `queue`, as it comes; ("pending", None) before each wait for more."""
+    """What `pump` puts in `queue`, as it comes; ("pending", None) before each wait for more."""
     while True:
         if queue.empty():
             yield "pending", None

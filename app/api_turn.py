@@ -44,7 +44,7 @@ class Turn:
     audio: wire.AudioOut | None  # speak the reply too, in this format
 
 
-def _turn(body: wire.ChatRequest, target: Target) -> Turn:
+def turn_of(body: wire.ChatRequest, target: Target) -> Turn:
     """The request's messages and options in afnext terms (decodes the audio: run off the event loop)."""
     if body.n != 1:
         raise wire.WireError(400, "n must be 1: one reply per request.", param="n")

@@ -42,7 +42,7 @@ def forwarded_env(environ: dict[str, str] | os._Environ = os.environ) -> dict[st
     return {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), environ.get("PYTHONPATH")]))}
 
 
-def _port_free(host: str, port: int) -> None:
+def port_free(host: str, port: int) -> None:
     """StartError if `port` on `host` is taken here (Serve's proxy would fail in its own process, later)."""
     import socket
 
@@ -58,7 +58,7 @@ def _port_free(host: str, port: int) -> None:
                              else cannot_serve(host, port, exc)) from None
 
 
-def _token_mode_if_token() -> None:
+def token_mode_if_token() -> None:
     """Send Ray's authentication token when joining a cluster, if one is at hand (~/.ray/auth_token,
     RAY_AUTH_TOKEN) and RAY_AUTH_MODE does not say otherwise — as `ray start` does: a cluster started
     where a token is kept asks for it, and Ray's driver sends it only in token mode."""
@@ -70,7 +70,7 @@ def _token_mode_if_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def _reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """StartError at once if nothing listens at `address` (HOST:PORT): Ray would wait a minute first."""
     import socket
 
@@ -85,7 +85,7 @@ def _reachable(address: str) -> None:
                          "there with `ray start --head`, or leave out --address to start one on this machine.") from None
 
 
-def _serve_port() -> int | None:
+def serve_port() -> int | None:
     """The port Serve's proxies take on this cluster (Serve keeps the first start's, ignoring others)."""
     try:
         from ray.serve.context import _get_global_client
@@ -95,7 +95,7 @@ def _serve_port() -> int | None:
         return None
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
@@ -107,13 +107,13 @@ def _failed(app) -> str | None:
     return None
 
 
-def _application():
+def serve_application():
     from ray import serve
 
     return serve.status().applications.get(APP_NAME)
 
 
-def _dashboard() -> bool:
+def dashboard_wanted() -> bool:
     """Ray's dashboard (replicas, queues, latencies) on :8265 where its packages are installed."""
     try:
         import aiohttp  # noqa: F401
@@ -126,19 +126,19 @@ def _dashboard() -> bool:
 WAITING_SAID_AFTER_S = 60.0  # replicas still not placed by then: Serve's reason goes to the log, once
 
 
-def _await_ready(url: str, timeout_s: float, failure: list[BaseException]) -> None:
+def await_ready(url: str, timeout_s: float, failure: list[BaseException]) -> None:
     """Until every replica runs (Serve's application RUNNING) and /health answers 200 through the proxy;
     StartError once Serve gives up, or `failure` (the deploying thread's) holds why it could not deploy."""
     started = time.monotonic()
     said = False
     while True:
-        app = _application()
+        app = serve_application()
         if app is not None and str(app.status).endswith("RUNNING") and _healthy(url):
             return
         if (why := _failed(app)) is not None:
             raise StartError(f"The replicas could not start: {why}")
         if failure:
-            raise StartError(f"The replicas could not start: {_first_line(failure[0])}")
+            raise StartError(f"The replicas could not start: {first_line(failure[0])}")
         waited = time.monotonic() - started
         if not said and waited > WAITING_SAID_AFTER_S:
             said = True
@@ -158,7 +158,7 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _no_auto_connect() -> None:
+def no_auto_connect() -> None:
     """Turn off Ray's auto-connect in this process: a Ray call made after ray.shutdown would otherwise call
     ray.init() itself, which joins the last cluster started on this machine (Ray 2.60; it aborted the
     process when that was the cluster being stopped)."""

@@ -32,7 +32,7 @@ from afnext.store import Store, StoreError
 from afnext.vad import EndpointerOptions
 
 from . import realtime_wire as wire
-from .realtime_replies import MAX_ITEMS, _Responses
+from .realtime_replies import MAX_ITEMS, Responses
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class RealtimeLink:
         self._items_lock = threading.Lock()
         self._last_item: str | None = None
         self._ids: set[str] = set()  # every item's id, so a client's own ids stay unique
-        self._out = _Responses(self)
+        self._out = Responses(self)
         self._closing, self._closed = threading.Lock(), False
         if kept is not None and kept.system is not None:  # a kept conversation goes on with its instructions
             self.config = replace(self.config, instructions=kept.system or None)

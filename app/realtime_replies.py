@@ -1,4 +1,4 @@
-"""One Realtime socket's responses (`_Responses`): a reader thread turns the assistant's events into
+"""One Realtime socket's responses (`Responses`): a reader thread turns the assistant's events into
 server events — the user items the server VAD heard, then each response's `response.created`, its
 deltas (text, reasoning, 24 kHz audio) and `response.done`, whose `status_details` say why one did not
 complete — and keeps what `conversation.item.truncate` needs of the latest reply (`heard`).
@@ -29,7 +29,7 @@ MAX_ITEMS = 16  # user items created and not yet answered
 TRUNCATE_WAIT_S = 5.0  # a reply cut off by truncate winds down within a step; this is the safety net
 
 
-class _Responses:
+class Responses:
     """The reader side: the assistant's events → user items and responses on the wire."""
 
     def __init__(self, link: RealtimeLink) -> None:

@@ -1,5 +1,5 @@
 """The page's Recordings tab (questions about long recordings, Think steps on our waveform): its
-components and their wiring (`_RecordingsTab.build`), the handlers behind them, and the helpers that
+components and their wiring (`RecordingsTab.build`), the handlers behind them, and the helpers that
 word its status lines and its list of recordings. app/recordings.py holds the logic the handlers call;
 app/web.py, the page the tab is part of.
 
@@ -51,7 +51,7 @@ EXAMPLES = {"Speech (10 s)": ASSETS / "speech.wav", "Sounds (13 s)": ASSETS / "s
 GPU_CONCURRENCY = 8
 
 
-def _gpu(fn: Callable) -> Callable:
+def on_gpu(fn: Callable) -> Callable:
     """`spaces.GPU` where the `spaces` package is importable (Hugging Face Spaces), else `fn` itself.
 
     On dedicated Space hardware it is a no-op; ZeroGPU is not supported: the engine keeps its model
@@ -64,7 +64,7 @@ def _gpu(fn: Callable) -> Callable:
     return spaces.GPU(fn)
 
 
-class _RecordingsTab:
+class RecordingsTab:
     """The Recordings tab: its components, and handlers that find the browser's open recording by its
     conversation id and the browser's owner token (both kept by the page, app/static/owner.js)."""
 
@@ -98,7 +98,7 @@ class _RecordingsTab:
                         confirmed = gr.Checkbox(visible=False)  # the browser's answer to "Delete …?"
                     disk = gr.Markdown("", elem_id="afn-disk")
             with gr.Column(scale=2):
-                wave = gr.HTML("", html_template='<div class="afn-wave"></div>', js_on_load=_js("waveform.js"),
+                wave = gr.HTML("", html_template='<div class="afn-wave"></div>', js_on_load=static_js("waveform.js"),
                                elem_id="afn-wave")
         # The buttons named, so the toolbar's order is known: Gradio adds its Clear (trash) button after
         # Share, with no option to leave it out, and CSS hides it (#afn-chat in app/web.py's CSS): it would
@@ -119,7 +119,7 @@ class _RecordingsTab:
 
         private = dict(api_visibility="private")
         listed = dict(fn=self.history, inputs=[owner, cid, clock], outputs=[history, disk], queue=False, **private)
-        asked = dict(fn=_gpu(self.ask), inputs=[question, think, wave, cid, owner],
+        asked = dict(fn=on_gpu(self.ask), inputs=[question, think, wave, cid, owner],
                      outputs=[chat, wave, status, question, waiting], concurrency_id="gpu",
                      concurrency_limit=GPU_CONCURRENCY, **private,
                      js="(q, ...rest) => { afnextRecordings.started(q); return [q, ...rest]; }")
@@ -489,5 +489,5 @@ def _address(request: gr.Request) -> str:
     return client_group(getattr(getattr(request, "client", None), "host", None))
 
 
-def _js(name: str) -> str:
+def static_js(name: str) -> str:
     return (STATIC / name).read_text(encoding="utf-8")

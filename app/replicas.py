@@ -25,11 +25,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.cluster import (APP_NAME, StartError, _application, _await_ready, _dashboard, _first_line,
-                         _no_auto_connect, _port_free, _reachable, _serve_port, _token_mode_if_token,
-                         forwarded_env, metrics_urls, sweep_shared)
+from app.cluster import (APP_NAME, StartError, await_ready, check_reachable, dashboard_wanted, first_line,
+                         forwarded_env, metrics_urls, no_auto_connect, port_free, serve_application, serve_port,
+                         sweep_shared, token_mode_if_token)
 from app.replica import DRAIN_S, READY_TIMEOUT_S, ReplicaOptions, Scale, deployment
-from app.sizing import _cpu_replicas_here, _fit_in_memory, _memory_warning, cpus_each
+from app.sizing import cpu_replicas_here, cpus_each, fit_in_memory, memory_warning
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +78,13 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         raise StartError(f"--device {device} names one GPU; with --replicas each replica has its own GPU, which Ray "
                          "picks: use --device cuda (or leave out --device).")
     if address is None:
-        _port_free(options.host, port)
-        if _cpu_replicas_here(device):
-            _fit_in_memory(options.backend, scale)
+        port_free(options.host, port)
+        if cpu_replicas_here(device):
+            fit_in_memory(options.backend, scale)
     elif address != "auto" and "://" not in address:
-        _reachable(address)
+        check_reachable(address)
     if address is not None:
-        _token_mode_if_token()
+        token_mode_if_token()
     env = forwarded_env()
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # Serve's proxy and controller import the router from there
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage to its makers only if asked to
@@ -96,12 +96,12 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         os.environ.setdefault("RAY_task_events_shutdown_flush_timeout_ms", "500")
     # "local": a new cluster, even where `ray start` left one that ray.init would otherwise join.
     init = {"address": address} if address else {"address": "local", "num_cpus": max(here, scale.at_most),
-                                                  "include_dashboard": _dashboard()}
+                                                  "include_dashboard": dashboard_wanted()}
     try:
         context = ray.init(**init, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=True)
         log.info("the Ray cluster is at %s", context.address_info.get("gcs_address") or address)
     except ConnectionError as exc:
-        raise StartError(f"No Ray cluster answers at --address {address} ({_first_line(exc)}); start one with "
+        raise StartError(f"No Ray cluster answers at --address {address} ({first_line(exc)}); start one with "
                          "`ray start --head` (one using token authentication needs its token here: "
                          "~/.ray/auth_token or RAY_AUTH_TOKEN), or leave out --address to start one on this "
                          "machine.") from None
@@ -124,10 +124,10 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         log.warning("%s: %d CPU replica(s), each with its model on the CPU.",
                     "--device cpu" if cluster_gpus else "The Ray cluster has no GPU", scale.replicas)
         if run.joined:
-            _memory_warning(options.backend, scale,
+            memory_warning(options.backend, scale,
                             sum(n["Resources"].get("memory", 0.0) for n in ray.nodes() if n.get("Alive")))
     cpus = cpus_each(nodes, scale.at_most, gpus)
-    serving = _serve_port() is not None  # Serve already runs on a cluster joined (else this run starts it)
+    serving = serve_port() is not None  # Serve already runs on a cluster joined (else this run starts it)
     try:
         serve.start(http_options={"host": options.host, "port": port})
     except Exception as exc:  # the proxy could not take the port (another program's, on a machine of the cluster)
@@ -138,11 +138,11 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         if not serving:  # Serve would stay, its proxy retrying that port, and refuse every later start on another
             serve.shutdown()
         raise StartError(port_busy(options.host, port)) from None
-    taken = _serve_port()
+    taken = serve_port()
     if taken is not None and taken != port:
         raise StartError(f"Ray Serve already runs on this cluster on port {taken}: start with --port {taken}, or stop "
                          "it first (`serve shutdown`).")
-    if (there := _application()) is not None and str(there.status).endswith("DELETING"):
+    if (there := serve_application()) is not None and str(there.status).endswith("DELETING"):
         raise StartError(f"The app on this Ray cluster is still stopping (its replicas finish the answers they are "
                          f"giving, for up to {DRAIN_S / 60:.0f} minutes); start it again once `serve status` no "
                          f"longer lists {APP_NAME!r}.")
@@ -163,7 +163,7 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     run.deploying = threading.Thread(target=deploy, name="afnext-serve-run", daemon=True)
     run.deploying.start()
     url = f"http://{'127.0.0.1' if options.host in ('0.0.0.0', '::') else options.host}:{port}/"
-    _await_ready(url, READY_TIMEOUT_S, failure)
+    await_ready(url, READY_TIMEOUT_S, failure)
     return url
 
 
@@ -207,13 +207,13 @@ def stop(options: ReplicaOptions, run: Run) -> None:
         if ray.is_initialized() and run.joined and run.deployed:
             # Stopped while deploying: the app may not be submitted yet, and would land after a delete.
             deadline = time.monotonic() + 30
-            while run.deploying.is_alive() and _application() is None and time.monotonic() < deadline:
+            while run.deploying.is_alive() and serve_application() is None and time.monotonic() < deadline:
                 time.sleep(0.2)
             serve.delete(APP_NAME, _blocking=False)
     finally:
         if run.deployed:  # Serve takes the app in about a second
             run.deploying.join(5.0)
-        _no_auto_connect()  # a Ray call still running in a thread now fails, instead of joining a cluster again
+        no_auto_connect()  # a Ray call still running in a thread now fails, instead of joining a cluster again
         ray.shutdown()  # a cluster started here: its processes, the replicas' and Serve's among them
         # The replicas' own folders are in it, on this machine: a replica killed leaves its own there.
         shutil.rmtree(Path(tempfile.gettempdir()) / options.shared, ignore_errors=True)

@@ -92,7 +92,7 @@ def _gb(n: float) -> str:
     return f"{n / (1 << 30):.1f} GB"
 
 
-def _fit_in_memory(backend: BackendOptions, scale: Scale) -> None:
+def fit_in_memory(backend: BackendOptions, scale: Scale) -> None:
     """StartError, before any Ray cluster starts here, when the CPU replicas asked for cannot all fit in
     this machine's available memory (each loads the whole model); nothing when either is unknown."""
     each, free = replica_bytes(backend), available_memory()
@@ -106,7 +106,7 @@ def _fit_in_memory(backend: BackendOptions, scale: Scale) -> None:
     raise StartError(f"{told}: start at most {fit} (--replicas / --max-replicas {fit}).")
 
 
-def _memory_warning(backend: BackendOptions, scale: Scale, cluster_bytes: float) -> None:
+def memory_warning(backend: BackendOptions, scale: Scale, cluster_bytes: float) -> None:
     """On a cluster joined: say so when its machines' memory for tasks (Ray's `memory`) cannot hold the
     CPU replicas asked for; more machines may join, so nothing is refused."""
     each = replica_bytes(backend)
@@ -116,7 +116,7 @@ def _memory_warning(backend: BackendOptions, scale: Scale, cluster_bytes: float)
                     backend.model, _gb(each), scale.at_most)
 
 
-def _cpu_replicas_here(device: str) -> bool:
+def cpu_replicas_here(device: str) -> bool:
     """Whether a cluster started here would run the replicas on the CPU (Ray sees the GPUs torch sees)."""
     import torch
 

@@ -44,7 +44,7 @@ from .guard import REQUESTS_PER_S, UPLOAD_QUOTA_BYTES, Guard, GuardOptions
 from .desk import Files, live_conversations, release_memory
 from .history import MAX_HISTORY_GB, HistoryRoutes, open_store, prune_every
 from .recordings import USER_ERRORS
-from .recordings_tab import ASSETS, GPU_CONCURRENCY, STATIC, _gpu, _js, _RecordingsTab
+from .recordings_tab import ASSETS, GPU_CONCURRENCY, STATIC, RecordingsTab, on_gpu, static_js
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ HEAD = "".join(f"<script>{(STATIC / name).read_text(encoding='utf-8')}</script>"
 
 
 def build(loader: BackendLoader, cache_dir: Path, store: Store | None = None, live: Live | None = None,
-          keep_days: float = KEEP_DAYS) -> "tuple[gr.Blocks, _RecordingsTab]":
+          keep_days: float = KEEP_DAYS) -> "tuple[gr.Blocks, RecordingsTab]":
     """The page, and its Recordings tab (which holds the live recordings). `cache_dir` holds the
     files the page plays recordings from; `store` keeps conversations (None: nothing is kept)."""
     with gr.Blocks(title="AF-Next voice assistant", delete_cache=(UPLOAD_SWEEP_S, UPLOAD_MAX_AGE_S)) as demo:
@@ -91,9 +91,9 @@ def build(loader: BackendLoader, cache_dir: Path, store: Store | None = None, li
             with gr.Tab("Talk", id="talk"):
                 gr.Markdown("Press **Start**, speak, and pause: the assistant hears the end of your turn, answers "
                             "in text and voice, and stops when you speak over it.")
-                gr.HTML(html_template='<div class="afn-talk"></div>', js_on_load=_js("talk.js"), elem_id="afn-talk")
+                gr.HTML(html_template='<div class="afn-talk"></div>', js_on_load=static_js("talk.js"), elem_id="afn-talk")
             with gr.Tab("Recordings", id="recordings"):
-                tab = _RecordingsTab(loader, cache_dir, store, live, keep_days)
+                tab = RecordingsTab(loader, cache_dir, store, live, keep_days)
                 tab.build(demo)
         _api(loader, tab.files)
     return demo, tab
@@ -106,7 +106,7 @@ def _api(loader: BackendLoader, files: Files) -> None:
         question, think = gr.Textbox(label="question"), gr.Checkbox(label="think")
         answer = gr.Textbox(label="answer")
         button = gr.Button("ask_recording")
-    button.click(_gpu(partial(_answer_api, loader=loader, files=files)), [audio, question, think], answer,
+    button.click(on_gpu(partial(_answer_api, loader=loader, files=files)), [audio, question, think], answer,
                  api_name="ask_recording", concurrency_id="gpu", concurrency_limit=GPU_CONCURRENCY)
 
 

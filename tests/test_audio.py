@@ -313,10 +313,10 @@ def test_file_over_the_size_cap(tmp_path, monkeypatch, files):
 
 
 def test_duration_text():
-    assert audio._duration_text(1872) == "31 min 12 s"
-    assert audio._duration_text(1800) == "30 min"
-    assert audio._duration_text(1.94) == "1.9 s"
-    assert audio._duration_text(3725) == "1 h 2 min 5 s"
+    assert audio.duration_text(1872) == "31 min 12 s"
+    assert audio.duration_text(1800) == "30 min"
+    assert audio.duration_text(1.94) == "1.9 s"
+    assert audio.duration_text(3725) == "1 h 2 min 5 s"
 
 
 def _wav_bytes(samples: np.ndarray) -> tuple[bytes, bytes]:

@@ -466,8 +466,8 @@ def test_a_taken_port_on_a_cluster_joined_is_one_sentence_and_leaves_no_serve_be
         assert result.stderr.strip().splitlines()[-1] == (
             f"error: Port {port} on 127.0.0.1 is in use by another program; start with another one, e.g. "
             f"--port {port + 1}."), result.stderr[-1500:]
-        probe = subprocess.run([sys.executable, "-c", "import ray; from app.cluster import _serve_port; "
-                                f"ray.init(address={address!r}, logging_level='ERROR'); print(_serve_port())"],
+        probe = subprocess.run([sys.executable, "-c", "import ray; from app.cluster import serve_port; "
+                                f"ray.init(address={address!r}, logging_level='ERROR'); print(serve_port())"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert probe.stdout.strip().splitlines()[-1] == "None", (probe.stdout[-500:], probe.stderr[-1500:])
     finally:  # the whole cluster at once: `ray start --block` takes half a minute to stop it on SIGTERM
@@ -661,12 +661,12 @@ def test_on_a_cluster_joined_replicas_beyond_its_memory_are_a_warning(tiny_dir, 
     """Machines may join a cluster later: there, too little memory for the CPU replicas is said, not refused."""
     from app.backend import BackendOptions
     from app.replica import Scale
-    from app.sizing import _memory_warning
+    from app.sizing import memory_warning
 
     with caplog.at_level("WARNING", logger="app.sizing"):
-        _memory_warning(BackendOptions(str(tiny_dir)), Scale(8), cluster_bytes=16 << 30)
+        memory_warning(BackendOptions(str(tiny_dir)), Scale(8), cluster_bytes=16 << 30)
         assert not caplog.records
-        _memory_warning(BackendOptions(str(tiny_dir)), Scale(2, 1, 64), cluster_bytes=16 << 30)
+        memory_warning(BackendOptions(str(tiny_dir)), Scale(2, 1, 64), cluster_bytes=16 << 30)
     assert [r.getMessage() for r in caplog.records] == [
         f"The Ray cluster has 16.0 GB of memory for tasks now and each CPU replica of {tiny_dir} takes about "
         "0.6 GB: 64 replicas may run out of memory unless more machines join."]

@@ -460,8 +460,8 @@ def test_a_server_without_any_voice_serves_text_and_says_so(monkeypatch, loaded,
 
     from afnext.live import Live
     from app.access import owner_of
-    from app.recordings_tab import _RecordingsTab
-    tab = _RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
+    from app.recordings_tab import RecordingsTab
+    tab = RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
     recording = recordings.open_recording(str(ASSETS / "sounds.flac"), tmp_path)
     recording.answer = "A dog barks."
     tab.live.put("rec1", owner_of("d" * 32), "10.0.0.1", recording)
@@ -785,9 +785,9 @@ def test_opening_an_example_empties_the_upload_box_with_its_first_update_only(ba
     upload, which the example's later updates (its waveform, its place in the history) leave alone."""
     import gradio as gr
 
-    from app.recordings_tab import _RecordingsTab
+    from app.recordings_tab import RecordingsTab
 
-    tab = _RecordingsTab(BackendLoader.ready_made(backend), tmp_path, None, None)
+    tab = RecordingsTab(BackendLoader.ready_made(backend), tmp_path, None, None)
     request = type("Request", (), {"client": type("Client", (), {"host": "10.0.0.1"})()})()
     updates = list(tab.example(ASSETS / "sounds.flac")("a" * 32, request))
     boxes = [update[-1] for update in updates]
@@ -801,11 +801,11 @@ def test_a_rename_a_delete_from_another_tab_overtakes_changes_nothing_shown(back
 
     from afnext.store import Store
     from app.access import owner_of
-    from app.recordings_tab import _RecordingsTab
+    from app.recordings_tab import RecordingsTab
     from tests.test_history import deleted_once_renamed
 
     store, owner = Store(tmp_path / "store"), "b" * 32
-    tab = _RecordingsTab(BackendLoader.ready_made(backend), tmp_path, store, None)
+    tab = RecordingsTab(BackendLoader.ready_made(backend), tmp_path, store, None)
     request = type("Request", (), {"client": type("Client", (), {"host": "10.0.0.1"})()})()
     cid = list(tab.example(ASSETS / "sounds.flac")(owner, request))[-2][3]  # (status, wave, chat, cid, box)
     deleted_once_renamed(store, monkeypatch)
@@ -834,12 +834,12 @@ def test_speak_says_the_answer_as_the_voice_loop_would_not_its_markdown(loaded, 
     sentence, not the whole answer in one)."""
     from afnext.live import Live
     from app.access import owner_of
-    from app.recordings_tab import _RecordingsTab
+    from app.recordings_tab import RecordingsTab
 
     voice = _Heard()
     engine = Engine(loaded)
     try:
-        tab = _RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
+        tab = RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
         recording = recordings.open_recording(str(ASSETS / "sounds.flac"), tmp_path)
         recording.answer = "**Two** things happen 🎉. See [the notes](https://example.com/n) for more.\n- a dog\n- a bell"
         owner = "c" * 32
@@ -858,14 +858,14 @@ def test_speak_reads_the_latest_answer_from_the_store_when_the_live_copy_is_gone
     from afnext.live import Live
     from afnext.store import Store, StoredTurn
     from app.access import owner_of
-    from app.recordings_tab import NO_ANSWER, _RecordingsTab
+    from app.recordings_tab import NO_ANSWER, RecordingsTab
 
     voice, engine, owner = _Heard(), Engine(loaded), "e" * 32
     store = Store(tmp_path / "store")
     cid = store.create("recording", owner=owner_of(owner), audio=((ASSETS / "sounds.flac").read_bytes(), ".flac"))
     store.add_exchange(cid, StoredTurn("user", "What is it?"), StoredTurn("assistant", "A dog barks."), at=0)
     try:
-        tab = _RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, store, Live())
+        tab = RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, store, Live())
         decoded = []
         real = recordings.open_recording
         recordings.open_recording = lambda *a, **k: decoded.append(a) or real(*a, **k)
