@@ -114,7 +114,7 @@ class RecordingsTab:
         waiting = gr.Markdown("", elem_id="afn-waiting")  # says a question asked during an answer waits for it
         spoken = gr.Audio(label="Spoken answer", autoplay=True, interactive=False, elem_id="afn-spoken")
         # Written where the recordings' played copies are, which every replica serves: its Download link
-        # carries no header to find the replica that spoke it (app/replicas.py).
+        # carries no header to find the replica that spoke it (app/replica.py).
         spoken.GRADIO_CACHE = str(self.cache_dir)
 
         private = dict(api_visibility="private")

@@ -168,7 +168,7 @@ def assemble(loader: BackendLoader, *, host: str = "127.0.0.1", upload_quota_byt
     """The page, the OpenAI API and Realtime voice socket (/v1, with `api_key` if given) and /health;
     conversations are kept in the store in `data` (app/history.py says where by default) for `keep_days`
     after their last use, within `max_history_gb` of audio. `page_secret` signs the page's socket
-    tokens (replicas share one, app/replicas.py; by default each process makes its own). `shared_root`:
+    tokens (replicas share one, app/replica.py; by default each process makes its own). `shared_root`:
     the folder this process's own folders go in — uploads in `uploads/`, the WAV copies it writes in
     `wav/` — and whose `wav/` it serves to anyone: replicas on one machine share one, so a recording one
     of them took is played by any of them (a browser's media requests carry no header to route them by).
@@ -245,7 +245,7 @@ def trust_proxies(share: bool) -> None:
 
 
 def asgi_app(site: Site):
-    """`site` as an ASGI app for a server other than Gradio's own (Ray Serve's proxy, app/replicas.py)."""
+    """`site` as an ASGI app for a server other than Gradio's own (Ray Serve's proxy, app/replica.py)."""
     from fastapi import FastAPI
 
     # The outer app only carries Gradio's: its own /docs, /redoc and /openapi.json would answer outside
