@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterator
 
 from . import split
-from .audio import AudioError
+from .audio import AudioError, AudioTooLong
 from .clip import Clip
 from .journal import Journal, KeptError, open_conversation
 from .parts import PartedSession, PartOptions
@@ -45,8 +45,15 @@ class Conversation:
             if audio is not None:
                 raise ValueError(ONE_RECORDING)
             return self.parted.ask(text, think=think, options=options, cancel=cancel)
-        limit = self.session.engine.loaded.max_audio_s
-        if audio is None or isinstance(audio, Clip) or not split.longer_than(audio, limit):
+        if audio is None or isinstance(audio, Clip):
+            return self.session.ask(text, audio, think=think, options=options, cancel=cancel)
+        over = split.longer_than(audio, self.session.engine.loaded.max_audio_s, decode=False)
+        if over is None:  # a file that states no length: the session decodes it once, to hear it, and
+            try:  # refuses it before anything changes if it runs over (decoded up to the limit, no further)
+                return self.session.ask(text, audio, think=think, options=options, cancel=cancel)
+            except AudioTooLong:
+                over = True
+        if not over:
             return self.session.ask(text, audio, think=think, options=options, cancel=cancel)
         if not self.session.use_cache:
             raise ValueError("A recording over the model's limit is heard in parts, which needs the KV cache.")

@@ -85,9 +85,10 @@ def part_count(total_s: float, part_s: float = MAX_AUDIO_S) -> int:
 NEAR_LIMIT = 15 / 16  # stated lengths above this share of a limit are measured (`longer_than`)
 
 
-def longer_than(source, seconds: float) -> bool:
+def longer_than(source, seconds: float, *, decode: bool = True) -> bool | None:
     """Whether `source` runs over `seconds` (plus the grace `load_audio` trims): by the length its file
-    states, else by decoding until it does (bounded memory). AudioError for unusable audio."""
+    states, else by decoding until it does (bounded memory). AudioError for unusable audio. With
+    `decode=False`, None where only decoding could tell: the caller decodes it once, to hear it."""
     if isinstance(source, np.ndarray):  # 16 kHz samples in memory: their count says it (no copy to check)
         return source.shape[0] / SAMPLE_RATE > seconds + LIMIT_GRACE_S
     declared_s, blocks = stream_audio(source, max_seconds=MAX_RECORDING_S)
@@ -96,6 +97,9 @@ def longer_than(source, seconds: float) -> bool:
     if declared_s is not None and not seconds * NEAR_LIMIT < declared_s <= seconds + LIMIT_GRACE_S:
         blocks.close()
         return declared_s > seconds + LIMIT_GRACE_S
+    if not decode:
+        blocks.close()
+        return None
     found = 0
     try:
         for block in blocks:

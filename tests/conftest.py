@@ -101,3 +101,21 @@ def bench_script(name: str):
 def noise(seconds: float, seed: int = 0) -> np.ndarray:
     """Quiet white noise at 16 kHz: any audio will do for a random-weight model."""
     return (np.random.default_rng(seed).standard_normal(round(seconds * 16000)) * 0.1).astype(np.float32)
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> list[float]:
+    """Seconds of 16 kHz audio each pass of the decoder gave: every file or upload decoded goes through
+    afnext.media._decoded once per pass (load_audio, stream_audio, so split.py too)."""
+    from afnext import media
+
+    passes, decoded = [], media._decoded
+
+    def counted(*args):
+        passes.append(0.0)
+        at = len(passes) - 1
+        for block in decoded(*args):
+            passes[at] += block.size / 16000
+            yield block
+    monkeypatch.setattr(media, "_decoded", counted)
+    return passes

@@ -67,6 +67,19 @@ def encode(target, container_format: str, codec: str, rate: int, samples: np.nda
         container.mux(stream.encode(None))
 
 
+def untagged_mp3(path, seconds: float):
+    """An 8 kHz MP3 of noise whose length tag (LAME's Info or Xing frame) is blanked: FFmpeg can only
+    guess its length, so the app must decode it to know. Returns `path`."""
+    encode(path, "mp3", encoder("libmp3lame", "mp3"), 8000,
+           np.random.default_rng(0).uniform(-0.1, 0.1, (int(seconds * 8000), 1)).astype(np.float32), bit_rate=8000)
+    data = bytearray(path.read_bytes())
+    for tag in (b"Info", b"Xing"):
+        if (at := data.find(tag, 0, 4096)) >= 0:
+            data[at:at + 4] = bytes(4)
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _frame(block: np.ndarray, sample_format, layout: str, rate: int) -> av.AudioFrame:
     dtype = {"s16": np.int16, "s32": np.int32, "flt": np.float32}[sample_format.name.removesuffix("p")]
     if dtype is not np.float32:

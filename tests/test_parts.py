@@ -179,6 +179,29 @@ def test_an_unreadable_long_file_is_one_sentence_and_the_conversation_is_as_befo
     assert chat.parted is None and not chat.session.messages
 
 
+def test_a_file_that_states_no_length_is_decoded_once_to_be_heard(loaded, tmp_path, decodes):
+    """`afnext ask`/`chat` on an MP3 with no length tag: under the limit it is decoded once, to be heard
+    (it was decoded a first time only to learn it fits); over it, up to the limit and then by its parts."""
+    import dataclasses
+
+    from afnext.engine import Engine
+    from tests.test_audio import untagged_mp3
+
+    engine = Engine(dataclasses.replace(loaded, max_audio_s=60.0))
+    try:
+        chat = Conversation(Session(engine), QUICK)
+        reply, _ = turn(chat.ask("What?", str(untagged_mp3(tmp_path / "short.mp3", 20)), options=SHORT))
+        assert chat.parted is None and reply is not None
+        assert decodes == [pytest.approx(20, abs=0.5)]
+        decodes.clear()
+        chat = Conversation(Session(engine), QUICK)
+        reply, _ = turn(chat.ask("What?", str(untagged_mp3(tmp_path / "long.mp3", 70)), options=SHORT))
+        assert chat.parted is not None and len(chat.parted.parts) == 2 and reply is not None
+        assert len(decodes) == 2 and decodes[0] < 65 and decodes[1] == pytest.approx(70, abs=0.5)
+    finally:
+        engine.close()
+
+
 def test_reasoning_names_every_part_and_answer_text_is_never_reasoning(scripted):
     reply, events = turn(PartedSession(scripted, noise(100), options=QUICK).ask("What?", options=SHORT))
     notes = "".join(e.text for e in events if isinstance(e, ReasoningDelta))

@@ -182,24 +182,6 @@ def test_a_kept_long_recording_goes_on_after_a_restart_exactly_as_it_would_have(
     assert restored[3].token_ids == live[3].token_ids and restored[3].text == live[3].text
 
 
-@pytest.fixture
-def decodes(monkeypatch) -> list[float]:
-    """Seconds of 16 kHz audio each pass of the decoder gave: every file or upload decoded goes through
-    afnext.media._decoded once per pass (load_audio, stream_audio, so split.py too)."""
-    from afnext import media
-
-    passes, decoded = [], media._decoded
-
-    def counted(*args):
-        passes.append(0.0)
-        at = len(passes) - 1
-        for block in decoded(*args):
-            passes[at] += block.size / SAMPLE_RATE
-            yield block
-    monkeypatch.setattr(media, "_decoded", counted)
-    return passes
-
-
 def test_a_long_upload_is_decoded_once_for_its_waveform_questions_and_follow_ups(backend, tmp_path, monkeypatch,
                                                                                  decodes):
     """Decoding a compressed recording is its costliest step before the model (75 minutes of MP3: ~6 s of
@@ -261,15 +243,9 @@ def test_the_api_sends_a_clip_over_the_limit_to_parts_without_decoding_it_again_
 
     from app import api_turn
     from app import openai_wire
-    from tests.test_audio import encode, encoder
+    from tests.test_audio import untagged_mp3
 
-    path = tmp_path / "untagged.mp3"
-    encode(path, "mp3", encoder("libmp3lame", "mp3"), 8000,
-           np.random.default_rng(0).uniform(-0.1, 0.1, (70 * 8000, 1)).astype(np.float32), bit_rate=8000)
-    data = bytearray(path.read_bytes())
-    for tag in (b"Info", b"Xing"):  # its length tag gone: FFmpeg can only guess the length
-        if (at := data.find(tag, 0, 4096)) >= 0:
-            data[at:at + 4] = bytes(4)
+    data = untagged_mp3(tmp_path / "untagged.mp3", 70).read_bytes()
     engine = SimpleNamespace(loaded=dataclasses.replace(loaded, max_audio_s=60.0))
 
     def message(raw: bytes):
