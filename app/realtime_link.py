@@ -92,7 +92,12 @@ class RealtimeLink:
         self._feeder.start()
         extra = {} if kept is None else {"conversation": {"id": kept.cid, "turns": kept.turns}}
         self.id = wire.new_id("sess")
+        # The socket's one conversation, as OpenAI names its default one; a kept one's id is the store's,
+        # which `?conversation=ID` goes on with.
+        self.conversation_id = kept.cid if kept is not None else wire.new_id("conv")
         send(wire.event("session.created", session={"id": self.id, **self.config.describe(model)}, **extra))
+        send(wire.event("conversation.created", conversation={"id": self.conversation_id,
+                                                               "object": "realtime.conversation"}))
 
     def receive(self, event: dict) -> None:
         """Queue a client event (never blocks). OverflowError when MAX_PENDING_EVENTS already wait."""

@@ -155,7 +155,9 @@ class Responses:
             item = self._announce(turn)
         reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "reasoning": "", "audio_ms": 0.0,
                  "status": "completed", "done": threading.Event(),
-                 "limit": self.limits.pop(turn.tag, None) or self.link.config.max_output_tokens}
+                 "limit": self.limits.pop(turn.tag, None) or self.link.config.max_output_tokens,
+                 "conversation": self.link.conversation_id,
+                 "modalities": ["audio"] if self.link.config.audio_out else ["text"]}
         self._replies.append(reply)
         self.link.chain(reply["item"])
         self.send(wire.event("response.created", response=_shown(reply, "in_progress")))
@@ -225,4 +227,5 @@ def _shown(reply: dict, status: str) -> dict:
                "incomplete": {"type": "incomplete", "reason": "max_output_tokens"},
                "failed": {"type": "failed", "error": {"type": "server_error", "message": reply.get("error")}}}.get(status)
     return {"id": reply["id"], "object": "realtime.response", "status": status, "status_details": details,
-            "output": []}
+            "output": [], "conversation_id": reply["conversation"], "output_modalities": reply["modalities"],
+            "max_output_tokens": reply["limit"]}

@@ -114,6 +114,11 @@ def test_server_vad_turn_barge_in_and_truncate(server):
         assert cancelled.response.status_details.reason == "turn_detected", "the user spoke over it"
         done = talk.wait_for("response.done", count=2)[1]
         assert done.response.status == "completed" and done.response.status_details is None
+        # The socket's conversation, announced as OpenAI's server does, is the one each response joins.
+        conversation = talk.wait_for("conversation.created")[0].conversation
+        assert conversation.object == "realtime.conversation" and conversation.id
+        assert done.response.conversation_id == cancelled.response.conversation_id == conversation.id
+        assert done.response.output_modalities == ["audio"] and done.response.max_output_tokens > 0
         item = done.response.output[0].id  # its audio plays on the client; the user cuts in after 0.8 s
         connection.send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
                          "audio_end_ms": 800})
@@ -121,6 +126,7 @@ def test_server_vad_turn_barge_in_and_truncate(server):
         assert truncated.item_id == item and truncated.audio_end_ms == 800
 
     types = talk.types()
+    assert types[:2] == ["session.created", "conversation.created"]
     order = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed",
              "conversation.item.added", "response.created", "response.done"]
     positions = [types.index(kind) for kind in order]
