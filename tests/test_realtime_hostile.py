@@ -88,7 +88,7 @@ def assert_sentence(text: str) -> None:
 
 
 def created(ws) -> None:
-    assert json.loads(receive(ws)["text"])["type"] == "session.created"
+    assert [json.loads(receive(ws)["text"])["type"] for _ in range(2)] == ["session.created", "conversation.created"]
 
 
 # ---- other sites' pages ----

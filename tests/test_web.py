@@ -697,7 +697,7 @@ def test_a_page_token_opens_only_what_the_page_does(voice):
     with client.websocket_connect(f"{realtime.ROUTE}?model=think", headers={"origin": "http://testserver"}, **page) as ws:
         assert "instruct model only" in ws.receive_json()["error"]["message"]
     with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", headers={"origin": "http://testserver"}, **page) as ws:
-        assert ws.receive_json()["type"] == "session.created"
+        assert [ws.receive_json()["type"] for _ in range(2)] == ["session.created", "conversation.created"]
         ws.send_json({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Write me a poem."}]}})
         assert ws.receive_json()["error"]["code"] == "page_session"
