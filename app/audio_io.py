@@ -37,7 +37,20 @@ class NoAudioError(RuntimeError):
 class Stream(Protocol):
     """A running audio stream (sounddevice's streams are ones)."""
 
+    @property
+    def active(self) -> bool: ...  # False once the stream stopped by itself (device unplugged, driver failed)
+
     def close(self) -> None: ...
+
+
+def stopped(stream: Stream) -> bool:
+    """The stream ended by itself: its device was unplugged or its driver failed. PortAudio then stops
+    calling back (the loop would wait for ever, hearing nothing) and reports the stream inactive, or
+    fails to answer at all."""
+    try:
+        return not stream.active
+    except Exception:  # sounddevice's PortAudioError: PortAudio cannot tell, so the stream is no use either
+        return True
 
 
 # sounddevice's callback signatures: (indata [frames, channels] float32, frames, time, status) and

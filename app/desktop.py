@@ -34,7 +34,7 @@ from afnext.events import (AudioChunk, Error, Interrupted, ReasoningDelta, Stamp
 from afnext.tts import TTSError, load_synthesizer
 
 from .audio_io import (MIC_BLOCK_S, MIC_QUEUE_S, AudioPorts, MicTap, NoAudioError, Playback, Stream, list_devices,
-                       load_sounddevice, sounddevice_ports)
+                       load_sounddevice, sounddevice_ports, stopped)
 from .remote import RemoteBrain, RemoteError
 
 if TYPE_CHECKING:
@@ -155,6 +155,9 @@ def converse(brain: VoiceBrain, ports: AudioPorts, stop: threading.Event, consol
             if ended:
                 console.note("The connection to the assistant is gone, so the conversation ends here.")
                 break
+            if (gone := _device_gone(ports, streams)) is not None:
+                console.note(gone)
+                break
             if tap.dropped > reported:
                 console.note(f"warning: {tap.dropped - reported} microphone blocks dropped (the assistant fell "
                              f"{MIC_QUEUE_S:.0f} s behind)")
@@ -167,6 +170,17 @@ def converse(brain: VoiceBrain, ports: AudioPorts, stop: threading.Event, consol
             feeder.join(JOIN_TIMEOUT_S)
         brain.close()
     return playback
+
+
+def _device_gone(ports: AudioPorts, streams: list[Stream]) -> str | None:
+    """One sentence naming the device whose stream stopped by itself (unplugged), else None.
+    `streams` are the speaker's then the microphone's, as `converse` opens them."""
+    devices = (("speaker", ports.speaker_name, "--output-device"), ("microphone", ports.mic_name, "--input-device"))
+    for (kind, name, flag), stream in zip(devices, streams):
+        if stopped(stream):
+            return (f"The {kind} {name!r} stopped working (was it unplugged?), so the conversation ends here; "
+                    f"plug it back in and start again, or pick another with {flag} (see --list-devices).")
+    return None
 
 
 def _route(event: object, playback: Playback, console: Console) -> None:
@@ -184,6 +198,7 @@ def _route(event: object, playback: Playback, console: Console) -> None:
 
 def _feed(brain: VoiceBrain, tap: MicTap, sample_rate: int, stop: threading.Event) -> None:
     """Feeder thread: microphone blocks from the tap into the brain, until `stop`."""
+    failing = 0  # blocks failed in a row: a broken VAD fails on every one, 50 a second, so one traceback
     while not stop.is_set():
         try:
             block = tap.blocks.get(timeout=POLL_S)
@@ -193,7 +208,13 @@ def _feed(brain: VoiceBrain, tap: MicTap, sample_rate: int, stop: threading.Even
         try:
             brain.push(mono, sample_rate)
         except Exception:  # keep listening: the next block may well work
-            log.exception("the assistant failed on a microphone block")
+            if not failing:
+                log.exception("the assistant failed on a microphone block")
+            failing += 1
+            continue
+        if failing > 1:
+            log.warning("the assistant failed on %d microphone blocks in a row, then took them again", failing)
+        failing = 0
 
 
 def build_assistant(args: argparse.Namespace, console: Console) -> Assistant:

@@ -134,6 +134,9 @@ class _Turns:
     def on(self, event: dict) -> None:
         kind = event["type"]
         t = self._speech_ms[1] / 1000
+        # What the server had in flight when the user cut its reply off: as after a local Interrupted,
+        # not one more word or sample of it reaches the user.
+        cut = self._reply is not None and self._reply["cut"]
         if kind == "input_audio_buffer.speech_started":
             self._speech_ms = (event.get("audio_start_ms", 0), 0)
             self._barge_in()
@@ -147,11 +150,11 @@ class _Turns:
             self._reply = {"id": event["response"]["id"], "item": None, "cut": False}
         elif kind == "response.output_item.added" and self._reply is not None:
             self._reply["item"] = event["item"]["id"]
-        elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta"):
+        elif kind in ("response.output_audio_transcript.delta", "response.output_text.delta") and not cut:
             self.emit(Stamped(t, TextDelta(event["delta"])))
-        elif kind == "response.reasoning_text.delta":
+        elif kind == "response.reasoning_text.delta" and not cut:
             self.emit(Stamped(t, ReasoningDelta(event["delta"])))
-        elif kind == "response.output_audio.delta" and self._reply is not None and not self._reply["cut"]:
+        elif kind == "response.output_audio.delta" and self._reply is not None and not cut:
             self._audio(wire.pcm16(event["delta"]), t)
         elif kind == "response.done":
             self._done(event, t)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import itertools
 import os
 import queue
 import select
@@ -96,29 +97,35 @@ class FakeStream:
         self.thread = threading.Thread(target=body, args=(self.closed,), daemon=True)
         self.thread.start()
 
+    @property
+    def active(self) -> bool:  # PortAudio's stream stops by itself when its device goes away
+        return self.thread.is_alive()
+
     def close(self) -> None:
         self.closed.set()
         self.thread.join(5)
 
 
 class FakeDevices:
-    """A microphone that plays `mic_audio` then silence, a speaker that records what it is given."""
+    """A microphone that plays `mic_audio` then silence, a speaker that records what it is given;
+    setting `unplugged` stops the microphone's stream as pulling out a headset does."""
 
     def __init__(self, mic_audio: np.ndarray, block: int = 320, pace: float = 4.0) -> None:
         self.mic_audio, self.block, self.pace = mic_audio, block, pace  # pace: times faster than real time
         self.played: list[np.ndarray] = []
         self.streams: list[FakeStream] = []
+        self.unplugged = threading.Event()
 
     def ports(self) -> AudioPorts:
         return AudioPorts("fake mic", SAMPLE_RATE, "fake speaker", SPEAKER_RATE, self.open_mic, self.open_speaker)
 
     def open_mic(self, callback) -> FakeStream:
         def run(closed: threading.Event) -> None:
-            audio = np.concatenate([self.mic_audio, np.zeros(SAMPLE_RATE * 60, np.float32)])
-            for i in range(0, len(audio), self.block):
-                if closed.wait(self.block / SAMPLE_RATE / self.pace):
+            for i in itertools.count(0, self.block):
+                if closed.wait(self.block / SAMPLE_RATE / self.pace) or self.unplugged.is_set():
                     return
-                callback(audio[i:i + self.block, None].copy(), self.block, None, None)
+                block = self.mic_audio[i:i + self.block]
+                callback(np.pad(block, (0, self.block - len(block)))[:, None], self.block, None, None)
 
         self.streams.append(FakeStream(run))
         return self.streams[-1]
@@ -253,6 +260,39 @@ def test_the_loop_ends_when_the_brains_events_end():
     text = out.getvalue()
     assert "error: The connection to the server was lost (reset).\n" in text
     assert text.endswith("The connection to the assistant is gone, so the conversation ends here.\n"), text
+
+
+def test_an_unplugged_microphone_ends_the_loop_with_one_sentence():
+    """A headset pulled out mid-run: PortAudio stops its stream and calls back no more. The loop
+    said nothing and waited for ever, hearing nothing; now it names the device and ends."""
+    devices, brain = FakeDevices(np.zeros(0, np.float32)), FakeBrain()
+    stop, thread, out, result = run_loop(brain, devices)
+    wait_until(lambda: brain.heard_s() > 0.1, what="the microphone to be heard")
+    devices.unplugged.set()
+    thread.join(5)
+    alive = thread.is_alive()
+    stop.set()
+    thread.join(5)
+    assert not alive and brain.closed and all(s.closed.is_set() for s in devices.streams)
+    assert out.getvalue().endswith("The microphone 'fake mic' stopped working (was it unplugged?), so the "
+                                   "conversation ends here; plug it back in and start again, or pick another "
+                                   "with --input-device (see --list-devices).\n"), out.getvalue()
+
+
+def test_a_brain_that_fails_on_every_block_logs_one_traceback(caplog):
+    """A broken VAD fails on every 20 ms block: the log got 50 tracebacks a second, for ever."""
+    class Broken(FakeBrain):
+        def push(self, pcm: np.ndarray, sample_rate: int) -> None:
+            super().push(pcm, sample_rate)
+            raise RuntimeError("the VAD model failed")
+
+    devices, brain = FakeDevices(np.zeros(0, np.float32)), Broken()
+    stop, thread, out, result = run_loop(brain, devices)
+    wait_until(lambda: len(brain.pushed) > 20, what="blocks to fail")
+    stop.set()
+    thread.join(10)
+    failures = [r for r in caplog.records if r.name == "app.desktop"]
+    assert len(failures) == 1 and failures[0].exc_info is not None, failures
 
 
 def test_loop_with_the_real_assistant_and_fake_devices(engine):
@@ -504,6 +544,27 @@ def test_speech_over_a_reply_still_being_made_leaves_listening_to_its_response_d
         turns.on(event)
     states = [e.state for e in out if isinstance(e, StateChanged)]
     assert states == ["speaking", "listening"], out  # one "listening", at response.done
+
+
+def test_nothing_of_a_reply_cut_off_by_speech_is_shown_or_played():
+    """Deltas the server had in flight when the user spoke over its reply: its audio was dropped, its
+    words were still printed after "-- interrupted --" (a local Assistant emits nothing after it)."""
+    from app import realtime_wire as wire
+    from app.remote import _Turns
+
+    out: list = []
+    turns = _Turns(True, out.append, lambda event: None)
+    for event in ({"type": "response.created", "response": {"id": "resp_1"}},
+                  {"type": "response.output_audio_transcript.delta", "delta": "Hello"},
+                  {"type": "input_audio_buffer.speech_started", "audio_start_ms": 500},
+                  {"type": "response.reasoning_text.delta", "delta": "so"},
+                  {"type": "response.output_audio_transcript.delta", "delta": " there"},
+                  {"type": "response.output_text.delta", "delta": " again"},
+                  {"type": "response.output_audio.delta", "delta": wire.b64_pcm16(np.zeros(2400, np.float32))},
+                  {"type": "response.done", "response": {"status": "cancelled"}}):
+        turns.on(event)
+    kinds = [type(e.event if isinstance(e, Stamped) else e).__name__ for e in out]
+    assert kinds == ["TextDelta", "Interrupted", "VoiceTurnDone", "StateChanged"], kinds
 
 
 def test_an_unreachable_server_is_one_clear_error(capsys, monkeypatch):
