@@ -48,11 +48,14 @@ class RemoteBrain:
         self.sample_rate, self.interrupts = sample_rate, not half_duplex
         self.url = realtime_url(server, "think" if think else "instruct")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._ws = None
         try:
             self._ws = connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=MAX_SERVER_MESSAGE_BYTES,
                                additional_headers=headers, legacy=True)  # held, not a with-block
             first = wire.server_event(self._ws.recv(timeout=CONNECT_TIMEOUT_S))
         except (OSError, WebSocketException, TimeoutError, wire.ProtocolError) as exc:
+            if self._ws is not None:  # opened, then silent or garbled: the server is told it is left
+                self._ws.close()
             raise RemoteError(f"Could not open a Realtime session at {self.url} ({_why(exc)}); is `python -m app` "
                               "running there, and reachable from here?") from exc
         if first["type"] != "session.created":

@@ -529,6 +529,31 @@ def test_server_events_that_cannot_be_read_are_said_once_and_reading_goes_on():
     assert events[3].message == "Still talking." and "connection to the server was lost (gone)" in events[4].message
 
 
+def test_a_server_whose_first_message_is_garbled_is_one_sentence_and_is_hung_up_on():
+    """The socket opened, then a first message that is no Realtime event: one sentence, and the client
+    closes its side at once rather than leaving the server's connection open until it is collected."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.server import serve
+
+    left = threading.Event()
+
+    def handler(ws):
+        ws.send("this is not a Realtime event")
+        try:
+            ws.recv(timeout=10)
+        except ConnectionClosed:
+            left.set()
+
+    with serve(handler, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(RemoteError, match="Could not open a Realtime session.*not JSON"):
+                RemoteBrain(f"http://127.0.0.1:{server.socket.getsockname()[1]}/", SAMPLE_RATE)
+            assert left.wait(5), "the client left the socket open"
+        finally:
+            server.shutdown()
+
+
 def test_speech_over_a_reply_still_being_made_leaves_listening_to_its_response_done():
     from app import realtime_wire as wire
     from app.remote import _Turns
