@@ -1,13 +1,12 @@
-"""The Recordings tab's logic: a recording decoded once, questions and follow-ups about it, Think
-steps for the waveform. Gradio-free apart from the message dicts its chatbot takes, so tests call it
-directly.
+"""The Recordings tab's recording: an upload decoded once (`open_recording`: the waveform's peaks, a copy
+the page plays, the model's audio) into a `Recording`, with its sessions and the latest Think steps for
+the waveform. Gradio-free, so tests call it directly; app/recording_questions.py keeps it, reopens it
+and asks about it.
 
 A `Recording` is one conversation about one recording: its audio, the waveform's peaks and one
 `Session` per engine, so the recording is encoded by the first question on that engine and every
-follow-up prefills only its own tokens. It is kept in the store from its upload on (`keep`: the
-recording's file, then each question and answer as it completes), held live by the app's `Live`
-registry, and rebuilt from the store (`reopen`) when it is opened again: after a reload, a restart, or
-once the registry has let go of it.
+follow-up prefills only its own tokens. It is held live by the app's `Live` registry; once kept, its
+sessions are rebuilt from the store with its next question (`open_sessions`).
 """
 
 from __future__ import annotations
@@ -27,18 +26,17 @@ import numpy as np
 import soundfile
 
 from afnext import split
-from afnext.audio import MAX_AUDIO_S, SAMPLE_RATE, AudioError, load_file
+from afnext.audio import MAX_AUDIO_S, SAMPLE_RATE
 from afnext.clip import Clip, check_length, prepare_clip
 from afnext.engine import Engine
-from afnext.events import PartProgress, ReasoningDelta, TextDelta, ThinkStep, TurnDone, clock
-from afnext.conversation import Conversation
-from afnext.journal import Journal, KeptError, lossless, open_conversation
+from afnext.events import ThinkStep, clock
+from afnext.journal import Journal, open_conversation
 from afnext.parts import PartedSession
 from afnext.sampling import GenerationOptions
-from afnext.session import MAX_TEXT_CHARS, ContextFullError, Session
-from afnext.store import Store, StoredTurn, StoreError
+from afnext.session import Session
+from afnext.store import Store, StoredTurn
 
-from .backend import Backend, BackendUnavailable
+from .backend import Backend
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +48,6 @@ SOURCE_SUFFIX = ".source"  # a kept file in a format the page cannot play, linke
 DECODED_SUFFIX = ".f32"  # a long recording's decoded 16 kHz samples (split.Decoded): no type, never a page
 ANSWER_OPTIONS = GenerationOptions(max_new_tokens=1024)  # the Instruct card's setting
 THINK_OPTIONS = GenerationOptions(max_new_tokens=4096)  # the Think card's setting
-REASONING_TITLE = "Reasoning"
 
 
 @dataclass
@@ -125,7 +122,7 @@ class Recording:
             self.journal = open_conversation(store, self.cid, _PartedTurns(self, backend), model=_models(backend),
                                              kind="recording", owner=self.owner, title=self.name)
             return
-        route = lambda user: self._session(_model_for(backend, user.think)[0])  # noqa: E731
+        route = lambda user: self._session(model_for(backend, user.think)[0])  # noqa: E731
         self.journal = open_conversation(store, self.cid, route, model=_models(backend), kind="recording",
                                          owner=self.owner, title=self.name)
 
@@ -213,11 +210,26 @@ class _PartedTurns:
 
     def replay(self, turns: list[StoredTurn]) -> None:
         by_engine: dict[int, tuple[Engine, list[StoredTurn]]] = {}
-        for user, reply in _exchanges(turns):
-            engine = _model_for(self.backend, user.think)[0]
+        for user, reply in exchanges_in(turns):
+            engine = model_for(self.backend, user.think)[0]
             by_engine.setdefault(id(engine), (engine, []))[1].extend((user, reply))
         for engine, asked in by_engine.values():
             self.recording.parted(engine).replay(asked)
+
+
+def exchanges_in(turns: list[StoredTurn]) -> list[tuple[StoredTurn, StoredTurn]]:
+    return list(zip(turns[0::2], turns[1::2]))
+
+
+def _models(backend: Backend) -> str:
+    """The checkpoints a recording's replies come from: their token ids mean something to these only."""
+    main, think = backend.main.loaded.name, backend.think.loaded.name
+    return main if backend.think is backend.main else f"{main} + {think}"
+
+
+def model_for(backend: Backend, think: bool) -> tuple[Engine, GenerationOptions]:
+    """The engine and the reply length a question goes to, by mode."""
+    return (backend.think, THINK_OPTIONS) if think else (backend.main, ANSWER_OPTIONS)
 
 
 def open_recording(path: str, cache_dir: Path, *, owned: bool = False) -> Recording:
@@ -247,7 +259,7 @@ def _read(path: str, cache_dir: Path, owned: bool, made: list[Path]) -> Recordin
     """`open_recording`'s one pass over the recording, part by part as split.py cuts it."""
     name, copy = Path(path).name, None
     if Path(path).suffix.lower() in PLAYABLE:
-        url = _served(path, cache_dir, made) if owned else path
+        url = served_path(path, cache_dir, made) if owned else path
     else:  # the page could not play it: it plays what is decoded, as a WAV
         url = _private_name(cache_dir, ".wav")
         made.append(Path(url))
@@ -290,7 +302,7 @@ def _private_name(cache_dir: Path, suffix: str) -> str:
     return str(cache_dir / f"{secrets.token_urlsafe(16)}{suffix.lower()}")
 
 
-def _served(path: str, cache_dir: Path, files: list[Path]) -> str:
+def served_path(path: str, cache_dir: Path, files: list[Path]) -> str:
     """Where the page plays `path` (an upload, or a kept file) from: `path` itself when it is in the
     served folder already, else a link to it there (a copy across file systems), added to `files`. Only that folder is served, never
     the upload folder: Gradio sends a served file inline with the type its name says, and an upload may
@@ -323,227 +335,3 @@ def peaks(audio: np.ndarray, columns: int = PEAK_COLUMNS) -> list[float]:
     edges = np.linspace(0, n, columns + 1).astype(np.int64)
     lows, highs = np.minimum.reduceat(audio, edges[:-1]), np.maximum.reduceat(audio, edges[:-1])
     return np.round(np.stack([lows, highs], axis=1).ravel(), 3).tolist()
-
-
-def keep(recording: Recording, store: Store, owner: str, path: str) -> None:
-    """Keep a newly opened recording in the store, as conversation `recording.cid` of `owner` with no turns
-    yet: its file (an integer WAV as FLAC of the same samples) and its name. KeptError if the disk refuses."""
-    try:
-        if recording.parts:  # over 30 minutes: copied as it is, in blocks (never whole in memory)
-            store.create("recording", owner=owner, title=recording.name, audio=Path(path), id=recording.cid)
-        else:
-            data, suffix = lossless(load_file(path), Path(path).suffix)
-            store.create("recording", owner=owner, title=recording.name, audio=(data, suffix), id=recording.cid)
-    except (OSError, StoreError) as exc:
-        raise KeptError(f"The recording could not be kept ({exc}); it can be asked about, but will not be in "
-                        "your history.") from exc
-    recording.kept = store.get(recording.cid, owner=owner).audio
-    recording.store = store
-
-
-def reopen(store: Store, cid: str, owner: str, cache_dir: Path) -> Recording | None:
-    """`owner`'s kept recording `cid` as it was left: its audio decoded again from the kept file, its
-    questions, answers and latest Think steps; None if `owner` has no such recording. Its sessions are
-    rebuilt with its next question (`open_sessions`). Raises AudioError or StoreError if its audio is gone."""
-    conversation = store.get(cid, owner=owner)
-    if conversation is None or conversation.kind != "recording" or conversation.audio is None:
-        return None
-    kept = store.audio_path(conversation.audio)
-    # A private name for the page to play it from, deleted with the recording (a link: no copy).
-    served = _served(str(kept), cache_dir, [])
-    try:
-        recording = open_recording(served, cache_dir, owned=True)
-    except BaseException:
-        Path(served).unlink(missing_ok=True)
-        raise
-    recording.name, recording.cid, recording.kept, recording.owner = conversation.title, cid, conversation.audio, owner
-    recording.store = store
-    recording.keeping.set()
-    exchanges = _exchanges(store.turns(cid))
-    recording.opened_with = len(exchanges)
-    for user, reply in exchanges:
-        recording.chat.append({"role": "user", "content": user.text})
-        answer = reply.answer
-        if reply.reasoning:
-            _message(recording, reply.reasoning, {"title": REASONING_TITLE, "status": "done"})
-        if reply.interrupted:
-            _message(recording, f"{answer} {CUT_OFF}".strip())
-        else:
-            _message(recording, answer or "(The model gave no answer after its reasoning.)")
-        recording.answer = answer
-        if user.think:
-            recording.steps = [ThinkStep(s["start"], s.get("end"), s["text"], part=s.get("part")) for s in reply.steps]
-    return recording
-
-
-def latest_answer(store: Store, cid: str, owner: str) -> str:
-    """`owner`'s kept recording `cid`'s latest answer, as the page shows it ("" if none, or not theirs)."""
-    conversation = store.get(cid, owner=owner)
-    if conversation is None or conversation.kind != "recording":
-        return ""
-    exchanges = _exchanges(store.turns(cid))
-    return exchanges[-1][1].answer if exchanges else ""
-
-
-def _exchanges(turns: list[StoredTurn]) -> list[tuple[StoredTurn, StoredTurn]]:
-    return list(zip(turns[0::2], turns[1::2]))
-
-
-def _models(backend: Backend) -> str:
-    """The checkpoints a recording's replies come from: their token ids mean something to these only."""
-    main, think = backend.main.loaded.name, backend.think.loaded.name
-    return main if backend.think is backend.main else f"{main} + {think}"
-
-
-def ask(recording: Recording, question: str, think: bool, backend: Backend, store: Store | None = None) -> Iterator[str]:
-    """Ask about the recording; streams status lines while `recording.chat`, `.steps` and `.answer`
-    fill in. Raises one of USER_ERRORS, with one sentence, for what the user can fix. With `store`,
-    the question and its answer are kept there before the answer is done."""
-    question = _question(question)
-    engine, options = _model_for(backend, think)
-    if recording.parts:
-        if store is not None:
-            yield "Opening the conversation…" if recording.journal is None and recording.cid else "Reading the question…"
-            recording.open_sessions(backend, store)
-        yield from _ask_in_parts(recording, question, think, engine, options)
-        return
-    if store is not None:
-        yield "Opening the conversation…" if recording.journal is None and recording.cid else "Reading the question…"
-        recording.open_sessions(backend, store)
-    with recording.asking(engine) as (session, clip):
-        kept = recording.kept if session.journal is not None and clip is not None else None
-        stream = session.ask(question, clip, think=think, options=options, kept=kept)
-        recording.chat.append({"role": "user", "content": question})
-        recording.steps = [] if think else recording.steps
-        reasoning = answer = None
-        done = False
-        try:
-            yield (f"Listening to the recording ({length(recording.duration_s)}) and reading the question…"
-                   if clip else "Reading the question…")
-            for event in stream:
-                reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, clip is not None)
-                if line is not None:
-                    yield line
-        finally:
-            stream.close()  # the turn stops before the clip is handed on (a closed stream cancels it)
-            if not done:  # cancelled (a new recording, the page closed) or failed: the chat says it was cut off
-                _cut_off(recording, reasoning, answer)
-
-
-def _ask_in_parts(recording: Recording, question: str, think: bool, engine: Engine,
-                  options: GenerationOptions) -> Iterator[str]:
-    """`ask` for a recording over 30 minutes: every part asked (progress for the status line), the
-    parts' findings as the reasoning, the merged answer as the answer, Think steps at absolute times."""
-    with recording.asking_in_parts(engine) as parted:
-        first = not parted.heard
-        stream = parted.ask(question, think=think, options=options)
-        recording.chat.append({"role": "user", "content": question})
-        recording.steps = [] if think else recording.steps
-        reasoning = answer = None
-        done = False
-        try:
-            yield (f"Reading the recording ({clock(recording.duration_s)}) in {len(recording.parts)} parts…" if first
-                   else f"Asking each of the {len(recording.parts)} parts…")
-            for event in stream:
-                if isinstance(event, PartProgress):
-                    yield event.message
-                    continue
-                reasoning, answer, done, line = _on_event(recording, event, reasoning, answer, first)
-                if line is not None and not isinstance(event, (ReasoningDelta, ThinkStep)):  # progress says more
-                    yield line
-        finally:
-            stream.close()  # a question cut off (a new recording, the page closed) stops every part
-            if not done:
-                _cut_off(recording, reasoning, answer)
-
-
-def _on_event(recording: Recording, event, reasoning: dict | None, answer: dict | None, first: bool):
-    """One turn event into the chat; (reasoning, answer, done, status line or None)."""
-    if isinstance(event, ReasoningDelta):
-        reasoning = reasoning or _message(recording, "", {"title": REASONING_TITLE, "status": "pending"})
-        reasoning["content"] += event.text
-        return reasoning, answer, False, "Reasoning…"
-    if isinstance(event, TextDelta):
-        if reasoning is not None:
-            reasoning["metadata"]["status"] = "done"
-        answer = answer or _message(recording, "")
-        answer["content"] += event.text
-        return reasoning, answer, False, "Answering…"
-    if isinstance(event, ThinkStep):
-        recording.steps.append(event)
-        return reasoning, answer, False, "Reasoning…"
-    if isinstance(event, TurnDone):
-        if event.reply.interrupted:
-            _cut_off(recording, reasoning, answer)
-        elif reasoning is not None:
-            reasoning["metadata"]["status"] = "done"
-        recording.answer = event.reply.answer
-        if not event.reply.answer.strip() and not event.reply.interrupted:
-            _message(recording, "(The model gave no answer after its reasoning.)")
-        return reasoning, answer, True, _timings(event.reply.timings, first)
-    return reasoning, answer, False, None
-
-
-CUT_OFF = "(cut off before the answer was finished)"
-
-
-def _cut_off(recording: Recording, reasoning: dict | None, answer: dict | None) -> None:
-    """A turn that ended early: no spinner left turning, and the chat says it was cut off."""
-    if reasoning is not None:
-        reasoning["metadata"]["status"] = "done"
-    if answer is not None:
-        answer["content"] += f" {CUT_OFF}"
-    else:
-        _message(recording, CUT_OFF)
-
-
-def _question(text: str) -> str:
-    text = text.strip()
-    if not text:
-        raise QuestionError("Type a question about the recording first.")
-    if len(text) > MAX_TEXT_CHARS:
-        raise QuestionError(f"The question is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,}.")
-    return text
-
-
-def _model_for(backend: Backend, think: bool) -> tuple[Engine, GenerationOptions]:
-    """The engine and the reply length a question goes to, by mode."""
-    return (backend.think, THINK_OPTIONS) if think else (backend.main, ANSWER_OPTIONS)
-
-
-def _message(recording: Recording, content: str, metadata: dict | None = None) -> dict:
-    message = {"role": "assistant", "content": content}
-    if metadata:
-        message["metadata"] = metadata
-    recording.chat.append(message)
-    return message
-
-
-def _timings(t, first: bool) -> str:
-    read = f"audio {t.audio_s:.2f} s + encoder {t.encode_s:.2f} s, " if first else ""
-    return (f"Done: {read}prefill {t.prefill_s:.2f} s, first token after {t.ttft_s:.2f} s, "
-            f"{t.new_tokens} tokens at {t.decode_tok_s:.0f} tokens/s.")
-
-
-
-
-def answer_once(backend: Backend, path: str, question: str, think: bool) -> str:
-    """The `ask_recording` API: a fresh session, one question, the answer's text."""
-    if not path:
-        raise QuestionError("Send an audio file with the question.")
-    if not question.strip():
-        raise QuestionError("Send a question with the audio file.")
-    question = _question(question)
-    engine, options = _model_for(backend, think)
-    for event in Conversation(Session(engine)).ask(question, path, think=think, options=options):
-        if isinstance(event, TurnDone):
-            return event.reply.answer
-    raise RuntimeError("The turn ended without a reply.")
-
-
-class QuestionError(ValueError):
-    """A question the app cannot take as sent; the message says what to do."""
-
-
-# What a user can cause (or the disk), each with its one sentence; anything else is a server fault (logged).
-USER_ERRORS = (AudioError, ContextFullError, QuestionError, BackendUnavailable, KeptError, StoreError)

@@ -1,7 +1,7 @@
 """The page's Recordings tab (questions about long recordings, Think steps on our waveform): its
 components and their wiring (`RecordingsTab.build`), the handlers behind them, and the helpers that
-word its status lines and its list of recordings. app/recordings.py holds the logic the handlers call;
-app/web.py, the page the tab is part of.
+word its status lines and its list of recordings. app/recordings.py and app/recording_questions.py hold
+the logic the handlers call; app/web.py, the page the tab is part of.
 
 A browser's recordings are kept in the store (app/history.py) under its owner token (app/static/owner.js
 keeps it in the browser), held live by conversation id in a `Live` registry and reopened from the store
@@ -28,18 +28,20 @@ import numpy as np
 
 from afnext.cli import KEEP_DAYS
 from afnext.events import AudioChunk, TextDelta
+from afnext.journal import KeptError
 from afnext.live import Live, matches_store
 from afnext.session import MAX_TEXT_CHARS
-from afnext.store import Store
+from afnext.store import Store, StoreError
 from afnext.tts import TTSError
 from afnext.tts.chunker import SpeechChunker
 
-from . import recordings
+from . import recording_questions, recordings
 from .access import client_group, owner_of
 from .backend import BackendLoader, int16
 from .desk import Files, claimed, hold, live_conversations
 from .history import forget_live, listing
-from .recordings import USER_ERRORS, Recording
+from .recording_questions import USER_ERRORS
+from .recordings import Recording
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +216,8 @@ class RecordingsTab:
         """Keep a new recording in its owner's history under its id; a sentence for the status if it is not."""
         try:
             if self.store is not None:
-                recordings.keep(recording, self.store, recording.owner, path)
-        except recordings.KeptError as exc:
+                recording_questions.keep(recording, self.store, recording.owner, path)
+        except KeptError as exc:
             log.warning("%s", exc)
             return f" ⚠️ {exc}"
         finally:
@@ -251,7 +253,7 @@ class RecordingsTab:
         def reopen() -> Recording:
             found = None
             if self.store is not None and not cid.startswith("unkept-"):
-                found = recordings.reopen(self.store, cid, owned, self.cache_dir)
+                found = recording_questions.reopen(self.store, cid, owned, self.cache_dir)
             if found is None:
                 raise _NotHeld
             return claimed(self.files, found)
@@ -287,7 +289,7 @@ class RecordingsTab:
             if not self.store.rename(cid, title or "", owner=owned):
                 gr.Warning("That recording is no longer in your history.")
                 return unchanged
-        except recordings.StoreError as exc:
+        except StoreError as exc:
             gr.Warning(str(exc))
             return unchanged
         held = self.live.get(cid, owned)
@@ -340,7 +342,7 @@ class RecordingsTab:
             steps = len(recording.steps)
             recording.keeping.wait(KEEPING_WAIT_S)  # opened a moment ago: its file is still being kept
             store = self.store if recording.kept is not None else None
-            for line in recordings.ask(recording, question, think, backend, store):
+            for line in recording_questions.ask(recording, question, think, backend, store):
                 changed, steps = len(recording.steps) != steps, len(recording.steps)  # a Think turn starts afresh
                 yield recording.chat, recording.waveform() if changed else gr.skip(), line, box, box
                 box = gr.skip()
@@ -365,7 +367,7 @@ class RecordingsTab:
             return recording.answer
         if self.store is None or cid.startswith("unkept-"):
             return ""
-        return recordings.latest_answer(self.store, cid, owned)
+        return recording_questions.latest_answer(self.store, cid, owned)
 
     def speak(self, cid: str, owner: str):
         """The latest answer, spoken → the audio, and the status line where there is nothing to say."""

@@ -35,7 +35,7 @@ from afnext.cli import KEEP_DAYS
 from afnext.live import Live
 from afnext.store import Store
 
-from . import realtime, recordings
+from . import realtime, recording_questions
 from .access import TOKEN_ROUTE, Access, origin_allowed
 from .api import Api
 from .realtime import RealtimeServer
@@ -43,7 +43,7 @@ from .backend import BackendLoader, BackendUnavailable
 from .guard import REQUESTS_PER_S, UPLOAD_QUOTA_BYTES, Guard, GuardOptions
 from .desk import Files, live_conversations, release_memory
 from .history import MAX_HISTORY_GB, HistoryRoutes, open_store, prune_every
-from .recordings import USER_ERRORS
+from .recording_questions import USER_ERRORS
 from .recordings_tab import ASSETS, GPU_CONCURRENCY, STATIC, RecordingsTab, on_gpu, static_js
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def _answer_api(audio: str | None, question: str, think: bool, loader: BackendLo
     claim = [audio] if audio and _is_upload(audio) else []
     files.claim(claim)
     try:
-        return recordings.answer_once(loader.wait(), audio, question or "", bool(think))
+        return recording_questions.answer_once(loader.wait(), audio, question or "", bool(think))
     except USER_ERRORS as exc:
         log.info("ask_recording refused: %s", exc)
         raise gr.Error(str(exc), print_exception=False) from None

@@ -18,7 +18,7 @@ import soundfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from app import recordings
+from app import recording_questions, recordings
 from app import desk as desk_module
 from app.backend import Backend
 from afnext.engine import Engine
@@ -40,12 +40,12 @@ backend = Backend(Engine(load("tiny", device="cpu")), None, load_synthesizer("es
 backend.think = backend.main
 desk = desk_module.Desk(per_address=100, most=100)
 rec = recordings.open_recording(str(src), tmp)  # warm-up: imports, first encode
-list(recordings.ask(rec, "What?", False, backend)); del rec
+list(recording_questions.ask(rec, "What?", False, backend)); del rec
 desk_module.release_memory()
 base = rss_mb()
 for i in range(30):
     rec = recordings.open_recording(str(src), tmp)
-    list(recordings.ask(rec, "What is said?", False, backend))
+    list(recording_questions.ask(rec, "What is said?", False, backend))
     desk.put(f"s{i}", f"10.0.0.{i}", rec)
     del rec
 peak = rss_mb()

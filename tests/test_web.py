@@ -25,7 +25,7 @@ from afnext.engine import Engine
 from afnext.events import ThinkStep
 from afnext.sampling import GenerationOptions
 from afnext.tts import load_synthesizer
-from app import realtime, recordings
+from app import realtime, recording_questions, recordings
 from app import realtime_wire as wire
 from app.access import KEY_PROTOCOL, PAGE_PROTOCOL, TOKEN_TTL_S, Access
 from app.backend import Backend, BackendLoader, BackendOptions, banner, start_backend
@@ -92,12 +92,12 @@ def test_a_recording_asked_about_on_another_replica_meanwhile_is_reopened_from_t
     held = recordings.open_recording(str(upload), served, owned=True)
     assert held.url.endswith(".wav")  # not a format the page plays: the copy it decoded, under its own name
     held.cid, held.owner = "rec", "o"
-    recordings.keep(held, here, "o", str(upload))
+    recording_questions.keep(held, here, "o", str(upload))
     live = Live()
     live.put("rec", "o", "g", held)
     assert live.open("rec", "o", "g", lambda: pytest.fail("rebuilt a current one"), matches_store) is held
     there.add_exchange("rec", StoredTurn("user", "Asked on B?"), StoredTurn("assistant", "Answered on B."), at=0)
-    again = live.open("rec", "o", "g", lambda: recordings.reopen(here, "rec", "o", served), matches_store)
+    again = live.open("rec", "o", "g", lambda: recording_questions.reopen(here, "rec", "o", served), matches_store)
     assert again is not held and [m["content"] for m in again.chat] == ["Asked on B?", "Answered on B."]
     assert again.current()
     # The kept file (named .html, as uploaded) is linked in as .source, and played from a WAV copy.
@@ -135,7 +135,7 @@ def test_a_recording_over_30_minutes_is_heard_in_parts_with_steps_at_their_true_
     wave = json.loads(rec.waveform())
     assert len(wave["peaks"]) == 2 * recordings.PEAK_COLUMNS and max(wave["peaks"]) > 0.3
     assert [p["start"] for p in wave["parts"]] == [0, pytest.approx(rec.parts[1][0], abs=1e-3)]
-    lines = list(recordings.ask(rec, "What is this?", True, backend))
+    lines = list(recording_questions.ask(rec, "What is this?", True, backend))
     assert lines[0] == "Reading the recording (31:00) in 2 parts…"
     assert "Listening to part 2 of 2 (15:30–31:00)…" in lines and "Putting the 2 parts' answers together…" in lines
     second = rec.parts[1][0]
@@ -144,7 +144,7 @@ def test_a_recording_over_30_minutes_is_heard_in_parts_with_steps_at_their_true_
                                                        (2, pytest.approx(second + 7.3))]
     assert {s["part"] for s in json.loads(rec.waveform())["steps"]} == {1, 2}
     assert "Part 2 of 2" in rec.chat[1]["content"] and "milk and eggs" in rec.chat[2]["content"]
-    follow = list(recordings.ask(rec, "And when?", True, backend))
+    follow = list(recording_questions.ask(rec, "And when?", True, backend))
     assert follow[0] == "Asking each of the 2 parts…" and not [line for line in follow if line.startswith("Read")]
     assert "encoder" not in follow[-1]
 
@@ -164,18 +164,18 @@ def test_a_kept_long_recording_goes_on_after_a_restart_exactly_as_it_would_have(
     cache.mkdir()
     rec = recordings.open_recording(str(long), cache)
     rec.cid, rec.owner = "meeting", "someone"
-    recordings.keep(rec, store, "someone", str(long))
+    recording_questions.keep(rec, store, "someone", str(long))
     rec.keeping.set()
-    list(recordings.ask(rec, "What happens?", False, backend, store))
+    list(recording_questions.ask(rec, "What happens?", False, backend, store))
     shutil.copytree(tmp_path / "data", tmp_path / "restarted")  # the store as a restart finds it after turn 1
-    list(recordings.ask(rec, "And then?", False, backend, store))  # the live conversation goes on
+    list(recording_questions.ask(rec, "And then?", False, backend, store))  # the live conversation goes on
     live = store.turns("meeting")
     assert len(live) == 4 and live[1].parts["merge"].startswith("A recording of 31:00 was too long")
     assert live[0].audio == rec.kept and len(live[1].parts["ids"]) == 2
 
-    again = recordings.reopen(Store(tmp_path / "restarted"), "meeting", "someone", cache)
+    again = recording_questions.reopen(Store(tmp_path / "restarted"), "meeting", "someone", cache)
     assert again.parts == rec.parts and [m["content"] for m in again.chat][:1] == ["What happens?"]
-    lines = list(recordings.ask(again, "And then?", False, backend, Store(tmp_path / "restarted")))
+    lines = list(recording_questions.ask(again, "And then?", False, backend, Store(tmp_path / "restarted")))
     assert "Reading the recording (31:00) in 2 parts…" in lines  # its parts hear their clips again, once
     restored = Store(tmp_path / "restarted").turns("meeting")
     assert restored[3].parts["ids"] == live[3].parts["ids"]  # every part answered as it would have
@@ -204,17 +204,17 @@ def test_a_long_upload_is_decoded_once_for_its_waveform_questions_and_follow_ups
     rec = recordings.open_recording(str(long), cache)
     assert decodes == [pytest.approx(150)] and len(rec.parts) == 4
     rec.cid, rec.owner = "meeting", "someone"
-    recordings.keep(rec, store, "someone", str(long))
+    recording_questions.keep(rec, store, "someone", str(long))
     rec.keeping.set()
-    lines = list(recordings.ask(rec, "What happens?", False, backend, store))
+    lines = list(recording_questions.ask(rec, "What happens?", False, backend, store))
     assert "Reading the recording (2:30) in 4 parts…" in lines and lines[-1].startswith("Done")
     assert rec.parted(backend.main).parts == list(rec.parts)  # the parts heard are the ones the page shows
-    list(recordings.ask(rec, "And then?", False, backend, store))
+    list(recording_questions.ask(rec, "And then?", False, backend, store))
     assert len(decodes) == 1  # the question read its parts from what the upload decoded, the follow-up nothing
     rec.close()
 
-    again = recordings.reopen(store, "meeting", "someone", cache)  # a restart: the kept file, decoded once more
-    lines = list(recordings.ask(again, "And after that?", False, backend, store))
+    again = recording_questions.reopen(store, "meeting", "someone", cache)  # a restart: the kept file, decoded once more
+    lines = list(recording_questions.ask(again, "And after that?", False, backend, store))
     assert "Reading the recording (2:30) in 4 parts…" in lines and lines[-1].startswith("Done")
     assert len(decodes) == 2 and again.parts == rec.parts
     decoded = [f for f in again.files if f.suffix == recordings.DECODED_SUFFIX]
@@ -265,18 +265,18 @@ def test_the_api_sends_a_clip_over_the_limit_to_parts_without_decoding_it_again_
 
 def test_think_steps_then_a_follow_up_that_does_not_re_encode(backend, tmp_path):
     rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
-    lines = list(recordings.ask(rec, "What is this?", True, backend))
+    lines = list(recording_questions.ask(rec, "What is this?", True, backend))
     assert lines[0].startswith("Listening to the recording (0:10)")
     assert [(s.start, s.end) for s in rec.steps] == [(0.3, 3.6), (4.0, 6.9), (7.3, 10.2)]
     assert all(isinstance(s, ThinkStep) for s in rec.steps)
     reasoning, answer = rec.chat[1], rec.chat[2]
-    assert reasoning["metadata"] == {"title": recordings.REASONING_TITLE, "status": "done"}
+    assert reasoning["metadata"] == {"title": recording_questions.REASONING_TITLE, "status": "done"}
     assert "Tuesday morning" in reasoning["content"] and "milk and eggs" in answer["content"]
     assert rec.answer == answer["content"]
     assert [s["start"] for s in json.loads(rec.waveform())["steps"]] == [0.3, 4.0, 7.3]
     session, clip = rec.session(backend.think)
     assert clip is None and session.tokens  # the follow-up below must not bring the clip again
-    follow = list(recordings.ask(rec, "And when?", True, backend))
+    follow = list(recording_questions.ask(rec, "And when?", True, backend))
     assert follow[0] == "Reading the question…" and "encoder" not in follow[-1]
     assert [m["role"] for m in rec.chat] == ["user", "assistant", "assistant"] * 2
 
@@ -284,9 +284,9 @@ def test_think_steps_then_a_follow_up_that_does_not_re_encode(backend, tmp_path)
 def test_plain_questions_use_the_main_model_and_refuse_empty_ones(backend, tmp_path):
     rec = recordings.open_recording(str(ASSETS / "sounds.flac"), tmp_path)
     with pytest.raises(ValueError, match="question"):
-        list(recordings.ask(rec, "   ", False, backend))
+        list(recording_questions.ask(rec, "   ", False, backend))
     assert rec.chat == []
-    list(recordings.ask(rec, "What do you hear?", False, backend))
+    list(recording_questions.ask(rec, "What do you hear?", False, backend))
     assert rec.session(backend.main)[1] is None and rec.session(backend.think)[1] is not None
 
 
@@ -297,7 +297,7 @@ def _asked_at_once(rec, backend) -> dict[int, list[str]]:
 
     def asker(i: int) -> None:
         go.wait()
-        lines[i] = list(recordings.ask(rec, f"Question {i}?", False, backend))
+        lines[i] = list(recording_questions.ask(rec, f"Question {i}?", False, backend))
 
     threads = [threading.Thread(target=asker, args=(i,)) for i in range(2)]
     for t in threads:
@@ -317,7 +317,7 @@ def test_two_first_questions_at_once_hear_the_recording_once(backend, tmp_path):
     session, sound = rec.session(backend.main)[0], backend.main.loaded.ids.sound
     heard = prepare_clip(rec.audio, backend.main.loaded.mel_filters).tokens
     assert session.tokens.count(sound) == heard  # one clip's audio tokens
-    third = list(recordings.ask(rec, "And a third?", False, backend))  # nothing is left waiting
+    third = list(recording_questions.ask(rec, "And a third?", False, backend))  # nothing is left waiting
     assert third[0] == "Reading the question…" and third[-1].startswith("Done")
 
 
@@ -370,10 +370,10 @@ def test_two_questions_at_once_about_a_recording_in_parts_are_asked_one_after_th
 
 def test_a_first_question_cut_off_before_the_clip_is_heard_leaves_it_to_the_next(backend, tmp_path):
     rec = recordings.open_recording(str(ASSETS / "speech.wav"), tmp_path)
-    first = recordings.ask(rec, "First?", False, backend)
+    first = recording_questions.ask(rec, "First?", False, backend)
     assert next(first).startswith("Listening to the recording")
     first.close()  # the page closed before the model read it: the turn is rolled back
-    again = list(recordings.ask(rec, "Again?", False, backend))
+    again = list(recording_questions.ask(rec, "Again?", False, backend))
     assert again[0].startswith("Listening to the recording") and again[-1].startswith("Done")
 
 
@@ -385,10 +385,10 @@ def test_a_recording_too_short_to_hear_is_refused_when_it_is_opened(tmp_path):
 
 
 def test_answer_once_is_the_api(backend):
-    answer = recordings.answer_once(backend, str(ASSETS / "speech.wav"), "Summarize.", True)
+    answer = recording_questions.answer_once(backend, str(ASSETS / "speech.wav"), "Summarize.", True)
     assert answer == "It is a voice note asking to buy milk and eggs on the way home."
     with pytest.raises(ValueError, match="question"):
-        recordings.answer_once(backend, str(ASSETS / "speech.wav"), " ", False)
+        recording_questions.answer_once(backend, str(ASSETS / "speech.wav"), " ", False)
 
 
 def test_backend_falls_back_to_the_demo_model_and_says_so(monkeypatch):
@@ -843,18 +843,18 @@ def test_speak_reads_the_latest_answer_from_the_store_when_the_live_copy_is_gone
     try:
         tab = RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, store, Live())
         decoded = []
-        real = recordings.open_recording
-        recordings.open_recording = lambda *a, **k: decoded.append(a) or real(*a, **k)
+        real = recording_questions.open_recording
+        recording_questions.open_recording = lambda *a, **k: decoded.append(a) or real(*a, **k)
         try:
             assert tab.speak(cid, owner)[0] is not None  # not live: from the store
-            live = recordings.reopen(store, cid, owner_of(owner), tmp_path)
+            live = recording_questions.reopen(store, cid, owner_of(owner), tmp_path)
             tab.live.put(cid, owner_of(owner), "10.0.0.1", live)
             decoded.clear()
             store.add_exchange(cid, StoredTurn("user", "And then?"), StoredTurn("assistant", "A bell rings."), at=1)
             assert tab.speak(cid, owner)[0] is not None  # another replica asked since: the store's newer answer
             assert tab.speak(cid, "f" * 32) == (None, NO_ANSWER)
         finally:
-            recordings.open_recording = real
+            recording_questions.open_recording = real
     finally:
         engine.close()
     assert voice.said == ["A dog barks.", "A bell rings."] and not decoded
