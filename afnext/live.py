@@ -6,13 +6,14 @@ store (afnext/store.py), so a conversation this registry lets go of is rebuilt f
 used again (its clips encoded, its tokens prefilled once). That is why the limits can be plain:
 
 - each client group (an address) holds at most `per_group` conversations, its least recently used going first;
-- all together at most `most`, and at most `max_bytes` of KV cache (what `cache_bytes` reports, wherever
-  the engine's `CacheKeeper` has put it: GPU or CPU memory), the least recently used going first;
+- all together at most `most`, and at most `max_bytes` of memory (what `held_bytes` reports: KV caches
+  wherever the engine's `CacheKeeper` has put them, GPU or CPU memory, and a recording's samples), the
+  least recently used going first;
 - one nobody has used for `idle_s` is let go by `sweep`, which a daemon thread runs every minute.
 
 Access is by id and owner together: `get` with another owner's token finds nothing, exactly as a
 missing id does. A value may have `close()` (called once it is let go, outside the lock) and
-`cache_bytes` (counted against `max_bytes`).
+`held_bytes` (counted against `max_bytes`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 PER_GROUP = 3  # held at once for one client address (a few tabs); its least recently used goes first
 MOST = 32  # held at once in all: up to 32 × 115 MB of 30-minute audio, plus KV caches
-MAX_BYTES = 8 << 30  # of KV cache in all: three 30-minute recordings on AF-Next in bf16
+MAX_BYTES = 8 << 30  # held in all: three 30-minute recordings' KV caches on AF-Next in bf16 and their samples
 IDLE_S = 1800.0  # one nobody has used for 30 minutes is let go
 SWEEP_EVERY_S = 60.0
 GONE_REMEMBERED = 4096  # conversations let go, remembered to say why
@@ -154,7 +155,7 @@ class Live(Generic[T]):
         return len(self._held)
 
     def _bytes(self) -> int:
-        return sum(getattr(h.value, "cache_bytes", 0) for h in self._held.values())
+        return sum(getattr(h.value, "held_bytes", 0) for h in self._held.values())
 
     def _pop(self, cids: list[str], why: str | None) -> list[T]:
         released = []

@@ -194,6 +194,11 @@ class Session:
         return 0 if self._cache is None else self._cache.nbytes
 
     @property
+    def held_bytes(self) -> int:
+        """What a Live registry counts for it: its KV cache."""
+        return self.cache_bytes
+
+    @property
     def unencoded_clips(self) -> int:
         """Clips added by `extend` and not encoded yet (they are, with the next turn): features in memory."""
         return len(self._pending)

@@ -98,9 +98,11 @@ class Recording:
         return self.parts[-1][1] if self.parts else len(self.audio) / SAMPLE_RATE
 
     @property
-    def cache_bytes(self) -> int:
-        """The KV caches its sessions hold (what the Live registry counts)."""
-        return sum(s.cache_bytes for s in self._sessions.values())
+    def held_bytes(self) -> int:
+        """What the Live registry counts for it: its samples, when held whole (up to 115 MB for 30 minutes,
+        from an upload that may be a few MB of compressed audio), and its sessions' KV caches."""
+        samples = 0 if self.audio is None else self.audio.nbytes
+        return samples + sum(s.cache_bytes for s in self._sessions.values())
 
     def close(self) -> None:
         """Let go of it (the Live registry did): its files are released."""
