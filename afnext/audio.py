@@ -47,13 +47,13 @@ class AudioTooLong(AudioError):
 
 
 def checked_16k(samples: np.ndarray, max_seconds: float = MAX_AUDIO_S) -> np.ndarray:
-    """float32 mono 16 kHz samples checked as `load_audio` checks what it decodes (AudioError: empty,
+    """float32 mono 16 kHz samples checked as `media.load_audio` checks what it decodes (AudioError: empty,
     too long, NaN or infinity), without a copy; over the limit by at most the grace, a view trimmed to it."""
     return checked_samples(samples, max_seconds, declared_s=None)
 
 
 def load_file(path: str | os.PathLike) -> bytes:
-    """A file's bytes, checked as `load_audio` checks a path (AudioError with one sentence): for
+    """A file's bytes, checked as `media.load_audio` checks a path (AudioError with one sentence): for
     keeping the very bytes a turn was decoded from."""
     path = os.fspath(path)
     check_path(path)

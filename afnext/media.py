@@ -125,7 +125,6 @@ def _checked_blocks(container, stream, max_seconds: float, declared_s: float | N
         raise AudioError(NO_SAMPLES)
 
 
-
 def _load_pair(source: tuple, max_seconds: float) -> np.ndarray:
     """(sample_rate, samples) → float32 mono 16 kHz; the length is checked before resampling, so a
     tiny rate cannot make soxr build gigabytes."""

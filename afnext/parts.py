@@ -9,7 +9,7 @@ part plus a text-only merge session:
    the engine, whose steps batch their decodes (their encodes and prefills share each step's
    budgets). A part is handed over once the one before it has begun answering, so at most
    two parts' features (92 MB each) are ever in memory, however long the recording.
-2. Each part's answer, its times made absolute (`think.shift_times`), goes into one turn of the
+2. Each part's answer, its times made absolute (`times.shift_times`), goes into one turn of the
    merge session, which answers the question for the whole recording; that answer streams as the
    turn's answer. In Think mode the parts reason, their `ThinkStep`s carry absolute times and their
    part, and the merge answers plainly from their findings.

@@ -7,8 +7,8 @@ which sites' pages may open a socket.
   pages cannot read the answer) for a token that opens Realtime sockets for `TOKEN_TTL_S`, and offers
   it as the subprotocol `afnext-page-token.TOKEN`, like OpenAI's ephemeral client secrets. The page
   is open to anyone who can load it, so a token grants what the page does and no more: a `page`
-  session (the instruct model, microphone audio in, speech out; see app/realtime.py), from a socket
-  that names its page's Origin. The key alone opens everything else.
+  session (the instruct model, microphone audio in, speech out; see app/realtime.py and
+  app/realtime_link.py), from a socket that names its page's Origin. The key alone opens everything else.
 - A socket whose Origin names another site than its Host (and than `AFNEXT_ALLOWED_ORIGINS`) is
   refused unless it holds the key, so other web sites' pages cannot drive a visitor's local server.
 - Whose conversations a client sees (app/history.py): each browser keeps an owner token of its own,

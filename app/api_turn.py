@@ -1,9 +1,9 @@
 """A chat request in afnext terms: the model it names (`Target`) and the turn it asks (`Turn`).
 
-Each request is translated once (app/openai_wire.py): the messages before the last user turn are the
-history, which the engine's `SessionPool` finds in a kept session (only the new turn is prefilled;
-`usage.prompt_tokens_details.cached_tokens` says how much was not), and the last user turn is asked on
-it. Its mistakes are refused here as OpenAI's error shape (400), before the engine sees it.
+Each request, parsed once (app/openai_wire.py), is translated here: the messages before the last user
+turn are the history, which the engine's `SessionPool` finds in a kept session (only the new turn is
+prefilled; `usage.prompt_tokens_details.cached_tokens` says how much was not), and the last user turn
+is asked on it. Its mistakes are refused here as OpenAI's error shape (400), before the engine sees it.
 """
 
 from __future__ import annotations

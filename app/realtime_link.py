@@ -291,7 +291,6 @@ class RealtimeLink:
             self._out.follow(self.assistant)
         return self.assistant
 
-
     def _open_session(self) -> Session:
         """The conversation's session: a new one, or (kept) the live one, or one rebuilt from the store."""
         kept, system = self.kept, self.config.instructions or None

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from afnext.assistant import Assistant, Stamped, UserTurn, VoiceTurnDone
-from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, TextDelta
+from afnext.assistant import Assistant
+from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, TextDelta, UserTurn, VoiceTurnDone
 from afnext.tts import SpeechResampler
 from afnext.vad import SpeechStarted
 

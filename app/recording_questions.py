@@ -88,7 +88,6 @@ def latest_answer(store: Store, cid: str, owner: str) -> str:
     return exchanges[-1][1].answer if exchanges else ""
 
 
-
 def ask(recording: Recording, question: str, think: bool, backend: Backend, store: Store | None = None) -> Iterator[str]:
     """Ask about the recording; streams status lines while `recording.chat`, `.steps` and `.answer`
     fill in. Raises one of USER_ERRORS, with one sentence, for what the user can fix. With `store`,
@@ -198,8 +197,6 @@ def _question(text: str) -> str:
     if len(text) > MAX_TEXT_CHARS:
         raise QuestionError(f"The question is {len(text):,} characters long; the limit is {MAX_TEXT_CHARS:,}.")
     return text
-
-
 
 
 def _message(recording: Recording, content: str, metadata: dict | None = None) -> dict:

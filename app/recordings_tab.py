@@ -446,7 +446,6 @@ def _megabytes(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
 
 
-
 def _browser_side_file_types(upload: gr.File) -> None:
     """Keep `file_types` as the browser's file-picker filter only. Gradio also enforces it on the
     server, raising an error it logs with a traceback; a wrong file should instead reach our handler,

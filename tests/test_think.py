@@ -1,4 +1,4 @@
-"""Tests for afnext.think: reasoning/answer split, time mentions, and streamed equals whole."""
+"""Tests for afnext.think and afnext.times: reasoning/answer split, time mentions, and streamed equals whole."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// The Recordings tab's helpers in the browser (app/web.py wires them in). The question box while an answer
+// The Recordings tab's helpers in the browser (app/recordings_tab.py wires them in). The question box while an answer
 // streams: Gradio runs one ask at a time and drops an Enter or a click on Ask that comes meanwhile, so a new
 // question typed then waits here, the page says so under the box, and it is sent (a click on Ask) once the
 // answer is done. The Think box, kept in localStorage as the open recording is (owner.js). And the
