@@ -111,6 +111,7 @@ def test_a_short_capitalised_word_before_a_number_is_an_abbreviation():
         "Go to room No. 5 and wait.", "See Sec. 3 for details."]
     assert chunk_once("Born in 1990. 30 years later he left. Read pp. 4 to 6.", []) == [
         "Born in 1990.", "30 years later he left.", "Read pp. 4 to 6."]
+    assert chunk_once("It opens on Sept. 5 at noon. Come early.", []) == ["It opens on Sept. 5 at noon.", "Come early."]
 
 
 def test_asterisks_are_stripped_as_emphasis_only():

@@ -35,8 +35,10 @@ DASHES = "—–-"
 CLOSERS = "\"'”’)]*_」』）】〕》〉"
 # Words whose trailing period does not end a sentence even before a capital ("Dr. Smith", "e.g. Paris").
 ABBREVIATIONS = frozenset("mr mrs ms dr prof st sr jr mt vs cf al approx fig vol ca pp".split())
-# Before a number, a short capitalised word's period does not end a sentence either ("No. 5", "Sec. 3").
+# Before a number, a short capitalised word's period does not end a sentence either ("No. 5", "Sec. 3"),
+# nor a month's ("Sept. 5", "Jan. 12": "Sept" is four letters).
 NUMBER_LABEL_MAX_CHARS = 3
+MONTHS = frozenset("jan feb mar apr jun jul aug sep sept oct nov dec".split())
 
 _WAIT, _NONE = -1, 0  # _decide's answers besides "the piece ends here" (a position > 0)
 _FENCE = re.compile(r"```[^\s`]*")  # code fence with its language tag
@@ -174,8 +176,9 @@ class SpeechChunker:
             return True  # a numbered-list marker: "1."
         if word.lower() in ABBREVIATIONS:
             return True
-        if following.isdigit() and word.isalpha() and word[0].isupper() and len(word) <= NUMBER_LABEL_MAX_CHARS:
-            return True  # "No. 5", "Sec. 3", "Ch. 2" (but "in 1990. 30 years" ends a sentence)
+        if following.isdigit() and word.isalpha() and word[0].isupper() and (
+                len(word) <= NUMBER_LABEL_MAX_CHARS or word.lower() in MONTHS):
+            return True  # "No. 5", "Sec. 3", "Ch. 2", "Sept. 5" (but "in 1990. 30 years" ends a sentence)
         return bool(_INITIALS.fullmatch(word)) and (len(word) == 1 or "." in word)  # "J.", "U.S.", "e.g."
 
     def _clause_allowed(self, before: str) -> bool:
