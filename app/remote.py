@@ -33,6 +33,9 @@ from . import realtime_wire as wire
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0
+# How long quitting waits for the server to answer the closing handshake (milliseconds when it is there):
+# on a stalled network websockets' own 10 s, and the reader's join after it, kept Ctrl-C waiting 15 s.
+CLOSE_TIMEOUT_S = 2.0
 MAX_SERVER_MESSAGE_BYTES = 16 << 20  # a server event: audio deltas are a few hundred ms each
 
 
@@ -50,8 +53,9 @@ class RemoteBrain:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._ws = None
         try:
-            self._ws = connect(self.url, open_timeout=CONNECT_TIMEOUT_S, max_size=MAX_SERVER_MESSAGE_BYTES,
-                               additional_headers=headers, legacy=True)  # held, not a with-block
+            self._ws = connect(self.url, open_timeout=CONNECT_TIMEOUT_S, close_timeout=CLOSE_TIMEOUT_S,
+                               max_size=MAX_SERVER_MESSAGE_BYTES, additional_headers=headers,
+                               legacy=True)  # held, not a with-block
             first = wire.server_event(self._ws.recv(timeout=CONNECT_TIMEOUT_S))
         except (OSError, WebSocketException, TimeoutError, wire.ProtocolError) as exc:
             if self._ws is not None:  # opened, then silent or garbled: the server is told it is left

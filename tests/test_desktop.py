@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import io
 import itertools
+import json
 import os
 import queue
 import select
@@ -491,8 +492,6 @@ def test_speech_over_a_playing_reply_stops_it_and_tells_the_server_what_was_hear
 @contextlib.contextmanager
 def scripted_server(events: list[dict], close_code: int = 1011):
     """A Realtime server that opens the session, sends `events`, then closes with `close_code`."""
-    import json
-
     from websockets.sync.server import serve
 
     def handler(ws):
@@ -552,6 +551,45 @@ def test_a_server_whose_first_message_is_garbled_is_one_sentence_and_is_hung_up_
             assert left.wait(5), "the client left the socket open"
         finally:
             server.shutdown()
+
+
+def test_quitting_while_the_server_has_stopped_answering_takes_seconds_not_fifteen():
+    """A server (or the network to it) that stopped answering mid-conversation: the closing handshake
+    gets no reply. Ctrl-C waited for websockets' 10 s close timeout, then 5 s for the reader."""
+    import base64
+    import hashlib
+
+    from app.remote import CLOSE_TIMEOUT_S
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def stalled() -> None:  # the handshake, one event, then silence: reads everything, answers nothing
+        conn, _ = listener.accept()
+        held.append(conn)
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += conn.recv(4096)
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        event = json.dumps({"type": "session.created", "session": {}}).encode()
+        conn.sendall(bytes([0x81, len(event)]) + event)
+        while conn.recv(4096):
+            pass
+
+    threading.Thread(target=stalled, daemon=True).start()
+    try:
+        brain = RemoteBrain(f"http://127.0.0.1:{listener.getsockname()[1]}/", SAMPLE_RATE)
+        started = time.monotonic()
+        brain.close()
+        assert time.monotonic() - started < CLOSE_TIMEOUT_S + 2.0
+    finally:
+        for conn in held:
+            conn.close()
+        listener.close()
 
 
 def test_speech_over_a_reply_still_being_made_leaves_listening_to_its_response_done():
