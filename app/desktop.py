@@ -272,8 +272,8 @@ def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
               "Full duplex: speak over the assistant to interrupt it (use --half-duplex on loudspeakers)")
     console.note(f"Microphone: {ports.mic_name} ({ports.mic_rate} Hz). Speaker: {ports.speaker_name} "
                  f"({ports.speaker_rate} Hz). {duplex}. Ctrl-C quits.")
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    stop, quit_asked = threading.Event(), threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: (quit_asked.set(), stop.set()))
     try:
         playback = converse(brain, ports, stop, console)
         if playback.underruns:
@@ -284,7 +284,9 @@ def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
         if not isinstance(brain, RemoteBrain):
             brain.session.engine.close()
     print("bye")
-    return 0
+    # Ended without Ctrl-C: a device or the server went away (the loop said which), so a script or a
+    # supervisor running it sees a failure.
+    return 0 if quit_asked.is_set() else 1
 
 
 def _model_errors(args: argparse.Namespace) -> tuple[type[Exception], ...]:

@@ -630,6 +630,18 @@ def test_nothing_of_a_reply_cut_off_by_speech_is_shown_or_played():
     assert kinds == ["TextDelta", "Interrupted", "VoiceTurnDone", "StateChanged"], kinds
 
 
+def test_a_conversation_the_server_ends_exits_with_a_failure_status(monkeypatch, capsys):
+    """Ctrl-C ends with status 0 (the PortAudio test below); a server that goes away ends the loop with
+    its sentence and status 1, so a script or a supervisor running it sees that it failed."""
+    devices = FakeDevices(np.zeros(0, np.float32))
+    monkeypatch.setattr(desktop, "load_sounddevice", lambda: fake_sounddevice([device(0, "mic", 1, 1)], default=(0, 0)))
+    monkeypatch.setattr(desktop, "sounddevice_ports", lambda sd, mic, speaker: devices.ports())
+    with scripted_server([]) as url:
+        assert desktop.main(["--server", url]) == 1
+    out = capsys.readouterr().out
+    assert "The connection to the assistant is gone, so the conversation ends here." in out and out.endswith("bye\n")
+
+
 def test_an_unreachable_server_is_one_clear_error(capsys, monkeypatch):
     monkeypatch.setattr(desktop, "load_sounddevice", lambda: fake_sounddevice([device(0, "mic", 1, 1)], default=(0, 0)))
     with socket.socket() as s:
