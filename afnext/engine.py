@@ -283,23 +283,23 @@ class Engine:
                 raise PoolFull(f"{total} tokens")
             others = [r for r in self.scheduler.running() if r is not request]
             busy = {id(r.cache) for r in others}
-            extra = cache.bytes_to_hold(total, self.kv_bytes_per_token)
             # a throwaway cache (the no-cache path) needs no room made in buffers, but blocks in a pool
-            if (request.kept or self.pool is not None) and not self.keeper.claim(cache, extra, busy=busy):
-                if others:
-                    return self._wait_for_memory(request)
-                self.keeper.claim(cache, extra, busy=busy, force=True)  # nothing else runs: it goes ahead
+            claims = request.kept or self.pool is not None
             for attempt in (1, 2):
                 try:
+                    # with nothing else running it goes ahead (forced); else it waits for room
+                    if claims and not self.keeper.claim(cache, cache.bytes_to_hold(total, self.kv_bytes_per_token),
+                                                        busy=busy, force=not others):
+                        return self._wait_for_memory(request)
                     cache.reserve(total)  # one allocation per turn
                     break
                 except PoolFull:
+                    # a fork took the blocks made free before its cache came back or its room was
+                    # reserved: wait, or (nothing else runs) move the fork out too and try again
                     if others:
                         return self._wait_for_memory(request)
                     if attempt == 2:
                         raise
-                    # a fork took blocks between the claim and now: move it out too, then again
-                    self.keeper.claim(cache, cache.bytes_to_hold(total, self.kv_bytes_per_token), busy=busy, force=True)
             request.start_len = cache.get_seq_length()
             if request.cancel.is_set():  # cancelled while room was made: it ends before any work
                 self._finish(request)

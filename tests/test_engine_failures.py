@@ -218,3 +218,30 @@ def test_forks_tracked_from_other_threads_never_break_a_claim(loaded):
         tracker.join()
         __import__("sys").setswitchinterval(switch)
     assert not errors, errors
+
+
+def test_a_fork_taking_blocks_while_a_moved_out_cache_comes_back_makes_the_turn_try_again(loaded, monkeypatch):
+    """A fork on another thread may take the blocks the keeper just freed before the moved-out cache
+    is copied back into them (its prefetch then finds the pool short): the turn moves the fork out
+    and tries again, as when a fork takes them before the reserve; it is not refused as too large."""
+    from afnext.paged import BLOCK_TOKENS, PagedCache
+
+    engine = Engine(loaded, kv="paged", kv_pool_tokens=4 * BLOCK_TOKENS)
+    try:
+        session = Session(engine)
+        _ids(session.ask("Hello there.", options=FIVE))
+        session._cache.offload()  # moved out meanwhile
+        real, forks = PagedCache.prefetch, []
+
+        def a_fork_first(cache):
+            if not forks:  # what `Session.fork`'s copy on the asking thread can do between the claim's look and here
+                forks.append(PagedCache(engine.pool))
+                forks[0].reserve(engine.pool.free_blocks * BLOCK_TOKENS)
+                engine.keeper.track(forks[0])
+            return real(cache)
+
+        monkeypatch.setattr(PagedCache, "prefetch", a_fork_first)
+        assert len(_ids(session.ask("And now?", options=FIVE))) == 5
+        assert forks[0].away, "the idle fork was moved out to make room"
+    finally:
+        engine.close()
