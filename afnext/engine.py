@@ -66,6 +66,8 @@ POOL_HEADROOM_BYTES = 6 << 30
 
 
 PREFILLED = "prefilled"  # emitted when a request's prompt is in the cache and its reply begins
+NOT_NUMBERS = ("The model's scores for the next word of this reply were not numbers (an overflow), so the "
+               "reply was stopped and nothing of it kept; ask again.")
 
 
 class ContextFullError(ValueError):
@@ -487,8 +489,12 @@ class Engine:
         request.picker = TokenPicker(request.options, loaded.model.config.get_text_config().vocab_size,
                                      request.seen, loaded.device, ids.im_end, never=(ids.sound, ids.sound_bos, ids.sound_eos))
 
-    def _update(self, requests: list[Request], tokens: list[int]) -> None:
+    def _update(self, requests: list[Request], tokens: list[int | None]) -> None:
         for request, token in zip(requests, tokens):
+            if token is None:  # its scores were not numbers: this turn fails, the batch goes on
+                log.error("a turn's next-token scores held NaN or inf; it is stopped and rolled back")
+                self._finish(request, error=RuntimeError(NOT_NUMBERS))
+                continue
             if token == self.loaded.ids.im_end:
                 self._finish(request, interrupted=False)
                 continue

@@ -87,8 +87,8 @@ class TokenPicker:
             # unseeded: a seed of its own, leaving torch's global generator (and anyone's manual_seed) alone
             self.generator.manual_seed(options.seed if options.seed is not None else secrets.randbits(63))
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """The next token from `logits` [vocab]."""
+    def __call__(self, logits: torch.Tensor) -> int | None:
+        """The next token from `logits` [vocab] (None if they hold NaN or +inf: see `pick`)."""
         return pick([self], logits[None])[0]
 
     def _sample(self, scores: torch.Tensor) -> int:
@@ -100,9 +100,11 @@ class TokenPicker:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def pick(pickers: list[TokenPicker], logits: torch.Tensor) -> list[int]:
+def pick(pickers: list[TokenPicker], logits: torch.Tensor) -> list[int | None]:
     """Next tokens for a batch: row i of `logits` [batch, vocab] chosen by `pickers[i]`, each exactly
     as it would be alone (the same elementwise scores; a sampled row draws from its own generator).
+    None for a row whose scores hold NaN or +inf (an overflow in half precision): no token can be
+    drawn from it (torch.multinomial would fail the whole batch), and its turn alone must fail.
 
     One host sync for the batch's greedy rows, one per sampled row.
     """
@@ -117,8 +119,12 @@ def pick(pickers: list[TokenPicker], logits: torch.Tensor) -> list[int]:
         rows, seen = scores[penalised], torch.stack([pickers[i].seen for i in penalised])
         penalty = rows.new_tensor([pickers[i].options.repetition_penalty for i in penalised])[:, None]
         scores[penalised] = torch.where(seen, torch.where(rows < 0, rows * penalty, rows / penalty), rows)
-    tokens = scores.argmax(dim=-1).tolist()
+    broken = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1)
+    tokens, broken = torch.stack([scores.argmax(dim=-1), broken.long()]).tolist()  # one host sync for both
     for i, picker in enumerate(pickers):
+        if broken[i]:
+            tokens[i] = None
+            continue
         if picker.generator is not None:
             tokens[i] = picker._sample(scores[i])
         picker.seen[tokens[i]] = True

@@ -245,3 +245,36 @@ def test_a_fork_taking_blocks_while_a_moved_out_cache_comes_back_makes_the_turn_
         assert forks[0].away, "the idle fork was moved out to make room"
     finally:
         engine.close()
+
+
+def test_a_turn_whose_scores_are_not_numbers_fails_alone_and_the_batch_goes_on(engine, monkeypatch):
+    """NaN in one row's logits (an overflow in half precision) made torch.multinomial fail the whole
+    step: every turn in the batch failed. Now that turn alone fails, rolled back, and the others go on
+    exactly as they would alone."""
+    plain = GenerationOptions(max_new_tokens=8, min_new_tokens=8)
+    sampled = GenerationOptions(max_new_tokens=8, min_new_tokens=8, temperature=1.0, seed=3)
+    alone = _ids(Session(engine).ask("Tell me more.", options=plain))
+    real = engine._forward
+
+    def forward(decodes, prefills):  # the sampled turn's scores overflow once it has two tokens
+        return [(r, torch.full_like(logits, float("nan")) if r.options.temperature and len(r.generated) >= 2
+                 else logits) for r, logits in real(decodes, prefills)]
+
+    monkeypatch.setattr(engine, "_forward", forward)
+    broken, other = Session(engine), Session(engine)
+    results: dict[str, object] = {}
+
+    def run(name, session, options):
+        try:
+            results[name] = _ids(session.ask("Tell me more.", options=options))
+        except Exception as exc:  # noqa: BLE001 - the outcome is what the test reads
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=a) for a in (("broken", broken, sampled), ("other", other, plain))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results["other"] == alone, results["other"]  # decoded beside it, as if alone
+    assert isinstance(results["broken"], RuntimeError) and "not numbers" in str(results["broken"])
+    assert broken.messages == []
