@@ -274,7 +274,7 @@ def test_parts_not_decoding_are_moved_out_when_memory_is_short_and_come_back_who
 
 
 def test_no_more_than_max_reading_recordings_are_read_at_once(scripted, monkeypatch):
-    from afnext import parts, split
+    from afnext import part_runs, split
 
     reading, most, lock = [0], [0], threading.Lock()
     real = split.split_recording
@@ -290,14 +290,14 @@ def test_no_more_than_max_reading_recordings_are_read_at_once(scripted, monkeypa
             with lock:
                 reading[0] -= 1
 
-    monkeypatch.setattr(parts.split, "split_recording", counted)
+    monkeypatch.setattr(part_runs.split, "split_recording", counted)
     sessions = [PartedSession(scripted, noise(100), options=QUICK) for _ in range(6)]
     replies = []
     threads = [threading.Thread(target=lambda s=s: replies.append(turn(s.ask("What?", options=SHORT))[0]))
                for s in sessions]
     [t.start() for t in threads]
     [t.join(120) for t in threads]
-    assert len(replies) == 6 and all(replies) and most[0] == parts.MAX_READING
+    assert len(replies) == 6 and all(replies) and most[0] == part_runs.MAX_READING
 
 
 def test_a_part_that_answers_in_whole_recording_times_is_not_shifted_twice(loaded):
