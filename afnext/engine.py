@@ -204,9 +204,13 @@ class Engine:
                 self._tell(request, Finished(request, interrupted=False, started=False))
 
     def _reap(self) -> None:
-        """Settle requests cancelled since the last step."""
+        """Settle requests cancelled since the last step: running ones, and waiting ones. A turn put
+        back to wait for KV memory may have a reader that looked while it was being started and now
+        waits for the engine's next word (or a `wake`); its cancel must not wait for the memory."""
         for request in [r for r in self.scheduler.running() if r.cancel.is_set()]:
             self._finish(request, interrupted=True)  # a reply that had not begun is rolled back instead
+        for request in self.scheduler.cancelled_waiting():
+            self.cancel(request)  # dropped, and its reader told
 
     def _plan(self) -> list[Request]:
         """This step's prefill work: the requests not decoding yet, most urgent first, each given

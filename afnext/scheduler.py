@@ -124,6 +124,11 @@ class Scheduler:
         with self._lock:
             return self.waiting.index(request) if request in self.waiting else None
 
+    def cancelled_waiting(self) -> list[Request]:
+        """The waiting requests whose cancel is set."""
+        with self._lock:
+            return [r for r in self.waiting if r.cancel.is_set()]
+
     @property
     def n_waiting(self) -> int:
         return len(self.waiting)

@@ -278,3 +278,40 @@ def test_a_turn_whose_scores_are_not_numbers_fails_alone_and_the_batch_goes_on(e
     assert results["other"] == alone, results["other"]  # decoded beside it, as if alone
     assert isinstance(results["broken"], RuntimeError) and "not numbers" in str(results["broken"])
     assert broken.messages == []
+
+
+def test_a_turn_cancelled_while_it_waits_for_memory_is_dropped_though_no_one_reads(loaded):
+    """A queued turn whose reader does not look again (a `wake` reader waits to be woken; a blocking one
+    may have looked while the turn was being started) was settled only when the engine next tried to
+    start it; behind another turn waiting for KV memory, that was once the running turn had finished,
+    and its session could take no other turn meanwhile. The engine now drops it before its next step."""
+    from afnext.paged import BLOCK_TOKENS
+
+    engine = Engine(loaded, kv="paged", kv_pool_tokens=4 * BLOCK_TOKENS)
+    try:
+        long_turn = GenerationOptions(max_new_tokens=3 * BLOCK_TOKENS, min_new_tokens=3 * BLOCK_TOKENS)
+        talker = Session(engine)
+        running = talker.ask("Tell me everything.", options=long_turn)
+        next(iter(running))  # its reply has begun: it holds three of the pool's four blocks
+        long_request = talker._request
+        two_blocks = GenerationOptions(max_new_tokens=2 * BLOCK_TOKENS)
+        ahead = Session(engine)
+        first = ahead.ask("Me first.", options=two_blocks, wake=lambda: None)
+        next(first)  # queued: it waits for memory, and the turns behind it wait behind it
+        deadline = time.monotonic() + 30
+        while not ahead._request.waited_for_memory:
+            assert time.monotonic() < deadline, "the turn never had to wait for memory"
+            time.sleep(0.01)
+        woken, cancel, long_turn_then = threading.Event(), threading.Event(), []
+        behind = Session(engine)
+        stream = behind.ask("And this?", options=two_blocks, cancel=cancel,
+                            wake=lambda: (long_turn_then.append(long_request.state), woken.set()))
+        next(stream)  # queued behind it
+        cancel.set()  # and its reader waits for a wake
+        assert woken.wait(30), "the engine never told the cancelled turn"
+        assert long_turn_then[0] == "decoding", "told only once the long turn had ended and freed its memory"
+        assert behind.wait(1.0)  # the session is free for its next turn
+        for open_stream in (stream, first, running):
+            open_stream.close()
+    finally:
+        engine.close()
