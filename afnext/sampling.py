@@ -119,8 +119,9 @@ def pick(pickers: list[TokenPicker], logits: torch.Tensor) -> list[int | None]:
         rows, seen = scores[penalised], torch.stack([pickers[i].seen for i in penalised])
         penalty = rows.new_tensor([pickers[i].options.repetition_penalty for i in penalised])[:, None]
         scores[penalised] = torch.where(seen, torch.where(rows < 0, rows * penalty, rows / penalty), rows)
-    broken = (torch.isnan(scores) | torch.isposinf(scores)).any(dim=-1)
-    tokens, broken = torch.stack([scores.argmax(dim=-1), broken.long()]).tolist()  # one host sync for both
+    top, tokens = scores.max(dim=-1)  # a row's max is NaN if any score is (torch's max propagates it), or +inf
+    broken = torch.isnan(top) | torch.isposinf(top)
+    tokens, broken = torch.stack([tokens, broken.long()]).tolist()  # one host sync for both
     for i, picker in enumerate(pickers):
         if broken[i]:
             tokens[i] = None
