@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from app import recordings
 from app.desk import Files, hold, live_conversations
 from app.guard import folder_bytes
-from tests.web.running import ROOT, free_port, health, running
+from tests.web.running import ROOT, free_port, health, raw_upload, running
 
 ASSETS = ROOT / "assets"
 FILE_DATA = {"_type": "gradio.FileData"}
@@ -170,12 +170,7 @@ def test_uploads_past_the_quota_or_size_are_refused_and_the_server_keeps_serving
 
 def _raw_upload_head(url: str, declared: int) -> str:
     """Send an upload's headers claiming `declared` bytes (and only a few of them); the status line."""
-    import socket
-
-    host, port = url.removeprefix("http://").rstrip("/").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
-                  f"boundary=x\r\nContent-Length: {declared}\r\n\r\n--x\r\n".encode())
+    with raw_upload(url, f"Content-Length: {declared}\r\n", b"--x\r\n") as s:
         return s.recv(4096).decode(errors="replace").splitlines()[0]
 
 
@@ -211,13 +206,8 @@ def test_a_server_on_localhost_serves_no_page_to_another_name(app_server):
 
 
 def test_a_body_with_both_length_and_chunked_encoding_is_refused(app_server):
-    import socket
-
     _, url, _ = app_server
-    host, port = url.removeprefix("http://").rstrip("/").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
-                  "boundary=x\r\nContent-Length: 300\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n".encode())
+    with raw_upload(url, "Content-Length: 300\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n") as s:
         assert " 400 " in s.recv(4096).decode(errors="replace").splitlines()[0]
 
 

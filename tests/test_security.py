@@ -10,7 +10,6 @@ import contextlib
 import gzip
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from starlette.testclient import TestClient
 
 from app import guard
 from app.access import Access, owner_of
-from tests.web.running import ROOT, free_port, running
+from tests.web.running import ROOT, free_port, raw_upload, running
 
 KEY = "sesame-" + "7" * 24
 OWNER = "c3" * 32
@@ -222,10 +221,7 @@ def test_an_upload_that_stops_or_crawls_is_ended_and_gives_its_room_back(tmp_pat
 
 def test_a_client_leaving_mid_upload_is_one_log_line_not_a_traceback(server):
     _, url, log = server
-    host, port = url.removeprefix("http://").rstrip("/").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
-                  "boundary=x\r\nContent-Length: 100000\r\n\r\n--x\r\n".encode())
+    with raw_upload(url, "Content-Length: 100000\r\n", b"--x\r\n"):
         time.sleep(0.3)
     deadline = time.monotonic() + 10
     while "ended when its client left" not in log.read_text() and time.monotonic() < deadline:

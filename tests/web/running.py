@@ -22,6 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def raw_upload(url: str, headers: str, body: bytes = b"") -> socket.socket:
+    """A socket that has sent, by hand, an upload request to the server at `url` (http://host:port/):
+    the request line, Host and a multipart Content-Type, then `headers` (lines ending in CRLF) and
+    `body`. For what HTTP clients will not send: a length the body never reaches, both a length and
+    chunked encoding."""
+    host, port = url.removeprefix("http://").rstrip("/").split(":")
+    s = socket.create_connection((host, int(port)), timeout=30)
+    s.sendall(f"POST /gradio_api/upload HTTP/1.1\r\nHost: {host}\r\nContent-Type: multipart/form-data; "
+              f"boundary=x\r\n{headers}\r\n".encode() + body)
+    return s
+
+
 def health(url: str) -> tuple[int, dict] | None:
     """(status, body) of GET /health, or None while nothing answers."""
     try:
