@@ -155,12 +155,10 @@ class Responses:
             item = self._announce(turn)
         reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "reasoning": "", "audio_ms": 0.0,
                  "status": "completed", "done": threading.Event(),
-                 "limit": self.limits.pop(turn.tag, None) or self.link.config.max_output_tokens,
-                 "conversation": self.link.conversation_id,
-                 "modalities": ["audio"] if self.link.config.audio_out else ["text"]}
+                 "limit": self.limits.pop(turn.tag, None) or self.link.config.max_output_tokens}
         self._replies.append(reply)
         self.link.chain(reply["item"])
-        self.send(wire.event("response.created", response=_shown(reply, "in_progress")))
+        self.send(wire.event("response.created", response=self._shown(reply, "in_progress")))
         self.send(wire.event("response.output_item.added", response_id=reply["id"], output_index=0,
                              item=self._item(reply, "in_progress").shown()))
         self.send(wire.event("conversation.item.added", previous_item_id=item,
@@ -198,12 +196,22 @@ class Responses:
             usage = {"total_tokens": prompt + out, "input_tokens": prompt, "output_tokens": out}
         timings = None if done.timings is None else {  # an extension: where the turn's time went
             "endpoint_s": done.timings.endpoint_s, "ttft_s": done.timings.ttft_s, "first_audio_s": done.timings.first_audio_s}
-        self.send(wire.event("response.done", response={**_shown(reply, reply["status"]), "output": [item],
+        self.send(wire.event("response.done", response={**self._shown(reply, reply["status"]), "output": [item],
                                                          "usage": usage}, timings=timings))
         if done.reply is not None:  # committed by now (a reply that failed or never began is not in the session)
             reply["messages"] = len(self.link.session.messages)
             self._latest = reply
         reply["done"].set()
+
+    def _shown(self, reply: dict, status: str) -> dict:
+        """The response object; once done, `status_details` says why one did not complete, as OpenAI's does."""
+        details = {"cancelled": {"type": "cancelled", "reason": reply.get("reason", "turn_detected")},
+                   "incomplete": {"type": "incomplete", "reason": "max_output_tokens"},
+                   "failed": {"type": "failed", "error": {"type": "server_error", "message": reply.get("error")}}}.get(status)
+        return {"id": reply["id"], "object": "realtime.response", "status": status, "status_details": details,
+                "output": [], "conversation_id": self.link.conversation_id,
+                "output_modalities": ["audio"] if self.link.config.audio_out else ["text"],
+                "max_output_tokens": reply["limit"]}
 
     def _part(self, reply: dict) -> dict:
         """The reply's one content part as `response.content_part.*` show it (its text so far)."""
@@ -219,13 +227,3 @@ class Responses:
 
 def _where(reply: dict) -> dict:
     return {"response_id": reply["id"], "item_id": reply["item"], "output_index": 0, "content_index": 0}
-
-
-def _shown(reply: dict, status: str) -> dict:
-    """The response object; once done, `status_details` says why one did not complete, as OpenAI's does."""
-    details = {"cancelled": {"type": "cancelled", "reason": reply.get("reason", "turn_detected")},
-               "incomplete": {"type": "incomplete", "reason": "max_output_tokens"},
-               "failed": {"type": "failed", "error": {"type": "server_error", "message": reply.get("error")}}}.get(status)
-    return {"id": reply["id"], "object": "realtime.response", "status": status, "status_details": details,
-            "output": [], "conversation_id": reply["conversation"], "output_modalities": reply["modalities"],
-            "max_output_tokens": reply["limit"]}
