@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import dataclasses
 import datetime
 import sys
 import threading
@@ -251,8 +252,7 @@ def bench_ingest(engine: Engine, long_seconds: float) -> dict:
         raise RuntimeError("The long ingest ended before a short turn could be asked; use a longer --long-seconds.")
     long, idle_s, during_s = box["turn"], float(np.median(idle)), float(np.median(during))
     return {"long_audio_s": clip.duration_s, "long_audio_tokens": clip.tokens,
-            "prefill_chunk_tokens": engine.prefill_chunk_tokens, "prefill_step_tokens": engine.prefill_step_tokens,
-            "encode_frames_per_step": engine.encode_frames_per_step, "encode_chunk_frames": engine.encode_chunk_frames,
+            **dataclasses.asdict(engine.budgets),
             "short_idle_ttft_s": idle_s, "short_during_ingest_ttft_s": during_s, "ttft_ratio": during_s / idle_s,
             "short_idle_all_s": idle, "short_during_all_s": during, "ingest_outlasted_short": overlapped,
             "long_ttft_s": long.ttft_s, "long_encode_s": long.encode_s, "long_prefill_s": long.prefill_s}

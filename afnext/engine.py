@@ -1,13 +1,14 @@
 """The engine: owns the model and its device, and runs every session's turns in batched steps.
 
 One worker thread runs the loop, vLLM-style: schedule → execute → update, one step at a time.
-- schedule (scheduler.py, `_plan`): every decoding request, plus the requests not decoding yet, most
-  urgent first (interactive turns), sharing the step's budgets of audio frames to encode and prompt
-  tokens to prefill; a waiting one is admitted when its KV cache fits (`CacheKeeper` moves idle
-  sessions' caches to CPU memory to make room; none is ever dropped).
+- schedule (scheduler.py, planner.py): every decoding request, plus the requests not decoding yet,
+  most urgent first (interactive turns), sharing the step's budgets of audio frames to encode and
+  prompt tokens to prefill; a waiting one is admitted (`_admit`) when its KV cache fits
+  (`CacheKeeper` moves idle sessions' caches to CPU memory to make room; none is ever dropped).
 - execute: the audio encoder on the planned windows (several turns' windows share a call; a long
-  ingest's window may take its layers over several steps, encoder.py), then one forward pass over the packed step — one token per decoding request and each
-  planned prefill chunk, a turn whose clip was encoded in this step included (attention.py).
+  ingest's window may take its layers over several steps, encoder.py), then one forward pass over
+  the packed step — one token per decoding request and each planned prefill chunk, a turn whose
+  clip was encoded in this step included (attention.py).
 - update: every row that needs a token gets it in one batched pick (sampling.py); tokens stream to
   their callers; finished, cancelled and failed requests are settled with their sessions.
 
@@ -25,34 +26,19 @@ from dataclasses import dataclass
 
 import torch
 
-from . import cores, encoder, linear, mel
+from . import cores, encoder, linear
 from . import decode as decoding
 from .attention import NO_MASKS, Segment, StepCache, install
 from .clip import Clip
 from .kvcache import CacheKeeper, SessionCache, kv_bytes_per_token
 from .paged import BlockPool, PagedCache, PoolFull, flash_kernel, plan_step
 from .model import LoadedModel
+from .planner import Budgets, Planner
 from .sampling import TokenPicker, pick
-from .scheduler import MAX_BATCH, PREFILLING, WAITING, Request, Scheduler
+from .scheduler import MAX_BATCH, PREFILLING, Request, Scheduler
 
 log = logging.getLogger(__name__)
 
-# A step's budgets, shared by the requests not decoding yet: what a long ingest may delay every other
-# request by. Prompt tokens all of them prefill per step, and a long prefill's share of that (its chunk;
-# an interactive turn may take the whole budget): on a GPU 2,048 tokens of AF-Next take tens of ms; on
-# CPU a chunk of the 20 M `mid` model deep in a 10-minute recording takes about as long as a 5 s voice
-# turn's whole first step (its encoding and prefill: 0.1 s), the most the benchmark's "short turn during
-# an ingest" target allows (256-token chunks took twice that, and a voice turn 2.2× its idle TTFT;
-# the recording itself prefills some 10% faster in them), and a step may prefill a few voice turns at
-# once. Mel frames encoded per step (3,000 = one 30 s window; a 5 s clip runs 600 of them, encoder.py),
-# likewise.
-PREFILL_CHUNK_TOKENS = {"cuda": 2048, "cpu": 128}
-PREFILL_STEP_TOKENS = {"cuda": 2048, "cpu": 512}
-ENCODE_FRAMES_PER_STEP = {"cuda": 16 * mel.WINDOW_FRAMES, "cpu": mel.WINDOW_FRAMES}
-# A long ingest's share of that: on CPU half a window, so its 30 s windows take two steps each (half the
-# encoder's layers a step) and a voice turn asked meanwhile waits out half a window's encoding, not a
-# whole one's (a window's attention spans all of it, so layers are the only place to cut it).
-ENCODE_CHUNK_FRAMES = {"cuda": 16 * mel.WINDOW_FRAMES, "cpu": mel.WINDOW_FRAMES // 2}
 IDLE_WAIT_S = 0.5  # how long the idle worker sleeps between looks at its stop flag
 # How sessions' KV caches are kept: a buffer per session (kvcache.py) or blocks of one pool (paged.py);
 # `default_kv` picks one when none is named.
@@ -111,11 +97,12 @@ class Engine:
         kind = "cuda" if loaded.device.type == "cuda" else "cpu"
         self.loaded = loaded
         self.decode = decode  # eager | static | graphs: how a step with one decoding request alone runs (decode.py)
-        self.prefill_chunk_tokens = prefill_chunk_tokens or PREFILL_CHUNK_TOKENS[kind]
-        self.prefill_step_tokens = max(prefill_step_tokens or PREFILL_STEP_TOKENS[kind], self.prefill_chunk_tokens)
-        self.encode_frames_per_step = encode_frames_per_step or ENCODE_FRAMES_PER_STEP[kind]
-        self.encode_chunk_frames = min(encode_chunk_frames or ENCODE_CHUNK_FRAMES[kind], self.encode_frames_per_step)
-        self.encoder_layers = len(loaded.model.model.audio_tower.layers)
+        # a step's budgets for the requests not decoding yet: what a long ingest may delay others by
+        self.budgets = Budgets.default(kind, prefill_chunk_tokens=prefill_chunk_tokens,
+                                       prefill_step_tokens=prefill_step_tokens,
+                                       encode_frames_per_step=encode_frames_per_step,
+                                       encode_chunk_frames=encode_chunk_frames)
+        self.planner = Planner(self.budgets, len(loaded.model.model.audio_tower.layers))
         self.encode_batch_frames = encode_batch_frames  # frames run per encoder call: bounds its activations
         self.kv_bytes_per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
         self.kv = kv
@@ -213,63 +200,8 @@ class Engine:
             self.cancel(request)  # dropped, and its reader told
 
     def _plan(self) -> list[Request]:
-        """This step's prefill work: the requests not decoding yet, most urgent first, each given
-        encoder work (`step_windows` whole windows, or `step_layers` of one window's layers) and
-        prompt tokens to prefill (`step_tokens`) until the step's budgets are spent. A waiting request is started when its turn comes and its KV cache
-        fits; one that does not fit holds the waiting ones behind it (first come, first served),
-        not the started ones. A step that carries an interactive turn's work carries no long
-        prefill's beside it: a voice turn waits for the long one's step in flight, never for a
-        share of the budget it left over."""
-        work, tokens, planned, admitting = self.encode_frames_per_step * self.encoder_layers, self.prefill_step_tokens, [], True
-        for request in self.scheduler.candidates():  # interactive ones first
-            if (work <= 0 and tokens <= 0) or (planned and planned[0].interactive and not request.interactive):
-                break
-            if request.state == WAITING:  # started only when its turn comes and it gets work now
-                if not (admitting and (work if request.clips else tokens) > 0 and self._admit(request)):
-                    admitting = False  # and the waiting ones behind it wait too
-                    continue
-            work -= self._plan_encoding(request, work, fresh=work == self.encode_frames_per_step * self.encoder_layers)
-            if request.windows_done + request.step_windows == len(request.windows) and (
-                    request.encoding is None or request.step_layers == request.encoding.layers_left):
-                # encoded by this step's end: it may prefill in it
-                share = tokens if request.interactive else min(tokens, self.prefill_chunk_tokens)
-                request.step_tokens = min(share, len(request.ids) - request.fed)
-                tokens -= request.step_tokens
-            else:
-                request.step_tokens = 0
-            if request.step_windows or request.step_layers or request.step_tokens:
-                planned.append(request)
-        return planned
-
-    def _plan_encoding(self, request: Request, work: int, fresh: bool) -> int:
-        """Give `request` encoder work out of `work` (frames × layers left in this step); returns what
-        it takes. Whole windows while they fit its share — the step's budget for an interactive turn,
-        `encode_chunk_frames` for a long ingest — else the next layers of the window it has part-way
-        through the encoder, or of its next window. `fresh`: no encoder work is planned in this step
-        yet, so it takes a layer at least, fitting or not."""
-        layers = self.encoder_layers
-        share = max(0, work if request.interactive else min(work, self.encode_chunk_frames * layers))
-        request.step_windows = request.step_layers = 0
-        if request.encoding is not None:  # a window part-way through the layers
-            per_layer = request.encoding.frames
-            request.step_layers = min(request.encoding.layers_left, share // per_layer or int(fresh))
-            return request.step_layers * per_layer
-        used = 0
-        for clip, index in request.windows[request.windows_done:]:
-            per_layer = encoder.run_frames(clip.frames[index])
-            if used + per_layer * layers > share and not request.step_windows:
-                # its next window does not fit whole: it goes through some layers (or whole, if the
-                # encoder has one layer and nothing else runs in this step)
-                request.step_layers = share // per_layer or int(fresh)
-                if request.step_layers < layers:
-                    used += request.step_layers * per_layer
-                    break
-                request.step_layers = 0
-            elif used + per_layer * layers > share:
-                break
-            used += per_layer * layers
-            request.step_windows += 1
-        return used
+        """This step's prefill work (planner.py), waiting requests admitted as their turn comes."""
+        return self.planner.plan(self.scheduler.candidates(), self._admit)
 
     def _admit(self, request: Request) -> bool:
         """Start a waiting request if its KV cache fits; False if it must wait (or failed, or was

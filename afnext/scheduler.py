@@ -9,8 +9,9 @@ together are encoded and prefilled together instead of one per step.
 
 Who gets the budgets first: interactive turns (a voice turn or a short question adds at most
 INTERACTIVE_TOKENS), then the rest, each class first come first served (`candidates`). A long prefill
-that is overtaken keeps what it has prefilled and goes on with what the others leave. The queue is
-observable (`ahead`), cancels of waiting requests take effect at once, and the policy here touches
+that is overtaken keeps what it has prefilled and goes on with what the others leave, and one
+overtaken for a few steps in a row goes first for a step (planner.py), so a steady stream of voice
+turns never starves it. The queue is observable (`ahead`), cancels of waiting requests take effect at once, and the policy here touches
 no tensor: the engine executes what it picks and reports back.
 """
 
@@ -74,6 +75,7 @@ class Request:
     start_len: int | None = None  # cache length when the request started: a rollback crops back to it
     t_end: float | None = None  # when the engine finished it
     waited_for_memory: bool = False  # its admission was put off for want of KV memory (logged once)
+    passed_over: int = 0  # steps in a row it got no work because interactive turns' went first (planner.py)
     encode_s: float = 0.0
     prefill_s: float = 0.0
     t_first: float | None = None

@@ -3,7 +3,7 @@ by log-sum-exp (`attention.chunk_attention`). Prints JSON.
 
     python bench/chunks.py [--pasts 1024,4096,15000,45000] [--chunks 32,256] [--kv-heads 2] [--heads 8] [--head-dim 64] [--out FILE]
 
-A long recording is prefilled in chunks (256 tokens on CPU, engine.PREFILL_CHUNK_TOKENS) and a
+A long recording is prefilled in chunks (128 tokens on CPU, planner.PREFILL_CHUNK_TOKENS) and a
 follow-up question is one short chunk after the whole conversation. Each chunk attends over all the
 earlier tokens and, causally, over itself. Timed on one layer of `mid`'s shape by default (2 KV
 heads of 64, 8 query heads), fp32, side by side in one run, µs per call:

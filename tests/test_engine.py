@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from afnext import encoder
+from afnext import encoder, scheduler
 from afnext.clip import prepare_clip
 from afnext.engine import Engine
 from afnext.events import Interrupted, TextDelta, TurnDone
@@ -224,6 +224,58 @@ def test_an_interactive_turn_takes_the_whole_prefill_budget_and_a_long_one_its_c
         long = " ".join(["word"] * (INTERACTIVE_TOKENS // 2))  # some 3,000 tokens: not interactive
         _reply(Session(engine).ask(long, options=one))
         assert max(prefilled) == 64 and len(prefilled) > INTERACTIVE_TOKENS // 64, f"the long one's: {prefilled}"
+    finally:
+        engine.close()
+
+
+def test_a_long_prefill_goes_on_while_voice_turns_keep_coming(loaded, monkeypatch):
+    """Twelve short questions queued behind a long prefill, each taking a few steps of a small step
+    budget: every step has interactive work, and before planner.PASSED_OVER_MAX the long prefill
+    waited for all of them. Now it advances a chunk every few steps meanwhile, and every reply is
+    the one it gets alone."""
+    monkeypatch.setattr(scheduler, "INTERACTIVE_TOKENS", 200)  # a long prefill of a few hundred tokens
+    engine = Engine(loaded, prefill_chunk_tokens=16, prefill_step_tokens=16)
+    try:
+        one = GenerationOptions(max_new_tokens=1)
+        questions = [f"Question {i}: what is the weather like on the coast today?" for i in range(12)]
+        alone = [_ids(Session(engine).ask(q, options=one)) for q in questions]
+        steps, real_forward, real_plan, hold = [], engine.run_segments, engine._plan, threading.Event()
+
+        def forward(segments, embeds):  # the caches each step prefilled into
+            steps.append([id(s.cache) for s in segments if s.length > 1])
+            if len(steps) == 1:
+                hold.set()
+            return real_forward(segments, embeds)
+
+        def plan():  # the questions are all queued before the long prefill's second step
+            deadline = time.monotonic() + 30
+            while hold.is_set() and engine.waiting < len(questions) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            hold.clear()
+            return real_plan()
+
+        monkeypatch.setattr(engine, "run_segments", forward)
+        monkeypatch.setattr(engine, "_plan", plan)
+        long_session, got = Session(engine), {}
+        long_text = " ".join(["word"] * 200)  # some 300 tokens: not interactive here
+        long_turn = threading.Thread(target=lambda: got.update(long=_ids(long_session.ask(long_text, options=one))))
+        long_turn.start()
+        while not steps:
+            time.sleep(0.001)
+        long_cache = steps[0][0]
+        threads = [threading.Thread(target=lambda i=i: got.update({i: _ids(Session(engine).ask(questions[i], options=one))}))
+                   for i in range(len(questions))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        last_voice = max(i for i, caches in enumerate(steps) if any(c != long_cache for c in caches))
+        meanwhile = sum(long_cache in caches for caches in steps[1:last_voice])
+        long_turn.join(120)
+        assert [got[i] for i in range(len(questions))] == alone
+        assert len(got["long"]) == 1
+        assert last_voice > 4 * 4, f"the questions took {last_voice} steps: too few to starve anything"
+        assert meanwhile >= last_voice // 6, f"the long prefill ran in {meanwhile} of the {last_voice} voice steps"
     finally:
         engine.close()
 
