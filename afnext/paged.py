@@ -334,6 +334,7 @@ class PagedCache:
             except PoolFull:
                 pass
             else:
+                twin.reserved = 0  # it holds what it needs; a turn reserves its own room
                 source, target = (self.slots(0, n).to(self.pool.device), twin.slots(0, n).to(self.pool.device))
                 for layer in range(len(self.pool.keys)):
                     self.pool.write(layer, target, *self.pool.read(layer, source))

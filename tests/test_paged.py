@@ -82,6 +82,9 @@ def test_a_moved_out_cache_comes_back_whole_and_a_copy_holds_its_prefix(pool):
     twin = cache.copy(260)
     assert twin.get_seq_length() == 260 and set(twin.blocks).isdisjoint(cache.blocks)
     assert torch.equal(twin._stacked()[0], keys[:, :260])
+    free = pool.free_blocks
+    twin.crop_to(200)  # between turns: the block past its tokens goes back, as any session's would
+    assert len(twin.blocks) == 1 and pool.free_blocks == free + 1
     cache.offload()
     away_twin = cache.copy(100)  # a copy of a moved-out cache stays out until its turn
     assert away_twin.away and away_twin.get_seq_length() == 100
