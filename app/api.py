@@ -74,21 +74,38 @@ class Api:
     def routes(self) -> list[Route]:
         """The endpoints, and OpenAI-shaped answers for every other path or method under /v1."""
         return [Route("/v1/models", _only("GET", self.models), methods=ANY_METHOD),
+                Route("/v1/models/{model:path}", _only("GET", self.model), methods=ANY_METHOD),
                 Route("/v1/chat/completions", _only("POST", self.chat), methods=ANY_METHOD),
                 Route("/v1/{rest:path}", _unknown, methods=ANY_METHOD)]
 
     async def models(self, request: Request) -> JSONResponse:
         try:
-            self._authorize(request)
-            backend = self.loader.wait(0)
+            listed = self._models(request)
         except wire.WireError as exc:
             return _error(exc)
+        return JSONResponse({"object": "list", "data": listed})
+
+    async def model(self, request: Request) -> JSONResponse:
+        """`GET /v1/models/{id}` (the SDK's `models.retrieve`): one of the listed models, by its id."""
+        name = request.path_params["model"]
+        try:
+            found = [m for m in self._models(request) if m["id"] == name]
+        except wire.WireError as exc:
+            return _error(exc)
+        if not found:
+            return _error(wire.WireError(404, f"The model {name[:80]!r} does not exist here; GET /v1/models lists them "
+                                              "(instruct, think).", code="model_not_found", param="model"))
+        return JSONResponse(found[0])
+
+    def _models(self, request: Request) -> list[dict]:
+        self._authorize(request)
+        try:
+            backend = self.loader.wait(0)
         except BackendUnavailable as exc:
-            return _error(wire.WireError(503, str(exc), kind="service_unavailable"))
+            raise wire.WireError(503, str(exc), kind="service_unavailable") from None
         roots = {"instruct": backend.main.loaded.name, "think": backend.think.loaded.name}
-        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                                         "owned_by": "nvidia", "root": root}
-                                                        for name, root in roots.items()]})
+        return [{"id": name, "object": "model", "created": 0, "owned_by": "nvidia", "root": root}
+                for name, root in roots.items()]
 
     async def chat(self, request: Request):
         if self._turns >= MAX_TURNS:

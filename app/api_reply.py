@@ -29,7 +29,7 @@ from afnext.session import PENDING
 from afnext.tts import SpeechResampler
 from afnext.tts.chunker import SpeechChunker
 from app import openai_wire as wire
-from app.api_turn import Target, Turn
+from app.api_turn import SPOKEN, Target, Turn
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class Reply:
     def events(self) -> Iterator[tuple[str, object]]:
         """("reasoning" | "content", text) as generated, then ("done", (finish_reason, Reply))."""
         turn, stop = self.turn, _StopScan(self.turn.stops)
-        reply = None
+        reply, said = None, []  # `said`: the answer the client gets
         for event in self.stream:
             if event is PENDING:
                 yield "pending", None
@@ -164,6 +164,7 @@ class Reply:
                 yield "reasoning", event.text
             elif isinstance(event, TextDelta) and not stop.hit:
                 if text := stop.feed(event.text):
+                    said.append(text)
                     yield "content", text
                     yield from self._speak(text)
                 if stop.hit:
@@ -174,9 +175,12 @@ class Reply:
             self.pool.give_back(self.lease)
             return
         if tail := stop.flush():
+            said.append(tail)
             yield "content", tail
             yield from self._speak(tail)
         yield from self._speak(None)
+        if turn.audio is not None:  # a later request may name this reply by its audio id alone
+            SPOKEN.keep(self.audio_id, "".join(said))
         full = reply.prompt_tokens + len(reply.token_ids) >= self.target.engine.loaded.context_tokens
         finish = "length" if not stop.hit and (len(reply.token_ids) >= turn.options.max_new_tokens or full) else "stop"
         if not reply.interrupted:  # the session holds exactly what the client was sent: keep it

@@ -8,6 +8,9 @@ is asked on it. Its mistakes are refused here as OpenAI's error shape (400), bef
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from afnext.audio import AudioTooLong
@@ -19,6 +22,33 @@ from afnext.sampling import GenerationOptions
 from app import openai_wire as wire
 
 MAX_CLIPS = 32  # audio clips in one request: 131,072 tokens of context hold about 87 minutes of audio anyway
+MAX_SPOKEN = 4096  # spoken replies whose transcripts are kept for their `audio.id` (a few MB of text at most)
+# The API's names of the sampling options GenerationOptions checks (its errors name its own fields).
+OPTION_PARAMS = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "temperature": "temperature",
+                 "top_p": "top_p", "repetition_penalty": "repetition_penalty", "seed": "seed"}
+
+
+class SpokenReplies:
+    """The transcripts of spoken replies by their `audio.id`, for `expires_at` (an hour) and MAX_SPOKEN
+    at most: OpenAI's clients send a spoken reply back as `{"role": "assistant", "audio": {"id"}}`, and
+    the model must hear that turn as the words it said (and the kept session must be found by them)."""
+
+    def __init__(self, limit: int = MAX_SPOKEN) -> None:
+        self.limit, self._kept, self._lock = limit, OrderedDict(), threading.Lock()
+
+    def keep(self, audio_id: str, transcript: str) -> None:
+        with self._lock:
+            self._kept[audio_id] = (time.monotonic() + wire.AUDIO_KEPT_S, transcript)
+            while len(self._kept) > self.limit:
+                self._kept.popitem(last=False)
+
+    def transcript(self, audio_id: str) -> str | None:
+        with self._lock:
+            expires, text = self._kept.get(audio_id, (0.0, None))
+            return text if time.monotonic() < expires else None
+
+
+SPOKEN = SpokenReplies()  # this process's spoken replies (a replica's own: `x-session-id` pins a conversation)
 
 
 @dataclass(frozen=True)
@@ -62,13 +92,25 @@ def turn_of(body: wire.ChatRequest, target: Target) -> Turn:
         raise wire.WireError(400, "The last message must be the user's.", param="messages")
     if any(m.role == "system" for m in messages[1:]):
         raise wire.WireError(400, "A system (or developer) message may only come first.", param="messages")
-    limit = body.max_completion_tokens or body.max_tokens or GenerationOptions().max_new_tokens
-    options = GenerationOptions(
-        max_new_tokens=limit, min_new_tokens=limit if body.ignore_eos else min(body.min_tokens, limit),
-        temperature=0.0 if body.temperature is None else body.temperature, top_p=1.0 if body.top_p is None else body.top_p,
-        repetition_penalty=body.repetition_penalty, seed=body.seed)
     think = target.think if body.think is None else body.think
-    return Turn(messages[:-1], messages[-1], options, think, body.stops(), audio)
+    return Turn(messages[:-1], messages[-1], _options(body), think, body.stops(), audio)
+
+
+def _options(body: wire.ChatRequest) -> GenerationOptions:
+    """The request's sampling options, or a 400 naming the field the sampler cannot use."""
+    limit = body.max_completion_tokens or body.max_tokens or GenerationOptions().max_new_tokens
+    # top_p 0 keeps no mass but the likeliest token (OpenAI allows it): greedy decoding.
+    greedy = body.temperature is None or body.top_p == 0
+    try:
+        return GenerationOptions(
+            max_new_tokens=limit, min_new_tokens=limit if body.ignore_eos else min(body.min_tokens, limit),
+            temperature=0.0 if greedy else body.temperature, top_p=1.0 if greedy or body.top_p is None else body.top_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=None if body.seed is None else body.seed % 2**64)  # a negative int64 seed: still its own seed
+    except ValueError as exc:
+        name = str(exc).split(" ", 1)[0]
+        raise wire.WireError(400, str(exc).replace(name, OPTION_PARAMS.get(name, name), 1),
+                             param=OPTION_PARAMS.get(name)) from None
 
 
 def _audio_out(body: wire.ChatRequest) -> wire.AudioOut | None:
@@ -89,6 +131,12 @@ def _message(message: wire.ChatMessage, index: int, engine: Engine, now: bool) -
     role = "system" if message.role == "developer" else message.role
     parts = [wire.TextPart(type="text", text=message.content)] if isinstance(message.content, str) else (message.content or [])
     text = "\n".join(p.text for p in parts if isinstance(p, wire.TextPart))
+    if role == "assistant" and not text and message.audio is not None:  # a spoken reply, named by its id
+        text = SPOKEN.transcript(message.audio.id)
+        if text is None:
+            raise wire.WireError(400, f"messages.{index}.audio.id {message.audio.id[:60]!r} names no spoken reply of "
+                                      "this server's last hour; send the reply's transcript as content instead.",
+                                 param=f"messages.{index}.audio.id")
     audio = [p for p in parts if not isinstance(p, wire.TextPart)]
     if len(audio) > 1:
         raise wire.WireError(400, f"messages.{index}: one audio clip per message; send the next one in another "

@@ -4,7 +4,8 @@ chunk and error shapes, built the same way for every reply.
 Requests follow the openai SDK (3.x): content as a string or parts — `text`, `input_audio`
 `{data: base64, format}`, `audio_url` (a `data:` URI only) — the usual sampling fields, vLLM's
 extensions (`repetition_penalty`, `min_tokens`, `ignore_eos`) and our `think` flag. Unknown fields
-are ignored, as OpenAI's own server does with fields it has retired.
+are ignored, as OpenAI's own server does with fields it has retired. Every optional field may be null,
+as OpenAI's reference defines them, meaning its default.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from afnext.sampling import MAX_NEW_TOKENS
 
@@ -23,11 +24,23 @@ AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg", "webm", "m4a", "mp4", "opus", "aac
 MAX_MESSAGES = 256  # messages in one request: a long voice conversation, not a flood
 MAX_STOP_SEQUENCES = 4  # as OpenAI allows
 MAX_STOP_CHARS = 256
+MAX_TEMPERATURE = 2.0  # as OpenAI allows (the library takes up to 100: beyond 2 is noise, likely a typo)
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1  # OpenAI's int64, and the library's unsigned 64-bit seeds
 
 
 class _Wire(BaseModel):
     # Strict types, as OpenAI checks them: "max_tokens": "4" or true is a mistake to name, not a 4 or a 1.
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: object) -> object:
+        """null for a field that has a default is that default, as OpenAI takes `"n": null` or
+        `"stream": null` (clients that serialise every field send them); a required field stays required."""
+        if not isinstance(data, dict) or None not in data.values():
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
 
 class TextPart(_Wire):
@@ -57,18 +70,28 @@ class AudioUrlPart(_Wire):
 Part = Annotated[TextPart | InputAudioPart | AudioUrlPart, Field(discriminator="type")]
 
 
+class AssistantAudio(_Wire):
+    id: str  # a spoken reply's `audio.id`: the reply stands for its transcript (`api_turn.SPOKEN`)
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[Part] | None = None
+    audio: AssistantAudio | None = None  # an assistant turn named by its spoken reply, as OpenAI's clients send it
+    tool_calls: list | None = None  # refused (`ChatRequest.refused`): no tool was ever offered to call
 
 
 class StreamOptions(_Wire):
     include_usage: bool = False
 
 
+class VoiceId(_Wire):
+    id: str  # a custom voice's id (OpenAI's `{"id": "voice_1234"}`)
+
+
 class AudioOut(_Wire):
-    voice: str = "alloy"  # OpenAI's voice names we do not have map to the server's voice
-    format: Literal["pcm16", "wav", "mp3", "opus", "flac"] = "wav"
+    voice: str | VoiceId = "alloy"  # OpenAI's voice names (and custom voices) map to the server's voice
+    format: Literal["pcm16", "wav", "mp3", "opus", "flac", "aac"] = "wav"
 
 
 class ChatRequest(_Wire):
@@ -78,11 +101,12 @@ class ChatRequest(_Wire):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None  # None: the model card's greedy decoding, not OpenAI's 1.0
-    top_p: float | None = None
+    # None: the model card's greedy decoding, not OpenAI's 1.0. OpenAI's bounds: 0-2, and top_p 0-1 (0: greedy)
+    temperature: float | None = Field(default=None, ge=0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=MIN_SEED, le=MAX_SEED)  # OpenAI's int64; negative ones taken too
     stop: str | list[str] | None = None
     n: int = 1
     modalities: list[Literal["text", "audio"]] | None = None
@@ -96,6 +120,7 @@ class ChatRequest(_Wire):
     tools: list | None = None
     functions: list | None = None
     tool_choice: object = None
+    function_call: object = None  # `functions`' own tool_choice, before tools
     response_format: dict | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -105,8 +130,11 @@ class ChatRequest(_Wire):
         """What this request asks for that the server does not do: (param, one sentence), or None."""
         if self.logprobs:
             return "logprobs", "This server returns no logprobs; leave logprobs out."
-        if self.tools or self.functions or self.tool_choice not in (None, "none", "auto"):
-            return "tools", "This server's models call no tools; send the request without tools or functions."
+        # Tools offered with tool_choice "none" are honoured: the reply is a message and calls none.
+        offered = (self.tools and self.tool_choice != "none") or (self.functions and self.function_call != "none")
+        if offered or self.tool_choice not in (None, "none", "auto") or any(m.tool_calls for m in self.messages):
+            return "tools", ("This server's models call no tools; send the request without tools or functions "
+                             "(or with tool_choice \"none\").")
         if self.response_format is not None and self.response_format.get("type") != "text":
             return "response_format", "This server cannot hold replies to a JSON format; leave response_format out."
         for name in ("presence_penalty", "frequency_penalty"):
@@ -119,8 +147,8 @@ class ChatRequest(_Wire):
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
-            raise ValueError(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings of at most "
-                             f"{MAX_STOP_CHARS} characters.")
+            raise WireError(400, f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings of at most "
+                                 f"{MAX_STOP_CHARS} characters.", param="stop")
         return stops
 
 
@@ -150,6 +178,9 @@ def parse_chat(payload: object) -> ChatRequest:
         message = first["msg"]
         if first["type"] == "union_tag_invalid":  # an image, a file, a refusal…: a part type we do not take
             message = f"parts of type {first['ctx']['tag']!r} are not supported; a part is one of {first['ctx']['expected_tags']}"
+        elif path[-1:] == ["role"] and first["input"] in ("tool", "function"):  # a tool's result: none was called
+            message = (f"{first['input']} messages are not supported, as this server's models call no tools; "
+                       "a role is one of 'system', 'developer', 'user', 'assistant'")
         raise WireError(400, f"{where}: {message}.", param=where) from None
 
 
@@ -161,6 +192,9 @@ def audio_base64(part: InputAudioPart | AudioUrlPart) -> str:
             raise WireError(400, "audio_url must be a data: URI with base64 audio; this server fetches no URLs.",
                             param="audio_url")
         return url.split(",", 1)[1]
+    if part.input_audio.data.startswith("data:"):
+        raise WireError(400, "input_audio.data is base64 without a data: prefix (a data: URI goes in an audio_url "
+                             "part).", param="input_audio.data")
     if part.input_audio.format.lower() not in AUDIO_FORMATS:
         raise WireError(400, f"input_audio.format {part.input_audio.format[:20]!r} is not one of "
                              f"{', '.join(AUDIO_FORMATS)}.", param="input_audio.format")
@@ -205,7 +239,7 @@ def encode_audio(samples, fmt: str) -> bytes:
         out = io.BytesIO()
         sf.write(out, samples, AUDIO_OUT_RATE, format=fmt.upper(), subtype="PCM_16")
         return out.getvalue()
-    return _encode_av(samples, {"mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus")}[fmt])
+    return _encode_av(samples, {"mp3": ("mp3", "libmp3lame"), "opus": ("ogg", "libopus"), "aac": ("adts", "aac")}[fmt])
 
 
 def _encode_av(samples, container_codec: tuple[str, str]) -> bytes:

@@ -681,3 +681,83 @@ def test_a_streamed_reply_is_read_on_the_loop_and_stops_when_its_client_leaves(l
         while service._turns and time.monotonic() < deadline:
             time.sleep(0.01)
         assert service._turns == 0, "the stream that ended early is still counted"
+
+
+def post(server: str, **body) -> httpx.Response:
+    body = {"model": "instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, **body}
+    return httpx.post(server + "v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json=body, timeout=60)
+
+
+def test_models_retrieve_names_one_model(client):
+    """The SDK's `models.retrieve` (GET /v1/models/{id}) answers for each listed model, 404 for others."""
+    assert client.models.retrieve("instruct").id == "instruct" and client.models.retrieve("think").object == "model"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert missing.value.body["code"] == "model_not_found" and "does not exist" in missing.value.body["message"]
+
+
+def test_null_is_the_default_as_openai_takes_it(server):
+    """OpenAI's optional fields are nullable: clients that serialise every field send nulls."""
+    nulls = {f: None for f in ("n", "stream", "stream_options", "logprobs", "presence_penalty", "frequency_penalty",
+                               "temperature", "top_p", "seed", "stop", "tools", "tool_choice", "response_format",
+                               "repetition_penalty", "min_tokens", "ignore_eos", "user", "metadata")}
+    answer = post(server, **nulls)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None, answer.text
+    assert post(server, messages=None).status_code == 400, "a required field stays required"
+
+
+def test_sampling_bounds_are_openais_and_each_error_names_its_param(server):
+    """temperature 0-2, top_p 0-1 (0 included: greedy), a negative int64 seed taken; errors name their field."""
+    greedy = post(server, max_tokens=6).json()["choices"][0]["message"]["content"]
+    top_p0 = post(server, max_tokens=6, temperature=1.0, top_p=0).json()
+    assert top_p0["choices"][0]["message"]["content"] == greedy, top_p0
+    seeded = [post(server, temperature=1.0, seed=-5).json()["choices"][0]["message"]["content"] for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    for body, param in ((dict(temperature=2.5), "temperature"), (dict(top_p=1.5), "top_p"), (dict(stop=""), "stop"),
+                        (dict(repetition_penalty=0), "repetition_penalty"), (dict(seed=2**70), "seed")):
+        error = post(server, **body)
+        assert error.status_code == 400 and error.json()["error"]["param"] == param, (body, error.text)
+
+
+def test_tools_with_tool_choice_none_are_honoured_and_tool_turns_refused_in_a_sentence(client, server):
+    """tool_choice "none" asks for a message, not a call: answered. A history with tool calls or tool
+    results is refused with a sentence, not pydantic's list of roles."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    done = client.chat.completions.create(model="instruct", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                          tools=tools, tool_choice="none")
+    assert done.choices[0].message.content is not None and not done.choices[0].message.tool_calls
+    assert "call no tools" in bad(client, tools=tools).body["message"]
+    call = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    result = {"role": "tool", "tool_call_id": "c1", "content": "42"}
+    for history in ([call], [call, result], [result]):
+        error = bad(client, messages=[{"role": "user", "content": "Hi"}, *history, {"role": "user", "content": "So?"}])
+        assert error.status_code == 400 and "call no tools" in error.body["message"], error.body
+
+
+def test_a_spoken_reply_is_named_back_by_its_audio_id(client):
+    """OpenAI's multi-turn audio: the client sends the spoken reply back as {"audio": {"id"}}; the model
+    hears its transcript (the kept session is found by it), in every output format the SDK names (aac,
+    a custom voice's {"id"} too). An id this server never gave is refused in a sentence."""
+    from afnext.media import load_audio
+
+    question = [{"role": "user", "content": "Hello"}]
+    spoken = client.chat.completions.create(model="instruct", messages=question, max_tokens=6,
+                                            modalities=["text", "audio"], audio={"voice": {"id": "voice_1"}, "format": "aac"})
+    audio = spoken.choices[0].message.audio
+    assert audio.transcript and len(load_audio(base64.b64decode(audio.data))) > 0
+    follow = [{"role": "user", "content": "And?"}]
+    by_id = client.chat.completions.create(model="instruct", max_tokens=3,
+                                           messages=[*question, {"role": "assistant", "audio": {"id": audio.id}}, *follow])
+    by_text = client.chat.completions.create(model="instruct", max_tokens=3,
+                                             messages=[*question, {"role": "assistant", "content": audio.transcript}, *follow])
+    assert by_id.usage.prompt_tokens == by_text.usage.prompt_tokens
+    assert by_id.usage.prompt_tokens_details.cached_tokens > 0, "the spoken turn's kept session was found"
+    error = bad(client, messages=[*question, {"role": "assistant", "audio": {"id": "audio-never"}}, *follow])
+    assert error.status_code == 400 and error.body["param"] == "messages.1.audio.id", error.body
+
+
+def test_input_audio_with_a_data_uri_prefix_is_named(client):
+    data = "data:audio/wav;base64," + base64.b64encode(b"RIFF").decode()
+    error = bad(client, messages=[{"role": "user", "content": [{"type": "input_audio",
+                                                                "input_audio": {"data": data, "format": "wav"}}]}])
+    assert error.status_code == 400 and "without a data: prefix" in error.body["message"], error.body
