@@ -32,6 +32,10 @@ TEXTS = {
                "and it is also, by a wide margin, the largest city in the whole country, with millions of people. Ok.",
     "scripts": "你好！今天天气很好。我们去公园散步吧，好不好？「いいね！」と彼は言った。नमस्ते। आज मौसम अच्छा है।",
     "arabic": "مرحبا يا صديقي العزيز، كيف حالك اليوم؟ أنا بخير، شكرا لك على السؤال. وأنت؟ جيد.",
+    "lists and numbers": "Pick a, b, c. Done, I counted them all, 42. Then A, B or C. Ask J. Smith. The result of "
+                         "10 - 3 is 7 - trust me! It ran [12.5 - 15.0] and $5 - $10.\n1. Mix\n2. Bake",
+    "french and german": "Il a dit : « Bonjour. » Puis il est parti ? » Oui. Am 3. Oktober, vgl. Kapitel 3, "
+                         "sagte er: „Hallo.“ Dann ging er.",
 }
 
 
@@ -114,6 +118,55 @@ def test_a_short_capitalised_word_before_a_number_is_an_abbreviation():
     assert chunk_once("It opens on Sept. 5 at noon. Come early.", []) == ["It opens on Sept. 5 at noon.", "Come early."]
 
 
+def test_a_sentence_that_ends_in_a_single_letter_is_cut_there():
+    """Before, any one letter before a period was an initial ("J. Smith"), so "c. Done." stayed together."""
+    assert chunk_once("a, b, c. Done.", []) == ["a, b, c.", "Done."]
+    assert chunk_once("A, B or C. Done.", []) == ["A, B or C.", "Done."]
+    assert chunk_once("Options A, B, C. Done.", []) == ["Options A, B,", "C.", "Done."]  # the list across a cut
+    assert chunk_once("Ask J. Smith. Now, Mary and J. R. Tolkien. See p. 5 for more.", []) == [
+        "Ask J. Smith.", "Now, Mary and J. R. Tolkien.", "See p. 5 for more."]  # initials and pages stay
+
+
+def test_a_number_after_a_clause_break_is_no_list_marker():
+    """Before, "42." opening a piece was a numbered-list marker even right after a clause break."""
+    assert chunk_once("Well I counted them all, 42. Done.", []) == ["Well I counted them all,", "42.", "Done."]
+    assert chunk_once("Steps: easy.\n1. Mix it.\n2. Bake it. 3. Eat.", []) == [
+        "Steps: easy.", "1. Mix it.", "2. Bake it.", "3. Eat."]  # markers on a line or after a sentence
+
+
+def test_a_spaced_dash_between_numbers_is_no_clause_break():
+    """A minus or a range ("10 - 3", a Think-mode "[12.5 - 15.0]"): before, the first piece was cut inside it."""
+    assert chunk_once("The result of 10 - 3 is 7. Yes.", []) == ["The result of 10 - 3 is 7.", "Yes."]
+    assert chunk_once("The lyrics I heard at [12.5 - 15.0] say hello. Ok.", []) == [
+        "The lyrics I heard at [12.5 - 15.0] say hello.", "Ok."]
+    assert chunk_once("It costs about $5 - $10 each. Ok.", []) == ["It costs about $5 - $10 each.", "Ok."]
+    assert chunk_once("We were in 2023 - the year of change. Ok.", []) == [
+        "We were in 2023 -", "the year of change.", "Ok."]  # a dash before words still is one
+
+
+def test_closing_quotes_of_french_and_german_stay_with_their_sentence():
+    """« Bonjour. » (a space before the closing guillemet), „Hallo.“ and »Hallo.«: before, the closing
+    mark began the next piece."""
+    assert chunk_once("Il a dit : « Bonjour. » Puis il est parti ? » Oui.", []) == [
+        "Il a dit :", "« Bonjour. »", "Puis il est parti ? »", "Oui."]
+    assert chunk_once("Er sagte: „Hallo.“ Dann »Tschüss.« Ende.", []) == [
+        "Er sagte: „Hallo.“", "Dann »Tschüss.«", "Ende."]
+
+
+def test_german_ordinals_and_abbreviations_do_not_end_sentences():
+    """Before, "Am 3." was spoken alone and "Oktober ist Feiertag." after it."""
+    assert chunk_once("Am 3. Oktober ist Feiertag. Im 19. Jahrhundert, vgl. Kapitel 3. Ja.", []) == [
+        "Am 3. Oktober ist Feiertag.", "Im 19. Jahrhundert, vgl. Kapitel 3.", "Ja."]
+    assert chunk_once("Gen. Patton won. It is 42. Then we left.", []) == [
+        "Gen. Patton won.", "It is 42.", "Then we left."]
+
+
+def test_triple_backticks_inside_a_line_keep_their_words():
+    """Only a fence opening a line has a language tag: before, "inline" was dropped as one."""
+    assert speakable("Text with ```inline fence``` here.") == "Text with inline fence here."
+    assert speakable("```python\n") == "" and speakable("  ```\n") == ""
+
+
 def test_asterisks_are_stripped_as_emphasis_only():
     assert speakable("2 * 3 = 6, and 5*4 = 20.") == "2 * 3 = 6, and 5*4 = 20."  # arithmetic is spoken
     assert speakable("**Bold** and *this*, a **b**") == "Bold and this, a b"
@@ -144,6 +197,33 @@ def test_reasoning_never_reaches_the_chunker():
         chunker.feed("plain text")
     assert speakable("# **Title**") == "Title" and speakable("---") == ""
     assert speakable("> `x_y` __init__ | [docs](http://a.b)") == "x_y init docs"
+
+
+TONE = np.sin(np.arange(22050) / 10).astype(np.float32)  # 1 s at 22,050 Hz
+
+
+def test_speech_resampler_keeps_the_tail_when_the_rate_changes():
+    """A piece at another rate (another voice) flushes the last rate's filter: before, its last ~18 ms were lost."""
+    from afnext.tts import SpeechResampler
+
+    resampler = SpeechResampler(24000)
+    out = [resampler.push(AudioChunk(22050, TONE[i:i + 2205])) for i in range(0, 11025, 2205)]  # 0.5 s
+    out += [resampler.push(AudioChunk(16000, TONE[:8000])), resampler.end()]  # 0.5 s more
+    assert abs(sum(map(len, out)) - 24000) <= 2 and not resampler.in_reply
+
+
+def test_speech_resampler_survives_a_drop_in_the_middle_of_a_push():
+    """A barge-in's `drop` (another thread) landing between push's making the stream and using it: before,
+    AttributeError on None."""
+    from afnext.tts import SpeechResampler
+
+    class DroppedAtOnce(SpeechResampler):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "_stream" and value is not None:
+                self.drop()  # the barge-in lands right after push made the reply's stream
+
+    assert len(DroppedAtOnce(24000).push(AudioChunk(22050, TONE[:2205]))) > 0
 
 
 # ---------------------------------------------------------------------------- espeak

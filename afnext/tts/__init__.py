@@ -112,14 +112,19 @@ class SpeechResampler:
         return self._stream is not None
 
     def push(self, chunk: AudioChunk) -> np.ndarray:
-        if self._stream is None or chunk.sample_rate != self._stream.sample_rate:
-            self._stream = MonoResampler(chunk.sample_rate, self.out_rate)
-        return self._stream.push(chunk.samples)
+        """`chunk` at `out_rate` (float32 mono; the filter holds back its last few ms until later)."""
+        # One read of the stream: a barge-in's `drop` from another thread may land at any moment.
+        stream, held = self._stream, np.zeros(0, np.float32)
+        if stream is None or chunk.sample_rate != stream.sample_rate:
+            if stream is not None:  # a piece at another rate: the last rate's held samples still play
+                held = stream.flush()
+            stream = self._stream = MonoResampler(chunk.sample_rate, self.out_rate)
+        out = stream.push(chunk.samples)
+        return np.concatenate([held, out]) if len(held) else out
 
     def end(self) -> np.ndarray:
-        tail = self._stream.flush() if self._stream is not None else np.zeros(0, np.float32)
-        self._stream = None
-        return tail
+        stream, self._stream = self._stream, None
+        return stream.flush() if stream is not None else np.zeros(0, np.float32)
 
     def drop(self) -> None:
         self._stream = None
