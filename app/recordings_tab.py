@@ -93,7 +93,9 @@ class RecordingsTab:
                     history = gr.Dropdown(label="Open one again", choices=[], value=None, elem_id="afn-history",
                                           interactive=True)
                     with gr.Row():
-                        title = gr.Textbox(placeholder="A new name for it", show_label=False, scale=3,
+                        # Labels hidden but kept: a screen reader names each box by its label (else "Textbox").
+                        title = gr.Textbox(label="A new name for the recording", placeholder="A new name for it",
+                                           show_label=False, scale=3,
                                            elem_id="afn-title", max_length=200)
                         rename = gr.Button("Rename", size="sm", scale=1, elem_id="afn-rename")
                         delete = gr.Button("Delete", size="sm", scale=1, variant="stop", elem_id="afn-delete")
@@ -108,7 +110,8 @@ class RecordingsTab:
         chat = gr.Chatbot(label="Questions about the recording", height=380, elem_id="afn-chat",
                           buttons=["share", "copy", "copy_all"])
         with gr.Row(elem_id="afn-ask-row"):
-            question = gr.Textbox(placeholder="Ask about the recording… (Enter to send)", show_label=False, scale=5,
+            question = gr.Textbox(label="Question about the recording", show_label=False, scale=5,
+                                  placeholder="Ask about the recording… (Enter to send)",
                                   elem_id="afn-question", max_length=MAX_TEXT_CHARS)
             think = gr.Checkbox(label="Think (timestamped steps)", elem_id="afn-think", scale=1)
             ask_button = gr.Button("Ask", variant="primary", scale=1, elem_id="afn-ask")
@@ -147,7 +150,9 @@ class RecordingsTab:
         title.submit(**renamed).then(**listed)
         delete.click(self.delete, [history, cid, owner, confirmed], [status, wave, chat, cid], js=CONFIRM_DELETE_JS,
                      **private).then(**listed)
-        speak_button.click(self.speak, [cid, owner], [spoken, status], **private)
+        # The answer is not spoken over the recording: the recording pauses (waveform.js listens).
+        speak_button.click(self.speak, [cid, owner], [spoken, status], **private,
+                           js="(...inputs) => { afnextRecordings.pausePlayback(); return inputs; }")
         # The page keeps its owner token and its open recording (owner.js): a reload opens it again, with the
         # Think box as it was (recordings.js).
         cid.change(None, [cid], None, js="(c) => { afnextOwner.remember('recording', c); }", **private)

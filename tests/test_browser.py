@@ -74,7 +74,7 @@ def browser(tmp_path_factory):
 
 
 def _page(browser, server, init_script: str | None = None, **context_options):
-    context = browser.new_context(viewport={"width": 1280, "height": 1000}, **context_options)
+    context = browser.new_context(**{"viewport": {"width": 1280, "height": 1000}, **context_options})
     if init_script:
         context.add_init_script(init_script)
     page = context.new_page()
@@ -716,5 +716,66 @@ def test_a_75_minute_recording_is_heard_in_3_parts_and_its_steps_seek_the_whole_
     shown_at = [seconds(t.split("–")[0]) for t in page.locator(f"{WAVE} li[data-step] .at").all_inner_texts()]
     assert shown_at == sorted(shown_at), shown_at
     page.screenshot(path="/tmp/long-recording-follow-up.png", full_page=True)
+    assert not errors, errors
+    page.context.close()
+
+
+def test_the_question_and_rename_boxes_are_named_for_screen_readers(browser, server):
+    """Both text boxes are hidden-label Gradio textboxes: each needs its own name, not Gradio's "Textbox"."""
+    page, _, errors = _page(browser, server)
+    page.get_by_role("tab", name="Recordings").click()
+    assert page.get_by_role("textbox", name="Question about the recording").count() == 1
+    assert page.get_by_role("textbox", name="A new name for the recording").count() == 1
+    assert page.get_by_role("textbox", name="Textbox", exact=True).count() == 0
+    assert not errors, errors
+    page.context.close()
+
+
+def _recording_audio(page) -> dict:
+    return page.evaluate(f"() => {{ const a = document.querySelector('{WAVE}').shadowRoot.querySelector('audio');"
+                         " return {paused: a.paused, src: a.getAttribute('src')}; }")
+
+
+# Whether a spoken answer plays, `s` seconds into it at least: Gradio's player keeps its <audio> in a shadow root.
+SPOKEN_PLAYING = """(s) => { const playing = (node) => [...node.querySelectorAll('*')].some((el) => (el.tagName === 'AUDIO'
+  && !el.paused && el.src.startsWith('blob:') && el.currentTime >= s) || (el.shadowRoot && playing(el.shadowRoot)));
+  return playing(document.querySelector('#afn-spoken')); }"""
+
+
+def test_one_sound_at_a_time_and_a_deleted_recording_stops(browser, server):
+    """Speak the answer talked over the recording and Play on the recording over the spoken answer; a deleted
+    recording played on with no waveform left to stop it from."""
+    page, _, errors = _page(browser, server)
+    _open_example(page, "Sounds (13 s)")
+    _ask(page, "Anything to say?", False, 1)
+    page.locator(f"{WAVE} .play").click()
+    page.wait_for_function(f"() => !document.querySelector('{WAVE}').shadowRoot.querySelector('audio').paused")
+    page.get_by_role("button", name="Speak the answer").click()
+    page.wait_for_function(SPOKEN_PLAYING, arg=0.3, timeout=30_000)  # well under way, as a listener hears it
+    assert _recording_audio(page)["paused"], "Speak the answer paused the recording"
+    page.locator(f"{WAVE} .play").click()
+    page.wait_for_timeout(200)
+    assert not page.evaluate(SPOKEN_PLAYING, 0), "Play on the recording paused the spoken answer"
+    page.wait_for_function(f"() => !document.querySelector('{WAVE}').shadowRoot.querySelector('audio').paused")
+    page.wait_for_function("() => document.querySelector('#afn-history input').value.includes('sounds')")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.locator("#afn-delete").click()
+    page.locator("#afn-status", has_text="Deleted").wait_for(timeout=10_000)
+    page.wait_for_timeout(300)
+    assert _recording_audio(page) == {"paused": True, "src": None}
+    assert not errors, errors
+    page.context.close()
+
+
+def test_the_waveforms_clock_stays_on_one_line_on_a_phone(browser, server, tmp_path):
+    """On a phone a long file name took the clock's room and broke "0:00 / 0:10" over three lines."""
+    clip = tmp_path / ("the_weekly_engineering_meeting_about_the_voice_assistant_" * 2 + ".wav")
+    soundfile.write(clip, (0.3 * np.sin(np.arange(32000) / 5)).astype(np.float32), 16000, subtype="PCM_16")
+    page, _, errors = _page(browser, server, viewport={"width": 375, "height": 800})
+    page.get_by_role("tab", name="Recordings").click()
+    page.locator("#afn-upload input[type=file]").set_input_files(str(clip))
+    page.wait_for_function(f"() => document.querySelector('{WAVE}')?.dataset.duration")
+    clock, button = page.locator(f"{WAVE} .time").bounding_box(), page.locator(f"{WAVE} .play").bounding_box()
+    assert clock["height"] <= button["height"], clock
     assert not errors, errors
     page.context.close()

@@ -293,3 +293,25 @@ def test_deleting_a_conversation_asks_first_and_quotes_its_title_once(browser, t
     assert asked == [f"Delete {shown} and its audio? This cannot be undone."]
     assert not [method for method, _, _ in talk.history if method == "DELETE"]
     talk.close()
+
+
+def test_each_conversation_s_buttons_and_each_replay_say_which_they_are_for(browser):
+    """A screen reader lists buttons by name: "Open, Rename, Delete" once per conversation told nothing apart."""
+    talk = Page(browser, kept=True)
+    talk.page.locator(f"{TALK} .history summary").click()
+    for verb in ("Open", "Rename", "Delete"):
+        assert talk.page.get_by_role("button", name=f'{verb} "Voice conversation"').count() == 1, verb
+    assert talk.page.get_by_role("button", name="Replay your turn 1").count() == 1  # the kept turn
+    assert talk.page.get_by_role("button", name="Replay your turn 2").count() == 1  # the turn said since
+    talk.close()
+
+
+def test_a_long_link_in_a_reply_wraps_on_a_phone_instead_of_running_out_of_sight(browser):
+    talk = Page(browser)
+    talk.page.set_viewport_size({"width": 375, "height": 700})
+    talk.deliver({"type": "response.created", "response": {"id": "r1"}})
+    talk.deliver({"type": "response.output_text.delta", "response_id": "r1",
+                  "delta": "See https://example.com/" + "a" * 200 + " for more."})
+    transcript = talk.page.locator(f"{TALK} .transcript")
+    assert transcript.evaluate("(ol) => ol.scrollWidth <= ol.clientWidth"), "the reply's row is wider than the page"
+    talk.close()

@@ -23,10 +23,10 @@ window.afnextOwner = (() => {
     remember(kind, id) { if (store) { if (id) store.setItem(OPEN + kind, id); else store.removeItem(OPEN + kind); } },
     recalled(kind) { return (store && store.getItem(OPEN + kind)) || ""; },
     headers() { return { "X-AFNext-Owner": this.token() }; },
-    // A title that is quoted already (a voice conversation's first answer, “…”) is not quoted again.
+    // A title in quotes, unless it is quoted already (a voice conversation's first answer, “…”).
+    quoted(title) { return /^(\u201c[^]*\u201d|"[^]*"|\u00ab[^]*\u00bb)$/.test(title) ? title : `"${title}"`; },
     confirmDelete(title) {
-      const shown = /^(\u201c[^]*\u201d|"[^]*"|\u00ab[^]*\u00bb)$/.test(title) ? title : `"${title}"`;
-      return window.confirm(`Delete ${shown} and its audio? This cannot be undone.`);
+      return window.confirm(`Delete ${this.quoted(title)} and its audio? This cannot be undone.`);
     },
   };
 })();

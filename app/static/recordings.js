@@ -30,6 +30,8 @@ window.afnextRecordings = (() => {
       setTimeout(() => document.querySelector("#afn-ask")?.click(), 0);  // once Gradio has let the last ask go
       return undefined;
     },
+    // Speak the answer: the waveform's recording (waveform.js listens for this) stops playing under it.
+    pausePlayback() { document.dispatchEvent(new Event("afnext-pause-recording")); },
     // Another recording opened: a question waiting for the old one's answer is not sent to it.
     forget() { waiting = false; },
     think() { try { return localStorage.getItem(THINK) === "1"; } catch (e) { return false; } },  // blocked: off

@@ -24,7 +24,7 @@ root.innerHTML = `
   .notice { background: #fde68a55; border-left: 4px solid #f59e0b; padding: .5em .8em; margin: .6em 0; }
   .latency { opacity: .75; font-size: .9em; margin: .4em 0; min-height: 1.2em; font-variant-numeric: tabular-nums; }
   ol { list-style: none; padding: 0; margin: .5em 0; max-height: 28em; overflow-y: auto; }
-  li { padding: .45em .7em; margin: .3em 0; border-radius: 8px; }
+  li { padding: .45em .7em; margin: .3em 0; border-radius: 8px; overflow-wrap: anywhere; }  /* a long link wraps */
   li.user { background: #8881; } li.assistant { background: #3b82f614; }
   li .who { font-weight: 600; margin-right: .5em; }
   li.interrupted .answer::after { content: " — interrupted"; opacity: .6; font-style: italic; }
@@ -344,6 +344,12 @@ function userRow() {
   li.insertAdjacentHTML("beforeend", `<span class="said"></span> <button class="replay">▶ replay</button>`);
   li.querySelector(".said").textContent = `(${seconds.toFixed(1)} s of speech)`;
   li.querySelector(".replay").addEventListener("click", () => replay(audio));
+  named(li);
+}
+
+function named(li) {  // a replay button says whose turn it plays: a screen reader lists them all as one otherwise
+  const n = $(".transcript").querySelectorAll("li.user").length;
+  li.querySelector(".replay").setAttribute("aria-label", `Replay your turn ${n}`);
 }
 
 function concat(chunks) {
@@ -527,6 +533,8 @@ async function list() {
     li.querySelector(".open").addEventListener("click", () => openKept(c.id));
     li.querySelector(".rename").addEventListener("click", () => rename(c));
     li.querySelector(".delete").addEventListener("click", () => forget(c));
+    for (const b of li.querySelectorAll("button"))  // "Open", "Rename", "Delete" alone tell conversations apart to no one
+      b.setAttribute("aria-label", `${b.textContent} ${afnextOwner.quoted(c.title)}`);
     ul.append(li);
   }
   const mb = found.disk_bytes / 1e6;
@@ -546,6 +554,7 @@ async function show(id) {  // a kept conversation's transcript, as the transcrip
       if (t.audio) {
         li.insertAdjacentHTML("beforeend", ` <button class="replay">▶ replay</button>`);
         li.querySelector(".replay").addEventListener("click", () => replayKept(id, turn));
+        named(li);
       }
     } else {
       const li = row("assistant", "Assistant:");

@@ -14,8 +14,8 @@ root.innerHTML = `
   .empty { padding: 2.5em 1em; text-align: center; opacity: .65; border: 1px dashed currentColor; border-radius: 8px; }
   .controls { display: flex; gap: .75em; align-items: center; margin-bottom: .4em; }
   button { font: inherit; cursor: pointer; border-radius: 6px; border: 1px solid #8888; background: none; color: inherit; padding: .15em .7em; }
-  .time { font-variant-numeric: tabular-nums; }
-  .name { opacity: .7; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+  .time { font-variant-numeric: tabular-nums; white-space: nowrap; }  /* a long name shrinks, never the clock */
+  .name { opacity: .7; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; min-width: 0; }
   .lane { position: relative; height: 96px; }
   .track { position: absolute; inset: 0; cursor: pointer; background: #8881; border-radius: 6px; overflow: hidden; }
   canvas { width: 100%; height: 100%; display: block; }
@@ -187,7 +187,8 @@ function render() {
   if (data && Array.isArray(data.steps)) data.steps.sort((a, b) => a.start - b.start);
   $(".empty").hidden = !!data;
   $(".wave").hidden = !data;
-  if (!data) { audio.removeAttribute("src"); return; }
+  // No recording (deleted, or gone from the server): removing src alone would let it play on, unstoppable.
+  if (!data) { audio.pause(); audio.removeAttribute("src"); return; }
   if (audio.getAttribute("src") !== data.url) { audio.src = data.url; }
   $(".name").textContent = data.name;
   draw();
@@ -196,8 +197,17 @@ function render() {
 }
 
 $(".play").addEventListener("click", () => (audio.paused ? audio.play().catch(() => {}) : audio.pause()));
-audio.addEventListener("play", () => { $(".play").textContent = "Pause"; tick(); });
+// One sound at a time: the recording pauses any other player on the page (the spoken answer: Gradio's player
+// keeps its <audio> in a shadow root, and a media element's "play" does not leave one, so each is looked for).
+function pauseOthers(node = document) {
+  for (const el of node.querySelectorAll("*")) {
+    if (el instanceof HTMLMediaElement && el !== audio && !el.paused) el.pause();
+    if (el.shadowRoot && el.shadowRoot !== root) pauseOthers(el.shadowRoot);
+  }
+}
+audio.addEventListener("play", () => { $(".play").textContent = "Pause"; pauseOthers(); tick(); });
 audio.addEventListener("pause", () => ($(".play").textContent = "Play"));
+document.addEventListener("afnext-pause-recording", () => audio.pause());  // Speak the answer (recordings.js)
 audio.addEventListener("timeupdate", follow);
 audio.addEventListener("seeked", follow);
 track.addEventListener("click", (e) => {
