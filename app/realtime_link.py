@@ -6,7 +6,8 @@ the assistant's events back out as server events. With server VAD (the default) 
 streams in and turns end on silence; with `turn_detection: null` the client commits its audio (or
 creates a text or audio item) and asks for a response. Speech over a reply cancels it at once
 (`response.done` with status `cancelled`); `conversation.item.truncate` then makes the model remember
-only the part of the reply that was heard.
+only the part of the reply that was heard. `conversation.item.retrieve` shows any item of the socket's;
+`conversation.item.delete` takes back one still waiting for a response (the model has not heard it).
 
 A kept conversation's session is the one live in the server's `Live` registry, or one rebuilt from the
 store, and it goes on with the instructions it was kept with.
@@ -39,6 +40,18 @@ log = logging.getLogger(__name__)
 MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
 MIN_COMMIT_MS = 100  # the shortest buffer a commit takes, as OpenAI's (the model needs more than 20 ms)
 MAX_PENDING_EVENTS = 512  # client events waiting for the feeder (~50 s of 100 ms appends); more: the socket ends
+
+
+class _FirstTurn:
+    """The session an assistant answers in: the link's, opened when its first turn is asked, not when
+    the first audio is heard, so a client may set instructions until then (Pipecat sends its context's
+    while the microphone streams already)."""
+
+    def __init__(self, link: RealtimeLink) -> None:
+        self.link = link
+
+    def ask(self, *args, **kwargs):
+        return self.link.opened().ask(*args, **kwargs)
 
 
 class _Mute:
@@ -75,6 +88,7 @@ class RealtimeLink:
         self.think = model == "think"  # the Think model reasons first: shown as reasoning_text, never spoken
         self.config = wire.Config.for_model(model)
         self.session: Session | None = None  # made at the first turn, with the instructions then in force
+        self._session_lock = threading.Lock()  # opening it (a turn's thread) vs. changing the instructions
         self.assistant: Assistant | None = None
         self._inbox: queue.Queue = queue.Queue(MAX_PENDING_EVENTS)
         self._buffer: list[np.ndarray] = []  # appended audio (24 kHz int16) awaiting a commit, manual mode
@@ -82,8 +96,10 @@ class RealtimeLink:
         # turns the server VAD heard when create_response is off, so under a lock.
         self._items: list[tuple[str, str, np.ndarray | None]] = []
         self._items_lock = threading.Lock()
-        self._last_item: str | None = None
-        self._ids: set[str] = set()  # every item's id, so a client's own ids stay unique
+        # Every item of the conversation as the protocol shows it, in order (the last is the latest), for
+        # conversation.item.retrieve; and every id ever used, so a client's own ids stay unique.
+        self._shown: dict[str, dict] = {}
+        self._ids: set[str] = set()
         self._out = Responses(self)
         self._closing, self._closed = threading.Lock(), False
         if kept is not None and kept.system is not None:  # a kept conversation goes on with its instructions
@@ -130,11 +146,12 @@ class RealtimeLink:
             try:
                 getattr(self, "_on_" + event["type"].replace(".", "_"))(event)
             except wire.ProtocolError as exc:
-                exc.event_id = exc.event_id or (event.get("event_id") if isinstance(event.get("event_id"), str) else None)
+                exc.event_id = exc.event_id or wire.client_event_id(event)
                 self.send(wire.error(exc))
-            except Exception:  # ours, not the client's: say so and go on
+            except Exception:  # ours, not the client's: say so (naming the event, as every error does) and go on
                 log.exception("realtime: could not handle %s", event.get("type"))
-                self.send(wire.error(wire.ProtocolError("The server could not handle that event.", "server_error")))
+                self.send(wire.error(wire.ProtocolError("The server could not handle that event.", "server_error",
+                                                        wire.client_event_id(event))))
 
     def _on_session_update(self, event: dict) -> None:
         config = wire.updated(self.config, event.get("session"))
@@ -142,9 +159,11 @@ class RealtimeLink:
                           or config.max_output_tokens != self.config.max_output_tokens):
             raise wire.ProtocolError("The page's session takes turn detection settings only; other clients send "
                                      "the API key.", "page_session")
-        if config.instructions != self.config.instructions and (self.session is not None or (
-                self.kept is not None and self.kept.turns)):
-            raise wire.ProtocolError("instructions can only be set before the first turn.")
+        with self._session_lock:  # a turn that begins now opens the session with these instructions or refuses them
+            if config.instructions != self.config.instructions and (self.session is not None or (
+                    self.kept is not None and self.kept.turns)):
+                raise wire.ProtocolError("instructions can only be set before the first turn.")
+            self.config = replace(self.config, instructions=config.instructions)
         if self.assistant is not None and _voice_changed(self.config, config):
             self.assistant.close()  # the next turn starts on an assistant with the new settings
             self._out.join()
@@ -171,8 +190,7 @@ class RealtimeLink:
             raise wire.ProtocolError(f"The audio buffer holds {held_ms:.0f} ms of audio; commit at least "
                                      f"{MIN_COMMIT_MS} ms.", "input_audio_buffer_commit_empty")
         audio, self._buffer = np.concatenate(self._buffer), []
-        item, before = self._add_user("", audio)
-        self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=before))
+        self._add_user("", audio, committed=True)
 
     def _on_input_audio_buffer_clear(self, event: dict) -> None:
         self._buffer = []
@@ -188,8 +206,36 @@ class RealtimeLink:
         text, audio = wire.user_item(item)
         self._add_user(text, audio, item.get("id"), after=event.get("previous_item_id"))
 
+    def _on_conversation_item_retrieve(self, event: dict) -> None:
+        item = event.get("item_id")
+        with self._items_lock:
+            shown = self._shown.get(item) if isinstance(item, str) else None
+        if shown is None:
+            raise wire.ProtocolError(f"There is no item {str(item)[:80]!r} in the conversation.",
+                                     "item_retrieve_invalid_item_id")
+        self.send(wire.event("conversation.item.retrieved", item=shown))
+
+    def _on_conversation_item_delete(self, event: dict) -> None:
+        """Deletes an item still waiting for a response; one the model has heard stays (its tokens are
+        the conversation's, and its KV cache was built on them)."""
+        item = event.get("item_id")
+        with self._items_lock:
+            waiting = [held for held in self._items if held[0] == item]
+            if waiting:
+                self._items.remove(waiting[0])
+                del self._shown[item]
+                self._ids.discard(item)
+            elif isinstance(item, str) and item in self._shown:
+                raise wire.ProtocolError(f"Only items still waiting for a response can be deleted; the model has "
+                                         f"heard {item[:80]!r} already.", "item_delete_invalid_item_id")
+            else:
+                raise wire.ProtocolError(f"There is no item {str(item)[:80]!r} in the conversation.",
+                                         "item_delete_invalid_item_id")
+        self.send(wire.event("conversation.item.deleted", item_id=item))
+
     def _on_response_create(self, event: dict) -> None:
         tokens = wire.check_response(self.config, event.get("response"))
+        metadata = wire.response_metadata(event.get("response"))
         # being made: announced (answering), or asked for and not announced yet (busy)
         if self._out.answering() or (self.assistant is not None and self.assistant.busy):
             raise wire.ProtocolError("A response is already in progress; wait for its response.done, or send "
@@ -203,6 +249,8 @@ class RealtimeLink:
         own = None if tokens is None else GenerationOptions(max_new_tokens=tokens)  # this response's limit
         if tokens is not None:
             self._out.limits[items[-1][0]] = tokens
+        if metadata is not None:
+            self._out.metadata[items[-1][0]] = metadata
         self._assistant().say(np.concatenate(clips) if clips else None, text, tag=items[-1][0], generation=own)
 
     def _on_response_cancel(self, event: dict) -> None:
@@ -238,23 +286,27 @@ class RealtimeLink:
         self.send(wire.event("conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=ms))
 
     def _add_user(self, text: str, audio: np.ndarray | None, item: str | None = None,
-                  after: object = None) -> tuple[str, str | None]:
-        """A user item made (its id: the client's, or a new one) and announced; (its id, the one before it)."""
+                  after: object = None, committed: bool = False) -> None:
+        """A user item made (its id: the client's, or a new one) and announced: `committed` from the audio
+        buffer, which OpenAI's server says before the item is added."""
         item = item or wire.new_id("item")
         content = ([{"type": "input_audio", "transcript": None}] if audio is not None else []) + \
                   ([{"type": "input_text", "text": text}] if text else [])
         shown = wire.Item(item, "user", content).shown()
-        before = self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE), after)
+        before = self.hold(item, text, None if audio is None else to_mono_16k(audio, wire.AUDIO_RATE), after, shown)
+        if committed:
+            self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=before))
         self.send(wire.event("conversation.item.added", previous_item_id=before, item=shown))
         self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
-        return item, before
 
-    def hold(self, item: str, text: str, audio: np.ndarray | None, after: object = None) -> str | None:
-        """Keep a user item (audio at 16 kHz) for the next response.create; the item before it. Any
-        thread; ProtocolError when MAX_ITEMS wait already, when the item's id is taken, or when `after`
-        (a client's previous_item_id) is not the last item: items go at the end."""
+    def hold(self, item: str, text: str, audio: np.ndarray | None, after: object = None,
+             shown: dict | None = None) -> str | None:
+        """Keep a user item (audio at 16 kHz; `shown` as the protocol shows it) for the next
+        response.create; the item before it. Any thread; ProtocolError when MAX_ITEMS wait already, when
+        the item's id is taken, or when `after` (a client's previous_item_id) is not the last item:
+        items go at the end."""
         with self._items_lock:
-            last = self._last_item
+            last = next(reversed(self._shown), None)
             if after is not None and after != last and not (after == "root" and last is None):
                 raise wire.ProtocolError("Items are added at the end of the conversation: previous_item_id must be "
                                          "the last item's id, or be left out.")
@@ -265,20 +317,34 @@ class RealtimeLink:
                                          "item_id_duplicate")
             self._items.append((item, text, audio))
             self._ids.add(item)
-            before, self._last_item = self._last_item, item
-        return before
+            self._shown[item] = shown or wire.Item(item, "user", []).shown()
+        return last
 
-    def chain(self, item: str) -> str | None:
-        """`item` is now the conversation's last; the one before it. Any thread."""
+    def chain(self, item: str, shown: dict) -> str | None:
+        """`item` (as the protocol shows it) is now the conversation's last; the one before it. Any thread."""
         with self._items_lock:
-            before, self._last_item = self._last_item, item
+            before = next(reversed(self._shown), None)
+            self._shown[item] = shown
             self._ids.add(item)
         return before
 
-    def _assistant(self) -> Assistant:
-        if self.assistant is None:
+    def show(self, item: str, shown: dict) -> None:
+        """An item changed (a reply is done): what conversation.item.retrieve shows from now on."""
+        with self._items_lock:
+            if item in self._shown:
+                self._shown[item] = shown
+
+    def opened(self) -> Session:
+        """The conversation's session, opened at its first turn. Any thread."""
+        with self._session_lock:
             if self.session is None:
                 self.session = self._open_session()
+            return self.session
+
+    def _assistant(self) -> Assistant:
+        if self.assistant is None:
+            if self.kept is not None and self.kept.turns:  # rebuilt now, while the user speaks: its
+                self.opened()  # instructions are the kept ones, and a long conversation takes a while
             complete, longest = wire.EAGERNESS[self.config.eagerness]
             endpointer = EndpointerOptions(hangover_ms=self.config.silence_ms, semantic=self.config.semantic,
                                            complete=complete, max_silence_ms=longest)
@@ -287,7 +353,7 @@ class RealtimeLink:
                                        generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
                                        endpointer=endpointer)
             voice = self.synthesizer if self.config.audio_out else _Mute()
-            self.assistant = Assistant(self.session, voice, options)
+            self.assistant = Assistant(_FirstTurn(self), voice, options)
             self._out.follow(self.assistant)
         return self.assistant
 

@@ -1,7 +1,9 @@
 """One Realtime socket's responses (`Responses`): a reader thread turns the assistant's events into
 server events — the user items the server VAD heard, then each response's `response.created`, its
 deltas (text, reasoning, 24 kHz audio) and `response.done`, whose `status_details` say why one did not
-complete — and keeps what `conversation.item.truncate` needs of the latest reply (`heard`).
+complete — and keeps what `conversation.item.truncate` needs of the latest reply (`heard`). A reply
+begun while a cut-off one still winds down holds its events until that one's `response.done`, so
+responses never overlap on the wire.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Responses:
         # is done only once its turn has wound down, which may be after the next turn began
         self._latest: dict | None = None  # the last reply the session holds, for truncate
         self.limits: dict[object, int] = {}  # a response.create's own max_output_tokens, by its turn's tag
+        self.metadata: dict[object, dict] = {}  # a response.create's own metadata, by its turn's tag
 
     def follow(self, assistant: Assistant) -> None:
         self._thread = threading.Thread(target=self._read, args=(assistant,), name="afnext-realtime-read", daemon=True)
@@ -69,6 +72,7 @@ class Responses:
             self._replies[0]["status"] = "cancelled"
             self._finish(VoiceTurnDone(0.0, None, None))
         self.limits.clear()
+        self.metadata.clear()
 
     def running(self, item: object) -> bool:
         """The reply with this item id is still being made."""
@@ -105,7 +109,7 @@ class Responses:
         elif isinstance(inner, UserTurn) and not inner.answered:
             item = self._speech_item or wire.new_id("item")
             try:  # heard and kept (before the client hears of it): it asks for the answer with response.create
-                before = self.link.hold(item, "", inner.audio)
+                before = self.link.hold(item, "", inner.audio, shown=_heard_item(item))
             except wire.ProtocolError:
                 self.send(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=round(inner.end * 1000),
                                      item_id=item))
@@ -120,12 +124,12 @@ class Responses:
         elif isinstance(inner, ReasoningDelta):
             reply = self._replies[-1]
             reply["reasoning"] += inner.text
-            self.send(wire.event("response.reasoning_text.delta", **_where(reply), delta=inner.text))
+            self._send(reply, wire.event("response.reasoning_text.delta", **_where(reply), delta=inner.text))
         elif isinstance(inner, TextDelta):
             reply = self._replies[-1]
             reply["transcript"] += inner.text
             kind = "response.output_audio_transcript.delta" if self.link.config.audio_out else "response.output_text.delta"
-            self.send(wire.event(kind, **_where(reply), delta=inner.text))
+            self._send(reply, wire.event(kind, **_where(reply), delta=inner.text))
         elif isinstance(inner, AudioChunk):
             self._audio(self._replies[-1], self._voice.push(inner))
         elif isinstance(inner, Interrupted):
@@ -133,7 +137,7 @@ class Responses:
             self._voice.drop()
         elif isinstance(inner, Error):
             self._replies[-1]["status"], self._replies[-1]["error"] = "failed", inner.message
-            self.send(wire.error(wire.ProtocolError(inner.message, "server_error")))
+            self._send(self._replies[-1], wire.error(wire.ProtocolError(inner.message, "server_error")))
         elif isinstance(inner, VoiceTurnDone):
             self._finish(inner)
 
@@ -141,10 +145,10 @@ class Responses:
         """A turn the endpointer heard: its item (after `before`), committed from the audio buffer."""
         if item is None:
             item = self._speech_item or wire.new_id("item")
-            before = self.link.chain(item)
+            before = self.link.chain(item, _heard_item(item))
         self.send(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=round(turn.end * 1000), item_id=item))
         self.send(wire.event("input_audio_buffer.committed", item_id=item, previous_item_id=before))
-        shown = wire.Item(item, "user", [{"type": "input_audio", "transcript": None}]).shown()
+        shown = _heard_item(item)
         self.send(wire.event("conversation.item.added", previous_item_id=before, item=shown))
         self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
         return item
@@ -154,24 +158,38 @@ class Responses:
         if item is None:
             item = self._announce(turn)
         reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "reasoning": "", "audio_ms": 0.0,
-                 "status": "completed", "done": threading.Event(),
-                 "limit": self.limits.pop(turn.tag, None) or self.link.config.max_output_tokens}
+                 "status": "completed", "done": threading.Event(), "held": [],
+                 "limit": self.limits.pop(turn.tag, None) or self.link.config.max_output_tokens,
+                 "metadata": self.metadata.pop(turn.tag, None),
+                 # the conversation in the KV cache as the turn begins: the prompt it need not prefill
+                 "cached": self.link.session.cached_tokens if self.link.session is not None else 0}
         self._replies.append(reply)
-        self.link.chain(reply["item"])
-        self.send(wire.event("response.created", response=self._shown(reply, "in_progress")))
-        self.send(wire.event("response.output_item.added", response_id=reply["id"], output_index=0,
-                             item=self._item(reply, "in_progress").shown()))
-        self.send(wire.event("conversation.item.added", previous_item_id=item,
-                             item=self._item(reply, "in_progress").shown()))
-        self.send(wire.event("response.content_part.added", **_where(reply), part=self._part(reply)))
+        self.link.chain(reply["item"], self._item(reply, "in_progress").shown())
+        self._send(reply, wire.event("response.created", response=self._shown(reply, "in_progress")))
+        self._send(reply, wire.event("response.output_item.added", response_id=reply["id"], output_index=0,
+                                     item=self._item(reply, "in_progress").shown()))
+        self._send(reply, wire.event("conversation.item.added", previous_item_id=item,
+                                     item=self._item(reply, "in_progress").shown()))
+        self._send(reply, wire.event("response.content_part.added", **_where(reply), part=self._part(reply)))
+
+    def _send(self, reply: dict, event: dict) -> None:
+        """A reply's event, held while an older reply (cancelled, winding down) is not done: OpenAI's
+        server ends a response (response.done) before the next one's response.created, and clients that
+        follow one response at a time (LiveKit's, Pipecat's) would end the new one at the old one's done."""
+        if reply["held"] is not None and self._replies[0] is not reply:  # (None: done, off the queue)
+            reply["held"].append(event)
+        else:
+            self.send(event)
 
     def _audio(self, reply: dict, samples: np.ndarray) -> None:
         if len(samples) and reply["status"] != "cancelled":
             reply["audio_ms"] += 1000 * len(samples) / wire.AUDIO_RATE
-            self.send(wire.event("response.output_audio.delta", **_where(reply), delta=wire.b64_pcm16(samples)))
+            delta = wire.b64_pcm16(samples)
+            self._send(reply, wire.event("response.output_audio.delta", **_where(reply), delta=delta))
 
     def _finish(self, done: VoiceTurnDone) -> None:
         reply = self._replies.popleft()
+        reply["held"] = None  # the oldest: its events went out as they came, and its last ones go now
         if reply["status"] != "cancelled" and done.reply is not None and done.reply.interrupted:
             reply["status"] = "cancelled"
         if reply["status"] == "completed" and done.reply is not None and len(done.reply.token_ids) >= reply["limit"]:
@@ -188,12 +206,10 @@ class Responses:
             self.send(wire.event("response.output_text.done", **where, text=text))
         self.send(wire.event("response.content_part.done", **where, part=self._part(reply)))
         item = self._item(reply, "completed" if reply["status"] == "completed" else "incomplete").shown()
+        self.link.show(reply["item"], item)
         self.send(wire.event("response.output_item.done", response_id=reply["id"], output_index=0, item=item))
         self.send(wire.event("conversation.item.done", item=item))
-        usage = None
-        if done.reply is not None:
-            prompt, out = done.reply.prompt_tokens, len(done.reply.token_ids)
-            usage = {"total_tokens": prompt + out, "input_tokens": prompt, "output_tokens": out}
+        usage = _usage(done.reply, reply["cached"])
         timings = None if done.timings is None else {  # an extension: where the turn's time went
             "endpoint_s": done.timings.endpoint_s, "ttft_s": done.timings.ttft_s, "first_audio_s": done.timings.first_audio_s}
         self.send(wire.event("response.done", response={**self._shown(reply, reply["status"]), "output": [item],
@@ -202,6 +218,10 @@ class Responses:
             reply["messages"] = len(self.link.session.messages)
             self._latest = reply
         reply["done"].set()
+        if self._replies:  # the next reply goes on the wire now, what it held first
+            held, self._replies[0]["held"] = self._replies[0]["held"], []
+            for event in held:
+                self.send(event)
 
     def _shown(self, reply: dict, status: str) -> dict:
         """The response object; once done, `status_details` says why one did not complete, as OpenAI's does."""
@@ -211,7 +231,7 @@ class Responses:
         return {"id": reply["id"], "object": "realtime.response", "status": status, "status_details": details,
                 "output": [], "conversation_id": self.link.conversation_id,
                 "output_modalities": ["audio"] if self.link.config.audio_out else ["text"],
-                "max_output_tokens": reply["limit"]}
+                "max_output_tokens": reply["limit"], "metadata": reply.get("metadata")}
 
     def _part(self, reply: dict) -> dict:
         """The reply's one content part as `response.content_part.*` show it (its text so far)."""
@@ -223,6 +243,20 @@ class Responses:
         kind = "output_audio" if self.link.config.audio_out else "output_text"
         key = "transcript" if kind == "output_audio" else "text"
         return wire.Item(reply["item"], "assistant", [{"type": kind, key: reply["transcript"]}], status)
+
+
+def _heard_item(item: str) -> dict:
+    """A user item the server VAD heard (audio only; no transcript is made)."""
+    return wire.Item(item, "user", [{"type": "input_audio", "transcript": None}]).shown()
+
+
+def _usage(reply, cached: int) -> dict:
+    """response.done's usage, always an object (clients read its fields unguarded): zeros for a reply
+    that never began. The model writes text tokens only; the speech is made from them."""
+    prompt, out = (reply.prompt_tokens, len(reply.token_ids)) if reply is not None else (0, 0)
+    return {"total_tokens": prompt + out, "input_tokens": prompt, "output_tokens": out,
+            "input_token_details": {"cached_tokens": min(cached, prompt)},
+            "output_token_details": {"text_tokens": out, "audio_tokens": 0}}
 
 
 def _where(reply: dict) -> dict:

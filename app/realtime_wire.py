@@ -21,7 +21,7 @@ ROUTE = "/v1/realtime"
 AUDIO_RATE = 24_000  # Hz of pcm16 in and out, as OpenAI's Realtime API speaks
 CLIENT_EVENTS = ("session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
                  "input_audio_buffer.clear", "conversation.item.create", "conversation.item.truncate",
-                 "response.create", "response.cancel")
+                 "conversation.item.retrieve", "conversation.item.delete", "response.create", "response.cancel")
 MAX_OUTPUT_TOKENS = 4096  # a spoken reply; the Think card's limit
 DEFAULT_OUTPUT_TOKENS = 256  # spoken replies stay short (the voice loop's default)
 THINK_OUTPUT_TOKENS = 1024  # the Think model reasons before it answers: a longer default reply
@@ -81,7 +81,7 @@ def parse(text: str | bytes) -> dict:
     event = _typed_object(text, "The message is not valid JSON.", "A client event must be a JSON object with a \"type\".")
     if event["type"] not in CLIENT_EVENTS:
         raise ProtocolError(f"Unknown or unsupported client event type {event['type'][:60]!r}.",
-                            event_id=_event_id(event))
+                            event_id=client_event_id(event))
     return event
 
 
@@ -120,8 +120,8 @@ def updated(config: Config, session: object) -> Config:
 
 def check_response(config: Config, response: object) -> int | None:
     """A response.create's own `response` settings: its max_output_tokens, if it sets them (None: the
-    session's); ProtocolError for any other setting that would differ from the session's (metadata is
-    taken and not used)."""
+    session's); ProtocolError for any other setting that would differ from the session's (its metadata
+    is `response_metadata`'s)."""
     if response is None:
         return None
     if not isinstance(response, dict):
@@ -135,10 +135,32 @@ def check_response(config: Config, response: object) -> int | None:
     modalities = response.get("output_modalities", response.get("modalities"))
     if modalities is not None and (not isinstance(modalities, list) or ("audio" in modalities) != config.audio_out):
         raise ProtocolError("A response's output_modalities are the session's; change them with session.update.")
+    audio = response.get("audio") if isinstance(response.get("audio"), dict) else {}
+    output = audio.get("output") if isinstance(audio.get("output"), dict) else {}
+    _check_format(output.get("format", response.get("output_audio_format")))
     tokens = response.get("max_output_tokens", response.get("max_response_output_tokens"))
     if tokens is None:
         return None
     return MAX_OUTPUT_TOKENS if tokens == "inf" else _whole(tokens, "max_output_tokens")
+
+
+MAX_METADATA_KEYS = 16  # a response's metadata, as OpenAI takes it: 16 pairs of short strings
+MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 64, 512
+
+
+def response_metadata(response: object) -> dict | None:
+    """A response.create's own `metadata`, given back on its response.created and response.done (LiveKit
+    finds the response its generate_reply asked for by the `client_event_id` in it); ProtocolError for
+    anything but up to 16 pairs of short strings."""
+    metadata = response.get("metadata") if isinstance(response, dict) else None
+    if metadata is None:
+        return None
+    if not (isinstance(metadata, dict) and len(metadata) <= MAX_METADATA_KEYS and all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_METADATA_KEY_CHARS
+            and len(v) <= MAX_METADATA_VALUE_CHARS for k, v in metadata.items())):
+        raise ProtocolError(f"A response's metadata must map at most {MAX_METADATA_KEYS} keys of up to "
+                            f"{MAX_METADATA_KEY_CHARS} characters to strings of up to {MAX_METADATA_VALUE_CHARS}.")
+    return dict(metadata)
 
 
 def _detection(value: object) -> dict:
@@ -277,10 +299,13 @@ def user_item(item: dict) -> tuple[str, np.ndarray | None]:
     audio = [pcm16(p.get("audio")) for p in parts if isinstance(p, dict) and p.get("type") == "input_audio"]
     if len(texts) + len(audio) != len(parts) or len(audio) > 1:
         raise ProtocolError("A user message holds input_text parts and at most one input_audio part.")
+    if any(not len(a) for a in audio) or not (audio or any(t.strip() for t in texts)):
+        raise ProtocolError("A user message needs words or audio; this one is empty.")  # nothing to answer
     return "\n".join(texts), (audio[0] if audio else None)
 
 
-def _event_id(event: dict) -> str | None:
+def client_event_id(event: dict) -> str | None:
+    """The client's own id of `event`, which an `error` about it names (cut to 80 characters)."""
     value = event.get("event_id")
     return value[:80] if isinstance(value, str) else None
 

@@ -271,8 +271,11 @@ def test_settings_this_server_cannot_honour_are_refused_not_dropped():
             wire.updated(config, session)
     assert wire.updated(config, {"type": "realtime", "tools": [], "tool_choice": "auto"}) == config
     for response in ({"instructions": "Be brief."}, {"conversation": "none"}, {"input": [{"type": "message"}]},
-                     {"output_modalities": ["text"]}, {"max_output_tokens": -3}):
+                     {"output_modalities": ["text"]}, {"max_output_tokens": -3},
+                     {"audio": {"output": {"format": {"type": "audio/pcmu"}}}}, {"output_audio_format": "g711_ulaw"}):
         with pytest.raises(wire.ProtocolError):
             wire.check_response(config, response)
     assert wire.check_response(config, {"output_modalities": ["audio"], "metadata": {"topic": "x"}}) is None
     assert wire.check_response(config, {"modalities": ["text", "audio"], "max_output_tokens": 3}) == 3  # its own
+    assert wire.check_response(config, {"audio": {"output": {"format": {"type": "audio/pcm", "rate": 24000},
+                                                             "voice": "alloy"}}}) is None

@@ -1,0 +1,244 @@
+"""/v1/realtime event by event against OpenAI's GA Realtime protocol as the openai SDK's types define it
+and as voice frameworks read it: the order of a commit's events, retrieving and deleting items, and
+response.done's usage. In-process sockets on the tiny model (tests/test_realtime_hostile.py's)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from types import SimpleNamespace
+
+import numpy as np
+from openai.types.realtime import RealtimeServerEvent
+from pydantic import TypeAdapter
+
+from afnext.events import Interrupted, TextDelta, UserTurn, VoiceTurnDone
+from app import realtime_wire as wire
+from app.realtime_replies import Responses
+from tests import test_realtime_hostile as hostile
+from tests.test_realtime_hostile import URL, created, receive
+
+backend, serve = hostile.backend, hostile.serve  # its fixtures: /v1/realtime in process, on the tiny model
+
+SERVER_EVENT = TypeAdapter(RealtimeServerEvent)
+TEXT_MANUAL = {"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"],
+                                                      "max_output_tokens": 4,
+                                                      "audio": {"input": {"turn_detection": None}}}}
+
+
+def until(ws, kind: str, **fields) -> list[dict]:
+    """Server events up to and including the first `kind` (with `fields`), each checked against the SDK's
+    types: a shape the SDK cannot parse fails here."""
+    got = []
+    while True:
+        event = json.loads(receive(ws)["text"])
+        SERVER_EVENT.validate_python(event)
+        got.append(event)
+        if event["type"] == kind and all(event.get(k) == v for k, v in fields.items()):
+            return got
+
+
+def ask(ws, text: str, **item) -> None:
+    ws.send_json({"type": "conversation.item.create", "item": {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": text}], **item}})
+
+
+def test_a_committed_buffer_is_announced_before_its_item(serve):
+    """OpenAI's order: input_audio_buffer.committed, then conversation.item.added and .done (clients
+    that pair the commit with the item it made, as with server VAD, see the commit first)."""
+    with serve().websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0\0" * 4800).decode()})
+        ws.send_json({"type": "input_audio_buffer.commit"})
+        kinds = [e["type"] for e in until(ws, "conversation.item.done")]
+        assert kinds == ["input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"], kinds
+
+
+def test_items_are_retrieved_and_waiting_ones_deleted(serve):
+    """conversation.item.retrieve answers conversation.item.retrieved (Pipecat's retrieve_conversation_item
+    waits for it, and takes only item_retrieve_invalid_item_id as a non-fatal error); conversation.item.delete
+    (LiveKit syncs its chat context with it) deletes an item still waiting for a response, and refuses, in
+    one sentence, one the model has heard."""
+    with serve().websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        ask(ws, "Forget me.", id="mine_1")
+        until(ws, "conversation.item.done")
+        ws.send_json({"type": "conversation.item.retrieve", "item_id": "mine_1"})
+        item = until(ws, "conversation.item.retrieved")[-1]["item"]
+        assert item["id"] == "mine_1" and item["content"] == [{"type": "input_text", "text": "Forget me."}]
+        ws.send_json({"type": "conversation.item.retrieve", "item_id": "nope", "event_id": "rci_nope"})
+        error = until(ws, "error")[-1]["error"]
+        assert error["code"] == "item_retrieve_invalid_item_id" and error["event_id"] == "rci_nope"
+
+        ws.send_json({"type": "conversation.item.delete", "item_id": "mine_1", "event_id": "del_1"})
+        assert until(ws, "conversation.item.deleted")[-1]["item_id"] == "mine_1"
+        ws.send_json({"type": "response.create"})
+        assert "no user item" in until(ws, "error")[-1]["error"]["message"], "the deleted item was answered"
+
+        ask(ws, "Hello there.", id="mine_1")  # its id is free again
+        added = until(ws, "conversation.item.added")[-1]
+        assert added["previous_item_id"] is None, "the deleted item is no longer before it"
+        ws.send_json({"type": "response.create"})
+        done = until(ws, "response.done")[-1]["response"]
+        ws.send_json({"type": "conversation.item.retrieve", "item_id": done["output"][0]["id"]})
+        reply = until(ws, "conversation.item.retrieved")[-1]["item"]
+        assert reply == done["output"][0] and reply["role"] == "assistant"
+        ws.send_json({"type": "conversation.item.delete", "item_id": "mine_1", "event_id": "del_2"})
+        error = until(ws, "error")[-1]["error"]
+        assert error["code"] == "item_delete_invalid_item_id" and error["event_id"] == "del_2"
+        assert "heard" in error["message"]
+
+
+def test_response_done_carries_usage_with_its_details(serve):
+    """Every response.done has a usage object with input_token_details and output_token_details; the
+    second turn's prompt was mostly in the KV cache already (cached_tokens)."""
+    with serve().websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        usages = []
+        for text in ("Hello there.", "And again."):
+            ask(ws, text)
+            ws.send_json({"type": "response.create"})
+            usages.append(until(ws, "response.done")[-1]["response"]["usage"])
+        for usage in usages:
+            assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"] > 0
+            assert usage["output_token_details"] == {"text_tokens": usage["output_tokens"], "audio_tokens": 0}
+            assert 0 <= usage["input_token_details"]["cached_tokens"] <= usage["input_tokens"]
+        assert usages[0]["input_tokens"] < usages[1]["input_tokens"]
+        assert usages[0]["input_tokens"] <= usages[1]["input_token_details"]["cached_tokens"], usages
+
+
+def replies_on_a_stub() -> tuple[Responses, list[dict]]:
+    """The reader side of a link that only collects what it sends (its events checked by the SDK's types)."""
+    sent: list[dict] = []
+    link = SimpleNamespace(send=lambda e: (SERVER_EVENT.validate_python(e), sent.append(e)), config=wire.Config(),
+                           session=None, conversation_id="conv_1", chain=lambda *args: None, show=lambda *args: None)
+    return Responses(link), sent
+
+
+def turn(tag: str) -> UserTurn:
+    return UserTurn(0.0, 0.0, 0.0, np.zeros(0, np.float32), tag=tag)
+
+
+def test_a_reply_that_never_began_still_has_usage():
+    """A response cut off before its turn began (the client swapped the settings mid-reply) ends with a
+    usage object of zeros, never null: Pipecat reads `response.usage.input_tokens` unguarded."""
+    replies, sent = replies_on_a_stub()
+    replies._begin(turn("item_1"))
+    replies.abandon()
+    done = sent[-1]
+    assert done["type"] == "response.done" and done["response"]["status"] == "cancelled"
+    usage = done["response"]["usage"]
+    assert usage["input_tokens"] == usage["output_tokens"] == usage["input_token_details"]["cached_tokens"] == 0
+
+
+def test_a_responses_metadata_comes_back_on_it(serve):
+    """response.create's metadata is given back on its response.created and response.done, as OpenAI's
+    server does: LiveKit's generate_reply() waits for the response.created whose metadata carries its
+    client_event_id, and times out (though the reply plays) without it. Metadata that is not string
+    pairs is refused in one sentence."""
+    asked = {"client_event_id": "response_create_7f3a"}
+    with serve().websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        ask(ws, "Hello there.")
+        ws.send_json({"type": "response.create", "response": {"metadata": {"n": 3}}, "event_id": "bad_md"})
+        error = until(ws, "error")[-1]["error"]
+        assert error["event_id"] == "bad_md" and error["message"].startswith("A response's metadata must map")
+        ws.send_json({"type": "response.create", "response": {"metadata": asked}})
+        events = until(ws, "response.done")
+        began = next(e for e in events if e["type"] == "response.created")["response"]
+        assert began["metadata"] == asked == events[-1]["response"]["metadata"]
+        ask(ws, "And again.")
+        ws.send_json({"type": "response.create"})
+        assert until(ws, "response.done")[-1]["response"]["metadata"] is None, "a response's own, not the session's"
+
+
+def test_a_response_begins_only_after_the_one_it_cut_off_is_done():
+    """Barge-in: the cancelled reply winds down (its response.done) after the user's next turn has begun.
+    OpenAI's server ends one response before it creates the next, and LiveKit's and Pipecat's plugins
+    follow one response at a time (the old response.done would end the new one): the new reply's
+    events wait for the old one's response.done, then go out in their own order."""
+    replies, sent = replies_on_a_stub()
+    replies._on(turn("item_1"), 0.0)
+    replies._on(TextDelta("Once upon"), 0.1)
+    replies._on(Interrupted("the user spoke"), 0.2)
+    replies._on(turn("item_2"), 0.3)  # the next turn begins before the first has wound down
+    replies._on(TextDelta("Yes?"), 0.4)
+    replies._on(VoiceTurnDone(0.5, None, None), 0.5)  # the cut-off one is done
+    replies._on(TextDelta(" Go on."), 0.6)
+    replies._on(VoiceTurnDone(0.7, None, None), 0.7)
+    began = [e["response"]["id"] for e in sent if e["type"] == "response.created"]
+    ended = [e["response"]["id"] for e in sent if e["type"] == "response.done"]
+    assert began == ended and len(began) == 2
+    kinds = [(e.get("response_id") or e.get("response", {}).get("id"), e["type"]) for e in sent]
+    old_done, new_created = kinds.index((began[0], "response.done")), kinds.index((began[1], "response.created"))
+    assert old_done < new_created, kinds
+    assert [e["delta"] for e in sent if e.get("response_id") == began[1] and e["type"].endswith(".delta")] == \
+        ["Yes?", " Go on."], "the held events went out, in order"
+    assert sent[-1]["response"]["status"] == "completed" and ended[0] == began[0]
+    assert next(e for e in sent if e["type"] == "response.done")["response"]["status"] == "cancelled"
+
+
+def test_an_empty_user_message_is_refused_when_it_is_created(serve):
+    """A message of blank text or of an empty audio part has nothing to answer: it is refused at
+    conversation.item.create, in one sentence naming the client's event, not taken and then failed at
+    response.create as an error of the server's."""
+    with serve().websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        for n, content in enumerate(([{"type": "input_text", "text": "  "}], [{"type": "input_audio", "audio": ""}],
+                                     [{"type": "input_text", "text": "Hi"}, {"type": "input_audio", "audio": ""}])):
+            ws.send_json({"type": "conversation.item.create", "event_id": f"empty_{n}",
+                          "item": {"type": "message", "role": "user", "content": content}})
+            events = until(ws, "error")
+            assert [e["type"] for e in events] == ["error"], "the empty item was taken"
+            error = events[-1]["error"]
+            assert error["type"] == "invalid_request_error" and error["event_id"] == f"empty_{n}", error
+        ws.send_json({"type": "response.create"})
+        assert "no user item" in until(ws, "error")[-1]["error"]["message"]
+
+
+def test_an_error_of_the_servers_names_the_event_it_was_about(serve, monkeypatch):
+    """Every error event names the client event it answers (error.event_id), a failure of ours too:
+    clients match errors to what they sent by it."""
+    from app.realtime_link import RealtimeLink
+
+    def broken(self, event):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr(RealtimeLink, "_on_input_audio_buffer_clear", broken)
+    with serve().websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json({"type": "input_audio_buffer.clear", "event_id": "clear_1"})
+        error = until(ws, "error")[-1]["error"]
+        assert error["code"] == "server_error" and error["event_id"] == "clear_1", error
+
+
+def test_instructions_may_change_until_the_first_turn_though_audio_streams(serve):
+    """Pipecat streams the microphone from the start and sends its context's instructions later: they
+    are taken until the first turn is asked (not refused at the first audio heard), and refused after."""
+    client = serve()
+    with client.websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json({"type": "session.update", "session": {"type": "realtime", "output_modalities": ["text"],
+                                                            "max_output_tokens": 4}})  # server VAD stays
+        until(ws, "session.updated")
+        ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(b"\0\0" * 4800).decode()})
+        ws.send_json({"type": "session.update", "event_id": "late", "session": {"instructions": "Be brief."}})
+        assert until(ws, "session.updated")[-1]["session"]["instructions"] == "Be brief."
+        ask(ws, "Hello there.")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        (link,) = client.app.routes[0].endpoint.__self__._links
+        assert link.session.messages[0] == {"role": "system", "content": "Be brief."}
+        ws.send_json({"type": "session.update", "event_id": "after", "session": {"instructions": "Be long."}})
+        error = until(ws, "error")[-1]["error"]
+        assert error["event_id"] == "after" and "before the first turn" in error["message"]
