@@ -30,17 +30,23 @@ from . import check_setup, strict_json
 
 check_setup()  # before anything imports torch: a missing one is a sentence saying how to get it
 
-from .audio import AudioError
-from .cli import KEEP_DAYS, add_model_flags, keep_days
-from .engine import Engine
-from .events import PartProgress, ReasoningDelta, TextDelta, TurnDone
-from .journal import KeptError
-from .model import LICENCE_NOTE, ModelLoadError, load
-from .conversation import Conversation, open_kept
-from .sampling import GenerationOptions
-from .session import ContextFullError, Session
-from .store import Store, StoreError
-from .store import default_path as default_store_path
+try:  # torch and transformers take seconds to import: a Ctrl-C then ends the command like one later does
+    from .audio import AudioError, check_path
+    from .cli import KEEP_DAYS, add_model_flags, keep_days, pipe_closed, quiet_progress_bars
+    from .engine import Engine
+    from .events import PartProgress, ReasoningDelta, TextDelta, TurnDone
+    from .journal import KeptError
+    from .model import LICENCE_NOTE, ModelLoadError, load
+    from .conversation import Conversation, open_kept
+    from .sampling import GenerationOptions
+    from .session import ContextFullError, Session
+    from .store import Store, StoreError, check_id
+    from .store import default_path as default_store_path
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("\nInterrupted.", file=sys.stderr)
+    sys.exit(130)
 
 log = logging.getLogger("afnext")
 OPTION_FIELDS = ("max_new_tokens", "min_new_tokens", "temperature", "repetition_penalty")  # GenerationOptions a line may set
@@ -50,6 +56,7 @@ TURN_FIELDS = {"text", "audio", "think", *OPTION_FIELDS}
 MAX_LINE_BYTES = 1 << 20
 MAX_NUMBER_DIGITS = 20  # digits of a JSON integer: 2**64 has 20, and Python refuses 4,300+ in a long message
 MAX_KEY_CHARS = 40  # characters of an unknown field's name quoted back in an error
+DTYPES = ("auto", "bf16", "bfloat16", "fp16", "float16", "fp32", "float32")  # what model.pick_dtype knows
 
 
 @dataclass(frozen=True)
@@ -64,9 +71,28 @@ class Turn:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "chat" and args.store is not None and args.conversation is None:
+        args.chat_parser.error("--store keeps a conversation only with --conversation ID; add one, or leave --store out")
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # Ctrl-C: a turn in progress stops; the turns answered before are as they were
+        print(f"\n{_interrupted(args)}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `| head`: nobody reads any more (with --conversation, what was printed is kept)
+        return pipe_closed()
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "conversations":
         return conversations(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:  # what the user typed is checked before the model loads (a real one takes a minute)
+        _check_args(args)
+    except (AudioError, StoreError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if not args.verbose:
+        quiet_progress_bars()
     try:
         loaded = load(args.model, device=args.device, dtype=args.dtype)
     except ModelLoadError as exc:
@@ -78,6 +104,25 @@ def main(argv: list[str] | None = None) -> int:
         return ask(engine, args) if args.command == "ask" else chat(engine, args)
     finally:
         engine.close()
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Raise AudioError, StoreError or ValueError (one sentence) for an argument that cannot work."""
+    if args.command == "ask":
+        check_path(args.audio)
+        GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        return
+    if sys.stdin is None:  # started with stdin closed (`<&-`): there is nothing to read turns from
+        raise ValueError("Standard input is closed; send one JSON turn per line on it.")
+    if args.conversation is not None:
+        check_id(args.conversation)
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    if args.command == "chat" and args.conversation is not None:
+        return (f"Interrupted; the turns answered before are kept: go on with --conversation {args.conversation}"
+                + (f" --store {args.store}." if args.store else "."))
+    return "Interrupted; the answer above is incomplete." if args.command == "ask" else "Interrupted."
 
 
 def ask(engine: Engine, args: argparse.Namespace) -> int:
@@ -120,6 +165,8 @@ def conversations(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if not kept and not args.json:  # a store whose conversations were all deleted: say so, not nothing
+        print(f"No conversations are kept at {where}.", file=sys.stderr)
     for c in kept:
         if args.json:
             print(json.dumps({"id": c.id, "title": c.title, "turns": c.turns, "updated": c.updated, "kind": c.kind},
@@ -163,6 +210,8 @@ def chat(engine: Engine, args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         print(json.dumps({"conversation": args.conversation, "turns": turns}), flush=True)
+    if sys.stdin.isatty():  # a person at a terminal, not a program: say what to type
+        print('Type one JSON turn per line, e.g. {"text": "Hello"}; Ctrl-D ends the session.', file=sys.stderr)
     # Bytes, decoded per line: one line that is not UTF-8 is refused, it does not end the session.
     for line in _lines(getattr(sys.stdin, "buffer", sys.stdin)):
         if line is None:
@@ -279,7 +328,8 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_ in (("ask", "ask one question about one audio file"), ("chat", "a multi-turn session over JSON lines")):
         s = sub.add_parser(name, help=help_)
         add_model_flags(s)
-        s.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
+        s.add_argument("--dtype", default="auto", choices=DTYPES, metavar="DTYPE",
+                       help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32")
         s.add_argument("-v", "--verbose", action="store_true")
     ask_p = sub.choices["ask"]
     ask_p.add_argument("audio", help="audio file: wav, flac, mp3, ogg/opus, webm, m4a …")
@@ -288,6 +338,7 @@ def _parser() -> argparse.ArgumentParser:
     ask_p.add_argument("--max-new-tokens", type=int, default=GenerationOptions.max_new_tokens)
     ask_p.add_argument("--temperature", type=float, default=0.0)
     chat_p = sub.choices["chat"]
+    chat_p.set_defaults(chat_parser=chat_p)  # for an error about how its flags go together
     chat_p.add_argument("--jsonl", action="store_true", required=True, help="JSON lines in and out (the only format)")
     chat_p.add_argument("--no-cache", action="store_true", help="recompute the whole conversation every turn (reference)")
     chat_p.add_argument("--conversation", metavar="ID", default=None,

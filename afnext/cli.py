@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 
@@ -31,8 +33,30 @@ def add_model_flags(parser: argparse.ArgumentParser, *, model_default: str = DEF
     kept. The web app keeps its own default, the short name "instruct"; the others default to that
     checkpoint's hub id."""
     parser.add_argument("--model", default=model_default, help=MODEL_HELP)
-    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--device", default="auto", type=device_name, help=DEVICE_HELP)
     parser.add_argument("--kv", choices=("buffers", "paged"), help=KV_HELP)
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")  # where a model can run; torch also parses meta, hpu, …
+
+
+def device_name(text: str) -> str:
+    """--device: auto, cpu, cuda, cuda:N … (argparse's type). A name torch cannot parse, or a GPU index
+    past the ones it sees, is refused here in one line rather than as a traceback from the loader."""
+    if text == "auto" or importlib.util.find_spec("torch") is None:  # a remote client has no torch
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N")
+    index, seen = device.index, torch.cuda.device_count() if torch.cuda.is_available() else None
+    if device.type == "cuda" and index is not None and seen is not None and index >= seen:
+        raise argparse.ArgumentTypeError(f"{text} was asked for, but PyTorch sees {seen} CUDA GPU(s), from cuda:0")
+    return text
 
 
 KEEP_DAYS = 30.0  # conversations not used for this long are deleted, with the audio only they used
@@ -97,8 +121,40 @@ def usage() -> str:
                       "commands:", *lines])
 
 
+def run(main, argv: list[str] | None = None) -> int:
+    """Run an entry point's `main(argv)` as a command: Ctrl-C (130) and a reader that went away, as with
+    `| head` (141, as a shell reports SIGPIPE), end it with at most one line, never a traceback."""
+    try:
+        return main(argv) or 0  # afnext.tiny's main returned None on success
+    except KeyboardInterrupt:
+        print("\nInterrupted.", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return pipe_closed()
+
+
+def pipe_closed() -> int:
+    """stdout's reader is gone: point stdout at /dev/null so that the flush at exit cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout closed or not a real file
+        pass
+    return 141
+
+
+def quiet_progress_bars() -> None:
+    """No "Loading weights" bars from transformers on stderr: there, a user looks for the one line that matters."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run `afnext COMMAND ARGS…`; the exit status is the command's own."""
+    return run(_main, argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # Parsed by hand, not by argparse: `afnext tiny --help` must reach tiny's own parser, and a
     # subparser's argparse.REMAINDER that starts with an option is refused ("unrecognized arguments").
@@ -110,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"afnext: error: unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     entry = importlib.import_module(command.module).main
-    return entry([*command.prefix, *argv[1:]]) or 0  # afnext.tiny's main returns None on success
+    return entry([*command.prefix, *argv[1:]]) or 0
 
 
 if __name__ == "__main__":

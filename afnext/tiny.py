@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -199,22 +200,71 @@ def param_count(path: str | Path) -> int:
     return total
 
 
-def main(argv: list[str] | None = None) -> None:
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: write a checkpoint folder; 1 with one sentence when the folder cannot take it."""
     parser = argparse.ArgumentParser(prog="python -m afnext.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--size", choices=["tiny", "mid"], default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("out_dir", type=_out_dir, help="the folder to write: new, empty, or an earlier random checkpoint")
+    parser.add_argument("--size", choices=["tiny", "mid"], default="tiny",
+                        help="tiny ≈ 0.3 M parameters (tests, the default), mid ≈ 20 M (CPU benchmarks)")
+    parser.add_argument("--seed", type=_seed, default=0, help=f"the random weights' seed, 0 to {MAX_SEED}")
     parser.add_argument("--tts", action="store_true", help="write a random-weight Pocket TTS checkpoint instead")
     args = parser.parse_args(argv)
-    if args.tts:
-        from .tts.pocket import write_tiny_checkpoint
+    from .cli import quiet_progress_bars
 
-        path = write_tiny_checkpoint(args.out_dir, seed=args.seed)
-        print(f"wrote a random-weight Pocket TTS checkpoint ({param_count(path) / 1e6:.2f} M parameters) to {path}")
-        return
-    path = write_checkpoint(args.out_dir, args.size, seed=args.seed)
-    print(f"wrote a random-weight {args.size} AF-Next checkpoint ({param_count(path) / 1e6:.2f} M parameters) to {path}")
+    quiet_progress_bars()
+    try:
+        _check_folder(Path(args.out_dir))
+        if args.tts:
+            from .tts.pocket import write_tiny_checkpoint
+
+            path = write_tiny_checkpoint(args.out_dir, seed=args.seed)
+            what = "Pocket TTS checkpoint"
+        else:
+            path = write_checkpoint(args.out_dir, args.size, seed=args.seed)
+            what = f"{args.size} AF-Next checkpoint"
+    except (OSError, ValueError) as exc:
+        print(f"error: {_unwritable(args.out_dir, exc)}", file=sys.stderr)
+        return 1
+    print(f"wrote a random-weight {what} ({param_count(path) / 1e6:.2f} M parameters) to {path}")
+    return 0
+
+
+def _out_dir(text: str) -> str:
+    if not text.strip():  # "" would write into the current folder, over whatever is there
+        raise argparse.ArgumentTypeError("give a folder to write the checkpoint to")
+    return text
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"give a seed from 0 to {MAX_SEED}")
+    return seed
+
+
+def _check_folder(out: Path) -> None:
+    """Refuse a file, or a folder holding anything but an earlier random checkpoint: writing config.json,
+    tokenizer files and weights into it would replace files of the same names."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder; give a new folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "RANDOM_WEIGHTS.md").exists():
+        raise ValueError(f"the folder {out} already holds other files; give a new or empty folder "
+                         "(only an earlier random checkpoint is written over)")
+
+
+def _unwritable(out_dir: str, exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return f"Could not write the checkpoint to {out_dir} ({exc.strerror or exc}); give a folder you can write to."
+    return f"{str(exc)[:1].upper()}{str(exc)[1:]}."
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    sys.exit(run(main))

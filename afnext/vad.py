@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError, MonoResampler
-from .media import load_audio
+from .media import stream_audio
 from .turn import WINDOW_S
 from .vad_backends import (BACKENDS, SILERO_CONTEXT_SAMPLES, SILERO_FRAME_SAMPLES, SILERO_STATE_SHAPE,
                            WEBRTC_FRAME_SAMPLES, choose_backend, load_webrtcvad, silero_model)
@@ -400,35 +400,49 @@ def _check_options(options: EndpointerOptions) -> None:
         raise ValueError(f"need 0 <= leave <= enter <= 1, got leave={options.leave}, enter={options.enter}")
 
 
+MAX_FILE_S = 4 * 3600.0  # seconds: the CLI takes what a conversation takes (split.MAX_RECORDING_S), decoded in blocks
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: the speech segments of one file, and how fast they were found."""
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        audio = load_audio(args.file)
-    except AudioError as error:
-        print(error, file=sys.stderr)
-        return 1
     fields = {field.name: getattr(args, field.name) for field in dataclasses.fields(EndpointerOptions)}
     fields = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
     try:
         endpointer = Endpointer(EndpointerOptions(**fields), backend=args.backend)
     except (ValueError, RuntimeError) as error:  # options out of range, a backend that cannot run
         parser.error(str(error))
+    segments, seconds, elapsed = [], 0.0, 0.0
+
+    def heard(events: list) -> None:  # the times only: a turn's own audio is let go at once
+        segments.extend({"start": round(e.start, 3), "end": round(e.end, 3)} for e in events if isinstance(e, UtteranceEnded))
+
+    try:  # block by block: a 4-hour recording is never in memory whole (no model here, so no 30-min limit)
+        _, blocks = stream_audio(args.file, max_seconds=MAX_FILE_S)
+        for block in blocks:
+            began = time.perf_counter()
+            events = endpointer.push(block, SAMPLE_RATE)
+            elapsed += time.perf_counter() - began
+            seconds += block.size / SAMPLE_RATE
+            heard(events)
+    except AudioError as error:
+        print(error, file=sys.stderr)
+        return 1
     began = time.perf_counter()
-    events = endpointer.push(audio, SAMPLE_RATE) + endpointer.flush()
-    elapsed = time.perf_counter() - began
-    ended = [event for event in events if isinstance(event, UtteranceEnded)]
-    segments = [{"start": round(event.start, 3), "end": round(event.end, 3)} for event in ended]
-    realtime = audio.size / SAMPLE_RATE / max(elapsed, 1e-9)  # audio seconds per second of work
+    events = endpointer.flush()
+    elapsed += time.perf_counter() - began
+    heard(events)
+    realtime = seconds / max(elapsed, 1e-9)  # audio seconds per second of work
     if args.json:
         report = {"segments": segments, "realtime_factor": round(realtime, 1), "backend": endpointer.backend}
         print(json.dumps(report))
     else:
         for segment in segments:
             print(f"{segment['start']:9.3f} {segment['end']:9.3f}")
-        print(f"{len(segments)} turns, {endpointer.backend} backend, {realtime:.0f}x real time", file=sys.stderr)
+        turns = f"{len(segments)} turn" + ("" if len(segments) == 1 else "s")
+        print(f"{turns}, {endpointer.backend} backend, {realtime:.0f}x real time", file=sys.stderr)
     return 0
 
 
@@ -449,4 +463,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run
+
+    sys.exit(run(main))
