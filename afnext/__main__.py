@@ -120,7 +120,9 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _interrupted(args: argparse.Namespace) -> str:
     if args.command == "chat" and args.conversation is not None:
-        return (f"Interrupted; the turns answered before are kept: go on with --conversation {args.conversation}"
+        # a reply cut off once it had begun stays in the conversation as far as it got, as a voice turn's does
+        return (f"Interrupted; the conversation is kept, a reply cut off as far as it got: go on with "
+                f"--conversation {args.conversation}"
                 + (f" --store {args.store}." if args.store else "."))
     return "Interrupted; the answer above is incomplete." if args.command == "ask" else "Interrupted."
 

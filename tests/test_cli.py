@@ -136,7 +136,7 @@ def test_ctrl_c_mid_answer_and_a_closed_pipe_end_in_one_line(tiny_dir, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1].startswith("Interrupted; the turns answered before are kept")
+    assert err.strip().splitlines()[-1].startswith("Interrupted; the conversation is kept, a reply cut off as far")
     # the answered turn is there; then a reader that stops after the first line (| head -1)
     proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, cwd=ROOT)
