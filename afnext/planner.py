@@ -11,7 +11,8 @@ waits for the long one's step in flight, never for a share of the budget it left
 steady stream of voice turns that rule alone would starve an ingest (every step has an interactive
 prefill in it), so a long request passed over PASSED_OVER_MAX steps in a row goes first in the next
 one, with its chunk, and the voice turns share what it leaves: it advances at least one chunk every
-PASSED_OVER_MAX + 1 steps, and a voice turn still waits for one chunk at most.
+PASSED_OVER_MAX + 1 steps (with several overdue, the oldest goes first, the next in the step after),
+and a voice turn still waits for one chunk at most.
 """
 
 from __future__ import annotations

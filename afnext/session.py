@@ -105,6 +105,8 @@ class Session:
                    if role == "user" else prompt.assistant_message(text))
         ids = prompt.message_ids(loaded, self.messages, message, clip.tokens if clip else None)
         self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
+        if role == "assistant":  # now the last reply: what `rewrite_reply` cuts back
+            self._reply_at = len(self.tokens)
         self.tokens += ids
         self.messages.append(message)
         if clip is not None:

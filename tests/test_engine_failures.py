@@ -315,3 +315,19 @@ def test_a_turn_cancelled_while_it_waits_for_memory_is_dropped_though_no_one_rea
             open_stream.close()
     finally:
         engine.close()
+
+
+def test_rewriting_a_reply_added_by_extend_cuts_that_reply_only(engine):
+    """A client resending history adds a user turn and a reply (`extend`) after a generated one;
+    rewriting the last reply then cut from where the generated reply began (its place was never
+    moved on), dropping the user turn and both replies' tokens while only one message went: the
+    tokens no longer matched the messages."""
+    rewritten, direct = Session(engine), Session(engine)
+    for session, reply in ((rewritten, "An earlier answer, longer than the cut."), (direct, "Cut.")):
+        _ids(session.ask("Hello there.", options=FIVE))
+        session.extend("user", "An earlier question.")
+        session.extend("assistant", reply)
+    rewritten.rewrite_reply("Cut.")
+    assert rewritten.messages == direct.messages
+    assert rewritten.tokens == direct.tokens
+    assert _ids(rewritten.ask("And now?", options=FIVE)) == _ids(direct.ask("And now?", options=FIVE))
