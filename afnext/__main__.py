@@ -289,6 +289,9 @@ def _read_turn(line: str | bytes) -> Turn:
     if not isinstance(think, bool):  # "no" would be truthy
         raise ValueError("\"think\" must be true or false.")
     options = GenerationOptions(**{key: fields[key] for key in OPTION_FIELDS if key in fields})
+    if options.min_new_tokens > options.max_new_tokens:  # the reply would stop at max, short of what was asked
+        raise ValueError(f"min_new_tokens ({options.min_new_tokens:,}) is more than max_new_tokens "
+                         f"({options.max_new_tokens:,}); ask for at most as many as the reply may have.")
     return Turn(text, audio, think, options)
 
 

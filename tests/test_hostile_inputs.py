@@ -267,6 +267,7 @@ BAD_LINES = {
     '{"text": "Hi", "repetition_penalty": 0}': "repetition_penalty",
     '{"text": "Hi", "temperature": 500}': "temperature",
     '{"text": "Hi", "audio": 5}': "audio",
+    '{"text": "Hi", "min_new_tokens": 10, "max_new_tokens": 5}': "min_new_tokens (10) is more than max_new_tokens (5)",
     '{"text": ["Hi"]}': "text",
     '{"text": "Hi", "max_new_tokens": ' + "9" * 5000 + "}": "digits",
     "[" * 100_000: "nests",
