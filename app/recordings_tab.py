@@ -198,7 +198,8 @@ class RecordingsTab:
                 log.info("recording refused: %s", exc)
                 gr.Warning(str(exc))
                 # The recording open before, if any, stays open with its questions: only the box empties.
-                yield f"⚠️ {exc}", gr.skip(), gr.skip(), gr.skip(), refused_box
+                # The line names the refused file, which the emptied box no longer shows.
+                yield f"⚠️ {_markdown_text(Path(path).name)} was not opened: {exc}", gr.skip(), gr.skip(), gr.skip(), refused_box
                 return
             recording.owner = _owner(owner)
             recording.cid = secrets.token_hex(16) if self.store is not None else f"unkept-{secrets.token_hex(16)}"

@@ -474,6 +474,7 @@ def test_a_refused_file_leaves_the_open_recording_and_its_questions_as_they_were
     fake.write_text("just some text, not audio\n")
     page.locator("#afn-upload input[type=file]").set_input_files(str(fake))
     page.locator("#afn-status", has_text="not audio in a known format").wait_for()
+    assert "notes.wav was not opened" in page.locator("#afn-status").inner_text(), "the line names the file refused"
     page.wait_for_function("() => !document.querySelector('#afn-upload').innerText.includes('notes')")
     assert page.locator(f"{WAVE} .wave").is_visible() and "speech.wav" in page.locator(f"{WAVE} .name").inner_text()
     assert "Still open after a bad drop?" in page.locator("#afn-chat").inner_text()
