@@ -315,3 +315,17 @@ def test_a_long_link_in_a_reply_wraps_on_a_phone_instead_of_running_out_of_sight
     transcript = talk.page.locator(f"{TALK} .transcript")
     assert transcript.evaluate("(ol) => ol.scrollWidth <= ol.clientWidth"), "the reply's row is wider than the page"
     talk.close()
+
+
+def test_the_focused_control_has_a_ring_a_keyboard_user_can_see(browser):
+    """The browser's own ring is 1 px, lost on the orange Start button: the panel draws a 3 px one."""
+    talk = Page(browser)
+    talk.page.keyboard.press("Tab")  # a keyboard user: :focus-visible
+    width = talk.page.evaluate(f"""() => {{
+        const button = document.querySelector('{TALK}').shadowRoot?.querySelector('button:not([hidden])')
+                       || document.querySelector('{TALK} button:not([hidden])');
+        button.focus();
+        return parseFloat(getComputedStyle(button).outlineWidth);
+    }}""")
+    assert width >= 3, f"the focus ring is {width} px"
+    talk.close()

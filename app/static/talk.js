@@ -14,6 +14,8 @@ root.innerHTML = `
   :host { display: block; font: inherit; color: var(--body-text-color, #222); }
   .bar { display: flex; flex-wrap: wrap; gap: .75em; align-items: center; }
   button { font: inherit; cursor: pointer; border-radius: 8px; border: 1px solid #8888; background: none; color: inherit; padding: .4em 1em; }
+  /* a keyboard user sees where they are: the browser's own 1 px ring is lost on the orange button */
+  button:focus-visible, input:focus-visible, summary:focus-visible { outline: 3px solid #2563eb; outline-offset: 2px; }
   button.primary { background: #f97316; color: white; border-color: #f97316; }
   button[hidden] { display: none; }
   button.held { background: #e4572e; color: white; }
