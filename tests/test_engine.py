@@ -260,7 +260,8 @@ def test_a_long_prefill_goes_on_while_voice_turns_keep_coming(loaded, monkeypatc
         long_text = " ".join(["word"] * 200)  # some 300 tokens: not interactive here
         long_turn = threading.Thread(target=lambda: got.update(long=_ids(long_session.ask(long_text, options=one))))
         long_turn.start()
-        while not steps:
+        deadline = time.monotonic() + 30
+        while not steps and time.monotonic() < deadline:
             time.sleep(0.001)
         long_cache = steps[0][0]
         threads = [threading.Thread(target=lambda i=i: got.update({i: _ids(Session(engine).ask(questions[i], options=one))}))
@@ -275,7 +276,8 @@ def test_a_long_prefill_goes_on_while_voice_turns_keep_coming(loaded, monkeypatc
         assert [got[i] for i in range(len(questions))] == alone
         assert len(got["long"]) == 1
         assert last_voice > 4 * 4, f"the questions took {last_voice} steps: too few to starve anything"
-        assert meanwhile >= last_voice // 6, f"the long prefill ran in {meanwhile} of the {last_voice} voice steps"
+        # every fifth step while it lasts (it may finish before the questions do): starved, it ran in none
+        assert meanwhile >= 3, f"the long prefill ran in {meanwhile} of the {last_voice} voice steps"
     finally:
         engine.close()
 
