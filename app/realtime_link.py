@@ -50,8 +50,9 @@ class _FirstTurn:
     def __init__(self, link: RealtimeLink) -> None:
         self.link = link
 
-    def ask(self, *args, **kwargs):
-        return self.link.opened().ask(*args, **kwargs)
+    def ask(self, text: str = "", audio=None, **kwargs):
+        text, audio = self.link.with_waiting(text, audio)
+        return self.link.opened().ask(text, audio, **kwargs)
 
 
 class _Mute:
@@ -333,6 +334,18 @@ class RealtimeLink:
         with self._items_lock:
             if item in self._shown:
                 self._shown[item] = shown
+
+    def with_waiting(self, text: str, audio: np.ndarray | None) -> tuple[str, np.ndarray | None]:
+        """A turn the server VAD ended and answers at once takes the user items created since the last
+        response with it, as OpenAI's server answers them: their words before the turn's, their audio
+        (16 kHz) before its speech. A response.create has taken its items already. Any thread."""
+        if not (self.config.server_vad and self.config.create_response):
+            return text, audio
+        with self._items_lock:
+            items, self._items = self._items, []
+        texts = [t for _, t, _ in items if t] + ([text] if text else [])
+        clips = [a for _, _, a in items if a is not None] + ([audio] if audio is not None else [])
+        return "\n".join(texts), (np.concatenate(clips) if clips else None)
 
     def opened(self) -> Session:
         """The conversation's session, opened at its first turn. Any thread."""

@@ -150,6 +150,33 @@ def test_server_vad_turn_barge_in_and_truncate(server):
     assert "milk" in transcript, transcript
 
 
+def test_a_text_item_created_under_server_vad_is_answered_with_the_next_turn_heard(server):
+    """OpenAI's server answers the turn its VAD ends with the items created before it: a typed note
+    goes into that turn's prompt (before, it waited for a response.create and the turn was answered
+    without it). The same speech with and without the note: the note's tokens are the difference."""
+    client = openai.OpenAI(base_url=server + "v1", api_key="unused", max_retries=0)
+    note = "My name is Ada and I am calling from Lisbon about the order."
+    prompts = []
+    for with_note in (False, True):
+        with client.realtime.connect(model="instruct") as connection:
+            talk = Conversation(connection)
+            connection.session.update(session={"type": "realtime", "output_modalities": ["text"], "max_output_tokens": 2,
+                                               "audio": {"input": {"format": {"type": "audio/pcm", "rate": RATE},
+                                                         "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+            talk.wait_for("session.updated")
+            if with_note:
+                connection.send({"type": "conversation.item.create", "item": {
+                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": note}]}})
+                talk.wait_for("conversation.item.done")
+            say(connection, np.concatenate([speech("What is on my shopping list today?"), silence(1.0)]))
+            done = talk.wait_for("response.done")[0]
+            prompts.append(done.response.usage.input_tokens)
+            if with_note:  # taken by the turn: nothing is left for a response.create to answer
+                connection.send({"type": "response.create"})
+                assert "no user item" in talk.wait_for("error", timeout=30)[0].error.message
+    assert prompts[1] - prompts[0] >= 10, f"prompt tokens without and with the note: {prompts}"
+
+
 def test_text_items_manual_turns_and_errors(server):
     client = openai.OpenAI(base_url=server + "v1", api_key="unused", max_retries=0)
     with client.realtime.connect(model="instruct") as connection:
