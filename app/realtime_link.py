@@ -55,6 +55,12 @@ class _FirstTurn:
         return self.link.opened().ask(text, audio, **kwargs)
 
 
+def _joined(items: list[tuple[str, str, np.ndarray | None]]) -> tuple[str, np.ndarray | None]:
+    """User items (id, text, 16 kHz audio) as one turn: their words a line each, their audio end to end."""
+    clips = [a for _, _, a in items if a is not None]
+    return "\n".join(t for _, t, _ in items if t), (np.concatenate(clips) if clips else None)
+
+
 class _Mute:
     """A synthesizer that says nothing: text-only sessions."""
 
@@ -245,14 +251,13 @@ class RealtimeLink:
             items, self._items = self._items, []
         if not items:
             raise wire.ProtocolError("There is no user item to respond to; append and commit audio, or create an item.")
-        text = "\n".join(t for _, t, _ in items if t)
-        clips = [a for _, _, a in items if a is not None]
+        text, audio = _joined(items)
         own = None if tokens is None else GenerationOptions(max_new_tokens=tokens)  # this response's limit
         if tokens is not None:
             self._out.limits[items[-1][0]] = tokens
         if metadata is not None:
             self._out.metadata[items[-1][0]] = metadata
-        self._assistant().say(np.concatenate(clips) if clips else None, text, tag=items[-1][0], generation=own)
+        self._assistant().say(audio, text, tag=items[-1][0], generation=own)
 
     def _on_response_cancel(self, event: dict) -> None:
         if self.assistant is None or not self._out.answering():
@@ -343,9 +348,7 @@ class RealtimeLink:
             return text, audio
         with self._items_lock:
             items, self._items = self._items, []
-        texts = [t for _, t, _ in items if t] + ([text] if text else [])
-        clips = [a for _, _, a in items if a is not None] + ([audio] if audio is not None else [])
-        return "\n".join(texts), (np.concatenate(clips) if clips else None)
+        return _joined([*items, ("", text, audio)]) if items else (text, audio)
 
     def opened(self) -> Session:
         """The conversation's session, opened at its first turn. Any thread."""
