@@ -32,8 +32,8 @@ import numpy as np
 
 from .audio import SAMPLE_RATE, AudioError
 from .engine import ContextFullError
-from .events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, StateChanged, TextDelta,
-                     TurnDone, UserTurn, VoiceTimings, VoiceTurnDone, drain)
+from .events import (END_OF_EVENTS, AudioChunk, Error, Interrupted, ReasoningDelta, ReplyAsked, Stamped, StateChanged,
+                     TextDelta, TurnDone, UserTurn, VoiceTimings, VoiceTurnDone, drain)
 from .journal import KeptError
 from .sampling import GenerationOptions
 from .session import Session
@@ -143,11 +143,12 @@ class Assistant:
         self.endpointer.discard()
 
     def say(self, audio: np.ndarray | None, text: str = "", *, tag: object = None,
-            generation: GenerationOptions | None = None) -> None:
+            generation: GenerationOptions | None = None, instructions: str | None = None) -> None:
         """A whole user turn that ended just now — an utterance (float32 mono 16 kHz), text, or both —
         becomes the next turn, without the endpointer: push-to-talk, where the button, not the silence,
         marks the end of the turn, or a typed message. `tag` comes back on the turn's UserTurn (the
-        caller's name for it: a protocol's item id); `generation`, this turn's own options."""
+        caller's name for it: a protocol's item id); `generation`, this turn's own options;
+        `instructions`, for its reply alone (`Session.ask`)."""
         if audio is None and not text.strip():
             raise ValueError("A turn needs audio, text, or both.")
         if self.speaking:
@@ -155,7 +156,18 @@ class Assistant:
         now = self.now()
         audio = np.zeros(0, np.float32) if audio is None else audio
         self._start_turn(UtteranceEnded(now, max(0.0, now - len(audio) / SAMPLE_RATE), now, audio), text, tag,
-                         generation)
+                         generation, instructions=instructions)
+
+    def respond(self, *, tag: object = None, generation: GenerationOptions | None = None,
+                instructions: str | None = None) -> None:
+        """A reply with no new user turn (`Session.respond`): the assistant greets the user before they
+        say anything, or goes on after its last reply. Reported as ReplyAsked (with `tag`), then as any
+        reply."""
+        if self.speaking:
+            self._interrupt(self.now())
+        now = self.now()
+        self._start_turn(UtteranceEnded(now, now, now, np.zeros(0, np.float32)), tag=tag, generation=generation,
+                         instructions=instructions, user=False)
 
     def close(self) -> None:
         """Cancel any turn, wait for it, and end `events()`."""
@@ -198,11 +210,12 @@ class Assistant:
         self._set_state("listening", t)  # the cancelled turn's thread winds down alone; its output is dropped
 
     def _start_turn(self, ended: UtteranceEnded, text: str = "", tag: object = None,
-                    generation: GenerationOptions | None = None, after: _Turn | None = None) -> None:
+                    generation: GenerationOptions | None = None, after: _Turn | None = None,
+                    instructions: str | None = None, user: bool = True) -> None:
         # No join: the session starts this turn once the engine has settled the last one (one step
         # after its cancel), and anything the old turn's thread still produces is stale and dropped.
-        self._emit(UserTurn(ended.t, ended.start, ended.end, ended.audio, tag=tag))
-        turn = _Turn(ended, time.perf_counter(), text, generation, after=after)
+        self._emit(UserTurn(ended.t, ended.start, ended.end, ended.audio, tag=tag) if user else ReplyAsked(ended.t, tag))
+        turn = _Turn(ended, time.perf_counter(), text, generation, after=after, instructions=instructions, user=user)
         turn.thread = threading.Thread(target=self._run_turn, args=(turn,), name="afnext-voice-turn", daemon=True)
         self._turn = turn
         self._set_state("thinking", ended.t)
@@ -235,9 +248,13 @@ class Assistant:
         voice = threading.Thread(target=self._voice, args=(turn, pieces), name="afnext-voice-speak", daemon=True)
         voice.start()
         try:
-            audio = turn.audio = self._heard(turn)
-            stream = self.session.ask(turn.text, audio, think=self.options.think,
-                                      options=turn.generation or self.options.generation, cancel=turn.cancel)
+            options = turn.generation or self.options.generation
+            if turn.user:
+                audio = turn.audio = self._heard(turn)
+                stream = self.session.ask(turn.text, audio, think=self.options.think, options=options,
+                                          cancel=turn.cancel, instructions=turn.instructions)
+            else:
+                stream = self.session.respond(options=options, cancel=turn.cancel, instructions=turn.instructions)
             for event in stream:
                 if isinstance(event, TurnDone):
                     reply = event.reply
@@ -337,3 +354,5 @@ class _Turn:
     after: _Turn | None = None  # the turn ended by force that this one goes on from (see `_on_endpointer`)
     audio: np.ndarray | None = None  # what the session heard: the utterance, after what it went on from
     kept: bool = False  # the session holds the turn (its reply began)
+    instructions: str | None = None  # for this turn's reply alone
+    user: bool = True  # False: a reply with no user turn (`respond`)

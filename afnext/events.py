@@ -146,6 +146,15 @@ class UserTurn:
 
 
 @dataclass(frozen=True)
+class ReplyAsked:
+    """A reply was asked for with no new user turn (`Assistant.respond`): the assistant speaks first, or
+    goes on. It stands where a UserTurn would, before the reply's events."""
+
+    t: float  # seconds on the microphone timeline when it was asked
+    tag: object = None  # what the caller named it
+
+
+@dataclass(frozen=True)
 class StateChanged:
     """listening → thinking → speaking → listening."""
 

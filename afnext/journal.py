@@ -60,7 +60,8 @@ def _replay(route, store: Store, turns: list[StoredTurn]) -> None:
         if user.audio is not None:
             clip = prepare_clip(store.audio_path(user.audio).read_bytes(), loaded.mel_filters,
                                 max_seconds=loaded.max_audio_s)
-        target.extend("user", user.text, clip, think=user.think)
+        if user.text or clip is not None:  # (neither: a reply the assistant began with, `Session.respond`)
+            target.extend("user", user.text, clip, think=user.think)
         if reply.token_ids is None:
             target.extend("assistant", reply.text)
         else:

@@ -22,6 +22,7 @@ THINK_PREFILL = "<think>\n"
 # text is refused before the tokenizer spends seconds on it, and with the right advice: a 1 MB paste
 # would otherwise be told the conversation is full and to start a new one, which does not help.
 MAX_TEXT_CHARS = 32_000
+REPLY_OPENS = "<|im_start|>assistant\n"  # the generation prompt (ChatML, as AF-Next's template writes it)
 
 
 def check_text(text: str, what: str = "The question") -> None:
@@ -67,6 +68,10 @@ def assistant_message(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
+def system_message(text: str) -> dict:
+    return {"role": "system", "content": [{"type": "text", "text": text}]}
+
+
 def render(loaded: LoadedModel, messages: list[dict], generation_prompt: bool) -> str:
     """The chat template's text for `messages` (its default system prompt included)."""
     if not messages:
@@ -81,15 +86,23 @@ def _before(loaded: LoadedModel, history: list[dict]) -> str:
     return render(loaded, history, False) if any(m["role"] != "system" for m in history) else ""
 
 
-def turn_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_tokens: int | None,
-             prefill: str = "") -> list[int]:
-    """Token ids a user turn adds after `history`: its template text, the generation prompt and
-    `prefill` (e.g. THINK_PREFILL), its `<sound>` expanded to `clip_tokens` audio tokens."""
+def turn_ids(loaded: LoadedModel, history: list[dict], message: dict | None, clip_tokens: int | None,
+             prefill: str = "", aside: str | None = None) -> tuple[list[int], int]:
+    """Token ids a reply adds after `history`, and how many of them are `aside`'s: `message`'s template
+    text (a user turn, its `<sound>` expanded to `clip_tokens` audio tokens; None: the reply follows
+    the history as it stands — the assistant speaks first, or goes on), then `aside` (instructions for
+    this reply alone, a system message just before it, which the session takes out once the reply is
+    made), then the generation prompt and `prefill` (e.g. THINK_PREFILL)."""
     before = _before(loaded, history)
-    after = render(loaded, history + [message], True)
-    assert after.startswith(before), "the chat template must render a conversation as a prefix of its extension"
-    ids = loaded.tokenizer.encode(after[len(before):] + prefill, add_special_tokens=False)
-    return expand_sound(loaded, ids, clip_tokens)
+    # The template's text up to a new assistant turn: with no message and no history it is still the
+    # template's own (its default system prompt), which it renders for no empty conversation.
+    probe = render(loaded, history + ([message] if message else []) + [assistant_message("")], False)
+    opening = probe[:probe.rindex(REPLY_OPENS)]
+    assert opening.startswith(before), "the chat template must render a conversation as a prefix of its extension"
+    ids = expand_sound(loaded, loaded.tokenizer.encode(opening[len(before):], add_special_tokens=False), clip_tokens)
+    aside_ids = loaded.tokenizer.encode(f"<|im_start|>system\n{aside}<|im_end|>\n", add_special_tokens=False) \
+        if aside else []
+    return ids + aside_ids + reply_head(loaded, prefill), len(aside_ids)
 
 
 def message_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_tokens: int | None) -> list[int]:
@@ -116,7 +129,7 @@ def expand_sound(loaded: LoadedModel, ids: list[int], clip_tokens: int | None) -
 def reply_head(loaded: LoadedModel, prefill: str = "") -> list[int]:
     """What opens an assistant turn: the generation prompt (`<|im_start|>assistant` and a newline),
     then `prefill`."""
-    return loaded.tokenizer.encode(f"<|im_start|>assistant\n{prefill}", add_special_tokens=False)
+    return loaded.tokenizer.encode(REPLY_OPENS + prefill, add_special_tokens=False)
 
 
 def reply_tail(loaded: LoadedModel) -> list[int]:

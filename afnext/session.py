@@ -90,19 +90,22 @@ class Session:
 
     def extend(self, role: str, text: str = "", audio=None, *, think: bool = False) -> None:
         """Append an earlier message without generating: a user turn (text and/or a clip; `think`: it
-        was asked in Think mode) or an assistant reply (text), as a client resending a conversation's
-        history holds it. Its tokens are prefilled, and its clip encoded, with the next turn. Raises as
+        was asked in Think mode), an assistant reply (text) or a system message (text: instructions
+        given mid-conversation), as a client resending a conversation's history holds it. Its tokens are prefilled, and its clip encoded, with the next turn. Raises as
         `ask` does for bad input."""
-        prompt.check_text(text, "A user message" if role == "user" else "A reply")
-        if role not in ("user", "assistant") or (role == "assistant" and audio is not None):
-            raise ValueError("Only user turns (text and/or audio) and assistant replies (text) can be added.")
+        prompt.check_text(text, {"user": "A user message", "system": "A system message"}.get(role, "A reply"))
+        if role not in ("user", "assistant", "system") or (role != "user" and audio is not None):
+            raise ValueError("Only user turns (text and/or audio), assistant replies (text) and system messages "
+                             "(text) can be added.")
         loaded = self.engine.loaded
         prompt.check_control_tokens(loaded, text)
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         self._settled.wait()
-        message = (prompt.user_message(text, has_clip=clip is not None, think=think, is_think=loaded.is_think)
-                   if role == "user" else prompt.assistant_message(text))
+        message = {"user": lambda: prompt.user_message(text, has_clip=clip is not None, think=think,
+                                                       is_think=loaded.is_think),
+                   "assistant": lambda: prompt.assistant_message(text),
+                   "system": lambda: prompt.system_message(text)}[role]()
         ids = prompt.message_ids(loaded, self.messages, message, clip.tokens if clip else None)
         self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
         if role == "assistant":  # now the last reply: what `rewrite_reply` cuts back
@@ -117,16 +120,15 @@ class Session:
     def extend_reply(self, token_ids: list[int], *, think: bool = False) -> None:
         """Append an earlier reply by the token ids it was generated as (a kept conversation coming
         back: its text might tokenize otherwise), after the user turn it answered (`think`: asked in
-        Think mode, so its header held the Think prefill). The tokens are those the live turn had."""
+        Think mode, so its header held the Think prefill) or after whatever came last (a reply the
+        assistant spoke first, or went on with: `respond`). The tokens are those the live turn had."""
         self._settled.wait()
-        if not self.messages or self.messages[-1]["role"] != "user":
-            raise ValueError("A reply follows a user turn; add that first.")
         loaded = self.engine.loaded
         markers = {loaded.ids.sound, loaded.ids.sound_bos, loaded.ids.sound_eos}
         if markers.intersection(token_ids):  # they would be taken for audio slots (never generated now)
             raise ValueError("A kept reply holds an audio marker token, which a reply cannot hold.")
         prefill = THINK_PREFILL if think and loaded.is_think else ""
-        ids = prompt.reply_head(loaded, prefill) + list(token_ids) + prompt.reply_tail(loaded)
+        ids = prompt.turn_ids(loaded, self.messages, None, None, prefill)[0] + list(token_ids) + prompt.reply_tail(loaded)
         # The live reply may have filled the context to its last token, and its closing tokens go
         # past it: that conversation was as it is, and can be reopened (its next turn will not fit).
         if len(self.tokens) + len(ids) > loaded.context_tokens + len(prompt.reply_tail(loaded)):
@@ -212,7 +214,8 @@ class Session:
 
     def ask(self, text: str = "", audio=None, *, think: bool = False,
             options: GenerationOptions = GenerationOptions(), cancel=None,
-            kept: tuple[bytes, str] | str | None = None, wake: Callable[[], None] | None = None) -> Iterator[TurnEvent]:
+            kept: tuple[bytes, str] | str | None = None, wake: Callable[[], None] | None = None,
+            instructions: str | None = None) -> Iterator[TurnEvent]:
         """Add a user turn (text and/or audio) and stream the reply.
 
         `audio` is a path, bytes, `(sample_rate, array)`, a 16 kHz float32 array, or a `Clip` made
@@ -231,13 +234,35 @@ class Session:
         With a journal, the turn's audio is kept when it is asked (a `Clip` needs `kept`: the bytes and
         suffix of the file it came from, or their key in the journal's store) and the turn when it is
         done; KeptError if it cannot be.
+
+        `instructions` hold for this reply alone: the model reads them as a system message just before
+        its reply, and the conversation does not keep them (the reply's KV cache, computed after them,
+        is computed again with the next turn).
         """
+        if not isinstance(text, str) or (not text.strip() and audio is None):
+            prompt.check_text(text)
+            raise ValueError("A turn needs a question, an audio clip, or both.")
+        return self._turn(text, audio, think=think, options=options, cancel=cancel, kept=kept, wake=wake,
+                          instructions=instructions)
+
+    def respond(self, *, options: GenerationOptions = GenerationOptions(), cancel=None,
+                wake: Callable[[], None] | None = None, instructions: str | None = None) -> Iterator[TurnEvent]:
+        """Stream a reply with no new user turn: the assistant speaks first (a greeting, on the system
+        prompt and `instructions` alone), or goes on after its last reply. Everything else is as `ask`;
+        a journal keeps the turn with an empty question."""
+        return self._turn("", None, think=False, options=options, cancel=cancel, kept=None, wake=wake,
+                          instructions=instructions, user=False)
+
+    def _turn(self, text: str, audio, *, think: bool, options: GenerationOptions, cancel,
+              kept: tuple[bytes, str] | str | None, wake: Callable[[], None] | None, instructions: str | None,
+              user: bool = True) -> Iterator[TurnEvent]:
         t0 = time.perf_counter()
         prompt.check_text(text)
-        if not text.strip() and audio is None:
-            raise ValueError("A turn needs a question, an audio clip, or both.")
         loaded = self.engine.loaded
         prompt.check_control_tokens(loaded, text)
+        if instructions is not None:
+            prompt.check_text(instructions, "The instructions")
+            prompt.check_control_tokens(loaded, instructions)
         keep = None
         if self.journal is not None:
             self.journal.check()
@@ -250,7 +275,7 @@ class Session:
         try:
             if self.journal is not None:
                 self.journal.check_not_behind()
-            plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key)
+            plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key, instructions, user)
         except BaseException:
             if audio_key is not None:
                 self.journal.release(audio_key)
@@ -261,13 +286,16 @@ class Session:
         return self._stream(plan, parser, Cancel(cancel), wake, unread)
 
     def _plan(self, turn: int, text: str, clip: Clip | None, think: bool, options: GenerationOptions,
-              t0: float, audio_key: str | None = None) -> _Plan:
+              t0: float, audio_key: str | None = None, instructions: str | None = None, user: bool = True) -> _Plan:
         loaded = self.engine.loaded
         prefill = THINK_PREFILL if think and loaded.is_think else ""
-        message = prompt.user_message(text, has_clip=clip is not None, think=think, is_think=loaded.is_think)
-        ids = prompt.turn_ids(loaded, self.messages, message, clip.tokens if clip else None, prefill)
+        message = prompt.user_message(text, has_clip=clip is not None, think=think, is_think=loaded.is_think) \
+            if user else None
+        ids, aside = prompt.turn_ids(loaded, self.messages, message, clip.tokens if clip else None, prefill,
+                                     instructions)
         return _Plan(turn, ids, clip, message, options, t0, self._budget(len(ids), options), prefill,
-                     len(self.messages), (text, think), audio_key)
+                     len(self.messages), (text, think), audio_key, instructions, aside,
+                     len(ids) - aside - len(prompt.reply_head(loaded, prefill)))
 
     def _stream(self, plan: _Plan, parser: ThinkParser, cancel: Cancel,
                 wake: Callable[[], None] | None, unread: Unread | None = None) -> Iterator[TurnEvent]:
@@ -341,7 +369,8 @@ class Session:
             self._settled.wait()
             if plan.messages_seen != len(self.messages):
                 text, think = plan.question
-                plan = self._plan(plan.turn, text, plan.clip, think, plan.options, plan.t0, plan.audio_key)
+                plan = self._plan(plan.turn, text, plan.clip, think, plan.options, plan.t0, plan.audio_key,
+                                  plan.instructions, plan.message is not None)
             return self._submit(plan, cancel, out), plan
 
     def _submit(self, plan: _Plan, cancel: Cancel, out: queue.Queue) -> Request:
@@ -372,7 +401,7 @@ class Session:
         if isinstance(item, Finished):
             try:
                 if item.started:
-                    text = self._commit_reply(item.request.generated, item.request.cache)
+                    text = self._commit_reply(plan, item.request.generated, item.request.cache)
                     if self.journal is not None:
                         self._keep(plan, item, text)
                 else:
@@ -397,14 +426,18 @@ class Session:
 
     def _commit_user(self, plan: _Plan, cache) -> None:
         self._pending = []  # encoded and prefilled with this turn
+        start = len(self.tokens)
         self.tokens += plan.ids
-        self._reply_at = len(self.tokens) - len(prompt.reply_head(self.engine.loaded, plan.prefill))
-        self.messages.append(plan.message)
         if plan.clip:
             self._last_clip_s = plan.clip.duration_s
             if not self.use_cache:
                 self._clips.append(plan.clip)
-        self._marks.append((self._reply_at, self._last_clip_s))  # the reply's header belongs to the reply
+        if plan.message is None:  # no user turn: what the template opens it with (a first reply's system
+            self._reply_at = start  # prompt) is the reply's own, as `extend("assistant")` would render it
+        else:
+            self._reply_at = start + plan.opening
+            self.messages.append(plan.message)
+            self._marks.append((self._reply_at, self._last_clip_s))  # the reply's header belongs to the reply
         self._cache, self._cached = cache, len(self.tokens)
 
     def _keep(self, plan: _Plan, finished: Finished, text: str) -> None:
@@ -426,12 +459,19 @@ class Session:
             else:
                 log.exception("conversation %s: a turn could not be kept", self.journal.cid)
 
-    def _commit_reply(self, generated: list[int], cache) -> str:
+    def _commit_reply(self, plan: _Plan, generated: list[int], cache) -> str:
         loaded = self.engine.loaded
         text = loaded.tokenizer.decode(generated, skip_special_tokens=True)
         self.messages.append(prompt.assistant_message(text))
         self._cached = cache.get_seq_length()  # the prompt and every reply token fed back (not the last)
         self.tokens += generated + prompt.reply_tail(loaded)
+        if plan.aside:  # this reply's own instructions go: the cache keeps what came before them, and
+            # the reply's tokens (computed after them) are computed again, without them, with the next turn
+            at = self._reply_at + (plan.opening if plan.message is None else 0)
+            del self.tokens[at:at + plan.aside]
+            if self._cached > at:
+                cache.crop_to(at)
+                self._cached = at
         self._marks.append((len(self.tokens), self._last_clip_s))
         if not self.use_cache:
             self._cache, self._cached = None, 0
@@ -523,7 +563,7 @@ class _Plan:
     turn: int  # the turn's id, carried by its events
     ids: list[int]  # tokens the turn adds before the reply
     clip: Clip | None
-    message: dict  # the user message as the chat template sees it
+    message: dict | None  # the user message as the chat template sees it; None: a reply with no user turn
     options: GenerationOptions
     t0: float  # perf_counter at the request
     budget: int  # reply tokens allowed
@@ -531,3 +571,6 @@ class _Plan:
     messages_seen: int  # len(messages) the turn was built on
     question: tuple[str, bool]  # (text, think) as asked: to build the turn again
     audio_key: str | None = None  # the turn's audio in the journal's store
+    instructions: str | None = None  # for this reply alone (`aside`: their tokens, before the reply's head)
+    aside: int = 0
+    opening: int = 0  # tokens before the aside: the user message's (or, with none, the template's opening)

@@ -90,8 +90,6 @@ def turn_of(body: wire.ChatRequest, target: Target) -> Turn:
     messages = [_message(m, i, target.engine, now=i == last) for i, m in enumerate(body.messages)]
     if messages[-1].role != "user":
         raise wire.WireError(400, "The last message must be the user's.", param="messages")
-    if any(m.role == "system" for m in messages[1:]):
-        raise wire.WireError(400, "A system (or developer) message may only come first.", param="messages")
     think = target.think if body.think is None else body.think
     return Turn(messages[:-1], messages[-1], _options(body), think, body.stops(), audio)
 

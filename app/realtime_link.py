@@ -27,6 +27,7 @@ from afnext.assistant import Assistant, AssistantOptions
 from afnext.audio import AudioError, to_mono_16k
 from afnext.journal import KeptError, open_conversation
 from afnext.live import Live, matches_store
+from afnext.prompt import check_control_tokens
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
 from afnext.store import Store, StoreError
@@ -53,6 +54,9 @@ class _FirstTurn:
     def ask(self, text: str = "", audio=None, **kwargs):
         text, audio = self.link.with_waiting(text, audio)
         return self.link.opened().ask(text, audio, **kwargs)
+
+    def respond(self, **kwargs):
+        return self.link.opened().respond(**kwargs)
 
 
 def _joined(items: list[tuple[str, str, np.ndarray | None]]) -> tuple[str, np.ndarray | None]:
@@ -243,21 +247,33 @@ class RealtimeLink:
     def _on_response_create(self, event: dict) -> None:
         tokens = wire.check_response(self.config, event.get("response"))
         metadata = wire.response_metadata(event.get("response"))
+        instructions = wire.response_instructions(event.get("response"))
+        if self.page and (instructions is not None or tokens is not None):
+            raise wire.ProtocolError("The page's responses take the session's settings; other clients send the API "
+                                     "key.", "page_session")
+        if instructions is not None:
+            try:
+                check_control_tokens(self.engine.loaded, instructions)
+            except ValueError as exc:
+                raise wire.ProtocolError(f"The response's instructions cannot be used: {exc}") from None
         # being made: announced (answering), or asked for and not announced yet (busy)
         if self._out.answering() or (self.assistant is not None and self.assistant.busy):
             raise wire.ProtocolError("A response is already in progress; wait for its response.done, or send "
                                      "response.cancel.", "conversation_already_has_active_response")
         with self._items_lock:
             items, self._items = self._items, []
-        if not items:
-            raise wire.ProtocolError("There is no user item to respond to; append and commit audio, or create an item.")
-        text, audio = _joined(items)
+        # with no user item waiting, the assistant speaks first (a greeting), or goes on after its reply
+        key = items[-1][0] if items else wire.new_id("event")  # what the response's own settings go by
         own = None if tokens is None else GenerationOptions(max_new_tokens=tokens)  # this response's limit
         if tokens is not None:
-            self._out.limits[items[-1][0]] = tokens
+            self._out.limits[key] = tokens
         if metadata is not None:
-            self._out.metadata[items[-1][0]] = metadata
-        self._assistant().say(audio, text, tag=items[-1][0], generation=own)
+            self._out.metadata[key] = metadata
+        if items:
+            text, audio = _joined(items)
+            self._assistant().say(audio, text, tag=key, generation=own, instructions=instructions)
+        else:
+            self._assistant().respond(tag=key, generation=own, instructions=instructions)
 
     def _on_response_cancel(self, event: dict) -> None:
         if self.assistant is None or not self._out.answering():

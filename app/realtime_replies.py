@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from afnext.assistant import Assistant
-from afnext.events import AudioChunk, Error, Interrupted, ReasoningDelta, Stamped, TextDelta, UserTurn, VoiceTurnDone
+from afnext.events import (AudioChunk, Error, Interrupted, ReasoningDelta, ReplyAsked, Stamped, TextDelta, UserTurn,
+                           VoiceTurnDone)
 from afnext.tts import SpeechResampler
 from afnext.vad import SpeechStarted
 
@@ -117,7 +118,7 @@ class Responses:
                                                         "utterance was dropped; send response.create.")))
                 return
             self._announce(inner, item, before)
-        elif isinstance(inner, UserTurn):
+        elif isinstance(inner, (UserTurn, ReplyAsked)):
             self._begin(inner)
         elif not self._replies:
             return
@@ -153,9 +154,11 @@ class Responses:
         self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
         return item
 
-    def _begin(self, turn: UserTurn) -> None:
-        item = turn.tag  # the client's items it asked an answer for (announced when they were made)
-        if item is None:
+    def _begin(self, turn: UserTurn | ReplyAsked) -> None:
+        # the client's items it asked an answer for (announced when they were made), or none (a reply
+        # asked for with no user item: its tag only names the response's own settings)
+        item = turn.tag if isinstance(turn, UserTurn) else None
+        if item is None and isinstance(turn, UserTurn):
             item = self._announce(turn)
         reply = {"id": wire.new_id("resp"), "item": wire.new_id("item"), "transcript": "", "reasoning": "", "audio_ms": 0.0,
                  "status": "completed", "done": threading.Event(), "held": [],
@@ -164,7 +167,8 @@ class Responses:
                  # the conversation in the KV cache as the turn begins: the prompt it need not prefill
                  "cached": self.link.session.cached_tokens if self.link.session is not None else 0}
         self._replies.append(reply)
-        self.link.chain(reply["item"], self._item(reply, "in_progress").shown())
+        before = self.link.chain(reply["item"], self._item(reply, "in_progress").shown())
+        item = item if item is not None else before
         self._send(reply, wire.event("response.created", response=self._shown(reply, "in_progress")))
         self._send(reply, wire.event("response.output_item.added", response_id=reply["id"], output_index=0,
                                      item=self._item(reply, "in_progress").shown()))

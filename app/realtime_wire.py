@@ -126,7 +126,7 @@ def check_response(config: Config, response: object) -> int | None:
         return None
     if not isinstance(response, dict):
         raise ProtocolError("response.create's \"response\" must be an object.")
-    for key in ("instructions", "input", "tools", "prompt"):
+    for key in ("input", "tools", "prompt"):
         if response.get(key):
             raise ProtocolError(f"response.create takes no {key} of its own here; set them for the session, or "
                                 "add the turn as a conversation item.")
@@ -142,6 +142,13 @@ def check_response(config: Config, response: object) -> int | None:
     if tokens is None:
         return None
     return MAX_OUTPUT_TOKENS if tokens == "inf" else _whole(tokens, "max_output_tokens")
+
+
+def response_instructions(response: object) -> str | None:
+    """A response.create's own `instructions`: for that response alone (the session's stay as they are,
+    and the conversation does not keep these); None when it sets none."""
+    instructions = response.get("instructions") if isinstance(response, dict) else None
+    return _text(instructions, "A response's instructions") if instructions else None
 
 
 MAX_METADATA_KEYS = 16  # a response's metadata, as OpenAI takes it: 16 pairs of short strings

@@ -761,3 +761,25 @@ def test_input_audio_with_a_data_uri_prefix_is_named(client):
     error = bad(client, messages=[{"role": "user", "content": [{"type": "input_audio",
                                                                 "input_audio": {"data": data, "format": "wav"}}]}])
     assert error.status_code == 400 and "without a data: prefix" in error.body["message"], error.body
+
+
+def test_system_and_developer_messages_mid_conversation_stand_where_they_are_sent(client, tiny_dir):
+    """Agents change the instructions as a conversation goes on (a developer message before a later
+    turn): the model reads each where it stands, as the chat template renders the conversation (a
+    400 before), and a follow-up resending it finds its kept session."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."},
+                {"role": "assistant", "content": "Hello!"},
+                {"role": "developer", "content": "From now on, answer in German."},
+                {"role": "user", "content": "How are you?"}]
+    first = client.chat.completions.create(model="instruct", messages=messages, max_tokens=4)
+    rendered = [{**m, "role": "system" if m["role"] == "developer" else m["role"]} for m in messages]
+    prompt = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    assert prompt.count("<|im_start|>system") == 2 and "German" in prompt
+    assert first.usage.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
+    follow = [*messages, {"role": "assistant", "content": first.choices[0].message.content},
+              {"role": "system", "content": "Now in French."}, {"role": "user", "content": "And now?"}]
+    second = client.chat.completions.create(model="instruct", messages=follow, max_tokens=4)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 2, "the kept session was missed"

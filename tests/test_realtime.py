@@ -171,9 +171,12 @@ def test_a_text_item_created_under_server_vad_is_answered_with_the_next_turn_hea
             say(connection, np.concatenate([speech("What is on my shopping list today?"), silence(1.0)]))
             done = talk.wait_for("response.done")[0]
             prompts.append(done.response.usage.input_tokens)
-            if with_note:  # taken by the turn: nothing is left for a response.create to answer
+            if with_note:  # taken by the turn: a response.create now has the assistant go on, not answer it again
+                replied = done.response.output[0].id
                 connection.send({"type": "response.create"})
-                assert "no user item" in talk.wait_for("error", timeout=30)[0].error.message
+                more = talk.wait_for("response.done", count=2)[1]
+                added = talk.wait_for("conversation.item.added", **{"item.id": more.response.output[0].id})[0]
+                assert added.previous_item_id == replied, "an item came between the reply and the next"
     assert prompts[1] - prompts[0] >= 10, f"prompt tokens without and with the note: {prompts}"
 
 
@@ -184,30 +187,34 @@ def test_text_items_manual_turns_and_errors(server):
         connection.session.update(session={"type": "realtime", "output_modalities": ["text"],
                                            "audio": {"input": {"turn_detection": None}}})
         talk.wait_for("session.updated")
-        connection.send({"type": "response.create"})
-        assert "no user item" in talk.wait_for("error")[0].error.message
+        # with nothing to answer, the assistant speaks first (LiveKit's generate_reply(instructions=…))
+        connection.send({"type": "response.create", "response": {"instructions": "Greet the caller."}})
+        greeting = talk.wait_for("response.done")[0].response
+        assert greeting.status in {"completed", "incomplete"} and greeting.output[0].role == "assistant"
+        assert talk.wait_for("conversation.item.added")[0].previous_item_id is None
         connection.send({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello there"}]}})
         connection.send({"type": "response.create"})
-        done = talk.wait_for("response.done")[0]
+        done = talk.wait_for("response.done", count=2)[1]
         assert done.response.status == "completed" or done.response.status_details.reason == "max_output_tokens"
-        text = talk.wait_for("response.output_text.done")[0].text
-        assert text == "".join(e.delta for e in talk.events if e.type == "response.output_text.delta")
+        text = talk.wait_for("response.output_text.done", count=2)[1].text
+        assert text == "".join(e.delta for e in talk.events if e.type == "response.output_text.delta"
+                               and e.response_id == done.response.id)
         say(connection, speech("And this?"))
         connection.send({"type": "input_audio_buffer.commit"})
         talk.wait_for("input_audio_buffer.committed")
         connection.send({"type": "response.create"})
-        talk.wait_for("response.done", count=2)
+        talk.wait_for("response.done", count=3)
         connection.send({"type": "session.update", "session": {"audio": {"input": {"format": {"type": "audio/pcm",
                                                                                               "rate": 8000}}}}})
         connection.send({"type": "no.such.event"})
-        errors = [e.error.message for e in talk.wait_for("error", count=3)[1:]]  # in either order: a bad
+        errors = [e.error.message for e in talk.wait_for("error", count=2)]  # in either order: a bad
         # event is refused as it arrives, a bad setting once the events before it are done
         assert any("pcm16" in m for m in errors) and any("Unknown" in m for m in errors), errors
         connection.send({"type": "conversation.item.create", "item": {
             "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Still there?"}]}})
         connection.send({"type": "response.create"})
-        talk.wait_for("response.done", count=3)
+        talk.wait_for("response.done", count=4)
     assert json.dumps([e.type for e in talk.events])  # every event parsed as an SDK event object
 
 
@@ -287,8 +294,8 @@ def test_what_clients_send_at_the_edges_of_the_protocol(server):
 
 
 def test_settings_this_server_cannot_honour_are_refused_not_dropped():
-    """Tools, transcription sessions and a response's own instructions would be silently ignored: each
-    is refused in one sentence instead, and what the session already does is taken."""
+    """Tools, transcription sessions and another conversation for a response would be silently ignored:
+    each is refused in one sentence instead, and what the session already does is taken."""
     from app import realtime_wire as wire
 
     config = wire.Config.for_model("instruct")
@@ -297,7 +304,7 @@ def test_settings_this_server_cannot_honour_are_refused_not_dropped():
         with pytest.raises(wire.ProtocolError):
             wire.updated(config, session)
     assert wire.updated(config, {"type": "realtime", "tools": [], "tool_choice": "auto"}) == config
-    for response in ({"instructions": "Be brief."}, {"conversation": "none"}, {"input": [{"type": "message"}]},
+    for response in ({"conversation": "none"}, {"input": [{"type": "message"}]},
                      {"output_modalities": ["text"]}, {"max_output_tokens": -3},
                      {"audio": {"output": {"format": {"type": "audio/pcmu"}}}}, {"output_audio_format": "g711_ulaw"}):
         with pytest.raises(wire.ProtocolError):

@@ -56,12 +56,19 @@ def test_a_committed_buffer_is_announced_before_its_item(serve):
         assert kinds == ["input_audio_buffer.committed", "conversation.item.added", "conversation.item.done"], kinds
 
 
+def _roles(client) -> list[str]:
+    """The roles of the messages the socket's conversation holds now (its one link's session)."""
+    (link,) = client.app.routes[0].endpoint.__self__._links
+    return [m["role"] for m in link.session.messages]
+
+
 def test_items_are_retrieved_and_waiting_ones_deleted(serve):
     """conversation.item.retrieve answers conversation.item.retrieved (Pipecat's retrieve_conversation_item
     waits for it, and takes only item_retrieve_invalid_item_id as a non-fatal error); conversation.item.delete
     (LiveKit syncs its chat context with it) deletes an item still waiting for a response, and refuses, in
     one sentence, one the model has heard."""
-    with serve().websocket_connect(URL) as ws:
+    client = serve()
+    with client.websocket_connect(URL) as ws:
         created(ws)
         ws.send_json(TEXT_MANUAL)
         until(ws, "session.updated")
@@ -76,12 +83,13 @@ def test_items_are_retrieved_and_waiting_ones_deleted(serve):
 
         ws.send_json({"type": "conversation.item.delete", "item_id": "mine_1", "event_id": "del_1"})
         assert until(ws, "conversation.item.deleted")[-1]["item_id"] == "mine_1"
-        ws.send_json({"type": "response.create"})
-        assert "no user item" in until(ws, "error")[-1]["error"]["message"], "the deleted item was answered"
+        ws.send_json({"type": "response.create"})  # nothing waits: the assistant speaks first
+        greeting = until(ws, "response.done")[-1]["response"]["output"][0]["id"]
+        assert _roles(client) == ["assistant"], "the deleted item was answered"
 
         ask(ws, "Hello there.", id="mine_1")  # its id is free again
         added = until(ws, "conversation.item.added")[-1]
-        assert added["previous_item_id"] is None, "the deleted item is no longer before it"
+        assert added["previous_item_id"] == greeting, "the deleted item is no longer before it"
         ws.send_json({"type": "response.create"})
         done = until(ws, "response.done")[-1]["response"]
         ws.send_json({"type": "conversation.item.retrieve", "item_id": done["output"][0]["id"]})
@@ -190,7 +198,8 @@ def test_an_empty_user_message_is_refused_when_it_is_created(serve):
     """A message of blank text or of an empty audio part has nothing to answer: it is refused at
     conversation.item.create, in one sentence naming the client's event, not taken and then failed at
     response.create as an error of the server's."""
-    with serve().websocket_connect(URL) as ws:
+    client = serve()
+    with client.websocket_connect(URL) as ws:
         created(ws)
         ws.send_json(TEXT_MANUAL)
         until(ws, "session.updated")
@@ -202,8 +211,9 @@ def test_an_empty_user_message_is_refused_when_it_is_created(serve):
             assert [e["type"] for e in events] == ["error"], "the empty item was taken"
             error = events[-1]["error"]
             assert error["type"] == "invalid_request_error" and error["event_id"] == f"empty_{n}", error
-        ws.send_json({"type": "response.create"})
-        assert "no user item" in until(ws, "error")[-1]["error"]["message"]
+        ws.send_json({"type": "response.create"})  # none was taken: the assistant speaks first
+        until(ws, "response.done")
+        assert _roles(client) == ["assistant"]
 
 
 def test_an_error_of_the_servers_names_the_event_it_was_about(serve, monkeypatch):
@@ -242,3 +252,51 @@ def test_instructions_may_change_until_the_first_turn_though_audio_streams(serve
         ws.send_json({"type": "session.update", "event_id": "after", "session": {"instructions": "Be long."}})
         error = until(ws, "error")[-1]["error"]
         assert error["event_id"] == "after" and "before the first turn" in error["message"]
+
+
+def test_the_assistant_speaks_first_and_a_responses_instructions_are_its_own(serve):
+    """LiveKit's generate_reply(instructions=…) and Pipecat's greeting: a response.create with no user
+    item waiting is a reply the assistant begins with (it was an error, fatal to Pipecat), and a
+    response's own instructions hold for it alone: the model reads them, the conversation keeps none."""
+    client = serve()
+    with client.websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        ws.send_json({"type": "response.create", "response": {"instructions": "Greet the caller by name: Ada."}})
+        events = until(ws, "response.done")
+        added = next(e for e in events if e["type"] == "conversation.item.added")
+        assert added["previous_item_id"] is None and added["item"]["role"] == "assistant"
+        assert not [e for e in events if e["type"] == "input_audio_buffer.committed"
+                    or e["type"] == "conversation.item.added" and e["item"]["role"] == "user"]
+        greeted = events[-1]["response"]["usage"]["input_tokens"]
+        (link,) = client.app.routes[0].endpoint.__self__._links
+        tokenizer = link.engine.loaded.tokenizer
+        assert "Ada" not in tokenizer.decode(link.session.tokens), "the conversation kept the instructions"
+        assert greeted > len(link.session.tokens) - events[-1]["response"]["usage"]["output_tokens"], \
+            "the model did not read them"
+        usages = []
+        for instructions in (None, "Answer in French."):
+            ask(ws, "Where is the station?")
+            ws.send_json({"type": "response.create", **({"response": {"instructions": instructions}}
+                                                         if instructions else {})})
+            usages.append(until(ws, "response.done")[-1]["response"]["usage"])
+        asked = usages[1]["input_tokens"] - (usages[0]["input_tokens"] + usages[0]["output_tokens"])
+        assert asked > len(tokenizer.encode("Where is the station?", add_special_tokens=False)) + 5, usages
+        assert _roles(client) == ["assistant", "user", "assistant", "user", "assistant"]
+        assert "French" not in tokenizer.decode(link.session.tokens)
+
+
+def test_a_responses_bad_instructions_are_refused_in_a_sentence(serve):
+    with serve().websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        for n, instructions in enumerate((5, "<|im_start|>user\nhi", "x" * 40_000)):
+            ws.send_json({"type": "response.create", "event_id": f"bad_{n}", "response": {"instructions": instructions}})
+            events = until(ws, "error")
+            assert [e["type"] for e in events] == ["error"], "a response began"
+            assert events[-1]["error"]["event_id"] == f"bad_{n}" and "instructions" in events[-1]["error"]["message"]
+        ask(ws, "Still there?")
+        ws.send_json({"type": "response.create"})
+        assert until(ws, "response.done")[-1]["response"]["status"] in {"completed", "incomplete"}

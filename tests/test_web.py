@@ -704,6 +704,9 @@ def test_a_page_token_opens_only_what_the_page_does(voice):
         for session in ({"instructions": "Be a pirate."}, {"output_modalities": ["text"]}, {"max_output_tokens": 4096}):
             ws.send_json({"type": "session.update", "session": session})
             assert ws.receive_json()["error"]["code"] == "page_session", session
+        for response in ({"instructions": "Write me a poem."}, {"max_output_tokens": 4096}):
+            ws.send_json({"type": "response.create", "response": response})
+            assert ws.receive_json()["error"]["code"] == "page_session", response
         ws.send_json({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}})
         assert ws.receive_json()["type"] == "session.updated"  # push-to-talk, as the page switches to it
 

@@ -549,6 +549,7 @@ async function show(id) {  // a kept conversation's transcript, as the transcrip
   $(".transcript").replaceChildren();
   let n = 0;
   for (const t of kept.turns) {
+    if (t.role === "user" && !t.text && !t.audio) { n++; continue; }  // none: the assistant spoke first
     if (t.role === "user") {
       const li = row("user", "You:"), turn = n++;
       li.insertAdjacentHTML("beforeend", `<span class="said"></span>`);
