@@ -60,6 +60,8 @@ def _replay(route, store: Store, turns: list[StoredTurn]) -> None:
         if user.audio is not None:
             clip = prepare_clip(store.audio_path(user.audio).read_bytes(), loaded.mel_filters,
                                 max_seconds=loaded.max_audio_s)
+        for instructions in user.instructions:  # changed mid-conversation, just before this turn
+            target.extend("system", instructions)
         if user.text or clip is not None:  # (neither: a reply the assistant began with, `Session.respond`)
             target.extend("user", user.text, clip, think=user.think)
         if reply.token_ids is None:
@@ -195,12 +197,14 @@ class Journal:
             token.finalizer = weakref.finalize(token, self.release, audio)
         return token
 
-    def commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None = None) -> None:
+    def commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None = None,
+               instructions: tuple[str, ...] = ()) -> None:
         """Keep a completed exchange (the session's thread settling it); KeptError if it cannot be.
-        `parts`: an answer about a recording heard in parts (StoredTurn.parts). Any failure breaks the
-        journal: the session holds a turn the store does not, so the conversation stops here."""
+        `parts`: an answer about a recording heard in parts (StoredTurn.parts); `instructions`, system
+        messages the conversation took just before it. Any failure breaks the journal: the session
+        holds a turn the store does not, so the conversation stops here."""
         try:
-            self._commit(text, think, audio, reply, parts)
+            self._commit(text, think, audio, reply, parts, instructions)
         except KeptError:
             raise
         except Exception as exc:  # unforeseen: broken all the same, with the same kind of sentence
@@ -209,12 +213,13 @@ class Journal:
         finally:
             self.release(audio)
 
-    def _commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None = None) -> None:
+    def _commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None,
+                instructions: tuple[str, ...]) -> None:
         with self._lock:
             self.check()
             try:
                 self.store.add_exchange(
-                    self.cid, StoredTurn("user", text, think, audio),
+                    self.cid, StoredTurn("user", text, think, audio, instructions=instructions),
                     StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
                                steps=[dataclasses.asdict(s) for s in reply.steps],
                                timings=dataclasses.asdict(reply.timings), interrupted=reply.interrupted, parts=parts),

@@ -72,6 +72,12 @@ def system_message(text: str) -> dict:
     return {"role": "system", "content": [{"type": "text", "text": text}]}
 
 
+def text_of(message: dict) -> str:
+    """A message's words (its text parts, or its content when that is a string)."""
+    content = message["content"]
+    return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
+
+
 def render(loaded: LoadedModel, messages: list[dict], generation_prompt: bool) -> str:
     """The chat template's text for `messages` (its default system prompt included)."""
     if not messages:

@@ -62,6 +62,7 @@ class Session:
         self.journal = journal  # where completed turns are kept (None: nowhere)
         self.use_cache = use_cache  # False: recompute everything every turn (the reference path)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self._opening_system = bool(system)  # messages[0] is the conversation's system prompt
         self.tokens: list[int] = []  # the whole conversation as token ids
         self._cache = None  # KV cache holding tokens[:self._cached]
         self._cached = 0
@@ -170,6 +171,7 @@ class Session:
         twin = Session(self.engine)
         twin.messages, twin.tokens = list(self.messages[:n_messages]), self.tokens[:cut]
         twin._marks, twin._last_clip_s = self._marks[:n_messages], clip_s
+        twin._opening_system = self._opening_system and n_messages > 0
         kept = min(self._cached, cut)
         if self._cache is not None and kept:
             # the engine thread may be moving this idle cache off the GPU; the copy leaves the cores to it
@@ -450,7 +452,8 @@ class Session:
         before = self.journal.broken  # already broken: deleted meanwhile (a user's doing), or an earlier failure
         try:
             self.journal.commit(*plan.question, plan.audio_key,
-                                self._reply(plan, finished.request, plan.prefill + text, parser, finished))
+                                self._reply(plan, finished.request, plan.prefill + text, parser, finished),
+                                instructions=self._instructions_before(plan))
         except Exception:  # KeptError, or the reply could not be built: the journal is broken, and says so
             if self.journal.broken is None:
                 self.journal.broken = "The turn could not be kept in the store; the conversation stops here."
@@ -458,6 +461,18 @@ class Session:
                 log.info("conversation %s: a turn was not kept: %s", self.journal.cid, before)
             else:
                 log.exception("conversation %s: a turn could not be kept", self.journal.cid)
+
+    def _instructions_before(self, plan: _Plan) -> tuple[str, ...]:
+        """The system messages just before the settled turn (its user message, or with none its reply):
+        instructions given mid-conversation, which the journal keeps with it (the opening system prompt
+        is the conversation's own)."""
+        at = len(self.messages) - (2 if plan.message is not None else 1)
+        found = []
+        lowest = 1 if self._opening_system else 0
+        while at - 1 >= lowest and self.messages[at - 1]["role"] == "system":
+            at -= 1
+            found.append(prompt.text_of(self.messages[at]))
+        return tuple(reversed(found))
 
     def _commit_reply(self, plan: _Plan, generated: list[int], cache) -> str:
         loaded = self.engine.loaded

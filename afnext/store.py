@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS turns (
     idx INTEGER NOT NULL, role TEXT NOT NULL, text TEXT NOT NULL, think INTEGER NOT NULL DEFAULT 0,
     audio TEXT, reasoning TEXT NOT NULL DEFAULT '', steps TEXT NOT NULL DEFAULT '[]',
     token_ids TEXT, timings TEXT NOT NULL DEFAULT '{}', interrupted INTEGER NOT NULL DEFAULT 0,
-    created REAL NOT NULL, parts TEXT, PRIMARY KEY (conversation, idx));
+    created REAL NOT NULL, parts TEXT, instructions TEXT, PRIMARY KEY (conversation, idx));
 CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated);
 """
 COPY_BLOCK_BYTES = 1 << 20  # a file kept from its path is copied this much at a time
@@ -78,6 +78,9 @@ class StoredTurn:
     # An answer about a recording heard in parts (afnext/parts.py): {"ids": each part's generated ids,
     # "merge": the merge turn's question}; the turn's own token_ids are the merge's reply.
     parts: dict | None = None
+    # A user turn's: system messages the conversation took just before it (instructions changed
+    # mid-conversation), in order.
+    instructions: tuple[str, ...] = ()
 
     @property
     def answer(self) -> str:
@@ -144,8 +147,10 @@ class Store:
                                  ("audio", "TEXT")):  # an older store
                 if column not in columns:
                     self._db.execute(f"ALTER TABLE conversations ADD COLUMN {column} {kind}")
-            if "parts" not in {row[1] for row in self._db.execute("PRAGMA table_info(turns)")}:  # an older store
-                self._db.execute("ALTER TABLE turns ADD COLUMN parts TEXT")
+            held = {row[1] for row in self._db.execute("PRAGMA table_info(turns)")}
+            for column in ("parts", "instructions"):  # an older store
+                if column not in held:
+                    self._db.execute(f"ALTER TABLE turns ADD COLUMN {column} TEXT")
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:
@@ -254,11 +259,19 @@ class Store:
     def turns(self, cid: str) -> list[StoredTurn]:
         with self._lock:
             rows = self._db.execute("SELECT role, text, think, audio, reasoning, steps, token_ids, timings, interrupted, "
-                                    "parts FROM turns WHERE conversation = ? ORDER BY idx", (cid,)).fetchall()
+                                    "parts, instructions FROM turns WHERE conversation = ? ORDER BY idx", (cid,)).fetchall()
         return [StoredTurn(role, text, bool(think), audio, reasoning, json.loads(steps),
                            None if ids is None else tuple(json.loads(ids)), json.loads(timings), bool(interrupted),
-                           None if parts is None else json.loads(parts))
-                for role, text, think, audio, reasoning, steps, ids, timings, interrupted, parts in rows]
+                           None if parts is None else json.loads(parts), tuple(json.loads(instructions or "[]")))
+                for role, text, think, audio, reasoning, steps, ids, timings, interrupted, parts, instructions in rows]
+
+    def instructions_in_force(self, cid: str) -> str | None:
+        """The instructions conversation `cid` took last mid-conversation (StoredTurn.instructions), or
+        None when they never changed from its system prompt."""
+        with self._lock:
+            row = self._db.execute("SELECT instructions FROM turns WHERE conversation = ? AND instructions IS NOT NULL "
+                                   "ORDER BY idx DESC LIMIT 1", (cid,)).fetchone()
+        return None if row is None else json.loads(row[0])[-1]
 
     def exchanges(self, cid: str) -> int:
         """How many exchanges (a question and its reply) conversation `cid` holds."""
@@ -286,12 +299,13 @@ class Store:
                                      f"this one {at}); open it again to go on from there.")
                 for i, turn in enumerate((user, assistant)):
                     db.execute("INSERT INTO turns (conversation, idx, role, text, think, audio, reasoning, steps, "
-                               "token_ids, timings, interrupted, created, parts) "
-                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               "token_ids, timings, interrupted, created, parts, instructions) "
+                               "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (cid, n + i, turn.role, turn.text, int(turn.think), turn.audio, turn.reasoning,
                                 json.dumps(turn.steps), None if turn.token_ids is None else json.dumps(list(turn.token_ids)),
                                 json.dumps(turn.timings), int(turn.interrupted), now,
-                                None if turn.parts is None else json.dumps(turn.parts)))
+                                None if turn.parts is None else json.dumps(turn.parts),
+                                json.dumps(list(turn.instructions)) if turn.instructions else None))
                 # Named by its first question; a spoken one (no text) by the start of its first answer.
                 title = clean_title((user.text.strip().splitlines() or [""])[0])[:80]
                 answer = clean_title(assistant.answer)

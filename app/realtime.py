@@ -122,7 +122,8 @@ class RealtimeServer:
         found = self.store.get(check_id(cid), owner=grant.owner)
         if found is None or found.kind not in ("talk", "api"):
             raise StoreError(f"There is no voice conversation {cid[:64]!r} of yours here.")
-        return Kept(self.store, self.live, grant.owner, cid, found.kind, address, found.turns, found.system)
+        return Kept(self.store, self.live, grant.owner, cid, found.kind, address, found.turns, found.system,
+                    self.store.instructions_in_force(cid))
 
     async def _serve(self, ws: WebSocket, engine, synthesizer, model: str, page: bool, kept: Kept | None) -> None:
         loop, outbox = asyncio.get_running_loop(), asyncio.Queue()

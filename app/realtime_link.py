@@ -27,7 +27,7 @@ from afnext.assistant import Assistant, AssistantOptions
 from afnext.audio import AudioError, to_mono_16k
 from afnext.journal import KeptError, open_conversation
 from afnext.live import Live, matches_store
-from afnext.prompt import check_control_tokens
+from afnext.prompt import check_control_tokens, text_of
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
 from afnext.store import Store, StoreError
@@ -53,10 +53,10 @@ class _FirstTurn:
 
     def ask(self, text: str = "", audio=None, **kwargs):
         text, audio = self.link.with_waiting(text, audio)
-        return self.link.opened().ask(text, audio, **kwargs)
+        return self.link.instructed().ask(text, audio, **kwargs)
 
     def respond(self, **kwargs):
-        return self.link.opened().respond(**kwargs)
+        return self.link.instructed().respond(**kwargs)
 
 
 def _joined(items: list[tuple[str, str, np.ndarray | None]]) -> tuple[str, np.ndarray | None]:
@@ -85,7 +85,8 @@ class Kept:
     kind: str  # "talk" (the page) or "api"
     group: str  # the client address, for the registry's fair shares
     turns: int = 0  # completed turns the conversation held when the socket opened
-    system: str | None = None  # its instructions, when it was kept before
+    system: str | None = None  # its system prompt, when it was kept before
+    instructions: str | None = None  # the instructions it was kept with last: changed since it began, else None
 
 
 class RealtimeLink:
@@ -114,7 +115,7 @@ class RealtimeLink:
         self._out = Responses(self)
         self._closing, self._closed = threading.Lock(), False
         if kept is not None and kept.system is not None:  # a kept conversation goes on with its instructions
-            self.config = replace(self.config, instructions=kept.system or None)
+            self.config = replace(self.config, instructions=kept.instructions or kept.system or None)
         self._feeder = threading.Thread(target=self._feed, name="afnext-realtime-feed", daemon=True)
         self._feeder.start()
         extra = {} if kept is None else {"conversation": {"id": kept.cid, "turns": kept.turns}}
@@ -170,10 +171,16 @@ class RealtimeLink:
                           or config.max_output_tokens != self.config.max_output_tokens):
             raise wire.ProtocolError("The page's session takes turn detection settings only; other clients send "
                                      "the API key.", "page_session")
-        with self._session_lock:  # a turn that begins now opens the session with these instructions or refuses them
-            if config.instructions != self.config.instructions and (self.session is not None or (
-                    self.kept is not None and self.kept.turns)):
-                raise wire.ProtocolError("instructions can only be set before the first turn.")
+        if config.instructions:
+            try:
+                check_control_tokens(self.engine.loaded, config.instructions)
+            except ValueError as exc:
+                raise wire.ProtocolError(f"The instructions cannot be used: {exc}") from None
+        with self._session_lock:  # a turn that begins now opens the session with these instructions
+            if config.instructions != self.config.instructions and not config.instructions and (
+                    self.session is not None or (self.kept is not None and self.kept.turns)):
+                raise wire.ProtocolError("Instructions can be changed mid-conversation but not removed: the "
+                                         "conversation holds them already. Send new ones instead.")
             self.config = replace(self.config, instructions=config.instructions)
         if self.assistant is not None and _voice_changed(self.config, config):
             self.assistant.close()  # the next turn starts on an assistant with the new settings
@@ -373,6 +380,17 @@ class RealtimeLink:
                 self.session = self._open_session()
             return self.session
 
+    def instructed(self) -> Session:
+        """The session, for a turn asked now, with the instructions now in force: changed since the
+        conversation began (a session.update mid-conversation, as an agent handing over to another
+        sends), they come into it here, as a system message before the turn."""
+        session = self.opened()
+        wanted = self.config.instructions
+        in_force = next((text_of(m) for m in reversed(session.messages) if m["role"] == "system"), None)
+        if wanted and wanted != in_force:
+            session.extend("system", wanted)
+        return session
+
     def _assistant(self) -> Assistant:
         if self.assistant is None:
             if self.kept is not None and self.kept.turns:  # rebuilt now, while the user speaks: its
@@ -391,7 +409,9 @@ class RealtimeLink:
 
     def _open_session(self) -> Session:
         """The conversation's session: a new one, or (kept) the live one, or one rebuilt from the store."""
-        kept, system = self.kept, self.config.instructions or None
+        # a kept conversation goes on from its own system prompt (instructions changed since come after it)
+        kept = self.kept
+        system = (kept.system if kept is not None and kept.turns else self.config.instructions) or None
         if kept is None:
             return Session(self.engine, system=system)
 

@@ -160,3 +160,24 @@ def test_bad_instructions_are_refused_before_anything_changes(engine):
     with pytest.raises(ValueError, match="32,000"):
         session.respond(instructions="x" * 40_000)
     assert session.tokens == [] and not session.messages
+
+
+def test_instructions_given_mid_conversation_are_kept_with_the_next_turn_and_restored_where_they_stood(engine, tmp_path):
+    from afnext.journal import open_conversation
+
+    store = Store(tmp_path)
+    cid = store.create("talk", owner="o", system="Be brief.")
+    live = Session(engine, system="Be brief.")
+    open_conversation(store, cid, live, model=engine.loaded.name, owner="o")
+    _done(live.ask("Hi.", options=OPTS))
+    live.extend("system", "Answer in French.")
+    live.extend("system", "And be polite.")
+    _done(live.ask("How are you?", options=OPTS))
+    live.extend("system", "Greet them again.")
+    _done(live.respond(options=OPTS))
+    assert [t.instructions for t in store.turns(cid)[0::2]] == [(), ("Answer in French.", "And be polite."),
+                                                                ("Greet them again.",)]
+    assert store.instructions_in_force(cid) == "Greet them again."
+    again = Session(engine, system="Be brief.")
+    open_conversation(store, cid, again, model=engine.loaded.name, owner="o")
+    assert again.messages == live.messages and again.tokens == live.tokens

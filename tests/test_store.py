@@ -513,8 +513,8 @@ def test_a_journal_behind_the_store_says_so_and_never_rewrites_another_process_r
 
 
 def test_replicas_opening_an_older_store_at_the_same_moment_upgrade_it_once(tmp_path):
-    """Eight connections (as eight replica processes) open a store made before the `parts` and `audio`
-    columns, all at once: one upgrades it, the others wait and find it done — none fails on a column
+    """Eight connections (as eight replica processes) open a store made before the `parts`, `instructions`
+    and `audio` columns, all at once: one upgrades it, the others wait and find it done — none fails on a column
     another has just added."""
     for round in range(8):  # the race is one of timing: several rounds, each on a fresh old store
         _open_an_older_store_from_eight_at_once(tmp_path / f"round-{round}")
@@ -545,5 +545,7 @@ def _open_an_older_store_from_eight_at_once(folder: Path) -> None:
     with ThreadPoolExecutor(8) as pool:
         stores = list(pool.map(open_at_once, range(8)))
     assert all(s.get("old", owner="o").title == "Before" for s in stores)
-    stores[0].add_exchange("old", StoredTurn("user", "Hi."), StoredTurn("assistant", "Hello.", parts={"ids": []}))
+    stores[0].add_exchange("old", StoredTurn("user", "Hi.", instructions=("Be brief.",)),
+                           StoredTurn("assistant", "Hello.", parts={"ids": []}))
     assert stores[-1].turns("old")[1].parts == {"ids": []}
+    assert stores[-1].turns("old")[0].instructions == ("Be brief.",)

@@ -27,7 +27,7 @@ from afnext.sampling import GenerationOptions
 from afnext.tts import load_synthesizer
 from app import realtime, recording_questions, recordings
 from app import realtime_wire as wire
-from app.access import KEY_PROTOCOL, PAGE_PROTOCOL, TOKEN_TTL_S, Access
+from app.access import KEY_PROTOCOL, PAGE_PROTOCOL, TOKEN_TTL_S, Access, owner_of
 from app.backend import Backend, BackendLoader, BackendOptions, banner, start_backend
 from tests.web.running import free_port, health, running
 
@@ -435,7 +435,6 @@ def test_a_server_without_any_voice_serves_text_and_says_so(monkeypatch, loaded,
     import gradio as gr
 
     from afnext.live import Live
-    from app.access import owner_of
     from app.recordings_tab import RecordingsTab
     tab = RecordingsTab(BackendLoader.ready_made(Backend(engine, engine, voice)), tmp_path, None, Live())
     recording = recordings.open_recording(str(ASSETS / "sounds.flac"), tmp_path)
@@ -928,6 +927,47 @@ def test_a_socket_with_an_owner_keeps_its_conversation_and_goes_on_with_it_after
         with restarted.websocket_connect(f"{realtime.ROUTE}?model=instruct&conversation={cid}",
                                          subprotocols=protocols) as ws:
             assert words in ws.receive_json()["error"]["message"], protocols
+
+
+def test_instructions_changed_mid_conversation_come_in_where_they_changed_and_a_restart_goes_on_with_them(voice, tmp_path):
+    """An agent handing over to another (LiveKit's update_instructions, the Agents SDK's handoffs) sends
+    new instructions with session.update mid-conversation: they come into the conversation as a system
+    message before the next turn (it was an error), are kept with that turn, and a socket that goes on
+    with the conversation, after a restart too, has them in force and adds them no second time."""
+    from afnext.store import Store
+
+    store = Store(tmp_path)
+    client = voice(store=store)
+    mine = ["realtime", f"afnext-owner.{OWNER_A}"]
+    text_only = {"output_modalities": ["text"], "max_output_tokens": 4, "audio": {"input": {"turn_detection": None}}}
+    with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", subprotocols=mine) as ws:
+        cid = ws.receive_json()["conversation"]["id"]
+        ws.send_json({"type": "session.update", "session": {**text_only, "instructions": "Be brief."}})
+        events_until(ws, "session.updated")
+        first = _text_turn(ws, "Hello there.")["response"]["usage"]
+        ws.send_json({"type": "session.update", "session": {"instructions": "Answer in French."}})
+        assert events_until(ws, "session.updated")[-1]["session"]["instructions"] == "Answer in French."
+        ws.send_json({"type": "session.update", "event_id": "clear", "session": {"instructions": ""}})
+        error = events_until(ws, "error")[-1]["error"]
+        assert error["event_id"] == "clear" and "not removed" in error["message"]
+        second = _text_turn(ws, "And then?")["response"]["usage"]
+        added = second["input_tokens"] - first["input_tokens"] - first["output_tokens"]
+        assert added > 10, (first, second)  # the question, and the instructions before it
+    kept = store.turns(cid)
+    assert [t.instructions for t in kept[0::2]] == [(), ("Answer in French.",)]
+    assert store.get(cid, owner=owner_of(OWNER_A)).system == "Be brief."
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")
+    restarted = voice(store=Store(tmp_path.parent / "copy"))
+    replies = []
+    for server, where in ((client, store), (restarted, Store(tmp_path.parent / "copy"))):
+        with server.websocket_connect(f"{realtime.ROUTE}?model=instruct&conversation={cid}", subprotocols=mine) as ws:
+            assert ws.receive_json()["session"]["instructions"] == "Answer in French."
+            ws.send_json({"type": "session.update", "session": {**text_only, "instructions": "Answer in French."}})
+            events_until(ws, "session.updated")
+            replies.append(_text_turn(ws, "Still there?")["response"])
+        assert where.turns(cid)[-2].instructions == (), "the instructions in force were added again"
+    assert replies[0]["usage"]["input_tokens"] == replies[1]["usage"]["input_tokens"]
+    assert replies[0]["output"][0]["content"] == replies[1]["output"][0]["content"], "live and rebuilt answered alike"
 
 
 def test_a_voice_conversation_that_went_on_on_another_replica_goes_on_from_the_store_when_it_comes_back(voice, tmp_path):
