@@ -270,7 +270,8 @@ def _chat_turn(conversation: Conversation, line: str | bytes) -> dict:
         return {"error": _one_line(f"The model failed on this turn ({type(exc).__name__}: {exc}).")}
     return {"text": reply.text, "reasoning": reply.reasoning, "answer": reply.answer,
             "steps": [dataclasses.asdict(s) for s in reply.steps], "token_ids": list(reply.token_ids),
-            "prompt_tokens": reply.prompt_tokens, "timings": dataclasses.asdict(reply.timings)}
+            "prompt_tokens": reply.prompt_tokens, "timings": dataclasses.asdict(reply.timings),
+            **({"parts": dataclasses.asdict(reply.parts)} if reply.parts is not None else {})}
 
 
 def _read_turn(line: str | bytes) -> Turn:

@@ -109,6 +109,15 @@ class Timings:
 
 
 @dataclass(frozen=True)
+class PartsUsage:
+    """What the parts of a recording heard in parts read and wrote for one turn, beside its merge."""
+
+    prompt_tokens: int  # every part's prompt: its question, and on a first turn its 30 minutes of audio
+    cached_tokens: int  # of those, already in the parts' KV caches (a follow-up's recording)
+    completion_tokens: int  # every part's answer
+
+
+@dataclass(frozen=True)
 class Reply:
     """One finished assistant turn."""
 
@@ -120,6 +129,7 @@ class Reply:
     prompt_tokens: int  # conversation tokens the reply was generated after
     timings: Timings
     interrupted: bool = False  # cancelled before the model finished
+    parts: PartsUsage | None = None  # about a recording heard in parts: what its parts read and wrote
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from . import split
 from .clip import Clip, prepare_clip
-from .events import Interrupted, PartProgress, ReasoningDelta, ThinkStep, TurnDone, clock
+from .events import Interrupted, PartProgress, PartsUsage, ReasoningDelta, ThinkStep, TurnDone, clock
 from .sampling import GenerationOptions
 from .scheduler import Cancel
 from .session import Session
@@ -67,6 +67,8 @@ class Runs:
         self.out: queue.Queue = queue.Queue()
         self.answers: dict[int, str] = {}
         self.ids: dict[int, tuple[int, ...]] = {}  # each part's reply, as generated
+        self.read: dict[int, tuple[int, int]] = {}  # each part's prompt tokens, and those it had cached
+        self.cached: dict[int, int] = {}  # each part's KV cache as its turn was asked
         self.reasoning: dict[int, str] = {}
         self.steps: list[ThinkStep] = []
         self.audio_s = self.encode_s = self.prefill_s = 0.0
@@ -95,6 +97,11 @@ class Runs:
     def join(self) -> None:
         for thread in self._threads:
             thread.join(JOIN_S)
+
+    def usage(self) -> PartsUsage:
+        """What the parts that answered read and wrote for this turn."""
+        return PartsUsage(sum(p for p, _ in self.read.values()), sum(c for _, c in self.read.values()),
+                          sum(map(len, self.ids.values())))
 
     def notes(self) -> str:
         parts = self.owner._parts
@@ -189,6 +196,7 @@ class Runs:
         question = self.text if clip is None else part_question(self.text, part.index, self.owner._count,
                                                                 part.start_s, part.end_s)
         part.before = len(part.session.messages)
+        self.cached[part.index] = part.session.cached_tokens
         if clip is not None:
             part.clip_at = part.before
         self._launched.append(part)
@@ -222,6 +230,7 @@ class Runs:
         elif isinstance(event, TurnDone):
             reply, shift = event.reply, part.start_s
             self.ids[index] = reply.token_ids
+            self.read[index] = (reply.prompt_tokens, self.cached.get(index, 0))
             duration = part.end_s - part.start_s
             self.answers[index] = shift_times(reply.answer, shift, duration)
             found = shift_times(reply.reasoning, shift, duration)

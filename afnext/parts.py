@@ -252,7 +252,7 @@ class PartedSession:
         ttft = reply.timings.ttft_s + (runs.t_merge - t0)
         notes = runs.notes() + (f"\n\n{reply.reasoning}" if reply.reasoning else "")
         steps = tuple(sorted(runs.steps, key=lambda s: (s.start, s.part)))  # in time order, whichever part finished first
-        whole = replace(reply, reasoning=notes, steps=steps, timings=replace(
+        whole = replace(reply, reasoning=notes, steps=steps, parts=runs.usage(), timings=replace(
             reply.timings, audio_s=runs.audio_s, encode_s=runs.encode_s, prefill_s=runs.prefill_s, ttft_s=ttft))
         self._keep(runs, whole, question, audio_key)  # before TurnDone: a turn reported done is kept
         yield TurnDone(whole, turn=turn)

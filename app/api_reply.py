@@ -23,7 +23,7 @@ import numpy as np
 
 from starlette.responses import StreamingResponse
 
-from afnext.events import ReasoningDelta, TextDelta, TurnDone
+from afnext.events import PartsUsage, ReasoningDelta, TextDelta, TurnDone
 from afnext.pool import Lease, SessionPool
 from afnext.session import PENDING
 from afnext.tts import SpeechResampler
@@ -194,7 +194,11 @@ class Reply:
                 yield "audio", samples
 
     def _usage(self, reply) -> dict:
-        return wire.usage(reply.prompt_tokens, len(reply.token_ids), self.lease.cached_tokens)
+        """The merge's (or the one turn's) tokens, and about a recording heard in parts every part's too:
+        what the server read and wrote for the request."""
+        parts = reply.parts or PartsUsage(0, 0, 0)
+        return wire.usage(reply.prompt_tokens + parts.prompt_tokens, len(reply.token_ids) + parts.completion_tokens,
+                          self.lease.cached_tokens + parts.cached_tokens)
 
 
 class EventStream(StreamingResponse):

@@ -448,8 +448,15 @@ def test_input_audio_over_30_minutes_is_heard_in_parts_and_followed_up_from_the_
                  {"role": "user", "content": "And then?"}]
     follow = client.chat.completions.create(model="instruct", messages=messages, max_tokens=6)
     assert follow.choices[0].message.content
-    # The merge session that holds the first turn goes on: its prompt was served from the cache.
-    assert follow.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+    # Usage counts what the parts read and wrote too: two parts of 15.5 minutes at 25 audio tokens a
+    # second, and their answers (it counted the merge turn alone, a few hundred tokens).
+    audio = 31 * 60 * 25
+    assert audio < first.usage.prompt_tokens < audio + 2_000, first.usage
+    assert first.usage.completion_tokens > len(first.choices[0].message.content.split()) and \
+        first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    # The follow-up: the parts and the merge session that hold the first turn go on, served from their caches.
+    assert follow.usage.prompt_tokens > first.usage.prompt_tokens
+    assert follow.usage.prompt_tokens_details.cached_tokens > audio
     # One recording per conversation, and it comes first: any other clip is refused in a sentence.
     short = user("And this?", wav(tmp_path / "short.wav", 2))
     with pytest.raises(openai.BadRequestError, match="heard in parts"):

@@ -85,6 +85,7 @@ def test_a_clip_over_30_minutes_just_works_in_chat_and_ask(tiny_dir, tmp_path):
     first, follow, other = [json.loads(x) for x in proc.stdout.splitlines()[1:]]
     assert first["timings"]["audio_s"] > 0 and first["token_ids"]
     assert "Part 1 of 2 (0:00–15:30)" in first["reasoning"] and "Part 2 of 2 (15:30–31:00)" in first["reasoning"]
+    assert first["parts"]["prompt_tokens"] > 31 * 60 * 25 and first["parts"]["cached_tokens"] == 0
     assert follow["timings"]["encode_s"] == 0 and follow["timings"]["audio_s"] == 0 and follow["token_ids"]
     assert "heard in parts" in other["error"]
     proc = cli("ask", "--model", str(tiny_dir), long, "What is said?", "--max-new-tokens", "6")
