@@ -57,12 +57,12 @@ class Page:
     `kept`: the page had conversation c1 open before a reload (the server's history answers for it);
     `title`: c1's title in the history list."""
 
-    def __init__(self, browser, kept: bool = False, title: str = "Voice conversation") -> None:
+    def __init__(self, browser, kept: bool = False, title: str = "Voice conversation", turns: list | None = None) -> None:
         script = (ROOT / "app/static/talk.js").read_text()
         owner = (ROOT / "app/static/owner.js").read_text()
         html = (f'<!doctype html><script>{owner}</script><div id="host"><div class="afn-talk"></div></div>'
                 f'<script>(function (element) {{ {script} }})(document.getElementById("host"));</script>')
-        self.title = title
+        self.title, self.kept = title, {**KEPT, "turns": turns} if turns is not None else KEPT
         self.context = browser.new_context()
         self.history: list[tuple[str, str, dict]] = []  # (method, url, headers) the page asked the history
         self.page = page = self.context.new_page()
@@ -77,7 +77,7 @@ class Page:
                              ("localStorage.setItem('afnext-open-talk', 'c1');" if kept else ""))
         page.goto(f"{ORIGIN}/")
         if kept:
-            page.locator(f"{TALK} .transcript .answer", has_text="Hello from before.").wait_for()
+            page.locator(f"{TALK} .transcript .answer", has_text=self.kept["turns"][-1]["text"]).wait_for()
         page.locator(f"{TALK} .start").click()
         page.wait_for_function("window.sockets.length > 0")
         assert page.evaluate("window.sockets[0].protocols") == ["realtime", "afnext-page-token.1-ab",
@@ -91,7 +91,9 @@ class Page:
         request = route.request
         self.history.append((request.method, request.url, request.headers))
         if request.url.endswith("/afnext/conversations/c1"):
-            route.fulfill(json=KEPT)
+            route.fulfill(json=self.kept)
+        elif "/audio/" in request.url:
+            route.fulfill(status=404, json={"error": "Not kept here."})
         else:
             route.fulfill(json={"conversations": [{"id": "c1", "kind": "talk", "title": self.title,
                                                    "turns": 1, "created": 0, "updated": 0}], "disk_bytes": 42_000})
@@ -328,4 +330,21 @@ def test_the_focused_control_has_a_ring_a_keyboard_user_can_see(browser):
         return parseFloat(getComputedStyle(button).outlineWidth);
     }}""")
     assert width >= 3, f"the focus ring is {width} px"
+    talk.close()
+
+
+def test_a_conversation_the_assistant_began_shows_no_empty_turn_of_yours(browser):
+    """A greeting (Realtime's response.create with nothing to answer) is kept after an empty question:
+    the transcript shows the assistant's words first, no blank "You:" row, and the turns after it
+    replay the audio kept for them (counted as the server counts them)."""
+    greeted = [{"role": "user", "text": "", "audio": False, "reasoning": "", "interrupted": False},
+               {"role": "assistant", "text": "Hi, I am listening.", "audio": False, "reasoning": "", "interrupted": False},
+               *KEPT["turns"]]
+    talk = Page(browser, kept=True, turns=greeted)
+    rows = talk.page.locator(f"{TALK} .transcript li")
+    assert rows.first.get_attribute("class") == "assistant" and "Hi, I am listening." in rows.first.inner_text()
+    assert talk.page.locator(f"{TALK} .transcript li.user").first.locator(".said").inner_text() == "(speech)"
+    talk.page.locator(f"{TALK} .transcript .replay").first.click()
+    talk.page.locator(f"{TALK} .notice", has_text="could not be played").wait_for()
+    assert [url for method, url, _ in talk.history if "/audio/" in url][-1].endswith("/c1/audio/1")
     talk.close()
