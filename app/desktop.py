@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # seconds between looks at the stop flag (Ctrl-C) while waiting for events or audio
 API_KEY_ENV = "AFNEXT_API_KEY"
+GREETING = "Greet the user in one short sentence and say that you are listening."  # --greet's instructions
 JOIN_TIMEOUT_S = 5.0  # the feeder waits at most one push; a push waits at most one decoding step
 # C0/C1 control characters (bar the newline) shown as U+FFFD: a random-weight model writes ESC and
 # friends, which must not drive the terminal.
@@ -55,6 +56,8 @@ class VoiceBrain(Protocol):
     (`--server URL`: the model on a web app's machine, through its /v1/realtime)."""
 
     def push(self, pcm: np.ndarray, sample_rate: int) -> None: ...
+
+    def respond(self, *, instructions: str | None = None) -> None: ...  # a reply with no turn of the user's
 
     def events(self, timeout: float | None = None) -> Iterator[object]: ...
 
@@ -129,11 +132,13 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} s"
 
 
-def converse(brain: VoiceBrain, ports: AudioPorts, stop: threading.Event, console: Console) -> Playback:
+def converse(brain: VoiceBrain, ports: AudioPorts, stop: threading.Event, console: Console,
+             greet: str | None = None) -> Playback:
     """Run the voice loop until `stop` is set; returns the playback buffer (for its counters).
 
-    Opens the speaker, then the microphone; on the way out closes both, joins the feeder and
-    closes `brain`. Raises NoAudioError when a device cannot be opened.
+    Opens the speaker, then the microphone; with `greet` (instructions), the assistant then speaks
+    first. On the way out closes both, joins the feeder and closes `brain`. Raises NoAudioError when
+    a device cannot be opened.
     """
     tap = MicTap(max_blocks=round(MIC_QUEUE_S / MIC_BLOCK_S))
     playback = Playback(ports.speaker_rate)
@@ -143,6 +148,8 @@ def converse(brain: VoiceBrain, ports: AudioPorts, stop: threading.Event, consol
         streams.append(ports.open_speaker(lambda outdata, frames, time, status: playback.fill(outdata)))
         streams.append(ports.open_mic(tap.callback))
         feeder.start()
+        if greet is not None:  # once both devices are open: the user hears it, and can speak over it
+            brain.respond(instructions=greet)
         reported = 0
         while not stop.is_set():
             # `events()` returns both at its timeout and at the end: `ended`, read before, tells them
@@ -275,7 +282,7 @@ def _talk(args: argparse.Namespace, ports: AudioPorts, console: Console) -> int:
     stop, quit_asked = threading.Event(), threading.Event()
     previous = signal.signal(signal.SIGINT, lambda signum, frame: (quit_asked.set(), stop.set()))
     try:
-        playback = converse(brain, ports, stop, console)
+        playback = converse(brain, ports, stop, console, greet=args.greet)
         if playback.underruns:
             console.note(f"(the speaker ran dry {playback.underruns} times in the middle of a reply: speech was "
                          "made slower than it played)")
@@ -308,6 +315,9 @@ def _parser() -> argparse.ArgumentParser:
     add_tts_flags(p)
     add_model_flags(p)
     p.add_argument("--think", action="store_true", help="reason before answering (shown, never spoken)")
+    p.add_argument("--greet", nargs="?", const=GREETING, metavar="INSTRUCTIONS",
+                   help="the assistant speaks first, once the microphone and speaker are open: a greeting, or "
+                        "what INSTRUCTIONS ask for (they hold for that reply alone)")
     add_turn_flag(p)
     p.add_argument("--server", metavar="URL",
                    help="the web app (python -m app) on a GPU machine, e.g. http://gpu-box:7860/: its model answers; "

@@ -85,6 +85,10 @@ class RemoteBrain:
         if len(samples):
             self._send(wire.append(samples))
 
+    def respond(self, *, instructions: str | None = None) -> None:
+        """A reply with no turn of the user's (the assistant speaks first), `instructions` for it alone."""
+        self._send({"type": "response.create", **({"response": {"instructions": instructions}} if instructions else {})})
+
     def events(self, timeout: float | None = None) -> Iterator[object]:
         """Events as they arrive; ends when the connection closes or after `timeout` s without one."""
         return drain(self._out, timeout)

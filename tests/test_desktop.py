@@ -442,6 +442,33 @@ def test_loop_with_a_remote_brain_on_the_servers_realtime_socket(voice_server):
     one_spoken_turn(RemoteBrain(voice_server, SAMPLE_RATE))
 
 
+def greeted(brain) -> None:
+    """`--greet`: with nobody speaking, the assistant speaks first, once the devices are open."""
+    devices = FakeDevices(np.zeros(0, np.float32))
+    stop, out = threading.Event(), io.StringIO()
+    thread = threading.Thread(target=desktop.converse, args=(brain, devices.ports(), stop, desktop.Console(out)),
+                              kwargs={"greet": desktop.GREETING}, daemon=True)
+    thread.start()
+    wait_until(lambda: "latency:" in out.getvalue(), timeout=60, what="the greeting")
+    wait_until(lambda: np.abs(devices.speaker_audio()).max(initial=0) > 0.05, what="its audio")
+    stop.set()
+    thread.join(10)
+    text = out.getvalue()
+    assert "assistant: " in text and "you: (" not in text, text
+
+
+def test_greet_has_the_assistant_speak_first_here_and_through_a_server(engine, voice_server):
+    from afnext.assistant import Assistant, AssistantOptions
+    from afnext.sampling import GenerationOptions
+    from afnext.session import Session
+    from afnext.tts import load_synthesizer
+
+    session = Session(engine)
+    greeted(Assistant(session, load_synthesizer("espeak"), AssistantOptions(generation=GenerationOptions(max_new_tokens=16))))
+    assert [m["role"] for m in session.messages] == ["assistant"]
+    greeted(RemoteBrain(voice_server, SAMPLE_RATE))
+
+
 def test_the_remote_client_imports_neither_torch_nor_transformers(voice_server):
     """`--server` on a laptop without them: the whole client path, a session opened and a second of
     audio sent, in a Python where importing torch or transformers fails."""
