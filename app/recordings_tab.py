@@ -123,9 +123,12 @@ class RecordingsTab:
         spoken.GRADIO_CACHE = str(self.cache_dir)
 
         private = dict(api_visibility="private")
-        listed = dict(fn=self.history, inputs=[owner, cid, clock], outputs=[history, disk], queue=False, **private)
+        # Gradio's progress timer ("queue: 1/1 | 0.2s", "processing | 1.3s") goes on the part of the page an
+        # event makes, never over the status line, which says in words what is happening.
+        listed = dict(fn=self.history, inputs=[owner, cid, clock], outputs=[history, disk], queue=False,
+                      show_progress="hidden", **private)
         asked = dict(fn=on_gpu(self.ask), inputs=[question, think, wave, cid, owner],
-                     outputs=[chat, wave, status, question, waiting], concurrency_id="gpu",
+                     outputs=[chat, wave, status, question, waiting], show_progress_on=[chat], concurrency_id="gpu",
                      concurrency_limit=GPU_CONCURRENCY, **private,
                      js="(q, ...rest) => { afnextRecordings.started(q); return [q, ...rest]; }")
         # One event for Enter and the button, which Gradio drops while an answer streams (so Enter with a click at
@@ -138,20 +141,22 @@ class RecordingsTab:
         asking[0].then(None, None, [waiting], js="() => afnextRecordings.ended()", **private)
         # The upload box is an output of every way to open a recording: it shows a file only while that file
         # is the open recording (an example or a history entry opened after an upload empties it).
-        opened = dict(outputs=[status, wave, chat, cid, upload], concurrency_limit=4, cancels=asking,  # a new recording ends the old talk
+        opened = dict(outputs=[status, wave, chat, cid, upload], show_progress_on=[wave], concurrency_limit=4,
+                      cancels=asking,  # a new recording ends the old talk
                       js="(...inputs) => { afnextRecordings.forget(); return inputs; }", **private)
         upload.upload(self.open, [upload, owner], **opened).then(**listed)
         for button, path in zip(examples, EXAMPLES.values()):
             button.click(self.example(path), [owner], **opened).then(**listed)
         # `select`, not `input`: closing the list without picking must not reopen (and cut off an answer).
         history.select(self.reopen, [history, owner], **opened).then(**listed)
-        renamed = dict(fn=self.rename, inputs=[history, title, cid, owner], outputs=[title, wave, status], **private)
+        renamed = dict(fn=self.rename, inputs=[history, title, cid, owner], outputs=[title, wave, status],
+                       show_progress="hidden", **private)
         rename.click(**renamed).then(**listed)
         title.submit(**renamed).then(**listed)
         delete.click(self.delete, [history, cid, owner, confirmed], [status, wave, chat, cid], js=CONFIRM_DELETE_JS,
-                     **private).then(**listed)
+                     show_progress="hidden", **private).then(**listed)
         # The answer is not spoken over the recording: the recording pauses (waveform.js listens).
-        speak_button.click(self.speak, [cid, owner], [spoken, status], **private,
+        speak_button.click(self.speak, [cid, owner], [spoken, status], show_progress_on=[spoken], **private,
                            js="(...inputs) => { afnextRecordings.pausePlayback(); return inputs; }")
         # The page keeps its owner token and its open recording (owner.js): a reload opens it again, with the
         # Think box as it was (recordings.js).

@@ -271,6 +271,25 @@ def _count(host: str, selector: str) -> str:
     return f"document.querySelector('{host}').shadowRoot.querySelectorAll('{selector}').length"
 
 
+def test_gradios_progress_timer_never_covers_the_status_line(browser, server):
+    """The status line says in words what is happening ("Listening to the recording…"): Gradio's own
+    timer ("queue: 1/1 | 0.2s", "processing | 1.3s") went over it, and over the question box, at every
+    open and question. It goes on the waveform and the chat now."""
+    page, _, errors = _page(browser, server)
+    page.evaluate("""() => { window.covered = [];
+        new MutationObserver(() => { for (const id of ['afn-status', 'afn-question', 'afn-waiting']) {
+            for (const wrap of document.getElementById(id)?.querySelectorAll('.wrap') || []) {
+                const text = wrap.innerText.trim();
+                if (text && !wrap.classList.contains('hide')) window.covered.push(`${id}: ${text}`);
+            } } }).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+    }""")
+    _open_example(page, "Speech (10 s)")
+    _ask(page, "What is said?", think=False, answers=1)
+    assert page.evaluate("window.covered") == []
+    assert not errors, errors
+    page.context.close()
+
+
 def test_enter_and_clicks_at_once_send_one_question(browser, server):
     """Enter with a click on Ask, and a double click, send the question once; no false "type a
     question" warning follows the answer."""

@@ -936,7 +936,7 @@ def test_instructions_changed_mid_conversation_come_in_where_they_changed_and_a_
     with the conversation, after a restart too, has them in force and adds them no second time."""
     from afnext.store import Store
 
-    store = Store(tmp_path)
+    store = Store(tmp_path / "store")
     client = voice(store=store)
     mine = ["realtime", f"afnext-owner.{OWNER_A}"]
     text_only = {"output_modalities": ["text"], "max_output_tokens": 4, "audio": {"input": {"turn_detection": None}}}
@@ -956,10 +956,10 @@ def test_instructions_changed_mid_conversation_come_in_where_they_changed_and_a_
     kept = store.turns(cid)
     assert [t.instructions for t in kept[0::2]] == [(), ("Answer in French.",)]
     assert store.get(cid, owner=owner_of(OWNER_A)).system == "Be brief."
-    shutil.copytree(tmp_path, tmp_path.parent / "copy")
-    restarted = voice(store=Store(tmp_path.parent / "copy"))
+    shutil.copytree(tmp_path / "store", tmp_path / "copy")
+    restarted = voice(store=Store(tmp_path / "copy"))
     replies = []
-    for server, where in ((client, store), (restarted, Store(tmp_path.parent / "copy"))):
+    for server, where in ((client, store), (restarted, Store(tmp_path / "copy"))):
         with server.websocket_connect(f"{realtime.ROUTE}?model=instruct&conversation={cid}", subprotocols=mine) as ws:
             assert ws.receive_json()["session"]["instructions"] == "Answer in French."
             ws.send_json({"type": "session.update", "session": {**text_only, "instructions": "Answer in French."}})
