@@ -894,7 +894,7 @@ def test_a_socket_with_an_owner_keeps_its_conversation_and_goes_on_with_it_after
     another owner, or no owner, cannot open it."""
     from afnext.store import Store
 
-    store = Store(tmp_path)
+    store = Store(tmp_path / "store")
     client = voice(store=store)
     mine = ["realtime", f"afnext-owner.{OWNER_A}"]
     with client.websocket_connect(f"{realtime.ROUTE}?model=instruct", subprotocols=mine) as ws:
@@ -907,10 +907,10 @@ def test_a_socket_with_an_owner_keeps_its_conversation_and_goes_on_with_it_after
         first = _text_turn(ws, "Hello there.")
         assert answered(first["response"])
         assert [t.text for t in store.turns(cid)][0] == "Hello there."
-    shutil.copytree(tmp_path, tmp_path.parent / "copy")  # as the first server leaves it
-    restarted = voice(store=Store(tmp_path.parent / "copy"))  # a new server: nothing live, all from the store
+    shutil.copytree(tmp_path / "store", tmp_path / "copy")  # as the first server leaves it
+    restarted = voice(store=Store(tmp_path / "copy"))  # a new server: nothing live, all from the store
     kept = []
-    for server, where in ((client, store), (restarted, Store(tmp_path.parent / "copy"))):
+    for server, where in ((client, store), (restarted, Store(tmp_path / "copy"))):
         with server.websocket_connect(f"{realtime.ROUTE}?model=instruct&conversation={cid}", subprotocols=mine) as ws:
             assert ws.receive_json()["conversation"] == {"id": cid, "turns": 1}
             ws.send_json({"type": "session.update", "session": {"output_modalities": ["text"], "max_output_tokens": 6,
