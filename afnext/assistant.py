@@ -190,6 +190,10 @@ class Assistant:
                     self._goes_on = running
                 self._interrupt(self.now())
         elif isinstance(event, UtteranceEnded) and self.options.answer:
+            # A reply begun while they spoke (a greeting asked for as the user began): their turn cuts it
+            # off, as speech over it does; else it ran on unheard, kept whole, and held their answer back.
+            if self.speaking and not self.options.uninterruptible:
+                self._interrupt(self.now())
             after, self._goes_on = self._goes_on, None
             self._start_turn(event, after=after if after is not None and self._goes_on_from(after, event.start) else None)
         elif isinstance(event, UtteranceEnded):  # heard, kept by the caller until it asks for an answer

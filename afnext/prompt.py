@@ -113,7 +113,11 @@ def turn_ids(loaded: LoadedModel, history: list[dict], message: dict | None, cli
 
 def message_ids(loaded: LoadedModel, history: list[dict], message: dict, clip_tokens: int | None) -> list[int]:
     """Token ids an earlier message adds after `history` (no generation prompt): what a conversation
-    resent by a client holds, a user turn or an assistant reply as text."""
+    resent by a client holds, a user turn or an assistant reply as text. A system message with
+    nothing but system messages before it adds none yet: like the opening one, it goes in with the
+    first turn's ids (`_before`), which would otherwise hold it twice."""
+    if message["role"] == "system" and all(m["role"] == "system" for m in history):
+        return []
     before = _before(loaded, history)
     after = render(loaded, history + [message], False)
     assert after.startswith(before), "the chat template must render a conversation as a prefix of its extension"

@@ -101,6 +101,9 @@ class RealtimeLink:
         self.config = wire.Config.for_model(model)
         self.session: Session | None = None  # made at the first turn, with the instructions then in force
         self._session_lock = threading.Lock()  # opening it (a turn's thread) vs. changing the instructions
+        # One turn's thread at a time brings new instructions in (`instructed`): a turn begun while a
+        # cut-off one still waits to add them would see them missing too, and add them a second time.
+        self._instructing = threading.Lock()
         self.assistant: Assistant | None = None
         self._inbox: queue.Queue = queue.Queue(MAX_PENDING_EVENTS)
         self._buffer: list[np.ndarray] = []  # appended audio (24 kHz int16) awaiting a commit, manual mode
@@ -177,7 +180,9 @@ class RealtimeLink:
             except ValueError as exc:
                 raise wire.ProtocolError(f"The instructions cannot be used: {exc}") from None
         with self._session_lock:  # a turn that begins now opens the session with these instructions
-            if config.instructions != self.config.instructions and not config.instructions and (
+            # (empty ones where none are in force change nothing: the session object we describe says
+            # "instructions": "", and a client may send it back)
+            if self.config.instructions and not config.instructions and (
                     self.session is not None or (self.kept is not None and self.kept.turns)):
                 raise wire.ProtocolError("Instructions can be changed mid-conversation but not removed: the "
                                          "conversation holds them already. Send new ones instead.")
@@ -385,10 +390,11 @@ class RealtimeLink:
         conversation began (a session.update mid-conversation, as an agent handing over to another
         sends), they come into it here, as a system message before the turn."""
         session = self.opened()
-        wanted = self.config.instructions
-        in_force = next((text_of(m) for m in reversed(session.messages) if m["role"] == "system"), None)
-        if wanted and wanted != in_force:
-            session.extend("system", wanted)
+        with self._instructing:
+            wanted = self.config.instructions
+            in_force = next((text_of(m) for m in reversed(session.messages) if m["role"] == "system"), None)
+            if wanted and wanted != in_force:
+                session.extend("system", wanted)
         return session
 
     def _assistant(self) -> Assistant:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -305,3 +307,58 @@ def test_a_responses_bad_instructions_are_refused_in_a_sentence(serve):
         ask(ws, "Still there?")
         ws.send_json({"type": "response.create"})
         assert until(ws, "response.done")[-1]["response"]["status"] in {"completed", "incomplete"}
+
+
+def test_the_session_sent_back_as_described_is_taken_mid_conversation(serve):
+    """A session with no instructions is described with "instructions": "": a client that sends that
+    session object back (or empty instructions) after the first turn changes nothing, and is not told
+    that instructions it never set cannot be removed."""
+    client = serve()
+    with client.websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        described = until(ws, "session.updated")[-1]["session"]
+        assert described["instructions"] == ""
+        ask(ws, "Hello there.")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        for n, session in enumerate((described, {"instructions": ""})):
+            ws.send_json({"type": "session.update", "event_id": f"again_{n}", "session": session})
+            answer = json.loads(receive(ws)["text"])
+            assert answer["type"] == "session.updated", answer
+        ask(ws, "And again.")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        assert _roles(client) == ["user", "assistant", "user", "assistant"], "a system message came in"
+
+
+def test_new_instructions_come_in_once_when_two_turns_begin_at_once(serve, monkeypatch):
+    """A response cancelled and asked for again at once (LiveKit's interrupt, then generate_reply): the
+    cut-off turn's thread may still be bringing new instructions in, waiting for the turn before to
+    wind down, when the next turn's thread looks for them. They come into the conversation once."""
+    from afnext.session import Session
+
+    client = serve()
+    with client.websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        ask(ws, "Hello there.")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        ws.send_json({"type": "session.update", "session": {"instructions": "Answer in French."}})
+        until(ws, "session.updated")
+        (link,) = client.app.routes[0].endpoint.__self__._links
+        extend = Session.extend
+
+        def slow(self, *args, **kwargs):  # as when the turn before is still winding down
+            time.sleep(0.3)
+            return extend(self, *args, **kwargs)
+
+        monkeypatch.setattr(Session, "extend", slow)
+        turns = [threading.Thread(target=link.instructed) for _ in range(2)]
+        for turn_thread in turns:
+            turn_thread.start()
+        for turn_thread in turns:
+            turn_thread.join()
+        assert _roles(client) == ["user", "assistant", "system"]

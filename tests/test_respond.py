@@ -5,13 +5,20 @@ exactly what a fresh session rebuilt from it holds."""
 
 from __future__ import annotations
 
+import threading
+import time
+
+import numpy as np
 import pytest
 import torch
 
-from afnext.events import TurnDone
+from afnext.assistant import Assistant
+from afnext.audio import SAMPLE_RATE
+from afnext.events import Stamped, TextDelta, TurnDone
 from afnext.sampling import GenerationOptions
 from afnext.session import Session
 from afnext.store import Store
+from afnext.vad import SpeechStarted, UtteranceEnded
 
 OPTS = GenerationOptions(max_new_tokens=10)
 GREETING = "Greet the caller in one short sentence."
@@ -181,3 +188,72 @@ def test_instructions_given_mid_conversation_are_kept_with_the_next_turn_and_res
     again = Session(engine, system="Be brief.")
     open_conversation(store, cid, again, model=engine.loaded.name, owner="o")
     assert again.messages == live.messages and again.tokens == live.tokens
+
+
+def test_system_messages_before_any_turn_are_read_once(engine):
+    """Chat Completions' [system, developer, user] (the first is the session's system prompt, the second
+    added with `extend`), or Realtime instructions that came in before a first turn that never began:
+    every system message reaches the model once, as the template renders them (each was read twice)."""
+    for system, then in (("You are terse.", "ask"), (None, "respond")):
+        session = Session(engine, system=system)
+        session.extend("system", "Answer in French.")
+        stream = session.ask("Hi.", options=OPTS) if then == "ask" else session.respond(options=OPTS)
+        reply = _done(stream)
+        asked = session.tokens[:len(session.tokens) - len(reply.token_ids) - 2]  # (less the reply, <|im_end|>\n)
+        assert _text(engine, asked) == _render(engine, session.messages[:-1], generation_prompt=True), then
+        assert reply.prompt_tokens == len(asked) and list(reply.token_ids) == _stock(engine, asked)
+        assert _text(engine, session.tokens) == _render(engine, session.messages)
+
+
+class _Talker:
+    """A session whose every reply is 40 words, 20 ms apart, stopping at its cancel."""
+
+    def __init__(self) -> None:
+        self.replies: list[dict] = []
+
+    def _reply(self, kind: str, cancel):
+        reply = {"kind": kind, "words": 0, "cancel": cancel}
+        self.replies.append(reply)
+        for n in range(40):
+            if cancel.is_set():
+                return
+            time.sleep(0.02)
+            reply["words"] += 1
+            yield TextDelta(f"w{n} ")
+
+    def ask(self, text="", audio=None, *, cancel=None, **kwargs):
+        return self._reply("ask", cancel)
+
+    def respond(self, *, cancel=None, **kwargs):
+        return self._reply("respond", cancel)
+
+
+class _Mute:
+    sample_rate = SAMPLE_RATE
+
+    def stream(self, text, cancel=None):
+        return iter(())
+
+
+def test_a_greeting_asked_for_while_the_user_speaks_is_cut_off_by_their_turn():
+    """The client asks for a greeting (response.create) just as the user begins to speak: their turn,
+    when it ends, cuts the greeting off as speech over it would, and is answered at once. (It ran on to
+    its end unheard, its words dropped yet kept by the session, and the user's answer waited for it.)"""
+    talker = _Talker()
+    assistant = Assistant(talker, _Mute())
+    events: list = []
+    reader = threading.Thread(target=lambda: events.extend(assistant.events()), daemon=True)
+    reader.start()
+    assistant._on_endpointer(SpeechStarted(0.0))  # the user begins (nothing is being said yet)
+    assistant.respond()
+    deadline = time.monotonic() + 5
+    while not (talker.replies and talker.replies[0]["words"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assistant._on_endpointer(UtteranceEnded(1.0, 0.0, 0.8, np.zeros(SAMPLE_RATE, np.float32)))
+    assistant.wait(5)
+    assistant.close()
+    reader.join(5)
+    greeting, answer = talker.replies
+    assert greeting["kind"] == "respond" and greeting["cancel"].is_set() and greeting["words"] < 40, greeting
+    kinds = [type(e.event if isinstance(e, Stamped) else e).__name__ for e in events]
+    assert kinds.index("Interrupted") < kinds.index("UserTurn"), kinds
