@@ -172,6 +172,11 @@ def test_a_press_too_short_to_hear_says_so_until_a_press_is_heard(browser):
     talk.page.mouse.up()
     talk.page.wait_for_function("window.sent.some(e => e.type === 'input_audio_buffer.commit')")
     assert notice.is_hidden(), "the advice about the short press stayed after a press was heard"
+    # Answered once the server has the press's audio: a response.create after a commit it refused would
+    # have the assistant go on with nothing said (a greeting, to the server).
+    assert talk.sent("response.create") == []
+    talk.deliver({"type": "input_audio_buffer.committed", "item_id": "p1"})
+    talk.page.wait_for_function("window.sent.some(e => e.type === 'response.create')")
     talk.close()
 
 

@@ -292,7 +292,9 @@ function onEvent(m) {
       speech.end = m.audio_end_ms;
       break;
     case "input_audio_buffer.committed":
-      userRow();
+      // A press is answered once the server has taken its audio: sent with the commit, a response.create
+      // after a refused commit would have the assistant go on without the user (a reply to nothing).
+      if (userRow()) send({ type: "response.create" });
       break;
     case "response.created":
       reply = { id: m.response.id, item: null, row: null, endWall: lastEndWall, firstAudioMs: null,
@@ -323,6 +325,7 @@ function onEvent(m) {
       onDone(m);
       break;
     case "error":
+      if (m.error && m.error.code === "input_audio_buffer_commit_empty") presses.shift();  // never committed
       if (m.error && m.error.code === "session_refused" && !live && conversation) {
         remember("");  // the conversation asked for is gone (deleted, or pruned): the next Start begins anew
         notice(`${m.error.message} Press Start for a new conversation.`, true);
@@ -333,7 +336,7 @@ function onEvent(m) {
 
 let lastEndWall = null;  // when the user's latest turn ended (performance.now())
 
-function userRow() {
+function userRow() {  // the user's turn the server committed, as a row; true if it was a press of ours
   let seconds, audio;
   const pressed = presses.shift();
   if (pressed) {  // push-to-talk: the page's own press
@@ -347,6 +350,7 @@ function userRow() {
   li.querySelector(".said").textContent = `(${seconds.toFixed(1)} s of speech)`;
   li.querySelector(".replay").addEventListener("click", () => replay(audio));
   named(li);
+  return !!pressed;
 }
 
 function named(li) {  // a replay button says whose turn it plays: a screen reader lists them all as one otherwise
@@ -641,8 +645,7 @@ function ptt(down) {
   }
   if ($(".notice").textContent === TOO_SHORT_PRESS) notice("");  // this press was heard: the advice is done
   presses.push({ audio: concat(held.chunks), wall: performance.now() });
-  send({ type: "input_audio_buffer.commit" });
-  send({ type: "response.create" });
+  send({ type: "input_audio_buffer.commit" });  // answered when the server says it is committed
 }
 
 $(".start").addEventListener("click", () => (stream ? stop() : start()));
