@@ -393,7 +393,7 @@ class RealtimeLink:
         with self._instructing:
             wanted = self.config.instructions
             in_force = next((text_of(m) for m in reversed(session.messages) if m["role"] == "system"), None)
-            if wanted and wanted != in_force:
+            if wanted and wanted.strip() and wanted != in_force:  # (blank ones: none, as no instructions)
                 session.extend("system", wanted)
         return session
 

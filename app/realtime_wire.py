@@ -148,7 +148,9 @@ def response_instructions(response: object) -> str | None:
     """A response.create's own `instructions`: for that response alone (the session's stay as they are,
     and the conversation does not keep these); None when it sets none."""
     instructions = response.get("instructions") if isinstance(response, dict) else None
-    return _text(instructions, "A response's instructions") if instructions else None
+    if instructions is None or isinstance(instructions, str) and not instructions.strip():
+        return None  # blank: none (a system message of spaces would only cost tokens)
+    return _text(instructions, "A response's instructions")
 
 
 MAX_METADATA_KEYS = 16  # a response's metadata, as OpenAI takes it: 16 pairs of short strings

@@ -362,3 +362,22 @@ def test_new_instructions_come_in_once_when_two_turns_begin_at_once(serve, monke
         for turn_thread in turns:
             turn_thread.join()
         assert _roles(client) == ["user", "assistant", "system"]
+
+
+def test_blank_instructions_are_none(serve):
+    """Instructions of spaces, for one response or for the session mid-conversation, are as none: no
+    system message of blanks in the conversation, and the same prompt as without them."""
+    client = serve()
+    with client.websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        ask(ws, "Hello there.")
+        ws.send_json({"type": "response.create", "response": {"instructions": "   \n"}})
+        until(ws, "response.done")
+        ws.send_json({"type": "session.update", "session": {"instructions": "  "}})
+        until(ws, "session.updated")
+        ask(ws, "And again.")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        assert _roles(client) == ["user", "assistant", "user", "assistant"]
