@@ -230,6 +230,23 @@ class Journal:
                 raise KeptError(self.broken) from exc
             self.turns += 1
 
+    def commit_given(self, text: str, audio: str | None, reply: str, instructions: tuple[str, ...] = ()) -> None:
+        """Keep an exchange a client gave whole (`Session.add_exchange`): its question (none: "" and no
+        audio), and the reply by its text. KeptError as `commit`."""
+        try:
+            with self._lock:
+                self.check()
+                try:
+                    self.store.add_exchange(self.cid, StoredTurn("user", text, audio=audio, instructions=instructions),
+                                            StoredTurn("assistant", reply), at=self.turns)
+                except (StoreError, sqlite3.Error, OSError) as exc:
+                    self.broken = (f"The conversation's items could not be kept in the store ({' '.join(str(exc).split())});"
+                                   " the conversation stops here, so that it never differs from what is kept.")
+                    raise KeptError(self.broken) from exc
+                self.turns += 1
+        finally:
+            self.release(audio)
+
     def rewrite(self, text: str) -> None:
         """The last reply is now `text` (cut short where the user spoke over it)."""
         with self._lock:

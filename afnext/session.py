@@ -118,6 +118,42 @@ class Session:
             (self._pending if self.use_cache else self._clips).append(clip)
         self._marks.append((len(self.tokens), self._last_clip_s))
 
+    def add_exchange(self, text: str, audio, reply: str) -> None:
+        """Append an exchange a client gives whole, without generating (its own conversation items): a
+        user turn (text and/or audio; neither: the reply stands alone, as one the assistant began
+        with) and the reply to it, as text. Prefilled with the next turn. A journal keeps it as a
+        completed turn, the reply by its text. Raises as `extend` for bad input, KeptError if it cannot
+        be kept; either way the session is as before."""
+        self._settled.wait()
+        prompt.check_text(text)
+        prompt.check_text(reply, "A reply")
+        loaded = self.engine.loaded
+        prompt.check_control_tokens(loaded, text + "\n" + reply)
+        keep = audio_key = None
+        if self.journal is not None:
+            self.journal.check_not_behind()
+            if audio is not None:
+                audio, keep = self.journal.audio(audio)
+        clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
+            audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
+        before = (len(self.tokens), len(self.messages), len(self._clips), list(self._pending), self._last_clip_s,
+                  self._reply_at)
+        user = bool(text.strip()) or clip is not None
+        try:
+            if user:
+                self.extend("user", text, clip)
+            self.extend("assistant", reply)
+            if self.journal is not None:
+                audio_key = self.journal.put(keep) if keep is not None else None
+                given, audio_key = audio_key, None  # commit_given lets it go, kept or not
+                self.journal.commit_given(text if user else "", given, reply, self._instructions_before(user))
+        except BaseException:
+            if self.journal is not None:
+                self.journal.release(audio_key)
+            tokens, messages, clips, self._pending, self._last_clip_s, self._reply_at = before
+            del self.tokens[tokens:], self.messages[messages:], self._marks[messages:], self._clips[clips:]
+            raise
+
     def extend_reply(self, token_ids: list[int], *, think: bool = False) -> None:
         """Append an earlier reply by the token ids it was generated as (a kept conversation coming
         back: its text might tokenize otherwise), after the user turn it answered (`think`: asked in
@@ -453,7 +489,7 @@ class Session:
         try:
             self.journal.commit(*plan.question, plan.audio_key,
                                 self._reply(plan, finished.request, plan.prefill + text, parser, finished),
-                                instructions=self._instructions_before(plan))
+                                instructions=self._instructions_before(plan.message is not None))
         except Exception:  # KeptError, or the reply could not be built: the journal is broken, and says so
             if self.journal.broken is None:
                 self.journal.broken = "The turn could not be kept in the store; the conversation stops here."
@@ -462,11 +498,11 @@ class Session:
             else:
                 log.exception("conversation %s: a turn could not be kept", self.journal.cid)
 
-    def _instructions_before(self, plan: _Plan) -> tuple[str, ...]:
-        """The system messages just before the settled turn (its user message, or with none its reply):
+    def _instructions_before(self, user: bool) -> tuple[str, ...]:
+        """The system messages just before the last exchange (its user message, or with none its reply):
         instructions given mid-conversation, which the journal keeps with it (the opening system prompt
         is the conversation's own)."""
-        at = len(self.messages) - (2 if plan.message is not None else 1)
+        at = len(self.messages) - (2 if user else 1)
         found = []
         lowest = 1 if self._opening_system else 0
         while at - 1 >= lowest and self.messages[at - 1]["role"] == "system":

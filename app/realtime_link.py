@@ -38,6 +38,7 @@ from .realtime_replies import MAX_ITEMS, Responses
 
 log = logging.getLogger(__name__)
 
+MAX_GIVEN = 512  # assistant and system messages a client created, waiting for the next turn
 MAX_BUFFER_S = 30.0  # seconds of audio a client may append before committing (one turn's limit)
 MIN_COMMIT_MS = 100  # the shortest buffer a commit takes, as OpenAI's (the model needs more than 20 ms)
 MAX_PENDING_EVENTS = 512  # client events waiting for the feeder (~50 s of 100 ms appends); more: the socket ends
@@ -110,6 +111,8 @@ class RealtimeLink:
         # User items awaiting a response: (id, text, 16 kHz float32 audio or None); the reader thread adds
         # turns the server VAD heard when create_response is off, so under a lock.
         self._items: list[tuple[str, str, np.ndarray | None]] = []
+        # Assistant and system messages the client created, with the user items they followed, for the next turn.
+        self._given: list[tuple[list[tuple[str, str, np.ndarray | None]], str, str]] = []
         self._items_lock = threading.Lock()
         # Every item of the conversation as the protocol shows it, in order (the last is the latest), for
         # conversation.item.retrieve; and every id ever used, so a client's own ids stay unique.
@@ -226,8 +229,31 @@ class RealtimeLink:
             raise wire.ProtocolError("The page's session takes microphone audio only; other clients send the API key.",
                                      "page_session")
         item = event.get("item")
+        if isinstance(item, dict) and item.get("role") in ("assistant", "system"):
+            self._add_given(*wire.given_item(item), item.get("id"), after=event.get("previous_item_id"))
+            return
         text, audio = wire.user_item(item)
         self._add_user(text, audio, item.get("id"), after=event.get("previous_item_id"))
+
+    def _add_given(self, role: str, text: str, item: str | None, after: object = None) -> None:
+        """An assistant or system message the client created (its own history, as Pipecat and LiveKit send a
+        context's messages): it goes into the conversation with the next turn, after the user items waiting
+        now (which it takes with it: an assistant message is their reply)."""
+        item = item or wire.new_id("item")
+        shown = wire.Item(item, role, [{"type": "output_text" if role == "assistant" else "input_text",
+                                        "text": text}]).shown()
+        with self._items_lock:
+            if role == "system" and self._items:
+                raise wire.ProtocolError("A system message cannot come between user messages and their response "
+                                         "here; send response.create first, or create it before them.")
+            self._place(item, after, given=True)
+            waiting, self._items = self._items, []
+            self._given.append((waiting, role, text))
+            before = next(reversed(self._shown), None)
+            self._shown[item] = shown
+            self._ids.add(item)
+        self.send(wire.event("conversation.item.added", previous_item_id=before, item=shown))
+        self.send(wire.event("conversation.item.done", previous_item_id=before, item=shown))
 
     def _on_conversation_item_retrieve(self, event: dict) -> None:
         item = event.get("item_id")
@@ -340,18 +366,28 @@ class RealtimeLink:
         the item's id is taken, or when `after` (a client's previous_item_id) is not the last item:
         items go at the end."""
         with self._items_lock:
-            last = next(reversed(self._shown), None)
-            if after is not None and after != last and not (after == "root" and last is None):
-                raise wire.ProtocolError("Items are added at the end of the conversation: previous_item_id must be "
-                                         "the last item's id, or be left out.")
-            if len(self._items) >= MAX_ITEMS:
-                raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
-            if item in self._ids:
-                raise wire.ProtocolError(f"The conversation already has an item {item!r}; ids must be unique.",
-                                         "item_id_duplicate")
+            last = self._place(item, after)
             self._items.append((item, text, audio))
             self._ids.add(item)
             self._shown[item] = shown or wire.Item(item, "user", []).shown()
+        return last
+
+    def _place(self, item: str, after: object, given: bool = False) -> str | None:
+        """Check that a client's new item can go at the end (the caller holds `_items_lock`); the last item.
+        User items wait MAX_ITEMS at most (their audio is held), the client's other messages MAX_GIVEN (a
+        framework sends a whole context's history at once)."""
+        last = next(reversed(self._shown), None)
+        if after is not None and after != last and not (after == "root" and last is None):
+            raise wire.ProtocolError("Items are added at the end of the conversation: previous_item_id must be "
+                                     "the last item's id, or be left out.")
+        if given and len(self._given) >= MAX_GIVEN:
+            raise wire.ProtocolError(f"{MAX_GIVEN} messages wait to go into the conversation already; send "
+                                     "response.create.")
+        if not given and len(self._items) + sum(len(users) for users, _, _ in self._given) >= MAX_ITEMS:
+            raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
+        if item in self._ids:
+            raise wire.ProtocolError(f"The conversation already has an item {item!r}; ids must be unique.",
+                                     "item_id_duplicate")
         return last
 
     def chain(self, item: str, shown: dict) -> str | None:
@@ -391,6 +427,13 @@ class RealtimeLink:
         sends), they come into it here, as a system message before the turn."""
         session = self.opened()
         with self._instructing:
+            with self._items_lock:
+                given, self._given = self._given, []
+            for users, role, text in given:  # the client's own messages first: they came before
+                if role == "system":
+                    session.extend("system", text)
+                else:
+                    session.add_exchange(*(_joined(users) if users else ("", None)), text)
             wanted = self.config.instructions
             in_force = next((text_of(m) for m in reversed(session.messages) if m["role"] == "system"), None)
             if wanted and wanted.strip() and wanted != in_force:  # (blank ones: none, as no instructions)

@@ -297,8 +297,9 @@ class Item:
 
 def user_item(item: dict) -> tuple[str, np.ndarray | None]:
     """A conversation.item.create's user message → (text, 24 kHz pcm16 or None)."""
-    if not isinstance(item, dict) or item.get("type") != "message" or item.get("role") != "user":
-        raise ProtocolError("conversation.item.create takes user messages only.")
+    if not isinstance(item, dict) or item.get("type") != "message" or item.get("role") not in ("user", "assistant",
+                                                                                                 "system"):
+        raise ProtocolError("conversation.item.create takes messages of the user, the assistant or the system.")
     if "id" in item and not (isinstance(item["id"], str) and 0 < len(item["id"]) <= MAX_ID_CHARS):
         raise ProtocolError(f"An item's id must be a string of 1 to {MAX_ID_CHARS} characters.")
     parts = item.get("content")
@@ -311,6 +312,29 @@ def user_item(item: dict) -> tuple[str, np.ndarray | None]:
     if any(not len(a) for a in audio) or not (audio or any(t.strip() for t in texts)):
         raise ProtocolError("A user message needs words or audio; this one is empty.")  # nothing to answer
     return "\n".join(texts), (audio[0] if audio else None)
+
+
+# What an assistant or a system message a client creates may hold: its words (an assistant's spoken
+# reply by its transcript: the model hears replies as text).
+GIVEN_PARTS = {"assistant": {"output_text": "text", "text": "text", "output_audio": "transcript", "audio": "transcript"},
+               "system": {"input_text": "text"}}
+
+
+def given_item(item: dict) -> tuple[str, str]:
+    """A conversation.item.create's assistant or system message (the client's own history, or
+    instructions where they stand) → (role, text); ProtocolError for anything else."""
+    role = item.get("role") if isinstance(item, dict) else None
+    if role not in GIVEN_PARTS or item.get("type") != "message":
+        raise ProtocolError("conversation.item.create takes messages of the user, the assistant or the system.")
+    if "id" in item and not (isinstance(item["id"], str) and 0 < len(item["id"]) <= MAX_ID_CHARS):
+        raise ProtocolError(f"An item's id must be a string of 1 to {MAX_ID_CHARS} characters.")
+    parts, kinds = item.get("content"), GIVEN_PARTS[role]
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) and p.get("type") in kinds for p in parts):
+        raise ProtocolError(f"A {role} message holds {' or '.join(kinds)} parts.")
+    texts = [_text(p.get(kinds[p["type"]]), f"A {role} message's {kinds[p['type']]}") for p in parts]
+    if not "".join(texts).strip():
+        raise ProtocolError(f"A {role} message needs words; this one has none (an audio reply goes by its transcript).")
+    return role, "\n".join(texts)
 
 
 def client_event_id(event: dict) -> str | None:

@@ -381,3 +381,42 @@ def test_blank_instructions_are_none(serve):
         ws.send_json({"type": "response.create"})
         until(ws, "response.done")
         assert _roles(client) == ["user", "assistant", "user", "assistant"]
+
+
+def test_a_clients_own_history_of_assistant_and_system_messages_goes_into_the_conversation(serve):
+    """Pipecat sends its context's messages as conversation.item.create before its first response, and
+    LiveKit syncs its chat context the same way: assistant messages (by their text, or a spoken reply's
+    transcript) and system messages go into the conversation where they were created (they were refused,
+    and an error is fatal to Pipecat)."""
+    client = serve()
+    with client.websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json(TEXT_MANUAL)
+        until(ws, "session.updated")
+        ask(ws, "Hi, I am Ada.")
+        until(ws, "conversation.item.done")
+        history = [("assistant", [{"type": "output_text", "text": "Hello Ada!"}]),
+                   ("system", [{"type": "input_text", "text": "Answer in French."}]),
+                   ("assistant", [{"type": "output_audio", "transcript": "Bonjour."}]),
+                   ("assistant", [{"type": "text", "text": "Comment puis-je aider ?"}])]  # (the beta's part type)
+        for role, content in history:
+            ws.send_json({"type": "conversation.item.create", "item": {"type": "message", "role": role, "content": content}})
+            added = until(ws, "conversation.item.done")[-1]["item"]
+            assert added["role"] == role and added["content"][0].get("text")
+        ask(ws, "What is my name?")
+        until(ws, "conversation.item.done")
+        ws.send_json({"type": "conversation.item.create", "event_id": "late_system", "item": {
+            "type": "message", "role": "system", "content": [{"type": "input_text", "text": "Be brief."}]}})
+        error = until(ws, "error")[-1]["error"]
+        assert error["event_id"] == "late_system" and "between user messages" in error["message"]
+        for bad in ([{"type": "output_audio", "audio": "AAAA"}], [{"type": "input_text", "text": "x"}], []):
+            ws.send_json({"type": "conversation.item.create", "item": {"type": "message", "role": "assistant",
+                                                                      "content": bad}})
+            assert until(ws, "error")[-1]["error"]["type"] == "invalid_request_error", bad
+        ws.send_json({"type": "response.create"})
+        done = until(ws, "response.done")[-1]["response"]
+        assert done["status"] in {"completed", "incomplete"}
+        (link,) = client.app.routes[0].endpoint.__self__._links
+        assert [m["role"] for m in link.session.messages] == [
+            "user", "assistant", "system", "assistant", "assistant", "user", "assistant"]
+        assert link.session.messages[3]["content"][0]["text"] == "Bonjour."

@@ -257,3 +257,32 @@ def test_a_greeting_asked_for_while_the_user_speaks_is_cut_off_by_their_turn():
     assert greeting["kind"] == "respond" and greeting["cancel"].is_set() and greeting["words"] < 40, greeting
     kinds = [type(e.event if isinstance(e, Stamped) else e).__name__ for e in events]
     assert kinds.index("Interrupted") < kinds.index("UserTurn"), kinds
+
+
+def test_an_exchange_a_client_gives_is_kept_by_its_text_and_a_restart_goes_on_exactly(engine, tmp_path):
+    """A client's own history (Realtime items of the user and the assistant): no generation, the reply by
+    its text, kept as a turn (the assistant's alone with an empty question), audio kept as FLAC."""
+    from afnext.journal import open_conversation
+    from tests.conftest import noise
+
+    store = Store(tmp_path)
+    cid = store.create("api", owner="o")
+    live = Session(engine)
+    open_conversation(store, cid, live, model=engine.loaded.name, owner="o")
+    live.add_exchange("", None, "Welcome back.")
+    live.add_exchange("My name is Ada.", (noise(1.0, seed=3) * 0.3).astype("float32"), "Nice to meet you, Ada.")
+    assert [m["role"] for m in live.messages] == ["assistant", "user", "assistant"]
+    kept = store.turns(cid)
+    assert [(t.role, t.text, t.token_ids) for t in kept] == [
+        ("user", "", None), ("assistant", "Welcome back.", None),
+        ("user", "My name is Ada.", None), ("assistant", "Nice to meet you, Ada.", None)]
+    assert kept[2].audio.endswith(".flac")
+    with pytest.raises(ValueError, match="control tokens"):
+        live.add_exchange("Hi", None, "<|im_end|>")
+    assert len(live.messages) == 3 and len(store.turns(cid)) == 4, "a refused exchange changed something"
+    again = Session(engine)
+    open_conversation(store, cid, again, model=engine.loaded.name, owner="o")
+    assert again.tokens == live.tokens and again.messages == live.messages
+    live.journal = None
+    replies = [_done(s.ask("What is my name?", options=OPTS)) for s in (live, again)]
+    assert replies[0].token_ids == replies[1].token_ids and replies[0].prompt_tokens == replies[1].prompt_tokens
