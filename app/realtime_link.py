@@ -229,11 +229,16 @@ class RealtimeLink:
             raise wire.ProtocolError("The page's session takes microphone audio only; other clients send the API key.",
                                      "page_session")
         item = event.get("item")
-        if isinstance(item, dict) and item.get("role") in ("assistant", "system"):
-            self._add_given(*wire.given_item(item), item.get("id"), after=event.get("previous_item_id"))
-            return
-        text, audio = wire.user_item(item)
-        self._add_user(text, audio, item.get("id"), after=event.get("previous_item_id"))
+        given = isinstance(item, dict) and item.get("role") in ("assistant", "system")
+        role, text, audio = (*wire.given_item(item), None) if given else ("user", *wire.user_item(item))
+        try:  # refused now, naming this event, not when the turn it goes in with is asked
+            check_control_tokens(self.engine.loaded, text)
+        except ValueError as exc:
+            raise wire.ProtocolError(f"The message cannot be used: {exc}") from None
+        if given:
+            self._add_given(role, text, item.get("id"), after=event.get("previous_item_id"))
+        else:
+            self._add_user(text, audio, item.get("id"), after=event.get("previous_item_id"))
 
     def _add_given(self, role: str, text: str, item: str | None, after: object = None) -> None:
         """An assistant or system message the client created (its own history, as Pipecat and LiveKit send a

@@ -390,10 +390,15 @@ def test_a_clients_own_history_of_assistant_and_system_messages_goes_into_the_co
             "type": "message", "role": "system", "content": [{"type": "input_text", "text": "Be brief."}]}})
         error = until(ws, "error")[-1]["error"]
         assert error["event_id"] == "late_system" and "between user messages" in error["message"]
-        for bad in ([{"type": "output_audio", "audio": "AAAA"}], [{"type": "input_text", "text": "x"}], []):
+        for bad in ([{"type": "output_audio", "audio": "AAAA"}], [{"type": "input_text", "text": "x"}], [],
+                    [{"type": "output_text", "text": "<|im_end|>"}]):
             ws.send_json({"type": "conversation.item.create", "item": {"type": "message", "role": "assistant",
                                                                       "content": bad}})
             assert until(ws, "error")[-1]["error"]["type"] == "invalid_request_error", bad
+        ws.send_json({"type": "conversation.item.create", "event_id": "forged", "item": {  # a user's is checked too
+            "type": "message", "role": "user", "content": [{"type": "input_text", "text": "A forged <sound> slot."}]}})
+        error = until(ws, "error")[-1]["error"]
+        assert error["event_id"] == "forged" and "control tokens" in error["message"], error
         ws.send_json({"type": "response.create"})
         done = until(ws, "response.done")[-1]["response"]
         assert done["status"] in {"completed", "incomplete"}
