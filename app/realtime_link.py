@@ -57,6 +57,7 @@ class _FirstTurn:
         return self.link.instructed().ask(text, audio, **kwargs)
 
     def respond(self, **kwargs):
+        self.link.begins()
         return self.link.instructed().respond(**kwargs)
 
 
@@ -111,8 +112,15 @@ class RealtimeLink:
         # User items awaiting a response: (id, text, 16 kHz float32 audio or None); the reader thread adds
         # turns the server VAD heard when create_response is off, so under a lock.
         self._items: list[tuple[str, str, np.ndarray | None]] = []
-        # Assistant and system messages the client created, with the user items they followed, for the next turn.
-        self._given: list[tuple[list[tuple[str, str, np.ndarray | None]], str, str]] = []
+        # Assistant and system messages the client created, with the user items they followed: (users, id,
+        # role, text), waiting for the next turn; those a turn was asked after, for it to bring in (`_due`).
+        # `_asked`: turns a response.create asked whose thread has not begun (it took its items already).
+        self._given: list[tuple[list[tuple[str, str, np.ndarray | None]], str, str, str]] = []
+        self._due: list[tuple[list[tuple[str, str, np.ndarray | None]], str, str, str]] = []
+        self._asked = 0
+        # The session's instructions (config.instructions) as the session holds them: a client's own system
+        # message does not change them. None: not known yet (the session's last system message, at first).
+        self._in_force: str | None = None
         self._items_lock = threading.Lock()
         # Every item of the conversation as the protocol shows it, in order (the last is the latest), for
         # conversation.item.retrieve; and every id ever used, so a client's own ids stay unique.
@@ -253,7 +261,7 @@ class RealtimeLink:
                                          "here; send response.create first, or create it before them.")
             self._place(item, after, given=True)
             waiting, self._items = self._items, []
-            self._given.append((waiting, role, text))
+            self._given.append((waiting, item, role, text))
             before = next(reversed(self._shown), None)
             self._shown[item] = shown
             self._ids.add(item)
@@ -270,13 +278,12 @@ class RealtimeLink:
         self.send(wire.event("conversation.item.retrieved", item=shown))
 
     def _on_conversation_item_delete(self, event: dict) -> None:
-        """Deletes an item still waiting for a response; one the model has heard stays (its tokens are
-        the conversation's, and its KV cache was built on them)."""
+        """Deletes an item still waiting for a response (a user item, or a message the client created that
+        goes in with the next turn); one the model has heard stays (its tokens are the conversation's, and
+        its KV cache was built on them)."""
         item = event.get("item_id")
         with self._items_lock:
-            waiting = [held for held in self._items if held[0] == item]
-            if waiting:
-                self._items.remove(waiting[0])
+            if isinstance(item, str) and self._unwait(item):
                 del self._shown[item]
                 self._ids.discard(item)
             elif isinstance(item, str) and item in self._shown:
@@ -286,6 +293,30 @@ class RealtimeLink:
                 raise wire.ProtocolError(f"There is no item {str(item)[:80]!r} in the conversation.",
                                          "item_delete_invalid_item_id")
         self.send(wire.event("conversation.item.deleted", item_id=item))
+
+    def _unwait(self, item: str) -> bool:
+        """Take waiting item `item` out (the caller holds `_items_lock`); False when none waits by that id.
+        The user items a deleted assistant message took go on waiting, for the next one or the response."""
+        for users in [self._items] + [users for users, _, _, _ in self._given]:
+            held = [user for user in users if user[0] == item]
+            if held:
+                users.remove(held[0])
+                return True
+        at = next((i for i, (_, given, _, _) in enumerate(self._given) if given == item), None)
+        if at is None:
+            return False
+        users = self._given[at][0]
+        later = self._given[at + 1:]
+        if users and later and later[0][2] == "system":
+            raise wire.ProtocolError("That message answers user messages that a system message follows; it cannot "
+                                     "be deleted alone (a system message cannot come between user messages and "
+                                     "their response here).", "item_delete_invalid_item_id")
+        if users and later:
+            later[0][0][:0] = users
+        elif users:
+            self._items[:0] = users
+        del self._given[at]
+        return True
 
     def _on_response_create(self, event: dict) -> None:
         tokens = wire.check_response(self.config, event.get("response"))
@@ -303,8 +334,12 @@ class RealtimeLink:
         if self._out.answering() or (self.assistant is not None and self.assistant.busy):
             raise wire.ProtocolError("A response is already in progress; wait for its response.done, or send "
                                      "response.cancel.", "conversation_already_has_active_response")
-        with self._items_lock:
+        assistant = self._assistant()
+        with self._items_lock:  # what was created before it goes in with this turn; what comes after, later
             items, self._items = self._items, []
+            self._due += self._given
+            self._given = []
+            self._asked += 1
         # with no user item waiting, the assistant speaks first (a greeting), or goes on after its reply
         key = items[-1][0] if items else wire.new_id("event")  # what the response's own settings go by
         own = None if tokens is None else GenerationOptions(max_new_tokens=tokens)  # this response's limit
@@ -312,11 +347,16 @@ class RealtimeLink:
             self._out.limits[key] = tokens
         if metadata is not None:
             self._out.metadata[key] = metadata
-        if items:
-            text, audio = _joined(items)
-            self._assistant().say(audio, text, tag=key, generation=own, instructions=instructions)
-        else:
-            self._assistant().respond(tag=key, generation=own, instructions=instructions)
+        try:
+            if items:
+                text, audio = _joined(items)
+                assistant.say(audio, text, tag=key, generation=own, instructions=instructions)
+            else:
+                assistant.respond(tag=key, generation=own, instructions=instructions)
+        except BaseException:
+            with self._items_lock:
+                self._asked -= 1
+            raise
 
     def _on_response_cancel(self, event: dict) -> None:
         if self.assistant is None or not self._out.answering():
@@ -379,16 +419,18 @@ class RealtimeLink:
 
     def _place(self, item: str, after: object, given: bool = False) -> str | None:
         """Check that a client's new item can go at the end (the caller holds `_items_lock`); the last item.
-        User items wait MAX_ITEMS at most (their audio is held), the client's other messages MAX_GIVEN (a
-        framework sends a whole context's history at once)."""
+        User items wait MAX_ITEMS at most, unanswered or holding audio (held in memory); the client's other
+        messages, with the user items they answered, MAX_GIVEN (a framework sends a whole context's history
+        at once: a user message its history answered counts there only)."""
         last = next(reversed(self._shown), None)
         if after is not None and after != last and not (after == "root" and last is None):
             raise wire.ProtocolError("Items are added at the end of the conversation: previous_item_id must be "
                                      "the last item's id, or be left out.")
-        if given and len(self._given) >= MAX_GIVEN:
+        answered = [user for users, _, _, _ in self._given + self._due for user in users]
+        if given and len(self._given) + len(self._due) + len(answered) + len(self._items) >= MAX_GIVEN:
             raise wire.ProtocolError(f"{MAX_GIVEN} messages wait to go into the conversation already; send "
                                      "response.create.")
-        if not given and len(self._items) + sum(len(users) for users, _, _ in self._given) >= MAX_ITEMS:
+        if not given and len(self._items) + sum(audio is not None for _, _, audio in answered) >= MAX_ITEMS:
             raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
         if item in self._ids:
             raise wire.ProtocolError(f"The conversation already has an item {item!r}; ids must be unique.",
@@ -412,12 +454,30 @@ class RealtimeLink:
     def with_waiting(self, text: str, audio: np.ndarray | None) -> tuple[str, np.ndarray | None]:
         """A turn the server VAD ended and answers at once takes the user items created since the last
         response with it, as OpenAI's server answers them: their words before the turn's, their audio
-        (16 kHz) before its speech. A response.create has taken its items already. Any thread."""
-        if not (self.config.server_vad and self.config.create_response):
-            return text, audio
+        (16 kHz) before its speech; and the client's other messages go in before it. A response.create
+        has taken its items already, as it was asked: what the client created after it (before its turn's
+        thread got here) waits for the turn after. The turn's thread."""
         with self._items_lock:
+            if self._begins() or not (self.config.server_vad and self.config.create_response):
+                return text, audio
             items, self._items = self._items, []
         return _joined([*items, ("", text, audio)]) if items else (text, audio)
+
+    def begins(self) -> None:
+        """A turn with no user item (`Session.respond`) begins: the turn's thread."""
+        with self._items_lock:
+            self._begins()
+
+    def _begins(self) -> bool:
+        """A turn begins (its thread; the caller holds `_items_lock`): whether a response.create asked it.
+        That one took the client's messages as it was asked; a turn the server VAD ended takes those
+        created until now."""
+        if self._asked:
+            self._asked -= 1
+            return True
+        self._due += self._given
+        self._given = []
+        return False
 
     def opened(self) -> Session:
         """The conversation's session, opened at its first turn. Any thread."""
@@ -432,17 +492,26 @@ class RealtimeLink:
         sends), they come into it here, as a system message before the turn."""
         session = self.opened()
         with self._instructing:
+            if self._in_force is None:
+                self._in_force = next((text_of(m) for m in reversed(session.messages) if m["role"] == "system"), "")
             with self._items_lock:
-                given, self._given = self._given, []
-            for users, role, text in given:  # the client's own messages first: they came before
-                if role == "system":
-                    session.extend("system", text)
-                else:
-                    session.add_exchange(*(_joined(users) if users else ("", None)), text)
+                given, self._due = self._due, []
+            for at, (users, _, role, text) in enumerate(given):  # the client's own messages first: they came before
+                try:
+                    if role == "system":
+                        session.extend("system", text)
+                    else:
+                        session.add_exchange(*(_joined(users) if users else ("", None)), text)
+                except BaseException:
+                    # this one fails the turn (its sentence); those after it wait for the next turn, as they
+                    # are still shown (retrieved, deleted), not dropped unsaid; before any a turn asked since
+                    with self._items_lock:
+                        (self._due if self._due else self._given)[:0] = given[at + 1:]
+                    raise
             wanted = self.config.instructions
-            in_force = next((text_of(m) for m in reversed(session.messages) if m["role"] == "system"), None)
-            if wanted and wanted.strip() and wanted != in_force:  # (blank ones: none, as no instructions)
+            if wanted and wanted.strip() and wanted != self._in_force:  # (blank ones: none, as no instructions)
                 session.extend("system", wanted)
+                self._in_force = wanted
         return session
 
     def _assistant(self) -> Assistant:

@@ -406,3 +406,194 @@ def test_a_clients_own_history_of_assistant_and_system_messages_goes_into_the_co
         assert [m["role"] for m in link.session.messages] == [
             "user", "assistant", "system", "assistant", "assistant", "user", "assistant"]
         assert link.session.messages[3]["content"][0]["text"] == "Bonjour."
+
+
+def _said(client) -> list[tuple[str, str]]:
+    """(role, text) of each message the socket's conversation holds now."""
+    from afnext.prompt import text_of
+
+    (link,) = client.app.routes[0].endpoint.__self__._links
+    return [(m["role"], text_of(m)) for m in link.session.messages]
+
+
+def message(role: str, text: str, id: str | None = None) -> dict:
+    """A conversation.item.create of a message of `role` holding `text`."""
+    kind = {"user": "input_text", "system": "input_text", "assistant": "output_text"}[role]
+    return {"type": "conversation.item.create", "item": {"type": "message", "role": role, **({"id": id} if id else {}),
+                                                         "content": [{"type": kind, "text": text}]}}
+
+
+def test_messages_created_right_after_a_response_create_come_after_that_response(serve):
+    """LiveKit and Pipecat ask for a response and go on syncing their context at once: what a client
+    creates after a response.create comes after that response in the conversation, though the turn's
+    thread had not begun yet (here held back, as behind a cut-off turn winding down), not before the
+    user message the response answers."""
+    client = serve()
+    with text_socket(client) as ws:
+        (link,) = client.app.routes[0].endpoint.__self__._links
+        with link._instructing:  # the turn's thread waits here for its messages
+            ask(ws, "Hi, I am Ada.")
+            ws.send_json({"type": "response.create"})
+            ws.send_json(message("assistant", "Later.", "later"))
+            ws.send_json(message("system", "Be brief.", "brief"))
+            while until(ws, "conversation.item.done")[-1]["item"]["id"] != "brief":
+                pass
+        until(ws, "response.done")
+        assert _roles(client) == ["user", "assistant"], "the response's turn took messages created after it"
+        ask(ws, "Again.")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        said = _said(client)
+        assert [s for s in said if s[1] in ("Hi, I am Ada.", "Later.", "Be brief.", "Again.")] == [
+            ("user", "Hi, I am Ada."), ("assistant", "Later."), ("system", "Be brief."), ("user", "Again.")], said
+        assert _roles(client) == ["user", "assistant", "assistant", "system", "user", "assistant"]
+
+
+def test_a_clients_system_message_is_not_overridden_by_the_sessions_instructions(serve):
+    """A system message a client creates (Pipecat, LiveKit: a context's own) stands where it was created:
+    the session's instructions, in force already, do not come in again after it (they did, and the
+    model read them as the later word); instructions changed after it still come in, once."""
+    client = serve()
+    with text_socket(client) as ws:
+        ws.send_json({"type": "session.update", "session": {"type": "realtime", "instructions": "Be kind."}})
+        until(ws, "session.updated")
+        for item in (message("user", "Hi."), message("assistant", "Hello."), message("system", "Answer in French."),
+                     message("user", "Again.")):
+            ws.send_json(item)
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        assert _said(client)[:5] == [("system", "Be kind."), ("user", "Hi."), ("assistant", "Hello."),
+                                     ("system", "Answer in French."), ("user", "Again.")], _said(client)
+        ask(ws, "And now?")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        systems = [m for m in _said(client) if m[0] == "system"]
+        assert systems == [("system", "Be kind."), ("system", "Answer in French.")], systems
+        ws.send_json({"type": "session.update", "session": {"type": "realtime", "instructions": "Be brief."}})
+        until(ws, "session.updated")
+        ask(ws, "Go on.")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        assert _said(client)[-3:-1] == [("system", "Be brief."), ("user", "Go on.")], _said(client)
+        assert [m for m in _said(client) if m[0] == "system"].count(("system", "Be brief.")) == 1
+
+
+def test_a_created_message_still_waiting_can_be_deleted_and_its_user_messages_wait_on(serve):
+    """LiveKit syncs its chat context with conversation.item.delete: an assistant message, or a user message
+    one took, waits for the next turn as any user item does, so it can be deleted (it was refused as heard
+    by the model); the user messages a deleted reply took wait for the next one. Once heard, refused."""
+    client = serve()
+    with text_socket(client) as ws:
+        for item in (message("user", "My name is Ada.", "u1"), message("assistant", "Hello Ada.", "a1"),
+                     message("user", "I like tea.", "u2"), message("assistant", "Noted.", "a2"),
+                     message("user", "Bye?", "u3"), message("assistant", "Bye.", "a3"),
+                     message("system", "Be brief.", "s1")):
+            ws.send_json(item)
+        last = until(ws, "conversation.item.added", previous_item_id="a3")[-1]["item"]
+        until(ws, "conversation.item.done", item=last)
+        for item in ("a1", "u2"):
+            ws.send_json({"type": "conversation.item.delete", "item_id": item})
+            answer = json.loads(receive(ws)["text"])
+            assert answer == {**answer, "type": "conversation.item.deleted", "item_id": item}, answer
+        ws.send_json({"type": "conversation.item.retrieve", "item_id": "a1", "event_id": "gone"})
+        assert until(ws, "error")[-1]["error"]["code"] == "item_retrieve_invalid_item_id"
+        ws.send_json({"type": "conversation.item.delete", "item_id": "a3", "event_id": "between"})
+        error = until(ws, "error")[-1]["error"]  # u3 would stand between its user messages and their reply
+        assert error["event_id"] == "between" and error["code"] == "item_delete_invalid_item_id", error
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        assert _said(client)[:5] == [("user", "My name is Ada."), ("assistant", "Noted."), ("user", "Bye?"),
+                                     ("assistant", "Bye."), ("system", "Be brief.")], _said(client)
+        ws.send_json({"type": "conversation.item.delete", "item_id": "a2", "event_id": "heard"})
+        error = until(ws, "error")[-1]["error"]
+        assert error["event_id"] == "heard" and "heard" in error["message"], error
+
+
+def test_a_created_message_that_cannot_go_in_fails_its_turn_and_those_after_it_wait(serve, monkeypatch):
+    """A message the conversation has no room for fails the turn it goes in with, in a sentence; the
+    messages created after it are not dropped unsaid: they go in with the next turn."""
+    client = serve()
+    with text_socket(client) as ws:
+        ask(ws, "Hi.")
+        ws.send_json({"type": "response.create"})
+        until(ws, "response.done")
+        (link,) = client.app.routes[0].endpoint.__self__._links
+        room = len(link.session.tokens) + 60
+        monkeypatch.setattr(type(link.engine.loaded), "context_tokens", property(lambda self: room))
+        ws.send_json(message("assistant", "Long. " * 200))
+        ws.send_json(message("assistant", "Fine.", "fine"))
+        ws.send_json(message("system", "Be brief."))
+        ask(ws, "And you?")
+        ws.send_json({"type": "response.create"})
+        seen = until(ws, "response.done")
+        errors = [e["error"]["message"] for e in seen if e["type"] == "error"]
+        assert seen[-1]["response"]["status"] == "failed" and len(errors) == 1 and "context" in errors[0], errors
+        ask(ws, "Still there?")
+        ws.send_json({"type": "response.create"})
+        assert until(ws, "response.done")[-1]["response"]["status"] in {"completed", "incomplete"}
+        assert _said(client)[2:5] == [("assistant", "Fine."), ("system", "Be brief."), ("user", "Still there?")], \
+            _said(client)
+
+
+def test_a_history_longer_than_max_items_goes_in_whole_and_held_audio_stays_bounded(serve):
+    """A framework's context resent whole (Pipecat's, LiveKit's): user messages its assistant messages
+    answered wait as part of the history (MAX_GIVEN in all), not as MAX_ITEMS unanswered items (the 17th
+    user message was refused, fatally for Pipecat); those holding audio still count there."""
+    from app.realtime_replies import MAX_ITEMS
+
+    client = serve()
+    with text_socket(client) as ws:
+        for i in range(MAX_ITEMS + 4):
+            ws.send_json(message("user", f"Question {i}?"))
+            ws.send_json(message("assistant", f"Answer {i}."))
+        ask(ws, "And now?")
+        ws.send_json({"type": "response.create"})
+        seen = until(ws, "response.done")
+        assert not [e for e in seen if e["type"] == "error"], [e for e in seen if e["type"] == "error"]
+        assert _said(client)[-3:-1] == [("assistant", f"Answer {MAX_ITEMS + 3}."), ("user", "And now?")]
+        assert len(_said(client)) == 2 * (MAX_ITEMS + 4) + 2
+        audio = {"type": "input_audio", "audio": base64.b64encode(b"\0\1" * 4800).decode()}
+        for i in range(MAX_ITEMS):
+            ws.send_json({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                                      "content": [audio]}})
+            ws.send_json(message("assistant", f"Heard {i}."))
+        ws.send_json({"type": "conversation.item.create", "event_id": "one_more", "item": {
+            "type": "message", "role": "user", "content": [audio]}})
+        error = until(ws, "error")[-1]["error"]
+        assert error["event_id"] == "one_more" and f"{MAX_ITEMS} items wait" in error["message"], error
+
+
+def test_a_turn_the_server_vad_ends_brings_in_the_messages_created_before_it(serve):
+    """With server VAD, a heard turn answered at once (create_response) takes the client's history created
+    before it, in order, the waiting user message joined to it; one held for a response.create
+    (create_response off) is answered after the history and the assistant message that took it."""
+    from pathlib import Path
+
+    import soundfile
+    import soxr
+
+    speech, rate = soundfile.read(Path(__file__).parent.parent / "assets" / "speech.wav", dtype="float32")
+    pcm = soxr.resample(np.concatenate([speech, np.zeros(rate * 2, np.float32)]), rate, wire.AUDIO_RATE)
+    for create in (True, False):
+        client = serve()
+        with client.websocket_connect(URL) as ws:
+            created(ws)
+            ws.send_json({"type": "session.update", "session": {
+                "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 4,
+                "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": create}}}}})
+            until(ws, "session.updated")
+            for item in (message("user", "Hi, I am Ada."), message("assistant", "Hello Ada."),
+                         message("system", "Be brief."), message("user", "Listen.")):
+                ws.send_json(item)
+            for at in range(0, len(pcm), wire.AUDIO_RATE // 10):
+                ws.send_json(wire.append(pcm[at:at + wire.AUDIO_RATE // 10]))
+            if not create:
+                until(ws, "input_audio_buffer.committed")
+                ws.send_json(message("assistant", "Heard you."))
+                ws.send_json({"type": "response.create"})
+            assert until(ws, "response.done")[-1]["response"]["status"] in {"completed", "incomplete"}
+            (link,) = client.app.routes[0].endpoint.__self__._links
+            heard = [m["content"][0]["type"] for m in link.session.messages if m["role"] == "user"]
+            assert _said(client)[:4] == [("user", "Hi, I am Ada."), ("assistant", "Hello Ada."),
+                                         ("system", "Be brief."), ("user", "Listen.")], (create, _said(client))
+            assert heard == ["text", "audio"] and _roles(client)[4:] == (["assistant"] * (1 if create else 2)), create
