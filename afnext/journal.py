@@ -215,15 +215,17 @@ class Journal:
 
     def _commit(self, text: str, think: bool, audio: str | None, reply, parts: dict | None,
                 instructions: tuple[str, ...]) -> None:
+        self._add(StoredTurn("user", text, think, audio, instructions=instructions),
+                  StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
+                             steps=[dataclasses.asdict(s) for s in reply.steps],
+                             timings=dataclasses.asdict(reply.timings), interrupted=reply.interrupted, parts=parts))
+
+    def _add(self, user: StoredTurn, assistant: StoredTurn) -> None:
+        """One exchange into the store, after the turns this journal holds; KeptError (and broken) if not."""
         with self._lock:
             self.check()
             try:
-                self.store.add_exchange(
-                    self.cid, StoredTurn("user", text, think, audio, instructions=instructions),
-                    StoredTurn("assistant", reply.text, reasoning=reply.reasoning, token_ids=reply.token_ids,
-                               steps=[dataclasses.asdict(s) for s in reply.steps],
-                               timings=dataclasses.asdict(reply.timings), interrupted=reply.interrupted, parts=parts),
-                    at=self.turns)
+                self.store.add_exchange(self.cid, user, assistant, at=self.turns)
             except (StoreError, sqlite3.Error, OSError) as exc:
                 self.broken = (f"The turn could not be kept in the store ({' '.join(str(exc).split())}); the "
                                "conversation stops here, so that it never differs from what is kept.")
@@ -234,16 +236,7 @@ class Journal:
         """Keep an exchange a client gave whole (`Session.add_exchange`): its question (none: "" and no
         audio), and the reply by its text. KeptError as `commit`."""
         try:
-            with self._lock:
-                self.check()
-                try:
-                    self.store.add_exchange(self.cid, StoredTurn("user", text, audio=audio, instructions=instructions),
-                                            StoredTurn("assistant", reply), at=self.turns)
-                except (StoreError, sqlite3.Error, OSError) as exc:
-                    self.broken = (f"The conversation's items could not be kept in the store ({' '.join(str(exc).split())});"
-                                   " the conversation stops here, so that it never differs from what is kept.")
-                    raise KeptError(self.broken) from exc
-                self.turns += 1
+            self._add(StoredTurn("user", text, audio=audio, instructions=instructions), StoredTurn("assistant", reply))
         finally:
             self.release(audio)
 

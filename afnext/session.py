@@ -92,8 +92,8 @@ class Session:
     def extend(self, role: str, text: str = "", audio=None, *, think: bool = False) -> None:
         """Append an earlier message without generating: a user turn (text and/or a clip; `think`: it
         was asked in Think mode), an assistant reply (text) or a system message (text: instructions
-        given mid-conversation), as a client resending a conversation's history holds it. Its tokens are prefilled, and its clip encoded, with the next turn. Raises as
-        `ask` does for bad input."""
+        given mid-conversation), as a client resending a conversation's history holds it. Its tokens
+        are prefilled, and its clip encoded, with the next turn. Raises as `ask` does for bad input."""
         prompt.check_text(text, {"user": "A user message", "system": "A system message"}.get(role, "A reply"))
         if role not in ("user", "assistant", "system") or (role != "user" and audio is not None):
             raise ValueError("Only user turns (text and/or audio), assistant replies (text) and system messages "
@@ -103,10 +103,10 @@ class Session:
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         self._settled.wait()
-        message = {"user": lambda: prompt.user_message(text, has_clip=clip is not None, think=think,
-                                                       is_think=loaded.is_think),
-                   "assistant": lambda: prompt.assistant_message(text),
-                   "system": lambda: prompt.system_message(text)}[role]()
+        if role == "user":
+            message = prompt.user_message(text, has_clip=clip is not None, think=think, is_think=loaded.is_think)
+        else:
+            message = (prompt.assistant_message if role == "assistant" else prompt.system_message)(text)
         ids = prompt.message_ids(loaded, self.messages, message, clip.tokens if clip else None)
         self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
         if role == "assistant":  # now the last reply: what `rewrite_reply` cuts back

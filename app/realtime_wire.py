@@ -328,12 +328,12 @@ def given_item(item: dict) -> tuple[str, str]:
         raise ProtocolError("conversation.item.create takes messages of the user, the assistant or the system.")
     if "id" in item and not (isinstance(item["id"], str) and 0 < len(item["id"]) <= MAX_ID_CHARS):
         raise ProtocolError(f"An item's id must be a string of 1 to {MAX_ID_CHARS} characters.")
-    parts, kinds = item.get("content"), GIVEN_PARTS[role]
+    parts, kinds, named = item.get("content"), GIVEN_PARTS[role], "An assistant" if role == "assistant" else "A system"
     if not isinstance(parts, list) or not parts or not all(isinstance(p, dict) and p.get("type") in kinds for p in parts):
-        raise ProtocolError(f"A {role} message holds {' or '.join(kinds)} parts.")
-    texts = [_text(p.get(kinds[p["type"]]), f"A {role} message's {kinds[p['type']]}") for p in parts]
+        raise ProtocolError(f"{named} message holds {', '.join(kinds)} parts only.")
+    texts = [_text(p.get(kinds[p["type"]]), f"{named} message's {kinds[p['type']]}") for p in parts]
     if not "".join(texts).strip():
-        raise ProtocolError(f"A {role} message needs words; this one has none (an audio reply goes by its transcript).")
+        raise ProtocolError(f"{named} message needs words; this one has none (an audio reply goes by its transcript).")
     return role, "\n".join(texts)
 
 
