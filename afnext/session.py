@@ -24,6 +24,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 
@@ -75,7 +76,9 @@ class Session:
         self._settled = threading.Event()  # no turn of this session is in the engine
         self._settled.set()
         self._request: Request | None = None
-        self._submitting = threading.Lock()  # one turn handed to the engine at a time
+        # One turn handed to the engine at a time, and no change to the conversation (another thread's
+        # `extend`, `rewrite_reply`, …) while a turn is built and handed over (`_between_turns`).
+        self._submitting = threading.RLock()
 
     @property
     def ahead(self) -> int | None:
@@ -88,6 +91,21 @@ class Session:
         """Wait until the engine has settled this session's last turn (committed or rolled back);
         False on timeout. A closed or cancelled stream returns at once; this is how to see its result."""
         return self._settled.wait(timeout)
+
+    @contextmanager
+    def _between_turns(self) -> Iterator[None]:
+        """Held while the conversation changes outside a turn: no turn runs, and none is handed to the
+        engine until the change is whole (a turn's thread and a socket's reader may both change it)."""
+        while True:
+            self._settled.wait()
+            self._submitting.acquire()
+            if self._settled.is_set():
+                break
+            self._submitting.release()  # a turn was handed over meanwhile: wait for it too
+        try:
+            yield
+        finally:
+            self._submitting.release()
 
     def extend(self, role: str, text: str = "", audio=None, *, think: bool = False) -> None:
         """Append an earlier message without generating: a user turn (text and/or a clip; `think`: it
@@ -102,21 +120,21 @@ class Session:
         prompt.check_control_tokens(loaded, text)
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
-        self._settled.wait()
         if role == "user":
             message = prompt.user_message(text, has_clip=clip is not None, think=think, is_think=loaded.is_think)
         else:
             message = (prompt.assistant_message if role == "assistant" else prompt.system_message)(text)
-        ids = prompt.message_ids(loaded, self.messages, message, clip.tokens if clip else None)
-        self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
-        if role == "assistant":  # now the last reply: what `rewrite_reply` cuts back
-            self._reply_at = len(self.tokens)
-        self.tokens += ids
-        self.messages.append(message)
-        if clip is not None:
-            self._last_clip_s = clip.duration_s
-            (self._pending if self.use_cache else self._clips).append(clip)
-        self._marks.append((len(self.tokens), self._last_clip_s))
+        with self._between_turns():
+            ids = prompt.message_ids(loaded, self.messages, message, clip.tokens if clip else None)
+            self._budget(len(ids), GenerationOptions(max_new_tokens=1))  # ContextFullError if it cannot fit
+            if role == "assistant":  # now the last reply: what `rewrite_reply` cuts back
+                self._reply_at = len(self.tokens)
+            self.tokens += ids
+            self.messages.append(message)
+            if clip is not None:
+                self._last_clip_s = clip.duration_s
+                (self._pending if self.use_cache else self._clips).append(clip)
+            self._marks.append((len(self.tokens), self._last_clip_s))
 
     def add_exchange(self, text: str, audio, reply: str) -> None:
         """Append an exchange a client gives whole, without generating (its own conversation items): a
@@ -124,111 +142,116 @@ class Session:
         with) and the reply to it, as text. Prefilled with the next turn. A journal keeps it as a
         completed turn, the reply by its text. Raises as `extend` for bad input, KeptError if it cannot
         be kept; either way the session is as before."""
-        self._settled.wait()
-        prompt.check_text(text)
-        prompt.check_text(reply, "A reply")
-        loaded = self.engine.loaded
-        prompt.check_control_tokens(loaded, text + "\n" + reply)
-        keep = audio_key = None
-        if self.journal is not None:
-            self.journal.check_not_behind()
-            if audio is not None:
-                audio, keep = self.journal.audio(audio)
-        clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
-            audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
-        before = (len(self.tokens), len(self.messages), len(self._clips), list(self._pending), self._last_clip_s,
-                  self._reply_at)
-        user = bool(text.strip()) or clip is not None
-        try:
-            if user:
-                self.extend("user", text, clip)
-            self.extend("assistant", reply)
+        with self._between_turns():
+            prompt.check_text(text)
+            prompt.check_text(reply, "A reply")
+            loaded = self.engine.loaded
+            prompt.check_control_tokens(loaded, text + "\n" + reply)
+            keep = audio_key = None
             if self.journal is not None:
-                audio_key = self.journal.put(keep) if keep is not None else None
-                given, audio_key = audio_key, None  # commit_given lets it go, kept or not
-                self.journal.commit_given(text if user else "", given, reply, self._instructions_before(user))
-        except BaseException:
-            if self.journal is not None:
-                self.journal.release(audio_key)
-            tokens, messages, clips, self._pending, self._last_clip_s, self._reply_at = before
-            del self.tokens[tokens:], self.messages[messages:], self._marks[messages:], self._clips[clips:]
-            raise
+                self.journal.check_not_behind()
+                if audio is not None:
+                    audio, keep = self.journal.audio(audio)
+            clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
+                audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
+            before = (len(self.tokens), len(self.messages), len(self._clips), list(self._pending), self._last_clip_s,
+                      self._reply_at)
+            user = bool(text.strip()) or clip is not None
+            try:
+                if user:
+                    self.extend("user", text, clip)
+                self.extend("assistant", reply)
+                if self.journal is not None:
+                    audio_key = self.journal.put(keep) if keep is not None else None
+                    given, audio_key = audio_key, None  # commit_given lets it go, kept or not
+                    self.journal.commit_given(text if user else "", given, reply, self._instructions_before(user))
+            except BaseException:
+                if self.journal is not None:
+                    self.journal.release(audio_key)
+                tokens, messages, clips, self._pending, self._last_clip_s, self._reply_at = before
+                del self.tokens[tokens:], self.messages[messages:], self._marks[messages:], self._clips[clips:]
+                raise
 
     def extend_reply(self, token_ids: list[int], *, think: bool = False) -> None:
         """Append an earlier reply by the token ids it was generated as (a kept conversation coming
         back: its text might tokenize otherwise), after the user turn it answered (`think`: asked in
         Think mode, so its header held the Think prefill) or after whatever came last (a reply the
         assistant spoke first, or went on with: `respond`). The tokens are those the live turn had."""
-        self._settled.wait()
-        loaded = self.engine.loaded
-        markers = {loaded.ids.sound, loaded.ids.sound_bos, loaded.ids.sound_eos}
-        if markers.intersection(token_ids):  # they would be taken for audio slots (never generated now)
-            raise ValueError("A kept reply holds an audio marker token, which a reply cannot hold.")
-        prefill = THINK_PREFILL if think and loaded.is_think else ""
-        ids = prompt.turn_ids(loaded, self.messages, None, None, prefill)[0] + list(token_ids) + prompt.reply_tail(loaded)
-        # The live reply may have filled the context to its last token, and its closing tokens go
-        # past it: that conversation was as it is, and can be reopened (its next turn will not fit).
-        if len(self.tokens) + len(ids) > loaded.context_tokens + len(prompt.reply_tail(loaded)):
-            raise ContextFullError(f"This reply would bring the conversation past the model's {loaded.context_tokens}-"
-                                   "token context; it cannot have been generated on this model.")
-        self._reply_at = len(self.tokens)
-        self.tokens += ids
-        self.messages.append(prompt.assistant_message(loaded.tokenizer.decode(token_ids, skip_special_tokens=True)))
-        self._marks.append((len(self.tokens), self._last_clip_s))
+        with self._between_turns():
+            loaded = self.engine.loaded
+            markers = {loaded.ids.sound, loaded.ids.sound_bos, loaded.ids.sound_eos}
+            if markers.intersection(token_ids):  # they would be taken for audio slots (never generated now)
+                raise ValueError("A kept reply holds an audio marker token, which a reply cannot hold.")
+            prefill = THINK_PREFILL if think and loaded.is_think else ""
+            ids = prompt.turn_ids(loaded, self.messages, None, None, prefill)[0] + list(token_ids) + prompt.reply_tail(loaded)
+            # The live reply may have filled the context to its last token, and its closing tokens go
+            # past it: that conversation was as it is, and can be reopened (its next turn will not fit).
+            if len(self.tokens) + len(ids) > loaded.context_tokens + len(prompt.reply_tail(loaded)):
+                raise ContextFullError(f"This reply would bring the conversation past the model's {loaded.context_tokens}-"
+                                       "token context; it cannot have been generated on this model.")
+            self._reply_at = len(self.tokens)
+            self.tokens += ids
+            self.messages.append(prompt.assistant_message(loaded.tokenizer.decode(token_ids, skip_special_tokens=True)))
+            self._marks.append((len(self.tokens), self._last_clip_s))
 
-    def rewrite_reply(self, text: str) -> None:
+    def rewrite_reply(self, text: str, *, messages: int | None = None) -> bool:
         """Replace the last reply with `text` — what the user heard of it before speaking over it — so
-        the model remembers only that. The cache keeps everything before the reply."""
-        self._settled.wait()
-        if not self.messages or self.messages[-1]["role"] != "assistant" or self._reply_at is None:
-            raise ValueError("There is no reply to rewrite: the conversation does not end with one.")
-        prompt.check_text(text, "The reply")  # before anything changes: bad text leaves the reply as it was
-        prompt.check_control_tokens(self.engine.loaded, text)
-        del self.tokens[self._reply_at:]
-        self.messages.pop()
-        self._marks.pop()
-        if self._cache is not None and self._cached > self._reply_at:
-            with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
-                self._cache.crop_to(self._reply_at)
-            self._cached = self._reply_at
-        self.extend("assistant", text)  # the reply's place stays known: a later, shorter cut rewrites it again
-        if self.journal is not None:  # the session first: bad text changes neither; a failed write stops it
-            self.journal.rewrite(text)
+        the model remembers only that. The cache keeps everything before the reply. With `messages`,
+        only while the conversation holds that many (the reply is still the one the caller means):
+        False, and nothing changes, once another thread has added to it."""
+        with self._between_turns():
+            if messages is not None and len(self.messages) != messages:
+                return False
+            if not self.messages or self.messages[-1]["role"] != "assistant" or self._reply_at is None:
+                raise ValueError("There is no reply to rewrite: the conversation does not end with one.")
+            prompt.check_text(text, "The reply")  # before anything changes: bad text leaves the reply as it was
+            prompt.check_control_tokens(self.engine.loaded, text)
+            del self.tokens[self._reply_at:]
+            self.messages.pop()
+            self._marks.pop()
+            if self._cache is not None and self._cached > self._reply_at:
+                with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
+                    self._cache.crop_to(self._reply_at)
+                self._cached = self._reply_at
+            self.extend("assistant", text)  # the reply's place stays known: a later, shorter cut rewrites it again
+            if self.journal is not None:  # the session first: bad text changes neither; a failed write stops it
+                self.journal.rewrite(text)
+            return True
 
     def fork(self, n_messages: int) -> Session:
         """A new session holding this one's first `n_messages`, its KV cache copied up to there (a
         copy costs far less than computing it again): a client that branches off a kept conversation
         — a regenerated answer, another question after the same turns — reuses what they share. This
         session is left as it was. ValueError when a clip added by `extend` is not encoded yet."""
-        self._settled.wait()
-        if self._pending or not self.use_cache or not 0 <= n_messages <= len(self.messages):
-            raise ValueError("Only a settled, cached session with every clip encoded can be forked.")
-        cut, clip_s = self._marks[n_messages - 1] if n_messages else (0, None)
-        twin = Session(self.engine)
-        twin.messages, twin.tokens = list(self.messages[:n_messages]), self.tokens[:cut]
-        twin._marks, twin._last_clip_s = self._marks[:n_messages], clip_s
-        twin._opening_system = self._opening_system and n_messages > 0
-        kept = min(self._cached, cut)
-        if self._cache is not None and kept:
-            # the engine thread may be moving this idle cache off the GPU; the copy leaves the cores to it
-            with self.engine.keeper.lock, cores.one_core():
-                twin._cache, twin._cached = self._cache.copy(kept), kept
-            self.engine.keeper.track(twin._cache)  # a copy that never speaks may still be moved out
-        return twin
+        with self._between_turns():
+            if self._pending or not self.use_cache or not 0 <= n_messages <= len(self.messages):
+                raise ValueError("Only a settled, cached session with every clip encoded can be forked.")
+            cut, clip_s = self._marks[n_messages - 1] if n_messages else (0, None)
+            twin = Session(self.engine)
+            twin.messages, twin.tokens = list(self.messages[:n_messages]), self.tokens[:cut]
+            twin._marks, twin._last_clip_s = self._marks[:n_messages], clip_s
+            twin._opening_system = self._opening_system and n_messages > 0
+            kept = min(self._cached, cut)
+            if self._cache is not None and kept:
+                # the engine thread may be moving this idle cache off the GPU; the copy leaves the cores to it
+                with self.engine.keeper.lock, cores.one_core():
+                    twin._cache, twin._cached = self._cache.copy(kept), kept
+                self.engine.keeper.track(twin._cache)  # a copy that never speaks may still be moved out
+            return twin
 
     def truncate(self, n_messages: int) -> None:
         """Drop every message after the first `n_messages`, with their tokens and the KV cache past them:
         a turn that must not count (a recording heard in parts keeps all its parts' turns or none). The
         session must be cached, and every clip it holds encoded. ValueError otherwise."""
-        self._settled.wait()
-        if self._pending or not self.use_cache or not 0 <= n_messages <= len(self.messages):
-            raise ValueError("Only a settled, cached session with every clip encoded can be cut back.")
-        cut, clip_s = self._marks[n_messages - 1] if n_messages else (0, None)
-        del self.tokens[cut:], self.messages[n_messages:], self._marks[n_messages:]
-        if self._cache is not None and self._cache.get_seq_length() > cut:
-            with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
-                self._cache.crop_to(cut)
-        self._cached, self._last_clip_s, self._reply_at = min(self._cached, cut), clip_s, None
+        with self._between_turns():
+            if self._pending or not self.use_cache or not 0 <= n_messages <= len(self.messages):
+                raise ValueError("Only a settled, cached session with every clip encoded can be cut back.")
+            cut, clip_s = self._marks[n_messages - 1] if n_messages else (0, None)
+            del self.tokens[cut:], self.messages[n_messages:], self._marks[n_messages:]
+            if self._cache is not None and self._cache.get_seq_length() > cut:
+                with self.engine.keeper.lock:  # not while the engine thread moves this idle cache
+                    self._cache.crop_to(cut)
+            self._cached, self._last_clip_s, self._reply_at = min(self._cached, cut), clip_s, None
 
     @property
     def cache_bytes(self) -> int:

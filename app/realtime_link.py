@@ -379,15 +379,15 @@ class RealtimeLink:
             raise wire.ProtocolError("Only the latest reply can be truncated, once it is done or cancelled.",
                                      "item_truncate_invalid_item_id")
         text, messages, reply = heard
-        self.session.wait()
         cut = reply.get("cut_ms")
-        # the reply is still the conversation's last (no turn has begun since), and not cut as short already
-        if len(self.session.messages) == messages and (cut is None or ms < cut):
+        # only while the reply is still the conversation's last (no turn has begun since, none of the
+        # client's own messages gone in: checked as the rewrite is made), and not cut as short already
+        if cut is None or ms < cut:
             try:
-                self.session.rewrite_reply(text)
+                if self.session.rewrite_reply(text, messages=messages):
+                    reply["cut_ms"] = ms
             except KeptError as exc:
                 raise wire.ProtocolError(str(exc), "server_error") from None
-            reply["cut_ms"] = ms
         self.send(wire.event("conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=ms))
 
     def _add_user(self, text: str, audio: np.ndarray | None, item: str | None = None,

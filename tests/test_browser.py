@@ -99,9 +99,15 @@ def _ask(page, question: str, think: bool, answers: int) -> None:
     page.locator("#afn-ask").click()
     # The question shows with a new status line in one update; only a "Done" after it ends this turn
     # (waiting for "Done" first would take the last turn's line, still on the page, for this one's).
-    page.wait_for_function(
-        f"() => document.querySelectorAll('#afn-chat [data-testid=\"user\"]').length >= {answers}", timeout=60_000)
-    page.locator("#afn-status", has_text="Done").wait_for(timeout=60_000)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#afn-chat [data-testid=\"user\"]').length >= {answers}", timeout=60_000)
+        page.locator("#afn-status", has_text="Done").wait_for(timeout=60_000)
+    except PlaywrightTimeout as exc:  # what the page showed instead, to read in CI's log
+        shown = {part: page.locator(part).inner_text() for part in ("#afn-status", "#afn-chat", "#afn-waiting")}
+        raise AssertionError(f"question {answers} ({question!r}) did not end; the page showed {shown}") from exc
 
 
 def test_recordings_think_steps_seek_the_audio_and_follow_ups_work(browser, server):

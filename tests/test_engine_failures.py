@@ -331,3 +331,54 @@ def test_rewriting_a_reply_added_by_extend_cuts_that_reply_only(engine):
     assert rewritten.messages == direct.messages
     assert rewritten.tokens == direct.tokens
     assert _ids(rewritten.ask("And now?", options=FIVE)) == _ids(direct.ask("And now?", options=FIVE))
+
+
+def test_a_change_from_another_thread_waits_while_a_turn_is_handed_to_the_engine(engine, monkeypatch):
+    """A socket's reader (a truncate, the client's own messages) and a turn's thread both change a
+    conversation. A system message added while the turn was being handed over went into `tokens`
+    under the turn's prompt, which the engine had already taken: the conversation read system, user,
+    reply, and its KV cache user, reply. It now waits for the turn and goes after its reply."""
+    from afnext import session as session_module
+
+    session = Session(engine)
+    _ids(session.ask("Hello there.", options=FIVE))
+    handing, go = threading.Event(), threading.Event()
+    made = session_module.Request
+
+    def slow_request(*args, **kwargs):  # the turn paused while it is handed over
+        handing.set()
+        assert go.wait(10)
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(session_module, "Request", slow_request)
+    stream = session.ask("And now?", options=FIVE)
+    reader = threading.Thread(target=lambda: _ids(stream))
+    reader.start()
+    assert handing.wait(10)
+    added = threading.Thread(target=session.extend, args=("system", "Answer in French from now on."))
+    added.start()
+    added.join(0.5)
+    assert added.is_alive(), "the system message went in while the turn was being handed over"
+    go.set()
+    reader.join(30)
+    added.join(30)
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant", "system"]
+    added_ids = prompt.message_ids(engine.loaded, session.messages[:-1], session.messages[-1], None)
+    assert session.tokens[-len(added_ids):] == added_ids  # its tokens after the reply's, none in the cache
+    assert session.cached_tokens <= len(session.tokens) - len(added_ids)
+
+
+def test_a_truncate_meant_for_a_reply_no_longer_last_changes_nothing(engine):
+    """`rewrite_reply(messages=N)`: the reply is cut only while the conversation holds the N messages
+    the caller saw (a Realtime truncate racing a turn's thread that added the client's own messages)."""
+    session = Session(engine)
+    _ids(session.ask("Hello there.", options=FIVE))
+    seen = len(session.messages)
+    session.extend("system", "Be brief.")
+    before = (list(session.tokens), list(session.messages))
+    assert session.rewrite_reply("Hel", messages=seen) is False
+    assert (session.tokens, session.messages) == before
+    session2 = Session(engine)
+    _ids(session2.ask("Hello there.", options=FIVE))
+    assert session2.rewrite_reply("Hel", messages=len(session2.messages)) is True
+    assert prompt.text_of(session2.messages[-1]) == "Hel"

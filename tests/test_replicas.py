@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import openai
@@ -220,14 +221,23 @@ def test_a_realtime_session_through_the_deployment(deployment):
         assert talk.wait_for("response.output_text.done")[0].text
 
 
+@contextmanager
+def _log_on_failure(log: Path):
+    """A failure inside carries the app's log's last lines (its replicas' tracebacks), for CI's output."""
+    try:
+        yield
+    except Exception as exc:
+        raise AssertionError(f"{exc}\n-- the app's log ends:\n{log.read_text(errors='replace')[-4000:]}") from exc
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (scripts/setup.sh)")
 def test_the_page_asks_about_a_recording_on_one_replica(deployment):
     from playwright.sync_api import sync_playwright
 
     from tests.test_browser import WAVE, _ask
 
-    url, _ = deployment
-    with sync_playwright() as p:
+    url, log = deployment
+    with sync_playwright() as p, _log_on_failure(log):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         errors, served, media = [], set(), []
