@@ -71,6 +71,8 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
     import ray
     from ray import serve
 
+    from app.web import trust_proxies
+
     run = run or Run(joined=address is not None)
 
     device = options.backend.device
@@ -85,7 +87,11 @@ def start(options: ReplicaOptions, scale: Scale, *, port: int, address: str | No
         check_reachable(address)
     if address is not None:
         token_mode_if_token()
-    env = forwarded_env()
+    # Serve's proxy is the HTTP server here, and uvicorn's default believes an X-Forwarded-For from any
+    # peer on 127.0.0.1: a client through a loopback hop could name a fresh address for every per-address
+    # limit. As with one process (app/web.py `trust_proxies`), only the proxies named are believed.
+    trust_proxies(share=False)
+    env = {**forwarded_env(), "FORWARDED_ALLOW_IPS": os.environ["FORWARDED_ALLOW_IPS"]}
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # Serve's proxy and controller import the router from there
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray reports usage to its makers only if asked to
     here = os.cpu_count() or 1

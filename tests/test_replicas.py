@@ -221,6 +221,29 @@ def test_a_realtime_session_through_the_deployment(deployment):
         assert talk.wait_for("response.output_text.done")[0].text
 
 
+def test_a_loopback_client_naming_other_addresses_still_counts_as_one(deployment):
+    """Serve's proxy is the HTTP server: a client on 127.0.0.1 (through an SSH tunnel, say) naming a new
+    X-Forwarded-For address with every socket got a fresh share of the per-address limits; uvicorn
+    believes loopback peers unless told otherwise (FORWARDED_ALLOW_IPS)."""
+    from websockets.sync.client import connect
+
+    from app.realtime import MAX_PER_ADDRESS
+
+    url, _ = deployment
+    opened, answers = [], []
+    try:
+        for i in range(MAX_PER_ADDRESS + 1):  # one replica (one session id): its limits are its own
+            headers = {"x-session-id": "one-client", "X-Forwarded-For": f"203.0.113.{i + 1}"}
+            opened.append(connect(url.replace("http", "ws", 1) + "v1/realtime?model=instruct",
+                                  additional_headers=headers, open_timeout=60))
+            answers.append(json.loads(opened[-1].recv(timeout=60)))
+    finally:
+        for socket in opened:
+            socket.close()
+    assert [a["type"] for a in answers] == ["session.created"] * MAX_PER_ADDRESS + ["error"], answers
+    assert "Too many voice sessions" in answers[-1]["error"]["message"]
+
+
 @contextmanager
 def _log_on_failure(log: Path):
     """A failure inside carries the app's log's last lines (its replicas' tracebacks), for CI's output."""
