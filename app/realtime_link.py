@@ -431,7 +431,8 @@ class RealtimeLink:
             raise wire.ProtocolError(f"{MAX_GIVEN} messages wait to go into the conversation already; send "
                                      "response.create.")
         if not given and len(self._items) + sum(audio is not None for _, _, audio in answered) >= MAX_ITEMS:
-            raise wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already; send response.create.")
+            raise wire.ProtocolError(f"{MAX_ITEMS} user items wait to go into the conversation already (unanswered, "
+                                     "or holding audio); send response.create.")
         if item in self._ids:
             raise wire.ProtocolError(f"The conversation already has an item {item!r}; ids must be unique.",
                                      "item_id_duplicate")

@@ -111,11 +111,10 @@ class Responses:
             item = self._speech_item or wire.new_id("item")
             try:  # heard and kept (before the client hears of it): it asks for the answer with response.create
                 before = self.link.hold(item, "", inner.audio, shown=_heard_item(item))
-            except wire.ProtocolError:
+            except wire.ProtocolError as exc:  # its sentence says why
                 self.send(wire.event("input_audio_buffer.speech_stopped", audio_end_ms=round(inner.end * 1000),
                                      item_id=item))
-                self.send(wire.error(wire.ProtocolError(f"{MAX_ITEMS} items wait for a response already, so that "
-                                                        "utterance was dropped; send response.create.")))
+                self.send(wire.error(wire.ProtocolError(f"That utterance was dropped: {exc}")))
                 return
             self._announce(inner, item, before)
         elif isinstance(inner, (UserTurn, ReplyAsked)):

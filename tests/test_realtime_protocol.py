@@ -560,7 +560,7 @@ def test_a_history_longer_than_max_items_goes_in_whole_and_held_audio_stays_boun
         ws.send_json({"type": "conversation.item.create", "event_id": "one_more", "item": {
             "type": "message", "role": "user", "content": [audio]}})
         error = until(ws, "error")[-1]["error"]
-        assert error["event_id"] == "one_more" and f"{MAX_ITEMS} items wait" in error["message"], error
+        assert error["event_id"] == "one_more" and f"{MAX_ITEMS} user items wait" in error["message"], error
 
 
 def test_a_turn_the_server_vad_ends_brings_in_the_messages_created_before_it(serve):
@@ -597,3 +597,34 @@ def test_a_turn_the_server_vad_ends_brings_in_the_messages_created_before_it(ser
             assert _said(client)[:4] == [("user", "Hi, I am Ada."), ("assistant", "Hello Ada."),
                                          ("system", "Be brief."), ("user", "Listen.")], (create, _said(client))
             assert heard == ["text", "audio"] and _roles(client)[4:] == (["assistant"] * (1 if create else 2)), create
+
+
+def test_an_utterance_heard_while_max_items_wait_is_dropped_with_the_reason(serve):
+    """With server VAD and create_response off, speech heard while MAX_ITEMS user items wait is dropped:
+    its speech_stopped, then one error saying so and why (the limit's own sentence); the socket goes on."""
+    from pathlib import Path
+
+    import soundfile
+    import soxr
+
+    from app.realtime_replies import MAX_ITEMS
+
+    speech, rate = soundfile.read(Path(__file__).parent.parent / "assets" / "speech.wav", dtype="float32")
+    pcm = soxr.resample(np.concatenate([speech, np.zeros(rate * 2, np.float32)]), rate, wire.AUDIO_RATE)
+    client = serve()
+    with client.websocket_connect(URL) as ws:
+        created(ws)
+        ws.send_json({"type": "session.update", "session": {
+            "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 4,
+            "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": False}}}}})
+        until(ws, "session.updated")
+        for i in range(MAX_ITEMS):
+            ws.send_json(message("user", f"Question {i}?"))
+        for at in range(0, len(pcm), wire.AUDIO_RATE // 10):
+            ws.send_json(wire.append(pcm[at:at + wire.AUDIO_RATE // 10]))
+        seen = until(ws, "error")
+        assert [e["type"] for e in seen].count("input_audio_buffer.speech_stopped") == 1
+        message_ = seen[-1]["error"]["message"]
+        assert message_.startswith("That utterance was dropped: ") and f"{MAX_ITEMS} user items wait" in message_
+        ws.send_json({"type": "response.create"})
+        assert until(ws, "response.done")[-1]["response"]["status"] in {"completed", "incomplete"}

@@ -180,6 +180,33 @@ def test_a_press_too_short_to_hear_says_so_until_a_press_is_heard(browser):
     talk.close()
 
 
+def test_a_press_whose_commit_is_refused_is_not_taken_for_the_next_one(browser):
+    """A commit the server refuses for any reason (here: too many turns waiting) names the press's
+    commit (its event_id): that press is dropped, and the next committed turn is the next press, its
+    own audio in its row (the page had paired it with the refused press, one behind from then on)."""
+    talk = Page(browser)
+    talk.page.locator(f"{TALK} .ptt-mode").check()
+    held = []
+    for seconds in (0.6, 1.6):  # two presses, each heard (the fake microphone speaks meanwhile)
+        talk.page.locator(f"{TALK} .ptt").hover()
+        talk.page.mouse.down()
+        talk.page.wait_for_timeout(round(seconds * 1000))
+        talk.page.mouse.up()
+        talk.page.wait_for_function(f"window.sent.filter(e => e.type === 'input_audio_buffer.commit').length === "
+                                    f"{len(held) + 1}")
+        held.append(seconds)
+    first, second = talk.sent("input_audio_buffer.commit")
+    assert first["event_id"] != second["event_id"]
+    talk.deliver({"type": "error", "error": {"type": "invalid_request_error", "code": None, "event_id": first["event_id"],
+                                             "message": "16 user items wait to go into the conversation already."}})
+    talk.deliver({"type": "input_audio_buffer.committed", "item_id": "p2"})
+    talk.page.wait_for_function("window.sent.some(e => e.type === 'response.create')")
+    said = talk.page.locator(f"{TALK} li.user .said").last.inner_text()
+    shown = float(said.strip("()").split()[0])
+    assert shown > 1.2, f"the second press's row shows the first press's audio: {said}"
+    talk.close()
+
+
 def served_cut(text: str, audio_ms: float, heard_ms: int) -> str:
     """What the server keeps of a reply after `conversation.item.truncate`: app/realtime_replies.py
     `heard`'s rule (the share of the audio heard is the share of the transcript kept, cut back to a word)."""

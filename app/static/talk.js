@@ -71,7 +71,8 @@ let kept = [];  // [{start, pcm}] the sent audio, for replaying the user's turns
 let nextPlay = 0, playing = [];  // gapless reply playback
 let speech = { start: 0, end: 0 };  // the turn the server's VAD is hearing, ms on the timeline
 let press = null;  // push-to-talk: {chunks, samples, full} while the button is held
-let presses = [];  // finished presses waiting for the server's commit: {audio, wall}
+let presses = [];  // finished presses waiting for the server's commit: {audio, wall, event}
+let pressCount = 0;  // names each press's commit (its event_id), so a refused one is known by the error
 // The response being made: {id, item, row, endWall, firstAudioMs, cancelled, audioMs, heardMs, done}.
 // audioMs: all its audio the server sent, played or not; heardMs: how much was heard before the user cut in.
 let reply = null;
@@ -325,7 +326,8 @@ function onEvent(m) {
       onDone(m);
       break;
     case "error":
-      if (m.error && m.error.code === "input_audio_buffer_commit_empty") presses.shift();  // never committed
+      // a press whose commit was refused (too short, too many turns waiting): it will never be committed
+      if (m.error && m.error.event_id) presses = presses.filter((p) => p.event !== m.error.event_id);
       if (m.error && m.error.code === "session_refused" && !live && conversation) {
         remember("");  // the conversation asked for is gone (deleted, or pruned): the next Start begins anew
         notice(`${m.error.message} Press Start for a new conversation.`, true);
@@ -644,8 +646,9 @@ function ptt(down) {
     return;
   }
   if ($(".notice").textContent === TOO_SHORT_PRESS) notice("");  // this press was heard: the advice is done
-  presses.push({ audio: concat(held.chunks), wall: performance.now() });
-  send({ type: "input_audio_buffer.commit" });  // answered when the server says it is committed
+  const event = `ptt_${++pressCount}`;
+  presses.push({ audio: concat(held.chunks), wall: performance.now(), event });
+  send({ type: "input_audio_buffer.commit", event_id: event });  // answered when the server says it is committed
 }
 
 $(".start").addEventListener("click", () => (stream ? stop() : start()));
