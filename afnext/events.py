@@ -130,6 +130,7 @@ class Reply:
     timings: Timings
     interrupted: bool = False  # cancelled before the model finished
     parts: PartsUsage | None = None  # about a recording heard in parts: what its parts read and wrote
+    messages: int = 0  # messages the conversation held once this reply was in it (`rewrite_reply(messages=)`)
 
 
 @dataclass(frozen=True)

@@ -332,11 +332,14 @@ class Session:
         clip = audio if isinstance(audio, Clip) or audio is None else prepare_clip(
             audio, loaded.mel_filters, max_seconds=loaded.max_audio_s)
         audio_key = None if keep is None else self.journal.put(keep)
-        self._settled.wait()  # the previous turn's reply is in `messages` before this one is built
         try:
-            if self.journal is not None:
-                self.journal.check_not_behind()
-            plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key, instructions, user)
+            # the previous turn's reply is in `messages` before this one is built, and no other thread
+            # changes them while it is (a `rewrite_reply` meanwhile had the template rendered twice on
+            # two different conversations)
+            with self._between_turns():
+                if self.journal is not None:
+                    self.journal.check_not_behind()
+                plan = self._plan(next(_turn_ids), text, clip, think, options, t0, audio_key, instructions, user)
         except BaseException:
             if audio_key is not None:
                 self.journal.release(audio_key)
@@ -567,7 +570,11 @@ class Session:
                           prefill_s=request.prefill_s, ttft_s=(t_first or t_end) - plan.t0, decode_tok_s=decoding,
                           new_tokens=len(generated))
         return Reply(text=text, reasoning=parser.reasoning, answer=parser.answer, steps=tuple(parser.steps),
-                     token_ids=tuple(generated), prompt_tokens=len(request.seen), timings=timings, interrupted=finished.interrupted)
+                     token_ids=tuple(generated), prompt_tokens=len(request.seen), timings=timings,
+                     interrupted=finished.interrupted,
+                     # what the turn was built on, its user message and this reply: the engine owned the
+                     # session from then until the reply went in (the next turn may have begun since)
+                     messages=plan.messages_seen + (plan.message is not None) + 1)
 
 
 def _stamped(events, turn: int) -> Iterator[TurnEvent]:

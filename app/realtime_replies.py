@@ -218,7 +218,7 @@ class Responses:
         self.send(wire.event("response.done", response={**self._shown(reply, reply["status"]), "output": [item],
                                                          "usage": usage}, timings=timings))
         if done.reply is not None:  # committed by now (a reply that failed or never began is not in the session)
-            reply["messages"] = len(self.link.session.messages)
+            reply["messages"] = done.reply.messages  # as it went in: the next turn may have added to it since
             self._latest = reply
         reply["done"].set()
         if self._replies:  # the next reply goes on the wire now, what it held first

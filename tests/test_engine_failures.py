@@ -382,3 +382,17 @@ def test_a_truncate_meant_for_a_reply_no_longer_last_changes_nothing(engine):
     _ids(session2.ask("Hello there.", options=FIVE))
     assert session2.rewrite_reply("Hel", messages=len(session2.messages)) is True
     assert prompt.text_of(session2.messages[-1]) == "Hel"
+
+
+def test_a_reply_says_how_many_messages_the_conversation_held_once_it_went_in(engine):
+    """What a Realtime truncate checks (`rewrite_reply(messages=)`): taken when the reply went in, not when
+    its reader got to it, by which time the next turn may have added the client's own exchange; with that
+    count, the rewrite meant for the old reply leaves the client's message alone."""
+    session = Session(engine, system="Be brief.")
+    first = [e for e in session.ask("Hello there.", options=FIVE) if isinstance(e, TurnDone)][0].reply
+    assert first.messages == len(session.messages) == 3
+    greeting = [e for e in session.respond(options=FIVE) if isinstance(e, TurnDone)][0].reply
+    assert greeting.messages == len(session.messages) == 4
+    session.add_exchange("Given.", None, "A reply the client gave.")  # the next turn's thread, before the reader
+    assert session.rewrite_reply("Hel", messages=greeting.messages) is False
+    assert prompt.text_of(session.messages[-1]) == "A reply the client gave."
