@@ -25,7 +25,7 @@ from starlette.responses import StreamingResponse
 
 from afnext.events import PartsUsage, ReasoningDelta, TextDelta, TurnDone
 from afnext.pool import Lease, SessionPool
-from afnext.session import PENDING
+from afnext.session import PENDING, Session
 from afnext.tts import SpeechResampler
 from afnext.tts.chunker import SpeechChunker
 from app import openai_wire as wire
@@ -183,9 +183,24 @@ class Reply:
             SPOKEN.keep(self.audio_id, "".join(said))
         full = reply.prompt_tokens + len(reply.token_ids) >= self.target.engine.loaded.context_tokens
         finish = "length" if not stop.hit and (len(reply.token_ids) >= turn.options.max_new_tokens or full) else "stop"
-        if not reply.interrupted:  # the session holds exactly what the client was sent: keep it
-            self.pool.keep(self.lease, turn.asked, reply.answer)
+        if (kept := self._kept_as(reply, "".join(said))) is not None:
+            self.pool.keep(self.lease, turn.asked, kept)
         yield "done", (finish, reply)
+
+    def _kept_as(self, reply, sent: str) -> str | None:
+        """The answer the turn's session is kept under (its next request resends it), or None: not kept.
+        An answer stopped early (a stop sequence, a client that left) is kept too, its reply rewritten to
+        the text the client was sent: the lease took the session out of the pool, and dropped, every
+        later turn would prefill the whole conversation (recordings and all) again."""
+        if sent == reply.answer and (not reply.interrupted or isinstance(self.lease.session, Session)):
+            return sent  # the session holds exactly what the client was sent
+        if not isinstance(self.lease.session, Session):  # a parted conversation, as it was
+            return None if reply.interrupted else reply.answer
+        try:
+            self.lease.session.rewrite_reply(sent)
+        except ValueError:  # text the session refuses (ContextFullError is one): not kept
+            return None
+        return sent
 
     def _speak(self, text: str | None) -> Iterator[tuple[str, object]]:
         """Speech for the answer's text as its sentences complete (None: the answer is over)."""

@@ -15,7 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import openai
@@ -230,16 +230,13 @@ def test_a_loopback_client_naming_other_addresses_still_counts_as_one(deployment
     from app.realtime import MAX_PER_ADDRESS
 
     url, _ = deployment
-    opened, answers = [], []
-    try:
+    answers = []
+    with ExitStack() as sockets:
         for i in range(MAX_PER_ADDRESS + 1):  # one replica (one session id): its limits are its own
             headers = {"x-session-id": "one-client", "X-Forwarded-For": f"203.0.113.{i + 1}"}
-            opened.append(connect(url.replace("http", "ws", 1) + "v1/realtime?model=instruct",
-                                  additional_headers=headers, open_timeout=60))
-            answers.append(json.loads(opened[-1].recv(timeout=60)))
-    finally:
-        for socket in opened:
-            socket.close()
+            socket = sockets.enter_context(connect(url.replace("http", "ws", 1) + "v1/realtime?model=instruct",
+                                                   additional_headers=headers, open_timeout=60))
+            answers.append(json.loads(socket.recv(timeout=60)))
     assert [a["type"] for a in answers] == ["session.created"] * MAX_PER_ADDRESS + ["error"], answers
     assert "Too many voice sessions" in answers[-1]["error"]["message"]
 
