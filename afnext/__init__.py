@@ -27,6 +27,31 @@ _HOME = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_HOME)
 
 
+# The import names of requirements.txt: a command that finds one missing was run outside the set-up.
+REQUIRED = frozenset({"torch", "transformers", "numpy", "av", "soxr", "soundfile", "sounddevice", "onnxruntime",
+                      "silero_vad", "webrtcvad", "espeakng_loader", "gradio", "websockets"})
+
+
+def say_missing_setup() -> None:
+    """For a command (`python -m afnext.vad`, `python -m app.desktop`, …): a requirement missing at any
+    import ends it with the sentence saying how to set up, not a traceback; anything else is as before.
+    Each command imports only what it needs (a remote desktop client runs without torch)."""
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb):
+        name = (getattr(exc, "name", None) or "").split(".")[0]
+        if isinstance(exc, ModuleNotFoundError) and name in REQUIRED:
+            print(_missing(name), file=sys.stderr)
+            return
+        previous(kind, exc, tb)
+
+    sys.excepthook = hook
+
+
+if sys.argv[:1] == ["-m"]:  # `python -m afnext.X` (or app.X) is starting: Python names it "-m" until it runs
+    say_missing_setup()
+
+
 def check_setup() -> None:
     """Say how to get numpy, torch and transformers if one is missing (entry points that run the model
     call this before importing it), instead of a bare ModuleNotFoundError."""

@@ -115,8 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.replicas is not None or args.min_replicas is not None or args.max_replicas is not None \
             or args.address is not None:
         return _replicas(args, options)
-    loader = BackendLoader(partial(start_backend, options), args.model)
+    from app.cluster import StartError, port_free
     from app.web import PortBusy, cannot_serve, launch
+
+    try:  # before the model loads (minutes for a real checkpoint), which a taken port would only end after
+        port_free(args.host, args.port)
+    except StartError as exc:
+        _fail(str(exc))
+    loader = BackendLoader(partial(start_backend, options), args.model)
 
     try:
         launch(loader, host=args.host, port=args.port, share=args.share,

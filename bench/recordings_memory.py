@@ -38,7 +38,7 @@ src = tmp / "talk.wav"
 soundfile.write(src, (np.random.default_rng(0).standard_normal(16000 * 300) * 0.1).astype(np.float32), 16000)
 backend = Backend(Engine(load("tiny", device="cpu")), None, load_synthesizer("espeak"))
 backend.think = backend.main
-desk = desk_module.Desk(per_address=100, most=100)
+live = desk_module.live_conversations(per_group=100, most=100, max_bytes=1 << 40)  # holds all 30
 rec = recordings.open_recording(str(src), tmp)  # warm-up: imports, first encode
 list(recording_questions.ask(rec, "What?", False, backend)); del rec
 desk_module.release_memory()
@@ -46,11 +46,11 @@ base = rss_mb()
 for i in range(30):
     rec = recordings.open_recording(str(src), tmp)
     list(recording_questions.ask(rec, "What is said?", False, backend))
-    desk.put(f"s{i}", f"10.0.0.{i}", rec)
+    live.put(f"s{i}", "bench", f"10.0.0.{i}", rec)
     del rec
 peak = rss_mb()
 for i in range(30):
-    desk.drop(f"s{i}")
+    live.drop(f"s{i}")  # let go: the registry releases its memory (malloc_trim, unless notrim)
 time.sleep(0.5)
 after = rss_mb()
 print(json.dumps({"mode": mode, "baseline_mb": round(base), "30_open_mb": round(peak), "after_close_mb": round(after),

@@ -292,6 +292,7 @@ def test_a_busy_port_gets_a_sentence_naming_the_flag(tmp_path):
                               capture_output=True, text=True, timeout=180, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"Port {port}" in proc.stderr and "--port" in proc.stderr and "Traceback" not in proc.stderr
+    assert "INFO app.backend" not in proc.stderr, "said only once the model had loaded (minutes for a real one)"
 
 
 @pytest.mark.parametrize("flags, env", [(["--port", "70000"], {}), (["--port", "http"], {}),

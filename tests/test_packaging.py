@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -124,6 +126,20 @@ def test_a_missing_torch_says_how_to_set_up(module):
     result = subprocess.run([sys.executable, "-c", code, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "torch is not installed in this Python" in result.stderr, result.stderr[-800:]
     assert "bash scripts/setup.sh" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["afnext.vad", "afnext.tiny", "app.desktop", "app"])
+def test_a_command_run_outside_the_set_up_is_one_sentence(command, tmp_path):
+    """`python -m afnext.X` / `python -m app.X` with a requirement missing: the sentence saying how to set
+    up, and no traceback (only `python -m app` and `python -m afnext` said it, after a traceback)."""
+    for name in ("torch", "soxr"):  # each stands for a package this Python does not have
+        (tmp_path / f"{name}.py").write_text(f"raise ModuleNotFoundError({f'No module named {name!r}'!r}, name={name!r})\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    result = subprocess.run([sys.executable, "-m", command, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-800:]
+    assert re.fullmatch(r"(torch|soxr) is not installed in this Python \(.*\); run `bash scripts/setup.sh`.*\n",
+                        result.stderr), result.stderr
 
 
 def test_replicas_without_ray_say_how_to_install_it():
