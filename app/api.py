@@ -123,6 +123,9 @@ class Api:
                 return EventStream(self._counted(reply.sse(include_usage)), media_type="text/event-stream",
                                    headers={"Cache-Control": "no-cache"})
             return JSONResponse(await _answered(request, reply))
+        except _Left:  # the client hung up on a whole reply: its turn was stopped, nothing failed
+            log.info("a client left before its reply was done")
+            return Response(status_code=400)
         except wire.WireError as exc:
             return _error(exc)
         except (AudioError, ContextFullError, ValueError, TypeError) as exc:
@@ -289,7 +292,14 @@ async def _answered(request: Request, reply: Reply) -> dict:
         await asyncio.wait({done}, timeout=DISCONNECT_POLL_S)
         if not done.done() and await request.is_disconnected():
             reply.abandon()
+    if reply.gone.is_set():  # what the stopped turn ended with (cut off before it began: an error) has no reader
+        done.exception()  # (looked at: asyncio does not log it as never retrieved)
+        raise _Left
     return done.result()
+
+
+class _Left(Exception):
+    """The client of a whole reply hung up before it was done."""
 
 
 def _settle(future: asyncio.Future, result, error) -> None:

@@ -215,7 +215,9 @@ def launch(loader: BackendLoader, *, host: str = "127.0.0.1", port: int = 7860, 
     demo = site.demo
     trust_proxies(share)
     try:
-        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=False,
+        # Gradio's own lines only with --share (its public link): without, it would tell the user to "set
+        # `share=True` in `launch()`", which is not this app's flag; the log's "serving URL" line says where.
+        demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True, quiet=not share,
                     app_kwargs=site.app_kwargs, **site.page)
     except OSError as exc:
         site.close()
