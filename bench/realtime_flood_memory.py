@@ -75,6 +75,10 @@ def main() -> None:
     if sys.argv[1:2] == ["serve"]:
         serve(int(sys.argv[2]))
         return
+    if sys.argv[1:] not in ([], ["uncapped"]):  # -h, --help, or anything else: what it takes
+        print(__doc__.strip().split("\n\n")[1] if sys.argv[1] in ("-h", "--help") else
+              f"usage: python {sys.argv[0]} [uncapped] ({sys.argv[1]!r} is not an option)", file=sys.stderr)
+        sys.exit(0 if sys.argv[1] in ("-h", "--help") else 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
