@@ -190,7 +190,7 @@ class RecordingsTab:
             return
         claim = [path] if owned else []  # held while it is read: an identical upload elsewhere may end meanwhile
         self.files.claim(claim)
-        recording = None
+        recording = keeper = None
         try:
             if _owner(owner) is None:  # the page always sends one (owner.js): this is not the page
                 yield f"⚠️ {NO_OWNER}", "", [], "", None
@@ -214,26 +214,38 @@ class RecordingsTab:
                 "answers together. " if recording.parts else "") + (
                 "Ask a question; the first one makes the model listen to the whole recording, follow-ups reuse what "
                 "it heard.")
-            # The waveform first; then the file goes into the history (a 30-minute WAV: a second or so), and
-            # a question asked meanwhile waits for it (Recording.keeping).
+            # The waveform first, while the file goes into the history on a thread of its own (a 30-minute
+            # WAV: a second or so): a question asked meanwhile waits for it (Recording.keeping), which must
+            # not depend on Gradio coming back to this generator (a page that went, a stream cut off).
+            said: list[str] = []
+            keeper = threading.Thread(target=self._keep, args=(recording, path, said), daemon=True,
+                                      name="afnext-keep-recording")
+            keeper.start()
             yield ready, recording.waveform(), [], recording.cid, box
-            yield ready + self._keep(recording, path), gr.skip(), gr.skip(), gr.skip(), box
+            keeper.join()
+            yield ready + "".join(said), gr.skip(), gr.skip(), gr.skip(), box
         finally:
+            if keeper is not None:
+                keeper.join()  # its file stays claimed until it is kept
             if recording is not None:
                 recording.keeping.set()  # the page went before it was kept: questions do not wait for it
             self.files.release(claim)
 
-    def _keep(self, recording: Recording, path: str) -> str:
-        """Keep a new recording in its owner's history under its id; a sentence for the status if it is not."""
+    def _keep(self, recording: Recording, path: str, said: list[str]) -> None:
+        """Keep a new recording in its owner's history under its id; a sentence for the status (into
+        `said`) if it is not. Its own thread."""
         try:
             if self.store is not None:
                 recording_questions.keep(recording, self.store, recording.owner, path)
         except KeptError as exc:
             log.warning("%s", exc)
-            return f" ⚠️ {exc}"
+            said.append(f" ⚠️ {exc}")
+        except Exception as exc:  # ours: the traceback to the log, a sentence to the page, questions go on
+            log.exception("keeping %s failed", recording.name)
+            said.append(f" ⚠️ The recording could not be kept ({type(exc).__name__}); it can be asked about, but "
+                        "will not be in your history.")
         finally:
             recording.keeping.set()
-        return ""
 
     def reopen(self, cid: str, owner: str, request: gr.Request):
         """A recording from the history (or the one this page had open before a reload) → the view, and

@@ -791,6 +791,27 @@ def test_a_rename_a_delete_from_another_tab_overtakes_changes_nothing_shown(back
     assert tab.rename(cid, "new name", cid, owner) == (gr.skip(), gr.skip(), gr.skip())
 
 
+def test_a_recording_is_kept_though_gradio_never_comes_back_to_its_upload(backend, tmp_path):
+    """Gradio may not resume the upload's generator after it showed the waveform (the page went, its
+    stream was cut off): the recording is kept all the same, so a question asked about it does not wait
+    on it (it waited up to KEEPING_WAIT_S, 120 s, with nothing shown: the file was kept only on the
+    generator's next step)."""
+    from afnext.store import Store
+    from app.access import owner_of
+    from app.recordings_tab import RecordingsTab
+
+    store, owner = Store(tmp_path / "store"), "c" * 32
+    tab = RecordingsTab(BackendLoader.ready_made(backend), tmp_path, store, None)
+    request = type("Request", (), {"client": type("Client", (), {"host": "10.0.0.1"})()})()
+    opening = tab.example(ASSETS / "sounds.flac")(owner, request)
+    next(opening)  # "Decoding…"
+    cid = next(opening)[3]  # the waveform, and the conversation's id; Gradio never comes back
+    recording = tab.live.get(cid, owner_of(owner))
+    assert recording.keeping.wait(30), "kept only once the upload's event went on"
+    assert store.get(cid, owner=owner_of(owner)) is not None and recording.kept is not None
+    opening.close()
+
+
 class _Heard:
     """A voice that says what it was asked to, each piece as 0.1 s of sound."""
 
