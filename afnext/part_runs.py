@@ -86,6 +86,8 @@ class Runs:
                 part.session.truncate(part.before)
             if part.clip_at is not None and part.clip_at >= part.before:
                 part.heard, part.clip_at = False, None
+            elif part.session.unencoded_clips:  # brought up with its clip, whose encoding a failed turn undid
+                part.heard = False  # (its features were let go once it began answering): it is read again
 
     @property
     def total_s(self) -> float:

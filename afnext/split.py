@@ -177,6 +177,13 @@ def _parts(blocks: Iterator[np.ndarray], total_s: float | None, part_s: float) -
                     n = None
                 yield Part(index, start / SAMPLE_RATE, buffer.take(cut), n)
                 start, index = start + cut, index + 1
+    if index > 0 and len(buffer) > limit:
+        # A later part up to its grace over the limit: the recording's end, not a clip's padding (only a
+        # recording heard whole is trimmed, as `load_audio` trims it). It is cut once more, the last part
+        # at least the grace long.
+        cut = _quietest(buffer.view(), limit - search, len(buffer) - grace, len(buffer) - grace)
+        yield Part(index, start / SAMPLE_RATE, buffer.take(cut), index + 2)
+        start, index = start + cut, index + 1
     if len(buffer):
         yield Part(index, start / SAMPLE_RATE, buffer.take(min(len(buffer), limit)), index + 1)
     elif index == 0:

@@ -10,6 +10,7 @@ opened again: after a reload, a restart, or once the app's `Live` registry has l
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def ask(recording: Recording, question: str, think: bool, backend: Backend, stor
         recording.open_sessions(backend, store)
     with recording.asking(engine) as (session, clip):
         kept = recording.kept if session.journal is not None and clip is not None else None
-        stream = session.ask(question, clip, think=think, options=options, kept=kept)
+        with _as_question_error():
+            stream = session.ask(question, clip, think=think, options=options, kept=kept)
         recording.chat.append({"role": "user", "content": question})
         recording.steps = [] if think else recording.steps
         reasoning = answer = None
@@ -129,7 +131,8 @@ def _ask_in_parts(recording: Recording, question: str, think: bool, engine: Engi
     parts' findings as the reasoning, the merged answer as the answer, Think steps at absolute times."""
     with recording.asking_in_parts(engine) as parted:
         first = not parted.heard
-        stream = parted.ask(question, think=think, options=options)
+        with _as_question_error():
+            stream = parted.ask(question, think=think, options=options)
         recording.chat.append({"role": "user", "content": question})
         recording.steps = [] if think else recording.steps
         reasoning = answer = None
@@ -148,6 +151,18 @@ def _ask_in_parts(recording: Recording, question: str, think: bool, engine: Engi
             stream.close()  # a question cut off (a new recording, the page closed) stops every part
             if not done:
                 _cut_off(recording, reasoning, answer)
+
+
+@contextlib.contextmanager
+def _as_question_error() -> Iterator[None]:
+    """A question the model's conversation refuses before asking (longer than a recording heard in parts
+    takes, a control token spelled out) is the user's to fix: one sentence, not a server failure."""
+    try:
+        yield
+    except USER_ERRORS:
+        raise
+    except ValueError as exc:
+        raise QuestionError(str(exc)) from exc
 
 
 def _on_event(recording: Recording, event, reasoning: dict | None, answer: dict | None, first: bool):
