@@ -7,21 +7,13 @@ import pytest
 import soundfile
 
 from afnext.audio import SAMPLE_RATE
-from afnext.events import PartProgress, TurnDone
-from afnext.prompt import reply_tail
+from afnext.events import PartProgress
 from afnext.parts import MAX_QUESTION_CHARS, PartedSession, PartOptions
+from afnext.prompt import reply_tail
 from afnext.sampling import GenerationOptions
 from tests.conftest import noise
+from tests.test_parts import QUICK, SHORT, turn
 from tests.web.scripted import ScriptedEngine
-
-SHORT = GenerationOptions(max_new_tokens=6)
-QUICK = PartOptions(part_s=60.0, part_tokens=6, think_part_tokens=6)  # 1-minute parts: the logic, in seconds
-
-
-def turn(stream):
-    events = list(stream)
-    done = [e for e in events if isinstance(e, TurnDone)]
-    return (done[0].reply if done else None), events
 
 
 class FailingEngine(ScriptedEngine):

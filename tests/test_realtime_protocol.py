@@ -563,10 +563,9 @@ def test_a_history_longer_than_max_items_goes_in_whole_and_held_audio_stays_boun
         assert error["event_id"] == "one_more" and f"{MAX_ITEMS} user items wait" in error["message"], error
 
 
-def test_a_turn_the_server_vad_ends_brings_in_the_messages_created_before_it(serve):
-    """With server VAD, a heard turn answered at once (create_response) takes the client's history created
-    before it, in order, the waiting user message joined to it; one held for a response.create
-    (create_response off) is answered after the history and the assistant message that took it."""
+def _speak_after(ws, create_response: bool, items: list[dict]) -> None:
+    """On a new socket: server VAD with text replies of 4 tokens (`create_response` as given), `items`
+    created, then assets/speech.wav and 2 s of silence spoken in 100 ms appends."""
     from pathlib import Path
 
     import soundfile
@@ -574,19 +573,26 @@ def test_a_turn_the_server_vad_ends_brings_in_the_messages_created_before_it(ser
 
     speech, rate = soundfile.read(Path(__file__).parent.parent / "assets" / "speech.wav", dtype="float32")
     pcm = soxr.resample(np.concatenate([speech, np.zeros(rate * 2, np.float32)]), rate, wire.AUDIO_RATE)
+    created(ws)
+    ws.send_json({"type": "session.update", "session": {
+        "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 4,
+        "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": create_response}}}}})
+    until(ws, "session.updated")
+    for item in items:
+        ws.send_json(item)
+    for at in range(0, len(pcm), wire.AUDIO_RATE // 10):
+        ws.send_json(wire.append(pcm[at:at + wire.AUDIO_RATE // 10]))
+
+
+def test_a_turn_the_server_vad_ends_brings_in_the_messages_created_before_it(serve):
+    """With server VAD, a heard turn answered at once (create_response) takes the client's history created
+    before it, in order, the waiting user message joined to it; one held for a response.create
+    (create_response off) is answered after the history and the assistant message that took it."""
     for create in (True, False):
         client = serve()
         with client.websocket_connect(URL) as ws:
-            created(ws)
-            ws.send_json({"type": "session.update", "session": {
-                "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 4,
-                "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": create}}}}})
-            until(ws, "session.updated")
-            for item in (message("user", "Hi, I am Ada."), message("assistant", "Hello Ada."),
-                         message("system", "Be brief."), message("user", "Listen.")):
-                ws.send_json(item)
-            for at in range(0, len(pcm), wire.AUDIO_RATE // 10):
-                ws.send_json(wire.append(pcm[at:at + wire.AUDIO_RATE // 10]))
+            _speak_after(ws, create, [message("user", "Hi, I am Ada."), message("assistant", "Hello Ada."),
+                                      message("system", "Be brief."), message("user", "Listen.")])
             if not create:
                 until(ws, "input_audio_buffer.committed")
                 ws.send_json(message("assistant", "Heard you."))
@@ -602,26 +608,11 @@ def test_a_turn_the_server_vad_ends_brings_in_the_messages_created_before_it(ser
 def test_an_utterance_heard_while_max_items_wait_is_dropped_with_the_reason(serve):
     """With server VAD and create_response off, speech heard while MAX_ITEMS user items wait is dropped:
     its speech_stopped, then one error saying so and why (the limit's own sentence); the socket goes on."""
-    from pathlib import Path
-
-    import soundfile
-    import soxr
-
     from app.realtime_replies import MAX_ITEMS
 
-    speech, rate = soundfile.read(Path(__file__).parent.parent / "assets" / "speech.wav", dtype="float32")
-    pcm = soxr.resample(np.concatenate([speech, np.zeros(rate * 2, np.float32)]), rate, wire.AUDIO_RATE)
     client = serve()
     with client.websocket_connect(URL) as ws:
-        created(ws)
-        ws.send_json({"type": "session.update", "session": {
-            "type": "realtime", "output_modalities": ["text"], "max_output_tokens": 4,
-            "audio": {"input": {"turn_detection": {"type": "server_vad", "create_response": False}}}}})
-        until(ws, "session.updated")
-        for i in range(MAX_ITEMS):
-            ws.send_json(message("user", f"Question {i}?"))
-        for at in range(0, len(pcm), wire.AUDIO_RATE // 10):
-            ws.send_json(wire.append(pcm[at:at + wire.AUDIO_RATE // 10]))
+        _speak_after(ws, False, [message("user", f"Question {i}?") for i in range(MAX_ITEMS)])
         seen = until(ws, "error")
         assert [e["type"] for e in seen].count("input_audio_buffer.speech_stopped") == 1
         message_ = seen[-1]["error"]["message"]
