@@ -192,15 +192,14 @@ class Reply:
         An answer stopped early (a stop sequence, a client that left) is kept too, its reply rewritten to
         the text the client was sent: the lease took the session out of the pool, and dropped, every
         later turn would prefill the whole conversation (recordings and all) again."""
-        if sent == reply.answer and (not reply.interrupted or isinstance(self.lease.session, Session)):
-            return sent  # the session holds exactly what the client was sent
-        if not isinstance(self.lease.session, Session):  # a parted conversation, as it was
+        if not isinstance(self.lease.session, Session):  # a parted conversation: kept whole, or not at all
             return None if reply.interrupted else reply.answer
-        try:
-            self.lease.session.rewrite_reply(sent)
-        except ValueError:  # text the session refuses (ContextFullError is one): not kept
-            return None
-        return sent
+        if sent != reply.answer:
+            try:
+                self.lease.session.rewrite_reply(sent)
+            except ValueError:  # text the session refuses (ContextFullError is one): not kept
+                return None
+        return sent  # the session holds exactly what the client was sent
 
     def _speak(self, text: str | None) -> Iterator[tuple[str, object]]:
         """Speech for the answer's text as its sentences complete (None: the answer is over)."""

@@ -551,8 +551,18 @@ def test_a_server_with_no_voice_refuses_audio_out_in_one_sentence_and_answers_te
 def test_a_client_leaving_mid_body_is_no_server_error(engine, caplog):
     """A client that hangs up while sending its body has failed nothing of ours: no error logged,
     and the next request is answered."""
-    import asyncio
     import logging
+
+    with caplog.at_level(logging.INFO, logger="app.api"):
+        sent = chat_then_gone(engine, b'{"model": "inst', 1000)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert sent and sent[0]["status"] == 400
+
+
+def chat_then_gone(engine, body: bytes, length: int | None = None) -> list[dict]:
+    """POST /v1/chat/completions straight into the API's ASGI app (uvicorn's Content-Length: `length`, else
+    the body's): `body` arrives, then the client is gone. What the app sent back."""
+    import asyncio
 
     from starlette.applications import Starlette
 
@@ -563,10 +573,11 @@ def test_a_client_leaving_mid_body_is_no_server_error(engine, caplog):
     app = Starlette(routes=api.Api(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak")))).routes())
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+             "headers": [(b"content-type", b"application/json"),
+                         (b"content-length", str(len(body) if length is None else length).encode())],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "root_path": ""}
-    events = iter([{"type": "http.request", "body": b'{"model": "inst', "more_body": True}, {"type": "http.disconnect"}])
-    sent = []
+    events = iter([{"type": "http.request", "body": body, "more_body": length is not None}])
+    sent: list[dict] = []
 
     async def receive():
         return next(events, {"type": "http.disconnect"})
@@ -574,10 +585,8 @@ def test_a_client_leaving_mid_body_is_no_server_error(engine, caplog):
     async def send(message):
         sent.append(message)
 
-    with caplog.at_level(logging.INFO, logger="app.api"):
-        asyncio.run(app(scope, receive, send))
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
-    assert sent and sent[0]["status"] == 400
+    asyncio.run(app(scope, receive, send))
+    return sent
 
 
 def test_a_turn_larger_than_the_kv_pool_is_a_400_and_the_server_goes_on(loaded):

@@ -134,16 +134,11 @@ def test_a_client_hanging_up_on_a_whole_reply_before_it_begins_logs_no_error(eng
     """A client waiting for a whole (unstreamed) reply hangs up while its turn still waits for the engine:
     the turn is dropped, nothing failed, and the log says so in a line (it logged a traceback as a
     failed chat completion)."""
-    import asyncio
     import json
     import logging
     import time
 
-    from starlette.applications import Starlette
-
-    from afnext.tts import load_synthesizer
-    from app import api
-    from app.backend import Backend, BackendLoader
+    from tests.test_api import chat_then_gone
 
     submit = engine.submit
 
@@ -152,23 +147,9 @@ def test_a_client_hanging_up_on_a_whole_reply_before_it_begins_logs_no_error(eng
         return submit(request)
 
     monkeypatch.setattr(engine, "submit", slow_submit)
-    app = Starlette(routes=api.Api(BackendLoader.ready_made(Backend(engine, engine, load_synthesizer("espeak")))).routes())
     body = json.dumps({"model": "instruct", "messages": [{"role": "user", "content": "Hello?"}],
                        "max_tokens": 4}).encode()
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80), "root_path": ""}
-    events = iter([{"type": "http.request", "body": body, "more_body": False}])
-    sent = []
-
-    async def receive():
-        return next(events, {"type": "http.disconnect"})  # then: gone
-
-    async def send(message):
-        sent.append(message)
-
     with caplog.at_level(logging.INFO, logger="app.api"):
-        asyncio.run(app(scope, receive, send))
+        chat_then_gone(engine, body)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     assert "left before its reply was done" in caplog.text, caplog.text
