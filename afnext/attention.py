@@ -171,9 +171,7 @@ def _decode_rows(query: torch.Tensor, rows: DecodeClass, pool, layer: int, scali
                               softmax_scale=scaling, causal=True)[:, 0]
     if rows.span is not None:  # one row in consecutive blocks: its keys are a view of the pool
         return decode_attention(q, *(t[None] for t in pool.span(layer, *rows.span)), scaling)
-    b, width = rows.index.shape
-    k, v = (t.view(t.shape[0], b, width, t.shape[-1]).transpose(0, 1) for t in pool.gather(layer, rows.index.view(-1)))
-    return decode_attention(q, k, v, scaling, rows.mask)  # [b, kv_heads, width, dim] each
+    return decode_attention(q, *pool.gather_rows(layer, rows.index), scaling, rows.mask)  # [b, kv_heads, width, dim] each
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -120,7 +120,7 @@ class BucketStep:
         self.slots = torch.zeros(size, dtype=torch.long, device=dev)  # the scratch block's first slot
         self.lengths = torch.ones(size, dtype=torch.int32, device=dev)
         table = torch.zeros((size, width), dtype=torch.int32, device=dev) if flash else None
-        index = None if flash else torch.zeros((size, width), dtype=torch.long, device=dev)
+        index = None if flash else torch.zeros((size, pool.kv_heads, width), dtype=torch.long, device=dev)
         mask = None if flash else torch.zeros((size, 1, 1, width), dtype=torch.bool, device=dev)
         if mask is not None:
             mask[..., 0] = True  # a padding row sees one key: no row is all masked (its softmax would be NaN)
@@ -137,7 +137,7 @@ class BucketStep:
             if paged.blocks_for(total) > len(cache.blocks):
                 cache.reserve(total)
         (host,) = paged.decode_classes([(i, cache, total) for i, (cache, _, total) in enumerate(rows)],
-                                       torch.device("cpu"), self.flash, width=self.width)
+                                       self.step.pool, torch.device("cpu"), self.flash, width=self.width)
         self._fill(rows, host)
         if self.graph is not None:
             self.graph.replay()

@@ -39,10 +39,14 @@ BLOCK_TOKENS = 256  # tokens per block: flash-attn's paged kernel needs a multip
 SCRATCH_BLOCK = 0  # never lent: padding rows of a fixed-shape step write and read here
 # Without flash-attn, a decoding row this long attends in a call of its own, through a view of the
 # pool where its keys lie in consecutive blocks, instead of being gathered with the rows of its length
-# class: the gather copies every key of its rows each step and layer. On CPU 8 rows of 1,024 keys
-# gather and attend in one call about as fast as in 8 calls over views, and from 2,048 keys the views
-# win (bench/results/cpu-kv-views.json). Shorter rows stay batched: fewer calls are what the pool is for.
-VIEW_MIN_TOKENS = 2048
+# class: the gather copies every key of its rows each step and layer. Timed inside the engine (8
+# conversations on `mid`, the ways taking turns step by step: bench/decode_rows.py, three runs, one in
+# bench/results/cpu-decode-rows.json), 8 rows of 300-850 tokens stepped up to 6% faster gathered in
+# five figures of six (2% slower in the sixth), and rows of 1,200-1,700 tokens 3-10% faster as views
+# in four of six (up to 2% slower in the other two). One layer's attention timed alone (bench/views.py) had put
+# the turn at 2,048: there the keys stay in the caches, which the engine's weights flush every step.
+# Shorter rows stay batched: fewer calls are what the pool is for.
+VIEW_MIN_TOKENS = 1024
 
 
 class PoolFull(RuntimeError):
@@ -185,22 +189,47 @@ class BlockPool:
             t.index_copy_(1, slots, new)
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A layer's keys and values at `slots` [n], copied out for attention: [kv_heads, n, head_dim].
-        In CPU memory into a space kept for it, valid until the next gather (only the engine's worker
-        gathers, one class at a time): a fresh tensor per call and layer made glibc hand the pages back
-        and fault them in again, some 2 µs a page, which made a gather of 4,096 keys 20× slower than
-        its copy (bench/views.py). A GPU's caching allocator keeps its memory, and a captured graph
-        needs its temporaries in its own pool: there each gather is a new tensor."""
+        """A layer's keys and values at `slots` [n], copied out for attention: [kv_heads, n, head_dim]."""
+        return self._gathered(layer, 1, slots, (self.kv_heads, -1, self.head_dim))
+
+    def gather_rows(self, layer: int, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoding rows' keys and values, copied out for attention: [rows, kv_heads, width, head_dim]
+        each, contiguous. `index` [rows, kv_heads, width]: rows of the layer's keys seen as one
+        [kv_heads × slots, head_dim] table (`head_rows`), so one copy lays every row's heads out as the
+        attention reads them. Copied head first ([kv_heads, rows × width, head_dim], then transposed),
+        as before, a step of 8 rows of 1,200-1,700 tokens took 13-44% longer on CPU, and of 300-850
+        tokens up to 27% (bench/decode_rows.py, bench/results/cpu-decode-rows.json). The non-flash
+        layout only."""
+        assert not self.flash_layout, "flash-attn's layout is read through block tables, not gathered"
+        return self._gathered(layer, 0, index.view(-1), (*index.shape, self.head_dim))
+
+    def head_rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """Slots [..., n] → [..., kv_heads, n]: each key head's row of a slot in a layer's keys seen as
+        one [kv_heads × slots, head_dim] table (what `gather_rows` reads)."""
+        heads = torch.arange(self.kv_heads, device=slots.device)[:, None] * self.keys[0].shape[1]
+        return slots.unsqueeze(-2) + heads
+
+    def _gathered(self, layer: int, dim: int, index: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """index_select of a layer's keys and values along `dim` (1: slots of [kv_heads, slots, head_dim];
+        0: rows of [kv_heads × slots, head_dim]), viewed as `shape`. In CPU memory into a space kept
+        for it, valid until the next gather (only the engine's worker gathers, one class at a time): a
+        fresh tensor per call and layer made glibc hand the pages back and fault them in again, some
+        2 µs a page, which made a gather of 4,096 keys 20× slower than its copy (bench/views.py). A
+        GPU's caching allocator keeps its memory, and a captured graph needs its temporaries in its
+        own pool: there each gather is a new tensor."""
+        tables = [t if dim == 1 else t.view(-1, self.head_dim) for t in self.heads(layer)]
         if self.device.type != "cpu":
-            return self.read(layer, slots)
-        size = self.kv_heads * slots.numel() * self.head_dim
+            return tuple(t.index_select(dim, index).view(shape) for t in tables)
+        size = self.kv_heads * index.numel() * self.head_dim // (self.kv_heads if dim == 0 else 1)
         if self._space is None or self._space[0].numel() < size:
             with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
                 self._space = tuple(self.keys[0].new_empty(1 << (size - 1).bit_length()) for _ in range(2))
-        out = tuple(t[:size].view(self.kv_heads, -1, self.head_dim) for t in self._space)
-        for t, into in zip(self.heads(layer), out):
-            torch.index_select(t, 1, slots, out=into)
-        return out
+        out = []
+        for t, space in zip(tables, self._space):
+            into = space[:size].view(-1, self.head_dim) if dim == 0 else space[:size].view(self.kv_heads, -1, self.head_dim)
+            torch.index_select(t, dim, index, out=into)
+            out.append(into.view(shape))
+        return tuple(out)
 
 
 def blocks_for(tokens: int) -> int:
@@ -375,7 +404,7 @@ class DecodeClass:
     rows: torch.Tensor  # [b] long
     lengths: torch.Tensor  # [b] int32
     table: torch.Tensor | None  # [b, blocks] int32, padded with the scratch block (flash-attn)
-    index: torch.Tensor | None  # [b, width] long pool slots (the gather)
+    index: torch.Tensor | None  # [b, kv_heads, width] long: each key head's pool row (BlockPool.head_rows) to gather
     mask: torch.Tensor | None  # [b, 1, 1, width] bool (the gather)
     first: int  # rows are first … first + b - 1 of the packed sequence, when `contiguous`
     contiguous: bool
@@ -441,10 +470,10 @@ def plan_step(pool: BlockPool, segments: list, flash: bool) -> PagedStep:
         start += seg.length
         cache.length = total
     slots = torch.cat(slots).to(pool.device)
-    return PagedStep(pool, slots, decode_classes(rows, pool.device, flash), prefills, flash)
+    return PagedStep(pool, slots, decode_classes(rows, pool, pool.device, flash), prefills, flash)
 
 
-def decode_classes(rows: list[tuple[int, PagedCache, int]], device: torch.device, flash: bool,
+def decode_classes(rows: list[tuple[int, PagedCache, int]], pool: BlockPool, device: torch.device, flash: bool,
                    width: int | None = None) -> list[DecodeClass]:
     """Decoding rows (packed index, cache, length with this step's token) grouped to attend together.
     flash-attn reads each row's blocks where they lie: one class. The gather copies each class's
@@ -480,8 +509,15 @@ def decode_classes(rows: list[tuple[int, PagedCache, int]], device: torch.device
                                   for _, cache, total in group], dtype=torch.int32, device=device)
         else:
             w = width or int(lengths.max())
-            gather = torch.stack([_padded_slots(cache, total, w) for _, cache, total in group]).to(device)
-            mask = (torch.arange(w) < lengths[:, None])[:, None, None].to(device)
+            positions = torch.arange(w)
+            inside = positions < lengths[:, None]  # [b, w]: each row's own keys; the rest is padding, masked
+            firsts = [cache.span(total) for _, cache, total in group]
+            if None in firsts:  # a row in blocks lent apart: its slots one by one
+                slots = torch.stack([_padded_slots(cache, total, w) for _, cache, total in group])
+            else:  # the rule (blocks lent in runs): a row's slots are its first one + position, in one op for all
+                slots = torch.where(inside, torch.tensor(firsts)[:, None] + positions, _scratch_slots(positions))
+            gather = pool.head_rows(slots).to(device)
+            mask = inside[:, None, None].to(device)
         classes.append(DecodeClass(torch.tensor(index, device=device), lengths.to(device), table, gather, mask,
                                    index[0], index == list(range(index[0], index[0] + len(index)))))
     return classes
@@ -491,8 +527,13 @@ def _padded_slots(cache: PagedCache, total: int, width: int) -> torch.Tensor:
     """The pool slots of a session's first `total` tokens, then the scratch block's up to `width` [width]."""
     slots = cache.slots(0, total)
     if width > total:
-        slots = torch.cat([slots, torch.arange(width - total) % BLOCK_TOKENS + SCRATCH_BLOCK * BLOCK_TOKENS])
+        slots = torch.cat([slots, _scratch_slots(torch.arange(width - total))])
     return slots
+
+
+def _scratch_slots(positions: torch.Tensor) -> torch.Tensor:
+    """Slots of the scratch block for padding positions: finite keys, never a session's."""
+    return positions % BLOCK_TOKENS + SCRATCH_BLOCK * BLOCK_TOKENS
 
 
 @functools.cache

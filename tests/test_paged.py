@@ -95,18 +95,25 @@ def test_a_moved_out_cache_comes_back_whole_and_a_copy_holds_its_prefix(pool):
 def test_decoding_rows_attend_in_classes_of_similar_length(pool):
     caches = [PagedCache(pool) for _ in range(4)]
     lengths = [10, 14, 700, 260]
-    for cache, n in zip(caches, lengths):
-        cache.reserve(n)
+    written = [fill(cache, n, seed=i) for i, (cache, n) in enumerate(zip(caches, lengths))]
     rows = [(i, c, n) for i, (c, n) in enumerate(zip(caches, lengths))]
-    classes = paged.decode_classes(rows, torch.device("cpu"), flash=False)
+    if pool.flash_layout:  # flash-attn reads blocks in place: one call
+        (one,) = paged.decode_classes(rows, pool, torch.device("cpu"), flash=True)
+        assert one.table.shape == (4, 3) and one.table.dtype == torch.int32 and one.index is None and one.mask is None
+        assert one.table[0, 1:].tolist() == [paged.SCRATCH_BLOCK] * 2
+        return
+    classes = paged.decode_classes(rows, pool, torch.device("cpu"), flash=False)
     assert sorted(c.rows.tolist() for c in classes) == [[0, 1], [2], [3]]
     short = next(c for c in classes if c.rows.tolist() == [0, 1])
-    assert short.index.shape == (2, 14) and short.contiguous and short.first == 0  # the longest row's keys, no more
-    assert short.index[0, :10].tolist() == caches[0].slots(0, 10).tolist()
+    assert short.index.shape == (2, pool.kv_heads, 14) and short.contiguous and short.first == 0  # the longest row's keys, no more
+    per_head = pool.keys[0].shape[1]  # a layer's keys read as one [kv_heads × slots, head_dim] table
+    assert [short.index[0, h, :10].tolist() for h in range(pool.kv_heads)] == \
+        [(caches[0].slots(0, 10) + h * per_head).tolist() for h in range(pool.kv_heads)]
     assert short.mask[0, 0, 0].sum() == 10 and short.mask[1, 0, 0].all()
-    (one,) = paged.decode_classes(rows, torch.device("cpu"), flash=True)  # flash-attn reads blocks in place: one call
-    assert one.table.shape == (4, 3) and one.table.dtype == torch.int32 and one.index is None and one.mask is None
-    assert one.table[0, 1:].tolist() == [paged.SCRATCH_BLOCK] * 2
+    keys, values = pool.gather_rows(1, short.index)  # each row's heads as they were written
+    assert keys.shape == (2, pool.kv_heads, 14, pool.head_dim) and keys.is_contiguous()
+    assert torch.equal(keys[0, :, :10], written[0][0][1].transpose(0, 1))
+    assert torch.equal(values[1], written[1][1][1].transpose(0, 1))
 
 
 def test_idle_conversations_move_out_of_a_full_pool_and_come_back_intact(loaded):
@@ -294,35 +301,39 @@ def test_blocks_are_lent_in_runs_a_growing_session_stays_one_and_small_asks_fill
 
 def test_a_row_in_consecutive_blocks_is_read_in_place_and_a_scattered_one_gathered_with_the_same_result(loaded):
     """Decoding rows attend over a view of the pool where their keys lie in consecutive blocks and
-    through a gather where they do not; both give what attention over the keys themselves gives."""
+    through a gather where they do not; rows of a class are gathered together, padded to the longest,
+    whether each lies in consecutive blocks (their slots made in one op) or one does not (slot by
+    slot); every way gives what attention over the keys themselves gives."""
     from afnext.attention import Segment, decode_attention, paged_attention
 
-    pool = BlockPool(loaded.model.config, 12 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
+    pool = BlockPool(loaded.model.config, 20 * BLOCK_TOKENS, torch.device("cpu"), torch.float32)
     plugs = [PagedCache(pool) for _ in range(6)]
     for plug in plugs:
         plug.reserve(BLOCK_TOKENS)  # blocks 1-6
     for plug in plugs[::2]:
-        plug.release_spare()  # free: 1, 3, 5 (holes of one) and 7-12
-    scattered, whole = PagedCache(pool), PagedCache(pool)
+        plug.release_spare()  # free: 1, 3, 5 (holes of one) and 7-20
+    scattered, whole, alone, near, beside = (PagedCache(pool) for _ in range(5))
     assert pool.take(3) == [7, 8, 9] and pool.give([7, 8, 9]) is None  # a run holds them: one piece
     scattered.blocks.extend(pool.take(1) + pool.take(1) + pool.take(1))  # a block at a time, as a session grows among others
     assert scattered.blocks == [1, 3, 5]
-    keys_s, values_s = fill(scattered, 3 * BLOCK_TOKENS - 5, seed=1)
-    keys_w, values_w = fill(whole, BLOCK_TOKENS + 7, seed=2)
-    assert scattered.span(scattered.length) is None and whole.span(whole.length) is not None
-    step = paged.plan_step(pool, [Segment(scattered, scattered.length, 1), Segment(whole, whole.length, 1)], flash=False)
-    assert len(step.classes) == 2  # lengths 764 and 264: two classes, one row each
-    viewed = [c for c in step.classes if c.span is not None]
-    assert len(viewed) == 1 and viewed[0].rows.tolist() == [1] and next(c for c in step.classes if c.span is None).index is not None
+    written = [fill(scattered, 3 * BLOCK_TOKENS - 5, seed=1), fill(whole, BLOCK_TOKENS + 7, seed=2),
+               fill(alone, 4 * BLOCK_TOKENS + 9, seed=3), fill(near, BLOCK_TOKENS + 40, seed=4),
+               fill(beside, 2 * BLOCK_TOKENS + 88, seed=5)]
+    caches = [scattered, whole, alone, near, beside]
+    assert scattered.span(scattered.length) is None and all(c.span(c.length) is not None for c in caches[1:])
+    step = paged.plan_step(pool, [Segment(c, c.length, 1) for c in caches], flash=False)
+    # 764 and 601 tokens gathered together (one row scattered); 264 and 297 (both in runs); 1,034 read in place
+    assert sorted(c.rows.tolist() for c in step.classes) == [[0, 4], [1, 3], [2]]
+    assert [c.rows.tolist() for c in step.classes if c.span is not None] == [[2]]
     text = loaded.model.config.get_text_config(decoder=True)
     heads, dim = text.num_attention_heads, pool.head_dim
     layer = 0
-    new_k = torch.randn(1, pool.kv_heads, 2, dim)
+    new_k = torch.randn(1, pool.kv_heads, len(caches), dim)
     step.update(new_k, new_k.clone(), layer)
-    query = torch.randn(1, heads, 2, dim)
+    query = torch.randn(1, heads, len(caches), dim)
     module = loaded.model.model.language_model.layers[0].self_attn
-    out = paged_attention(module, query, paged.PagedKV(step, layer), None)  # [1, 2, heads, dim]
-    for row, (keys, values) in enumerate(((keys_s, values_s), (keys_w, values_w))):
+    out = paged_attention(module, query, paged.PagedKV(step, layer), None)  # [1, rows, heads, dim]
+    for row, (keys, values) in enumerate(written):
         k = torch.cat([keys[layer], new_k[0, :, row:row + 1].transpose(0, 1)]).transpose(0, 1)[None]
         v = torch.cat([values[layer], new_k[0, :, row:row + 1].transpose(0, 1)]).transpose(0, 1)[None]
         expected = torch.nn.functional.scaled_dot_product_attention(query[:, :, row:row + 1], k, v, enable_gqa=True)[0, :, 0]
