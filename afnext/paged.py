@@ -220,7 +220,7 @@ class BlockPool:
         tables = [t if dim == 1 else t.view(-1, self.head_dim) for t in self.heads(layer)]
         if self.device.type != "cpu":
             return tuple(t.index_select(dim, index).view(shape) for t in tables)
-        size = self.kv_heads * index.numel() * self.head_dim // (self.kv_heads if dim == 0 else 1)
+        size = index.numel() * self.head_dim * (self.kv_heads if dim == 1 else 1)  # elements per tensor
         if self._space is None or self._space[0].numel() < size:
             with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
                 self._space = tuple(self.keys[0].new_empty(1 << (size - 1).bit_length()) for _ in range(2))
