@@ -19,12 +19,14 @@ kinds are compressed losslessly first, to FLAC, by the journal (afnext/journal.p
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import threading
-import logging
 import time
 import unicodedata
 import uuid
@@ -48,6 +50,13 @@ CREATE TABLE IF NOT EXISTS turns (
     created REAL NOT NULL, parts TEXT, instructions TEXT, PRIMARY KEY (conversation, idx));
 CREATE INDEX IF NOT EXISTS conversations_by_owner ON conversations(owner, updated);
 """
+# PRAGMA user_version: raised with each change to the tables above. A store a newer release wrote (and may
+# have changed in ways this one cannot tell) is refused, untouched, rather than read or written wrongly.
+SCHEMA_VERSION = 1
+SQLITE_FULL = 13  # sqlite3's error codes: a full disk; a database that is damaged, or not one at all
+SQLITE_DAMAGED = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no room: disk, quota, file-size limit
+FULL = "The disk the history is kept on is full, so nothing more can be kept or changed there until space is freed."
 COPY_BLOCK_BYTES = 1 << 20  # a file kept from its path is copied this much at a time
 BUSY_TIMEOUT_MS = 10_000  # how long a write waits while another process writes to the same store
 PART_MAX_AGE_S = 3600.0  # an audio copy's .part file this old was cut short by a crash: deleted on open
@@ -60,6 +69,25 @@ CONVERSATIONS = ("SELECT c.id, c.kind, c.title, c.owner, c.created, c.updated, c
 
 class StoreError(ValueError):
     """A conversation that cannot be had (unknown id, another owner's); the message says so."""
+
+
+class StoreFull(StoreError):
+    """The disk the store is on has no room: nothing was changed (what is kept stays as it was)."""
+
+
+@contextlib.contextmanager
+def _room():
+    """A change to the store; a full disk (sqlite's SQLITE_FULL, or ENOSPC writing audio) → StoreFull."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF != SQLITE_FULL:
+            raise
+        raise StoreFull(FULL) from exc
+    except OSError as exc:
+        if exc.errno not in FULL_ERRNOS:
+            raise
+        raise StoreFull(FULL) from exc
 
 
 @dataclass(frozen=True)
@@ -132,6 +160,22 @@ class Store:
         self._in_flight: Counter[str] = Counter()  # audio kept for turns not committed yet: no delete takes it
         self._touched: dict[str, float] = {}  # audio files' times as this process last wrote or touched them
         self._db = sqlite3.connect(self.path / "afnext.sqlite3", check_same_thread=False, isolation_level=None)
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in SQLITE_DAMAGED:
+                raise StoreError(f"The history database {self.path / 'afnext.sqlite3'} is damaged ({exc}): move it "
+                                 "aside to begin a new one (the audio beside it stays), or use another folder.") from exc
+            if getattr(exc, "sqlite_errorcode", 0) & 0xFF == SQLITE_FULL:
+                raise StoreFull(FULL) from exc
+            raise
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _open(self) -> None:
+        """The connection's settings, and the tables made or upgraded to SCHEMA_VERSION."""
         # First: several processes may share the folder (app replicas on one machine), and every statement
         # below may wait for another's write.
         self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -140,6 +184,11 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("BEGIN IMMEDIATE")  # one process at a time makes or upgrades the tables
         try:
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"The history in {self.path} was written by a newer version of AF-Next (its schema "
+                                 f"{version}, this one's {SCHEMA_VERSION}): upgrade AF-Next, or keep this one's "
+                                 "history in another folder.")
             for statement in filter(str.strip, SCHEMA.split(";")):
                 self._db.execute(statement)
             columns = {row[1] for row in self._db.execute("PRAGMA table_info(conversations)")}
@@ -151,11 +200,12 @@ class Store:
             for column in ("parts", "instructions"):  # an older store
                 if column not in held:
                     self._db.execute(f"ALTER TABLE turns ADD COLUMN {column} TEXT")
+            if version < SCHEMA_VERSION:
+                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._db.execute("COMMIT")
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
-            self._db.close()
             raise
 
     def _wal(self) -> None:
@@ -169,7 +219,6 @@ class Store:
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
-                    self._db.close()
                     raise
                 time.sleep(0.02)
 
@@ -186,8 +235,9 @@ class Store:
         whole), kept with it whether or not any turn refers to it."""
         cid = check_id(id) if id is not None else uuid.uuid4().hex
         now = time.time()
-        staged = self._stage(audio) if isinstance(audio, (str, os.PathLike)) else None
-        with self._lock:
+        with _room():
+            staged = self._stage(audio) if isinstance(audio, (str, os.PathLike)) else None
+        with self._lock, _room():
             if staged is not None:
                 key = self._place(*staged)
             else:
@@ -209,12 +259,12 @@ class Store:
 
     def set_model(self, cid: str, model: str) -> None:
         """The checkpoint(s) a conversation without turns will be held with."""
-        with self._lock:
+        with self._lock, _room():
             self._db.execute("UPDATE conversations SET model = ? WHERE id = ?", (model, cid))
 
     def touch(self, cid: str) -> None:
         """`cid` is in use now: no prune, here or in another process, takes it as unused."""
-        with self._lock:
+        with self._lock, _room():
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), cid))
 
     def list(self, *, owner: str = "", kind: str | None = None) -> list[Conversation]:
@@ -230,7 +280,7 @@ class Store:
         title = clean_title(title)
         if not title:
             raise StoreError("A title needs at least one letter.")
-        with self._lock:
+        with self._lock, _room():
             return bool(self._db.execute("UPDATE conversations SET title = ? WHERE id = ? AND owner = ?",
                                          (title, cid, owner)).rowcount)
 
@@ -287,7 +337,7 @@ class Store:
         went on elsewhere meanwhile (another process on the same id). `audio`: the user turn's file
         (bytes, suffix), kept first, under the same lock as `delete`, so no delete can take it away."""
         now = time.time()
-        with self._lock:
+        with self._lock, _room():
             if audio is not None:
                 user = replace(user, audio=self._put_audio(*audio))
             db = self._db
@@ -323,7 +373,7 @@ class Store:
         """The reply of exchange `at` (0-based) is now `text` (what the user heard of it before speaking
         over it): kept by its text, no longer by its token ids. It must be the last reply: StoreError if
         the conversation went on meanwhile in another process (whose turn would be the one rewritten)."""
-        with self._lock:
+        with self._lock, _room():
             changed = self._db.execute(
                 "UPDATE turns SET text = ?, token_ids = NULL, interrupted = 1 WHERE conversation = ? AND idx = ? "
                 "AND role = 'assistant' AND (SELECT COUNT(*) FROM turns WHERE conversation = ?) = ?",
@@ -334,7 +384,7 @@ class Store:
 
     def delete(self, cid: str, *, owner: str = "") -> bool:
         """Delete `owner`'s conversation `cid` and the audio no other conversation uses; False if none."""
-        with self._lock:
+        with self._lock, _room():
             return self._delete(cid, owner)
 
     def _delete(self, cid: str, owner: str | None) -> bool:
@@ -384,7 +434,7 @@ class Store:
         """Delete the conversations not updated for `keep_days` (but `keep`, the one being opened),
         then every audio file no turn refers to; the number of conversations deleted."""
         cutoff = time.time() - keep_days * 86400
-        with self._lock:
+        with self._lock, _room():
             gone = self._db.execute("DELETE FROM conversations WHERE updated < ? AND id IS NOT ?",
                                     (cutoff, keep)).rowcount
             used = {key for (key,) in self._db.execute("SELECT audio FROM turns WHERE audio IS NOT NULL UNION "
@@ -407,7 +457,7 @@ class Store:
         name, flushed to disk and renamed: the key's file is whole or absent, whatever happens. A file
         no turn refers to may be removed by `delete`: give it to `add_exchange` to keep it with a turn,
         or `hold` it for one about to be (as `hold_audio`, in the same step: no delete comes between)."""
-        with self._lock:
+        with self._lock, _room():
             key = self._put_audio(data, suffix)
             if hold:
                 self._in_flight[key] += 1
@@ -437,8 +487,9 @@ class Store:
 
     def put_audio_file(self, path: str | os.PathLike) -> str:
         """`put_audio` for a file, copied in blocks as it is (not converted): its key."""
-        staged = self._stage(path)
-        with self._lock:
+        with _room():
+            staged = self._stage(path)
+        with self._lock, _room():
             return self._place(*staged)
 
     def _stage(self, path: str | os.PathLike) -> tuple[Path, str, int]:
@@ -512,7 +563,7 @@ class Store:
 
     def touch_audio(self, key: str) -> None:
         """Mark a kept file fresh (no `prune` elsewhere takes it within the hour); StoreError if it is gone."""
-        with self._lock:
+        with self._lock, _room():
             self.audio_path(key)
             self._touch(key)
 

@@ -30,7 +30,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from afnext import strict_json
-from afnext.store import Store, StoreError, default_path
+from afnext.store import Store, StoreError, StoreFull, default_path
 
 from .access import OWNER_HEADER, OWNER_REFUSAL, Access
 
@@ -67,10 +67,13 @@ def open_store(given: str | None, max_gb: float = MAX_HISTORY_GB) -> tuple[Store
     limit = int(max_gb * 1e9)
     try:
         store = Store(folder, max_bytes=limit)
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, StoreError) as exc:
         fallback = Path(tempfile.mkdtemp(prefix="afnext-history-"))
-        notice = (f"History cannot be kept in {folder} ({exc}), so it is kept in a temporary folder until the app "
-                  "stops; start with --data DIR to choose a writable folder.")
+        if isinstance(exc, StoreError):  # its sentence says what is wrong with the store, and what to do
+            notice = f"{exc} Until then, history is kept in a temporary folder, lost when the app stops."
+        else:
+            notice = (f"History cannot be kept in {folder} ({exc}), so it is kept in a temporary folder until the "
+                      "app stops; start with --data DIR to choose a writable folder.")
         store = Store(fallback, max_bytes=limit)
     if notice:
         log.warning(notice)
@@ -216,7 +219,7 @@ class HistoryRoutes:
             try:
                 renamed = await asyncio.to_thread(self.store.rename, cid, title, owner=owner)
             except StoreError as exc:
-                raise _Refused(400, str(exc)) from None
+                raise _Refused(507 if isinstance(exc, StoreFull) else 400, str(exc)) from None
             kept = await asyncio.to_thread(self.store.get, cid, owner=owner) if renamed else None
             if kept is None:  # none such, or deleted from another tab since it was renamed
                 raise _missing(cid)
@@ -275,6 +278,8 @@ async def _answering(run) -> Response:
         return await run()
     except _Refused as refusal:
         return JSONResponse({"error": str(refusal)}, refusal.status)
+    except StoreFull as exc:  # a delete on a full disk: nothing changed, and "try again" would not help
+        return JSONResponse({"error": str(exc)}, 507)
     except (OSError, sqlite3.Error) as exc:
         log.exception("history request failed")
         return JSONResponse({"error": f"The history could not be read ({type(exc).__name__}); try again."}, 503)
