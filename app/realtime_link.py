@@ -34,7 +34,7 @@ from afnext.store import Store, StoreError
 from afnext.vad import EndpointerOptions
 
 from . import realtime_wire as wire
-from .realtime_replies import MAX_ITEMS, Responses
+from .realtime_replies import AUTO, MAX_ITEMS, Responses
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +319,11 @@ class RealtimeLink:
         return True
 
     def _on_response_create(self, event: dict) -> None:
+        if event.get(AUTO):  # the server's own, for a turn heard as a reply ran on
+            if self.assistant is not None:
+                self.assistant.wait(5)  # that reply's thread ends just after its response.done
+            if self._out.answering() or (self.assistant is not None and self.assistant.busy) or not self._items:
+                return  # the client asked for one meanwhile (it took the turn), as OpenAI's may not create one
         tokens = wire.check_response(self.config, event.get("response"))
         metadata = wire.response_metadata(event.get("response"))
         instructions = wire.response_instructions(event.get("response"))
@@ -337,6 +342,7 @@ class RealtimeLink:
         assistant = self._assistant()
         with self._items_lock:  # what was created before it goes in with this turn; what comes after, later
             items, self._items = self._items, []
+            anchor = next(reversed(self._shown), None)  # its reply goes after the last item there is now
             self._due += self._given
             self._given = []
             self._asked += 1
@@ -347,6 +353,7 @@ class RealtimeLink:
             self._out.limits[key] = tokens
         if metadata is not None:
             self._out.metadata[key] = metadata
+        self._out.anchors[key] = anchor
         try:
             if items:
                 text, audio = _joined(items)
@@ -380,12 +387,16 @@ class RealtimeLink:
                                      "item_truncate_invalid_item_id")
         text, messages, reply = heard
         cut = reply.get("cut_ms")
-        # only while the reply is still the conversation's last (no turn has begun since, none of the
-        # client's own messages gone in: checked as the rewrite is made), and not cut as short already
-        if cut is None or ms < cut:
+        # A cut that keeps the whole reply (at or past its audio's end, a text reply) changes nothing: the
+        # conversation keeps the token ids the model generated, and their KV cache. Another is made only
+        # while the reply is still the conversation's last (no turn has begun since, none of the client's
+        # own messages gone in: checked as the rewrite is made), and not cut as short already.
+        if text != reply["transcript"] and (cut is None or ms < cut):
             try:
-                if self.session.rewrite_reply(text, messages=messages):
-                    reply["cut_ms"] = ms
+                if not self.session.rewrite_reply(text, messages=messages):
+                    raise wire.ProtocolError("That reply can no longer be truncated: the conversation has gone "
+                                             "on since it was made.", "item_truncate_invalid_item_id")
+                reply["cut_ms"] = ms
             except KeptError as exc:
                 raise wire.ProtocolError(str(exc), "server_error") from None
         self.send(wire.event("conversation.item.truncated", item_id=item, content_index=0, audio_end_ms=ms))
@@ -438,13 +449,19 @@ class RealtimeLink:
                                      "item_id_duplicate")
         return last
 
-    def chain(self, item: str, shown: dict) -> str | None:
-        """`item` (as the protocol shows it) is now the conversation's last; the one before it. Any thread."""
+    def chain(self, item: str, shown: dict, after: object = ...) -> str | None:
+        """`item` (as the protocol shows it) goes in after item `after` (None: first; left out: last),
+        where the session holds it: a reply after the items its response.create found, before those
+        created since. The item before it. Any thread."""
         with self._items_lock:
-            before = next(reversed(self._shown), None)
-            self._shown[item] = shown
+            if after is ... or after not in (None, *self._shown):
+                after = next(reversed(self._shown), None)
+            ids = list(self._shown)
+            at = 0 if after is None else ids.index(after) + 1
+            self._shown = {**{i: self._shown[i] for i in ids[:at]}, item: shown,
+                           **{i: self._shown[i] for i in ids[at:]}}
             self._ids.add(item)
-        return before
+        return after
 
     def show(self, item: str, shown: dict) -> None:
         """An item changed (a reply is done): what conversation.item.retrieve shows from now on."""
@@ -522,8 +539,10 @@ class RealtimeLink:
             complete, longest = wire.EAGERNESS[self.config.eagerness]
             endpointer = EndpointerOptions(hangover_ms=self.config.silence_ms, semantic=self.config.semantic,
                                            complete=complete, max_silence_ms=longest)
+            # speech that does not interrupt: a turn heard as a reply runs on is answered after it
+            # (Responses asks for it), never started over the reply, which it would cut short
             options = AssistantOptions(uninterruptible=not self.config.interrupt, think=self.think,
-                                       answer=self.config.create_response,
+                                       answer=self.config.create_response and self.config.interrupt,
                                        generation=GenerationOptions(max_new_tokens=self.config.max_output_tokens),
                                        endpointer=endpointer)
             voice = self.synthesizer if self.config.audio_out else _Mute()

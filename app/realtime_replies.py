@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_ITEMS = 16  # user items created and not yet answered
+# Marks the response.create the server sends itself: a turn heard while a reply that speech does not
+# interrupt (interrupt_response false) runs on is answered after it (a client cannot send this key).
+AUTO = object()
 TRUNCATE_WAIT_S = 5.0  # a reply cut off by truncate winds down within a step; this is the safety net
 
 
@@ -45,6 +48,9 @@ class Responses:
         self._latest: dict | None = None  # the last reply the session holds, for truncate
         self.limits: dict[object, int] = {}  # a response.create's own max_output_tokens, by its turn's tag
         self.metadata: dict[object, dict] = {}  # a response.create's own metadata, by its turn's tag
+        # the item a response.create's reply goes after (the last one then; None: none), by its turn's tag
+        self.anchors: dict[object, str | None] = {}
+        self._owed = False  # a heard turn waits to be answered once no reply is open (`_answer_owed`)
 
     def follow(self, assistant: Assistant) -> None:
         self._thread = threading.Thread(target=self._read, args=(assistant,), name="afnext-realtime-read", daemon=True)
@@ -74,6 +80,7 @@ class Responses:
             self._finish(VoiceTurnDone(0.0, None, None))
         self.limits.clear()
         self.metadata.clear()
+        self.anchors.clear()
 
     def running(self, item: object) -> bool:
         """The reply with this item id is still being made."""
@@ -117,6 +124,10 @@ class Responses:
                 self.send(wire.error(wire.ProtocolError(f"That utterance was dropped: {exc}")))
                 return
             self._announce(inner, item, before)
+            config = self.link.config
+            if config.server_vad and config.create_response:  # held only for the reply running on
+                self._owed = True
+                self._answer_owed()
         elif isinstance(inner, (UserTurn, ReplyAsked)):
             self._begin(inner)
         elif not self._replies:
@@ -166,8 +177,10 @@ class Responses:
                  # the conversation in the KV cache as the turn begins: the prompt it need not prefill
                  "cached": self.link.session.cached_tokens if self.link.session is not None else 0}
         self._replies.append(reply)
-        before = self.link.chain(reply["item"], self._item(reply, "in_progress").shown())
-        item = item if item is not None else before
+        # where the session puts it: after the items its response.create found (items created since come
+        # after it there, though announced before it), or after the turn the server VAD heard
+        after = self.anchors.pop(turn.tag, ...) if turn.tag is not None else item
+        item = self.link.chain(reply["item"], self._item(reply, "in_progress").shown(), after)
         self._send(reply, wire.event("response.created", response=self._shown(reply, "in_progress")))
         self._send(reply, wire.event("response.output_item.added", response_id=reply["id"], output_index=0,
                                      item=self._item(reply, "in_progress").shown()))
@@ -225,6 +238,18 @@ class Responses:
             held, self._replies[0]["held"] = self._replies[0]["held"], []
             for event in held:
                 self.send(event)
+        self._answer_owed()
+
+    def _answer_owed(self) -> None:
+        """With interrupt_response false, a turn the server VAD heard while a reply ran on is answered
+        once that reply is done (OpenAI's reply "will continue until complete"): the assistant does not
+        start it itself, as its new turn would supersede the running one and drop the rest of its words."""
+        if self._owed and not self._replies:
+            self._owed = False
+            try:
+                self.link.receive({"type": "response.create", AUTO: True})
+            except OverflowError:  # the socket is ending: its flood of events closes it
+                pass
 
     def _shown(self, reply: dict, status: str) -> dict:
         """The response object; once done, `status_details` says why one did not complete, as OpenAI's does."""
