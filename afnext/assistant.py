@@ -51,8 +51,10 @@ class AssistantOptions:
     """How the voice loop behaves."""
 
     half_duplex: bool = False  # ignore the microphone while reply audio plays (no echo cancellation at hand)
-    # ignore it from a turn's end until its reply has played: nothing the user says then interrupts it
-    # (a Realtime client's interrupt_response false)
+    # nothing the user says interrupts a reply (a Realtime client's interrupt_response false). With
+    # `answer`, the microphone is ignored from a turn's end until its reply has played (a turn heard
+    # meanwhile would start over the reply); without, what is said then is heard and reported as any
+    # utterance, for the caller to answer once the reply is done
     uninterruptible: bool = False
     think: bool = False  # reason before answering; the reasoning is shown, never spoken
     generation: GenerationOptions = GenerationOptions(max_new_tokens=256)  # spoken replies stay short
@@ -100,8 +102,8 @@ class Assistant:
         """Feed microphone audio (any size, rate, int16 or float). Never blocks on the model."""
         # Half duplex mutes only while reply audio plays (its echo is what must not be heard), not
         # while the answer is being thought of: what the user says then is heard as usual.
-        if (self.options.half_duplex and self.now() < self._speaking_until) or (self.options.uninterruptible
-                                                                                and self.speaking):
+        if (self.options.half_duplex and self.now() < self._speaking_until) or (
+                self.options.uninterruptible and self.options.answer and self.speaking):
             pcm = np.zeros(len(pcm), np.float32)  # keep the endpointer's timeline, hear nothing
         events = self.endpointer.push(pcm, sample_rate)
         self._mic_s += len(pcm) / sample_rate
@@ -180,7 +182,7 @@ class Assistant:
     def _on_endpointer(self, event) -> None:
         if isinstance(event, SpeechStarted):
             self._emit(event)
-            if self.speaking:
+            if self.speaking and not self.options.uninterruptible:
                 running = self._turn
                 # The user went on talking past a turn ended by force (max_utterance_s): they are not done.
                 # Its answer is cut off as by any barge-in, and the turn they go on with also carries what

@@ -156,6 +156,31 @@ def test_half_duplex_ignores_speech_while_speaking(engine, espeak, monkeypatch):
     assert len(done) == 1 and not done[0].reply.interrupted
 
 
+def test_speech_over_an_uninterruptible_reply_is_heard_and_the_reply_runs_on(engine, espeak, monkeypatch):
+    """As the Realtime server runs it with interrupt_response false: the caller answers (answer off).
+    What the user says while the reply is spoken neither cuts the reply off nor is lost: it is reported
+    as an utterance, for the caller to answer once the reply is done."""
+    slow_steps(engine, monkeypatch, delay_s=0.01)
+    options = AssistantOptions(uninterruptible=True, answer=False,
+                               generation=GenerationOptions(max_new_tokens=60, min_new_tokens=60))
+    assistant = Assistant(Session(engine), espeak, options)
+    seen = Collector(assistant)
+    assistant.respond()  # a greeting
+    seen.wait_for(AudioChunk)  # being spoken
+    push(assistant, np.concatenate([speech("Stop, wait a moment."), silence(1.0)]))
+    assistant.wait()
+    seen.wait_for(VoiceTurnDone)
+    seen.wait_for(UserTurn)  # what the user said (the greeting was a ReplyAsked)
+    assistant.close()
+    seen.thread.join(5)
+    assert not any(seen.matches(Interrupted)), "speech over the reply cut it off"
+    heard = [e for e in (x.event if isinstance(x, Stamped) else x for x in seen.events)
+             if isinstance(e, UserTurn) and not e.answered]
+    assert len(heard) == 1 and len(heard[0].audio) > 0.5 * SAMPLE_RATE, "what was said over the reply was lost"
+    (done,) = [e for e in seen.events if isinstance(e, VoiceTurnDone)]
+    assert not done.reply.interrupted and len(done.reply.token_ids) == 60
+
+
 def test_reasoning_is_shown_but_never_spoken(engine, monkeypatch):
     """A synthesizer that records its text: only answer text reaches it."""
     from afnext.tts.chunker import SpeechChunker
