@@ -12,13 +12,17 @@ waiting user sees their place in the queue.
 # No `from __future__ import annotations`: Gradio finds `gr.Request` parameters by their type hints, which
 # must stay objects to survive wrappers such as spaces.GPU.
 
+import contextlib
+import itertools
 import json
 import logging
+import os
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -75,6 +79,7 @@ class RecordingsTab:
         self.loader, self.cache_dir, self.store, self.keep_days = loader, cache_dir, store, keep_days
         self.files = Files()
         self.live = live if live is not None else live_conversations()
+        self.shown = Shown()
 
     def build(self, demo: gr.Blocks) -> None:
         owner = gr.Textbox(visible=False, elem_id="afn-owner")  # the browser's owner token (owner.js)
@@ -104,11 +109,12 @@ class RecordingsTab:
             with gr.Column(scale=2):
                 wave = gr.HTML("", html_template='<div class="afn-wave"></div>', js_on_load=static_js("waveform.js"),
                                elem_id="afn-wave")
-        # The buttons named, so the toolbar's order is known: Gradio adds its Clear (trash) button after
-        # Share, with no option to leave it out, and CSS hides it (#afn-chat in app/web.py's CSS): it would
-        # empty the screen only, and the next answer would bring the conversation back.
+        # The buttons named, so the toolbar's order is known: Gradio adds its Clear (trash) button before
+        # Copy conversation, with no option to leave it out, and CSS hides it (#afn-chat in app/web.py's CSS):
+        # it would empty the screen only, and the next answer would bring the conversation back. Share posts
+        # to the Space's discussions: off a Space it does nothing at all, so it is there on a Space only.
         chat = gr.Chatbot(label="Questions about the recording", height=380, elem_id="afn-chat",
-                          buttons=["share", "copy", "copy_all"])
+                          buttons=[*(["share"] if os.environ.get("SPACE_ID") else []), "copy", "copy_all"])
         with gr.Row(elem_id="afn-ask-row"):
             question = gr.Textbox(label="Question about the recording", show_label=False, scale=5,
                                   placeholder="Ask about the recording… (Enter to send)",
@@ -188,6 +194,7 @@ class RecordingsTab:
         if not path:
             yield "", "", [], "", box
             return
+        self.shown.changed(request)  # an answer still streaming about the last one stops updating this page
         claim = [path] if owned else []  # held while it is read: an identical upload elsewhere may end meanwhile
         self.files.claim(claim)
         recording = keeper = None
@@ -253,6 +260,7 @@ class RecordingsTab:
         if not cid:
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
+        self.shown.changed(request)
         try:
             recording = self._recording(cid, owner, request)
         except USER_ERRORS as exc:
@@ -327,7 +335,7 @@ class RecordingsTab:
             return "", gr.skip(), gr.skip()
         return "", held.waveform(), f"Renamed to **{_markdown_text(held.name)}**."
 
-    def delete(self, cid: str | None, current: str, owner: str, confirmed: bool):
+    def delete(self, cid: str | None, current: str, owner: str, confirmed: bool, request: gr.Request):
         """Delete the recording picked in the list, once the browser has asked (`confirmed`: the answer)."""
         owned = _owner(owner)
         if not confirmed:  # the user chose Cancel
@@ -339,12 +347,27 @@ class RecordingsTab:
             gr.Warning("That recording is no longer in your history.")
         forget_live(self.live, cid, owned)  # another tab asking about it is told it was deleted
         if cid == current:
+            self.shown.changed(request)  # an answer still streaming about it stops filling the emptied chat
             return "Deleted, with its questions and answers.", "", [], ""
         return "Deleted, with its questions and answers.", gr.skip(), gr.skip(), gr.skip()
 
     def ask(self, question: str, think: bool, shown: str | None, cid: str, owner: str, request: gr.Request):
         """A question → the chat, the waveform (new Think steps), the status line, the question box (emptied
-        once it is taken) and the note under it (a question that waited for the last answer is sent: gone)."""
+        once it is taken) and the note under it (a question that waited for the last answer is sent: gone).
+        Only while the page shows the recording asked about (`Shown`): once it opens another, or deletes
+        this one, the answer is cut off and nothing more of it reaches the page."""
+        showing = self.shown.now(request)
+        with contextlib.closing(self._answer(question, think, shown, cid, owner, request)) as updates:
+            for update in updates:
+                with self.shown.sending(request, showing) as current:
+                    if not current:
+                        break
+                    yield update
+        if self.shown.now(request) != showing:  # Gradio sends a generator's last update again when it ends
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+    def _answer(self, question: str, think: bool, shown: str | None, cid: str, owner: str, request: gr.Request):
+        """`ask`'s updates, whatever the page shows meanwhile; closing it cuts the answer off."""
         recording = None
         try:
             recording = self._recording(cid, owner, request) if cid else None
@@ -365,10 +388,11 @@ class RecordingsTab:
             steps = len(recording.steps)
             recording.keeping.wait(KEEPING_WAIT_S)  # opened a moment ago: its file is still being kept
             store = self.store if recording.kept is not None else None
-            for line in recording_questions.ask(recording, question, think, backend, store):
-                changed, steps = len(recording.steps) != steps, len(recording.steps)  # a Think turn starts afresh
-                yield recording.chat, recording.waveform() if changed else gr.skip(), line, box, box
-                box = gr.skip()
+            with contextlib.closing(recording_questions.ask(recording, question, think, backend, store)) as lines:
+                for line in lines:  # closed early: the turn stops at once and the chat says it was cut off
+                    changed, steps = len(recording.steps) != steps, len(recording.steps)  # a Think turn starts afresh
+                    yield recording.chat, recording.waveform() if changed else gr.skip(), line, box, box
+                    box = gr.skip()
         except USER_ERRORS as exc:
             log.info("question refused: %s", exc)
             gr.Warning(str(exc))
@@ -424,6 +448,61 @@ CONFIRM_DELETE_JS = """(picked, open, owner) => {
   return [picked, open, owner, !picked || afnextOwner.confirmDelete(title)];
 }"""
 KEEPING_WAIT_S = 120.0  # a question waits this long at most for its recording to be kept (a 1 GB file)
+
+
+class Shown:
+    """Which opening of a recording each page (a Gradio session) shows, as a number that grows each time
+    the page opens another, or empties its own by a delete. An answer streaming to the page sends each
+    update only while its number is current, and stops once the page has moved on: Gradio's `cancels`
+    reaches the server only after the new recording is on the page, and the old answer's last updates
+    would land on its chat and status line (cancel by generation id, not by waiting for the cancel)."""
+
+    MAX_PAGES = 10_000  # pages remembered; the oldest are forgotten (an answer to one of them then stops)
+    SENT_WAIT_S = 1.0  # at most, for an update already on its way to the page before the one that changes it
+
+    def __init__(self) -> None:
+        self._pages: OrderedDict[str, int] = OrderedDict()
+        self._sending: dict[str, int] = {}  # page → updates on their way to it (yielded, not yet in its queue)
+        self._count = itertools.count(1)
+        self._lock = threading.Condition()
+
+    def changed(self, request: gr.Request | None) -> None:
+        """The page shows another recording, or none, from its next update on: an answer's update already on
+        its way is let through first (Gradio resumes a generator once its last update is queued), so it
+        cannot land after this one."""
+        page = getattr(request, "session_hash", None)
+        if page is None:
+            return
+        with self._lock:
+            self._pages[page] = next(self._count)
+            self._pages.move_to_end(page)
+            while len(self._pages) > self.MAX_PAGES:
+                self._pages.popitem(last=False)
+            self._lock.wait_for(lambda: not self._sending.get(page), timeout=self.SENT_WAIT_S)
+
+    def now(self, request: gr.Request | None) -> int | None:
+        page = getattr(request, "session_hash", None)
+        with self._lock:
+            return self._pages.get(page, 0) if page is not None else None
+
+    @contextlib.contextmanager
+    def sending(self, request: gr.Request | None, shown: int | None) -> Iterator[bool]:
+        """Whether an update for the page that showed `shown` may go; held around its `yield`, so `changed`
+        waits for it to be queued."""
+        page = getattr(request, "session_hash", None)
+        with self._lock:
+            current = page is None or self._pages.get(page, 0) == shown
+            if current and page is not None:
+                self._sending[page] = self._sending.get(page, 0) + 1
+        try:
+            yield current
+        finally:
+            if current and page is not None:
+                with self._lock:
+                    self._sending[page] -= 1
+                    if not self._sending[page]:
+                        del self._sending[page]
+                    self._lock.notify_all()
 
 
 class _NotHeld(Exception):

@@ -57,8 +57,9 @@ WS_MAX_MESSAGE_BYTES, WS_MAX_QUEUE = realtime.MAX_MESSAGE_BYTES, realtime.WS_MAX
 CSS = """
 #afn-banner { font-size: .92em; }
 #afn-status { min-height: 1.6em; }
-/* The chat's Clear button (the second in its toolbar, after Share; see `RecordingsTab.build`) */
-#afn-chat .icon-button-wrapper.top-panel > button:nth-of-type(2) { display: none; }
+/* The chat's Clear button: the one before Copy conversation, the last, in its toolbar (after Share on a
+   Space; see `RecordingsTab.build`). Its label is in the browser's language, so it is found by place. */
+#afn-chat .icon-button-wrapper.top-panel > button:nth-last-of-type(2) { display: none; }
 /* A phone's width: the question and Think take a line of their own (Think under the question), the
    buttons share the next. (Gradio wraps the row's two form fields in one .form block.) */
 @media (max-width: 640px) {
