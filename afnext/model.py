@@ -225,6 +225,8 @@ def _load_failure(model: str, source: str, exc: Exception) -> str:
 
 
 DEMO_ADVICE = ", or use --model tiny for the offline demo model (random weights, answers are noise)"
+DEMO_FALLBACK = ("Running the offline demo model instead, which has random weights: its answers are noise, and "
+                 "everything else works as with the real model.")
 
 
 def load_or_demo(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto") -> tuple[LoadedModel, str | None]:
@@ -236,6 +238,5 @@ def load_or_demo(model: str = DEFAULT_MODEL, device: str = "auto", dtype: str | 
     try:
         return load(model, device=device, dtype=dtype), None
     except ModelLoadError as exc:  # the advice to run the demo model is taken: the notice leaves it out
-        notice = (f"{str(exc).replace(DEMO_ADVICE, '')} Running the offline demo model instead: its weights are "
-                  "random, so its answers are noise; everything else works as with the real model.")
+        notice = f"{str(exc).replace(DEMO_ADVICE, '')} {DEMO_FALLBACK}"
         return load("tiny", device=device, dtype=dtype), notice

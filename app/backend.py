@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from afnext.engine import Engine, default_kv, pool_tokens
-from afnext.model import LICENCE_NOTE, LoadedModel, load_or_demo
+from afnext.model import DEMO_FALLBACK, LICENCE_NOTE, LoadedModel, load_or_demo
 from afnext.tts import Mute, Synthesizer, TTSError, load_synthesizer
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ class BackendLoader:
 def banner(backend: Backend) -> str:
     """Markdown for the top of the page: fallbacks first, then the licence."""
     lines = [f"⚠️ {text}" for text in backend.notices]
-    if backend.random_weights:
+    if backend.random_weights and not any(DEMO_FALLBACK in text for text in backend.notices):  # said once
         lines.append("⚠️ The model in use has **random weights** (the offline demo model): its answers are noise.")
     lines.append(f"{LICENCE_NOTE} {backend.describe()}.")
     return "\n\n".join(lines)

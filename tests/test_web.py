@@ -749,6 +749,7 @@ def test_the_fallback_notice_does_not_advise_the_demo_model_it_already_runs(monk
         assert b.main.loaded.random_weights and "Running the offline demo model instead" in text
         assert "hf download nvidia/af-next-not-in-the-cache" in text, "the advice that does apply stays"
         assert "--model tiny" not in text, text
+        assert text.count("random") == 1, f"the demo model's random weights said once: {text}"
     finally:
         b.close()
 
