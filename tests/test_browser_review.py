@@ -24,12 +24,7 @@ def slow_server(tmp_path_factory):
 
 def test_opening_another_recording_while_an_answer_streams_shows_only_the_new_one(chromium, slow_server):
     """The old answer is cut off, and none of it lands on the new recording's chat or status line."""
-    page, _, errors = _page(chromium, slow_server)
-    _open_example(page, "Speech (10 s)")
-    page.locator("#afn-think input").check()
-    page.locator("#afn-question textarea").fill("What is this recording?")
-    page.locator("#afn-ask").click()
-    page.locator("#afn-status", has_text="Reasoning").wait_for(timeout=60_000)
+    page, errors = _answering(chromium, slow_server, "What is this recording?")
     page.get_by_role("button", name="Example: Sounds (13 s)").click()
     page.locator("#afn-status", has_text="sounds.flac (0:13)").wait_for(timeout=30_000)
     _watch(page)
@@ -38,6 +33,17 @@ def test_opening_another_recording_while_an_answer_streams_shows_only_the_new_on
     assert all("What is this recording?" not in chat and "sounds.flac" in status for status, chat in seen), seen[-1]
     assert not errors, errors
     page.context.close()
+
+
+def _answering(chromium, server: str, question: str):
+    """A page with the speech example open, `question` asked in Think mode and being answered: (page, errors)."""
+    page, _, errors = _page(chromium, server)
+    _open_example(page, "Speech (10 s)")
+    page.locator("#afn-think input").check()
+    page.locator("#afn-question textarea").fill(question)
+    page.locator("#afn-ask").click()
+    page.locator("#afn-status", has_text="Reasoning").wait_for(timeout=60_000)
+    return page, errors
 
 
 def _watch(page) -> None:
@@ -58,12 +64,7 @@ def _answer_ended(page) -> None:
 
 
 def test_deleting_the_open_recording_while_an_answer_streams_leaves_the_page_empty(chromium, slow_server):
-    page, _, errors = _page(chromium, slow_server)
-    _open_example(page, "Speech (10 s)")
-    page.locator("#afn-think input").check()
-    page.locator("#afn-question textarea").fill("Deleted while answering?")
-    page.locator("#afn-ask").click()
-    page.locator("#afn-status", has_text="Reasoning").wait_for(timeout=60_000)
+    page, errors = _answering(chromium, slow_server, "Deleted while answering?")
     page.wait_for_function("() => document.querySelector('#afn-history input').value.startsWith('speech.wav')")
     page.once("dialog", lambda dialog: dialog.accept())
     page.locator("#afn-delete").click()  # the open recording, which the list shows picked
