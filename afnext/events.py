@@ -62,7 +62,8 @@ class PartProgress:
         return {"read": f"Read part {self.part}{of}{where}.",
                 "listening": f"Listening to part {self.part}{of}{where}…",
                 "answered": f"Part {self.part}{of} answered.",
-                "merging": f"Putting the {self.parts} parts' answers together…"}[self.stage]
+                "merging": (f"Putting the {self.parts} parts' answers together…" if (self.parts or 0) > 1
+                            else "Putting the answer together…")}[self.stage]
 
 
 def clock(seconds: float) -> str:

@@ -60,7 +60,9 @@ def describe(event, seen: dict) -> dict | None:
     if isinstance(event, VoiceTurnDone):
         reply = event.reply
         return {"event": "turn_done", "t": event.t, "timings": vars(event.timings),
-                "answer": reply.answer if reply else "", "interrupted": bool(reply and reply.interrupted)}
+                # a turn cut off before its reply began has no reply, but was interrupted all the same
+                "answer": reply.answer if reply else "",
+                "interrupted": bool(reply and reply.interrupted) or seen.get("interrupted", False)}
     if not isinstance(event, Stamped):
         return None
     inner = event.event
@@ -71,6 +73,7 @@ def describe(event, seen: dict) -> dict | None:
         seen["audio"] = True
         return {"event": "first_audio", "t": event.t}
     if isinstance(inner, Interrupted):
+        seen["interrupted"] = True
         return {"event": "interrupted", "t": event.t}
     if isinstance(inner, Error):
         return {"event": "error", "t": event.t, "message": inner.message}

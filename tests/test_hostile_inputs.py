@@ -572,3 +572,20 @@ def test_voice_cli_bad_out_path_fails_before_the_run(capsys):
     code = voice.main(["--model", "tiny", "--input", str(ASSETS / "speech.wav"),
                        "--out", "/nonexistent-folder/r.wav", "--json"])
     assert code == 1 and "nonexistent-folder" in capsys.readouterr().err
+
+
+def test_voice_cli_says_a_turn_cut_off_before_its_reply_began_was_interrupted():
+    """`python -m afnext.voice --json`: the interrupted event, then turn_done saying so (it said false:
+    such a turn has no reply to ask)."""
+    from afnext.assistant import Stamped, UserTurn
+    from afnext.events import Interrupted, VoiceTimings, VoiceTurnDone
+    from afnext.voice import describe
+
+    seen: dict = {}
+    lines = [describe(event, seen) for event in (
+        UserTurn(1.0, 0.2, 0.9, np.zeros(16, np.float32)),
+        Stamped(1.1, Interrupted("cancelled before the reply started", turn=1)),
+        VoiceTurnDone(1.2, VoiceTimings(0.1, None, None), None))]
+    assert [line["event"] for line in lines] == ["turn_end", "interrupted", "turn_done"]
+    assert lines[-1]["interrupted"] is True and lines[-1]["answer"] == ""
+    assert describe(UserTurn(2.0, 1.5, 1.9, np.zeros(16, np.float32)), seen)["event"] == "turn_end" and not seen
